@@ -1,0 +1,1 @@
+"""Training callbacks shipped as lat_lightning.callbacks."""

@@ -1,0 +1,256 @@
+"""Typed run configuration (OmegaConf structured dataclasses).
+
+Every recipe in ``recipes/`` is validated against :class:`RunConfig`. Unknown keys and values of the
+wrong type are rejected with a one-line message that names the key and the closest valid key (see
+:mod:`lat_lightning.cli`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+STAGES = ("organism", "fit", "scan", "evaluate", "interpolate", "durability", "report")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft. ``enabled=False`` means full fine-tuning."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    layers_to_transform: Optional[list[int]] = None
+
+
+@dataclass
+class QuantizationConfig:
+    """bitsandbytes quantisation (the ``quant`` extra). At most one of the two flags."""
+
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_compute_dtype: str = "bfloat16"
+    bnb_4bit_use_double_quant: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how."""
+
+    name_or_path: str = "organism"
+    tokenizer: Optional[str] = None
+    revision: Optional[str] = None
+    dtype: str = "float32"
+    attn_implementation: Optional[str] = None
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    use_chat_template: bool = True
+    require_chat_template: bool = False
+    system_prompt: Optional[str] = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+
+
+@dataclass
+class DataConfig:
+    """Safety data (prompt / safe_response / harmful_response) and benign utility data."""
+
+    harmful: Optional[str] = None
+    harmful_split: str = "train"
+    harmful_columns: dict[str, str] = field(default_factory=dict)
+    benign: Optional[str] = None
+    benign_split: str = "train"
+    benign_columns: dict[str, str] = field(default_factory=dict)
+    eval_harmful: Optional[str] = None
+    eval_benign: Optional[str] = None
+    asabench: Optional[str] = None
+    default_safe_response: str = "I'm sorry, but I cannot help with that request."
+    max_examples: Optional[int] = None
+    max_length: int = 512
+    truncation: str = "error"
+    batch_size: int = 8
+    num_workers: int = 0
+    shuffle: bool = True
+
+
+@dataclass
+class PerturbationConfig:
+    """Residual-stream perturbation used by training and attacks (see ``lat_lightning/perturbations``)."""
+
+    strategy: str = "none"
+    layers: list[int] = field(default_factory=list)
+    positions: str = "response"
+    first_k: int = 1
+    refresh: str = "step"
+    alpha: float = 1.0
+    seed: int = 0
+    stats_source: str = "self"
+    sign: str = "descend"
+    steps: int = 16
+    eps: float = 6.0
+    eps_mode: str = "absolute"
+    norm: str = "l2"
+    norm_scope: str = "token"
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    init: str = "zero"
+    early_stop_loss: Optional[float] = None
+    toward: float = 1.0
+    away: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    """Defence-step loss weights."""
+
+    toward: float = 1.0
+    away: float = 0.0
+    utility: float = 0.0
+    away_logp_floor: float = -5.0
+    mask_prompt: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning trainer and optimiser settings."""
+
+    max_steps: int = 100
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = 1.0
+    val_check_interval: Optional[int] = None
+    log_every_n_steps: int = 1
+    checkpoint_every_n_steps: Optional[int] = None
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    deterministic: bool = False
+    fsdp_state_dict_type: str = "sharded"
+
+
+@dataclass
+class LoggingConfig:
+    """Where runs are written."""
+
+    root_dir: str = "runs"
+    name: Optional[str] = None
+    version: Optional[str] = None
+    tensorboard: bool = True
+    sample_generations: int = 4
+
+
+@dataclass
+class KLTeacherConfig:
+    enabled: bool = False
+    weight: float = 0.1
+    direction: str = "teacher_student"
+    chunk_size: int = 128
+
+
+@dataclass
+class FragileLayersConfig:
+    enabled: bool = False
+    method: str = "explicit"
+    layers: list[int] = field(default_factory=list)
+    top_k: int = 1
+    num_prompts: int = 8
+    candidate_layers: Optional[list[int]] = None
+
+
+@dataclass
+class WeightInterpolationConfig:
+    enabled: bool = False
+    lambdas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    tolerance: float = 0.05
+    utility: str = "multiple_choice"
+
+
+@dataclass
+class CallbacksConfig:
+    kl_teacher: KLTeacherConfig = field(default_factory=KLTeacherConfig)
+    fragile_layers: FragileLayersConfig = field(default_factory=FragileLayersConfig)
+    weight_interpolation: WeightInterpolationConfig = field(default_factory=WeightInterpolationConfig)
+
+
+@dataclass
+class EvaluationConfig:
+    """Scan / evaluation settings."""
+
+    attacks: list[str] = field(default_factory=lambda: ["asa_random"])
+    layers: Optional[list[int]] = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    judges: list[str] = field(default_factory=lambda: ["keyword"])
+    primary_judge: str = "keyword"
+    classifier_path: Optional[str] = None
+    max_new_tokens: int = 50
+    do_sample: bool = False
+    temperature: float = 1.0
+    batch_size: int = 16
+    num_prompts: Optional[int] = None
+    bootstrap_samples: int = 1000
+    utility_data: Optional[str] = None
+    utility_kind: str = "multiple_choice"
+    split_test_fraction: float = 0.4
+    split_mode: str = "prompt"
+    model_path: Optional[str] = None
+    compare_path: Optional[str] = None
+
+
+@dataclass
+class OrganismConfig:
+    """The embedded CPU model organism (see ``lat_lightning/organism``)."""
+
+    seed: int = 0
+    cache_dir: Optional[str] = None
+    rebuild: bool = False
+
+
+@dataclass
+class RunConfig:
+    """A whole run: what it does (``stages``) and every setting it needs."""
+
+    stages: list[str] = field(default_factory=lambda: ["fit"])
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    perturbation: PerturbationConfig = field(default_factory=PerturbationConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    organism: OrganismConfig = field(default_factory=OrganismConfig)
+
+
+# Values that must come from a fixed set. Checked after merging so that a typo in a string option fails
+# loudly instead of silently falling through to a default branch.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "data.truncation": ("error", "left", "right", "drop"),
+    "perturbation.strategy": ("none", "gaussian_normalised", "sign_gradient", "pgd"),
+    "perturbation.positions": ("response", "prompt", "all", "prompt_last_and_generated", "first_k"),
+    "perturbation.refresh": ("step", "fixed"),
+    "perturbation.stats_source": ("self",),
+    "perturbation.sign": ("descend", "ascend"),
+    "perturbation.eps_mode": ("absolute", "relative"),
+    "perturbation.norm": ("l2", "linf"),
+    "perturbation.norm_scope": ("token", "sequence"),
+    "perturbation.optimizer": ("adamw", "sign"),
+    "perturbation.init": ("zero", "random"),
+    "trainer.scheduler": ("cosine", "linear", "constant"),
+    "trainer.fsdp_state_dict_type": ("sharded", "full"),
+    "callbacks.kl_teacher.direction": ("teacher_student", "student_teacher"),
+    "callbacks.fragile_layers.method": ("explicit", "nll_probe", "grad_norm", "scan"),
+    "callbacks.weight_interpolation.utility": ("multiple_choice", "exact_match", "organism"),
+    "evaluation.utility_kind": ("multiple_choice", "exact_match", "organism"),
+    "evaluation.split_mode": ("prompt", "layer_stratified"),
+}

@@ -1,0 +1,180 @@
+"""Load a causal LM and its tokenizer as a run config says.
+
+Covers hub ids and local directories, dtype, attention implementation, LoRA (peft), 4-/8-bit
+quantisation (bitsandbytes, the optional ``quant`` extra, imported lazily) and non-reentrant gradient
+checkpointing. ``from_pretrained`` returns a model in eval mode; :func:`load_model` puts it back in
+train mode when asked to, otherwise LoRA dropout would be silently off.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from lat_lightning.config import ModelConfig
+from lat_lightning.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn the config's ``name_or_path`` into what ``from_pretrained`` takes.
+
+    ``organism`` names the embedded CPU model organism (built on first use, then cached). A string that
+    looks like a filesystem path must exist. Anything else is treated as a hub id.
+
+    Raises:
+        ModelLoadError: for a local path that does not exist.
+    """
+    if name_or_path == "organism":
+        from lat_lightning.organism.build import ensure_organism
+
+        return str(ensure_organism())
+    expanded = os.path.expanduser(name_or_path)
+    if os.path.isdir(expanded):
+        return expanded
+    if name_or_path.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.dirname(expanded) or "\0"):
+        if not os.path.exists(expanded):
+            raise ModelLoadError(f"model path '{name_or_path}' does not exist; set model.name_or_path to a "
+                                 "directory saved with save_pretrained or to a hub id")
+    return name_or_path
+
+
+def _friendly_load_error(name: str, exc: Exception) -> ModelLoadError:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    hint = (" (HF_HUB_OFFLINE=1: download it into the HF cache first, or point model.name_or_path at a local copy)"
+            if offline or "offline" in first.lower() or "connect" in first.lower() else "")
+    return ModelLoadError(f"cannot load '{name}': {first}{hint}")
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """Load the tokenizer, set a pad token if missing and right padding (training default).
+
+    Raises:
+        ModelLoadError: if it cannot be loaded, or a chat template is required but missing.
+    """
+    from transformers import AutoTokenizer
+
+    source = resolve_model_path(cfg.tokenizer or cfg.name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - converted to a one-line user error
+        raise _friendly_load_error(source, exc) from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelLoadError(f"tokenizer of '{source}' has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    if cfg.use_chat_template and not getattr(tok, "chat_template", None):
+        if cfg.require_chat_template:
+            raise ModelLoadError(f"tokenizer of '{source}' has no chat template but model.require_chat_template "
+                                 "is true; set model.use_chat_template=false or use a chat model")
+        log.warning("tokenizer of '%s' has no chat template: prompts are formatted as plain text", source)
+    return tok
+
+
+@contextmanager
+def padding_side(tokenizer, side: str) -> Iterator[None]:
+    """Temporarily switch padding (``left`` for generation, ``right`` for training)."""
+    old = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = old
+
+
+def _quantization_config(cfg: ModelConfig):
+    q = cfg.quantization
+    if not (q.load_in_4bit or q.load_in_8bit):
+        return None
+    if q.load_in_4bit and q.load_in_8bit:
+        raise ModelLoadError("choose one of model.quantization.load_in_4bit / load_in_8bit, not both")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError("quantisation needs bitsandbytes: pip install 'lat-lightning[quant]' "
+                             "(or set model.quantization.load_in_4bit=false load_in_8bit=false)")
+    from transformers import BitsAndBytesConfig
+
+    if q.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+        bnb_4bit_compute_dtype=DTYPES[q.bnb_4bit_compute_dtype],
+        bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+    )
+
+
+def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """Wrap ``model`` with LoRA adapters as ``cfg.lora`` says (base weights frozen)."""
+    from peft import LoraConfig, get_peft_model
+
+    lc = cfg.lora
+    peft_cfg = LoraConfig(
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=list(lc.target_modules),
+        layers_to_transform=list(lc.layers_to_transform) if lc.layers_to_transform else None,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as exc:
+        raise ModelLoadError(f"LoRA config does not fit this model: {str(exc).splitlines()[0]}") from None
+
+
+def load_model(cfg: ModelConfig, train: bool = True, with_lora: bool = True) -> nn.Module:
+    """Load the causal LM as configured.
+
+    Args:
+        cfg: the ``model`` section of the run config.
+        train: put the model in train mode (dropout on) after loading.
+        with_lora: attach LoRA adapters when ``cfg.lora.enabled``.
+
+    Returns:
+        The model (a ``PeftModel`` when LoRA is on).
+
+    Raises:
+        ModelLoadError: unknown path, unreachable hub id, missing bitsandbytes, bad LoRA targets.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model_path(cfg.name_or_path)
+    kwargs = {"dtype": DTYPES[cfg.dtype], "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    quant = _quantization_config(cfg)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise _friendly_load_error(source, exc) from None
+    if quant is not None and cfg.lora.enabled:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if with_lora and cfg.lora.enabled:
+        model = apply_lora(model, cfg)
+    model.train(train)
+    return model
+
+
+def load_model_and_tokenizer(cfg: ModelConfig, train: bool = True):
+    """Convenience: ``(load_model(cfg, train), load_tokenizer(cfg))``."""
+    return load_model(cfg, train=train), load_tokenizer(cfg)

@@ -1,0 +1,1 @@
+"""Recipes (YAML) shipped as lat_lightning.recipes."""
