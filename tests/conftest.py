@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny local models and tokenizers; the network is never touched."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from lat_lightning.testing.tiny_models import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, tiny_tokenizer):
+    """arch -> directory of a saved tiny random model (4 layers, hidden 64) with the tiny tokenizer."""
+    from lat_lightning.testing.tiny_models import TINY_ARCHITECTURES, build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {arch: build_tiny_model(arch, root / arch, tokenizer=tiny_tokenizer) for arch in TINY_ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_model_dirs):
+    return tiny_model_dirs["llama"]
+
+
+@pytest.fixture()
+def tiny_llama(tiny_llama_dir):
+    """A freshly loaded tiny Llama (float32, eval mode) and its tokenizer."""
+    from lat_lightning.config import ModelConfig
+    from lat_lightning.models.loading import load_model, load_tokenizer
+
+    cfg = ModelConfig(name_or_path=str(tiny_llama_dir))
+    return load_model(cfg, train=False), load_tokenizer(cfg)
