@@ -146,6 +146,10 @@ def check_keys(data: Any, schema_cls: type = RunConfig, prefix: str = "") -> Non
         sub = _resolve_type(schema_cls, key)
         if is_dataclass(sub) and isinstance(value, dict):
             check_keys(value, sub, prefix=f"{full}.")
+        elif is_dataclass(sub) and value is not None:
+            children = [f.name for f in fields(sub)]
+            raise ConfigError(f"'{full}' is a config section, not a value; set one of its keys, e.g. "
+                              f"'{full}.{children[0]}' (keys: {', '.join(children)})")
 
 
 def _dotlist_to_dict(dotlist: list[str]) -> dict[str, Any]:
@@ -199,7 +203,7 @@ def load_config(recipe: Optional[str], overrides: Sequence[str] = ()) -> DictCon
         cfg = OmegaConf.merge(schema, recipe_dict, override_dict)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
-        msg = str(getattr(exc, "msg", exc)).splitlines()[0]
+        msg = (str(getattr(exc, "msg", None) or exc).splitlines() or ["?"])[0]
         raise ConfigError(f"invalid value for '{key}': {msg}") from None
     OmegaConf.set_struct(cfg, True)
     _check_choices(cfg)

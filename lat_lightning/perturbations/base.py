@@ -90,7 +90,8 @@ class Perturbation:
 
     Attributes:
         vectors: layer -> ``[batch, T, d]``. Sequences longer than ``T`` are not perturbed past ``T``.
-        mask: ``[batch, T]`` perturbed positions.
+        mask: ``[batch, T]`` perturbed positions, or layer -> such a mask (per-row attacked layers, e.g.
+            ASABench instances each attacked at their own layer).
         normalise: apply Eq. 1 to each vector against the activation it is added to (ASA, LAPT,
             ASAgrad); otherwise the vectors are added as they are (PGD).
         alpha: magnitude multiplier applied after normalisation.
@@ -98,7 +99,7 @@ class Perturbation:
     """
 
     vectors: dict[int, Tensor]
-    mask: Tensor
+    mask: "Tensor | dict[int, Tensor]"
     normalise: bool = True
     alpha: float = 1.0
     stats: dict[str, float] = field(default_factory=dict)
@@ -111,7 +112,7 @@ class Perturbation:
         """The tensor actually added to ``hidden`` (``[batch, seq, d]``) at ``layer``."""
         T = hidden.shape[1]
         vec = self.vectors[layer]
-        mask = self.mask
+        mask = self.layer_mask(layer)
         if vec.shape[1] < T:  # pad: positions past the vectors' length stay unperturbed
             vec = torch.nn.functional.pad(vec, (0, 0, 0, T - vec.shape[1]))
             mask = torch.nn.functional.pad(mask, (0, T - mask.shape[1]))
@@ -126,6 +127,9 @@ class Perturbation:
         else:
             vec = self.alpha * vec.to(hidden.dtype)
         return vec.to(hidden.dtype) * mask[..., None].to(hidden.dtype)
+
+    def layer_mask(self, layer: int) -> Tensor:
+        return self.mask[layer] if isinstance(self.mask, dict) else self.mask
 
     def edit(self, layer: int, hidden: Tensor) -> Tensor:
         return hidden + self.delta(layer, hidden)
@@ -142,8 +146,8 @@ class Perturbation:
     def norm_stats(self) -> dict[str, float]:
         """Mean L2 norm of the raw vectors over perturbed positions, per layer."""
         out = {}
-        m = self.mask.bool()
         for layer, vec in self.vectors.items():
+            m = self.layer_mask(layer).bool().to(vec.device)
             sel = vec[:, : m.shape[1]][m[:, : vec.shape[1]]]
             out[f"layer{layer}"] = float(sel.norm(dim=-1).mean()) if sel.numel() else 0.0
         return out

@@ -1,0 +1,367 @@
+"""Load safety and benign data from local files or ``datasets`` and normalise it into the schema.
+
+Sources (``load_records``):
+  - a local ``.jsonl`` (one object per line), ``.json`` (a list of objects, or ``{"data": [...]}``) or
+    ``.csv`` (header row) file; the ``split`` argument does not apply to single files;
+  - a local directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (``split``
+    picks the split of a ``DatasetDict``) or a directory of data files ``datasets.load_dataset`` reads;
+  - anything else is a ``datasets`` name (``datasets.load_dataset(source, split=split)``).
+
+Columns are mapped onto our fields either explicitly (``columns={"prompt": "goal", ...}``, the
+``data.harmful_columns`` / ``data.benign_columns`` config maps) or by auto-detection from common names
+(AdvBench ``goal``/``target``, ASABench ``prompt``/``steered_response``/``original_response``/``layer_idx``,
+Alpaca ``instruction``/``input``/``output``, GSM8K ``question``/``answer``, ...).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from lat_lightning.config import DataConfig
+from lat_lightning.data.schema import BENIGN_FIELDS, SAFETY_FIELDS, BenignExample, SafetyExample
+from lat_lightning.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SAFE_RESPONSE: str = DataConfig.default_safe_response
+
+# Auto-detected column names per field, most specific first. The first name present wins.
+# ASABench: ``steered_response`` is the response under the attack (the harmful target) and
+# ``original_response`` the model's own clean answer (a refusal); LLM-LAT style preference data uses
+# ``rejected`` for the harmful completion and ``chosen`` for the refusal.
+SAFETY_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "prompt": ("prompt", "goal", "behavior", "instruction", "question", "query"),
+    "harmful_response": ("harmful_response", "target", "steered_response", "rejected", "harmful"),
+    "safe_response": ("safe_response", "original_response", "refusal", "chosen", "safe"),
+    "layer": ("layer", "layer_idx"),
+}
+BENIGN_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "prompt": ("prompt", "instruction", "question", "query", "input"),
+    "response": ("response", "output", "answer", "completion", "target"),
+}
+# Alpaca-style data keeps optional context in ``input`` next to ``instruction``; it belongs to the prompt.
+_ALPACA_PROMPT, _ALPACA_CONTEXT = "instruction", "input"
+
+_LOCAL_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
+
+
+# --------------------------------------------------------------------------------------------- records
+def load_records(source: str, split: str = "train") -> list[dict]:
+    """Read a data source into a list of row dicts.
+
+    Args:
+        source: a local ``.jsonl`` / ``.json`` / ``.csv`` file, a local ``datasets`` directory, or a
+            ``datasets`` name.
+        split: the split to load from a ``datasets`` source (ignored for single local files).
+
+    Returns:
+        The rows, in source order.
+
+    Raises:
+        DataError: the local file or directory does not exist, cannot be read or parsed, or the dataset
+            cannot be loaded (the message keeps the first line of the underlying error).
+    """
+    source = str(source)
+    path = Path(source).expanduser()
+    reader = _FILE_READERS.get(path.suffix.lower())
+    if reader is not None:
+        if not path.is_file():
+            raise DataError(f"data file not found: {source} (working directory {os.getcwd()})")
+        return reader(path)
+    if path.is_dir():
+        return _read_dataset_dir(path, split)
+    if source.startswith(_LOCAL_PREFIXES):
+        raise DataError(f"data path not found: {source} (working directory {os.getcwd()})")
+    return _read_named_dataset(source, split)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with _open_text(path) as fh:
+        try:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"cannot parse {path} line {lineno}: {exc.msg} (column {exc.colno})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path} line {lineno} is a JSON {type(row).__name__}, expected an object")
+                rows.append(row)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"cannot read {path}: not UTF-8 text ({exc.reason})") from None
+    return rows
+
+
+def _read_json(path: Path) -> list[dict]:
+    with _open_text(path) as fh:
+        try:
+            data = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"cannot parse {path}: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+        except UnicodeDecodeError as exc:
+            raise DataError(f"cannot read {path}: not UTF-8 text ({exc.reason})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path} must hold a list of objects or {{\"data\": [...]}}, got a JSON "
+                        f"{type(data).__name__}")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"{path} item {i} is a JSON {type(row).__name__}, expected an object")
+    return data
+
+
+def _read_csv(path: Path) -> list[dict]:
+    rows = []
+    with _open_text(path, encoding="utf-8-sig", newline="") as fh:  # utf-8-sig: drop a spreadsheet BOM
+        try:
+            for i, row in enumerate(csv.DictReader(fh)):
+                if None in row:  # DictReader files surplus cells under the key None
+                    raise DataError(f"{path} row {i} has more cells than the header has columns")
+                rows.append(row)
+        except csv.Error as exc:
+            raise DataError(f"cannot parse {path}: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise DataError(f"cannot read {path}: not UTF-8 text ({exc.reason})") from None
+    return rows
+
+
+_FILE_READERS: dict[str, Callable[[Path], list[dict]]] = {".jsonl": _read_jsonl, ".json": _read_json,
+                                                          ".csv": _read_csv}
+
+
+def _open_text(path: Path, encoding: str = "utf-8", newline: Optional[str] = None):
+    try:
+        return open(path, encoding=encoding, newline=newline)
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _read_dataset_dir(path: Path, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        # Not a save_to_disk directory: let datasets read the data files inside it.
+        try:
+            loaded = datasets.load_dataset(str(path), split=split)
+        except Exception as exc:  # datasets raises many unrelated types here
+            raise DataError(f"cannot load dataset directory {path} (split '{split}'): {_first_line(exc)}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"split '{split}' not in {path}; available splits: {', '.join(loaded)}; "
+                            "set data.harmful_split / data.benign_split")
+        loaded = loaded[split]
+    return loaded.to_list()
+
+
+def _read_named_dataset(name: str, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # network, auth, missing split, unknown name: all become one line
+        hint = ""
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+            hint = ("; offline mode is on (HF_HUB_OFFLINE=1), so only datasets already in the local cache load: "
+                    "download it first or point the config at a local file")
+        raise DataError(f"cannot load dataset '{name}' (split '{split}'): {_first_line(exc)}{hint}") from None
+    return loaded.to_list()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------- columns
+def resolve_columns(records: Sequence[Mapping[str, Any]], columns: Optional[Mapping[str, str]],
+                    candidates: Mapping[str, Sequence[str]], required: Sequence[str], source: str,
+                    config_key: str) -> dict[str, Optional[str]]:
+    """Map each of our fields to a column of ``records``.
+
+    Args:
+        records: the rows (their keys, in first-seen order, are the available columns).
+        columns: explicit ``field -> column`` map; fields not in it are auto-detected from ``candidates``.
+        candidates: ``field -> column names`` tried in order when a field is not mapped explicitly.
+        required: fields that must resolve to a column.
+        source: the data source, for messages.
+        config_key: the config map users fix the columns with (``data.harmful_columns``), for messages.
+
+    Returns:
+        ``field -> column`` for every field in ``candidates`` (``None`` when an optional field is absent).
+
+    Raises:
+        DataError: an unknown field is mapped, or a required or explicitly mapped column is missing.
+    """
+    columns = dict(columns or {})
+    unknown = sorted(set(columns) - set(candidates))
+    if unknown:
+        raise DataError(f"unknown field(s) {', '.join(repr(u) for u in unknown)} in {config_key}; "
+                        f"valid fields: {', '.join(candidates)}")
+    available = _available_columns(records)
+    resolved: dict[str, Optional[str]] = {}
+    missing: list[tuple[str, str]] = []  # (field, how it is described in the message)
+    for field_name, names in candidates.items():
+        if field_name in columns:
+            column = str(columns[field_name])
+            resolved[field_name] = column
+            if column not in available:  # an explicit map must point at a real column
+                missing.append((field_name, f"'{field_name}' (mapped to '{column}')"))
+            continue
+        resolved[field_name] = next((n for n in names if n in available), None)
+        if resolved[field_name] is None and field_name in required:
+            missing.append((field_name, f"'{field_name}'"))
+    if missing:
+        fix = " ".join(f"{config_key}.{f}=<column>" for f, _ in missing)
+        raise DataError(f"missing column(s) {', '.join(d for _, d in missing)} in {source}; "
+                        f"found: {', '.join(available)}; map them with {fix}")
+    auto = {f: c for f, c in resolved.items() if c is not None and f not in columns and c != f}
+    if auto:
+        log.info("%s: auto-mapped columns %s", source, ", ".join(f"{f}<-{c}" for f, c in auto.items()))
+    return resolved
+
+
+def _available_columns(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for row in records:
+        for key in row:
+            seen.setdefault(str(key), None)
+    return list(seen)
+
+
+def _text_cell(row: Mapping[str, Any], column: str, field_name: str, i: int, source: str) -> str:
+    """A non-empty string cell, or a DataError naming the row."""
+    value = row.get(column)
+    if isinstance(value, str) and value.strip():
+        return value
+    if value is None:
+        what = "missing"
+    elif isinstance(value, str):
+        what = "empty"
+    else:
+        what = f"a {type(value).__name__}, not text"
+    raise DataError(f"row {i} (0-based) of {source}: column '{column}' ({field_name}) is {what}; "
+                    "every cell must be a non-empty string")
+
+
+def _layer_cell(row: Mapping[str, Any], column: str, i: int, source: str) -> Optional[int]:
+    """An optional non-negative integer cell (CSV gives strings, pandas-backed data may give floats)."""
+    value = row.get(column)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    layer: Optional[int] = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        layer = value
+    elif isinstance(value, float) and value.is_integer():
+        layer = int(value)
+    elif isinstance(value, str):
+        try:
+            layer = int(value.strip())
+        except ValueError:
+            layer = None
+    if layer is None or layer < 0:
+        raise DataError(f"row {i} (0-based) of {source}: column '{column}' (layer) is {value!r}; "
+                        "expected a non-negative integer layer index or an empty cell")
+    return layer
+
+
+def _limit(records: list[dict], max_examples: Optional[int], source: str) -> list[dict]:
+    if max_examples is None:
+        return records
+    if max_examples < 1:
+        raise DataError(f"max_examples must be >= 1 (got {max_examples}) for {source}")
+    return records[:max_examples]
+
+
+# --------------------------------------------------------------------------------------------- examples
+def load_safety_examples(source: str, split: str = "train", columns: Optional[Mapping[str, str]] = None,
+                         default_safe_response: str = DEFAULT_SAFE_RESPONSE,
+                         max_examples: Optional[int] = None) -> list[SafetyExample]:
+    """Load (prompt, safe_response, harmful_response[, layer]) examples.
+
+    Args:
+        source: see :func:`load_records`.
+        split: dataset split.
+        columns: ``field -> column`` map for ``prompt``, ``safe_response``, ``harmful_response``, ``layer``
+            (``data.harmful_columns``); unmapped fields are auto-detected (AdvBench, ASABench, ...).
+        default_safe_response: the refusal used when the data has no safe-response column.
+        max_examples: keep only the first N rows.
+
+    Returns:
+        The examples; ``index`` is the row position (0-based) after ``max_examples``.
+
+    Raises:
+        DataError: the source cannot be read, is empty, lacks ``prompt`` / ``harmful_response``, or has an
+            invalid cell.
+    """
+    records = _limit(load_records(source, split), max_examples, source)
+    if not records:
+        raise DataError(f"no examples in {source} (split '{split}')")
+    cols = resolve_columns(records, columns, SAFETY_CANDIDATES, ("prompt", "harmful_response"), source,
+                           "data.harmful_columns")
+    if cols["safe_response"] is None:
+        log.info("%s has no safe_response column; using data.default_safe_response (%r) for all %d examples",
+                 source, default_safe_response, len(records))
+    examples = []
+    for i, row in enumerate(records):
+        safe = (_text_cell(row, cols["safe_response"], "safe_response", i, source)
+                if cols["safe_response"] is not None else default_safe_response)
+        layer = _layer_cell(row, cols["layer"], i, source) if cols["layer"] is not None else None
+        examples.append(SafetyExample(
+            prompt=_text_cell(row, cols["prompt"], "prompt", i, source),
+            safe_response=safe,
+            harmful_response=_text_cell(row, cols["harmful_response"], "harmful_response", i, source),
+            layer=layer, index=i))
+    return examples
+
+
+def load_benign_examples(source: str, split: str = "train", columns: Optional[Mapping[str, str]] = None,
+                         max_examples: Optional[int] = None) -> list[BenignExample]:
+    """Load benign (prompt, response) pairs.
+
+    Alpaca-style data (``instruction`` / ``input`` / ``output``) is recognised: a non-empty ``input`` is
+    appended to the instruction after a blank line when the prompt column was auto-detected.
+
+    Args:
+        source: see :func:`load_records`.
+        split: dataset split.
+        columns: ``field -> column`` map for ``prompt`` and ``response`` (``data.benign_columns``).
+        max_examples: keep only the first N rows.
+
+    Returns:
+        The examples in source order.
+
+    Raises:
+        DataError: the source cannot be read, is empty, lacks a column, or has an invalid cell.
+    """
+    records = _limit(load_records(source, split), max_examples, source)
+    if not records:
+        raise DataError(f"no examples in {source} (split '{split}')")
+    cols = resolve_columns(records, columns, BENIGN_CANDIDATES, BENIGN_FIELDS, source, "data.benign_columns")
+    add_context = (cols["prompt"] == _ALPACA_PROMPT and "prompt" not in dict(columns or {})
+                   and cols["response"] != _ALPACA_CONTEXT)
+    examples = []
+    for i, row in enumerate(records):
+        prompt = _text_cell(row, cols["prompt"], "prompt", i, source)
+        context = row.get(_ALPACA_CONTEXT) if add_context else None
+        if isinstance(context, str) and context.strip():
+            prompt = f"{prompt}\n\n{context}"
+        examples.append(BenignExample(prompt=prompt,
+                                      response=_text_cell(row, cols["response"], "response", i, source)))
+    return examples
+
+
+__all__ = ["BENIGN_CANDIDATES", "DEFAULT_SAFE_RESPONSE", "SAFETY_CANDIDATES", "SAFETY_FIELDS", "load_benign_examples",
+           "load_records", "load_safety_examples", "resolve_columns"]

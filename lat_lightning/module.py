@@ -1,0 +1,196 @@
+"""``LatentAdversarialModule``: the attack is an inner loop, the defence the outer update.
+
+One training step, top to bottom (manual optimisation):
+
+1. **Attack.** The configured strategy builds a perturbation of the residual stream at the attacked
+   layers for this batch. Gradient-based strategies take gradients with ``torch.autograd.grad`` on the
+   perturbation only (weights frozen, no ``.grad`` written, no DDP all-reduce) and run the model only
+   from the earliest attacked layer on.
+2. **Defence.** With the perturbation applied: ``toward`` · CE on the safe response and ``away`` ·
+   ``−log(1 − p)`` on the harmful response. Without it: ``utility`` · CE on benign data, plus any extra
+   loss terms registered by callbacks (the KL teacher).
+3. **Update.** Backward scaled by ``1/accumulate``; gradients are synchronised across processes only on
+   the last micro-batch of an accumulation window; clip, optimiser step, LR-scheduler step.
+   ``trainer.global_step`` therefore counts defence optimiser steps, and the LR schedule is defined over
+   optimiser steps, not micro-batches (a bug in the reference code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Optional
+
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from lat_lightning.errors import TrainingDivergedError
+from lat_lightning.losses import causal_lm_loss, log_one_minus_p_loss
+from lat_lightning.perturbations import build_strategy
+from lat_lightning.perturbations.base import Perturbation, PerturbationStrategy
+
+# An extra loss term: (module, batch) -> {name: weighted loss}. Callbacks register these.
+LossTerm = Callable[["LatentAdversarialModule", dict], dict[str, Tensor]]
+
+
+def cosine_with_warmup(max_steps: int, warmup_ratio: float, kind: str = "cosine") -> Callable[[int], float]:
+    """LR multiplier per optimiser step: linear warm-up, then cosine (or linear, or constant) decay to 0."""
+    warmup = int(math.ceil(warmup_ratio * max_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        if kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class LatentAdversarialModule(pl.LightningModule):
+    """Wraps a causal LM for latent adversarial training.
+
+    Args:
+        cfg: the full run config (``perturbation``, ``loss``, ``trainer`` sections are read).
+        model: the causal LM (LoRA-wrapped or not).
+        tokenizer: its tokenizer (kept for callbacks and evaluation).
+        strategy: the perturbation strategy; built from ``cfg.perturbation`` when ``None``.
+    """
+
+    def __init__(self, cfg: DictConfig, model: nn.Module, tokenizer=None,
+                 strategy: Optional[PerturbationStrategy] = None):
+        super().__init__()
+        self.automatic_optimization = False
+        # Checkpoints hold trainable weights only, so loading must tolerate the frozen ones' absence.
+        self.strict_loading = False
+        self.cfg = cfg
+        self.model = model
+        self.tokenizer = tokenizer
+        self.strategy = strategy or build_strategy(cfg.perturbation)
+        self.attack_layers: list[int] = list(cfg.perturbation.layers)
+        self.loss_terms: list[LossTerm] = []
+        self._micro_step = 0
+
+    # -- optimisation ------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        t = self.cfg.trainer
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError("no trainable parameters: check model.lora settings")
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=tuple(t.betas))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(t.max_steps, t.warmup_ratio, t.scheduler))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _no_sync(self, last_micro_batch: bool):
+        strategy = self.trainer.strategy
+        if last_micro_batch or not hasattr(strategy, "block_backward_sync"):
+            return contextlib.nullcontext()
+        return strategy.block_backward_sync()
+
+    # -- the step ------------------------------------------------------------------------------------
+    def attack(self, batch: dict) -> Perturbation:
+        """Inner loop: the perturbation for this batch (weights untouched)."""
+        step = self.global_step * self.cfg.trainer.accumulate_grad_batches + self._micro_step
+        if not self.attack_layers and self.strategy.name != "none" and not _has_row_layers(batch):
+            raise ValueError("perturbation.layers is empty: set it or enable callbacks.fragile_layers")
+        return self.strategy.make(self.model, batch, self.attack_layers, step=step)
+
+    def defence_losses(self, batch: dict, perturbation: Perturbation) -> dict[str, Tensor]:
+        """Outer objective terms, each already weighted; their sum is the loss to minimise."""
+        w = self.cfg.loss
+        terms: dict[str, Tensor] = {}
+        with perturbation.applied(self.model):
+            if w.toward:
+                logits = self.model(input_ids=batch["safe_input_ids"], attention_mask=batch["safe_attention_mask"],
+                                    use_cache=False).logits
+                terms["toward"] = w.toward * causal_lm_loss(logits, batch["safe_labels"])
+            if w.away:
+                logits = self.model(input_ids=batch["harmful_input_ids"],
+                                    attention_mask=batch["harmful_attention_mask"], use_cache=False).logits
+                terms["away"] = w.away * log_one_minus_p_loss(logits, batch["harmful_labels"], w.away_logp_floor)
+        if w.utility and "benign_input_ids" in batch:
+            logits = self.model(input_ids=batch["benign_input_ids"], attention_mask=batch["benign_attention_mask"],
+                                use_cache=False).logits
+            terms["utility"] = w.utility * causal_lm_loss(logits, batch["benign_labels"])
+        for term in self.loss_terms:
+            terms.update(term(self, batch))
+        return terms
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        accumulate = int(self.cfg.trainer.accumulate_grad_batches)
+        last = (self._micro_step + 1) % accumulate == 0
+
+        perturbation = self.attack(batch)
+        with self._no_sync(last):
+            terms = self.defence_losses(batch, perturbation)
+            total = torch.stack(list(terms.values())).sum() if terms else None
+            if total is None:
+                raise ValueError("all loss weights are zero: set loss.toward, loss.away or loss.utility")
+            if not torch.isfinite(total):
+                self._diverged(terms)
+            self.manual_backward(total / accumulate)
+
+        self._log_step(terms, total, perturbation, opt, batch_size=int(batch["safe_input_ids"].shape[0]))
+        self._micro_step += 1
+        if last:
+            clip = self.cfg.trainer.gradient_clip_val
+            if clip:
+                self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            self._micro_step = 0
+        return total.detach()
+
+    def _diverged(self, terms: dict[str, Tensor]) -> None:
+        bad = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+        path = None
+        if self.trainer is not None and getattr(self.trainer, "default_root_dir", None):
+            import os
+
+            path = os.path.join(self.trainer.default_root_dir, "checkpoints", "diverged.ckpt")
+            self.trainer.save_checkpoint(path)
+        raise TrainingDivergedError(
+            f"loss is not finite at step {self.global_step} ({bad}); checkpoint saved to {path}; "
+            "lower trainer.lr or perturbation.eps/alpha")
+
+    def _log_step(self, terms, total, perturbation: Perturbation, opt, batch_size: int) -> None:
+        logs = {f"train/loss_{k}": v.detach() for k, v in terms.items()}
+        logs["train/loss"] = total.detach()
+        for k, v in perturbation.stats.items():
+            logs[f"attack/{k}"] = float(v)
+        for k, v in perturbation.norm_stats().items():
+            logs[f"attack/norm_{k}"] = v
+        logs["train/lr"] = opt.param_groups[0]["lr"]
+        self.log_dict(logs, on_step=True, prog_bar=False, batch_size=batch_size)
+
+    # -- checkpoints: trainable weights only ----------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["lat_lightning"] = {"attack_layers": list(self.attack_layers), "micro_step": self._micro_step}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        info = checkpoint.get("lat_lightning", {})
+        if "attack_layers" in info:
+            self.attack_layers = list(info["attack_layers"])
+        self._micro_step = int(info.get("micro_step", 0))
+
+
+def _has_row_layers(batch: dict) -> bool:
+    layer = batch.get("layer")
+    return layer is not None and bool((layer >= 0).any())
+

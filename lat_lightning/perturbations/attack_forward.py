@@ -1,0 +1,72 @@
+"""The forward pass every gradient-based attack step runs.
+
+The blocks below the earliest attacked layer do not depend on the perturbation, so their output is
+computed once per batch (no grad) and each attack step runs only the blocks above it
+(:func:`lat_lightning.models.forward_from_layer.forward_from_layer`). Gradients are taken with
+``torch.autograd.grad`` with respect to the perturbation tensors only: no weight ``.grad`` is written and,
+under DDP, no gradient all-reduce is triggered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lat_lightning.data.templating import IGNORE_INDEX
+from lat_lightning.models.forward_from_layer import forward_from_layer
+from lat_lightning.models.hooks import capture_residual
+from lat_lightning.perturbations.base import Perturbation
+
+
+@dataclass
+class AttackInputs:
+    """One or two right-padded sequence groups stacked along the batch (harmful first, then safe)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    parts: tuple[str, ...]
+    batch_size: int
+
+    def part(self, logits: Tensor, name: str) -> tuple[Tensor, Tensor]:
+        i = self.parts.index(name)
+        sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        return logits[sl], self.labels[sl]
+
+
+def stack_sequences(batch: dict[str, Tensor], parts: tuple[str, ...], pad_id: int = 0) -> AttackInputs:
+    """Stack ``harmful_*`` / ``safe_*`` groups of a training batch, padded to one width.
+
+    Prompt positions coincide in both groups (same prompt, right padding), so one perturbation tensor
+    ``[batch, T, d]`` serves both halves.
+    """
+    width = max(batch[f"{p}_input_ids"].shape[1] for p in parts)
+
+    def widen(t: Tensor, value: int) -> Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    ids = torch.cat([widen(batch[f"{p}_input_ids"], pad_id) for p in parts])
+    att = torch.cat([widen(batch[f"{p}_attention_mask"], 0) for p in parts])
+    labels = torch.cat([widen(batch[f"{p}_labels"], IGNORE_INDEX) for p in parts])
+    return AttackInputs(ids, att, labels, tuple(parts), batch[f"{parts[0]}_input_ids"].shape[0])
+
+
+def cache_lower(model: nn.Module, inputs: AttackInputs, first_layer: int) -> Tensor:
+    """``h[first_layer]`` of the clean model for the stacked inputs (no grad)."""
+    return capture_residual(model, [first_layer], input_ids=inputs.input_ids,
+                            attention_mask=inputs.attention_mask, use_cache=False)[first_layer]
+
+
+def perturbed_logits(model: nn.Module, inputs: AttackInputs, perturbation: Perturbation,
+                     cached: Tensor | None, first_layer: int, grad: bool = True) -> Tensor:
+    """Logits with ``perturbation`` applied; from ``cached`` (``h[first_layer]``) when given.
+
+    ``grad=True`` forces autograd on even when the caller runs under ``no_grad`` (evaluation), since
+    the attack needs gradients with respect to the perturbation.
+    """
+    with torch.set_grad_enabled(grad), perturbation.applied(model):
+        if cached is None:
+            return model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, use_cache=False).logits
+        return forward_from_layer(model, cached, first_layer, inputs.input_ids, inputs.attention_mask)

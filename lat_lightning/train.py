@@ -1,0 +1,131 @@
+"""The ``fit`` stage: build model, data, module, callbacks and trainer from a run config, then train.
+
+Outputs in the run directory: ``tensorboard/`` (events), ``checkpoints/`` (trainable weights, optimiser,
+scheduler, counters; ``last.ckpt``), ``final/`` (LoRA adapter or full model, loadable with
+``from_pretrained``), and whatever the callbacks write (``interpolated/`` for weight interpolation).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig
+
+from lat_lightning.data.datamodule import SafetyDataModule
+from lat_lightning.errors import ConfigError
+from lat_lightning.models.layers import check_layer_indices
+from lat_lightning.models.loading import load_model, load_tokenizer
+from lat_lightning.module import LatentAdversarialModule
+from lat_lightning.perturbations import build_strategy
+
+log = logging.getLogger(__name__)
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
+    """The callbacks the ``callbacks`` config section enables, plus checkpointing."""
+    from lat_lightning.callbacks import build_training_callbacks
+
+    every = cfg.trainer.checkpoint_every_n_steps or cfg.trainer.max_steps
+    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}", save_last=True,
+                           every_n_train_steps=every, save_top_k=-1, auto_insert_metric_name=False)
+    return [ckpt] + build_training_callbacks(cfg, run_dir)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback]) -> pl.Trainer:
+    """A Lightning trainer configured from ``cfg.trainer`` that logs to ``run_dir/tensorboard``."""
+    from lat_lightning.distributed import build_strategy as build_dist_strategy
+
+    t = cfg.trainer
+    logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="") if cfg.logging.tensorboard \
+        else False
+    return pl.Trainer(
+        max_steps=t.max_steps,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=build_dist_strategy(cfg),
+        precision=t.precision,
+        logger=logger,
+        callbacks=list(callbacks),
+        log_every_n_steps=t.log_every_n_steps,
+        val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=None if t.val_check_interval else 1,
+        num_sanity_val_steps=0,
+        default_root_dir=str(run_dir),
+        deterministic=t.deterministic,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+
+
+def validate_setup(cfg: DictConfig, model) -> None:
+    """Checks that need the loaded model (layer indices) or span config sections.
+
+    Raises:
+        ConfigError: with one actionable line.
+    """
+    try:
+        strategy = build_strategy(cfg.perturbation)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        check_layer_indices(model, list(cfg.perturbation.layers), what="perturbation.layers")
+        check_layer_indices(model, list(cfg.callbacks.fragile_layers.layers), what="callbacks.fragile_layers.layers")
+    except IndexError as exc:
+        raise ConfigError(str(exc)) from None
+    if (strategy.name != "none" and not cfg.perturbation.layers and not cfg.callbacks.fragile_layers.enabled
+            and not cfg.data.asabench):
+        raise ConfigError("perturbation.layers is empty; list layers or enable callbacks.fragile_layers")
+    if cfg.trainer.accumulate_grad_batches < 1:
+        raise ConfigError("trainer.accumulate_grad_batches must be >= 1")
+
+
+def export_final(module: LatentAdversarialModule, tokenizer, out_dir: Path) -> Path:
+    """Save the trained model: the LoRA adapter (``PeftModel.from_pretrained``-loadable) or the full model."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = module.model
+    model.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def fit(cfg: DictConfig, run_dir: Path, model=None, tokenizer=None, datamodule: Optional[SafetyDataModule] = None,
+        resume: Optional[str] = None, extra_callbacks: Sequence[Callback] = ()) -> LatentAdversarialModule:
+    """Train as configured. Model, tokenizer and data are built from ``cfg`` unless given.
+
+    Returns:
+        The trained module (its ``model`` holds the trained weights).
+    """
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    tokenizer = tokenizer or load_tokenizer(cfg.model)
+    model = model if model is not None else load_model(cfg.model, train=True)
+    model.train()
+    validate_setup(cfg, model)
+    datamodule = datamodule or SafetyDataModule(cfg, tokenizer)
+    module = LatentAdversarialModule(cfg, model, tokenizer)
+    callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks)
+    trainer = build_trainer(cfg, run_dir, callbacks)
+    ckpt_path = None
+    if resume:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        ckpt_path = str(last) if last.exists() else None
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    module.trainer_ref = trainer
+    if trainer.is_global_zero:
+        export_final(module, tokenizer, run_dir / "final")
+    return module
+
+
+def fit_stage(cfg: DictConfig, run_dir: Path) -> dict:
+    """Pipeline stage ``fit``."""
+    torch.set_float32_matmul_precision("high")
+    module = fit(cfg, run_dir, resume=str(run_dir) if (run_dir / "checkpoints" / "last.ckpt").exists() else None)
+    return {"final": str(run_dir / "final"), "attack_layers": list(module.attack_layers),
+            "global_step": int(module.trainer_ref.global_step)}

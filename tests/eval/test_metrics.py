@@ -1,0 +1,158 @@
+"""ASABench metrics on hand-made success matrices, bootstrap intervals and the NLL / KL probes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lat_lightning.eval.metrics import (bootstrap_ci, failure_counts, init_rate, kl_by_position, lasr, masr,
+                                        nll_sequence, pasr, position_kl, summarise, summarise_seeds)
+
+NAN = float("nan")
+# 4 prompts x 3 layers. LASR = [1/4, 1/4, 2/4]; PASR = 0.5 at layer index 2; prompts 0, 1, 2 are broken
+# at some layer, prompt 3 never: MASR = 3/4.
+S = np.array([[1, 0, 0],
+              [0, 0, 1],
+              [0, 1, 1],
+              [0, 0, 0]], dtype=float)
+CLEAN = np.array([1, 0, 0, 0], dtype=float)  # INIT = 1/4
+# With judge failures (NaN): LASR = [1/3, 0/2, 1/2]; MASR over prompts 0, 1, 3 (prompt 2 all failed) = 2/3.
+S_FAIL = np.array([[1, NAN, 0],
+                   [0, 0, 1],
+                   [NAN, NAN, NAN],
+                   [0, 0, NAN]])
+
+
+def test_metrics_on_hand_matrix():
+    np.testing.assert_allclose(lasr(S), [0.25, 0.25, 0.5])
+    assert pasr(S) == (0.5, 2)
+    assert masr(S) == 0.75
+    assert init_rate(CLEAN) == 0.25
+
+
+def test_metrics_accept_tensors_and_break_ties_to_lowest_layer():
+    s = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert pasr(s) == (0.5, 0)
+    assert masr(s) == 1.0
+
+
+def test_failures_leave_the_denominator_and_are_counted():
+    np.testing.assert_allclose(lasr(S_FAIL), [1 / 3, 0.0, 0.5])
+    assert pasr(S_FAIL) == (0.5, 2)
+    assert masr(S_FAIL) == pytest.approx(2 / 3)
+    assert init_rate([1, NAN, 0, 0]) == pytest.approx(1 / 3)
+    counts = failure_counts(S_FAIL)
+    assert counts == {"total": 5, "per_layer": [1, 2, 2], "judged_per_layer": [3, 2, 2], "prompts_all_failed": 1}
+
+
+def test_all_failed_layer_is_nan_not_zero():
+    s = np.array([[1, NAN], [0, NAN]])
+    rates = lasr(s)
+    assert rates[0] == 0.5 and math.isnan(rates[1])
+    assert pasr(s) == (0.5, 0)
+    assert math.isnan(masr(np.full((2, 2), NAN)))
+
+
+def test_invalid_values_are_rejected():
+    with pytest.raises(ValueError, match="0, 1 or NaN"):
+        lasr([[0.5, 1.0]])
+    with pytest.raises(ValueError, match="2 dimensions"):
+        lasr([1.0, 0.0])
+
+
+def test_bootstrap_ci_contains_point_and_is_reproducible():
+    rng = np.random.default_rng(1)
+    s = (rng.random((60, 5)) < np.linspace(0.1, 0.6, 5)).astype(float)
+    for fn, data in ((masr, s), (init_rate, s[:, 0])):
+        lo, hi = bootstrap_ci(fn, data, samples=500, seed=3)
+        assert lo <= fn(data) <= hi and hi - lo > 0
+    lo_l, hi_l = bootstrap_ci(lasr, s, samples=500, seed=3)
+    point = lasr(s)
+    assert lo_l.shape == (5,) and np.all(lo_l <= point) and np.all(point <= hi_l)
+    again = bootstrap_ci(lasr, s, samples=500, seed=3)
+    np.testing.assert_array_equal(again[0], lo_l)
+    narrow = bootstrap_ci(masr, s, samples=500, seed=3, alpha=0.5)
+    wide = bootstrap_ci(masr, s, samples=500, seed=3, alpha=0.05)
+    assert wide[0] <= narrow[0] <= narrow[1] <= wide[1]
+    assert bootstrap_ci(masr, np.ones((10, 2)), samples=50) == (1.0, 1.0)
+    with pytest.raises(ValueError):
+        bootstrap_ci(masr, s, samples=0)
+
+
+def test_summarise_is_json_and_matches_metrics():
+    out = summarise(S_FAIL, clean=[1, NAN, 0, 0], layer_ids=[4, 8, 12], samples=200, seed=0)
+    text = json.dumps(out, allow_nan=False)  # NaN must have become null
+    assert json.loads(text) == out
+    assert out["lasr"] == pytest.approx([1 / 3, 0.0, 0.5])
+    assert out["pasr"] == 0.5 and out["pasr_layer"] == 12 and out["pasr_layer_index"] == 2
+    assert out["masr"] == pytest.approx(2 / 3)
+    assert out["init"] == pytest.approx(1 / 3)
+    assert out["failures"]["total"] == 5 and out["failures"]["clean"] == 1 and out["failures"]["judged_clean"] == 3
+    assert len(out["lasr_ci"]) == 3 and out["pasr_ci"][0] <= out["pasr_ci"][1]
+    assert out["masr_ci"][0] <= out["masr"] <= out["masr_ci"][1]
+    assert out["bootstrap"]["samples"] == 200
+    no_ci = summarise(S, samples=0)
+    assert no_ci["lasr_ci"] is None and no_ci["init"] is None
+    with pytest.raises(ValueError, match="layer_ids"):
+        summarise(S, layer_ids=[1, 2])
+
+
+def test_summarise_seeds_mean_and_std():
+    other = np.array([[0, 0, 0], [1, 0, 0], [1, 0, 0], [1, 0, 0]], dtype=float)  # PASR .75 @0, MASR .75
+    s = np.stack([S, other], axis=2)
+    out = summarise_seeds(s, clean=CLEAN, layer_ids=[2, 4, 6], samples=50, seed_ids=[0, 7])
+    json.dumps(out, allow_nan=False)
+    assert out["n_seeds"] == 2 and out["seed_ids"] == [0, 7]
+    assert out["pasr_mean"] == pytest.approx(0.625)
+    assert out["pasr_std"] == pytest.approx(0.25 / math.sqrt(2))
+    assert out["masr_mean"] == pytest.approx(0.75) and out["masr_std"] == 0.0
+    assert out["init_mean"] == 0.25 and out["init_std"] == 0.0
+    assert out["lasr_mean"] == pytest.approx([0.5, 0.125, 0.25])
+    assert out["pasr_layers"] == [6, 2]
+    assert out["pasr_of_mean_lasr"] == 0.5 and out["pasr_of_mean_lasr_layer"] == 2
+    assert out["masr_any_seed"] == 1.0
+    assert out["per_seed"][1]["pasr"] == 0.75
+    single = summarise_seeds(S, samples=0)
+    assert single["n_seeds"] == 1 and single["pasr_std"] == 0.0
+
+
+def test_nll_sequence_matches_manual_sum():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, -100, -100, -100, -100]])
+    logp = F.log_softmax(logits, dim=-1)
+    manual = -(logp[0, 1, 3] + logp[0, 2, 4] + logp[0, 3, 5])  # position t predicts label t+1
+    got = nll_sequence(logits, labels, chunk_size=2)
+    assert got[0].item() == pytest.approx(manual.item(), rel=1e-5)
+    assert got[1].item() == 0.0
+    assert torch.allclose(nll_sequence(logits.bfloat16(), labels), nll_sequence(logits.bfloat16().float(), labels))
+    assert nll_sequence(logits.bfloat16(), labels).dtype == torch.float32
+
+
+def test_position_kl_zero_for_identical_positive_otherwise():
+    torch.manual_seed(0)
+    a = torch.randn(2, 6, 50)
+    assert torch.equal(position_kl(a, a.clone()), torch.zeros(2, 6))
+    b = a.clone()
+    b[:, 3:] += torch.randn(2, 3, 50)
+    kl = position_kl(a, b, chunk_size=4)
+    assert torch.all(kl[:, :3] == 0) and torch.all(kl[:, 3:] > 0)
+    manual = F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="none").sum(-1)
+    assert torch.allclose(kl, manual, atol=1e-6)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    masked = position_kl(a, b, mask)
+    assert torch.all(masked[0, 4:] == 0) and torch.equal(masked[1], kl[1])
+    prof = kl_by_position(masked, mask)
+    assert prof[5].item() == pytest.approx(kl[1, 5].item())
+
+
+def test_position_kl_fits_a_large_vocabulary_in_bf16():
+    torch.manual_seed(0)
+    a = torch.randn(1, 3, 128_256, dtype=torch.bfloat16)
+    kl = position_kl(a, (a.float() * 1.5).bfloat16(), chunk_size=1)
+    assert kl.dtype == torch.float32 and torch.all(kl > 0)
