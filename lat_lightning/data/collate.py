@@ -30,14 +30,21 @@ label position is ``P`` and the response starts right after the prompt. For gene
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lat_lightning.data.schema import BenignExample, SafetyExample
-from lat_lightning.data.templating import (TruncationStats, build_sequences, encode_prompt, encode_response,
-                                           fit_length, pad_sequences)
+from lat_lightning.data.templating import (
+    TruncationStats,
+    build_sequences,
+    encode_prompt,
+    encode_response,
+    fit_length,
+    pad_sequences,
+)
 from lat_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -57,8 +64,8 @@ def resolve_pad_id(tokenizer) -> int:
 
 # --------------------------------------------------------------------------------------------- encoding
 def encode_safety_example(tokenizer, ex: SafetyExample, max_length: int, truncation: str = "error",
-                          use_chat_template: bool = True, system_prompt: Optional[str] = None,
-                          stats: Optional[TruncationStats] = None) -> Optional[dict[str, Any]]:
+                          use_chat_template: bool = True, system_prompt: str | None = None,
+                          stats: TruncationStats | None = None) -> dict[str, Any] | None:
     """Tokenise one safety example under the length policy.
 
     Both sequences share one prompt encoding, so the prompt positions are identical in the safe and the
@@ -105,8 +112,8 @@ def encode_safety_example(tokenizer, ex: SafetyExample, max_length: int, truncat
 
 
 def encode_benign_example(tokenizer, ex: BenignExample, max_length: int, truncation: str = "error",
-                          use_chat_template: bool = True, system_prompt: Optional[str] = None,
-                          stats: Optional[TruncationStats] = None, index: int = 0) -> Optional[dict[str, Any]]:
+                          use_chat_template: bool = True, system_prompt: str | None = None,
+                          stats: TruncationStats | None = None, index: int = 0) -> dict[str, Any] | None:
     """Tokenise one benign pair under the length policy.
 
     Args:
@@ -208,7 +215,7 @@ def sub_batch(batch: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 
 def prompt_batch(tokenizer, prompts: Sequence[str], use_chat_template: bool = True,
-                 system_prompt: Optional[str] = None) -> dict[str, Tensor]:
+                 system_prompt: str | None = None) -> dict[str, Tensor]:
     """LEFT-padded prompts, ready for ``model.generate`` (new tokens start at the same column for all).
 
     Args:

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator, Sequence
 from functools import partial
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lat_lightning.data.collate import (collate_safety, encode_benign_example, encode_safety_example,
-                                        resolve_pad_id)
+from lat_lightning.data.collate import (
+    collate_safety,
+    encode_benign_example,
+    encode_safety_example,
+    resolve_pad_id,
+)
 from lat_lightning.data.loaders import load_benign_examples, load_safety_examples
 from lat_lightning.data.schema import BenignExample, SafetyExample
 from lat_lightning.data.templating import TruncationStats
@@ -131,9 +136,9 @@ class SafetyDataModule(LightningDataModule):
         eval_examples: use these instead of loading ``data.eval_harmful``.
     """
 
-    def __init__(self, cfg, tokenizer, safety_examples: Optional[Sequence[SafetyExample]] = None,
-                 benign_examples: Optional[Sequence[BenignExample]] = None,
-                 eval_examples: Optional[Sequence[SafetyExample]] = None):
+    def __init__(self, cfg, tokenizer, safety_examples: Sequence[SafetyExample] | None = None,
+                 benign_examples: Sequence[BenignExample] | None = None,
+                 eval_examples: Sequence[SafetyExample] | None = None):
         super().__init__()
         self.cfg = cfg
         self.data_cfg = cfg.data
@@ -144,11 +149,11 @@ class SafetyDataModule(LightningDataModule):
         self.eval_examples = list(eval_examples) if eval_examples is not None else None
         self.safety_stats = TruncationStats()
         self.benign_stats = TruncationStats()
-        self.train_dataset: Optional[EncodedSafetyDataset] = None
-        self.sampler: Optional[ZippedSampler] = None
+        self.train_dataset: EncodedSafetyDataset | None = None
+        self.sampler: ZippedSampler | None = None
 
     # ----------------------------------------------------------------------------------------- setup
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         """Load (unless given) and tokenise all data; a no-op after the first call.
 
         Raises:
@@ -178,9 +183,9 @@ class SafetyDataModule(LightningDataModule):
         self.sampler = ZippedSampler(len(safety), len(benign), shuffle=bool(data.shuffle), seed=int(self.cfg.seed))
 
     def _encode_kwargs(self) -> dict[str, Any]:
-        return dict(max_length=int(self.data_cfg.max_length), truncation=str(self.data_cfg.truncation),
-                    use_chat_template=bool(self.cfg.model.use_chat_template),
-                    system_prompt=self.cfg.model.system_prompt)
+        return {"max_length": int(self.data_cfg.max_length), "truncation": str(self.data_cfg.truncation),
+                "use_chat_template": bool(self.cfg.model.use_chat_template),
+                "system_prompt": self.cfg.model.system_prompt}
 
     def _encode_safety(self, examples: Sequence[SafetyExample]) -> list[dict[str, Any]]:
         if not examples:
@@ -250,4 +255,4 @@ class SafetyDataModule(LightningDataModule):
                         self.state_dict(), state_dict)
 
 
-__all__ = ["EncodedSafetyDataset", "NO_BENIGN", "SafetyDataModule", "ZippedSampler"]
+__all__ = ["NO_BENIGN", "EncodedSafetyDataset", "SafetyDataModule", "ZippedSampler"]

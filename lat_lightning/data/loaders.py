@@ -20,8 +20,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 from lat_lightning.config import DataConfig
 from lat_lightning.data.schema import BENIGN_FIELDS, SAFETY_FIELDS, BenignExample, SafetyExample
@@ -138,7 +139,7 @@ _FILE_READERS: dict[str, Callable[[Path], list[dict]]] = {".jsonl": _read_jsonl,
                                                           ".csv": _read_csv}
 
 
-def _open_text(path: Path, encoding: str = "utf-8", newline: Optional[str] = None):
+def _open_text(path: Path, encoding: str = "utf-8", newline: str | None = None):
     try:
         return open(path, encoding=encoding, newline=newline)
     except OSError as exc:
@@ -154,7 +155,7 @@ def _read_dataset_dir(path: Path, split: str) -> list[dict]:
         # Not a save_to_disk directory: let datasets read the data files inside it.
         try:
             loaded = datasets.load_dataset(str(path), split=split)
-        except Exception as exc:  # datasets raises many unrelated types here
+        except Exception as exc:  # noqa: BLE001 - datasets raises many unrelated types here
             raise DataError(f"cannot load dataset directory {path} (split '{split}'): {_first_line(exc)}") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
@@ -169,7 +170,7 @@ def _read_named_dataset(name: str, split: str) -> list[dict]:
 
     try:
         loaded = datasets.load_dataset(name, split=split)
-    except Exception as exc:  # network, auth, missing split, unknown name: all become one line
+    except Exception as exc:  # noqa: BLE001 - network, auth, split, name: all become one line
         hint = ""
         if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
             hint = ("; offline mode is on (HF_HUB_OFFLINE=1), so only datasets already in the local cache load: "
@@ -184,9 +185,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------------------- columns
-def resolve_columns(records: Sequence[Mapping[str, Any]], columns: Optional[Mapping[str, str]],
+def resolve_columns(records: Sequence[Mapping[str, Any]], columns: Mapping[str, str] | None,
                     candidates: Mapping[str, Sequence[str]], required: Sequence[str], source: str,
-                    config_key: str) -> dict[str, Optional[str]]:
+                    config_key: str) -> dict[str, str | None]:
     """Map each of our fields to a column of ``records``.
 
     Args:
@@ -209,7 +210,7 @@ def resolve_columns(records: Sequence[Mapping[str, Any]], columns: Optional[Mapp
         raise DataError(f"unknown field(s) {', '.join(repr(u) for u in unknown)} in {config_key}; "
                         f"valid fields: {', '.join(candidates)}")
     available = _available_columns(records)
-    resolved: dict[str, Optional[str]] = {}
+    resolved: dict[str, str | None] = {}
     missing: list[tuple[str, str]] = []  # (field, how it is described in the message)
     for field_name, names in candidates.items():
         if field_name in columns:
@@ -254,14 +255,14 @@ def _text_cell(row: Mapping[str, Any], column: str, field_name: str, i: int, sou
                     "every cell must be a non-empty string")
 
 
-def _layer_cell(row: Mapping[str, Any], column: str, i: int, source: str) -> Optional[int]:
+def _layer_cell(row: Mapping[str, Any], column: str, i: int, source: str) -> int | None:
     """An optional non-negative integer cell (CSV gives strings, pandas-backed data may give floats)."""
     value = row.get(column)
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, float) and math.isnan(value):
         return None
-    layer: Optional[int] = None
+    layer: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
         layer = value
     elif isinstance(value, float) and value.is_integer():
@@ -277,7 +278,7 @@ def _layer_cell(row: Mapping[str, Any], column: str, i: int, source: str) -> Opt
     return layer
 
 
-def _limit(records: list[dict], max_examples: Optional[int], source: str) -> list[dict]:
+def _limit(records: list[dict], max_examples: int | None, source: str) -> list[dict]:
     if max_examples is None:
         return records
     if max_examples < 1:
@@ -286,9 +287,9 @@ def _limit(records: list[dict], max_examples: Optional[int], source: str) -> lis
 
 
 # --------------------------------------------------------------------------------------------- examples
-def load_safety_examples(source: str, split: str = "train", columns: Optional[Mapping[str, str]] = None,
+def load_safety_examples(source: str, split: str = "train", columns: Mapping[str, str] | None = None,
                          default_safe_response: str = DEFAULT_SAFE_RESPONSE,
-                         max_examples: Optional[int] = None) -> list[SafetyExample]:
+                         max_examples: int | None = None) -> list[SafetyExample]:
     """Load (prompt, safe_response, harmful_response[, layer]) examples.
 
     Args:
@@ -327,8 +328,8 @@ def load_safety_examples(source: str, split: str = "train", columns: Optional[Ma
     return examples
 
 
-def load_benign_examples(source: str, split: str = "train", columns: Optional[Mapping[str, str]] = None,
-                         max_examples: Optional[int] = None) -> list[BenignExample]:
+def load_benign_examples(source: str, split: str = "train", columns: Mapping[str, str] | None = None,
+                         max_examples: int | None = None) -> list[BenignExample]:
     """Load benign (prompt, response) pairs.
 
     Alpaca-style data (``instruction`` / ``input`` / ``output``) is recognised: a non-empty ``input`` is

@@ -8,7 +8,6 @@ following (``prompt`` / ``response``) used for the utility / KL losses.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 SAFETY_FIELDS = ("prompt", "safe_response", "harmful_response", "layer")
 BENIGN_FIELDS = ("prompt", "response")
@@ -31,7 +30,7 @@ class SafetyExample:
     prompt: str
     safe_response: str
     harmful_response: str
-    layer: Optional[int] = None
+    layer: int | None = None
     index: int = 0
 
 

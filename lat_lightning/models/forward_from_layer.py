@@ -26,8 +26,11 @@ def skip_layers_below(model: nn.Module, cached: Tensor, last_cached_layer: int) 
         model: causal LM.
         cached: ``h[last_cached_layer]``, shape ``[batch, seq, d]``.
         last_cached_layer: index of the block whose output ``cached`` is; ``-1`` skips nothing.
+
+    Raises:
+        IndexError: for an index outside ``-1 .. num_layers - 1``.
     """
-    if last_cached_layer < 0:
+    if last_cached_layer == -1:
         yield
         return
     check_layer_indices(model, [last_cached_layer])

@@ -116,7 +116,7 @@ def _quantization_config(cfg: ModelConfig):
 
 
 def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
-    """Wrap ``model`` with LoRA adapters as ``cfg.lora`` says (base weights frozen)."""
+    """Wrap ``model`` with LoRA adapters as ``cfg.lora`` says (base weights frozen, train/eval mode kept)."""
     from peft import LoraConfig, get_peft_model
 
     lc = cfg.lora
@@ -128,10 +128,14 @@ def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
         layers_to_transform=list(lc.layers_to_transform) if lc.layers_to_transform else None,
         task_type="CAUSAL_LM",
     )
+    was_training = model.training
     try:
-        return get_peft_model(model, peft_cfg)
+        wrapped = get_peft_model(model, peft_cfg)
     except ValueError as exc:
         raise ModelLoadError(f"LoRA config does not fit this model: {str(exc).splitlines()[0]}") from None
+    # New adapter modules start in train mode (dropout on) even on an eval-mode model: keep the mode.
+    wrapped.train(was_training)
+    return wrapped
 
 
 def load_model(cfg: ModelConfig, train: bool = True, with_lora: bool = True) -> nn.Module:

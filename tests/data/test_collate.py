@@ -7,8 +7,15 @@ import logging
 import pytest
 import torch
 
-from lat_lightning.data.collate import (collate_benign, collate_safety, encode_benign_example,
-                                        encode_safety_example, prompt_batch, resolve_pad_id, sub_batch)
+from lat_lightning.data.collate import (
+    collate_benign,
+    collate_safety,
+    encode_benign_example,
+    encode_safety_example,
+    prompt_batch,
+    resolve_pad_id,
+    sub_batch,
+)
 from lat_lightning.data.schema import BenignExample, SafetyExample
 from lat_lightning.data.templating import IGNORE_INDEX, TruncationStats, encode_prompt, encode_response
 from lat_lightning.errors import DataError
@@ -96,7 +103,7 @@ def test_error_policy_raises_with_actionable_message(tiny_tokenizer):
 
 def test_right_policy_cuts_responses_and_counts_once(tiny_tokenizer):
     tok, ex = tiny_tokenizer, EXAMPLES[0]
-    p, s, h = _lengths(tok, ex)
+    p = _lengths(tok, ex)[0]
     max_length = p + 3  # both responses are longer than 3 tokens
     stats = TruncationStats()
     item = encode_safety_example(tok, ex, max_length, truncation="right", stats=stats)
@@ -108,7 +115,7 @@ def test_right_policy_cuts_responses_and_counts_once(tiny_tokenizer):
 
 def test_left_policy_cuts_the_prompt_once_for_both_sequences(tiny_tokenizer):
     tok, ex = tiny_tokenizer, EXAMPLES[1]
-    p, s, h = _lengths(tok, ex)
+    _, s, h = _lengths(tok, ex)
     assert h > s
     max_length = h + 4  # the longer (harmful) response keeps 4 prompt tokens
     stats = TruncationStats()

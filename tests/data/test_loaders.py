@@ -8,8 +8,12 @@ import logging
 
 import pytest
 
-from lat_lightning.data.loaders import (DEFAULT_SAFE_RESPONSE, load_benign_examples, load_records,
-                                        load_safety_examples)
+from lat_lightning.data.loaders import (
+    DEFAULT_SAFE_RESPONSE,
+    load_benign_examples,
+    load_records,
+    load_safety_examples,
+)
 from lat_lightning.data.schema import BenignExample, SafetyExample
 from lat_lightning.errors import DataError
 

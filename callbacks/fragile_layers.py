@@ -1,0 +1,360 @@
+"""``FragileLayerSelector``: choose the attacked layers before training builds its optimiser.
+
+Runs in the ``setup`` hook (Lightning calls it before ``configure_optimizers`` and before a checkpoint
+is restored; on resume the checkpoint's ``attack_layers`` win, see ``module.on_load_checkpoint``) and sets
+``pl_module.attack_layers``, which the attack reads every step. Methods (``callbacks.fragile_layers``):
+
+* ``explicit``: the ``layers`` list as given.
+* ``nll_probe``: top-``top_k`` layers by the rise of the NLL of the clean safe response under ASA noise
+  (Eq. 1) at that layer: ``ΔNLL(l) = mean_i [NLL_l,perturbed(y_i | x_i) − NLL_clean(y_i | x_i)]`` over
+  ``num_prompts`` training prompts and the ``evaluation.seeds``. Uses
+  ``lat_lightning.eval.probes.nll_probe_layers`` when that module exists (it probes the model's own
+  clean response); otherwise the compact probe here, which teacher-forces the data's ``safe_response``
+  with the noise on the last prompt token and every response position.
+* ``grad_norm`` (T-Vaccine style): top-``top_k`` layers by the mean L2 norm of
+  ``∇_{h[l]} CE(y* | x)``, the gradient of the harmful-target cross-entropy with respect to the layer's
+  output, over a few training batches. Only ``torch.autograd.grad`` on zero-valued probes added to the
+  residual stream: no weight ``.grad`` is written.
+* ``scan``: the LASR of ``lat_lightning.eval.scan.run_scan`` when it exists; otherwise ``nll_probe``
+  with a logged warning.
+
+Ties go to the lower layer; the chosen layers are stored in ascending order. Under DDP every rank scores
+the same prompts and rank 0's choice is broadcast. Outputs (rank zero): ``fragile_layers.json`` in the
+run directory (method, method actually used, chosen layers, per-layer scores, ranking), a ``log.info``
+line, and on a TensorBoard logger the text ``fragile_layers/choice`` and the scalar
+``fragile_layers/score`` plotted against the layer index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+
+from lat_lightning.models.layers import check_layer_indices, num_layers
+
+log = logging.getLogger(__name__)
+
+METHODS = ("explicit", "nll_probe", "grad_norm", "scan")
+PROBE_BATCH = 8
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+
+
+def top_k_layers(scores: dict[int, float], k: int) -> list[int]:
+    """The ``k`` highest-scoring layers (ties: lower layer first), in ascending order."""
+    ranked = sorted(scores, key=lambda layer: (-scores[layer], layer))
+    return sorted(ranked[:k])
+
+
+# --------------------------------------------------------------------------------------------- probes
+@torch.no_grad()
+def nll_probe_scores(model: nn.Module, batches: Sequence[dict], layers: Sequence[int], seeds: Sequence[int] = (0,),
+                     alpha: float = 1.0, positions: str = "prompt_last_and_generated") -> dict[int, float]:
+    """Compact NLL probe: mean rise of the safe response's summed NLL under Eq. 1 noise at each layer.
+
+    The noise for a row is keyed by ``(seed, example index, layer)``, so it does not depend on the batch
+    layout. The model runs in eval mode (modes restored afterwards).
+
+    Args:
+        model: causal LM.
+        batches: safety batches (``safe_*``, ``prompt_lengths``, optionally ``index``).
+        layers: candidate layers.
+        seeds: noise seeds; scores are averaged over them.
+        alpha: noise magnitude multiplier (1 = the paper).
+        positions: perturbed positions (default: the last prompt token and every response position).
+
+    Returns:
+        ``{layer: mean ΔNLL}`` (nats per prompt; higher = more fragile).
+    """
+    from lat_lightning.losses import token_logprobs
+    from lat_lightning.models.layers import hidden_size
+    from lat_lightning.perturbations.base import Perturbation, cell_seed, position_mask
+
+    d = hidden_size(model)
+    device = _device(model)
+    totals = {int(layer): 0.0 for layer in layers}
+    rows = 0
+    with _eval_mode(model):
+        for batch in batches:
+            batch = _to(batch, device)
+            ids, attn, labels = batch["safe_input_ids"], batch["safe_attention_mask"], batch["safe_labels"]
+            bsz, seq = ids.shape
+            index = batch.get("index", torch.arange(bsz, device=device))
+            mask = position_mask(positions, batch["prompt_lengths"], seq, attention_mask=attn)
+            clean = -token_logprobs(model(input_ids=ids, attention_mask=attn, use_cache=False).logits, labels)[0].sum(1)
+            for layer in totals:
+                for seed in seeds:
+                    noise = torch.stack([
+                        torch.randn(seq, d, generator=torch.Generator().manual_seed(cell_seed(seed, int(i), layer)))
+                        for i in index.tolist()]).to(device)
+                    pert = Perturbation(vectors={layer: noise}, mask=mask, normalise=True, alpha=alpha)
+                    with pert.applied(model):
+                        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+                    nll = -token_logprobs(logits, labels)[0].sum(1)
+                    totals[layer] += float((nll - clean).sum()) / len(seeds)
+            rows += bsz
+    return {layer: total / max(rows, 1) for layer, total in totals.items()}
+
+
+def grad_norm_scores(model: nn.Module, batches: Sequence[dict], layers: Sequence[int]) -> dict[int, float]:
+    """Mean L2 norm (over batches) of ``∇_{h[l]} CE(y* | x)`` per layer (T-Vaccine style).
+
+    A zero tensor that requires grad is added to each layer's output and the gradient is taken with
+    ``torch.autograd.grad`` with respect to those zeros only, so no parameter's ``.grad`` changes.
+    """
+    from lat_lightning.losses import causal_lm_loss
+    from lat_lightning.models.hooks import residual_edit
+
+    device = _device(model)
+    layers = [int(layer) for layer in layers]
+    totals = {layer: 0.0 for layer in layers}
+    n = 0
+    with _eval_mode(model), torch.enable_grad():
+        for batch in batches:
+            batch = _to(batch, device)
+            probes: dict[int, Tensor] = {}
+
+            def edit(layer: int, hidden: Tensor) -> Tensor:
+                probes[layer] = torch.zeros_like(hidden, requires_grad=True)
+                return hidden + probes[layer]
+
+            with residual_edit(model, layers, edit):
+                logits = model(input_ids=batch["harmful_input_ids"], attention_mask=batch["harmful_attention_mask"],
+                               use_cache=False).logits
+            loss = causal_lm_loss(logits, batch["harmful_labels"])
+            grads = torch.autograd.grad(loss, [probes[layer] for layer in layers], allow_unused=True)
+            for layer, g in zip(layers, grads):
+                totals[layer] += float(g.float().norm()) if g is not None else 0.0
+            n += 1
+    return {layer: total / max(n, 1) for layer, total in totals.items()}
+
+
+# --------------------------------------------------------------------------------------------- callback
+class FragileLayerSelector(Callback):
+    """Pick ``pl_module.attack_layers`` in ``setup`` (see the module docstring).
+
+    Args:
+        method: ``explicit``, ``nll_probe``, ``grad_norm`` or ``scan``.
+        layers: the explicit list (``method='explicit'``).
+        top_k: how many layers the other methods keep.
+        num_prompts: training rows to probe.
+        candidate_layers: layers to score (all layers when ``None``).
+        run_dir: where ``fragile_layers.json`` goes (``trainer.default_root_dir`` when ``None``).
+        seeds: noise seeds of the NLL probe.
+        alpha: noise magnitude of the NLL probe.
+        batches: probe on these safety batches instead of the training data.
+        prompts: prompt strings for ``lat_lightning.eval.probes`` / ``scan`` (default: the datamodule's
+            safety examples).
+        cfg: the run config (passed on to ``run_scan``).
+    """
+
+    def __init__(self, method: str = "explicit", layers: Sequence[int] = (), top_k: int = 1, num_prompts: int = 8,
+                 candidate_layers: Optional[Sequence[int]] = None, run_dir: Optional[str | Path] = None,
+                 seeds: Sequence[int] = (0,), alpha: float = 1.0, batches: Optional[Sequence[dict]] = None,
+                 prompts: Optional[Sequence[str]] = None, cfg=None):
+        if method not in METHODS:
+            raise ValueError(f"unknown fragile-layer method '{method}'; choose from {', '.join(METHODS)}")
+        if method == "explicit" and not layers:
+            raise ValueError("callbacks.fragile_layers.method=explicit needs callbacks.fragile_layers.layers")
+        if top_k < 1:
+            raise ValueError(f"callbacks.fragile_layers.top_k must be >= 1, got {top_k}")
+        if num_prompts < 1:
+            raise ValueError(f"callbacks.fragile_layers.num_prompts must be >= 1, got {num_prompts}")
+        self.method = method
+        self.layers = [int(x) for x in layers]
+        self.top_k = int(top_k)
+        self.num_prompts = int(num_prompts)
+        self.candidate_layers = None if candidate_layers is None else [int(x) for x in candidate_layers]
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.seeds = [int(s) for s in seeds] or [0]
+        self.alpha = float(alpha)
+        self.batches = list(batches) if batches is not None else None
+        self.prompts = list(prompts) if prompts is not None else None
+        self.cfg = cfg
+        self.result: Optional[dict[str, Any]] = None
+
+    @classmethod
+    def from_config(cls, cfg, run_dir: Optional[str | Path] = None) -> "FragileLayerSelector":
+        """From a run config (``callbacks.fragile_layers``, ``evaluation.seeds``, ``perturbation.alpha``)."""
+        f = cfg.callbacks.fragile_layers
+        return cls(method=str(f.method), layers=list(f.layers), top_k=int(f.top_k), num_prompts=int(f.num_prompts),
+                   candidate_layers=None if f.candidate_layers is None else list(f.candidate_layers),
+                   run_dir=run_dir, seeds=list(cfg.evaluation.seeds), alpha=float(cfg.perturbation.alpha), cfg=cfg)
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        result = self.select(pl_module.model, getattr(pl_module, "tokenizer", None), trainer)
+        chosen = list(result["layers"])
+        strategy = getattr(trainer, "strategy", None)
+        if strategy is not None and getattr(trainer, "world_size", 1) > 1:
+            chosen = list(strategy.broadcast(chosen, src=0))
+            result["layers"] = chosen
+        pl_module.attack_layers = chosen
+        self.result = result
+        if getattr(trainer, "is_global_zero", True):
+            self._report(trainer, result)
+
+    # -- selection -----------------------------------------------------------------------------------
+    def select(self, model: nn.Module, tokenizer=None, trainer=None) -> dict[str, Any]:
+        """Score the candidate layers and choose; returns the dict written to ``fragile_layers.json``."""
+        n_layers = num_layers(model)
+        if self.method == "explicit":
+            layers = check_layer_indices(model, self.layers, what="callbacks.fragile_layers.layers")
+            return {"method": "explicit", "method_used": "explicit", "layers": sorted(set(layers)), "scores": {},
+                    "ranking": [], "num_layers": n_layers}
+        candidates = self.candidate_layers if self.candidate_layers is not None else list(range(n_layers))
+        candidates = check_layer_indices(model, candidates, what="callbacks.fragile_layers.candidate_layers")
+        if not candidates:
+            raise ValueError("callbacks.fragile_layers.candidate_layers is empty")
+        method_used = self.method
+        if self.method == "scan":
+            scores = self._scan_scores(model, tokenizer, trainer, candidates)
+            if scores is None:
+                method_used = "nll_probe"
+        if method_used == "nll_probe":
+            scores = self._nll_scores(model, tokenizer, trainer, candidates)
+        elif method_used == "grad_norm":
+            scores = grad_norm_scores(model, self._probe_batches(trainer), candidates)
+        scores = {int(k): float(v) for k, v in scores.items()}
+        ranking = sorted(scores, key=lambda layer: (-scores[layer], layer))
+        return {"method": self.method, "method_used": method_used, "layers": top_k_layers(scores, self.top_k),
+                "scores": scores, "ranking": ranking, "num_layers": n_layers, "top_k": self.top_k,
+                "num_prompts": self.num_prompts, "seeds": self.seeds}
+
+    def _nll_scores(self, model, tokenizer, trainer, candidates) -> dict[int, float]:
+        prompts = self._prompt_texts(trainer)
+        if prompts and tokenizer is not None:
+            try:
+                from lat_lightning.eval.probes import nll_probe_layers
+            except ImportError:
+                nll_probe_layers = None
+            if nll_probe_layers is not None:
+                with _eval_mode(model):
+                    return dict(nll_probe_layers(model, tokenizer, prompts, layers=candidates, seeds=self.seeds))
+        return nll_probe_scores(model, self._probe_batches(trainer), candidates, self.seeds, self.alpha)
+
+    def _scan_scores(self, model, tokenizer, trainer, candidates) -> Optional[dict[int, float]]:
+        try:
+            from lat_lightning.eval.scan import run_scan
+        except ImportError:
+            log.warning("fragile_layers.method=scan: lat_lightning.eval.scan is not available; using nll_probe")
+            return None
+        prompts = self._prompt_texts(trainer)
+        if not prompts or tokenizer is None:
+            log.warning("fragile_layers.method=scan: no prompt texts to scan; using nll_probe")
+            return None
+        try:
+            out = run_scan(model, tokenizer, prompts, layers=candidates, seeds=self.seeds, cfg=self.cfg)
+        except TypeError as exc:  # the scan API is not the one this adapter expects
+            log.warning("fragile_layers.method=scan: run_scan call failed (%s); using nll_probe", exc)
+            return None
+        lasr = out.get("lasr") if isinstance(out, dict) else getattr(out, "lasr", None)
+        if lasr is None:
+            log.warning("fragile_layers.method=scan: run_scan returned no 'lasr'; using nll_probe")
+            return None
+        if isinstance(lasr, dict):
+            return {int(k): float(v) for k, v in lasr.items()}
+        return {layer: float(v) for layer, v in zip(candidates, list(lasr))}
+
+    # -- data ----------------------------------------------------------------------------------------
+    def _prompt_texts(self, trainer) -> list[str]:
+        if self.prompts is not None:
+            return self.prompts[: self.num_prompts]
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        examples = getattr(dm, "safety_examples", None) if dm is not None else None
+        return [ex.prompt for ex in examples[: self.num_prompts]] if examples else []
+
+    def _probe_batches(self, trainer) -> list[dict]:
+        """Up to ``num_prompts`` training rows, as batches of at most 8."""
+        if self.batches is not None:
+            return _truncate(self.batches, self.num_prompts)
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        dataset = getattr(dm, "train_dataset", None) if dm is not None else None
+        if dataset is not None and hasattr(dm, "pad_id"):
+            from lat_lightning.data.collate import collate_safety
+
+            n = min(self.num_prompts, len(dataset))
+            items = [dataset[i] for i in range(n)]
+            return [collate_safety(items[i:i + PROBE_BATCH], dm.pad_id) for i in range(0, n, PROBE_BATCH)]
+        loader = None
+        if dm is not None:
+            loader = dm.train_dataloader()
+        elif trainer is not None:
+            source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
+            loader = source.dataloader() if source is not None else None
+        if loader is None:
+            raise ValueError("FragileLayerSelector found no training data to probe; pass batches=...")
+        batches, rows = [], 0
+        for batch in loader:
+            batches.append(batch)
+            rows += int(batch["safe_input_ids"].shape[0])
+            if rows >= self.num_prompts:
+                break
+        return _truncate(batches, self.num_prompts)
+
+    # -- output --------------------------------------------------------------------------------------
+    def _report(self, trainer, result: dict[str, Any]) -> None:
+        scores = result["scores"]
+        detail = ", ".join(f"{layer}: {scores[layer]:.4g}" for layer in result["ranking"][:10])
+        log.info("fragile layers (%s): %s%s", result["method_used"], result["layers"],
+                 f" (scores {detail})" if detail else "")
+        run_dir = self.run_dir or (Path(trainer.default_root_dir) if getattr(trainer, "default_root_dir", None)
+                                   else None)
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            serial = dict(result, scores={str(k): v for k, v in scores.items()})
+            (run_dir / "fragile_layers.json").write_text(json.dumps(serial, indent=2))
+        for logger in getattr(trainer, "loggers", []) or []:
+            exp = getattr(logger, "experiment", None)
+            if exp is None or not hasattr(exp, "add_text"):
+                continue
+            table = "\n".join(f"| {layer} | {scores[layer]:.4g} |" for layer in sorted(scores))
+            exp.add_text("fragile_layers/choice",
+                         f"method `{result['method_used']}`: layers {result['layers']}"
+                         + (f"\n\n| layer | score |\n|---|---|\n{table}" if table else ""), global_step=0)
+            for layer in sorted(scores):
+                exp.add_scalar("fragile_layers/score", scores[layer], global_step=layer)
+
+
+def _truncate(batches: Sequence[dict], n: int) -> list[dict]:
+    out, left = [], n
+    for batch in batches:
+        if left <= 0:
+            break
+        size = int(batch["safe_input_ids"].shape[0])
+        if size > left:
+            batch = {k: (v[:left] if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == size else v)
+                     for k, v in batch.items()}
+            size = left
+        out.append(batch)
+        left -= size
+    return out
+
+
+__all__ = ["FragileLayerSelector", "grad_norm_scores", "nll_probe_scores", "top_k_layers"]

@@ -1,0 +1,515 @@
+"""Batched, left-padded, KV-cached generation with a residual-stream attack that may differ per row.
+
+One call generates for a batch of rows; every row names its own attacked layer (``row_layers``, ``-1`` for
+a clean row), so a whole layer sweep of a prompt (and the clean answer) runs as ONE batched generation.
+The attack is applied with :func:`lat_lightning.models.hooks.residual_edit` hooks on every layer that some
+row attacks, through a position-aware edit (:class:`RowPerturber`):
+
+* the prefill call sees the whole left-padded prompt, ``[B, P_max, d]``; column ``c`` of row ``r`` holds
+  absolute position ``c - (P_max - P_r)`` (negative = padding);
+* decode call ``t = 1, 2, ...`` sees one token per row: the token generated at step ``t - 1``, at absolute
+  position ``P_r - 1 + t``. "Generation step ``t``" is the call whose output is new token ``t`` (0-based),
+  so step 0 is the last prompt token (in the prefill) and step ``t >= 1`` is a decode call.
+
+Positions policies (absolute position ``p``, prompt length ``P``):
+
+==============================  =============================================  ==========================
+policy                          perturbed positions                            generation steps
+==============================  =============================================  ==========================
+``prompt_last_and_generated``   ``p >= P - 1`` (the paper's attack)            every step
+``first_k``                     ``P - 1 <= p < P - 1 + k``                     steps ``0 .. k-1``
+``all``                         every prompt token and every generated token   prefill (all) + every step
+``response``                    ``p >= P`` (generated tokens only)             steps ``>= 1``
+``prompt``                      ``p < P``                                      prefill only
+==============================  =============================================  ==========================
+
+Attack kinds (:class:`AttackPlan`):
+
+* ``noise`` (ASA random): ``δ ~ N(0, I_d)`` drawn with :func:`keyed_normal` keyed by
+  ``(seed, prompt_key, layer, position)`` (``position = -1`` for ``refresh='fixed'``: one vector per prompt),
+  so batched and per-row runs draw identical noise whatever the batch layout; then Eq. 1
+  (:func:`normalise_to`) against that row's activation at that position, times ``alpha``.
+* ``direction`` (ASAgrad): a precomputed ``[T_r, d]`` per row, indexed by absolute position (the vector of
+  the aligned teacher-forced position, the last one beyond its length), normalised with Eq. 1, times
+  ``alpha``.
+* ``additive`` (PGD): a precomputed ``[T_r, d]`` per row with its own ``[T_r]`` mask, added as is (times
+  ``alpha``) at the positions the mask marks; positions past ``T_r`` are not perturbed. The positions policy
+  does not apply (the PGD mask already is one).
+
+Rows stop at EOS; finished rows are fed padding and their outputs are discarded.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from lat_lightning.data.templating import encode_prompt, pad_sequences
+from lat_lightning.models.hooks import residual_edit
+from lat_lightning.models.layers import check_layer_indices, hidden_size
+from lat_lightning.perturbations.base import cell_seed, keyed_normal, normalise_to
+
+GENERATION_POSITIONS = ("prompt_last_and_generated", "first_k", "all", "response", "prompt")
+ATTACK_KINDS = ("none", "noise", "direction", "additive")
+REFRESH = ("step", "fixed")
+FIXED_POSITION_KEY = -1  # position key of the single vector per prompt under refresh='fixed'
+SAMPLING_TAG = 7_919  # extra key component separating sampling draws from perturbation draws
+CLEAN = -1
+
+
+@dataclass
+class AttackPlan:
+    """How rows are perturbed during generation (or a teacher-forced forward).
+
+    Attributes:
+        kind: ``none``, ``noise`` (ASA random), ``direction`` (ASAgrad) or ``additive`` (PGD).
+        positions: positions policy (see the module docstring); ignored by ``additive``.
+        first_k: ``k`` of the ``first_k`` policy (the last prompt token counts as the first).
+        refresh: ``step`` (a new draw per position) or ``fixed`` (one draw per prompt); ``noise`` only.
+        alpha: magnitude multiplier, applied after Eq. 1 (``noise`` / ``direction``) or to the raw vectors
+            (``additive``).
+        seed: default perturbation seed of every row (``row_seeds`` overrides it per row).
+        vectors: ``direction`` / ``additive``: one ``[T_r, d]`` tensor per row (``None`` for clean rows),
+            indexed by absolute position (0 = first prompt token).
+        vector_masks: ``additive``: one ``[T_r]`` bool tensor per row (``None`` = every position < T_r).
+        name: label for logs.
+    """
+
+    kind: str = "none"
+    positions: str = "prompt_last_and_generated"
+    first_k: int = 1
+    refresh: str = "step"
+    alpha: float = 1.0
+    seed: int = 0
+    vectors: Optional[Sequence[Optional[Tensor]]] = None
+    vector_masks: Optional[Sequence[Optional[Tensor]]] = None
+    name: str = ""
+
+    def __post_init__(self):
+        if self.kind not in ATTACK_KINDS:
+            raise ValueError(f"unknown attack kind '{self.kind}'; choose from {', '.join(ATTACK_KINDS)}")
+        if self.positions not in GENERATION_POSITIONS:
+            raise ValueError(f"unknown positions policy '{self.positions}' for generation; choose from "
+                             f"{', '.join(GENERATION_POSITIONS)}")
+        if self.refresh not in REFRESH:
+            raise ValueError(f"unknown refresh '{self.refresh}'; choose from {', '.join(REFRESH)}")
+        if self.positions == "first_k" and self.first_k < 1:
+            raise ValueError(f"first_k must be >= 1, got {self.first_k}")
+        if self.kind in ("direction", "additive") and self.vectors is None:
+            raise ValueError(f"attack kind '{self.kind}' needs per-row vectors")
+
+    def select(self, rows: Sequence[int]) -> "AttackPlan":
+        """The same plan restricted to ``rows`` (per-row vectors re-indexed)."""
+        pick = (lambda seq: None if seq is None else [seq[r] for r in rows])
+        return AttackPlan(self.kind, self.positions, self.first_k, self.refresh, self.alpha, self.seed,
+                          pick(self.vectors), pick(self.vector_masks), self.name)
+
+
+def policy_mask(policy: str, pos: Tensor, prompt_len: Tensor, first_k: int = 1) -> Tensor:
+    """Which absolute positions ``pos`` a positions policy perturbs (``pos < 0`` is padding: never).
+
+    Args:
+        policy: one of :data:`GENERATION_POSITIONS`.
+        pos: absolute positions, any shape.
+        prompt_len: prompt lengths broadcastable to ``pos``.
+        first_k: ``k`` for ``first_k``.
+    """
+    if policy == "prompt_last_and_generated":
+        m = pos >= prompt_len - 1
+    elif policy == "first_k":
+        m = (pos >= prompt_len - 1) & (pos < prompt_len - 1 + first_k)
+    elif policy == "all":
+        m = torch.ones_like(pos, dtype=torch.bool)
+    elif policy == "response":
+        m = pos >= prompt_len
+    elif policy == "prompt":
+        m = pos < prompt_len
+    else:
+        raise ValueError(f"unknown positions policy '{policy}'")
+    return m & (pos >= 0)
+
+
+class RowPerturber:
+    """The stateful, position-aware edit behind :func:`generate_under_attack` and teacher-forced probes.
+
+    Before each forward the caller sets :attr:`positions` (``[B, S]`` absolute positions of the columns
+    the layers will see; ``-1`` for padding). The edit of layer ``l`` then perturbs, for every row whose
+    ``row_layers`` is ``l``, the columns its policy selects. Counters record how often each row was
+    perturbed (``applied``: positions) and how many hook calls perturbed something (``calls``).
+
+    Args:
+        plan: the attack.
+        row_layers: ``[B]`` attacked layer per row, ``-1`` = clean.
+        prompt_lengths: ``[B]`` prompt token counts.
+        prompt_keys: ``[B]`` integer id of each row's prompt (keys the noise; NOT the batch index).
+        row_seeds: ``[B]`` perturbation seed per row (default: ``plan.seed``).
+    """
+
+    def __init__(self, plan: AttackPlan, row_layers: Tensor, prompt_lengths: Tensor, prompt_keys: Tensor,
+                 row_seeds: Optional[Tensor] = None):
+        self.plan = plan
+        self.row_layers = row_layers.long().cpu()
+        self.prompt_lengths = prompt_lengths.long().cpu()
+        self.prompt_keys = prompt_keys.long().cpu()
+        n = len(self.row_layers)
+        self.row_seeds = (torch.full((n,), int(plan.seed), dtype=torch.long) if row_seeds is None
+                          else row_seeds.long().cpu())
+        for name, t in (("prompt_lengths", self.prompt_lengths), ("prompt_keys", self.prompt_keys),
+                        ("row_seeds", self.row_seeds)):
+            if len(t) != n:
+                raise ValueError(f"{name} has {len(t)} entries for {n} rows")
+        if plan.vectors is not None and len(plan.vectors) != n:
+            raise ValueError(f"plan has vectors for {len(plan.vectors)} rows, the batch has {n}")
+        if plan.kind == "none":
+            self.row_layers = torch.full_like(self.row_layers, CLEAN)
+        self.rows_at: dict[int, Tensor] = {
+            int(l): (self.row_layers == l).nonzero().flatten() for l in self.row_layers.unique().tolist() if l >= 0}
+        self.positions: Optional[Tensor] = None
+        self.applied = torch.zeros(n, dtype=torch.long)
+        self.calls = 0
+        self._fixed: dict[tuple[int, int, int, int], Tensor] = {}
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.rows_at)
+
+    def _raw(self, layer: int, r: int, p: int, d: int) -> Optional[Tensor]:
+        """The un-normalised vector for row ``r`` at absolute position ``p`` (``None``: leave it alone)."""
+        plan = self.plan
+        if plan.kind == "noise":
+            key_pos = FIXED_POSITION_KEY if plan.refresh == "fixed" else p
+            key = (int(self.row_seeds[r]), int(self.prompt_keys[r]), layer, key_pos)
+            if plan.refresh == "fixed":
+                if key not in self._fixed:
+                    self._fixed[key] = keyed_normal(d, *key)
+                return self._fixed[key]
+            return keyed_normal(d, *key)
+        vec = plan.vectors[r]
+        if vec is None or vec.shape[0] == 0:
+            return None
+        if plan.kind == "direction":
+            return vec[min(p, vec.shape[0] - 1)]
+        # additive
+        if p >= vec.shape[0]:
+            return None
+        if plan.vector_masks is not None and plan.vector_masks[r] is not None and not bool(plan.vector_masks[r][p]):
+            return None
+        return vec[p]
+
+    def edit(self, layer: int, hidden: Tensor) -> Tensor:
+        rows = self.rows_at.get(layer)
+        if rows is None or rows.numel() == 0:
+            return hidden
+        if self.positions is None:
+            raise RuntimeError("RowPerturber.positions must be set before each forward")
+        pos = self.positions[rows]  # [n, S]
+        if pos.shape[1] != hidden.shape[1]:
+            raise RuntimeError(f"positions cover {pos.shape[1]} columns but layer {layer} saw {hidden.shape[1]}")
+        if self.plan.kind == "additive":
+            sel = pos >= 0
+        else:
+            sel = policy_mask(self.plan.positions, pos, self.prompt_lengths[rows][:, None], self.plan.first_k)
+        ri, ci = sel.nonzero(as_tuple=True)
+        if ri.numel() == 0:
+            return hidden
+        d = hidden.shape[-1]
+        row_idx, col_idx, raws = [], [], []
+        for a, c in zip(ri.tolist(), ci.tolist()):
+            r = int(rows[a])
+            raw = self._raw(layer, r, int(pos[a, c]), d)
+            if raw is None:
+                continue
+            row_idx.append(r)
+            col_idx.append(c)
+            raws.append(raw)
+        if not raws:
+            return hidden
+        r_t = torch.tensor(row_idx, device=hidden.device)
+        c_t = torch.tensor(col_idx, device=hidden.device)
+        raw = torch.stack([v.to(hidden.device, torch.float32) for v in raws])
+        target = hidden[r_t, c_t]
+        if self.plan.kind == "additive":
+            delta = (self.plan.alpha * raw).to(hidden.dtype)
+        else:
+            delta = (self.plan.alpha * normalise_to(raw, target.detach().float())).to(hidden.dtype)
+        out = hidden.clone()
+        out[r_t, c_t] = target + delta
+        self.applied.index_add_(0, torch.tensor(row_idx), torch.ones(len(row_idx), dtype=torch.long))
+        self.calls += 1
+        return out
+
+    @contextmanager
+    def hooked(self, model: nn.Module) -> Iterator["RowPerturber"]:
+        if not self.layers:
+            yield self
+            return
+        with residual_edit(model, self.layers, self.edit):
+            yield self
+
+
+@dataclass
+class GenerationResult:
+    """Output of :func:`generate_under_attack` (rows in input order).
+
+    Attributes:
+        token_ids: new token ids per row (EOS included when generated; no padding).
+        texts: decoded new tokens (special tokens skipped).
+        new_tokens: ``[B, G]`` the same ids, padded with the pad id.
+        lengths: ``[B]`` number of new tokens per row.
+        perturbed_positions: ``[B]`` how many positions of each row were perturbed (at its layer).
+        prompt_ids: the prompt token ids of each row.
+    """
+
+    token_ids: list[list[int]]
+    texts: list[str]
+    new_tokens: Tensor
+    lengths: Tensor
+    perturbed_positions: Tensor
+    prompt_ids: list[list[int]] = field(default_factory=list)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Temporarily put ``model`` in eval mode (no dropout), restoring the previous mode."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def _device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - parameterless model
+        return torch.device("cpu")
+
+
+_LOGITS_TO_KEEP: dict[type, bool] = {}
+
+
+def _supports_logits_to_keep(model: nn.Module) -> bool:
+    cls = type(model)
+    if cls not in _LOGITS_TO_KEEP:
+        try:
+            _LOGITS_TO_KEEP[cls] = "logits_to_keep" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):  # pragma: no cover
+            _LOGITS_TO_KEEP[cls] = False
+    return _LOGITS_TO_KEEP[cls]
+
+
+def eos_ids(model: nn.Module, tokenizer=None, eos_token_id: Union[int, Sequence[int], None] = None) -> list[int]:
+    """The stop ids: ``eos_token_id`` if given, else the tokenizer's and the generation config's EOS."""
+    if eos_token_id is not None:
+        return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+    ids: list[int] = []
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    gen_cfg = getattr(model, "generation_config", None)
+    extra = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+    if extra is not None:
+        ids.extend([int(extra)] if isinstance(extra, int) else [int(e) for e in extra])
+    return sorted(set(ids))
+
+
+def _pick_next(logits: Tensor, do_sample: bool, temperature: float, top_p: float, row_keys: list[tuple]) -> Tensor:
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    out = torch.empty(len(row_keys), dtype=torch.long)
+    cpu_probs = probs.cpu()
+    for r, key in enumerate(row_keys):  # keyed per row: the sample does not depend on the batch layout
+        gen = torch.Generator().manual_seed(cell_seed(*key))
+        out[r] = torch.multinomial(cpu_probs[r], 1, generator=gen)[0]
+    return out.to(logits.device)
+
+
+@torch.no_grad()
+def _generate_chunk(model, prompt_ids: list[list[int]], row_layers: Tensor, plan: AttackPlan, prompt_keys: Tensor,
+                    row_seeds: Tensor, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
+                    stop_ids: list[int], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    device = _device(model)
+    bsz = len(prompt_ids)
+    lengths = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)
+    if int(lengths.min()) < 1:
+        raise ValueError("every prompt needs at least one token")
+    width = int(lengths.max())
+    input_ids = pad_sequences(prompt_ids, pad_id, side="left").to(device)
+    attention = pad_sequences([[1] * len(p) for p in prompt_ids], 0, side="left").to(device)
+    position_ids = (attention.long().cumsum(-1) - 1).clamp(min=0)
+    perturber = RowPerturber(plan, row_layers, lengths, prompt_keys, row_seeds)
+    offsets = width - lengths
+    perturber.positions = torch.arange(width)[None, :] - offsets[:, None]  # negative on padding
+    new = torch.full((bsz, max_new_tokens), pad_id, dtype=torch.long)
+    n_new = torch.zeros(bsz, dtype=torch.long)
+    finished = torch.zeros(bsz, dtype=torch.bool)
+    stop = torch.tensor(stop_ids, dtype=torch.long) if stop_ids else None
+    kwargs = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
+    layer_key = [int(l) for l in row_layers.tolist()]
+    with perturber.hooked(model):
+        out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=True,
+                    **kwargs)
+        past = out.past_key_values
+        for t in range(max_new_tokens):
+            keys = [(int(row_seeds[r]), int(prompt_keys[r]), layer_key[r], t, SAMPLING_TAG) for r in range(bsz)]
+            nxt = _pick_next(out.logits[:, -1], do_sample, temperature, top_p, keys).cpu()
+            nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+            active = ~finished
+            new[active, t] = nxt[active]
+            n_new += active.long()
+            if stop is not None:
+                finished |= active & torch.isin(nxt, stop)
+            if bool(finished.all()) or t == max_new_tokens - 1:
+                break
+            # Decode step t+1 sees the token generated at step t, at absolute position P - 1 + (t + 1).
+            perturber.positions = (lengths - 1 + t + 1)[:, None]
+            attention = torch.cat([attention, torch.ones(bsz, 1, dtype=attention.dtype, device=device)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            out = model(input_ids=nxt[:, None].to(device), attention_mask=attention, position_ids=position_ids,
+                        past_key_values=past, use_cache=True)
+            past = out.past_key_values
+    return new[:, : int(n_new.max()) if bsz else 0], n_new, perturber.applied
+
+
+def encode_prompts(tokenizer, prompts: Sequence[Union[str, Sequence[int]]], use_chat_template: bool = True,
+                   system_prompt: Optional[str] = None) -> list[list[int]]:
+    """Token ids of each prompt: strings go through the chat template (or plain text), id lists pass."""
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            out.append(encode_prompt(tokenizer, p, use_chat_template, system_prompt))
+        else:
+            out.append([int(t) for t in p])
+    return out
+
+
+def generate_under_attack(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[Union[str, Sequence[int]]],
+    row_layers: Union[Tensor, Sequence[int], None] = None,
+    attack: Optional[AttackPlan] = None,
+    *,
+    prompt_keys: Union[Tensor, Sequence[int], None] = None,
+    row_seeds: Union[Tensor, Sequence[int], None] = None,
+    max_new_tokens: int = 50,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: Optional[int] = None,
+    eos_token_id: Union[int, Sequence[int], None] = None,
+    pad_token_id: Optional[int] = None,
+    use_chat_template: bool = True,
+    system_prompt: Optional[str] = None,
+) -> GenerationResult:
+    """Generate for a batch of rows, each attacked at its own layer (or clean).
+
+    Args:
+        model: causal LM (put in eval mode for the call).
+        tokenizer: its tokenizer (for prompt encoding, pad / EOS ids and decoding).
+        prompts: one prompt per row: raw text (chat template applied) or token ids.
+        row_layers: ``[B]`` attacked layer per row; ``-1`` = clean row; ``None`` = all clean.
+        attack: the attack (``None`` = clean generation).
+        prompt_keys: ``[B]`` integer id of each row's prompt for keying the noise (default: the row index;
+            pass the prompt's dataset index so that different batchings draw identical noise).
+        row_seeds: ``[B]`` perturbation (and sampling) seed per row (default ``attack.seed``).
+        max_new_tokens: generation budget (50 in the reference).
+        do_sample: sample instead of greedy decoding (draws keyed per row, step and seed).
+        temperature: sampling temperature.
+        top_p: nucleus sampling threshold (1.0 = off).
+        batch_size: rows per forward (``None`` = all at once); results do not depend on it.
+        eos_token_id: stop id(s) (default: tokenizer and generation-config EOS).
+        pad_token_id: id fed to finished rows and used for padding (default: the tokenizer's pad, else EOS).
+        use_chat_template: format string prompts with the chat template.
+        system_prompt: optional system message for string prompts.
+
+    Returns:
+        A :class:`GenerationResult` with the new tokens only.
+    """
+    ids = encode_prompts(tokenizer, prompts, use_chat_template, system_prompt)
+    bsz = len(ids)
+    attack = attack or AttackPlan()
+    layers_t = (torch.full((bsz,), CLEAN, dtype=torch.long) if row_layers is None
+                else torch.as_tensor(row_layers, dtype=torch.long).cpu())
+    if len(layers_t) != bsz:
+        raise ValueError(f"row_layers has {len(layers_t)} entries for {bsz} prompts")
+    used = sorted({int(l) for l in layers_t.tolist() if l >= 0})
+    check_layer_indices(model, used)
+    if attack.kind != "none" and used:
+        d = hidden_size(model)
+        for v in attack.vectors or []:
+            if v is not None and v.shape[-1] != d:
+                raise ValueError(f"attack vectors have width {v.shape[-1]}, the model's hidden size is {d}")
+    keys_t = torch.arange(bsz) if prompt_keys is None else torch.as_tensor(prompt_keys, dtype=torch.long).cpu()
+    seeds_t = (torch.full((bsz,), int(attack.seed), dtype=torch.long) if row_seeds is None
+               else torch.as_tensor(row_seeds, dtype=torch.long).cpu())
+    if pad_token_id is None:
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = int(pad_token_id if pad_token_id is not None else 0)
+    stop_ids = eos_ids(model, tokenizer, eos_token_id)
+    step = bsz if not batch_size else max(1, int(batch_size))
+    token_ids: list[list[int]] = [[] for _ in range(bsz)]
+    applied = torch.zeros(bsz, dtype=torch.long)
+    with eval_mode(model):
+        for start in range(0, bsz, step):
+            rows = list(range(start, min(start + step, bsz)))
+            new, n_new, app = _generate_chunk(
+                model, [ids[r] for r in rows], layers_t[rows], attack.select(rows), keys_t[rows], seeds_t[rows],
+                max_new_tokens, do_sample, temperature, top_p, stop_ids, pad_id)
+            for j, r in enumerate(rows):
+                token_ids[r] = new[j, : int(n_new[j])].tolist()
+            applied[rows] = app
+    lengths = torch.tensor([len(t) for t in token_ids], dtype=torch.long)
+    width = int(lengths.max()) if bsz else 0
+    padded = torch.full((bsz, width), pad_id, dtype=torch.long)
+    for r, t in enumerate(token_ids):
+        if t:
+            padded[r, : len(t)] = torch.tensor(t)
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
+    return GenerationResult(token_ids, texts, padded, lengths, applied, ids)
+
+
+@torch.no_grad()
+def teacher_forced_logits(model: nn.Module, sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
+                          row_layers: Union[Tensor, Sequence[int]], attack: AttackPlan, *,
+                          prompt_keys: Union[Tensor, Sequence[int], None] = None,
+                          row_seeds: Union[Tensor, Sequence[int], None] = None, pad_id: int = 0) -> Tensor:
+    """Logits of right-padded ``sequences`` (prompt + response ids) with each row attacked at its layer.
+
+    Absolute positions are column indices, so the same keyed noise as in generation lands on the same
+    tokens (e.g. ``prompt_last_and_generated`` perturbs the last prompt token and every response token).
+
+    Returns:
+        ``[B, T, V]`` logits.
+    """
+    bsz = len(sequences)
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+    device = _device(model)
+    input_ids = pad_sequences(sequences, pad_id, side="right").to(device)
+    attention = pad_sequences([[1] * len(s) for s in sequences], 0, side="right").to(device)
+    width = input_ids.shape[1]
+    layers_t = torch.as_tensor(row_layers, dtype=torch.long).cpu()
+    keys_t = torch.arange(bsz) if prompt_keys is None else torch.as_tensor(prompt_keys, dtype=torch.long).cpu()
+    seeds_t = None if row_seeds is None else torch.as_tensor(row_seeds, dtype=torch.long).cpu()
+    perturber = RowPerturber(attack, layers_t, torch.as_tensor(list(prompt_lengths), dtype=torch.long), keys_t, seeds_t)
+    cols = torch.arange(width)[None, :].expand(bsz, width)
+    perturber.positions = torch.where(cols < lengths[:, None], cols, torch.full_like(cols, -1))
+    with eval_mode(model), perturber.hooked(model):
+        return model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
+
+
+__all__ = ["ATTACK_KINDS", "AttackPlan", "CLEAN", "GENERATION_POSITIONS", "GenerationResult", "RowPerturber",
+           "encode_prompts", "eos_ids", "eval_mode", "generate_under_attack", "policy_mask", "teacher_forced_logits"]

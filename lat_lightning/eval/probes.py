@@ -1,0 +1,214 @@
+"""NLL probe and position KL: how far an ASA perturbation pushes the model off its own clean answer.
+
+Both are teacher-forced on the model's own clean (greedy) response ``y`` to a harmful prompt ``x``:
+
+* **NLL probe** (REFERENCE.md, Metrics): ``NLL = −Σ_t log p(y_t | x, y_<t)`` with the perturbation at layer
+  ``l`` vs without; ``ΔNLL = NLL_perturbed − NLL_clean`` per prompt, layer and seed. A rise means the
+  perturbation pushes away from the safe answer. :func:`nll_probe_layers` ranks layers by mean ΔNLL (the
+  fragile-layer selector uses it: no generation under attack needed).
+* **Position KL**: ``KL(p_clean,t ‖ p_perturbed,t)`` at every response position ``t`` (the distribution
+  that predicts ``y_t``), with the perturbation at every position from the last prompt token on. The paper
+  reports that it grows with ``t``.
+
+The noise is the scan's keyed noise (:func:`lat_lightning.perturbations.base.keyed_normal`, keyed by
+``(seed, prompt, layer, position)``, Eq. 1-normalised), applied through the same per-row-layer edit as
+generation, so a probe row sees exactly the noise its generation-time counterpart saw on the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from lat_lightning.data.templating import IGNORE_INDEX
+from lat_lightning.eval.generation import CLEAN, AttackPlan, encode_prompts, generate_under_attack, teacher_forced_logits
+from lat_lightning.eval.metrics import nll_sequence, position_kl
+from lat_lightning.models.layers import check_layer_indices, num_layers
+
+
+@dataclass
+class ProbeResult:
+    """Per-prompt probe values.
+
+    Attributes:
+        layers / seeds: the probed layers and noise seeds.
+        nll_clean: ``[N]`` NLL of the clean response without perturbation (NaN for an empty response).
+        nll_perturbed: ``[N, L, S]``.
+        kl: ``[N, L, S, G]`` position KL (NaN past a response's length); ``G`` = longest response.
+        response_lengths: ``[N]``.
+        positions: the perturbation positions policy used.
+    """
+
+    layers: list[int]
+    seeds: list[int]
+    nll_clean: np.ndarray
+    nll_perturbed: np.ndarray
+    kl: np.ndarray
+    response_lengths: np.ndarray
+    positions: str
+
+    @property
+    def delta_nll(self) -> np.ndarray:
+        """``[N, L, S]`` ``NLL_perturbed − NLL_clean``."""
+        return self.nll_perturbed - self.nll_clean[:, None, None]
+
+    def delta_by_layer(self) -> dict[int, float]:
+        """Mean ΔNLL over prompts and seeds, per layer."""
+        d = self.delta_nll
+        return {l: _nanmean(d[:, j, :]) for j, l in enumerate(self.layers)}
+
+    def kl_curves(self) -> dict[int, list[Optional[float]]]:
+        """Mean position KL over prompts and seeds per layer: ``{layer: [KL_t for t in 0..G-1]}``."""
+        out = {}
+        for j, l in enumerate(self.layers):
+            sl = self.kl[:, j, :, :].reshape(-1, self.kl.shape[-1]) if self.kl.size else np.zeros((0, 0))
+            out[l] = [_nanmean(sl[:, t]) for t in range(sl.shape[1])]
+        return out
+
+    def summary(self) -> dict:
+        """JSON-ready summary: per-layer ΔNLL (mean, std over prompt x seed), clean NLL, KL curves."""
+        d = self.delta_nll
+        per_layer = {}
+        for j, l in enumerate(self.layers):
+            vals = d[:, j, :].ravel()
+            vals = vals[np.isfinite(vals)]
+            per_layer[str(l)] = {
+                "delta_nll_mean": float(vals.mean()) if vals.size else None,
+                "delta_nll_std": float(vals.std(ddof=1)) if vals.size > 1 else (0.0 if vals.size else None),
+                "nll_perturbed_mean": _nanmean(self.nll_perturbed[:, j, :]),
+                "frac_prompts_raised": float((np.nanmean(d[:, j, :], axis=1) > 0).mean()) if len(d) else None,
+            }
+        peak = max(per_layer, key=lambda k: per_layer[k]["delta_nll_mean"]
+                   if per_layer[k]["delta_nll_mean"] is not None else -math.inf) if per_layer else None
+        return {
+            "positions": self.positions,
+            "layers": self.layers,
+            "seeds": self.seeds,
+            "n_prompts": int(len(self.nll_clean)),
+            "nll_clean_mean": _nanmean(self.nll_clean),
+            "mean_response_tokens": float(self.response_lengths.mean()) if len(self.response_lengths) else None,
+            "nll": per_layer,
+            "peak_delta_nll_layer": int(peak) if peak is not None else None,
+            "position_kl": {str(l): curve for l, curve in self.kl_curves().items()},
+        }
+
+
+def _nanmean(x) -> Optional[float]:
+    arr = np.asarray(x, dtype=np.float64)
+    finite = arr[np.isfinite(arr)]
+    return float(finite.mean()) if finite.size else None
+
+
+def response_probe(model: nn.Module, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                   layers: Sequence[int], seeds: Sequence[int] = (0,), *, alpha: float = 1.0,
+                   positions: str = "prompt_last_and_generated", first_k: int = 1, refresh: str = "step",
+                   batch_size: int = 16, prompt_keys: Optional[Sequence[int]] = None, pad_id: int = 0,
+                   with_kl: bool = True) -> ProbeResult:
+    """NLL and position KL of each prompt's response under keyed ASA noise at each layer and seed.
+
+    Rows of one prompt (its clean row first, then every (layer, seed)) share one sequence, so a chunk of
+    ``batch_size`` of them needs no padding. Only the logits of response positions are kept.
+
+    Args:
+        model: causal LM.
+        prompt_ids: prompt token ids (chat template applied) per prompt.
+        response_ids: the response to teacher-force per prompt (typically the clean greedy generation,
+            EOS included when it was generated).
+        layers / seeds: where and with which noise seeds to perturb.
+        alpha / positions / first_k / refresh: the ASA noise (see :class:`AttackPlan`).
+        batch_size: rows per forward.
+        prompt_keys: the prompts' ids for keying the noise (default ``0..N-1``).
+        pad_id: padding id (unused positions only).
+        with_kl: also compute the position KL (needs the clean logits of the prompt).
+    """
+    layers = check_layer_indices(model, list(layers))
+    seeds = [int(s) for s in seeds]
+    n, n_l, n_s = len(prompt_ids), len(layers), len(seeds)
+    keys = list(range(n)) if prompt_keys is None else [int(k) for k in prompt_keys]
+    g_max = max((len(r) for r in response_ids), default=0)
+    nll_clean = np.full(n, np.nan)
+    nll_pert = np.full((n, n_l, n_s), np.nan)
+    kl = np.full((n, n_l, n_s, g_max), np.nan) if with_kl else np.zeros((n, n_l, n_s, 0))
+    plan = AttackPlan(kind="noise", positions=positions, first_k=first_k, refresh=refresh, alpha=alpha)
+    cells = [(j, k) for j in range(n_l) for k in range(n_s)]
+    step = max(1, int(batch_size))
+    for i in range(n):
+        prompt, resp = list(prompt_ids[i]), list(response_ids[i])
+        g = len(resp)
+        if g == 0:
+            continue
+        seq = prompt + resp
+        p_len = len(prompt)
+        labels = torch.full((1, len(seq)), IGNORE_INDEX, dtype=torch.long)
+        labels[0, p_len:] = torch.tensor(resp)
+        sl = slice(p_len - 1, p_len - 1 + g)  # logits predicting response tokens 0..g-1
+        rows: list[Optional[tuple[int, int]]] = [None] + cells
+        clean_logits = None
+        for start in range(0, len(rows), step):
+            chunk = rows[start:start + step]
+            row_layers = [CLEAN if c is None else layers[c[0]] for c in chunk]
+            row_seeds = [0 if c is None else seeds[c[1]] for c in chunk]
+            logits = teacher_forced_logits(model, [seq] * len(chunk), [p_len] * len(chunk), row_layers, plan,
+                                           prompt_keys=[keys[i]] * len(chunk), row_seeds=row_seeds, pad_id=pad_id)
+            nll = nll_sequence(logits, labels.to(logits.device).expand(len(chunk), -1)).cpu().numpy()
+            resp_logits = logits[:, sl].float()
+            for r, c in enumerate(chunk):
+                if c is None:
+                    nll_clean[i] = nll[r]
+                    clean_logits = resp_logits[r:r + 1]
+                else:
+                    nll_pert[i, c[0], c[1]] = nll[r]
+            if with_kl:
+                pert_rows = [r for r, c in enumerate(chunk) if c is not None]
+                if pert_rows:
+                    pl = resp_logits[pert_rows]
+                    kl_rows = position_kl(clean_logits.expand(len(pert_rows), -1, -1), pl).cpu().numpy()
+                    for kr, r in enumerate(pert_rows):
+                        j, k = chunk[r]
+                        kl[i, j, k, :g] = kl_rows[kr]
+            del logits, resp_logits
+    lengths = np.array([len(r) for r in response_ids], dtype=np.int64)
+    return ProbeResult(layers, seeds, nll_clean, nll_pert, kl, lengths, positions)
+
+
+def nll_probe_layers(model: nn.Module, tokenizer, prompts: Sequence[Union[str, Sequence[int]]],
+                     layers: Optional[Sequence[int]] = None, seeds: Sequence[int] = (0,), *,
+                     max_new_tokens: int = 32, alpha: float = 1.0, positions: str = "prompt_last_and_generated",
+                     batch_size: int = 16, use_chat_template: bool = True, system_prompt: Optional[str] = None,
+                     prompt_keys: Optional[Sequence[int]] = None, return_result: bool = False):
+    """Rank layers by how much ASA noise raises the NLL of the model's own clean answer.
+
+    Generates each prompt's clean greedy answer once (``max_new_tokens``), then runs :func:`response_probe`
+    without the KL part.
+
+    Args:
+        model / tokenizer: the model under test.
+        prompts: harmful prompts (text, or token ids).
+        layers: layers to probe (default: all).
+        seeds: noise seeds (results are averaged over them).
+        max_new_tokens: length of the clean answers.
+        alpha / positions: the ASA noise.
+        batch_size: rows per forward.
+        use_chat_template / system_prompt: prompt formatting for text prompts.
+        prompt_keys: ids keying the noise (default ``0..N-1``).
+        return_result: also return the :class:`ProbeResult`.
+
+    Returns:
+        ``{layer: mean ΔNLL}`` (higher = more fragile), or ``(that, ProbeResult)``.
+    """
+    layers = list(range(num_layers(model))) if layers is None else list(layers)
+    ids = encode_prompts(tokenizer, prompts, use_chat_template, system_prompt)
+    clean = generate_under_attack(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    result = response_probe(model, ids, clean.token_ids, layers, seeds, alpha=alpha, positions=positions,
+                             batch_size=batch_size, prompt_keys=prompt_keys, pad_id=pad, with_kl=False)
+    ranking = result.delta_by_layer()
+    return (ranking, result) if return_result else ranking
+
+
+__all__ = ["ProbeResult", "nll_probe_layers", "response_probe"]

@@ -1,0 +1,136 @@
+import pytest
+import torch
+
+from lat_lightning.callbacks.kl_teacher import KLTeacher, kl_divergence_chunked, labelled_logit_mask
+from lat_lightning.module import LatentAdversarialModule
+
+DIRECTIONS = ("teacher_student", "student_teacher")
+
+
+def _reference_kl(student, teacher, mask, direction):
+    s, t = torch.log_softmax(student.double(), -1), torch.log_softmax(teacher.double(), -1)
+    kl = (t.exp() * (t - s)).sum(-1) if direction == "teacher_student" else (s.exp() * (s - t)).sum(-1)
+    return kl[mask].mean()
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_kl_is_exactly_zero_for_identical_logits(direction):
+    logits = torch.randn(2, 7, 50) * 3
+    mask = torch.rand(2, 7) > 0.3
+    for chunk in (1, 3, 128):
+        kl = kl_divergence_chunked(logits, logits.clone(), mask, direction, chunk)
+        assert kl.item() == 0.0
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_chunked_equals_unchunked_and_reference(direction):
+    torch.manual_seed(0)
+    student, teacher = torch.randn(3, 9, 40), torch.randn(3, 9, 40)
+    mask = torch.rand(3, 9) > 0.4
+    whole = kl_divergence_chunked(student, teacher, mask, direction, chunk_size=10_000)
+    for chunk in (1, 2, 5):
+        torch.testing.assert_close(kl_divergence_chunked(student, teacher, mask, direction, chunk), whole)
+    torch.testing.assert_close(whole.double(), _reference_kl(student, teacher, mask, direction), atol=1e-6, rtol=1e-5)
+    # The two directions differ for different distributions.
+    other = "student_teacher" if direction == "teacher_student" else "teacher_student"
+    assert not torch.allclose(whole, kl_divergence_chunked(student, teacher, mask, other))
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_masked_positions_are_ignored(direction):
+    torch.manual_seed(1)
+    student, teacher = torch.randn(2, 6, 30, requires_grad=True), torch.randn(2, 6, 30)
+    mask = torch.tensor([[0, 1, 1, 0, 1, 0], [1, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    kl = kl_divergence_chunked(student, teacher, mask, direction, chunk_size=2)
+    changed = teacher.clone()
+    changed[~mask] = torch.randn_like(changed[~mask]) * 10
+    assert kl_divergence_chunked(student, changed, mask, direction, 2).item() == pytest.approx(kl.item(), abs=0)
+    kl.backward()
+    assert torch.all(student.grad[~mask] == 0)
+    assert student.grad[mask].abs().sum() > 0
+    empty = kl_divergence_chunked(student, teacher, torch.zeros(2, 6, dtype=torch.bool), direction)
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_analytic_chunked_backward_matches_autograd(direction):
+    torch.manual_seed(2)
+    student = torch.randn(2, 4, 6, dtype=torch.double, requires_grad=True)
+    teacher = torch.randn(2, 4, 6, dtype=torch.double, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0, 1], [0, 1, 1, 1]], dtype=torch.bool)
+    assert torch.autograd.gradcheck(lambda s, t: kl_divergence_chunked(s, t, mask, direction, chunk_size=2),
+                                    (student, teacher))
+
+
+def test_labelled_logit_mask_shifts_labels():
+    labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, 3, 4, -100, -100]])
+    assert labelled_logit_mask(labels).tolist() == [[0, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
+
+
+def test_lora_teacher_is_the_adapter_disabled_model(tiny_llama_dir, tiny_tokenizer, batch, kit):
+    model = kit.load_tiny(tiny_llama_dir, lora=True)
+    module = LatentAdversarialModule(kit.make_cfg(), model, tiny_tokenizer)
+    cb = KLTeacher(weight=0.5, direction="teacher_student", chunk_size=4)
+    cb.attach(module)
+    assert cb.uses_adapters and cb.teacher is None  # no second copy of the model
+    assert module.loss_terms == [cb.loss_term]
+    n_params = sum(p.numel() for p in module.parameters())
+    assert n_params == sum(p.numel() for p in model.parameters())
+    # LoRA B starts at zero: student == teacher, KL exactly zero.
+    assert cb.kl(model, batch).item() == 0.0
+    kit.perturb_lora_b(model)
+    kl = cb.kl(model, batch)
+    assert kl.item() > 0
+    terms = cb.loss_term(module, batch)
+    assert set(terms) == {"kl"}
+    torch.testing.assert_close(terms["kl"], 0.5 * kl)
+    terms["kl"].backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+
+
+def test_kl_falls_back_to_safe_response_tokens(tiny_llama_dir, tiny_tokenizer, kit):
+    from lat_lightning.testing.batches import safety_batch
+
+    plain = safety_batch(tiny_tokenizer, n=2)
+    ids, _, labels = KLTeacher.sequences(plain)
+    assert ids is plain["safe_input_ids"] and labels is plain["safe_labels"]
+    model = kit.load_tiny(tiny_llama_dir, lora=True)
+    module = LatentAdversarialModule(kit.make_cfg(), model, tiny_tokenizer)
+    cb = KLTeacher(weight=1.0)
+    cb.attach(module)
+    kit.perturb_lora_b(model)
+    assert cb.kl(model, plain).item() > 0
+
+
+def test_full_ft_teacher_is_frozen_and_never_checkpointed(tiny_llama_dir, tiny_tokenizer, batch, tmp_path, kit):
+    model = kit.load_tiny(tiny_llama_dir, lora=False)
+    cfg = kit.make_cfg(loss={"toward": 1.0}, callbacks={"kl_teacher": {"enabled": True, "weight": 1.0}})
+    module = LatentAdversarialModule(cfg, model, tiny_tokenizer)
+    cb = KLTeacher.from_config(cfg)
+    trainer = kit.fit_module(module, [batch], [cb], tmp_path, steps=1)
+    # setup made the copy; the training step used it (logged) and changed the student only.
+    assert "train/loss_kl" in trainer.callback_metrics
+    teacher = cb._teacher[0] if cb._teacher else None
+    assert teacher is None  # released at teardown
+    cb.attach(module)  # re-create to inspect it
+    teacher = cb.teacher
+    assert teacher is not None and teacher is not model
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert not teacher.training
+    student_ptrs = {p.data_ptr() for p in model.parameters()}
+    assert not any(p.data_ptr() in student_ptrs for p in teacher.parameters())
+    # Not a submodule of the LightningModule: its state dict holds the student only.
+    assert set(module.state_dict()) == {f"model.{k}" for k in model.state_dict()}
+    assert not any(teacher is m for m in module.modules())
+    path = tmp_path / "c.ckpt"
+    trainer.save_checkpoint(str(path))
+    ckpt = torch.load(path, weights_only=False)
+    assert len(ckpt["state_dict"]) == len([p for p in model.parameters() if p.requires_grad])
+    assert not any(isinstance(v, torch.Tensor) for state in ckpt.get("callbacks", {}).values()
+                   for v in (state.values() if isinstance(state, dict) else []))
+    # Teacher == the starting weights; the trained student differs, so the KL is positive.
+    assert cb.kl(model, batch).item() > 0
+    fresh = kit.load_tiny(tiny_llama_dir, lora=False)
+    for (n, p), (_, q) in zip(teacher.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(p, q), n

@@ -1,0 +1,109 @@
+"""The training step: attack inner loop, defence outer update, accumulation, logging."""
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from lat_lightning.config import ModelConfig, RunConfig
+from lat_lightning.models.loading import load_model
+from lat_lightning.module import LatentAdversarialModule, cosine_with_warmup
+from lat_lightning.testing.batches import safety_batch, safety_examples
+
+
+def _cfg(**overrides):
+    cfg = OmegaConf.structured(RunConfig)
+    base = {"trainer": {"max_steps": 1, "lr": 1e-3, "warmup_ratio": 0.0, "scheduler": "constant",
+                        "gradient_clip_val": 1.0}}
+    return OmegaConf.merge(cfg, base, overrides)
+
+
+def _trainer(tmp_path, max_steps, logger=False):
+    return pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                      num_sanity_val_steps=0, log_every_n_steps=1)
+
+
+def _fit(cfg, model, tok, batches, tmp_path, logger=False):
+    module = LatentAdversarialModule(cfg, model, tok)
+    trainer = _trainer(tmp_path, cfg.trainer.max_steps, logger)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return module, trainer
+
+
+@pytest.mark.parametrize("strategy", ["none", "pgd"])
+def test_four_micro_batches_equal_one_batch_of_four(tiny_llama_dir, tiny_tokenizer, tmp_path, strategy):
+    examples = safety_examples(4)
+    pert = {"strategy": strategy, "layers": [1], "optimizer": "sign", "steps": 2, "eps": 1.0, "lr": 0.1,
+            "positions": "prompt"}
+    base = load_model(ModelConfig(name_or_path=str(tiny_llama_dir)), train=True)
+    weights = {}
+    for name, bsz, acc in (("micro", 1, 4), ("full", 4, 1)):
+        model = copy.deepcopy(base)
+        cfg = _cfg(perturbation=pert, trainer={"accumulate_grad_batches": acc})
+        batches = [safety_batch(tiny_tokenizer, examples=examples[i:i + bsz]) for i in range(0, 4, bsz)]
+        _, trainer = _fit(cfg, model, tiny_tokenizer, batches, tmp_path / name)
+        assert trainer.global_step == 1
+        weights[name] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    changed = 0
+    for n, w in weights["full"].items():
+        torch.testing.assert_close(weights["micro"][n], w, atol=2e-6, rtol=1e-4)
+        changed += int(not torch.equal(w, base.state_dict()[n]))
+    assert changed > 0
+
+
+def test_global_step_counts_optimizer_steps_and_lr_follows_them(tiny_llama_dir, tiny_tokenizer, tmp_path):
+    model = load_model(ModelConfig(name_or_path=str(tiny_llama_dir)), train=True)
+    cfg = _cfg(trainer={"max_steps": 3, "accumulate_grad_batches": 2, "scheduler": "cosine", "warmup_ratio": 0.0})
+    batches = [safety_batch(tiny_tokenizer, n=2) for _ in range(10)]
+    module, trainer = _fit(cfg, model, tiny_tokenizer, batches, tmp_path)
+    assert trainer.global_step == 3
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 6
+    expected = 1e-3 * cosine_with_warmup(3, 0.0, "cosine")(3)
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(expected)
+
+
+def test_defence_updates_only_trainable_weights(tiny_llama_dir, tiny_tokenizer, tmp_path):
+    mcfg = OmegaConf.merge(OmegaConf.structured(ModelConfig),
+                           {"name_or_path": str(tiny_llama_dir), "lora": {"enabled": True, "r": 4, "alpha": 8}})
+    model = load_model(mcfg, train=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = _cfg(perturbation={"strategy": "gaussian_normalised", "layers": [1]}, trainer={"max_steps": 2})
+    _fit(cfg, model, tiny_tokenizer, [safety_batch(tiny_tokenizer, n=2) for _ in range(2)], tmp_path)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        assert torch.equal(p, before[n]), n
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_logs_every_term_attack_stats_and_lr(tiny_llama_dir, tiny_tokenizer, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = load_model(ModelConfig(name_or_path=str(tiny_llama_dir)), train=True)
+    cfg = _cfg(perturbation={"strategy": "pgd", "layers": [1, 2], "steps": 2, "away": 0.5, "positions": "prompt"},
+               loss={"toward": 0.5, "away": 0.5, "utility": 1.0}, trainer={"max_steps": 2})
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version="")
+    batches = [safety_batch(tiny_tokenizer, n=2, with_benign=True) for _ in range(2)]
+    _fit(cfg, model, tiny_tokenizer, batches, tmp_path, logger=logger)
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/loss_toward", "train/loss_away", "train/loss_utility", "train/lr",
+                "attack/attack_loss_before", "attack/attack_loss_after", "attack/norm_layer1", "attack/norm_layer2"):
+        assert tag in tags, (tag, sorted(tags))
+
+
+def test_nan_loss_saves_checkpoint_and_raises(tiny_llama_dir, tiny_tokenizer, tmp_path):
+    from lat_lightning.errors import TrainingDivergedError
+
+    model = load_model(ModelConfig(name_or_path=str(tiny_llama_dir)), train=True)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    cfg = _cfg(trainer={"max_steps": 1})
+    with pytest.raises(TrainingDivergedError, match="not finite"):
+        _fit(cfg, model, tiny_tokenizer, [safety_batch(tiny_tokenizer, n=2)], tmp_path)
+    assert (tmp_path / "checkpoints" / "diverged.ckpt").exists()
