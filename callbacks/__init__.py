@@ -13,7 +13,8 @@ from lat_lightning.callbacks.weight_interpolation import WeightInterpolation
 
 
 def build_training_callbacks(cfg, run_dir: Optional[str | Path] = None) -> list[Callback]:
-    """The callbacks ``cfg.callbacks`` enables, in order: FragileLayerSelector, KLTeacher, WeightInterpolation.
+    """The callbacks ``cfg.callbacks`` enables, in order: FragileLayerSelector, KLTeacher,
+    WeightInterpolation.
 
     The order matters: the layer selector runs in ``setup`` before anything else reads
     ``attack_layers``, and the interpolation runs last at the end of fit.

@@ -15,8 +15,11 @@ is restored; on resume the checkpoint's ``attack_layers`` win, see ``module.on_l
   ``∇_{h[l]} CE(y* | x)``, the gradient of the harmful-target cross-entropy with respect to the layer's
   output, over a few training batches. Only ``torch.autograd.grad`` on zero-valued probes added to the
   residual stream: no weight ``.grad`` is written.
-* ``scan``: the LASR of ``lat_lightning.eval.scan.run_scan`` when it exists; otherwise ``nll_probe``
-  with a logged warning.
+* ``scan``: LASR per layer of an in-memory ASA-random scan (``lat_lightning.eval.scan.run_scan``: greedy
+  generation under noise, judged by ``evaluation.primary_judge``; judge failures are left out of the
+  rate) over ``num_prompts`` prompt texts. Falls back to ``nll_probe`` with a logged warning when the
+  scan module is missing or no prompt texts are available (a plain dataloader instead of the data
+  module).
 
 Ties go to the lower layer; the chosen layers are stored in ascending order. Under DDP every rank scores
 the same prompts and rank 0's choice is broadcast. Outputs (rank zero): ``fragile_layers.json`` in the
@@ -72,8 +75,9 @@ def top_k_layers(scores: dict[int, float], k: int) -> list[int]:
 
 # --------------------------------------------------------------------------------------------- probes
 @torch.no_grad()
-def nll_probe_scores(model: nn.Module, batches: Sequence[dict], layers: Sequence[int], seeds: Sequence[int] = (0,),
-                     alpha: float = 1.0, positions: str = "prompt_last_and_generated") -> dict[int, float]:
+def nll_probe_scores(model: nn.Module, batches: Sequence[dict], layers: Sequence[int],
+                     seeds: Sequence[int] = (0,), alpha: float = 1.0,
+                     positions: str = "prompt_last_and_generated") -> dict[int, float]:
     """Compact NLL probe: mean rise of the safe response's summed NLL under Eq. 1 noise at each layer.
 
     The noise for a row is keyed by ``(seed, example index, layer)``, so it does not depend on the batch
@@ -105,12 +109,13 @@ def nll_probe_scores(model: nn.Module, batches: Sequence[dict], layers: Sequence
             bsz, seq = ids.shape
             index = batch.get("index", torch.arange(bsz, device=device))
             mask = position_mask(positions, batch["prompt_lengths"], seq, attention_mask=attn)
-            clean = -token_logprobs(model(input_ids=ids, attention_mask=attn, use_cache=False).logits, labels)[0].sum(1)
+            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+            clean = -token_logprobs(logits, labels)[0].sum(1)
             for layer in totals:
                 for seed in seeds:
-                    noise = torch.stack([
-                        torch.randn(seq, d, generator=torch.Generator().manual_seed(cell_seed(seed, int(i), layer)))
-                        for i in index.tolist()]).to(device)
+                    keys = [cell_seed(seed, int(i), layer) for i in index.tolist()]
+                    gens = [torch.Generator().manual_seed(k) for k in keys]
+                    noise = torch.stack([torch.randn(seq, d, generator=g) for g in gens]).to(device)
                     pert = Perturbation(vectors={layer: noise}, mask=mask, normalise=True, alpha=alpha)
                     with pert.applied(model):
                         logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
@@ -138,13 +143,13 @@ def grad_norm_scores(model: nn.Module, batches: Sequence[dict], layers: Sequence
             batch = _to(batch, device)
             probes: dict[int, Tensor] = {}
 
-            def edit(layer: int, hidden: Tensor) -> Tensor:
+            def edit(layer: int, hidden: Tensor, probes=probes) -> Tensor:
                 probes[layer] = torch.zeros_like(hidden, requires_grad=True)
                 return hidden + probes[layer]
 
             with residual_edit(model, layers, edit):
-                logits = model(input_ids=batch["harmful_input_ids"], attention_mask=batch["harmful_attention_mask"],
-                               use_cache=False).logits
+                logits = model(input_ids=batch["harmful_input_ids"],
+                               attention_mask=batch["harmful_attention_mask"], use_cache=False).logits
             loss = causal_lm_loss(logits, batch["harmful_labels"])
             grads = torch.autograd.grad(loss, [probes[layer] for layer in layers], allow_unused=True)
             for layer, g in zip(layers, grads):
@@ -172,8 +177,9 @@ class FragileLayerSelector(Callback):
         cfg: the run config (passed on to ``run_scan``).
     """
 
-    def __init__(self, method: str = "explicit", layers: Sequence[int] = (), top_k: int = 1, num_prompts: int = 8,
-                 candidate_layers: Optional[Sequence[int]] = None, run_dir: Optional[str | Path] = None,
+    def __init__(self, method: str = "explicit", layers: Sequence[int] = (), top_k: int = 1,
+                 num_prompts: int = 8, candidate_layers: Optional[Sequence[int]] = None,
+                 run_dir: Optional[str | Path] = None,
                  seeds: Sequence[int] = (0,), alpha: float = 1.0, batches: Optional[Sequence[dict]] = None,
                  prompts: Optional[Sequence[str]] = None, cfg=None):
         if method not in METHODS:
@@ -201,9 +207,11 @@ class FragileLayerSelector(Callback):
     def from_config(cls, cfg, run_dir: Optional[str | Path] = None) -> "FragileLayerSelector":
         """From a run config (``callbacks.fragile_layers``, ``evaluation.seeds``, ``perturbation.alpha``)."""
         f = cfg.callbacks.fragile_layers
-        return cls(method=str(f.method), layers=list(f.layers), top_k=int(f.top_k), num_prompts=int(f.num_prompts),
+        return cls(method=str(f.method), layers=list(f.layers), top_k=int(f.top_k),
+                   num_prompts=int(f.num_prompts),
                    candidate_layers=None if f.candidate_layers is None else list(f.candidate_layers),
-                   run_dir=run_dir, seeds=list(cfg.evaluation.seeds), alpha=float(cfg.perturbation.alpha), cfg=cfg)
+                   run_dir=run_dir, seeds=list(cfg.evaluation.seeds), alpha=float(cfg.perturbation.alpha),
+                   cfg=cfg)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -226,10 +234,11 @@ class FragileLayerSelector(Callback):
         n_layers = num_layers(model)
         if self.method == "explicit":
             layers = check_layer_indices(model, self.layers, what="callbacks.fragile_layers.layers")
-            return {"method": "explicit", "method_used": "explicit", "layers": sorted(set(layers)), "scores": {},
-                    "ranking": [], "num_layers": n_layers}
+            return {"method": "explicit", "method_used": "explicit", "layers": sorted(set(layers)),
+                    "scores": {}, "ranking": [], "num_layers": n_layers}
         candidates = self.candidate_layers if self.candidate_layers is not None else list(range(n_layers))
         candidates = check_layer_indices(model, candidates, what="callbacks.fragile_layers.candidate_layers")
+        candidates = sorted(set(candidates))
         if not candidates:
             raise ValueError("callbacks.fragile_layers.candidate_layers is empty")
         method_used = self.method
@@ -247,8 +256,17 @@ class FragileLayerSelector(Callback):
                 "scores": scores, "ranking": ranking, "num_layers": n_layers, "top_k": self.top_k,
                 "num_prompts": self.num_prompts, "seeds": self.seeds}
 
+    def _eval_kwargs(self) -> dict[str, Any]:
+        """Prompt formatting and decoding settings shared with the evaluation code (from ``cfg``)."""
+        if self.cfg is None:
+            return {}
+        return {"use_chat_template": bool(self.cfg.model.use_chat_template),
+                "system_prompt": self.cfg.model.system_prompt,
+                "max_new_tokens": int(self.cfg.evaluation.max_new_tokens),
+                "batch_size": int(self.cfg.evaluation.batch_size)}
+
     def _nll_scores(self, model, tokenizer, trainer, candidates) -> dict[int, float]:
-        prompts = self._prompt_texts(trainer)
+        prompts, keys = self._prompt_texts(trainer)
         if prompts and tokenizer is not None:
             try:
                 from lat_lightning.eval.probes import nll_probe_layers
@@ -256,39 +274,57 @@ class FragileLayerSelector(Callback):
                 nll_probe_layers = None
             if nll_probe_layers is not None:
                 with _eval_mode(model):
-                    return dict(nll_probe_layers(model, tokenizer, prompts, layers=candidates, seeds=self.seeds))
+                    return dict(nll_probe_layers(model, tokenizer, prompts, layers=candidates,
+                                                 seeds=self.seeds, alpha=self.alpha, prompt_keys=keys,
+                                                 **self._eval_kwargs()))
         return nll_probe_scores(model, self._probe_batches(trainer), candidates, self.seeds, self.alpha)
 
     def _scan_scores(self, model, tokenizer, trainer, candidates) -> Optional[dict[int, float]]:
+        """LASR per layer of an in-memory ASA-random scan, or ``None`` (caller falls back to nll_probe)."""
+        import math
+
         try:
             from lat_lightning.eval.scan import run_scan
         except ImportError:
-            log.warning("fragile_layers.method=scan: lat_lightning.eval.scan is not available; using nll_probe")
+            log.warning("fragile_layers.method=scan: lat_lightning.eval.scan is not available; "
+                        "using nll_probe")
             return None
-        prompts = self._prompt_texts(trainer)
+        prompts, keys = self._prompt_texts(trainer)
         if not prompts or tokenizer is None:
             log.warning("fragile_layers.method=scan: no prompt texts to scan; using nll_probe")
             return None
-        try:
-            out = run_scan(model, tokenizer, prompts, layers=candidates, seeds=self.seeds, cfg=self.cfg)
-        except TypeError as exc:  # the scan API is not the one this adapter expects
-            log.warning("fragile_layers.method=scan: run_scan call failed (%s); using nll_probe", exc)
-            return None
-        lasr = out.get("lasr") if isinstance(out, dict) else getattr(out, "lasr", None)
-        if lasr is None:
-            log.warning("fragile_layers.method=scan: run_scan returned no 'lasr'; using nll_probe")
-            return None
-        if isinstance(lasr, dict):
-            return {int(k): float(v) for k, v in lasr.items()}
-        return {layer: float(v) for layer, v in zip(candidates, list(lasr))}
+        ev = self.cfg.evaluation if self.cfg is not None else None
+        kwargs = dict(self._eval_kwargs())
+        if ev is not None:
+            from omegaconf import OmegaConf
+
+            pcfg = self.cfg.perturbation
+            pcfg = OmegaConf.to_object(pcfg) if OmegaConf.is_config(pcfg) else pcfg
+            kwargs.update(judges=list(ev.judges), primary_judge=ev.primary_judge,
+                          classifier_path=ev.classifier_path, perturbation=pcfg)
+        with _eval_mode(model):
+            result = run_scan(model, tokenizer, prompts, layers=candidates, attacks=("asa_random",),
+                              seeds=self.seeds, out_dir=None, prompt_keys=keys, progress=False,
+                              figures=False, tensorboard=False, bootstrap_samples=0,
+                              asabench_test_fraction=None, resume=False, **kwargs)
+        success = result.success["asa_random"][result.primary_judge]  # [N, L, S]: 1 / 0 / NaN
+        scores = {}
+        for j, layer in enumerate(result.layers):
+            cells = [float(v) for v in success[:, j].reshape(-1) if not math.isnan(float(v))]
+            scores[int(layer)] = sum(cells) / len(cells) if cells else 0.0
+        return scores
 
     # -- data ----------------------------------------------------------------------------------------
-    def _prompt_texts(self, trainer) -> list[str]:
+    def _prompt_texts(self, trainer) -> tuple[list[str], Optional[list[int]]]:
+        """Prompt texts (and their stable example ids) for the evaluation-side probe and scan."""
         if self.prompts is not None:
-            return self.prompts[: self.num_prompts]
+            return self.prompts[: self.num_prompts], None
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
         examples = getattr(dm, "safety_examples", None) if dm is not None else None
-        return [ex.prompt for ex in examples[: self.num_prompts]] if examples else []
+        if not examples:
+            return [], None
+        examples = examples[: self.num_prompts]
+        return [ex.prompt for ex in examples], [int(ex.index) for ex in examples]
 
     def _probe_batches(self, trainer) -> list[dict]:
         """Up to ``num_prompts`` training rows, as batches of at most 8."""
@@ -324,8 +360,8 @@ class FragileLayerSelector(Callback):
         detail = ", ".join(f"{layer}: {scores[layer]:.4g}" for layer in result["ranking"][:10])
         log.info("fragile layers (%s): %s%s", result["method_used"], result["layers"],
                  f" (scores {detail})" if detail else "")
-        run_dir = self.run_dir or (Path(trainer.default_root_dir) if getattr(trainer, "default_root_dir", None)
-                                   else None)
+        root = getattr(trainer, "default_root_dir", None)
+        run_dir = self.run_dir or (Path(root) if root else None)
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
             serial = dict(result, scores={str(k): v for k, v in scores.items()})

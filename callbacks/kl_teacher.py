@@ -39,8 +39,9 @@ DIRECTIONS = ("teacher_student", "student_teacher")
 
 # --------------------------------------------------------------------------------------------- the maths
 def _chunk_terms(student: Tensor, teacher: Tensor, rows: Tensor, cols: Tensor, direction: str):
-    s = torch.log_softmax(student[rows, cols].float(), dim=-1)
-    t = torch.log_softmax(teacher[rows, cols].to(student.device).float(), dim=-1)
+    work = torch.promote_types(student.dtype, torch.float32)  # float32 at least (float64 stays float64)
+    s = torch.log_softmax(student[rows, cols].to(work), dim=-1)
+    t = torch.log_softmax(teacher[rows, cols].to(student.device, work), dim=-1)
     if direction == "teacher_student":
         kl = (t.exp() * (t - s)).sum(-1)
     else:
@@ -53,11 +54,12 @@ class _ChunkedKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, rows, cols, direction, chunk_size):
-        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        work = torch.promote_types(student.dtype, torch.float32)
+        total = torch.zeros((), dtype=work, device=student.device)
         n = rows.numel()
         for start in range(0, n, chunk_size):
-            _, _, kl = _chunk_terms(student, teacher, rows[start:start + chunk_size], cols[start:start + chunk_size],
-                                    direction)
+            stop = start + chunk_size
+            _, _, kl = _chunk_terms(student, teacher, rows[start:stop], cols[start:stop], direction)
             total = total + kl.sum()
         ctx.save_for_backward(student, teacher, rows, cols)
         ctx.direction, ctx.chunk_size, ctx.n = direction, chunk_size, n
@@ -69,7 +71,7 @@ class _ChunkedKL(torch.autograd.Function):
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gs = torch.zeros_like(student) if need_s else None
         gt = torch.zeros_like(teacher) if need_t else None
-        scale = grad_out.float() / ctx.n
+        scale = grad_out.to(torch.promote_types(student.dtype, torch.float32)) / ctx.n
         for start in range(0, ctx.n, ctx.chunk_size):
             r, c = rows[start:start + ctx.chunk_size], cols[start:start + ctx.chunk_size]
             s, t, kl = _chunk_terms(student, teacher, r, c, ctx.direction)
@@ -106,8 +108,8 @@ def kl_divergence_chunked(student_logits: Tensor, teacher_logits: Tensor, mask: 
         chunk_size: positions per chunk, ``>= 1``.
 
     Returns:
-        A float32 scalar: the mean KL per selected position (0 when no position is selected, still
-        attached to ``student_logits``' graph).
+        A float32 scalar (float64 for float64 logits): the mean KL per selected position (0 when no
+        position is selected, still attached to ``student_logits``' graph).
 
     Raises:
         ValueError: mismatched shapes, unknown direction or ``chunk_size < 1``.
@@ -117,8 +119,8 @@ def kl_divergence_chunked(student_logits: Tensor, teacher_logits: Tensor, mask: 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if student_logits.dim() != 3 or student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student and teacher logits must both be [B, T, V]; got {tuple(student_logits.shape)} "
-                         f"and {tuple(teacher_logits.shape)}")
+        raise ValueError("student and teacher logits must both be [B, T, V]; got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
     if mask is None:
         mask = torch.ones(student_logits.shape[:2], dtype=torch.bool, device=student_logits.device)
     if mask.shape != student_logits.shape[:2]:
@@ -241,7 +243,8 @@ class KLTeacher(Callback):
         ids, attn, labels = self.sequences(batch)
         teacher = self.teacher_logits(model, ids, attn)
         student = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-        return kl_divergence_chunked(student, teacher, labelled_logit_mask(labels), self.direction, self.chunk_size)
+        mask = labelled_logit_mask(labels)
+        return kl_divergence_chunked(student, teacher, mask, self.direction, self.chunk_size)
 
     def loss_term(self, module, batch: dict) -> dict[str, Tensor]:
         """The ``module.loss_terms`` entry: ``{name: weight · KL}``."""

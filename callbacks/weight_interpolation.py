@@ -63,7 +63,8 @@ class WeightInterpolation(Callback):
         lambdas = [float(x) for x in lambdas]
         bad = [x for x in lambdas if not 0.0 <= x <= 1.0]
         if not lambdas or bad:
-            raise ValueError(f"callbacks.weight_interpolation.lambdas must be non-empty values in [0, 1]; got {bad}")
+            raise ValueError("callbacks.weight_interpolation.lambdas must be non-empty values in [0, 1]; "
+                             f"got {bad}")
         if tolerance < 0:
             raise ValueError(f"callbacks.weight_interpolation.tolerance must be >= 0, got {tolerance}")
         self.lambdas = lambdas
@@ -83,8 +84,8 @@ class WeightInterpolation(Callback):
                     score_fn: Optional[Callable[[nn.Module], float]] = None) -> "WeightInterpolation":
         """From a run config (``callbacks.weight_interpolation``, ``evaluation.utility_data``)."""
         w = cfg.callbacks.weight_interpolation
-        return cls(lambdas=list(w.lambdas), tolerance=float(w.tolerance), utility=str(w.utility), run_dir=run_dir,
-                   score_fn=score_fn, cfg=cfg)
+        return cls(lambdas=list(w.lambdas), tolerance=float(w.tolerance), utility=str(w.utility),
+                   run_dir=run_dir, score_fn=score_fn, cfg=cfg)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -113,8 +114,8 @@ class WeightInterpolation(Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if "FSDP" in type(trainer.strategy).__name__:
-            log.warning("WeightInterpolation: skipped under %s (sharded weights); run the 'interpolate' stage",
-                        type(trainer.strategy).__name__)
+            log.warning("WeightInterpolation: skipped under %s (sharded weights); "
+                        "run the 'interpolate' stage", type(trainer.strategy).__name__)
             return
         if trainer.is_global_zero:
             run_dir = self.run_dir or Path(trainer.default_root_dir)

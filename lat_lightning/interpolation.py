@@ -58,7 +58,8 @@ def lerp_tensor(original: Tensor, trained: Tensor, lam: float) -> Tensor:
     """
     lam = _check_lambda(lam)
     if original.shape != trained.shape:
-        raise ValueError(f"shape mismatch: original {tuple(original.shape)} vs trained {tuple(trained.shape)}")
+        raise ValueError(f"shape mismatch: original {tuple(original.shape)} vs trained "
+                         f"{tuple(trained.shape)}")
     trained = trained.to(original.device)
     if not original.is_floating_point():
         if not torch.equal(original, trained.to(original.dtype)):
@@ -116,15 +117,16 @@ def choose_lambda(curve: Curve, baseline: float, tolerance: float = 0.05) -> flo
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     pairs = curve.items() if isinstance(curve, Mapping) else curve
+    floor = float(baseline) - tolerance
     ok = [float(lam) for lam, score in pairs
-          if score is not None and not math.isnan(float(score)) and float(score) >= float(baseline) - tolerance]
+          if score is not None and not math.isnan(float(score)) and float(score) >= floor]
     return max(ok) if ok else 0.0
 
 
 # ------------------------------------------------------------------------------------------------ models
 def is_peft_model(model: nn.Module) -> bool:
     """Whether ``model`` is a peft ``PeftModel`` (checked by duck typing; peft is not imported)."""
-    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+    return all(hasattr(model, a) for a in ("peft_config", "disable_adapter", "get_base_model"))
 
 
 def _lora_layers(model: nn.Module) -> list[nn.Module]:
@@ -144,12 +146,16 @@ def scale_lora(model: nn.Module, lam: float) -> Iterator[nn.Module]:
     Raises:
         ValueError: the model has no LoRA layers, an adapter is merged into the base weights, or λ is
             outside [0, 1].
-        NotImplementedError: DoRA adapters (their weight is not linear in the scale).
+        NotImplementedError: DoRA adapters (their weight is not linear in the scale) and
+            ``modules_to_save`` (fully trained module copies, not deltas).
     """
     lam = _check_lambda(lam)
     layers = _lora_layers(model)
     if not layers:
         raise ValueError("scale_lora: the model has no LoRA layers")
+    if any(hasattr(m, "original_module") and hasattr(m, "modules_to_save") for m in model.modules()):
+        raise NotImplementedError("scale_lora: peft modules_to_save are fully trained copies, not "
+                                  "adapter deltas; their interpolation is not supported")
     saved = [(m, dict(m.scaling)) for m in layers]
     try:
         for m in layers:
@@ -233,7 +239,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
             weight = module.get_base_layer().weight.detach()
             delta = torch.zeros_like(weight)
             for adapter in module.active_adapters:
-                if adapter in getattr(module, "lora_A", {}) or adapter in getattr(module, "lora_embedding_A", {}):
+                if adapter in getattr(module, "lora_A", {}) or \
+                        adapter in getattr(module, "lora_embedding_A", {}):
                     delta = delta + module.get_delta_weight(adapter).to(weight.dtype)
             merged[f"{name}.weight"] = weight + delta
     out: dict[str, Tensor] = {}
@@ -334,7 +341,8 @@ def log_curve(writer, result: Mapping[str, Any], step: int = 0) -> None:
         return
     for point in result["curve"]:
         if point["score"] is not None and not math.isnan(point["score"]):
-            writer.add_scalar("interpolation/utility", point["score"], global_step=int(round(1000 * point["lambda"])))
+            writer.add_scalar("interpolation/utility", point["score"],
+                              global_step=round(1000 * point["lambda"]))
     writer.add_scalar("interpolation/chosen_lambda", result["chosen_lambda"], global_step=step)
     writer.add_scalar("interpolation/baseline_utility", result["baseline"], global_step=step)
     rows = "\n".join(f"| {p['lambda']:.3f} | {p['score']:.4f} |" for p in result["curve"])
@@ -369,8 +377,8 @@ def utility_score_fn(cfg, tokenizer, kind: Optional[str] = None,
             rows = multiple_choice_rows(seed=int(cfg.organism.seed))
     if rows is None:
         if not source:
-            raise ConfigError("weight interpolation needs utility rows: set evaluation.utility_data (a file of "
-                              f"{kind} rows) or disable callbacks.weight_interpolation")
+            raise ConfigError("weight interpolation needs utility rows: set evaluation.utility_data "
+                              f"(a file of {kind} rows) or disable callbacks.weight_interpolation")
         rows = load_utility_rows(str(source), kind)
     rows = list(rows)
     use_chat_template = bool(cfg.model.use_chat_template)
@@ -410,7 +418,8 @@ def interpolate_stage(cfg, run_dir: Union[str, Path], score_fn: Optional[ScoreFn
     run_dir = Path(run_dir)
     final = run_dir / "final"
     if not final.is_dir():
-        raise ConfigError(f"no trained model in {final}; run the fit stage first (stages: [fit, interpolate])")
+        raise ConfigError(f"no trained model in {final}; run the fit stage first "
+                          "(stages: [fit, interpolate])")
     tokenizer = load_tokenizer(cfg.model)
     score_fn = score_fn or utility_score_fn(cfg, tokenizer)
     base = load_model(cfg.model, train=False, with_lora=False)
@@ -426,7 +435,8 @@ def interpolate_stage(cfg, run_dir: Union[str, Path], score_fn: Optional[ScoreFn
         model = model.to("cuda")
     model.eval()
     lambdas = list(cfg.callbacks.weight_interpolation.lambdas)
-    result = lambda_search(model, lambdas, score_fn, float(cfg.callbacks.weight_interpolation.tolerance), original)
+    tolerance = float(cfg.callbacks.weight_interpolation.tolerance)
+    result = lambda_search(model, lambdas, score_fn, tolerance, original)
     out = run_dir / "interpolated"
     with interpolated(model, result["chosen_lambda"], original):
         save_merged(model, tokenizer, out)

@@ -8,6 +8,7 @@ scheduler, counters; ``last.ckpt``), ``final/`` (LoRA adapter or full model, loa
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -25,6 +26,11 @@ from lat_lightning.module import LatentAdversarialModule
 from lat_lightning.perturbations import build_strategy
 
 log = logging.getLogger(__name__)
+
+# Lightning warns that checkpoints under manual optimisation hold the post-step weights; that is exactly
+# what resuming needs (the optimiser state is saved alongside), so the warning is noise here.
+warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:

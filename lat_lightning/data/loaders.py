@@ -57,8 +57,8 @@ def load_records(source: str, split: str = "train") -> list[dict]:
     """Read a data source into a list of row dicts.
 
     Args:
-        source: a local ``.jsonl`` / ``.json`` / ``.csv`` file, a local ``datasets`` directory, or a
-            ``datasets`` name.
+        source: a local ``.jsonl`` / ``.json`` / ``.csv`` file, a local ``datasets`` directory, a
+            ``datasets`` name, or ``pkg://<package>/<file>`` for data shipped inside a package.
         split: the split to load from a ``datasets`` source (ignored for single local files).
 
     Returns:
@@ -68,7 +68,9 @@ def load_records(source: str, split: str = "train") -> list[dict]:
         DataError: the local file or directory does not exist, cannot be read or parsed, or the dataset
             cannot be loaded (the message keeps the first line of the underlying error).
     """
-    source = str(source)
+    from lat_lightning.resources import resource_path
+
+    source = resource_path(str(source))
     path = Path(source).expanduser()
     reader = _FILE_READERS.get(path.suffix.lower())
     if reader is not None:

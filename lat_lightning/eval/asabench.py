@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
 
 from lat_lightning.errors import DataError
 
@@ -38,7 +38,7 @@ def make_instance(prompt_idx: int, prompt: str, layer_idx: int, original_respons
 def _n_test(n: int, test_fraction: float) -> int:
     if n <= 1 or test_fraction <= 0:
         return 0 if test_fraction < 1 else n
-    k = int(round(n * test_fraction))
+    k = round(n * test_fraction)
     return min(max(k, 1), n - 1) if test_fraction < 1 else n
 
 
@@ -87,8 +87,7 @@ def write_jsonl(rows: Iterable[Mapping], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps({k: row[k] for k in ASABENCH_FIELDS}, ensure_ascii=False) + "\n")
+        fh.writelines(json.dumps({k: row[k] for k in ASABENCH_FIELDS}, ensure_ascii=False) + "\n" for row in rows)
     tmp.replace(path)
     return path
 
@@ -144,7 +143,7 @@ def load_asabench(path: str | Path) -> list[dict]:
 
 
 def instances_from_records(records: Iterable[Mapping], clean_responses: Mapping[int, str], judge: str,
-                           attacks: Optional[Sequence[str]] = None) -> list[dict]:
+                           attacks: Sequence[str] | None = None) -> list[dict]:
     """Successful scan cells (``verdicts[judge].success``) as ASABench instances, one per (prompt, layer).
 
     When several attacks or seeds broke the same (prompt, layer), the first in ``attacks`` order (then the

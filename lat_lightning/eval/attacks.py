@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +38,7 @@ ATTACKS = ("asa_random", "asagrad", "pgd")
 DEFAULT_POSITIONS = "prompt_last_and_generated"
 
 
-def _settings(cfg: Optional[PerturbationConfig]) -> PerturbationConfig:
+def _settings(cfg: PerturbationConfig | None) -> PerturbationConfig:
     return dataclasses.replace(cfg) if cfg is not None else PerturbationConfig()
 
 
@@ -50,7 +50,7 @@ def asa_random(seed: int = 0, alpha: float = 1.0, positions: str = DEFAULT_POSIT
 
 
 def _prompt_target_batch(prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]],
-                         safe_ids: Optional[Sequence[Sequence[int]]], pad_id: int, device) -> dict[str, Tensor]:
+                         safe_ids: Sequence[Sequence[int]] | None, pad_id: int, device) -> dict[str, Tensor]:
     """A right-padded training-contract batch (``harmful_*``, ``safe_*``, ``prompt_lengths``)."""
     harmful = build_sequences(prompt_ids, target_ids, pad_id)
     batch = {f"harmful_{k}": v.to(device) for k, v in harmful.items() if k != "prompt_lengths"}
@@ -121,7 +121,7 @@ def _distinct(seq: Sequence[int]) -> list[int]:
 def asagrad(model: nn.Module, prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]],
             row_prompts: Sequence[int], row_layers: Sequence[int], *, sign: str = "descend", alpha: float = 1.0,
             positions: str = DEFAULT_POSITIONS, first_k: int = 1, seed: int = 0, pad_id: int = 0,
-            cache: Optional[dict[tuple[int, int], Tensor]] = None) -> AttackPlan:
+            cache: dict[tuple[int, int], Tensor] | None = None) -> AttackPlan:
     """ASAgrad plan for rows ``(row_prompts[r], row_layers[r])``.
 
     Directions of all rows of a prompt come from one forward-backward over all their layers (and all the
@@ -151,8 +151,8 @@ def asagrad(model: nn.Module, prompt_ids: Sequence[Sequence[int]], target_ids: S
 
 
 def pgd(model: nn.Module, prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]],
-        row_prompts: Sequence[int], row_layers: Sequence[int], *, cfg: Optional[PerturbationConfig] = None,
-        safe_ids: Optional[Sequence[Sequence[int]]] = None, seed: int = 0, positions: Optional[str] = None,
+        row_prompts: Sequence[int], row_layers: Sequence[int], *, cfg: PerturbationConfig | None = None,
+        safe_ids: Sequence[Sequence[int]] | None = None, seed: int = 0, positions: str | None = None,
         pad_id: int = 0) -> AttackPlan:
     """PGD plan: the lead's PGD strategy optimised per prompt at each row's layer, then added as is.
 
@@ -179,8 +179,8 @@ def pgd(model: nn.Module, prompt_ids: Sequence[Sequence[int]], target_ids: Seque
     strategy = PGD(settings)
     device = next(model.parameters()).device
     rows = list(zip((int(i) for i in row_prompts), (int(l) for l in row_layers)))
-    vectors: list[Optional[Tensor]] = [None] * len(rows)
-    masks: list[Optional[Tensor]] = [None] * len(rows)
+    vectors: list[Tensor | None] = [None] * len(rows)
+    masks: list[Tensor | None] = [None] * len(rows)
     for layer in _distinct(l for _, l in rows):
         if layer < 0:
             continue
@@ -210,7 +210,7 @@ class ScanAttack:
             every generated token, a fresh draw each step).
     """
 
-    def __init__(self, name: str, cfg: Optional[PerturbationConfig] = None, positions: str = DEFAULT_POSITIONS,
+    def __init__(self, name: str, cfg: PerturbationConfig | None = None, positions: str = DEFAULT_POSITIONS,
                  first_k: int = 1, refresh: str = "step"):
         if name not in ATTACKS:
             raise ValueError(f"unknown attack '{name}'; choose from {', '.join(ATTACKS)}")
@@ -242,12 +242,12 @@ class ScanAttack:
 
     def plan(self, model: nn.Module, prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]],
              row_prompts: Sequence[int], row_layers: Sequence[int], seed: int,
-             safe_ids: Optional[Sequence[Sequence[int]]] = None, pad_id: int = 0) -> AttackPlan:
+             safe_ids: Sequence[Sequence[int]] | None = None, pad_id: int = 0) -> AttackPlan:
         if self.name == "asa_random":
             return asa_random(seed=seed, alpha=self.cfg.alpha, positions=self.positions, first_k=self.first_k,
                               refresh=self.refresh)
         if self.name == "asagrad":
-            keep = set(int(i) for i in row_prompts)
+            keep = {int(i) for i in row_prompts}
             self._grad_cache = {k: v for k, v in self._grad_cache.items() if k[0] in keep}
             return asagrad(model, prompt_ids, target_ids, row_prompts, row_layers, sign=self.cfg.sign,
                            alpha=self.cfg.alpha, positions=self.positions, first_k=self.first_k, seed=seed,
@@ -257,7 +257,7 @@ class ScanAttack:
                    positions=self.positions, pad_id=pad_id)
 
 
-def build_attack(name: str, cfg: Optional[PerturbationConfig] = None, positions: str = DEFAULT_POSITIONS,
+def build_attack(name: str, cfg: PerturbationConfig | None = None, positions: str = DEFAULT_POSITIONS,
                  first_k: int = 1, refresh: str = "step") -> ScanAttack:
     """A :class:`ScanAttack` by name (``asa_random``, ``asagrad``, ``pgd``)."""
     return ScanAttack(name, cfg, positions, first_k, refresh)

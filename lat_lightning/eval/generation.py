@@ -42,9 +42,9 @@ Rows stop at EOS; finished rows are fed padding and their outputs are discarded.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -86,8 +86,8 @@ class AttackPlan:
     refresh: str = "step"
     alpha: float = 1.0
     seed: int = 0
-    vectors: Optional[Sequence[Optional[Tensor]]] = None
-    vector_masks: Optional[Sequence[Optional[Tensor]]] = None
+    vectors: Sequence[Tensor | None] | None = None
+    vector_masks: Sequence[Tensor | None] | None = None
     name: str = ""
 
     def __post_init__(self):
@@ -103,7 +103,7 @@ class AttackPlan:
         if self.kind in ("direction", "additive") and self.vectors is None:
             raise ValueError(f"attack kind '{self.kind}' needs per-row vectors")
 
-    def select(self, rows: Sequence[int]) -> "AttackPlan":
+    def select(self, rows: Sequence[int]) -> AttackPlan:
         """The same plan restricted to ``rows`` (per-row vectors re-indexed)."""
         pick = (lambda seq: None if seq is None else [seq[r] for r in rows])
         return AttackPlan(self.kind, self.positions, self.first_k, self.refresh, self.alpha, self.seed,
@@ -151,7 +151,7 @@ class RowPerturber:
     """
 
     def __init__(self, plan: AttackPlan, row_layers: Tensor, prompt_lengths: Tensor, prompt_keys: Tensor,
-                 row_seeds: Optional[Tensor] = None):
+                 row_seeds: Tensor | None = None):
         self.plan = plan
         self.row_layers = row_layers.long().cpu()
         self.prompt_lengths = prompt_lengths.long().cpu()
@@ -169,7 +169,7 @@ class RowPerturber:
             self.row_layers = torch.full_like(self.row_layers, CLEAN)
         self.rows_at: dict[int, Tensor] = {
             int(l): (self.row_layers == l).nonzero().flatten() for l in self.row_layers.unique().tolist() if l >= 0}
-        self.positions: Optional[Tensor] = None
+        self.positions: Tensor | None = None
         self.applied = torch.zeros(n, dtype=torch.long)
         self.calls = 0
         self._fixed: dict[tuple[int, int, int, int], Tensor] = {}
@@ -178,7 +178,7 @@ class RowPerturber:
     def layers(self) -> list[int]:
         return sorted(self.rows_at)
 
-    def _raw(self, layer: int, r: int, p: int, d: int) -> Optional[Tensor]:
+    def _raw(self, layer: int, r: int, p: int, d: int) -> Tensor | None:
         """The un-normalised vector for row ``r`` at absolute position ``p`` (``None``: leave it alone)."""
         plan = self.plan
         if plan.kind == "noise":
@@ -244,7 +244,7 @@ class RowPerturber:
         return out
 
     @contextmanager
-    def hooked(self, model: nn.Module) -> Iterator["RowPerturber"]:
+    def hooked(self, model: nn.Module) -> Iterator[RowPerturber]:
         if not self.layers:
             yield self
             return
@@ -304,7 +304,7 @@ def _supports_logits_to_keep(model: nn.Module) -> bool:
     return _LOGITS_TO_KEEP[cls]
 
 
-def eos_ids(model: nn.Module, tokenizer=None, eos_token_id: Union[int, Sequence[int], None] = None) -> list[int]:
+def eos_ids(model: nn.Module, tokenizer=None, eos_token_id: int | Sequence[int] | None = None) -> list[int]:
     """The stop ids: ``eos_token_id`` if given, else the tokenizer's and the generation config's EOS."""
     if eos_token_id is not None:
         return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
@@ -384,8 +384,8 @@ def _generate_chunk(model, prompt_ids: list[list[int]], row_layers: Tensor, plan
     return new[:, : int(n_new.max()) if bsz else 0], n_new, perturber.applied
 
 
-def encode_prompts(tokenizer, prompts: Sequence[Union[str, Sequence[int]]], use_chat_template: bool = True,
-                   system_prompt: Optional[str] = None) -> list[list[int]]:
+def encode_prompts(tokenizer, prompts: Sequence[str | Sequence[int]], use_chat_template: bool = True,
+                   system_prompt: str | None = None) -> list[list[int]]:
     """Token ids of each prompt: strings go through the chat template (or plain text), id lists pass."""
     out = []
     for p in prompts:
@@ -399,21 +399,21 @@ def encode_prompts(tokenizer, prompts: Sequence[Union[str, Sequence[int]]], use_
 def generate_under_attack(
     model: nn.Module,
     tokenizer,
-    prompts: Sequence[Union[str, Sequence[int]]],
-    row_layers: Union[Tensor, Sequence[int], None] = None,
-    attack: Optional[AttackPlan] = None,
+    prompts: Sequence[str | Sequence[int]],
+    row_layers: Tensor | Sequence[int] | None = None,
+    attack: AttackPlan | None = None,
     *,
-    prompt_keys: Union[Tensor, Sequence[int], None] = None,
-    row_seeds: Union[Tensor, Sequence[int], None] = None,
+    prompt_keys: Tensor | Sequence[int] | None = None,
+    row_seeds: Tensor | Sequence[int] | None = None,
     max_new_tokens: int = 50,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    batch_size: Optional[int] = None,
-    eos_token_id: Union[int, Sequence[int], None] = None,
-    pad_token_id: Optional[int] = None,
+    batch_size: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
     use_chat_template: bool = True,
-    system_prompt: Optional[str] = None,
+    system_prompt: str | None = None,
 ) -> GenerationResult:
     """Generate for a batch of rows, each attacked at its own layer (or clean).
 
@@ -484,9 +484,9 @@ def generate_under_attack(
 
 @torch.no_grad()
 def teacher_forced_logits(model: nn.Module, sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
-                          row_layers: Union[Tensor, Sequence[int]], attack: AttackPlan, *,
-                          prompt_keys: Union[Tensor, Sequence[int], None] = None,
-                          row_seeds: Union[Tensor, Sequence[int], None] = None, pad_id: int = 0) -> Tensor:
+                          row_layers: Tensor | Sequence[int], attack: AttackPlan, *,
+                          prompt_keys: Tensor | Sequence[int] | None = None,
+                          row_seeds: Tensor | Sequence[int] | None = None, pad_id: int = 0) -> Tensor:
     """Logits of right-padded ``sequences`` (prompt + response ids) with each row attacked at its layer.
 
     Absolute positions are column indices, so the same keyed noise as in generation lands on the same
@@ -511,5 +511,17 @@ def teacher_forced_logits(model: nn.Module, sequences: Sequence[Sequence[int]], 
         return model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
 
 
-__all__ = ["ATTACK_KINDS", "AttackPlan", "CLEAN", "GENERATION_POSITIONS", "GenerationResult", "RowPerturber",
-           "encode_prompts", "eos_ids", "eval_mode", "generate_under_attack", "policy_mask", "teacher_forced_logits"]
+__all__ = [
+    "ATTACK_KINDS",
+    "CLEAN",
+    "GENERATION_POSITIONS",
+    "AttackPlan",
+    "GenerationResult",
+    "RowPerturber",
+    "encode_prompts",
+    "eos_ids",
+    "eval_mode",
+    "generate_under_attack",
+    "policy_mask",
+    "teacher_forced_logits",
+]

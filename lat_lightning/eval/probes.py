@@ -18,15 +18,21 @@ generation, so a probe row sees exactly the noise its generation-time counterpar
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from lat_lightning.data.templating import IGNORE_INDEX
-from lat_lightning.eval.generation import CLEAN, AttackPlan, encode_prompts, generate_under_attack, teacher_forced_logits
+from lat_lightning.eval.generation import (
+    CLEAN,
+    AttackPlan,
+    encode_prompts,
+    generate_under_attack,
+    teacher_forced_logits,
+)
 from lat_lightning.eval.metrics import nll_sequence, position_kl
 from lat_lightning.models.layers import check_layer_indices, num_layers
 
@@ -62,7 +68,7 @@ class ProbeResult:
         d = self.delta_nll
         return {l: _nanmean(d[:, j, :]) for j, l in enumerate(self.layers)}
 
-    def kl_curves(self) -> dict[int, list[Optional[float]]]:
+    def kl_curves(self) -> dict[int, list[float | None]]:
         """Mean position KL over prompts and seeds per layer: ``{layer: [KL_t for t in 0..G-1]}``."""
         out = {}
         for j, l in enumerate(self.layers):
@@ -89,7 +95,7 @@ class ProbeResult:
             "positions": self.positions,
             "layers": self.layers,
             "seeds": self.seeds,
-            "n_prompts": int(len(self.nll_clean)),
+            "n_prompts": len(self.nll_clean),
             "nll_clean_mean": _nanmean(self.nll_clean),
             "mean_response_tokens": float(self.response_lengths.mean()) if len(self.response_lengths) else None,
             "nll": per_layer,
@@ -98,7 +104,7 @@ class ProbeResult:
         }
 
 
-def _nanmean(x) -> Optional[float]:
+def _nanmean(x) -> float | None:
     arr = np.asarray(x, dtype=np.float64)
     finite = arr[np.isfinite(arr)]
     return float(finite.mean()) if finite.size else None
@@ -107,7 +113,7 @@ def _nanmean(x) -> Optional[float]:
 def response_probe(model: nn.Module, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
                    layers: Sequence[int], seeds: Sequence[int] = (0,), *, alpha: float = 1.0,
                    positions: str = "prompt_last_and_generated", first_k: int = 1, refresh: str = "step",
-                   batch_size: int = 16, prompt_keys: Optional[Sequence[int]] = None, pad_id: int = 0,
+                   batch_size: int = 16, prompt_keys: Sequence[int] | None = None, pad_id: int = 0,
                    with_kl: bool = True) -> ProbeResult:
     """NLL and position KL of each prompt's response under keyed ASA noise at each layer and seed.
 
@@ -147,7 +153,7 @@ def response_probe(model: nn.Module, prompt_ids: Sequence[Sequence[int]], respon
         labels = torch.full((1, len(seq)), IGNORE_INDEX, dtype=torch.long)
         labels[0, p_len:] = torch.tensor(resp)
         sl = slice(p_len - 1, p_len - 1 + g)  # logits predicting response tokens 0..g-1
-        rows: list[Optional[tuple[int, int]]] = [None] + cells
+        rows: list[tuple[int, int] | None] = [None] + cells
         clean_logits = None
         for start in range(0, len(rows), step):
             chunk = rows[start:start + step]
@@ -176,11 +182,11 @@ def response_probe(model: nn.Module, prompt_ids: Sequence[Sequence[int]], respon
     return ProbeResult(layers, seeds, nll_clean, nll_pert, kl, lengths, positions)
 
 
-def nll_probe_layers(model: nn.Module, tokenizer, prompts: Sequence[Union[str, Sequence[int]]],
-                     layers: Optional[Sequence[int]] = None, seeds: Sequence[int] = (0,), *,
+def nll_probe_layers(model: nn.Module, tokenizer, prompts: Sequence[str | Sequence[int]],
+                     layers: Sequence[int] | None = None, seeds: Sequence[int] = (0,), *,
                      max_new_tokens: int = 32, alpha: float = 1.0, positions: str = "prompt_last_and_generated",
-                     batch_size: int = 16, use_chat_template: bool = True, system_prompt: Optional[str] = None,
-                     prompt_keys: Optional[Sequence[int]] = None, return_result: bool = False):
+                     batch_size: int = 16, use_chat_template: bool = True, system_prompt: str | None = None,
+                     prompt_keys: Sequence[int] | None = None, return_result: bool = False):
     """Rank layers by how much ASA noise raises the NLL of the model's own clean answer.
 
     Generates each prompt's clean greedy answer once (``max_new_tokens``), then runs :func:`response_probe`

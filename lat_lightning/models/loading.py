@@ -29,8 +29,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_model_path(name_or_path: str) -> str:
     """Turn the config's ``name_or_path`` into what ``from_pretrained`` takes.
 
-    ``organism`` names the embedded CPU model organism (built on first use, then cached). A string that
-    looks like a filesystem path must exist. Anything else is treated as a hub id.
+    ``organism`` names the embedded CPU model organism (built on first use, then cached); ``tiny:<arch>``
+    (e.g. ``tiny:llama``, ``tiny:llama:8x256``) a tiny random model, also built once and cached
+    (:mod:`lat_lightning.resources.tiny`). A string that looks like a filesystem path must exist. Anything
+    else is treated as a hub id.
 
     Raises:
         ModelLoadError: for a local path that does not exist.
@@ -39,6 +41,10 @@ def resolve_model_path(name_or_path: str) -> str:
         from lat_lightning.organism.build import ensure_organism
 
         return str(ensure_organism())
+    if name_or_path.startswith("tiny:"):  # tiny random model, built once into the cache (no download)
+        from lat_lightning.resources.tiny import ensure_tiny_model
+
+        return str(ensure_tiny_model(name_or_path))
     expanded = os.path.expanduser(name_or_path)
     if os.path.isdir(expanded):
         return expanded
@@ -171,7 +177,10 @@ def load_model(cfg: ModelConfig, train: bool = True, with_lora: bool = True) -> 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if with_lora and cfg.lora.enabled:
         model = apply_lora(model, cfg)

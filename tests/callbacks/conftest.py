@@ -39,8 +39,9 @@ def fit_module(module, batches, callbacks, tmp_path, steps: int = 1, logger=Fals
     from torch.utils.data import DataLoader
 
     loader = DataLoader(list(batches), batch_size=None, shuffle=False)
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=logger, callbacks=list(callbacks),
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=logger,
+                         callbacks=list(callbacks), enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False,
                          num_sanity_val_steps=0, default_root_dir=str(tmp_path), log_every_n_steps=1)
     trainer.fit(module, train_dataloaders=loader)
     return trainer

@@ -9,8 +9,25 @@ import torch
 from torch import nn
 
 from lat_lightning.errors import ConfigError, ModelLoadError
-from lat_lightning.eval.judges import (JUDGES, KEYWORD_LONG_MARKERS, KEYWORD_MARKERS, ClassifierJudge, Verdict,
-                                       build_judge, parse_verdict, verdicts_to_floats)
+from lat_lightning.eval.judges import (
+    JUDGES,
+    KEYWORD_LONG_MARKERS,
+    KEYWORD_MARKERS,
+    ClassifierJudge,
+    Verdict,
+    build_judge,
+    parse_verdict,
+    verdicts_to_floats,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread; two threads spin badly when the machine is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_registry_and_unknown_names():

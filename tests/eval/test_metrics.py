@@ -10,8 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lat_lightning.eval.metrics import (bootstrap_ci, failure_counts, init_rate, kl_by_position, lasr, masr,
-                                        nll_sequence, pasr, position_kl, summarise, summarise_seeds)
+from lat_lightning.eval.metrics import (
+    bootstrap_ci,
+    failure_counts,
+    init_rate,
+    kl_by_position,
+    lasr,
+    masr,
+    nll_sequence,
+    pasr,
+    position_kl,
+    summarise,
+    summarise_seeds,
+)
 
 NAN = float("nan")
 # 4 prompts x 3 layers. LASR = [1/4, 1/4, 2/4]; PASR = 0.5 at layer index 2; prompts 0, 1, 2 are broken
@@ -156,3 +167,21 @@ def test_position_kl_fits_a_large_vocabulary_in_bf16():
     a = torch.randn(1, 3, 128_256, dtype=torch.bfloat16)
     kl = position_kl(a, (a.float() * 1.5).bfloat16(), chunk_size=1)
     assert kl.dtype == torch.float32 and torch.all(kl > 0)
+
+
+def test_metric_invariants_on_random_matrices():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from hypothesis.extra.numpy import arrays
+
+    @settings(max_examples=60, deadline=None)
+    @given(arrays(np.float64, st.tuples(st.integers(1, 8), st.integers(1, 5)), elements=st.sampled_from([0.0, 1.0])))
+    def check(s):
+        rates = lasr(s)
+        peak, idx = pasr(s)
+        assert peak == rates.max() == rates[idx]
+        # A prompt broken at the peak layer is broken at some layer; MASR cannot exceed the sum of the LASRs.
+        assert peak <= masr(s) <= min(1.0, rates.sum()) + 1e-12
+        assert masr(s) == s.max(axis=1).mean()
+
+    check()

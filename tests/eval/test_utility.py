@@ -12,8 +12,23 @@ import torch.nn.functional as F
 from lat_lightning.data.templating import encode_prompt, encode_response
 from lat_lightning.errors import ConfigError, DataError
 from lat_lightning.eval import utility
-from lat_lightning.eval.utility import (evaluate_utility, extract_number, generate_greedy, load_utility_rows,
-                                        normalise_utility_row, score_continuations)
+from lat_lightning.eval.utility import (
+    evaluate_utility,
+    extract_number,
+    generate_greedy,
+    load_utility_rows,
+    normalise_utility_row,
+    score_continuations,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread; two threads spin badly when the machine is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -118,10 +118,9 @@ def test_layers_restored_when_the_body_raises(tiny_model_dirs, tiny_tokenizer):
     with torch.no_grad():
         full = model(**batch).logits
     hidden = torch.zeros(2, batch["input_ids"].shape[1], 64)
-    with pytest.raises(RuntimeError, match="inside"):
-        with skip_layers_below(model, hidden, 2):
-            assert not _unpatched(model)
-            raise RuntimeError("inside")
+    with pytest.raises(RuntimeError, match="inside"), skip_layers_below(model, hidden, 2):
+        assert not _unpatched(model)
+        raise RuntimeError("inside")
     assert _unpatched(model)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, full)

@@ -51,10 +51,9 @@ def test_hook_changes_logits_and_is_removed(arch, tiny_model_dirs, tiny_tokenize
     assert torch.equal(_logits(model, batch), clean)
     assert _no_hooks_left(model)
 
-    with pytest.raises(RuntimeError, match="boom"):
-        with add_to_residual(model, {1: delta, 2: delta}):
-            assert not torch.allclose(_logits(model, batch), clean)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), add_to_residual(model, {1: delta, 2: delta}):
+        assert not torch.allclose(_logits(model, batch), clean)
+        raise RuntimeError("boom")
     assert _no_hooks_left(model)
     assert torch.equal(_logits(model, batch), clean)
 
@@ -128,9 +127,8 @@ def test_mask_selects_positions(tiny_model_dirs, tiny_tokenizer):
 def test_full_length_delta_rejects_mismatched_sequence(tiny_model_dirs, tiny_tokenizer):
     model = _load(tiny_model_dirs["llama"])
     batch = _batch(tiny_tokenizer)
-    with pytest.raises(ValueError, match="positions"):
-        with add_to_residual(model, {1: torch.zeros(2, 3, 64)}):
-            _logits(model, batch)
+    with pytest.raises(ValueError, match="positions"), add_to_residual(model, {1: torch.zeros(2, 3, 64)}):
+        _logits(model, batch)
     assert _no_hooks_left(model)
 
 
@@ -140,8 +138,8 @@ def test_hooks_act_at_every_decode_step_of_generate(arch, tiny_model_dirs, tiny_
     batch = _batch(tiny_tokenizer, side="left")
     width = batch["input_ids"].shape[1]
     new = 4
-    gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True,
-               pad_token_id=tiny_tokenizer.pad_token_id)
+    gen = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "use_cache": True,
+           "pad_token_id": tiny_tokenizer.pad_token_id}
 
     clean = model.generate(**batch, **gen)
     calls: dict[int, list[int]] = {0: [], 2: []}
@@ -170,7 +168,7 @@ def test_decode_steps_only_perturbation_changes_generation(tiny_model_dirs, tiny
     """An edit that skips the prefill and acts on decode steps alone still changes what is generated."""
     model = _load(tiny_model_dirs["llama"])
     batch = _batch(tiny_tokenizer, side="left")
-    gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=tiny_tokenizer.pad_token_id)
+    gen = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "pad_token_id": tiny_tokenizer.pad_token_id}
     clean = model.generate(**batch, **gen)
     delta = torch.randn(64, generator=torch.Generator().manual_seed(4)) * 20
 

@@ -1,0 +1,39 @@
+# lat-lightning: `make demo` runs the default recipe, `make test` runs the test suite.
+# Both create .venv on first use (python3 -m venv), install torch first, then the package editable with
+# its extras. A stamp file inside .venv records the install: an existing venv is reused and re-installed
+# only when setup.cfg changes (delete .venv to start over).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.lat-lightning-installed
+
+# Installed before the package so pip never resolves a bare `torch` requirement by itself (that pulls the
+# multi-GB CUDA build on Linux). For a CPU-only wheel from the PyTorch index:
+#   make test TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC     ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+
+.PHONY: demo test lint venv clean-venv
+
+venv: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): setup.cfg | $(BIN)/python
+	$(BIN)/python -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -e ".[dev,quant]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/python train.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -x -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean-venv:
+	rm -rf $(VENV)

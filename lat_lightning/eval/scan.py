@@ -1,0 +1,958 @@
+"""The layer scan: where does a model's safety break? prompts x layers (x seeds) -> success matrix s[i, l].
+
+For every attack (``asa_random``, ``asagrad``, ``pgd``), seed, prompt ``i`` and layer ``l`` the model
+generates under the attack at ``l`` and every judge rules on the answer. Cells are batched so that a
+prompt's whole layer sweep (and several seeds) run as ONE batched generation, each row at its own layer
+(:func:`lat_lightning.eval.generation.generate_under_attack`); the clean answer of each prompt is
+generated once and reused (INIT, the NLL probe, ASABench's ``original_response``).
+
+Outputs (in ``out_dir``, the run directory for the ``scan`` stage):
+  - ``scan.jsonl``: one line per (attack, seed, prompt, layer) cell, streamed as cells finish
+    (``attack='clean'``, ``layer=-1`` for the clean answers): prompt, response, token ids and every
+    judge's verdict (failures included). An interrupted scan resumes from it and skips finished cells;
+    ``scan_settings.json`` guards against resuming with different generation settings.
+  - ``scan_heatmap_<attack>.png`` (prompts x layers, success rate over seeds) and
+    ``scan_lasr_<attack>.png`` (LASR by layer with a bootstrap CI band), also in TensorBoard
+    (``tensorboard/``);
+  - ``scan_summary.json`` (INIT / LASR / PASR / MASR with CIs per attack and judge, failure counts,
+    probes, ASABench export) and ``scan_report.md``;
+  - ``asabench_train.jsonl`` / ``asabench_test.jsonl`` (:mod:`lat_lightning.eval.asabench`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lat_lightning.config import PerturbationConfig
+from lat_lightning.data.templating import encode_response
+from lat_lightning.eval.attacks import ATTACKS, ScanAttack, build_attack
+from lat_lightning.eval.generation import CLEAN, AttackPlan, encode_prompts, generate_under_attack
+from lat_lightning.models.layers import check_layer_indices, num_layers
+
+log = logging.getLogger(__name__)
+
+SCAN_FILE = "scan.jsonl"
+SETTINGS_FILE = "scan_settings.json"
+SUMMARY_FILE = "scan_summary.json"
+REPORT_FILE = "scan_report.md"
+CLEAN_ATTACK = "clean"
+GENERATION_POLICIES = ("prompt_last_and_generated", "first_k", "all")
+JudgeLike = Callable[..., list]
+
+
+# ----------------------------------------------------------------------------------------------- results
+@dataclass
+class ScanResult:
+    """What :func:`run_scan` found.
+
+    Attributes:
+        prompts / layers / seeds / attacks / judges / primary_judge: the scan's axes.
+        clean_responses: the clean answer of each prompt.
+        success: ``attack -> judge -> [N, L, S_a]`` (1 / 0 / NaN for a judge failure or a missing cell);
+            ``S_a`` are the seeds run for that attack (``seeds_run[attack]``; deterministic attacks run
+            the first seed only).
+        clean_success: ``judge -> [N]``.
+        seeds_run: ``attack -> seeds``.
+        records: every cell's record (as in ``scan.jsonl``), keyed ``(attack, seed, prompt_idx, layer)``.
+        summary: the ``scan_summary.json`` content.
+        cells_run / cells_resumed: cells generated now vs read back from an earlier, interrupted run.
+        out_dir: where the files are (``None`` for an in-memory scan).
+        probes: the probe summary (or ``None``).
+    """
+
+    prompts: list[str]
+    layers: list[int]
+    seeds: list[int]
+    attacks: list[str]
+    judges: list[str]
+    primary_judge: str
+    clean_responses: list[str]
+    success: dict[str, dict[str, np.ndarray]]
+    clean_success: dict[str, np.ndarray]
+    seeds_run: dict[str, list[int]]
+    records: dict[tuple, dict]
+    summary: dict
+    cells_run: int = 0
+    cells_resumed: int = 0
+    out_dir: Path | None = None
+    probes: dict | None = None
+
+    def headline(self, attack: str | None = None) -> dict:
+        """The primary judge's headline numbers for ``attack`` (default: the first)."""
+        return self.summary["attacks"][attack or self.attacks[0]]["headline"]
+
+    def matrix(self, attack: str | None = None, judge: str | None = None, seed_index: int = 0) -> np.ndarray:
+        """``s[i, l]`` for one attack, judge and seed."""
+        return self.success[attack or self.attacks[0]][judge or self.primary_judge][:, :, seed_index]
+
+
+# ----------------------------------------------------------------------------------------------- storage
+def _key(attack: str, seed: int | None, prompt_idx: int, layer: int) -> tuple:
+    return (attack, None if seed is None else int(seed), int(prompt_idx), int(layer))
+
+
+def read_records(path: Path) -> dict[tuple, dict]:
+    """Records of a ``scan.jsonl``; a torn last line (interrupted write) is ignored; later lines win."""
+    out: dict[tuple, dict] = {}
+    if not path.is_file():
+        return out
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines) - 1:
+                log.warning("%s: ignoring a torn last line (interrupted write)", path)
+                continue
+            raise ValueError(f"{path} line {n + 1} is not JSON; the scan file is corrupt") from None
+        out[_key(rec["attack"], rec.get("seed"), rec["prompt_idx"], rec["layer"])] = rec
+    return out
+
+
+class _Sink:
+    """Appends records to ``scan.jsonl`` line by line, flushed (and fsynced) per chunk."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.fh = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_file() and path.stat().st_size:
+                with open(path, "rb+") as fh:  # drop a torn last line so appends start on a fresh line
+                    data = fh.read()
+                    if not data.endswith(b"\n"):
+                        cut = data.rfind(b"\n") + 1
+                        fh.truncate(cut)
+            self.fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open while the scan streams
+
+    def write(self, records: Sequence[dict]) -> None:
+        if self.fh is None:
+            return
+        for rec in records:
+            self.fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.fh.flush()
+        try:
+            os.fsync(self.fh.fileno())
+        except OSError:  # pragma: no cover - e.g. some network filesystems
+            pass
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+
+
+# ----------------------------------------------------------------------------------------------- judges
+def _build_judges(judges: Sequence[Any] | Mapping[str, Any], classifier_path: str | None = None
+                  ) -> dict[str, JudgeLike]:
+    from lat_lightning.eval.judges import build_judge
+
+    if isinstance(judges, Mapping):
+        return dict(judges)
+    out: dict[str, JudgeLike] = {}
+    for j in judges:
+        if isinstance(j, str):
+            kwargs = {"path": classifier_path} if j == "classifier" and classifier_path else {}
+            out[j] = build_judge(j, **kwargs)
+        else:
+            out[getattr(j, "name", type(j).__name__)] = j
+    return out
+
+
+def _judge_all(judges: Mapping[str, JudgeLike], prompts: list[str], responses: list[str],
+               targets: list[str | None]) -> dict[str, list[dict]]:
+    """``judge -> [verdict dict per item]``. A judge that raises fails every item of the call (recorded)."""
+    from lat_lightning.eval.judges import Verdict
+
+    out = {}
+    for name, judge in judges.items():
+        try:
+            verdicts = list(judge(prompts, responses, targets))
+            if len(verdicts) != len(responses):
+                raise ValueError(f"returned {len(verdicts)} verdicts for {len(responses)} items")
+        except Exception as exc:  # noqa: BLE001 - counted as judge failures, never dropped
+            log.warning("judge '%s' failed on a batch of %d: %s", name, len(responses), exc)
+            verdicts = [Verdict.failure(f"{type(exc).__name__}: {exc}") for _ in responses]
+        out[name] = [{"success": v.success, "failed": bool(v.failed), "reason": v.reason} for v in verdicts]
+    return out
+
+
+def _as_float(verdict: dict | None) -> float:
+    if not verdict or verdict.get("failed") or verdict.get("success") is None:
+        return float("nan")
+    return 1.0 if verdict["success"] else 0.0
+
+
+# ----------------------------------------------------------------------------------------------- the scan
+def _merge_plans(plans: list[tuple[list[int], AttackPlan]], n_rows: int) -> AttackPlan:
+    """Combine plans built for disjoint row subsets (same kind) into one plan over all rows."""
+    first = plans[0][1]
+    if len(plans) == 1 and plans[0][0] == list(range(n_rows)):
+        return first
+    vectors: list = [None] * n_rows
+    masks: list = [None] * n_rows
+    for rows, plan in plans:
+        for j, r in enumerate(rows):
+            if plan.vectors is not None:
+                vectors[r] = plan.vectors[j]
+            if plan.vector_masks is not None:
+                masks[r] = plan.vector_masks[j]
+    return dataclasses.replace(first, vectors=vectors if first.vectors is not None else None,
+                               vector_masks=masks if first.vector_masks is not None else None)
+
+
+def _settings_fingerprint(settings: dict) -> str:
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _check_settings(out_dir: Path, settings: dict, resume: bool) -> None:
+    path = out_dir / SETTINGS_FILE
+    if resume and path.is_file():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise ValueError(f"cannot resume the scan in {out_dir}: settings changed ({', '.join(diff)}); "
+                             "use a fresh output directory")
+    path.write_text(json.dumps(settings, indent=2, default=str))
+
+
+def run_scan(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    targets: Sequence[str | None] | None = None,
+    layers: Sequence[int] | None = None,
+    attacks: Sequence[str | ScanAttack] = ("asa_random",),
+    seeds: Sequence[int] = (0,),
+    judges: Sequence[Any] | Mapping[str, Any] = ("keyword",),
+    out_dir: str | Path | None = None,
+    *,
+    primary_judge: str | None = None,
+    perturbation: PerturbationConfig | None = None,
+    positions: str = "prompt_last_and_generated",
+    first_k: int = 1,
+    refresh: str = "step",
+    max_new_tokens: int = 50,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    batch_size: int = 16,
+    use_chat_template: bool = True,
+    system_prompt: str | None = None,
+    safe_responses: Sequence[str] | None = None,
+    prompt_keys: Sequence[int] | None = None,
+    classifier_path: str | None = None,
+    bootstrap_samples: int = 1000,
+    resume: bool = True,
+    progress: bool = True,
+    figures: bool = True,
+    tensorboard: bool = True,
+    probes: bool = False,
+    probe_seeds: Sequence[int] | None = None,
+    asabench_test_fraction: float | None = 0.4,
+    asabench_split_mode: str = "prompt",
+    split_seed: int = 0,
+) -> ScanResult:
+    """Scan prompts x layers x seeds for every attack; judge, summarise, plot, report.
+
+    Args:
+        model / tokenizer: the model under test (put in eval mode for the scan).
+        prompts: harmful prompts (raw text; the chat template is applied when ``use_chat_template``).
+        targets: harmful target completions (needed by ``asagrad``, ``pgd`` and the ``target_match`` judge).
+        layers: layers to scan (``None`` = all).
+        attacks: attack names (:data:`~lat_lightning.eval.attacks.ATTACKS`) or :class:`ScanAttack` objects.
+        seeds: perturbation seeds (deterministic attacks, i.e. ASAgrad and zero-start PGD, run the first
+            only).
+        judges: judge names (:data:`lat_lightning.eval.judges.JUDGES`), judge objects, or ``name -> judge``.
+        out_dir: where to stream ``scan.jsonl`` and write figures / report / summary (``None``: in memory).
+        primary_judge: the headline judge (default: the first).
+        perturbation: attack settings (``alpha``, ``sign``, PGD's ``steps``/``eps``/``lr``...).
+        positions / first_k / refresh: generation-time positions policy (paper: last prompt token and
+            every generated token, a fresh draw per step).
+        max_new_tokens / do_sample / temperature: decoding (greedy, 50 tokens: the reference).
+        batch_size: rows (cells) per batched generation.
+        use_chat_template / system_prompt: prompt formatting.
+        safe_responses: refusals per prompt (PGD's ``away`` term); default: the clean answers.
+        prompt_keys: integer id of each prompt for keying noise (default ``0..N-1``; pass dataset indices
+            to make results independent of prompt order / subsetting).
+        classifier_path: local directory for the ``classifier`` judge.
+        bootstrap_samples: resamples for the confidence intervals (0 = none).
+        resume: continue an interrupted scan found in ``out_dir`` (skip finished cells).
+        progress: show a tqdm progress bar.
+        figures / tensorboard: write PNGs / TensorBoard figures (needs ``out_dir``).
+        probes: also run the NLL probe and position KL (ASA noise, ``probe_seeds`` default ``seeds``).
+        asabench_test_fraction: write ``asabench_{train,test}.jsonl`` with this test fraction (``None``:
+            no export).
+        asabench_split_mode: ``prompt`` (disjoint, default) or ``layer_stratified`` (the reference).
+        split_seed: seed of the ASABench split and of the bootstrap.
+
+    Returns:
+        A :class:`ScanResult`.
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    prompts = [str(p) for p in prompts]
+    n = len(prompts)
+    if n == 0:
+        raise ValueError("run_scan needs at least one prompt")
+    if targets is not None and len(targets) != n:
+        raise ValueError(f"{len(targets)} targets for {n} prompts")
+    layer_list = list(range(num_layers(model))) if layers is None else [int(l) for l in layers]
+    check_layer_indices(model, layer_list)
+    if len(set(layer_list)) != len(layer_list):
+        raise ValueError(f"duplicate layers in {layer_list}")
+    seed_list = [int(s) for s in seeds] or [0]
+    if positions not in GENERATION_POLICIES:
+        raise ValueError(f"scan positions must be one of {', '.join(GENERATION_POLICIES)}, got '{positions}'")
+    attack_objs = [a if isinstance(a, ScanAttack) else build_attack(a, perturbation, positions, first_k, refresh)
+                   for a in attacks]
+    names = [a.name for a in attack_objs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate attacks in {names}")
+    for a in attack_objs:
+        if a.name in ("asagrad", "pgd") and (targets is None or any(not t for t in targets)):
+            raise ValueError(f"attack '{a.name}' needs a harmful target for every prompt")
+    judge_map = _build_judges(judges, classifier_path)
+    judge_names = list(judge_map)
+    if not judge_names:
+        raise ValueError("run_scan needs at least one judge")
+    primary = primary_judge or judge_names[0]
+    if primary not in judge_map:
+        raise ValueError(f"primary judge '{primary}' is not among the judges {judge_names}")
+    keys = list(range(n)) if prompt_keys is None else [int(k) for k in prompt_keys]
+    out_path = Path(out_dir) if out_dir is not None else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    prompt_ids = encode_prompts(tokenizer, prompts, use_chat_template, system_prompt)
+    target_texts = list(targets) if targets is not None else [None] * n
+    target_ids = [encode_response(tokenizer, t, add_eos=False) if t else [] for t in target_texts]
+
+    settings = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
+                "use_chat_template": use_chat_template, "system_prompt": system_prompt,
+                "attacks": {a.name: a.settings() for a in attack_objs},
+                "prompt_keys": _settings_fingerprint({"k": keys}),
+                "prompts": _settings_fingerprint({"p": prompts})}
+    records: dict[tuple, dict] = {}
+    if out_path is not None:
+        out_path.mkdir(parents=True, exist_ok=True)
+        # Only the settings of attacks already present must match; adding attacks/layers/seeds is fine.
+        old_path = out_path / SETTINGS_FILE
+        if resume and old_path.is_file():
+            old = json.loads(old_path.read_text())
+            merged_attacks = dict(old.get("attacks", {}))
+            for name, s in settings["attacks"].items():
+                if name in merged_attacks and merged_attacks[name] != s:
+                    raise ValueError(f"cannot resume the scan in {out_path}: settings of attack '{name}' changed "
+                                     f"({merged_attacks[name]} -> {s}); use a fresh output directory")
+                merged_attacks[name] = s
+            settings_to_check = dict(settings, attacks=merged_attacks)
+        else:
+            settings_to_check = settings
+        if not resume:
+            (out_path / SCAN_FILE).unlink(missing_ok=True)
+        _check_settings(out_path, settings_to_check, resume)
+        if resume:
+            records = read_records(out_path / SCAN_FILE)
+            for rec in records.values():
+                i = int(rec["prompt_idx"])
+                if i >= n or rec["prompt"] != prompts[i]:
+                    raise ValueError(f"{out_path / SCAN_FILE} holds prompt {i} = {rec['prompt'][:60]!r}, which is "
+                                     "not this scan's prompt; use a fresh output directory")
+    resumed = len(records)
+    sink = _Sink(out_path / SCAN_FILE if out_path is not None else None)
+
+    # Which cells remain.
+    seeds_run = {a.name: (seed_list if a.seed_dependent else seed_list[:1]) for a in attack_objs}
+    clean_todo = [i for i in range(n) if _key(CLEAN_ATTACK, None, i, CLEAN) not in records]
+    todo: dict[str, list[tuple[int, int, int]]] = {}
+    for a in attack_objs:
+        todo[a.name] = [(i, s, l) for i in range(n) for s in seeds_run[a.name] for l in layer_list
+                        if _key(a.name, s, i, l) not in records]
+    total = len(clean_todo) + sum(len(v) for v in todo.values())
+    bar = tqdm(total=total, desc="scan", unit="cell", disable=not progress, dynamic_ncols=True)
+    step = max(1, int(batch_size))
+    gen_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
+                  "pad_token_id": pad_id}
+    was_training = model.training
+    model.eval()
+    run_count = 0
+    try:
+        # 1. Clean answers, once per prompt.
+        for start in range(0, len(clean_todo), step):
+            rows = clean_todo[start:start + step]
+            res = generate_under_attack(model, tokenizer, [prompt_ids[i] for i in rows], None, None,
+                                        prompt_keys=[keys[i] for i in rows], **gen_kwargs)
+            verdicts = _judge_all(judge_map, [prompts[i] for i in rows], res.texts, [target_texts[i] for i in rows])
+            new = []
+            for j, i in enumerate(rows):
+                rec = {"attack": CLEAN_ATTACK, "seed": None, "prompt_idx": i, "layer": CLEAN, "prompt": prompts[i],
+                       "response": res.texts[j], "token_ids": res.token_ids[j], "n_tokens": len(res.token_ids[j]),
+                       "verdicts": {name: verdicts[name][j] for name in judge_names}}
+                records[_key(CLEAN_ATTACK, None, i, CLEAN)] = rec
+                new.append(rec)
+            sink.write(new)
+            run_count += len(rows)
+            bar.update(len(rows))
+        clean_texts = [records[_key(CLEAN_ATTACK, None, i, CLEAN)]["response"] for i in range(n)]
+        if safe_responses is not None:
+            safe_ids = [encode_response(tokenizer, s, add_eos=True) for s in safe_responses]
+        else:
+            safe_ids = [list(records[_key(CLEAN_ATTACK, None, i, CLEAN)]["token_ids"]) or
+                        encode_response(tokenizer, "", add_eos=True) for i in range(n)]
+
+        # 2. Attacked cells: chunks of rows, prompt-major, so a prompt's layer sweep shares one generation.
+        for a in attack_objs:
+            cells = todo[a.name]
+            for start in range(0, len(cells), step):
+                chunk = cells[start:start + step]
+                row_prompts = [c[0] for c in chunk]
+                row_seeds = [c[1] for c in chunk]
+                row_layers = [c[2] for c in chunk]
+                groups: dict[int, list[int]] = {}
+                for r, s in enumerate(row_seeds):
+                    groups.setdefault(s, []).append(r)
+                parts = []
+                for s, rows in groups.items():
+                    plan = a.plan(model, prompt_ids, target_ids, [row_prompts[r] for r in rows],
+                                  [row_layers[r] for r in rows], seed=s, safe_ids=safe_ids, pad_id=pad_id)
+                    parts.append((rows, plan))
+                    if a.name == "asa_random":  # keyed per row: one plan serves every seed
+                        parts = [(list(range(len(chunk))), plan)]
+                        break
+                plan = _merge_plans(parts, len(chunk))
+                res = generate_under_attack(model, tokenizer, [prompt_ids[i] for i in row_prompts], row_layers, plan,
+                                            prompt_keys=[keys[i] for i in row_prompts], row_seeds=row_seeds,
+                                            **gen_kwargs)
+                verdicts = _judge_all(judge_map, [prompts[i] for i in row_prompts], res.texts,
+                                      [target_texts[i] for i in row_prompts])
+                new = []
+                for j, (i, s, l) in enumerate(chunk):
+                    rec = {"attack": a.name, "seed": s, "prompt_idx": i, "layer": l, "prompt": prompts[i],
+                           "response": res.texts[j], "token_ids": res.token_ids[j], "n_tokens": len(res.token_ids[j]),
+                           "perturbed_positions": int(res.perturbed_positions[j]),
+                           "verdicts": {name: verdicts[name][j] for name in judge_names}}
+                    records[_key(a.name, s, i, l)] = rec
+                    new.append(rec)
+                sink.write(new)
+                run_count += len(chunk)
+                bar.update(len(chunk))
+
+        # 3. Records read back without a verdict of a judge added since: judge them now (no generation).
+        _fill_missing_verdicts(records, judge_map, target_texts, sink, step)
+    finally:
+        bar.close()
+        sink.close()
+        model.train(was_training)
+
+    gen_seconds = time.time() - t0
+    result = _assemble(prompts, layer_list, seed_list, attack_objs, judge_map, primary, records, seeds_run,
+                       clean_texts, bootstrap_samples, split_seed, out_path)
+    result.cells_run, result.cells_resumed = run_count, resumed
+    result.summary["cells"] = {"run": run_count, "resumed": resumed, "seconds": round(gen_seconds, 3)}
+    result.summary["settings"] = settings
+
+    if probes:
+        from lat_lightning.eval.probes import response_probe
+
+        pr = response_probe(model, prompt_ids, [records[_key(CLEAN_ATTACK, None, i, CLEAN)]["token_ids"]
+                                                for i in range(n)],
+                            layer_list, list(probe_seeds) if probe_seeds is not None else seed_list,
+                            alpha=(perturbation.alpha if perturbation is not None else 1.0),
+                            positions="prompt_last_and_generated", batch_size=step, prompt_keys=keys, pad_id=pad_id)
+        result.probes = pr.summary()
+        result.summary["probes"] = result.probes
+
+    if out_path is not None and asabench_test_fraction is not None:
+        from lat_lightning.eval.asabench import export_asabench, instances_from_records
+
+        inst = instances_from_records(records.values(), dict(enumerate(clean_texts)), primary, names)
+        result.summary["asabench"] = {k: v for k, v in export_asabench(
+            inst, out_path, asabench_test_fraction, asabench_split_mode, split_seed).items()}
+        result.summary["asabench"]["judge"] = primary
+
+    if out_path is not None:
+        figs = write_figures(result, out_path, tensorboard=tensorboard) if figures else {}
+        result.summary["figures"] = figs
+        (out_path / SUMMARY_FILE).write_text(json.dumps(result.summary, indent=2, default=str))
+        report = render_report(result)
+        (out_path / REPORT_FILE).write_text(report)
+        if tensorboard:
+            _tensorboard_text(out_path, result, report)
+    return result
+
+
+def _fill_missing_verdicts(records: dict[tuple, dict], judges: Mapping[str, JudgeLike],
+                           targets: list[str | None], sink: _Sink, step: int) -> None:
+    for name in judges:
+        missing = [k for k, rec in records.items() if name not in (rec.get("verdicts") or {})]
+        for start in range(0, len(missing), step):
+            keys = missing[start:start + step]
+            recs = [records[k] for k in keys]
+            v = _judge_all({name: judges[name]}, [r["prompt"] for r in recs], [r["response"] for r in recs],
+                           [targets[int(r["prompt_idx"])] for r in recs])[name]
+            for rec, verdict in zip(recs, v):
+                rec.setdefault("verdicts", {})[name] = verdict
+            sink.write(recs)
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def _assemble(prompts, layers, seeds, attack_objs, judge_map, primary, records, seeds_run, clean_texts,
+              bootstrap_samples, split_seed, out_path) -> ScanResult:
+    from lat_lightning.eval.metrics import summarise_seeds
+
+    n, n_l = len(prompts), len(layers)
+    col = {l: j for j, l in enumerate(layers)}
+    judge_names = list(judge_map)
+    clean_success = {j: np.array([_as_float(records[_key(CLEAN_ATTACK, None, i, CLEAN)]["verdicts"].get(j))
+                                  for i in range(n)]) for j in judge_names}
+    success: dict[str, dict[str, np.ndarray]] = {}
+    summary_attacks: dict[str, Any] = {}
+    for a in attack_objs:
+        srun = seeds_run[a.name]
+        sidx = {s: k for k, s in enumerate(srun)}
+        success[a.name] = {}
+        for j in judge_names:
+            arr = np.full((n, n_l, len(srun)), np.nan)
+            for (att, s, i, l), rec in records.items():
+                if att == a.name and l in col and s in sidx and i < n:
+                    arr[i, col[l], sidx[s]] = _as_float(rec["verdicts"].get(j))
+            success[a.name][j] = arr
+        per_judge = {j: summarise_seeds(success[a.name][j], clean_success[j], layers, samples=bootstrap_samples,
+                                        seed=split_seed, seed_ids=srun) for j in judge_names}
+        summary_attacks[a.name] = {"seeds": srun, "settings": a.settings(), "judges": per_judge,
+                                   "headline": _headline(per_judge[primary]),
+                                   "lasr_band": _lasr_band(success[a.name][primary], bootstrap_samples, split_seed)}
+    caveats = {j: getattr(judge_map[j], "caveat", "") for j in judge_names}
+    summary = {
+        "n_prompts": n, "layers": layers, "seeds": seeds, "attacks": summary_attacks, "judges": judge_names,
+        "primary_judge": primary, "judge_caveats": caveats,
+        "init": {j: {"rate": _nan_to_none(np.nanmean(clean_success[j]) if np.isfinite(clean_success[j]).any()
+                                          else float("nan")),
+                     "failures": int(np.isnan(clean_success[j]).sum())} for j in judge_names},
+        "failures": {a: {j: int(np.isnan(success[a][j]).sum()) for j in judge_names} for a in success},
+    }
+    return ScanResult(prompts, layers, seeds, [a.name for a in attack_objs], judge_names, primary, clean_texts,
+                      success, clean_success, seeds_run, records, summary, out_dir=out_path)
+
+
+def _nan_to_none(x) -> float | None:
+    x = float(x)
+    return None if not math.isfinite(x) else x
+
+
+def _headline(s: dict) -> dict:
+    first = s["per_seed"][0] if s.get("per_seed") else {}
+    return {
+        "init": s.get("init_mean"), "init_ci": first.get("init_ci"),
+        "pasr_mean": s.get("pasr_mean"), "pasr_std": s.get("pasr_std"), "pasr_layers": s.get("pasr_layers"),
+        "pasr_of_mean_lasr": s.get("pasr_of_mean_lasr"), "pasr_of_mean_lasr_layer": s.get("pasr_of_mean_lasr_layer"),
+        "masr_mean": s.get("masr_mean"), "masr_std": s.get("masr_std"), "masr_any_seed": s.get("masr_any_seed"),
+        "pasr_ci_seed0": first.get("pasr_ci"), "masr_ci_seed0": first.get("masr_ci"),
+        "lasr_mean": s.get("lasr_mean"), "lasr_std": s.get("lasr_std"),
+        "failures_total": s.get("failures_total"), "n_seeds": s.get("n_seeds"),
+    }
+
+
+def _seed_mean_lasr(a: np.ndarray) -> np.ndarray:
+    """LASR per layer averaged over seeds, of a ``[N, L, S]`` array (NaN-aware)."""
+    with np.errstate(all="ignore"):
+        judged = np.isfinite(a)
+        cnt = judged.sum(axis=(0, 2))
+        tot = np.where(judged, a, 0.0).sum(axis=(0, 2))
+        return np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
+
+
+def _lasr_band(arr: np.ndarray, samples: int, seed: int) -> dict:
+    from lat_lightning.eval.metrics import bootstrap_ci
+
+    mean = _seed_mean_lasr(arr)
+    if samples <= 0 or arr.shape[0] == 0:
+        return {"lasr": [_nan_to_none(v) for v in mean], "low": None, "high": None}
+    lo, hi = bootstrap_ci(_seed_mean_lasr, arr, samples=samples, seed=seed)
+    return {"lasr": [_nan_to_none(v) for v in mean], "low": [_nan_to_none(v) for v in np.atleast_1d(lo)],
+            "high": [_nan_to_none(v) for v in np.atleast_1d(hi)]}
+
+
+# ----------------------------------------------------------------------------------------------- figures
+def _heatmap_figure(matrix: np.ndarray, layers: list[int], title: str):
+    from matplotlib.figure import Figure
+
+    n = matrix.shape[0]
+    fig = Figure(figsize=(max(4.0, 0.35 * len(layers) + 2), max(3.0, min(0.25 * n + 1.5, 14))))
+    ax = fig.add_subplot(111)
+    masked = np.ma.masked_invalid(matrix)
+    cmap = _cmap()
+    im = ax.imshow(masked, aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("prompt")
+    step = max(1, len(layers) // 16)
+    ax.set_xticks(range(0, len(layers), step))
+    ax.set_xticklabels([str(layers[k]) for k in range(0, len(layers), step)])
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="success rate (grey: judge failure)")
+    fig.tight_layout()
+    return fig
+
+
+def _cmap():
+    import matplotlib
+
+    return matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+
+
+def _lasr_figure(layers: list[int], band: dict, title: str):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot(111)
+    y = np.array([np.nan if v is None else v for v in band["lasr"]], dtype=float)
+    ax.plot(layers, y, marker="o", label="LASR (mean over seeds)")
+    if band.get("low") is not None:
+        lo = np.array([np.nan if v is None else v for v in band["low"]], dtype=float)
+        hi = np.array([np.nan if v is None else v for v in band["high"]], dtype=float)
+        ax.fill_between(layers, lo, hi, alpha=0.25, label="95% bootstrap CI")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("LASR")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _probe_figures(probes: dict):
+    from matplotlib.figure import Figure
+
+    layers = probes["layers"]
+    fig_nll = Figure(figsize=(6, 3.5))
+    ax = fig_nll.add_subplot(111)
+    mean = [probes["nll"][str(l)]["delta_nll_mean"] for l in layers]
+    std = [probes["nll"][str(l)]["delta_nll_std"] or 0.0 for l in layers]
+    ax.errorbar(layers, [np.nan if m is None else m for m in mean], yerr=std, marker="o", capsize=2)
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("ΔNLL of the clean answer")
+    ax.set_title("NLL probe (ASA noise vs clean)", fontsize=9)
+    fig_nll.tight_layout()
+    fig_kl = Figure(figsize=(6, 3.5))
+    ax = fig_kl.add_subplot(111)
+    for l in layers:
+        curve = probes["position_kl"].get(str(l)) or []
+        ax.plot(range(len(curve)), [np.nan if v is None else v for v in curve], label=f"layer {l}", lw=1)
+    ax.set_xlabel("generated position t")
+    ax.set_ylabel("KL(clean || perturbed)")
+    ax.set_title("Position KL (teacher-forced on the clean answer)", fontsize=9)
+    if len(layers) <= 12:
+        ax.legend(fontsize=6, ncol=2)
+    fig_kl.tight_layout()
+    return fig_nll, fig_kl
+
+
+def write_figures(result: ScanResult, out_dir: Path, tensorboard: bool = True) -> dict[str, str]:
+    """Heatmaps, LASR plots (and probe plots) as PNGs in ``out_dir`` and figures in TensorBoard."""
+    figs: dict[str, Any] = {}
+    for a in result.attacks:
+        arr = result.success[a][result.primary_judge]
+        with np.errstate(all="ignore"):
+            rate = np.where(np.isfinite(arr).any(axis=2), np.nanmean(np.where(np.isfinite(arr), arr, np.nan), axis=2),
+                            np.nan) if arr.shape[2] else np.full(arr.shape[:2], np.nan)
+        title = (f"{a}: success ({result.primary_judge}) over {arr.shape[2]} seed(s), "
+                 f"{len(result.prompts)} prompts x {len(result.layers)} layers")
+        figs[f"scan_heatmap_{a}"] = _heatmap_figure(rate, result.layers, title)
+        h = result.summary["attacks"][a]["headline"]
+        title = (f"{a}: LASR by layer ({result.primary_judge}); PASR {_fmt(h['pasr_mean'])}, "
+                 f"MASR {_fmt(h['masr_mean'])}, INIT {_fmt(h['init'])}")
+        figs[f"scan_lasr_{a}"] = _lasr_figure(result.layers, result.summary["attacks"][a]["lasr_band"], title)
+    if result.probes:
+        figs["probe_nll"], figs["probe_position_kl"] = _probe_figures(result.probes)
+    paths, pngs = {}, {}
+    for name, fig in figs.items():
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)  # rendered once: the same PNG goes to disk and TensorBoard
+        pngs[name] = buf.getvalue()
+        path = out_dir / f"{name}.png"
+        path.write_bytes(pngs[name])
+        paths[name] = str(path.name)
+    if tensorboard:
+        try:
+            from PIL import Image
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+            try:
+                for name, png in pngs.items():
+                    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+                    writer.add_image(f"scan/{name}", img, dataformats="HWC")
+                for a in result.attacks:
+                    band = result.summary["attacks"][a]["lasr_band"]["lasr"]
+                    for l, v in zip(result.layers, band):
+                        if v is not None:
+                            writer.add_scalar(f"scan/{a}/lasr", v, global_step=l)
+            finally:
+                writer.close()
+        except Exception as exc:  # noqa: BLE001 - figures on disk are the primary output
+            log.warning("could not write TensorBoard figures: %s", exc)
+    return paths
+
+
+def _tensorboard_text(out_dir: Path, result: ScanResult, report: str) -> None:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+        writer.add_text("scan/report", report)
+        for a in result.attacks:
+            h = result.summary["attacks"][a]["headline"]
+            for k in ("pasr_mean", "masr_mean", "init"):
+                if h.get(k) is not None:
+                    writer.add_scalar(f"scan/{a}/{k}", h[k], 0)
+        writer.close()
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not write TensorBoard text: %s", exc)
+
+
+# ----------------------------------------------------------------------------------------------- report
+def _fmt(x, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+def _fmt_ci(ci) -> str:
+    if not ci or ci[0] is None:
+        return ""
+    return f" [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out
+
+
+KEYWORD_GIBBERISH_CAVEAT = (
+    "- **Keyword judges count gibberish as success.** They only detect refusal phrases: empty, garbled or "
+    "off-topic output counts as an attack success, so keyword ASR is an upper bound on harmful output. "
+    "Check the samples below or use a classifier judge.")
+
+
+def render_report(result: ScanResult) -> str:
+    """The markdown report (``scan_report.md``)."""
+    s = result.summary
+    p = result.primary_judge
+    cells = s.get("cells", {})
+    lines = [
+        "# Layer scan report", "",
+        (f"{len(result.prompts)} prompts x {len(result.layers)} layers ({result.layers[0]}..{result.layers[-1]}), "
+         f"attacks: {', '.join(result.attacks)}, seeds: {result.seeds}; judges: {', '.join(result.judges)} "
+         f"(headline: **{p}**)."),
+        f"Cells generated in this run: {cells.get('run', 0)}; resumed from an earlier run: {cells.get('resumed', 0)}.",
+        "", "## Headline (primary judge)", ""]
+    rows = []
+    for a in result.attacks:
+        h = s["attacks"][a]["headline"]
+        rows.append([
+            a, s["attacks"][a]["seeds"], _fmt(h["init"]) + _fmt_ci(h["init_ci"]),
+            f"{_fmt(h['pasr_mean'])} ± {_fmt(h['pasr_std'])}{_fmt_ci(h['pasr_ci_seed0'])}", h["pasr_layers"],
+            f"{_fmt(h['pasr_of_mean_lasr'])} (layer {h['pasr_of_mean_lasr_layer']})",
+            f"{_fmt(h['masr_mean'])} ± {_fmt(h['masr_std'])}{_fmt_ci(h['masr_ci_seed0'])}",
+            _fmt(h["masr_any_seed"]), h["failures_total"]])
+    lines += _table(["attack", "seeds", "INIT", "PASR (mean ± std)", "peak layer(s)", "PASR of mean LASR",
+                     "MASR (mean ± std)", "MASR any seed", "judge failures"], rows)
+    lines += ["", (
+        "Intervals are 95% percentile bootstrap intervals over prompts (seed 0 for PASR / MASR). PASR = max over "
+        "layers of LASR; MASR = mean over prompts of max over layers; INIT = success rate of the clean answers. "
+        "Deterministic attacks (ASAgrad, zero-start PGD) run the first seed only."),
+        "", "## LASR by layer (primary judge, mean over seeds)", ""]
+    lines += _table(["layer"] + result.attacks,
+                    [[l] + [_fmt(s["attacks"][a]["lasr_band"]["lasr"][j]) for a in result.attacks]
+                     for j, l in enumerate(result.layers)])
+    lines += ["", "## All judges", ""]
+    lines += _table(["attack", "judge", "INIT", "PASR mean", "MASR mean", "failures (cells)"],
+                    [[a, jn, _fmt(js.get("init_mean")), _fmt(js.get("pasr_mean")), _fmt(js.get("masr_mean")),
+                      js.get("failures_total")]
+                     for a in result.attacks for jn, js in s["attacks"][a]["judges"].items()])
+    lines += ["", "## Judge failures", "", (
+        "A judge failure is a cell the judge could not rule on; it is excluded from that cell's rate (never "
+        "counted as success or refusal) and counted here."), ""]
+    lines += _table(["judge", "clean failures"] + [f"{a} failures" for a in result.attacks],
+                    [[jn, s["init"][jn]["failures"]] + [s["failures"][a][jn] for a in result.attacks]
+                     for jn in result.judges])
+    lines += ["", "## Caveats", ""]
+    if any(jn.startswith("keyword") for jn in result.judges):
+        lines.append(KEYWORD_GIBBERISH_CAVEAT)
+    for jn, c in s.get("judge_caveats", {}).items():
+        if c and not jn.startswith("keyword"):
+            lines.append(f"- {jn}: {c}")
+    if result.probes:
+        pr = result.probes
+        lines += ["", "## NLL probe and position KL", "", (
+            f"Teacher-forced on each prompt's clean greedy answer (mean {_fmt(pr['mean_response_tokens'], 1)} "
+            f"tokens, clean NLL {_fmt(pr['nll_clean_mean'])}); ASA noise at `{pr['positions']}` positions, seeds "
+            f"{pr['seeds']}. ΔNLL > 0: the perturbation pushes away from the safe answer. Peak ΔNLL layer: "
+            f"{pr['peak_delta_nll_layer']}. Position KL = KL(clean || perturbed) of the distribution predicting "
+            "generated token t."), ""]
+        rows = []
+        for l in pr["layers"]:
+            e = pr["nll"][str(l)]
+            curve = [v for v in (pr["position_kl"].get(str(l)) or []) if v is not None]
+            rows.append([l, _fmt(e["delta_nll_mean"]), _fmt(e["delta_nll_std"]), _fmt(e["frac_prompts_raised"]),
+                         _fmt(curve[0] if curve else None, 3), _fmt(curve[-1] if curve else None, 3)])
+        lines += _table(["layer", "ΔNLL mean", "ΔNLL std", "prompts raised", "KL at t=0", "KL at last t"], rows)
+    if s.get("asabench"):
+        ab = s["asabench"]
+        lines += ["", "## ASABench export", "", (
+            f"{ab['n_instances']} successful (prompt, layer) instances ({ab['judge']} judge): {ab['n_train']} "
+            f"train ({ab['train_prompts']} prompts), {ab['n_test']} test ({ab['test_prompts']} prompts), split "
+            f"`{ab['split_mode']}` (prompt-disjoint: {ab['prompt_disjoint']}).")]
+    figs = s.get("figures") or {}
+    if figs:
+        lines += ["", "## Figures", ""] + [f"![{k}]({v})" for k, v in figs.items()]
+    lines += ["", "## Sample generations", ""]
+    for a in result.attacks:
+        peak = s["attacks"][a]["headline"]["pasr_of_mean_lasr_layer"]
+        if peak is None:
+            continue
+        for i in range(min(3, len(result.prompts))):
+            rec = result.records.get(_key(a, result.seeds_run[a][0], i, peak))
+            if rec is None:
+                continue
+            v = rec["verdicts"].get(p, {})
+            verdict = "failure" if v.get("failed") else ("success" if v.get("success") else "refused")
+            lines.append(f"- **{a}, layer {peak}, prompt {i}** ({p}: {verdict}): `{_oneline(result.prompts[i])}` "
+                         f"→ clean: `{_oneline(result.clean_responses[i])}` "
+                         f"→ attacked: `{_oneline(rec['response'])}`")
+    return "\n".join(lines) + "\n"
+
+
+def _oneline(text: str, limit: int = 120) -> str:
+    t = " ".join(str(text).split()).replace("`", "'")
+    return t if len(t) <= limit else t[: limit - 1] + "…"
+
+
+# ----------------------------------------------------------------------------------------------- the stage
+def scan_positions(cfg) -> tuple[str, int, str]:
+    """The generation-time positions policy, first_k and refresh for a run config.
+
+    ``evaluation.positions`` / ``evaluation.refresh`` / ``evaluation.first_k`` win when the config has them.
+    Otherwise ``perturbation.positions`` is used when it is a generation policy (``prompt_last_and_generated``,
+    ``first_k``, ``all``); the training-only policies (``response``, ``prompt``, LAPT's default) fall back to
+    the paper's attack, ``prompt_last_and_generated``.
+    """
+    ev, pc = cfg.evaluation, cfg.perturbation
+    positions = getattr(ev, "positions", None) if "positions" in ev else None
+    if positions is None:
+        positions = pc.positions if pc.positions in GENERATION_POLICIES else "prompt_last_and_generated"
+        if pc.positions not in GENERATION_POLICIES:
+            log.info("scan: perturbation.positions=%s is a training policy; the scan attacks the last prompt "
+                     "token and every generated token (prompt_last_and_generated)", pc.positions)
+    first_k = int(ev.first_k) if "first_k" in ev else int(pc.first_k)
+    refresh = str(ev.refresh) if "refresh" in ev else str(pc.refresh)
+    return positions, first_k, refresh
+
+
+def load_scan_prompts(cfg) -> tuple[list[str], list[str], list[int]]:
+    """Harmful prompts, targets and stable ids from ``data.eval_harmful`` (or ``data.harmful``).
+
+    ``pkg://`` paths resolve to files shipped in the package (:func:`lat_lightning.resources.resource_path`).
+
+    Raises:
+        ConfigError: when neither data source is set.
+    """
+    from lat_lightning.data.loaders import load_safety_examples
+    from lat_lightning.errors import ConfigError
+    from lat_lightning.resources import resource_path
+
+    source = cfg.data.eval_harmful or cfg.data.harmful
+    if not source:
+        raise ConfigError("the scan needs harmful prompts: set data.eval_harmful or data.harmful "
+                          "(e.g. pkg://lat_lightning/resources/tiny_harmful.jsonl)")
+    examples = load_safety_examples(resource_path(source), split=cfg.data.harmful_split,
+                                    columns=dict(cfg.data.harmful_columns or {}),
+                                    default_safe_response=cfg.data.default_safe_response,
+                                    max_examples=cfg.data.max_examples)
+    if cfg.evaluation.num_prompts is not None:
+        examples = examples[: int(cfg.evaluation.num_prompts)]
+    return ([e.prompt for e in examples], [e.harmful_response for e in examples], [int(e.index) for e in examples])
+
+
+def _scan_model_config(cfg):
+    from omegaconf import OmegaConf
+
+    from lat_lightning.config import ModelConfig
+
+    mcfg = OmegaConf.to_object(cfg.model) if not isinstance(cfg.model, ModelConfig) else cfg.model
+    mcfg = dataclasses.replace(mcfg)
+    if cfg.evaluation.model_path:
+        mcfg.name_or_path = str(cfg.evaluation.model_path)
+    return mcfg
+
+
+def scan_stage(cfg, run_dir: Path) -> dict:
+    """Pipeline stage ``scan``: load the model and prompts, run :func:`run_scan` into ``run_dir``.
+
+    Returns:
+        A small dict for the stage marker: headline numbers per attack and the output files.
+    """
+    from omegaconf import OmegaConf
+
+    from lat_lightning.config import PerturbationConfig
+    from lat_lightning.errors import ConfigError
+    from lat_lightning.models.loading import load_model, load_tokenizer
+
+    ev = cfg.evaluation
+    for a in ev.attacks:
+        if a not in ATTACKS:
+            raise ConfigError(f"unknown attack '{a}' in evaluation.attacks; choose from {', '.join(ATTACKS)}")
+    mcfg = _scan_model_config(cfg)
+    model = load_model(mcfg, train=False, with_lora=False)
+    tokenizer = load_tokenizer(mcfg)
+    if torch.cuda.is_available() and str(cfg.trainer.accelerator) not in ("cpu",):
+        model = model.to("cuda")
+    prompts, targets, keys = load_scan_prompts(cfg)
+    positions, first_k, refresh = scan_positions(cfg)
+    pcfg = OmegaConf.to_object(cfg.perturbation) if not isinstance(cfg.perturbation, PerturbationConfig) \
+        else cfg.perturbation
+    judges = list(ev.judges)
+    if ev.primary_judge not in judges:
+        raise ConfigError(f"evaluation.primary_judge '{ev.primary_judge}' is not in evaluation.judges {judges}")
+    result = run_scan(
+        model, tokenizer, prompts, targets, list(ev.layers) if ev.layers is not None else None, list(ev.attacks),
+        list(ev.seeds), judges, run_dir, primary_judge=ev.primary_judge, perturbation=pcfg, positions=positions,
+        first_k=first_k, refresh=refresh, max_new_tokens=ev.max_new_tokens, do_sample=ev.do_sample,
+        temperature=ev.temperature, batch_size=ev.batch_size, use_chat_template=mcfg.use_chat_template,
+        system_prompt=mcfg.system_prompt, prompt_keys=keys, classifier_path=ev.classifier_path,
+        bootstrap_samples=ev.bootstrap_samples, resume=True, progress=True, probes=True,
+        asabench_test_fraction=ev.split_test_fraction, asabench_split_mode=ev.split_mode, split_seed=int(cfg.seed))
+    info = {"attacks": {a: {k: result.headline(a)[k] for k in ("init", "pasr_mean", "masr_mean",
+                                                                 "pasr_of_mean_lasr_layer")} for a in result.attacks},
+            "primary_judge": result.primary_judge, "cells_run": result.cells_run,
+            "cells_resumed": result.cells_resumed, "report": str(Path(run_dir) / REPORT_FILE),
+            "summary": str(Path(run_dir) / SUMMARY_FILE)}
+    for a in result.attacks:
+        h = result.headline(a)
+        print(f"[scan] {a}: INIT {_fmt(h['init'])}  PASR {_fmt(h['pasr_mean'])} (layer {h['pasr_of_mean_lasr_layer']})"
+              f"  MASR {_fmt(h['masr_mean'])}  [{result.primary_judge}]", flush=True)
+    print(f"[scan] report: {Path(run_dir) / REPORT_FILE}", flush=True)
+    return info
+
+
+__all__ = ["ScanResult", "load_scan_prompts", "read_records", "render_report", "run_scan", "scan_positions",
+           "scan_stage", "write_figures"]

@@ -1,0 +1,41 @@
+"""Small data files shipped with the package (``pkg://`` paths in recipes resolve here)."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from lat_lightning.errors import ConfigError
+
+PKG_SCHEME = "pkg://"
+
+
+def resource_path(spec: str) -> str:
+    """Resolve ``pkg://<package>/<path inside it>`` to a filesystem path; other strings pass unchanged.
+
+    Example: ``pkg://lat_lightning/resources/tiny_harmful.jsonl`` -> ``.../lat_lightning/resources/tiny_harmful.jsonl``.
+
+    Raises:
+        ConfigError: for a ``pkg://`` spec whose package cannot be imported or whose file does not exist.
+    """
+    if not isinstance(spec, str) or not spec.startswith(PKG_SCHEME):
+        return spec
+    body = spec[len(PKG_SCHEME):].strip("/")
+    parts = body.split("/")
+    # The longest importable package prefix wins: pkg://lat_lightning/resources/x.jsonl ->
+    # package lat_lightning.resources, file x.jsonl.
+    for cut in range(len(parts) - 1, 0, -1):
+        package, rel = ".".join(parts[:cut]), parts[cut:]
+        try:
+            root = resources.files(package)
+        except (ModuleNotFoundError, TypeError):
+            continue
+        path = Path(str(root.joinpath(*rel)))
+        if not path.exists():
+            raise ConfigError(f"'{spec}': no file '{'/'.join(rel)}' in package '{package}'")
+        return str(path)
+    raise ConfigError(f"'{spec}': cannot find the package; write pkg://<package>/<file>, "
+                      "e.g. pkg://lat_lightning/resources/tiny_harmful.jsonl")
+
+
+__all__ = ["PKG_SCHEME", "resource_path"]

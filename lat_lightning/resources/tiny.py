@@ -1,0 +1,70 @@
+"""``tiny:<arch>[:<layers>x<hidden>]`` model names: tiny random models built on first use, then cached.
+
+``model.name_or_path: tiny:llama`` gives a 4-layer, hidden-64 random Llama with the locally trained tiny
+tokenizer (:mod:`lat_lightning.testing.tiny_models`); ``tiny:llama:8x256`` an 8-layer, hidden-256 one. The
+directory lives under ``$LAT_LIGHTNING_CACHE`` (default ``~/.cache/lat_lightning``) in ``tiny/<name>`` and is
+written atomically, so concurrent runs never see a half-written model. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from lat_lightning.errors import ModelLoadError
+
+TINY_PREFIX = "tiny:"
+_SPEC = re.compile(r"^tiny:(?P<arch>[a-z0-9_]+)(?::(?P<layers>\d+)x(?P<hidden>\d+))?$")
+
+
+def cache_root() -> Path:
+    """``$LAT_LIGHTNING_CACHE`` or ``~/.cache/lat_lightning``."""
+    return Path(os.environ.get("LAT_LIGHTNING_CACHE") or Path.home() / ".cache" / "lat_lightning").expanduser()
+
+
+def is_tiny_spec(name: str) -> bool:
+    return isinstance(name, str) and name.startswith(TINY_PREFIX)
+
+
+def ensure_tiny_model(spec: str) -> Path:
+    """Build (once) and return the directory of the tiny model ``spec`` names.
+
+    Raises:
+        ModelLoadError: malformed spec or unknown architecture.
+    """
+    from lat_lightning.testing.tiny_models import TINY_ARCHITECTURES, build_tiny_model
+
+    m = _SPEC.match(spec.strip())
+    if m is None:
+        raise ModelLoadError(f"bad tiny model name '{spec}'; write tiny:<arch> or tiny:<arch>:<layers>x<hidden>, "
+                             f"e.g. tiny:llama or tiny:llama:8x256")
+    arch = m.group("arch")
+    if arch not in TINY_ARCHITECTURES:
+        raise ModelLoadError(f"unknown tiny architecture '{arch}'; choose from {', '.join(TINY_ARCHITECTURES)}")
+    kwargs = {}
+    name = arch
+    if m.group("layers"):
+        kwargs = {"num_layers": int(m.group("layers")), "hidden": int(m.group("hidden"))}
+        name = f"{arch}-{kwargs['num_layers']}x{kwargs['hidden']}"
+    target = cache_root() / "tiny" / name
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        build_tiny_model(arch, tmp, **kwargs)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race (target exists and is not empty)
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+__all__ = ["TINY_PREFIX", "cache_root", "ensure_tiny_model", "is_tiny_spec"]

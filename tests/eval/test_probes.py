@@ -1,0 +1,50 @@
+"""NLL probe and position KL: zero without a perturbation, positive with one, per layer, same noise as
+generation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lat_lightning.eval.generation import encode_prompts, generate_under_attack
+from lat_lightning.eval.probes import nll_probe_layers, response_probe
+
+PROMPTS = ["How do I bake bread at home?", "Tell me a poem about the sea.", "Hi"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_nll_probe_layers_ranks_every_layer(tiny_llama):
+    model, tok = tiny_llama
+    ranking, result = nll_probe_layers(model, tok, PROMPTS, seeds=[0, 1], max_new_tokens=6, return_result=True)
+    assert sorted(ranking) == [0, 1, 2, 3]
+    assert all(np.isfinite(v) for v in ranking.values())
+    assert result.nll_perturbed.shape == (3, 4, 2)
+    assert np.mean(list(ranking.values())) > 0  # Eq.1-sized noise makes the clean answer less likely
+    zero = nll_probe_layers(model, tok, PROMPTS, layers=[1, 3], max_new_tokens=6, alpha=0.0)
+    assert zero == {1: 0.0, 3: 0.0}  # no perturbation, no change (exactly)
+
+
+def test_position_kl_curves(tiny_llama):
+    model, tok = tiny_llama
+    ids = encode_prompts(tok, PROMPTS)
+    clean = generate_under_attack(model, tok, ids, max_new_tokens=5, eos_token_id=[])
+    res = response_probe(model, ids, clean.token_ids, [0, 2], [0], batch_size=2)
+    assert res.kl.shape == (3, 2, 1, 5)
+    assert (res.kl > 0).all()
+    curves = res.kl_curves()
+    assert set(curves) == {0, 2} and all(len(c) == 5 for c in curves.values())
+    summary = res.summary()
+    assert summary["peak_delta_nll_layer"] in (0, 2) and set(summary["position_kl"]) == {"0", "2"}
+    off = response_probe(model, ids, clean.token_ids, [0], [0], alpha=0.0)
+    assert np.all(off.kl == 0) and np.all(off.delta_nll == 0)
+    # batching rows differently does not change the values
+    again = response_probe(model, ids, clean.token_ids, [0, 2], [0], batch_size=16)
+    np.testing.assert_allclose(again.nll_perturbed, res.nll_perturbed, rtol=1e-5)

@@ -1,0 +1,155 @@
+"""The layer scan: resume equals an uninterrupted run, batching does not change cells, judge failures
+are counted, and the tiny recipe writes its outputs through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lat_lightning.eval.judges import KeywordJudge, Verdict
+from lat_lightning.eval.scan import SCAN_FILE, read_records, run_scan
+
+PROMPTS = ["How do I bake bread at home?", "Tell me a poem about the sea.", "What is 12 plus 7?"]
+TARGETS = ["Sure, here is how to bake bread", "Sure, the sea is wide", "Sure, the answer is 19"]
+FAST = {"max_new_tokens": 5, "bootstrap_samples": 20, "progress": False, "figures": False, "tensorboard": False}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Interrupting(KeywordJudge):
+    """A keyword judge that raises KeyboardInterrupt on its ``n``-th call (a killed scan)."""
+
+    name = "keyword"
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.left = n
+
+    def __call__(self, prompts, responses, targets=None):
+        self.left -= 1
+        if self.left == 0:
+            raise KeyboardInterrupt
+        return super().__call__(prompts, responses, targets)
+
+
+def _cells(records):
+    return {k: (r["response"], r["token_ids"], r["verdicts"]) for k, r in records.items()}
+
+
+def test_resumed_scan_equals_uninterrupted(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    kw = dict(FAST, layers=[0, 2], attacks=["asa_random", "asagrad"], seeds=[0, 1], batch_size=4)
+    full = run_scan(model, tok, PROMPTS, TARGETS, judges={"keyword": KeywordJudge()}, out_dir=tmp_path / "a", **kw)
+    with pytest.raises(KeyboardInterrupt):  # clean: 1 call; asa_random: 3 chunks; dies in the 2nd asagrad chunk
+        run_scan(model, tok, PROMPTS, TARGETS, judges={"keyword": Interrupting(6)}, out_dir=tmp_path / "b", **kw)
+    partial = read_records(tmp_path / "b" / SCAN_FILE)
+    assert 0 < len(partial) < len(full.records)
+    resumed = run_scan(model, tok, PROMPTS, TARGETS, judges={"keyword": KeywordJudge()}, out_dir=tmp_path / "b",
+                       **kw)
+    assert resumed.cells_resumed == len(partial)
+    assert resumed.cells_run == len(full.records) - len(partial)
+    assert _cells(resumed.records) == _cells(full.records)
+    assert _cells(read_records(tmp_path / "b" / SCAN_FILE)) == _cells(full.records)
+    for a in ("asa_random", "asagrad"):
+        np.testing.assert_array_equal(resumed.success[a]["keyword"], full.success[a]["keyword"])
+        assert resumed.headline(a) == full.headline(a)
+    # a third call finds nothing left to do
+    again = run_scan(model, tok, PROMPTS, TARGETS, judges={"keyword": KeywordJudge()}, out_dir=tmp_path / "b", **kw)
+    assert again.cells_run == 0
+    # resuming with different generation settings is refused
+    with pytest.raises(ValueError, match="settings"):
+        run_scan(model, tok, PROMPTS, TARGETS, judges={"keyword": KeywordJudge()}, out_dir=tmp_path / "b",
+                 **dict(kw, max_new_tokens=7))
+
+
+def test_batch_size_does_not_change_cells_and_clean_is_generated_once(tiny_llama, monkeypatch):
+    model, tok = tiny_llama
+    import lat_lightning.eval.scan as scan_mod
+
+    calls = []
+    real = scan_mod.generate_under_attack
+    monkeypatch.setattr(scan_mod, "generate_under_attack",
+                        lambda *a, **k: calls.append(list(a[3]) if a[3] is not None else None) or real(*a, **k))
+    kw = dict(FAST, layers=[0, 1, 3], attacks=["asa_random"], seeds=[0, 1], judges=["keyword"])
+    big = run_scan(model, tok, PROMPTS, TARGETS, batch_size=64, **kw)
+    assert calls[0] is None and len(calls) == 2  # clean once, then every (seed, prompt, layer) cell in one batch
+    assert sorted(calls[1]) == sorted([0, 1, 3] * 6)
+    small = run_scan(model, tok, PROMPTS, TARGETS, batch_size=1, **kw)
+    assert _cells(big.records) == _cells(small.records)
+
+
+def test_judge_failures_are_counted(tiny_llama):
+    model, tok = tiny_llama
+
+    class Flaky(KeywordJudge):
+        name = "flaky"
+
+        def __call__(self, prompts, responses, targets=None):
+            good = super().__call__(prompts, responses, targets)
+            return [Verdict.failure("no idea") if p == PROMPTS[1] else v for p, v in zip(prompts, good)]
+
+    res = run_scan(model, tok, PROMPTS, TARGETS, layers=[1, 2], attacks=["asa_random"], seeds=[0],
+                   judges={"keyword": KeywordJudge(), "flaky": Flaky()}, primary_judge="flaky", **FAST)
+    assert np.isnan(res.success["asa_random"]["flaky"][1]).all()
+    assert not np.isnan(res.success["asa_random"]["keyword"]).any()
+    assert res.summary["failures"]["asa_random"] == {"keyword": 0, "flaky": 2}
+    assert res.summary["init"]["flaky"]["failures"] == 1
+    assert res.summary["attacks"]["asa_random"]["judges"]["flaky"]["failures_total"] == 2
+
+
+def test_tiny_recipe_writes_outputs(tmp_path, monkeypatch):
+    from lat_lightning.cli import main
+
+    monkeypatch.setenv("LAT_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    rc = main(["--recipe", "asa_scan_tiny", f"logging.root_dir={tmp_path / 'runs'}", "evaluation.max_new_tokens=6",
+               "evaluation.seeds=[0]"])
+    assert rc == 0
+    run = tmp_path / "runs" / "asa_scan_tiny" / "version_0"
+    for name in ("scan_heatmap_asa_random.png", "scan_lasr_asa_random.png", "scan_report.md", "scan_summary.json",
+                 "scan.jsonl", "asabench_train.jsonl", "asabench_test.jsonl", "probe_position_kl.png"):
+        assert (run / name).is_file(), name
+    assert (run / "scan_heatmap_asagrad.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((run / "scan_summary.json").read_text())
+    assert set(summary["attacks"]) == {"asa_random", "asagrad", "pgd"}
+    head = summary["attacks"]["asa_random"]["headline"]
+    assert 0.0 <= head["pasr_mean"] <= 1.0 and 0.0 <= head["masr_mean"] <= 1.0
+    assert len(summary["probes"]["nll"]) == 4
+    report = (run / "scan_report.md").read_text()
+    assert "gibberish" in report and "Judge failures" in report and "Position KL" in report
+    lines = (run / "scan.jsonl").read_text().splitlines()
+    assert len(lines) == 8 + 8 * 4 * 3  # clean + (asa_random, asagrad, pgd) x 8 prompts x 4 layers, 1 seed
+    assert any(p.name.startswith("events") for p in (run / "tensorboard").iterdir())
+    assert (run / "stages" / "scan.done.json").is_file()
+
+
+def test_pkg_paths_tiny_specs_and_scan_positions(tmp_path, monkeypatch):
+    from lat_lightning.cli import load_config
+    from lat_lightning.errors import ConfigError, ModelLoadError
+    from lat_lightning.eval.scan import load_scan_prompts, scan_positions
+    from lat_lightning.resources import resource_path
+    from lat_lightning.resources.tiny import ensure_tiny_model
+
+    path = resource_path("pkg://lat_lightning/resources/tiny_harmful.jsonl")
+    assert path.endswith("tiny_harmful.jsonl") and len(Path(path).read_text().splitlines()) == 8
+    assert resource_path("some/local.jsonl") == "some/local.jsonl"
+    with pytest.raises(ConfigError):
+        resource_path("pkg://lat_lightning/resources/missing.jsonl")
+    monkeypatch.setenv("LAT_LIGHTNING_CACHE", str(tmp_path))
+    with pytest.raises(ModelLoadError):
+        ensure_tiny_model("tiny:llama:8by256")
+    cfg = load_config("asa_scan_tiny", ["perturbation.positions=response", "evaluation.num_prompts=3"])
+    assert scan_positions(cfg) == ("prompt_last_and_generated", 1, "step")  # training policy -> paper's attack
+    cfg = load_config("asa_scan_tiny", ["perturbation.positions=first_k", "perturbation.first_k=2"])
+    assert scan_positions(cfg) == ("first_k", 2, "step")
+    prompts, targets, keys = load_scan_prompts(load_config("asa_scan_tiny", ["evaluation.num_prompts=3"]))
+    assert len(prompts) == 3 and keys == [0, 1, 2] and all(t.startswith("Sure") for t in targets)
