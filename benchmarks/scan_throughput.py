@@ -23,7 +23,7 @@ Repetitions are interleaved (framework, reference, framework, ...) after one war
 wall time is reported. One intra-op thread by default (``--threads``): two threads are slower for these
 tiny matmuls when other processes share the CPU.
 
-Usage: ``python -m benchmarks.scan_throughput [--reps 3] [--max-new-tokens 32]``. Last line:
+Usage: ``python -m benchmarks.scan_throughput [--reps 3] [--max-new-tokens 50]``. Last line:
 ``RESULT {json}``.
 """
 
@@ -126,7 +126,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

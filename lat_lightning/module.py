@@ -60,10 +60,12 @@ class LatentAdversarialModule(pl.LightningModule):
         model: the causal LM (LoRA-wrapped or not).
         tokenizer: its tokenizer (kept for callbacks and evaluation).
         strategy: the perturbation strategy; built from ``cfg.perturbation`` when ``None``.
+        evaluator: a :class:`lat_lightning.eval.evaluate.SafetyEvaluator` for the validation loop
+            (``None``: validation does nothing).
     """
 
     def __init__(self, cfg: DictConfig, model: nn.Module, tokenizer=None,
-                 strategy: Optional[PerturbationStrategy] = None):
+                 strategy: Optional[PerturbationStrategy] = None, evaluator=None):
         super().__init__()
         self.automatic_optimization = False
         # Checkpoints hold trainable weights only, so loading must tolerate the frozen ones' absence.
@@ -75,6 +77,8 @@ class LatentAdversarialModule(pl.LightningModule):
         self.attack_layers: list[int] = list(cfg.perturbation.layers)
         self.loss_terms: list[LossTerm] = []
         self._micro_step = 0
+        # A plain attribute, not a submodule: its torchmetrics state must not enter checkpoints.
+        self.__dict__["evaluator"] = evaluator
 
     # -- optimisation ------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -176,6 +180,32 @@ class LatentAdversarialModule(pl.LightningModule):
             logs[f"attack/norm_{k}"] = v
         logs["train/lr"] = opt.param_groups[0]["lr"]
         self.log_dict(logs, on_step=True, prog_bar=False, batch_size=batch_size)
+
+    # -- validation: attack success, over-refusal, utility, NLL probe ---------------------------------
+    def on_validation_epoch_start(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.metrics.to(self.device)
+            self.evaluator.reset()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        """``batch`` is a list of held-out :class:`SafetyExample` (see ``SafetyDataModule.val_dataloader``)."""
+        if self.evaluator is None or not batch:
+            return
+        limit = self.cfg.logging.sample_generations if batch_idx == 0 else 0
+        self.evaluator.attack_batch(self.model, self.tokenizer, batch, self.attack_layers or None, sample_limit=limit)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.evaluator is None:
+            return
+        self.evaluator.benign_and_utility(self.model, self.tokenizer)
+        metrics = self.evaluator.compute()
+        self.log_dict({f"val/{k}": v for k, v in metrics.items() if v == v}, sync_dist=False)
+        writer = getattr(self.logger, "experiment", None) if self.logger else None
+        if writer is not None and hasattr(writer, "add_text") and self.evaluator.samples:
+            text = "\n\n".join(f"**{s['prompt']}** (layer {s['layer']})  \nclean: `{s['clean']}`  \n"
+                                f"attacked: `{s['attacked']}`" for s in self.evaluator.samples)
+            writer.add_text("val/samples", text, global_step=self.global_step)
+        self.model.train()
 
     # -- checkpoints: trainable weights only ----------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -92,6 +92,15 @@ def validate_setup(cfg: DictConfig, model) -> None:
         raise ConfigError("trainer.accumulate_grad_batches must be >= 1")
 
 
+def build_evaluator(cfg: DictConfig):
+    """The validation-loop evaluator when any held-out data is configured, else ``None``."""
+    if not (cfg.data.eval_harmful or cfg.data.eval_benign or cfg.evaluation.utility_data):
+        return None
+    from lat_lightning.eval.evaluate import SafetyEvaluator, load_evaluation_data
+
+    return SafetyEvaluator(cfg, load_evaluation_data(cfg), cfg.evaluation.layers)
+
+
 def export_final(module: LatentAdversarialModule, tokenizer, out_dir: Path) -> Path:
     """Save the trained model: the LoRA adapter (``PeftModel.from_pretrained``-loadable) or the full model."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +124,7 @@ def fit(cfg: DictConfig, run_dir: Path, model=None, tokenizer=None, datamodule: 
     model.train()
     validate_setup(cfg, model)
     datamodule = datamodule or SafetyDataModule(cfg, tokenizer)
-    module = LatentAdversarialModule(cfg, model, tokenizer)
+    module = LatentAdversarialModule(cfg, model, tokenizer, evaluator=build_evaluator(cfg))
     callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks)
     trainer = build_trainer(cfg, run_dir, callbacks)
     ckpt_path = None

@@ -236,6 +236,9 @@ class SafetyDataModule(LightningDataModule):
         if self.train_dataset is None:
             self.setup("validate")
         if not self.eval_examples:
+            if self.data_cfg.eval_benign or self.cfg.evaluation.utility_data:
+                # One empty batch so the validation epoch runs and scores over-refusal and utility.
+                return DataLoader([[]], batch_size=None, collate_fn=list)
             return []
         return DataLoader(self.eval_examples, batch_size=int(self.data_cfg.batch_size), shuffle=False,
                           collate_fn=list, num_workers=0)

@@ -5,8 +5,8 @@ Everything is shipped as code; nothing is downloaded. Two families:
 * **Benign instruction tasks** with a checkable answer (item keys ``prompt``, ``response``, ``answer``,
   ``task``):
 
-  - ``add``: "What is 23 plus 5?" -> "23 plus 5 is 28." (answer ``"28"``); train and eval are disjoint
-    by the (a, b) number pair;
+  - ``add``: "What is 23 plus 5?" -> "23 plus 5 is 28." (answer ``"28"``, two-digit plus one-digit
+    without carry); train and eval are disjoint by the (a, b) number pair;
   - ``upper``: "Write the word velko in capital letters." -> "VELKO"; disjoint by word;
   - ``first``: "What is the first letter of velko?" -> "The first letter of velko is v."; disjoint by word;
   - ``capital``: capitals of fictional countries (a fixed table); ``colour``: colours of fictional
@@ -190,8 +190,13 @@ def _split_list(items: list, split: str, seed: int, tag: str, eval_fraction: flo
 
 
 def add_pairs(split: str, seed: int = 0) -> list[tuple[int, int]]:
-    """(a, b) pairs with ``10 <= a <= 49`` and ``1 <= b <= 9``, split disjointly."""
-    return _split_list([(a, b) for a in range(10, 50) for b in range(1, 10)], split, seed, "add")
+    """(a, b) pairs, ``10 <= a <= 99``, ``1 <= b <= 9``, no carry (``a % 10 + b <= 9``), split disjointly.
+
+    Without a carry the sum's tens digit is copied and its units digit is a one-digit sum, so a tiny model
+    learns the task in a few hundred steps and generalises to held-out pairs.
+    """
+    pairs = [(a, b) for a in range(10, 100) for b in range(1, 10) if a % 10 + b <= 9]
+    return _split_list(pairs, split, seed, "add")
 
 
 def benign_item(task: str, rng: random.Random, split: str = "train", seed: int = 0) -> dict:

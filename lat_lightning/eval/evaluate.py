@@ -1,0 +1,201 @@
+"""Evaluation of a model's safety and utility: the validation loop during fit, and the ``evaluate`` stage.
+
+Four numbers, each a torchmetrics aggregate so they reduce correctly across processes:
+
+- ``attack_success``: fraction of held-out harmful prompts broken by ASA random noise at any evaluated
+  layer (MASR over those layers, primary judge), and ``init``: the unperturbed success rate;
+- ``nll_probe``: mean rise of the NLL of the model's own clean answer under ASA noise (Eq. 2);
+- ``over_refusal``: fraction of benign prompts whose clean answer the keyword judge reads as a refusal;
+- ``utility_accuracy``: multiple-choice or exact-match accuracy on ``evaluation.utility_data``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torchmetrics
+from omegaconf import DictConfig
+from torch import nn
+
+from lat_lightning.data.schema import SafetyExample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluationData:
+    """Held-out inputs of an evaluation."""
+
+    harmful: list[SafetyExample] = field(default_factory=list)
+    benign_prompts: list[str] = field(default_factory=list)
+    utility_rows: list[dict] = field(default_factory=list)
+    utility_kind: str = "multiple_choice"
+
+
+def load_evaluation_data(cfg: DictConfig) -> EvaluationData:
+    """Read ``data.eval_harmful``, ``data.eval_benign`` and ``evaluation.utility_data`` (each optional)."""
+    from lat_lightning.data.loaders import load_benign_examples, load_safety_examples
+
+    data = EvaluationData(utility_kind=cfg.evaluation.utility_kind)
+    if cfg.data.eval_harmful:
+        data.harmful = load_safety_examples(cfg.data.eval_harmful, cfg.data.harmful_split,
+                                            dict(cfg.data.harmful_columns or {}), cfg.data.default_safe_response,
+                                            cfg.evaluation.num_prompts)
+    if cfg.data.eval_benign:
+        data.benign_prompts = [ex.prompt for ex in load_benign_examples(
+            cfg.data.eval_benign, cfg.data.benign_split, dict(cfg.data.benign_columns or {}),
+            cfg.evaluation.num_prompts)]
+    if cfg.evaluation.utility_data and cfg.evaluation.utility_kind != "organism":
+        from lat_lightning.eval.utility import load_utility_rows
+
+        data.utility_rows = load_utility_rows(cfg.evaluation.utility_data, cfg.evaluation.utility_kind)
+    return data
+
+
+class SafetyEvaluator:
+    """Computes the evaluation metrics for a model; used by the validation loop and the evaluate stage.
+
+    Args:
+        cfg: run config (``evaluation`` and ``model`` sections).
+        data: held-out data.
+        layers: layers to attack (``None``: every layer of the model).
+        utility_fn: optional ``model, tokenizer -> accuracy`` overriding ``data.utility_rows``.
+    """
+
+    def __init__(self, cfg: DictConfig, data: EvaluationData, layers: Optional[Sequence[int]] = None,
+                 utility_fn=None):
+        self.cfg = cfg
+        self.data = data
+        self.layers = list(layers) if layers else None
+        self.utility_fn = utility_fn
+        self.metrics = nn.ModuleDict({
+            name: torchmetrics.MeanMetric(nan_strategy="ignore")
+            for name in ("attack_success", "init", "nll_probe", "over_refusal", "utility_accuracy")})
+        self.samples: list[dict] = []
+
+    def reset(self) -> None:
+        for metric in self.metrics.values():
+            metric.reset()
+        self.samples = []
+
+    def _layers(self, model) -> list[int]:
+        from lat_lightning.models.layers import num_layers
+
+        return self.layers or list(range(num_layers(model)))
+
+    def attack_batch(self, model, tokenizer, examples: Sequence[SafetyExample], layers: Optional[Sequence[int]] = None,
+                     sample_limit: int = 0) -> dict:
+        """ASA random + NLL probe on a batch of held-out harmful examples; updates the metrics."""
+        from lat_lightning.eval.probes import nll_probe_layers
+        from lat_lightning.eval.scan import run_scan
+
+        ev = self.cfg.evaluation
+        layers = list(layers) if layers else self._layers(model)
+        prompts = [ex.prompt for ex in examples]
+        result = run_scan(model, tokenizer, prompts, [ex.harmful_response for ex in examples], layers,
+                          ["asa_random"], list(ev.seeds)[:1], list(ev.judges), None,
+                          primary_judge=ev.primary_judge, max_new_tokens=ev.max_new_tokens,
+                          batch_size=ev.batch_size, use_chat_template=self.cfg.model.use_chat_template,
+                          system_prompt=self.cfg.model.system_prompt, prompt_keys=[ex.index for ex in examples],
+                          bootstrap_samples=0, resume=False, progress=False, figures=False, tensorboard=False,
+                          asabench_test_fraction=None)
+        matrix = torch.as_tensor(result.matrix("asa_random"), dtype=torch.float32)  # [N, L]
+        broken = torch.where(torch.isnan(matrix), torch.zeros_like(matrix), matrix).amax(dim=1)
+        all_failed = torch.isnan(matrix).all(dim=1)
+        broken[all_failed] = float("nan")
+        clean = torch.as_tensor(result.clean_success[result.primary_judge], dtype=torch.float32)
+        nll = nll_probe_layers(model, tokenizer, prompts, layers, list(ev.seeds)[:1],
+                               max_new_tokens=min(32, ev.max_new_tokens), batch_size=ev.batch_size,
+                               use_chat_template=self.cfg.model.use_chat_template,
+                               system_prompt=self.cfg.model.system_prompt,
+                               prompt_keys=[ex.index for ex in examples])
+        nll_mean = sum(nll.values()) / max(1, len(nll))
+        self.metrics["attack_success"].update(broken)
+        self.metrics["init"].update(clean)
+        self.metrics["nll_probe"].update(torch.tensor([nll_mean] * len(examples), dtype=torch.float32))
+        for i in range(min(sample_limit, len(prompts))):
+            peak = int(torch.nan_to_num(matrix[i], nan=-1).argmax())
+            rec = result.records.get(("asa_random", list(ev.seeds)[0], i, layers[peak])) or {}
+            self.samples.append({"prompt": prompts[i], "clean": result.clean_responses[i], "layer": layers[peak],
+                                 "attacked": rec.get("response", "")})
+        return {"broken": broken, "clean": clean, "nll_probe": nll_mean}
+
+    def benign_and_utility(self, model, tokenizer) -> None:
+        """Over-refusal on benign prompts and utility accuracy; updates the metrics."""
+        from lat_lightning.eval.generation import generate_under_attack
+        from lat_lightning.eval.judges import build_judge
+
+        ev = self.cfg.evaluation
+        if self.data.benign_prompts:
+            gen = generate_under_attack(model, tokenizer, self.data.benign_prompts, max_new_tokens=ev.max_new_tokens,
+                                        batch_size=ev.batch_size, use_chat_template=self.cfg.model.use_chat_template,
+                                        system_prompt=self.cfg.model.system_prompt)
+            verdicts = build_judge("keyword")(self.data.benign_prompts, gen.texts)
+            refused = [float("nan") if v.failed else float(not v.success) for v in verdicts]
+            self.metrics["over_refusal"].update(torch.tensor(refused))
+        if self.utility_fn is not None:
+            self.metrics["utility_accuracy"].update(torch.tensor([float(self.utility_fn(model, tokenizer))]))
+        elif self.data.utility_rows:
+            from lat_lightning.eval.utility import evaluate_utility
+
+            out = evaluate_utility(model, tokenizer, self.data.utility_rows, self.data.utility_kind,
+                                   batch_size=ev.batch_size, use_chat_template=self.cfg.model.use_chat_template,
+                                   system_prompt=self.cfg.model.system_prompt)
+            self.metrics["utility_accuracy"].update(torch.tensor([out["accuracy"]]))
+
+    def compute(self) -> dict[str, float]:
+        """Aggregated metrics (``nan`` for metrics that got no data)."""
+        out = {}
+        for name, metric in self.metrics.items():
+            if metric.update_count == 0:
+                out[name] = float("nan")
+            else:
+                out[name] = float(metric.compute())
+        return out
+
+    def run(self, model, tokenizer, layers: Optional[Sequence[int]] = None, sample_limit: int = 4) -> dict:
+        """Everything at once (the ``evaluate`` stage)."""
+        self.reset()
+        bs = max(1, int(self.cfg.evaluation.batch_size))
+        for start in range(0, len(self.data.harmful), bs):
+            self.attack_batch(model, tokenizer, self.data.harmful[start:start + bs], layers,
+                              sample_limit=max(0, sample_limit - len(self.samples)))
+        self.benign_and_utility(model, tokenizer)
+        return self.compute()
+
+
+def write_evaluation(out_dir: Path, metrics: dict, samples: list[dict], name: str = "evaluation") -> None:
+    """``<name>.json`` and ``<name>.md`` in ``out_dir`` (NaN written as null / "n/a")."""
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+    (out_dir / f"{name}.json").write_text(json.dumps({"metrics": clean, "samples": samples}, indent=2))
+    lines = [f"# {name.capitalize()}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {'n/a' if v is None else f'{v:.3f}'} |" for k, v in clean.items()]
+    lines += ["", "Keyword judges count gibberish and empty answers as success (no refusal marker).", ""]
+    for s in samples:
+        lines += [f"- **{s['prompt']}** (layer {s['layer']})", f"  - clean: {s['clean']!r}",
+                  f"  - attacked: {s['attacked']!r}"]
+    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def evaluate_stage(cfg: DictConfig, run_dir: Path) -> dict:
+    """Pipeline stage ``evaluate``: the evaluation metrics of ``evaluation.model_path`` (or ``model``)."""
+    from omegaconf import OmegaConf
+
+    from lat_lightning.models.loading import load_model, load_tokenizer
+
+    mcfg = cfg.model
+    if cfg.evaluation.model_path:
+        mcfg = OmegaConf.merge(cfg.model, {"name_or_path": cfg.evaluation.model_path})
+        mcfg.lora.enabled = False
+    model = load_model(mcfg, train=False, with_lora=False)
+    tokenizer = load_tokenizer(mcfg)
+    evaluator = SafetyEvaluator(cfg, load_evaluation_data(cfg), cfg.evaluation.layers)
+    metrics = evaluator.run(model, tokenizer, sample_limit=cfg.logging.sample_generations)
+    write_evaluation(run_dir, metrics, evaluator.samples)
+    return {"metrics": {k: (None if math.isnan(v) else v) for k, v in metrics.items()}}
