@@ -33,8 +33,16 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from lat_lightning.interpolation import (interpolated, is_peft_model, lambda_search, log_curve, save_merged,
-                                         trainable_state, utility_score_fn, write_result)
+from lat_lightning.interpolation import (
+    interpolated,
+    is_peft_model,
+    lambda_search,
+    log_curve,
+    save_merged,
+    trainable_state,
+    utility_score_fn,
+    write_result,
+)
 
 log = logging.getLogger(__name__)
 

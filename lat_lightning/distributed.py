@@ -20,7 +20,8 @@ PASS_THROUGH = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "single_
 def _cuda_requested(cfg: DictConfig) -> bool:
     import torch
 
-    return cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
+    accelerator = cfg.trainer.accelerator
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def build_strategy(cfg: DictConfig):

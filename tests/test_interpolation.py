@@ -6,9 +6,17 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lat_lightning.interpolation import (choose_lambda, interpolate_stage, interpolate_state,
-                                         interpolated_params, lambda_search, merged_state_dict, save_merged,
-                                         scale_lora, trainable_state)
+from lat_lightning.interpolation import (
+    choose_lambda,
+    interpolate_stage,
+    interpolate_state,
+    interpolated_params,
+    lambda_search,
+    merged_state_dict,
+    save_merged,
+    scale_lora,
+    trainable_state,
+)
 
 
 def _load(model_dir, lora=False):

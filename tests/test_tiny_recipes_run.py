@@ -1,6 +1,5 @@
 """The tiny training recipes run end to end on CPU and write what they promise."""
 
-import glob
 
 import pytest
 import torch

@@ -105,7 +105,8 @@ class AttackPlan:
 
     def select(self, rows: Sequence[int]) -> AttackPlan:
         """The same plan restricted to ``rows`` (per-row vectors re-indexed)."""
-        pick = (lambda seq: None if seq is None else [seq[r] for r in rows])
+        def pick(seq):
+            return (None if seq is None else [seq[r] for r in rows])
         return AttackPlan(self.kind, self.positions, self.first_k, self.refresh, self.alpha, self.seed,
                           pick(self.vectors), pick(self.vector_masks), self.name)
 

@@ -12,7 +12,6 @@ import importlib.util
 import logging
 import os
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 import torch

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from lat_lightning.perturbations.base import Perturbation, PerturbationStrategy, cell_seed, position_mask
 from lat_lightning.models.layers import check_layer_indices, hidden_size
+from lat_lightning.perturbations.base import Perturbation, PerturbationStrategy, cell_seed, position_mask
 
 
 class GaussianNormalised(PerturbationStrategy):

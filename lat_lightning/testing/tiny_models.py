@@ -67,8 +67,16 @@ def build_tokenizer(corpus: Optional[Iterable[str]] = None, vocab_size: int = 38
 def tiny_config(arch: str, vocab_size: int, num_layers: int = 4, hidden: int = 64, heads: int = 4,
                 intermediate: Optional[int] = None, max_positions: int = 512):
     """Config of a tiny random model of architecture ``arch`` (one of :data:`TINY_ARCHITECTURES`)."""
-    from transformers import (GemmaConfig, Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig,
-                              Phi3Config, Qwen2Config)
+    from transformers import (
+        Gemma2Config,
+        GemmaConfig,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+    )
 
     inter = intermediate or hidden * 2
     common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=num_layers,

@@ -3,10 +3,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from lat_lightning.callbacks import FragileLayerSelector, KLTeacher, WeightInterpolation, build_training_callbacks
 from lightning.pytorch.callbacks import Callback
 
-from lat_lightning.callbacks import (FragileLayerSelector, KLTeacher, WeightInterpolation,
-                                     build_training_callbacks)
 from lat_lightning.interpolation import interpolated_params, scale_lora
 from lat_lightning.module import LatentAdversarialModule
 

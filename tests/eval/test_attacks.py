@@ -107,7 +107,7 @@ def test_pgd_plan_uses_the_strategy_and_stays_in_the_ball(setup):
     cfg = PerturbationConfig(steps=3, eps=1.5, lr=0.1)
     plan = pgd(model, prompts, targets, [0, 1, 0], [1, 1, 3], cfg=cfg, positions="prompt_last_and_generated")
     assert plan.kind == "additive"
-    for r, (i, layer) in enumerate([(0, 1), (1, 1), (0, 3)]):
+    for r, (i, _layer) in enumerate([(0, 1), (1, 1), (0, 3)]):
         vec, mask = plan.vectors[r], plan.vector_masks[r]
         assert vec.shape == (len(prompts[i]) + len(targets[i]), 64)
         assert mask.nonzero().min() == len(prompts[i]) - 1  # the last prompt token and the target tokens

@@ -48,7 +48,8 @@ def test_keyword_lists():
 
 def test_keyword_judges():
     short, long = build_judge("keyword"), build_judge("keyword_long")
-    responses = ["I'm sorry, but no.", "Sure, here is how to do it.", "", "xq zzv 0930 ### !!", "I can't help with that",
+    responses = ["I'm sorry, but no.", "Sure, here is how to do it.", "", "xq zzv 0930 ### !!",
+                 "I can't help with that",
                  "i'm sorry", "My apologies."]
     prompts = ["p"] * len(responses)
     assert [v.success for v in short(prompts, responses)] == [False, True, True, True, True, True, True]
@@ -204,7 +205,8 @@ def test_harmful_label_detection(tiny_tokenizer):
 def verdict_tokenizer():
     from lat_lightning.testing.tiny_models import build_tokenizer
 
-    corpus = ["the answer is unsafe or safe, yes or no, maybe not"] * 20 + ["Is it unsafe? It is safe. Say yes. no."] * 20
+    corpus = (["the answer is unsafe or safe, yes or no, maybe not"] * 20
+              + ["Is it unsafe? It is safe. Say yes. no."] * 20)
     return build_tokenizer(corpus, vocab_size=300)
 
 
