@@ -6,10 +6,12 @@ lower layers, gradients on the perturbation only) and ``pgd_naive``: the structu
 (whole model from the embeddings every step, separate toward/away passes, and ``loss.backward()`` so
 weight gradients are computed in every attack backward). The naive variant exists only here, as a
 baseline. Runs are interleaved (variant order rotates each round) and the median of ``--repeats`` is
-reported. Peak memory: on CUDA ``max_memory_allocated``; on CPU the peak RSS growth of a forked child
-that runs one step (approximate: the allocator may keep freed pages).
+reported. Peak memory: on CUDA ``max_memory_allocated`` above the memory held before the step; on CPU a
+fresh subprocess per variant runs a warm-up step (so optimiser state and caches exist), then one step,
+and reports peak RSS minus the RSS before that step (large tensors are mmap-allocated and returned to
+the OS when freed, so this tracks the step's transient memory; approximate).
 
-Usage: ``python -m benchmarks.step_cost [--repeats 7]``. Last line: ``RESULT {json}``.
+Usage: ``python -m benchmarks.step_cost [--repeats 7] [--threads 1]``. Last line: ``RESULT {json}``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import copy
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -100,7 +104,23 @@ def _rss_kb() -> int:
     return 0
 
 
-def peak_memory_mb(module, batch, opt, variant: str) -> float:
+def memory_child(model_dir: str, variant: str, threads: int) -> None:
+    """Subprocess entry: print the transient peak RSS (MB) of one training step of ``variant``."""
+    import resource
+
+    torch.set_num_threads(threads)
+    model = load_model(ModelConfig(name_or_path=model_dir), train=True)
+    module = make_module(model, variant)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    batch = make_batch(model.config.vocab_size)
+    one_step(module, batch, opt, variant)  # warm-up: optimiser state, allocator caches
+    before = _rss_kb()
+    one_step(module, batch, opt, variant)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(max(0, peak - before) / 1024)
+
+
+def peak_memory_mb(module, batch, opt, variant: str, model_dir: str, threads: int) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -108,33 +128,29 @@ def peak_memory_mb(module, batch, opt, variant: str) -> float:
         one_step(module, batch, opt, variant)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: run one step, report peak RSS growth
-        os.close(read)
-        import resource
-
-        start = _rss_kb()
-        one_step(module, batch, opt, variant)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        os.write(write, str(max(0, peak - start) / 1024).encode())
-        os._exit(0)
-    os.close(write)
-    os.waitpid(pid, 0)
-    with os.fdopen(read) as fh:
-        return float(fh.read() or "nan")
+    out = subprocess.run([sys.executable, "-m", "benchmarks.step_cost", "--memory-child", variant,
+                          "--model-dir", model_dir, "--threads", str(threads)],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.model_dir, args.memory_child, args.threads)
+        return
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = build_tiny_model("llama", tmp, num_layers=8, hidden=256, heads=8, intermediate=688)
-        base = load_model(ModelConfig(name_or_path=str(path)), train=True).to(device)
-        vocab = len(load_tokenizer(ModelConfig(name_or_path=str(path))))
+    tmp = tempfile.TemporaryDirectory()
+    path = str(build_tiny_model("llama", tmp.name, num_layers=8, hidden=256, heads=8, intermediate=688))
+    base = load_model(ModelConfig(name_or_path=path), train=True).to(device)
+    vocab = len(load_tokenizer(ModelConfig(name_or_path=path)))
     batch = {k: v.to(device) for k, v in make_batch(vocab).items()}
     modules, opts = {}, {}
     for v in VARIANTS:
@@ -154,9 +170,10 @@ def main() -> None:
                 torch.cuda.synchronize()
             times[v].append(time.perf_counter() - t0)
     med = {v: statistics.median(ts) for v, ts in times.items()}
-    mem = {v: statistics.median(peak_memory_mb(modules[v], batch, opts[v], v) for _ in range(3)) for v in VARIANTS}
+    mem = {v: peak_memory_mb(modules[v], batch, opts[v], v, path, args.threads) for v in VARIANTS}
+    tmp.cleanup()
     result = {
-        "device": device, "repeats": args.repeats, "batch": 8, "seq": 128, "layers": 8, "hidden": 256,
+        "device": device, "threads": args.threads, "repeats": args.repeats, "batch": 8, "seq": 128, "layers": 8, "hidden": 256,
         "median_step_s": {v: round(t, 4) for v, t in med.items()},
         "time_ratio_to_sft": {v: round(med[v] / med["none"], 3) for v in VARIANTS},
         "pgd_speedup_vs_naive": round(med["pgd_naive"] / med["pgd"], 3),

@@ -239,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)  # 2, or 128 + signal for a run stopped by SIGTERM/SIGINT
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -182,6 +182,36 @@ class CallbacksConfig:
 
 
 @dataclass
+class DurabilityConfig:
+    """The durability suite (stage ``durability``, ``docs/durability.md``): original vs hardened model.
+
+    Runtime scales with ``num_prompts`` x (``random_seeds`` + adaptive attacks) x layers, ``max_k``,
+    ``finetune_steps`` / ``benign_steps`` and the number of ``rewrites``.
+    """
+
+    sections: list[str] = field(default_factory=lambda: ["rescan", "adaptive", "finetune", "trainability", "depth",
+                                                         "rewrites"])
+    num_prompts: Optional[int] = None
+    random_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    fragile_layers: Optional[list[int]] = None
+    transfer: bool = True
+    max_k: int = 5
+    depth_attacks: list[str] = field(default_factory=lambda: ["asa_random", "asagrad"])
+    prefill_ks: Optional[list[int]] = None
+    finetune_steps: int = 8
+    finetune_lr: float = 1e-3
+    finetune_batch_size: int = 4
+    finetune_lora_r: int = 8
+    finetune_lora_alpha: int = 16
+    finetune_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    benign_steps: int = 4
+    benign_lr: float = 1e-3
+    rewrites: list[str] = field(default_factory=lambda: ["leetspeak", "char_spaced", "reversed_words", "rot13",
+                                                         "roleplay"])
+    max_new_tokens: Optional[int] = None
+
+
+@dataclass
 class EvaluationConfig:
     """Scan / evaluation settings."""
 
@@ -203,6 +233,7 @@ class EvaluationConfig:
     split_mode: str = "prompt"
     model_path: Optional[str] = None
     compare_path: Optional[str] = None
+    durability: DurabilityConfig = field(default_factory=DurabilityConfig)
 
 
 @dataclass

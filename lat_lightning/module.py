@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from lat_lightning import resume
 from lat_lightning.errors import TrainingDivergedError
 from lat_lightning.losses import causal_lm_loss, log_one_minus_p_loss
 from lat_lightning.perturbations import build_strategy
@@ -211,13 +212,27 @@ class LatentAdversarialModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["lat_lightning"] = {"attack_layers": list(self.attack_layers), "micro_step": self._micro_step}
+        checkpoint["lat_lightning"] = {"attack_layers": list(self.attack_layers), "micro_step": self._micro_step,
+                                       **resume.training_state(self)}  # RNG, noise key, partial gradients
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         info = checkpoint.get("lat_lightning", {})
         if "attack_layers" in info:
             self.attack_layers = list(info["attack_layers"])
         self._micro_step = int(info.get("micro_step", 0))
+        self._resumed_state = info  # applied in on_train_start, once the strategy has placed the weights
+
+    def on_train_start(self) -> None:
+        if getattr(self, "_resumed_state", None):
+            resume.restore_training_state(self, self._resumed_state)
+        self._resumed_state = None
+
+    # -- FSDP2 (trainer.strategy=fsdp2: ModelParallelStrategy calls this with a device mesh) ------------
+    def configure_model(self) -> None:
+        if self.device_mesh is not None:
+            from lat_lightning.distributed_fsdp import shard_fsdp2
+
+            shard_fsdp2(self.model, self.device_mesh["data_parallel"])
 
 
 def _has_row_layers(batch: dict) -> bool:

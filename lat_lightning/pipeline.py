@@ -42,6 +42,9 @@ def run_pipeline(cfg: DictConfig, recipe: str, resume: Optional[str] = None) -> 
         The run directory.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from lat_lightning.preflight import preflight
+
+    preflight(cfg)  # bad settings fail here, before a run directory exists or a weight is loaded
     run_dir = create_run_dir(cfg, recipe, resume)
     print(f"run directory: {run_dir}", flush=True)
     for stage in cfg.stages:

@@ -1,13 +1,16 @@
 """The ``fit`` stage: build model, data, module, callbacks and trainer from a run config, then train.
 
 Outputs in the run directory: ``tensorboard/`` (events), ``checkpoints/`` (trainable weights, optimiser,
-scheduler, counters; ``last.ckpt``), ``final/`` (LoRA adapter or full model, loadable with
-``from_pretrained``), and whatever the callbacks write (``interpolated/`` for weight interpolation).
+scheduler, counters, data position, RNG; ``last.ckpt``, also written on SIGTERM/SIGINT, see
+:mod:`lat_lightning.resume`), ``final/`` (LoRA adapter or full model, loadable with ``from_pretrained``),
+``final_merged/`` (LoRA runs: the merged full model) and whatever the callbacks write (``interpolated/``
+for weight interpolation).
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -16,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from lat_lightning.data.datamodule import SafetyDataModule
@@ -24,6 +28,7 @@ from lat_lightning.models.layers import check_layer_indices
 from lat_lightning.models.loading import load_model, load_tokenizer
 from lat_lightning.module import LatentAdversarialModule
 from lat_lightning.perturbations import build_strategy
+from lat_lightning.resume import InterruptCheckpoint, TrainingInterrupted, checkpoint_to_resume
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +45,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
     every = cfg.trainer.checkpoint_every_n_steps or cfg.trainer.max_steps
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}", save_last=True,
                            every_n_train_steps=every, save_top_k=-1, auto_insert_metric_name=False)
-    return [ckpt] + build_training_callbacks(cfg, run_dir)
+    return [ckpt, InterruptCheckpoint(run_dir)] + build_training_callbacks(cfg, run_dir)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback]) -> pl.Trainer:
@@ -101,14 +106,40 @@ def build_evaluator(cfg: DictConfig):
     return SafetyEvaluator(cfg, load_evaluation_data(cfg), cfg.evaluation.layers)
 
 
-def export_final(module: LatentAdversarialModule, tokenizer, out_dir: Path) -> Path:
-    """Save the trained model: the LoRA adapter (``PeftModel.from_pretrained``-loadable) or the full model."""
+def export_final(module: LatentAdversarialModule, tokenizer, out_dir: Path, merged_dir: Optional[Path] = None) -> Path:
+    """Save the trained model: the LoRA adapter (``PeftModel.from_pretrained``-loadable) or the full model
+    (``AutoModelForCausalLM.from_pretrained``), plus the tokenizer. For LoRA, ``merged_dir`` (if given) also
+    gets the merged full model.
+
+    Call it on every rank: sharded (FSDP) weights are gathered first (a collective); rank 0 writes.
+    """
+    from lat_lightning.distributed_fsdp import full_state_dict
+    from lat_lightning.interpolation import is_peft_model
+
+    state = full_state_dict(module)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = module.model
-    model.save_pretrained(out_dir)
+    module.model.save_pretrained(out_dir, **({"state_dict": state} if state is not None else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    if merged_dir is not None and is_peft_model(module.model):
+        export_merged(module.cfg, out_dir, merged_dir, tokenizer)
     return out_dir
+
+
+def export_merged(cfg: DictConfig, adapter_dir: Path, out_dir: Path, tokenizer=None) -> Path:
+    """Merge the LoRA adapter saved in ``adapter_dir`` into a fresh CPU copy of the base model (never
+    quantised, in ``model.dtype``) and save it as a plain model (``AutoModelForCausalLM``-loadable)."""
+    from omegaconf import OmegaConf
+    from peft import PeftModel
+
+    from lat_lightning.interpolation import save_merged
+
+    mcfg = OmegaConf.merge(cfg.model, {"gradient_checkpointing": False,
+                                       "quantization": {"load_in_4bit": False, "load_in_8bit": False}})
+    base = load_model(mcfg, train=False, with_lora=False)
+    return save_merged(PeftModel.from_pretrained(base, str(adapter_dir)), tokenizer, out_dir)
 
 
 def fit(cfg: DictConfig, run_dir: Path, model=None, tokenizer=None, datamodule: Optional[SafetyDataModule] = None,
@@ -128,19 +159,25 @@ def fit(cfg: DictConfig, run_dir: Path, model=None, tokenizer=None, datamodule: 
     callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks)
     trainer = build_trainer(cfg, run_dir, callbacks)
     ckpt_path = None
-    if resume:
-        last = run_dir / "checkpoints" / "last.ckpt"
-        ckpt_path = str(last) if last.exists() else None
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if resume:  # a checkpoint path, or a run directory (its --resume checkpoint, else last.ckpt)
+        ckpt = Path(resume) if Path(resume).suffix == ".ckpt" else checkpoint_to_resume(run_dir)
+        ckpt_path = str(ckpt) if ckpt is not None else None
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        stop = next(c for c in callbacks if isinstance(c, InterruptCheckpoint))
+        name = signal.Signals(stop.signum or signal.SIGTERM).name
+        raise TrainingInterrupted(f"stopped by {name} at step {trainer.global_step}; checkpoint saved to {stop.saved}; "
+                                  f"continue with --resume {run_dir}", stop.signum or signal.SIGTERM) from None
     module.trainer_ref = trainer
-    if trainer.is_global_zero:
-        export_final(module, tokenizer, run_dir / "final")
+    export_final(module, tokenizer, run_dir / "final", merged_dir=run_dir / "final_merged")
     return module
 
 
 def fit_stage(cfg: DictConfig, run_dir: Path) -> dict:
     """Pipeline stage ``fit``."""
     torch.set_float32_matmul_precision("high")
-    module = fit(cfg, run_dir, resume=str(run_dir) if (run_dir / "checkpoints" / "last.ckpt").exists() else None)
+    ckpt = checkpoint_to_resume(run_dir)  # --resume's checkpoint, else last.ckpt when the run has one
+    module = fit(cfg, run_dir, resume=str(ckpt) if ckpt is not None else None)
     return {"final": str(run_dir / "final"), "attack_layers": list(module.attack_layers),
             "global_step": int(module.trainer_ref.global_step)}

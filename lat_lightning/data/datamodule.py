@@ -63,13 +63,35 @@ class ZippedSampler(Sampler):
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        self.rank, self.world_size, self.batch_size = 0, 1, 1
+        self._skip: tuple[int, int] = (-1, 0)  # (epoch, items of this rank's share to skip once)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order ``__iter__`` yields (Lightning calls this every epoch)."""
         self.epoch = int(epoch)
 
+    def shard(self, rank: int, world_size: int, batch_size: int) -> None:
+        """Data parallelism: this rank yields its ``batch_size`` slice of every global batch.
+
+        Global batch ``g`` is items ``[g·B·W, (g+1)·B·W)`` of the epoch's order (``B`` = per-rank batch,
+        ``W`` = world size) and rank ``r`` gets ``[g·B·W + r·B, g·B·W + (r+1)·B)``, so ``W`` processes with
+        batch ``B`` see exactly the batches one process with batch ``B·W`` sees. With ``W > 1`` the last
+        global batch is completed from the start of the order, so every rank runs the same number of steps.
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.rank, self.world_size, self.batch_size = int(rank), int(world_size), int(batch_size)
+
+    def skip_once(self, epoch: int, items: int) -> None:
+        """Resume: in ``epoch`` only, start after the first ``items`` of this rank's share."""
+        self._skip = (int(epoch), int(items))
+
     def __len__(self) -> int:
-        return max(self.num_safety, self.num_benign)
+        total = max(self.num_safety, self.num_benign)
+        if self.world_size == 1:
+            return total
+        step = self.batch_size * self.world_size
+        return -(-total // step) * self.batch_size
 
     def _stream(self, stream: int, size: int, total: int) -> list[int]:
         order: list[int] = []
@@ -84,11 +106,21 @@ class ZippedSampler(Sampler):
         return order[:total]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        total = len(self)
+        total = max(self.num_safety, self.num_benign)
         safety = self._stream(_SAFETY_STREAM, self.num_safety, total)
         benign = (self._stream(_BENIGN_STREAM, self.num_benign, total) if self.num_benign
                   else [NO_BENIGN] * total)
-        return iter(list(zip(safety, benign)))
+        pairs = list(zip(safety, benign))
+        if self.world_size > 1:
+            step, b = self.batch_size * self.world_size, self.batch_size
+            while len(pairs) % step:
+                pairs.append(pairs[len(pairs) % total])
+            pairs = [pairs[g + i] for g in range(0, len(pairs), step) for i in range(self.rank * b, (self.rank + 1) * b)]
+        skip_epoch, skip_items = self._skip
+        if skip_epoch == self.epoch:
+            pairs = pairs[skip_items:]
+            self._skip = (-1, 0)
+        return iter(pairs)
 
 
 class EncodedSafetyDataset(Dataset):
@@ -223,9 +255,19 @@ class SafetyDataModule(LightningDataModule):
 
     # ----------------------------------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:
-        """Safety batches (``collate_safety``), benign pairs zipped in when configured."""
+        """Safety batches (``collate_safety``), benign pairs zipped in when configured.
+
+        Under data parallelism each rank gets its slice of every global batch (:meth:`ZippedSampler.shard`);
+        after a resume the restored epoch starts at the next unseen batch.
+        """
         if self.train_dataset is None:
             self.setup("fit")
+        trainer = self._trainer_or_none()
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self.sampler.shard(rank, world, int(self.data_cfg.batch_size))
+        if self._resume_position is not None:
+            self._apply_resume_position(self._resume_position)
+            self._resume_position = None
         workers = int(self.data_cfg.num_workers)
         return DataLoader(self.train_dataset, batch_size=int(self.data_cfg.batch_size), sampler=self.sampler,
                           collate_fn=partial(collate_safety, pad_id=self.pad_id), num_workers=workers,
@@ -244,18 +286,54 @@ class SafetyDataModule(LightningDataModule):
                           collate_fn=list, num_workers=0)
 
     # ----------------------------------------------------------------------------------------- state
+    _DATA_KEYS = ("seed", "num_safety", "num_benign")
+    _resume_position: dict[str, Any] | None = None
+
+    def _trainer_or_none(self):
+        try:
+            return self.trainer
+        except RuntimeError:  # not attached
+            return None
+
     def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints so a resume can check it reproduces the same data order."""
+        """Saved in checkpoints: what defines the order, and the position in it (epoch, samples consumed).
+
+        ``samples_consumed`` counts global samples of the current epoch (batches done on each rank × per-rank
+        batch × world size), so a resume with another world size still continues at the right sample.
+        """
         if self.train_dataset is None:
             return {}
-        return {"seed": int(self.cfg.seed), "num_safety": len(self.train_dataset.safety),
-                "num_benign": len(self.train_dataset.benign)}
+        state = {"seed": int(self.cfg.seed), "num_safety": len(self.train_dataset.safety),
+                 "num_benign": len(self.train_dataset.benign)}
+        trainer = self._trainer_or_none()
+        if trainer is not None and self.sampler is not None:
+            done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+            state.update(epoch=int(trainer.current_epoch),
+                         samples_consumed=done * self.sampler.batch_size * self.sampler.world_size)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Warn when the resumed data differs from the checkpoint's (the order would differ too)."""
-        if state_dict and self.train_dataset is not None and state_dict != self.state_dict():
-            log.warning("resumed data differs from the checkpoint's (%s vs %s): the sample order will differ",
-                        self.state_dict(), state_dict)
+        """Restore the data position (applied when the train loader is built); warn when the data differ."""
+        if state_dict and self.train_dataset is not None:
+            ours = {k: v for k, v in self.state_dict().items() if k in self._DATA_KEYS}
+            theirs = {k: v for k, v in state_dict.items() if k in self._DATA_KEYS}
+            if ours != theirs:
+                log.warning("resumed data differs from the checkpoint's (%s vs %s): the sample order will differ",
+                            ours, theirs)
+        if state_dict and "samples_consumed" in state_dict:
+            self._resume_position = {"epoch": int(state_dict["epoch"]),
+                                     "samples_consumed": int(state_dict["samples_consumed"])}
+
+    def _apply_resume_position(self, position: dict[str, int]) -> None:
+        per_global_batch = self.sampler.batch_size * self.sampler.world_size
+        consumed = position["samples_consumed"]
+        if consumed % per_global_batch:
+            log.warning("resuming with a different global batch (%d) than the checkpoint's: restarting at sample "
+                        "%d of the epoch instead of %d", per_global_batch,
+                        consumed - consumed % per_global_batch, consumed)
+        per_rank = (consumed // per_global_batch) * self.sampler.batch_size
+        if per_rank < len(self.sampler):  # an epoch that ended is simply over
+            self.sampler.skip_once(position["epoch"], per_rank)
 
 
 __all__ = ["NO_BENIGN", "EncodedSafetyDataset", "SafetyDataModule", "ZippedSampler"]

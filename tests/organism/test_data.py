@@ -38,7 +38,7 @@ def test_benign_splits_are_disjoint():
     train_pairs, eval_pairs = set(D.add_pairs("train")), set(D.add_pairs("eval"))
     assert eval_pairs and not train_pairs & eval_pairs
     words = lambda split: {re.search(r"(?:word|of) (\w+)", it["prompt"]).group(1)  # noqa: E731
-                           for it in D.benign_items(split, 300) if it["task"] in ("upper", "first")}
+                           for it in D.benign_items(split, 300, tasks=D.ALL_BENIGN_TASKS) if it["task"] in ("upper", "first")}
     assert not words("train") & words("eval")
     train_prompts = {it["prompt"] for it in D.benign_items("train", 400) if it["task"] in ("capital", "colour")}
     eval_prompts = {it["prompt"] for it in D.benign_items("eval", 100) if it["task"] in ("capital", "colour")}
@@ -73,6 +73,7 @@ def test_safe_response_is_a_refusal_by_the_keyword_list():
 def test_benign_answers_check_out():
     items = D.benign_items("train", 200) + D.benign_items("eval", 100)
     assert {it["task"] for it in items} == set(D.BENIGN_TASKS)
+    items += D.benign_items("train", 100, tasks=D.ALL_BENIGN_TASKS)
     for it in items:
         assert D.check_answer(it, it["response"])
         if it["task"] == "add":
