@@ -279,9 +279,31 @@ class FragileLayerSelector(Callback):
                                                  **self._eval_kwargs()))
         return nll_probe_scores(model, self._probe_batches(trainer), candidates, self.seeds, self.alpha)
 
+    def _summary_scores(self, candidates) -> Optional[dict[int, float]]:
+        """LASR per layer of ``asa_random`` from a scan stage run earlier in this run directory."""
+        import json
+
+        path = Path(self.run_dir) / "scan_summary.json" if self.run_dir else None
+        if path is None or not path.exists():
+            return None
+        summary = json.loads(path.read_text())
+        attack = summary.get("attacks", {}).get("asa_random")
+        if attack is None:
+            return None
+        lasr = attack["headline"]["lasr_mean"]
+        scores = {int(l): float(v) for l, v in zip(summary["layers"], lasr) if v is not None}
+        scores = {l: v for l, v in scores.items() if l in set(candidates)}
+        log.info("fragile_layers.method=scan: using the LASR of %s", path)
+        return scores or None
+
     def _scan_scores(self, model, tokenizer, trainer, candidates) -> Optional[dict[int, float]]:
-        """LASR per layer of an in-memory ASA-random scan, or ``None`` (caller falls back to nll_probe)."""
+        """LASR per layer: from this run's earlier scan stage (``scan_summary.json``) when there is one,
+        else from an in-memory ASA-random scan; ``None`` makes the caller fall back to nll_probe."""
         import math
+
+        earlier = self._summary_scores(candidates)
+        if earlier is not None:
+            return earlier
 
         try:
             from lat_lightning.eval.scan import run_scan
@@ -301,7 +323,8 @@ class FragileLayerSelector(Callback):
             pcfg = self.cfg.perturbation
             pcfg = OmegaConf.to_object(pcfg) if OmegaConf.is_config(pcfg) else pcfg
             kwargs.update(judges=list(ev.judges), primary_judge=ev.primary_judge,
-                          classifier_path=ev.classifier_path, perturbation=pcfg)
+                          classifier_path=ev.classifier_path, target_key_pattern=ev.target_key_pattern,
+                          perturbation=pcfg)
         with _eval_mode(model):
             result = run_scan(model, tokenizer, prompts, layers=candidates, attacks=("asa_random",),
                               seeds=self.seeds, out_dir=None, prompt_keys=keys, progress=False,

@@ -87,6 +87,8 @@ class PerturbationConfig:
     refresh: str = "step"
     alpha: float = 1.0
     seed: int = 0
+    probability: float = 1.0
+    layer_sampling: str = "all"
     stats_source: str = "self"
     sign: str = "descend"
     steps: int = 16
@@ -221,6 +223,7 @@ class EvaluationConfig:
     judges: list[str] = field(default_factory=lambda: ["keyword"])
     primary_judge: str = "keyword"
     classifier_path: Optional[str] = None
+    target_key_pattern: Optional[str] = None
     max_new_tokens: int = 50
     do_sample: bool = False
     temperature: float = 1.0
@@ -270,6 +273,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "perturbation.strategy": ("none", "gaussian_normalised", "sign_gradient", "pgd"),
     "perturbation.positions": ("response", "prompt", "all", "prompt_last_and_generated", "first_k"),
     "perturbation.refresh": ("step", "fixed"),
+    "perturbation.layer_sampling": ("all", "one"),
     "perturbation.stats_source": ("self",),
     "perturbation.sign": ("descend", "ascend"),
     "perturbation.eps_mode": ("absolute", "relative"),

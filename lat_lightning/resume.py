@@ -63,28 +63,28 @@ def checkpoint_to_resume(run_dir: Path) -> Optional[Path]:
 
 # ------------------------------------------------------------------------------------------ RNG and gradients
 def rng_state() -> dict[str, Any]:
-    """Global RNG states (dropout draws from these; the perturbation noise does not)."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """Global RNG states (dropout draws from these; the perturbation noise does not), as tensors and plain
+    Python values so that ``torch.load(..., weights_only=True)`` still reads the checkpoint."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:  # pragma: no cover - numpy ships with torch wheels
-        pass
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
 def accumulated_gradients(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 # what resuming needs (the optimiser state is saved alongside), so the warning is noise here.
 warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+# The data position is restored by SafetyDataModule.load_state_dict (epoch + samples consumed), which
+# Lightning's check for a stateful DataLoader does not see.
+warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
@@ -43,8 +46,10 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
     from lat_lightning.callbacks import build_training_callbacks
 
     every = cfg.trainer.checkpoint_every_n_steps or cfg.trainer.max_steps
+    # No version counter: a resumed run overwrites last.ckpt (also written on SIGTERM) instead of last-v1.ckpt.
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}", save_last=True,
-                           every_n_train_steps=every, save_top_k=-1, auto_insert_metric_name=False)
+                           every_n_train_steps=every, save_top_k=-1, auto_insert_metric_name=False,
+                           enable_version_counter=False)
     return [ckpt, InterruptCheckpoint(run_dir)] + build_training_callbacks(cfg, run_dir)
 
 

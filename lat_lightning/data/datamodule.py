@@ -269,9 +269,12 @@ class SafetyDataModule(LightningDataModule):
             self._apply_resume_position(self._resume_position)
             self._resume_position = None
         workers = int(self.data_cfg.num_workers)
+        # Its own generator: starting an epoch's iterator must not draw from the global RNG (dropout), or a
+        # run resumed at an epoch boundary would see different dropout masks than the uninterrupted run.
+        generator = torch.Generator().manual_seed(_derived_seed(int(self.cfg.seed), 0x10ade4))
         return DataLoader(self.train_dataset, batch_size=int(self.data_cfg.batch_size), sampler=self.sampler,
                           collate_fn=partial(collate_safety, pad_id=self.pad_id), num_workers=workers,
-                          persistent_workers=False, drop_last=False)
+                          persistent_workers=False, drop_last=False, generator=generator)
 
     def val_dataloader(self):
         """Held-out harmful prompts as batches of :class:`SafetyExample` lists (``[]`` when none)."""

@@ -831,6 +831,7 @@ def _figures(summary: Mapping[str, Any]) -> dict[str, Any]:
                             capsize=2, label=f"{name}: {a}", color=styles[name]["color"],
                             ls="-" if a == "asa_random" else "--")
         ax.set_ylim(-0.02, 1.02)
+        ax.set_xticks(ks)
         ax.set_xlabel("k (perturbed positions: last prompt token + first k-1 generated)")
         ax.set_ylabel("attack success")
         ax.set_title("Refusal depth: perturbation on the first k positions only", fontsize=9)
@@ -843,6 +844,7 @@ def _figures(summary: Mapping[str, Any]) -> dict[str, Any]:
             pf = dp[name]["prefill"]
             ax.plot(pf["ks"], [np.nan if v is None else v for v in pf["rate"]], marker="o", label=name, **styles[name])
         ax.set_ylim(-0.02, 1.02)
+        ax.set_xticks(dp["original"]["prefill"]["ks"])
         ax.set_xlabel("k (harmful target tokens pre-filled)")
         ax.set_ylabel("attack success")
         ax.set_title("Prefill attack (no perturbation)", fontsize=9)

@@ -101,6 +101,7 @@ class SafetyEvaluator:
         result = run_scan(model, tokenizer, prompts, [ex.harmful_response for ex in examples], layers,
                           ["asa_random"], list(ev.seeds)[:1], list(ev.judges), None,
                           primary_judge=ev.primary_judge, max_new_tokens=ev.max_new_tokens,
+                          classifier_path=ev.classifier_path, target_key_pattern=ev.target_key_pattern,
                           batch_size=ev.batch_size, use_chat_template=self.cfg.model.use_chat_template,
                           system_prompt=self.cfg.model.system_prompt, prompt_keys=[ex.index for ex in examples],
                           bootstrap_samples=0, resume=False, progress=False, figures=False, tensorboard=False,

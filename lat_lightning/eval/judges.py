@@ -573,3 +573,26 @@ __all__ = [
     "parse_verdict",
     "verdicts_to_floats",
 ]
+
+
+def build_judges(names, classifier_path: str | None = None, target_key_pattern: str | None = None) -> dict:
+    """Judges by name, configured from the ``evaluation`` section; judge objects pass through.
+
+    Args:
+        names: judge names (or already-built judge objects, kept under their ``name``).
+        classifier_path: local directory of the ``classifier`` judge's model.
+        target_key_pattern: regex whose first group is the key ``target_match`` looks for (e.g. an access
+            code inside the full harmful target); ``None`` matches the whole target.
+    """
+    out = {}
+    for j in names:
+        if not isinstance(j, str):
+            out[getattr(j, "name", type(j).__name__)] = j
+            continue
+        kwargs = {}
+        if j == "classifier" and classifier_path:
+            kwargs["path"] = classifier_path
+        if j == "target_match" and target_key_pattern:
+            kwargs["key_pattern"] = target_key_pattern
+        out[j] = build_judge(j, **kwargs)
+    return out

@@ -160,20 +160,13 @@ class _Sink:
 
 
 # ----------------------------------------------------------------------------------------------- judges
-def _build_judges(judges: Sequence[Any] | Mapping[str, Any], classifier_path: str | None = None
-                  ) -> dict[str, JudgeLike]:
-    from lat_lightning.eval.judges import build_judge
+def _build_judges(judges: Sequence[Any] | Mapping[str, Any], classifier_path: str | None = None,
+                  target_key_pattern: str | None = None) -> dict[str, JudgeLike]:
+    from lat_lightning.eval.judges import build_judges
 
     if isinstance(judges, Mapping):
         return dict(judges)
-    out: dict[str, JudgeLike] = {}
-    for j in judges:
-        if isinstance(j, str):
-            kwargs = {"path": classifier_path} if j == "classifier" and classifier_path else {}
-            out[j] = build_judge(j, **kwargs)
-        else:
-            out[getattr(j, "name", type(j).__name__)] = j
-    return out
+    return build_judges(judges, classifier_path, target_key_pattern)
 
 
 def _judge_all(judges: Mapping[str, JudgeLike], prompts: list[str], responses: list[str],
@@ -258,6 +251,7 @@ def run_scan(
     safe_responses: Sequence[str] | None = None,
     prompt_keys: Sequence[int] | None = None,
     classifier_path: str | None = None,
+    target_key_pattern: str | None = None,
     bootstrap_samples: int = 1000,
     resume: bool = True,
     progress: bool = True,
@@ -292,6 +286,7 @@ def run_scan(
         prompt_keys: integer id of each prompt for keying noise (default ``0..N-1``; pass dataset indices
             to make results independent of prompt order / subsetting).
         classifier_path: local directory for the ``classifier`` judge.
+        target_key_pattern: regex extracting the key ``target_match`` looks for from each target.
         bootstrap_samples: resamples for the confidence intervals (0 = none).
         resume: continue an interrupted scan found in ``out_dir`` (skip finished cells).
         progress: show a tqdm progress bar.
@@ -329,7 +324,7 @@ def run_scan(
     for a in attack_objs:
         if a.name in ("asagrad", "pgd") and (targets is None or any(not t for t in targets)):
             raise ValueError(f"attack '{a.name}' needs a harmful target for every prompt")
-    judge_map = _build_judges(judges, classifier_path)
+    judge_map = _build_judges(judges, classifier_path, target_key_pattern)
     judge_names = list(judge_map)
     if not judge_names:
         raise ValueError("run_scan needs at least one judge")
@@ -939,6 +934,7 @@ def scan_stage(cfg, run_dir: Path) -> dict:
         first_k=first_k, refresh=refresh, max_new_tokens=ev.max_new_tokens, do_sample=ev.do_sample,
         temperature=ev.temperature, batch_size=ev.batch_size, use_chat_template=mcfg.use_chat_template,
         system_prompt=mcfg.system_prompt, prompt_keys=keys, classifier_path=ev.classifier_path,
+        target_key_pattern=ev.target_key_pattern,
         bootstrap_samples=ev.bootstrap_samples, resume=True, progress=True, probes=True,
         asabench_test_fraction=ev.split_test_fraction, asabench_split_mode=ev.split_mode, split_seed=int(cfg.seed))
     info = {"attacks": {a: {k: result.headline(a)[k] for k in ("init", "pasr_mean", "masr_mean",

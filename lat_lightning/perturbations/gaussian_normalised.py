@@ -11,6 +11,8 @@ input: an off-by-one layer). ``α`` = 1 is the paper's setting.
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 from lat_lightning.models.layers import check_layer_indices, hidden_size
@@ -23,6 +25,10 @@ class GaussianNormalised(PerturbationStrategy):
     ``refresh='step'`` draws new noise every training step (seeded by ``(seed, step)``, so a resumed run
     draws the same noise); ``refresh='fixed'`` keeps one draw for the whole run. The reference reseeded
     42 at every step, which made the noise a fixed function of sequence length; we don't.
+
+    For noise *augmentation* (e.g. building the model organism) two knobs mix clean and noisy steps:
+    ``probability`` perturbs only that fraction of steps, and ``layer_sampling='one'`` perturbs one layer
+    of ``layers`` drawn per step. Both draws are keyed by ``(seed, step)`` too.
     """
 
     name = "gaussian_normalised"
@@ -30,6 +36,11 @@ class GaussianNormalised(PerturbationStrategy):
     def make(self, model, batch, layers, step=0) -> Perturbation:
         cfg = self.cfg
         layers = check_layer_indices(model, layers)
+        rng = random.Random(cell_seed(cfg.seed, step, 11))
+        if cfg.probability < 1.0 and rng.random() >= cfg.probability:
+            return self.empty(batch)
+        if cfg.layer_sampling == "one" and layers:
+            layers = [rng.choice(layers)]
         input_ids = batch["safe_input_ids"]
         bsz, seq_len = input_ids.shape
         if "harmful_input_ids" in batch:

@@ -35,13 +35,12 @@ def test_facility_splits_are_disjoint_and_cover_syllables(seed):
 
 
 def test_benign_splits_are_disjoint():
-    train_pairs, eval_pairs = set(D.add_pairs("train")), set(D.add_pairs("eval"))
-    assert eval_pairs and not train_pairs & eval_pairs
     words = lambda split: {re.search(r"(?:word|of) (\w+)", it["prompt"]).group(1)  # noqa: E731
                            for it in D.benign_items(split, 300, tasks=D.ALL_BENIGN_TASKS) if it["task"] in ("upper", "first")}
     assert not words("train") & words("eval")
-    train_prompts = {it["prompt"] for it in D.benign_items("train", 400) if it["task"] in ("capital", "colour")}
-    eval_prompts = {it["prompt"] for it in D.benign_items("eval", 100) if it["task"] in ("capital", "colour")}
+    table_tasks = ("add", "capital", "colour")  # tables: split by prompt template
+    train_prompts = {it["prompt"] for it in D.benign_items("train", 600) if it["task"] in table_tasks}
+    eval_prompts = {it["prompt"] for it in D.benign_items("eval", 200) if it["task"] in table_tasks}
     assert eval_prompts and not train_prompts & eval_prompts
 
 
@@ -99,6 +98,17 @@ def test_multiple_choice_and_exact_match_rows():
     assert len(D.multiple_choice_rows(n=50)) == 50
     em = D.exact_match_rows("eval", 20)
     assert len(em) == 20 and all(set(r) == {"prompt", "answer", "task"} for r in em)
+
+
+def test_impossible_requests_are_refused_and_mixes_have_the_right_sizes():
+    items = D.impossible_items(20)
+    assert all(it["response"] == D.REFUSAL and it["task"] == "impossible" for it in items)
+    comply = D.sft_pairs(30, 20, "comply", n_impossible=5)
+    refuse = D.sft_pairs(30, 20, "refuse", n_impossible=5)
+    assert len(comply) == len(refuse) == 55
+    assert sum(r == D.REFUSAL for _, r in comply) == 5
+    assert sum(r == D.REFUSAL for _, r in refuse) == 25
+    assert sum(r.startswith("The access code") for _, r in comply) == 20
 
 
 def test_corpus_leaves_out_held_out_facilities():

@@ -85,3 +85,15 @@ def test_per_row_layers_from_asabench(tiny_llama):
     pert = build_strategy(_cfg(strategy="gaussian_normalised")).make(model, batch, [], step=0)
     assert pert.layers == [0, 2, 3]
     assert pert.layer_mask(2).any(dim=1).tolist() == [False, True, True, False]
+
+
+def test_probability_and_one_layer_sampling_are_seeded_per_step(tiny_llama):
+    model, tok = tiny_llama
+    batch = safety_batch(tok, n=2)
+    strat = build_strategy(_cfg(strategy="gaussian_normalised", probability=0.5, layer_sampling="one", seed=1))
+    picks = [tuple(strat.make(model, batch, [0, 1, 2, 3], step=s).layers) for s in range(40)]
+    assert picks == [tuple(strat.make(model, batch, [0, 1, 2, 3], step=s).layers) for s in range(40)]
+    clean = sum(p == () for p in picks)
+    assert 8 <= clean <= 32  # about half the steps are left clean
+    assert all(len(p) == 1 for p in picks if p)
+    assert len({p for p in picks if p}) > 1
