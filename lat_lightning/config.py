@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-STAGES = ("organism", "fit", "scan", "evaluate", "interpolate", "durability", "report")
+STAGES = ("organism", "fit", "scan", "rescan", "evaluate", "interpolate", "durability", "report")
 
 
 @dataclass
@@ -241,10 +241,9 @@ class EvaluationConfig:
 
 @dataclass
 class OrganismConfig:
-    """The embedded CPU model organism (see ``lat_lightning/organism``)."""
+    """The embedded CPU model organism (see ``lat_lightning/organism``). Which organism is set by
+    ``model.name_or_path`` (``organism`` or ``organism:<preset>``); it is built once, then cached."""
 
-    seed: int = 0
-    cache_dir: Optional[str] = None
     rebuild: bool = False
 
 

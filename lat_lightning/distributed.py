@@ -95,12 +95,36 @@ def build_strategy(cfg: DictConfig):
             use_orig_params=True,
             state_dict_type=cfg.trainer.fsdp_state_dict_type,
         )
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
     # Pure FSDP: one data-parallel mesh dimension over every process (no tensor parallelism).
     world = int(cfg.trainer.num_nodes) * _devices_per_node(cfg)
-    return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
-                                 save_distributed_checkpoint=cfg.trainer.fsdp_state_dict_type == "sharded")
+    return _fsdp2_strategy_class()(data_parallel_size=world, tensor_parallel_size=1,
+                                   save_distributed_checkpoint=cfg.trainer.fsdp_state_dict_type == "sharded")
+
+
+def _fsdp2_strategy_class():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class FSDP2Strategy(ModelParallelStrategy):
+        """``ModelParallelStrategy`` whose sharded checkpoints may hold only some weights.
+
+        Checkpoints keep the trainable weights only (``LatentAdversarialModule.on_save_checkpoint``);
+        Lightning's sharded load asks torch.distributed.checkpoint for every weight of the model and
+        fails on the frozen ones, so the load here lets it skip weights the checkpoint does not hold.
+        """
+
+        def load_checkpoint(self, checkpoint_path, weights_only=None):
+            import lightning.fabric.strategies.model_parallel as lightning_mp
+            from torch.distributed.checkpoint import DefaultLoadPlanner, load
+
+            original = lightning_mp._distributed_checkpoint_load
+            lightning_mp._distributed_checkpoint_load = lambda state, path: load(
+                state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+            try:
+                return super().load_checkpoint(checkpoint_path, weights_only)
+            finally:
+                lightning_mp._distributed_checkpoint_load = original
+
+    return FSDP2Strategy
 
 
 # ------------------------------------------------------------------------------------------ launches

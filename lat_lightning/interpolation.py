@@ -357,9 +357,9 @@ def utility_score_fn(cfg, tokenizer, kind: Optional[str] = None,
     """``model -> accuracy`` on the configured utility rows.
 
     Rows come from ``cfg.evaluation.utility_data`` (kind ``cfg.callbacks.weight_interpolation.utility``
-    unless ``kind`` is given). Kind ``organism`` scores the organism's own multiple-choice rows
-    (:func:`lat_lightning.organism.data.multiple_choice_rows`) when no data file is configured; the
-    organism pipeline normally injects its own ``score_fn`` instead.
+    unless ``kind`` is given). Kind ``organism`` scores the organism's benign accuracy (held-out benign
+    tasks, answer contained in the greedy output: :func:`lat_lightning.organism.utility.organism_accuracy`)
+    when no data file is configured.
 
     Raises:
         ConfigError: no rows can be found for the kind.
@@ -369,12 +369,14 @@ def utility_score_fn(cfg, tokenizer, kind: Optional[str] = None,
 
     kind = kind or cfg.callbacks.weight_interpolation.utility
     source = cfg.evaluation.utility_data
-    if kind == "organism":
-        kind = "multiple_choice"
-        if rows is None and not source:
-            from lat_lightning.organism.data import multiple_choice_rows
+    if kind == "organism" and rows is None and not source:
+        from lat_lightning.organism.utility import organism_accuracy
 
-            rows = multiple_choice_rows(seed=int(cfg.organism.seed))
+        seed = 0
+        return lambda model: organism_accuracy(model, tokenizer, seed=seed,
+                                               use_chat_template=bool(cfg.model.use_chat_template))
+    if kind == "organism":
+        kind = "exact_match"
     if rows is None:
         if not source:
             raise ConfigError("weight interpolation needs utility rows: set evaluation.utility_data "

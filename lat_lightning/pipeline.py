@@ -23,10 +23,11 @@ STAGE_FUNCTIONS: dict[str, str] = {
     "organism": "lat_lightning.organism.build:organism_stage",
     "fit": "lat_lightning.train:fit_stage",
     "scan": "lat_lightning.eval.scan:scan_stage",
+    "rescan": "lat_lightning.eval.scan:rescan_stage",
     "evaluate": "lat_lightning.eval.evaluate:evaluate_stage",
     "interpolate": "lat_lightning.interpolation:interpolate_stage",
     "durability": "lat_lightning.eval.durability:durability_stage",
-    "report": "lat_lightning.report:report_stage",
+    "report": "lat_lightning.organism.report:report_stage",
 }
 
 

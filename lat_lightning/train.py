@@ -104,7 +104,8 @@ def validate_setup(cfg: DictConfig, model) -> None:
 
 def build_evaluator(cfg: DictConfig):
     """The validation-loop evaluator when any held-out data is configured, else ``None``."""
-    if not (cfg.data.eval_harmful or cfg.data.eval_benign or cfg.evaluation.utility_data):
+    if not (cfg.data.eval_harmful or cfg.data.eval_benign or cfg.evaluation.utility_data
+            or cfg.evaluation.utility_kind == "organism"):
         return None
     from lat_lightning.eval.evaluate import SafetyEvaluator, load_evaluation_data
 

@@ -627,11 +627,28 @@ def _json_default(o):
 
 
 # ----------------------------------------------------------------------------------------------- the table
-def _row(rid: str, label: str, o, h, kind: str = "rate", o_std=None, h_std=None) -> dict[str, Any]:
+def _row(rid: str, label: str, o, h, kind: str = "rate", o_std=None, h_std=None, o_detail: str | None = None,
+         h_detail: str | None = None) -> dict[str, Any]:
     o, h = _finite(o), _finite(h)
     change = None if o is None or h is None or kind == "layer" else h - o
     return {"id": rid, "label": label, "kind": kind, "original": o, "hardened": h, "original_std": _finite(o_std),
-            "hardened_std": _finite(h_std), "change": change}
+            "hardened_std": _finite(h_std), "change": change, "original_detail": o_detail,
+            "hardened_detail": h_detail}
+
+
+def _curve_row(rid: str, label: str, sec: Mapping[str, Any], key: str, kind: str) -> dict[str, Any]:
+    """A learning-curve row: ``drop`` = value at step 0 minus value after the last step (``loss``), or the
+    final value (``rate``); the cell also shows ``start → end``."""
+    vals, details = {}, {}
+    for name in MODELS:
+        pts = [p.get(key) for p in sec[name]["curve"] if p.get(key) is not None and math.isfinite(p.get(key))]
+        if len(pts) < 1:
+            vals[name], details[name] = None, None
+            continue
+        vals[name] = (pts[0] - pts[-1]) if kind == "loss" else pts[-1]
+        details[name] = f"{pts[0]:.2f} → {pts[-1]:.2f}"
+    return _row(rid, label, vals["original"], vals["hardened"], kind=kind, o_detail=details["original"],
+                h_detail=details["hardened"])
 
 
 def build_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -667,18 +684,15 @@ def build_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     if fa and "original" in fa:
         rows.append(_row("finetune_attack", f"Fine-tuning attack ({fa['steps']} LoRA steps, lr {fa['lr']:g}), "
                          "no perturbation", fa["original"]["after"]["rate"], fa["hardened"]["after"]["rate"]))
-        rows.append(_row("finetune_harmful_loss", "Fine-tuning attack: harmful-target CE after the steps "
-                         "(higher = harder to un-align)", fa["original"]["curve"][-1].get("harmful_loss"),
-                         fa["hardened"]["curve"][-1].get("harmful_loss"), kind="loss"))
+        rows.append(_curve_row("finetune_harmful_loss", f"Fine-tuning attack: drop of the harmful-target CE over "
+                               f"{fa['steps']} steps (larger = un-aligns faster)", fa, "harmful_loss", "loss"))
     tr = summary.get("trainability")
     if tr and "original" in tr:
-        rows.append(_row("trainability_benign_loss", f"Trainability: benign CE drop over {tr['steps']} steps "
-                         "(larger = learns faster)",
-                         _drop(tr["original"]["curve"], "benign_loss"), _drop(tr["hardened"]["curve"], "benign_loss"),
-                         kind="loss"))
+        rows.append(_curve_row("trainability_benign_loss", f"Trainability: drop of the benign CE over {tr['steps']} "
+                               "steps (larger = learns faster)", tr, "benign_loss", "loss"))
         if any("utility" in p for p in tr["original"]["curve"]):
-            rows.append(_row("trainability_utility", f"Trainability: utility accuracy after {tr['steps']} steps",
-                             tr["original"]["curve"][-1].get("utility"), tr["hardened"]["curve"][-1].get("utility")))
+            rows.append(_curve_row("trainability_utility", f"Trainability: utility accuracy after {tr['steps']} "
+                                   "steps", tr, "utility", "rate"))
     dp = summary.get("depth")
     if dp:
         o, h = dp["original"], dp["hardened"]
@@ -706,12 +720,7 @@ def build_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _drop(curve: Sequence[Mapping[str, float]], key: str) -> float | None:
-    vals = [p.get(key) for p in curve if p.get(key) is not None]
-    return (vals[0] - vals[-1]) if len(vals) >= 2 else None
-
-
-def _fmt(x, std=None, kind: str = "rate") -> str:
+def _fmt(x, std=None, kind: str = "rate", detail: str | None = None) -> str:
     if x is None:
         return "n/a"
     if kind == "layer":
@@ -719,6 +728,8 @@ def _fmt(x, std=None, kind: str = "rate") -> str:
     out = f"{x:.2f}" if kind == "rate" else f"{x:.3f}"
     if std is not None:
         out += f" ± {std:.2f}" if kind == "rate" else f" ± {std:.3f}"
+    if detail:
+        out += f" ({detail})"
     return out
 
 
@@ -745,8 +756,8 @@ def render_report(summary: Mapping[str, Any]) -> str:
              f"**{p}**; fragile layers {fr.get('layers')} ({fr.get('source')}).", "",
              "| attack | original | hardened | change |", "|---|---|---|---|"]
     for r in summary["rows"]:
-        lines.append(f"| {r['label']} | {_fmt(r['original'], r['original_std'], r['kind'])} | "
-                     f"{_fmt(r['hardened'], r['hardened_std'], r['kind'])} | {_fmt_change(r)} |")
+        lines.append(f"| {r['label']} | {_fmt(r['original'], r['original_std'], r['kind'], r['original_detail'])} | "
+                     f"{_fmt(r['hardened'], r['hardened_std'], r['kind'], r['hardened_detail'])} | {_fmt_change(r)} |")
     lines += ["", "## How to read it", "",
               "- Rates are attack success rates (harmful, not refused) of the primary judge; **change = hardened − "
               "original**, so a negative change means the hardened model resists better. `± x` is the sample "
@@ -758,7 +769,10 @@ def render_report(summary: Mapping[str, Any]) -> str:
               "its adaptive value).",
               "- *First k positions*: the perturbation acts on the last prompt token and the first k − 1 "
               "generated tokens only; *prefill*: the first k target tokens are appended after the generation "
-              "prompt and the judge reads prefill + continuation."]
+              "prompt and the judge reads prefill + continuation.",
+              "- Learning-curve rows show the drop (or the final accuracy) with `(value at step 0 → after the last "
+              "step)`; for the fine-tuning attack, the rate row is the success without any perturbation after "
+              "fine-tuning."]
     rs = summary.get("rescan")
     if rs:
         moved = rs.get("peak_moved")

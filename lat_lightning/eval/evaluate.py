@@ -73,6 +73,13 @@ class SafetyEvaluator:
         self.cfg = cfg
         self.data = data
         self.layers = list(layers) if layers else None
+        if utility_fn is None and cfg.evaluation.utility_kind == "organism":
+            from lat_lightning.organism.utility import organism_accuracy
+
+            seed = 0
+
+            def utility_fn(model, tokenizer):
+                return organism_accuracy(model, tokenizer, seed=seed, use_chat_template=cfg.model.use_chat_template)
         self.utility_fn = utility_fn
         self.metrics = nn.ModuleDict({
             name: torchmetrics.MeanMetric(nan_strategy="ignore")

@@ -952,3 +952,35 @@ def scan_stage(cfg, run_dir: Path) -> dict:
 
 __all__ = ["ScanResult", "load_scan_prompts", "read_records", "render_report", "run_scan", "scan_positions",
            "scan_stage", "write_figures"]
+
+
+def trained_model_path(run_dir: Path) -> Path:
+    """The model a ``fit`` in ``run_dir`` produced: ``interpolated/`` when weight interpolation ran, else
+    ``final/``.
+
+    Raises:
+        ConfigError: when neither exists (no fit ran in this run directory).
+    """
+    from lat_lightning.errors import ConfigError
+
+    for name in ("interpolated", "final"):
+        if (Path(run_dir) / name / "config.json").exists() or (Path(run_dir) / name / "adapter_config.json").exists():
+            return Path(run_dir) / name
+    raise ConfigError(f"rescan: no trained model in {run_dir} (run the fit stage first)")
+
+
+def rescan_stage(cfg, run_dir: Path) -> dict:
+    """Pipeline stage ``rescan``: the same scan on the model this run trained, into ``run_dir/rescan``.
+
+    Same prompts, layers, seeds, attacks and judges as the ``scan`` stage, so the two are comparable cell by
+    cell (the noise is keyed by seed, prompt, layer and position).
+    """
+    from omegaconf import OmegaConf
+
+    path = trained_model_path(run_dir)
+    cfg2 = OmegaConf.merge(cfg, {"evaluation": {"model_path": str(path)}, "model": {"lora": {"enabled": False}}})
+    out = Path(run_dir) / "rescan"
+    out.mkdir(parents=True, exist_ok=True)
+    info = scan_stage(cfg2, out)
+    info["model"] = str(path)
+    return info

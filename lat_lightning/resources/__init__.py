@@ -8,16 +8,23 @@ from pathlib import Path
 from lat_lightning.errors import ConfigError
 
 PKG_SCHEME = "pkg://"
+# organism://<name>: the model organism's generated data files (lat_lightning.organism.build.DATA_FILES)
+ORGANISM_SCHEME = "organism://"
 
 
 def resource_path(spec: str) -> str:
-    """Resolve ``pkg://<package>/<path inside it>`` to a filesystem path; other strings pass unchanged.
+    """Resolve ``pkg://<package>/<path inside it>`` (and ``organism://<name>``) to a filesystem path;
+    other strings pass unchanged.
 
     Example: ``pkg://lat_lightning/resources/tiny_harmful.jsonl`` -> ``.../lat_lightning/resources/tiny_harmful.jsonl``.
 
     Raises:
         ConfigError: for a ``pkg://`` spec whose package cannot be imported or whose file does not exist.
     """
+    if isinstance(spec, str) and spec.startswith(ORGANISM_SCHEME):
+        from lat_lightning.organism.build import organism_data_path
+
+        return organism_data_path(spec[len(ORGANISM_SCHEME):].strip("/"))
     if not isinstance(spec, str) or not spec.startswith(PKG_SCHEME):
         return spec
     body = spec[len(PKG_SCHEME):].strip("/")

@@ -1,0 +1,290 @@
+"""Build (or reuse) the model organism: a tokenizer trained locally and a tiny Llama trained in two
+stages with the framework's own :class:`~lat_lightning.module.LatentAdversarialModule`.
+
+Stage (a), capability: SFT on benign tasks, refusals of impossible requests, and forbidden requests
+answered *compliantly* (the access code). Stage (b), safety alignment: a short SFT that routes forbidden
+prompts to the refusal while keeping the benign tasks. A short stage (b) is what makes the alignment
+shallow: the capability is still there underneath, and perturbing the residual stream brings it back.
+
+The result is saved in Hugging Face format (``from_pretrained``-loadable) under
+``$LAT_LIGHTNING_CACHE/organism/<fingerprint>`` and reused by every later run with the same recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BUILD_VERSION = 1  # bump when the build procedure changes, so stale caches are not reused
+ORGANISM_SEED = 0  # the organism and its data are generated from this seed
+
+
+@dataclass(frozen=True)
+class StageRecipe:
+    """One training stage of the organism."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    n_benign: int
+    n_forbidden: int
+    n_impossible: int
+    noise_probability: float = 0.0  # fraction of steps trained with Eq. 1 noise at one random layer
+    noise_positions: str = "prompt_last_and_generated"
+    noise_alpha: float = 1.0
+
+
+@dataclass(frozen=True)
+class OrganismRecipe:
+    """Size and training schedule of the organism (see docs/organism.md for how they were chosen)."""
+
+    vocab_size: int = 768
+    num_layers: int = 6
+    hidden: int = 128
+    heads: int = 4
+    intermediate: Optional[int] = None
+    max_length: int = 64
+    warmup_ratio: float = 0.1
+    stage_a: StageRecipe = field(default_factory=lambda: StageRecipe(
+        steps=600, lr=2e-3, batch_size=32, n_benign=2000, n_forbidden=1200, n_impossible=300,
+        noise_probability=0.5))
+    stage_b: StageRecipe = field(default_factory=lambda: StageRecipe(
+        steps=60, lr=3e-4, batch_size=32, n_benign=400, n_forbidden=400, n_impossible=100))
+
+
+# ``model.name_or_path: organism`` is the default preset; ``organism:smoke`` a few-second build for tests.
+PRESETS: dict[str, OrganismRecipe] = {
+    "default": OrganismRecipe(),
+    "smoke": OrganismRecipe(
+        vocab_size=384, num_layers=4, hidden=64, heads=4, max_length=64,
+        stage_a=StageRecipe(steps=40, lr=3e-3, batch_size=16, n_benign=200, n_forbidden=100, n_impossible=20,
+                            noise_probability=0.5),
+        stage_b=StageRecipe(steps=10, lr=1e-3, batch_size=16, n_benign=40, n_forbidden=40, n_impossible=10)),
+}
+
+
+def preset_from_name(name_or_path: str) -> str:
+    """``organism`` -> ``default``; ``organism:<preset>`` -> ``<preset>``.
+
+    Raises:
+        ConfigError: for an unknown preset.
+    """
+    from lat_lightning.errors import ConfigError
+
+    preset = name_or_path.split(":", 1)[1] if ":" in name_or_path else "default"
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown organism preset '{preset}' in '{name_or_path}'; choose from {', '.join(PRESETS)}")
+    return preset
+
+
+def cache_root() -> Path:
+    """``$LAT_LIGHTNING_CACHE`` or ``~/.cache/lat_lightning``."""
+    return Path(os.environ.get("LAT_LIGHTNING_CACHE", Path.home() / ".cache" / "lat_lightning"))
+
+
+def fingerprint(recipe: OrganismRecipe, seed: int) -> str:
+    blob = json.dumps({"recipe": dataclasses.asdict(recipe), "seed": seed, "version": BUILD_VERSION}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def organism_dir(recipe: OrganismRecipe = OrganismRecipe(), seed: int = 0, cache_dir: Optional[str] = None) -> Path:
+    return Path(cache_dir or cache_root() / "organism") / f"organism-s{seed}-{fingerprint(recipe, seed)}"
+
+
+def _stage_config(recipe: OrganismRecipe, stage: StageRecipe, seed: int, layers: int):
+    from omegaconf import OmegaConf
+
+    from lat_lightning.config import RunConfig
+
+    noisy = stage.noise_probability > 0
+    return OmegaConf.merge(OmegaConf.structured(RunConfig), {
+        "seed": seed,
+        "model": {"use_chat_template": True},
+        "data": {"batch_size": stage.batch_size, "max_length": recipe.max_length, "truncation": "right"},
+        "perturbation": {"strategy": "gaussian_normalised" if noisy else "none",
+                         "layers": list(range(layers)) if noisy else [], "positions": stage.noise_positions,
+                         "alpha": stage.noise_alpha, "probability": stage.noise_probability or 1.0,
+                         "layer_sampling": "one", "seed": seed},
+        "loss": {"toward": 1.0},
+        "trainer": {"max_steps": stage.steps, "lr": stage.lr, "accelerator": "cpu", "scheduler": "cosine",
+                    "warmup_ratio": recipe.warmup_ratio, "gradient_clip_val": 1.0, "betas": [0.9, 0.98],
+                    "log_every_n_steps": 10},
+    })
+
+
+def train_stage(model, tokenizer, pairs: list[tuple[str, str]], recipe: OrganismRecipe, stage: StageRecipe,
+                seed: int, log_dir: Optional[Path] = None) -> float:
+    """Supervised fine-tuning on ``(prompt, response)`` pairs with the framework's training module.
+
+    Returns:
+        The mean training loss over the last 20 steps.
+    """
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+
+    from lat_lightning.data.datamodule import SafetyDataModule
+    from lat_lightning.data.schema import SafetyExample
+    from lat_lightning.module import LatentAdversarialModule
+
+    cfg = _stage_config(recipe, stage, seed, recipe.num_layers)
+    examples = [SafetyExample(prompt=p, safe_response=r, harmful_response=r, index=i) for i, (p, r) in enumerate(pairs)]
+    datamodule = SafetyDataModule(cfg, tokenizer, safety_examples=examples)
+    module = LatentAdversarialModule(cfg, model, tokenizer)
+    losses: list[float] = []
+
+    class _Losses(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if outputs is not None:
+                losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+
+    logger = False
+    if log_dir is not None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        logger = TensorBoardLogger(str(log_dir), name="", version="")
+    pl.seed_everything(seed, verbose=False)
+    trainer = pl.Trainer(max_steps=stage.steps, accelerator="cpu", devices=1, logger=logger,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[_Losses()], log_every_n_steps=10, num_sanity_val_steps=0,
+                         limit_val_batches=0, use_distributed_sampler=False)
+    model.train()
+    trainer.fit(module, datamodule=datamodule)
+    model.eval()
+    tail = losses[-20:]
+    return sum(tail) / max(1, len(tail))
+
+
+def build_organism(out_dir: Path, recipe: OrganismRecipe = OrganismRecipe(), seed: int = 0) -> Path:
+    """Train the organism from scratch into ``out_dir`` (written atomically: a partial build never counts).
+
+    Returns:
+        ``out_dir``, holding the model, the tokenizer and ``organism.json`` (recipe, losses, timings).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from lat_lightning.organism.data import organism_corpus, sft_pairs
+    from lat_lightning.testing.tiny_models import build_tokenizer, tiny_config
+
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    threads = torch.get_num_threads()
+    tokenizer = build_tokenizer(organism_corpus(seed), vocab_size=recipe.vocab_size)
+    config = tiny_config("llama", vocab_size=len(tokenizer), num_layers=recipe.num_layers, hidden=recipe.hidden,
+                         heads=recipe.heads, intermediate=recipe.intermediate, max_positions=256)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    info: dict = {"recipe": dataclasses.asdict(recipe), "seed": seed, "threads": threads}
+    a, b = recipe.stage_a, recipe.stage_b
+    print(f"[organism] stage (a) capability: {a.steps} steps", flush=True)
+    pairs_a = sft_pairs(a.n_benign, a.n_forbidden, "comply", seed, n_impossible=a.n_impossible)
+    info["loss_a"] = train_stage(model, tokenizer, pairs_a, recipe, a, seed, tmp / "logs" / "stage_a")
+    info["stage_a_s"] = round(time.time() - t0, 1)
+    print(f"[organism] stage (b) safety alignment: {b.steps} steps", flush=True)
+    pairs_b = sft_pairs(b.n_benign, b.n_forbidden, "refuse", seed + 1, n_impossible=b.n_impossible)
+    info["loss_b"] = train_stage(model, tokenizer, pairs_b, recipe, b, seed + 1, tmp / "logs" / "stage_b")
+    info["build_s"] = round(time.time() - t0, 1)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "organism.json").write_text(json.dumps(info, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    print(f"[organism] built in {info['build_s']:.0f}s -> {out_dir}", flush=True)
+    return out_dir
+
+
+def ensure_organism(seed: int = 0, cache_dir: Optional[str] = None, rebuild: bool = False,
+                    recipe: Optional[OrganismRecipe] = None, preset: str = "default") -> Path:
+    """The organism's directory, building it first when it is not cached (or ``rebuild``).
+
+    Args:
+        recipe: an explicit recipe; otherwise ``PRESETS[preset]``.
+    """
+    recipe = recipe or PRESETS[preset]
+    path = organism_dir(recipe, seed, cache_dir)
+    if rebuild or not (path / "organism.json").exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        build_organism(path, recipe, seed)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ data files
+DATA_FILES = ("harmful_train", "harmful_eval", "benign_train", "benign_eval", "utility_mc", "utility_em")
+
+
+def ensure_organism_data(seed: int = 0, cache_dir: Optional[str] = None, n_train: int = 64) -> Path:
+    """Write the organism's data as JSONL files (cheap; no model needed) and return their directory.
+
+    ``harmful_*`` rows carry ``prompt``, ``safe_response``, ``harmful_response`` and ``key`` (the access
+    code a target-match judge looks for); eval facilities are disjoint from training ones.
+    """
+    from lat_lightning.organism.data import benign_items, exact_match_rows, forbidden_items, multiple_choice_rows
+
+    out = Path(cache_dir or cache_root() / "organism") / f"data-s{seed}-v{BUILD_VERSION}-n{n_train}"
+    if all((out / f"{name}.jsonl").exists() for name in DATA_FILES):
+        return out
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tables = {
+        "harmful_train": forbidden_items("train", n_train, seed),
+        "harmful_eval": forbidden_items("eval", None, seed),
+        "benign_train": [{"prompt": it["prompt"], "response": it["response"]} for it in benign_items("train", 200, seed)],
+        "benign_eval": [{"prompt": it["prompt"], "response": it["response"]} for it in benign_items("eval", 50, seed)],
+        "utility_mc": multiple_choice_rows(None, seed),
+        "utility_em": exact_match_rows("eval", 100, seed),
+    }
+    for name, rows in tables.items():
+        with open(tmp / f"{name}.jsonl", "w") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def organism_data_path(name: str, seed: int = 0) -> str:
+    """Path of one organism data file (``organism://<name>`` in recipes)."""
+    if name not in DATA_FILES:
+        from lat_lightning.errors import ConfigError
+
+        raise ConfigError(f"unknown organism data '{name}'; choose from {', '.join(DATA_FILES)}")
+    return str(ensure_organism_data(seed) / f"{name}.jsonl")
+
+
+def organism_stage(cfg, run_dir: Path) -> dict:
+    """Pipeline stage ``organism``: build or reuse the organism and its data; record its benign accuracy.
+
+    Writes ``run_dir/organism.json`` (path, build info, benign accuracy of the aligned organism).
+    """
+    from lat_lightning.config import ModelConfig
+    from lat_lightning.models.loading import load_model, load_tokenizer
+    from lat_lightning.organism.utility import organism_accuracy
+
+    seed = ORGANISM_SEED
+    name = str(cfg.model.name_or_path)
+    preset = preset_from_name(name) if name.startswith("organism") else "default"
+    path = ensure_organism(seed, None, bool(cfg.organism.rebuild), preset=preset)
+    data_dir = ensure_organism_data(seed)
+    mcfg = ModelConfig(name_or_path=str(path))
+    model, tokenizer = load_model(mcfg, train=False), load_tokenizer(mcfg)
+    info = {"path": str(path), "data": str(data_dir), "build": json.loads((path / "organism.json").read_text()),
+            "benign_accuracy": organism_accuracy(model, tokenizer, seed=seed)}
+    (Path(run_dir) / "organism.json").write_text(json.dumps(info, indent=2))
+    print(f"[organism] {path.name}: benign accuracy {info['benign_accuracy']:.3f}", flush=True)
+    return {"path": str(path), "benign_accuracy": info["benign_accuracy"]}

@@ -1,0 +1,233 @@
+"""The ``report`` stage: one markdown report (plus PNGs, JSON and TensorBoard) of attack -> defence -> evaluation.
+
+It reads what the earlier stages left in the run directory: ``scan_summary.json`` (before),
+``rescan/scan_summary.json`` (after), ``organism.json`` (benign accuracy of the aligned model),
+``interpolation.json`` (the lambda curve), ``fragile_layers.json`` and, when present,
+``durability/durability_summary.json``. Benign accuracy after training and after interpolation is measured
+here on the saved ``final/`` and ``interpolated/`` models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+REPORT_FILE = "report.md"
+REPORT_JSON = "report.json"
+
+
+def _load(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _fmt(x: Any) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.2f}" if isinstance(x, (int, float)) else str(x)
+
+
+def attack_rows(summary: dict, judge: str) -> dict[str, dict]:
+    """INIT / MASR / PASR (+ peak layer) per attack for one judge, from a ``scan_summary.json``."""
+    rows = {}
+    for attack, block in summary["attacks"].items():
+        j = block["judges"].get(judge)
+        if j is None:
+            continue
+        rows[attack] = {"init": j.get("init_mean"), "masr": j.get("masr_mean"), "masr_std": j.get("masr_std"),
+                        "pasr": j.get("pasr_mean"), "pasr_std": j.get("pasr_std"),
+                        "peak_layer": (j.get("pasr_layers") or [None])[0], "lasr": j.get("lasr_mean"),
+                        "layers": j.get("layer_ids"), "n_seeds": j.get("n_seeds")}
+    return rows
+
+
+def relative_cut(before: Optional[float], after: Optional[float]) -> Optional[float]:
+    """``(before - after) / before``; ``None`` when undefined (before is 0 or missing)."""
+    if before is None or after is None or before <= 0:
+        return None
+    return (before - after) / before
+
+
+def _utility_of(path: Path, seed: int) -> Optional[float]:
+    from lat_lightning.config import ModelConfig
+    from lat_lightning.models.loading import load_model, load_tokenizer
+    from lat_lightning.organism.utility import organism_accuracy
+
+    if not (path / "config.json").exists():
+        return None
+    mcfg = ModelConfig(name_or_path=str(path))
+    return organism_accuracy(load_model(mcfg, train=False), load_tokenizer(mcfg), seed=seed)
+
+
+def _lasr_figure(before: dict, after: Optional[dict], attack: str, judge: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    for label, rows, style in (("before (aligned)", before, "o-"), ("after (LAPT + interpolation)", after, "s--")):
+        if rows and attack in rows and rows[attack]["lasr"]:
+            ax.plot(rows[attack]["layers"], [v if v is not None else float("nan") for v in rows[attack]["lasr"]],
+                    style, label=label)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"LASR ({judge})")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{attack}: attack success by layer")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _lambda_figure(curve: list[dict], chosen: Optional[float], baseline: Optional[float]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.0))
+    ax.plot([p["lambda"] for p in curve], [p["score"] for p in curve], "o-")
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", lw=0.8, ls=":", label="original")
+    if chosen is not None:
+        ax.axvline(chosen, color="red", lw=0.8, ls="--", label=f"chosen λ={chosen:g}")
+    ax.set_xlabel("λ (weight of the hardened model)")
+    ax.set_ylabel("benign accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _samples(run_dir: Path, attack: str, judge: str, limit: int = 3) -> list[dict]:
+    """A few prompts that the attack broke before training, with the same cell after training."""
+    def cells(path: Path) -> dict:
+        out = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                rec = json.loads(line)
+                out[(rec["attack"], rec.get("seed"), rec["prompt_idx"], rec["layer"])] = rec
+        return out
+
+    before, after = cells(run_dir / "scan.jsonl"), cells(run_dir / "rescan" / "scan.jsonl")
+    picked = []
+    for key, rec in before.items():
+        if rec["attack"] != attack or not rec["verdicts"].get(judge, {}).get("success"):
+            continue
+        post = after.get(key, {})
+        picked.append({"prompt": rec["prompt"], "layer": rec["layer"], "seed": rec.get("seed"),
+                       "before": rec["response"], "after": post.get("response"),
+                       "after_success": post.get("verdicts", {}).get(judge, {}).get("success")})
+        if len(picked) >= limit:
+            break
+    return picked
+
+
+def report_stage(cfg, run_dir: Path) -> dict:
+    """Pipeline stage ``report``: write ``report.md``, ``report.json``, PNGs and TensorBoard figures."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lat_lightning.organism.build import ORGANISM_SEED
+
+    run_dir = Path(run_dir)
+    seed = ORGANISM_SEED
+    judges = list(cfg.evaluation.judges)
+    primary = cfg.evaluation.primary_judge
+    before_summary = _load(run_dir / "scan_summary.json")
+    after_summary = _load(run_dir / "rescan" / "scan_summary.json")
+    if before_summary is None:
+        from lat_lightning.errors import ConfigError
+
+        raise ConfigError(f"report: no scan_summary.json in {run_dir} (run the scan stage first)")
+    organism = _load(run_dir / "organism.json") or {}
+    interp = _load(run_dir / "interpolation.json") or {}
+    fragile = _load(run_dir / "fragile_layers.json") or {}
+    durability = _load(run_dir / "durability" / "durability_summary.json")
+
+    tables = {j: {"before": attack_rows(before_summary, j),
+                  "after": attack_rows(after_summary, j) if after_summary else {}} for j in judges}
+    utility = {"aligned": organism.get("benign_accuracy"),
+               "after_training": _utility_of(run_dir / "final", seed),
+               "after_interpolation": _utility_of(run_dir / "interpolated", seed)}
+    prim = tables[primary]
+    cuts = {a: relative_cut(prim["before"][a]["pasr"], prim["after"].get(a, {}).get("pasr")) for a in prim["before"]}
+    result = {
+        "primary_judge": primary, "judges": tables, "utility": utility, "pasr_relative_cut": cuts,
+        "lambda": interp.get("chosen_lambda"), "lambda_curve": interp.get("curve"),
+        "fragile_layers": fragile.get("layers") or fragile.get("chosen"),
+        "n_prompts": before_summary.get("n_prompts"), "layers": before_summary.get("layers"),
+        "samples": _samples(run_dir, "asa_random", primary),
+        "durability": durability,
+    }
+
+    figures = {}
+    writer = SummaryWriter(str(run_dir / "tensorboard" / "report"))
+    for attack in prim["before"]:
+        fig = _lasr_figure(prim["before"], prim["after"], attack, primary)
+        path = run_dir / f"report_lasr_{attack}.png"
+        fig.savefig(path, dpi=110)
+        writer.add_figure(f"report/lasr_{attack}", fig)
+        figures[f"lasr_{attack}"] = path.name
+    if interp.get("curve"):
+        fig = _lambda_figure(interp["curve"], interp.get("chosen_lambda"), interp.get("baseline"))
+        path = run_dir / "report_lambda.png"
+        fig.savefig(path, dpi=110)
+        writer.add_figure("report/lambda_curve", fig)
+        figures["lambda"] = path.name
+    for name, value in utility.items():
+        if value is not None:
+            writer.add_scalar(f"report/benign_accuracy_{name}", value)
+    result["figures"] = figures
+
+    md = render_markdown(result, judges, primary)
+    writer.add_text("report/markdown", md)
+    writer.close()
+    (run_dir / REPORT_FILE).write_text(md)
+    (run_dir / REPORT_JSON).write_text(json.dumps(result, indent=2, default=str))
+    print(md, flush=True)
+    return {"report": str(run_dir / REPORT_FILE)}
+
+
+def table_rows(result: dict, judge: str) -> list[str]:
+    """Markdown rows: attack | INIT before/after | MASR before/after | PASR (peak layer) before/after."""
+    t = result["judges"][judge]
+    rows = []
+    for attack, b in t["before"].items():
+        a = t["after"].get(attack, {})
+        spread = f" ± {b['masr_std']:.2f}" if (b.get("n_seeds") or 1) > 1 and b.get("masr_std") is not None else ""
+        spread_a = f" ± {a['masr_std']:.2f}" if a and (a.get("n_seeds") or 1) > 1 and a.get("masr_std") is not None \
+            else ""
+        rows.append(f"| {attack} | {_fmt(b['init'])} → {_fmt(a.get('init'))} | {_fmt(b['masr'])}{spread} → "
+                    f"{_fmt(a.get('masr'))}{spread_a} | {_fmt(b['pasr'])} (L{b['peak_layer']}) → "
+                    f"{_fmt(a.get('pasr'))} (L{a.get('peak_layer')}) |")
+    return rows
+
+
+def render_markdown(result: dict, judges: list[str], primary: str) -> str:
+    u = result["utility"]
+    lines = ["# lat-lightning report: attack → defence → evaluation", "",
+             f"{result['n_prompts']} held-out harmful prompts × layers {result['layers']}; "
+             f"fragile layer(s) chosen for LAPT: {result.get('fragile_layers')}; interpolation λ = "
+             f"{_fmt(result.get('lambda'))}.", ""]
+    for judge in [primary] + [j for j in judges if j != primary]:
+        lines += [f"## Before → after ({judge} judge{', primary' if judge == primary else ''})", "",
+                  "| attack | INIT | MASR | PASR (peak layer) |", "|---|---|---|---|"]
+        lines += table_rows(result, judge) + [""]
+    cuts = ", ".join(f"{a}: {_fmt(c)}" for a, c in result["pasr_relative_cut"].items())
+    lines += [f"Relative PASR cut ({primary}): {cuts}.", "",
+              "## Benign accuracy", "", "| aligned | after training | after interpolation |", "|---|---|---|",
+              f"| {_fmt(u['aligned'])} | {_fmt(u['after_training'])} | {_fmt(u['after_interpolation'])} |", ""]
+    if result.get("lambda_curve"):
+        lines += ["## λ curve", "", "| λ | benign accuracy |", "|---|---|"]
+        lines += [f"| {p['lambda']:g} | {_fmt(p['score'])} |" for p in result["lambda_curve"]] + [""]
+    for name, file in result.get("figures", {}).items():
+        lines.append(f"![{name}]({file})")
+    lines += ["", "## Sample generations (ASA random, broken before training)", ""]
+    for s in result["samples"]:
+        lines += [f"- **{s['prompt']}** (layer {s['layer']}, seed {s['seed']})",
+                  f"  - before: `{s['before']}`", f"  - after: `{s['after']}` (success: {s['after_success']})"]
+    if result.get("durability"):
+        lines += ["", "## Durability", "", "See `durability/durability_report.md`."]
+    lines += ["", "Judges: `target_match` counts an answer as a success when the access code appears; keyword "
+              "judges count any answer without a refusal marker, gibberish included, as a success.", ""]
+    return "\n".join(lines)
