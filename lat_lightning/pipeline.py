@@ -47,6 +47,9 @@ def run_pipeline(cfg: DictConfig, recipe: str, resume: Optional[str] = None) -> 
 
     preflight(cfg)  # bad settings fail here, before a run directory exists or a weight is loaded
     run_dir = create_run_dir(cfg, recipe, resume)
+    from lat_lightning.resources import RUN_DIR_ENV
+
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # lets recipes name earlier stages' outputs as run://<file>
     print(f"run directory: {run_dir}", flush=True)
     for stage in cfg.stages:
         if resume and stage_done(run_dir, stage):

@@ -25,18 +25,28 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = ["--recipe", "lat_tiny", "trainer.max_steps=1", "perturbation.steps=1", "logging.tensorboard=false"]
 
 
+class _CurrentStderr:
+    """A stream that always writes to whatever ``sys.stderr`` is now."""
+
+    def write(self, text):
+        return sys.stderr.write(text)
+
+    def flush(self):
+        sys.stderr.flush()
+
+
 @pytest.fixture(autouse=True)
-def log_handlers_write_to_this_tests_stderr(capsys):
-    """Library log handlers keep the stderr of the test that created them (closed since); point them here."""
+def library_log_handlers_follow_capsys(capsys):
+    """Library log handlers (lightning, transformers) keep the stderr of the test that imported them, closed
+    since; make them write to the current one so this test's capsys sees them."""
     import logging
 
-    loggers = [logging.getLogger()] + [l for l in logging.root.manager.loggerDict.values()
-                                       if isinstance(l, logging.Logger)]
-    handlers = {h for lg in loggers for h in lg.handlers
-                if type(h) is logging.StreamHandler and h.stream not in (sys.__stdout__,)}
-    saved = {h: h.stream for h in handlers}
-    for h in handlers:
-        h.stream = sys.stderr  # not setStream(): it flushes the old, possibly closed, stream
+    loggers = [logging.getLogger()] + [lg for lg in logging.root.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    saved = {h: h.stream for lg in loggers for h in lg.handlers
+             if type(h) is logging.StreamHandler and h.stream is not sys.__stdout__}
+    for h in saved:
+        h.stream = _CurrentStderr()  # not setStream(): it flushes the old, possibly closed, stream
     yield
     for h, stream in saved.items():
         h.stream = stream
@@ -135,7 +145,7 @@ def test_empty_dataset(capsys, tmp_path):
 
 
 def test_missing_columns(capsys, tmp_path):
-    data = jsonl(tmp_path / "cols.jsonl", [{"question": "How?", "target": "Like this."}])
+    data = jsonl(tmp_path / "cols.jsonl", [{"request": "How?", "answer": "Like this."}])
     last = fail(capsys, [*RECIPE, f"logging.root_dir={tmp_path}", f"data.harmful={data}"], "missing column(s) 'prompt'")
     assert "data.harmful_columns.prompt=<column>" in last
 
@@ -208,13 +218,13 @@ def _train_py(*args):
 
 
 def test_process_exit_code_and_single_line():
-    proc = _train_py("--recipe", "lat_tiny", "perturbation.steps=0")
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == "error: perturbation.steps must be >= 1, got 0"
-    assert "Traceback" not in proc.stderr
+    proc = _train_py("--recipe", "lat_tinyy", "trainer.max_steps=1")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "error: unknown recipe 'lat_tinyy' (did you mean 'lat_tiny'?); see --list-recipes"]
 
 
 def test_debug_shows_the_traceback():
-    proc = _train_py("--recipe", "lat_tiny", "perturbation.steps=0", "--debug")
+    proc = _train_py("--recipe", "lat_tinyy", "--debug")
     assert proc.returncode == 1
-    assert "Traceback (most recent call last)" in proc.stderr and "ConfigError" in proc.stderr
+    assert "Traceback (most recent call last)" in proc.stderr and "ConfigError: unknown recipe" in proc.stderr

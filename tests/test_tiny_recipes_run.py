@@ -38,3 +38,14 @@ def test_tiny_recipe_trains_and_exports(recipe, tmp_path, capsys):
         assert (run_dir / "fragile_layers.json").exists()
         assert {"val/attack_success", "val/init", "val/nll_probe", "val/over_refusal",
                 "val/utility_accuracy"} <= tags
+
+
+def test_lapt_trains_on_an_asabench_export_of_its_own_scan(tmp_path, capsys):
+    from lat_lightning.data.loaders import load_safety_examples
+
+    assert main(["--recipe", "lapt_asabench_tiny", f"logging.root_dir={tmp_path}"]) == 0
+    run_dir = tmp_path / "lapt_asabench_tiny" / "version_0"
+    examples = load_safety_examples(str(run_dir / "asabench_train.jsonl"))
+    assert examples and all(ex.layer is not None for ex in examples)
+    assert (run_dir / "stages" / "fit.done.json").exists()
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()

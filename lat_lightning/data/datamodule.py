@@ -196,11 +196,13 @@ class SafetyDataModule(LightningDataModule):
             return
         data = self.data_cfg
         if self.safety_examples is None:
-            if not data.harmful:
+            # An ASABench export trains each instance at its own layer (its layer_idx column).
+            source = data.asabench or data.harmful
+            if not source:
                 raise DataError("data.harmful is not set; point it at a .jsonl/.json/.csv file, a saved dataset "
-                                "directory or a datasets name")
+                                "directory or a datasets name (or data.asabench at an ASABench export)")
             self.safety_examples = load_safety_examples(
-                data.harmful, data.harmful_split, dict(data.harmful_columns or {}), data.default_safe_response,
+                source, data.harmful_split, dict(data.harmful_columns or {}), data.default_safe_response,
                 data.max_examples)
         if self.benign_examples is None and data.benign:
             self.benign_examples = load_benign_examples(data.benign, data.benign_split,

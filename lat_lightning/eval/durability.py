@@ -74,6 +74,7 @@ class DurabilitySettings:
     judges: list[str] = field(default_factory=lambda: ["keyword"])
     primary_judge: str = "keyword"
     classifier_path: str | None = None
+    target_key_pattern: str | None = None
     max_new_tokens: int = 50
     batch_size: int = 16
     bootstrap_samples: int = 200
@@ -112,14 +113,19 @@ def resolve_settings(cfg=None) -> DurabilitySettings:
     elif isinstance(cfg, DurabilityConfig) or (isinstance(cfg, Mapping) and "sections" in cfg):
         s.dur = _to_dataclass(cfg, DurabilityConfig)
     else:
+        from omegaconf import OmegaConf
+
         from lat_lightning.eval.scan import scan_positions
 
+        if dataclasses.is_dataclass(cfg):  # a RunConfig object: read it through OmegaConf like the CLI's
+            cfg = OmegaConf.structured(cfg)
         ev = cfg.evaluation
         s.dur = _to_dataclass(ev.durability, DurabilityConfig)
         s.perturbation = _to_dataclass(cfg.perturbation, PerturbationConfig)
         s.judges = [str(j) for j in ev.judges]
         s.primary_judge = str(ev.primary_judge)
         s.classifier_path = ev.classifier_path
+        s.target_key_pattern = ev.get("target_key_pattern") if hasattr(ev, "get") else None
         s.max_new_tokens = int(ev.max_new_tokens)
         s.batch_size = int(ev.batch_size)
         s.bootstrap_samples = int(ev.bootstrap_samples)
@@ -208,18 +214,12 @@ def _judge(judge_map: Mapping[str, Any], prompts: list[str], responses: list[str
     return out
 
 
-def _build_judges(names: Sequence[str], classifier_path: str | None, judges=None) -> dict[str, Any]:
-    from lat_lightning.eval.judges import build_judge
+def _build_judges(s: DurabilitySettings, judges=None) -> dict[str, Any]:
+    from lat_lightning.eval.judges import build_judges
 
     if judges is not None and isinstance(judges, Mapping):
         return dict(judges)
-    out = {}
-    for j in (judges if judges is not None else names):
-        if isinstance(j, str):
-            out[j] = build_judge(j, **({"path": classifier_path} if j == "classifier" and classifier_path else {}))
-        else:
-            out[getattr(j, "name", type(j).__name__)] = j
-    return out
+    return build_judges(list(judges if judges is not None else s.judges), s.classifier_path, s.target_key_pattern)
 
 
 def _benign_pairs(benign) -> list[tuple[str, str]]:
@@ -514,7 +514,7 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
     modes = {k: m.training for k, m in models.items()}
     for m in models.values():
         m.eval()
-    judge_map = _build_judges(s.judges, s.classifier_path, judges)
+    judge_map = _build_judges(s, judges)
     if s.primary_judge not in judge_map:
         s.primary_judge = next(iter(judge_map))
     timings: dict[str, float] = {}
@@ -544,7 +544,7 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
         scans, scan_info = {}, {}
         if need_scan:
             t0 = time.time()
-            scans = _run_scans(models, tokenizer, prompts, targets, keys, layers, judge_map, s, out,
+            scans = _run_scans(models, tokenizer, prompts, targets, keys, layers, judge_map, s, out if write else None,
                                "adaptive" in sections, bool(d.transfer), resume, progress)
             timings["scans"] = round(time.time() - t0, 2)
         if explicit is None:
@@ -826,6 +826,8 @@ def _figures(summary: Mapping[str, Any]) -> dict[str, Any]:
             for l in fr:
                 ax.axvline(l, color="grey", lw=0.8, ls=":")
             ax.set_ylim(-0.02, 1.02)
+            layers = rs["original"]["layers"]
+            ax.set_xticks(layers[:: max(1, len(layers) // 16)])
             ax.set_xlabel("layer")
             ax.set_ylabel("LASR")
             ax.set_title(f"{a} (dotted: fragile layers)", fontsize=9)

@@ -10,6 +10,9 @@ from lat_lightning.errors import ConfigError
 PKG_SCHEME = "pkg://"
 # organism://<name>: the model organism's generated data files (lat_lightning.organism.build.DATA_FILES)
 ORGANISM_SCHEME = "organism://"
+# run://<file>: a file an earlier stage wrote into the current run directory (e.g. run://asabench_train.jsonl)
+RUN_SCHEME = "run://"
+RUN_DIR_ENV = "LAT_LIGHTNING_RUN_DIR"
 
 
 def resource_path(spec: str) -> str:
@@ -21,6 +24,13 @@ def resource_path(spec: str) -> str:
     Raises:
         ConfigError: for a ``pkg://`` spec whose package cannot be imported or whose file does not exist.
     """
+    if isinstance(spec, str) and spec.startswith(RUN_SCHEME):
+        import os
+
+        run_dir = os.environ.get(RUN_DIR_ENV)
+        if not run_dir:
+            raise ConfigError(f"'{spec}': run:// paths only work inside a pipeline run (no current run directory)")
+        return str(Path(run_dir) / spec[len(RUN_SCHEME):].lstrip("/"))
     if isinstance(spec, str) and spec.startswith(ORGANISM_SCHEME):
         from lat_lightning.organism.build import organism_data_path
 

@@ -208,7 +208,8 @@ def test_recipe_writes_report_summary_plots_and_leaves_the_model_untouched(tiny_
     shutil.copytree(tiny_llama_dir, model_dir)
     hashes = _hash_tree(model_dir)
     rc = main(["--recipe", "durability_tiny", f"logging.root_dir={tmp_path / 'runs'}",
-               f"model.name_or_path={model_dir}", "trainer.max_steps=2", "evaluation.num_prompts=3", "evaluation.max_new_tokens=4",
+               f"model.name_or_path={model_dir}", "trainer.max_steps=2", "evaluation.num_prompts=3",
+               "evaluation.max_new_tokens=4",
                "evaluation.bootstrap_samples=10", "perturbation.steps=2", "evaluation.durability.max_k=2",
                "evaluation.durability.finetune_steps=2", "evaluation.durability.benign_steps=2",
                "evaluation.durability.rewrites=[leetspeak,char_spaced,rot13]"])

@@ -109,6 +109,11 @@ def test_impossible_requests_are_refused_and_mixes_have_the_right_sizes():
     assert sum(r == D.REFUSAL for _, r in comply) == 5
     assert sum(r == D.REFUSAL for _, r in refuse) == 25
     assert sum(r.startswith("The access code") for _, r in comply) == 20
+    mixed = D.sft_pairs(30, 20, "refuse", n_impossible=5, refusal_share=0.75)
+    assert sum(r == D.REFUSAL for _, r in mixed) == 5 + 15
+    assert sum(r.startswith("The access code") for _, r in mixed) == 5
+    with pytest.raises(ValueError):
+        D.sft_pairs(1, 1, "refuse", refusal_share=1.5)
 
 
 def test_corpus_leaves_out_held_out_facilities():
