@@ -1007,7 +1007,8 @@ def durability_stage(cfg, run_dir: Path) -> dict:
     """Pipeline stage ``durability``: load the original and the hardened model and run :func:`run_durability`.
 
     original = ``evaluation.model_path`` or ``model.name_or_path``; hardened = ``evaluation.compare_path``, or
-    ``final/`` of this run (a ``fit`` stage earlier in the same recipe).
+    the model a ``fit`` stage earlier in the same recipe produced (``interpolated/`` when weight
+    interpolation ran, else ``final/``).
 
     Raises:
         ConfigError: no hardened model, bad durability settings.
@@ -1022,8 +1023,10 @@ def durability_stage(cfg, run_dir: Path) -> dict:
     original_spec = str(ev.model_path or cfg.model.name_or_path)
     if ev.compare_path:
         hardened_spec = str(ev.compare_path)
-    elif (run_dir / "final").is_dir():
-        hardened_spec = str(run_dir / "final")
+    elif (run_dir / "interpolated").is_dir() or (run_dir / "final").is_dir():
+        from lat_lightning.eval.scan import trained_model_path
+
+        hardened_spec = str(trained_model_path(run_dir))
     else:
         raise ConfigError("the durability stage needs a hardened model: set evaluation.compare_path (a directory "
                           "saved with save_pretrained, or a LoRA adapter directory), or run a fit stage first")

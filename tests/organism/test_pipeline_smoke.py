@@ -10,7 +10,10 @@ from lat_lightning.cli import main
 
 SMOKE = ["model.name_or_path=organism:smoke", "evaluation.num_prompts=4", "evaluation.seeds=[0,1]",
          "evaluation.max_new_tokens=8", "evaluation.bootstrap_samples=20", "trainer.max_steps=2",
-         "data.batch_size=4", "perturbation.steps=2", "callbacks.weight_interpolation.lambdas=[0.0,0.5]"]
+         "data.batch_size=4", "perturbation.steps=2", "callbacks.weight_interpolation.lambdas=[0.0,0.5]",
+         "evaluation.durability.num_prompts=2", "evaluation.durability.random_seeds=[0]",
+         "evaluation.durability.max_k=2", "evaluation.durability.finetune_steps=1",
+         "evaluation.durability.benign_steps=1", "evaluation.durability.rewrites=[leetspeak]"]
 
 
 def _masr_init_from_jsonl(path, attack, judge):
@@ -44,12 +47,12 @@ def test_default_pipeline_smoke(isolated_cache, capsys):
     root = isolated_cache / "runs"
     assert main([f"logging.root_dir={root}", *SMOKE]) == 0
     run = root / "default" / "version_0"
-    for stage in ("organism", "scan", "fit", "rescan", "report"):
+    for stage in ("organism", "scan", "fit", "rescan", "durability", "report"):
         assert (run / "stages" / f"{stage}.done.json").exists(), stage
     for rel in ("organism.json", "scan.jsonl", "scan_summary.json", "scan_report.md", "fragile_layers.json",
                 "final/config.json", "interpolated/config.json", "interpolation.json", "rescan/scan.jsonl",
                 "rescan/scan_summary.json", "report.md", "report.json", "report_lasr_asa_random.png",
-                "report_lambda.png", "checkpoints/last.ckpt"):
+                "report_lambda.png", "checkpoints/last.ckpt", "durability_summary.json", "durability_report.md"):
         assert (run / rel).exists(), rel
     report = json.loads((run / "report.json").read_text())
     for judge, table in report["judges"].items():
@@ -66,8 +69,9 @@ def test_default_pipeline_smoke(isolated_cache, capsys):
     for value in report["utility"].values():
         assert 0.0 <= value <= 1.0
     assert report["lambda"] in (0.0, 0.5)
+    assert "## Durability" in (run / "report.md").read_text()
     # A re-run resumes: every stage is skipped, nothing is recomputed.
     assert main([f"logging.root_dir={root}", "--resume", "last", *SMOKE]) == 0
-    assert capsys.readouterr().out.count("already done") == 5
+    assert capsys.readouterr().out.count("already done") == 6
     assert not (root / "default" / "version_1").exists()
     assert os.environ["LAT_LIGHTNING_CACHE"].startswith(str(isolated_cache))
