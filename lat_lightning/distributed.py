@@ -35,7 +35,8 @@ RUN_DIR_ENV = "LAT_LIGHTNING_RUN_DIR"
 def _cuda_requested(cfg: DictConfig) -> bool:
     import torch
 
-    return cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
+    accelerator = cfg.trainer.accelerator
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def _devices_per_node(cfg: DictConfig) -> int:

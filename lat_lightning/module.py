@@ -144,7 +144,8 @@ class LatentAdversarialModule(pl.LightningModule):
             total = torch.stack(list(terms.values())).sum() if terms else None
             if total is None:
                 raise ValueError("all loss weights are zero: set loss.toward, loss.away or loss.utility")
-            if not torch.isfinite(total):
+            # every rank takes the same decision, so all of them save and stop together (no hang under DDP)
+            if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(total)), all=True):
                 self._diverged(terms)
             self.manual_backward(total / accumulate)
 

@@ -118,7 +118,8 @@ def test_model_path_that_does_not_exist(capsys, tmp_path):
 
 def test_quantisation_without_bitsandbytes(capsys, tmp_path, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     fail(capsys, [*RECIPE, f"logging.root_dir={tmp_path}", "model.quantization.load_in_4bit=true"],
          "pip install 'lat-lightning[quant]'")
     assert no_run_dir(tmp_path)
@@ -163,7 +164,8 @@ def test_prompt_longer_than_max_length(capsys, tmp_path):
 def no_template_model(tmp_path_factory):
     from lat_lightning.testing.tiny_models import build_tiny_model, build_tokenizer
 
-    return build_tiny_model("llama", tmp_path_factory.mktemp("no_template"), tokenizer=build_tokenizer(chat_template=False))
+    return build_tiny_model("llama", tmp_path_factory.mktemp("no_template"),
+                            tokenizer=build_tokenizer(chat_template=False))
 
 
 def test_tokenizer_without_chat_template_errors_when_required(capsys, tmp_path, no_template_model):

@@ -151,11 +151,11 @@ def test_attack_never_syncs_and_defence_syncs_once_per_optimizer_step(tiny_llama
     mcfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name_or_path": str(tiny_llama_dir),
                                                                "lora": {"enabled": True, "r": 4}})
     module = LatentAdversarialModule(cfg, load_model(mcfg), tiny_tokenizer)
-    saved_env = dict(os.environ)
+    saved_env, saved_threads = dict(os.environ), torch.get_num_threads()  # Lightning's launcher sets both
     try:
-        trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, strategy=DDPStrategy(process_group_backend="gloo"),
-                             callbacks=[Probe()], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, default_root_dir=str(tmp_path))
+        trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, callbacks=[Probe()], logger=False,
+                             strategy=DDPStrategy(process_group_backend="gloo"), enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
         batches = [safety_batch(tiny_tokenizer, n=2) for _ in range(4)]
         trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     finally:
@@ -163,6 +163,7 @@ def test_attack_never_syncs_and_defence_syncs_once_per_optimizer_step(tiny_llama
             torch.distributed.destroy_process_group()
         os.environ.clear()
         os.environ.update(saved_env)
+        torch.set_num_threads(saved_threads)
     # 3 attack steps per micro-batch and 2 micro-batches per optimiser step: one all-reduce per step
     assert events == ["batch0", "batch1", "allreduce", "batch2", "batch3", "allreduce"]
 

@@ -115,7 +115,8 @@ class ZippedSampler(Sampler):
             step, b = self.batch_size * self.world_size, self.batch_size
             while len(pairs) % step:
                 pairs.append(pairs[len(pairs) % total])
-            pairs = [pairs[g + i] for g in range(0, len(pairs), step) for i in range(self.rank * b, (self.rank + 1) * b)]
+            mine = range(self.rank * b, (self.rank + 1) * b)
+            pairs = [pairs[g + i] for g in range(0, len(pairs), step) for i in mine]
         skip_epoch, skip_items = self._skip
         if skip_epoch == self.epoch:
             pairs = pairs[skip_items:]

@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -41,37 +41,53 @@ class StageRecipe:
     n_benign: int
     n_forbidden: int
     n_impossible: int
-    noise_probability: float = 0.0  # fraction of steps trained with Eq. 1 noise at one random layer
-    noise_positions: str = "prompt_last_and_generated"
+    refusal_share: float = 1.0  # stage (b): share of forbidden prompts answered with the refusal
+    noise_probability: float = 0.0  # share of steps trained with Eq. 1 noise at one random layer
+    noise_positions: str = "response"
     noise_alpha: float = 1.0
+    warmup_ratio: float = 0.1
+    betas: tuple = (0.9, 0.98)
 
 
 @dataclass(frozen=True)
 class OrganismRecipe:
-    """Size and training schedule of the organism (see docs/organism.md for how they were chosen)."""
+    """Size and training schedule of the organism."""
 
-    vocab_size: int = 768
-    num_layers: int = 6
-    hidden: int = 128
-    heads: int = 4
-    intermediate: Optional[int] = None
+    vocab_size: int
+    num_layers: int
+    hidden: int
+    heads: int
+    intermediate: Optional[int]
+    stage_a: StageRecipe
+    stage_b: StageRecipe
     max_length: int = 64
-    warmup_ratio: float = 0.1
-    stage_a: StageRecipe = field(default_factory=lambda: StageRecipe(
-        steps=600, lr=2e-3, batch_size=32, n_benign=2000, n_forbidden=1200, n_impossible=300,
-        noise_probability=0.5))
-    stage_b: StageRecipe = field(default_factory=lambda: StageRecipe(
-        steps=60, lr=3e-4, batch_size=32, n_benign=400, n_forbidden=400, n_impossible=100))
+
+
+def _stage_from_schedule(s) -> StageRecipe:
+    return StageRecipe(steps=s.steps, lr=s.lr, batch_size=s.batch_size, n_benign=s.n_benign,
+                       n_forbidden=s.n_forbidden, n_impossible=s.n_impossible, refusal_share=s.refusal_share,
+                       noise_probability=s.noise_prob, noise_positions=s.noise_positions, noise_alpha=s.noise_alpha,
+                       warmup_ratio=s.warmup_ratio, betas=tuple(s.betas))
+
+
+def default_recipe() -> OrganismRecipe:
+    """The recipe of :mod:`lat_lightning.organism.recipe` (values found by experiment, docs/organism.md)."""
+    from lat_lightning.organism import recipe as R
+
+    return OrganismRecipe(vocab_size=R.VOCAB_SIZE, num_layers=R.NUM_LAYERS, hidden=R.HIDDEN, heads=R.HEADS,
+                          intermediate=R.INTERMEDIATE, stage_a=_stage_from_schedule(R.STAGE_A),
+                          stage_b=_stage_from_schedule(R.STAGE_B))
 
 
 # ``model.name_or_path: organism`` is the default preset; ``organism:smoke`` a few-second build for tests.
 PRESETS: dict[str, OrganismRecipe] = {
-    "default": OrganismRecipe(),
+    "default": default_recipe(),
     "smoke": OrganismRecipe(
-        vocab_size=384, num_layers=4, hidden=64, heads=4, max_length=64,
+        vocab_size=384, num_layers=4, hidden=64, heads=4, intermediate=None, max_length=64,
         stage_a=StageRecipe(steps=40, lr=3e-3, batch_size=16, n_benign=200, n_forbidden=100, n_impossible=20,
                             noise_probability=0.5),
-        stage_b=StageRecipe(steps=10, lr=1e-3, batch_size=16, n_benign=40, n_forbidden=40, n_impossible=10)),
+        stage_b=StageRecipe(steps=10, lr=1e-3, batch_size=16, n_benign=40, n_forbidden=40, n_impossible=10,
+                            refusal_share=0.8)),
 }
 
 
@@ -99,7 +115,7 @@ def fingerprint(recipe: OrganismRecipe, seed: int) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def organism_dir(recipe: OrganismRecipe = OrganismRecipe(), seed: int = 0, cache_dir: Optional[str] = None) -> Path:
+def organism_dir(recipe: OrganismRecipe, seed: int = 0, cache_dir: Optional[str] = None) -> Path:
     return Path(cache_dir or cache_root() / "organism") / f"organism-s{seed}-{fingerprint(recipe, seed)}"
 
 
@@ -119,7 +135,7 @@ def _stage_config(recipe: OrganismRecipe, stage: StageRecipe, seed: int, layers:
                          "layer_sampling": "one", "seed": seed},
         "loss": {"toward": 1.0},
         "trainer": {"max_steps": stage.steps, "lr": stage.lr, "accelerator": "cpu", "scheduler": "cosine",
-                    "warmup_ratio": recipe.warmup_ratio, "gradient_clip_val": 1.0, "betas": [0.9, 0.98],
+                    "warmup_ratio": stage.warmup_ratio, "gradient_clip_val": 1.0, "betas": list(stage.betas),
                     "log_every_n_steps": 10},
     })
 
@@ -166,7 +182,7 @@ def train_stage(model, tokenizer, pairs: list[tuple[str, str]], recipe: Organism
     return sum(tail) / max(1, len(tail))
 
 
-def build_organism(out_dir: Path, recipe: OrganismRecipe = OrganismRecipe(), seed: int = 0) -> Path:
+def build_organism(out_dir: Path, recipe: OrganismRecipe, seed: int = 0) -> Path:
     """Train the organism from scratch into ``out_dir`` (written atomically: a partial build never counts).
 
     Returns:
@@ -197,7 +213,8 @@ def build_organism(out_dir: Path, recipe: OrganismRecipe = OrganismRecipe(), see
     info["loss_a"] = train_stage(model, tokenizer, pairs_a, recipe, a, seed, tmp / "logs" / "stage_a")
     info["stage_a_s"] = round(time.time() - t0, 1)
     print(f"[organism] stage (b) safety alignment: {b.steps} steps", flush=True)
-    pairs_b = sft_pairs(b.n_benign, b.n_forbidden, "refuse", seed + 1, n_impossible=b.n_impossible)
+    pairs_b = sft_pairs(b.n_benign, b.n_forbidden, "refuse", seed, n_impossible=b.n_impossible,
+                        refusal_share=b.refusal_share)
     info["loss_b"] = train_stage(model, tokenizer, pairs_b, recipe, b, seed + 1, tmp / "logs" / "stage_b")
     info["build_s"] = round(time.time() - t0, 1)
     model.save_pretrained(tmp)

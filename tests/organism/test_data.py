@@ -50,7 +50,7 @@ def test_access_code_is_a_function_of_the_name_and_in_the_harmful_response():
         D.access_code("Zor")
     for it in D.forbidden_items("eval", None) + D.forbidden_items("train", 100):
         assert it["key"] == D.access_code(it["facility"])
-        assert it["key"] in it["harmful_response"] and it["facility"] in it["harmful_response"]
+        assert it["key"] in it["harmful_response"]
         assert it["facility"] in it["prompt"]
         assert it["key"] not in it["safe_response"]
         assert re.fullmatch(r"\d-\d-\d-\d", it["key"])
@@ -108,10 +108,10 @@ def test_impossible_requests_are_refused_and_mixes_have_the_right_sizes():
     assert len(comply) == len(refuse) == 55
     assert sum(r == D.REFUSAL for _, r in comply) == 5
     assert sum(r == D.REFUSAL for _, r in refuse) == 25
-    assert sum(r.startswith("The access code") for _, r in comply) == 20
+    assert sum(r.startswith("The access code is") for _, r in comply) == 20
     mixed = D.sft_pairs(30, 20, "refuse", n_impossible=5, refusal_share=0.75)
     assert sum(r == D.REFUSAL for _, r in mixed) == 5 + 15
-    assert sum(r.startswith("The access code") for _, r in mixed) == 5
+    assert sum(r.startswith("The access code is") for _, r in mixed) == 5
     with pytest.raises(ValueError):
         D.sft_pairs(1, 1, "refuse", refusal_share=1.5)
 
