@@ -118,6 +118,11 @@ def test_fsdp2_two_processes_match_ddp(runs):
         torch.testing.assert_close(fsdp2[k], ddp[k], atol=1e-6, rtol=1e-5)
     ckpt = runs("fsdp2") / "checkpoints" / "last.ckpt"
     assert ckpt.is_dir() and (ckpt / "meta.pt").exists(), "FSDP2 writes a sharded (distributed) checkpoint"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(runs("fsdp2") / "tensorboard"))
+    events.Reload()  # the sharded model ran the PGD attack (from a cached layer) and the KL teacher
+    assert {"train/loss_kl", "train/loss_away", "attack/attack_loss_after"} <= set(events.Tags()["scalars"])
 
 
 def test_attack_never_syncs_and_defence_syncs_once_per_optimizer_step(tiny_llama_dir, tiny_tokenizer, tmp_path):
@@ -152,6 +157,8 @@ def test_attack_never_syncs_and_defence_syncs_once_per_optimizer_step(tiny_llama
                                                                "lora": {"enabled": True, "r": 4}})
     module = LatentAdversarialModule(cfg, load_model(mcfg), tiny_tokenizer)
     saved_env, saved_threads = dict(os.environ), torch.get_num_threads()  # Lightning's launcher sets both
+    os.environ["OMP_NUM_THREADS"] = "1"  # gloo's threads and 2 OpenMP threads thrash on a 2-core machine
+    torch.set_num_threads(1)
     try:
         trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, callbacks=[Probe()], logger=False,
                              strategy=DDPStrategy(process_group_backend="gloo"), enable_checkpointing=False,

@@ -183,7 +183,7 @@ _CAPITAL_TEMPLATES = (
 )
 _ADD_TEMPLATES = (
     ("What is {a} plus {b}?", "Add {a} and {b}.", "What do {a} and {b} make together?"),
-    ("Please add {a} and {b}.",),
+    ("Add {a} and {b} together.",),
 )
 _COLOUR_TEMPLATES = (
     ("What colour is the {x} fruit?", "Which colour does a {x} have?", "Name the colour of a {x}."),

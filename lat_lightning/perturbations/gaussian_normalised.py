@@ -46,7 +46,6 @@ class GaussianNormalised(PerturbationStrategy):
         if "harmful_input_ids" in batch:
             seq_len = max(seq_len, batch["harmful_input_ids"].shape[1])
         d = hidden_size(model)
-        gen = torch.Generator().manual_seed(cell_seed(cfg.seed, step if cfg.refresh == "step" else 0))
         mask = position_mask(cfg.positions, batch["prompt_lengths"], seq_len, cfg.first_k)
         vectors, masks = {}, {}
         row_layers = batch.get("layer")
@@ -54,7 +53,14 @@ class GaussianNormalised(PerturbationStrategy):
         attacked = sorted(set(row_layers[row_layers >= 0].tolist())) if per_row else layers
         if per_row:
             attacked = check_layer_indices(model, attacked)
+        # Noise is keyed by (seed, step, example index, layer), not by the row's place in the batch: the
+        # same example gets the same noise whatever the batch layout, process rank or accumulation split.
+        index = batch.get("index")
+        keys = index.tolist() if index is not None else list(range(bsz))
+        noise_step = step if cfg.refresh == "step" else 0
         for layer in attacked:
-            vectors[layer] = torch.randn(bsz, seq_len, d, generator=gen).to(input_ids.device)
+            rows = [torch.randn(seq_len, d, generator=torch.Generator().manual_seed(
+                cell_seed(cfg.seed, noise_step, int(k), layer))) for k in keys]
+            vectors[layer] = torch.stack(rows).to(input_ids.device)
             masks[layer] = mask & (row_layers == layer)[:, None].to(mask.device) if per_row else mask
         return Perturbation(vectors=vectors, mask=masks, normalise=True, alpha=cfg.alpha)

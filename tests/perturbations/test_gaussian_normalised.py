@@ -97,3 +97,15 @@ def test_probability_and_one_layer_sampling_are_seeded_per_step(tiny_llama):
     assert 8 <= clean <= 32  # about half the steps are left clean
     assert all(len(p) == 1 for p in picks if p)
     assert len({p for p in picks if p}) > 1
+
+
+def test_noise_is_keyed_by_example_not_batch_position(tiny_llama):
+    from lat_lightning.testing.batches import safety_examples
+
+    model, tok = tiny_llama
+    examples = safety_examples(3)
+    strat = build_strategy(_cfg(strategy="gaussian_normalised", seed=2))
+    full = strat.make(model, safety_batch(tok, examples=examples), [1], step=4).vectors[1]
+    alone = strat.make(model, safety_batch(tok, examples=examples[2:]), [1], step=4).vectors[1]
+    width = min(full.shape[1], alone.shape[1])
+    assert torch.equal(full[2, :width], alone[0, :width])
