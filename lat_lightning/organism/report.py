@@ -242,6 +242,10 @@ def render_markdown(result: dict, judges: list[str], primary: str) -> str:
         lines += ["", "## Durability: original (aligned) vs hardened", "",
                   "| attack | original | hardened | change |", "|---|---|---|---|"]
         for row in result["durability"].get("rows", []):
+            if row.get("kind") == "layer":  # a layer index, not a rate
+                lines.append(f"| {row['label']} | {row.get('original')} | {row.get('hardened')} | "
+                             f"{'moved' if row.get('original') != row.get('hardened') else 'same'} |")
+                continue
             lines.append(f"| {row['label']} | {_fmt_std(row.get('original'), row.get('original_std'))} | "
                          f"{_fmt_std(row.get('hardened'), row.get('hardened_std'))} | {_fmt_change(row.get('change'))} |")
         lines += ["", "Details and plots: `durability_report.md`."]
