@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(BIN)/python train.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -x -q tests
+	$(BIN)/python -m pytest -x tests --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

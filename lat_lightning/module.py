@@ -162,7 +162,7 @@ class LatentAdversarialModule(pl.LightningModule):
         return total.detach()
 
     def _diverged(self, terms: dict[str, Tensor]) -> None:
-        bad = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+        bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
         path = None
         if self.trainer is not None and getattr(self.trainer, "default_root_dir", None):
             import os
