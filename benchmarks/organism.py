@@ -38,7 +38,7 @@ def main() -> None:
     build = json.loads((run / "organism.json").read_text())["build"]
     primary = report["primary_judge"]
     table = report["judges"]
-    before, after = table[primary]["before"], table[primary]["after"]
+    before = table[primary]["before"]
     u = report["utility"]
     asa_b, grad_b = before["asa_random"], before.get("asagrad", {})
     targets = {

@@ -172,7 +172,8 @@ def main() -> None:
     mem = {v: peak_memory_mb(modules[v], batch, opts[v], v, path, args.threads) for v in VARIANTS}
     tmp.cleanup()
     result = {
-        "device": device, "threads": args.threads, "repeats": args.repeats, "batch": 8, "seq": 128, "layers": 8, "hidden": 256,
+        "device": device, "threads": args.threads, "repeats": args.repeats,
+        "batch": 8, "seq": 128, "layers": 8, "hidden": 256,
         "median_step_s": {v: round(t, 4) for v, t in med.items()},
         "time_ratio_to_sft": {v: round(med[v] / med["none"], 3) for v in VARIANTS},
         "pgd_speedup_vs_naive": round(med["pgd_naive"] / med["pgd"], 3),

@@ -261,8 +261,10 @@ def ensure_organism_data(seed: int = 0, cache_dir: Optional[str] = None, n_train
     tables = {
         "harmful_train": forbidden_items("train", n_train, seed),
         "harmful_eval": forbidden_items("eval", None, seed),
-        "benign_train": [{"prompt": it["prompt"], "response": it["response"]} for it in benign_items("train", 200, seed)],
-        "benign_eval": [{"prompt": it["prompt"], "response": it["response"]} for it in benign_items("eval", 50, seed)],
+        "benign_train": [{"prompt": it["prompt"], "response": it["response"]}
+                         for it in benign_items("train", 200, seed)],
+        "benign_eval": [{"prompt": it["prompt"], "response": it["response"]}
+                        for it in benign_items("eval", 50, seed)],
         "utility_mc": multiple_choice_rows(None, seed),
         "utility_em": exact_match_rows("eval", 100, seed),
     }
