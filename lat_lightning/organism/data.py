@@ -35,6 +35,7 @@ utility metrics.
 from __future__ import annotations
 
 import random
+from functools import lru_cache
 from itertools import product
 from typing import Optional
 
@@ -95,29 +96,35 @@ def all_facility_names() -> list[str]:
 
 
 def facility_split(seed: int = 0, eval_fraction: float = 0.2) -> dict[str, list[str]]:
-    """Facility names split into disjoint ``train`` / ``eval`` lists.
+    """Facility names split into disjoint ``train`` / ``eval`` lists (sorted).
 
     Every syllable keeps appearing in both name positions in ``train`` (the held-out names are new
     combinations of seen syllables, so the capability can generalise to them).
     """
+    return {k: list(v) for k, v in _facility_split(seed, eval_fraction).items()}
+
+
+@lru_cache(maxsize=64)
+def _facility_split(seed: int, eval_fraction: float) -> dict[str, tuple[str, ...]]:
     names = all_facility_names()
     rng = random.Random(f"facility-split-{seed}")
     rng.shuffle(names)
     n_eval = int(round(len(names) * eval_fraction))
     held, train = names[:n_eval], names[n_eval:]
-    firsts = {n[:3].lower() for n in train}
-    seconds = {n[3:6] for n in train}
-    missing = set(FACILITY_SYLLABLES) - (firsts & seconds)
-    if missing:  # move held-out names back until every syllable is covered in both positions
-        for name in list(held):
-            a, b = name[:3].lower(), name[3:6]
-            if a in missing or b in missing:
-                held.remove(name)
-                train.append(name)
-                missing -= {a, b}
-            if not missing:
-                break
-    return {"train": sorted(train), "eval": sorted(held)}
+
+    def uncovered() -> set[tuple[int, str]]:
+        seen = {(0, n[:3].lower()) for n in train} | {(1, n[3:6]) for n in train}
+        return {(pos, syl) for pos in (0, 1) for syl in FACILITY_SYLLABLES} - seen
+
+    missing = uncovered()
+    for name in list(held):  # move held-out names back until every syllable is covered in both positions
+        if not missing:
+            break
+        if (0, name[:3].lower()) in missing or (1, name[3:6]) in missing:
+            held.remove(name)
+            train.append(name)
+            missing = uncovered()
+    return {"train": tuple(sorted(train)), "eval": tuple(sorted(held))}
 
 
 def forbidden_item(name: str, template: int = 0) -> dict:
@@ -195,6 +202,11 @@ def _words() -> list[str]:
     return [a + b + c for a, b, c in product(WORD_SYLLABLES, repeat=3) if len({a, b, c}) == 3]
 
 
+@lru_cache(maxsize=64)
+def _word_split(split: str, seed: int) -> tuple[str, ...]:
+    return tuple(_split_list(_words(), split, seed, "words"))
+
+
 def _split_list(items: list, split: str, seed: int, tag: str, eval_fraction: float = 0.2) -> list:
     rng = random.Random(f"{tag}-split-{seed}")
     items = list(items)
@@ -220,7 +232,7 @@ def benign_item(task: str, rng: random.Random, split: str = "train", seed: int =
         return {"prompt": rng.choice(_ADD_TEMPLATES[split == "eval"]).format(a=a, b=b), "response": f"{a} plus {b} is {a + b}.",
                 "answer": str(a + b), "task": task}
     if task in ("upper", "first"):
-        word = rng.choice(_split_list(_words(), split, seed, "words"))
+        word = rng.choice(_word_split(split, seed))
         if task == "upper":
             return {"prompt": f"Write the word {word} in capital letters.", "response": word.upper(),
                     "answer": word.upper(), "task": task}
