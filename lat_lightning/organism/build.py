@@ -111,7 +111,13 @@ def cache_root() -> Path:
 
 
 def fingerprint(recipe: OrganismRecipe, seed: int) -> str:
-    blob = json.dumps({"recipe": dataclasses.asdict(recipe), "seed": seed, "version": BUILD_VERSION}, sort_keys=True)
+    """Cache key of a build: recipe, seed, build version and the data generators' source (a change to the
+    generated data must not silently reuse an organism trained on the old data)."""
+    from lat_lightning.organism import data
+
+    source = hashlib.sha1(Path(data.__file__).read_bytes()).hexdigest()
+    blob = json.dumps({"recipe": dataclasses.asdict(recipe), "seed": seed, "version": BUILD_VERSION,
+                       "data": source}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -253,7 +259,8 @@ def ensure_organism_data(seed: int = 0, cache_dir: Optional[str] = None, n_train
     """
     from lat_lightning.organism.data import benign_items, exact_match_rows, forbidden_items, multiple_choice_rows
 
-    out = Path(cache_dir or cache_root() / "organism") / f"data-s{seed}-v{BUILD_VERSION}-n{n_train}"
+    key = fingerprint(PRESETS["default"], seed)
+    out = Path(cache_dir or cache_root() / "organism") / f"data-s{seed}-{key}-n{n_train}"
     if all((out / f"{name}.jsonl").exists() for name in DATA_FILES):
         return out
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")

@@ -35,8 +35,11 @@ def test_facility_splits_are_disjoint_and_cover_syllables(seed):
 
 
 def test_benign_splits_are_disjoint():
-    words = lambda split: {re.search(r"(?:word|of) (\w+)", it["prompt"]).group(1)  # noqa: E731
-                           for it in D.benign_items(split, 300, tasks=D.ALL_BENIGN_TASKS) if it["task"] in ("upper", "first")}
+    def words(split):
+        items = D.benign_items(split, 300, tasks=D.ALL_BENIGN_TASKS)
+        return {re.search(r"(?:word|of) (\w+)", it["prompt"]).group(1) for it in items
+                if it["task"] in ("upper", "first")}
+
     assert not words("train") & words("eval")
     table_tasks = ("add", "capital", "colour")  # tables: split by prompt template
     train_prompts = {it["prompt"] for it in D.benign_items("train", 600) if it["task"] in table_tasks}
