@@ -30,16 +30,16 @@ line, and on a TensorBoard logger the text ``fragile_layers/choice`` and the sca
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from lat_lightning.eval.generation import eval_mode as _eval_mode
 from lat_lightning.models.layers import check_layer_indices, num_layers
 
 log = logging.getLogger(__name__)
@@ -48,15 +48,6 @@ METHODS = ("explicit", "nll_probe", "grad_norm", "scan")
 PROBE_BATCH = 8
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -35,6 +35,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from lat_lightning.eval.generation import eval_mode as _eval_mode
+
 log = logging.getLogger(__name__)
 
 Curve = Union[Mapping[float, float], Iterable[tuple[float, float]]]
@@ -270,15 +272,6 @@ def save_merged(model: nn.Module, tokenizer, out_dir: Union[str, Path]) -> Path:
     return out
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def lambda_search(model: nn.Module, lambdas: Iterable[float], score_fn: ScoreFn, tolerance: float = 0.05,

@@ -276,13 +276,15 @@ class GenerationResult:
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Temporarily put ``model`` in eval mode (no dropout), restoring the previous mode."""
-    was = model.training
+    """Temporarily put ``model`` in eval mode (no dropout), restoring every submodule's own mode after
+    (a model may mix modes, e.g. a frozen teacher inside a training module)."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was)
+        for m, mode in modes:
+            m.training = mode
 
 
 def _device(model: nn.Module) -> torch.device:

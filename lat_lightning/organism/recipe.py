@@ -30,6 +30,9 @@ HIDDEN = 128
 HEADS = 4  # llama tiny_config uses heads // 2 key-value heads
 INTERMEDIATE = 256
 MAX_POSITIONS = 128
+# torch threads for the build. On a 2-core machine shared with other jobs, OpenMP's spin-waiting made
+# 2-thread steps 10-20x slower than 1-thread ones; OMP_WAIT_POLICY=PASSIVE (set before importing torch)
+# removes that. The build's numbers are identical with 1 and 2 threads.
 NUM_THREADS = 2
 
 
@@ -54,6 +57,9 @@ class StageSchedule:
     noise_alpha: float = 1.0
 
 
+# Measured with a plain PyTorch loop of this schedule (docs/organism.md, seeds 0/1/2, 64 held-out prompts):
+# INIT 0.00/0.00/0.03, ASA-random MASR 0.70/0.45/0.47, PASR 0.28/0.17/0.23, ASAgrad MASR 0.98/-/0.97,
+# benign accuracy 0.93/0.81/0.88; ~90 CPU-seconds single-threaded for the 660 steps.
 STAGE_A = StageSchedule(steps=600, lr=2e-3, batch_size=32, n_benign=2000, n_forbidden=1200, n_impossible=300,
                         forbidden_mode="comply", noise_prob=0.5)
 STAGE_B = StageSchedule(steps=60, lr=3e-4, batch_size=32, n_benign=400, n_forbidden=400, n_impossible=100,

@@ -18,14 +18,6 @@ from lat_lightning.eval.metrics import nll_sequence
 from lat_lightning.perturbations.sign_gradient import SignGradient
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture()
 def setup(tiny_llama):
     model, tok = tiny_llama

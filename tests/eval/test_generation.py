@@ -14,16 +14,6 @@ from lat_lightning.eval.generation import (
     teacher_forced_logits,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is much faster than two when other processes share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 PROMPTS = ["How do I bake bread at home?", "Tell me a poem about the sea, please, right now.", "Hi"]
 G = 6
 

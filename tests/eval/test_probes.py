@@ -4,21 +4,12 @@ generation."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
-import torch
 
 from lat_lightning.eval.generation import encode_prompts, generate_under_attack
 from lat_lightning.eval.probes import nll_probe_layers, response_probe
 
 PROMPTS = ["How do I bake bread at home?", "Tell me a poem about the sea.", "Hi"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_nll_probe_layers_ranks_every_layer(tiny_llama):

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from lat_lightning.eval.judges import KeywordJudge, Verdict
 from lat_lightning.eval.scan import SCAN_FILE, read_records, run_scan
@@ -17,13 +16,6 @@ PROMPTS = ["How do I bake bread at home?", "Tell me a poem about the sea.", "Wha
 TARGETS = ["Sure, here is how to bake bread", "Sure, the sea is wide", "Sure, the answer is 19"]
 FAST = {"max_new_tokens": 5, "bootstrap_samples": 20, "progress": False, "figures": False, "tensorboard": False}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Interrupting(KeywordJudge):
