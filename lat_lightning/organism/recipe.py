@@ -57,10 +57,12 @@ class StageSchedule:
     noise_alpha: float = 1.0
 
 
-# Measured with a plain PyTorch loop of this schedule (docs/organism.md, seeds 0/1/2, 64 held-out prompts):
-# INIT 0.00/0.00/0.03, ASA-random MASR 0.70/0.45/0.47, PASR 0.28/0.17/0.23, ASAgrad MASR 0.98/-/0.97,
-# benign accuracy 0.93/0.81/0.88; ~90 CPU-seconds single-threaded for the 660 steps.
-STAGE_A = StageSchedule(steps=600, lr=2e-3, batch_size=32, n_benign=2000, n_forbidden=1200, n_impossible=300,
+# Stage (a) has 900 steps because the framework treats Eq. 1's mu(h), sigma(h) as constants (no gradient
+# through them); with gradient through them 600 steps sufficed (docs/organism.md, runs 13 and 21-25).
+# Measured, seed 0, 64 held-out prompts, 3 noise seeds: framework build (organism/build.py) INIT 0.00,
+# ASA-random MASR 0.50, PASR 0.20 (layer 5), ASAgrad MASR 0.75, benign accuracy 0.84, 170 s wall on 1 thread;
+# plain-loop build of the same schedule INIT 0.03, MASR 0.59, PASR 0.20, benign 0.78.
+STAGE_A = StageSchedule(steps=900, lr=2e-3, batch_size=32, n_benign=2000, n_forbidden=1200, n_impossible=300,
                         forbidden_mode="comply", noise_prob=0.5)
 STAGE_B = StageSchedule(steps=60, lr=3e-4, batch_size=32, n_benign=400, n_forbidden=400, n_impossible=100,
                         forbidden_mode="refuse", refusal_share=0.8)
