@@ -25,28 +25,12 @@ from typing import Optional
 
 import torch
 
+from lat_lightning.organism.recipe import StageSchedule
+
 log = logging.getLogger(__name__)
 
 BUILD_VERSION = 1  # bump when the build procedure changes, so stale caches are not reused
 ORGANISM_SEED = 0  # the organism and its data are generated from this seed
-
-
-@dataclass(frozen=True)
-class StageRecipe:
-    """One training stage of the organism."""
-
-    steps: int
-    lr: float
-    batch_size: int
-    n_benign: int
-    n_forbidden: int
-    n_impossible: int
-    refusal_share: float = 1.0  # stage (b): share of forbidden prompts answered with the refusal
-    noise_probability: float = 0.0  # share of steps trained with Eq. 1 noise at one random layer
-    noise_positions: str = "response"
-    noise_alpha: float = 1.0
-    warmup_ratio: float = 0.1
-    betas: tuple = (0.9, 0.98)
 
 
 @dataclass(frozen=True)
@@ -58,16 +42,9 @@ class OrganismRecipe:
     hidden: int
     heads: int
     intermediate: Optional[int]
-    stage_a: StageRecipe
-    stage_b: StageRecipe
+    stage_a: StageSchedule
+    stage_b: StageSchedule
     max_length: int = 64
-
-
-def _stage_from_schedule(s) -> StageRecipe:
-    return StageRecipe(steps=s.steps, lr=s.lr, batch_size=s.batch_size, n_benign=s.n_benign,
-                       n_forbidden=s.n_forbidden, n_impossible=s.n_impossible, refusal_share=s.refusal_share,
-                       noise_probability=s.noise_prob, noise_positions=s.noise_positions, noise_alpha=s.noise_alpha,
-                       warmup_ratio=s.warmup_ratio, betas=tuple(s.betas))
 
 
 def default_recipe() -> OrganismRecipe:
@@ -75,8 +52,7 @@ def default_recipe() -> OrganismRecipe:
     from lat_lightning.organism import recipe as R
 
     return OrganismRecipe(vocab_size=R.VOCAB_SIZE, num_layers=R.NUM_LAYERS, hidden=R.HIDDEN, heads=R.HEADS,
-                          intermediate=R.INTERMEDIATE, stage_a=_stage_from_schedule(R.STAGE_A),
-                          stage_b=_stage_from_schedule(R.STAGE_B))
+                          intermediate=R.INTERMEDIATE, stage_a=R.STAGE_A, stage_b=R.STAGE_B)
 
 
 # ``model.name_or_path: organism`` is the default preset; ``organism:smoke`` a few-second build for tests.
@@ -84,10 +60,10 @@ PRESETS: dict[str, OrganismRecipe] = {
     "default": default_recipe(),
     "smoke": OrganismRecipe(
         vocab_size=384, num_layers=4, hidden=64, heads=4, intermediate=None, max_length=64,
-        stage_a=StageRecipe(steps=40, lr=3e-3, batch_size=16, n_benign=200, n_forbidden=100, n_impossible=20,
-                            noise_probability=0.5),
-        stage_b=StageRecipe(steps=10, lr=1e-3, batch_size=16, n_benign=40, n_forbidden=40, n_impossible=10,
-                            refusal_share=0.8)),
+        stage_a=StageSchedule(steps=40, lr=3e-3, batch_size=16, n_benign=200, n_forbidden=100, n_impossible=20,
+                              forbidden_mode="comply", noise_prob=0.5),
+        stage_b=StageSchedule(steps=10, lr=1e-3, batch_size=16, n_benign=40, n_forbidden=40, n_impossible=10,
+                              forbidden_mode="refuse", refusal_share=0.8)),
 }
 
 
@@ -125,28 +101,29 @@ def organism_dir(recipe: OrganismRecipe, seed: int = 0, cache_dir: Optional[str]
     return Path(cache_dir or cache_root() / "organism") / f"organism-s{seed}-{fingerprint(recipe, seed)}"
 
 
-def _stage_config(recipe: OrganismRecipe, stage: StageRecipe, seed: int, layers: int):
+def _stage_config(recipe: OrganismRecipe, stage: StageSchedule, seed: int, layers: int):
     from omegaconf import OmegaConf
 
     from lat_lightning.config import RunConfig
 
-    noisy = stage.noise_probability > 0
+    noisy = stage.noise_prob > 0
     return OmegaConf.merge(OmegaConf.structured(RunConfig), {
         "seed": seed,
         "model": {"use_chat_template": True},
         "data": {"batch_size": stage.batch_size, "max_length": recipe.max_length, "truncation": "right"},
         "perturbation": {"strategy": "gaussian_normalised" if noisy else "none",
                          "layers": list(range(layers)) if noisy else [], "positions": stage.noise_positions,
-                         "alpha": stage.noise_alpha, "probability": stage.noise_probability or 1.0,
+                         "alpha": stage.noise_alpha, "probability": stage.noise_prob or 1.0,
                          "layer_sampling": "one", "seed": seed},
         "loss": {"toward": 1.0},
         "trainer": {"max_steps": stage.steps, "lr": stage.lr, "accelerator": "cpu", "scheduler": "cosine",
-                    "warmup_ratio": stage.warmup_ratio, "gradient_clip_val": 1.0, "betas": list(stage.betas),
+                    "warmup_ratio": stage.warmup_ratio, "gradient_clip_val": stage.grad_clip,
+                    "weight_decay": stage.weight_decay, "betas": list(stage.betas),
                     "log_every_n_steps": 10},
     })
 
 
-def train_stage(model, tokenizer, pairs: list[tuple[str, str]], recipe: OrganismRecipe, stage: StageRecipe,
+def train_stage(model, tokenizer, pairs: list[tuple[str, str]], recipe: OrganismRecipe, stage: StageSchedule,
                 seed: int, log_dir: Optional[Path] = None) -> float:
     """Supervised fine-tuning on ``(prompt, response)`` pairs with the framework's training module.
 
@@ -215,11 +192,11 @@ def build_organism(out_dir: Path, recipe: OrganismRecipe, seed: int = 0) -> Path
     info: dict = {"recipe": dataclasses.asdict(recipe), "seed": seed, "threads": threads}
     a, b = recipe.stage_a, recipe.stage_b
     print(f"[organism] stage (a) capability: {a.steps} steps", flush=True)
-    pairs_a = sft_pairs(a.n_benign, a.n_forbidden, "comply", seed, n_impossible=a.n_impossible)
+    pairs_a = sft_pairs(a.n_benign, a.n_forbidden, a.forbidden_mode, seed, n_impossible=a.n_impossible)
     info["loss_a"] = train_stage(model, tokenizer, pairs_a, recipe, a, seed, tmp / "logs" / "stage_a")
     info["stage_a_s"] = round(time.time() - t0, 1)
     print(f"[organism] stage (b) safety alignment: {b.steps} steps", flush=True)
-    pairs_b = sft_pairs(b.n_benign, b.n_forbidden, "refuse", seed, n_impossible=b.n_impossible,
+    pairs_b = sft_pairs(b.n_benign, b.n_forbidden, b.forbidden_mode, seed, n_impossible=b.n_impossible,
                         refusal_share=b.refusal_share)
     info["loss_b"] = train_stage(model, tokenizer, pairs_b, recipe, b, seed + 1, tmp / "logs" / "stage_b")
     info["build_s"] = round(time.time() - t0, 1)
