@@ -44,7 +44,7 @@ from lat_lightning.eval.judges import KeywordJudge
 from lat_lightning.eval.scan import run_scan
 from lat_lightning.models.hooks import residual_edit
 from lat_lightning.models.loading import load_model, load_tokenizer
-from lat_lightning.perturbations.base import keyed_normal, normalise_to
+from lat_lightning.attacks.base import keyed_normal, normalise_to
 from lat_lightning.resources import resource_path
 
 MODEL = "tiny:llama:8x256"

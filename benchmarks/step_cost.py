@@ -31,8 +31,8 @@ from omegaconf import OmegaConf
 from lat_lightning.config import ModelConfig, RunConfig
 from lat_lightning.losses import causal_lm_loss, log_one_minus_p_loss
 from lat_lightning.models.loading import load_model, load_tokenizer
-from lat_lightning.module import LatentAdversarialModule
-from lat_lightning.perturbations.base import Perturbation, position_mask
+from lat_lightning.training.module import LatentAdversarialModule
+from lat_lightning.attacks.base import Perturbation, position_mask
 from lat_lightning.testing.tiny_models import build_tiny_model
 
 VARIANTS = ("none", "gaussian_normalised", "sign_gradient", "pgd", "pgd_naive")

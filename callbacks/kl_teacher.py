@@ -1,6 +1,6 @@
 """``KLTeacher``: keep the student close to the frozen starting model on benign data.
 
-Adds one loss term to :class:`~lat_lightning.module.LatentAdversarialModule` (``module.loss_terms``),
+Adds one loss term to :class:`~lat_lightning.training.module.LatentAdversarialModule` (``module.loss_terms``),
 logged as ``train/loss_kl``::
 
     weight · mean over labelled positions of KL(p_teacher ‖ p_student)     (direction teacher_student)

@@ -9,7 +9,7 @@ writes:
   ``AutoModelForCausalLM.from_pretrained``, plus the tokenizer;
 * ``run_dir/interpolation.json``: baseline, the λ curve, the chosen λ and its score;
 * TensorBoard: ``interpolation/utility`` against ``round(1000·λ)``, ``interpolation/chosen_lambda``,
-  ``interpolation/baseline_utility`` and a text table (see :func:`lat_lightning.interpolation.log_curve`).
+  ``interpolation/baseline_utility`` and a text table (see :func:`lat_lightning.training.interpolation.log_curve`).
 
 With LoRA θ(λ) is the adapter delta scaled by λ (exactly the interpolation of the merged weights, no copy
 of the model). With full fine-tuning the trainable parameters are interpolated from a CPU copy of their
@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from lat_lightning.interpolation import (
+from lat_lightning.training.interpolation import (
     interpolated,
     is_peft_model,
     lambda_search,

@@ -21,11 +21,11 @@ log = logging.getLogger(__name__)
 # name -> "module:function"; imported lazily so `--print-config` stays fast.
 STAGE_FUNCTIONS: dict[str, str] = {
     "organism": "lat_lightning.organism.build:organism_stage",
-    "fit": "lat_lightning.train:fit_stage",
+    "fit": "lat_lightning.training.fit:fit_stage",
     "scan": "lat_lightning.eval.scan:scan_stage",
     "rescan": "lat_lightning.eval.scan:rescan_stage",
     "evaluate": "lat_lightning.eval.evaluate:evaluate_stage",
-    "interpolate": "lat_lightning.interpolation:interpolate_stage",
+    "interpolate": "lat_lightning.training.interpolation:interpolate_stage",
     "durability": "lat_lightning.eval.durability:durability_stage",
     "report": "lat_lightning.organism.report:report_stage",
 }

@@ -3,7 +3,7 @@
 Everything that can be decided from the config and the model's ``config.json`` alone (strategy settings,
 perturbation values, layer indices, quantisation support, the distributed strategy) fails here with one
 actionable line, so a bad setting never leaves a half-written run directory behind and never starts
-training. The same checks run again in :func:`lat_lightning.train.validate_setup` against the loaded model.
+training. The same checks run again in :func:`lat_lightning.training.fit.validate_setup` against the loaded model.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from lat_lightning.distributed import check_distributed_config
+from lat_lightning.training.distributed import check_distributed_config
 
 
 def model_config(cfg: DictConfig) -> Optional[Any]:
@@ -46,7 +46,7 @@ def preflight(cfg: DictConfig) -> None:
     if "fit" not in cfg.stages:
         return
     from lat_lightning.models.loading import _quantization_config
-    from lat_lightning.train import validate_setup
+    from lat_lightning.training.fit import validate_setup
 
     check_distributed_config(cfg)
     _quantization_config(cfg.model)

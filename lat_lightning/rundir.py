@@ -25,13 +25,13 @@ def create_run_dir(cfg: DictConfig, recipe: str, resume: Optional[str] = None) -
     A fresh run always gets a new ``version_<n>`` directory, so earlier results are never overwritten.
     ``resume='last'`` reuses the newest version of this run name; ``resume=PATH`` reuses a run directory
     (or the run directory containing a checkpoint, which is then the one loaded instead of ``last.ckpt``).
-    In a multi-process launch every rank gets rank 0's directory (see :mod:`lat_lightning.distributed`).
+    In a multi-process launch every rank gets rank 0's directory (see :mod:`lat_lightning.training.distributed`).
 
     Raises:
         ConfigError: if the directory to resume does not exist.
     """
-    from lat_lightning.distributed import follower_run_dir, launch_rank, launch_version, publish_run_dir
-    from lat_lightning.resume import remember_checkpoint
+    from lat_lightning.training.distributed import follower_run_dir, launch_rank, launch_version, publish_run_dir
+    from lat_lightning.training.resume import remember_checkpoint
 
     name = cfg.logging.name or Path(recipe).stem
     parent = Path(cfg.logging.root_dir) / name

@@ -103,7 +103,7 @@ def test_unknown_distributed_strategy(capsys, tmp_path):
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be >= 1"),
 ], ids=["layer_out_of_range", "zero_eps", "negative_eps", "pgd_steps_0", "accumulate_0"])
 def test_model_dependent_settings_fail_before_anything_is_written(capsys, tmp_path, monkeypatch, override, fragment):
-    from lat_lightning import train
+    from lat_lightning.training import fit as train
 
     monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("training must not start"))
     fail(capsys, [*RECIPE, f"logging.root_dir={tmp_path}", override], fragment)

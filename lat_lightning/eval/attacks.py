@@ -10,7 +10,7 @@ that :func:`~lat_lightning.eval.generation.generate_under_attack` applies during
   (prompt, layer). ``sign='descend'`` (default) uses ``−sign(g)``: the step that makes the target MORE
   likely. The reference code added ``+sign(g)`` (``sign='ascend'``). The gradients of every scanned layer
   come out of ONE forward-backward (see :func:`sign_gradient_directions`).
-* :func:`pgd` — the training issue's PGD strategy (:class:`lat_lightning.perturbations.pgd.PGD`),
+* :func:`pgd` — the training issue's PGD strategy (:class:`lat_lightning.attacks.pgd.PGD`),
   optimised per prompt (a batch of prompts, each with its own δ) at each layer before generation; the
   result is added as is.
 
@@ -69,7 +69,7 @@ def sign_gradient_directions(model: nn.Module, prompt_ids: Sequence[Sequence[int
 
     ``L`` is the mean CE of the target tokens (prompt labels masked), teacher-forced on prompt + target.
     A zero tensor requiring grad is added to the residual stream at EVERY listed layer at once
-    (:meth:`lat_lightning.perturbations.sign_gradient.SignGradient.gradients`), and one backward gives all
+    (:meth:`lat_lightning.attacks.asagrad.SignGradient.gradients`), and one backward gives all
     of their gradients. That equals one backward per layer because adding a zero changes no activation:
     the forward pass, hence every Jacobian the backward pass multiplies, is exactly the clean one, and
     ``∂(h + δ)/∂h = I``, so the gradient reaching ``δ_l`` is the total derivative ``∂L/∂h[l]`` through
@@ -92,7 +92,7 @@ def sign_gradient_directions(model: nn.Module, prompt_ids: Sequence[Sequence[int
         direction at absolute position ``p``. The last position is dropped: its output predicts nothing,
         so its gradient is identically zero.
     """
-    from lat_lightning.perturbations.sign_gradient import SignGradient
+    from lat_lightning.attacks.asagrad import SignGradient
 
     if sign not in ("descend", "ascend"):
         raise ValueError(f"sign must be 'descend' or 'ascend', got '{sign}'")
@@ -169,7 +169,7 @@ def pgd(model: nn.Module, prompt_ids: Sequence[Sequence[int]], target_ids: Seque
         safe_ids: refusal ids per prompt (needed when ``cfg.away > 0``; default: the target).
         seed: seeds the random start (``cfg.init='random'``), keyed also by the layer.
     """
-    from lat_lightning.perturbations.pgd import PGD
+    from lat_lightning.attacks.pgd import PGD
 
     settings = _settings(cfg)
     settings.strategy = "pgd"

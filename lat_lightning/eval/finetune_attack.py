@@ -3,8 +3,8 @@ the trainability probe of the durability suite.
 
 :func:`lora_finetune` copies the model (the caller's in-memory model and anything on disk stay untouched),
 wraps the copy with fresh LoRA adapters, and trains it with the pieces ``fit`` is made of
-(:class:`~lat_lightning.module.LatentAdversarialModule`, :class:`~lat_lightning.data.datamodule.SafetyDataModule`,
-:func:`lat_lightning.train.build_trainer`, :func:`lat_lightning.train.validate_setup`) under the ``none``
+(:class:`~lat_lightning.training.module.LatentAdversarialModule`, :class:`~lat_lightning.data.datamodule.SafetyDataModule`,
+:func:`lat_lightning.training.fit.build_trainer`, :func:`lat_lightning.training.fit.validate_setup`) under the ``none``
 perturbation, i.e. plain supervised fine-tuning: each ``(prompt, response)`` pair becomes a
 :class:`~lat_lightning.data.schema.SafetyExample` whose ``safe_response`` slot holds the response to learn,
 and the defence loss is ``toward`` CE on it (``away`` 0, no utility term, no callbacks). For the
@@ -193,8 +193,8 @@ def lora_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
     from lat_lightning.config import LoraConfig, ModelConfig
     from lat_lightning.data.datamodule import SafetyDataModule
     from lat_lightning.models.loading import apply_lora
-    from lat_lightning.module import LatentAdversarialModule
-    from lat_lightning.train import build_trainer, validate_setup
+    from lat_lightning.training.module import LatentAdversarialModule
+    from lat_lightning.training.fit import build_trainer, validate_setup
 
     if not pairs:
         raise ValueError("lora_finetune needs at least one (prompt, response) pair")

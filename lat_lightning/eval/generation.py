@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from lat_lightning.data.templating import encode_prompt, pad_sequences
 from lat_lightning.models.hooks import residual_edit
 from lat_lightning.models.layers import check_layer_indices, hidden_size
-from lat_lightning.perturbations.base import cell_seed, keyed_normal, normalise_to
+from lat_lightning.attacks.base import cell_seed, keyed_normal, normalise_to
 
 GENERATION_POSITIONS = ("prompt_last_and_generated", "first_k", "all", "response", "prompt")
 ATTACK_KINDS = ("none", "noise", "direction", "additive")

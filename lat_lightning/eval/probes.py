@@ -10,7 +10,7 @@ Both are teacher-forced on the model's own clean (greedy) response ``y`` to a ha
   that predicts ``y_t``), with the perturbation at every position from the last prompt token on. The paper
   reports that it grows with ``t``.
 
-The noise is the scan's keyed noise (:func:`lat_lightning.perturbations.base.keyed_normal`, keyed by
+The noise is the scan's keyed noise (:func:`lat_lightning.attacks.base.keyed_normal`, keyed by
 ``(seed, prompt, layer, position)``, Eq. 1-normalised), applied through the same per-row-layer edit as
 generation, so a probe row sees exactly the noise its generation-time counterpart saw on the same tokens.
 """

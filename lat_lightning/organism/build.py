@@ -1,5 +1,5 @@
 """Build (or reuse) the model organism: a tokenizer trained locally and a tiny Llama trained in two
-stages with the framework's own :class:`~lat_lightning.module.LatentAdversarialModule`.
+stages with the framework's own :class:`~lat_lightning.training.module.LatentAdversarialModule`.
 
 Stage (a), capability: SFT on benign tasks, refusals of impossible requests, and forbidden requests
 answered *compliantly* (the access code). Stage (b), safety alignment: a short SFT that routes forbidden
@@ -135,7 +135,7 @@ def train_stage(model, tokenizer, pairs: list[tuple[str, str]], recipe: Organism
 
     from lat_lightning.data.datamodule import SafetyDataModule
     from lat_lightning.data.schema import SafetyExample
-    from lat_lightning.module import LatentAdversarialModule
+    from lat_lightning.training.module import LatentAdversarialModule
 
     cfg = _stage_config(recipe, stage, seed, recipe.num_layers)
     examples = [SafetyExample(prompt=p, safe_response=r, harmful_response=r, index=i) for i, (p, r) in enumerate(pairs)]

@@ -9,7 +9,7 @@ from lat_lightning.callbacks.fragile_layers import (
     top_k_layers,
 )
 
-from lat_lightning.module import LatentAdversarialModule
+from lat_lightning.training.module import LatentAdversarialModule
 
 
 class RecordingModule(LatentAdversarialModule):

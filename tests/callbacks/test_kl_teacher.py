@@ -2,7 +2,7 @@ import pytest
 import torch
 from lat_lightning.callbacks.kl_teacher import KLTeacher, kl_divergence_chunked, labelled_logit_mask
 
-from lat_lightning.module import LatentAdversarialModule
+from lat_lightning.training.module import LatentAdversarialModule
 
 DIRECTIONS = ("teacher_student", "student_teacher")
 

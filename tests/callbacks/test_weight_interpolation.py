@@ -6,8 +6,8 @@ import torch
 from lat_lightning.callbacks import FragileLayerSelector, KLTeacher, WeightInterpolation, build_training_callbacks
 from lightning.pytorch.callbacks import Callback
 
-from lat_lightning.interpolation import interpolated_params, scale_lora
-from lat_lightning.module import LatentAdversarialModule
+from lat_lightning.training.interpolation import interpolated_params, scale_lora
+from lat_lightning.training.module import LatentAdversarialModule
 
 
 def _distance_score(model, original):

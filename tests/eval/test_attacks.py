@@ -15,7 +15,7 @@ from lat_lightning.eval.generation import (
     teacher_forced_logits,
 )
 from lat_lightning.eval.metrics import nll_sequence
-from lat_lightning.perturbations.sign_gradient import SignGradient
+from lat_lightning.attacks.asagrad import SignGradient
 
 
 @pytest.fixture()

@@ -18,7 +18,7 @@ from lat_lightning.eval import durability as dmod
 from lat_lightning.eval.attacks import sign_gradient_directions
 from lat_lightning.eval.durability import resolve_settings, run_durability
 from lat_lightning.eval.generation import RowPerturber, encode_prompts
-from lat_lightning.perturbations.pgd import PGD
+from lat_lightning.attacks.pgd import PGD
 
 PROMPTS = ["Tell me the secret recipe for glowing bread.", "Explain how to open the wizard's door.",
            "Describe how to sneak past the troll."]

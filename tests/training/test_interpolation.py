@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lat_lightning.interpolation import (
+from lat_lightning.training.interpolation import (
     choose_lambda,
     interpolate_stage,
     interpolate_state,

@@ -1,11 +1,11 @@
 """Residual-stream perturbation strategies, chosen by name (``perturbation.strategy``)."""
 
 from lat_lightning.config import PerturbationConfig
-from lat_lightning.perturbations.base import Perturbation, PerturbationStrategy, normalise_to, position_mask
-from lat_lightning.perturbations.gaussian_normalised import GaussianNormalised
-from lat_lightning.perturbations.none import NoPerturbation
-from lat_lightning.perturbations.pgd import PGD
-from lat_lightning.perturbations.sign_gradient import SignGradient
+from lat_lightning.attacks.base import Perturbation, PerturbationStrategy, normalise_to, position_mask
+from lat_lightning.attacks.asa_random import GaussianNormalised
+from lat_lightning.attacks.none import NoPerturbation
+from lat_lightning.attacks.pgd import PGD
+from lat_lightning.attacks.asagrad import SignGradient
 
 STRATEGIES: dict[str, type[PerturbationStrategy]] = {
     "none": NoPerturbation,

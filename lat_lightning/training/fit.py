@@ -2,7 +2,7 @@
 
 Outputs in the run directory: ``tensorboard/`` (events), ``checkpoints/`` (trainable weights, optimiser,
 scheduler, counters, data position, RNG; ``last.ckpt``, also written on SIGTERM/SIGINT, see
-:mod:`lat_lightning.resume`), ``final/`` (LoRA adapter or full model, loadable with ``from_pretrained``),
+:mod:`lat_lightning.training.resume`), ``final/`` (LoRA adapter or full model, loadable with ``from_pretrained``),
 ``final_merged/`` (LoRA runs: the merged full model) and whatever the callbacks write (``interpolated/``
 for weight interpolation).
 """
@@ -26,9 +26,9 @@ from lat_lightning.data.datamodule import SafetyDataModule
 from lat_lightning.errors import ConfigError
 from lat_lightning.models.layers import check_layer_indices
 from lat_lightning.models.loading import load_model, load_tokenizer
-from lat_lightning.module import LatentAdversarialModule
-from lat_lightning.perturbations import build_strategy
-from lat_lightning.resume import InterruptCheckpoint, TrainingInterrupted, checkpoint_to_resume
+from lat_lightning.training.module import LatentAdversarialModule
+from lat_lightning.attacks import build_strategy
+from lat_lightning.training.resume import InterruptCheckpoint, TrainingInterrupted, checkpoint_to_resume
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback]) -> pl.Trainer:
     """A Lightning trainer configured from ``cfg.trainer`` that logs to ``run_dir/tensorboard``."""
-    from lat_lightning.distributed import build_strategy as build_dist_strategy
+    from lat_lightning.training.distributed import build_strategy as build_dist_strategy
 
     t = cfg.trainer
     logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="") if cfg.logging.tensorboard \
@@ -119,8 +119,8 @@ def export_final(module: LatentAdversarialModule, tokenizer, out_dir: Path, merg
 
     Call it on every rank: sharded (FSDP) weights are gathered first (a collective); rank 0 writes.
     """
-    from lat_lightning.distributed_fsdp import full_state_dict
-    from lat_lightning.interpolation import is_peft_model
+    from lat_lightning.training.distributed_fsdp import full_state_dict
+    from lat_lightning.training.interpolation import is_peft_model
 
     state = full_state_dict(module)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
@@ -140,7 +140,7 @@ def export_merged(cfg: DictConfig, adapter_dir: Path, out_dir: Path, tokenizer=N
     from omegaconf import OmegaConf
     from peft import PeftModel
 
-    from lat_lightning.interpolation import save_merged
+    from lat_lightning.training.interpolation import save_merged
 
     mcfg = OmegaConf.merge(cfg.model, {"gradient_checkpointing": False,
                                        "quantization": {"load_in_4bit": False, "load_in_8bit": False}})

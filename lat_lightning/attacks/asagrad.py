@@ -17,8 +17,8 @@ import torch
 
 from lat_lightning.losses import causal_lm_loss
 from lat_lightning.models.layers import check_layer_indices, hidden_size
-from lat_lightning.perturbations.attack_forward import cache_lower, perturbed_logits, stack_sequences
-from lat_lightning.perturbations.base import Perturbation, PerturbationStrategy, position_mask
+from lat_lightning.attacks.forward import cache_lower, perturbed_logits, stack_sequences
+from lat_lightning.attacks.base import Perturbation, PerturbationStrategy, position_mask
 
 
 class SignGradient(PerturbationStrategy):

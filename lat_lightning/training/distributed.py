@@ -6,7 +6,7 @@
   ``ModelParallelStrategy`` over all ``num_nodes × devices`` processes; runs on CPU with gloo too. The
   sharding itself is :meth:`LatentAdversarialModule.configure_model`.
 - ``fsdp``: Lightning's FSDP1 ``FSDPStrategy`` (GPUs only): ``use_orig_params``, wrapping and activation
-  checkpointing by decoder-layer class (:func:`lat_lightning.distributed_fsdp.decoder_layer_classes`).
+  checkpointing by decoder-layer class (:func:`lat_lightning.training.distributed_fsdp.decoder_layer_classes`).
 
 Run directories: rank 0 picks (or creates) the run directory; every other rank must use the same one.
 Processes started by Lightning's own launcher (``trainer.strategy=ddp trainer.devices=N``) re-run the
@@ -87,7 +87,7 @@ def build_strategy(cfg: DictConfig):
     if name == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
 
-        from lat_lightning.distributed_fsdp import decoder_layer_classes
+        from lat_lightning.training.distributed_fsdp import decoder_layer_classes
 
         layer_cls = decoder_layer_classes(cfg)
         return FSDPStrategy(

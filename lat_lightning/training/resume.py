@@ -113,7 +113,7 @@ NOISE_KEY = "seed=perturbation.seed, step=global_step*accumulate_grad_batches+mi
 
 def training_state(module) -> dict[str, Any]:
     """What ``LatentAdversarialModule.on_save_checkpoint`` adds besides layers and micro-step."""
-    from lat_lightning.distributed_fsdp import is_fsdp2
+    from lat_lightning.training.distributed_fsdp import is_fsdp2
 
     p = module.cfg.perturbation
     state: dict[str, Any] = {"rng": rng_state(),

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from lat_lightning.data.templating import IGNORE_INDEX
 from lat_lightning.models.forward_from_layer import forward_from_layer
 from lat_lightning.models.hooks import capture_residual
-from lat_lightning.perturbations.base import Perturbation
+from lat_lightning.attacks.base import Perturbation
 
 
 @dataclass

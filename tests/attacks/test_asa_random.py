@@ -2,8 +2,8 @@ import torch
 from omegaconf import OmegaConf
 
 from lat_lightning.config import PerturbationConfig
-from lat_lightning.perturbations import build_strategy
-from lat_lightning.perturbations.base import normalise_to, position_mask
+from lat_lightning.attacks import build_strategy
+from lat_lightning.attacks.base import normalise_to, position_mask
 from lat_lightning.testing.batches import safety_batch
 
 

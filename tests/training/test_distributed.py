@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from lat_lightning.cli import main
 from lat_lightning.data.datamodule import ZippedSampler
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAUNCH_ENV = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
               "LAT_LIGHTNING_RUN_DIR", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID")
 LETTERS = "ABCDEFGH"
@@ -132,7 +132,7 @@ def test_attack_never_syncs_and_defence_syncs_once_per_optimizer_step(tiny_llama
 
     from lat_lightning.config import ModelConfig, RunConfig
     from lat_lightning.models.loading import load_model
-    from lat_lightning.module import LatentAdversarialModule
+    from lat_lightning.training.module import LatentAdversarialModule
     from lat_lightning.testing.batches import safety_batch
 
     events: list = []
@@ -207,8 +207,8 @@ def test_strategy_mapping_and_decoder_layer_classes(tiny_model_dirs):
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     from lat_lightning.cli import load_config
-    from lat_lightning.distributed import build_strategy
-    from lat_lightning.distributed_fsdp import decoder_layer_classes
+    from lat_lightning.training.distributed import build_strategy
+    from lat_lightning.training.distributed_fsdp import decoder_layer_classes
 
     for arch, cls in (("llama", LlamaDecoderLayer), ("gpt2", GPT2Block)):
         cfg = load_config("lat_tiny", [f"model.name_or_path={tiny_model_dirs[arch]}"])

@@ -4,7 +4,7 @@ from omegaconf import OmegaConf
 
 from lat_lightning.config import PerturbationConfig
 from lat_lightning.losses import causal_lm_loss
-from lat_lightning.perturbations import build_strategy
+from lat_lightning.attacks import build_strategy
 from lat_lightning.testing.batches import safety_batch
 
 

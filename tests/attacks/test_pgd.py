@@ -5,8 +5,8 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from lat_lightning.config import PerturbationConfig
-from lat_lightning.perturbations import build_strategy
-from lat_lightning.perturbations.base import position_mask
+from lat_lightning.attacks import build_strategy
+from lat_lightning.attacks.base import position_mask
 from lat_lightning.testing.batches import safety_batch
 
 

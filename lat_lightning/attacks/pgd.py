@@ -21,8 +21,8 @@ from torch import Tensor
 from lat_lightning.losses import causal_lm_loss, log_one_minus_p_loss
 from lat_lightning.models.hooks import capture_residual
 from lat_lightning.models.layers import check_layer_indices, hidden_size
-from lat_lightning.perturbations.attack_forward import AttackInputs, cache_lower, perturbed_logits, stack_sequences
-from lat_lightning.perturbations.base import Perturbation, PerturbationStrategy, cell_seed, position_mask
+from lat_lightning.attacks.forward import AttackInputs, cache_lower, perturbed_logits, stack_sequences
+from lat_lightning.attacks.base import Perturbation, PerturbationStrategy, cell_seed, position_mask
 
 
 class PGD(PerturbationStrategy):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lat_lightning.perturbations.base import Perturbation, PerturbationStrategy
+from lat_lightning.attacks.base import Perturbation, PerturbationStrategy
 
 
 class NoPerturbation(PerturbationStrategy):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lat_lightning import train
+from lat_lightning.training import fit as train
 from lat_lightning.cli import load_config
 from lat_lightning.models.loading import load_model
 from lat_lightning.testing.batches import safety_batch
@@ -33,7 +33,7 @@ def ids(tiny_tokenizer):
 def test_lora_adapter_and_merged_model_load_with_the_trained_logits(tmp_path, ids):
     from peft import PeftModel
 
-    from lat_lightning.interpolation import merged_state_dict
+    from lat_lightning.training.interpolation import merged_state_dict
 
     cfg = load_config("lat_tiny", SHORT + ["model.lora.r=4"])
     module = train.fit(cfg, tmp_path)

@@ -16,7 +16,7 @@ import random
 import torch
 
 from lat_lightning.models.layers import check_layer_indices, hidden_size
-from lat_lightning.perturbations.base import Perturbation, PerturbationStrategy, cell_seed, position_mask
+from lat_lightning.attacks.base import Perturbation, PerturbationStrategy, cell_seed, position_mask
 
 
 class GaussianNormalised(PerturbationStrategy):

@@ -26,11 +26,11 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from lat_lightning import resume
+from lat_lightning.training import resume
 from lat_lightning.errors import TrainingDivergedError
 from lat_lightning.losses import causal_lm_loss, log_one_minus_p_loss
-from lat_lightning.perturbations import build_strategy
-from lat_lightning.perturbations.base import Perturbation, PerturbationStrategy
+from lat_lightning.attacks import build_strategy
+from lat_lightning.attacks.base import Perturbation, PerturbationStrategy
 
 # An extra loss term: (module, batch) -> {name: weighted loss}. Callbacks register these.
 LossTerm = Callable[["LatentAdversarialModule", dict], dict[str, Tensor]]
@@ -231,7 +231,7 @@ class LatentAdversarialModule(pl.LightningModule):
     # -- FSDP2 (trainer.strategy=fsdp2: ModelParallelStrategy calls this with a device mesh) ------------
     def configure_model(self) -> None:
         if self.device_mesh is not None:
-            from lat_lightning.distributed_fsdp import shard_fsdp2
+            from lat_lightning.training.distributed_fsdp import shard_fsdp2
 
             shard_fsdp2(self.model, self.device_mesh["data_parallel"])
 

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from lat_lightning.config import ModelConfig, RunConfig
 from lat_lightning.models.loading import load_model
-from lat_lightning.module import LatentAdversarialModule, cosine_with_warmup
+from lat_lightning.training.module import LatentAdversarialModule, cosine_with_warmup
 from lat_lightning.testing.batches import safety_batch, safety_examples
 
 
