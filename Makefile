@@ -1,4 +1,5 @@
-# lat-lightning: `make demo` runs the default recipe, `make test` runs the test suite.
+# lat-lightning: `make demo` runs the default recipe, `make test` checks the import layering (`lint-imports`,
+# contracts in setup.cfg [importlinter]) and then runs the test suite.
 # Both create .venv on first use (python3 -m venv), install torch first, then the package editable with
 # its extras. A stamp file inside .venv records the install: an existing venv is reused and re-installed
 # only when setup.cfg changes (delete .venv to start over).
@@ -29,7 +30,10 @@ $(STAMP): setup.cfg | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/python train.py
 
+# lint-imports runs from the repo root (it finds the extra root package callbacks/ through the cwd); --no-cache
+# keeps it from writing .import_linter_cache/ into the tree.
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache --no-logo
 	$(BIN)/python -m pytest -x tests --durations=15
 
 lint: $(STAMP)

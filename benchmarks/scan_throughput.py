@@ -38,13 +38,13 @@ from pathlib import Path
 
 import torch
 
+from lat_lightning.attacks.base import keyed_normal, normalise_to
 from lat_lightning.config import ModelConfig
 from lat_lightning.data.templating import encode_prompt
 from lat_lightning.eval.judges import KeywordJudge
 from lat_lightning.eval.scan import run_scan
 from lat_lightning.models.hooks import residual_edit
 from lat_lightning.models.loading import load_model, load_tokenizer
-from lat_lightning.attacks.base import keyed_normal, normalise_to
 from lat_lightning.resources import resource_path
 
 MODEL = "tiny:llama:8x256"

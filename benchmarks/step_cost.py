@@ -1,7 +1,7 @@
-"""Time and peak memory of one training step per perturbation strategy, as ratios to plain SFT.
+"""Time and peak memory of one training step per training attack, as ratios to plain SFT.
 
 Model: tiny random Llama, 8 layers, hidden 256; batch 8, sequences of 128 tokens. Variants:
-``none`` (SFT), ``gaussian_normalised``, ``sign_gradient``, ``pgd`` (k=5 at layer 4, from the cached
+``none`` (SFT), ``asa_random``, ``asagrad``, ``pgd`` (k=5 at layer 4, from the cached
 lower layers, gradients on the perturbation only) and ``pgd_naive``: the structure of the public LAT code
 (whole model from the embeddings every step, separate toward/away passes, and ``loss.backward()`` so
 weight gradients are computed in every attack backward). The naive variant exists only here, as a
@@ -28,14 +28,15 @@ import time
 import torch
 from omegaconf import OmegaConf
 
+from lat_lightning.attacks.base import Perturbation
+from lat_lightning.attacks.positions import position_mask
 from lat_lightning.config import ModelConfig, RunConfig
 from lat_lightning.losses import causal_lm_loss, log_one_minus_p_loss
 from lat_lightning.models.loading import load_model, load_tokenizer
-from lat_lightning.training.module import LatentAdversarialModule
-from lat_lightning.attacks.base import Perturbation, position_mask
 from lat_lightning.testing.tiny_models import build_tiny_model
+from lat_lightning.training.fit import build_module
 
-VARIANTS = ("none", "gaussian_normalised", "sign_gradient", "pgd", "pgd_naive")
+VARIANTS = ("none", "asa_random", "asagrad", "pgd", "pgd_naive")
 LAYER = 4
 
 
@@ -56,15 +57,15 @@ def make_batch(vocab: int, bsz: int = 8, seq: int = 128, prompt: int = 64, seed:
 def make_module(model, variant: str):
     strategy = "pgd" if variant == "pgd_naive" else variant
     cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), {
-        "perturbation": {"strategy": strategy, "layers": [LAYER], "steps": 5, "eps": 6.0, "lr": 1e-3,
-                         "toward": 0.5, "away": 0.5, "positions": "prompt"},
-        "loss": {"toward": 0.5, "away": 0.5}})
-    return LatentAdversarialModule(cfg, model)
+        "perturbation": {"attack": strategy, "layers": [LAYER], "steps": 5, "eps": 6.0, "lr": 1e-3,
+                         "toward_harmful": 0.5, "away_from_safe": 0.5, "positions": "prompt"},
+        "loss": {"toward_safe": 0.5, "away_from_harmful": 0.5}})
+    return build_module(cfg, model)
 
 
 def naive_pgd(module, batch) -> Perturbation:
     """The public LAT structure: full model, separate toward/away passes, weight grads each step."""
-    model, cfg = module.model, module.cfg.perturbation
+    model, cfg = module.model, module.attack.settings
     bsz, seq = batch["harmful_input_ids"].shape
     d = model.config.hidden_size
     mask = position_mask("prompt", batch["prompt_lengths"], seq).float()
@@ -75,9 +76,9 @@ def naive_pgd(module, batch) -> Perturbation:
         pert = Perturbation({LAYER: delta}, mask, normalise=False)
         with pert.applied(model):
             out = model(input_ids=batch["harmful_input_ids"], attention_mask=batch["harmful_attention_mask"])
-            (cfg.toward * causal_lm_loss(out.logits, batch["harmful_labels"])).backward()
+            (cfg.toward_harmful * causal_lm_loss(out.logits, batch["harmful_labels"])).backward()
             out = model(input_ids=batch["safe_input_ids"], attention_mask=batch["safe_attention_mask"])
-            (cfg.away * log_one_minus_p_loss(out.logits, batch["safe_labels"])).backward()
+            (cfg.away_from_safe * log_one_minus_p_loss(out.logits, batch["safe_labels"])).backward()
         opt.step()
         with torch.no_grad():
             delta.mul_(mask[..., None])
@@ -88,7 +89,7 @@ def naive_pgd(module, batch) -> Perturbation:
 
 
 def one_step(module, batch, opt, variant: str) -> None:
-    pert = naive_pgd(module, batch) if variant == "pgd_naive" else module.attack(batch)
+    pert = naive_pgd(module, batch) if variant == "pgd_naive" else module.run_attack(batch)
     terms = module.defence_losses(batch, pert)
     torch.stack(list(terms.values())).sum().backward()
     opt.step()
@@ -182,7 +183,7 @@ def main() -> None:
         "targets": {"gaussian_time_ratio_max": 1.10, "pgd_speedup_min": 1.5, "peak_mem_ratio_max": 1.3},
     }
     result["met"] = {
-        "gaussian": result["time_ratio_to_sft"]["gaussian_normalised"] <= 1.10,
+        "gaussian": result["time_ratio_to_sft"]["asa_random"] <= 1.10,
         "pgd_speedup": result["pgd_speedup_vs_naive"] >= 1.5,
         "peak_mem": all(r is not None and r <= 1.3 for k, r in result["peak_mem_ratio_to_sft"].items()
                         if k != "pgd_naive"),

@@ -85,9 +85,10 @@ def nll_probe_scores(model: nn.Module, batches: Sequence[dict], layers: Sequence
     Returns:
         ``{layer: mean ΔNLL}`` (nats per prompt; higher = more fragile).
     """
+    from lat_lightning.attacks.base import Perturbation, cell_seed
+    from lat_lightning.attacks.positions import position_mask
     from lat_lightning.losses import token_logprobs
     from lat_lightning.models.layers import hidden_size
-    from lat_lightning.attacks.base import Perturbation, cell_seed, position_mask
 
     d = hidden_size(model)
     device = _device(model)

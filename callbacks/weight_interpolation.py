@@ -17,7 +17,7 @@ original values taken in ``setup`` (before a resumed checkpoint is loaded, so it
 not the resumed one). Either way the module's model holds the trained weights again afterwards, so the
 ``final/`` export of the fit stage is the trained model.
 
-Utility: a ``score_fn(model) -> float`` given to the constructor (the organism pipeline does that), else
+Utility: a ``score_fn(model) -> float`` given to the constructor, else
 ``lat_lightning.eval.utility.evaluate_utility`` accuracy on ``evaluation.utility_data`` of kind
 ``callbacks.weight_interpolation.utility``. Missing utility data fails in ``setup``, before training.
 
@@ -56,7 +56,7 @@ class WeightInterpolation(Callback):
         lambdas: the grid of λ values in [0, 1] (λ = 0 is always scored: it is the baseline).
         tolerance: allowed utility loss relative to the original model.
         utility: utility kind for ``evaluate_utility`` (``multiple_choice``, ``exact_match`` or
-            ``organism``) when no ``score_fn`` is given.
+            ``contains``) when no ``score_fn`` is given.
         run_dir: output directory (``trainer.default_root_dir`` when ``None``).
         score_fn: ``model -> float`` (higher is better); overrides the configured utility.
         utility_rows: rows for ``evaluate_utility`` instead of loading ``evaluation.utility_data``.
@@ -111,7 +111,7 @@ class WeightInterpolation(Callback):
         if self.cfg is None:
             from lat_lightning.eval.utility import evaluate_utility
 
-            kind = "multiple_choice" if self.utility == "organism" else self.utility
+            kind = self.utility
             rows = self.utility_rows
 
             def score(model: nn.Module) -> float:

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lat_lightning.config import CHOICES, STAGES, RunConfig
+from lat_lightning.config import CHOICES, REMOVED_KEYS, RENAMED_KEYS, STAGES, RunConfig
 from lat_lightning.errors import ConfigError, LatLightningError
 
 DEFAULT_RECIPE = "default"
@@ -138,6 +138,10 @@ def check_keys(data: Any, schema_cls: type = RunConfig, prefix: str = "") -> Non
     valid = [f.name for f in fields(schema_cls)]
     for key, value in data.items():
         full = f"{prefix}{key}"
+        if full in RENAMED_KEYS:
+            raise ConfigError(f"config key '{full}' was renamed '{RENAMED_KEYS[full]}'")
+        if full in REMOVED_KEYS:
+            raise ConfigError(f"config key '{full}' was removed: {REMOVED_KEYS[full]}")
         if key not in valid:
             close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
             where = f" in '{prefix[:-1]}'" if prefix else ""
@@ -160,8 +164,32 @@ def _dotlist_to_dict(dotlist: list[str]) -> dict[str, Any]:
     return OmegaConf.to_container(conf)  # type: ignore[return-value]
 
 
+def registry_choices() -> dict[str, tuple[str, ...]]:
+    """Choice lists that come from registries: attack names and positions policies (lat_lightning.attacks)."""
+    from lat_lightning.attacks import POLICIES, attack_names
+
+    return {"perturbation.attack": tuple(attack_names()), "perturbation.positions": POLICIES,
+            "evaluation.positions": POLICIES}
+
+
+def _check_attack_lists(cfg: DictConfig) -> None:
+    from lat_lightning.attacks import check_attack_name
+
+    lists = {"evaluation.attacks": cfg.evaluation.attacks,
+             "evaluation.durability.adaptive_attacks": cfg.evaluation.durability.adaptive_attacks,
+             "evaluation.durability.depth_attacks": cfg.evaluation.durability.depth_attacks}
+    try:
+        check_attack_name(str(cfg.perturbation.attack), "perturbation.attack")
+        for key, names in lists.items():
+            for name in names:
+                check_attack_name(str(name), key, scan=True)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _check_choices(cfg: DictConfig) -> None:
-    for key, allowed in CHOICES.items():
+    _check_attack_lists(cfg)
+    for key, allowed in {**CHOICES, **registry_choices()}.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and value not in allowed:
             close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.4)

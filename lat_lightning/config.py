@@ -78,41 +78,45 @@ class DataConfig:
 
 @dataclass
 class PerturbationConfig:
-    """Residual-stream perturbation used by training and attacks (see ``lat_lightning/perturbations``)."""
+    """The attack used by training and the settings every attack reads (``lat_lightning/attacks``, docs/attacks).
 
-    strategy: str = "none"
-    layers: list[int] = field(default_factory=list)
-    positions: str = "response"
-    first_k: int = 1
-    refresh: str = "step"
-    alpha: float = 1.0
-    seed: int = 0
-    probability: float = 1.0
-    layer_sampling: str = "all"
-    stats_source: str = "self"
-    sign: str = "descend"
-    steps: int = 16
-    eps: float = 6.0
-    eps_mode: str = "absolute"
-    norm: str = "l2"
-    norm_scope: str = "token"
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    init: str = "zero"
-    early_stop_loss: Optional[float] = None
-    toward: float = 1.0
-    away: float = 0.0
+    ``attack`` names the training attack (``none`` = plain SFT). The other keys are the attacks' knobs; the
+    scan, validation loop and durability suite build their attacks (``evaluation.attacks``) from the same
+    section, with the generation-time positions policy of ``evaluation.positions`` when that is set.
+    """
+
+    attack: str = "none"                 # registry name (lat_lightning.attacks.ATTACKS)
+    layers: list[int] = field(default_factory=list)  # attacked layers (0-based block outputs)
+    positions: str = "response"          # positions policy (lat_lightning.attacks.positions)
+    first_k: int = 1                     # k of the first_k policy
+    refresh: str = "step"                # asa_random: new draw per step/position, or one fixed draw
+    alpha: float = 1.0                   # magnitude multiplier after Eq. 1 (asa_random, asagrad)
+    seed: int = 0                        # keys every random draw
+    probability: float = 1.0             # asa_random training: fraction of steps perturbed
+    layer_sampling: str = "all"          # asa_random training: all listed layers, or one drawn per step
+    sign: str = "descend"                # asagrad: descend = toward the harmful target (-sign(g))
+    steps: int = 16                      # pgd: optimisation steps
+    eps: float = 6.0                     # pgd: ball radius
+    eps_mode: str = "absolute"           # pgd: absolute, or relative to the clean activation norm
+    norm: str = "l2"                     # pgd: l2 or linf ball
+    norm_scope: str = "token"            # pgd: per token or per sequence norm
+    optimizer: str = "adamw"             # pgd: adamw (LAT reference) or sign steps
+    lr: float = 1e-3                     # pgd: step size
+    init: str = "zero"                   # pgd: zero or random start
+    early_stop_loss: Optional[float] = None  # pgd: stop once the attack loss is this low
+    toward_harmful: float = 1.0          # pgd attack loss: weight of CE toward the harmful target y*
+    away_from_safe: float = 0.0          # pgd attack loss: weight of -log(1 - p) pushing off the refusal y
 
 
 @dataclass
 class LossConfig:
-    """Defence-step loss weights."""
+    """Defence-step loss weights (the outer update)."""
 
-    toward: float = 1.0
-    away: float = 0.0
-    utility: float = 0.0
-    away_logp_floor: float = -5.0
-    mask_prompt: bool = True
+    toward_safe: float = 1.0             # CE toward the safe response y, with the attack applied
+    away_from_harmful: float = 0.0       # -log(1 - p) pushing off the harmful response y*, attack applied
+    utility: float = 0.0                 # CE on benign data, no attack
+    away_logp_floor: float = -5.0        # tokens with log p below this add nothing to away_from_harmful
+    mask_prompt: bool = True             # false: the CE toward y also covers the prompt tokens (reference code)
 
 
 @dataclass
@@ -208,6 +212,7 @@ class DurabilityConfig:
     finetune_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     benign_steps: int = 4
     benign_lr: float = 1e-3
+    adaptive_attacks: list[str] = field(default_factory=lambda: ["asagrad", "pgd"])
     rewrites: list[str] = field(default_factory=lambda: ["leetspeak", "char_spaced", "reversed_words", "rot13",
                                                          "roleplay"])
     max_new_tokens: Optional[int] = None
@@ -219,6 +224,9 @@ class EvaluationConfig:
 
     attacks: list[str] = field(default_factory=lambda: ["asa_random"])
     layers: Optional[list[int]] = None
+    positions: Optional[str] = None      # generation-time positions policy (None: perturbation.positions when it
+    first_k: Optional[int] = None        # is a generation policy, else prompt_last_and_generated); first_k and
+    refresh: Optional[str] = None        # refresh default to the perturbation section's
     seeds: list[int] = field(default_factory=lambda: [0])
     judges: list[str] = field(default_factory=lambda: ["keyword"])
     primary_judge: str = "keyword"
@@ -242,7 +250,10 @@ class EvaluationConfig:
 @dataclass
 class OrganismConfig:
     """The embedded CPU model organism (see ``lat_lightning/organism``). Which organism is set by
-    ``model.name_or_path`` (``organism`` or ``organism:<preset>``); it is built once, then cached."""
+    ``model.name_or_path`` (``organism`` or ``organism:<preset>``); it is built once, then cached. The
+    pipeline builds (or reuses) it before any stage runs and replaces every organism name, ``organism://``
+    data name and ``organism`` utility kind by paths (:func:`lat_lightning.stages.organism.resolve_organism`).
+    ``rebuild`` builds it again even when cached (a fresh run with the ``organism`` stage only)."""
 
     rebuild: bool = False
 
@@ -264,16 +275,15 @@ class RunConfig:
     organism: OrganismConfig = field(default_factory=OrganismConfig)
 
 
-# Values that must come from a fixed set. Checked after merging so that a typo in a string option fails
-# loudly instead of silently falling through to a default branch.
+# Values that must come from a fixed set (attack names and positions policies come from their registries in
+# lat_lightning.attacks and are checked by lat_lightning.cli). Checked after merging so that a typo in a string
+# option fails loudly instead of silently falling through to a default branch.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.truncation": ("error", "left", "right", "drop"),
-    "perturbation.strategy": ("none", "gaussian_normalised", "sign_gradient", "pgd"),
-    "perturbation.positions": ("response", "prompt", "all", "prompt_last_and_generated", "first_k"),
+    "evaluation.refresh": ("step", "fixed"),
     "perturbation.refresh": ("step", "fixed"),
     "perturbation.layer_sampling": ("all", "one"),
-    "perturbation.stats_source": ("self",),
     "perturbation.sign": ("descend", "ascend"),
     "perturbation.eps_mode": ("absolute", "relative"),
     "perturbation.norm": ("l2", "linf"),
@@ -284,7 +294,20 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.fsdp_state_dict_type": ("sharded", "full"),
     "callbacks.kl_teacher.direction": ("teacher_student", "student_teacher"),
     "callbacks.fragile_layers.method": ("explicit", "nll_probe", "grad_norm", "scan"),
-    "callbacks.weight_interpolation.utility": ("multiple_choice", "exact_match", "organism"),
-    "evaluation.utility_kind": ("multiple_choice", "exact_match", "organism"),
+    # organism: the organism's benign tasks, replaced by `contains` on its data file before any stage runs
+    "callbacks.weight_interpolation.utility": ("multiple_choice", "exact_match", "contains", "organism"),
+    "evaluation.utility_kind": ("multiple_choice", "exact_match", "contains", "organism"),
     "evaluation.split_mode": ("prompt", "layer_stratified"),
+}
+
+# Keys renamed or removed by the one-attack-stack redesign: a recipe that still uses one fails with this line.
+RENAMED_KEYS: dict[str, str] = {
+    "perturbation.strategy": "perturbation.attack",
+    "perturbation.toward": "perturbation.toward_harmful",
+    "perturbation.away": "perturbation.away_from_safe",
+    "loss.toward": "loss.toward_safe",
+    "loss.away": "loss.away_from_harmful",
+}
+REMOVED_KEYS: dict[str, str] = {
+    "perturbation.stats_source": "the statistics of Eq. 1 always come from the perturbed activation itself",
 }

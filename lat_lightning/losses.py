@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lat_lightning.data.templating import IGNORE_INDEX
+IGNORE_INDEX = -100  # label of positions no loss counts (prompt, padding); the Hugging Face convention
 
 
 def _shift(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

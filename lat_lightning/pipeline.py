@@ -1,7 +1,13 @@
 """Run the stages a recipe names, in order, in one run directory.
 
-Each stage is a function ``stage(cfg, run_dir) -> dict`` in a plain name -> function map. A stage that
-finished in this run directory is skipped when the run is resumed (``--resume``).
+Each stage is a function ``lat_lightning.stages.<name>.run(cfg, run_dir) -> dict`` (:mod:`lat_lightning.stages`).
+A stage that finished in this run directory is skipped when the run is resumed (``--resume``).
+
+Order: the checks that need no model (:func:`lat_lightning.preflight.check_config`); the model organism is
+built or reused and every organism name in the config replaced by a path
+(:func:`lat_lightning.stages.organism.resolve_organism`, whenever the config names the organism); the checks
+that read the model's config (:func:`lat_lightning.preflight.check_model`); the run directory (its
+``config.yaml`` is the config as given); then the stages, with the resolved config.
 """
 
 from __future__ import annotations
@@ -14,24 +20,17 @@ from typing import Callable, Optional
 
 from omegaconf import DictConfig
 
+from lat_lightning.config import STAGES
 from lat_lightning.rundir import create_run_dir, mark_stage_done, stage_done
 
 log = logging.getLogger(__name__)
 
 # name -> "module:function"; imported lazily so `--print-config` stays fast.
-STAGE_FUNCTIONS: dict[str, str] = {
-    "organism": "lat_lightning.organism.build:organism_stage",
-    "fit": "lat_lightning.training.fit:fit_stage",
-    "scan": "lat_lightning.eval.scan:scan_stage",
-    "rescan": "lat_lightning.eval.scan:rescan_stage",
-    "evaluate": "lat_lightning.eval.evaluate:evaluate_stage",
-    "interpolate": "lat_lightning.training.interpolation:interpolate_stage",
-    "durability": "lat_lightning.eval.durability:durability_stage",
-    "report": "lat_lightning.organism.report:report_stage",
-}
+STAGE_FUNCTIONS: dict[str, str] = {name: f"lat_lightning.stages.{name}:run" for name in STAGES}
 
 
 def get_stage(name: str) -> Callable[[DictConfig, Path], dict]:
+    """The function of stage ``name`` (imported on first use)."""
     module_name, func = STAGE_FUNCTIONS[name].split(":")
     return getattr(importlib.import_module(module_name), func)
 
@@ -43,20 +42,24 @@ def run_pipeline(cfg: DictConfig, recipe: str, resume: Optional[str] = None) -> 
         The run directory.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from lat_lightning.preflight import preflight
+    from lat_lightning.preflight import check_config, check_model
+    from lat_lightning.stages.organism import resolve_organism
 
-    preflight(cfg)  # bad settings fail here, before a run directory exists or a weight is loaded
+    check_config(cfg)  # bad settings fail here, before a run directory exists or a weight is loaded
+    # The organism (when named) is built or reused now; a resumed run never rebuilds it.
+    resolved = resolve_organism(cfg, rebuild=False if resume else None)
+    check_model(resolved)
     run_dir = create_run_dir(cfg, recipe, resume)
     from lat_lightning.resources import RUN_DIR_ENV
 
     os.environ[RUN_DIR_ENV] = str(run_dir)  # lets recipes name earlier stages' outputs as run://<file>
     print(f"run directory: {run_dir}", flush=True)
-    for stage in cfg.stages:
+    for stage in resolved.stages:
         if resume and stage_done(run_dir, stage):
             print(f"[{stage}] already done in {run_dir}, skipping", flush=True)
             continue
         print(f"[{stage}] starting", flush=True)
-        info = get_stage(stage)(cfg, run_dir) or {}
+        info = get_stage(stage)(resolved, run_dir) or {}
         mark_stage_done(run_dir, stage, info)
         print(f"[{stage}] done", flush=True)
     return run_dir

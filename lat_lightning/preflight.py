@@ -4,6 +4,9 @@ Everything that can be decided from the config and the model's ``config.json`` a
 perturbation values, layer indices, quantisation support, the distributed strategy) fails here with one
 actionable line, so a bad setting never leaves a half-written run directory behind and never starts
 training. The same checks run again in :func:`lat_lightning.training.fit.validate_setup` against the loaded model.
+
+The pipeline runs :func:`check_config` first, then resolves the model organism (which may build it), then
+:func:`check_model` on the resolved model path; :func:`preflight` runs both for a config that names no organism.
 """
 
 from __future__ import annotations
@@ -24,8 +27,6 @@ def model_config(cfg: DictConfig) -> Optional[Any]:
     """
     from lat_lightning.models.loading import resolve_model_path
 
-    if cfg.model.name_or_path == "organism":  # built by the organism stage; checked when fit loads it
-        return None
     source = resolve_model_path(cfg.model.name_or_path)
     try:
         from transformers import AutoConfig
@@ -36,23 +37,49 @@ def model_config(cfg: DictConfig) -> Optional[Any]:
         return None
 
 
-def preflight(cfg: DictConfig) -> None:
-    """Validate ``cfg`` for its stages before anything is written.
+def check_config(cfg: DictConfig) -> None:
+    """The checks that need no model: the distributed strategy and quantisation support.
 
     Raises:
-        ConfigError: invalid strategy, perturbation or layer settings.
-        ModelLoadError: a missing model path, or quantisation without bitsandbytes.
+        ConfigError: invalid distributed settings.
+        ModelLoadError: quantisation without bitsandbytes.
     """
     if "fit" not in cfg.stages:
         return
     from lat_lightning.models.loading import _quantization_config
-    from lat_lightning.training.fit import validate_setup
 
     check_distributed_config(cfg)
     _quantization_config(cfg.model)
+
+
+def check_model(cfg: DictConfig) -> None:
+    """The checks that read the model's ``config.json`` (layer indices against the model's depth).
+
+    Run on a config whose model names a path or hub id (the pipeline resolves the organism first).
+
+    Raises:
+        ConfigError: invalid strategy, perturbation or layer settings.
+        ModelLoadError: a missing model path.
+    """
+    if "fit" not in cfg.stages:
+        return
+    from lat_lightning.training.fit import validate_setup
+
     config = model_config(cfg)
     if config is not None:
         validate_setup(cfg, SimpleNamespace(config=config))
 
 
-__all__ = ["model_config", "preflight"]
+def preflight(cfg: DictConfig) -> None:
+    """Validate ``cfg`` for its stages before anything is written: :func:`check_config`, then
+    :func:`check_model`.
+
+    Raises:
+        ConfigError: invalid strategy, perturbation or layer settings.
+        ModelLoadError: a missing model path, or quantisation without bitsandbytes.
+    """
+    check_config(cfg)
+    check_model(cfg)
+
+
+__all__ = ["check_config", "check_model", "model_config", "preflight"]

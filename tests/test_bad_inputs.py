@@ -186,7 +186,7 @@ def test_tokenizer_without_chat_template_falls_back_with_a_warning(no_template_m
 
 
 def test_nan_loss_stops_with_a_checkpoint(capsys, tmp_path):
-    last = fail(capsys, [*RECIPE, f"logging.root_dir={tmp_path}", "perturbation.strategy=gaussian_normalised",
+    last = fail(capsys, [*RECIPE, f"logging.root_dir={tmp_path}", "perturbation.attack=asa_random",
                          "perturbation.alpha=1e30", "perturbation.positions=all"], "loss is not finite at step 0")
     ckpt = tmp_path / "lat_tiny" / "version_0" / "checkpoints" / "diverged.ckpt"
     assert ckpt.exists() and str(ckpt) in last and "lower trainer.lr or perturbation.eps/alpha" in last

@@ -145,10 +145,46 @@ def test_value_given_for_a_section_names_the_key(capsys, override, key):
 
 
 def test_invalid_choice_suggests_closest(capsys):
-    code, _, err = _run(capsys, "--recipe", RECIPE, "--print-config", "perturbation.strategy=gausian")
+    code, _, err = _run(capsys, "--recipe", RECIPE, "--print-config", "perturbation.positions=respons")
     assert code == 2
     line = _error_line(err)
-    assert "perturbation.strategy" in line and "'gaussian_normalised'" in line
+    assert "perturbation.positions" in line and "'response'" in line
+
+
+def test_unknown_attack_lists_the_registered_ones(capsys):
+    code, _, err = _run(capsys, "--recipe", RECIPE, "--print-config", "perturbation.attack=gausian")
+    assert code == 2
+    line = _error_line(err)
+    assert "perturbation.attack" in line and "asa_random, asagrad, pgd" in line
+
+
+@pytest.mark.parametrize("override,new", [
+    ("perturbation.strategy=pgd", "perturbation.attack"),
+    ("perturbation.toward=1.0", "perturbation.toward_harmful"),
+    ("perturbation.away=0.5", "perturbation.away_from_safe"),
+    ("loss.toward=1.0", "loss.toward_safe"),
+    ("loss.away=0.5", "loss.away_from_harmful"),
+])
+def test_old_keys_name_their_new_key(capsys, override, new):
+    code, _, err = _run(capsys, "--recipe", RECIPE, "--print-config", override)
+    assert code == 2
+    line = _error_line(err)
+    assert f"'{override.split('=')[0]}' was renamed '{new}'" in line
+
+
+@pytest.mark.parametrize("override,new", [("perturbation.attack=gaussian_normalised", "asa_random"),
+                                          ("perturbation.attack=sign_gradient", "asagrad"),
+                                          ("evaluation.attacks=[gaussian_normalised]", "asa_random")])
+def test_old_attack_names_name_their_new_name(capsys, override, new):
+    code, _, err = _run(capsys, "--recipe", RECIPE, "--print-config", override)
+    assert code == 2
+    assert f"was renamed '{new}'" in _error_line(err)
+
+
+def test_removed_key_says_why(capsys):
+    code, _, err = _run(capsys, "--recipe", RECIPE, "--print-config", "perturbation.stats_source=self")
+    assert code == 2
+    assert "'perturbation.stats_source' was removed" in _error_line(err)
 
 
 def test_unknown_stage_suggests_closest(capsys):
@@ -310,7 +346,9 @@ def test_main_runs_the_stages_in_a_new_run_directory(capsys, tmp_path, monkeypat
 
     monkeypatch.setattr(pipeline, "get_stage", fake_stage)
     recipe = tmp_path / "two_stages.yaml"
-    recipe.write_text(f"# two stages\nstages: [scan, evaluate]\nlogging:\n  root_dir: {tmp_path / 'runs'}\n")
+    # A model other than the default organism: the pipeline would build the organism before any stage.
+    recipe.write_text(f"# two stages\nstages: [scan, evaluate]\nmodel:\n  name_or_path: tiny:llama\n"
+                      f"logging:\n  root_dir: {tmp_path / 'runs'}\n")
     code, out, err = _run(capsys, "--recipe", str(recipe), "trainer.max_steps=2")
     assert code == 0, err
     run = tmp_path / "runs" / "two_stages" / "version_0"

@@ -72,8 +72,8 @@ def test_lapt_llama3_carries_the_reference_values():
     assert cfg.model.name_or_path == "meta-llama/Llama-3.1-8B-Instruct" and cfg.model.dtype == "bfloat16"
     assert not cfg.model.lora.enabled  # full fine-tuning
     p = cfg.perturbation
-    assert (p.strategy, p.positions, p.refresh, p.alpha) == ("gaussian_normalised", "response", "step", 1.0)
-    assert (cfg.loss.toward, cfg.loss.away, cfg.loss.mask_prompt) == (1.0, 0.0, True)
+    assert (p.attack, p.positions, p.refresh, p.alpha) == ("asa_random", "response", "step", 1.0)
+    assert (cfg.loss.toward_safe, cfg.loss.away_from_harmful, cfg.loss.mask_prompt) == (1.0, 0.0, True)
     t = cfg.trainer
     assert (t.lr, t.scheduler, t.warmup_ratio, t.weight_decay) == (1e-4, "cosine", 0.1, 2e-6)
     assert (cfg.data.batch_size, t.accumulate_grad_batches, t.max_steps) == (1, 2, 20)
@@ -92,12 +92,12 @@ def test_lapt_llama3_carries_the_reference_values():
 def test_lat_llama3_carries_the_reference_values():
     cfg = load_config("lat_llama3")
     p = cfg.perturbation
-    assert p.strategy == "pgd" and list(p.layers) == [8, 16, 24, 30]
+    assert p.attack == "pgd" and list(p.layers) == [8, 16, 24, 30]
     assert (p.eps, p.steps, p.optimizer, p.lr, p.positions, p.norm) == (6.0, 16, "adamw", 1e-3, "prompt", "l2")
     lora = cfg.model.lora
     assert lora.enabled and lora.r == 64
     assert set(lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}
-    assert (cfg.loss.toward, cfg.loss.away) == (0.5, 0.5)
+    assert (cfg.loss.toward_safe, cfg.loss.away_from_harmful) == (0.5, 0.5)
     assert cfg.callbacks.kl_teacher.enabled and cfg.callbacks.kl_teacher.weight == 0.1
     t = cfg.trainer
     assert (t.lr, cfg.data.batch_size, t.max_steps, t.gradient_clip_val) == (8e-5, 16, 100, 1.0)
@@ -116,5 +116,5 @@ def test_asa_scan_llama3_matches_the_reference_generation_settings():
 
 def test_asagrad_at_llama3_descends_the_harmful_loss():
     cfg = load_config("asagrad_at_llama3")
-    assert cfg.perturbation.strategy == "sign_gradient" and cfg.perturbation.sign == "descend"
+    assert cfg.perturbation.attack == "asagrad" and cfg.perturbation.sign == "descend"
     assert list(cfg.stages) == ["fit"]

@@ -7,6 +7,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lat_lightning.cli import main
 
+pytestmark = pytest.mark.integration  # end-to-end: whole recipes / processes
+
 
 def _scalars(run_dir):
     acc = EventAccumulator(str(run_dir / "tensorboard"))
@@ -30,9 +32,9 @@ def test_tiny_recipe_trains_and_exports(recipe, tmp_path, capsys):
     else:
         assert (run_dir / "final" / "config.json").exists()
     tags = _scalars(run_dir)
-    assert {"train/loss", "train/loss_toward", "train/lr"} <= tags
+    assert {"train/loss", "train/loss_toward_safe", "train/lr"} <= tags
     if recipe == "lat_tiny":
-        assert {"train/loss_kl", "train/loss_away", "attack/attack_loss_after"} <= tags
+        assert {"train/loss_kl", "train/loss_away_from_harmful", "attack/attack_loss_after"} <= tags
     if recipe == "lapt_tiny":
         assert (run_dir / "interpolated" / "config.json").exists()
         assert (run_dir / "fragile_layers.json").exists()

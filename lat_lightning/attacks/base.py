@@ -1,10 +1,18 @@
-"""What every perturbation strategy shares: positions, Eq. 1 normalisation, keyed noise, the interface.
+"""What every attack shares: Eq. 1 normalisation, keyed noise, the training-time perturbation, the interface.
 
-A strategy turns a batch into a :class:`Perturbation`: per attacked layer a tensor of vectors
-``[batch, T, d]`` plus how to apply them (added as is, or first normalised to the statistics of the
-activation they are added to, Eq. 1). The perturbation is applied with forward hooks on the decoder
-layers (:func:`lat_lightning.models.hooks.residual_edit`), so the same object serves the training step,
-the NLL probe and teacher-forced evaluation.
+An :class:`Attack` has two faces, both in its own file:
+
+* :meth:`Attack.make` turns a teacher-forced batch into a :class:`Perturbation`: per attacked layer a tensor of
+  vectors ``[batch, T, d]`` plus how to apply them (added as is, or first normalised to the statistics of the
+  activation they are added to, Eq. 1). It is applied with forward hooks on the decoder layers
+  (:func:`lat_lightning.models.hooks.residual_edit`), so the same object serves the training step, the NLL
+  probe and teacher-forced evaluation.
+* :meth:`Attack.plan` turns rows ``(prompt, layer)`` of a scan into an
+  :class:`~lat_lightning.attacks.plan.AttackPlan` that the batched generation engine applies while it
+  decodes (:class:`~lat_lightning.attacks.plan.RowPerturber`).
+
+Attacks are registered by name in :data:`lat_lightning.attacks.ATTACKS`; the same name is used by training
+(``perturbation.attack``), the scan (``evaluation.attacks``), the validation loop and the durability suite.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from __future__ import annotations
 import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterator, Optional
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -38,38 +46,6 @@ def normalise_to(delta: Tensor, hidden: Tensor, eps: float = NORMALISE_EPS) -> T
     h = hidden.float()
     standard = (delta - delta.mean(-1, keepdim=True)) / (delta.std(-1, keepdim=True) + eps)
     return (h.mean(-1, keepdim=True) + standard * h.std(-1, keepdim=True)).to(hidden.dtype)
-
-
-def position_mask(policy: str, prompt_lengths: Tensor, seq_len: int, first_k: int = 1,
-                  attention_mask: Optional[Tensor] = None) -> Tensor:
-    """Boolean ``[batch, seq_len]`` mask of perturbed positions for right-padded sequences.
-
-    Policies (``P`` = prompt length, positions 0-based):
-      - ``response``: ``t >= P`` (the response tokens; LAPT training);
-      - ``prompt``: ``t < P`` (targeted-LAT style);
-      - ``all``: every position;
-      - ``prompt_last_and_generated``: ``t >= P - 1`` (the paper's attack: the last prompt token and every
-        generated token);
-      - ``first_k``: ``P - 1 <= t < P - 1 + k``, the ``k`` positions whose outputs are the first ``k``
-        response tokens.
-    """
-    t = torch.arange(seq_len, device=prompt_lengths.device)[None, :]
-    p = prompt_lengths[:, None]
-    if policy == "response":
-        mask = t >= p
-    elif policy == "prompt":
-        mask = t < p
-    elif policy == "all":
-        mask = torch.ones(len(prompt_lengths), seq_len, dtype=torch.bool, device=p.device)
-    elif policy == "prompt_last_and_generated":
-        mask = t >= p - 1
-    elif policy == "first_k":
-        mask = (t >= p - 1) & (t < p - 1 + first_k)
-    else:
-        raise ValueError(f"unknown positions policy '{policy}'")
-    if attention_mask is not None:
-        mask = mask & attention_mask[:, :seq_len].bool()
-    return mask
 
 
 def cell_seed(*key: int) -> int:
@@ -153,22 +129,69 @@ class Perturbation:
         return out
 
 
-class PerturbationStrategy:
-    """Interface: build a :class:`Perturbation` for a batch at given layers.
+class Attack:
+    """Interface of one attack. Subclasses set :attr:`name` and implement :meth:`make` and :meth:`plan`.
 
-    Subclasses set ``name`` and implement :meth:`make`. ``batch`` follows the data contract of
-    :mod:`lat_lightning.data.collate`: ``harmful_*`` / ``safe_*`` ``input_ids``, ``attention_mask``,
-    ``labels``, and ``prompt_lengths``.
+    Args:
+        settings: the attack's knobs (``perturbation`` section: positions, alpha, seed, PGD steps/eps/lr ...).
+            The positions policy, ``first_k`` and ``refresh`` in it apply to both faces; the scan passes a copy
+            with its own generation-time policy.
+
+    Class attributes:
+        name: the registry name.
+        uses_gradients: the attack runs forward-backward passes (weights frozen, gradients to the
+            perturbation only).
+        needs_target: every prompt needs a harmful target ``y*`` (the scan refuses prompts without one).
+        one_plan_for_all_seeds: the generation plan is keyed by the per-row seeds at apply time, so one
+            :meth:`plan` call serves every seed of a chunk.
     """
 
     name: ClassVar[str] = ""
     uses_gradients: ClassVar[bool] = False
+    needs_target: ClassVar[bool] = False
+    one_plan_for_all_seeds: ClassVar[bool] = False
 
-    def __init__(self, cfg: PerturbationConfig):
-        self.cfg = cfg
+    def __init__(self, settings: PerturbationConfig):
+        self.settings = settings
 
+    # -- identity ------------------------------------------------------------------------------------------
+    @property
+    def seed_dependent(self) -> bool:
+        """Whether different seeds give different perturbations (the scan runs one seed otherwise)."""
+        return False
+
+    def describe(self) -> dict[str, Any]:
+        """What determines this attack's perturbation (stored with a scan and compared on resume)."""
+        s = self.settings
+        return {"attack": self.name, "positions": s.positions, "first_k": s.first_k, "alpha": s.alpha}
+
+    # -- training face -------------------------------------------------------------------------------------
     def make(self, model: nn.Module, batch: dict[str, Tensor], layers: list[int], step: int = 0) -> Perturbation:
+        """The perturbation of a teacher-forced training batch at ``layers``.
+
+        ``batch`` follows the data contract of :mod:`lat_lightning.data.collate`: ``safe_*`` (and, when present,
+        ``harmful_*``) ``input_ids`` / ``attention_mask`` / ``labels``, ``prompt_lengths``, ``index`` and
+        ``layer``. ``step`` keys any randomness (a resumed run draws the same).
+        """
         raise NotImplementedError
 
-    def empty(self, batch: dict[str, Tensor]) -> Perturbation:
+    def empty(self, batch: dict[str, Tensor] | None = None) -> Perturbation:
+        """A perturbation that changes nothing."""
         return Perturbation(vectors={}, mask=torch.zeros(1, 1, dtype=torch.bool), normalise=False)
+
+    # -- generation face -----------------------------------------------------------------------------------
+    def plan(self, model: nn.Module, prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]],
+             row_prompts: Sequence[int], row_layers: Sequence[int], seed: int,
+             safe_ids: Sequence[Sequence[int]] | None = None, pad_id: int = 0):
+        """The generation plan (an :class:`~lat_lightning.attacks.plan.AttackPlan`) for rows
+        ``(row_prompts[r], row_layers[r])`` (layer ``-1`` = clean row).
+
+        Args:
+            model: the model under attack (gradient attacks take their gradients on it).
+            prompt_ids / target_ids: token ids per prompt index (chat template applied; targets without EOS).
+            row_prompts / row_layers: each row's prompt index and attacked layer.
+            seed: the perturbation seed of these rows.
+            safe_ids: refusal ids per prompt (attacks that push away from the refusal).
+            pad_id: padding id.
+        """
+        raise NotImplementedError

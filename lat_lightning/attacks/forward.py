@@ -9,15 +9,16 @@ under DDP, no gradient all-reduce is triggered.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from lat_lightning.data.templating import IGNORE_INDEX
+from lat_lightning.attacks.base import Perturbation
+from lat_lightning.data.templating import IGNORE_INDEX, build_sequences
 from lat_lightning.models.forward_from_layer import forward_from_layer
 from lat_lightning.models.hooks import capture_residual
-from lat_lightning.attacks.base import Perturbation
 
 
 @dataclass
@@ -51,6 +52,26 @@ def stack_sequences(batch: dict[str, Tensor], parts: tuple[str, ...], pad_id: in
     att = torch.cat([widen(batch[f"{p}_attention_mask"], 0) for p in parts])
     labels = torch.cat([widen(batch[f"{p}_labels"], IGNORE_INDEX) for p in parts])
     return AttackInputs(ids, att, labels, tuple(parts), batch[f"{parts[0]}_input_ids"].shape[0])
+
+
+def prompt_target_batch(prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]],
+                        safe_ids: Sequence[Sequence[int]] | None, pad_id: int, device) -> dict[str, Tensor]:
+    """A right-padded training-contract batch (``harmful_*``, ``safe_*``, ``prompt_lengths``, ``index``,
+    ``layer``) from token ids: the generation face of a gradient attack optimises on it.
+
+    Args:
+        prompt_ids / target_ids: per prompt; ``safe_ids`` the refusal per prompt (default: the target).
+        pad_id: padding id.
+        device: where the tensors go.
+    """
+    harmful = build_sequences(prompt_ids, target_ids, pad_id)
+    batch = {f"harmful_{k}": v.to(device) for k, v in harmful.items() if k != "prompt_lengths"}
+    safe = build_sequences(prompt_ids, safe_ids if safe_ids is not None else target_ids, pad_id)
+    batch.update({f"safe_{k}": v.to(device) for k, v in safe.items() if k != "prompt_lengths"})
+    batch["prompt_lengths"] = harmful["prompt_lengths"].to(device)
+    batch["index"] = torch.arange(len(prompt_ids), device=device)
+    batch["layer"] = torch.full((len(prompt_ids),), -1, dtype=torch.long, device=device)
+    return batch
 
 
 def cache_lower(model: nn.Module, inputs: AttackInputs, first_layer: int) -> Tensor:

@@ -9,7 +9,7 @@ key                         shape      meaning
 ``safe_input_ids``          [B, Ts]    prompt + safe response (refusal ``y``) + EOS, then padding
 ``safe_attention_mask``     [B, Ts]    1 on real tokens, 0 on padding
 ``safe_labels``             [B, Ts]    token ids on response positions (EOS kept), -100 elsewhere
-``harmful_input_ids``       [B, Th]    prompt + harmful target ``y*`` + EOS, then padding
+``harmful_input_ids``       [B, Th]    prompt + harmful target ``y*`` + EOS, then padding (absent for plain pairs)
 ``harmful_attention_mask``  [B, Th]
 ``harmful_labels``          [B, Th]
 ``prompt_lengths``          [B]        prompt token count ``P``; positions ``t < P`` hold the same
@@ -89,11 +89,14 @@ def encode_safety_example(tokenizer, ex: SafetyExample, max_length: int, truncat
     """
     prompt = encode_prompt(tokenizer, ex.prompt, use_chat_template, system_prompt)
     safe = encode_response(tokenizer, ex.safe_response)
-    harmful = encode_response(tokenizer, ex.harmful_response)
+    # Plain (prompt, response) pairs (supervised fine-tuning) have no harmful target: only the safe sequence.
+    harmful = encode_response(tokenizer, ex.harmful_response) if ex.harmful_response is not None else None
     local = TruncationStats()  # per-sequence counts; folded into ``stats`` once per example below
-    longer, shorter = (safe, harmful) if len(safe) >= len(harmful) else (harmful, safe)
+    longer, shorter = (safe, harmful) if harmful is None or len(safe) >= len(harmful) else (harmful, safe)
     fitted = fit_length(prompt, longer, max_length, truncation, local, ex.index)
-    if fitted is not None:
+    if fitted is not None and shorter is None:
+        fitted = (fitted[0], fitted[1], None)
+    elif fitted is not None:
         prompt, longer_fit = fitted
         other = fit_length(prompt, shorter, max_length, truncation, local, ex.index)
         fitted = None if other is None else (prompt, longer_fit, other[1])
@@ -173,7 +176,10 @@ def collate_safety(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Te
         raise ValueError("collate_safety needs at least one item")
     prompts = [it["prompt_ids"] for it in items]
     batch: dict[str, Tensor] = {}
-    for prefix in ("safe", "harmful"):
+    has_harmful = [it.get("harmful_ids") is not None for it in items]
+    if any(has_harmful) and not all(has_harmful):
+        raise ValueError("either every item or none carries a harmful target")
+    for prefix in ("safe", "harmful") if all(has_harmful) else ("safe",):
         seqs = build_sequences(prompts, [it[f"{prefix}_ids"] for it in items], pad_id)
         for key in ("input_ids", "attention_mask", "labels"):
             batch[f"{prefix}_{key}"] = seqs[key]

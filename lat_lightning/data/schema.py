@@ -8,6 +8,7 @@ following (``prompt`` / ``response``) used for the utility / KL losses.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 SAFETY_FIELDS = ("prompt", "safe_response", "harmful_response", "layer")
 BENIGN_FIELDS = ("prompt", "response")
@@ -20,7 +21,8 @@ class SafetyExample:
     Attributes:
         prompt: the harmful user request ``x`` (raw text, no chat template).
         safe_response: the refusal ``y`` the model should give.
-        harmful_response: the harmful target completion ``y*`` an attack pushes towards.
+        harmful_response: the harmful target completion ``y*`` an attack pushes towards; ``None`` for plain
+            supervised (prompt, response) pairs, whose batches then carry no ``harmful_*`` sequences.
         layer: the example's own attack layer (ASABench instances are per layer); ``None`` when the
             example applies to every layer.
         index: a stable integer id of the example (its row in the source by default). Perturbations key
@@ -29,7 +31,7 @@ class SafetyExample:
 
     prompt: str
     safe_response: str
-    harmful_response: str
+    harmful_response: Optional[str]
     layer: int | None = None
     index: int = 0
 

@@ -15,9 +15,10 @@ import torch
 from torch import Tensor
 
 from lat_lightning.errors import DataError
+from lat_lightning.losses import IGNORE_INDEX  # re-exported: the label every loss skips
 
 log = logging.getLogger(__name__)
-IGNORE_INDEX = -100
+
 _warned_no_template: set[int] = set()
 
 

@@ -5,16 +5,19 @@ prompts. Sections (``evaluation.durability.sections``; see ``docs/durability.md`
 
 1. ``rescan`` / ``adaptive`` — one :func:`~lat_lightning.eval.scan.run_scan` per model over every layer
    into ``original/`` and ``hardened/``: ASA random over ``random_seeds`` (≥ 5: mean ± std over seeds),
-   and the adaptive attacks ASAgrad and PGD, each optimised on the gradients of the model it attacks.
-   With ``transfer`` the hardened model is also attacked with ASAgrad / PGD vectors computed on the
-   original model (what a defence trained against a fixed attack sees). Rows: success at the fragile
+   and the adaptive attacks (``adaptive_attacks``, default ASAgrad and PGD: any registered attack), each
+   optimised on the gradients of the model it attacks. With ``transfer`` the hardened model is also attacked
+   with vectors computed on the original model (:class:`~lat_lightning.attacks.transfer.Transfer`; what a
+   defence trained against a fixed attack sees). Rows: success at the fragile
    layers and at any layer; the LASR curves of both models; whether the most fragile layer moved.
 2. ``finetune`` — a short LoRA fine-tune of a copy of each model on harmful pairs (prompt -> harmful
-   target), then success without any latent perturbation (:mod:`lat_lightning.eval.finetune_attack`).
+   target), then success without any latent perturbation (the fine-tune function is passed in:
+   :func:`lat_lightning.training.finetune.lora_finetune`).
 3. ``trainability`` — a short benign LoRA fine-tune of each: benign loss (and utility accuracy when
    utility rows are given) after every step.
-4. ``depth`` — refusal depth by position: ASA random / ASAgrad at the fragile layers on the first ``k``
-   generated positions only (``first_k``; the last prompt token is position 1), ``k = 1..max_k``; and
+4. ``depth`` — refusal depth by position: the ``depth_attacks`` (default ASA random / ASAgrad) at the
+   fragile layers on the first ``k`` generated positions only (``first_k``; the last prompt token is
+   position 1), ``k = 1..max_k``; and
    pre-filling the first ``k`` target tokens after the generation prompt, no perturbation, judging
    prefill + continuation.
 5. ``rewrites`` — deterministic prompt rewrites (:mod:`lat_lightning.eval.rewrites`), no perturbation.
@@ -23,9 +26,9 @@ Outputs in ``out_dir``: ``durability_report.md`` (ONE table: rows = attacks, col
 change), ``durability_summary.json``, ``durability_*.png`` and TensorBoard (``tensorboard/``: scalars,
 figures, the report as text), plus each model's scan directory and the fine-tune adapters.
 
-:func:`run_durability` takes in-memory models (the organism pipeline); :func:`durability_stage` loads two
-saved models (``evaluation.model_path`` or ``model.name_or_path``, and ``evaluation.compare_path`` or this
-run's ``final/``; LoRA adapter directories are merged into their base).
+:func:`run_durability` takes in-memory models; the ``durability`` stage (:mod:`lat_lightning.stages.durability`)
+loads two saved models (``evaluation.model_path`` or ``model.name_or_path``, and ``evaluation.compare_path`` or
+this run's ``final/``; LoRA adapter directories are merged into their base) and calls it.
 """
 
 from __future__ import annotations
@@ -35,33 +38,33 @@ import io
 import json
 import logging
 import math
-import os
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
+from lat_lightning.attacks import Transfer, build_attack, check_attack_name
 from lat_lightning.config import DurabilityConfig, PerturbationConfig
 from lat_lightning.data.templating import encode_response
 from lat_lightning.errors import ConfigError
-from lat_lightning.eval.attacks import ScanAttack, asa_random, asagrad, pgd
 from lat_lightning.eval.generation import encode_prompts, generate_under_attack
 from lat_lightning.models.layers import num_layers
 
 log = logging.getLogger(__name__)
 
 SECTIONS = ("rescan", "adaptive", "finetune", "trainability", "depth", "rewrites")
-DEPTH_ATTACKS = ("asa_random", "asagrad")
 MODELS = ("original", "hardened")
 REPORT_FILE = "durability_report.md"
 SUMMARY_FILE = "durability_summary.json"
 FRAGILE_FILE = "fragile_layers.json"
+
+
+ATTACK_LABELS = {"asa_random": "ASA random", "asagrad": "ASAgrad", "pgd": "PGD"}  # report labels (else the name)
 
 
 # ----------------------------------------------------------------------------------------------- settings
@@ -83,7 +86,7 @@ class DurabilitySettings:
     positions: str = "prompt_last_and_generated"
     refresh: str = "step"
     seed: int = 0
-    run_cfg: Any = None
+    max_length: int = 512
 
 
 def _to_dataclass(node, cls):
@@ -133,7 +136,7 @@ def resolve_settings(cfg=None) -> DurabilitySettings:
         s.system_prompt = cfg.model.system_prompt
         s.positions, _first_k, s.refresh = scan_positions(cfg)
         s.seed = int(cfg.seed)
-        s.run_cfg = cfg
+        s.max_length = int(cfg.data.max_length)
     if s.dur.max_new_tokens is not None:
         s.max_new_tokens = int(s.dur.max_new_tokens)
     d = s.dur
@@ -145,10 +148,12 @@ def resolve_settings(cfg=None) -> DurabilitySettings:
         if name not in REWRITES:
             raise ConfigError(f"unknown rewrite '{name}' in evaluation.durability.rewrites; "
                               f"choose from {', '.join(REWRITES)}")
-    for name in d.depth_attacks:
-        if name not in DEPTH_ATTACKS:
-            raise ConfigError(f"unknown depth attack '{name}' in evaluation.durability.depth_attacks; "
-                              f"choose from {', '.join(DEPTH_ATTACKS)}")
+    for key, names in (("depth_attacks", d.depth_attacks), ("adaptive_attacks", d.adaptive_attacks)):
+        for name in names:
+            try:
+                check_attack_name(str(name), f"evaluation.durability.{key}", scan=True)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
     if not d.random_seeds:
         raise ConfigError("evaluation.durability.random_seeds is empty; give at least one seed (5 or more for a "
                           "meaningful spread)")
@@ -242,48 +247,18 @@ def _oneline(text: str, limit: int = 100) -> str:
     return t if len(t) <= limit else t[: limit - 1] + "…"
 
 
-class _TransferAttack(ScanAttack):
-    """ASAgrad / PGD whose vectors are computed on ``source`` (the original model) and applied to another."""
-
-    def __init__(self, base: str, source: nn.Module, cfg: PerturbationConfig, positions: str, refresh: str):
-        super().__init__(base, cfg, positions, 1, refresh)
-        self.base = base
-        self.source = source
-        self.name = f"{base}_transfer"
-
-    @property
-    def seed_dependent(self) -> bool:
-        return self.base == "pgd" and self.cfg.init == "random"
-
-    def settings(self) -> dict:
-        name, self.name = self.name, self.base
-        try:
-            out = super().settings()
-        finally:
-            self.name = name
-        out.update(attack=self.name, source="original model")
-        return out
-
-    def plan(self, model, prompt_ids, target_ids, row_prompts, row_layers, seed, safe_ids=None, pad_id=0):
-        if self.base == "asagrad":
-            return asagrad(self.source, prompt_ids, target_ids, row_prompts, row_layers, sign=self.cfg.sign,
-                           alpha=self.cfg.alpha, positions=self.positions, first_k=self.first_k, seed=seed,
-                           pad_id=pad_id, cache=self._grad_cache)
-        return pgd(self.source, prompt_ids, target_ids, row_prompts, row_layers, cfg=self.cfg, safe_ids=safe_ids,
-                   seed=seed, positions=self.positions, pad_id=pad_id)
-
-
 # ----------------------------------------------------------------------------------------------- sections
 def _run_scans(models: dict[str, nn.Module], tokenizer, prompts, targets, keys, layers, judge_map, s, out: Path | None,
                adaptive: bool, transfer: bool, resume: bool, progress: bool) -> dict[str, Any]:
     from lat_lightning.eval.scan import run_scan
 
     scans = {}
+    adaptive_names = [str(a) for a in s.dur.adaptive_attacks] if adaptive else []
     for name, model in models.items():
-        attacks: list[Any] = ["asa_random"] + (["asagrad", "pgd"] if adaptive else [])
-        if adaptive and transfer and name == "hardened":
-            attacks += [_TransferAttack(a, models["original"], s.perturbation, s.positions, s.refresh)
-                        for a in ("asagrad", "pgd")]
+        attacks: list[Any] = ["asa_random"] + [a for a in adaptive_names if a != "asa_random"]
+        if adaptive and transfer and name == "hardened":  # vectors found on the original, applied here
+            attacks += [Transfer(build_attack(a, s.perturbation, positions=s.positions, first_k=1, refresh=s.refresh),
+                                 models["original"]) for a in adaptive_names if a != "asa_random"]
         scans[name] = run_scan(
             model, tokenizer, prompts, targets, layers, attacks, list(s.dur.random_seeds), judge_map,
             (out / name) if out is not None else None, primary_judge=s.primary_judge, perturbation=s.perturbation,
@@ -324,23 +299,19 @@ def _depth(model, tokenizer, prompts, prompt_ids, target_ids, targets, keys, fra
     gen = {"max_new_tokens": s.max_new_tokens, "batch_size": s.batch_size, "pad_token_id": pad_id}
     check = {"rows": 0, "violations": 0, "max_perturbed": 0}
     first_k: dict[str, Any] = {}
-    grad_cache: dict = {}
     ks = list(range(1, int(d.max_k) + 1))
     for attack in d.depth_attacks:
-        seeds = list(d.random_seeds) if attack == "asa_random" else list(d.random_seeds)[:1]
+        # One attack object per attack for all k: ASAgrad's directions are computed once and reused.
+        atk = build_attack(attack, s.perturbation, positions="first_k", refresh=s.refresh)
+        seeds = list(d.random_seeds) if atk.seed_dependent else list(d.random_seeds)[:1]
         rows = [(i, l, sd) for i in range(n) for sd in seeds for l in fragile]
         row_prompts = [r[0] for r in rows]
         row_layers = [r[1] for r in rows]
         row_seeds = [r[2] for r in rows]
         per_k: dict[str, list] = {"mean": [], "std": [], "per_seed": [], "judges": {}}
         for k in ks:
-            if attack == "asa_random":
-                plan = asa_random(seed=seeds[0], alpha=s.perturbation.alpha, positions="first_k", first_k=k,
-                                  refresh=s.refresh)
-            else:
-                plan = asagrad(model, prompt_ids, target_ids, row_prompts, row_layers, sign=s.perturbation.sign,
-                               alpha=s.perturbation.alpha, positions="first_k", first_k=k, pad_id=pad_id,
-                               cache=grad_cache)
+            atk.settings = dataclasses.replace(atk.settings, first_k=k)
+            plan = atk.plan(model, prompt_ids, target_ids, row_prompts, row_layers, seed=seeds[0], pad_id=pad_id)
             res = generate_under_attack(model, tokenizer, [prompt_ids[i] for i in row_prompts], row_layers, plan,
                                         prompt_keys=[keys[i] for i in row_prompts], row_seeds=row_seeds, **gen)
             applied = res.perturbed_positions.tolist()
@@ -363,6 +334,7 @@ def _depth(model, tokenizer, prompts, prompt_ids, target_ids, targets, keys, fra
                     per_k["std"].append(sdv)
                     per_k["per_seed"].append(rates)
         per_k["seeds"] = seeds
+        per_k["seed_dependent"] = bool(atk.seed_dependent)  # a spread over seeds is reported only then
         first_k[attack] = per_k
     # Prefill: the first k target tokens after the generation prompt, no perturbation.
     pks = sorted({int(k) for k in (d.prefill_ks if d.prefill_ks is not None else range(0, int(d.max_k) + 1))})
@@ -400,8 +372,8 @@ def _clean_success(model, tokenizer, prompts, targets, keys, judge_map, s, gen_p
 
 
 def _finetune_section(models, tokenizer, pairs, eval_prompts, eval_targets, keys, judge_map, s, out: Path,
-                      kind: str, utility_rows=None, utility_kind: str = "multiple_choice") -> dict[str, Any]:
-    from lat_lightning.eval.finetune_attack import lora_finetune, response_loss
+                      kind: str, finetune, utility_rows=None, utility_kind: str = "multiple_choice") -> dict[str, Any]:
+    from lat_lightning.eval.probes import response_loss
 
     d = s.dur
     steps, lr = (d.finetune_steps, d.finetune_lr) if kind == "finetune" else (d.benign_steps, d.benign_lr)
@@ -420,11 +392,11 @@ def _finetune_section(models, tokenizer, pairs, eval_prompts, eval_targets, keys
                                                     max_new_tokens=s.max_new_tokens)["accuracy"]
             return point
 
-        ft = lora_finetune(model, tokenizer, pairs, out / ("finetune_attack" if kind == "finetune" else "trainability")
-                           / name, steps=int(steps), lr=float(lr), batch_size=int(d.finetune_batch_size),
-                           lora_r=int(d.finetune_lora_r), lora_alpha=int(d.finetune_lora_alpha),
-                           target_modules=list(d.finetune_target_modules), base_cfg=s.run_cfg, measure=measure,
-                           seed=s.seed)
+        ft = finetune(model, tokenizer, pairs, out / ("finetune_attack" if kind == "finetune" else "trainability")
+                      / name, steps=int(steps), lr=float(lr), batch_size=int(d.finetune_batch_size),
+                      lora_r=int(d.finetune_lora_r), lora_alpha=int(d.finetune_lora_alpha),
+                      target_modules=list(d.finetune_target_modules), use_chat_template=s.use_chat_template,
+                      system_prompt=s.system_prompt, max_length=s.max_length, measure=measure, seed=s.seed)
         entry = {"curve": ft["curve"], "train_loss": ft["train_loss"], "seconds": ft["seconds"],
                  "adapter": str(Path(ft["out_dir"]) / "final")}
         if kind == "finetune":
@@ -454,7 +426,7 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
                    finetune_pairs: Sequence[tuple[str, str]] | None = None,
                    utility_rows: Sequence[Mapping[str, Any]] | None = None, utility_kind: str = "multiple_choice",
                    prompt_keys: Sequence[int] | None = None, judges=None, model_labels: Mapping[str, str] | None = None,
-                   resume: bool = False, progress: bool = False) -> dict[str, Any]:
+                   resume: bool = False, progress: bool = False, finetune: Callable | None = None) -> dict[str, Any]:
     """Run the durability suite on two in-memory models and write the report.
 
     Args:
@@ -480,6 +452,9 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
         model_labels: ``{"original": ..., "hardened": ...}`` descriptions for the report.
         resume: let the scans resume from ``out_dir/{original,hardened}/scan.jsonl``.
         progress: progress bars.
+        finetune: the LoRA fine-tuning function of the ``finetune`` and ``trainability`` sections
+            (:func:`lat_lightning.training.finetune.lora_finetune`; evaluation does not import training, so the
+            caller passes it in). Required when one of those sections is on.
 
     Returns:
         The summary (also written to ``durability_summary.json``): ``rows`` (the report table), one entry
@@ -489,6 +464,9 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
     s = resolve_settings(cfg)
     d = s.dur
     sections = set(d.sections)
+    if finetune is None and sections & {"finetune", "trainability"}:
+        raise ValueError("the finetune / trainability sections need finetune= (lat_lightning.training.finetune."
+                         "lora_finetune); pass it or drop those sections")
     prompts = [str(p) for p in prompts]
     targets = [str(t) for t in targets]
     if len(prompts) != len(targets):
@@ -524,8 +502,8 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
         "settings": {"durability": dataclasses.asdict(d), "max_new_tokens": s.max_new_tokens,
                      "positions": s.positions, "refresh": s.refresh, "alpha": s.perturbation.alpha,
                      "sign": s.perturbation.sign,
-                     "pgd": {k: getattr(s.perturbation, k) for k in ("steps", "eps", "lr", "norm", "init", "toward",
-                                                                     "away")}},
+                     "pgd": {k: getattr(s.perturbation, k) for k in ("steps", "eps", "lr", "norm", "init",
+                                                                     "toward_harmful", "away_from_safe")}},
     }
     try:
         prompt_ids = encode_prompts(tokenizer, prompts, s.use_chat_template, s.system_prompt)
@@ -585,7 +563,8 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
         if "finetune" in sections:
             t0 = time.time()
             pairs = [(str(p), str(r)) for p, r in (finetune_pairs if finetune_pairs else zip(prompts, targets))]
-            fa = _finetune_section(models, tokenizer, pairs, prompts, targets, keys, judge_map, s, out, "finetune")
+            fa = _finetune_section(models, tokenizer, pairs, prompts, targets, keys, judge_map, s, out, "finetune",
+                                   finetune)
             fa["train_eval_overlap"] = bool({p for p, _ in pairs} & set(prompts))
             summary["finetune_attack"] = fa
             timings["finetune_attack"] = round(time.time() - t0, 2)
@@ -594,8 +573,8 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
             if bpairs:
                 t0 = time.time()
                 summary["trainability"] = _finetune_section(models, tokenizer, bpairs, prompts, targets, keys,
-                                                            judge_map, s, out, "trainability", utility_rows,
-                                                            utility_kind)
+                                                            judge_map, s, out, "trainability", finetune,
+                                                            utility_rows, utility_kind)
                 timings["trainability"] = round(time.time() - t0, 2)
             else:
                 summary["trainability"] = {"skipped": "no benign (prompt, response) pairs given"}
@@ -668,7 +647,9 @@ def build_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
                          ha["pasr_mean"], o_std=oa["pasr_std"], h_std=ha["pasr_std"]))
         rows.append(_row("asa_random_fragile", f"ASA random, fragile layers [{fl}]", oa["fragile_mean"],
                          ha["fragile_mean"], o_std=oa["fragile_std"], h_std=ha["fragile_std"]))
-        for a, label in (("asagrad", "ASAgrad"), ("pgd", "PGD")):
+        adaptive = [a for a in o["attacks"] if a != "asa_random" and not a.endswith("_transfer")]
+        for a in adaptive:
+            label = ATTACK_LABELS.get(a, a)
             if a in o["attacks"] and a in h["attacks"]:
                 rows.append(_row(f"{a}_fragile", f"{label} (adaptive), fragile layers [{fl}]",
                                  o["attacks"][a]["fragile_mean"], h["attacks"][a]["fragile_mean"]))
@@ -697,15 +678,14 @@ def build_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     if dp:
         o, h = dp["original"], dp["hardened"]
         ks = o["ks"]
-        for a, label in (("asa_random", "ASA random"), ("asagrad", "ASAgrad")):
-            if a not in o["first_k"]:
-                continue
+        for a in o["first_k"]:
+            label = ATTACK_LABELS.get(a, a)
             for idx in sorted({0, len(ks) - 1}):
                 k = ks[idx]
                 rows.append(_row(f"first_k_{a}_{k}", f"{label} on the first {k} position(s) only, fragile layers "
                                  f"[{fl}]", o["first_k"][a]["mean"][idx], h["first_k"][a]["mean"][idx],
-                                 o_std=o["first_k"][a]["std"][idx] if a == "asa_random" else None,
-                                 h_std=h["first_k"][a]["std"][idx] if a == "asa_random" else None))
+                                 o_std=o["first_k"][a]["std"][idx] if o["first_k"][a]["seed_dependent"] else None,
+                                 h_std=h["first_k"][a]["std"][idx] if h["first_k"][a]["seed_dependent"] else None))
         pks = o["prefill"]["ks"]
         for idx, k in enumerate(pks):
             if k == 0 or (k != pks[-1] and k != min(x for x in pks if x > 0)):
@@ -945,127 +925,4 @@ def write_outputs(summary: dict[str, Any], out: Path) -> dict[str, str]:
     return paths
 
 
-# ----------------------------------------------------------------------------------------------- the stage
-def _model_config(cfg, name_or_path: str):
-    from omegaconf import OmegaConf
-
-    from lat_lightning.config import ModelConfig
-
-    mcfg = OmegaConf.to_object(cfg.model) if not isinstance(cfg.model, ModelConfig) else dataclasses.replace(cfg.model)
-    mcfg.name_or_path = str(name_or_path)
-    mcfg.lora.enabled = False
-    mcfg.gradient_checkpointing = False
-    return mcfg
-
-
-def load_any_model(cfg, spec: str, base_fallback: str | None = None) -> tuple[nn.Module, str]:
-    """A model from a saved directory, hub id or ``tiny:`` name; a LoRA adapter directory (one with
-    ``adapter_config.json``) is loaded onto its base (the recorded base when that directory exists, else
-    ``base_fallback``) and merged. Returns ``(model in eval mode, description)``."""
-    from lat_lightning.models.loading import load_model
-
-    path = Path(os.path.expanduser(str(spec)))
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        recorded = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        base = recorded if recorded and Path(recorded).is_dir() else (base_fallback or recorded)
-        if not base:
-            raise ConfigError(f"{path} is a LoRA adapter without a usable base model; set evaluation.model_path")
-        model = load_model(_model_config(cfg, base), train=False, with_lora=False)
-        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-        model.eval()
-        return model, f"`{path}` (LoRA adapter merged into `{base}`)"
-    model = load_model(_model_config(cfg, str(spec)), train=False, with_lora=False)
-    model.eval()
-    return model, f"`{spec}`"
-
-
-def find_fragile_layers(*model_specs: str) -> tuple[list[int] | None, str | None]:
-    """``layers`` of the first ``fragile_layers.json`` found in a model directory or its parent (the run
-    directory of the training run that wrote the model)."""
-    for spec in model_specs:
-        if not spec:
-            continue
-        path = Path(os.path.expanduser(str(spec)))
-        if not path.is_dir():
-            continue
-        for where in (path, path.parent):
-            f = where / FRAGILE_FILE
-            if f.is_file():
-                try:
-                    layers = json.loads(f.read_text()).get("layers")
-                except (OSError, json.JSONDecodeError) as exc:
-                    log.warning("cannot read %s: %s", f, exc)
-                    continue
-                if layers:
-                    return [int(l) for l in layers], str(f)
-    return None, None
-
-
-def durability_stage(cfg, run_dir: Path) -> dict:
-    """Pipeline stage ``durability``: load the original and the hardened model and run :func:`run_durability`.
-
-    original = ``evaluation.model_path`` or ``model.name_or_path``; hardened = ``evaluation.compare_path``, or
-    the model a ``fit`` stage earlier in the same recipe produced (``interpolated/`` when weight
-    interpolation ran, else ``final/``).
-
-    Raises:
-        ConfigError: no hardened model, bad durability settings.
-    """
-    from lat_lightning.data.loaders import load_benign_examples, load_safety_examples
-    from lat_lightning.eval.scan import load_scan_prompts
-    from lat_lightning.models.loading import load_tokenizer, resolve_model_path
-    from lat_lightning.resources import resource_path
-
-    run_dir = Path(run_dir)
-    ev = cfg.evaluation
-    original_spec = str(ev.model_path or cfg.model.name_or_path)
-    if ev.compare_path:
-        hardened_spec = str(ev.compare_path)
-    elif (run_dir / "interpolated").is_dir() or (run_dir / "final").is_dir():
-        from lat_lightning.eval.scan import trained_model_path
-
-        hardened_spec = str(trained_model_path(run_dir))
-    else:
-        raise ConfigError("the durability stage needs a hardened model: set evaluation.compare_path (a directory "
-                          "saved with save_pretrained, or a LoRA adapter directory), or run a fit stage first")
-    resolve_settings(cfg)  # fail fast on bad settings, before loading anything
-    original, o_desc = load_any_model(cfg, original_spec)
-    hardened, h_desc = load_any_model(cfg, hardened_spec, base_fallback=resolve_model_path(original_spec))
-    tokenizer = load_tokenizer(_model_config(cfg, original_spec))
-    if torch.cuda.is_available() and str(cfg.trainer.accelerator) not in ("cpu",):
-        original, hardened = original.to("cuda"), hardened.to("cuda")
-    prompts, targets, keys = load_scan_prompts(cfg)
-    pairs = None
-    if cfg.data.harmful:
-        pairs = [(e.prompt, e.harmful_response) for e in load_safety_examples(
-            resource_path(cfg.data.harmful), cfg.data.harmful_split, dict(cfg.data.harmful_columns or {}),
-            cfg.data.default_safe_response, cfg.data.max_examples)]
-    benign = []
-    source = cfg.data.benign or cfg.data.eval_benign
-    if source:
-        benign = [(e.prompt, e.response) for e in load_benign_examples(
-            resource_path(source), cfg.data.benign_split, dict(cfg.data.benign_columns or {}), cfg.data.max_examples)]
-    rows, kind = None, str(ev.utility_kind)
-    if ev.utility_data and kind != "organism":
-        from lat_lightning.eval.utility import load_utility_rows
-
-        rows = load_utility_rows(resource_path(ev.utility_data), kind)
-    fragile, fsource = (list(ev.durability.fragile_layers), "evaluation.durability.fragile_layers") \
-        if ev.durability.fragile_layers is not None else find_fragile_layers(hardened_spec, original_spec)
-    summary = run_durability(original, hardened, tokenizer, prompts, targets, benign, run_dir, cfg,
-                             fragile_layers=fragile, fragile_source=fsource, finetune_pairs=pairs, utility_rows=rows,
-                             utility_kind=kind if kind != "organism" else "multiple_choice", prompt_keys=keys,
-                             model_labels={"original": o_desc, "hardened": h_desc}, resume=True, progress=False)
-    for r in summary["rows"]:
-        print(f"[durability] {r['label']}: {_fmt(r['original'], None, r['kind'])} -> "
-              f"{_fmt(r['hardened'], None, r['kind'])} ({_fmt_change(r)})", flush=True)
-    print(f"[durability] report: {run_dir / REPORT_FILE}", flush=True)
-    return {"report": str(run_dir / REPORT_FILE), "summary": str(run_dir / SUMMARY_FILE),
-            "fragile_layers": summary["fragile_layers"], "timings": summary["timings"],
-            "rows": {r["id"]: {m: r[m] for m in MODELS} for r in summary["rows"]}}
-
-
-__all__ = ["DurabilitySettings", "build_rows", "durability_stage", "find_fragile_layers", "load_any_model",
-           "render_report", "resolve_settings", "run_durability", "write_outputs"]
+__all__ = ["DurabilitySettings", "build_rows", "render_report", "resolve_settings", "run_durability", "write_outputs"]

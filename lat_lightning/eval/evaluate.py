@@ -1,4 +1,5 @@
-"""Evaluation of a model's safety and utility: the validation loop during fit, and the ``evaluate`` stage.
+"""Evaluation of a model's safety and utility: the validation loop during fit, and the ``evaluate`` stage
+(:mod:`lat_lightning.stages.evaluate`).
 
 Four numbers, each a torchmetrics aggregate so they reduce correctly across processes:
 
@@ -6,7 +7,8 @@ Four numbers, each a torchmetrics aggregate so they reduce correctly across proc
   layer (MASR over those layers, primary judge), and ``init``: the unperturbed success rate;
 - ``nll_probe``: mean rise of the NLL of the model's own clean answer under ASA noise (Eq. 2);
 - ``over_refusal``: fraction of benign prompts whose clean answer the keyword judge reads as a refusal;
-- ``utility_accuracy``: multiple-choice or exact-match accuracy on ``evaluation.utility_data``.
+- ``utility_accuracy``: multiple-choice, exact-match or answer-contained (``contains``) accuracy on
+  ``evaluation.utility_data``.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def load_evaluation_data(cfg: DictConfig) -> EvaluationData:
         data.benign_prompts = [ex.prompt for ex in load_benign_examples(
             cfg.data.eval_benign, cfg.data.benign_split, dict(cfg.data.benign_columns or {}),
             cfg.evaluation.num_prompts)]
-    if cfg.evaluation.utility_data and cfg.evaluation.utility_kind != "organism":
+    if cfg.evaluation.utility_data:
         from lat_lightning.eval.utility import load_utility_rows
 
         data.utility_rows = load_utility_rows(cfg.evaluation.utility_data, cfg.evaluation.utility_kind)
@@ -73,13 +75,6 @@ class SafetyEvaluator:
         self.cfg = cfg
         self.data = data
         self.layers = list(layers) if layers else None
-        if utility_fn is None and cfg.evaluation.utility_kind == "organism":
-            from lat_lightning.organism.utility import organism_accuracy
-
-            seed = 0
-
-            def utility_fn(model, tokenizer):
-                return organism_accuracy(model, tokenizer, seed=seed, use_chat_template=cfg.model.use_chat_template)
         self.utility_fn = utility_fn
         self.metrics = nn.ModuleDict({
             name: torchmetrics.MeanMetric(nan_strategy="ignore")
@@ -189,21 +184,3 @@ def write_evaluation(out_dir: Path, metrics: dict, samples: list[dict], name: st
         lines += [f"- **{s['prompt']}** (layer {s['layer']})", f"  - clean: {s['clean']!r}",
                   f"  - attacked: {s['attacked']!r}"]
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
-
-
-def evaluate_stage(cfg: DictConfig, run_dir: Path) -> dict:
-    """Pipeline stage ``evaluate``: the evaluation metrics of ``evaluation.model_path`` (or ``model``)."""
-    from omegaconf import OmegaConf
-
-    from lat_lightning.models.loading import load_model, load_tokenizer
-
-    mcfg = cfg.model
-    if cfg.evaluation.model_path:
-        mcfg = OmegaConf.merge(cfg.model, {"name_or_path": cfg.evaluation.model_path})
-        mcfg.lora.enabled = False
-    model = load_model(mcfg, train=False, with_lora=False)
-    tokenizer = load_tokenizer(mcfg)
-    evaluator = SafetyEvaluator(cfg, load_evaluation_data(cfg), cfg.evaluation.layers)
-    metrics = evaluator.run(model, tokenizer, sample_limit=cfg.logging.sample_generations)
-    write_evaluation(run_dir, metrics, evaluator.samples)
-    return {"metrics": {k: (None if math.isnan(v) else v) for k, v in metrics.items()}}

@@ -2,39 +2,13 @@
 
 One call generates for a batch of rows; every row names its own attacked layer (``row_layers``, ``-1`` for
 a clean row), so a whole layer sweep of a prompt (and the clean answer) runs as ONE batched generation.
-The attack is applied with :func:`lat_lightning.models.hooks.residual_edit` hooks on every layer that some
-row attacks, through a position-aware edit (:class:`RowPerturber`):
-
-* the prefill call sees the whole left-padded prompt, ``[B, P_max, d]``; column ``c`` of row ``r`` holds
-  absolute position ``c - (P_max - P_r)`` (negative = padding);
-* decode call ``t = 1, 2, ...`` sees one token per row: the token generated at step ``t - 1``, at absolute
-  position ``P_r - 1 + t``. "Generation step ``t``" is the call whose output is new token ``t`` (0-based),
-  so step 0 is the last prompt token (in the prefill) and step ``t >= 1`` is a decode call.
-
-Positions policies (absolute position ``p``, prompt length ``P``):
-
-==============================  =============================================  ==========================
-policy                          perturbed positions                            generation steps
-==============================  =============================================  ==========================
-``prompt_last_and_generated``   ``p >= P - 1`` (the paper's attack)            every step
-``first_k``                     ``P - 1 <= p < P - 1 + k``                     steps ``0 .. k-1``
-``all``                         every prompt token and every generated token   prefill (all) + every step
-``response``                    ``p >= P`` (generated tokens only)             steps ``>= 1``
-``prompt``                      ``p < P``                                      prefill only
-==============================  =============================================  ==========================
-
-Attack kinds (:class:`AttackPlan`):
-
-* ``noise`` (ASA random): ``δ ~ N(0, I_d)`` drawn with :func:`keyed_normal` keyed by
-  ``(seed, prompt_key, layer, position)`` (``position = -1`` for ``refresh='fixed'``: one vector per prompt),
-  so batched and per-row runs draw identical noise whatever the batch layout; then Eq. 1
-  (:func:`normalise_to`) against that row's activation at that position, times ``alpha``.
-* ``direction`` (ASAgrad): a precomputed ``[T_r, d]`` per row, indexed by absolute position (the vector of
-  the aligned teacher-forced position, the last one beyond its length), normalised with Eq. 1, times
-  ``alpha``.
-* ``additive`` (PGD): a precomputed ``[T_r, d]`` per row with its own ``[T_r]`` mask, added as is (times
-  ``alpha``) at the positions the mask marks; positions past ``T_r`` are not perturbed. The positions policy
-  does not apply (the PGD mask already is one).
+The attack arrives as an :class:`~lat_lightning.attacks.plan.AttackPlan` (an attack's generation face,
+:meth:`lat_lightning.attacks.base.Attack.plan`) and is applied by a
+:class:`~lat_lightning.attacks.plan.RowPerturber` hooked on the attacked layers. This module owns the
+positions bookkeeping of the decode loop: the prefill call sees the whole left-padded prompt,
+``[B, P_max, d]`` (column ``c`` of row ``r`` holds absolute position ``c - (P_max - P_r)``, negative =
+padding); decode call ``t = 1, 2, ...`` sees the token generated at step ``t - 1``, at absolute position
+``P_r - 1 + t``. Positions policies: :mod:`lat_lightning.attacks.positions`.
 
 Rows stop at EOS; finished rows are fed padding and their outputs are discarded.
 """
@@ -42,215 +16,21 @@ Rows stop at EOS; finished rows are fed padding and their outputs are discarded.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from lat_lightning.attacks.base import cell_seed
+from lat_lightning.attacks.plan import ATTACK_KINDS, CLEAN, AttackPlan, RowPerturber
+from lat_lightning.attacks.positions import POLICIES, policy_mask
 from lat_lightning.data.templating import encode_prompt, pad_sequences
-from lat_lightning.models.hooks import residual_edit
+from lat_lightning.models.eval_mode import eval_mode
 from lat_lightning.models.layers import check_layer_indices, hidden_size
-from lat_lightning.attacks.base import cell_seed, keyed_normal, normalise_to
 
-GENERATION_POSITIONS = ("prompt_last_and_generated", "first_k", "all", "response", "prompt")
-ATTACK_KINDS = ("none", "noise", "direction", "additive")
-REFRESH = ("step", "fixed")
-FIXED_POSITION_KEY = -1  # position key of the single vector per prompt under refresh='fixed'
 SAMPLING_TAG = 7_919  # extra key component separating sampling draws from perturbation draws
-CLEAN = -1
-
-
-@dataclass
-class AttackPlan:
-    """How rows are perturbed during generation (or a teacher-forced forward).
-
-    Attributes:
-        kind: ``none``, ``noise`` (ASA random), ``direction`` (ASAgrad) or ``additive`` (PGD).
-        positions: positions policy (see the module docstring); ignored by ``additive``.
-        first_k: ``k`` of the ``first_k`` policy (the last prompt token counts as the first).
-        refresh: ``step`` (a new draw per position) or ``fixed`` (one draw per prompt); ``noise`` only.
-        alpha: magnitude multiplier, applied after Eq. 1 (``noise`` / ``direction``) or to the raw vectors
-            (``additive``).
-        seed: default perturbation seed of every row (``row_seeds`` overrides it per row).
-        vectors: ``direction`` / ``additive``: one ``[T_r, d]`` tensor per row (``None`` for clean rows),
-            indexed by absolute position (0 = first prompt token).
-        vector_masks: ``additive``: one ``[T_r]`` bool tensor per row (``None`` = every position < T_r).
-        name: label for logs.
-    """
-
-    kind: str = "none"
-    positions: str = "prompt_last_and_generated"
-    first_k: int = 1
-    refresh: str = "step"
-    alpha: float = 1.0
-    seed: int = 0
-    vectors: Sequence[Tensor | None] | None = None
-    vector_masks: Sequence[Tensor | None] | None = None
-    name: str = ""
-
-    def __post_init__(self):
-        if self.kind not in ATTACK_KINDS:
-            raise ValueError(f"unknown attack kind '{self.kind}'; choose from {', '.join(ATTACK_KINDS)}")
-        if self.positions not in GENERATION_POSITIONS:
-            raise ValueError(f"unknown positions policy '{self.positions}' for generation; choose from "
-                             f"{', '.join(GENERATION_POSITIONS)}")
-        if self.refresh not in REFRESH:
-            raise ValueError(f"unknown refresh '{self.refresh}'; choose from {', '.join(REFRESH)}")
-        if self.positions == "first_k" and self.first_k < 1:
-            raise ValueError(f"first_k must be >= 1, got {self.first_k}")
-        if self.kind in ("direction", "additive") and self.vectors is None:
-            raise ValueError(f"attack kind '{self.kind}' needs per-row vectors")
-
-    def select(self, rows: Sequence[int]) -> AttackPlan:
-        """The same plan restricted to ``rows`` (per-row vectors re-indexed)."""
-        def pick(seq):
-            return (None if seq is None else [seq[r] for r in rows])
-        return AttackPlan(self.kind, self.positions, self.first_k, self.refresh, self.alpha, self.seed,
-                          pick(self.vectors), pick(self.vector_masks), self.name)
-
-
-def policy_mask(policy: str, pos: Tensor, prompt_len: Tensor, first_k: int = 1) -> Tensor:
-    """Which absolute positions ``pos`` a positions policy perturbs (``pos < 0`` is padding: never).
-
-    Args:
-        policy: one of :data:`GENERATION_POSITIONS`.
-        pos: absolute positions, any shape.
-        prompt_len: prompt lengths broadcastable to ``pos``.
-        first_k: ``k`` for ``first_k``.
-    """
-    if policy == "prompt_last_and_generated":
-        m = pos >= prompt_len - 1
-    elif policy == "first_k":
-        m = (pos >= prompt_len - 1) & (pos < prompt_len - 1 + first_k)
-    elif policy == "all":
-        m = torch.ones_like(pos, dtype=torch.bool)
-    elif policy == "response":
-        m = pos >= prompt_len
-    elif policy == "prompt":
-        m = pos < prompt_len
-    else:
-        raise ValueError(f"unknown positions policy '{policy}'")
-    return m & (pos >= 0)
-
-
-class RowPerturber:
-    """The stateful, position-aware edit behind :func:`generate_under_attack` and teacher-forced probes.
-
-    Before each forward the caller sets :attr:`positions` (``[B, S]`` absolute positions of the columns
-    the layers will see; ``-1`` for padding). The edit of layer ``l`` then perturbs, for every row whose
-    ``row_layers`` is ``l``, the columns its policy selects. Counters record how often each row was
-    perturbed (``applied``: positions) and how many hook calls perturbed something (``calls``).
-
-    Args:
-        plan: the attack.
-        row_layers: ``[B]`` attacked layer per row, ``-1`` = clean.
-        prompt_lengths: ``[B]`` prompt token counts.
-        prompt_keys: ``[B]`` integer id of each row's prompt (keys the noise; NOT the batch index).
-        row_seeds: ``[B]`` perturbation seed per row (default: ``plan.seed``).
-    """
-
-    def __init__(self, plan: AttackPlan, row_layers: Tensor, prompt_lengths: Tensor, prompt_keys: Tensor,
-                 row_seeds: Tensor | None = None):
-        self.plan = plan
-        self.row_layers = row_layers.long().cpu()
-        self.prompt_lengths = prompt_lengths.long().cpu()
-        self.prompt_keys = prompt_keys.long().cpu()
-        n = len(self.row_layers)
-        self.row_seeds = (torch.full((n,), int(plan.seed), dtype=torch.long) if row_seeds is None
-                          else row_seeds.long().cpu())
-        for name, t in (("prompt_lengths", self.prompt_lengths), ("prompt_keys", self.prompt_keys),
-                        ("row_seeds", self.row_seeds)):
-            if len(t) != n:
-                raise ValueError(f"{name} has {len(t)} entries for {n} rows")
-        if plan.vectors is not None and len(plan.vectors) != n:
-            raise ValueError(f"plan has vectors for {len(plan.vectors)} rows, the batch has {n}")
-        if plan.kind == "none":
-            self.row_layers = torch.full_like(self.row_layers, CLEAN)
-        self.rows_at: dict[int, Tensor] = {
-            int(l): (self.row_layers == l).nonzero().flatten() for l in self.row_layers.unique().tolist() if l >= 0}
-        self.positions: Tensor | None = None
-        self.applied = torch.zeros(n, dtype=torch.long)
-        self.calls = 0
-        self._fixed: dict[tuple[int, int, int, int], Tensor] = {}
-
-    @property
-    def layers(self) -> list[int]:
-        return sorted(self.rows_at)
-
-    def _raw(self, layer: int, r: int, p: int, d: int) -> Tensor | None:
-        """The un-normalised vector for row ``r`` at absolute position ``p`` (``None``: leave it alone)."""
-        plan = self.plan
-        if plan.kind == "noise":
-            key_pos = FIXED_POSITION_KEY if plan.refresh == "fixed" else p
-            key = (int(self.row_seeds[r]), int(self.prompt_keys[r]), layer, key_pos)
-            if plan.refresh == "fixed":
-                if key not in self._fixed:
-                    self._fixed[key] = keyed_normal(d, *key)
-                return self._fixed[key]
-            return keyed_normal(d, *key)
-        vec = plan.vectors[r]
-        if vec is None or vec.shape[0] == 0:
-            return None
-        if plan.kind == "direction":
-            return vec[min(p, vec.shape[0] - 1)]
-        # additive
-        if p >= vec.shape[0]:
-            return None
-        if plan.vector_masks is not None and plan.vector_masks[r] is not None and not bool(plan.vector_masks[r][p]):
-            return None
-        return vec[p]
-
-    def edit(self, layer: int, hidden: Tensor) -> Tensor:
-        rows = self.rows_at.get(layer)
-        if rows is None or rows.numel() == 0:
-            return hidden
-        if self.positions is None:
-            raise RuntimeError("RowPerturber.positions must be set before each forward")
-        pos = self.positions[rows]  # [n, S]
-        if pos.shape[1] != hidden.shape[1]:
-            raise RuntimeError(f"positions cover {pos.shape[1]} columns but layer {layer} saw {hidden.shape[1]}")
-        if self.plan.kind == "additive":
-            sel = pos >= 0
-        else:
-            sel = policy_mask(self.plan.positions, pos, self.prompt_lengths[rows][:, None], self.plan.first_k)
-        ri, ci = sel.nonzero(as_tuple=True)
-        if ri.numel() == 0:
-            return hidden
-        d = hidden.shape[-1]
-        row_idx, col_idx, raws = [], [], []
-        for a, c in zip(ri.tolist(), ci.tolist()):
-            r = int(rows[a])
-            raw = self._raw(layer, r, int(pos[a, c]), d)
-            if raw is None:
-                continue
-            row_idx.append(r)
-            col_idx.append(c)
-            raws.append(raw)
-        if not raws:
-            return hidden
-        r_t = torch.tensor(row_idx, device=hidden.device)
-        c_t = torch.tensor(col_idx, device=hidden.device)
-        raw = torch.stack([v.to(hidden.device, torch.float32) for v in raws])
-        target = hidden[r_t, c_t]
-        if self.plan.kind == "additive":
-            delta = (self.plan.alpha * raw).to(hidden.dtype)
-        else:
-            delta = (self.plan.alpha * normalise_to(raw, target.detach().float())).to(hidden.dtype)
-        out = hidden.clone()
-        out[r_t, c_t] = target + delta
-        self.applied.index_add_(0, torch.tensor(row_idx), torch.ones(len(row_idx), dtype=torch.long))
-        self.calls += 1
-        return out
-
-    @contextmanager
-    def hooked(self, model: nn.Module) -> Iterator[RowPerturber]:
-        if not self.layers:
-            yield self
-            return
-        with residual_edit(model, self.layers, self.edit):
-            yield self
+GENERATION_POSITIONS = POLICIES
 
 
 @dataclass
@@ -272,19 +52,6 @@ class GenerationResult:
     lengths: Tensor
     perturbed_positions: Tensor
     prompt_ids: list[list[int]] = field(default_factory=list)
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Temporarily put ``model`` in eval mode (no dropout), restoring every submodule's own mode after
-    (a model may mix modes, e.g. a frozen teacher inside a training module)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lat_lightning.data.templating import IGNORE_INDEX
+from lat_lightning.data.templating import IGNORE_INDEX, build_sequences, encode_prompt, encode_response
 from lat_lightning.eval.generation import (
     CLEAN,
     AttackPlan,
@@ -34,6 +34,7 @@ from lat_lightning.eval.generation import (
     teacher_forced_logits,
 )
 from lat_lightning.eval.metrics import nll_sequence, position_kl
+from lat_lightning.losses import causal_lm_loss
 from lat_lightning.models.layers import check_layer_indices, num_layers
 
 
@@ -217,4 +218,31 @@ def nll_probe_layers(model: nn.Module, tokenizer, prompts: Sequence[str | Sequen
     return (ranking, result) if return_result else ranking
 
 
-__all__ = ["ProbeResult", "nll_probe_layers", "response_probe"]
+
+@torch.no_grad()
+def response_loss(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], use_chat_template: bool = True,
+                  system_prompt: str | None = None, batch_size: int = 16) -> float:
+    """Mean token CE of each pair's response given its prompt (teacher-forced; prompt tokens masked)."""
+    if not pairs:
+        return float("nan")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            prompts = [encode_prompt(tokenizer, p, use_chat_template, system_prompt) for p, _ in chunk]
+            responses = [encode_response(tokenizer, r) for _, r in chunk]
+            b = build_sequences(prompts, responses, int(pad))
+            logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                           use_cache=False).logits
+            n = int((b["labels"][:, 1:] != -100).sum())
+            total += float(causal_lm_loss(logits, b["labels"].to(device))) * n
+            count += n
+    finally:
+        model.train(was)
+    return total / max(count, 1)
+
+__all__ = ["response_loss", "ProbeResult", "nll_probe_layers", "response_probe"]

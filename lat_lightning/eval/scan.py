@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
+from lat_lightning.attacks import Attack, build_attack
+from lat_lightning.attacks.positions import GENERATION_POLICIES
 from lat_lightning.config import PerturbationConfig
 from lat_lightning.data.templating import encode_response
-from lat_lightning.eval.attacks import ATTACKS, ScanAttack, build_attack
 from lat_lightning.eval.generation import CLEAN, AttackPlan, encode_prompts, generate_under_attack
 from lat_lightning.models.layers import check_layer_indices, num_layers
 
@@ -51,7 +51,6 @@ SETTINGS_FILE = "scan_settings.json"
 SUMMARY_FILE = "scan_summary.json"
 REPORT_FILE = "scan_report.md"
 CLEAN_ATTACK = "clean"
-GENERATION_POLICIES = ("prompt_last_and_generated", "first_k", "all")
 JudgeLike = Callable[..., list]
 
 
@@ -232,7 +231,7 @@ def run_scan(
     prompts: Sequence[str],
     targets: Sequence[str | None] | None = None,
     layers: Sequence[int] | None = None,
-    attacks: Sequence[str | ScanAttack] = ("asa_random",),
+    attacks: Sequence[str | Attack] = ("asa_random",),
     seeds: Sequence[int] = (0,),
     judges: Sequence[Any] | Mapping[str, Any] = ("keyword",),
     out_dir: str | Path | None = None,
@@ -270,7 +269,8 @@ def run_scan(
         prompts: harmful prompts (raw text; the chat template is applied when ``use_chat_template``).
         targets: harmful target completions (needed by ``asagrad``, ``pgd`` and the ``target_match`` judge).
         layers: layers to scan (``None`` = all).
-        attacks: attack names (:data:`~lat_lightning.eval.attacks.ATTACKS`) or :class:`ScanAttack` objects.
+        attacks: attack names (:data:`lat_lightning.attacks.ATTACKS`) or :class:`~lat_lightning.attacks.Attack`
+            objects (e.g. a :class:`~lat_lightning.attacks.Transfer`).
         seeds: perturbation seeds (deterministic attacks, i.e. ASAgrad and zero-start PGD, run the first
             only).
         judges: judge names (:data:`lat_lightning.eval.judges.JUDGES`), judge objects, or ``name -> judge``.
@@ -316,13 +316,14 @@ def run_scan(
     seed_list = [int(s) for s in seeds] or [0]
     if positions not in GENERATION_POLICIES:
         raise ValueError(f"scan positions must be one of {', '.join(GENERATION_POLICIES)}, got '{positions}'")
-    attack_objs = [a if isinstance(a, ScanAttack) else build_attack(a, perturbation, positions, first_k, refresh)
+    attack_objs = [a if isinstance(a, Attack) else
+                   build_attack(a, perturbation, positions=positions, first_k=first_k, refresh=refresh)
                    for a in attacks]
     names = [a.name for a in attack_objs]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate attacks in {names}")
     for a in attack_objs:
-        if a.name in ("asagrad", "pgd") and (targets is None or any(not t for t in targets)):
+        if a.needs_target and (targets is None or any(not t for t in targets)):
             raise ValueError(f"attack '{a.name}' needs a harmful target for every prompt")
     judge_map = _build_judges(judges, classifier_path, target_key_pattern)
     judge_names = list(judge_map)
@@ -341,7 +342,7 @@ def run_scan(
 
     settings = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
                 "use_chat_template": use_chat_template, "system_prompt": system_prompt,
-                "attacks": {a.name: a.settings() for a in attack_objs},
+                "attacks": {a.name: a.describe() for a in attack_objs},
                 "prompt_keys": _settings_fingerprint({"k": keys}),
                 "prompts": _settings_fingerprint({"p": prompts})}
     records: dict[tuple, dict] = {}
@@ -428,7 +429,7 @@ def run_scan(
                     plan = a.plan(model, prompt_ids, target_ids, [row_prompts[r] for r in rows],
                                   [row_layers[r] for r in rows], seed=s, safe_ids=safe_ids, pad_id=pad_id)
                     parts.append((rows, plan))
-                    if a.name == "asa_random":  # keyed per row: one plan serves every seed
+                    if a.one_plan_for_all_seeds:  # keyed per row at apply time: one plan serves every seed
                         parts = [(list(range(len(chunk))), plan)]
                         break
                 plan = _merge_plans(parts, len(chunk))
@@ -531,7 +532,7 @@ def _assemble(prompts, layers, seeds, attack_objs, judge_map, primary, records, 
             success[a.name][j] = arr
         per_judge = {j: summarise_seeds(success[a.name][j], clean_success[j], layers, samples=bootstrap_samples,
                                         seed=split_seed, seed_ids=srun) for j in judge_names}
-        summary_attacks[a.name] = {"seeds": srun, "settings": a.settings(), "judges": per_judge,
+        summary_attacks[a.name] = {"seeds": srun, "settings": a.describe(), "judges": per_judge,
                                    "headline": _headline(per_judge[primary]),
                                    "lasr_band": _lasr_band(success[a.name][primary], bootstrap_samples, split_seed)}
     caveats = {j: getattr(judge_map[j], "caveat", "") for j in judge_names}
@@ -842,145 +843,25 @@ def _oneline(text: str, limit: int = 120) -> str:
     return t if len(t) <= limit else t[: limit - 1] + "…"
 
 
-# ----------------------------------------------------------------------------------------------- the stage
+# ------------------------------------------------------------------ run config -> scan settings (stages/scan.py)
 def scan_positions(cfg) -> tuple[str, int, str]:
     """The generation-time positions policy, first_k and refresh for a run config.
 
-    ``evaluation.positions`` / ``evaluation.refresh`` / ``evaluation.first_k`` win when the config has them.
+    ``evaluation.positions`` / ``evaluation.refresh`` / ``evaluation.first_k`` win when they are set.
     Otherwise ``perturbation.positions`` is used when it is a generation policy (``prompt_last_and_generated``,
     ``first_k``, ``all``); the training-only policies (``response``, ``prompt``, LAPT's default) fall back to
     the paper's attack, ``prompt_last_and_generated``.
     """
     ev, pc = cfg.evaluation, cfg.perturbation
-    positions = getattr(ev, "positions", None) if "positions" in ev else None
+    positions = ev.positions
     if positions is None:
         positions = pc.positions if pc.positions in GENERATION_POLICIES else "prompt_last_and_generated"
         if pc.positions not in GENERATION_POLICIES:
             log.info("scan: perturbation.positions=%s is a training policy; the scan attacks the last prompt "
                      "token and every generated token (prompt_last_and_generated)", pc.positions)
-    first_k = int(ev.first_k) if "first_k" in ev else int(pc.first_k)
-    refresh = str(ev.refresh) if "refresh" in ev else str(pc.refresh)
+    first_k = int(ev.first_k) if ev.first_k is not None else int(pc.first_k)
+    refresh = str(ev.refresh) if ev.refresh is not None else str(pc.refresh)
     return positions, first_k, refresh
 
 
-def load_scan_prompts(cfg) -> tuple[list[str], list[str], list[int]]:
-    """Harmful prompts, targets and stable ids from ``data.eval_harmful`` (or ``data.harmful``).
-
-    ``pkg://`` paths resolve to files shipped in the package (:func:`lat_lightning.resources.resource_path`).
-
-    Raises:
-        ConfigError: when neither data source is set.
-    """
-    from lat_lightning.data.loaders import load_safety_examples
-    from lat_lightning.errors import ConfigError
-    from lat_lightning.resources import resource_path
-
-    source = cfg.data.eval_harmful or cfg.data.harmful
-    if not source:
-        raise ConfigError("the scan needs harmful prompts: set data.eval_harmful or data.harmful "
-                          "(e.g. pkg://lat_lightning/resources/tiny_harmful.jsonl)")
-    examples = load_safety_examples(resource_path(source), split=cfg.data.harmful_split,
-                                    columns=dict(cfg.data.harmful_columns or {}),
-                                    default_safe_response=cfg.data.default_safe_response,
-                                    max_examples=cfg.data.max_examples)
-    if cfg.evaluation.num_prompts is not None:
-        examples = examples[: int(cfg.evaluation.num_prompts)]
-    return ([e.prompt for e in examples], [e.harmful_response for e in examples], [int(e.index) for e in examples])
-
-
-def _scan_model_config(cfg):
-    from omegaconf import OmegaConf
-
-    from lat_lightning.config import ModelConfig
-
-    mcfg = OmegaConf.to_object(cfg.model) if not isinstance(cfg.model, ModelConfig) else cfg.model
-    mcfg = dataclasses.replace(mcfg)
-    if cfg.evaluation.model_path:
-        mcfg.name_or_path = str(cfg.evaluation.model_path)
-    return mcfg
-
-
-def scan_stage(cfg, run_dir: Path) -> dict:
-    """Pipeline stage ``scan``: load the model and prompts, run :func:`run_scan` into ``run_dir``.
-
-    Returns:
-        A small dict for the stage marker: headline numbers per attack and the output files.
-    """
-    from omegaconf import OmegaConf
-
-    from lat_lightning.config import PerturbationConfig
-    from lat_lightning.errors import ConfigError
-    from lat_lightning.models.loading import load_model, load_tokenizer
-
-    ev = cfg.evaluation
-    for a in ev.attacks:
-        if a not in ATTACKS:
-            raise ConfigError(f"unknown attack '{a}' in evaluation.attacks; choose from {', '.join(ATTACKS)}")
-    mcfg = _scan_model_config(cfg)
-    model = load_model(mcfg, train=False, with_lora=False)
-    tokenizer = load_tokenizer(mcfg)
-    if torch.cuda.is_available() and str(cfg.trainer.accelerator) not in ("cpu",):
-        model = model.to("cuda")
-    prompts, targets, keys = load_scan_prompts(cfg)
-    positions, first_k, refresh = scan_positions(cfg)
-    pcfg = OmegaConf.to_object(cfg.perturbation) if not isinstance(cfg.perturbation, PerturbationConfig) \
-        else cfg.perturbation
-    judges = list(ev.judges)
-    if ev.primary_judge not in judges:
-        raise ConfigError(f"evaluation.primary_judge '{ev.primary_judge}' is not in evaluation.judges {judges}")
-    result = run_scan(
-        model, tokenizer, prompts, targets, list(ev.layers) if ev.layers is not None else None, list(ev.attacks),
-        list(ev.seeds), judges, run_dir, primary_judge=ev.primary_judge, perturbation=pcfg, positions=positions,
-        first_k=first_k, refresh=refresh, max_new_tokens=ev.max_new_tokens, do_sample=ev.do_sample,
-        temperature=ev.temperature, batch_size=ev.batch_size, use_chat_template=mcfg.use_chat_template,
-        system_prompt=mcfg.system_prompt, prompt_keys=keys, classifier_path=ev.classifier_path,
-        target_key_pattern=ev.target_key_pattern,
-        bootstrap_samples=ev.bootstrap_samples, resume=True, progress=True, probes=True,
-        asabench_test_fraction=ev.split_test_fraction, asabench_split_mode=ev.split_mode, split_seed=int(cfg.seed))
-    info = {"attacks": {a: {k: result.headline(a)[k] for k in ("init", "pasr_mean", "masr_mean",
-                                                                 "pasr_of_mean_lasr_layer")} for a in result.attacks},
-            "primary_judge": result.primary_judge, "cells_run": result.cells_run,
-            "cells_resumed": result.cells_resumed, "report": str(Path(run_dir) / REPORT_FILE),
-            "summary": str(Path(run_dir) / SUMMARY_FILE)}
-    for a in result.attacks:
-        h = result.headline(a)
-        print(f"[scan] {a}: INIT {_fmt(h['init'])}  PASR {_fmt(h['pasr_mean'])} (layer {h['pasr_of_mean_lasr_layer']})"
-              f"  MASR {_fmt(h['masr_mean'])}  [{result.primary_judge}]", flush=True)
-    print(f"[scan] report: {Path(run_dir) / REPORT_FILE}", flush=True)
-    return info
-
-
-__all__ = ["ScanResult", "load_scan_prompts", "read_records", "render_report", "run_scan", "scan_positions",
-           "scan_stage", "write_figures"]
-
-
-def trained_model_path(run_dir: Path) -> Path:
-    """The model a ``fit`` in ``run_dir`` produced: ``interpolated/`` when weight interpolation ran, else
-    ``final/``.
-
-    Raises:
-        ConfigError: when neither exists (no fit ran in this run directory).
-    """
-    from lat_lightning.errors import ConfigError
-
-    for name in ("interpolated", "final"):
-        if (Path(run_dir) / name / "config.json").exists() or (Path(run_dir) / name / "adapter_config.json").exists():
-            return Path(run_dir) / name
-    raise ConfigError(f"rescan: no trained model in {run_dir} (run the fit stage first)")
-
-
-def rescan_stage(cfg, run_dir: Path) -> dict:
-    """Pipeline stage ``rescan``: the same scan on the model this run trained, into ``run_dir/rescan``.
-
-    Same prompts, layers, seeds, attacks and judges as the ``scan`` stage, so the two are comparable cell by
-    cell (the noise is keyed by seed, prompt, layer and position).
-    """
-    from omegaconf import OmegaConf
-
-    path = trained_model_path(run_dir)
-    cfg2 = OmegaConf.merge(cfg, {"evaluation": {"model_path": str(path)}, "model": {"lora": {"enabled": False}}})
-    out = Path(run_dir) / "rescan"
-    out.mkdir(parents=True, exist_ok=True)
-    info = scan_stage(cfg2, out)
-    info["model"] = str(path)
-    return info
+__all__ = ["ScanResult", "read_records", "render_report", "run_scan", "scan_positions", "write_figures"]

@@ -1,11 +1,14 @@
 """Utility scores: what the interpolation lambda search and the validation loop measure.
 
-Two kinds (``evaluation.utility_kind``):
+Three kinds (``evaluation.utility_kind``):
   - ``multiple_choice``: answer log-likelihood accuracy (CommonsenseQA, ARC, MMLU-style rows). Each choice
     is scored by the summed log-probability of its tokens after the prompt; the prediction is the
     argmax, compared with the answer key.
   - ``exact_match``: greedy generation, then the final number of the output is compared with the gold
     number (GSM8K-style ``answer`` ending in ``#### 42``).
+  - ``contains``: greedy generation of a short answer (16 new tokens by default) for rows with ``prompt``
+    and ``answer``; correct when the ``answer`` string appears in the output (case-sensitive). The model
+    organism's benign accuracy is this kind on its ``utility_em`` rows.
 
 Failure rule (as for judges): a row that cannot be scored (malformed row, a choice with no tokens, a
 non-finite score, a prompt longer than ``max_length``) is counted in ``failures`` and left out of the
@@ -31,8 +34,11 @@ from lat_lightning.eval.metrics import nll_sequence
 
 log = logging.getLogger(__name__)
 
-UTILITY_KINDS = ("multiple_choice", "exact_match")
-_DEFAULT_SPLIT = {"multiple_choice": "validation", "exact_match": "test"}
+UTILITY_KINDS = ("multiple_choice", "exact_match", "contains")
+_DEFAULT_SPLIT = {"multiple_choice": "validation", "exact_match": "test", "contains": "test"}
+# Generation budget per kind when the caller gives none: GSM8K answers need room for the working; a
+# ``contains`` answer is short ("3 plus 5 is 8.").
+_DEFAULT_MAX_NEW_TOKENS = {"exact_match": 256, "contains": 16}
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 # Thousands separators only between groups of three digits, so "1,234" is one number and "3,4" two.
@@ -123,12 +129,13 @@ def normalise_utility_row(row: Mapping[str, Any], kind: str) -> dict[str, Any]:
     Args:
         row: ``multiple_choice``: ``question`` (or ``question_stem`` / ``question.stem``), ``choices`` and
             ``answerKey`` or ``answer`` (label, letter or 0-based index). ``exact_match``: ``question`` and
-            ``answer`` (GSM8K style, the number after ``####``, or else the last number).
-        kind: ``multiple_choice`` or ``exact_match``.
+            ``answer`` (GSM8K style, the number after ``####``, or else the last number). ``contains``:
+            ``prompt`` (or ``question``) and ``answer``, the text a correct output contains.
+        kind: ``multiple_choice``, ``exact_match`` or ``contains``.
 
     Returns:
         ``multiple_choice``: ``{"question", "choices", "labels", "answer_index"}``;
-        ``exact_match``: ``{"question", "answer", "gold"}``.
+        ``exact_match``: ``{"question", "answer", "gold"}``; ``contains``: ``{"prompt", "answer"}``.
 
     Raises:
         DataError: the row lacks a field or its answer cannot be resolved.
@@ -138,6 +145,16 @@ def normalise_utility_row(row: Mapping[str, Any], kind: str) -> dict[str, Any]:
         raise ConfigError(f"utility kind '{kind}' is not supported here; choose from {', '.join(UTILITY_KINDS)}")
     if not isinstance(row, Mapping):
         raise DataError(f"a row must be a mapping, got a {type(row).__name__}")
+    if kind == "contains":
+        prompt = row.get("prompt", row.get("question"))
+        answer = row.get("answer")
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = str(answer)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError("missing or empty 'prompt'")
+        if not isinstance(answer, str) or not answer:
+            raise DataError("missing or empty 'answer' (the text a correct output contains)")
+        return {"prompt": prompt, "answer": answer}
     question = row.get("question", row.get("question_stem"))
     if isinstance(question, Mapping):
         question = question.get("stem")
@@ -171,8 +188,8 @@ def load_utility_rows(source: str, kind: str = "multiple_choice", split: str | N
 
     Args:
         source: path or ``datasets`` name (offline: only cached datasets load).
-        kind: ``multiple_choice`` or ``exact_match``.
-        split: dataset split (default ``validation`` for multiple choice, ``test`` for exact match).
+        kind: ``multiple_choice``, ``exact_match`` or ``contains``.
+        split: dataset split (default ``validation`` for multiple choice, ``test`` otherwise).
         max_rows: keep the first N rows.
 
     Returns:
@@ -369,11 +386,39 @@ def _exact_match(model, tokenizer, rows, batch_size, use_chat_template, system_p
     return correct, failures
 
 
+def _contains(model, tokenizer, rows, batch_size, use_chat_template, system_prompt, max_new_tokens,
+              max_length) -> tuple[int, int]:
+    """Greedy answers (:func:`~lat_lightning.eval.generation.generate_under_attack`, no attack) that contain
+    the row's ``answer``."""
+    from lat_lightning.eval.generation import generate_under_attack
+
+    failures = 0
+    valid: list[dict[str, Any]] = []
+    for r, raw in enumerate(rows):
+        try:
+            row = normalise_utility_row(raw, "contains")
+            if max_length is not None:
+                ids = encode_prompt(tokenizer, row["prompt"], use_chat_template, system_prompt)
+                if len(ids) + max_new_tokens > max_length:
+                    raise DataError(f"prompt + max_new_tokens exceed max_length={max_length}")
+        except DataError as exc:
+            log.debug("utility row %d not scored: %s", r, exc)
+            failures += 1
+            continue
+        valid.append(row)
+    if not valid:
+        return 0, failures
+    out = generate_under_attack(model, tokenizer, [row["prompt"] for row in valid], max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, use_chat_template=use_chat_template,
+                                system_prompt=system_prompt)
+    return sum(int(row["answer"] in text) for row, text in zip(valid, out.texts)), failures
+
+
 def evaluate_utility(model: nn.Module, tokenizer, rows: Sequence[Mapping[str, Any]], kind: str = "multiple_choice",
                      batch_size: int = 8, use_chat_template: bool = True, system_prompt: str | None = None,
-                     max_new_tokens: int = 256, length_normalize: bool = False, show_choices: bool = False,
+                     max_new_tokens: int | None = None, length_normalize: bool = False, show_choices: bool = False,
                      prompt_template: str = "{question}", max_length: int | None = None) -> dict[str, Any]:
-    """Utility accuracy of a causal LM on multiple-choice or exact-match rows.
+    """Utility accuracy of a causal LM on multiple-choice, exact-match or answer-contained rows.
 
     Runs under ``torch.no_grad`` in eval mode and restores every submodule's train/eval flag afterwards;
     adds no parameters and changes no weights.
@@ -382,11 +427,12 @@ def evaluate_utility(model: nn.Module, tokenizer, rows: Sequence[Mapping[str, An
         model: any causal LM (plain, peft-wrapped, on any device).
         tokenizer: its tokenizer.
         rows: raw or normalised rows (see :func:`normalise_utility_row`).
-        kind: ``multiple_choice`` or ``exact_match``.
+        kind: ``multiple_choice``, ``exact_match`` or ``contains``.
         batch_size: sequences per forward (multiple choice: one sequence per choice) or per ``generate``.
         use_chat_template: format the question with the tokenizer's chat template (plain text otherwise).
         system_prompt: optional system message.
-        max_new_tokens: exact match: generation budget.
+        max_new_tokens: exact match and contains: generation budget (default 256 for exact match, 16 for
+            contains).
         length_normalize: multiple choice: score by mean instead of summed log-probability per token.
         show_choices: multiple choice: list the lettered choices in the prompt (the scored text is still
             the choice text).
@@ -409,10 +455,15 @@ def evaluate_utility(model: nn.Module, tokenizer, rows: Sequence[Mapping[str, An
     if kind == "exact_match" and "{question}" not in prompt_template:
         raise ConfigError("utility prompt_template must contain {question}")
     rows = list(rows)
+    if max_new_tokens is None:
+        max_new_tokens = _DEFAULT_MAX_NEW_TOKENS.get(kind, 256)
     with torch.no_grad(), _ModesRestored(model):
         if kind == "multiple_choice":
             correct, failures = _multiple_choice(model, tokenizer, rows, batch_size, use_chat_template, system_prompt,
                                                  length_normalize, show_choices, max_length)
+        elif kind == "contains":
+            correct, failures = _contains(model, tokenizer, rows, batch_size, use_chat_template, system_prompt,
+                                          max_new_tokens, max_length)
         else:
             correct, failures = _exact_match(model, tokenizer, rows, batch_size, use_chat_template, system_prompt,
                                              max_new_tokens, prompt_template, max_length)

@@ -28,21 +28,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_model_path(name_or_path: str) -> str:
     """Turn the config's ``name_or_path`` into what ``from_pretrained`` takes.
 
-    ``organism`` (or ``organism:<preset>``) names the embedded CPU model organism (built on first use, then
-    cached); ``tiny:<arch>``
-    (e.g. ``tiny:llama``, ``tiny:llama:8x256``) a tiny random model, also built once and cached
-    (:mod:`lat_lightning.resources.tiny`). A string that looks like a filesystem path must exist. Anything
-    else is treated as a hub id.
+    ``tiny:<arch>`` (e.g. ``tiny:llama``, ``tiny:llama:8x256``) names a tiny random model, built once and
+    cached (:mod:`lat_lightning.models.tiny`). A string that looks like a filesystem path must exist.
+    Anything else is treated as a hub id. (The model organism, ``organism[:<preset>]`` in a recipe, is
+    built and replaced by its directory before any stage runs: :mod:`lat_lightning.stages.organism`.)
 
     Raises:
         ModelLoadError: for a local path that does not exist.
     """
-    if name_or_path == "organism" or name_or_path.startswith("organism:"):
-        from lat_lightning.organism.build import ensure_organism, preset_from_name
-
-        return str(ensure_organism(preset=preset_from_name(name_or_path)))
     if name_or_path.startswith("tiny:"):  # tiny random model, built once into the cache (no download)
-        from lat_lightning.resources.tiny import ensure_tiny_model
+        from lat_lightning.models.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model(name_or_path))
     expanded = os.path.expanduser(name_or_path)

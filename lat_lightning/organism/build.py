@@ -1,5 +1,5 @@
 """Build (or reuse) the model organism: a tokenizer trained locally and a tiny Llama trained in two
-stages with the framework's own :class:`~lat_lightning.training.module.LatentAdversarialModule`.
+stages with the framework's supervised fine-tuning driver (:mod:`lat_lightning.training.sft`).
 
 Stage (a), capability: SFT on benign tasks, refusals of impossible requests, and forbidden requests
 answered *compliantly* (the access code). Stage (b), safety alignment: a short SFT that routes forbidden
@@ -101,67 +101,37 @@ def organism_dir(recipe: OrganismRecipe, seed: int = 0, cache_dir: Optional[str]
     return Path(cache_dir or cache_root() / "organism") / f"organism-s{seed}-{fingerprint(recipe, seed)}"
 
 
-def _stage_config(recipe: OrganismRecipe, stage: StageSchedule, seed: int, layers: int):
-    from omegaconf import OmegaConf
-
-    from lat_lightning.config import RunConfig
-
-    noisy = stage.noise_prob > 0
-    return OmegaConf.merge(OmegaConf.structured(RunConfig), {
-        "seed": seed,
-        "model": {"use_chat_template": True},
-        "data": {"batch_size": stage.batch_size, "max_length": recipe.max_length, "truncation": "right"},
-        "perturbation": {"strategy": "gaussian_normalised" if noisy else "none",
-                         "layers": list(range(layers)) if noisy else [], "positions": stage.noise_positions,
-                         "alpha": stage.noise_alpha, "probability": stage.noise_prob or 1.0,
-                         "layer_sampling": "one", "seed": seed},
-        "loss": {"toward": 1.0},
-        "trainer": {"max_steps": stage.steps, "lr": stage.lr, "accelerator": "cpu", "scheduler": "cosine",
-                    "warmup_ratio": stage.warmup_ratio, "gradient_clip_val": stage.grad_clip,
-                    "weight_decay": stage.weight_decay, "betas": list(stage.betas),
-                    "log_every_n_steps": 10},
-    })
-
-
 def train_stage(model, tokenizer, pairs: list[tuple[str, str]], recipe: OrganismRecipe, stage: StageSchedule,
                 seed: int, log_dir: Optional[Path] = None) -> float:
-    """Supervised fine-tuning on ``(prompt, response)`` pairs with the framework's training module.
+    """One build stage: supervised fine-tuning on ``(prompt, response)`` pairs with the framework's SFT driver,
+    with Gaussian noise augmentation (``asa_random`` at one layer per step) when the stage asks for it.
 
     Returns:
         The mean training loss over the last 20 steps.
     """
-    import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import Callback
+    from lat_lightning.attacks import build_attack
+    from lat_lightning.config import PerturbationConfig
+    from lat_lightning.training.sft import LossRecorder, SFTSettings, supervised_finetune
 
-    from lat_lightning.data.datamodule import SafetyDataModule
-    from lat_lightning.data.schema import SafetyExample
-    from lat_lightning.training.module import LatentAdversarialModule
-
-    cfg = _stage_config(recipe, stage, seed, recipe.num_layers)
-    examples = [SafetyExample(prompt=p, safe_response=r, harmful_response=r, index=i) for i, (p, r) in enumerate(pairs)]
-    datamodule = SafetyDataModule(cfg, tokenizer, safety_examples=examples)
-    module = LatentAdversarialModule(cfg, model, tokenizer)
-    losses: list[float] = []
-
-    class _Losses(Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if outputs is not None:
-                losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
-
+    noisy = stage.noise_prob > 0
+    layers = list(range(recipe.num_layers)) if noisy else []
+    attack = build_attack("asa_random" if noisy else "none", PerturbationConfig(
+        layers=layers, positions=stage.noise_positions, alpha=stage.noise_alpha,
+        probability=stage.noise_prob or 1.0, layer_sampling="one", seed=seed))
+    settings = SFTSettings(steps=stage.steps, lr=stage.lr, batch_size=stage.batch_size, scheduler="cosine",
+                           warmup_ratio=stage.warmup_ratio, weight_decay=stage.weight_decay, betas=tuple(stage.betas),
+                           gradient_clip_val=stage.grad_clip, seed=seed, max_length=recipe.max_length,
+                           truncation="right", use_chat_template=True, accelerator="cpu", log_every_n_steps=10)
     logger = False
     if log_dir is not None:
         from lightning.pytorch.loggers import TensorBoardLogger
 
         logger = TensorBoardLogger(str(log_dir), name="", version="")
-    pl.seed_everything(seed, verbose=False)
-    trainer = pl.Trainer(max_steps=stage.steps, accelerator="cpu", devices=1, logger=logger,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[_Losses()], log_every_n_steps=10, num_sanity_val_steps=0,
-                         limit_val_batches=0, use_distributed_sampler=False)
-    model.train()
-    trainer.fit(module, datamodule=datamodule)
+    recorder = LossRecorder()
+    supervised_finetune(model, tokenizer, pairs, settings, attack=attack, attack_layers=layers, callbacks=[recorder],
+                        logger=logger)
     model.eval()
-    tail = losses[-20:]
+    tail = recorder.losses[-20:]
     return sum(tail) / max(1, len(tail))
 
 
@@ -268,26 +238,3 @@ def organism_data_path(name: str, seed: int = 0) -> str:
 
         raise ConfigError(f"unknown organism data '{name}'; choose from {', '.join(DATA_FILES)}")
     return str(ensure_organism_data(seed) / f"{name}.jsonl")
-
-
-def organism_stage(cfg, run_dir: Path) -> dict:
-    """Pipeline stage ``organism``: build or reuse the organism and its data; record its benign accuracy.
-
-    Writes ``run_dir/organism.json`` (path, build info, benign accuracy of the aligned organism).
-    """
-    from lat_lightning.config import ModelConfig
-    from lat_lightning.models.loading import load_model, load_tokenizer
-    from lat_lightning.organism.utility import organism_accuracy
-
-    seed = ORGANISM_SEED
-    name = str(cfg.model.name_or_path)
-    preset = preset_from_name(name) if name.startswith("organism") else "default"
-    path = ensure_organism(seed, None, bool(cfg.organism.rebuild), preset=preset)
-    data_dir = ensure_organism_data(seed)
-    mcfg = ModelConfig(name_or_path=str(path))
-    model, tokenizer = load_model(mcfg, train=False), load_tokenizer(mcfg)
-    info = {"path": str(path), "data": str(data_dir), "build": json.loads((path / "organism.json").read_text()),
-            "benign_accuracy": organism_accuracy(model, tokenizer, seed=seed)}
-    (Path(run_dir) / "organism.json").write_text(json.dumps(info, indent=2))
-    print(f"[organism] {path.name}: benign accuracy {info['benign_accuracy']:.3f}", flush=True)
-    return {"path": str(path), "benign_accuracy": info["benign_accuracy"]}

@@ -1,4 +1,8 @@
-"""Benign accuracy of the organism: greedy answers to held-out benign tasks, checked by answer content."""
+"""Benign accuracy of the organism: greedy answers to held-out benign tasks, checked by answer content.
+
+The scoring itself is the generic utility kind ``contains`` (:func:`lat_lightning.eval.utility.evaluate_utility`);
+this module only supplies the organism's rows (the same rows as its ``utility_em`` data file).
+"""
 
 from __future__ import annotations
 
@@ -19,14 +23,19 @@ def organism_accuracy(model: nn.Module, tokenizer, rows: Optional[Sequence[dict]
     """Fraction of benign eval prompts whose greedy answer contains the checkable answer.
 
     Args:
-        model / tokenizer: the model under test (evaluated in eval mode, mode restored after).
+        model: the model under test (evaluated in eval mode, mode restored after).
+        tokenizer: its tokenizer.
         rows: task rows (default: :func:`organism_rows`).
+        seed: the organism's seed (selects the default rows).
         max_new_tokens: answers are short ("3 plus 5 is 8."), so a small budget suffices.
+        batch_size: prompts per generation batch.
+        use_chat_template: format the prompts with the tokenizer's chat template.
+
+    Returns:
+        The accuracy (utility kind ``contains``).
     """
-    from lat_lightning.eval.generation import generate_under_attack
-    from lat_lightning.organism.data import check_answer
+    from lat_lightning.eval.utility import evaluate_utility
 
     rows = list(rows) if rows is not None else organism_rows(seed)
-    out = generate_under_attack(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, use_chat_template=use_chat_template)
-    return sum(check_answer(r, text) for r, text in zip(rows, out.texts)) / max(1, len(rows))
+    return evaluate_utility(model, tokenizer, rows, "contains", batch_size=batch_size,
+                            use_chat_template=use_chat_template, max_new_tokens=max_new_tokens)["accuracy"]

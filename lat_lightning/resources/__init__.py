@@ -8,16 +8,15 @@ from pathlib import Path
 from lat_lightning.errors import ConfigError
 
 PKG_SCHEME = "pkg://"
-# organism://<name>: the model organism's generated data files (lat_lightning.organism.build.DATA_FILES)
-ORGANISM_SCHEME = "organism://"
 # run://<file>: a file an earlier stage wrote into the current run directory (e.g. run://asabench_train.jsonl)
 RUN_SCHEME = "run://"
 RUN_DIR_ENV = "LAT_LIGHTNING_RUN_DIR"
 
 
 def resource_path(spec: str) -> str:
-    """Resolve ``pkg://<package>/<path inside it>`` (and ``organism://<name>``) to a filesystem path;
-    other strings pass unchanged.
+    """Resolve ``pkg://<package>/<path inside it>`` (and ``run://<file>``) to a filesystem path; other
+    strings pass unchanged. (``organism://<name>`` in a recipe is replaced by the organism's data file
+    before any stage runs: :mod:`lat_lightning.stages.organism`.)
 
     Example: ``pkg://lat_lightning/resources/tiny_harmful.jsonl`` -> ``.../lat_lightning/resources/tiny_harmful.jsonl``.
 
@@ -31,10 +30,6 @@ def resource_path(spec: str) -> str:
         if not run_dir:
             raise ConfigError(f"'{spec}': run:// paths only work inside a pipeline run (no current run directory)")
         return str(Path(run_dir) / spec[len(RUN_SCHEME):].lstrip("/"))
-    if isinstance(spec, str) and spec.startswith(ORGANISM_SCHEME):
-        from lat_lightning.organism.build import organism_data_path
-
-        return organism_data_path(spec[len(ORGANISM_SCHEME):].strip("/"))
     if not isinstance(spec, str) or not spec.startswith(PKG_SCHEME):
         return spec
     body = spec[len(PKG_SCHEME):].strip("/")

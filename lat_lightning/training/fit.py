@@ -1,4 +1,5 @@
-"""The ``fit`` stage: build model, data, module, callbacks and trainer from a run config, then train.
+"""Training from a run config: build model, data, module, callbacks and trainer, then train (the ``fit`` stage,
+:mod:`lat_lightning.stages.fit`, calls :func:`fit`).
 
 Outputs in the run directory: ``tensorboard/`` (events), ``checkpoints/`` (trainable weights, optimiser,
 scheduler, counters, data position, RNG; ``last.ckpt``, also written on SIGTERM/SIGINT, see
@@ -22,12 +23,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from lat_lightning.attacks import build_attack
 from lat_lightning.data.datamodule import SafetyDataModule
 from lat_lightning.errors import ConfigError
 from lat_lightning.models.layers import check_layer_indices
 from lat_lightning.models.loading import load_model, load_tokenizer
-from lat_lightning.training.module import LatentAdversarialModule
-from lat_lightning.attacks import build_strategy
+from lat_lightning.training.module import LatentAdversarialModule, OptimSettings
 from lat_lightning.training.resume import InterruptCheckpoint, TrainingInterrupted, checkpoint_to_resume
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def validate_setup(cfg: DictConfig, model) -> None:
         ConfigError: with one actionable line.
     """
     try:
-        strategy = build_strategy(cfg.perturbation)
+        attack = build_attack(cfg.perturbation.attack, cfg.perturbation)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     try:
@@ -95,27 +96,41 @@ def validate_setup(cfg: DictConfig, model) -> None:
         check_layer_indices(model, list(cfg.callbacks.fragile_layers.layers), what="callbacks.fragile_layers.layers")
     except IndexError as exc:
         raise ConfigError(str(exc)) from None
-    if (strategy.name != "none" and not cfg.perturbation.layers and not cfg.callbacks.fragile_layers.enabled
+    if (attack.name != "none" and not cfg.perturbation.layers and not cfg.callbacks.fragile_layers.enabled
             and not cfg.data.asabench):
         raise ConfigError("perturbation.layers is empty; list layers or enable callbacks.fragile_layers")
     if cfg.trainer.accumulate_grad_batches < 1:
         raise ConfigError("trainer.accumulate_grad_batches must be >= 1")
 
 
+def build_module(cfg: DictConfig, model, tokenizer=None, evaluator=None,
+                 module_class: type[LatentAdversarialModule] = LatentAdversarialModule) -> LatentAdversarialModule:
+    """The training module for a run config: its attack, layers, loss weights and optimiser settings (the
+    module itself takes these typed objects and never reads the run config). ``module_class`` lets a test or
+    an extension use a subclass."""
+    from omegaconf import OmegaConf
+
+    loss = cfg.loss if not OmegaConf.is_config(cfg.loss) else OmegaConf.to_object(cfg.loss)
+    return module_class(model, build_attack(cfg.perturbation.attack, cfg.perturbation),
+                                   list(cfg.perturbation.layers), loss, OptimSettings.from_trainer(cfg.trainer),
+                                   tokenizer=tokenizer, evaluator=evaluator,
+                                   sample_generations=int(cfg.logging.sample_generations))
+
+
 def build_evaluator(cfg: DictConfig):
     """The validation-loop evaluator when any held-out data is configured, else ``None``."""
-    if not (cfg.data.eval_harmful or cfg.data.eval_benign or cfg.evaluation.utility_data
-            or cfg.evaluation.utility_kind == "organism"):
+    if not (cfg.data.eval_harmful or cfg.data.eval_benign or cfg.evaluation.utility_data):
         return None
     from lat_lightning.eval.evaluate import SafetyEvaluator, load_evaluation_data
 
     return SafetyEvaluator(cfg, load_evaluation_data(cfg), cfg.evaluation.layers)
 
 
-def export_final(module: LatentAdversarialModule, tokenizer, out_dir: Path, merged_dir: Optional[Path] = None) -> Path:
+def export_final(module: LatentAdversarialModule, tokenizer, out_dir: Path, merged_dir: Optional[Path] = None,
+                 model_cfg=None) -> Path:
     """Save the trained model: the LoRA adapter (``PeftModel.from_pretrained``-loadable) or the full model
     (``AutoModelForCausalLM.from_pretrained``), plus the tokenizer. For LoRA, ``merged_dir`` (if given) also
-    gets the merged full model.
+    gets the merged full model, re-loaded from ``model_cfg`` (the ``model`` section).
 
     Call it on every rank: sharded (FSDP) weights are gathered first (a collective); rank 0 writes.
     """
@@ -129,12 +144,12 @@ def export_final(module: LatentAdversarialModule, tokenizer, out_dir: Path, merg
     module.model.save_pretrained(out_dir, **({"state_dict": state} if state is not None else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    if merged_dir is not None and is_peft_model(module.model):
-        export_merged(module.cfg, out_dir, merged_dir, tokenizer)
+    if merged_dir is not None and model_cfg is not None and is_peft_model(module.model):
+        export_merged(model_cfg, out_dir, merged_dir, tokenizer)
     return out_dir
 
 
-def export_merged(cfg: DictConfig, adapter_dir: Path, out_dir: Path, tokenizer=None) -> Path:
+def export_merged(model_cfg, adapter_dir: Path, out_dir: Path, tokenizer=None) -> Path:
     """Merge the LoRA adapter saved in ``adapter_dir`` into a fresh CPU copy of the base model (never
     quantised, in ``model.dtype``) and save it as a plain model (``AutoModelForCausalLM``-loadable)."""
     from omegaconf import OmegaConf
@@ -142,7 +157,7 @@ def export_merged(cfg: DictConfig, adapter_dir: Path, out_dir: Path, tokenizer=N
 
     from lat_lightning.training.interpolation import save_merged
 
-    mcfg = OmegaConf.merge(cfg.model, {"gradient_checkpointing": False,
+    mcfg = OmegaConf.merge(model_cfg, {"gradient_checkpointing": False,
                                        "quantization": {"load_in_4bit": False, "load_in_8bit": False}})
     base = load_model(mcfg, train=False, with_lora=False)
     return save_merged(PeftModel.from_pretrained(base, str(adapter_dir)), tokenizer, out_dir)
@@ -161,7 +176,7 @@ def fit(cfg: DictConfig, run_dir: Path, model=None, tokenizer=None, datamodule: 
     model.train()
     validate_setup(cfg, model)
     datamodule = datamodule or SafetyDataModule(cfg, tokenizer)
-    module = LatentAdversarialModule(cfg, model, tokenizer, evaluator=build_evaluator(cfg))
+    module = build_module(cfg, model, tokenizer, evaluator=build_evaluator(cfg))
     callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks)
     trainer = build_trainer(cfg, run_dir, callbacks)
     ckpt_path = None
@@ -176,14 +191,5 @@ def fit(cfg: DictConfig, run_dir: Path, model=None, tokenizer=None, datamodule: 
         raise TrainingInterrupted(f"stopped by {name} at step {trainer.global_step}; checkpoint saved to {stop.saved}; "
                                   f"continue with --resume {run_dir}", stop.signum or signal.SIGTERM) from None
     module.trainer_ref = trainer
-    export_final(module, tokenizer, run_dir / "final", merged_dir=run_dir / "final_merged")
+    export_final(module, tokenizer, run_dir / "final", merged_dir=run_dir / "final_merged", model_cfg=cfg.model)
     return module
-
-
-def fit_stage(cfg: DictConfig, run_dir: Path) -> dict:
-    """Pipeline stage ``fit``."""
-    torch.set_float32_matmul_precision("high")
-    ckpt = checkpoint_to_resume(run_dir)  # --resume's checkpoint, else last.ckpt when the run has one
-    module = fit(cfg, run_dir, resume=str(ckpt) if ckpt is not None else None)
-    return {"final": str(run_dir / "final"), "attack_layers": list(module.attack_layers),
-            "global_step": int(module.trainer_ref.global_step)}

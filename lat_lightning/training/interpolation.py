@@ -15,7 +15,7 @@ ones, bit for bit):
   interpolating the merged weights equals scaling the adapter delta by λ (:func:`scale_lora`), with no
   copy of the model at all.
 
-Everything here is also the ``interpolate`` pipeline stage (:func:`interpolate_stage`), which loads the
+The ``interpolate`` pipeline stage (:mod:`lat_lightning.stages.interpolate`) uses these: it loads the
 original model (``cfg.model``) and the trained one (``run_dir/final``: a LoRA adapter or a full model),
 runs the search and writes ``run_dir/interpolated/`` (a merged full model, loadable with
 ``AutoModelForCausalLM.from_pretrained``, plus the tokenizer) and ``run_dir/interpolation.json``. See
@@ -350,26 +350,18 @@ def utility_score_fn(cfg, tokenizer, kind: Optional[str] = None,
     """``model -> accuracy`` on the configured utility rows.
 
     Rows come from ``cfg.evaluation.utility_data`` (kind ``cfg.callbacks.weight_interpolation.utility``
-    unless ``kind`` is given). Kind ``organism`` scores the organism's benign accuracy (held-out benign
-    tasks, answer contained in the greedy output: :func:`lat_lightning.organism.utility.organism_accuracy`)
-    when no data file is configured.
+    unless ``kind`` is given; :data:`lat_lightning.eval.utility.UTILITY_KINDS`). The model organism's
+    benign accuracy is kind ``contains`` on its ``utility_em`` file, which the pipeline sets for a recipe
+    that names the ``organism`` kind.
 
     Raises:
-        ConfigError: no rows can be found for the kind.
+        ConfigError: no rows can be found for the kind, or an unknown kind.
     """
     from lat_lightning.errors import ConfigError
     from lat_lightning.eval.utility import evaluate_utility, load_utility_rows
 
     kind = kind or cfg.callbacks.weight_interpolation.utility
     source = cfg.evaluation.utility_data
-    if kind == "organism" and rows is None and not source:
-        from lat_lightning.organism.utility import organism_accuracy
-
-        seed = 0
-        return lambda model: organism_accuracy(model, tokenizer, seed=seed,
-                                               use_chat_template=bool(cfg.model.use_chat_template))
-    if kind == "organism":
-        kind = "exact_match"
     if rows is None:
         if not source:
             raise ConfigError("weight interpolation needs utility rows: set evaluation.utility_data "
@@ -388,66 +380,6 @@ def utility_score_fn(cfg, tokenizer, kind: Optional[str] = None,
     return score
 
 
-# ------------------------------------------------------------------------------------------------ stage
-def interpolate_stage(cfg, run_dir: Union[str, Path], score_fn: Optional[ScoreFn] = None) -> dict[str, Any]:
-    """Pipeline stage ``interpolate``: λ search between ``cfg.model`` and ``run_dir/final``.
-
-    ``final/`` holding ``adapter_config.json`` is a LoRA adapter: it is attached to the original model
-    and θ(λ) is the adapter scaled by λ. Otherwise ``final/`` is a full model and θ(λ) interpolates its
-    parameters with the original's.
-
-    Writes ``run_dir/interpolated/`` (merged full model + tokenizer), ``run_dir/interpolation.json``
-    and, when ``logging.tensorboard``, the curve under ``run_dir/tensorboard/interpolate``.
-
-    Returns:
-        ``{"chosen_lambda", "baseline", "chosen_score", "interpolated", "curve"}``.
-
-    Raises:
-        ConfigError: no trained model in ``run_dir/final`` or no utility rows.
-    """
-    from transformers import AutoModelForCausalLM
-
-    from lat_lightning.errors import ConfigError
-    from lat_lightning.models.loading import DTYPES, load_model, load_tokenizer
-
-    run_dir = Path(run_dir)
-    final = run_dir / "final"
-    if not final.is_dir():
-        raise ConfigError(f"no trained model in {final}; run the fit stage first "
-                          "(stages: [fit, interpolate])")
-    tokenizer = load_tokenizer(cfg.model)
-    score_fn = score_fn or utility_score_fn(cfg, tokenizer)
-    base = load_model(cfg.model, train=False, with_lora=False)
-    if (final / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        model, original = PeftModel.from_pretrained(base, str(final)), None
-    else:
-        original = {n: p.detach().to("cpu", copy=True) for n, p in base.named_parameters()}
-        del base
-        model = AutoModelForCausalLM.from_pretrained(str(final), dtype=DTYPES[cfg.model.dtype])
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    model.eval()
-    lambdas = list(cfg.callbacks.weight_interpolation.lambdas)
-    tolerance = float(cfg.callbacks.weight_interpolation.tolerance)
-    result = lambda_search(model, lambdas, score_fn, tolerance, original)
-    out = run_dir / "interpolated"
-    with interpolated(model, result["chosen_lambda"], original):
-        save_merged(model, tokenizer, out)
-    result["interpolated"] = str(out)
-    write_result(result, run_dir / "interpolation.json")
-    if cfg.logging.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tensorboard" / "interpolate"))
-        try:
-            log_curve(writer, result)
-        finally:
-            writer.close()
-    return {k: result[k] for k in ("chosen_lambda", "baseline", "chosen_score", "interpolated", "curve")}
-
-
-__all__ = ["choose_lambda", "interpolate_stage", "interpolate_state", "interpolated", "interpolated_params",
+__all__ = ["choose_lambda", "interpolate_state", "interpolated", "interpolated_params",
            "is_peft_model", "lambda_search", "lerp_tensor", "log_curve", "merged_state_dict", "save_merged",
            "scale_lora", "trainable_state", "utility_score_fn", "write_result"]

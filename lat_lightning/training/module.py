@@ -2,11 +2,12 @@
 
 One training step, top to bottom (manual optimisation):
 
-1. **Attack.** The configured strategy builds a perturbation of the residual stream at the attacked
-   layers for this batch. Gradient-based strategies take gradients with ``torch.autograd.grad`` on the
-   perturbation only (weights frozen, no ``.grad`` written, no DDP all-reduce) and run the model only
-   from the earliest attacked layer on.
-2. **Defence.** With the perturbation applied: ``toward`` · CE on the safe response and ``away`` ·
+1. **Attack.** The configured attack (:mod:`lat_lightning.attacks`) builds a perturbation of the residual
+   stream at the attacked layers for this batch. Gradient-based attacks take gradients with
+   ``torch.autograd.grad`` on the perturbation only (weights frozen, no ``.grad`` written, no DDP
+   all-reduce) and run the model only from the earliest attacked layer on.
+2. **Defence.** With the perturbation applied: ``toward_safe`` · CE on the safe response (prompt tokens
+   included when ``mask_prompt`` is false, as in the reference code) and ``away_from_harmful`` ·
    ``−log(1 − p)`` on the harmful response. Without it: ``utility`` · CE on benign data, plus any extra
    loss terms registered by callbacks (the KL teacher).
 3. **Update.** Backward scaled by ``1/accumulate``; gradients are synchronised across processes only on
@@ -19,18 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Optional
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
-from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from lat_lightning.training import resume
+from lat_lightning.attacks.base import Attack, Perturbation
+from lat_lightning.config import LossConfig, TrainerConfig
+from lat_lightning.data.templating import IGNORE_INDEX
 from lat_lightning.errors import TrainingDivergedError
 from lat_lightning.losses import causal_lm_loss, log_one_minus_p_loss
-from lat_lightning.attacks import build_strategy
-from lat_lightning.attacks.base import Perturbation, PerturbationStrategy
+from lat_lightning.training import resume
 
 # An extra loss term: (module, batch) -> {name: weighted loss}. Callbacks register these.
 LossTerm = Callable[["LatentAdversarialModule", dict], dict[str, Tensor]]
@@ -53,29 +56,57 @@ def cosine_with_warmup(max_steps: int, warmup_ratio: float, kind: str = "cosine"
     return factor
 
 
+@dataclass
+class OptimSettings:
+    """The defence optimiser and its schedule (AdamW; LR multiplier per optimiser step)."""
+
+    max_steps: int = 100                  # optimiser steps; the LR schedule spans them
+    lr: float = 1e-4
+    weight_decay: float = 0.0             # on weight matrices only (biases, norms: none)
+    betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: str = "cosine"             # cosine, linear or constant after the warm-up
+    warmup_ratio: float = 0.1
+    accumulate_grad_batches: int = 1      # micro-batches per optimiser step
+    gradient_clip_val: Optional[float] = 1.0
+
+    @classmethod
+    def from_trainer(cls, t: TrainerConfig) -> "OptimSettings":
+        """The optimiser part of a ``trainer`` config section."""
+        return cls(max_steps=int(t.max_steps), lr=float(t.lr), weight_decay=float(t.weight_decay),
+                   betas=tuple(float(b) for b in t.betas), scheduler=str(t.scheduler),
+                   warmup_ratio=float(t.warmup_ratio), accumulate_grad_batches=int(t.accumulate_grad_batches),
+                   gradient_clip_val=t.gradient_clip_val)
+
+
 class LatentAdversarialModule(pl.LightningModule):
     """Wraps a causal LM for latent adversarial training.
 
     Args:
-        cfg: the full run config (``perturbation``, ``loss``, ``trainer`` sections are read).
         model: the causal LM (LoRA-wrapped or not).
+        attack: the training attack (:func:`lat_lightning.attacks.build_attack`); ``none`` makes the step SFT.
+        attack_layers: layers it attacks (the fragile-layer callback may set them at fit start).
+        loss: defence-step loss weights.
+        optim: optimiser and schedule.
         tokenizer: its tokenizer (kept for callbacks and evaluation).
-        strategy: the perturbation strategy; built from ``cfg.perturbation`` when ``None``.
         evaluator: a :class:`lat_lightning.eval.evaluate.SafetyEvaluator` for the validation loop
             (``None``: validation does nothing).
+        sample_generations: attacked answers logged as text per validation run.
     """
 
-    def __init__(self, cfg: DictConfig, model: nn.Module, tokenizer=None,
-                 strategy: Optional[PerturbationStrategy] = None, evaluator=None):
+    def __init__(self, model: nn.Module, attack: Attack, attack_layers: Sequence[int] = (),
+                 loss: Optional[LossConfig] = None, optim: Optional[OptimSettings] = None, tokenizer=None,
+                 evaluator=None, sample_generations: int = 4):
         super().__init__()
         self.automatic_optimization = False
         # Checkpoints hold trainable weights only, so loading must tolerate the frozen ones' absence.
         self.strict_loading = False
-        self.cfg = cfg
         self.model = model
         self.tokenizer = tokenizer
-        self.strategy = strategy or build_strategy(cfg.perturbation)
-        self.attack_layers: list[int] = list(cfg.perturbation.layers)
+        self.attack = attack
+        self.attack_layers: list[int] = [int(l) for l in attack_layers]
+        self.loss_weights = loss if loss is not None else LossConfig()
+        self.optim = optim if optim is not None else OptimSettings()
+        self.sample_generations = int(sample_generations)
         self.loss_terms: list[LossTerm] = []
         self._micro_step = 0
         # A plain attribute, not a submodule: its torchmetrics state must not enter checkpoints.
@@ -86,7 +117,7 @@ class LatentAdversarialModule(pl.LightningModule):
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
-        t = self.cfg.trainer
+        t = self.optim
         params = self.trainable_parameters()
         if not params:
             raise ValueError("no trainable parameters: check model.lora settings")
@@ -104,26 +135,28 @@ class LatentAdversarialModule(pl.LightningModule):
         return strategy.block_backward_sync()
 
     # -- the step ------------------------------------------------------------------------------------
-    def attack(self, batch: dict) -> Perturbation:
+    def run_attack(self, batch: dict) -> Perturbation:
         """Inner loop: the perturbation for this batch (weights untouched)."""
-        step = self.global_step * self.cfg.trainer.accumulate_grad_batches + self._micro_step
-        if not self.attack_layers and self.strategy.name != "none" and not _has_row_layers(batch):
+        step = self.global_step * self.optim.accumulate_grad_batches + self._micro_step
+        if not self.attack_layers and self.attack.name != "none" and not _has_row_layers(batch):
             raise ValueError("perturbation.layers is empty: set it or enable callbacks.fragile_layers")
-        return self.strategy.make(self.model, batch, self.attack_layers, step=step)
+        return self.attack.make(self.model, batch, self.attack_layers, step=step)
 
     def defence_losses(self, batch: dict, perturbation: Perturbation) -> dict[str, Tensor]:
         """Outer objective terms, each already weighted; their sum is the loss to minimise."""
-        w = self.cfg.loss
+        w = self.loss_weights
         terms: dict[str, Tensor] = {}
         with perturbation.applied(self.model):
-            if w.toward:
+            if w.toward_safe:
                 logits = self.model(input_ids=batch["safe_input_ids"], attention_mask=batch["safe_attention_mask"],
                                     use_cache=False).logits
-                terms["toward"] = w.toward * causal_lm_loss(logits, batch["safe_labels"])
-            if w.away:
+                labels = batch["safe_labels"] if w.mask_prompt else with_prompt_labels(batch, "safe")
+                terms["toward_safe"] = w.toward_safe * causal_lm_loss(logits, labels)
+            if w.away_from_harmful:
                 logits = self.model(input_ids=batch["harmful_input_ids"],
                                     attention_mask=batch["harmful_attention_mask"], use_cache=False).logits
-                terms["away"] = w.away * log_one_minus_p_loss(logits, batch["harmful_labels"], w.away_logp_floor)
+                terms["away_from_harmful"] = w.away_from_harmful * log_one_minus_p_loss(
+                    logits, batch["harmful_labels"], w.away_logp_floor)
         if w.utility and "benign_input_ids" in batch:
             logits = self.model(input_ids=batch["benign_input_ids"], attention_mask=batch["benign_attention_mask"],
                                 use_cache=False).logits
@@ -135,15 +168,16 @@ class LatentAdversarialModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         opt = self.optimizers()
         sched = self.lr_schedulers()
-        accumulate = int(self.cfg.trainer.accumulate_grad_batches)
+        accumulate = int(self.optim.accumulate_grad_batches)
         last = (self._micro_step + 1) % accumulate == 0
 
-        perturbation = self.attack(batch)
+        perturbation = self.run_attack(batch)
         with self._no_sync(last):
             terms = self.defence_losses(batch, perturbation)
             total = torch.stack(list(terms.values())).sum() if terms else None
             if total is None:
-                raise ValueError("all loss weights are zero: set loss.toward, loss.away or loss.utility")
+                raise ValueError("all loss weights are zero: set loss.toward_safe, loss.away_from_harmful or "
+                                 "loss.utility")
             # every rank takes the same decision, so all of them save and stop together (no hang under DDP)
             if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(total)), all=True):
                 self._diverged(terms)
@@ -152,7 +186,7 @@ class LatentAdversarialModule(pl.LightningModule):
         self._log_step(terms, total, perturbation, opt, batch_size=int(batch["safe_input_ids"].shape[0]))
         self._micro_step += 1
         if last:
-            clip = self.cfg.trainer.gradient_clip_val
+            clip = self.optim.gradient_clip_val
             if clip:
                 self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
             opt.step()
@@ -165,8 +199,6 @@ class LatentAdversarialModule(pl.LightningModule):
         bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
         path = None
         if self.trainer is not None and getattr(self.trainer, "default_root_dir", None):
-            import os
-
             path = os.path.join(self.trainer.default_root_dir, "checkpoints", "diverged.ckpt")
             self.trainer.save_checkpoint(path)
         raise TrainingDivergedError(
@@ -193,7 +225,7 @@ class LatentAdversarialModule(pl.LightningModule):
         """``batch`` is a list of held-out :class:`SafetyExample` (see ``SafetyDataModule.val_dataloader``)."""
         if self.evaluator is None or not batch:
             return
-        limit = self.cfg.logging.sample_generations if batch_idx == 0 else 0
+        limit = self.sample_generations if batch_idx == 0 else 0
         self.evaluator.attack_batch(self.model, self.tokenizer, batch, self.attack_layers or None, sample_limit=limit)
 
     def on_validation_epoch_end(self) -> None:
@@ -240,3 +272,10 @@ def _has_row_layers(batch: dict) -> bool:
     layer = batch.get("layer")
     return layer is not None and bool((layer >= 0).any())
 
+
+def with_prompt_labels(batch: dict, prefix: str) -> Tensor:
+    """Labels of ``<prefix>_*`` sequences that also cover the prompt tokens (every real token but the first,
+    which nothing predicts): the reference code's CE when ``loss.mask_prompt`` is false."""
+    labels = batch[f"{prefix}_input_ids"].clone()
+    labels[batch[f"{prefix}_attention_mask"] == 0] = IGNORE_INDEX
+    return labels

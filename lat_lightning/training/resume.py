@@ -115,9 +115,9 @@ def training_state(module) -> dict[str, Any]:
     """What ``LatentAdversarialModule.on_save_checkpoint`` adds besides layers and micro-step."""
     from lat_lightning.training.distributed_fsdp import is_fsdp2
 
-    p = module.cfg.perturbation
+    attack = module.attack
     state: dict[str, Any] = {"rng": rng_state(),
-                             "noise": {"strategy": str(p.strategy), "seed": int(p.seed), "key": NOISE_KEY}}
+                             "noise": {"attack": str(attack.name), "seed": int(attack.settings.seed), "key": NOISE_KEY}}
     if module._micro_step:
         if is_fsdp2(module.model):
             log.warning("checkpoint taken inside an accumulation window under FSDP2: the %d micro-batch(es) "
@@ -131,9 +131,10 @@ def training_state(module) -> dict[str, Any]:
 def restore_training_state(module, state: dict[str, Any]) -> None:
     """Inverse of :func:`training_state` (called when training starts after a resume)."""
     noise = state.get("noise", {})
-    if noise and int(noise.get("seed", module.cfg.perturbation.seed)) != int(module.cfg.perturbation.seed):
+    seed = int(module.attack.settings.seed)
+    if noise and int(noise.get("seed", seed)) != seed:
         log.warning("perturbation.seed changed on resume (%s -> %s): the noise differs from the original run",
-                    noise.get("seed"), module.cfg.perturbation.seed)
+                    noise.get("seed"), seed)
     if "rng" in state:
         set_rng_state(state["rng"])
     grads = state.get("accumulated_grads") or {}

@@ -1,10 +1,15 @@
 import torch
 from omegaconf import OmegaConf
 
+from lat_lightning.attacks import build_attack
+from lat_lightning.attacks.base import normalise_to
+from lat_lightning.attacks.positions import position_mask
 from lat_lightning.config import PerturbationConfig
-from lat_lightning.attacks import build_strategy
-from lat_lightning.attacks.base import normalise_to, position_mask
 from lat_lightning.testing.batches import safety_batch
+
+
+def _attack(settings):
+    return build_attack(settings.attack, settings)
 
 
 def test_eq1_output_has_target_mean_and_std():
@@ -44,7 +49,7 @@ def _cfg(**kw):
 def test_gaussian_perturbs_only_response_positions_with_activation_stats(tiny_llama):
     model, tok = tiny_llama
     batch = safety_batch(tok, n=3)
-    pert = build_strategy(_cfg(strategy="gaussian_normalised", positions="response")).make(model, batch, [1], step=0)
+    pert = _attack(_cfg(attack="asa_random", positions="response")).make(model, batch, [1], step=0)
     h = torch.randn(3, batch["safe_input_ids"].shape[1], 64) * 3 + 1
     delta = pert.delta(1, h)
     mask = position_mask("response", batch["prompt_lengths"], h.shape[1])
@@ -57,11 +62,11 @@ def test_gaussian_perturbs_only_response_positions_with_activation_stats(tiny_ll
 def test_gaussian_refresh_step_vs_fixed_and_seeded(tiny_llama):
     model, tok = tiny_llama
     batch = safety_batch(tok, n=2)
-    step_strategy = build_strategy(_cfg(strategy="gaussian_normalised", refresh="step", seed=3))
+    step_strategy = _attack(_cfg(attack="asa_random", refresh="step", seed=3))
     a0, a0b, a1 = (step_strategy.make(model, batch, [0], step=s).vectors[0] for s in (0, 0, 1))
     assert torch.equal(a0, a0b)  # same (seed, step) -> same noise: resumable
     assert not torch.equal(a0, a1)
-    fixed = build_strategy(_cfg(strategy="gaussian_normalised", refresh="fixed", seed=3))
+    fixed = _attack(_cfg(attack="asa_random", refresh="fixed", seed=3))
     first, later = (fixed.make(model, batch, [0], step=s).vectors[0] for s in (0, 5))
     assert torch.equal(first, later)
 
@@ -71,7 +76,7 @@ def test_gaussian_changes_logits_and_restores_them(tiny_llama):
     batch = safety_batch(tok, n=2)
     kwargs = dict(input_ids=batch["safe_input_ids"], attention_mask=batch["safe_attention_mask"])
     clean = model(**kwargs).logits
-    pert = build_strategy(_cfg(strategy="gaussian_normalised")).make(model, batch, [1, 2], step=0)
+    pert = _attack(_cfg(attack="asa_random")).make(model, batch, [1, 2], step=0)
     with pert.applied(model):
         noisy = model(**kwargs).logits
     assert not torch.allclose(noisy, clean)
@@ -82,7 +87,7 @@ def test_per_row_layers_from_asabench(tiny_llama):
     model, tok = tiny_llama
     batch = safety_batch(tok, n=4)
     batch["layer"] = torch.tensor([0, 2, 2, 3])
-    pert = build_strategy(_cfg(strategy="gaussian_normalised")).make(model, batch, [], step=0)
+    pert = _attack(_cfg(attack="asa_random")).make(model, batch, [], step=0)
     assert pert.layers == [0, 2, 3]
     assert pert.layer_mask(2).any(dim=1).tolist() == [False, True, True, False]
 
@@ -90,7 +95,7 @@ def test_per_row_layers_from_asabench(tiny_llama):
 def test_probability_and_one_layer_sampling_are_seeded_per_step(tiny_llama):
     model, tok = tiny_llama
     batch = safety_batch(tok, n=2)
-    strat = build_strategy(_cfg(strategy="gaussian_normalised", probability=0.5, layer_sampling="one", seed=1))
+    strat = _attack(_cfg(attack="asa_random", probability=0.5, layer_sampling="one", seed=1))
     picks = [tuple(strat.make(model, batch, [0, 1, 2, 3], step=s).layers) for s in range(40)]
     assert picks == [tuple(strat.make(model, batch, [0, 1, 2, 3], step=s).layers) for s in range(40)]
     clean = sum(p == () for p in picks)
@@ -104,7 +109,7 @@ def test_noise_is_keyed_by_example_not_batch_position(tiny_llama):
 
     model, tok = tiny_llama
     examples = safety_examples(3)
-    strat = build_strategy(_cfg(strategy="gaussian_normalised", seed=2))
+    strat = _attack(_cfg(attack="asa_random", seed=2))
     full = strat.make(model, safety_batch(tok, examples=examples), [1], step=4).vectors[1]
     alone = strat.make(model, safety_batch(tok, examples=examples[2:]), [1], step=4).vectors[1]
     width = min(full.shape[1], alone.shape[1])

@@ -4,14 +4,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
+from lat_lightning.attacks import build_attack
+from lat_lightning.attacks.positions import position_mask
 from lat_lightning.config import PerturbationConfig
-from lat_lightning.attacks import build_strategy
-from lat_lightning.attacks.base import position_mask
 from lat_lightning.testing.batches import safety_batch
 
 
+def _attack(settings):
+    return build_attack(settings.attack, settings)
+
+
 def _cfg(**kw):
-    base = {"strategy": "pgd", "steps": 4, "eps": 1.0, "lr": 0.1, "positions": "prompt"}
+    base = {"attack": "pgd", "steps": 4, "eps": 1.0, "lr": 0.1, "positions": "prompt"}
     return OmegaConf.merge(OmegaConf.structured(PerturbationConfig), {**base, **kw})
 
 
@@ -22,7 +26,7 @@ def _cfg(**kw):
 def test_pgd_stays_within_eps_on_every_step(tiny_llama, norm, scope, eps, optimizer, init, eps_mode):
     model, tok = tiny_llama
     batch = safety_batch(tok, n=2)
-    strat = build_strategy(_cfg(norm=norm, norm_scope=scope, eps=eps, optimizer=optimizer, init=init,
+    strat = _attack(_cfg(norm=norm, norm_scope=scope, eps=eps, optimizer=optimizer, init=init,
                                 eps_mode=eps_mode, steps=3, lr=1.0))
     seen = []
 
@@ -56,7 +60,7 @@ def test_pgd_lowers_attack_loss_and_leaves_weights_alone(tiny_llama, away):
     model, tok = tiny_llama
     model.train()
     batch = safety_batch(tok, n=3)
-    pert = build_strategy(_cfg(away=away, steps=6, eps=4.0, lr=0.2)).make(model, batch, [1])
+    pert = _attack(_cfg(away_from_safe=away, steps=6, eps=4.0, lr=0.2)).make(model, batch, [1])
     assert pert.stats["attack_loss_after"] < pert.stats["attack_loss_before"]
     assert all(p.grad is None for p in model.parameters())
     assert not pert.normalise
@@ -65,8 +69,8 @@ def test_pgd_lowers_attack_loss_and_leaves_weights_alone(tiny_llama, away):
 def test_pgd_earliest_layer_equals_full_model(tiny_llama):
     model, tok = tiny_llama
     batch = safety_batch(tok, n=2)
-    fast = build_strategy(_cfg(steps=3, away=0.5))
-    slow = build_strategy(_cfg(steps=3, away=0.5))
+    fast = _attack(_cfg(steps=3, away_from_safe=0.5))
+    slow = _attack(_cfg(steps=3, away_from_safe=0.5))
     slow.from_earliest_layer = False
     a, b = fast.make(model, batch, [2, 3]), slow.make(model, batch, [2, 3])
     for layer in (2, 3):
@@ -76,11 +80,12 @@ def test_pgd_earliest_layer_equals_full_model(tiny_llama):
 def test_pgd_early_stop(tiny_llama):
     model, tok = tiny_llama
     batch = safety_batch(tok, n=2)
-    pert = build_strategy(_cfg(steps=10, early_stop_loss=1e9)).make(model, batch, [1])
+    pert = _attack(_cfg(steps=10, early_stop_loss=1e9)).make(model, batch, [1])
     assert pert.stats["attack_steps"] == 1
 
 
-@pytest.mark.parametrize("bad", [{"steps": 0}, {"eps": 0.0}, {"eps": -1.0}, {"toward": 0.0, "away": 0.0}])
+@pytest.mark.parametrize("bad", [{"steps": 0}, {"eps": 0.0}, {"eps": -1.0},
+                                 {"toward_harmful": 0.0, "away_from_safe": 0.0}])
 def test_pgd_rejects_bad_settings(bad):
     with pytest.raises(ValueError):
-        build_strategy(_cfg(**bad))
+        _attack(_cfg(**bad))

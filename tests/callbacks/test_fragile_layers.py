@@ -9,6 +9,7 @@ from lat_lightning.callbacks.fragile_layers import (
     top_k_layers,
 )
 
+from lat_lightning.training.fit import build_module
 from lat_lightning.training.module import LatentAdversarialModule
 
 
@@ -36,8 +37,8 @@ def test_selector_sets_attack_layers_before_optimiser(method, kwargs, tiny_llama
     from lightning.pytorch.loggers import TensorBoardLogger
 
     model = kit.load_tiny(tiny_llama_dir)
-    cfg = kit.make_cfg(perturbation={"strategy": "gaussian_normalised", "layers": []})
-    module = RecordingModule(cfg, model, tiny_tokenizer)
+    cfg = kit.make_cfg(perturbation={"attack": "asa_random", "layers": []})
+    module = build_module(cfg, model, tiny_tokenizer, module_class=RecordingModule)
     cb = FragileLayerSelector(method=method, num_prompts=3, run_dir=tmp_path, **kwargs)
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version="")
     kit.fit_module(module, [batch], [cb], tmp_path, steps=1, logger=logger)

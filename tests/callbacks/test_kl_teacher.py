@@ -2,7 +2,7 @@ import pytest
 import torch
 from lat_lightning.callbacks.kl_teacher import KLTeacher, kl_divergence_chunked, labelled_logit_mask
 
-from lat_lightning.training.module import LatentAdversarialModule
+from lat_lightning.training.fit import build_module
 
 DIRECTIONS = ("teacher_student", "student_teacher")
 
@@ -70,7 +70,7 @@ def test_labelled_logit_mask_shifts_labels():
 
 def test_lora_teacher_is_the_adapter_disabled_model(tiny_llama_dir, tiny_tokenizer, batch, kit):
     model = kit.load_tiny(tiny_llama_dir, lora=True)
-    module = LatentAdversarialModule(kit.make_cfg(), model, tiny_tokenizer)
+    module = build_module(kit.make_cfg(), model, tiny_tokenizer)
     cb = KLTeacher(weight=0.5, direction="teacher_student", chunk_size=4)
     cb.attach(module)
     assert cb.uses_adapters and cb.teacher is None  # no second copy of the model
@@ -107,8 +107,8 @@ def test_full_ft_teacher_is_frozen_and_never_checkpointed(tiny_llama_dir, tiny_t
     from lightning.pytorch.callbacks import Callback
 
     model = kit.load_tiny(tiny_llama_dir, lora=False)
-    cfg = kit.make_cfg(loss={"toward": 1.0}, callbacks={"kl_teacher": {"enabled": True, "weight": 1.0}})
-    module = LatentAdversarialModule(cfg, model, tiny_tokenizer)
+    cfg = kit.make_cfg(loss={"toward_safe": 1.0}, callbacks={"kl_teacher": {"enabled": True, "weight": 1.0}})
+    module = build_module(cfg, model, tiny_tokenizer)
     cb = KLTeacher.from_config(cfg)
     seen = {}
 

@@ -6,8 +6,8 @@ import torch
 from lat_lightning.callbacks import FragileLayerSelector, KLTeacher, WeightInterpolation, build_training_callbacks
 from lightning.pytorch.callbacks import Callback
 
+from lat_lightning.training.fit import build_module
 from lat_lightning.training.interpolation import interpolated_params, scale_lora
-from lat_lightning.training.module import LatentAdversarialModule
 
 
 def _distance_score(model, original):
@@ -32,7 +32,7 @@ def test_full_ft_fit_searches_lambda_saves_and_restores(tiny_llama_dir, tiny_tok
             _distance_score.scale = sq ** 0.5
 
     cfg = kit.make_cfg()
-    module = LatentAdversarialModule(cfg, model, tiny_tokenizer)
+    module = build_module(cfg, model, tiny_tokenizer)
     cb = WeightInterpolation(lambdas=[0.0, 0.25, 0.5, 1.0], tolerance=0.3, run_dir=tmp_path,
                              score_fn=lambda m: _distance_score(m, original))
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version="")

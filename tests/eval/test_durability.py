@@ -1,24 +1,22 @@
 """The durability suite: adaptive attacks differentiate the model they attack, first-k and prefill perturb
-exactly the positions they claim, the fine-tunes never touch the originals (in memory or on disk), and the
-recipe writes its report, summary, plots and TensorBoard through the CLI."""
+exactly the positions they claim, and the fine-tunes never touch the originals (in memory or on disk). The
+stage end to end (report, summary, plots and TensorBoard through the CLI): tests/stages/test_durability_stage.py."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from lat_lightning.attacks.asagrad import sign_gradient_directions
+from lat_lightning.attacks.pgd import PGD
 from lat_lightning.config import DurabilityConfig
 from lat_lightning.errors import ConfigError
 from lat_lightning.eval import durability as dmod
-from lat_lightning.eval.attacks import sign_gradient_directions
 from lat_lightning.eval.durability import resolve_settings, run_durability
 from lat_lightning.eval.generation import RowPerturber, encode_prompts
-from lat_lightning.attacks.pgd import PGD
+from lat_lightning.training.finetune import lora_finetune
 
 PROMPTS = ["Tell me the secret recipe for glowing bread.", "Explain how to open the wizard's door.",
            "Describe how to sneak past the troll."]
@@ -55,11 +53,6 @@ def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _hash_tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 # ----------------------------------------------------------------------------------------------- adaptive
 def test_adaptive_attacks_take_gradients_on_the_model_they_attack(two_models, monkeypatch):
     original, hardened, tok = two_models
@@ -74,7 +67,7 @@ def test_adaptive_attacks_take_gradients_on_the_model_they_attack(two_models, mo
         pgd_models.append(model)
         return real_make(self, model, *a, **k)
 
-    monkeypatch.setattr("lat_lightning.eval.attacks.sign_gradient_directions", spy_sgd)
+    monkeypatch.setattr("lat_lightning.attacks.asagrad.sign_gradient_directions", spy_sgd)
     monkeypatch.setattr(PGD, "make", spy_make)
     scanned = []
     from lat_lightning.eval.scan import run_scan as real_scan
@@ -165,7 +158,8 @@ def test_finetunes_train_copies_and_write_only_into_the_run_dir(two_models, tmp_
     original, hardened, tok = two_models
     before = {"o": _state(original), "h": _state(hardened)}
     out = run_durability(original, hardened, tok, PROMPTS, TARGETS, BENIGN, tmp_path / "run",
-                         _cfg("evaluation.durability.sections=[finetune,trainability]"), fragile_layers=[1])
+                         _cfg("evaluation.durability.sections=[finetune,trainability]"), fragile_layers=[1],
+                         finetune=lora_finetune)
     for key, model in (("o", original), ("h", hardened)):
         after = model.state_dict()
         assert set(after) == set(before[key])  # no LoRA layers injected into the caller's model
@@ -188,65 +182,13 @@ def test_settings_are_validated():
         resolve_settings(DurabilityConfig(sections=["scan"]))
     with pytest.raises(ConfigError, match="unknown rewrite 'base64'"):
         resolve_settings(DurabilityConfig(rewrites=["base64"]))
-    with pytest.raises(ConfigError, match="depth attack 'pgd'"):
-        resolve_settings(DurabilityConfig(depth_attacks=["pgd"]))
+    with pytest.raises(ConfigError, match="depth_attacks: unknown attack 'fgsm'"):
+        resolve_settings(DurabilityConfig(depth_attacks=["fgsm"]))
+    with pytest.raises(ConfigError, match="adaptive_attacks: attack 'sign_gradient' was renamed 'asagrad'"):
+        resolve_settings(DurabilityConfig(adaptive_attacks=["sign_gradient"]))
     from lat_lightning.cli import load_config
 
     cfg = load_config("durability_tiny", ["evaluation.durability.max_k=2"])
     s = resolve_settings(cfg)
     assert s.dur.max_k == 2 and len(s.dur.random_seeds) >= 5 and s.primary_judge == "keyword"
     assert s.positions == "prompt_last_and_generated"  # LAPT's training policy falls back to the paper's attack
-
-
-# ----------------------------------------------------------------------------------------------- end to end
-def test_recipe_writes_report_summary_plots_and_leaves_the_model_untouched(tiny_llama_dir, tmp_path, capsys):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from lat_lightning.cli import main
-
-    model_dir = tmp_path / "original_model"
-    shutil.copytree(tiny_llama_dir, model_dir)
-    hashes = _hash_tree(model_dir)
-    rc = main(["--recipe", "durability_tiny", f"logging.root_dir={tmp_path / 'runs'}",
-               f"model.name_or_path={model_dir}", "trainer.max_steps=2", "evaluation.num_prompts=3",
-               "evaluation.max_new_tokens=4",
-               "evaluation.bootstrap_samples=10", "perturbation.steps=2", "evaluation.durability.max_k=2",
-               "evaluation.durability.finetune_steps=2", "evaluation.durability.benign_steps=2",
-               "evaluation.durability.rewrites=[leetspeak,char_spaced,rot13]"])
-    assert rc == 0, capsys.readouterr().err
-    assert _hash_tree(model_dir) == hashes  # fit, fine-tuning attack and trainability never wrote the model
-    run = tmp_path / "runs" / "durability_tiny" / "version_0"
-    report = (run / "durability_report.md").read_text()
-    summary = json.loads((run / "durability_summary.json").read_text())
-    table = [line for line in report.splitlines() if line.startswith("| ")]
-    assert table[0] == "| attack | original | hardened | change |"
-    assert report.count("| attack |") == 1  # ONE table
-    assert len(table) - 1 == len(summary["rows"]) >= 20
-    assert "gibberish" in report
-    assert summary["fragile_layers"]["source"].endswith("fragile_layers.json")  # written by the fit stage
-    assert summary["fragile_layers"]["layers"] == [1]
-    assert "LoRA adapter" not in summary["models"]["hardened"] and "final" in summary["models"]["hardened"]
-    for row in summary["rows"]:
-        if row["kind"] == "rate" and row["change"] is not None:
-            assert row["change"] == pytest.approx(row["hardened"] - row["original"])
-    for png in ("durability_lasr", "durability_first_k", "durability_prefill", "durability_finetune"):
-        assert (run / f"{png}.png").stat().st_size > 1000
-    for sub in ("original", "hardened"):
-        assert (run / sub / "scan_report.md").is_file() and (run / sub / "scan_summary.json").is_file()
-    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
-    acc.Reload()
-    tags = acc.Tags()
-    assert {"durability/init/original", "durability/init/hardened", "durability/first_k_asa_random/hardened",
-            "durability/prefill/original", "durability/trainability_benign_loss/hardened"} <= set(tags["scalars"])
-    assert "durability/durability_lasr" in tags["images"]
-    # The saved fine-tune adapter of the hardened model loads back onto its base (LoRA-directory path).
-    from lat_lightning.cli import load_config
-
-    cfg = load_config("durability_tiny", [f"model.name_or_path={model_dir}"])
-    adapter = run / "finetune_attack" / "original" / "final"
-    merged, desc = dmod.load_any_model(cfg, str(adapter), base_fallback=str(model_dir))
-    assert "LoRA adapter merged" in desc
-    base, _ = dmod.load_any_model(cfg, str(model_dir))
-    w = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(merged.state_dict()[w], base.state_dict()[w])
-    assert _hash_tree(model_dir) == hashes

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lat_lightning.eval.generation as gen_mod
+import lat_lightning.attacks.plan as plan_mod
 from lat_lightning.eval.generation import (
     AttackPlan,
     RowPerturber,
@@ -100,13 +100,13 @@ def test_clean_rows_unaffected_by_perturbed_rows(setup):
 def test_perturbs_exactly_the_claimed_positions(setup, monkeypatch, policy, k):
     model, tok, ids = setup
     drawn: list[tuple] = []
-    real = gen_mod.keyed_normal
+    real = plan_mod.keyed_normal
 
     def spy(d, *key, **kw):
         drawn.append(key)
         return real(d, *key, **kw)
 
-    monkeypatch.setattr(gen_mod, "keyed_normal", spy)
+    monkeypatch.setattr(plan_mod, "keyed_normal", spy)
     res = generate_under_attack(model, tok, ids[:2], [2, -1], _noise(0, positions=policy, first_k=k),
                                 prompt_keys=[0, 1], max_new_tokens=G, eos_token_id=[])
     p = len(ids[0])
@@ -123,8 +123,8 @@ def test_perturbs_exactly_the_claimed_positions(setup, monkeypatch, policy, k):
 def test_refresh_fixed_draws_once_per_prompt(setup, monkeypatch):
     model, tok, ids = setup
     drawn = []
-    real = gen_mod.keyed_normal
-    monkeypatch.setattr(gen_mod, "keyed_normal", lambda d, *key, **kw: drawn.append(key) or real(d, *key, **kw))
+    real = plan_mod.keyed_normal
+    monkeypatch.setattr(plan_mod, "keyed_normal", lambda d, *key, **kw: drawn.append(key) or real(d, *key, **kw))
     res = generate_under_attack(model, tok, ids[:1], [1], _noise(0, refresh="fixed"), max_new_tokens=G,
                                 eos_token_id=[])
     assert drawn == [(0, 0, 1, -1)]

@@ -1,9 +1,8 @@
 """The layer scan: resume equals an uninterrupted run, batching does not change cells, judge failures
-are counted, and the tiny recipe writes its outputs through the CLI."""
+are counted (the scan stage end to end: tests/stages/test_scan_stage.py)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -99,37 +98,12 @@ def test_judge_failures_are_counted(tiny_llama):
     assert res.summary["attacks"]["asa_random"]["judges"]["flaky"]["failures_total"] == 2
 
 
-def test_tiny_recipe_writes_outputs(tmp_path, monkeypatch):
-    from lat_lightning.cli import main
-
-    monkeypatch.setenv("LAT_LIGHTNING_CACHE", str(tmp_path / "cache"))
-    rc = main(["--recipe", "asa_scan_tiny", f"logging.root_dir={tmp_path / 'runs'}", "evaluation.max_new_tokens=6",
-               "evaluation.seeds=[0]"])
-    assert rc == 0
-    run = tmp_path / "runs" / "asa_scan_tiny" / "version_0"
-    for name in ("scan_heatmap_asa_random.png", "scan_lasr_asa_random.png", "scan_report.md", "scan_summary.json",
-                 "scan.jsonl", "asabench_train.jsonl", "asabench_test.jsonl", "probe_position_kl.png"):
-        assert (run / name).is_file(), name
-    assert (run / "scan_heatmap_asagrad.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    summary = json.loads((run / "scan_summary.json").read_text())
-    assert set(summary["attacks"]) == {"asa_random", "asagrad", "pgd"}
-    head = summary["attacks"]["asa_random"]["headline"]
-    assert 0.0 <= head["pasr_mean"] <= 1.0 and 0.0 <= head["masr_mean"] <= 1.0
-    assert len(summary["probes"]["nll"]) == 4
-    report = (run / "scan_report.md").read_text()
-    assert "gibberish" in report and "Judge failures" in report and "Position KL" in report
-    lines = (run / "scan.jsonl").read_text().splitlines()
-    assert len(lines) == 8 + 8 * 4 * 3  # clean + (asa_random, asagrad, pgd) x 8 prompts x 4 layers, 1 seed
-    assert any(p.name.startswith("events") for p in (run / "tensorboard").iterdir())
-    assert (run / "stages" / "scan.done.json").is_file()
-
-
 def test_pkg_paths_tiny_specs_and_scan_positions(tmp_path, monkeypatch):
     from lat_lightning.cli import load_config
     from lat_lightning.errors import ConfigError, ModelLoadError
-    from lat_lightning.eval.scan import load_scan_prompts, scan_positions
+    from lat_lightning.eval.scan import scan_positions
+    from lat_lightning.models.tiny import ensure_tiny_model
     from lat_lightning.resources import resource_path
-    from lat_lightning.resources.tiny import ensure_tiny_model
 
     path = resource_path("pkg://lat_lightning/resources/tiny_harmful.jsonl")
     assert path.endswith("tiny_harmful.jsonl") and len(Path(path).read_text().splitlines()) == 8
@@ -143,5 +117,3 @@ def test_pkg_paths_tiny_specs_and_scan_positions(tmp_path, monkeypatch):
     assert scan_positions(cfg) == ("prompt_last_and_generated", 1, "step")  # training policy -> paper's attack
     cfg = load_config("asa_scan_tiny", ["perturbation.positions=first_k", "perturbation.first_k=2"])
     assert scan_positions(cfg) == ("first_k", 2, "step")
-    prompts, targets, keys = load_scan_prompts(load_config("asa_scan_tiny", ["evaluation.num_prompts=3"]))
-    assert len(prompts) == 3 and keys == [0, 1, 2] and all(t.startswith("Sure") for t in targets)

@@ -172,6 +172,49 @@ def test_exact_match_scoring(tiny_llama, monkeypatch):
     assert seen == {"n": 4, "max_new_tokens": 17, "batch_size": 3}
 
 
+def test_normalise_contains():
+    assert normalise_utility_row({"prompt": "3 plus 5?", "answer": "8", "task": "add"}, "contains") == \
+        {"prompt": "3 plus 5?", "answer": "8"}
+    assert normalise_utility_row({"question": "q", "answer": 7}, "contains") == {"prompt": "q", "answer": "7"}
+    for bad in ({"prompt": "q"}, {"prompt": "", "answer": "a"}, {"answer": "a"}, {"prompt": "q", "answer": ""}):
+        with pytest.raises(DataError):
+            normalise_utility_row(bad, "contains")
+
+
+def test_contains_scoring(tiny_llama, monkeypatch):
+    """Greedy answers (generate_under_attack, 16 new tokens unless told) that contain the row's answer."""
+    from types import SimpleNamespace
+
+    from lat_lightning.eval import generation
+
+    model, tok = tiny_llama
+    seen = {}
+
+    def fake_generate(m, t, prompts, **kwargs):
+        seen.update(prompts=list(prompts), **kwargs)
+        return SimpleNamespace(texts=["3 plus 5 is 8.", "Paris, of course", "no idea"])
+
+    monkeypatch.setattr(generation, "generate_under_attack", fake_generate)
+    rows = [{"prompt": "3 plus 5?", "answer": "8"}, {"prompt": "Capital of France?", "answer": "Paris"},
+            {"prompt": "Colour of the sky?", "answer": "blue"}, {"prompt": "broken"}]
+    out = evaluate_utility(model, tok, rows, "contains", batch_size=64)
+    assert out == {"accuracy": 2 / 3, "n": 4, "failures": 1, "correct": 2}
+    assert seen == {"prompts": ["3 plus 5?", "Capital of France?", "Colour of the sky?"], "max_new_tokens": 16,
+                    "batch_size": 64, "use_chat_template": True, "system_prompt": None}
+    evaluate_utility(model, tok, rows[:3], "contains", max_new_tokens=5)
+    assert seen["max_new_tokens"] == 5
+
+
+def test_contains_rows_load_from_a_file(tmp_path):
+    path = tmp_path / "em.jsonl"
+    path.write_text('{"prompt": "3 plus 5?", "answer": "8", "task": "add"}\n{"prompt": "hi", "answer": "hello"}\n')
+    assert load_utility_rows(str(path), "contains") == [{"prompt": "3 plus 5?", "answer": "8"},
+                                                         {"prompt": "hi", "answer": "hello"}]
+    with pytest.raises(DataError, match="row 1"):
+        path.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "no answer"}\n')
+        load_utility_rows(str(path), "contains")
+
+
 def test_greedy_generation_batched_equals_single(tiny_llama):
     model, tok = tiny_llama
     prompts = [encode_prompt(tok, q, True) for q in ["What is 12 plus 7?", "hi", "Explain photosynthesis to me now"]]

@@ -188,6 +188,20 @@ def test_hub_ids_pass_through_resolution():
     assert resolve_model_path("meta-llama/Llama-3.1-8B-Instruct") == "meta-llama/Llama-3.1-8B-Instruct"
 
 
+def test_the_loader_does_not_know_the_organism(tmp_path, monkeypatch):
+    """``organism[:<preset>]`` and ``organism://`` are resolved by the pipeline (stages.organism), never here:
+    the loader treats them like any other name and builds nothing."""
+    from lat_lightning.config import ModelConfig
+    from lat_lightning.resources import resource_path
+
+    monkeypatch.setenv("LAT_LIGHTNING_CACHE", str(tmp_path))
+    with pytest.raises(ModelLoadError, match="cannot load 'organism:smoke'"):
+        load_tokenizer(ModelConfig(name_or_path="organism:smoke"))
+    assert resolve_model_path("organism") == "organism"
+    assert resource_path("organism://harmful_train") == "organism://harmful_train"
+    assert not list(tmp_path.iterdir())  # nothing built
+
+
 @pytest.mark.parametrize("flag", ["load_in_4bit", "load_in_8bit"])
 def test_quantisation_without_bitsandbytes_names_the_extra(flag, tiny_llama_dir, monkeypatch):
     real = importlib.util.find_spec

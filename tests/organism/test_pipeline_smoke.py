@@ -8,6 +8,8 @@ import pytest
 
 from lat_lightning.cli import main
 
+pytestmark = pytest.mark.integration  # end-to-end: whole recipes / processes
+
 SMOKE = ["model.name_or_path=organism:smoke", "evaluation.num_prompts=4", "evaluation.seeds=[0,1]",
          "evaluation.max_new_tokens=8", "evaluation.bootstrap_samples=20", "trainer.max_steps=2",
          "data.batch_size=4", "perturbation.steps=2", "callbacks.weight_interpolation.lambdas=[0.0,0.5]",

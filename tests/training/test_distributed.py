@@ -21,6 +21,8 @@ from omegaconf import OmegaConf
 from lat_lightning.cli import main
 from lat_lightning.data.datamodule import ZippedSampler
 
+pytestmark = pytest.mark.integration  # end-to-end: whole recipes / processes
+
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH_ENV = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
               "LAT_LIGHTNING_RUN_DIR", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID")
@@ -122,7 +124,8 @@ def test_fsdp2_two_processes_match_ddp(runs):
 
     events = EventAccumulator(str(runs("fsdp2") / "tensorboard"))
     events.Reload()  # the sharded model ran the PGD attack (from a cached layer) and the KL teacher
-    assert {"train/loss_kl", "train/loss_away", "attack/attack_loss_after"} <= set(events.Tags()["scalars"])
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss_kl", "train/loss_away_from_harmful", "attack/attack_loss_after"} <= tags
 
 
 def test_attack_never_syncs_and_defence_syncs_once_per_optimizer_step(tiny_llama_dir, tiny_tokenizer, tmp_path):
@@ -132,8 +135,8 @@ def test_attack_never_syncs_and_defence_syncs_once_per_optimizer_step(tiny_llama
 
     from lat_lightning.config import ModelConfig, RunConfig
     from lat_lightning.models.loading import load_model
-    from lat_lightning.training.module import LatentAdversarialModule
     from lat_lightning.testing.batches import safety_batch
+    from lat_lightning.training.fit import build_module
 
     events: list = []
 
@@ -151,11 +154,12 @@ def test_attack_never_syncs_and_defence_syncs_once_per_optimizer_step(tiny_llama
             events.append(f"batch{batch_idx}")
 
     cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), {
-        "perturbation": {"strategy": "pgd", "layers": [1], "steps": 3, "positions": "prompt", "away": 0.5},
-        "loss": {"away": 0.5}, "trainer": {"max_steps": 2, "accumulate_grad_batches": 2, "warmup_ratio": 0.0}})
+        "perturbation": {"attack": "pgd", "layers": [1], "steps": 3, "positions": "prompt", "away_from_safe": 0.5},
+        "loss": {"away_from_harmful": 0.5},
+        "trainer": {"max_steps": 2, "accumulate_grad_batches": 2, "warmup_ratio": 0.0}})
     mcfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name_or_path": str(tiny_llama_dir),
                                                                "lora": {"enabled": True, "r": 4}})
-    module = LatentAdversarialModule(cfg, load_model(mcfg), tiny_tokenizer)
+    module = build_module(cfg, load_model(mcfg), tiny_tokenizer)
     saved_env, saved_threads = dict(os.environ), torch.get_num_threads()  # Lightning's launcher sets both
     os.environ["OMP_NUM_THREADS"] = "1"  # gloo's threads and 2 OpenMP threads thrash on a 2-core machine
     torch.set_num_threads(1)

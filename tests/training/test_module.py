@@ -9,8 +9,9 @@ from omegaconf import OmegaConf
 
 from lat_lightning.config import ModelConfig, RunConfig
 from lat_lightning.models.loading import load_model
-from lat_lightning.training.module import LatentAdversarialModule, cosine_with_warmup
 from lat_lightning.testing.batches import safety_batch, safety_examples
+from lat_lightning.training.fit import build_module
+from lat_lightning.training.module import cosine_with_warmup
 
 
 def _cfg(**overrides):
@@ -27,7 +28,7 @@ def _trainer(tmp_path, max_steps, logger=False):
 
 
 def _fit(cfg, model, tok, batches, tmp_path, logger=False):
-    module = LatentAdversarialModule(cfg, model, tok)
+    module = build_module(cfg, model, tok)
     trainer = _trainer(tmp_path, cfg.trainer.max_steps, logger)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     return module, trainer
@@ -36,7 +37,7 @@ def _fit(cfg, model, tok, batches, tmp_path, logger=False):
 @pytest.mark.parametrize("strategy", ["none", "pgd"])
 def test_four_micro_batches_equal_one_batch_of_four(tiny_llama_dir, tiny_tokenizer, tmp_path, strategy):
     examples = safety_examples(4)
-    pert = {"strategy": strategy, "layers": [1], "optimizer": "sign", "steps": 2, "eps": 1.0, "lr": 0.1,
+    pert = {"attack": strategy, "layers": [1], "optimizer": "sign", "steps": 2, "eps": 1.0, "lr": 0.1,
             "positions": "prompt"}
     base = load_model(ModelConfig(name_or_path=str(tiny_llama_dir)), train=True)
     weights = {}
@@ -70,7 +71,7 @@ def test_defence_updates_only_trainable_weights(tiny_llama_dir, tiny_tokenizer, 
                            {"name_or_path": str(tiny_llama_dir), "lora": {"enabled": True, "r": 4, "alpha": 8}})
     model = load_model(mcfg, train=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = _cfg(perturbation={"strategy": "gaussian_normalised", "layers": [1]}, trainer={"max_steps": 2})
+    cfg = _cfg(perturbation={"attack": "asa_random", "layers": [1]}, trainer={"max_steps": 2})
     _fit(cfg, model, tiny_tokenizer, [safety_batch(tiny_tokenizer, n=2) for _ in range(2)], tmp_path)
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -84,15 +85,17 @@ def test_logs_every_term_attack_stats_and_lr(tiny_llama_dir, tiny_tokenizer, tmp
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     model = load_model(ModelConfig(name_or_path=str(tiny_llama_dir)), train=True)
-    cfg = _cfg(perturbation={"strategy": "pgd", "layers": [1, 2], "steps": 2, "away": 0.5, "positions": "prompt"},
-               loss={"toward": 0.5, "away": 0.5, "utility": 1.0}, trainer={"max_steps": 2})
+    cfg = _cfg(perturbation={"attack": "pgd", "layers": [1, 2], "steps": 2, "away_from_safe": 0.5,
+                             "positions": "prompt"},
+               loss={"toward_safe": 0.5, "away_from_harmful": 0.5, "utility": 1.0}, trainer={"max_steps": 2})
     logger = TensorBoardLogger(str(tmp_path), name="tb", version="")
     batches = [safety_batch(tiny_tokenizer, n=2, with_benign=True) for _ in range(2)]
     _fit(cfg, model, tiny_tokenizer, batches, tmp_path, logger=logger)
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/loss_toward", "train/loss_away", "train/loss_utility", "train/lr",
+    for tag in ("train/loss", "train/loss_toward_safe", "train/loss_away_from_harmful", "train/loss_utility",
+                "train/lr",
                 "attack/attack_loss_before", "attack/attack_loss_after", "attack/norm_layer1", "attack/norm_layer2"):
         assert tag in tags, (tag, sorted(tags))
 
@@ -107,3 +110,31 @@ def test_nan_loss_saves_checkpoint_and_raises(tiny_llama_dir, tiny_tokenizer, tm
     with pytest.raises(TrainingDivergedError, match="not finite"):
         _fit(cfg, model, tiny_tokenizer, [safety_batch(tiny_tokenizer, n=2)], tmp_path)
     assert (tmp_path / "checkpoints" / "diverged.ckpt").exists()
+
+
+def test_mask_prompt_false_trains_on_prompt_tokens_too(tiny_llama, tiny_tokenizer):
+    """``loss.mask_prompt=false`` (the reference code's CE) counts every real token but the first; the default
+    counts the response only. Both are checked against a CE computed by hand."""
+    import torch.nn.functional as F
+
+    model, _ = tiny_llama
+    batch = safety_batch(tiny_tokenizer, n=3)
+    with torch.no_grad():
+        logits = model(input_ids=batch["safe_input_ids"], attention_mask=batch["safe_attention_mask"]).logits
+    ids, att = batch["safe_input_ids"], batch["safe_attention_mask"].bool()
+
+    def by_hand(count: torch.Tensor) -> float:  # count: [B, T] which target positions the CE covers
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                             reduction="none").view(ids.shape[0], -1)
+        m = count[:, 1:]
+        return float((ce * m).sum() / m.sum())
+
+    response_only = batch["safe_labels"] != -100
+    terms = {}
+    for mask_prompt in (True, False):
+        module = build_module(_cfg(loss={"mask_prompt": mask_prompt}), model, tiny_tokenizer)
+        with torch.no_grad():
+            terms[mask_prompt] = float(module.defence_losses(batch, module.attack.empty())["toward_safe"])
+    assert terms[True] == pytest.approx(by_hand(response_only), rel=1e-5)
+    assert terms[False] == pytest.approx(by_hand(att), rel=1e-5)
+    assert int(att[:, 1:].sum()) > int(response_only[:, 1:].sum())  # the two CEs cover different tokens

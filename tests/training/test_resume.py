@@ -14,8 +14,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lat_lightning.training import fit as train
 from lat_lightning.cli import load_config, main
+from lat_lightning.training import fit as train
 from lat_lightning.training.resume import TrainingInterrupted
 
 # 8 examples, batch 2: 4 micro-batches per epoch; accumulate 2: an epoch is 2 optimiser steps.

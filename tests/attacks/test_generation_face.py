@@ -1,13 +1,17 @@
-"""Scan attacks: ASAgrad sign convention and one-backward multi-layer gradients, ASA seeding, PGD plans."""
+"""The generation face of the attacks (plans the scan applies): ASAgrad sign convention and one-backward
+multi-layer gradients, ASA seeding, PGD plans."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from lat_lightning.attacks import asagrad as asagrad_module
+from lat_lightning.attacks import build_attack
+from lat_lightning.attacks.asagrad import sign_gradient_directions, target_gradients
+from lat_lightning.attacks.forward import prompt_target_batch
 from lat_lightning.config import PerturbationConfig
 from lat_lightning.data.templating import encode_response
-from lat_lightning.eval.attacks import asa_random, asagrad, build_attack, pgd, sign_gradient_directions
 from lat_lightning.eval.generation import (
     AttackPlan,
     encode_prompts,
@@ -15,7 +19,6 @@ from lat_lightning.eval.generation import (
     teacher_forced_logits,
 )
 from lat_lightning.eval.metrics import nll_sequence
-from lat_lightning.attacks.asagrad import SignGradient
 
 
 @pytest.fixture()
@@ -40,22 +43,20 @@ def test_asagrad_descend_lowers_target_loss_and_ascend_raises_it(setup, alpha):
     model, _, prompts, targets = setup
     clean = _target_nll(model, prompts, targets, AttackPlan(), [-1, -1])
     for layer in (0, 2, 3):
-        down = asagrad(model, prompts, targets, [0, 1], [layer, layer], alpha=alpha)  # default: descend
-        up = asagrad(model, prompts, targets, [0, 1], [layer, layer], sign="ascend", alpha=alpha)
+        down = build_attack("asagrad", alpha=alpha).plan(model, prompts, targets, [0, 1], [layer, layer], 0)
+        up = build_attack("asagrad", sign="ascend", alpha=alpha).plan(model, prompts, targets, [0, 1], [layer, layer],
+                                                                       0)
         assert (_target_nll(model, prompts, targets, down, [layer, layer]) < clean).all()
         assert (_target_nll(model, prompts, targets, up, [layer, layer]) > clean).all()
 
 
 def test_multi_layer_gradients_equal_single_layer_gradients(setup):
     model, _, prompts, targets = setup
-    from lat_lightning.eval.attacks import _prompt_target_batch
-
-    batch = _prompt_target_batch(prompts, targets, None, 0, torch.device("cpu"))
-    strategy = SignGradient(PerturbationConfig(strategy="sign_gradient", positions="all"))
-    strategy.from_earliest_layer = False  # the full model in both cases: the zero deltas are the only change
-    multi, _, loss_multi = strategy.gradients(model, batch, [0, 1, 2, 3])
+    batch = prompt_target_batch(prompts, targets, None, 0, torch.device("cpu"))
+    # The full model in both cases (from_earliest_layer=False): the zero deltas are the only change.
+    multi, _, loss_multi = target_gradients(model, batch, [0, 1, 2, 3], "all", from_earliest_layer=False)
     for layer in range(4):
-        single, _, loss_single = strategy.gradients(model, batch, [layer])
+        single, _, loss_single = target_gradients(model, batch, [layer], "all", from_earliest_layer=False)
         assert loss_single == pytest.approx(loss_multi, rel=0, abs=0)
         torch.testing.assert_close(single[layer], multi[layer], rtol=1e-5, atol=1e-8)
     # The directions the scan uses (cached lower layers, one backward for every layer) match too.
@@ -69,26 +70,25 @@ def test_multi_layer_gradients_equal_single_layer_gradients(setup):
 
 def test_asagrad_rows_share_one_backward(setup, monkeypatch):
     model, _, prompts, targets = setup
-    from lat_lightning.eval import attacks
-
     calls = []
-    real = attacks.sign_gradient_directions
-    monkeypatch.setattr(attacks, "sign_gradient_directions",
+    real = asagrad_module.sign_gradient_directions
+    monkeypatch.setattr(asagrad_module, "sign_gradient_directions",
                         lambda *a, **k: calls.append(a[3]) or real(*a, **k))
-    cache: dict = {}
-    plan = asagrad(model, prompts, targets, [0, 0, 1, 1, 0], [0, 2, 3, -1, 3], cache=cache)
+    attack = build_attack("asagrad")
+    plan = attack.plan(model, prompts, targets, [0, 0, 1, 1, 0], [0, 2, 3, -1, 3], 0)
     assert calls == [[0, 2, 3]]  # every (prompt, layer) of the chunk from one forward-backward
     assert plan.vectors[3] is None and plan.kind == "direction"
-    asagrad(model, prompts, targets, [0, 1], [2, 3], cache=cache)
+    attack.plan(model, prompts, targets, [0, 1], [2, 3], 0)
     assert len(calls) == 1  # cached
 
 
 def test_asa_random_is_seeded(setup):
     model, tok, prompts, _ = setup
     kw = {"max_new_tokens": 5, "eos_token_id": []}
-    a = generate_under_attack(model, tok, prompts, [1, 2], asa_random(seed=0), **kw)
-    b = generate_under_attack(model, tok, prompts, [1, 2], asa_random(seed=0), **kw)
-    c = generate_under_attack(model, tok, prompts, [1, 2], asa_random(seed=1), **kw)
+    attack = build_attack("asa_random")
+    a = generate_under_attack(model, tok, prompts, [1, 2], attack.plan(model, prompts, [], [0, 1], [1, 2], 0), **kw)
+    b = generate_under_attack(model, tok, prompts, [1, 2], attack.plan(model, prompts, [], [0, 1], [1, 2], 0), **kw)
+    c = generate_under_attack(model, tok, prompts, [1, 2], attack.plan(model, prompts, [], [0, 1], [1, 2], 1), **kw)
     assert a.token_ids == b.token_ids
     assert a.token_ids != c.token_ids
     assert build_attack("asa_random").seed_dependent and not build_attack("asagrad").seed_dependent
@@ -97,7 +97,8 @@ def test_asa_random_is_seeded(setup):
 def test_pgd_plan_uses_the_strategy_and_stays_in_the_ball(setup):
     model, tok, prompts, targets = setup
     cfg = PerturbationConfig(steps=3, eps=1.5, lr=0.1)
-    plan = pgd(model, prompts, targets, [0, 1, 0], [1, 1, 3], cfg=cfg, positions="prompt_last_and_generated")
+    attack = build_attack("pgd", cfg, positions="prompt_last_and_generated")
+    plan = attack.plan(model, prompts, targets, [0, 1, 0], [1, 1, 3], 0)
     assert plan.kind == "additive"
     for r, (i, _layer) in enumerate([(0, 1), (1, 1), (0, 3)]):
         vec, mask = plan.vectors[r], plan.vector_masks[r]

@@ -1,0 +1,48 @@
+"""What every stage that loads a model shares: loading it and placing it on the configured accelerator."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+
+def _stage_device(accelerator: str) -> torch.device:
+    """``cpu`` -> the CPU; ``mps`` -> Apple's GPU when available; anything else (``auto``, ``gpu``,
+    ``cuda``) -> the first CUDA device when one is available, else the CPU."""
+    accelerator = str(accelerator).lower()
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    if accelerator == "mps":
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_stage_model(cfg, model_cfg: Any = None, loader: Optional[Callable[[], nn.Module]] = None) -> nn.Module:
+    """Load a stage's model in eval mode (LoRA adapters not attached) and place it on ``trainer.accelerator``.
+
+    Args:
+        cfg: the run config (reads ``trainer.accelerator``; and ``model`` when ``model_cfg`` is not given).
+        model_cfg: what to load (a :class:`~lat_lightning.config.ModelConfig` or a ``model`` section); default
+            ``cfg.model``. Loaded with ``load_model(model_cfg, train=False, with_lora=False)``.
+        loader: a ``() -> model`` that loads it instead (e.g. a LoRA adapter merged into its base).
+
+    Returns:
+        The model, in eval mode, on the device: ``cpu`` -> CPU; ``auto`` / ``gpu`` / ``cuda`` -> CUDA when
+        available (else CPU).
+    """
+    if loader is None:
+        from lat_lightning.models.loading import load_model
+
+        model = load_model(cfg.model if model_cfg is None else model_cfg, train=False, with_lora=False)
+    else:
+        model = loader()
+    device = _stage_device(cfg.trainer.accelerator)
+    if next(model.parameters()).device.type != device.type:  # already there (e.g. quantised on load): keep it
+        model = model.to(device)
+    model.eval()
+    return model
+
+
+__all__ = ["load_stage_model"]

@@ -1,0 +1,182 @@
+"""Stage ``durability``: load the original and the hardened model and run
+:func:`lat_lightning.eval.durability.run_durability` into the run directory.
+
+original = ``evaluation.model_path`` or ``model.name_or_path``; hardened = ``evaluation.compare_path``, or the
+model a ``fit`` stage earlier in the same recipe produced (``interpolated/`` when weight interpolation ran, else
+``final/``). A LoRA adapter directory is merged into its base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+from torch import nn
+
+from lat_lightning.errors import ConfigError
+from lat_lightning.stages.common import load_stage_model
+
+log = logging.getLogger(__name__)
+
+
+def model_config(cfg, name_or_path: str):
+    """``model`` with ``name_or_path`` replaced, LoRA and gradient checkpointing off (a copy).
+
+    Returns:
+        A :class:`~lat_lightning.config.ModelConfig`.
+    """
+    from omegaconf import OmegaConf
+
+    from lat_lightning.config import ModelConfig
+
+    mcfg = OmegaConf.to_object(cfg.model) if not isinstance(cfg.model, ModelConfig) else dataclasses.replace(cfg.model)
+    mcfg.name_or_path = str(name_or_path)
+    mcfg.lora.enabled = False
+    mcfg.gradient_checkpointing = False
+    return mcfg
+
+
+def load_any_model(cfg, spec: str, base_fallback: str | None = None, label: str | None = None
+                   ) -> tuple[nn.Module, str]:
+    """A model from a saved directory, hub id or ``tiny:`` name, placed on ``trainer.accelerator``.
+
+    A LoRA adapter directory (one with ``adapter_config.json``) is loaded onto its base (the recorded base
+    when that directory exists, else ``base_fallback``) and merged.
+
+    Args:
+        cfg: the run config (``model`` settings, ``trainer.accelerator``).
+        spec: what to load.
+        base_fallback: the base of an adapter whose recorded base directory does not exist.
+        label: the name of a plain model in the description (default ``spec``).
+
+    Returns:
+        ``(model in eval mode, description for the report)``.
+
+    Raises:
+        ConfigError: an adapter directory without a usable base model.
+    """
+    from lat_lightning.models.loading import load_model
+
+    path = Path(os.path.expanduser(str(spec)))
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        recorded = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = recorded if recorded and Path(recorded).is_dir() else (base_fallback or recorded)
+        if not base:
+            raise ConfigError(f"{path} is a LoRA adapter without a usable base model; set evaluation.model_path")
+
+        def merged() -> nn.Module:
+            model = load_model(model_config(cfg, base), train=False, with_lora=False)
+            return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+
+        return load_stage_model(cfg, loader=merged), f"`{path}` (LoRA adapter merged into `{base}`)"
+    return load_stage_model(cfg, model_config(cfg, str(spec))), f"`{label or spec}`"
+
+
+def find_fragile_layers(*model_specs: str) -> tuple[list[int] | None, str | None]:
+    """``layers`` of the first ``fragile_layers.json`` found in a model directory or its parent (the run
+    directory of the training run that wrote the model).
+
+    Returns:
+        ``(layers, path of the file)``, or ``(None, None)`` when there is none.
+    """
+    from lat_lightning.eval.durability import FRAGILE_FILE
+
+    for spec in model_specs:
+        if not spec:
+            continue
+        path = Path(os.path.expanduser(str(spec)))
+        if not path.is_dir():
+            continue
+        for where in (path, path.parent):
+            f = where / FRAGILE_FILE
+            if f.is_file():
+                try:
+                    layers = json.loads(f.read_text()).get("layers")
+                except (OSError, json.JSONDecodeError) as exc:
+                    log.warning("cannot read %s: %s", f, exc)
+                    continue
+                if layers:
+                    return [int(l) for l in layers], str(f)
+    return None, None
+
+
+def run(cfg, run_dir: Path) -> dict:
+    """Compare the original and the hardened model (``durability_report.md``, ``durability_summary.json``, ...).
+
+    Returns:
+        The report and summary paths, the fragile layers, timings and every row's two values.
+
+    Raises:
+        ConfigError: no hardened model, bad durability settings.
+    """
+    from lat_lightning.data.loaders import load_benign_examples, load_safety_examples
+    from lat_lightning.eval.durability import (
+        MODELS,
+        REPORT_FILE,
+        SUMMARY_FILE,
+        _fmt,
+        _fmt_change,
+        resolve_settings,
+        run_durability,
+    )
+    from lat_lightning.models.loading import load_tokenizer, resolve_model_path
+    from lat_lightning.resources import resource_path
+    from lat_lightning.stages.organism import recipe_name
+    from lat_lightning.stages.rescan import trained_model_path
+    from lat_lightning.stages.scan import load_scan_prompts
+    from lat_lightning.training.finetune import lora_finetune
+
+    run_dir = Path(run_dir)
+    ev = cfg.evaluation
+    original_spec = str(ev.model_path or cfg.model.name_or_path)
+    if ev.compare_path:
+        hardened_spec = str(ev.compare_path)
+    elif (run_dir / "interpolated").is_dir() or (run_dir / "final").is_dir():
+        hardened_spec = str(trained_model_path(run_dir))
+    else:
+        raise ConfigError("the durability stage needs a hardened model: set evaluation.compare_path (a directory "
+                          "saved with save_pretrained, or a LoRA adapter directory), or run a fit stage first")
+    resolve_settings(cfg)  # fail fast on bad settings, before loading anything
+    original, o_desc = load_any_model(cfg, original_spec, label=recipe_name(original_spec))
+    hardened, h_desc = load_any_model(cfg, hardened_spec, base_fallback=resolve_model_path(original_spec))
+    tokenizer = load_tokenizer(model_config(cfg, original_spec))
+    prompts, targets, keys = load_scan_prompts(cfg)
+    pairs = None
+    if cfg.data.harmful:
+        pairs = [(e.prompt, e.harmful_response) for e in load_safety_examples(
+            resource_path(cfg.data.harmful), cfg.data.harmful_split, dict(cfg.data.harmful_columns or {}),
+            cfg.data.default_safe_response, cfg.data.max_examples)]
+    benign = []
+    source = cfg.data.benign or cfg.data.eval_benign
+    if source:
+        benign = [(e.prompt, e.response) for e in load_benign_examples(
+            resource_path(source), cfg.data.benign_split, dict(cfg.data.benign_columns or {}), cfg.data.max_examples)]
+    # The trainability curve scores multiple-choice / exact-match utility rows; `contains` rows (the organism's
+    # benign tasks) are not scored there, as before the organism's utility kind was resolved to `contains`.
+    rows, kind = None, str(ev.utility_kind)
+    if ev.utility_data and kind in ("multiple_choice", "exact_match"):
+        from lat_lightning.eval.utility import load_utility_rows
+
+        rows = load_utility_rows(resource_path(ev.utility_data), kind)
+    fragile, fsource = (list(ev.durability.fragile_layers), "evaluation.durability.fragile_layers") \
+        if ev.durability.fragile_layers is not None else find_fragile_layers(hardened_spec, original_spec)
+    summary = run_durability(original, hardened, tokenizer, prompts, targets, benign, run_dir, cfg,
+                             fragile_layers=fragile, fragile_source=fsource, finetune_pairs=pairs, utility_rows=rows,
+                             utility_kind=kind if rows is not None else "multiple_choice", prompt_keys=keys,
+                             model_labels={"original": o_desc, "hardened": h_desc}, resume=True, progress=False,
+                             finetune=lora_finetune)
+    for r in summary["rows"]:
+        print(f"[durability] {r['label']}: {_fmt(r['original'], None, r['kind'])} -> "
+              f"{_fmt(r['hardened'], None, r['kind'])} ({_fmt_change(r)})", flush=True)
+    print(f"[durability] report: {run_dir / REPORT_FILE}", flush=True)
+    return {"report": str(run_dir / REPORT_FILE), "summary": str(run_dir / SUMMARY_FILE),
+            "fragile_layers": summary["fragile_layers"], "timings": summary["timings"],
+            "rows": {r["id"]: {m: r[m] for m in MODELS} for r in summary["rows"]}}
+
+
+__all__ = ["find_fragile_layers", "load_any_model", "model_config", "run"]

@@ -1,0 +1,28 @@
+"""Stage ``fit``: train as the run config says (:func:`lat_lightning.training.fit.fit`), resuming from this run's
+checkpoint when there is one. Outputs: ``checkpoints/``, ``final/`` (and ``final_merged/`` for LoRA),
+``tensorboard/`` and whatever the callbacks write (``fragile_layers.json``, ``interpolated/``, ...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def run(cfg, run_dir: Path) -> dict:
+    """Train into ``run_dir``.
+
+    Returns:
+        ``{"final": path of final/, "attack_layers": [...], "global_step": int}``.
+    """
+    import torch
+
+    from lat_lightning.training.fit import fit
+    from lat_lightning.training.resume import checkpoint_to_resume
+
+    torch.set_float32_matmul_precision("high")
+    ckpt = checkpoint_to_resume(run_dir)  # --resume's checkpoint, else last.ckpt when the run has one
+    module = fit(cfg, run_dir, resume=str(ckpt) if ckpt is not None else None)
+    return {"final": str(run_dir / "final"), "attack_layers": list(module.attack_layers),
+            "global_step": int(module.trainer_ref.global_step)}
+
+
+__all__ = ["run"]

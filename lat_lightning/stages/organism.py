@@ -1,0 +1,182 @@
+"""Stage ``organism`` and the resolver that turns every organism name in a run config into a path.
+
+The loader knows paths and hub ids only. A recipe may name the embedded model organism instead:
+``organism`` / ``organism:<preset>`` as a model (``model.name_or_path``, ``model.tokenizer``,
+``evaluation.model_path``, ``evaluation.compare_path``), ``organism://<name>`` as a data file anywhere, and
+``organism`` as a utility kind (``evaluation.utility_kind``, ``callbacks.weight_interpolation.utility``).
+:func:`resolve_organism` builds the organism (or reuses the cached build) and returns a config in which those
+are replaced by the built directory, the data file and the generic utility kind ``contains`` on the organism's
+``utility_em`` file. The pipeline calls it before any stage runs, whether or not the ``organism`` stage is
+listed; the stage itself only records ``organism.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from lat_lightning.organism.build import (
+    ORGANISM_SEED,
+    PRESETS,
+    ensure_organism,
+    ensure_organism_data,
+    organism_data_path,
+    organism_dir,
+    preset_from_name,
+)
+from lat_lightning.stages.common import load_stage_model
+
+ORGANISM = "organism"
+DATA_SCHEME = "organism://"
+MODEL_KEYS = ("model.name_or_path", "model.tokenizer", "evaluation.model_path", "evaluation.compare_path")
+UTILITY_KEYS = ("evaluation.utility_kind", "callbacks.weight_interpolation.utility")
+UTILITY_KIND = "contains"  # the organism's benign accuracy: answer contained in a short greedy output
+UTILITY_DATA = "utility_em"
+
+
+def is_organism_name(value: Any) -> bool:
+    """Whether ``value`` names the organism as a model (``organism`` or ``organism:<preset>``)."""
+    return isinstance(value, str) and (value == ORGANISM or value.startswith(ORGANISM + ":")) \
+        and not value.startswith(DATA_SCHEME)
+
+
+def _data_specs(node: Any, path: tuple = ()) -> list[tuple[tuple, str]]:
+    """``(key path, value)`` of every ``organism://`` string in a plain container."""
+    if isinstance(node, dict):
+        return [hit for k, v in node.items() for hit in _data_specs(v, path + (k,))]
+    if isinstance(node, list):
+        return [hit for i, v in enumerate(node) for hit in _data_specs(v, path + (i,))]
+    return [(path, node)] if isinstance(node, str) and node.startswith(DATA_SCHEME) else []
+
+
+def _select(cfg, key: str) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, key, default=None)
+
+
+def mentions_organism(cfg) -> bool:
+    """Whether the config names the organism anywhere (a model, a data file, a utility kind or the stage)."""
+    from omegaconf import OmegaConf
+
+    return (ORGANISM in list(cfg.stages) or any(is_organism_name(_select(cfg, k)) for k in MODEL_KEYS)
+            or any(_select(cfg, k) == ORGANISM for k in UTILITY_KEYS)
+            or bool(_data_specs(OmegaConf.to_container(cfg, resolve=False))))
+
+
+def _check_utility_kinds(cfg) -> None:
+    """Both utility kinds read ``evaluation.utility_data``, which the organism kind sets: they must agree."""
+    from lat_lightning.errors import ConfigError
+
+    kinds = {k: _select(cfg, k) for k in UTILITY_KEYS}
+    if ORGANISM not in kinds.values():
+        return
+    named = ", ".join(f"{k}: organism" for k, v in kinds.items() if v == ORGANISM)
+    if cfg.evaluation.utility_data:
+        raise ConfigError(f"{named} scores the organism's own benign tasks; leave evaluation.utility_data unset "
+                          f"(or use utility kind '{UTILITY_KIND}' with your file)")
+    interpolation_used = bool(cfg.callbacks.weight_interpolation.enabled) or "interpolate" in list(cfg.stages)
+    for key, kind in kinds.items():
+        if kind != ORGANISM and (key == "evaluation.utility_kind" or interpolation_used):
+            raise ConfigError(f"{named} sets evaluation.utility_data to the organism's benign tasks, which {key} "
+                              f"'{kind}' would read too; set {key}: organism")
+
+
+def resolve_organism(cfg, rebuild: Optional[bool] = None):
+    """Build (or reuse) the organism and return a copy of ``cfg`` with every organism name replaced.
+
+    ``organism[:<preset>]`` in a model key becomes the built directory, every ``organism://<name>`` string the
+    data file, and the utility kind ``organism`` becomes ``contains`` with ``evaluation.utility_data`` set to
+    the organism's ``utility_em`` rows (the same 100 held-out benign tasks as
+    :func:`lat_lightning.organism.utility.organism_rows`). With the ``organism`` stage in ``stages`` and no
+    organism model named, the default organism is built (the stage records it). A config that names no
+    organism is returned unchanged.
+
+    Args:
+        cfg: the run config.
+        rebuild: build again even when cached (default: ``organism.rebuild`` when the ``organism`` stage is
+            listed; the pipeline passes ``False`` when resuming a run).
+
+    Returns:
+        The resolved config (``cfg`` itself when nothing names the organism).
+
+    Raises:
+        ConfigError: an unknown preset or data name, or utility settings that conflict with the organism's.
+    """
+    from omegaconf import OmegaConf
+
+    if not mentions_organism(cfg):
+        return cfg
+    _check_utility_kinds(cfg)
+    if rebuild is None:
+        rebuild = bool(cfg.organism.rebuild) and ORGANISM in list(cfg.stages)
+    out = copy.deepcopy(cfg)
+    built: dict[str, str] = {}
+
+    def build(name: str) -> str:
+        preset = preset_from_name(name)
+        if preset not in built:
+            built[preset] = str(ensure_organism(ORGANISM_SEED, None, bool(rebuild), preset=preset))
+        return built[preset]
+
+    for key in MODEL_KEYS:
+        if is_organism_name(_select(out, key)):
+            OmegaConf.update(out, key, build(_select(out, key)), merge=False)
+    if ORGANISM in list(out.stages) and not built:
+        build(ORGANISM)
+    for path, spec in _data_specs(OmegaConf.to_container(out, resolve=False)):
+        parent = out
+        for k in path[:-1]:
+            parent = parent[k]
+        parent[path[-1]] = organism_data_path(spec[len(DATA_SCHEME):].strip("/"), ORGANISM_SEED)
+    if any(_select(out, k) == ORGANISM for k in UTILITY_KEYS):
+        for key in UTILITY_KEYS:
+            if _select(out, key) == ORGANISM:
+                OmegaConf.update(out, key, UTILITY_KIND, merge=False)
+        out.evaluation.utility_data = organism_data_path(UTILITY_DATA, ORGANISM_SEED)
+    return out
+
+
+def recipe_name(path: str) -> str:
+    """``organism`` / ``organism:<preset>`` for a directory :func:`resolve_organism` built, else ``path``
+    (reports keep naming the organism as the recipe did)."""
+    for preset, recipe in PRESETS.items():
+        if Path(str(path)) == organism_dir(recipe, ORGANISM_SEED):
+            return ORGANISM if preset == "default" else f"{ORGANISM}:{preset}"
+    return str(path)
+
+
+def _organism_path(cfg) -> Path:
+    """The organism this run uses: ``model.name_or_path`` when it is a built organism, else the default one."""
+    path = Path(str(cfg.model.name_or_path))
+    if path.name.startswith("organism-s") and (path / "organism.json").is_file():
+        return path
+    return ensure_organism(ORGANISM_SEED, None, False, preset="default")
+
+
+def run(cfg, run_dir: Path) -> dict:
+    """Record the organism this run uses: ``run_dir/organism.json`` (path, data directory, build info and the
+    benign accuracy of the aligned organism). The pipeline built it already (:func:`resolve_organism`).
+
+    Returns:
+        ``{"path", "benign_accuracy"}``.
+    """
+    from lat_lightning.config import ModelConfig
+    from lat_lightning.models.loading import load_tokenizer
+    from lat_lightning.organism.utility import organism_accuracy
+
+    seed = ORGANISM_SEED
+    path = _organism_path(cfg)
+    data_dir = ensure_organism_data(seed)
+    mcfg = ModelConfig(name_or_path=str(path))
+    model, tokenizer = load_stage_model(cfg, mcfg), load_tokenizer(mcfg)
+    info = {"path": str(path), "data": str(data_dir), "build": json.loads((path / "organism.json").read_text()),
+            "benign_accuracy": organism_accuracy(model, tokenizer, seed=seed)}
+    (Path(run_dir) / "organism.json").write_text(json.dumps(info, indent=2))
+    print(f"[organism] {path.name}: benign accuracy {info['benign_accuracy']:.3f}", flush=True)
+    return {"path": str(path), "benign_accuracy": info["benign_accuracy"]}
+
+
+__all__ = ["mentions_organism", "recipe_name", "resolve_organism", "run"]

@@ -1,0 +1,56 @@
+"""Stage ``report``: ``report.md``, ``report.json``, PNGs and TensorBoard figures of any run with a scan
+(:mod:`lat_lightning.eval.report`).
+
+Runs of the model organism (a run directory with ``organism.json``) also get its benign accuracy: aligned (from
+``organism.json``), after training (``final/``) and after interpolation (``interpolated/``), measured here on
+the organism's held-out benign tasks with the seed recorded in ``organism.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from lat_lightning.stages.common import load_stage_model
+
+
+def _benign_accuracy(cfg, model_dir: Path, seed: int) -> Optional[float]:
+    """The organism's benign accuracy of a saved model, ``None`` when ``model_dir`` holds no model."""
+    from lat_lightning.config import ModelConfig
+    from lat_lightning.models.loading import load_tokenizer
+    from lat_lightning.organism.utility import organism_accuracy
+
+    if not (model_dir / "config.json").exists():
+        return None
+    mcfg = ModelConfig(name_or_path=str(model_dir))
+    return organism_accuracy(load_stage_model(cfg, mcfg), load_tokenizer(mcfg), seed=seed)
+
+
+def run(cfg, run_dir: Path) -> dict:
+    """Write the report of ``run_dir``.
+
+    Returns:
+        ``{"report": path of report.md}``.
+
+    Raises:
+        ConfigError: the run has no ``scan_summary.json``.
+    """
+    from lat_lightning.eval.report import build_result, load_scan_summary, write_report
+
+    run_dir = Path(run_dir)
+    judges = list(cfg.evaluation.judges)
+    primary = cfg.evaluation.primary_judge
+    load_scan_summary(run_dir)  # fail before measuring anything
+    utility = None
+    if (run_dir / "organism.json").is_file():
+        organism = json.loads((run_dir / "organism.json").read_text())
+        seed = int(organism["build"]["seed"])
+        utility = {"aligned": organism.get("benign_accuracy"),
+                   "after_training": _benign_accuracy(cfg, run_dir / "final", seed),
+                   "after_interpolation": _benign_accuracy(cfg, run_dir / "interpolated", seed)}
+    result = build_result(run_dir, judges, primary, utility)
+    return {"report": str(write_report(run_dir, result, judges, primary))}
+
+
+__all__ = ["run"]

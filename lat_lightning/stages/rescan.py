@@ -1,0 +1,46 @@
+"""Stage ``rescan``: the scan stage again, on the model this run trained, into ``run_dir/rescan``.
+
+Same prompts, layers, seeds, attacks and judges as the ``scan`` stage, so the two are comparable cell by cell
+(the noise is keyed by seed, prompt, layer and position).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lat_lightning.stages import scan
+
+
+def trained_model_path(run_dir: Path) -> Path:
+    """The model a ``fit`` in ``run_dir`` produced: ``interpolated/`` when weight interpolation ran, else
+    ``final/``.
+
+    Raises:
+        ConfigError: when neither exists (no fit ran in this run directory).
+    """
+    from lat_lightning.errors import ConfigError
+
+    for name in ("interpolated", "final"):
+        if (Path(run_dir) / name / "config.json").exists() or (Path(run_dir) / name / "adapter_config.json").exists():
+            return Path(run_dir) / name
+    raise ConfigError(f"rescan: no trained model in {run_dir} (run the fit stage first)")
+
+
+def run(cfg, run_dir: Path) -> dict:
+    """Scan :func:`trained_model_path` into ``run_dir/rescan``.
+
+    Returns:
+        The scan stage's dict plus ``model`` (the scanned directory).
+    """
+    from omegaconf import OmegaConf
+
+    path = trained_model_path(run_dir)
+    cfg2 = OmegaConf.merge(cfg, {"evaluation": {"model_path": str(path)}, "model": {"lora": {"enabled": False}}})
+    out = Path(run_dir) / "rescan"
+    out.mkdir(parents=True, exist_ok=True)
+    info = scan.run(cfg2, out)
+    info["model"] = str(path)
+    return info
+
+
+__all__ = ["run", "trained_model_path"]

@@ -1,0 +1,109 @@
+"""Stage ``scan``: where does the model's safety break? Run :func:`lat_lightning.eval.scan.run_scan` into the
+run directory (``scan.jsonl``, ``scan_summary.json``, ``scan_report.md``, figures, ASABench files)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from lat_lightning.stages.common import load_stage_model
+
+
+def load_scan_prompts(cfg) -> tuple[list[str], list[str], list[int]]:
+    """Harmful prompts, targets and stable ids from ``data.eval_harmful`` (or ``data.harmful``).
+
+    ``pkg://`` paths resolve to files shipped in the package (:func:`lat_lightning.resources.resource_path`);
+    the first ``evaluation.num_prompts`` are kept.
+
+    Raises:
+        ConfigError: when neither data source is set.
+    """
+    from lat_lightning.data.loaders import load_safety_examples
+    from lat_lightning.errors import ConfigError
+    from lat_lightning.resources import resource_path
+
+    source = cfg.data.eval_harmful or cfg.data.harmful
+    if not source:
+        raise ConfigError("the scan needs harmful prompts: set data.eval_harmful or data.harmful "
+                          "(e.g. pkg://lat_lightning/resources/tiny_harmful.jsonl)")
+    examples = load_safety_examples(resource_path(source), split=cfg.data.harmful_split,
+                                    columns=dict(cfg.data.harmful_columns or {}),
+                                    default_safe_response=cfg.data.default_safe_response,
+                                    max_examples=cfg.data.max_examples)
+    if cfg.evaluation.num_prompts is not None:
+        examples = examples[: int(cfg.evaluation.num_prompts)]
+    return ([e.prompt for e in examples], [e.harmful_response for e in examples], [int(e.index) for e in examples])
+
+
+def scan_model_config(cfg):
+    """The model the scan loads: ``model`` with ``name_or_path`` replaced by ``evaluation.model_path`` when set.
+
+    Returns:
+        A :class:`~lat_lightning.config.ModelConfig` (a copy; ``cfg`` is not changed).
+    """
+    from omegaconf import OmegaConf
+
+    from lat_lightning.config import ModelConfig
+
+    mcfg = OmegaConf.to_object(cfg.model) if not isinstance(cfg.model, ModelConfig) else cfg.model
+    mcfg = dataclasses.replace(mcfg)
+    if cfg.evaluation.model_path:
+        mcfg.name_or_path = str(cfg.evaluation.model_path)
+    return mcfg
+
+
+def run(cfg, run_dir: Path) -> dict:
+    """Load the model and prompts, run the scan into ``run_dir``.
+
+    Returns:
+        A small dict for the stage marker: headline numbers per attack and the output files.
+
+    Raises:
+        ConfigError: an unknown attack, or a primary judge not among the judges.
+    """
+    from omegaconf import OmegaConf
+
+    from lat_lightning.attacks import attack_names
+    from lat_lightning.config import PerturbationConfig
+    from lat_lightning.errors import ConfigError
+    from lat_lightning.eval.scan import REPORT_FILE, SUMMARY_FILE, _fmt, run_scan, scan_positions
+    from lat_lightning.models.loading import load_tokenizer
+
+    ev = cfg.evaluation
+    for a in ev.attacks:
+        if a not in attack_names(scan=True):
+            raise ConfigError(f"unknown attack '{a}' in evaluation.attacks; choose from "
+                              f"{', '.join(attack_names(scan=True))}")
+    mcfg = scan_model_config(cfg)
+    model = load_stage_model(cfg, mcfg)
+    tokenizer = load_tokenizer(mcfg)
+    prompts, targets, keys = load_scan_prompts(cfg)
+    positions, first_k, refresh = scan_positions(cfg)
+    pcfg = OmegaConf.to_object(cfg.perturbation) if not isinstance(cfg.perturbation, PerturbationConfig) \
+        else cfg.perturbation
+    judges = list(ev.judges)
+    if ev.primary_judge not in judges:
+        raise ConfigError(f"evaluation.primary_judge '{ev.primary_judge}' is not in evaluation.judges {judges}")
+    result = run_scan(
+        model, tokenizer, prompts, targets, list(ev.layers) if ev.layers is not None else None, list(ev.attacks),
+        list(ev.seeds), judges, run_dir, primary_judge=ev.primary_judge, perturbation=pcfg, positions=positions,
+        first_k=first_k, refresh=refresh, max_new_tokens=ev.max_new_tokens, do_sample=ev.do_sample,
+        temperature=ev.temperature, batch_size=ev.batch_size, use_chat_template=mcfg.use_chat_template,
+        system_prompt=mcfg.system_prompt, prompt_keys=keys, classifier_path=ev.classifier_path,
+        target_key_pattern=ev.target_key_pattern,
+        bootstrap_samples=ev.bootstrap_samples, resume=True, progress=True, probes=True,
+        asabench_test_fraction=ev.split_test_fraction, asabench_split_mode=ev.split_mode, split_seed=int(cfg.seed))
+    info = {"attacks": {a: {k: result.headline(a)[k] for k in ("init", "pasr_mean", "masr_mean",
+                                                                 "pasr_of_mean_lasr_layer")} for a in result.attacks},
+            "primary_judge": result.primary_judge, "cells_run": result.cells_run,
+            "cells_resumed": result.cells_resumed, "report": str(Path(run_dir) / REPORT_FILE),
+            "summary": str(Path(run_dir) / SUMMARY_FILE)}
+    for a in result.attacks:
+        h = result.headline(a)
+        print(f"[scan] {a}: INIT {_fmt(h['init'])}  PASR {_fmt(h['pasr_mean'])} (layer {h['pasr_of_mean_lasr_layer']})"
+              f"  MASR {_fmt(h['masr_mean'])}  [{result.primary_judge}]", flush=True)
+    print(f"[scan] report: {Path(run_dir) / REPORT_FILE}", flush=True)
+    return info
+
+
+__all__ = ["load_scan_prompts", "run", "scan_model_config"]

@@ -1,0 +1,129 @@
+"""Short LoRA fine-tunes of a COPY of a model: the fine-tuning attack and the trainability probe of the
+durability suite.
+
+:func:`lora_finetune` copies the model (the caller's in-memory model and anything on disk stay untouched),
+wraps the copy with fresh LoRA adapters and trains it with the supervised fine-tuning driver
+(:func:`lat_lightning.training.sft.supervised_finetune`) on plain ``(prompt, response)`` pairs: the harmful
+targets for the fine-tuning attack, benign answers for trainability. Only the small LoRA adapter is saved,
+to ``out_dir/final`` (the run directory, never the model's). A ``measure(model) -> dict`` function is
+evaluated before the first step and after every optimiser step, which gives the learning curves.
+
+The durability suite (evaluation) does not import this module: its stage passes :func:`lora_finetune` in.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lat_lightning.config import LoraConfig, ModelConfig
+from lat_lightning.models.loading import apply_lora
+from lat_lightning.training.sft import LossRecorder, SFTSettings, supervised_finetune
+
+Measure = Callable[[nn.Module], dict[str, float]]
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` without PEFT wrappers (a LoRA model is merged into its copy's weights)."""
+    twin = copy.deepcopy(model)
+    if hasattr(twin, "merge_and_unload") and hasattr(twin, "peft_config"):
+        twin = twin.merge_and_unload()
+    for p in twin.parameters():
+        p.requires_grad_(True)
+    return twin
+
+
+class CurveRecorder(Callback):
+    """Calls ``measure(model)`` before training and after every optimiser step."""
+
+    def __init__(self, measure: Measure | None):
+        super().__init__()
+        self.measure = measure
+        self.points: list[dict[str, float]] = []
+        self._last_step = -1
+
+    def _record(self, trainer, pl_module) -> None:
+        step = int(trainer.global_step)
+        if step == self._last_step:
+            return
+        self._last_step = step
+        point: dict[str, float] = {"step": step}
+        if self.measure is not None:
+            point.update(self.measure(pl_module.model))
+        self.points.append(point)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._record(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._record(trainer, pl_module)
+
+
+def _accelerator(model: nn.Module) -> str:
+    try:
+        dev = next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return "cpu"
+    return "gpu" if dev.type == "cuda" else "cpu"
+
+
+def lora_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], out_dir: str | Path, *,
+                  steps: int, lr: float, batch_size: int = 4, lora_r: int = 8, lora_alpha: int = 16,
+                  target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+                  use_chat_template: bool = True, system_prompt: Optional[str] = None, max_length: int = 512,
+                  measure: Measure | None = None, seed: int = 0, save_adapter: bool = True) -> dict[str, Any]:
+    """LoRA-fine-tune a COPY of ``model`` on ``(prompt, response)`` pairs (constant LR, AdamW, clip 1.0).
+
+    Args:
+        model: the model to start from (not modified; a PEFT model is merged into the copy first).
+        tokenizer: its tokenizer.
+        pairs: ``(prompt, response)`` training pairs.
+        out_dir: where the adapter goes (``final/``): the run directory, never the model's.
+        steps / lr / batch_size: optimiser steps, learning rate, pairs per step.
+        lora_r / lora_alpha / target_modules: the fresh LoRA adapters.
+        use_chat_template / system_prompt / max_length: prompt formatting and the length limit (right cut).
+        measure: ``model -> {name: value}`` evaluated at step 0 and after every step.
+        seed: the training seed (data order).
+        save_adapter: save the trained LoRA adapter to ``out_dir/final`` (small; never a merged model).
+
+    Returns:
+        ``{"model": the fine-tuned copy (eval mode, on the input model's device), "curve": [{"step", ...}],
+        "train_loss": [per step], "seconds": float, "out_dir": str}``.
+
+    Raises:
+        ValueError: no pairs, or ``steps < 1``.
+    """
+    if not pairs:
+        raise ValueError("lora_finetune needs at least one (prompt, response) pair")
+    if steps < 1:
+        raise ValueError(f"fine-tune steps must be >= 1, got {steps}")
+    t0 = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    twin = plain_copy(model).to(device)
+    twin = apply_lora(twin, ModelConfig(lora=LoraConfig(enabled=True, r=int(lora_r), alpha=int(lora_alpha),
+                                                        dropout=0.0, target_modules=list(target_modules))))
+    settings = SFTSettings(steps=int(steps), lr=float(lr), batch_size=int(batch_size), scheduler="constant",
+                           warmup_ratio=0.0, weight_decay=0.0, gradient_clip_val=1.0, seed=int(seed),
+                           max_length=int(max_length), truncation="right", use_chat_template=use_chat_template,
+                           system_prompt=system_prompt, accelerator=_accelerator(model), log_every_n_steps=1)
+    recorder, losses = CurveRecorder(measure), LossRecorder()
+    module = supervised_finetune(twin, tokenizer, pairs, settings, callbacks=[recorder, losses])
+    tuned = module.model.to(device)
+    if save_adapter:
+        tuned.save_pretrained(out / "final")
+    tuned.eval()
+    for p in tuned.parameters():
+        p.requires_grad_(False)
+    return {"model": tuned, "curve": recorder.points, "train_loss": losses.losses,
+            "seconds": round(time.time() - t0, 3), "out_dir": str(out)}
+
+
+__all__ = ["CurveRecorder", "lora_finetune", "plain_copy"]

@@ -1,0 +1,82 @@
+"""Stage ``durability``: the recipe writes its report, summary, plots and TensorBoard through the CLI and never
+touches the model on disk; saved LoRA adapters load onto their base."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lat_lightning.stages import durability as dstage
+
+
+def _hash_tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.integration
+def test_recipe_writes_report_summary_plots_and_leaves_the_model_untouched(tiny_llama_dir, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lat_lightning.cli import main
+
+    model_dir = tmp_path / "original_model"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    hashes = _hash_tree(model_dir)
+    rc = main(["--recipe", "durability_tiny", f"logging.root_dir={tmp_path / 'runs'}",
+               f"model.name_or_path={model_dir}", "trainer.max_steps=2", "evaluation.num_prompts=3",
+               "evaluation.max_new_tokens=4",
+               "evaluation.bootstrap_samples=10", "perturbation.steps=2", "evaluation.durability.max_k=2",
+               "evaluation.durability.finetune_steps=2", "evaluation.durability.benign_steps=2",
+               "evaluation.durability.rewrites=[leetspeak,char_spaced,rot13]"])
+    assert rc == 0, capsys.readouterr().err
+    assert _hash_tree(model_dir) == hashes  # fit, fine-tuning attack and trainability never wrote the model
+    run = tmp_path / "runs" / "durability_tiny" / "version_0"
+    report = (run / "durability_report.md").read_text()
+    summary = json.loads((run / "durability_summary.json").read_text())
+    table = [line for line in report.splitlines() if line.startswith("| ")]
+    assert table[0] == "| attack | original | hardened | change |"
+    assert report.count("| attack |") == 1  # ONE table
+    assert len(table) - 1 == len(summary["rows"]) >= 20
+    assert "gibberish" in report
+    assert summary["fragile_layers"]["source"].endswith("fragile_layers.json")  # written by the fit stage
+    assert summary["fragile_layers"]["layers"] == [1]
+    assert "LoRA adapter" not in summary["models"]["hardened"] and "final" in summary["models"]["hardened"]
+    for row in summary["rows"]:
+        if row["kind"] == "rate" and row["change"] is not None:
+            assert row["change"] == pytest.approx(row["hardened"] - row["original"])
+    for png in ("durability_lasr", "durability_first_k", "durability_prefill", "durability_finetune"):
+        assert (run / f"{png}.png").stat().st_size > 1000
+    for sub in ("original", "hardened"):
+        assert (run / sub / "scan_report.md").is_file() and (run / sub / "scan_summary.json").is_file()
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"durability/init/original", "durability/init/hardened", "durability/first_k_asa_random/hardened",
+            "durability/prefill/original", "durability/trainability_benign_loss/hardened"} <= set(tags["scalars"])
+    assert "durability/durability_lasr" in tags["images"]
+    # The saved fine-tune adapter of the hardened model loads back onto its base (LoRA-directory path).
+    from lat_lightning.cli import load_config
+
+    cfg = load_config("durability_tiny", [f"model.name_or_path={model_dir}"])
+    adapter = run / "finetune_attack" / "original" / "final"
+    merged, desc = dstage.load_any_model(cfg, str(adapter), base_fallback=str(model_dir))
+    assert "LoRA adapter merged" in desc
+    base, _ = dstage.load_any_model(cfg, str(model_dir))
+    w = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[w], base.state_dict()[w])
+    assert _hash_tree(model_dir) == hashes
+
+
+def test_fragile_layers_come_from_the_training_run_of_a_model(tmp_path):
+    model_dir = tmp_path / "run" / "final"
+    model_dir.mkdir(parents=True)
+    assert dstage.find_fragile_layers(str(model_dir)) == (None, None)
+    (tmp_path / "run" / "fragile_layers.json").write_text(json.dumps({"layers": [2, 3]}))
+    layers, source = dstage.find_fragile_layers("tiny:llama", str(model_dir))
+    assert layers == [2, 3] and source.endswith("fragile_layers.json")

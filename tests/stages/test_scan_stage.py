@@ -1,0 +1,60 @@
+"""Stages ``scan`` and ``rescan``: the tiny recipe writes its outputs through the CLI; prompts and the model
+come from the run config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.integration
+def test_tiny_recipe_writes_outputs(tmp_path, monkeypatch):
+    from lat_lightning.cli import main
+
+    monkeypatch.setenv("LAT_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    rc = main(["--recipe", "asa_scan_tiny", f"logging.root_dir={tmp_path / 'runs'}", "evaluation.max_new_tokens=6",
+               "evaluation.seeds=[0]"])
+    assert rc == 0
+    run = tmp_path / "runs" / "asa_scan_tiny" / "version_0"
+    for name in ("scan_heatmap_asa_random.png", "scan_lasr_asa_random.png", "scan_report.md", "scan_summary.json",
+                 "scan.jsonl", "asabench_train.jsonl", "asabench_test.jsonl", "probe_position_kl.png"):
+        assert (run / name).is_file(), name
+    assert (run / "scan_heatmap_asagrad.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((run / "scan_summary.json").read_text())
+    assert set(summary["attacks"]) == {"asa_random", "asagrad", "pgd"}
+    head = summary["attacks"]["asa_random"]["headline"]
+    assert 0.0 <= head["pasr_mean"] <= 1.0 and 0.0 <= head["masr_mean"] <= 1.0
+    assert len(summary["probes"]["nll"]) == 4
+    report = (run / "scan_report.md").read_text()
+    assert "gibberish" in report and "Judge failures" in report and "Position KL" in report
+    lines = (run / "scan.jsonl").read_text().splitlines()
+    assert len(lines) == 8 + 8 * 4 * 3  # clean + (asa_random, asagrad, pgd) x 8 prompts x 4 layers, 1 seed
+    assert any(p.name.startswith("events") for p in (run / "tensorboard").iterdir())
+    assert (run / "stages" / "scan.done.json").is_file()
+
+
+def test_scan_prompts_and_model_come_from_the_config(tmp_path):
+    from lat_lightning.cli import load_config
+    from lat_lightning.stages.scan import load_scan_prompts, scan_model_config
+
+    cfg = load_config("asa_scan_tiny", ["evaluation.num_prompts=3"])
+    prompts, targets, keys = load_scan_prompts(cfg)
+    assert len(prompts) == 3 and keys == [0, 1, 2] and all(t.startswith("Sure") for t in targets)
+    assert scan_model_config(cfg).name_or_path == "tiny:llama"
+    other = load_config("asa_scan_tiny", [f"evaluation.model_path={tmp_path}"])
+    assert scan_model_config(other).name_or_path == str(tmp_path) and other.model.name_or_path == "tiny:llama"
+
+
+def test_rescan_needs_a_trained_model(tmp_path):
+    from lat_lightning.errors import ConfigError
+    from lat_lightning.stages.rescan import trained_model_path
+
+    with pytest.raises(ConfigError, match="no trained model"):
+        trained_model_path(tmp_path)
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "adapter_config.json").write_text("{}")
+    assert trained_model_path(tmp_path) == tmp_path / "final"
+    (tmp_path / "interpolated").mkdir()
+    (tmp_path / "interpolated" / "config.json").write_text("{}")
+    assert trained_model_path(tmp_path) == tmp_path / "interpolated"
