@@ -133,7 +133,7 @@ class TrainerConfig:
     gradient_clip_val: Optional[float] = 1.0
     val_check_interval: Optional[int] = None
     log_every_n_steps: int = 1
-    checkpoint_every_n_steps: Optional[int] = None
+    checkpoint_every_n_steps: Optional[int] = None  # keep step<N>.ckpt history every N steps (None: last.ckpt only)
     lr: float = 1e-4
     weight_decay: float = 0.0
     scheduler: str = "cosine"

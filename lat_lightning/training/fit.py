@@ -46,12 +46,47 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
     """The callbacks the ``callbacks`` config section enables, plus checkpointing."""
     from lat_lightning.callbacks import build_training_callbacks
 
-    every = cfg.trainer.checkpoint_every_n_steps or cfg.trainer.max_steps
+    return [checkpoint_callback(cfg, run_dir), InterruptCheckpoint(run_dir)] + build_training_callbacks(cfg, run_dir)
+
+
+def _size_of(path: Path) -> int:
+    """Bytes of a checkpoint file, or of every file under a sharded (FSDP) checkpoint directory."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
+def human_size(n: int) -> str:
+    """``1536`` -> ``1.5 KiB`` (binary units)."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+class SizedCheckpoint(ModelCheckpoint):
+    """A ``ModelCheckpoint`` that says in the log where each checkpoint went and how big it is."""
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if trainer.is_global_zero:
+            print(f"[fit] checkpoint {filepath}: {human_size(_size_of(Path(filepath)))}", flush=True)
+
+
+def checkpoint_callback(cfg: DictConfig, run_dir: Path) -> ModelCheckpoint:
+    """One resumable checkpoint per run by default: ``checkpoints/last.ckpt``, written at the end (and on
+    SIGTERM/SIGINT). With ``trainer.checkpoint_every_n_steps`` a history ``step<N>.ckpt`` is kept as well and
+    ``last.ckpt`` is a link to the newest of them, never a second copy of the same state."""
+    every = cfg.trainer.checkpoint_every_n_steps
     # No version counter: a resumed run overwrites last.ckpt (also written on SIGTERM) instead of last-v1.ckpt.
-    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}", save_last=True,
-                           every_n_train_steps=every, save_top_k=-1, auto_insert_metric_name=False,
-                           enable_version_counter=False)
-    return [ckpt, InterruptCheckpoint(run_dir)] + build_training_callbacks(cfg, run_dir)
+    common = {"dirpath": run_dir / "checkpoints", "auto_insert_metric_name": False, "enable_version_counter": False}
+    if every:
+        return SizedCheckpoint(filename="step{step}", save_last="link", every_n_train_steps=int(every), save_top_k=-1,
+                               **common)
+    return SizedCheckpoint(filename="step{step}", save_last=True, every_n_train_steps=int(cfg.trainer.max_steps),
+                           save_top_k=0, **common)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback]) -> pl.Trainer:

@@ -188,6 +188,8 @@ class InterruptCheckpoint(Callback):
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         if isinstance(exception, SIGTERMException):
+            if self.path.is_symlink():  # last.ckpt links to a step<N>.ckpt of the history: never write through it
+                self.path.unlink()
             trainer.save_checkpoint(str(self.path))
             self.saved = self.path
             self.signum = self.signum or int(signal.SIGTERM)

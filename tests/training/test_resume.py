@@ -115,3 +115,23 @@ def test_sigint_saves_last_ckpt_exits_130_and_resume_last_finishes(tmp_path, mon
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]
     assert (run_dir / "config.resumed.yaml").exists() and (run_dir / "final" / "adapter_config.json").exists()
+
+
+def test_history_checkpoints_and_last_is_a_link_not_a_copy(uninterrupted):
+    run_a, _, _ = uninterrupted
+    ckpts = run_a / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step1.ckpt", "step2.ckpt", "step3.ckpt"]
+    assert (ckpts / "last.ckpt").is_symlink() and (ckpts / "last.ckpt").resolve() == (ckpts / "step3.ckpt").resolve()
+
+
+def test_one_checkpoint_per_run_by_default_with_its_size_in_the_log(tmp_path, capsys):
+    overrides = [o for o in OVERRIDES if not o.startswith("trainer.checkpoint_every_n_steps")]
+    cfg = load_config("lat_tiny", overrides + [f"logging.root_dir={tmp_path}", "trainer.max_steps=2"])
+    train.fit(cfg, tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    assert [p.name for p in ckpts.iterdir()] == ["last.ckpt"] and not (ckpts / "last.ckpt").is_symlink()
+    state = torch.load(ckpts / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 2
+    size = (ckpts / "last.ckpt").stat().st_size
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("[fit] checkpoint"))
+    assert str(ckpts / "last.ckpt") in line and line.endswith(train.human_size(size))
