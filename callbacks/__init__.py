@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from lightning.pytorch.callbacks import Callback
+
 from lat_lightning.callbacks.fragile_layers import FragileLayerSelector
 from lat_lightning.callbacks.kl_teacher import KLTeacher, kl_divergence_chunked
 from lat_lightning.callbacks.weight_interpolation import WeightInterpolation
-from lightning.pytorch.callbacks import Callback
 
 
 def build_training_callbacks(cfg, run_dir: Optional[str | Path] = None) -> list[Callback]:

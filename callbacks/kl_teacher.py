@@ -13,7 +13,8 @@ logged as ``train/loss_kl``::
   (``with model.disable_adapter():``), so no second copy exists. With full fine-tuning a frozen deep copy
   is made in ``setup`` (before the strategy wraps or moves anything, and before a checkpoint is
   restored, so it is the starting model). It lives in a plain list on the callback, not on the
-  LightningModule: it is never wrapped by the strategy, never optimised and never in a state dict or
+  LightningModule: it is never wrapped by the strategy (under FSDP2 it is sharded like the student at fit start,
+  so no rank holds all of it), never optimised and never in a state dict or
   checkpoint. The copy is in eval mode; a model with active dropout would see a (harmless) mismatch.
 * **Maths.** :func:`kl_divergence_chunked` in float32, ``chunk_size`` positions at a time through
   ``log_softmax`` (a 128k vocabulary never needs a full float32 copy of the logits), with an analytic
@@ -197,9 +198,20 @@ class KLTeacher(Callback):
             self._modules.append(pl_module)
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        if self._teacher:
-            device = next(pl_module.model.parameters()).device
-            self._teacher[0].to(device)
+        if not self._teacher:
+            return
+        teacher = self._teacher[0]
+        teacher.to(next(pl_module.model.parameters()).device)
+        # Under FSDP2 the student was sharded in configure_model (before this hook): shard the frozen copy the
+        # same way, so no rank holds the whole teacher.
+        from lat_lightning.training.distributed_fsdp import is_fsdp2, shard_fsdp2
+
+        mesh = getattr(pl_module, "device_mesh", None)
+        if mesh is not None and is_fsdp2(pl_module.model):
+            shard_fsdp2(teacher, mesh["data_parallel"])
+            local, total = _local_and_total_elements(teacher)
+            print(f"[kl_teacher] rank {trainer.global_rank}/{trainer.world_size}: {local} of {total} teacher "
+                  "parameter elements on this rank (sharded like the student)", flush=True)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
@@ -251,6 +263,15 @@ class KLTeacher(Callback):
         if self.weight == 0.0:
             return {}
         return {self.name: self.weight * self.kl(module.model, batch)}
+
+
+def _local_and_total_elements(model: nn.Module) -> tuple[int, int]:
+    """Parameter elements held by this process and in the whole model (DTensor shards counted locally)."""
+    local = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+    return local, total
 
 
 __all__ = ["KLTeacher", "kl_divergence_chunked", "labelled_logit_mask"]

@@ -2,13 +2,13 @@ import json
 
 import pytest
 import torch
+
 from lat_lightning.callbacks.fragile_layers import (
     FragileLayerSelector,
     grad_norm_scores,
     nll_probe_scores,
     top_k_layers,
 )
-
 from lat_lightning.training.fit import build_module
 from lat_lightning.training.module import LatentAdversarialModule
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
-from lat_lightning.callbacks.kl_teacher import KLTeacher, kl_divergence_chunked, labelled_logit_mask
 
+from lat_lightning.callbacks.kl_teacher import KLTeacher, kl_divergence_chunked, labelled_logit_mask
 from lat_lightning.training.fit import build_module
 
 DIRECTIONS = ("teacher_student", "student_teacher")

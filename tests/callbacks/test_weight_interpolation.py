@@ -3,9 +3,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lat_lightning.callbacks import FragileLayerSelector, KLTeacher, WeightInterpolation, build_training_callbacks
 from lightning.pytorch.callbacks import Callback
 
+from lat_lightning.callbacks import FragileLayerSelector, KLTeacher, WeightInterpolation, build_training_callbacks
 from lat_lightning.training.fit import build_module
 from lat_lightning.training.interpolation import interpolated_params, scale_lora
 

@@ -249,3 +249,16 @@ def test_every_rank_of_a_torchrun_launch_uses_rank_zeros_directory(tmp_path, mon
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     with pytest.raises(ConfigError, match="--rdzv-id"):
         create_run_dir(cfg, "lat_tiny")
+
+
+def test_fsdp2_full_finetuning_shards_the_kl_teacher(equal_length_data, tmp_path):
+    """Full fine-tuning under FSDP2 with the KL teacher: each of the 2 ranks holds part of the frozen copy."""
+    proc = launch(common_overrides(equal_length_data, tmp_path) + [
+        "model.lora.enabled=false", "data.batch_size=2", "trainer.strategy=fsdp2", "trainer.devices=2"])
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("[kl_teacher] rank")]
+    assert len(lines) == 2, proc.stdout[-2000:]
+    held = {int(line.split()[2].split("/")[0]): (int(line.split()[3]), int(line.split()[5])) for line in lines}
+    assert sorted(held) == [0, 1]
+    total = held[0][1]
+    assert held[1][1] == total and all(0 < local < total for local, _ in held.values())
+    assert sum(local for local, _ in held.values()) == total  # the two shards make up the whole teacher
