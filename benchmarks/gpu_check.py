@@ -25,6 +25,7 @@ process exits 1 when any section failed, so ``--tiny`` in the test suite cannot 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -207,7 +208,7 @@ def measure_variant(shape: Shape, variant: str, peak: float | None) -> dict[str,
         _sync(shape.device)
         times.append(time.perf_counter() - t0)
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if shape.device == "cuda" else None
-    flops = count_flops(lambda: train_step(module, batch, opt))
+    flops = count_flops(functools.partial(train_step, module, batch, opt))
     step_s = statistics.median(times)
     tokens = shape.batch * (shape.prompt_len + shape.response_len)
     out = {"step_s": _sig(step_s), "tokens_per_s": _sig(tokens / step_s), "tflops_per_step": _sig(flops / 1e12),
@@ -329,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a tiny Llama on the CPU (the test-suite mode)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant (after one warm-up)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak, if the chip is unknown")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated subset of " + ",".join(VARIANTS))
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: steps,scan,fsdp2,qlora")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
