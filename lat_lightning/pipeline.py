@@ -7,7 +7,9 @@ Order: the checks that need no model (:func:`lat_lightning.preflight.check_confi
 built or reused and every organism name in the config replaced by a path
 (:func:`lat_lightning.stages.organism.resolve_organism`, whenever the config names the organism); the checks
 that read the model's config (:func:`lat_lightning.preflight.check_model`); the run directory (its
-``config.yaml`` is the config as given); then the stages, with the resolved config.
+``config.yaml`` is the config as given); then the stages, with the resolved config. In a multi-process launch
+(torchrun, ``srun``, or the processes Lightning starts for a fit) ranks > 0 join only
+:data:`DISTRIBUTED_STAGES`.
 """
 
 from __future__ import annotations
@@ -22,8 +24,13 @@ from omegaconf import DictConfig
 
 from lat_lightning.config import STAGES
 from lat_lightning.rundir import create_run_dir, mark_stage_done, stage_done
+from lat_lightning.training.distributed import launch_rank
 
 log = logging.getLogger(__name__)
+
+# Stages every process of a multi-process launch joins (fit: DDP/FSDP; the scans: prompts shared out); the others
+# run on rank 0 only.
+DISTRIBUTED_STAGES = ("fit", "scan", "rescan", "durability")
 
 # name -> "module:function"; imported lazily so `--print-config` stays fast.
 STAGE_FUNCTIONS: dict[str, str] = {name: f"lat_lightning.stages.{name}:run" for name in STAGES}
@@ -54,9 +61,14 @@ def run_pipeline(cfg: DictConfig, recipe: str, resume: Optional[str] = None) -> 
 
     os.environ[RUN_DIR_ENV] = str(run_dir)  # lets recipes name earlier stages' outputs as run://<file>
     print(f"run directory: {run_dir}", flush=True)
+    follower = launch_rank() != 0
     for stage in resolved.stages:
         if resume and stage_done(run_dir, stage):
             print(f"[{stage}] already done in {run_dir}, skipping", flush=True)
+            continue
+        if follower and (stage not in DISTRIBUTED_STAGES or stage_done(run_dir, stage)):
+            # A rank > 0 joins only the stages that share their work out; a stage rank 0 finished before this
+            # process existed (Lightning's launcher starts the others at fit) is not run again.
             continue
         print(f"[{stage}] starting", flush=True)
         info = get_stage(stage)(resolved, run_dir) or {}

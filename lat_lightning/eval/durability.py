@@ -249,7 +249,8 @@ def _oneline(text: str, limit: int = 100) -> str:
 
 # ----------------------------------------------------------------------------------------------- sections
 def _run_scans(models: dict[str, nn.Module], tokenizer, prompts, targets, keys, layers, judge_map, s, out: Path | None,
-               adaptive: bool, transfer: bool, resume: bool, progress: bool) -> dict[str, Any]:
+               adaptive: bool, transfer: bool, resume: bool, progress: bool,
+               shard: tuple[int, int] | None = None) -> dict[str, Any]:
     from lat_lightning.eval.scan import run_scan
 
     scans = {}
@@ -265,7 +266,7 @@ def _run_scans(models: dict[str, nn.Module], tokenizer, prompts, targets, keys, 
             positions=s.positions, refresh=s.refresh, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
             use_chat_template=s.use_chat_template, system_prompt=s.system_prompt, prompt_keys=keys,
             bootstrap_samples=s.bootstrap_samples, resume=resume, progress=progress, figures=out is not None,
-            tensorboard=out is not None, probes=False, asabench_test_fraction=None, split_seed=s.seed)
+            tensorboard=out is not None, probes=False, asabench_test_fraction=None, split_seed=s.seed, shard=shard)
     return scans
 
 
@@ -426,7 +427,8 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
                    finetune_pairs: Sequence[tuple[str, str]] | None = None,
                    utility_rows: Sequence[Mapping[str, Any]] | None = None, utility_kind: str = "multiple_choice",
                    prompt_keys: Sequence[int] | None = None, judges=None, model_labels: Mapping[str, str] | None = None,
-                   resume: bool = False, progress: bool = False, finetune: Callable | None = None) -> dict[str, Any]:
+                   resume: bool = False, progress: bool = False, finetune: Callable | None = None,
+                   shard: tuple[int, int] | None = None) -> dict[str, Any]:
     """Run the durability suite on two in-memory models and write the report.
 
     Args:
@@ -455,6 +457,9 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
         finetune: the LoRA fine-tuning function of the ``finetune`` and ``trainability`` sections
             (:func:`lat_lightning.training.finetune.lora_finetune`; evaluation does not import training, so the
             caller passes it in). Required when one of those sections is on.
+        shard: ``(rank, world_size)`` in a multi-process launch: the two re-scans are distributed
+            (:func:`~lat_lightning.eval.scan.run_scan`'s ``shard``; needs ``out_dir``); every other section runs
+            on rank 0 only, and the other ranks return ``{"rank": r, "rows": []}`` once the scans are done.
 
     Returns:
         The summary (also written to ``durability_summary.json``): ``rows`` (the report table), one entry
@@ -464,6 +469,8 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
     s = resolve_settings(cfg)
     d = s.dur
     sections = set(d.sections)
+    if shard is not None and shard[1] > 1 and out_dir is None:
+        raise ValueError("a distributed durability run (shard=...) needs out_dir")
     if finetune is None and sections & {"finetune", "trainability"}:
         raise ValueError("the finetune / trainability sections need finetune= (lat_lightning.training.finetune."
                          "lora_finetune); pass it or drop those sections")
@@ -523,8 +530,10 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
         if need_scan:
             t0 = time.time()
             scans = _run_scans(models, tokenizer, prompts, targets, keys, layers, judge_map, s, out if write else None,
-                               "adaptive" in sections, bool(d.transfer), resume, progress)
+                               "adaptive" in sections, bool(d.transfer), resume, progress, shard)
             timings["scans"] = round(time.time() - t0, 2)
+        if shard is not None and shard[0] != 0:  # the scans were this rank's share; rank 0 does the rest
+            return {"rank": int(shard[0]), "rows": [], "timings": timings}
         if explicit is None:
             if scans:
                 peaks = {name: scans[name].headline("asa_random")["pasr_of_mean_lasr_layer"] for name in MODELS}

@@ -210,11 +210,51 @@ def _merge_plans(plans: list[tuple[list[int], AttackPlan]], n_rows: int) -> Atta
                                vector_masks=masks if first.vector_masks is not None else None)
 
 
+# ----------------------------------------------------------------------------------------------- distributed
+SHARD_FILE = "scan.rank{rank}.jsonl"  # a distributed scan's per-rank record stream, merged by rank 0
+SHARD_GLOB = "scan.rank*.jsonl"
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def _all_gather(obj) -> list:
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _read_all_records(out_path: Path) -> dict[tuple, dict]:
+    """``scan.jsonl`` and every rank's stream (a resumed distributed scan, any world size); later lines win."""
+    records = read_records(out_path / SCAN_FILE)
+    for shard_file in sorted(out_path.glob(SHARD_GLOB)):
+        records.update(read_records(shard_file))
+    return records
+
+
+def _write_records(path: Path, records: Mapping[tuple, dict]) -> None:
+    """Write ``records`` as one ``scan.jsonl`` (clean rows first, then attack, seed, prompt, layer), atomically."""
+    def order(rec: dict) -> tuple:
+        return (rec["attack"] != CLEAN_ATTACK, rec["attack"], -1 if rec.get("seed") is None else int(rec["seed"]),
+                int(rec["prompt_idx"]), int(rec["layer"]))
+
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for rec in sorted(records.values(), key=order):
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
 def _settings_fingerprint(settings: dict) -> str:
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _check_settings(out_dir: Path, settings: dict, resume: bool) -> None:
+def _check_settings(out_dir: Path, settings: dict, resume: bool, write: bool = True) -> None:
     path = out_dir / SETTINGS_FILE
     if resume and path.is_file():
         old = json.loads(path.read_text())
@@ -222,7 +262,8 @@ def _check_settings(out_dir: Path, settings: dict, resume: bool) -> None:
         if diff:
             raise ValueError(f"cannot resume the scan in {out_dir}: settings changed ({', '.join(diff)}); "
                              "use a fresh output directory")
-    path.write_text(json.dumps(settings, indent=2, default=str))
+    if write:
+        path.write_text(json.dumps(settings, indent=2, default=str))
 
 
 def run_scan(
@@ -261,6 +302,7 @@ def run_scan(
     asabench_test_fraction: float | None = 0.4,
     asabench_split_mode: str = "prompt",
     split_seed: int = 0,
+    shard: tuple[int, int] | None = None,
 ) -> ScanResult:
     """Scan prompts x layers x seeds for every attack; judge, summarise, plot, report.
 
@@ -296,6 +338,14 @@ def run_scan(
             no export).
         asabench_split_mode: ``prompt`` (disjoint, default) or ``layer_stratified`` (the reference).
         split_seed: seed of the ASABench split and of the bootstrap.
+        shard: ``(rank, world_size)`` of a distributed scan (an initialised ``torch.distributed`` process group
+            over ``world_size`` processes, every one calling ``run_scan`` with the same arguments). The prompts
+            are dealt out round-robin (prompt ``i`` to rank ``i % world_size``, so a prompt's whole layer sweep
+            stays in one batched generation); each rank streams its records to ``scan.rank<r>.jsonl``; then
+            every rank reads all of them and assembles the same result, and rank 0 alone writes the merged
+            ``scan.jsonl``, summary, report, figures, probes and ASABench files. Resume works per rank (and
+            across a change of world size). The records equal a one-process scan's. ``None`` or a world of 1:
+            the ordinary scan.
 
     Returns:
         A :class:`ScanResult`.
@@ -334,6 +384,10 @@ def run_scan(
         raise ValueError(f"primary judge '{primary}' is not among the judges {judge_names}")
     keys = list(range(n)) if prompt_keys is None else [int(k) for k in prompt_keys]
     out_path = Path(out_dir) if out_dir is not None else None
+    rank, world = (int(shard[0]), int(shard[1])) if shard is not None else (0, 1)
+    if world > 1 and out_path is None:
+        raise ValueError("a distributed scan (shard=...) needs out_dir: the ranks exchange records through files")
+    mine = [i for i in range(n) if i % world == rank]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     prompt_ids = encode_prompts(tokenizer, prompts, use_chat_template, system_prompt)
@@ -361,28 +415,38 @@ def run_scan(
             settings_to_check = dict(settings, attacks=merged_attacks)
         else:
             settings_to_check = settings
-        if not resume:
-            (out_path / SCAN_FILE).unlink(missing_ok=True)
-        _check_settings(out_path, settings_to_check, resume)
+        _check_settings(out_path, settings_to_check, resume, write=False)  # every rank refuses alike: no hang
+        if world > 1:
+            _barrier()  # every rank has read the old settings before rank 0 rewrites them
+        if rank == 0:
+            if not resume:
+                (out_path / SCAN_FILE).unlink(missing_ok=True)
+                for old_shard in out_path.glob(SHARD_GLOB):
+                    old_shard.unlink()
+            _check_settings(out_path, settings_to_check, resume)
+        if world > 1:
+            _barrier()
         if resume:
-            records = read_records(out_path / SCAN_FILE)
+            records = _read_all_records(out_path)
             for rec in records.values():
                 i = int(rec["prompt_idx"])
                 if i >= n or rec["prompt"] != prompts[i]:
                     raise ValueError(f"{out_path / SCAN_FILE} holds prompt {i} = {rec['prompt'][:60]!r}, which is "
                                      "not this scan's prompt; use a fresh output directory")
     resumed = len(records)
-    sink = _Sink(out_path / SCAN_FILE if out_path is not None else None)
+    record_file = out_path / (SCAN_FILE if world == 1 else SHARD_FILE.format(rank=rank)) if out_path else None
+    sink = _Sink(record_file)
 
     # Which cells remain.
     seeds_run = {a.name: (seed_list if a.seed_dependent else seed_list[:1]) for a in attack_objs}
-    clean_todo = [i for i in range(n) if _key(CLEAN_ATTACK, None, i, CLEAN) not in records]
+    clean_todo = [i for i in mine if _key(CLEAN_ATTACK, None, i, CLEAN) not in records]
     todo: dict[str, list[tuple[int, int, int]]] = {}
     for a in attack_objs:
-        todo[a.name] = [(i, s, l) for i in range(n) for s in seeds_run[a.name] for l in layer_list
+        todo[a.name] = [(i, s, l) for i in mine for s in seeds_run[a.name] for l in layer_list
                         if _key(a.name, s, i, l) not in records]
     total = len(clean_todo) + sum(len(v) for v in todo.values())
-    bar = tqdm(total=total, desc="scan", unit="cell", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, desc="scan" if world == 1 else f"scan (rank {rank}/{world})", unit="cell",
+               disable=not progress or rank != 0, dynamic_ncols=True)
     step = max(1, int(batch_size))
     gen_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
                   "pad_token_id": pad_id}
@@ -406,12 +470,12 @@ def run_scan(
             sink.write(new)
             run_count += len(rows)
             bar.update(len(rows))
-        clean_texts = [records[_key(CLEAN_ATTACK, None, i, CLEAN)]["response"] for i in range(n)]
         if safe_responses is not None:
             safe_ids = [encode_response(tokenizer, s, add_eos=True) for s in safe_responses]
-        else:
+        else:  # this rank's prompts only (the others are never attacked here)
             safe_ids = [list(records[_key(CLEAN_ATTACK, None, i, CLEAN)]["token_ids"]) or
-                        encode_response(tokenizer, "", add_eos=True) for i in range(n)]
+                        encode_response(tokenizer, "", add_eos=True) if i % world == rank else []
+                        for i in range(n)]
 
         # 2. Attacked cells: chunks of rows, prompt-major, so a prompt's layer sweep shares one generation.
         for a in attack_objs:
@@ -451,11 +515,29 @@ def run_scan(
                 bar.update(len(chunk))
 
         # 3. Records read back without a verdict of a judge added since: judge them now (no generation).
-        _fill_missing_verdicts(records, judge_map, target_texts, sink, step)
+        _fill_missing_verdicts({k: r for k, r in records.items() if int(r["prompt_idx"]) % world == rank},
+                               judge_map, target_texts, sink, step)
     finally:
         bar.close()
         sink.close()
         model.train(was_training)
+
+    if world > 1:  # every rank's records, in one place; rank 0 writes them as the one scan.jsonl
+        run_count = sum(_all_gather(run_count))  # every rank read every record at the start: resumed is shared
+        _barrier()
+        records = _read_all_records(out_path)
+        missing = [k for k in [_key(CLEAN_ATTACK, None, i, CLEAN) for i in range(n)] +
+                   [_key(a.name, s, i, l) for a in attack_objs for i in range(n) for s in seeds_run[a.name]
+                    for l in layer_list] if k not in records]
+        if missing:
+            raise RuntimeError(f"distributed scan: {len(missing)} cells missing after every rank finished "
+                               f"(e.g. {missing[0]})")
+        _barrier()  # every rank has read the shard files
+        if rank == 0:
+            _write_records(out_path / SCAN_FILE, records)
+            for shard_file in out_path.glob(SHARD_GLOB):
+                shard_file.unlink()
+    clean_texts = [records[_key(CLEAN_ATTACK, None, i, CLEAN)]["response"] for i in range(n)]
 
     gen_seconds = time.time() - t0
     result = _assemble(prompts, layer_list, seed_list, attack_objs, judge_map, primary, records, seeds_run,
@@ -463,6 +545,9 @@ def run_scan(
     result.cells_run, result.cells_resumed = run_count, resumed
     result.summary["cells"] = {"run": run_count, "resumed": resumed, "seconds": round(gen_seconds, 3)}
     result.summary["settings"] = settings
+
+    if rank != 0:  # rank 0 writes the outputs; the others return the same assembled result
+        return result
 
     if probes:
         from lat_lightning.eval.probes import response_probe

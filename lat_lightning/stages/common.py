@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional
 
 import torch
@@ -45,4 +46,34 @@ def load_stage_model(cfg, model_cfg: Any = None, loader: Optional[Callable[[], n
     return model
 
 
-__all__ = ["load_stage_model"]
+def process_shard(cfg) -> Optional[tuple[int, int]]:
+    """``(rank, world_size)`` of this process when it is one of several (torchrun, ``srun``, or the processes
+    Lightning's launcher started for a fit), with the default process group initialised from the launcher's
+    environment if nobody did yet; ``None`` for a single process. Call it before loading the stage's model:
+    on GPUs it selects this process's device (``LOCAL_RANK``).
+    """
+    import torch.distributed as dist
+    from lightning.fabric.plugins.environments import (
+        LightningEnvironment,
+        SLURMEnvironment,
+        TorchElasticEnvironment,
+    )
+
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+        return (dist.get_rank(), world) if world > 1 else None
+    env = next((e() for e in (TorchElasticEnvironment, SLURMEnvironment) if e.detect()), None)
+    if env is None and "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        env = LightningEnvironment()
+    if env is None or env.world_size() <= 1:
+        return None
+    os.environ.setdefault("MASTER_ADDR", env.main_address)
+    os.environ.setdefault("MASTER_PORT", str(env.main_port))
+    gpu = _stage_device(cfg.trainer.accelerator).type == "cuda"
+    if gpu:
+        torch.cuda.set_device(env.local_rank())
+    dist.init_process_group("nccl" if gpu else "gloo", rank=env.global_rank(), world_size=env.world_size())
+    return env.global_rank(), env.world_size()
+
+
+__all__ = ["load_stage_model", "process_shard"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from lat_lightning.errors import ConfigError
-from lat_lightning.stages.common import load_stage_model
+from lat_lightning.stages.common import load_stage_model, process_shard
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,7 @@ def run(cfg, run_dir: Path) -> dict:
         raise ConfigError("the durability stage needs a hardened model: set evaluation.compare_path (a directory "
                           "saved with save_pretrained, or a LoRA adapter directory), or run a fit stage first")
     resolve_settings(cfg)  # fail fast on bad settings, before loading anything
+    shard = process_shard(cfg)  # several processes: the re-scans are shared out, rank 0 does the rest
     original, o_desc = load_any_model(cfg, original_spec, label=recipe_name(original_spec))
     hardened, h_desc = load_any_model(cfg, hardened_spec, base_fallback=resolve_model_path(original_spec))
     tokenizer = load_tokenizer(model_config(cfg, original_spec))
@@ -169,7 +170,9 @@ def run(cfg, run_dir: Path) -> dict:
                              fragile_layers=fragile, fragile_source=fsource, finetune_pairs=pairs, utility_rows=rows,
                              utility_kind=kind if rows is not None else "multiple_choice", prompt_keys=keys,
                              model_labels={"original": o_desc, "hardened": h_desc}, resume=True, progress=False,
-                             finetune=lora_finetune)
+                             finetune=lora_finetune, shard=shard)
+    if shard is not None and shard[0] != 0:
+        return {"rank": shard[0], "timings": summary["timings"]}
     for r in summary["rows"]:
         print(f"[durability] {r['label']}: {_fmt(r['original'], None, r['kind'])} -> "
               f"{_fmt(r['hardened'], None, r['kind'])} ({_fmt_change(r)})", flush=True)

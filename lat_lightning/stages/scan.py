@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from lat_lightning.stages.common import load_stage_model
+from lat_lightning.stages.common import load_stage_model, process_shard
 
 
 def load_scan_prompts(cfg) -> tuple[list[str], list[str], list[int]]:
@@ -75,6 +75,7 @@ def run(cfg, run_dir: Path) -> dict:
             raise ConfigError(f"unknown attack '{a}' in evaluation.attacks; choose from "
                               f"{', '.join(attack_names(scan=True))}")
     mcfg = scan_model_config(cfg)
+    shard = process_shard(cfg)  # several processes (torchrun, srun): each scans its share of the prompts
     model = load_stage_model(cfg, mcfg)
     tokenizer = load_tokenizer(mcfg)
     prompts, targets, keys = load_scan_prompts(cfg)
@@ -92,12 +93,15 @@ def run(cfg, run_dir: Path) -> dict:
         system_prompt=mcfg.system_prompt, prompt_keys=keys, classifier_path=ev.classifier_path,
         target_key_pattern=ev.target_key_pattern,
         bootstrap_samples=ev.bootstrap_samples, resume=True, progress=True, probes=True,
-        asabench_test_fraction=ev.split_test_fraction, asabench_split_mode=ev.split_mode, split_seed=int(cfg.seed))
+        asabench_test_fraction=ev.split_test_fraction, asabench_split_mode=ev.split_mode, split_seed=int(cfg.seed),
+        shard=shard)
     info = {"attacks": {a: {k: result.headline(a)[k] for k in ("init", "pasr_mean", "masr_mean",
                                                                  "pasr_of_mean_lasr_layer")} for a in result.attacks},
             "primary_judge": result.primary_judge, "cells_run": result.cells_run,
             "cells_resumed": result.cells_resumed, "report": str(Path(run_dir) / REPORT_FILE),
             "summary": str(Path(run_dir) / SUMMARY_FILE)}
+    if shard is not None and shard[0] != 0:  # rank 0 reports
+        return info
     for a in result.attacks:
         h = result.headline(a)
         print(f"[scan] {a}: INIT {_fmt(h['init'])}  PASR {_fmt(h['pasr_mean'])} (layer {h['pasr_of_mean_lasr_layer']})"
