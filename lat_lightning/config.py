@@ -50,6 +50,8 @@ class ModelConfig:
     use_chat_template: bool = True
     require_chat_template: bool = False
     system_prompt: Optional[str] = None
+    device_map: Optional[Any] = None     # scan/evaluate/durability/interpolate: "auto" or {module: device} (accelerate)
+    offload_folder: Optional[str] = None  # where a device_map's "disk" weights go
     lora: LoraConfig = field(default_factory=LoraConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
 

@@ -29,7 +29,7 @@ from lat_lightning.attacks.plan import AttackPlan
 from lat_lightning.attacks.positions import position_mask
 from lat_lightning.losses import causal_lm_loss
 from lat_lightning.models.eval_mode import eval_mode
-from lat_lightning.models.layers import check_layer_indices, hidden_size
+from lat_lightning.models.layers import check_layer_indices, hidden_size, input_device
 
 SIGNS = ("descend", "ascend")
 
@@ -99,7 +99,7 @@ def sign_gradient_directions(model: nn.Module, prompt_ids: Sequence[Sequence[int
     layers = sorted(set(check_layer_indices(model, list(layers))))
     if not layers or not prompt_ids:
         return [{} for _ in prompt_ids]
-    device = next(model.parameters()).device
+    device = input_device(model)
     batch = prompt_target_batch(prompt_ids, target_ids, None, pad_id, device)
     with eval_mode(model):
         grads, _mask, _loss = target_gradients(model, batch, layers, "all", 1, from_earliest_layer)

@@ -37,7 +37,7 @@ from lat_lightning.attacks.positions import position_mask
 from lat_lightning.losses import causal_lm_loss, log_one_minus_p_loss
 from lat_lightning.models.eval_mode import eval_mode
 from lat_lightning.models.hooks import capture_residual
-from lat_lightning.models.layers import check_layer_indices, hidden_size
+from lat_lightning.models.layers import check_layer_indices, hidden_size, input_device
 
 DESCRIBED = ("steps", "eps", "eps_mode", "norm", "norm_scope", "optimizer", "lr", "init", "toward_harmful",
              "away_from_safe")
@@ -168,7 +168,7 @@ class PGD(Attack):
         """
         keyed = PGD(dataclasses.replace(self.settings, seed=int(seed)))
         keyed.step_callback = self.step_callback
-        device = next(model.parameters()).device
+        device = input_device(model)
         rows = list(zip((int(i) for i in row_prompts), (int(l) for l in row_layers)))
         vectors: list[Tensor | None] = [None] * len(rows)
         masks: list[Tensor | None] = [None] * len(rows)

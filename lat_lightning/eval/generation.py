@@ -27,7 +27,7 @@ from lat_lightning.attacks.plan import ATTACK_KINDS, CLEAN, AttackPlan, RowPertu
 from lat_lightning.attacks.positions import POLICIES, policy_mask
 from lat_lightning.data.templating import encode_prompt, pad_sequences
 from lat_lightning.models.eval_mode import eval_mode
-from lat_lightning.models.layers import check_layer_indices, hidden_size
+from lat_lightning.models.layers import check_layer_indices, hidden_size, input_device
 
 SAMPLING_TAG = 7_919  # extra key component separating sampling draws from perturbation draws
 GENERATION_POSITIONS = POLICIES
@@ -56,7 +56,7 @@ class GenerationResult:
 
 def _device(model: nn.Module) -> torch.device:
     try:
-        return next(model.parameters()).device
+        return input_device(model)
     except StopIteration:  # pragma: no cover - parameterless model
         return torch.device("cpu")
 

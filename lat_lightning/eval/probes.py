@@ -35,7 +35,7 @@ from lat_lightning.eval.generation import (
 )
 from lat_lightning.eval.metrics import nll_sequence, position_kl
 from lat_lightning.losses import causal_lm_loss
-from lat_lightning.models.layers import check_layer_indices, num_layers
+from lat_lightning.models.layers import check_layer_indices, input_device, num_layers
 
 
 @dataclass
@@ -226,7 +226,7 @@ def response_loss(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
     if not pairs:
         return float("nan")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    device = next(model.parameters()).device
+    device = input_device(model)
     was = model.training
     model.eval()
     total, count = 0.0, 0

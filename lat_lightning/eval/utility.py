@@ -247,7 +247,9 @@ class _ModesRestored:
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    from lat_lightning.models.layers import input_device
+
+    return input_device(model)
 
 
 def _pad_id(tokenizer) -> int:

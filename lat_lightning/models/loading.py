@@ -162,6 +162,11 @@ def load_model(cfg: ModelConfig, train: bool = True, with_lora: bool = True) -> 
     quant = _quantization_config(cfg)
     if quant is not None:
         kwargs["quantization_config"] = quant
+    device_map = getattr(cfg, "device_map", None)
+    if device_map is not None:  # a model larger than one device: accelerate places (or offloads) each module
+        kwargs["device_map"] = device_map if isinstance(device_map, str) else dict(device_map)
+        if getattr(cfg, "offload_folder", None):
+            kwargs["offload_folder"] = str(cfg.offload_folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as exc:  # noqa: BLE001

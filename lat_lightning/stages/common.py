@@ -40,7 +40,9 @@ def load_stage_model(cfg, model_cfg: Any = None, loader: Optional[Callable[[], n
     else:
         model = loader()
     device = _stage_device(cfg.trainer.accelerator)
-    if next(model.parameters()).device.type != device.type:  # already there (e.g. quantised on load): keep it
+    if getattr(model, "hf_device_map", None) and len(set(model.hf_device_map.values())) > 1:
+        pass  # model.device_map placed (or offloaded) every module: accelerate's hooks move the activations
+    elif next(model.parameters()).device.type != device.type:  # already there (e.g. quantised on load): keep it
         model = model.to(device)
     model.eval()
     return model

@@ -51,6 +51,9 @@ def run(cfg, run_dir: Union[str, Path], score_fn=None) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model)
     score_fn = score_fn or utility_score_fn(cfg, tokenizer)
     base = load_stage_model(cfg)
+    if any(p.device.type == "meta" for p in base.parameters()):
+        raise ConfigError("interpolate needs every weight in memory, but model.device_map offloads some to disk; "
+                          "use a map over devices only (e.g. model.device_map=auto on GPUs)")
     original: Optional[dict] = None
     if (final / "adapter_config.json").exists():
         from peft import PeftModel
@@ -60,7 +63,8 @@ def run(cfg, run_dir: Union[str, Path], score_fn=None) -> dict[str, Any]:
         original = {n: p.detach().to("cpu", copy=True) for n, p in base.named_parameters()}
         del base
         # The trained model exactly as saved: only its dtype comes from the config.
-        model = load_stage_model(cfg, ModelConfig(name_or_path=str(final), dtype=str(cfg.model.dtype)))
+        model = load_stage_model(cfg, ModelConfig(name_or_path=str(final), dtype=str(cfg.model.dtype),
+                                                  device_map=cfg.model.device_map))
     model.eval()
     w = cfg.callbacks.weight_interpolation
     result = lambda_search(model, list(w.lambdas), score_fn, float(w.tolerance), original)

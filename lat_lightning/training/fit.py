@@ -122,6 +122,10 @@ def validate_setup(cfg: DictConfig, model) -> None:
     Raises:
         ConfigError: with one actionable line.
     """
+    if getattr(cfg.model, "device_map", None) is not None:
+        raise ConfigError("model.device_map places a model over devices for the scan, evaluate, durability and "
+                          "interpolate stages; training shards with trainer.strategy=fsdp2 (set model.device_map=null "
+                          "for the fit)")
     try:
         attack = build_attack(cfg.perturbation.attack, cfg.perturbation)
     except ValueError as exc:
