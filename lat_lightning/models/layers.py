@@ -51,16 +51,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def input_device(model: nn.Module) -> torch.device:
-    """Where a model's input ids belong: the device of its input embeddings (the first device of a model split
-    over devices with ``model.device_map``; the CPU when they are offloaded, accelerate's hooks move them)."""
-    try:
-        device = model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        device = next(model.parameters()).device
-    return torch.device("cpu") if device.type == "meta" else device
-
-
 def _get_path(root: nn.Module, path: str):
     obj = root
     for part in path.split("."):
@@ -70,16 +60,6 @@ def _get_path(root: nn.Module, path: str):
         if hasattr(obj, "_fsdp_wrapped_module") and not isinstance(obj, nn.ModuleList):
             obj = obj._fsdp_wrapped_module
     return obj
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """Where a model's input ids belong: the device of its input embeddings (the first device of a model split
-    over devices with ``model.device_map``; the CPU when they are offloaded, accelerate's hooks move them)."""
-    try:
-        device = model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        device = next(model.parameters()).device
-    return torch.device("cpu") if device.type == "meta" else device
 
 
 def get_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -109,29 +89,9 @@ def get_decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
-def input_device(model: nn.Module) -> torch.device:
-    """Where a model's input ids belong: the device of its input embeddings (the first device of a model split
-    over devices with ``model.device_map``; the CPU when they are offloaded, accelerate's hooks move them)."""
-    try:
-        device = model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        device = next(model.parameters()).device
-    return torch.device("cpu") if device.type == "meta" else device
-
-
 def _text_config(model: nn.Module):
     config = unwrap_model(model).config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """Where a model's input ids belong: the device of its input embeddings (the first device of a model split
-    over devices with ``model.device_map``; the CPU when they are offloaded, accelerate's hooks move them)."""
-    try:
-        device = model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        device = next(model.parameters()).device
-    return torch.device("cpu") if device.type == "meta" else device
 
 
 def num_layers(model: nn.Module) -> int:
@@ -143,16 +103,6 @@ def num_layers(model: nn.Module) -> int:
     raise ValueError(f"config of {type(model).__name__} has no layer count")
 
 
-def input_device(model: nn.Module) -> torch.device:
-    """Where a model's input ids belong: the device of its input embeddings (the first device of a model split
-    over devices with ``model.device_map``; the CPU when they are offloaded, accelerate's hooks move them)."""
-    try:
-        device = model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        device = next(model.parameters()).device
-    return torch.device("cpu") if device.type == "meta" else device
-
-
 def hidden_size(model: nn.Module) -> int:
     """Residual-stream width, from the config (``hidden_size`` or ``n_embd``)."""
     config = _text_config(model)
@@ -160,16 +110,6 @@ def hidden_size(model: nn.Module) -> int:
         if getattr(config, key, None) is not None:
             return int(getattr(config, key))
     raise ValueError(f"config of {type(model).__name__} has no hidden size")
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """Where a model's input ids belong: the device of its input embeddings (the first device of a model split
-    over devices with ``model.device_map``; the CPU when they are offloaded, accelerate's hooks move them)."""
-    try:
-        device = model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        device = next(model.parameters()).device
-    return torch.device("cpu") if device.type == "meta" else device
 
 
 def check_layer_indices(model: nn.Module, layers, what: str = "layer") -> list[int]:
