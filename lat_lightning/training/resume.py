@@ -30,7 +30,8 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lat_lightning.errors import LatLightningError
+from lat_lightning.errors import RunInterrupted
+from lat_lightning.interrupts import StopRequested
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +39,11 @@ LAST = "last.ckpt"
 _REQUESTED: dict[str, Path] = {}
 
 
-class TrainingInterrupted(LatLightningError):
+class TrainingInterrupted(RunInterrupted):
     """Training was stopped by SIGTERM/SIGINT after writing a checkpoint (exit status 128 + signal)."""
 
     def __init__(self, message: str, signum: int = signal.SIGTERM):
-        super().__init__(message)
-        self.exit_code = 128 + int(signum)
+        super().__init__(message, signum)
 
 
 # ------------------------------------------------------------------------------------------ which checkpoint
@@ -177,8 +177,8 @@ class InterruptCheckpoint(Callback):
                   f"{self.path}", flush=True)
 
     def _on_sigint(self, signum, frame) -> None:
-        if self.signum is not None:  # second Ctrl+C: abort now, no checkpoint
-            raise KeyboardInterrupt
+        if self.signum is not None:  # second Ctrl+C: abort now, no checkpoint (not KeyboardInterrupt, which
+            raise StopRequested(signum)  # Lightning turns into sys.exit(1))
         self._record(signum)
         handler = signal.getsignal(signal.SIGTERM)
         if callable(handler):
