@@ -25,6 +25,8 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -94,14 +96,11 @@ def _stop_if_signalled() -> None:
 
 def _signal_of(exc: BaseException) -> Optional[int]:
     """The signal behind an exception that stopped the run, else ``None``."""
-    import signal
-
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
     if isinstance(exc, StopRequested):
         return exc.signum
-    if isinstance(exc, SIGTERMException):  # Lightning's graceful stop (a SystemExit)
-        return received() or int(signal.SIGTERM)
+    lightning = sys.modules.get("lightning.pytorch.utilities.exceptions")  # no import here: a run stopped while
+    if lightning is not None and isinstance(exc, lightning.SIGTERMException):  # importing Lightning is reported too
+        return received() or int(signal.SIGTERM)  # Lightning's graceful stop (a SystemExit)
     if isinstance(exc, KeyboardInterrupt):
         return int(signal.SIGINT)
     if isinstance(exc, SystemExit):  # Lightning exits 1 after a KeyboardInterrupt it caught
@@ -144,18 +143,22 @@ def run_pipeline(cfg: DictConfig, recipe: str, resume: Optional[str] = None, deb
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     progress = _Progress(fresh=not resume)
-    with stop_on_signals(), run_logging(debug=debug) as runlog:
+    runlog = None
+    with stop_on_signals():
         try:
-            _run(cfg, recipe, resume, runlog, progress)
-            return progress.run_dir  # type: ignore[return-value]
-        except LatLightningError as exc:
-            runlog.write_exception(exc)
+            with run_logging(debug=debug) as runlog:
+                try:
+                    _run(cfg, recipe, resume, runlog, progress)
+                    return progress.run_dir  # type: ignore[return-value]
+                except BaseException as exc:
+                    runlog.write_exception(exc)
+                    raise
+        except LatLightningError:
             if progress.fresh:
                 discard_if_empty(progress.run_dir)
             raise
         except BaseException as exc:
             signum = _signal_of(exc)
-            runlog.write_exception(exc)
             if signum is None:
                 raise
             discarded = progress.fresh and discard_if_empty(progress.run_dir)

@@ -34,6 +34,8 @@ KNOWN_NOISE: tuple[tuple[str, str, str], ...] = (
      "Lightning's advertisement for its litlogger / litmodels packages"),
     ("py.warnings", r"Total length of `\w+` across ranks is zero",
      "a fit without held-out data has no validation batches, by design"),
+    ("py.warnings", r"isinstance\(treespec, LeafSpec\)` is deprecated",
+     "a torch deprecation inside Lightning's own code"),
 )
 _NOISE = tuple((prefix, re.compile(pattern)) for prefix, pattern, _ in KNOWN_NOISE)
 # Libraries that print through handlers of their own instead of propagating to the root logger.
@@ -117,7 +119,8 @@ class RunLog(logging.Handler):
 
 
 def _console_handlers(logger: logging.Logger) -> list[logging.Handler]:
-    return [h for h in logger.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    return [h for h in logger.handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
 
 
 @contextmanager

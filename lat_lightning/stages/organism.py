@@ -100,7 +100,10 @@ def check_names(cfg) -> None:
         return
     for key in MODEL_KEYS:
         if is_organism_name(_select(cfg, key)):
-            preset_from_name(_select(cfg, key))
+            try:
+                preset_from_name(_select(cfg, key))
+            except ConfigError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
     for path, spec in _data_specs(OmegaConf.to_container(cfg, resolve=False)):
         name = spec[len(DATA_SCHEME):].strip("/")
         if name not in DATA_FILES:

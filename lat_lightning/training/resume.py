@@ -137,11 +137,30 @@ def restore_training_state(module, state: dict[str, Any]) -> None:
                     noise.get("seed"), seed)
     if "rng" in state:
         set_rng_state(state["rng"])
+    reapply_schedule(module)
     grads = state.get("accumulated_grads") or {}
     if grads:
         params = dict(module.model.named_parameters())
         for name, grad in grads.items():
             params[name].grad = grad.to(device=params[name].device, dtype=params[name].dtype)
+
+
+def reapply_schedule(module) -> None:
+    """Set the learning rate of the first resumed step from this run's schedule.
+
+    It equals the restored one (the same expression on the same step) unless ``trainer.max_steps`` grew on
+    resume: the schedule then spans the new step count, while the restored rate is the old schedule's last one
+    (0 at the end of a cosine decay, which would make the extra steps change nothing).
+    """
+    from torch.optim.lr_scheduler import LambdaLR
+
+    trainer = getattr(module, "_trainer", None)
+    for config in getattr(trainer, "lr_scheduler_configs", None) or []:
+        sched = config.scheduler
+        if isinstance(sched, LambdaLR):
+            for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base * factor(sched.last_epoch)
+            sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
 
 
 # ------------------------------------------------------------------------------------------ stopping safely
@@ -199,4 +218,5 @@ class InterruptCheckpoint(Callback):
 
 
 __all__ = ["InterruptCheckpoint", "TrainingInterrupted", "accumulated_gradients", "checkpoint_to_resume",
-           "remember_checkpoint", "restore_training_state", "rng_state", "set_rng_state", "training_state"]
+           "reapply_schedule", "remember_checkpoint", "restore_training_state", "rng_state", "set_rng_state",
+           "training_state"]

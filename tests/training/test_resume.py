@@ -115,3 +115,21 @@ def test_sigint_saves_last_ckpt_exits_130_and_resume_last_finishes(tmp_path, mon
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]
     assert (run_dir / "config.resumed.yaml").exists() and (run_dir / "final" / "adapter_config.json").exists()
+
+
+def test_a_larger_max_steps_on_resume_continues_a_finished_fit(tmp_path, capsys):
+    """Resuming a finished run with a larger trainer.max_steps trains on from its last checkpoint (it used to say
+    "already done"); a smaller one is refused, since training cannot be undone."""
+    argv = ["--recipe", "lat_tiny", f"logging.root_dir={tmp_path}", "logging.tensorboard=false", "perturbation.steps=1"]
+    assert main(argv + ["trainer.max_steps=2"]) == 0
+    run_dir = tmp_path / "lat_tiny" / "version_0"
+    adapter = (run_dir / "final" / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(argv + ["trainer.max_steps=3", "--resume", "last"]) == 0
+    out = capsys.readouterr().out
+    assert "trainer.max_steps grew to 3: fit run again" in out and "already done" not in out
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert (run_dir / "final" / "adapter_model.safetensors").read_bytes() != adapter  # the export is the new model
+    assert main(argv + ["trainer.max_steps=2", "--resume", "last"]) == 2
+    assert "trainer.max_steps: 3 -> 2" in capsys.readouterr().err
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]
