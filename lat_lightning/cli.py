@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lat_lightning.config import CHOICES, REMOVED_KEYS, RENAMED_KEYS, STAGES, RunConfig
 from lat_lightning.errors import ConfigError, LatLightningError
+from lat_lightning.interrupts import StopRequested, signal_name, stop_on_signals
 
 DEFAULT_RECIPE = "default"
 EXIT_BAD_INPUT = 2
@@ -267,6 +268,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    with stop_on_signals():  # SIGTERM / SIGINT while parsing: one line too (the pipeline handles its own)
+        return _main(argv, debug)
+
+
+def _main(argv: list[str], debug: bool) -> int:
     try:
         flags, dotlist = split_argv(argv)
         if flags["help"]:
@@ -289,9 +295,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return getattr(exc, "exit_code", EXIT_BAD_INPUT)  # 128 + signal for a run stopped by SIGTERM/SIGINT
-    except KeyboardInterrupt:  # Ctrl+C before the run's own handling started (parsing, imports)
-        print("error: interrupted by SIGINT before the run started; nothing was saved", file=sys.stderr)
-        return 128 + int(signal.SIGINT)
+    except (StopRequested, KeyboardInterrupt) as exc:  # before the run started (parsing, imports)
+        signum = exc.signum if isinstance(exc, StopRequested) else int(signal.SIGINT)
+        print(f"error: stopped by {signal_name(signum)} before the run started; nothing was saved", file=sys.stderr)
+        return 128 + signum
     except Exception as exc:  # noqa: BLE001 - the CLI promises one line unless --debug
         if debug:
             raise

@@ -213,12 +213,25 @@ def _claim_version(parent: Path, attempts: int = 1000) -> Path:
     raise ConfigError(f"could not claim a new version directory under {parent} after {attempts} attempts")
 
 
+def _tfevents_records(path: Path) -> int:
+    """Records in a TensorBoard event file (TFRecord framing: length, CRC, data, CRC)."""
+    data, n, i = path.read_bytes(), 0, 0
+    while i + 12 <= len(data):
+        i += 12 + int.from_bytes(data[i:i + 8], "little") + 4
+        n += 1
+    return n
+
+
 def holds_results(run_dir: Path) -> bool:
-    """Whether anything besides the config, the log and empty folders is in ``run_dir``."""
+    """Whether anything besides the config, the log, empty folders and empty TensorBoard event files (only the
+    header record a logger writes when it starts) is in ``run_dir``."""
     for root, _, files in os.walk(run_dir):
         for name in files:
-            if Path(root) != Path(run_dir) or name not in BOOKKEEPING:
-                return True
+            if Path(root) == Path(run_dir) and name in BOOKKEEPING:
+                continue
+            if name.startswith("events.out.tfevents.") and _tfevents_records(Path(root) / name) <= 1:
+                continue
+            return True
     return False
 
 

@@ -304,10 +304,11 @@ def test_bad_input(case, capsys, tmp_path, monkeypatch, files):
 
 # ================================================================================= failures inside a stage
 def test_data_errors_found_while_encoding_leave_no_run_directory(capsys, tmp_path, tiny_llama_dir):
-    """Sequence lengths need the tokenizer, so the fit finds them; the run directory it claimed is removed."""
-    fail(capsys, [*RECIPE, f"logging.root_dir={tmp_path}", f"model.name_or_path={tiny_llama_dir}",
+    """Sequence lengths need the tokenizer, so the fit finds them; the run directory it claimed (holding only its
+    config, run.log and an empty TensorBoard file) is removed."""
+    fail(capsys, ["--recipe", "lat_tiny", f"logging.root_dir={tmp_path}", f"model.name_or_path={tiny_llama_dir}",
                   "data.max_length=8"], "> data.max_length=8")
-    assert snapshot(tmp_path) == [] or no_run_dir(tmp_path)
+    assert snapshot(tmp_path) == ["lat_tiny"]
 
 
 @pytest.fixture(scope="module")
@@ -525,3 +526,14 @@ def test_debug_shows_the_traceback():
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 1
     assert "Traceback (most recent call last)" in proc.stderr and "ConfigError: unknown recipe" in proc.stderr
+
+
+def test_sigterm_before_the_run_started(capsys, monkeypatch):
+    """A signal while the command line is parsed: one line, exit 143, the previous handler back in place."""
+    import lat_lightning.cli as cli
+
+    before = signal.getsignal(signal.SIGTERM)
+    real = cli.load_config
+    monkeypatch.setattr(cli, "load_config", lambda *a: (os.kill(os.getpid(), signal.SIGTERM), real(*a))[1])
+    fail(capsys, ["--recipe", "lat_tiny"], "stopped by SIGTERM before the run started; nothing was saved", code=143)
+    assert signal.getsignal(signal.SIGTERM) == before
