@@ -187,7 +187,10 @@ def _run(cfg: DictConfig, recipe: str, resume: Optional[str], runlog, progress: 
     progress.phase = "creating the run directory"
     run_dir = create_run_dir(cfg, recipe, resume)
     progress.run_dir = run_dir
-    runlog.attach(run_dir)
+    from lat_lightning.training.distributed import launch_rank
+
+    if launch_rank() == 0:  # one writer of run.log per launch
+        runlog.attach(run_dir)
     for stage in rerun:
         reopen_stage(run_dir, stage)
         log.info("trainer.max_steps grew to %s: stage %s runs again", cfg.trainer.max_steps, stage)

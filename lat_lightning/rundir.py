@@ -241,8 +241,10 @@ def discard_if_empty(run_dir: Optional[Path]) -> bool:
     Returns:
         Whether it was removed.
     """
-    if run_dir is None or not Path(run_dir).is_dir() or holds_results(run_dir):
-        return False
+    from lat_lightning.training.distributed import launch_rank
+
+    if run_dir is None or launch_rank() != 0 or not Path(run_dir).is_dir() or holds_results(run_dir):
+        return False  # only rank 0 owns the directory
     shutil.rmtree(run_dir, ignore_errors=True)
     return True
 

@@ -141,8 +141,8 @@ CATALOGUE: list[Case] = [
     C("scan-pgd-steps-0", "perturbation.steps=0", names="perturbation.steps must be >= 1", recipe=SCAN),
     C("layer-negative", "perturbation.layers=[-1]", names="perturbation.layers must be >= 0"),
     C("probability-0", "perturbation.probability=0", names="perturbation.probability must be in (0, 1]"),
-    C("test-fraction-1.5", "evaluation.split_test_fraction=1.5", names="evaluation.split_test_fraction must be in [0, 1)",
-      recipe=SCAN),
+    C("test-fraction-1.5", "evaluation.split_test_fraction=1.5",
+      names="evaluation.split_test_fraction must be in [0, 1)", recipe=SCAN),
     C("test-fraction-1", "evaluation.split_test_fraction=1.0", names="evaluation.split_test_fraction", recipe=SCAN),
     C("temperature-0", "evaluation.temperature=0", names="evaluation.temperature must be > 0", recipe=SCAN),
     C("num-prompts-0", "evaluation.num_prompts=0", names="evaluation.num_prompts must be >= 1", recipe=SCAN),
@@ -388,7 +388,7 @@ def test_known_warnings_stay_off_the_console_and_go_to_run_log(tmp_path, capsys)
                 "`past_key_values`/`cache_params` are deprecated. Use `cache` instead.")
             with warnings.catch_warnings():  # shown even if an earlier test triggered it (the once-registry)
                 warnings.simplefilter("always")
-                warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+                warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning, stacklevel=1)
             logging.getLogger("lat_lightning.test").warning("a warning that matters")
             runlog.attach(tmp_path)
             logging.getLogger("lat_lightning.test").info("an info line for the file only")
@@ -432,7 +432,7 @@ def test_sigterm_while_building_the_organism(capsys, tmp_path, monkeypatch):
     before = signal.getsignal(signal.SIGTERM)
     calls = _signal_at(monkeypatch, LossRecorder, "on_train_batch_end", at=3)
     last = fail(capsys, ["--recipe", SCAN, f"logging.root_dir={runs}", "model.name_or_path=organism:smoke",
-                         "evaluation.attacks=[asa_random]", "evaluation.max_new_tokens=2"],
+                         "stages=[organism,scan]", "evaluation.attacks=[asa_random]", "evaluation.max_new_tokens=2"],
                 "stopped by SIGTERM while building the organism", code=143)
     assert len(calls) < 20, "Lightning must stop at the batch after the signal"
     assert "nothing was saved" in last and "partial organism build was removed" in last
