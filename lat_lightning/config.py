@@ -282,6 +282,12 @@ class RunConfig:
 # option fails loudly instead of silently falling through to a default branch.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.quantization.bnb_4bit_quant_type": ("nf4", "fp4"),
+    "model.quantization.bnb_4bit_compute_dtype": ("float32", "bfloat16", "float16"),
+    "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu"),
+    # Lightning's precision names (lightning.fabric.connector._PRECISION_INPUT_STR)
+    "trainer.precision": ("32-true", "32", "16-mixed", "16-true", "16", "bf16-mixed", "bf16-true", "bf16",
+                          "64-true", "64", "transformer-engine", "transformer-engine-float16"),
     "data.truncation": ("error", "left", "right", "drop"),
     "evaluation.refresh": ("step", "fixed"),
     "perturbation.refresh": ("step", "fixed"),
@@ -312,4 +318,101 @@ RENAMED_KEYS: dict[str, str] = {
 }
 REMOVED_KEYS: dict[str, str] = {
     "perturbation.stats_source": "the statistics of Eq. 1 always come from the perturbed activation itself",
+}
+
+# The valid range of every numeric or list setting, checked (with the config's other model-independent checks)
+# by lat_lightning.preflight before a run directory exists. Clauses, separated by ", ": ">= N", "> N", "< N"
+# (a number), "in [a, b)" / "in [a, b]" / "in (a, b]" (an interval), "not empty" and "unique" (lists), and
+# "each <clause>" (every entry of a list). A null value is always allowed for an Optional key; floats must also be
+# finite everywhere. Degenerate values (no tokens to generate, no seeds, a reversed attack, an untrained
+# export...) would otherwise run and report a silently wrong answer.
+BOUNDS: dict[str, str] = {
+    "stages": "not empty, unique",
+    "model.lora.r": ">= 1",
+    "model.lora.alpha": "> 0",
+    "model.lora.dropout": "in [0, 1)",
+    "model.lora.target_modules": "not empty, unique",
+    "model.lora.layers_to_transform": "not empty, unique, each >= 0",
+    "data.max_examples": ">= 1",
+    "data.max_length": ">= 1",
+    "data.batch_size": ">= 1",
+    "data.num_workers": ">= 0",
+    "perturbation.layers": "unique, each >= 0",
+    "perturbation.first_k": ">= 1",
+    "perturbation.alpha": "> 0",
+    "perturbation.probability": "in (0, 1]",
+    "perturbation.steps": ">= 1",
+    "perturbation.eps": "> 0",
+    "perturbation.lr": "> 0",
+    "perturbation.toward_harmful": ">= 0",
+    "perturbation.away_from_safe": ">= 0",
+    "loss.toward_safe": ">= 0",
+    "loss.away_from_harmful": ">= 0",
+    "loss.utility": ">= 0",
+    "loss.away_logp_floor": "< 0",
+    "trainer.max_steps": ">= 1",
+    "trainer.num_nodes": ">= 1",
+    "trainer.accumulate_grad_batches": ">= 1",
+    "trainer.gradient_clip_val": ">= 0",
+    "trainer.val_check_interval": ">= 1",
+    "trainer.log_every_n_steps": ">= 1",
+    "trainer.checkpoint_every_n_steps": ">= 1",
+    "trainer.lr": "> 0",
+    "trainer.weight_decay": ">= 0",
+    "trainer.warmup_ratio": "in [0, 1)",
+    "trainer.betas": "each in [0, 1)",
+    "logging.sample_generations": ">= 0",
+    "callbacks.kl_teacher.weight": "> 0",
+    "callbacks.kl_teacher.chunk_size": ">= 1",
+    "callbacks.fragile_layers.layers": "unique, each >= 0",
+    "callbacks.fragile_layers.top_k": ">= 1",
+    "callbacks.fragile_layers.num_prompts": ">= 1",
+    "callbacks.fragile_layers.candidate_layers": "not empty, unique, each >= 0",
+    "callbacks.weight_interpolation.lambdas": "not empty, unique, each in [0, 1]",
+    "callbacks.weight_interpolation.tolerance": ">= 0",
+    "evaluation.attacks": "not empty, unique",
+    "evaluation.layers": "not empty, unique, each >= 0",
+    "evaluation.first_k": ">= 1",
+    "evaluation.seeds": "not empty, unique",
+    "evaluation.judges": "not empty, unique",
+    "evaluation.max_new_tokens": ">= 1",
+    "evaluation.temperature": "> 0",
+    "evaluation.batch_size": ">= 1",
+    "evaluation.num_prompts": ">= 1",
+    "evaluation.bootstrap_samples": ">= 0",
+    "evaluation.split_test_fraction": "in [0, 1)",
+    "evaluation.durability.sections": "not empty, unique",
+    "evaluation.durability.num_prompts": ">= 1",
+    "evaluation.durability.random_seeds": "not empty, unique",
+    "evaluation.durability.fragile_layers": "not empty, unique, each >= 0",
+    "evaluation.durability.max_k": ">= 1",
+    "evaluation.durability.depth_attacks": "unique",
+    "evaluation.durability.prefill_ks": "not empty, unique, each >= 0",
+    "evaluation.durability.finetune_steps": ">= 1",
+    "evaluation.durability.finetune_lr": "> 0",
+    "evaluation.durability.finetune_batch_size": ">= 1",
+    "evaluation.durability.finetune_lora_r": ">= 1",
+    "evaluation.durability.finetune_lora_alpha": "> 0",
+    "evaluation.durability.finetune_target_modules": "not empty, unique",
+    "evaluation.durability.benign_steps": ">= 1",
+    "evaluation.durability.benign_lr": "> 0",
+    "evaluation.durability.adaptive_attacks": "unique",
+    "evaluation.durability.rewrites": "unique",
+    "evaluation.durability.max_new_tokens": ">= 1",
+}
+
+# Keys a resumed run (--resume) may change; any other difference from the run's saved config is refused with the
+# list of changed keys (a resumed run silently mixing two configs is a wrong answer). Value: why it is safe.
+SAFE_ON_RESUME: dict[str, str] = {
+    "trainer.max_steps": "may only grow: the fit continues from its last checkpoint to the new step count "
+                         "(the LR schedule is stretched to it), and the stages after fit run again on the new model",
+    "stages": "stages already done are skipped; stages added run with the run's saved settings",
+    "logging.root_dir": "where the run directory is looked up (--resume names it)",
+    "logging.name": "where the run directory is looked up",
+    "logging.version": "where the run directory is looked up",
+    "trainer.log_every_n_steps": "logging cadence only",
+    "trainer.checkpoint_every_n_steps": "checkpoint cadence only",
+    "data.num_workers": "data-loading processes only: the same batches in the same order",
+    "evaluation.batch_size": "rows per generation batch: results do not depend on it",
+    "organism.rebuild": "a resumed run never rebuilds the organism",
 }

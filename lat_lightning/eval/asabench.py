@@ -86,9 +86,13 @@ def write_jsonl(rows: Iterable[Mapping], path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps({k: row[k] for k in ASABENCH_FIELDS}, ensure_ascii=False) + "\n" for row in rows)
-    tmp.replace(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps({k: row[k] for k in ASABENCH_FIELDS}, ensure_ascii=False) + "\n"
+                          for row in rows)
+        tmp.replace(path)
+    finally:  # stopped half-way (an error, SIGTERM): no temp file left behind
+        tmp.unlink(missing_ok=True)
     return path
 
 

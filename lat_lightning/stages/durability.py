@@ -182,4 +182,16 @@ def run(cfg, run_dir: Path) -> dict:
             "rows": {r["id"]: {m: r[m] for m in MODELS} for r in summary["rows"]}}
 
 
-__all__ = ["find_fragile_layers", "load_any_model", "model_config", "run"]
+def saved(run_dir: Path) -> str | None:
+    """What an interrupted durability suite keeps for ``--resume``: the cells of its two re-scans (the other
+    sections run again)."""
+    from lat_lightning.stages.scan import cells_saved
+
+    counts = {name: cells_saved(Path(run_dir) / name / "scan.jsonl") for name in ("original", "hardened")}
+    if not any(counts.values()):
+        return None
+    return (f"{counts['original']} + {counts['hardened']} finished re-scan cells in original/ and hardened/ (kept; "
+            "the other sections run again)")
+
+
+__all__ = ["find_fragile_layers", "load_any_model", "model_config", "run", "saved"]

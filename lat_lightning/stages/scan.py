@@ -110,4 +110,18 @@ def run(cfg, run_dir: Path) -> dict:
     return info
 
 
-__all__ = ["load_scan_prompts", "run", "scan_model_config"]
+def cells_saved(path: Path) -> int:
+    """Complete records in a ``scan.jsonl`` (0 when there is none)."""
+    if not path.is_file():
+        return 0
+    with open(path, "rb") as fh:
+        return sum(1 for line in fh if line.endswith(b"\n"))
+
+
+def saved(run_dir: Path) -> str | None:
+    """What an interrupted scan keeps for ``--resume``: its finished cells (the pipeline's stop message)."""
+    n = cells_saved(Path(run_dir) / "scan.jsonl")
+    return f"{n} finished cells in scan.jsonl (kept)" if n else None
+
+
+__all__ = ["cells_saved", "load_scan_prompts", "run", "saved", "scan_model_config"]
