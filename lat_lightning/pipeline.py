@@ -195,7 +195,6 @@ def _run(cfg: DictConfig, recipe: str, resume: Optional[str], runlog, progress: 
     progress.phase = "creating the run directory"
     run_dir = create_run_dir(cfg, recipe, resume)
     progress.run_dir = run_dir
-    from lat_lightning.training.distributed import launch_rank
 
     if launch_rank() == 0:  # one writer of run.log per launch
         runlog.attach(run_dir)
