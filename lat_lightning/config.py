@@ -17,12 +17,12 @@ STAGES = ("organism", "fit", "scan", "rescan", "evaluate", "interpolate", "durab
 class LoraConfig:
     """LoRA adapters through peft. ``enabled=False`` means full fine-tuning."""
 
-    enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    layers_to_transform: Optional[list[int]] = None
+    enabled: bool = False                          # false: full fine-tuning
+    r: int = 16                                    # adapter rank
+    alpha: int = 32                                # scaling alpha / r
+    dropout: float = 0.05                          # 0 is forced where fused expert weights are adapted (peft)
+    target_modules: Optional[list[str]] = None     # None: every linear layer of the decoder blocks + fused experts
+    layers_to_transform: Optional[list[int]] = None  # None: every decoder layer
 
 
 @dataclass

@@ -117,15 +117,41 @@ def _quantization_config(cfg: ModelConfig):
 
 
 def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
-    """Wrap ``model`` with LoRA adapters as ``cfg.lora`` says (base weights frozen, train/eval mode kept)."""
+    """Wrap ``model`` with LoRA adapters as ``cfg.lora`` says (base weights frozen, train/eval mode kept).
+
+    ``cfg.lora.target_modules`` unset adapts every linear layer of the decoder blocks and any fused expert
+    weights (:mod:`lat_lightning.models.lora_targets`); a list is used as given, with a warning naming the block
+    weights it leaves out. The choice is logged and recorded on the returned model
+    (:func:`~lat_lightning.models.lora_targets.lora_targets_of`).
+
+    Raises:
+        ModelLoadError: the targets match nothing in this model, or peft refuses the config.
+    """
     from peft import LoraConfig, get_peft_model
 
+    from lat_lightning.models.lora_targets import (
+        ATTRIBUTE,
+        adapts_expert_parameters,
+        choose_targets,
+        coverage,
+        warn_left_out,
+    )
+
     lc = cfg.lora
+    requested = list(lc.target_modules) if lc.target_modules is not None else None
+    targets = choose_targets(model, requested)
+    dropout = float(lc.dropout)
+    if dropout and adapts_expert_parameters(model, targets):
+        log.warning("LoRA on fused expert weights takes no dropout (peft): model.lora.dropout %s -> 0 for this model",
+                    dropout)
+        dropout = 0.0
+    targets.dropout = dropout
     peft_cfg = LoraConfig(
         r=lc.r,
         lora_alpha=lc.alpha,
-        lora_dropout=lc.dropout,
-        target_modules=list(lc.target_modules),
+        lora_dropout=dropout,
+        target_modules=list(targets.target_modules),
+        target_parameters=list(targets.target_parameters) or None,
         layers_to_transform=list(lc.layers_to_transform) if lc.layers_to_transform else None,
         task_type="CAUSAL_LM",
     )
@@ -133,9 +159,16 @@ def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     try:
         wrapped = get_peft_model(model, peft_cfg)
     except ValueError as exc:
-        raise ModelLoadError(f"LoRA config does not fit this model: {str(exc).splitlines()[0]}") from None
+        first = str(exc).splitlines()[0].rstrip(". ")
+        raise ModelLoadError(f"LoRA config does not fit this model: {first}; its decoder blocks have "
+                             f"{', '.join(targets.block_weights)} (or leave model.lora.target_modules unset to adapt "
+                             "all of them)") from None
     # New adapter modules start in train mode (dropout on) even on an eval-mode model: keep the mode.
     wrapped.train(was_training)
+    coverage(wrapped, targets)
+    warn_left_out(targets)
+    log.info(targets.summary())
+    setattr(wrapped, ATTRIBUTE, targets)
     return wrapped
 
 
