@@ -41,6 +41,7 @@ class ModelConfig:
     """Which model to load and how."""
 
     name_or_path: str = "organism"
+    gguf_file: Optional[str] = None      # a .gguf file inside name_or_path (a directory or hub id); see docs/models.md
     tokenizer: Optional[str] = None
     revision: Optional[str] = None
     dtype: str = "float32"

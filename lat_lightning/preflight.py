@@ -25,9 +25,9 @@ def model_config(cfg: DictConfig) -> Optional[Any]:
     Raises:
         ModelLoadError: for a local model path that does not exist.
     """
-    from lat_lightning.models.loading import resolve_model_path
+    from lat_lightning.models.loading import resolve_model_source
 
-    source = resolve_model_path(cfg.model.name_or_path)
+    source = resolve_model_source(cfg.model)
     try:
         from transformers import AutoConfig
 

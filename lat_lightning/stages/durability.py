@@ -33,6 +33,8 @@ def model_config(cfg, name_or_path: str):
     from lat_lightning.config import ModelConfig
 
     mcfg = OmegaConf.to_object(cfg.model) if not isinstance(cfg.model, ModelConfig) else dataclasses.replace(cfg.model)
+    if str(name_or_path) != str(mcfg.name_or_path):  # model.gguf_file names a file of model.name_or_path only
+        mcfg.gguf_file = None
     mcfg.name_or_path = str(name_or_path)
     mcfg.lora.enabled = False
     mcfg.gradient_checkpointing = False
@@ -124,7 +126,7 @@ def run(cfg, run_dir: Path) -> dict:
         resolve_settings,
         run_durability,
     )
-    from lat_lightning.models.loading import load_tokenizer, resolve_model_path
+    from lat_lightning.models.loading import load_tokenizer, resolve_model_source
     from lat_lightning.resources import resource_path
     from lat_lightning.stages.organism import recipe_name
     from lat_lightning.stages.rescan import trained_model_path
@@ -143,7 +145,8 @@ def run(cfg, run_dir: Path) -> dict:
                           "saved with save_pretrained, or a LoRA adapter directory), or run a fit stage first")
     resolve_settings(cfg)  # fail fast on bad settings, before loading anything
     original, o_desc = load_any_model(cfg, original_spec, label=recipe_name(original_spec))
-    hardened, h_desc = load_any_model(cfg, hardened_spec, base_fallback=resolve_model_path(original_spec))
+    hardened, h_desc = load_any_model(cfg, hardened_spec,
+                                      base_fallback=resolve_model_source(model_config(cfg, original_spec)))
     tokenizer = load_tokenizer(model_config(cfg, original_spec))
     prompts, targets, keys = load_scan_prompts(cfg)
     pairs = None

@@ -48,7 +48,7 @@ def scan_model_config(cfg):
     mcfg = OmegaConf.to_object(cfg.model) if not isinstance(cfg.model, ModelConfig) else cfg.model
     mcfg = dataclasses.replace(mcfg)
     if cfg.evaluation.model_path:
-        mcfg.name_or_path = str(cfg.evaluation.model_path)
+        mcfg.name_or_path, mcfg.gguf_file = str(cfg.evaluation.model_path), None
     return mcfg
 
 
