@@ -69,6 +69,8 @@ class DataConfig:
     eval_benign: Optional[str] = None
     asabench: Optional[str] = None
     default_safe_response: str = "I'm sorry, but I cannot help with that request."
+    default_target: Optional[str] = None  # harmful target y* of every prompt when the data has none (ASAgrad, PGD)
+    filter: dict[str, Any] = field(default_factory=dict)  # keep safety rows whose column == value (or is in a list)
     max_examples: Optional[int] = None
     max_length: int = 512
     truncation: str = "error"

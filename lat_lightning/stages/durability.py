@@ -148,12 +148,17 @@ def run(cfg, run_dir: Path) -> dict:
     hardened, h_desc = load_any_model(cfg, hardened_spec,
                                       base_fallback=resolve_model_source(model_config(cfg, original_spec)))
     tokenizer = load_tokenizer(model_config(cfg, original_spec))
-    prompts, targets, keys = load_scan_prompts(cfg)
+    dur = ev.durability
+    prompts, targets, keys = load_scan_prompts(
+        cfg, attacks=[a for section, names in (("adaptive", dur.adaptive_attacks), ("depth", dur.depth_attacks))
+                      if section in dur.sections for a in names],
+        require_target="finetune" in dur.sections)  # the fine-tuning attack's loss is measured on the targets
     pairs = None
-    if cfg.data.harmful:
+    if cfg.data.harmful and "finetune" in dur.sections:  # the fine-tuning attack trains on harmful completions
         pairs = [(e.prompt, e.harmful_response) for e in load_safety_examples(
             resource_path(cfg.data.harmful), cfg.data.harmful_split, dict(cfg.data.harmful_columns or {}),
-            cfg.data.default_safe_response, cfg.data.max_examples)]
+            cfg.data.default_safe_response, cfg.data.max_examples, default_target=cfg.data.default_target,
+            row_filter=dict(cfg.data.filter or {}))]
     benign = []
     source = cfg.data.benign or cfg.data.eval_benign
     if source:

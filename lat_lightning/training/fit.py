@@ -195,8 +195,9 @@ def fit(cfg: DictConfig, run_dir: Path, model=None, tokenizer=None, datamodule: 
     model = model if model is not None else load_model(cfg.model, train=True)
     model.train()
     validate_setup(cfg, model)
-    datamodule = datamodule or SafetyDataModule(cfg, tokenizer)
     module = build_module(cfg, model, tokenizer, evaluator=build_evaluator(cfg))
+    datamodule = datamodule or SafetyDataModule(
+        cfg, tokenizer, require_target=module.attack.needs_target or bool(cfg.loss.away_from_harmful))
     callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks)
     trainer = build_trainer(cfg, run_dir, callbacks)
     if trainer.is_global_zero:
