@@ -10,6 +10,7 @@ logits of the model in memory.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,8 +75,7 @@ def test_smollm2_gguf_scan_lat_lapt_interpolate_export(smollm2_gguf, tmp_path, m
     assert len(summary["attacks"]["asa_random"]["headline"]["lasr_mean"]) == 30
     assert len((scan_dir / "scan.jsonl").read_text().splitlines()) == 2 + 2 * 30
     converted = resolve_model_source(load_config("asa_scan_smollm2", [f"model.name_or_path={gguf}"]).model)
-    assert converted.startswith(str(tmp_path / "cache" / "gguf")) and _plain_checkpoint(
-        __import__("pathlib").Path(converted))
+    assert converted.startswith(str(tmp_path / "cache" / "gguf")) and _plain_checkpoint(Path(converted))
 
     # 2. PGD-LAT with LoRA (default targets), two steps on prompt-only data with a constant target; interpolation
     lat = load_config("lat_tiny", [
