@@ -150,13 +150,13 @@ def _quantization_config(cfg: ModelConfig):
     )
 
 
-def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: ModelConfig, config_key: str = "model.lora.target_modules") -> nn.Module:
     """Wrap ``model`` with LoRA adapters as ``cfg.lora`` says (base weights frozen, train/eval mode kept).
 
     ``cfg.lora.target_modules`` unset adapts every linear layer of the decoder blocks and any fused expert
     weights (:mod:`lat_lightning.models.lora_targets`); a list is used as given, with a warning naming the block
     weights it leaves out. The choice is logged and recorded on the returned model
-    (:func:`~lat_lightning.models.lora_targets.lora_targets_of`).
+    (:func:`~lat_lightning.models.lora_targets.lora_targets_of`). ``config_key`` is the setting the messages name.
 
     Raises:
         ModelLoadError: the targets match nothing in this model, or peft refuses the config.
@@ -195,12 +195,12 @@ def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     except ValueError as exc:
         first = str(exc).splitlines()[0].rstrip(". ")
         raise ModelLoadError(f"LoRA config does not fit this model: {first}; its decoder blocks have "
-                             f"{', '.join(targets.block_weights)} (or leave model.lora.target_modules unset to adapt "
+                             f"{', '.join(targets.block_weights)} (or leave {config_key} unset to adapt "
                              "all of them)") from None
     # New adapter modules start in train mode (dropout on) even on an eval-mode model: keep the mode.
     wrapped.train(was_training)
     coverage(wrapped, targets)
-    warn_left_out(targets)
+    warn_left_out(targets, config_key)
     log.info(targets.summary())
     setattr(wrapped, ATTRIBUTE, targets)
     return wrapped

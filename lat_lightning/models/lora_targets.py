@@ -211,13 +211,13 @@ def lora_targets_of(model: nn.Module) -> Optional[LoraTargets]:
     return getattr(model, ATTRIBUTE, None)
 
 
-def warn_left_out(targets: LoraTargets) -> None:
-    """A recipe's explicit targets that leave block weights out get one warning naming them."""
+def warn_left_out(targets: LoraTargets, config_key: str = "model.lora.target_modules") -> None:
+    """A recipe's explicit targets that leave block weights out get one warning naming them (and ``config_key``,
+    the setting they came from)."""
     if targets.auto or not targets.left_out:
         return
-    log.warning("model.lora.target_modules %s leave out these weights of the decoder blocks: %s (leave "
-                "target_modules unset to adapt every linear layer of the blocks)", targets.requested,
-                ", ".join(targets.left_out))
+    log.warning("%s %s leave out these weights of the decoder blocks: %s (leave it unset to adapt every linear "
+                "layer of the blocks)", config_key, targets.requested, ", ".join(targets.left_out))
 
 
 __all__ = ["ATTRIBUTE", "LoraTargets", "adapts_expert_parameters", "block_weights", "choose_targets", "coverage",
