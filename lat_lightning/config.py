@@ -17,12 +17,12 @@ STAGES = ("organism", "fit", "scan", "rescan", "evaluate", "interpolate", "durab
 class LoraConfig:
     """LoRA adapters through peft. ``enabled=False`` means full fine-tuning."""
 
-    enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    layers_to_transform: Optional[list[int]] = None
+    enabled: bool = False                          # false: full fine-tuning
+    r: int = 16                                    # adapter rank
+    alpha: int = 32                                # scaling alpha / r
+    dropout: float = 0.05                          # 0 is forced where fused expert weights are adapted (peft)
+    target_modules: Optional[list[str]] = None     # None: every linear layer of the decoder blocks + fused experts
+    layers_to_transform: Optional[list[int]] = None  # None: every decoder layer
 
 
 @dataclass
@@ -41,6 +41,7 @@ class ModelConfig:
     """Which model to load and how."""
 
     name_or_path: str = "organism"
+    gguf_file: Optional[str] = None      # a .gguf file inside name_or_path (a directory or hub id); see docs/models.md
     tokenizer: Optional[str] = None
     revision: Optional[str] = None
     dtype: str = "float32"
@@ -70,6 +71,8 @@ class DataConfig:
     eval_benign: Optional[str] = None
     asabench: Optional[str] = None
     default_safe_response: str = "I'm sorry, but I cannot help with that request."
+    default_target: Optional[str] = None  # harmful target y* of every prompt when the data has none (ASAgrad, PGD)
+    filter: dict[str, Any] = field(default_factory=dict)  # keep safety rows whose column == value (or is in a list)
     max_examples: Optional[int] = None
     max_length: int = 512
     truncation: str = "error"

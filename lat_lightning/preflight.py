@@ -262,7 +262,9 @@ def _looks_local(spec: str) -> bool:
 def _check_model_specs(cfg) -> None:
     """Model names: local paths exist, ``tiny:`` names parse (nothing is built). Organism names: the organism
     stage's checks."""
+    from lat_lightning.models.gguf import is_gguf_path
     from lat_lightning.models.loading import resolve_model_path
+    from lat_lightning.models.pypi_files import is_pip_spec
     from lat_lightning.models.tiny import is_tiny_spec, tiny_model_config
     from lat_lightning.stages.organism import check_names, is_organism_name
 
@@ -272,6 +274,12 @@ def _check_model_specs(cfg) -> None:
         if not spec or is_organism_name(spec):
             continue
         spec = str(spec)
+        if is_pip_spec(spec) or is_gguf_path(spec) or (key == "model.name_or_path" and cfg.model.gguf_file):
+            # A GGUF file or a file in a wheel is fetched / converted when a stage loads it, not here; a local
+            # GGUF file must exist.
+            if is_gguf_path(spec) and not is_pip_spec(spec) and not os.path.exists(os.path.expanduser(spec)):
+                raise ModelLoadError(f"{key}: GGUF file '{spec}' does not exist")
+            continue
         try:
             if is_tiny_spec(spec):
                 tiny_model_config(spec)
@@ -403,7 +411,9 @@ def model_config(cfg: DictConfig, spec: Optional[str] = None) -> Optional[Any]:
     Raises:
         ModelLoadError: a local model path that does not exist, a bad ``tiny:`` name.
     """
+    from lat_lightning.models.gguf import is_gguf_path
     from lat_lightning.models.loading import resolve_model_path
+    from lat_lightning.models.pypi_files import is_pip_spec
     from lat_lightning.models.tiny import is_tiny_spec, tiny_model_config
     from lat_lightning.stages.organism import is_organism_name, organism_model_config
 
@@ -412,6 +422,8 @@ def model_config(cfg: DictConfig, spec: Optional[str] = None) -> Optional[Any]:
         return organism_model_config(spec)
     if is_tiny_spec(spec):
         return tiny_model_config(spec)
+    if is_pip_spec(spec) or is_gguf_path(spec) or cfg.model.gguf_file:
+        return None  # read when a stage converts it (fetching or converting here would be loading)
     source = resolve_model_path(spec)
     try:
         from transformers import AutoConfig

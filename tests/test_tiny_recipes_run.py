@@ -1,5 +1,6 @@
 """The tiny training recipes run end to end on CPU and write what they promise."""
 
+import json
 
 import pytest
 import torch
@@ -26,9 +27,11 @@ def test_tiny_recipe_trains_and_exports(recipe, tmp_path, capsys):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2
     assert ckpt["state_dict"], "checkpoint holds the trainable weights"
-    if recipe == "lat_tiny":  # LoRA: adapters only
+    if recipe == "lat_tiny":  # LoRA: adapters only, on every linear layer of the blocks (targets left unset)
         assert all("lora_" in k for k in ckpt["state_dict"])
         assert (run_dir / "final" / "adapter_config.json").exists()
+        targets = json.loads((run_dir / "lora_targets.json").read_text())
+        assert targets["auto"] and "mlp.gate_proj" in targets["adapted"] and targets["left_out"] == []
     else:
         assert (run_dir / "final" / "config.json").exists()
     tags = _scalars(run_dir)

@@ -48,7 +48,8 @@ def load_evaluation_data(cfg: DictConfig) -> EvaluationData:
     if cfg.data.eval_harmful:
         data.harmful = load_safety_examples(cfg.data.eval_harmful, cfg.data.harmful_split,
                                             dict(cfg.data.harmful_columns or {}), cfg.data.default_safe_response,
-                                            cfg.evaluation.num_prompts)
+                                            cfg.evaluation.num_prompts, default_target=cfg.data.default_target,
+                                            require_target=False, row_filter=dict(cfg.data.filter or {}))
     if cfg.data.eval_benign:
         data.benign_prompts = [ex.prompt for ex in load_benign_examples(
             cfg.data.eval_benign, cfg.data.benign_split, dict(cfg.data.benign_columns or {}),

@@ -11,15 +11,18 @@ from torch import nn
 
 # Attribute paths, tried in order, from the bare causal-LM to its decoder-layer ModuleList.
 LAYER_PATHS: tuple[str, ...] = (
-    "model.layers",  # Llama, Mistral, Qwen2, Gemma, Gemma2, Phi-3
-    "transformer.h",  # GPT-2
+    "model.layers",  # Llama, Mistral, Mixtral, Qwen2/3, Gemma 1-3 (text), OLMo2, Phi, Phi-3
+    "transformer.h",  # GPT-2, Falcon, BLOOM
     "gpt_neox.layers",  # GPT-NeoX / Pythia
+    "transformer.blocks",  # MPT
     "model.language_model.layers",  # multimodal wrappers (Gemma3, Llava-style)
     "model.decoder.layers",  # OPT
     "transformer.layers",
 )
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox")
+# Families tested on tiny random models (lat_lightning.testing.tiny_models builds one of each).
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox",
+                           "falcon", "bloom", "mpt", "qwen3", "gemma3", "olmo2", "phi", "mixtral")
 
 
 def input_device(model: nn.Module) -> torch.device:

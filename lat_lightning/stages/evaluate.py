@@ -22,7 +22,7 @@ def run(cfg, run_dir: Path) -> dict:
 
     mcfg = cfg.model
     if cfg.evaluation.model_path:
-        mcfg = OmegaConf.merge(cfg.model, {"name_or_path": cfg.evaluation.model_path})
+        mcfg = OmegaConf.merge(cfg.model, {"name_or_path": cfg.evaluation.model_path, "gguf_file": None})
         mcfg.lora.enabled = False
     model = load_stage_model(cfg, mcfg)
     tokenizer = load_tokenizer(mcfg)

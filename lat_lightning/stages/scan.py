@@ -9,15 +9,25 @@ from pathlib import Path
 from lat_lightning.stages.common import load_stage_model, process_shard
 
 
-def load_scan_prompts(cfg) -> tuple[list[str], list[str], list[int]]:
+def load_scan_prompts(cfg, attacks=None, require_target: bool = False) -> tuple[list[str], list[str | None],
+                                                                                list[int]]:
     """Harmful prompts, targets and stable ids from ``data.eval_harmful`` (or ``data.harmful``).
 
     ``pkg://`` paths resolve to files shipped in the package (:func:`lat_lightning.resources.resource_path`);
-    the first ``evaluation.num_prompts`` are kept.
+    ``data.filter`` selects rows, then the first ``evaluation.num_prompts`` are kept. Prompt-only data gives
+    ``None`` targets (or ``data.default_target``); it is an error when an attack that needs a target
+    (ASAgrad, PGD) or the ``target_match`` judge will run.
+
+    Args:
+        cfg: the run config.
+        attacks: the attack names that will run (default ``evaluation.attacks``).
+        require_target: a target is needed whatever the attacks (e.g. the durability fine-tuning attack).
 
     Raises:
         ConfigError: when neither data source is set.
+        DataError: the data cannot be loaded, or a needed target is missing.
     """
+    from lat_lightning.attacks import ATTACKS
     from lat_lightning.data.loaders import load_safety_examples
     from lat_lightning.errors import ConfigError
     from lat_lightning.resources import resource_path
@@ -26,10 +36,14 @@ def load_scan_prompts(cfg) -> tuple[list[str], list[str], list[int]]:
     if not source:
         raise ConfigError("the scan needs harmful prompts: set data.eval_harmful or data.harmful "
                           "(e.g. pkg://lat_lightning/resources/tiny_harmful.jsonl)")
+    attacks = list(cfg.evaluation.attacks if attacks is None else attacks)
+    needs_target = require_target or any(ATTACKS[a].needs_target for a in attacks if a in ATTACKS) or \
+        "target_match" in list(cfg.evaluation.judges)
     examples = load_safety_examples(resource_path(source), split=cfg.data.harmful_split,
                                     columns=dict(cfg.data.harmful_columns or {}),
                                     default_safe_response=cfg.data.default_safe_response,
-                                    max_examples=cfg.data.max_examples)
+                                    max_examples=cfg.data.max_examples, default_target=cfg.data.default_target,
+                                    require_target=needs_target, row_filter=dict(cfg.data.filter or {}))
     if cfg.evaluation.num_prompts is not None:
         examples = examples[: int(cfg.evaluation.num_prompts)]
     return ([e.prompt for e in examples], [e.harmful_response for e in examples], [int(e.index) for e in examples])
@@ -48,7 +62,7 @@ def scan_model_config(cfg):
     mcfg = OmegaConf.to_object(cfg.model) if not isinstance(cfg.model, ModelConfig) else cfg.model
     mcfg = dataclasses.replace(mcfg)
     if cfg.evaluation.model_path:
-        mcfg.name_or_path = str(cfg.evaluation.model_path)
+        mcfg.name_or_path, mcfg.gguf_file = str(cfg.evaluation.model_path), None
     return mcfg
 
 

@@ -1,7 +1,8 @@
 """Training from a run config: build model, data, module, callbacks and trainer, then train (the ``fit`` stage,
 :mod:`lat_lightning.stages.fit`, calls :func:`fit`).
 
-Outputs in the run directory: ``tensorboard/`` (events), ``checkpoints/`` (trainable weights, optimiser,
+Outputs in the run directory: ``lora_targets.json`` (LoRA runs: which block weights got adapters, see
+:mod:`lat_lightning.models.lora_targets`), ``tensorboard/`` (events), ``checkpoints/`` (trainable weights, optimiser,
 scheduler, counters, data position, RNG; ``last.ckpt``, also written on SIGTERM/SIGINT, see
 :mod:`lat_lightning.training.resume`), ``final/`` (LoRA adapter or full model, loadable with ``from_pretrained``),
 ``final_merged/`` (LoRA runs: the merged full model) and whatever the callbacks write (``interpolated/``
@@ -165,6 +166,25 @@ def build_evaluator(cfg: DictConfig):
     return SafetyEvaluator(cfg, load_evaluation_data(cfg), cfg.evaluation.layers)
 
 
+LORA_TARGETS_FILE = "lora_targets.json"
+
+
+def write_lora_targets(model, run_dir: Path) -> Optional[Path]:
+    """Save what LoRA adapts (:class:`~lat_lightning.models.lora_targets.LoraTargets`) as ``lora_targets.json``;
+    nothing for a model without LoRA."""
+    import json
+
+    from lat_lightning.models.lora_targets import lora_targets_of
+
+    targets = lora_targets_of(model)
+    if targets is None:
+        return None
+    path = Path(run_dir) / LORA_TARGETS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(targets.as_dict(), indent=2) + "\n")
+    return path
+
+
 def export_final(module: LatentAdversarialModule, tokenizer, out_dir: Path, merged_dir: Optional[Path] = None,
                  model_cfg=None) -> Path:
     """Save the trained model: the LoRA adapter (``PeftModel.from_pretrained``-loadable) or the full model
@@ -214,10 +234,13 @@ def fit(cfg: DictConfig, run_dir: Path, model=None, tokenizer=None, datamodule: 
     model = model if model is not None else load_model(cfg.model, train=True)
     model.train()
     validate_setup(cfg, model)
-    datamodule = datamodule or SafetyDataModule(cfg, tokenizer)
     module = build_module(cfg, model, tokenizer, evaluator=build_evaluator(cfg))
+    datamodule = datamodule or SafetyDataModule(
+        cfg, tokenizer, require_target=module.attack.needs_target or bool(cfg.loss.away_from_harmful))
     callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks)
     trainer = build_trainer(cfg, run_dir, callbacks)
+    if trainer.is_global_zero:
+        write_lora_targets(model, run_dir)
     ckpt_path = None
     if resume:  # a checkpoint path, or a run directory (its --resume checkpoint, else last.ckpt)
         ckpt = Path(resume) if Path(resume).suffix == ".ckpt" else checkpoint_to_resume(run_dir)

@@ -58,3 +58,21 @@ def test_rescan_needs_a_trained_model(tmp_path):
     (tmp_path / "interpolated").mkdir()
     (tmp_path / "interpolated" / "config.json").write_text("{}")
     assert trained_model_path(tmp_path) == tmp_path / "interpolated"
+
+
+def test_prompt_only_scan_prompts(tmp_path):
+    from lat_lightning.cli import load_config
+    from lat_lightning.errors import DataError
+    from lat_lightning.stages.scan import load_scan_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("Tell me a secret\nOpen the vault\n", encoding="utf-8")
+    over = [f"data.harmful={path}", "evaluation.judges=[keyword]"]
+    cfg = load_config("asa_scan_tiny", over + ["evaluation.attacks=[asa_random]"])
+    assert load_scan_prompts(cfg) == (["Tell me a secret", "Open the vault"], [None, None], [0, 1])
+    with pytest.raises(DataError, match="set data.default_target"):  # ASAgrad needs a target
+        load_scan_prompts(load_config("asa_scan_tiny", over))
+    with pytest.raises(DataError, match="set data.default_target"):  # so does the target_match judge
+        load_scan_prompts(load_config("asa_scan_tiny", [f"data.harmful={path}", "evaluation.attacks=[asa_random]"]))
+    cfg = load_config("asa_scan_tiny", over + ["data.default_target=Sure, here is"])
+    assert load_scan_prompts(cfg)[1] == ["Sure, here is"] * 2
