@@ -71,7 +71,11 @@ def check_location(cfg: DictConfig, recipe: str, resume: Optional[str] = None) -
                 raise ConfigError(f"logging.root_dir '{cfg.logging.root_dir}': cannot write into '{path}'; point "
                                   "logging.root_dir at a writable directory")
             break
-    if not resume and cfg.logging.version is not None and (parent / str(cfg.logging.version)).exists():
+    from lat_lightning.training.distributed import launch_rank
+
+    # Ranks > 0 of a launch follow the directory rank 0 creates (under this very name).
+    if not resume and cfg.logging.version is not None and (parent / str(cfg.logging.version)).exists() \
+            and launch_rank() == 0:
         raise ConfigError(f"run directory {parent / str(cfg.logging.version)} already exists; pick another "
                           "logging.version or use --resume")
 
