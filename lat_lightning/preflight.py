@@ -484,7 +484,7 @@ def check_model(cfg: DictConfig) -> None:
         _check_layers(main, cfg, ("perturbation.layers", "callbacks.fragile_layers.layers",
                                   "callbacks.fragile_layers.candidate_layers", "model.lora.layers_to_transform"),
                       main_key)
-        if cfg.model.lora.enabled:
+        if cfg.model.lora.enabled and cfg.model.lora.target_modules is not None:  # None: chosen per architecture
             _check_target_modules(main, list(cfg.model.lora.target_modules), "model.lora.target_modules", main_key)
     if main is not None and stages & {"fit", "rescan"}:  # the validation loop and the rescan attack this model
         _check_layers(main, cfg, ("evaluation.layers",), main_key)

@@ -27,8 +27,8 @@ from lat_lightning.errors import ConfigError
 
 CONFIG_FILE = "config.yaml"
 RESUMED_CONFIG_FILE = "config.resumed.yaml"
-# What a run directory holds before any stage wrote a result (stages/ may exist, empty).
-BOOKKEEPING = (CONFIG_FILE, RESUMED_CONFIG_FILE, "run.log")
+# What a run writes before it computes anything (its settings, its log, the LoRA targets it chose): not results.
+BOOKKEEPING = (CONFIG_FILE, RESUMED_CONFIG_FILE, "run.log", "lora_targets.json")
 _MISSING = "<absent>"
 
 
