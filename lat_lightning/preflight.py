@@ -345,8 +345,10 @@ def _check_data_sources(cfg) -> None:
         try:
             source = resource_path(spec)
             if kind == "safety":
+                # Prompt-only rows load here; which stage needs a target is decided by _check_targets.
                 rows = load_safety_examples(source, d.harmful_split, dict(d.harmful_columns or {}),
-                                            d.default_safe_response, d.max_examples)
+                                            d.default_safe_response, d.max_examples, default_target=d.default_target,
+                                            require_target=False, row_filter=dict(d.filter or {}))
                 _check_targets(cfg, key, source, rows)
             elif kind == "benign":
                 load_benign_examples(source, d.benign_split, dict(d.benign_columns or {}), d.max_examples)
@@ -374,7 +376,8 @@ def _check_targets(cfg, key: str, source: str, rows: Sequence) -> None:
     if needing and missing:
         raise ConfigError(f"attack '{needing[0]}' needs a harmful target for every prompt, but row {missing[0]} of "
                           f"{source} ({key}) has none; map the column with data.harmful_columns.harmful_response="
-                          f"<column> or drop {needing[0]} from the attacks")
+                          f"<column>, set data.default_target (e.g. 'Sure, here is') or drop {needing[0]} from the "
+                          "attacks")
 
 
 # ------------------------------------------------------------------------------------------------ entry points
