@@ -40,7 +40,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from lat_lightning.eval.generation import eval_mode as _eval_mode
-from lat_lightning.models.layers import check_layer_indices, num_layers
+from lat_lightning.models.layers import check_layer_indices, num_layers, parse_layers
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +183,11 @@ class FragileLayerSelector(Callback):
         if num_prompts < 1:
             raise ValueError(f"callbacks.fragile_layers.num_prompts must be >= 1, got {num_prompts}")
         self.method = method
-        self.layers = [int(x) for x in layers]
+        self.layers = parse_layers(layers, "callbacks.fragile_layers.layers")
         self.top_k = int(top_k)
         self.num_prompts = int(num_prompts)
-        self.candidate_layers = None if candidate_layers is None else [int(x) for x in candidate_layers]
+        self.candidate_layers = None if candidate_layers is None else parse_layers(
+            candidate_layers, "callbacks.fragile_layers.candidate_layers")
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.seeds = [int(s) for s in seeds] or [0]
         self.alpha = float(alpha)

@@ -187,8 +187,26 @@ def _check_attack_lists(cfg: DictConfig) -> None:
         raise ConfigError(str(exc)) from None
 
 
+# Config keys holding layer lists (block indices or "embed"); checked for form here, against the model later.
+LAYER_LIST_KEYS = ("perturbation.layers", "evaluation.layers", "callbacks.fragile_layers.layers",
+                   "callbacks.fragile_layers.candidate_layers", "evaluation.durability.fragile_layers")
+
+
+def _check_layer_lists(cfg: DictConfig) -> None:
+    from lat_lightning.models.layers import parse_layers
+
+    for key in LAYER_LIST_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if value is not None:
+            try:
+                parse_layers(list(value), key)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+
+
 def _check_choices(cfg: DictConfig) -> None:
     _check_attack_lists(cfg)
+    _check_layer_lists(cfg)
     for key, allowed in {**CHOICES, **registry_choices()}.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and value not in allowed:

@@ -53,7 +53,7 @@ from lat_lightning.config import DurabilityConfig, PerturbationConfig
 from lat_lightning.data.templating import encode_response
 from lat_lightning.errors import ConfigError
 from lat_lightning.eval.generation import encode_prompts, generate_under_attack
-from lat_lightning.models.layers import num_layers
+from lat_lightning.models.layers import check_layer_indices, num_layers
 
 log = logging.getLogger(__name__)
 
@@ -508,12 +508,16 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
     try:
         prompt_ids = encode_prompts(tokenizer, prompts, s.use_chat_template, s.system_prompt)
         target_ids = [encode_response(tokenizer, t, add_eos=False) for t in targets]
-        explicit = [int(l) for l in fragile_layers] if fragile_layers is not None else (
-            [int(l) for l in d.fragile_layers] if d.fragile_layers is not None else None)
+        explicit = list(fragile_layers) if fragile_layers is not None else (
+            list(d.fragile_layers) if d.fragile_layers is not None else None)
         if explicit is not None:
-            bad = [l for l in explicit if not 0 <= l < n_layers]
-            if bad or not explicit:
-                raise ConfigError(f"fragile layers {explicit} are not valid layers of a {n_layers}-layer model")
+            try:
+                if not explicit:
+                    raise IndexError("empty")
+                explicit = check_layer_indices(original_model, explicit, what="fragile layer")
+            except IndexError:
+                raise ConfigError(f"fragile layers {explicit} are not valid layers of a {n_layers}-layer model") \
+                    from None
             fsource = fragile_source or ("argument" if fragile_layers is not None
                                          else "evaluation.durability.fragile_layers")
         need_scan = bool(sections & {"rescan", "adaptive"}) or (explicit is None and "depth" in sections)

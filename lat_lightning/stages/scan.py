@@ -67,6 +67,7 @@ def run(cfg, run_dir: Path) -> dict:
     from lat_lightning.config import PerturbationConfig
     from lat_lightning.errors import ConfigError
     from lat_lightning.eval.scan import REPORT_FILE, SUMMARY_FILE, _fmt, run_scan, scan_positions
+    from lat_lightning.models.layers import parse_layers
     from lat_lightning.models.loading import load_tokenizer
 
     ev = cfg.evaluation
@@ -85,7 +86,8 @@ def run(cfg, run_dir: Path) -> dict:
     if ev.primary_judge not in judges:
         raise ConfigError(f"evaluation.primary_judge '{ev.primary_judge}' is not in evaluation.judges {judges}")
     result = run_scan(
-        model, tokenizer, prompts, targets, list(ev.layers) if ev.layers is not None else None, list(ev.attacks),
+        model, tokenizer, prompts, targets, parse_layers(ev.layers, "evaluation.layers") if ev.layers is not None
+        else None, list(ev.attacks),
         list(ev.seeds), judges, run_dir, primary_judge=ev.primary_judge, perturbation=pcfg, positions=positions,
         first_k=first_k, refresh=refresh, max_new_tokens=ev.max_new_tokens, do_sample=ev.do_sample,
         temperature=ev.temperature, batch_size=ev.batch_size, use_chat_template=mcfg.use_chat_template,

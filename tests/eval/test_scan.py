@@ -93,7 +93,9 @@ def test_judge_failures_are_counted(tiny_llama):
                    judges={"keyword": KeywordJudge(), "flaky": Flaky()}, primary_judge="flaky", **FAST)
     assert np.isnan(res.success["asa_random"]["flaky"][1]).all()
     assert not np.isnan(res.success["asa_random"]["keyword"]).any()
-    assert res.summary["failures"]["asa_random"] == {"keyword": 0, "flaky": 2}
+    # the coherence-aware twins inherit their base judge's failures (never read as a success or a refusal)
+    assert res.summary["failures"]["asa_random"] == {"keyword": 0, "flaky": 2, "keyword+coherent": 0,
+                                                     "flaky+coherent": 2}
     assert res.summary["init"]["flaky"]["failures"] == 1
     assert res.summary["attacks"]["asa_random"]["judges"]["flaky"]["failures_total"] == 2
 
