@@ -227,10 +227,21 @@ class DurabilityConfig:
 
 
 @dataclass
+class CoherenceConfig:
+    """The coherence check of every judged answer (``lat_lightning.eval.coherence``, docs/metrics.md)."""
+
+    enabled: bool = True                 # check every answer: empty, repetition, the clean model's NLL
+    max_repetition: float = 0.5          # incoherent above this share of repeated word bigrams
+    max_nll: float = 5.0                 # incoherent above this clean-model NLL (nats per answer token)
+    judges: bool = True                  # add `<judge>+coherent` (success only when coherent) for every judge
+
+
+@dataclass
 class EvaluationConfig:
     """Scan / evaluation settings."""
 
     attacks: list[str] = field(default_factory=lambda: ["asa_random"])
+    validation_attacks: list[str] = field(default_factory=lambda: ["asa_random"])  # the fit's validation loop
     layers: Optional[list[Layer]] = None
     positions: Optional[str] = None      # generation-time positions policy (None: perturbation.positions when it
     first_k: Optional[int] = None        # is a generation policy, else prompt_last_and_generated); first_k and
@@ -243,6 +254,9 @@ class EvaluationConfig:
     max_new_tokens: int = 50
     do_sample: bool = False
     temperature: float = 1.0
+    top_p: float = 1.0                   # nucleus sampling threshold when sampling (1.0 = off)
+    best_of_n: int = 1                   # > 1: also sample N answers per cell; broken if any is a success
+    coherence: CoherenceConfig = field(default_factory=CoherenceConfig)
     batch_size: int = 16
     num_prompts: Optional[int] = None
     bootstrap_samples: int = 1000

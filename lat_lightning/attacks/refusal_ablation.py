@@ -27,7 +27,7 @@ from __future__ import annotations
 from lat_lightning.attacks.base import Perturbation
 from lat_lightning.attacks.plan import AttackPlan
 from lat_lightning.attacks.positions import position_mask
-from lat_lightning.attacks.refusal_direction import CLEAN, RefusalDirectionAttack, every_layer, unit
+from lat_lightning.attacks.refusal_direction import CLEAN, RefusalDirectionAttack, every_layer, unit, unit_or_zero
 
 
 class RefusalAblation(RefusalDirectionAttack):
@@ -53,6 +53,6 @@ class RefusalAblation(RefusalDirectionAttack):
              pad_id=0) -> AttackPlan:
         s = self.settings
         dirs = self.generation_directions(model, row_layers, pad_id)
-        vectors = [unit(dirs[int(l)]) if l != CLEAN else None for l in row_layers]
+        vectors = [unit_or_zero(dirs[int(l)], int(l)) if l != CLEAN else None for l in row_layers]
         return AttackPlan(kind="ablation", positions=s.positions, first_k=s.first_k, alpha=1.0, seed=seed,
                           vectors=vectors, name=self.name)

@@ -17,6 +17,7 @@ Cost: one forward pass (no grad) over both prompt sets, whatever the number of l
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +29,9 @@ from lat_lightning.attacks.plan import CLEAN
 from lat_lightning.data.templating import pad_sequences
 from lat_lightning.models.eval_mode import eval_mode
 from lat_lightning.models.hooks import capture_residual
-from lat_lightning.models.layers import EMBED, check_layer_indices, num_layers
+from lat_lightning.models.layers import EMBED, check_layer_indices, layer_name, num_layers
+
+log = logging.getLogger(__name__)
 
 MIN_NORM = 1e-8  # a direction shorter than this has no orientation (identical prompt sets)
 
@@ -135,6 +138,25 @@ def unit(vec: Tensor) -> Tensor:
     return vec.float() / norm
 
 
+_warned_zero: set[int] = set()
+
+
+def unit_or_zero(vec: Tensor, layer: int) -> Tensor:
+    """:func:`unit`, or a zero vector (the attack then changes nothing) with a warning logged once per layer.
+
+    At the input embeddings the direction is exactly zero whenever every prompt ends with the same chat-template
+    token: both means are that token's embedding.
+    """
+    try:
+        return unit(vec)
+    except ValueError:
+        if layer not in _warned_zero:
+            _warned_zero.add(layer)
+            log.warning("refusal direction at layer %s is zero (harmful and harmless prompts have the same mean "
+                        "there); the attack leaves that row unperturbed", layer_name(layer))
+        return torch.zeros_like(vec, dtype=torch.float32)
+
+
 class RefusalDirectionAttack(Attack):
     """What both refusal-direction attacks share: the knobs, the per-model direction cache, the training-time
     refresh and its checkpoint state. Subclasses turn directions into a perturbation or a plan."""
@@ -224,4 +246,4 @@ def every_layer(model: nn.Module) -> list[int]:
 
 
 __all__ = ["RefusalDirectionAttack", "batch_directions", "difference_in_means", "every_layer", "prompt_states",
-           "refusal_directions", "token_positions", "unit"]
+           "refusal_directions", "token_positions", "unit", "unit_or_zero"]

@@ -21,11 +21,10 @@ when the base judge says success AND the answer is coherent.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from lat_lightning.config import CoherenceConfig
 from lat_lightning.data.templating import pad_sequences
 from lat_lightning.losses import IGNORE_INDEX, token_logprobs
 from lat_lightning.models.eval_mode import eval_mode
@@ -33,14 +32,8 @@ from lat_lightning.models.eval_mode import eval_mode
 MIN_UNITS = 4  # fewer words (or characters) than this cannot be said to repeat
 
 
-@dataclass
-class CoherenceSettings:
-    """Thresholds of the coherence check (``evaluation.coherence``)."""
-
-    enabled: bool = True
-    max_repetition: float = 0.5
-    max_nll: float = 5.0
-    judges: bool = True  # add a `<judge>+coherent` judge for every configured judge
+# The thresholds are the `evaluation.coherence` config section.
+CoherenceSettings = CoherenceConfig
 
 
 def repetition_ratio(text: str) -> float:
