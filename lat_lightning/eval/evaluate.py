@@ -129,7 +129,7 @@ class SafetyEvaluator:
                           system_prompt=self.cfg.model.system_prompt, prompt_keys=[ex.index for ex in examples],
                           harmless_prompts=self.data.benign_prompts or None, coherence=coherence,
                           bootstrap_samples=0, resume=False, progress=False, figures=False, tensorboard=False,
-                          asabench_test_fraction=None)
+                          asabench_test_fraction=None, log_warnings=False)
         coherent_judge = f"{result.primary_judge}+coherent"
         per_attack = {}
         for a in self.attacks:

@@ -320,6 +320,7 @@ def run_scan(
     asabench_test_fraction: float | None = 0.4,
     asabench_split_mode: str = "prompt",
     split_seed: int = 0,
+    log_warnings: bool = True,
 ) -> ScanResult:
     """Scan prompts x layers x seeds for every attack; judge, check coherence, summarise, plot, report.
 
@@ -364,6 +365,8 @@ def run_scan(
             no export).
         asabench_split_mode: ``prompt`` (disjoint, default) or ``layer_stratified`` (the reference).
         split_seed: seed of the ASABench split and of the bootstrap.
+        log_warnings: log the summary's warnings (saturated headline, tied peak); they are in the summary and the
+            report either way (the validation loop, which scans batch by batch, turns the log off).
 
     Returns:
         A :class:`ScanResult`.
@@ -551,7 +554,7 @@ def run_scan(
     result.cells_run, result.cells_resumed = run_count, resumed
     result.summary["cells"] = {"run": run_count, "resumed": resumed, "seconds": round(gen_seconds, 3)}
     result.summary["settings"] = settings
-    for w in result.summary["warnings"]:
+    for w in result.summary["warnings"] if log_warnings else []:
         log.warning("scan: %s", w)
 
     if probes:
