@@ -113,8 +113,10 @@ class SafetyEvaluator:
         from lat_lightning.eval.probes import nll_probe_layers
         from lat_lightning.eval.scan import run_scan
 
+        from lat_lightning.models.layers import check_layer_indices
+
         ev = self.cfg.evaluation
-        layers = list(layers) if layers else self._layers(model)
+        layers = check_layer_indices(model, list(layers)) if layers else self._layers(model)
         prompts = [ex.prompt for ex in examples]
         coherence = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CoherenceConfig), ev.coherence)) \
             if "coherence" in ev else CoherenceConfig()

@@ -20,6 +20,7 @@ from torch import nn
 
 EMBED = -2  # the input embeddings as an attackable layer (below block 0; -1 means "no layer")
 EMBED_NAME = "embed"  # how configs, reports and logs name it
+ALL_BLOCKS = "all"  # in a layer list: every decoder block (expanded once the model is known)
 
 # Attribute paths, tried in order, from the bare causal-LM to its decoder-layer ModuleList.
 LAYER_PATHS: tuple[str, ...] = (
@@ -115,7 +116,8 @@ def hidden_size(model: nn.Module) -> int:
 
 
 def check_layer_indices(model: nn.Module, layers, what: str = "layer") -> list[int]:
-    """Validate 0-based layer indices against the model; :data:`EMBED` (or ``"embed"``) is the input embeddings.
+    """Validate 0-based layer indices against the model; :data:`EMBED` (or ``"embed"``) is the input embeddings
+    and ``"all"`` expands to every block (in place; a layer listed twice stays twice).
 
     Raises:
         IndexError: naming the bad index and the valid range.
@@ -126,6 +128,9 @@ def check_layer_indices(model: nn.Module, layers, what: str = "layer") -> list[i
         if layer == EMBED_NAME or (isinstance(layer, int) and not isinstance(layer, bool) and layer == EMBED):
             out.append(EMBED)
             continue
+        if layer == ALL_BLOCKS:
+            out.extend(range(n))
+            continue
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n:
             raise IndexError(f"{what} index {layer!r} out of range: this model has layers 0..{n - 1} "
                              f"(and '{EMBED_NAME}' for the input embeddings)")
@@ -133,8 +138,9 @@ def check_layer_indices(model: nn.Module, layers, what: str = "layer") -> list[i
     return out
 
 
-def parse_layers(values: Iterable[Any], what: str = "layers") -> list[int]:
-    """Layer lists as written in a config (block indices and ``embed``) -> layer ids (``embed`` -> :data:`EMBED`).
+def parse_layers(values: Iterable[Any], what: str = "layers") -> list[int | str]:
+    """Layer lists as written in a config -> layer ids: block indices, ``embed`` -> :data:`EMBED`, and ``all``
+    (every block) kept as ``"all"`` until :func:`check_layer_indices` expands it against a model.
 
     The model-independent half of the check (:func:`check_layer_indices` then checks the range against a model).
     A negative integer is refused: ``-1`` / ``-2`` are internal markers, not Python-style "from the end" indices.
@@ -142,17 +148,19 @@ def parse_layers(values: Iterable[Any], what: str = "layers") -> list[int]:
     Raises:
         ValueError: one line naming ``what`` and the bad entry.
     """
-    out = []
+    out: list[int | str] = []
     for v in values:
         if isinstance(v, str) and v.strip().lower() == EMBED_NAME:
             out.append(EMBED)
+        elif isinstance(v, str) and v.strip().lower() == ALL_BLOCKS:
+            out.append(ALL_BLOCKS)
         elif isinstance(v, str) and v.strip().isdigit():
             out.append(int(v))
         elif isinstance(v, int) and not isinstance(v, bool) and v >= 0:
             out.append(int(v))
         else:
-            raise ValueError(f"{what}: {v!r} is not a layer; use block indices 0, 1, ... or '{EMBED_NAME}' for "
-                             "the input embeddings")
+            raise ValueError(f"{what}: {v!r} is not a layer; use block indices 0, 1, ..., '{EMBED_NAME}' for "
+                             f"the input embeddings or '{ALL_BLOCKS}' for every block")
     return out
 
 

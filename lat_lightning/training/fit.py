@@ -116,8 +116,9 @@ def build_module(cfg: DictConfig, model, tokenizer=None, evaluator=None,
     from omegaconf import OmegaConf
 
     loss = cfg.loss if not OmegaConf.is_config(cfg.loss) else OmegaConf.to_object(cfg.loss)
-    return module_class(model, build_attack(cfg.perturbation.attack, cfg.perturbation),
-                                   parse_layers(cfg.perturbation.layers, "perturbation.layers"), loss,
+    layers = check_layer_indices(model, parse_layers(cfg.perturbation.layers, "perturbation.layers"),
+                                 what="perturbation.layers")
+    return module_class(model, build_attack(cfg.perturbation.attack, cfg.perturbation), layers, loss,
                                    OptimSettings.from_trainer(cfg.trainer),
                                    tokenizer=tokenizer, evaluator=evaluator,
                                    sample_generations=int(cfg.logging.sample_generations))

@@ -41,6 +41,8 @@ def test_layer_names_and_parsing(tiny_llama):
     model, _ = tiny_llama
     assert parse_layers(["embed", 2, "3"]) == [EMBED, 2, 3]
     assert check_layer_indices(model, ["embed", 1]) == [EMBED, 1]
+    assert parse_layers(["embed", "all"]) == [EMBED, "all"]  # "all" waits for the model to know its depth
+    assert check_layer_indices(model, parse_layers(["embed", "all"])) == [EMBED, 0, 1, 2, 3]
     assert layer_name(EMBED) == "embed" and layer_name(3) == "3"
     for bad in ([-1], [-2], ["emb"], [1.5]):
         with pytest.raises(ValueError, match="embed"):
