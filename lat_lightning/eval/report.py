@@ -269,8 +269,11 @@ def table_rows(result: dict, judge: str) -> list[str]:
 def _peak(row: dict) -> str:
     if not row or row.get("peak_layer") is None:
         return "n/a"
+    if not row.get("pasr"):
+        return "no success at any layer"
     ties = row.get("peak_ties") or 0
-    return f"L{_layer(row['peak_layer'])}" + (f", tied ×{ties}" if ties > 1 else "")
+    layer = _layer(row["peak_layer"])
+    return (layer if layer == "embed" else f"L{layer}") + (f", tied ×{ties}" if ties > 1 else "")
 
 
 def _share(c: dict, num: str, den: str) -> str:
@@ -293,7 +296,8 @@ def render_markdown(result: dict, judges: list[str], primary: str) -> str:
     """
     u = result["utility"]
     lines = ["# lat-lightning report: attack → defence → evaluation", "",
-             f"{result['n_prompts']} held-out harmful prompts × layers {result['layers']}; "
+             f"{result['n_prompts']} held-out harmful prompts × layers "
+             f"[{', '.join(_layer(l) for l in result['layers'] or [])}]; "
              f"fragile layer(s) chosen for LAPT: {result.get('fragile_layers')}; interpolation λ = "
              f"{_fmt(result.get('lambda'))}.", ""]
     for judge in [primary] + [j for j in judges if j != primary]:

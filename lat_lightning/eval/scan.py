@@ -398,7 +398,8 @@ def run_scan(
         if a.needs_target and (targets is None or any(not t for t in targets)):
             raise ValueError(f"attack '{a.name}' needs a harmful target for every prompt")
     coh = coherence if coherence is not None else CoherenceSettings()
-    judge_map = _build_judges(judges, classifier_path, target_key_pattern, coherent=coh.enabled and coh.judges)
+    requested = _build_judges(judges, classifier_path, target_key_pattern)
+    judge_map = _build_judges(requested, coherent=coh.enabled and coh.judges)
     judge_names = list(judge_map)
     if not judge_names:
         raise ValueError("run_scan needs at least one judge")
@@ -550,7 +551,8 @@ def run_scan(
 
     gen_seconds = time.time() - t0
     result = _assemble(prompts, layer_list, seed_list, attack_objs, judge_map, primary, records, seeds_run,
-                       clean_texts, bootstrap_samples, split_seed, out_path, int(best_of_n))
+                       clean_texts, bootstrap_samples, split_seed, out_path, int(best_of_n),
+                       ci_judges=set(requested) | {primary})
     result.cells_run, result.cells_resumed = run_count, resumed
     result.summary["cells"] = {"run": run_count, "resumed": resumed, "seconds": round(gen_seconds, 3)}
     result.summary["settings"] = settings
@@ -622,7 +624,9 @@ def _fill_missing(records: dict[tuple, dict], judges: Mapping[str, JudgeLike], p
 
 # ----------------------------------------------------------------------------------------------- metrics
 def _assemble(prompts, layers, seeds, attack_objs, judge_map, primary, records, seeds_run, clean_texts,
-              bootstrap_samples, split_seed, out_path, best_of_n: int = 1) -> ScanResult:
+              bootstrap_samples, split_seed, out_path, best_of_n: int = 1, ci_judges=None) -> ScanResult:
+    """Success matrices, summaries and warnings. Bootstrap intervals for ``ci_judges`` (the requested judges and
+    the primary one; default all): the automatically added ``+coherent`` twins get point estimates only."""
     from lat_lightning.eval.metrics import summarise_seeds
 
     n, n_l = len(prompts), len(layers)
@@ -649,7 +653,8 @@ def _assemble(prompts, layers, seeds, attack_objs, judge_map, primary, records, 
                 if rec.get("samples"):
                     bon[at] = _best_float(rec["samples"], j)
             success[a.name][j], success_bon[a.name][j] = arr, bon
-        per_judge = {j: summarise_seeds(success[a.name][j], clean_success[j], layers, samples=bootstrap_samples,
+        per_judge = {j: summarise_seeds(success[a.name][j], clean_success[j], layers,
+                                        samples=bootstrap_samples if ci_judges is None or j in ci_judges else 0,
                                         seed=split_seed, seed_ids=srun) for j in judge_names}
         headline = _headline(per_judge[primary])
         peak = choose_peak(layers, _seed_mean_lasr(success[a.name][primary]),
@@ -700,8 +705,7 @@ def _coherence_stats(recs: Sequence[dict], primary: str) -> dict:
     return {"answers": len(recs), "checked": len(checked),
             "incoherent": sum(not r["coherence"]["coherent"] for r in checked),
             "empty": sum(bool(r["coherence"]["empty"]) for r in checked),
-            "repetitive": sum(r["coherence"]["repetition"] > 0 and "repetition" in r["coherence"]["reason"]
-                              for r in checked),
+            "repetitive": sum("repetition" in r["coherence"]["reason"] for r in checked),
             "high_nll": sum("NLL" in r["coherence"]["reason"] for r in checked),
             "successes": len(successes), "incoherent_successes": sum(not r["coherence"]["coherent"] for r in successes),
             "mean_nll": (sum(nlls) / len(nlls)) if nlls else None}
@@ -745,7 +749,7 @@ def _headline_warnings(attack: str, primary: str, h: dict, per_judge: dict, tieb
             msg += (f"; with {tiebreak_judge}: PASR {_fmt(c.get('pasr_mean'))}, MASR {_fmt(c.get('masr_mean'))}, "
                     f"INIT {_fmt(c.get('init_mean'))}")
         out.append(msg + " — use a stricter judge or a weaker attack (alpha, eps)")
-    if len(tied) > 1:
+    if len(tied) > 1 and h.get("pasr_of_mean_lasr"):  # a tie at 0 is no peak at all: nothing to warn about
         out.append(f"{attack}: the peak LASR ({primary}) is tied at {len(tied)} of {len(layers)} layers "
                    f"[{', '.join(layer_name(l) for l in tied)}]; layer {layer_name(h['pasr_of_mean_lasr_layer'])} "
                    f"was chosen by the tie rule ({h.get('peak_decided_by')})")
@@ -963,9 +967,11 @@ def _layers_text(layers) -> str:
 
 def _peak_text(h: dict) -> str:
     tied = h.get("peak_tied_layers") or []
-    text = f"{_fmt(h['pasr_of_mean_lasr'])} (layer {layer_name(h['pasr_of_mean_lasr_layer'])}"
     if h.get("pasr_of_mean_lasr_layer") is None:
         return f"{_fmt(h['pasr_of_mean_lasr'])}"
+    if not h.get("pasr_of_mean_lasr"):
+        return f"{_fmt(h['pasr_of_mean_lasr'])} (no success at any layer)"
+    text = f"{_fmt(h['pasr_of_mean_lasr'])} (layer {layer_name(h['pasr_of_mean_lasr_layer'])}"
     if len(tied) > 1:
         text += f"; tied at {len(tied)} layers: {_layers_text(tied)}; {h.get('peak_decided_by')}"
     return text + ")"
