@@ -141,7 +141,9 @@ class RowPerturber:
         self.attacked_rows = (self.row_layers != CLEAN).nonzero().flatten()
         self._row_vectors: Tensor | None = None
         if plan.kind in PER_ROW_VECTOR_KINDS and self.attacked_rows.numel():
-            d = next(v.shape[-1] for v in plan.vectors if v is not None)
+            d = next((v.shape[-1] for v in plan.vectors if v is not None), None)
+            if d is None:
+                raise ValueError(f"a '{plan.kind}' plan needs a vector for every attacked row; it has none")
             self._row_vectors = torch.stack([torch.zeros(d) if v is None else v.detach().float().cpu().reshape(d)
                                              for v in plan.vectors])
         self._all_layers: list[int] | None = None
