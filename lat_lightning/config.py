@@ -232,7 +232,7 @@ class CoherenceConfig:
 
     enabled: bool = True                 # check every answer: empty, repetition, the clean model's NLL
     max_repetition: float = 0.5          # incoherent above this share of repeated word bigrams
-    max_nll: float = 5.0                 # incoherent above this clean-model NLL (nats per answer token)
+    max_nll: float = 3.0                 # incoherent above this clean-model NLL (nats per answer token)
     judges: bool = True                  # add `<judge>+coherent` (success only when coherent) for every judge
 
 

@@ -17,7 +17,10 @@ def test_repetition_ratio():
     assert repetition_ratio(FLUENT) == 0.0
     assert repetition_ratio("the the the the") == pytest.approx(2 / 3)
     assert repetition_ratio("a b a b a b a b") == pytest.approx(1 - 2 / 7)
-    assert repetition_ratio("!!!!!!!!!!") == pytest.approx(1 - 1 / 9)  # one "word": its characters repeat
+    assert repetition_ratio("!!!!!!!!!!") == pytest.approx(1 - 1 / 9)  # punctuation marks are units
+    assert repetition_ratio("aaaaaaaa") == pytest.approx(1 - 1 / 7)  # one word: its characters repeat
+    assert repetition_ratio("Theftax system.com.com.com.com.com.com") > 0.5  # a "word" that loops inside
+    assert repetition_ratio("The access code is 6-8-2-4.") == 0.0
     assert repetition_ratio("Hello.") == 0.0 and repetition_ratio("") == 0.0
 
 
