@@ -192,6 +192,7 @@ def _check_attack_lists(cfg: DictConfig) -> None:
     from lat_lightning.attacks import check_attack_name
 
     lists = {"evaluation.attacks": cfg.evaluation.attacks,
+             "evaluation.validation_attacks": cfg.evaluation.validation_attacks,
              "evaluation.durability.adaptive_attacks": cfg.evaluation.durability.adaptive_attacks,
              "evaluation.durability.depth_attacks": cfg.evaluation.durability.depth_attacks}
     try:
@@ -201,10 +202,43 @@ def _check_attack_lists(cfg: DictConfig) -> None:
                 check_attack_name(str(name), key, scan=True)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    _check_harmless_data(cfg, lists)
+
+
+def _check_harmless_data(cfg: DictConfig, lists: dict) -> None:
+    """The refusal-direction attacks contrast harmful with harmless prompts: the config must name some."""
+    from lat_lightning.attacks import ATTACKS
+
+    if ATTACKS[str(cfg.perturbation.attack)].needs_harmless and "fit" in cfg.stages and not cfg.data.benign:
+        raise ConfigError(f"perturbation.attack={cfg.perturbation.attack} contrasts each batch's harmful prompts with "
+                          "harmless ones: set data.benign (harmless prompt/response pairs)")
+    for key, names in lists.items():
+        for name in names:
+            if ATTACKS[str(name)].needs_harmless and not (cfg.data.benign or cfg.data.eval_benign):
+                raise ConfigError(f"{key}: attack '{name}' needs harmless prompts for the refusal direction: set "
+                                  "data.eval_benign or data.benign")
+
+
+# Config keys holding layer lists (block indices or "embed"); checked for form here, against the model later.
+LAYER_LIST_KEYS = ("perturbation.layers", "evaluation.layers", "callbacks.fragile_layers.layers",
+                   "callbacks.fragile_layers.candidate_layers", "evaluation.durability.fragile_layers")
+
+
+def _check_layer_lists(cfg: DictConfig) -> None:
+    from lat_lightning.models.layers import parse_layers
+
+    for key in LAYER_LIST_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if value is not None:
+            try:
+                parse_layers(list(value), key)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
 
 
 def _check_choices(cfg: DictConfig) -> None:
     _check_attack_lists(cfg)
+    _check_layer_lists(cfg)
     for key, allowed in {**CHOICES, **registry_choices()}.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and value not in allowed:

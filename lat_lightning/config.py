@@ -8,9 +8,13 @@ wrong type are rejected with a one-line message that names the key and the close
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 STAGES = ("organism", "fit", "scan", "rescan", "evaluate", "interpolate", "durability", "report")
+
+# A layer in a config: a block index (0-based: the output of that decoder block) or "embed" (the input
+# embeddings); see lat_lightning.models.layers.parse_layers.
+Layer = Union[int, str]
 
 
 @dataclass
@@ -91,7 +95,7 @@ class PerturbationConfig:
     """
 
     attack: str = "none"                 # registry name (lat_lightning.attacks.ATTACKS)
-    layers: list[int] = field(default_factory=list)  # attacked layers (0-based block outputs)
+    layers: list[Layer] = field(default_factory=list)  # attacked layers (0-based block outputs, or embed)
     positions: str = "response"          # positions policy (lat_lightning.attacks.positions)
     first_k: int = 1                     # k of the first_k policy
     refresh: str = "step"                # asa_random: new draw per step/position, or one fixed draw
@@ -111,6 +115,10 @@ class PerturbationConfig:
     early_stop_loss: Optional[float] = None  # pgd: stop once the attack loss is this low
     toward_harmful: float = 1.0          # pgd attack loss: weight of CE toward the harmful target y*
     away_from_safe: float = 0.0          # pgd attack loss: weight of -log(1 - p) pushing off the refusal y
+    direction_token: int = -1            # refusal_*: prompt position the direction is read at (-1: last token)
+    direction_scale: float = -1.0        # refusal_addition: h <- h + scale * r[l] (< 0 removes refusal)
+    direction_prompts: int = 64          # refusal_* (scan, validation, durability): prompts per contrast set
+    direction_refresh: int = 4           # refusal_* training: recompute the direction every N micro-batches
 
 
 @dataclass
@@ -171,10 +179,10 @@ class KLTeacherConfig:
 class FragileLayersConfig:
     enabled: bool = False
     method: str = "explicit"
-    layers: list[int] = field(default_factory=list)
+    layers: list[Layer] = field(default_factory=list)
     top_k: int = 1
     num_prompts: int = 8
-    candidate_layers: Optional[list[int]] = None
+    candidate_layers: Optional[list[Layer]] = None
 
 
 @dataclass
@@ -204,7 +212,7 @@ class DurabilityConfig:
                                                          "rewrites"])
     num_prompts: Optional[int] = None
     random_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    fragile_layers: Optional[list[int]] = None
+    fragile_layers: Optional[list[Layer]] = None
     transfer: bool = True
     max_k: int = 5
     depth_attacks: list[str] = field(default_factory=lambda: ["asa_random", "asagrad"])
@@ -224,11 +232,22 @@ class DurabilityConfig:
 
 
 @dataclass
+class CoherenceConfig:
+    """The coherence check of every judged answer (``lat_lightning.eval.coherence``, docs/metrics.md)."""
+
+    enabled: bool = True                 # check every answer: empty, repetition, the clean model's NLL
+    max_repetition: float = 0.5          # incoherent above this share of repeated word bigrams
+    max_nll: float = 3.0                 # incoherent above this clean-model NLL (nats per answer token)
+    judges: bool = True                  # add `<judge>+coherent` (success only when coherent) for every judge
+
+
+@dataclass
 class EvaluationConfig:
     """Scan / evaluation settings."""
 
     attacks: list[str] = field(default_factory=lambda: ["asa_random"])
-    layers: Optional[list[int]] = None
+    validation_attacks: list[str] = field(default_factory=lambda: ["asa_random"])  # the fit's validation loop
+    layers: Optional[list[Layer]] = None
     positions: Optional[str] = None      # generation-time positions policy (None: perturbation.positions when it
     first_k: Optional[int] = None        # is a generation policy, else prompt_last_and_generated); first_k and
     refresh: Optional[str] = None        # refresh default to the perturbation section's
@@ -240,6 +259,9 @@ class EvaluationConfig:
     max_new_tokens: int = 50
     do_sample: bool = False
     temperature: float = 1.0
+    top_p: float = 1.0                   # nucleus sampling threshold when sampling (1.0 = off)
+    best_of_n: int = 1                   # > 1: also sample N answers per cell; broken if any is a success
+    coherence: CoherenceConfig = field(default_factory=CoherenceConfig)
     batch_size: int = 16
     num_prompts: Optional[int] = None
     bootstrap_samples: int = 1000

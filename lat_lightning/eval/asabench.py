@@ -151,7 +151,8 @@ def instances_from_records(records: Iterable[Mapping], clean_responses: Mapping[
     """Successful scan cells (``verdicts[judge].success``) as ASABench instances, one per (prompt, layer).
 
     When several attacks or seeds broke the same (prompt, layer), the first in ``attacks`` order (then the
-    lowest seed) is kept.
+    lowest seed) is kept. Clean cells (layer ``-1``) and input-embedding cells (``embed``, layer ``-2``) are left
+    out: an ASABench instance names a decoder block.
     """
     order = {a: k for k, a in enumerate(attacks)} if attacks is not None else {}
     best: dict[tuple[int, int], tuple] = {}

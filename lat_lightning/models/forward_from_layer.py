@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from lat_lightning.models.layers import check_layer_indices, get_decoder_layers
+from lat_lightning.models.layers import EMBED, check_layer_indices, get_decoder_layers
 
 # block class -> how to wrap a hidden state like that class's output; filled on first use (see below).
 _STRUCTURES: dict[tuple[type, bool], Callable[[Tensor], Any]] = {}
@@ -78,6 +78,9 @@ def skip_layers_below(model: nn.Module, cached: Tensor, last_cached_layer: int) 
     if last_cached_layer == -1:
         yield
         return
+    if last_cached_layer == EMBED:
+        raise ValueError("skip_layers_below cannot stand in for the input embeddings; use forward_from_layer, which "
+                         "passes them as inputs_embeds")
     check_layer_indices(model, [last_cached_layer])
     layers = get_decoder_layers(model)
     patched: list[tuple[nn.Module, Any]] = []  # (block, its own instance-level forward or None)
@@ -119,7 +122,9 @@ def forward_from_layer(
     Args:
         model: causal LM.
         hidden: ``h[layer]`` (e.g. captured by :func:`capture_residual`, possibly perturbed).
-        layer: block index whose output ``hidden`` replaces; ``-1`` means a plain full forward.
+        layer: block index whose output ``hidden`` replaces; ``-1`` means a plain full forward;
+            :data:`~lat_lightning.models.layers.EMBED` passes ``hidden`` as ``inputs_embeds`` (a hook on the
+            embedding module then does not run: the embeddings are given).
         input_ids: the token ids the cache was computed from (they set masks and positions).
         attention_mask: the same padding mask as the cached run.
         **kwargs: passed to the model's forward (``use_cache`` defaults to ``False``).
@@ -128,6 +133,8 @@ def forward_from_layer(
         Logits ``[batch, seq, vocab]``.
     """
     kwargs.setdefault("use_cache", False)
+    if layer == EMBED:
+        return model(inputs_embeds=hidden, attention_mask=attention_mask, **kwargs).logits
     with skip_layers_below(model, hidden, layer):
         out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     return out.logits

@@ -130,7 +130,7 @@ def run(cfg, run_dir: Path) -> dict:
     from lat_lightning.resources import resource_path
     from lat_lightning.stages.organism import recipe_name
     from lat_lightning.stages.rescan import trained_model_path
-    from lat_lightning.stages.scan import load_scan_prompts
+    from lat_lightning.stages.scan import load_contrast_prompts, load_scan_prompts
     from lat_lightning.training.finetune import lora_finetune
 
     run_dir = Path(run_dir)
@@ -174,11 +174,13 @@ def run(cfg, run_dir: Path) -> dict:
         rows = load_utility_rows(resource_path(ev.utility_data), kind)
     fragile, fsource = (list(ev.durability.fragile_layers), "evaluation.durability.fragile_layers") \
         if ev.durability.fragile_layers is not None else find_fragile_layers(hardened_spec, original_spec)
+    harmful_side, harmless = load_contrast_prompts(cfg, prompts)
     summary = run_durability(original, hardened, tokenizer, prompts, targets, benign, run_dir, cfg,
                              fragile_layers=fragile, fragile_source=fsource, finetune_pairs=pairs, utility_rows=rows,
                              utility_kind=kind if rows is not None else "multiple_choice", prompt_keys=keys,
                              model_labels={"original": o_desc, "hardened": h_desc}, resume=True, progress=False,
-                             finetune=lora_finetune, shard=shard)
+                             finetune=lora_finetune, harmless_prompts=harmless, contrast_prompts=harmful_side,
+                             shard=shard)
     if shard is not None and shard[0] != 0:
         return {"rank": shard[0], "timings": summary["timings"]}
     for r in summary["rows"]:

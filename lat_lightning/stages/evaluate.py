@@ -18,6 +18,7 @@ def run(cfg, run_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
     from lat_lightning.eval.evaluate import SafetyEvaluator, load_evaluation_data, write_evaluation
+    from lat_lightning.models.layers import parse_layers
     from lat_lightning.models.loading import load_tokenizer
 
     mcfg = cfg.model
@@ -26,7 +27,8 @@ def run(cfg, run_dir: Path) -> dict:
         mcfg.lora.enabled = False
     model = load_stage_model(cfg, mcfg)
     tokenizer = load_tokenizer(mcfg)
-    evaluator = SafetyEvaluator(cfg, load_evaluation_data(cfg), cfg.evaluation.layers)
+    layers = None if cfg.evaluation.layers is None else parse_layers(cfg.evaluation.layers, "evaluation.layers")
+    evaluator = SafetyEvaluator(cfg, load_evaluation_data(cfg), layers)
     metrics = evaluator.run(model, tokenizer, sample_limit=cfg.logging.sample_generations)
     write_evaluation(run_dir, metrics, evaluator.samples)
     return {"metrics": {k: (None if math.isnan(v) else v) for k, v in metrics.items()}}

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from lat_lightning.attacks import build_attack
 from lat_lightning.data.datamodule import SafetyDataModule
 from lat_lightning.errors import ConfigError
-from lat_lightning.models.layers import check_layer_indices
+from lat_lightning.models.layers import check_layer_indices, parse_layers
 from lat_lightning.models.loading import load_model, load_tokenizer
 from lat_lightning.training.module import LatentAdversarialModule, OptimSettings
 from lat_lightning.training.resume import InterruptCheckpoint, TrainingInterrupted, checkpoint_to_resume
@@ -132,10 +132,15 @@ def validate_setup(cfg: DictConfig, model) -> None:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     try:
-        check_layer_indices(model, list(cfg.perturbation.layers), what="perturbation.layers")
-        check_layer_indices(model, list(cfg.callbacks.fragile_layers.layers), what="callbacks.fragile_layers.layers")
-    except IndexError as exc:
+        check_layer_indices(model, parse_layers(cfg.perturbation.layers, "perturbation.layers"),
+                            what="perturbation.layers")
+        check_layer_indices(model, parse_layers(cfg.callbacks.fragile_layers.layers, "callbacks.fragile_layers.layers"),
+                            what="callbacks.fragile_layers.layers")
+    except (IndexError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
+    if attack.needs_harmless and not cfg.data.benign:
+        raise ConfigError(f"perturbation.attack={attack.name} contrasts each batch's harmful prompts with harmless "
+                          "ones: set data.benign (e.g. organism://benign_train)")
     if (attack.name != "none" and not cfg.perturbation.layers and not cfg.callbacks.fragile_layers.enabled
             and not cfg.data.asabench):
         raise ConfigError("perturbation.layers is empty; list layers or enable callbacks.fragile_layers")
@@ -151,8 +156,10 @@ def build_module(cfg: DictConfig, model, tokenizer=None, evaluator=None,
     from omegaconf import OmegaConf
 
     loss = cfg.loss if not OmegaConf.is_config(cfg.loss) else OmegaConf.to_object(cfg.loss)
-    return module_class(model, build_attack(cfg.perturbation.attack, cfg.perturbation),
-                                   list(cfg.perturbation.layers), loss, OptimSettings.from_trainer(cfg.trainer),
+    layers = check_layer_indices(model, parse_layers(cfg.perturbation.layers, "perturbation.layers"),
+                                 what="perturbation.layers")
+    return module_class(model, build_attack(cfg.perturbation.attack, cfg.perturbation), layers, loss,
+                                   OptimSettings.from_trainer(cfg.trainer),
                                    tokenizer=tokenizer, evaluator=evaluator,
                                    sample_generations=int(cfg.logging.sample_generations))
 
@@ -163,7 +170,8 @@ def build_evaluator(cfg: DictConfig):
         return None
     from lat_lightning.eval.evaluate import SafetyEvaluator, load_evaluation_data
 
-    return SafetyEvaluator(cfg, load_evaluation_data(cfg), cfg.evaluation.layers)
+    layers = None if cfg.evaluation.layers is None else parse_layers(cfg.evaluation.layers, "evaluation.layers")
+    return SafetyEvaluator(cfg, load_evaluation_data(cfg), layers)
 
 
 LORA_TARGETS_FILE = "lora_targets.json"

@@ -98,6 +98,34 @@ def test_adaptive_attacks_take_gradients_on_the_model_they_attack(two_models, mo
     assert not torch.equal(d_o, d_h)
 
 
+def test_refusal_direction_attacks_are_adaptive_in_the_durability_suite(two_models, monkeypatch):
+    from lat_lightning.attacks import refusal_direction as rd
+
+    original, hardened, tok = two_models
+    seen = []
+    real = rd.refusal_directions
+
+    def spy(model, *a, **k):
+        seen.append(model)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(rd, "refusal_directions", spy)
+    cfg = _cfg("evaluation.durability.sections=[adaptive,depth]", "evaluation.durability.max_k=1",
+               "evaluation.durability.adaptive_attacks=[refusal_ablation]",
+               "evaluation.durability.depth_attacks=[refusal_addition]", "evaluation.durability.random_seeds=[0]",
+               "evaluation.durability.prefill_ks=[0]")
+    out = run_durability(original, hardened, tok, PROMPTS, TARGETS, BENIGN, None, cfg, fragile_layers=[1])
+    # each model's own direction (adaptive), and the original's for the transfer rows
+    assert any(m is original for m in seen) and any(m is hardened for m in seen)
+    ids = {r["id"] for r in out["rows"]}
+    assert {"refusal_ablation_any", "refusal_ablation_transfer_fragile", "refusal_ablation_any_coherent",
+            "asa_random_any_coherent", "first_k_refusal_addition_1"} <= ids
+    assert out["depth"]["original"]["positions_check"]["ok"]
+    assert "keyword+coherent" in out["depth"]["original"]["first_k"]["refusal_addition"]["judges"]
+    with pytest.raises(ValueError, match="harmless prompts"):  # no benign pairs, no harmless prompts
+        run_durability(original, hardened, tok, PROMPTS, TARGETS, None, None, cfg, fragile_layers=[1])
+
+
 # ----------------------------------------------------------------------------------------------- depth
 def test_first_k_and_prefill_perturb_exactly_the_positions_they_claim(two_models, monkeypatch):
     original, hardened, tok = two_models

@@ -104,7 +104,7 @@ def test_through_a_lora_wrapper(tiny_model_dirs, tiny_tokenizer):
         assert torch.equal(forward_from_layer(model, cached, 1, **batch), full)
 
 
-@pytest.mark.parametrize("bad", [4, -2, 99])
+@pytest.mark.parametrize("bad", [4, -3, 99])  # -2 is the input embeddings (EMBED), a valid layer
 def test_out_of_range_layer_raises(bad, tiny_model_dirs, tiny_tokenizer):
     model = _load(tiny_model_dirs["llama"])
     batch = _batch(tiny_tokenizer, "right")
