@@ -22,9 +22,9 @@ from lat_lightning.attacks.base import Attack, Perturbation, normalise_to
 from lat_lightning.attacks.none import NoAttack
 from lat_lightning.attacks.pgd import PGD
 from lat_lightning.attacks.plan import AttackPlan
+from lat_lightning.attacks.positions import POLICIES, policy_mask, position_mask
 from lat_lightning.attacks.refusal_ablation import RefusalAblation
 from lat_lightning.attacks.refusal_addition import RefusalAddition
-from lat_lightning.attacks.positions import POLICIES, policy_mask, position_mask
 from lat_lightning.attacks.transfer import Transfer
 from lat_lightning.config import PerturbationConfig
 

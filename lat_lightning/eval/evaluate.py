@@ -112,7 +112,6 @@ class SafetyEvaluator:
         from lat_lightning.config import CoherenceConfig, PerturbationConfig
         from lat_lightning.eval.probes import nll_probe_layers
         from lat_lightning.eval.scan import run_scan
-
         from lat_lightning.models.layers import check_layer_indices
 
         ev = self.cfg.evaluation
@@ -214,6 +213,6 @@ def write_evaluation(out_dir: Path, metrics: dict, samples: list[dict], name: st
               "metrics count a success only for a coherent answer (docs/metrics.md).", ""]
     for s in samples:
         coherence = f" ({s['coherence']})" if s.get("coherence") else ""
-        lines += [f"- **{s['prompt']}** ({s.get('attack', 'attack')}, layer {s['layer']})", f"  - clean: {s['clean']!r}",
-                  f"  - attacked: {s['attacked']!r}{coherence}"]
+        lines += [f"- **{s['prompt']}** ({s.get('attack', 'attack')}, layer {s['layer']})",
+                  f"  - clean: {s['clean']!r}", f"  - attacked: {s['attacked']!r}{coherence}"]
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
