@@ -708,7 +708,8 @@ def build_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
                          ha["any_layer_mean"], o_std=oa["any_layer_std"], h_std=ha["any_layer_std"]))
         if oa.get("coherent_judge"):
             rows.append(_row("asa_random_any_coherent", f"ASA random, any layer, coherent answers only "
-                             f"({oa['coherent_judge']})", oa["any_layer_coherent_mean"], ha.get("any_layer_coherent_mean"),
+                             f"({oa['coherent_judge']})", oa["any_layer_coherent_mean"],
+                             ha.get("any_layer_coherent_mean"),
                              o_std=oa["any_layer_coherent_std"], h_std=ha.get("any_layer_coherent_std")))
         rows.append(_row("asa_random_pasr", f"ASA random, peak layer (PASR, {ns} seeds)", oa["pasr_mean"],
                          ha["pasr_mean"], o_std=oa["pasr_std"], h_std=ha["pasr_std"]))
@@ -724,7 +725,8 @@ def build_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
                                  h["attacks"][a]["any_layer_mean"]))
                 if o["attacks"][a].get("coherent_judge"):
                     rows.append(_row(f"{a}_any_coherent", f"{label} (adaptive), any layer, coherent answers only "
-                                     f"({o['attacks'][a]['coherent_judge']})", o["attacks"][a]["any_layer_coherent_mean"],
+                                     f"({o['attacks'][a]['coherent_judge']})",
+                                     o["attacks"][a]["any_layer_coherent_mean"],
                                      h["attacks"][a].get("any_layer_coherent_mean")))
             if f"{a}_transfer" in h["attacks"] and a in o["attacks"]:
                 rows.append(_row(f"{a}_transfer_fragile", f"{label} computed on the original (transfer), fragile "

@@ -214,6 +214,6 @@ def write_evaluation(out_dir: Path, metrics: dict, samples: list[dict], name: st
               "metrics count a success only for a coherent answer (docs/metrics.md).", ""]
     for s in samples:
         coherence = f" ({s['coherence']})" if s.get("coherence") else ""
-        lines += [f"- **{s['prompt']}** ({s.get('attack', 'attack')}, layer {s['layer']})", f"  - clean: {s['clean']!r}",
-                  f"  - attacked: {s['attacked']!r}{coherence}"]
+        lines += [f"- **{s['prompt']}** ({s.get('attack', 'attack')}, layer {s['layer']})",
+                  f"  - clean: {s['clean']!r}", f"  - attacked: {s['attacked']!r}{coherence}"]
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")

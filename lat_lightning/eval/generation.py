@@ -138,7 +138,8 @@ def _pick_next(logits: Tensor, do_sample: bool, temperature: float, top_p: float
 @torch.no_grad()
 def _generate_chunk(model, prompt_ids: list[list[int]], row_layers: Tensor, plan: AttackPlan, prompt_keys: Tensor,
                     row_seeds: Tensor, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
-                    stop_ids: list[int], pad_id: int, sample_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                    stop_ids: list[int], pad_id: int,
+                    sample_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     device = _device(model)
     bsz = len(prompt_ids)
     lengths = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)

@@ -201,7 +201,8 @@ def build_result(run_dir: Path, judges: list[str], primary: str, utility: Option
         "samples": _samples(run_dir, "asa_random", primary),
         "durability": durability, "embed": embed, "warnings": warnings,
         "coherence": {"before": {a: b.get("coherence") for a, b in before_summary["attacks"].items()},
-                      "after": {a: b.get("coherence") for a, b in (after_summary or {"attacks": {}})["attacks"].items()}},
+                      "after": {a: b.get("coherence")
+                                for a, b in (after_summary or {"attacks": {}})["attacks"].items()}},
         "tie_rule": before_summary.get("tie_rule"),
     }
 

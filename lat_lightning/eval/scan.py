@@ -698,8 +698,8 @@ def _fill_missing(records: dict[tuple, dict], judges: Mapping[str, JudgeLike], p
         for start in range(0, len(todo), step):
             part = todo[start:start + step]
             coh = [a.get("coherence") or {} for _, a, _ in part] if scorer is not None else None
-            v = _judge_all({name: judge}, [records[k]["prompt"] for k, _, _ in part], [a["response"] for _, a, _ in part],
-                           [targets[i] for _, _, i in part], coh)[name]
+            v = _judge_all({name: judge}, [records[k]["prompt"] for k, _, _ in part],
+                           [a["response"] for _, a, _ in part], [targets[i] for _, _, i in part], coh)[name]
             for (k, a, _), verdict in zip(part, v):
                 a.setdefault("verdicts", {})[name] = verdict
                 changed[k] = records[k]
@@ -797,7 +797,8 @@ def _coherence_stats(recs: Sequence[dict], primary: str) -> dict:
 
 
 def _agreement(arrays: Mapping[str, np.ndarray], judge_names: Sequence[str]) -> list[dict]:
-    """Pairwise agreement of every two judges on the same cells (:func:`~lat_lightning.eval.metrics.judge_agreement`)."""
+    """Pairwise agreement of every two judges on the same cells
+    (:func:`~lat_lightning.eval.metrics.judge_agreement`)."""
     from lat_lightning.eval.metrics import judge_agreement
 
     return [{"judges": [x, y], **judge_agreement(arrays[x], arrays[y])}

@@ -2,8 +2,9 @@
 
 A perturbation "at layer l" is applied to ``h[l]``, the output of block ``l`` (REFERENCE.md, notation), so
 it flows into block ``l + 1`` onward. At :data:`~lat_lightning.models.layers.EMBED` it is applied to the output
-of the token-embedding module (``inputs_embeds``), so it flows into block 0 onward. The hooks are plain forward hooks: they add no parameters or
-buffers to the module tree and are removed when the context exits, also when its body raises.
+of the token-embedding module (``inputs_embeds``), so it flows into block 0 onward. The hooks are plain forward
+hooks: they add no parameters or buffers to the module tree and are removed when the context exits, also when
+its body raises.
 
 They act on every call of the layer, so during ``generate`` they see the prefill (the whole prompt) and
 then each decode step (one new token per row, with the KV cache). Callers that need to know which

@@ -158,7 +158,7 @@ def test_best_of_n_is_reported_beside_greedy(tiny_llama, tmp_path):
     res = run_scan(model, tok, PROMPTS, TARGETS, out_dir=tmp_path / "a", **kw)
     cell = res.records[("asa_random", 0, 0, 1)]
     assert len(cell["samples"]) == 3 and len({s["response"] for s in cell["samples"]}) > 1  # draws differ
-    for (attack, seed, i, layer), rec in res.records.items():
+    for (attack, _seed, i, _layer), rec in res.records.items():
         best = max(float(s["verdicts"]["target_match"]["success"]) for s in rec["samples"])
         if attack != "clean":
             assert res.success_best_of_n["asa_random"]["target_match"][i, 0, 0] == best
