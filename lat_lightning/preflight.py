@@ -51,6 +51,7 @@ def _stages(cfg) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ ranges
+LAYER_NAMES = ("embed", "all")  # lat_lightning.models.layers.EMBED_NAME / ALL_BLOCKS (no torch import here)
 _COMPARE = {">=": lambda v, n: v >= n, ">": lambda v, n: v > n, "<": lambda v, n: v < n}
 _INTERVAL = re.compile(r"in ([\[(])(-?[\d.]+), (-?[\d.]+)([\])])$")
 
@@ -90,7 +91,10 @@ def check_bounds(cfg) -> None:
                 if seen:
                     raise ConfigError(f"{key} lists {seen[0]} more than once: {_fmt(value)}")
             elif clause.startswith("each "):
-                bad = [v for v in value if not _satisfies(v, clause[5:])]
+                # Layer lists also name the input embeddings and every block ('embed', 'all'): checked against the
+                # model by the model-dependent checks.
+                names = LAYER_NAMES if key.endswith("layers") else ()
+                bad = [v for v in value if v not in names and not _satisfies(v, clause[5:])]
                 if bad:
                     raise ConfigError(f"every entry of {key} must be {clause[5:]}, got {_fmt(bad[0])} in {_fmt(value)}")
             elif not _satisfies(value, clause):

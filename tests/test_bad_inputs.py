@@ -139,7 +139,7 @@ CATALOGUE: list[Case] = [
     C("lr-nan", "trainer.lr=.nan", names="trainer.lr must be > 0"),
     C("pgd-steps-0", "perturbation.steps=0", names="perturbation.steps must be >= 1"),
     C("scan-pgd-steps-0", "perturbation.steps=0", names="perturbation.steps must be >= 1", recipe=SCAN),
-    C("layer-negative", "perturbation.layers=[-1]", names="perturbation.layers must be >= 0"),
+    C("layer-negative", "perturbation.layers=[-1]", names="perturbation.layers: -1 is not a layer"),
     C("probability-0", "perturbation.probability=0", names="perturbation.probability must be in (0, 1]"),
     C("test-fraction-1.5", "evaluation.split_test_fraction=1.5",
       names="evaluation.split_test_fraction must be in [0, 1)", recipe=SCAN),
