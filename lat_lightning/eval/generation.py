@@ -74,6 +74,34 @@ def _supports_logits_to_keep(model: nn.Module) -> bool:
     return _LOGITS_TO_KEEP[cls]
 
 
+_CACHE_ARGUMENT: dict[type, str] = {}
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The keyword under which ``model.forward`` takes the KV cache: ``cache`` (transformers 5.x renamed
+    ``past_key_values``, deprecated and removed in 5.40), or ``past_key_values`` for a model whose forward
+    still names only that (remote code written for older releases)."""
+    cls = type(model)
+    if cls not in _CACHE_ARGUMENT:
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):  # pragma: no cover
+            params = {}
+        _CACHE_ARGUMENT[cls] = "past_key_values" if "past_key_values" in params and "cache" not in params \
+            else "cache"
+    return _CACHE_ARGUMENT[cls]
+
+
+def returned_cache(output):
+    """The KV cache a forward returned (``output.cache``; ``past_key_values`` in outputs of older model code).
+
+    Read as a mapping: the output's ``past_key_values`` attribute is a deprecated alias that warns."""
+    cache = output.get("cache") if hasattr(output, "get") else None
+    if cache is None and hasattr(output, "get"):
+        cache = output.get("past_key_values")
+    return cache
+
+
 def eos_ids(model: nn.Module, tokenizer=None, eos_token_id: int | Sequence[int] | None = None) -> list[int]:
     """The stop ids: ``eos_token_id`` if given, else the tokenizer's and the generation config's EOS."""
     if eos_token_id is not None:
@@ -132,7 +160,8 @@ def _generate_chunk(model, prompt_ids: list[list[int]], row_layers: Tensor, plan
     with perturber.hooked(model):
         out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=True,
                     **kwargs)
-        past = out.past_key_values
+        past = returned_cache(out)
+        cache_kw = cache_argument(model)
         for t in range(max_new_tokens):
             keys = [(int(row_seeds[r]), int(prompt_keys[r]), layer_key[r], t, SAMPLING_TAG) for r in range(bsz)]
             nxt = _pick_next(out.logits[:, -1], do_sample, temperature, top_p, keys).cpu()
@@ -149,8 +178,8 @@ def _generate_chunk(model, prompt_ids: list[list[int]], row_layers: Tensor, plan
             attention = torch.cat([attention, torch.ones(bsz, 1, dtype=attention.dtype, device=device)], dim=1)
             position_ids = position_ids[:, -1:] + 1
             out = model(input_ids=nxt[:, None].to(device), attention_mask=attention, position_ids=position_ids,
-                        past_key_values=past, use_cache=True)
-            past = out.past_key_values
+                        use_cache=True, **{cache_kw: past})
+            past = returned_cache(out)
     return new[:, : int(n_new.max()) if bsz else 0], n_new, perturber.applied
 
 
@@ -288,10 +317,12 @@ __all__ = [
     "AttackPlan",
     "GenerationResult",
     "RowPerturber",
+    "cache_argument",
     "encode_prompts",
     "eos_ids",
     "eval_mode",
     "generate_under_attack",
     "policy_mask",
+    "returned_cache",
     "teacher_forced_logits",
 ]

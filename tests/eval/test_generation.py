@@ -188,3 +188,66 @@ def test_bad_inputs(setup):
         AttackPlan(kind="noise", positions="everywhere")
     with pytest.raises(ValueError):
         generate_under_attack(model, tok, ids, [0], _noise(), max_new_tokens=2)
+
+
+def test_decode_steps_pass_the_returned_cache_under_its_current_name(tiny_model_dirs, tiny_tokenizer, monkeypatch):
+    """Every tiny architecture takes the KV cache as ``cache`` (``past_key_values`` is deprecated, removed in
+    transformers 5.40): each decode step receives the DynamicCache the previous forward returned, and no
+    deprecation warning is logged."""
+    from transformers import AutoModelForCausalLM
+    from transformers.cache_utils import DynamicCache
+    from transformers.utils import logging as hf_logging
+
+    from lat_lightning.eval.generation import cache_argument
+
+    warned = []
+    monkeypatch.setattr(hf_logging.get_logger("transformers.utils.generic"), "warning_once",
+                        lambda msg, *a, **k: warned.append(msg))
+    for arch, path in tiny_model_dirs.items():
+        model = AutoModelForCausalLM.from_pretrained(path)
+        assert cache_argument(model) == "cache", arch
+        seen = []
+        real = model.forward
+
+        def spy(*args, _real=real, **kwargs):
+            assert "past_key_values" not in kwargs
+            out = _real(*args, **kwargs)
+            seen.append((kwargs.get("cache"), out.get("cache")))
+            return out
+
+        monkeypatch.setattr(model, "forward", spy)
+        res = generate_under_attack(model, tiny_tokenizer, PROMPTS[:2], max_new_tokens=4, eos_token_id=[])
+        assert res.lengths.tolist() == [4, 4], arch
+        assert seen[0][0] is None and len(seen) == 4, arch
+        for (_, returned), (passed, _) in zip(seen, seen[1:]):  # step t+1 gets exactly what step t returned
+            assert isinstance(returned, DynamicCache) and passed is returned, arch
+    assert not [m for m in warned if "past_key_values" in str(m)]
+
+
+def test_a_forward_that_only_knows_past_key_values_still_works(setup):
+    """Remote-code models written for older transformers take ``past_key_values``: it is passed under that
+    name, and the generations equal the ones through ``cache``."""
+    from torch import nn
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from lat_lightning.eval.generation import cache_argument
+
+    model, tok, ids = setup
+
+    class OldStyle(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config, self.generation_config = inner, inner.config, inner.generation_config
+            self.calls = 0
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
+            self.calls += past_key_values is not None
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=past_key_values, use_cache=use_cache)
+            return CausalLMOutputWithPast(logits=out.logits, past_key_values=out.cache)  # as such code writes it
+
+    old = OldStyle(model)
+    assert cache_argument(old) == "past_key_values"
+    ours = generate_under_attack(old, tok, ids, max_new_tokens=G, eos_token_id=[])
+    assert old.calls == G - 1
+    assert ours.token_ids == generate_under_attack(model, tok, ids, max_new_tokens=G, eos_token_id=[]).token_ids
