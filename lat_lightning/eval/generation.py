@@ -135,36 +135,89 @@ def _pick_next(logits: Tensor, do_sample: bool, temperature: float, top_p: float
     return out.to(logits.device)
 
 
+def can_share_prefix(perturber: RowPerturber, prompt_lengths: Tensor) -> bool:
+    """Whether every row's prompt, up to (not including) its last token, is left alone by the attack.
+
+    True under ``prompt_last_and_generated`` / ``first_k`` / ``response`` and for PGD masks that start at the
+    last prompt token; False under ``all`` / ``prompt`` (they perturb earlier positions) and for one-token
+    prompts (nothing to share)."""
+    lengths = prompt_lengths.long().cpu()
+    if len(lengths) == 0 or int(lengths.min()) < 2:
+        return False
+    return bool((perturber.first_perturbed() >= lengths - 1).all())
+
+
+def _prefix_cache(model, prompt_ids: list[list[int]], pad_id: int, device, kwargs: dict):
+    """The KV cache of every row's prompt minus its last token, computed ONCE per distinct prompt.
+
+    The distinct prefixes run as one left-padded forward (no hooks: nothing in them is perturbed), then the
+    cache is indexed onto the rows (``reorder_cache``: row ``r`` gets its prompt's entries). The left padding
+    is the one the full prompts would get (``P_max - P_r`` columns), so the layout from here on is exactly the
+    unshared prefill's.
+
+    Returns:
+        ``(cache, attention)`` with ``attention`` the rows' ``[B, P_max - 1]`` mask, or ``None`` when the model
+        returns no cache that can be indexed (the caller then runs the unshared prefill).
+    """
+    index: dict[tuple[int, ...], int] = {}
+    row_prompt = [index.setdefault(tuple(p), len(index)) for p in prompt_ids]
+    prefixes = [list(p[:-1]) for p in index]
+    ids = pad_sequences(prefixes, pad_id, side="left").to(device)
+    attention = pad_sequences([[1] * len(p) for p in prefixes], 0, side="left").to(device)
+    position_ids = (attention.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attention, position_ids=position_ids, use_cache=True, **kwargs)
+    cache = returned_cache(out)
+    del out
+    if cache is None or not hasattr(cache, "reorder_cache"):
+        return None
+    rows = torch.tensor(row_prompt, dtype=torch.long, device=device)
+    if row_prompt != list(range(len(index))):  # some prompt has several rows: index the cache onto them
+        cache.reorder_cache(rows)
+    return cache, attention[rows]
+
+
 @torch.no_grad()
 def _generate_chunk(model, prompt_ids: list[list[int]], row_layers: Tensor, plan: AttackPlan, prompt_keys: Tensor,
                     row_seeds: Tensor, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
-                    stop_ids: list[int], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+                    stop_ids: list[int], pad_id: int, share_prefix: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     device = _device(model)
     bsz = len(prompt_ids)
     lengths = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)
     if int(lengths.min()) < 1:
         raise ValueError("every prompt needs at least one token")
     width = int(lengths.max())
-    input_ids = pad_sequences(prompt_ids, pad_id, side="left").to(device)
-    attention = pad_sequences([[1] * len(p) for p in prompt_ids], 0, side="left").to(device)
-    position_ids = (attention.long().cumsum(-1) - 1).clamp(min=0)
     perturber = RowPerturber(plan, row_layers, lengths, prompt_keys, row_seeds)
-    offsets = width - lengths
-    perturber.positions = torch.arange(width)[None, :] - offsets[:, None]  # negative on padding
     new = torch.full((bsz, max_new_tokens), pad_id, dtype=torch.long)
     n_new = torch.zeros(bsz, dtype=torch.long)
     finished = torch.zeros(bsz, dtype=torch.bool)
     stop = torch.tensor(stop_ids, dtype=torch.long) if stop_ids else None
     kwargs = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
+    cache_kw = cache_argument(model)
     layer_key = [int(l) for l in row_layers.tolist()]
+    prefix = (_prefix_cache(model, prompt_ids, pad_id, device, kwargs)
+              if share_prefix and can_share_prefix(perturber, lengths) else None)
     with perturber.hooked(model):
-        out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=True,
-                    **kwargs)
+        if prefix is None:  # the whole left-padded prompt in one prefill
+            input_ids = pad_sequences(prompt_ids, pad_id, side="left").to(device)
+            attention = pad_sequences([[1] * len(p) for p in prompt_ids], 0, side="left").to(device)
+            position_ids = (attention.long().cumsum(-1) - 1).clamp(min=0)
+            perturber.positions = torch.arange(width)[None, :] - (width - lengths)[:, None]  # negative on padding
+            out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=True,
+                        **kwargs)
+        else:  # the shared prefix is cached: step 0 feeds each row's last prompt token (position P - 1)
+            cache, attention = prefix
+            attention = torch.cat([attention, torch.ones(bsz, 1, dtype=attention.dtype, device=device)], dim=1)
+            position_ids = (lengths - 1)[:, None].to(device)
+            perturber.positions = (lengths - 1)[:, None]
+            last = torch.tensor([[p[-1]] for p in prompt_ids], dtype=torch.long, device=device)
+            out = model(input_ids=last, attention_mask=attention, position_ids=position_ids, use_cache=True,
+                        **kwargs, **{cache_kw: cache})
         past = returned_cache(out)
-        cache_kw = cache_argument(model)
         for t in range(max_new_tokens):
-            keys = [(int(row_seeds[r]), int(prompt_keys[r]), layer_key[r], t, SAMPLING_TAG) for r in range(bsz)]
+            keys = ([(int(row_seeds[r]), int(prompt_keys[r]), layer_key[r], t, SAMPLING_TAG) for r in range(bsz)]
+                    if do_sample else [])
             nxt = _pick_next(out.logits[:, -1], do_sample, temperature, top_p, keys).cpu()
+            del out
             nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
             active = ~finished
             new[active, t] = nxt[active]
@@ -213,6 +266,7 @@ def generate_under_attack(
     pad_token_id: int | None = None,
     use_chat_template: bool = True,
     system_prompt: str | None = None,
+    share_prefix: bool = True,
 ) -> GenerationResult:
     """Generate for a batch of rows, each attacked at its own layer (or clean).
 
@@ -234,6 +288,12 @@ def generate_under_attack(
         pad_token_id: id fed to finished rows and used for padding (default: the tokenizer's pad, else EOS).
         use_chat_template: format string prompts with the chat template.
         system_prompt: optional system message for string prompts.
+        share_prefix: compute each distinct prompt's KV cache up to its first perturbed position once per
+            chunk and index it onto all of that prompt's rows (layers, seeds), instead of running the whole
+            prompt for every row. Only when the attack leaves everything before the last prompt token alone
+            (``prompt_last_and_generated``, ``first_k``, PGD masks from the last prompt token); ``all`` and
+            ``prompt`` run the unshared prefill. The tokens are the same either way (tested); ``False`` is
+            the escape hatch and the reference for that comparison.
 
     Returns:
         A :class:`GenerationResult` with the new tokens only.
@@ -267,7 +327,7 @@ def generate_under_attack(
             rows = list(range(start, min(start + step, bsz)))
             new, n_new, app = _generate_chunk(
                 model, [ids[r] for r in rows], layers_t[rows], attack.select(rows), keys_t[rows], seeds_t[rows],
-                max_new_tokens, do_sample, temperature, top_p, stop_ids, pad_id)
+                max_new_tokens, do_sample, temperature, top_p, stop_ids, pad_id, share_prefix)
             for j, r in enumerate(rows):
                 token_ids[r] = new[j, : int(n_new[j])].tolist()
             applied[rows] = app

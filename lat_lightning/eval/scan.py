@@ -303,6 +303,7 @@ def run_scan(
     asabench_split_mode: str = "prompt",
     split_seed: int = 0,
     shard: tuple[int, int] | None = None,
+    share_prefix: bool = True,
 ) -> ScanResult:
     """Scan prompts x layers x seeds for every attack; judge, summarise, plot, report.
 
@@ -346,6 +347,9 @@ def run_scan(
             ``scan.jsonl``, summary, report, figures, probes and ASABench files. Resume works per rank (and
             across a change of world size). The records equal a one-process scan's. ``None`` or a world of 1:
             the ordinary scan.
+        share_prefix: compute each prompt's KV cache up to its first perturbed position once per chunk and
+            share it across the chunk's rows of that prompt (:func:`generate_under_attack`); the records are
+            the same with ``False`` (tested), which is the escape hatch.
 
     Returns:
         A :class:`ScanResult`.
@@ -449,7 +453,7 @@ def run_scan(
                disable=not progress or rank != 0, dynamic_ncols=True)
     step = max(1, int(batch_size))
     gen_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
-                  "pad_token_id": pad_id}
+                  "pad_token_id": pad_id, "share_prefix": share_prefix}
     was_training = model.training
     model.eval()
     run_count = 0
