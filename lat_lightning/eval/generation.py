@@ -147,13 +147,116 @@ def can_share_prefix(perturber: RowPerturber, prompt_lengths: Tensor) -> bool:
     return bool((perturber.first_perturbed() >= lengths - 1).all())
 
 
-def _prefix_cache(model, prompt_ids: list[list[int]], pad_id: int, device, kwargs: dict):
+_BUFFERED_LAYER: list = []
+
+
+def _buffered_layer_class():
+    """:class:`transformers.cache_utils.DynamicLayer` with its keys and values in a buffer that has room for the
+    whole generation (``None`` when this transformers has no ``DynamicLayer``).
+
+    ``DynamicLayer.update`` concatenates: every decode step copies the whole cache of every layer into a fresh
+    allocation, which for a batch of hundreds of rows costs more than the step's matrix products on a CPU. The
+    buffered layer writes the new entries in place and hands attention views of exactly the filled part (the
+    same shapes and values as the concatenation, so the same arithmetic)."""
+    if _BUFFERED_LAYER:
+        return _BUFFERED_LAYER[0]
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # pragma: no cover - older transformers
+        _BUFFERED_LAYER.append(None)
+        return None
+
+    class BufferedLayer(DynamicLayer):
+        def __init__(self, keys: Tensor, values: Tensor, capacity: int):
+            super().__init__()
+            self.device = keys.device
+            self.is_initialized = True
+            self._length = keys.shape[-2]
+            self._keys = self._room(keys, max(int(capacity), self._length))
+            self._values = self._room(values, max(int(capacity), self._length))
+            self._views()
+
+        def _room(self, filled: Tensor, capacity: int) -> Tensor:
+            shape = list(filled.shape)
+            shape[-2] = capacity
+            buf = filled.new_empty(shape)
+            buf[..., : filled.shape[-2], :].copy_(filled)
+            return buf
+
+        def _views(self) -> None:
+            self.keys = self._keys[..., : self._length, :]
+            self.values = self._values[..., : self._length, :]
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+            n = key_states.shape[-2]
+            if self._length + n > self._keys.shape[-2]:  # more than planned: grow once, geometrically
+                self._keys = self._room(self.keys, 2 * (self._length + n))
+                self._values = self._room(self.values, 2 * (self._length + n))
+            self._keys[..., self._length: self._length + n, :].copy_(key_states)
+            self._values[..., self._length: self._length + n, :].copy_(value_states)
+            self._length += n
+            self._views()
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self._length
+
+        def reorder_cache(self, beam_idx: Tensor) -> None:
+            self._keys = self._keys.index_select(0, beam_idx.to(self._keys.device))
+            self._values = self._values.index_select(0, beam_idx.to(self._values.device))
+            self._views()
+
+        def batch_select_indices(self, indices: Tensor) -> None:
+            self._keys, self._values = self._keys[indices, ...], self._values[indices, ...]
+            self._views()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            self._keys = self._keys.repeat_interleave(repeats, dim=0)
+            self._values = self._values.repeat_interleave(repeats, dim=0)
+            self._views()
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove > 0:
+                raise ValueError("crop takes a negative number of tokens to remove")
+            self._length -= abs(int(tokens_to_remove))
+            self._views()
+
+        def reset(self) -> None:
+            self._length = 0
+            self._views()
+
+    _BUFFERED_LAYER.append(BufferedLayer)
+    return BufferedLayer
+
+
+def _buffer_cache(cache, rows: Tensor | None, capacity: int) -> None:
+    """Index ``cache`` onto ``rows`` (``None``: keep the batch) and give its growing full-attention layers room for
+    ``capacity`` positions (:func:`_buffered_layer_class`), in place. Other layer kinds (sliding windows, ...) are
+    only indexed."""
+    buffered = _buffered_layer_class()
+    layers = getattr(cache, "layers", None)
+    if buffered is None or layers is None:
+        if rows is not None:
+            cache.reorder_cache(rows)
+        return
+    base = buffered.__mro__[1]  # DynamicLayer
+    for i, layer in enumerate(layers):
+        if type(layer) is base and layer.is_initialized and layer.keys is not None and layer.keys.numel():
+            keys, values = layer.keys, layer.values
+            if rows is not None:
+                keys, values = keys.index_select(0, rows.to(keys.device)), values.index_select(0, rows.to(keys.device))
+            layers[i] = buffered(keys, values, capacity)
+        elif rows is not None:
+            layer.reorder_cache(rows)
+
+
+def _prefix_cache(model, prompt_ids: list[list[int]], pad_id: int, device, kwargs: dict, capacity: int):
     """The KV cache of every row's prompt minus its last token, computed ONCE per distinct prompt.
 
     The distinct prefixes run as one left-padded forward (no hooks: nothing in them is perturbed), then the
-    cache is indexed onto the rows (``reorder_cache``: row ``r`` gets its prompt's entries). The left padding
-    is the one the full prompts would get (``P_max - P_r`` columns), so the layout from here on is exactly the
-    unshared prefill's.
+    cache is indexed onto the rows (row ``r`` gets its prompt's entries) with room for ``capacity`` positions.
+    The left padding is the one the full prompts would get (``P_max - P_r`` columns), so the layout from here on
+    is exactly the unshared prefill's.
 
     Returns:
         ``(cache, attention)`` with ``attention`` the rows' ``[B, P_max - 1]`` mask, or ``None`` when the model
@@ -171,8 +274,7 @@ def _prefix_cache(model, prompt_ids: list[list[int]], pad_id: int, device, kwarg
     if cache is None or not hasattr(cache, "reorder_cache"):
         return None
     rows = torch.tensor(row_prompt, dtype=torch.long, device=device)
-    if row_prompt != list(range(len(index))):  # some prompt has several rows: index the cache onto them
-        cache.reorder_cache(rows)
+    _buffer_cache(cache, rows if row_prompt != list(range(len(index))) else None, capacity)
     return cache, attention[rows]
 
 
@@ -194,7 +296,8 @@ def _generate_chunk(model, prompt_ids: list[list[int]], row_layers: Tensor, plan
     kwargs = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
     cache_kw = cache_argument(model)
     layer_key = [int(l) for l in row_layers.tolist()]
-    prefix = (_prefix_cache(model, prompt_ids, pad_id, device, kwargs)
+    capacity = width + max_new_tokens
+    prefix = (_prefix_cache(model, prompt_ids, pad_id, device, kwargs, capacity)
               if share_prefix and can_share_prefix(perturber, lengths) else None)
     with perturber.hooked(model):
         if prefix is None:  # the whole left-padded prompt in one prefill
@@ -204,6 +307,8 @@ def _generate_chunk(model, prompt_ids: list[list[int]], row_layers: Tensor, plan
             perturber.positions = torch.arange(width)[None, :] - (width - lengths)[:, None]  # negative on padding
             out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=True,
                         **kwargs)
+            if share_prefix and returned_cache(out) is not None and hasattr(returned_cache(out), "reorder_cache"):
+                _buffer_cache(returned_cache(out), None, capacity)  # nothing to share, still no copy per step
         else:  # the shared prefix is cached: step 0 feeds each row's last prompt token (position P - 1)
             cache, attention = prefix
             attention = torch.cat([attention, torch.ones(bsz, 1, dtype=attention.dtype, device=device)], dim=1)
@@ -370,6 +475,88 @@ def teacher_forced_logits(model: nn.Module, sequences: Sequence[Sequence[int]], 
         return model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
 
 
+class SharedPrefix:
+    """One prompt's KV cache up to (not including) its last token, computed once and copied onto any number of
+    rows (:meth:`for_rows`): the teacher-forced counterpart of the prefix sharing in generation.
+
+    Args:
+        model: causal LM (eval mode).
+        prompt_ids: the prompt's token ids (at least two).
+
+    Raises:
+        ValueError: for a prompt of fewer than two tokens (nothing to share).
+    """
+
+    def __init__(self, model: nn.Module, prompt_ids: Sequence[int]):
+        if len(prompt_ids) < 2:
+            raise ValueError("a shared prefix needs a prompt of at least two tokens")
+        self.prompt_ids = [int(t) for t in prompt_ids]
+        self.device = _device(model)
+        kwargs = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
+        ids = torch.tensor([self.prompt_ids[:-1]], dtype=torch.long, device=self.device)
+        with torch.no_grad(), eval_mode(model):
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **kwargs)
+        self.cache = returned_cache(out)
+        if self.cache is None or not hasattr(self.cache, "reorder_cache"):
+            raise ValueError(f"{type(model).__name__} returns no KV cache that can be indexed")
+
+    def for_rows(self, n: int):
+        """A copy of the cache for ``n`` rows (the prompt's entries repeated)."""
+        import copy
+
+        cache = copy.deepcopy(self.cache)
+        cache.reorder_cache(torch.zeros(n, dtype=torch.long, device=self.device))
+        return cache
+
+
+@torch.no_grad()
+def teacher_forced_suffix_logits(model: nn.Module, prefix: SharedPrefix, continuations: Sequence[Sequence[int]],
+                                 row_layers: Tensor | Sequence[int], attack: AttackPlan, *,
+                                 prompt_keys: Tensor | Sequence[int] | None = None,
+                                 row_seeds: Tensor | Sequence[int] | None = None) -> Tensor:
+    """:func:`teacher_forced_logits` of ``prompt + continuation`` for rows that share ``prefix``'s prompt, computed
+    from the last prompt token on: the prompt minus its last token comes from the shared cache.
+
+    Valid only when the attack leaves the prompt before its last token alone (:func:`can_share_prefix`).
+
+    Args:
+        model: causal LM.
+        prefix: the shared prompt (:class:`SharedPrefix`).
+        continuations: per row, the tokens after the prompt (all rows the same length).
+        row_layers / attack / prompt_keys / row_seeds: as in :func:`teacher_forced_logits`.
+
+    Returns:
+        ``[B, 1 + C, V]`` logits of columns ``P - 1, ..., P - 1 + C`` (column 0 predicts the first continuation
+        token).
+
+    Raises:
+        ValueError: for rows of different lengths, or an attack that perturbs the shared prompt.
+    """
+    bsz = len(continuations)
+    widths = {len(c) for c in continuations}
+    if len(widths) > 1:
+        raise ValueError(f"continuations of different lengths {sorted(widths)}")
+    p_len = len(prefix.prompt_ids)
+    layers_t = torch.as_tensor(row_layers, dtype=torch.long).cpu()
+    keys_t = torch.arange(bsz) if prompt_keys is None else torch.as_tensor(prompt_keys, dtype=torch.long).cpu()
+    seeds_t = None if row_seeds is None else torch.as_tensor(row_seeds, dtype=torch.long).cpu()
+    lengths = torch.full((bsz,), p_len, dtype=torch.long)
+    perturber = RowPerturber(attack, layers_t, lengths, keys_t, seeds_t)
+    if not can_share_prefix(perturber, lengths):
+        raise ValueError(f"the attack perturbs the prompt before its last token ({attack.positions}); "
+                         "use teacher_forced_logits")
+    suffix = torch.tensor([[prefix.prompt_ids[-1]] + [int(t) for t in c] for c in continuations], dtype=torch.long)
+    width = suffix.shape[1]
+    perturber.positions = (p_len - 1 + torch.arange(width))[None, :].expand(bsz, width)
+    device = prefix.device
+    attention = torch.ones(bsz, p_len - 1 + width, dtype=torch.long, device=device)
+    position_ids = (p_len - 1 + torch.arange(width, device=device))[None, :].expand(bsz, width)
+    with eval_mode(model), perturber.hooked(model):
+        out = model(input_ids=suffix.to(device), attention_mask=attention, position_ids=position_ids,
+                    use_cache=True, **{cache_argument(model): prefix.for_rows(bsz)})
+    return out.logits
+
+
 __all__ = [
     "ATTACK_KINDS",
     "CLEAN",
@@ -377,6 +564,8 @@ __all__ = [
     "AttackPlan",
     "GenerationResult",
     "RowPerturber",
+    "SharedPrefix",
+    "can_share_prefix",
     "cache_argument",
     "encode_prompts",
     "eos_ids",
@@ -385,4 +574,5 @@ __all__ = [
     "policy_mask",
     "returned_cache",
     "teacher_forced_logits",
+    "teacher_forced_suffix_logits",
 ]

@@ -285,7 +285,7 @@ def run_scan(
     max_new_tokens: int = 50,
     do_sample: bool = False,
     temperature: float = 1.0,
-    batch_size: int = 16,
+    batch_size: int = 64,
     use_chat_template: bool = True,
     system_prompt: str | None = None,
     safe_responses: Sequence[str] | None = None,
@@ -560,7 +560,8 @@ def run_scan(
                                                 for i in range(n)],
                             layer_list, list(probe_seeds) if probe_seeds is not None else seed_list,
                             alpha=(perturbation.alpha if perturbation is not None else 1.0),
-                            positions="prompt_last_and_generated", batch_size=step, prompt_keys=keys, pad_id=pad_id)
+                            positions="prompt_last_and_generated", batch_size=step, prompt_keys=keys, pad_id=pad_id,
+                            share_prefix=share_prefix)
         result.probes = pr.summary()
         result.summary["probes"] = result.probes
 

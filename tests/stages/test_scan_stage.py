@@ -58,3 +58,24 @@ def test_rescan_needs_a_trained_model(tmp_path):
     (tmp_path / "interpolated").mkdir()
     (tmp_path / "interpolated" / "config.json").write_text("{}")
     assert trained_model_path(tmp_path) == tmp_path / "interpolated"
+
+
+def test_probes_run_by_default_only_where_cheap():
+    """``evaluation.probes: null`` runs them on small models only; true / false are obeyed."""
+    from torch import nn
+
+    from lat_lightning.cli import load_config
+    from lat_lightning.stages.scan import PROBES_AUTO_MAX_PARAMETERS, probes_wanted
+
+    assert load_config("asa_scan_tiny", []).evaluation.probes is None
+    small = nn.Linear(10, 10)
+    big = nn.Module()
+    big.weight = nn.Parameter(torch_empty(PROBES_AUTO_MAX_PARAMETERS + 1))
+    assert probes_wanted(None, small) and not probes_wanted(None, big)
+    assert probes_wanted(True, big) and not probes_wanted(False, small)
+
+
+def torch_empty(n):
+    import torch
+
+    return torch.empty(n, device="meta")
