@@ -53,6 +53,9 @@ def run_pipeline(cfg: DictConfig, recipe: str, resume: Optional[str] = None) -> 
     from lat_lightning.stages.organism import resolve_organism
 
     check_config(cfg)  # bad settings fail here, before a run directory exists or a weight is loaded
+    from lat_lightning.threads import apply_thread_policy
+
+    apply_thread_policy()  # threads from the cores free now (again before every stage); LAT_LIGHTNING_THREADS
     # The organism (when named) is built or reused now; a resumed run never rebuilds it.
     resolved = resolve_organism(cfg, rebuild=False if resume else None)
     check_model(resolved)
@@ -71,6 +74,7 @@ def run_pipeline(cfg: DictConfig, recipe: str, resume: Optional[str] = None) -> 
             # process existed (Lightning's launcher starts the others at fit) is not run again.
             continue
         print(f"[{stage}] starting", flush=True)
+        apply_thread_policy()
         info = get_stage(stage)(resolved, run_dir) or {}
         mark_stage_done(run_dir, stage, info)
         print(f"[{stage}] done", flush=True)

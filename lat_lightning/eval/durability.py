@@ -250,7 +250,7 @@ def _oneline(text: str, limit: int = 100) -> str:
 # ----------------------------------------------------------------------------------------------- sections
 def _run_scans(models: dict[str, nn.Module], tokenizer, prompts, targets, keys, layers, judge_map, s, out: Path | None,
                adaptive: bool, transfer: bool, resume: bool, progress: bool,
-               shard: tuple[int, int] | None = None) -> dict[str, Any]:
+               shard: tuple[int, int] | None = None, reuse: Mapping[str, tuple] | None = None) -> dict[str, Any]:
     from lat_lightning.eval.scan import run_scan
 
     scans = {}
@@ -266,7 +266,8 @@ def _run_scans(models: dict[str, nn.Module], tokenizer, prompts, targets, keys, 
             positions=s.positions, refresh=s.refresh, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
             use_chat_template=s.use_chat_template, system_prompt=s.system_prompt, prompt_keys=keys,
             bootstrap_samples=s.bootstrap_samples, resume=resume, progress=progress, figures=out is not None,
-            tensorboard=out is not None, probes=False, asabench_test_fraction=None, split_seed=s.seed, shard=shard)
+            tensorboard=out is not None, probes=False, asabench_test_fraction=None, split_seed=s.seed, shard=shard,
+            reuse=(reuse or {}).get(name))
     return scans
 
 
@@ -428,7 +429,8 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
                    utility_rows: Sequence[Mapping[str, Any]] | None = None, utility_kind: str = "multiple_choice",
                    prompt_keys: Sequence[int] | None = None, judges=None, model_labels: Mapping[str, str] | None = None,
                    resume: bool = False, progress: bool = False, finetune: Callable | None = None,
-                   shard: tuple[int, int] | None = None) -> dict[str, Any]:
+                   shard: tuple[int, int] | None = None,
+                   reuse_scans: Mapping[str, tuple[str | Path, Sequence[int]]] | None = None) -> dict[str, Any]:
     """Run the durability suite on two in-memory models and write the report.
 
     Args:
@@ -460,6 +462,9 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
         shard: ``(rank, world_size)`` in a multi-process launch: the two re-scans are distributed
             (:func:`~lat_lightning.eval.scan.run_scan`'s ``shard``; needs ``out_dir``); every other section runs
             on rank 0 only, and the other ranks return ``{"rank": r, "rows": []}`` once the scans are done.
+        reuse_scans: ``{"original" | "hardened": (scan directory, its prompt keys)}``: earlier scans of these
+            very models (the run's ``scan`` and ``rescan`` stages); the re-scans take over the cells those would
+            generate identically (:func:`lat_lightning.eval.scan.reusable_records`) instead of generating them.
 
     Returns:
         The summary (also written to ``durability_summary.json``): ``rows`` (the report table), one entry
@@ -530,7 +535,7 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
         if need_scan:
             t0 = time.time()
             scans = _run_scans(models, tokenizer, prompts, targets, keys, layers, judge_map, s, out if write else None,
-                               "adaptive" in sections, bool(d.transfer), resume, progress, shard)
+                               "adaptive" in sections, bool(d.transfer), resume, progress, shard, reuse_scans)
             timings["scans"] = round(time.time() - t0, 2)
         if shard is not None and shard[0] != 0:  # the scans were this rank's share; rank 0 does the rest
             return {"rank": int(shard[0]), "rows": [], "timings": timings}

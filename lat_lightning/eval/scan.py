@@ -266,6 +266,40 @@ def _check_settings(out_dir: Path, settings: dict, resume: bool, write: bool = T
         path.write_text(json.dumps(settings, indent=2, default=str))
 
 
+REUSE_SETTINGS = ("max_new_tokens", "do_sample", "temperature", "use_chat_template", "system_prompt")
+
+
+def reusable_records(source: str | Path, settings: dict, prompts: Sequence[str], prompt_keys: Sequence[int],
+                     source_prompt_keys: Sequence[int], layers: Sequence[int]) -> dict[tuple, dict]:
+    """The finished cells of another scan of the same model (``source``: its directory) that this scan would
+    generate identically: same generation settings, same settings of the cell's attack, the same prompt text
+    and noise key at the same index, a layer this scan covers. Their verdicts are dropped (this scan judges
+    them with its own judges). ``source_prompt_keys`` are the source scan's prompt keys, checked against the
+    fingerprint it recorded.
+
+    Returns:
+        ``key -> record`` (empty when the source is missing or its settings differ).
+    """
+    path = Path(source) / SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    if any(old.get(k) != settings.get(k) for k in REUSE_SETTINGS) or \
+            old.get("prompt_keys") != _settings_fingerprint({"k": [int(k) for k in source_prompt_keys]}):
+        return {}
+    same = {a for a, d in settings["attacks"].items() if old.get("attacks", {}).get(a) == d}
+    wanted = {int(l) for l in layers} | {CLEAN}
+    out = {}
+    for key, rec in _read_all_records(Path(source)).items():
+        i = int(rec["prompt_idx"])
+        if (i >= len(prompts) or i >= len(source_prompt_keys) or rec["prompt"] != prompts[i]
+                or int(source_prompt_keys[i]) != int(prompt_keys[i]) or int(rec["layer"]) not in wanted
+                or (rec["attack"] != CLEAN_ATTACK and rec["attack"] not in same)):
+            continue
+        out[key] = {k: v for k, v in rec.items() if k != "verdicts"}
+    return out
+
+
 def run_scan(
     model: nn.Module,
     tokenizer,
@@ -304,6 +338,7 @@ def run_scan(
     split_seed: int = 0,
     shard: tuple[int, int] | None = None,
     share_prefix: bool = True,
+    reuse: tuple[str | Path, Sequence[int]] | None = None,
 ) -> ScanResult:
     """Scan prompts x layers x seeds for every attack; judge, summarise, plot, report.
 
@@ -350,6 +385,9 @@ def run_scan(
         share_prefix: compute each prompt's KV cache up to its first perturbed position once per chunk and
             share it across the chunk's rows of that prompt (:func:`generate_under_attack`); the records are
             the same with ``False`` (tested), which is the escape hatch.
+        reuse: ``(directory, prompt keys)`` of an earlier scan of the same model (e.g. the durability suite
+            reusing the run's ``scan`` / ``rescan`` stages): its cells that this scan would generate identically
+            are taken over (:func:`reusable_records`) and judged here instead of generated again.
 
     Returns:
         A :class:`ScanResult`.
@@ -437,7 +475,13 @@ def run_scan(
                 if i >= n or rec["prompt"] != prompts[i]:
                     raise ValueError(f"{out_path / SCAN_FILE} holds prompt {i} = {rec['prompt'][:60]!r}, which is "
                                      "not this scan's prompt; use a fresh output directory")
-    resumed = len(records)
+    reused = 0
+    if reuse is not None:
+        for k, rec in reusable_records(reuse[0], settings, prompts, keys, reuse[1], layer_list).items():
+            if k not in records:
+                records[k] = rec
+                reused += 1
+    resumed = len(records) - reused
     record_file = out_path / (SCAN_FILE if world == 1 else SHARD_FILE.format(rank=rank)) if out_path else None
     sink = _Sink(record_file)
 
@@ -547,7 +591,8 @@ def run_scan(
     result = _assemble(prompts, layer_list, seed_list, attack_objs, judge_map, primary, records, seeds_run,
                        clean_texts, bootstrap_samples, split_seed, out_path)
     result.cells_run, result.cells_resumed = run_count, resumed
-    result.summary["cells"] = {"run": run_count, "resumed": resumed, "seconds": round(gen_seconds, 3)}
+    result.summary["cells"] = {"run": run_count, "resumed": resumed, "reused": reused,
+                               "seconds": round(gen_seconds, 3)}
     result.summary["settings"] = settings
 
     if rank != 0:  # rank 0 writes the outputs; the others return the same assembled result
@@ -954,4 +999,5 @@ def scan_positions(cfg) -> tuple[str, int, str]:
     return positions, first_k, refresh
 
 
-__all__ = ["ScanResult", "read_records", "render_report", "run_scan", "scan_positions", "write_figures"]
+__all__ = ["ScanResult", "read_records", "render_report", "reusable_records", "run_scan", "scan_positions",
+           "write_figures"]

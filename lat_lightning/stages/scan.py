@@ -111,7 +111,8 @@ def run(cfg, run_dir: Path) -> dict:
     info = {"attacks": {a: {k: result.headline(a)[k] for k in ("init", "pasr_mean", "masr_mean",
                                                                  "pasr_of_mean_lasr_layer")} for a in result.attacks},
             "primary_judge": result.primary_judge, "cells_run": result.cells_run,
-            "cells_resumed": result.cells_resumed, "report": str(Path(run_dir) / REPORT_FILE),
+            "cells_resumed": result.cells_resumed, "model": str(mcfg.name_or_path),
+            "report": str(Path(run_dir) / REPORT_FILE),
             "summary": str(Path(run_dir) / SUMMARY_FILE)}
     if shard is not None and shard[0] != 0:  # rank 0 reports
         return info

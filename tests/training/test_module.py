@@ -66,6 +66,41 @@ def test_global_step_counts_optimizer_steps_and_lr_follows_them(tiny_llama_dir, 
     assert module.optimizers().param_groups[0]["lr"] == pytest.approx(expected)
 
 
+def test_logged_step_axis_and_progress_bar_count_optimizer_steps(tiny_llama_dir, tiny_tokenizer, tmp_path):
+    """Under gradient accumulation (2 micro-batches per step) TensorBoard's x-axis is optimiser steps (1, 2, 3),
+    each point the mean of its step's micro-batches, and the fit's bar ends at 3/3 steps, not 6 micro-batches."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lat_lightning.training.progress import StepProgressBar
+
+    model = load_model(ModelConfig(name_or_path=str(tiny_llama_dir)), train=True)
+    cfg = _cfg(trainer={"max_steps": 3, "accumulate_grad_batches": 2, "scheduler": "cosine"})
+    module = build_module(cfg, model, tiny_tokenizer)
+    bar = StepProgressBar("fit")
+    losses = []
+
+    class Losses(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=TensorBoardLogger(str(tmp_path), "tb", ""),
+                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         log_every_n_steps=1, callbacks=[bar, Losses()])
+    examples = safety_examples(20)
+    batches = [safety_batch(tiny_tokenizer, examples=examples[i:i + 2]) for i in range(0, 20, 2)]
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert trainer.global_step == 3 and len(losses) == 6
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    events = acc.Scalars("train/loss")
+    assert [e.step for e in events] == [1, 2, 3]
+    for e, pair in zip(events, [losses[0:2], losses[2:4], losses[4:6]]):
+        assert e.value == pytest.approx(sum(pair) / 2, rel=1e-5)
+    assert [e.step for e in acc.Scalars("train/lr")] == [1, 2, 3]
+    assert bar.train_progress_bar.n == 3 and bar.train_progress_bar.total == 3
+
+
 def test_defence_updates_only_trainable_weights(tiny_llama_dir, tiny_tokenizer, tmp_path):
     mcfg = OmegaConf.merge(OmegaConf.structured(ModelConfig),
                            {"name_or_path": str(tiny_llama_dir), "lora": {"enabled": True, "r": 4, "alpha": 8}})
