@@ -237,7 +237,7 @@ class EvaluationConfig:
     max_new_tokens: int = 50
     do_sample: bool = False
     temperature: float = 1.0
-    batch_size: int = 64                 # rows per batched generation / teacher-forced pass (scan, durability); large
+    batch_size: int = 256                # rows per batched generation / teacher-forced pass (scan, durability); large
                                          # batches amortise each decode step's weight reads (raise it where memory allows)
     share_prefix: bool = True            # compute each prompt's KV cache up to its last token once per chunk and
                                          # share it across the chunk's rows (false: the unshared path; same tokens)

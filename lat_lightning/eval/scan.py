@@ -319,7 +319,7 @@ def run_scan(
     max_new_tokens: int = 50,
     do_sample: bool = False,
     temperature: float = 1.0,
-    batch_size: int = 64,
+    batch_size: int = 256,
     use_chat_template: bool = True,
     system_prompt: str | None = None,
     safe_responses: Sequence[str] | None = None,
