@@ -137,7 +137,12 @@ class LatentAdversarialModule(pl.LightningModule):
 
     # -- the step ------------------------------------------------------------------------------------
     def run_attack(self, batch: dict) -> Perturbation:
-        """Inner loop: the perturbation for this batch (weights untouched)."""
+        """Inner loop: the perturbation for this batch (weights untouched). An attack that measures its loss at the
+        final δ (PGD) reads it off the defence's own perturbed passes instead of running one more forward."""
+        if hasattr(self.attack, "final_logits_from"):
+            w = self.loss_weights
+            self.attack.final_logits_from = frozenset(
+                g for g, on in (("safe", w.toward_safe), ("harmful", w.away_from_harmful)) if on)
         step = self.global_step * self.optim.accumulate_grad_batches + self._micro_step
         if not self.attack_layers and self.attack.name != "none" and not _has_row_layers(batch):
             raise ValueError("perturbation.layers is empty: set it or enable callbacks.fragile_layers")
@@ -147,17 +152,24 @@ class LatentAdversarialModule(pl.LightningModule):
         """Outer objective terms, each already weighted; their sum is the loss to minimise."""
         w = self.loss_weights
         terms: dict[str, Tensor] = {}
+        seen: dict[str, Tensor] = {}  # logits under the perturbation, by sequence group
         with perturbation.applied(self.model):
             if w.toward_safe:
                 logits = self.model(input_ids=batch["safe_input_ids"], attention_mask=batch["safe_attention_mask"],
                                     use_cache=False).logits
                 labels = batch["safe_labels"] if w.mask_prompt else with_prompt_labels(batch, "safe")
                 terms["toward_safe"] = w.toward_safe * causal_lm_loss(logits, labels)
+                seen["safe"] = logits
             if w.away_from_harmful:
                 logits = self.model(input_ids=batch["harmful_input_ids"],
                                     attention_mask=batch["harmful_attention_mask"], use_cache=False).logits
                 terms["away_from_harmful"] = w.away_from_harmful * log_one_minus_p_loss(
                     logits, batch["harmful_labels"], w.away_logp_floor)
+                seen["harmful"] = logits
+        if perturbation.final_loss is not None:  # the attack's loss at its final δ, from these logits: no extra pass
+            with torch.no_grad():
+                perturbation.stats["attack_loss_after"] = float(
+                    perturbation.final_loss({k: v.detach() for k, v in seen.items()}))
         if w.utility and "benign_input_ids" in batch:
             logits = self.model(input_ids=batch["benign_input_ids"], attention_mask=batch["benign_attention_mask"],
                                 use_cache=False).logits

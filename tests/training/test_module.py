@@ -101,6 +101,25 @@ def test_logged_step_axis_and_progress_bar_count_optimizer_steps(tiny_llama_dir,
     assert bar.train_progress_bar.n == 3 and bar.train_progress_bar.total == 3
 
 
+def test_lat_step_runs_each_block_only_as_often_as_its_floor(tiny_llama_dir, tiny_tokenizer):
+    """PGD k=3 at layer 1 of 4, toward + away attack, defence toward + away + utility: the blocks up to the attacked
+    layer run once for the cache plus once per defence pass; the blocks above once per attack step plus once per
+    defence pass. No other forward (the final attack loss is read off the defence's perturbed passes)."""
+    model = load_model(ModelConfig(name_or_path=str(tiny_llama_dir)), train=True)
+    cfg = _cfg(perturbation={"attack": "pgd", "layers": [1], "steps": 3, "away_from_safe": 0.5, "positions": "prompt"},
+               loss={"toward_safe": 0.5, "away_from_harmful": 0.5, "utility": 1.0})
+    module = build_module(cfg, model, tiny_tokenizer)
+    calls = {0: 0, 1: 0, 2: 0, 3: 0}
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    batch = safety_batch(tiny_tokenizer, n=2, with_benign=True)
+    perturbation = module.run_attack(batch)
+    terms = module.defence_losses(batch, perturbation)
+    assert set(terms) == {"toward_safe", "away_from_harmful", "utility"}
+    assert calls == {0: 1 + 3, 1: 1 + 3, 2: 3 + 3, 3: 3 + 3}
+    assert perturbation.stats["attack_loss_after"] < perturbation.stats["attack_loss_before"]
+
+
 def test_defence_updates_only_trainable_weights(tiny_llama_dir, tiny_tokenizer, tmp_path):
     mcfg = OmegaConf.merge(OmegaConf.structured(ModelConfig),
                            {"name_or_path": str(tiny_llama_dir), "lora": {"enabled": True, "r": 4, "alpha": 8}})
