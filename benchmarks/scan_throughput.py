@@ -302,9 +302,10 @@ def main() -> None:
         "keyword_success_rate": round(sum(bool(fw[k]["keyword"]) for k in keys) / n_cells, 4),
         "clean_token_agreement": round(sum(fw[k]["clean"] == ref[k]["clean"] for k in keys) / n_cells, 4),
         **unshared,
-        "targets": {"speedup_ge_30": speedup >= 30, "stage_speedup_ge_10": stage_speedup >= 10,
-                    "stage_with_probes_speedup_ge_10": loop_total / stage_with_probes >= 10},
     }
+    if not args.model.startswith("tiny:"):  # issue 16's targets are set for a real model (SmolLM2)
+        result["targets"] = {"speedup_ge_30": speedup >= 30, "stage_speedup_ge_10": stage_speedup >= 10,
+                             "stage_with_probes_speedup_ge_10": loop_total / stage_with_probes >= 10}
     print("RESULT " + json.dumps(result), flush=True)
 
 
