@@ -107,6 +107,19 @@ def scan_model_config(cfg):
     return mcfg
 
 
+PROBES_AUTO_MAX_PARAMETERS = 50_000_000  # evaluation.probes: null runs the probes up to this model size
+
+
+def probes_wanted(setting: bool | None, model) -> bool:
+    """``evaluation.probes``: ``True`` / ``False`` as set; ``None`` (default) runs them only where they are cheap,
+    i.e. on models of at most :data:`PROBES_AUTO_MAX_PARAMETERS` parameters (the tiny models, the organism:
+    seconds). Above that they cost about as much as the scan's ASA-random generation again (a teacher-forced
+    pass over every prompt x layer x seed), so they are opt-in (docs/scan.md)."""
+    if setting is not None:
+        return bool(setting)
+    return sum(p.numel() for p in model.parameters()) <= PROBES_AUTO_MAX_PARAMETERS
+
+
 def run(cfg, run_dir: Path) -> dict:
     """Load the model and prompts, run the scan into ``run_dir``.
 
@@ -149,13 +162,14 @@ def run(cfg, run_dir: Path) -> dict:
         use_chat_template=mcfg.use_chat_template, system_prompt=mcfg.system_prompt, prompt_keys=keys,
         harmless_prompts=harmless, contrast_prompts=harmful_side, coherence=coherence_settings(cfg),
         classifier_path=ev.classifier_path, target_key_pattern=ev.target_key_pattern,
-        bootstrap_samples=ev.bootstrap_samples, resume=True, progress=True, probes=True,
+        bootstrap_samples=ev.bootstrap_samples, resume=True, progress=True, probes=probes_wanted(ev.probes, model),
         asabench_test_fraction=ev.split_test_fraction, asabench_split_mode=ev.split_mode, split_seed=int(cfg.seed),
-        shard=shard)
+        shard=shard, share_prefix=bool(ev.share_prefix))
     info = {"attacks": {a: {k: result.headline(a)[k] for k in ("init", "pasr_mean", "masr_mean",
                                                                  "pasr_of_mean_lasr_layer")} for a in result.attacks},
             "primary_judge": result.primary_judge, "cells_run": result.cells_run,
-            "cells_resumed": result.cells_resumed, "report": str(Path(run_dir) / REPORT_FILE),
+            "cells_resumed": result.cells_resumed, "model": str(mcfg.name_or_path),
+            "report": str(Path(run_dir) / REPORT_FILE),
             "summary": str(Path(run_dir) / SUMMARY_FILE)}
     if shard is not None and shard[0] != 0:  # rank 0 reports
         return info
@@ -197,5 +211,5 @@ def coherence_settings(cfg):
         OmegaConf.merge(OmegaConf.structured(CoherenceConfig), node))
 
 
-__all__ = ["cells_saved", "coherence_settings", "load_contrast_prompts", "load_scan_prompts", "run", "saved",
-           "scan_judges", "scan_model_config"]
+__all__ = ["PROBES_AUTO_MAX_PARAMETERS", "cells_saved", "coherence_settings", "load_contrast_prompts",
+           "load_scan_prompts", "probes_wanted", "run", "saved", "scan_judges", "scan_model_config"]
