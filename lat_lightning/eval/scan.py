@@ -849,7 +849,7 @@ def _coherence_stats(recs: Sequence[dict], primary: str) -> dict:
             "repetitive": sum("repetition" in r["coherence"]["reason"] for r in checked),
             "high_nll": sum("NLL" in r["coherence"]["reason"] for r in checked),
             "successes": len(successes), "incoherent_successes": sum(not r["coherence"]["coherent"] for r in successes),
-            "mean_nll": (sum(nlls) / len(nlls)) if nlls else None}
+            "mean_nll": (math.fsum(nlls) / len(nlls)) if nlls else None}  # fsum: the same whatever the order
 
 
 def _agreement(arrays: Mapping[str, np.ndarray], judge_names: Sequence[str]) -> list[dict]:
