@@ -258,7 +258,8 @@ def test_rescans_reuse_the_runs_scans_with_identical_numbers(two_models, tmp_pat
     # other generation settings or other keys are not reused
     assert scan_mod.reusable_records(tmp_path / "scan", {"max_new_tokens": 3}, PROMPTS, keys, keys, [0]) == {}
     good = {"max_new_tokens": s.max_new_tokens, "do_sample": False, "temperature": 1.0,
-            "use_chat_template": s.use_chat_template, "system_prompt": s.system_prompt, "attacks": {}}
+            "use_chat_template": s.use_chat_template, "system_prompt": s.system_prompt, "attacks": {},
+            "best_of_n": 1, "top_p": None}  # best-of-N settings decide a record's samples too
     assert scan_mod.reusable_records(tmp_path / "scan", good, PROMPTS, keys, [1, 2, 3], [0]) == {}
     took = scan_mod.reusable_records(tmp_path / "scan", good, PROMPTS, keys, keys, [0])
     assert took and all(k[0] == "clean" for k in took)  # attacks whose settings are unknown here: not taken
