@@ -63,7 +63,8 @@ def load_contrast_prompts(cfg, scan_prompts: list[str]) -> tuple[list[str], list
     if cfg.data.harmful:
         harmful = [e.prompt for e in load_safety_examples(
             resource_path(cfg.data.harmful), split=cfg.data.harmful_split, columns=dict(cfg.data.harmful_columns or {}),
-            default_safe_response=cfg.data.default_safe_response, max_examples=n)]
+            default_safe_response=cfg.data.default_safe_response, max_examples=n, default_target=cfg.data.default_target,
+            require_target=False, row_filter=dict(cfg.data.filter or {}))]  # only the prompts are used
     source = cfg.data.benign or cfg.data.eval_benign
     harmless = [] if not source else [e.prompt for e in load_benign_examples(
         resource_path(source), cfg.data.benign_split, dict(cfg.data.benign_columns or {}), n)]
