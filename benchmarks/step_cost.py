@@ -5,7 +5,11 @@ Model: tiny random Llama, 8 layers, hidden 256; batch 8, sequences of 128 tokens
 lower layers, gradients on the perturbation only) and ``pgd_naive``: the structure of the public LAT code
 (whole model from the embeddings every step, separate toward/away passes, and ``loss.backward()`` so
 weight gradients are computed in every attack backward). The naive variant exists only here, as a
-baseline. Runs are interleaved (variant order rotates each round) and the median of ``--repeats`` is
+baseline. ``sft`` is a plain SFT step (one forward-backward) and ``lat`` issue 16's targeted-LAT step (PGD
+k=5 at layer 4, toward + away attack; defence toward + away + utility, full fine-tuning); beside it the
+benchmark measures the **floor** of that work from its unavoidable pieces (:func:`floor_parts`:
+3 defence forward-backward passes + 5 attack steps over the blocks above the layer without weight gradients
++ the lower blocks once + the optimiser step) and reports the step as a ratio to SFT and to that floor. Runs are interleaved (variant order rotates each round) and the median of ``--repeats`` is
 reported. Peak memory: on CUDA ``max_memory_allocated`` above the memory held before the step; on CPU a
 fresh subprocess per variant runs a warm-up step (so optimiser state and caches exist), then one step,
 and reports peak RSS minus the RSS before that step (large tensors are mmap-allocated and returned to
@@ -36,14 +40,15 @@ from lat_lightning.models.loading import load_model, load_tokenizer
 from lat_lightning.testing.tiny_models import build_tiny_model
 from lat_lightning.training.fit import build_module
 
-VARIANTS = ("none", "asa_random", "asagrad", "pgd", "pgd_naive")
+VARIANTS = ("none", "asa_random", "asagrad", "pgd", "pgd_naive", "sft", "lat")
+STEPS = 5
 LAYER = 4
 
 
 def make_batch(vocab: int, bsz: int = 8, seq: int = 128, prompt: int = 64, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     batch = {}
-    for prefix in ("safe", "harmful"):
+    for prefix in ("safe", "harmful", "benign"):
         ids = torch.randint(10, vocab, (bsz, seq), generator=gen)
         labels = ids.clone()
         labels[:, :prompt] = -100
@@ -55,12 +60,63 @@ def make_batch(vocab: int, bsz: int = 8, seq: int = 128, prompt: int = 64, seed:
 
 
 def make_module(model, variant: str):
-    strategy = "pgd" if variant == "pgd_naive" else variant
+    """``sft``: plain SFT (CE toward the safe response, one forward-backward). ``lat``: issue 16's targeted-LAT
+    step (PGD k=5 at layer 4, toward + away attack; defence toward + away + utility: three forward-backward
+    passes). The others: toward + away defence under each attack (``none`` = no attack)."""
+    strategy = {"pgd_naive": "pgd", "sft": "none", "lat": "pgd"}.get(variant, variant)
+    loss = {"toward_safe": 0.5, "away_from_harmful": 0.5, "utility": 0.0}
+    if variant == "sft":
+        loss = {"toward_safe": 1.0, "away_from_harmful": 0.0, "utility": 0.0}
+    elif variant == "lat":
+        loss = {"toward_safe": 0.5, "away_from_harmful": 0.5, "utility": 1.0}
     cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), {
-        "perturbation": {"attack": strategy, "layers": [LAYER], "steps": 5, "eps": 6.0, "lr": 1e-3,
+        "perturbation": {"attack": strategy, "layers": [LAYER], "steps": STEPS, "eps": 6.0, "lr": 1e-3,
                          "toward_harmful": 0.5, "away_from_safe": 0.5, "positions": "prompt"},
-        "loss": {"toward_safe": 0.5, "away_from_harmful": 0.5}})
+        "loss": loss})
     return build_module(cfg, model)
+
+
+# ------------------------------------------------------------------------- the floor of the LAT step's work
+def floor_parts(module, batch, opt) -> dict[str, float]:
+    """Times of the pieces the LAT step cannot do without, each measured once (call repeatedly, take medians):
+
+    * ``fb_full``: one forward-backward of the whole model with weight gradients on the 8 x 128 batch (the
+      defence does three: toward, away, utility; plain SFT one);
+    * ``attack_step``: one PGD step's unavoidable work: forward of the blocks above the attacked layer and the
+      LM head on the stacked harmful + safe sequences (16 x 128) from a cached ``h[l]``, backward to the
+      perturbation only (no weight gradients);
+    * ``lower``: the blocks up to the attacked layer once, no grad (the cache);
+    * ``opt``: the AdamW step over all weights.
+    """
+    from lat_lightning.attacks.forward import cache_lower, perturbed_logits, stack_sequences
+
+    model, attack = module.model, module.attack
+    out = {}
+    t0 = time.perf_counter()
+    logits = model(input_ids=batch["safe_input_ids"], attention_mask=batch["safe_attention_mask"],
+                   use_cache=False).logits
+    causal_lm_loss(logits, batch["safe_labels"]).backward()
+    out["fb_full"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    out["opt"] = time.perf_counter() - t0
+    inputs = stack_sequences(batch, ("harmful", "safe"))
+    mask = position_mask("prompt", batch["prompt_lengths"], inputs.input_ids.shape[1]).float()
+    t0 = time.perf_counter()
+    cached = cache_lower(model, inputs, LAYER)
+    out["lower"] = time.perf_counter() - t0
+    delta = torch.zeros(inputs.input_ids.shape[0] // 2, inputs.input_ids.shape[1], model.config.hidden_size,
+                        requires_grad=True)
+    t0 = time.perf_counter()
+    logits = perturbed_logits(model, inputs, Perturbation({LAYER: delta}, mask, normalise=False), cached, LAYER)
+    torch.autograd.grad(attack.attack_loss(logits, inputs), [delta])
+    out["attack_step"] = time.perf_counter() - t0
+    return out
+
+
+def floor_seconds(parts: dict[str, float], defence_passes: int = 3, steps: int = STEPS) -> float:
+    return defence_passes * parts["fb_full"] + steps * parts["attack_step"] + parts["lower"] + parts["opt"]
 
 
 def naive_pgd(module, batch) -> Perturbation:
@@ -158,18 +214,28 @@ def main() -> None:
         modules[v] = make_module(model, v)
         opts[v] = torch.optim.AdamW(model.parameters(), lr=1e-5)
         one_step(modules[v], batch, opts[v], v)  # warm-up
+    floor_module = make_module(copy.deepcopy(base), "lat")
+    floor_opt = torch.optim.AdamW(floor_module.model.parameters(), lr=1e-5)
+    floor_parts(floor_module, batch, floor_opt)  # warm-up
     times = {v: [] for v in VARIANTS}
+    parts: dict[str, list[float]] = {}
     for r in range(args.repeats):
         order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
-        for v in order:
+        for v in order + ("floor",):
             if device == "cuda":
                 torch.cuda.synchronize()
+            if v == "floor":
+                for k, t in floor_parts(floor_module, batch, floor_opt).items():
+                    parts.setdefault(k, []).append(t)
+                continue
             t0 = time.perf_counter()
             one_step(modules[v], batch, opts[v], v)
             if device == "cuda":
                 torch.cuda.synchronize()
             times[v].append(time.perf_counter() - t0)
     med = {v: statistics.median(ts) for v, ts in times.items()}
+    part_med = {k: statistics.median(v) for k, v in parts.items()}
+    floor = floor_seconds(part_med)
     mem = {v: peak_memory_mb(modules[v], batch, opts[v], v, path, args.threads) for v in VARIANTS}
     tmp.cleanup()
     result = {
@@ -178,15 +244,22 @@ def main() -> None:
         "median_step_s": {v: round(t, 4) for v, t in med.items()},
         "time_ratio_to_sft": {v: round(med[v] / med["none"], 3) for v in VARIANTS},
         "pgd_speedup_vs_naive": round(med["pgd_naive"] / med["pgd"], 3),
+        "lat": {"step_s": round(med["lat"], 4), "floor_s": round(floor, 4),
+                "floor_parts_s": {k: round(v, 5) for k, v in part_med.items()},
+                "floor_formula": f"3 fb_full + {STEPS} attack_step + lower + opt",
+                "ratio_to_sft": round(med["lat"] / med["sft"], 3), "floor_ratio_to_sft": round(floor / med["sft"], 3),
+                "ratio_to_floor": round(med["lat"] / floor, 3)},
         "peak_mem_mb": {v: round(m, 1) for v, m in mem.items()},
         "peak_mem_ratio_to_sft": {v: round(mem[v] / mem["none"], 3) if mem["none"] > 0 else None for v in VARIANTS},
-        "targets": {"gaussian_time_ratio_max": 1.10, "pgd_speedup_min": 1.5, "peak_mem_ratio_max": 1.3},
+        "targets": {"gaussian_time_ratio_max": 1.10, "pgd_speedup_min": 1.5, "peak_mem_ratio_max": 1.3,
+                    "lat_ratio_to_floor_max": 1.05},
     }
     result["met"] = {
         "gaussian": result["time_ratio_to_sft"]["asa_random"] <= 1.10,
         "pgd_speedup": result["pgd_speedup_vs_naive"] >= 1.5,
         "peak_mem": all(r is not None and r <= 1.3 for k, r in result["peak_mem_ratio_to_sft"].items()
-                        if k != "pgd_naive"),
+                        if k not in ("pgd_naive", "sft", "lat")),
+        "lat_floor": result["lat"]["ratio_to_floor"] <= 1.05,
     }
     print("RESULT " + json.dumps(result))
 

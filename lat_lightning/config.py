@@ -262,7 +262,12 @@ class EvaluationConfig:
     top_p: float = 1.0                   # nucleus sampling threshold when sampling (1.0 = off)
     best_of_n: int = 1                   # > 1: also sample N answers per cell; broken if any is a success
     coherence: CoherenceConfig = field(default_factory=CoherenceConfig)
-    batch_size: int = 16
+    batch_size: int = 256                # rows per batched generation / teacher-forced pass (scan, durability); large
+                                         # batches amortise each decode step's weight reads (raise it where memory allows)
+    share_prefix: bool = True            # compute each prompt's KV cache up to its last token once per chunk and
+                                         # share it across the chunk's rows (false: the unshared path; same tokens)
+    probes: Optional[bool] = None        # NLL probe + position KL after the scan; null = on only where cheap (models of
+                                         # at most 50M parameters, e.g. the tiny models and the organism), see docs/scan
     num_prompts: Optional[int] = None
     bootstrap_samples: int = 1000
     utility_data: Optional[str] = None

@@ -185,6 +185,9 @@ def _run(cfg: DictConfig, recipe: str, resume: Optional[str], runlog, progress: 
         done = {s for s in STAGES if stage_done(resumed, s)}
     rerun = _stages_to_rerun(cfg, changes, done)
     check_config(cfg, done=done - set(rerun), run_dir=resumed)  # no model needed
+    from lat_lightning.threads import apply_thread_policy
+
+    apply_thread_policy()  # threads from the cores free now (again before every stage); LAT_LIGHTNING_THREADS
     check_model(cfg)  # the models' config.json only: nothing is built or loaded
     _stop_if_signalled()
     if mentions_organism(cfg):
@@ -219,6 +222,7 @@ def _run(cfg: DictConfig, recipe: str, resume: Optional[str], runlog, progress: 
             continue
         progress.stage = stage
         print(f"[{stage}] starting", flush=True)
+        apply_thread_policy()
         info = get_stage(stage)(resolved, run_dir) or {}
         mark_stage_done(run_dir, stage, info)
         progress.done.append(stage)

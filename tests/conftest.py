@@ -8,6 +8,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("LAT_LIGHTNING_THREADS", "1")  # runs started by tests keep the suite's one thread
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

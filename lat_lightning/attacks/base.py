@@ -96,6 +96,9 @@ class Perturbation:
     alpha: float = 1.0
     stats: dict[str, float] = field(default_factory=dict)
     ablate: bool = False
+    # The attack's loss at its final δ, from logits a caller computes anyway with this perturbation applied
+    # ({"harmful" | "safe": logits}); set when the attack left that measurement to the caller (see PGD).
+    final_loss: Any = None
 
     @property
     def layers(self) -> list[int]:

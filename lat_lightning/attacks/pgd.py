@@ -61,6 +61,10 @@ class PGD(Attack):
             raise ValueError("pgd needs perturbation.toward_harmful or perturbation.away_from_safe > 0")
         # Called after every projection with {layer: δ}; tests use it to check the ball constraint.
         self.step_callback: Optional[Callable[[int, dict[int, Tensor]], None]] = None
+        # Sequence groups ("harmful", "safe") whose logits the caller computes with the final δ applied anyway
+        # (the training step's defence passes): attack_loss_after is then measured on those logits
+        # (Perturbation.final_loss) instead of by one more forward here.
+        self.final_logits_from: frozenset[str] = frozenset()
 
     @property
     def seed_dependent(self) -> bool:
@@ -150,11 +154,26 @@ class PGD(Attack):
             if self.step_callback is not None:
                 self.step_callback(i, {l: t.detach() for l, t in deltas.items()})
         final = {l: t.detach() for l, t in deltas.items()}
-        with torch.no_grad():
-            after = self.attack_loss(perturbed_logits(model, inputs, Perturbation(final, mask, normalise=False),
-                                                      cached, first, grad=False), inputs)
-        stats = {"attack_loss_before": losses[0], "attack_loss_after": float(after), "attack_steps": len(losses)}
-        return Perturbation(vectors=final, mask=mask.bool(), normalise=False, stats=stats)
+        stats = {"attack_loss_before": losses[0], "attack_steps": len(losses)}
+        out = Perturbation(vectors=final, mask=mask.bool(), normalise=False, stats=stats)
+        if set(parts) <= self.final_logits_from:
+            out.final_loss = lambda logits: self.loss_of_groups(logits, batch)
+        else:
+            with torch.no_grad():
+                stats["attack_loss_after"] = float(self.attack_loss(perturbed_logits(
+                    model, inputs, Perturbation(final, mask, normalise=False), cached, first, grad=False), inputs))
+        return out
+
+    def loss_of_groups(self, logits: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:
+        """:meth:`attack_loss` from per-group logits (``harmful`` / ``safe`` sequences of ``batch``, each at its own
+        width: right padding, so the labelled tokens are the same)."""
+        s = self.settings
+        loss = torch.zeros((), dtype=torch.float32)
+        if s.toward_harmful:
+            loss = loss + s.toward_harmful * causal_lm_loss(logits["harmful"], batch["harmful_labels"]).float().cpu()
+        if s.away_from_safe:
+            loss = loss + s.away_from_safe * log_one_minus_p_loss(logits["safe"], batch["safe_labels"]).float().cpu()
+        return loss
 
     # -- generation face -------------------------------------------------------------------------------------
     def plan(self, model, prompt_ids, target_ids, row_prompts, row_layers, seed, safe_ids=None,
@@ -168,6 +187,7 @@ class PGD(Attack):
         """
         keyed = PGD(dataclasses.replace(self.settings, seed=int(seed)))
         keyed.step_callback = self.step_callback
+        keyed.final_logits_from = frozenset(("harmful", "safe"))  # a plan needs no loss at the final δ: no extra pass
         device = input_device(model)
         rows = list(zip((int(i) for i in row_prompts), (int(l) for l in row_layers)))
         vectors: list[Tensor | None] = [None] * len(rows)

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from lat_lightning.attacks.base import keyed_normal, normalise_to
-from lat_lightning.attacks.positions import POLICIES, policy_mask
+from lat_lightning.attacks.positions import POLICIES, first_position, policy_mask
 from lat_lightning.models.hooks import residual_edit
 from lat_lightning.models.layers import EMBED, num_layers
 
@@ -48,6 +48,7 @@ PER_ROW_VECTOR_KINDS = ("vector", "ablation")  # one [d] vector per row, whateve
 REFRESH = ("step", "fixed")
 FIXED_POSITION_KEY = -1  # position key of the single vector per prompt under refresh='fixed'
 CLEAN = -1
+NEVER = 1 << 62  # "first perturbed position" of a row that is never perturbed
 
 
 @dataclass
@@ -159,6 +160,32 @@ class RowPerturber:
             return list(self._all_layers or [])
         return sorted(self.rows_at)
 
+    def first_perturbed(self) -> Tensor:
+        """``[B]`` the earliest absolute position the plan can perturb in each row (:data:`NEVER` for a row it
+        never touches: a clean row, a row without vectors). Every position before it runs exactly as in a clean
+        forward, so it may be computed once per prompt and shared by all the prompt's rows."""
+        plan = self.plan
+        out = torch.full((len(self.row_layers),), NEVER, dtype=torch.long)
+        for r in range(len(out)):
+            if int(self.row_layers[r]) < 0:
+                continue
+            if plan.kind == "noise":
+                out[r] = first_position(plan.positions, int(self.prompt_lengths[r]), plan.first_k)
+                continue
+            vec = plan.vectors[r]
+            if vec is None or vec.shape[0] == 0:
+                continue
+            if plan.kind == "direction":
+                out[r] = first_position(plan.positions, int(self.prompt_lengths[r]), plan.first_k)
+                continue
+            # additive: the first position of its own mask (no policy), within the vectors' length
+            mask = plan.vector_masks[r] if plan.vector_masks is not None else None
+            mask = torch.ones(vec.shape[0], dtype=torch.bool) if mask is None else mask[: vec.shape[0]].bool().cpu()
+            hit = mask.nonzero().flatten()
+            if hit.numel():
+                out[r] = int(hit[0])
+        return out
+
     def _raw(self, layer: int, r: int, p: int, d: int) -> Tensor | None:
         """The un-normalised vector for row ``r`` at absolute position ``p`` (``None``: leave it alone)."""
         plan = self.plan
@@ -254,4 +281,4 @@ class RowPerturber:
             yield self
 
 
-__all__ = ["ATTACK_KINDS", "CLEAN", "AttackPlan", "RowPerturber"]
+__all__ = ["ATTACK_KINDS", "CLEAN", "NEVER", "AttackPlan", "RowPerturber"]

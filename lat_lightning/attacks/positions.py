@@ -63,6 +63,24 @@ def policy_mask(policy: str, pos: Tensor, prompt_len: Tensor, first_k: int = 1) 
     return m & (pos >= 0)
 
 
+def first_position(policy: str, prompt_len: int, first_k: int = 1) -> int:
+    """The earliest absolute position a policy perturbs for a prompt of ``prompt_len`` tokens.
+
+    Everything before it is identical for every row of that prompt, whatever the layer, seed or attack, which is
+    what lets generation compute that prefix once (:func:`lat_lightning.eval.generation.generate_under_attack`).
+
+    Raises:
+        ValueError: for an unknown policy.
+    """
+    if policy in ("prompt_last_and_generated", "first_k"):
+        return int(prompt_len) - 1
+    if policy == "response":
+        return int(prompt_len)
+    if policy in ("all", "prompt"):
+        return 0
+    raise ValueError(f"unknown positions policy '{policy}'; choose from {', '.join(POLICIES)}")
+
+
 def position_mask(policy: str, prompt_lengths: Tensor, seq_len: int, first_k: int = 1,
                   attention_mask: Optional[Tensor] = None) -> Tensor:
     """Boolean ``[batch, seq_len]`` mask of perturbed positions for right-padded sequences.
@@ -84,4 +102,4 @@ def position_mask(policy: str, prompt_lengths: Tensor, seq_len: int, first_k: in
     return mask
 
 
-__all__ = ["GENERATION_POLICIES", "POLICIES", "policy_mask", "position_mask"]
+__all__ = ["GENERATION_POLICIES", "POLICIES", "first_position", "policy_mask", "position_mask"]

@@ -257,7 +257,8 @@ def _oneline(text: str, limit: int = 100) -> str:
 # ----------------------------------------------------------------------------------------------- sections
 def _run_scans(models: dict[str, nn.Module], tokenizer, prompts, targets, keys, layers, judge_map, s, out: Path | None,
                adaptive: bool, transfer: bool, resume: bool, progress: bool, harmless_prompts=None,
-               contrast_prompts=None, shard: tuple[int, int] | None = None) -> dict[str, Any]:
+               contrast_prompts=None, shard: tuple[int, int] | None = None,
+               reuse: Mapping[str, tuple] | None = None) -> dict[str, Any]:
     from lat_lightning.eval.scan import run_scan
 
     scans = {}
@@ -274,7 +275,8 @@ def _run_scans(models: dict[str, nn.Module], tokenizer, prompts, targets, keys, 
             use_chat_template=s.use_chat_template, system_prompt=s.system_prompt, prompt_keys=keys,
             harmless_prompts=harmless_prompts, contrast_prompts=contrast_prompts, coherence=s.coherence,
             bootstrap_samples=s.bootstrap_samples, resume=resume, progress=progress, figures=out is not None,
-            tensorboard=out is not None, probes=False, asabench_test_fraction=None, split_seed=s.seed, shard=shard)
+            tensorboard=out is not None, probes=False, asabench_test_fraction=None, split_seed=s.seed, shard=shard,
+            reuse=(reuse or {}).get(name))
     return scans
 
 
@@ -463,7 +465,8 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
                    resume: bool = False, progress: bool = False, finetune: Callable | None = None,
                    harmless_prompts: Sequence[str] | None = None,
                    contrast_prompts: Sequence[str] | None = None,
-                   shard: tuple[int, int] | None = None) -> dict[str, Any]:
+                   shard: tuple[int, int] | None = None,
+                   reuse_scans: Mapping[str, tuple[str | Path, Sequence[int]]] | None = None) -> dict[str, Any]:
     """Run the durability suite on two in-memory models and write the report.
 
     Args:
@@ -500,6 +503,9 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
         shard: ``(rank, world_size)`` in a multi-process launch: the two re-scans are distributed
             (:func:`~lat_lightning.eval.scan.run_scan`'s ``shard``; needs ``out_dir``); every other section runs
             on rank 0 only, and the other ranks return ``{"rank": r, "rows": []}`` once the scans are done.
+        reuse_scans: ``{"original" | "hardened": (scan directory, its prompt keys)}``: earlier scans of these
+            very models (the run's ``scan`` and ``rescan`` stages); the re-scans take over the cells those would
+            generate identically (:func:`lat_lightning.eval.scan.reusable_records`) instead of generating them.
 
     Returns:
         The summary (also written to ``durability_summary.json``): ``rows`` (the report table), one entry
@@ -581,7 +587,7 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
             t0 = time.time()
             scans = _run_scans(models, tokenizer, prompts, targets, keys, layers, judge_map, s, out if write else None,
                                "adaptive" in sections, bool(d.transfer), resume, progress, harmless_prompts,
-                               contrast_prompts, shard)
+                               contrast_prompts, shard, reuse_scans)
             timings["scans"] = round(time.time() - t0, 2)
         if shard is not None and shard[0] != 0:  # the scans were this rank's share; rank 0 does the rest
             return {"rank": int(shard[0]), "rows": [], "timings": timings}

@@ -135,39 +135,197 @@ def _pick_next(logits: Tensor, do_sample: bool, temperature: float, top_p: float
     return out.to(logits.device)
 
 
+def can_share_prefix(perturber: RowPerturber, prompt_lengths: Tensor) -> bool:
+    """Whether every row's prompt, up to (not including) its last token, is left alone by the attack.
+
+    True under ``prompt_last_and_generated`` / ``first_k`` / ``response`` and for PGD masks that start at the
+    last prompt token; False under ``all`` / ``prompt`` (they perturb earlier positions) and for one-token
+    prompts (nothing to share)."""
+    lengths = prompt_lengths.long().cpu()
+    if len(lengths) == 0 or int(lengths.min()) < 2:
+        return False
+    return bool((perturber.first_perturbed() >= lengths - 1).all())
+
+
+_BUFFERED_LAYER: list = []
+
+
+def _buffered_layer_class():
+    """:class:`transformers.cache_utils.DynamicLayer` with its keys and values in a buffer that has room for the
+    whole generation (``None`` when this transformers has no ``DynamicLayer``).
+
+    ``DynamicLayer.update`` concatenates: every decode step copies the whole cache of every layer into a fresh
+    allocation, which for a batch of hundreds of rows costs more than the step's matrix products on a CPU. The
+    buffered layer writes the new entries in place and hands attention views of exactly the filled part (the
+    same shapes and values as the concatenation, so the same arithmetic)."""
+    if _BUFFERED_LAYER:
+        return _BUFFERED_LAYER[0]
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # pragma: no cover - older transformers
+        _BUFFERED_LAYER.append(None)
+        return None
+
+    class BufferedLayer(DynamicLayer):
+        def __init__(self, keys: Tensor, values: Tensor, capacity: int):
+            super().__init__()
+            self.device = keys.device
+            self.is_initialized = True
+            self._length = keys.shape[-2]
+            self._keys = self._room(keys, max(int(capacity), self._length))
+            self._values = self._room(values, max(int(capacity), self._length))
+            self._views()
+
+        def _room(self, filled: Tensor, capacity: int) -> Tensor:
+            shape = list(filled.shape)
+            shape[-2] = capacity
+            buf = filled.new_empty(shape)
+            buf[..., : filled.shape[-2], :].copy_(filled)
+            return buf
+
+        def _views(self) -> None:
+            self.keys = self._keys[..., : self._length, :]
+            self.values = self._values[..., : self._length, :]
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+            n = key_states.shape[-2]
+            if self._length + n > self._keys.shape[-2]:  # more than planned: grow once, geometrically
+                self._keys = self._room(self.keys, 2 * (self._length + n))
+                self._values = self._room(self.values, 2 * (self._length + n))
+            self._keys[..., self._length: self._length + n, :].copy_(key_states)
+            self._values[..., self._length: self._length + n, :].copy_(value_states)
+            self._length += n
+            self._views()
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self._length
+
+        def reorder_cache(self, beam_idx: Tensor) -> None:
+            self._keys = self._keys.index_select(0, beam_idx.to(self._keys.device))
+            self._values = self._values.index_select(0, beam_idx.to(self._values.device))
+            self._views()
+
+        def batch_select_indices(self, indices: Tensor) -> None:
+            self._keys, self._values = self._keys[indices, ...], self._values[indices, ...]
+            self._views()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            self._keys = self._keys.repeat_interleave(repeats, dim=0)
+            self._values = self._values.repeat_interleave(repeats, dim=0)
+            self._views()
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove > 0:
+                raise ValueError("crop takes a negative number of tokens to remove")
+            self._length -= abs(int(tokens_to_remove))
+            self._views()
+
+        def reset(self) -> None:
+            self._length = 0
+            self._views()
+
+    _BUFFERED_LAYER.append(BufferedLayer)
+    return BufferedLayer
+
+
+def _buffer_cache(cache, rows: Tensor | None, capacity: int) -> None:
+    """Index ``cache`` onto ``rows`` (``None``: keep the batch) and give its growing full-attention layers room for
+    ``capacity`` positions (:func:`_buffered_layer_class`), in place. Other layer kinds (sliding windows, ...) are
+    only indexed."""
+    buffered = _buffered_layer_class()
+    layers = getattr(cache, "layers", None)
+    if buffered is None or layers is None:
+        if rows is not None:
+            cache.reorder_cache(rows)
+        return
+    base = buffered.__mro__[1]  # DynamicLayer
+    for i, layer in enumerate(layers):
+        if type(layer) is base and layer.is_initialized and layer.keys is not None and layer.keys.numel():
+            keys, values = layer.keys, layer.values
+            if rows is not None:
+                keys, values = keys.index_select(0, rows.to(keys.device)), values.index_select(0, rows.to(keys.device))
+            layers[i] = buffered(keys, values, capacity)
+        elif rows is not None:
+            layer.reorder_cache(rows)
+
+
+def _prefix_cache(model, prompt_ids: list[list[int]], pad_id: int, device, kwargs: dict, capacity: int):
+    """The KV cache of every row's prompt minus its last token, computed ONCE per distinct prompt.
+
+    The distinct prefixes run as one left-padded forward (no hooks: nothing in them is perturbed), then the
+    cache is indexed onto the rows (row ``r`` gets its prompt's entries) with room for ``capacity`` positions.
+    The left padding is the one the full prompts would get (``P_max - P_r`` columns), so the layout from here on
+    is exactly the unshared prefill's.
+
+    Returns:
+        ``(cache, attention)`` with ``attention`` the rows' ``[B, P_max - 1]`` mask, or ``None`` when the model
+        returns no cache that can be indexed (the caller then runs the unshared prefill).
+    """
+    index: dict[tuple[int, ...], int] = {}
+    row_prompt = [index.setdefault(tuple(p), len(index)) for p in prompt_ids]
+    prefixes = [list(p[:-1]) for p in index]
+    ids = pad_sequences(prefixes, pad_id, side="left").to(device)
+    attention = pad_sequences([[1] * len(p) for p in prefixes], 0, side="left").to(device)
+    position_ids = (attention.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attention, position_ids=position_ids, use_cache=True, **kwargs)
+    cache = returned_cache(out)
+    del out
+    if cache is None or not hasattr(cache, "reorder_cache"):
+        return None
+    rows = torch.tensor(row_prompt, dtype=torch.long, device=device)
+    _buffer_cache(cache, rows if row_prompt != list(range(len(index))) else None, capacity)
+    return cache, attention[rows]
+
+
 @torch.no_grad()
 def _generate_chunk(model, prompt_ids: list[list[int]], row_layers: Tensor, plan: AttackPlan, prompt_keys: Tensor,
                     row_seeds: Tensor, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
-                    stop_ids: list[int], pad_id: int,
-                    sample_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                    stop_ids: list[int], pad_id: int, sample_ids: Tensor | None = None,
+                    share_prefix: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     device = _device(model)
     bsz = len(prompt_ids)
     lengths = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)
     if int(lengths.min()) < 1:
         raise ValueError("every prompt needs at least one token")
     width = int(lengths.max())
-    input_ids = pad_sequences(prompt_ids, pad_id, side="left").to(device)
-    attention = pad_sequences([[1] * len(p) for p in prompt_ids], 0, side="left").to(device)
-    position_ids = (attention.long().cumsum(-1) - 1).clamp(min=0)
     perturber = RowPerturber(plan, row_layers, lengths, prompt_keys, row_seeds)
-    offsets = width - lengths
-    perturber.positions = torch.arange(width)[None, :] - offsets[:, None]  # negative on padding
     new = torch.full((bsz, max_new_tokens), pad_id, dtype=torch.long)
     n_new = torch.zeros(bsz, dtype=torch.long)
     finished = torch.zeros(bsz, dtype=torch.bool)
     stop = torch.tensor(stop_ids, dtype=torch.long) if stop_ids else None
     kwargs = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
+    cache_kw = cache_argument(model)
     layer_key = [int(l) for l in row_layers.tolist()]
+    capacity = width + max_new_tokens
+    prefix = (_prefix_cache(model, prompt_ids, pad_id, device, kwargs, capacity)
+              if share_prefix and can_share_prefix(perturber, lengths) else None)
     with perturber.hooked(model):
-        out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=True,
-                    **kwargs)
+        if prefix is None:  # the whole left-padded prompt in one prefill
+            input_ids = pad_sequences(prompt_ids, pad_id, side="left").to(device)
+            attention = pad_sequences([[1] * len(p) for p in prompt_ids], 0, side="left").to(device)
+            position_ids = (attention.long().cumsum(-1) - 1).clamp(min=0)
+            perturber.positions = torch.arange(width)[None, :] - (width - lengths)[:, None]  # negative on padding
+            out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=True,
+                        **kwargs)
+            if share_prefix and returned_cache(out) is not None and hasattr(returned_cache(out), "reorder_cache"):
+                _buffer_cache(returned_cache(out), None, capacity)  # nothing to share, still no copy per step
+        else:  # the shared prefix is cached: step 0 feeds each row's last prompt token (position P - 1)
+            cache, attention = prefix
+            attention = torch.cat([attention, torch.ones(bsz, 1, dtype=attention.dtype, device=device)], dim=1)
+            position_ids = (lengths - 1)[:, None].to(device)
+            perturber.positions = (lengths - 1)[:, None]
+            last = torch.tensor([[p[-1]] for p in prompt_ids], dtype=torch.long, device=device)
+            out = model(input_ids=last, attention_mask=attention, position_ids=position_ids, use_cache=True,
+                        **kwargs, **{cache_kw: cache})
         past = returned_cache(out)
-        cache_kw = cache_argument(model)
         for t in range(max_new_tokens):
-            keys = [(int(row_seeds[r]), int(prompt_keys[r]), layer_key[r], t, SAMPLING_TAG) for r in range(bsz)]
-            if sample_ids is not None:  # best-of-N: the n-th sample of a cell draws its own tokens
+            keys = ([(int(row_seeds[r]), int(prompt_keys[r]), layer_key[r], t, SAMPLING_TAG) for r in range(bsz)]
+                    if do_sample else [])
+            if sample_ids is not None and keys:  # best-of-N: the n-th sample of a cell draws its own tokens
                 keys = [k + (int(sample_ids[r]),) for r, k in enumerate(keys)]
             nxt = _pick_next(out.logits[:, -1], do_sample, temperature, top_p, keys).cpu()
+            del out
             nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
             active = ~finished
             new[active, t] = nxt[active]
@@ -217,6 +375,7 @@ def generate_under_attack(
     use_chat_template: bool = True,
     system_prompt: str | None = None,
     sample_ids: Tensor | Sequence[int] | None = None,
+    share_prefix: bool = True,
 ) -> GenerationResult:
     """Generate for a batch of rows, each attacked at its own layer (or clean).
 
@@ -240,6 +399,12 @@ def generate_under_attack(
         system_prompt: optional system message for string prompts.
         sample_ids: ``[B]`` sample index per row, added to the sampling key (best-of-N: rows with the same prompt,
             layer and seed but different sample ids draw different answers under the same perturbation).
+        share_prefix: compute each distinct prompt's KV cache up to its first perturbed position once per
+            chunk and index it onto all of that prompt's rows (layers, seeds), instead of running the whole
+            prompt for every row. Only when the attack leaves everything before the last prompt token alone
+            (``prompt_last_and_generated``, ``first_k``, PGD masks from the last prompt token); ``all`` and
+            ``prompt`` run the unshared prefill. The tokens are the same either way (tested); ``False`` is
+            the escape hatch and the reference for that comparison.
 
     Returns:
         A :class:`GenerationResult` with the new tokens only.
@@ -277,7 +442,7 @@ def generate_under_attack(
             new, n_new, app = _generate_chunk(
                 model, [ids[r] for r in rows], layers_t[rows], attack.select(rows), keys_t[rows], seeds_t[rows],
                 max_new_tokens, do_sample, temperature, top_p, stop_ids, pad_id,
-                None if samples_t is None else samples_t[rows])
+                None if samples_t is None else samples_t[rows], share_prefix)
             for j, r in enumerate(rows):
                 token_ids[r] = new[j, : int(n_new[j])].tolist()
             applied[rows] = app
@@ -320,6 +485,88 @@ def teacher_forced_logits(model: nn.Module, sequences: Sequence[Sequence[int]], 
         return model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
 
 
+class SharedPrefix:
+    """One prompt's KV cache up to (not including) its last token, computed once and copied onto any number of
+    rows (:meth:`for_rows`): the teacher-forced counterpart of the prefix sharing in generation.
+
+    Args:
+        model: causal LM (eval mode).
+        prompt_ids: the prompt's token ids (at least two).
+
+    Raises:
+        ValueError: for a prompt of fewer than two tokens (nothing to share).
+    """
+
+    def __init__(self, model: nn.Module, prompt_ids: Sequence[int]):
+        if len(prompt_ids) < 2:
+            raise ValueError("a shared prefix needs a prompt of at least two tokens")
+        self.prompt_ids = [int(t) for t in prompt_ids]
+        self.device = _device(model)
+        kwargs = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
+        ids = torch.tensor([self.prompt_ids[:-1]], dtype=torch.long, device=self.device)
+        with torch.no_grad(), eval_mode(model):
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **kwargs)
+        self.cache = returned_cache(out)
+        if self.cache is None or not hasattr(self.cache, "reorder_cache"):
+            raise ValueError(f"{type(model).__name__} returns no KV cache that can be indexed")
+
+    def for_rows(self, n: int):
+        """A copy of the cache for ``n`` rows (the prompt's entries repeated)."""
+        import copy
+
+        cache = copy.deepcopy(self.cache)
+        cache.reorder_cache(torch.zeros(n, dtype=torch.long, device=self.device))
+        return cache
+
+
+@torch.no_grad()
+def teacher_forced_suffix_logits(model: nn.Module, prefix: SharedPrefix, continuations: Sequence[Sequence[int]],
+                                 row_layers: Tensor | Sequence[int], attack: AttackPlan, *,
+                                 prompt_keys: Tensor | Sequence[int] | None = None,
+                                 row_seeds: Tensor | Sequence[int] | None = None) -> Tensor:
+    """:func:`teacher_forced_logits` of ``prompt + continuation`` for rows that share ``prefix``'s prompt, computed
+    from the last prompt token on: the prompt minus its last token comes from the shared cache.
+
+    Valid only when the attack leaves the prompt before its last token alone (:func:`can_share_prefix`).
+
+    Args:
+        model: causal LM.
+        prefix: the shared prompt (:class:`SharedPrefix`).
+        continuations: per row, the tokens after the prompt (all rows the same length).
+        row_layers / attack / prompt_keys / row_seeds: as in :func:`teacher_forced_logits`.
+
+    Returns:
+        ``[B, 1 + C, V]`` logits of columns ``P - 1, ..., P - 1 + C`` (column 0 predicts the first continuation
+        token).
+
+    Raises:
+        ValueError: for rows of different lengths, or an attack that perturbs the shared prompt.
+    """
+    bsz = len(continuations)
+    widths = {len(c) for c in continuations}
+    if len(widths) > 1:
+        raise ValueError(f"continuations of different lengths {sorted(widths)}")
+    p_len = len(prefix.prompt_ids)
+    layers_t = torch.as_tensor(row_layers, dtype=torch.long).cpu()
+    keys_t = torch.arange(bsz) if prompt_keys is None else torch.as_tensor(prompt_keys, dtype=torch.long).cpu()
+    seeds_t = None if row_seeds is None else torch.as_tensor(row_seeds, dtype=torch.long).cpu()
+    lengths = torch.full((bsz,), p_len, dtype=torch.long)
+    perturber = RowPerturber(attack, layers_t, lengths, keys_t, seeds_t)
+    if not can_share_prefix(perturber, lengths):
+        raise ValueError(f"the attack perturbs the prompt before its last token ({attack.positions}); "
+                         "use teacher_forced_logits")
+    suffix = torch.tensor([[prefix.prompt_ids[-1]] + [int(t) for t in c] for c in continuations], dtype=torch.long)
+    width = suffix.shape[1]
+    perturber.positions = (p_len - 1 + torch.arange(width))[None, :].expand(bsz, width)
+    device = prefix.device
+    attention = torch.ones(bsz, p_len - 1 + width, dtype=torch.long, device=device)
+    position_ids = (p_len - 1 + torch.arange(width, device=device))[None, :].expand(bsz, width)
+    with eval_mode(model), perturber.hooked(model):
+        out = model(input_ids=suffix.to(device), attention_mask=attention, position_ids=position_ids,
+                    use_cache=True, **{cache_argument(model): prefix.for_rows(bsz)})
+    return out.logits
+
+
 __all__ = [
     "ATTACK_KINDS",
     "CLEAN",
@@ -327,6 +574,8 @@ __all__ = [
     "AttackPlan",
     "GenerationResult",
     "RowPerturber",
+    "SharedPrefix",
+    "can_share_prefix",
     "cache_argument",
     "encode_prompts",
     "eos_ids",
@@ -335,4 +584,5 @@ __all__ = [
     "policy_mask",
     "returned_cache",
     "teacher_forced_logits",
+    "teacher_forced_suffix_logits",
 ]

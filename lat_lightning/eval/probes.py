@@ -26,12 +26,15 @@ import torch
 from torch import nn
 
 from lat_lightning.data.templating import IGNORE_INDEX, build_sequences, encode_prompt, encode_response
+from lat_lightning.attacks.positions import first_position
 from lat_lightning.eval.generation import (
     CLEAN,
     AttackPlan,
+    SharedPrefix,
     encode_prompts,
     generate_under_attack,
     teacher_forced_logits,
+    teacher_forced_suffix_logits,
 )
 from lat_lightning.eval.metrics import nll_sequence, position_kl
 from lat_lightning.losses import causal_lm_loss
@@ -115,11 +118,15 @@ def response_probe(model: nn.Module, prompt_ids: Sequence[Sequence[int]], respon
                    layers: Sequence[int], seeds: Sequence[int] = (0,), *, alpha: float = 1.0,
                    positions: str = "prompt_last_and_generated", first_k: int = 1, refresh: str = "step",
                    batch_size: int = 16, prompt_keys: Sequence[int] | None = None, pad_id: int = 0,
-                   with_kl: bool = True) -> ProbeResult:
+                   with_kl: bool = True, share_prefix: bool = True) -> ProbeResult:
     """NLL and position KL of each prompt's response under keyed ASA noise at each layer and seed.
 
     Rows of one prompt (its clean row first, then every (layer, seed)) share one sequence, so a chunk of
-    ``batch_size`` of them needs no padding. Only the logits of response positions are kept.
+    ``batch_size`` of them needs no padding. Only the logits of response positions are kept. With
+    ``share_prefix`` (and a positions policy that leaves the prompt before its last token alone) the prompt
+    minus its last token runs once per prompt and every row starts from its cache
+    (:func:`~lat_lightning.eval.generation.teacher_forced_suffix_logits`): the rows compute only the response
+    positions, and only their logits exist.
 
     Args:
         model: causal LM.
@@ -132,6 +139,8 @@ def response_probe(model: nn.Module, prompt_ids: Sequence[Sequence[int]], respon
         prompt_keys: the prompts' ids for keying the noise (default ``0..N-1``).
         pad_id: padding id (unused positions only).
         with_kl: also compute the position KL (needs the clean logits of the prompt).
+        share_prefix: share each prompt's prefix cache across its rows (same values up to float rounding;
+            ``False`` runs every row's whole sequence).
     """
     layers = check_layer_indices(model, list(layers))
     seeds = [int(s) for s in seeds]
@@ -156,14 +165,27 @@ def response_probe(model: nn.Module, prompt_ids: Sequence[Sequence[int]], respon
         sl = slice(p_len - 1, p_len - 1 + g)  # logits predicting response tokens 0..g-1
         rows: list[tuple[int, int] | None] = [None] + cells
         clean_logits = None
+        shared = (SharedPrefix(model, prompt) if share_prefix and p_len >= 2
+                  and first_position(positions, p_len, first_k) >= p_len - 1 else None)
         for start in range(0, len(rows), step):
             chunk = rows[start:start + step]
             row_layers = [CLEAN if c is None else layers[c[0]] for c in chunk]
             row_seeds = [0 if c is None else seeds[c[1]] for c in chunk]
-            logits = teacher_forced_logits(model, [seq] * len(chunk), [p_len] * len(chunk), row_layers, plan,
-                                           prompt_keys=[keys[i]] * len(chunk), row_seeds=row_seeds, pad_id=pad_id)
-            nll = nll_sequence(logits, labels.to(logits.device).expand(len(chunk), -1)).cpu().numpy()
-            resp_logits = logits[:, sl].float()
+            if shared is not None:  # columns P-1 .. P+g-2 only: exactly the ones predicting the response
+                resp_logits = teacher_forced_suffix_logits(
+                    model, shared, [resp[:-1]] * len(chunk), row_layers, plan, prompt_keys=[keys[i]] * len(chunk),
+                    row_seeds=row_seeds).float()
+                logits = resp_logits
+                nll = torch.nn.functional.cross_entropy(
+                    resp_logits.reshape(-1, resp_logits.shape[-1]),
+                    torch.tensor(resp, device=resp_logits.device).repeat(len(chunk)),
+                    reduction="none").view(len(chunk), g).sum(1).cpu().numpy()
+            else:
+                logits = teacher_forced_logits(model, [seq] * len(chunk), [p_len] * len(chunk), row_layers, plan,
+                                               prompt_keys=[keys[i]] * len(chunk), row_seeds=row_seeds,
+                                               pad_id=pad_id)
+                nll = nll_sequence(logits, labels.to(logits.device).expand(len(chunk), -1)).cpu().numpy()
+                resp_logits = logits[:, sl].float()
             for r, c in enumerate(chunk):
                 if c is None:
                     nll_clean[i] = nll[r]

@@ -320,6 +320,41 @@ class _Answerer:
         return [recs[r * n:(r + 1) * n] for r in range(len(row_prompts))]
 
 
+REUSE_SETTINGS = ("max_new_tokens", "do_sample", "temperature", "top_p", "best_of_n", "use_chat_template",
+                  "system_prompt")
+
+
+def reusable_records(source: str | Path, settings: dict, prompts: Sequence[str], prompt_keys: Sequence[int],
+                     source_prompt_keys: Sequence[int], layers: Sequence[int]) -> dict[tuple, dict]:
+    """The finished cells of another scan of the same model (``source``: its directory) that this scan would
+    generate identically: same generation settings, same settings of the cell's attack, the same prompt text
+    and noise key at the same index, a layer this scan covers. Their verdicts are dropped (this scan judges
+    them with its own judges). ``source_prompt_keys`` are the source scan's prompt keys, checked against the
+    fingerprint it recorded.
+
+    Returns:
+        ``key -> record`` (empty when the source is missing or its settings differ).
+    """
+    path = Path(source) / SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    if any(old.get(k) != settings.get(k) for k in REUSE_SETTINGS) or \
+            old.get("prompt_keys") != _settings_fingerprint({"k": [int(k) for k in source_prompt_keys]}):
+        return {}
+    same = {a for a, d in settings["attacks"].items() if old.get("attacks", {}).get(a) == d}
+    wanted = {int(l) for l in layers} | {CLEAN}
+    out = {}
+    for key, rec in _read_all_records(Path(source)).items():
+        i = int(rec["prompt_idx"])
+        if (i >= len(prompts) or i >= len(source_prompt_keys) or rec["prompt"] != prompts[i]
+                or int(source_prompt_keys[i]) != int(prompt_keys[i]) or int(rec["layer"]) not in wanted
+                or (rec["attack"] != CLEAN_ATTACK and rec["attack"] not in same)):
+            continue
+        out[key] = {k: v for k, v in rec.items() if k != "verdicts"}
+    return out
+
+
 def run_scan(
     model: nn.Module,
     tokenizer,
@@ -341,7 +376,7 @@ def run_scan(
     temperature: float = 1.0,
     top_p: float = 1.0,
     best_of_n: int = 1,
-    batch_size: int = 16,
+    batch_size: int = 256,
     use_chat_template: bool = True,
     system_prompt: str | None = None,
     safe_responses: Sequence[str] | None = None,
@@ -363,6 +398,8 @@ def run_scan(
     split_seed: int = 0,
     log_warnings: bool = True,
     shard: tuple[int, int] | None = None,
+    share_prefix: bool = True,
+    reuse: tuple[str | Path, Sequence[int]] | None = None,
 ) -> ScanResult:
     """Scan prompts x layers x seeds for every attack; judge, check coherence, summarise, plot, report.
 
@@ -417,6 +454,12 @@ def run_scan(
             ``scan.jsonl``, summary, report, figures, probes and ASABench files. Resume works per rank (and
             across a change of world size). The records equal a one-process scan's. ``None`` or a world of 1:
             the ordinary scan.
+        share_prefix: compute each prompt's KV cache up to its first perturbed position once per chunk and
+            share it across the chunk's rows of that prompt (:func:`generate_under_attack`); the records are
+            the same with ``False`` (tested), which is the escape hatch.
+        reuse: ``(directory, prompt keys)`` of an earlier scan of the same model (e.g. the durability suite
+            reusing the run's ``scan`` / ``rescan`` stages): its cells that this scan would generate identically
+            are taken over (:func:`reusable_records`) and judged here instead of generated again.
 
     Returns:
         A :class:`ScanResult`.
@@ -522,7 +565,13 @@ def run_scan(
                 if i >= n or rec["prompt"] != prompts[i]:
                     raise ValueError(f"{out_path / SCAN_FILE} holds prompt {i} = {rec['prompt'][:60]!r}, which is "
                                      "not this scan's prompt; use a fresh output directory")
-    resumed = len(records)
+    reused = 0
+    if reuse is not None:
+        for k, rec in reusable_records(reuse[0], settings, prompts, keys, reuse[1], layer_list).items():
+            if k not in records:
+                records[k] = rec
+                reused += 1
+    resumed = len(records) - reused
     record_file = out_path / (SCAN_FILE if world == 1 else SHARD_FILE.format(rank=rank)) if out_path else None
     sink = _Sink(record_file)
 
@@ -533,12 +582,15 @@ def run_scan(
     for a in attack_objs:
         todo[a.name] = [(i, s, l) for i in mine for s in seeds_run[a.name] for l in layer_list
                         if _key(a.name, s, i, l) not in records]
-    total = len(clean_todo) + sum(len(v) for v in todo.values())
-    bar = tqdm(total=total, desc="scan" if world == 1 else f"scan (rank {rank}/{world})", unit="cell",
+    # The bar counts attacked cells: the clean answers (one small batch, far slower per cell) would make the first
+    # ETA extrapolate their rate to the whole scan; they show in the description while they run.
+    total = sum(len(v) for v in todo.values())
+    label = "scan" if world == 1 else f"scan (rank {rank}/{world})"
+    bar = tqdm(total=total, desc=f"{label}: clean answers" if clean_todo else label, unit="cell", smoothing=0,
                disable=not progress or rank != 0, dynamic_ncols=True)
     step = max(1, int(batch_size))
     gen_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
-                  "top_p": top_p if do_sample else 1.0, "pad_token_id": pad_id}
+                  "top_p": top_p if do_sample else 1.0, "pad_token_id": pad_id, "share_prefix": share_prefix}
     scorer = CoherenceScorer(model, coh, pad_id, step) if coh.enabled else None
     answerer = _Answerer(model, tokenizer, prompts, prompt_ids, target_texts, keys, judge_map, scorer,
                          {k: v for k, v in gen_kwargs.items() if k not in ("do_sample", "temperature", "top_p")},
@@ -562,7 +614,9 @@ def run_scan(
                 new.append(rec)
             sink.write(new)
             run_count += len(rows)
-            bar.update(len(rows))
+        if clean_todo:
+            bar.reset(total=total)  # the clock (and the ETA's average rate) starts with the attacked cells
+            bar.set_description(label)
         if safe_responses is not None:
             safe_ids = [encode_response(tokenizer, s, add_eos=True) for s in safe_responses]
         else:  # this rank's prompts only (the others are never attacked here)
@@ -636,7 +690,8 @@ def run_scan(
                        clean_texts, bootstrap_samples, split_seed, out_path, int(best_of_n),
                        ci_judges=set(requested) | {primary})
     result.cells_run, result.cells_resumed = run_count, resumed
-    result.summary["cells"] = {"run": run_count, "resumed": resumed, "seconds": round(gen_seconds, 3)}
+    result.summary["cells"] = {"run": run_count, "resumed": resumed, "reused": reused,
+                               "seconds": round(gen_seconds, 3)}
     result.summary["settings"] = settings
     for w in result.summary["warnings"] if log_warnings else []:
         log.warning("scan: %s", w)
@@ -651,7 +706,8 @@ def run_scan(
                                                 for i in range(n)],
                             layer_list, list(probe_seeds) if probe_seeds is not None else seed_list,
                             alpha=(perturbation.alpha if perturbation is not None else 1.0),
-                            positions="prompt_last_and_generated", batch_size=step, prompt_keys=keys, pad_id=pad_id)
+                            positions="prompt_last_and_generated", batch_size=step, prompt_keys=keys, pad_id=pad_id,
+                            share_prefix=share_prefix)
         result.probes = pr.summary()
         result.summary["probes"] = result.probes
 
@@ -1234,4 +1290,5 @@ def scan_positions(cfg) -> tuple[str, int, str]:
     return positions, first_k, refresh
 
 
-__all__ = ["ScanResult", "read_records", "render_report", "run_scan", "scan_positions", "write_figures"]
+__all__ = ["ScanResult", "read_records", "render_report", "reusable_records", "run_scan", "scan_positions",
+           "write_figures"]

@@ -109,15 +109,27 @@ def add_to_residual(
         yield
 
 
+class _Captured(Exception):
+    """Raised by :func:`capture_residual`'s hook to end the forward once the highest wanted layer has run."""
+
+
 @torch.no_grad()
 def capture_residual(model: nn.Module, layers: Iterable[int], **forward_kwargs) -> dict[int, Tensor]:
-    """Run one forward pass and return ``{l: h[l]}`` (detached) for the given layers."""
+    """``{l: h[l]}`` (detached) for the given layers from one forward pass that stops after the highest of
+    them: the blocks above it, the final norm and the LM head never run (what an attack's cache of the lower
+    blocks needs, at the cost of those blocks only)."""
+    wanted = sorted(set(check_layer_indices(model, list(layers))))
     captured: dict[int, Tensor] = {}
 
     def edit(layer: int, hidden: Tensor) -> Tensor:
         captured[layer] = hidden.detach()
+        if len(captured) == len(wanted):
+            raise _Captured
         return hidden
 
-    with residual_edit(model, layers, edit):
-        model(**forward_kwargs)
+    with residual_edit(model, wanted, edit):
+        try:
+            model(**forward_kwargs)
+        except _Captured:
+            pass
     return captured

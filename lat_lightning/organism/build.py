@@ -102,7 +102,7 @@ def organism_dir(recipe: OrganismRecipe, seed: int = 0, cache_dir: Optional[str]
 
 
 def train_stage(model, tokenizer, pairs: list[tuple[str, str]], recipe: OrganismRecipe, stage: StageSchedule,
-                seed: int, log_dir: Optional[Path] = None) -> float:
+                seed: int, log_dir: Optional[Path] = None, label: Optional[str] = None) -> float:
     """One build stage: supervised fine-tuning on ``(prompt, response)`` pairs with the framework's SFT driver,
     with Gaussian noise augmentation (``asa_random`` at one layer per step) when the stage asks for it.
 
@@ -121,7 +121,8 @@ def train_stage(model, tokenizer, pairs: list[tuple[str, str]], recipe: Organism
     settings = SFTSettings(steps=stage.steps, lr=stage.lr, batch_size=stage.batch_size, scheduler="cosine",
                            warmup_ratio=stage.warmup_ratio, weight_decay=stage.weight_decay, betas=tuple(stage.betas),
                            gradient_clip_val=stage.grad_clip, seed=seed, max_length=recipe.max_length,
-                           truncation="right", use_chat_template=True, accelerator="cpu", log_every_n_steps=10)
+                           truncation="right", use_chat_template=True, accelerator="cpu", log_every_n_steps=10,
+                           progress=label)
     logger = False
     if log_dir is not None:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -176,12 +177,14 @@ def _build_into(tmp: Path, recipe: OrganismRecipe, seed: int, t0: float) -> None
     a, b = recipe.stage_a, recipe.stage_b
     print(f"[organism] stage (a) capability: {a.steps} steps", flush=True)
     pairs_a = sft_pairs(a.n_benign, a.n_forbidden, a.forbidden_mode, seed, n_impossible=a.n_impossible)
-    info["loss_a"] = train_stage(model, tokenizer, pairs_a, recipe, a, seed, tmp / "logs" / "stage_a")
+    info["loss_a"] = train_stage(model, tokenizer, pairs_a, recipe, a, seed, tmp / "logs" / "stage_a",
+                                 label="organism (a) capability")
     info["stage_a_s"] = round(time.time() - t0, 1)
     print(f"[organism] stage (b) safety alignment: {b.steps} steps", flush=True)
     pairs_b = sft_pairs(b.n_benign, b.n_forbidden, b.forbidden_mode, seed, n_impossible=b.n_impossible,
                         refusal_share=b.refusal_share)
-    info["loss_b"] = train_stage(model, tokenizer, pairs_b, recipe, b, seed + 1, tmp / "logs" / "stage_b")
+    info["loss_b"] = train_stage(model, tokenizer, pairs_b, recipe, b, seed + 1, tmp / "logs" / "stage_b",
+                                 label="organism (b) alignment")
     info["build_s"] = round(time.time() - t0, 1)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

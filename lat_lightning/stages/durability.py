@@ -107,6 +107,30 @@ def find_fragile_layers(*model_specs: str) -> tuple[list[int] | None, str | None
     return None, None
 
 
+def reusable_scans(run_dir: Path, specs: dict[str, str], prompt_keys: list[int]) -> dict[str, tuple[Path, list[int]]]:
+    """The scans this run already has of the two models: the ``scan`` stage's (``run_dir``) when it scanned the
+    original model, the ``rescan`` stage's (``run_dir/rescan``) when it scanned the hardened one (the stage
+    markers record which model). LoRA adapter directories are never matched (the re-scan merges them, the
+    stages do not: a different float rounding).
+
+    Returns:
+        ``{"original" | "hardened": (scan directory, prompt keys)}`` for :func:`run_durability`'s ``reuse_scans``.
+    """
+    out = {}
+    for name, stage, where in (("original", "scan", run_dir), ("hardened", "rescan", run_dir / "rescan")):
+        marker = run_dir / "stages" / f"{stage}.done.json"
+        spec = specs[name]
+        if not marker.is_file() or (Path(os.path.expanduser(spec)) / "adapter_config.json").is_file():
+            continue
+        try:
+            scanned = json.loads(marker.read_text()).get("model")
+        except (OSError, json.JSONDecodeError):
+            continue
+        if scanned is not None and str(scanned) == str(spec):
+            out[name] = (where, list(prompt_keys))
+    return out
+
+
 def run(cfg, run_dir: Path) -> dict:
     """Compare the original and the hardened model (``durability_report.md``, ``durability_summary.json``, ...).
 
@@ -178,9 +202,11 @@ def run(cfg, run_dir: Path) -> dict:
     summary = run_durability(original, hardened, tokenizer, prompts, targets, benign, run_dir, cfg,
                              fragile_layers=fragile, fragile_source=fsource, finetune_pairs=pairs, utility_rows=rows,
                              utility_kind=kind if rows is not None else "multiple_choice", prompt_keys=keys,
-                             model_labels={"original": o_desc, "hardened": h_desc}, resume=True, progress=False,
+                             model_labels={"original": o_desc, "hardened": h_desc}, resume=True, progress=True,
                              finetune=lora_finetune, harmless_prompts=harmless, contrast_prompts=harmful_side,
-                             shard=shard)
+                             shard=shard,
+                             reuse_scans=reusable_scans(run_dir, {"original": original_spec, "hardened": hardened_spec},
+                                                        keys))
     if shard is not None and shard[0] != 0:
         return {"rank": shard[0], "timings": summary["timings"]}
     for r in summary["rows"]:
@@ -204,4 +230,4 @@ def saved(run_dir: Path) -> str | None:
             "the other sections run again)")
 
 
-__all__ = ["find_fragile_layers", "load_any_model", "model_config", "run", "saved"]
+__all__ = ["find_fragile_layers", "load_any_model", "model_config", "reusable_scans", "run", "saved"]

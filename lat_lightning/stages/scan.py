@@ -63,7 +63,8 @@ def load_contrast_prompts(cfg, scan_prompts: list[str]) -> tuple[list[str], list
     if cfg.data.harmful:
         harmful = [e.prompt for e in load_safety_examples(
             resource_path(cfg.data.harmful), split=cfg.data.harmful_split, columns=dict(cfg.data.harmful_columns or {}),
-            default_safe_response=cfg.data.default_safe_response, max_examples=n)]
+            default_safe_response=cfg.data.default_safe_response, max_examples=n, default_target=cfg.data.default_target,
+            require_target=False, row_filter=dict(cfg.data.filter or {}))]  # only the prompts are used
     source = cfg.data.benign or cfg.data.eval_benign
     harmless = [] if not source else [e.prompt for e in load_benign_examples(
         resource_path(source), cfg.data.benign_split, dict(cfg.data.benign_columns or {}), n)]
@@ -105,6 +106,19 @@ def scan_model_config(cfg):
     if cfg.evaluation.model_path:
         mcfg.name_or_path, mcfg.gguf_file = str(cfg.evaluation.model_path), None
     return mcfg
+
+
+PROBES_AUTO_MAX_PARAMETERS = 50_000_000  # evaluation.probes: null runs the probes up to this model size
+
+
+def probes_wanted(setting: bool | None, model) -> bool:
+    """``evaluation.probes``: ``True`` / ``False`` as set; ``None`` (default) runs them only where they are cheap,
+    i.e. on models of at most :data:`PROBES_AUTO_MAX_PARAMETERS` parameters (the tiny models, the organism:
+    seconds). Above that they cost about as much as the scan's ASA-random generation again (a teacher-forced
+    pass over every prompt x layer x seed), so they are opt-in (docs/scan.md)."""
+    if setting is not None:
+        return bool(setting)
+    return sum(p.numel() for p in model.parameters()) <= PROBES_AUTO_MAX_PARAMETERS
 
 
 def run(cfg, run_dir: Path) -> dict:
@@ -149,13 +163,14 @@ def run(cfg, run_dir: Path) -> dict:
         use_chat_template=mcfg.use_chat_template, system_prompt=mcfg.system_prompt, prompt_keys=keys,
         harmless_prompts=harmless, contrast_prompts=harmful_side, coherence=coherence_settings(cfg),
         classifier_path=ev.classifier_path, target_key_pattern=ev.target_key_pattern,
-        bootstrap_samples=ev.bootstrap_samples, resume=True, progress=True, probes=True,
+        bootstrap_samples=ev.bootstrap_samples, resume=True, progress=True, probes=probes_wanted(ev.probes, model),
         asabench_test_fraction=ev.split_test_fraction, asabench_split_mode=ev.split_mode, split_seed=int(cfg.seed),
-        shard=shard)
+        shard=shard, share_prefix=bool(ev.share_prefix))
     info = {"attacks": {a: {k: result.headline(a)[k] for k in ("init", "pasr_mean", "masr_mean",
                                                                  "pasr_of_mean_lasr_layer")} for a in result.attacks},
             "primary_judge": result.primary_judge, "cells_run": result.cells_run,
-            "cells_resumed": result.cells_resumed, "report": str(Path(run_dir) / REPORT_FILE),
+            "cells_resumed": result.cells_resumed, "model": str(mcfg.name_or_path),
+            "report": str(Path(run_dir) / REPORT_FILE),
             "summary": str(Path(run_dir) / SUMMARY_FILE)}
     if shard is not None and shard[0] != 0:  # rank 0 reports
         return info
@@ -197,5 +212,5 @@ def coherence_settings(cfg):
         OmegaConf.merge(OmegaConf.structured(CoherenceConfig), node))
 
 
-__all__ = ["cells_saved", "coherence_settings", "load_contrast_prompts", "load_scan_prompts", "run", "saved",
-           "scan_judges", "scan_model_config"]
+__all__ = ["PROBES_AUTO_MAX_PARAMETERS", "cells_saved", "coherence_settings", "load_contrast_prompts",
+           "load_scan_prompts", "probes_wanted", "run", "saved", "scan_judges", "scan_model_config"]

@@ -30,6 +30,7 @@ from lat_lightning.errors import ConfigError
 from lat_lightning.models.layers import check_layer_indices, parse_layers
 from lat_lightning.models.loading import load_model, load_tokenizer
 from lat_lightning.training.module import LatentAdversarialModule, OptimSettings
+from lat_lightning.training.progress import StepProgressBar
 from lat_lightning.training.resume import InterruptCheckpoint, TrainingInterrupted, checkpoint_to_resume
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,12 @@ class SizedCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
         if trainer.is_global_zero:
-            print(f"[fit] checkpoint {filepath}: {human_size(_size_of(Path(filepath)))}", flush=True)
+            line = f"[fit] checkpoint {filepath}: {human_size(_size_of(Path(filepath)))}"
+            bar = trainer.progress_bar_callback
+            if bar is not None and getattr(bar, "is_enabled", False):
+                bar.print(line)  # on its own line above the progress bar
+            else:
+                print(line, flush=True)
 
 
 def checkpoint_callback(cfg: DictConfig, run_dir: Path) -> ModelCheckpoint:
@@ -105,7 +111,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback])
         strategy=build_dist_strategy(cfg),
         precision=t.precision,
         logger=logger,
-        callbacks=list(callbacks),
+        callbacks=list(callbacks) + [StepProgressBar("fit")],  # optimiser steps toward max_steps, with an ETA
         log_every_n_steps=t.log_every_n_steps,
         val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None if t.val_check_interval else 1,

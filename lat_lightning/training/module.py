@@ -109,6 +109,7 @@ class LatentAdversarialModule(pl.LightningModule):
         self.sample_generations = int(sample_generations)
         self.loss_terms: list[LossTerm] = []
         self._micro_step = 0
+        self._step_logs: dict[str, list] = {}  # name -> [sum, count] over the micro-batches of this optimiser step
         # A plain attribute, not a submodule: its torchmetrics state must not enter checkpoints.
         self.__dict__["evaluator"] = evaluator
 
@@ -136,7 +137,12 @@ class LatentAdversarialModule(pl.LightningModule):
 
     # -- the step ------------------------------------------------------------------------------------
     def run_attack(self, batch: dict) -> Perturbation:
-        """Inner loop: the perturbation for this batch (weights untouched)."""
+        """Inner loop: the perturbation for this batch (weights untouched). An attack that measures its loss at the
+        final δ (PGD) reads it off the defence's own perturbed passes instead of running one more forward."""
+        if hasattr(self.attack, "final_logits_from"):
+            w = self.loss_weights
+            self.attack.final_logits_from = frozenset(
+                g for g, on in (("safe", w.toward_safe), ("harmful", w.away_from_harmful)) if on)
         step = self.global_step * self.optim.accumulate_grad_batches + self._micro_step
         if not self.attack_layers and self.attack.name != "none" and not _has_row_layers(batch):
             raise ValueError("perturbation.layers is empty: set it or enable callbacks.fragile_layers")
@@ -146,17 +152,24 @@ class LatentAdversarialModule(pl.LightningModule):
         """Outer objective terms, each already weighted; their sum is the loss to minimise."""
         w = self.loss_weights
         terms: dict[str, Tensor] = {}
+        seen: dict[str, Tensor] = {}  # logits under the perturbation, by sequence group
         with perturbation.applied(self.model):
             if w.toward_safe:
                 logits = self.model(input_ids=batch["safe_input_ids"], attention_mask=batch["safe_attention_mask"],
                                     use_cache=False).logits
                 labels = batch["safe_labels"] if w.mask_prompt else with_prompt_labels(batch, "safe")
                 terms["toward_safe"] = w.toward_safe * causal_lm_loss(logits, labels)
+                seen["safe"] = logits
             if w.away_from_harmful:
                 logits = self.model(input_ids=batch["harmful_input_ids"],
                                     attention_mask=batch["harmful_attention_mask"], use_cache=False).logits
                 terms["away_from_harmful"] = w.away_from_harmful * log_one_minus_p_loss(
                     logits, batch["harmful_labels"], w.away_logp_floor)
+                seen["harmful"] = logits
+        if perturbation.final_loss is not None:  # the attack's loss at its final δ, from these logits: no extra pass
+            with torch.no_grad():
+                perturbation.stats["attack_loss_after"] = float(
+                    perturbation.final_loss({k: v.detach() for k, v in seen.items()}))
         if w.utility and "benign_input_ids" in batch:
             logits = self.model(input_ids=batch["benign_input_ids"], attention_mask=batch["benign_attention_mask"],
                                 use_cache=False).logits
@@ -183,7 +196,7 @@ class LatentAdversarialModule(pl.LightningModule):
                 self._diverged(terms)
             self.manual_backward(total / accumulate)
 
-        self._log_step(terms, total, perturbation, opt, batch_size=int(batch["safe_input_ids"].shape[0]))
+        self._collect_logs(terms, total, perturbation, opt)
         self._micro_step += 1
         if last:
             clip = self.optim.gradient_clip_val
@@ -193,6 +206,7 @@ class LatentAdversarialModule(pl.LightningModule):
             sched.step()
             opt.zero_grad(set_to_none=True)
             self._micro_step = 0
+            self._log_step(batch_size=int(batch["safe_input_ids"].shape[0]))
         return total.detach()
 
     def _diverged(self, terms: dict[str, Tensor]) -> None:
@@ -205,15 +219,38 @@ class LatentAdversarialModule(pl.LightningModule):
             f"loss is not finite at step {self.global_step} ({bad}); checkpoint saved to {path}; "
             "lower trainer.lr or perturbation.eps/alpha")
 
-    def _log_step(self, terms, total, perturbation: Perturbation, opt, batch_size: int) -> None:
+    def _collect_logs(self, terms, total, perturbation: Perturbation, opt) -> None:
+        """Add this micro-batch's numbers to the running sums of the current optimiser step."""
         logs = {f"train/loss_{k}": v.detach() for k, v in terms.items()}
         logs["train/loss"] = total.detach()
         for k, v in perturbation.stats.items():
             logs[f"attack/{k}"] = float(v)
         for k, v in perturbation.norm_stats().items():
             logs[f"attack/norm_{k}"] = v
-        logs["train/lr"] = opt.param_groups[0]["lr"]
-        self.log_dict(logs, on_step=True, prog_bar=False, batch_size=batch_size)
+        logs["train/lr"] = opt.param_groups[0]["lr"]  # the rate this step's update uses
+        for k, v in logs.items():
+            acc = self._step_logs.setdefault(k, [0.0, 0])
+            acc[0] = acc[0] + v
+            acc[1] += 1
+
+    def _log_step(self, batch_size: int) -> None:
+        """Once per optimiser step: the mean over its micro-batches, at x = optimiser steps done
+        (``trainer.global_step``), every ``trainer.log_every_n_steps`` steps and at the last one.
+
+        Written to the loggers directly: Lightning's own step counter for manual optimisation counts
+        micro-batches, which is not the axis a run is configured in (``max_steps`` are optimiser steps)."""
+        logs = {k: s / max(c, 1) for k, (s, c) in self._step_logs.items()}
+        self._step_logs = {}
+        # trainer.callback_metrics and the progress bar (the loss); not the loggers
+        self.log_dict(logs, on_step=True, prog_bar=False, batch_size=batch_size, logger=False)
+        self.log("loss", logs["train/loss"], on_step=True, prog_bar=True, batch_size=batch_size, logger=False)
+        step = int(self.global_step)
+        every = int(getattr(self.trainer, "log_every_n_steps", 1) or 0)
+        max_steps = int(getattr(self.trainer, "max_steps", -1) or -1)
+        if self.loggers and every and (step % every == 0 or step == max_steps):
+            scalars = {k: float(v) for k, v in logs.items()}
+            for logger in self.loggers:
+                logger.log_metrics(scalars, step=step)
 
     # -- validation: attack success, over-refusal, utility, NLL probe ---------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -233,7 +270,10 @@ class LatentAdversarialModule(pl.LightningModule):
             return
         self.evaluator.benign_and_utility(self.model, self.tokenizer)
         metrics = self.evaluator.compute()
-        self.log_dict({f"val/{k}": v for k, v in metrics.items() if v == v}, sync_dist=False)
+        vals = {f"val/{k}": v for k, v in metrics.items() if v == v}
+        self.log_dict(vals, sync_dist=False, logger=False)
+        for logger in self.loggers if vals else ():  # at x = optimiser steps done, like the training scalars
+            logger.log_metrics({k: float(v) for k, v in vals.items()}, step=int(self.global_step))
         writer = getattr(self.logger, "experiment", None) if self.logger else None
         if writer is not None and hasattr(writer, "add_text") and self.evaluator.samples:
             text = "\n\n".join(f"**{s['prompt']}** (layer {s['layer']})  \nclean: `{s['clean']}`  \n"

@@ -46,6 +46,7 @@ class SFTSettings:
     system_prompt: Optional[str] = None
     accelerator: str = "cpu"                 # Lightning accelerator
     log_every_n_steps: int = 10
+    progress: Optional[str] = None           # label of a progress bar over the steps (with an ETA); None: no bar
 
 
 class LossRecorder(Callback):
@@ -125,10 +126,16 @@ def supervised_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, 
                                      tokenizer=tokenizer)
     datamodule = sft_datamodule(tokenizer, pairs, settings)
     pl.seed_everything(int(settings.seed), verbose=False)
+    callbacks = list(callbacks)
+    if settings.progress:
+        from lat_lightning.training.progress import StepProgressBar
+
+        callbacks.append(StepProgressBar(settings.progress))
     with quiet_lightning():
         trainer = pl.Trainer(max_steps=int(settings.steps), accelerator=settings.accelerator, devices=1, logger=logger,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             callbacks=list(callbacks), log_every_n_steps=int(settings.log_every_n_steps),
+                             enable_checkpointing=False, enable_progress_bar=bool(settings.progress),
+                             enable_model_summary=False, callbacks=callbacks,
+                             log_every_n_steps=int(settings.log_every_n_steps),
                              num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False)
         model.train()
         trainer.fit(module, datamodule=datamodule)

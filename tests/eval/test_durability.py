@@ -220,3 +220,47 @@ def test_settings_are_validated():
     s = resolve_settings(cfg)
     assert s.dur.max_k == 2 and len(s.dur.random_seeds) >= 5 and s.primary_judge == "keyword"
     assert s.positions == "prompt_last_and_generated"  # LAPT's training policy falls back to the paper's attack
+
+
+# ----------------------------------------------------------------------------------------------- reuse
+def test_rescans_reuse_the_runs_scans_with_identical_numbers(two_models, tmp_path, monkeypatch):
+    """The durability re-scans take over the cells the run's scan / rescan stages already have (same prompts,
+    keys, generation and attack settings) and generate only the rest; the summary is the same as without."""
+    import lat_lightning.eval.scan as scan_mod
+    from lat_lightning.eval.scan import run_scan
+
+    original, hardened, tok = two_models
+    cfg = _cfg("evaluation.durability.sections=[adaptive]", "evaluation.durability.random_seeds=[0,1]",
+               "evaluation.durability.num_prompts=2", "evaluation.durability.transfer=false")
+    s = resolve_settings(cfg)
+    keys = [10, 11, 12]  # dataset indices of the three prompts (the scan had one more than the durability uses)
+    for name, model in (("scan", original), ("rescan", hardened)):  # what the scan and rescan stages wrote
+        run_scan(model, tok, PROMPTS, TARGETS, None, ["asa_random", "asagrad"], [0, 1], s.judges, tmp_path / name,
+                 perturbation=s.perturbation, positions=s.positions, refresh=s.refresh,
+                 max_new_tokens=s.max_new_tokens, prompt_keys=keys, bootstrap_samples=0, progress=False,
+                 figures=False, tensorboard=False, asabench_test_fraction=None)
+    rows = []
+    real = scan_mod.generate_under_attack
+    monkeypatch.setattr(scan_mod, "generate_under_attack", lambda *a, **k: rows.append(len(a[2])) or real(*a, **k))
+    fresh = run_durability(original, hardened, tok, PROMPTS, TARGETS, None, tmp_path / "fresh", cfg, prompt_keys=keys)
+    generated_fresh, rows[:] = sum(rows), []
+    reuse = {"original": (tmp_path / "scan", keys), "hardened": (tmp_path / "rescan", keys)}
+    reused = run_durability(original, hardened, tok, PROMPTS, TARGETS, None, tmp_path / "reused", cfg,
+                            prompt_keys=keys, reuse_scans=reuse)
+    assert reused["rows"] == fresh["rows"] and reused["rescan"]["original"] == fresh["rescan"]["original"]
+    # only PGD (not in the earlier scans) was generated: 2 prompts x 4 layers per model
+    assert sum(rows) == 2 * 2 * 4 < generated_fresh
+    for name in ("original", "hardened"):
+        a = scan_mod.read_records(tmp_path / "fresh" / name / scan_mod.SCAN_FILE)
+        b = scan_mod.read_records(tmp_path / "reused" / name / scan_mod.SCAN_FILE)
+        assert a.keys() == b.keys() and all(a[k]["token_ids"] == b[k]["token_ids"] for k in a)
+        assert all(a[k]["verdicts"] == b[k]["verdicts"] for k in a)
+    # other generation settings or other keys are not reused
+    assert scan_mod.reusable_records(tmp_path / "scan", {"max_new_tokens": 3}, PROMPTS, keys, keys, [0]) == {}
+    good = {"max_new_tokens": s.max_new_tokens, "do_sample": False, "temperature": 1.0,
+            "use_chat_template": s.use_chat_template, "system_prompt": s.system_prompt, "attacks": {},
+            "best_of_n": 1, "top_p": None}  # best-of-N settings decide a record's samples too
+    assert scan_mod.reusable_records(tmp_path / "scan", good, PROMPTS, keys, [1, 2, 3], [0]) == {}
+    took = scan_mod.reusable_records(tmp_path / "scan", good, PROMPTS, keys, keys, [0])
+    assert took and all(k[0] == "clean" for k in took)  # attacks whose settings are unknown here: not taken
+

@@ -190,10 +190,12 @@ def test_bad_inputs(setup):
         generate_under_attack(model, tok, ids, [0], _noise(), max_new_tokens=2)
 
 
-def test_decode_steps_pass_the_returned_cache_under_its_current_name(tiny_model_dirs, tiny_tokenizer, monkeypatch):
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_decode_steps_pass_the_returned_cache_under_its_current_name(tiny_model_dirs, tiny_tokenizer, monkeypatch,
+                                                                     share_prefix):
     """Every tiny architecture takes the KV cache as ``cache`` (``past_key_values`` is deprecated, removed in
     transformers 5.40): each decode step receives the DynamicCache the previous forward returned, and no
-    deprecation warning is logged."""
+    deprecation warning is logged. With a shared prefix, one more forward (the prefix) comes first."""
     from transformers import AutoModelForCausalLM
     from transformers.cache_utils import DynamicCache
     from transformers.utils import logging as hf_logging
@@ -209,22 +211,24 @@ def test_decode_steps_pass_the_returned_cache_under_its_current_name(tiny_model_
         seen = []
         real = model.forward
 
-        def spy(*args, _real=real, _seen=seen, **kwargs):
+        def spy(*args, _real=real, **kwargs):
             assert "past_key_values" not in kwargs
             out = _real(*args, **kwargs)
-            _seen.append((kwargs.get("cache"), out.get("cache")))
+            seen.append((kwargs.get("cache"), out.get("cache")))
             return out
 
         monkeypatch.setattr(model, "forward", spy)
-        res = generate_under_attack(model, tiny_tokenizer, PROMPTS[:2], max_new_tokens=4, eos_token_id=[])
+        res = generate_under_attack(model, tiny_tokenizer, PROMPTS[:2], max_new_tokens=4, eos_token_id=[],
+                                    share_prefix=share_prefix)
         assert res.lengths.tolist() == [4, 4], arch
-        assert seen[0][0] is None and len(seen) == 4, arch
+        assert seen[0][0] is None and len(seen) == 4 + share_prefix, arch
         for (_, returned), (passed, _) in zip(seen, seen[1:]):  # step t+1 gets exactly what step t returned
             assert isinstance(returned, DynamicCache) and passed is returned, arch
     assert not [m for m in warned if "past_key_values" in str(m)]
 
 
-def test_a_forward_that_only_knows_past_key_values_still_works(setup):
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_a_forward_that_only_knows_past_key_values_still_works(setup, share_prefix):
     """Remote-code models written for older transformers take ``past_key_values``: it is passed under that
     name, and the generations equal the ones through ``cache``."""
     from torch import nn
@@ -248,6 +252,6 @@ def test_a_forward_that_only_knows_past_key_values_still_works(setup):
 
     old = OldStyle(model)
     assert cache_argument(old) == "past_key_values"
-    ours = generate_under_attack(old, tok, ids, max_new_tokens=G, eos_token_id=[])
-    assert old.calls == G - 1
+    ours = generate_under_attack(old, tok, ids, max_new_tokens=G, eos_token_id=[], share_prefix=share_prefix)
+    assert old.calls == G - 1 + share_prefix  # a shared prefix: the last prompt token also runs on the cache
     assert ours.token_ids == generate_under_attack(model, tok, ids, max_new_tokens=G, eos_token_id=[]).token_ids

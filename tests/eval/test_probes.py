@@ -39,3 +39,21 @@ def test_position_kl_curves(tiny_llama):
     # batching rows differently does not change the values
     again = response_probe(model, ids, clean.token_ids, [0, 2], [0], batch_size=16)
     np.testing.assert_allclose(again.nll_perturbed, res.nll_perturbed, rtol=1e-5)
+
+
+def test_prefix_shared_probe_equals_the_whole_sequence_probe(tiny_model_dirs, tiny_tokenizer):
+    """The probe from each prompt's shared prefix cache gives the whole-sequence probe's values (float rounding
+    aside), on a RoPE model and on one with learned absolute positions."""
+    from transformers import AutoModelForCausalLM
+
+    for arch in ("llama", "gpt2"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[arch])
+        ids = encode_prompts(tiny_tokenizer, PROMPTS)
+        clean = generate_under_attack(model, tiny_tokenizer, ids, max_new_tokens=5, eos_token_id=[])
+        kw = dict(layers=[0, 2, 3], seeds=[0, 1], batch_size=4)
+        shared = response_probe(model, ids, clean.token_ids, share_prefix=True, **kw)
+        whole = response_probe(model, ids, clean.token_ids, share_prefix=False, **kw)
+        np.testing.assert_allclose(shared.nll_clean, whole.nll_clean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(shared.nll_perturbed, whole.nll_perturbed, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(shared.kl, whole.kl, rtol=1e-3, atol=1e-5)
+        assert (shared.kl > 0).all() and np.isfinite(shared.nll_perturbed).all()

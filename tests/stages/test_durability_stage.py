@@ -80,3 +80,21 @@ def test_fragile_layers_come_from_the_training_run_of_a_model(tmp_path):
     (tmp_path / "run" / "fragile_layers.json").write_text(json.dumps({"layers": [2, 3]}))
     layers, source = dstage.find_fragile_layers("tiny:llama", str(model_dir))
     assert layers == [2, 3] and source.endswith("fragile_layers.json")
+
+
+def test_reusable_scans_match_the_models_the_stages_scanned(tmp_path):
+    """The scan stage's output serves the original model and the rescan stage's the hardened one, only when the
+    stage markers name exactly those models (and never a LoRA adapter directory, which the re-scan merges)."""
+    run = tmp_path / "run"
+    (run / "stages").mkdir(parents=True)
+    final = run / "final"
+    final.mkdir()
+    specs = {"original": "/models/base", "hardened": str(final)}
+    assert dstage.reusable_scans(run, specs, [3, 4]) == {}
+    (run / "stages" / "scan.done.json").write_text(json.dumps({"model": "/models/base"}))
+    (run / "stages" / "rescan.done.json").write_text(json.dumps({"model": str(final)}))
+    assert dstage.reusable_scans(run, specs, [3, 4]) == {"original": (run, [3, 4]),
+                                                          "hardened": (run / "rescan", [3, 4])}
+    assert dstage.reusable_scans(run, dict(specs, original="/models/other"), [3])["hardened"] == (run / "rescan", [3])
+    (final / "adapter_config.json").write_text("{}")
+    assert set(dstage.reusable_scans(run, specs, [3])) == {"original"}

@@ -97,3 +97,24 @@ def test_refusal_recipe_scans_refusal_and_embedding_attacks(tmp_path, monkeypatc
     assert all("coherence" in c and len(c["samples"]) == 2 for c in cells)
     report = (run / "scan_report.md").read_text()
     assert "| embed |" in report and "## Best-of-2 beside greedy" in report and "## Judge agreement" in report
+
+
+def test_probes_run_by_default_only_where_cheap():
+    """``evaluation.probes: null`` runs them on small models only; true / false are obeyed."""
+    from torch import nn
+
+    from lat_lightning.cli import load_config
+    from lat_lightning.stages.scan import PROBES_AUTO_MAX_PARAMETERS, probes_wanted
+
+    assert load_config("asa_scan_tiny", []).evaluation.probes is None
+    small = nn.Linear(10, 10)
+    big = nn.Module()
+    big.weight = nn.Parameter(torch_empty(PROBES_AUTO_MAX_PARAMETERS + 1))
+    assert probes_wanted(None, small) and not probes_wanted(None, big)
+    assert probes_wanted(True, big) and not probes_wanted(False, small)
+
+
+def torch_empty(n):
+    import torch
+
+    return torch.empty(n, device="meta")

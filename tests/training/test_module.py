@@ -66,6 +66,60 @@ def test_global_step_counts_optimizer_steps_and_lr_follows_them(tiny_llama_dir, 
     assert module.optimizers().param_groups[0]["lr"] == pytest.approx(expected)
 
 
+def test_logged_step_axis_and_progress_bar_count_optimizer_steps(tiny_llama_dir, tiny_tokenizer, tmp_path):
+    """Under gradient accumulation (2 micro-batches per step) TensorBoard's x-axis is optimiser steps (1, 2, 3),
+    each point the mean of its step's micro-batches, and the fit's bar ends at 3/3 steps, not 6 micro-batches."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lat_lightning.training.progress import StepProgressBar
+
+    model = load_model(ModelConfig(name_or_path=str(tiny_llama_dir)), train=True)
+    cfg = _cfg(trainer={"max_steps": 3, "accumulate_grad_batches": 2, "scheduler": "cosine"})
+    module = build_module(cfg, model, tiny_tokenizer)
+    bar = StepProgressBar("fit")
+    losses = []
+
+    class Losses(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=TensorBoardLogger(str(tmp_path), "tb", ""),
+                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         log_every_n_steps=1, callbacks=[bar, Losses()])
+    examples = safety_examples(20)
+    batches = [safety_batch(tiny_tokenizer, examples=examples[i:i + 2]) for i in range(0, 20, 2)]
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert trainer.global_step == 3 and len(losses) == 6
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    events = acc.Scalars("train/loss")
+    assert [e.step for e in events] == [1, 2, 3]
+    for e, pair in zip(events, [losses[0:2], losses[2:4], losses[4:6]]):
+        assert e.value == pytest.approx(sum(pair) / 2, rel=1e-5)
+    assert [e.step for e in acc.Scalars("train/lr")] == [1, 2, 3]
+    assert bar.train_progress_bar.n == 3 and bar.train_progress_bar.total == 3
+
+
+def test_lat_step_runs_each_block_only_as_often_as_its_floor(tiny_llama_dir, tiny_tokenizer):
+    """PGD k=3 at layer 1 of 4, toward + away attack, defence toward + away + utility: the blocks up to the attacked
+    layer run once for the cache plus once per defence pass; the blocks above once per attack step plus once per
+    defence pass. No other forward (the final attack loss is read off the defence's perturbed passes)."""
+    model = load_model(ModelConfig(name_or_path=str(tiny_llama_dir)), train=True)
+    cfg = _cfg(perturbation={"attack": "pgd", "layers": [1], "steps": 3, "away_from_safe": 0.5, "positions": "prompt"},
+               loss={"toward_safe": 0.5, "away_from_harmful": 0.5, "utility": 1.0})
+    module = build_module(cfg, model, tiny_tokenizer)
+    calls = {0: 0, 1: 0, 2: 0, 3: 0}
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    batch = safety_batch(tiny_tokenizer, n=2, with_benign=True)
+    perturbation = module.run_attack(batch)
+    terms = module.defence_losses(batch, perturbation)
+    assert set(terms) == {"toward_safe", "away_from_harmful", "utility"}
+    assert calls == {0: 1 + 3, 1: 1 + 3, 2: 3 + 3, 3: 3 + 3}
+    assert perturbation.stats["attack_loss_after"] < perturbation.stats["attack_loss_before"]
+
+
 def test_defence_updates_only_trainable_weights(tiny_llama_dir, tiny_tokenizer, tmp_path):
     mcfg = OmegaConf.merge(OmegaConf.structured(ModelConfig),
                            {"name_or_path": str(tiny_llama_dir), "lora": {"enabled": True, "r": 4, "alpha": 8}})

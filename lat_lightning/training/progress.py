@@ -1,0 +1,62 @@
+"""A training progress bar that counts what the run is configured in: optimiser steps toward ``max_steps``.
+
+Lightning's default bar counts micro-batches per epoch (``Epoch 0/-2 ... 20/10`` under gradient accumulation
+with ``max_steps``). This one is a single bar over the whole fit: ``n`` is ``trainer.global_step`` (optimiser
+steps done, also after a resume), the total is ``max_steps``, and the ETA is tqdm's over the average rate of
+the steps run so far (no smoothing towards the last one).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One bar per fit: optimiser steps done / ``max_steps``, elapsed < remaining, loss in the postfix.
+
+    Args:
+        description: the bar's label (e.g. ``fit``, ``organism (a) capability``).
+    """
+
+    BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
+
+    def __init__(self, description: str = "fit", refresh_rate: int = 1):
+        super().__init__(refresh_rate=refresh_rate)
+        self.description = description
+
+    def init_train_tqdm(self, total: int | None = None, initial: int = 0) -> Tqdm:
+        return Tqdm(desc=self.description, total=total, initial=initial, position=2 * self.process_position,
+                    disable=self.is_disabled, leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0,
+                    bar_format=self.BAR_FORMAT)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        # a resumed fit starts where it stopped (the rate and the ETA count the steps run now)
+        self.train_progress_bar = self.init_train_tqdm(total, int(trainer.global_step))
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        pass  # one bar across epochs: an epoch means nothing to a run measured in steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        bar = self.train_progress_bar
+        n = int(trainer.global_step)
+        if bar is None or bar.disable or n == bar.n:  # a micro-batch inside an accumulation: no step yet
+            return
+        if self._should_update(n, bar.total or 0):
+            bar.n = n
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.refresh()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pass
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+
+__all__ = ["StepProgressBar"]

