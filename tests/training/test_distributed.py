@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -255,9 +256,10 @@ def test_fsdp2_full_finetuning_shards_the_kl_teacher(equal_length_data, tmp_path
     """Full fine-tuning under FSDP2 with the KL teacher: each of the 2 ranks holds part of the frozen copy."""
     proc = launch(common_overrides(equal_length_data, tmp_path) + [
         "model.lora.enabled=false", "data.batch_size=2", "trainer.strategy=fsdp2", "trainer.devices=2"])
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("[kl_teacher] rank")]
-    assert len(lines) == 2, proc.stdout[-2000:]
-    held = {int(line.split()[2].split("/")[0]): (int(line.split()[3]), int(line.split()[5])) for line in lines}
+    # Two processes print to one pipe: their lines may run together, so match the records, not the lines.
+    found = re.findall(r"\[kl_teacher\] rank (\d+)/2: (\d+) of (\d+) teacher", proc.stdout)
+    assert len(found) == 2, proc.stdout[-2000:]
+    held = {int(rank): (int(local), int(total)) for rank, local, total in found}
     assert sorted(held) == [0, 1]
     total = held[0][1]
     assert held[1][1] == total and all(0 < local < total for local, _ in held.values())
