@@ -238,7 +238,7 @@ class EvaluationConfig:
     do_sample: bool = False
     temperature: float = 1.0
     batch_size: int = 256                # rows per batched generation / teacher-forced pass (scan, durability); large
-                                         # batches amortise each decode step's weight reads (raise it where memory allows)
+                                         # batches amortise each decode step's weight reads (lower if memory is short)
     share_prefix: bool = True            # compute each prompt's KV cache up to its last token once per chunk and
                                          # share it across the chunk's rows (false: the unshared path; same tokens)
     probes: Optional[bool] = None        # NLL probe + position KL after the scan; null = on only where cheap (models of
