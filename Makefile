@@ -24,7 +24,7 @@ $(BIN)/python:
 
 $(STAMP): setup.cfg | $(BIN)/python
 	$(BIN)/python -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -e ".[dev,quant]"
+	$(BIN)/python -m pip install -e ".[dev,quant,gguf]"
 	touch $@
 
 demo: $(STAMP)

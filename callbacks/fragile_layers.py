@@ -21,11 +21,14 @@ is restored; on resume the checkpoint's ``attack_layers`` win, see ``module.on_l
   scan module is missing or no prompt texts are available (a plain dataloader instead of the data
   module).
 
-Ties go to the lower layer; the chosen layers are stored in ascending order. Under DDP every rank scores
-the same prompts and rank 0's choice is broadcast. Outputs (rank zero): ``fragile_layers.json`` in the
-run directory (method, method actually used, chosen layers, per-layer scores, ranking), a ``log.info``
-line, and on a TensorBoard logger the text ``fragile_layers/choice`` and the scalar
-``fragile_layers/score`` plotted against the layer index.
+Ties follow the scan's documented rule (:data:`lat_lightning.eval.metrics.TIE_RULE`): layers with equal
+scores are ranked by a tie-break score — for ``scan``, the LASR of the coherence-aware primary judge
+(``<judge>+coherent``), so a layer whose "successes" are gibberish loses the tie — then by the lower layer.
+A tie at the top-k boundary is logged as a warning and recorded (``ties`` in ``fragile_layers.json``). The chosen
+layers are stored in ascending order. Under DDP every rank scores the same prompts and rank 0's choice is
+broadcast. Outputs (rank zero): ``fragile_layers.json`` in the run directory (method, method actually used,
+chosen layers, per-layer scores, tie-break scores, ties, ranking), a ``log.info`` line, and on a TensorBoard
+logger the text ``fragile_layers/choice`` and the scalar ``fragile_layers/score`` plotted against the layer index.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from lat_lightning.eval.generation import eval_mode as _eval_mode
-from lat_lightning.models.layers import check_layer_indices, num_layers
+from lat_lightning.eval.metrics import TIE_RULE, TIE_TOLERANCE, rank_layers
+from lat_lightning.models.layers import check_layer_indices, num_layers, parse_layers
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +62,18 @@ def _to(batch: dict, device) -> dict:
     return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
 
 
-def top_k_layers(scores: dict[int, float], k: int) -> list[int]:
-    """The ``k`` highest-scoring layers (ties: lower layer first), in ascending order."""
-    ranked = sorted(scores, key=lambda layer: (-scores[layer], layer))
-    return sorted(ranked[:k])
+def top_k_layers(scores: dict[int, float], k: int, tiebreak: Optional[dict[int, float]] = None) -> list[int]:
+    """The ``k`` highest-scoring layers under :data:`~lat_lightning.eval.metrics.TIE_RULE` (ties: higher
+    ``tiebreak`` score first, then the lower layer), in ascending order."""
+    return sorted(rank_layers(scores, tiebreak)[:k])
+
+
+def boundary_ties(scores: dict[int, float], chosen: Sequence[int], tol: float = TIE_TOLERANCE) -> list[int]:
+    """Layers NOT chosen whose score ties the lowest chosen score: the choice among them was the tie rule's."""
+    if not chosen:
+        return []
+    floor = min(float(scores[l]) for l in chosen)
+    return sorted(l for l in scores if l not in set(chosen) and abs(float(scores[l]) - floor) <= tol)
 
 
 # --------------------------------------------------------------------------------------------- probes
@@ -183,10 +195,11 @@ class FragileLayerSelector(Callback):
         if num_prompts < 1:
             raise ValueError(f"callbacks.fragile_layers.num_prompts must be >= 1, got {num_prompts}")
         self.method = method
-        self.layers = [int(x) for x in layers]
+        self.layers = parse_layers(layers, "callbacks.fragile_layers.layers")
         self.top_k = int(top_k)
         self.num_prompts = int(num_prompts)
-        self.candidate_layers = None if candidate_layers is None else [int(x) for x in candidate_layers]
+        self.candidate_layers = None if candidate_layers is None else parse_layers(
+            candidate_layers, "callbacks.fragile_layers.candidate_layers")
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.seeds = [int(s) for s in seeds] or [0]
         self.alpha = float(alpha)
@@ -234,18 +247,27 @@ class FragileLayerSelector(Callback):
         if not candidates:
             raise ValueError("callbacks.fragile_layers.candidate_layers is empty")
         method_used = self.method
+        tiebreak: Optional[dict[int, float]] = None
         if self.method == "scan":
-            scores = self._scan_scores(model, tokenizer, trainer, candidates)
-            if scores is None:
+            found = self._scan_scores(model, tokenizer, trainer, candidates)
+            if found is None:
                 method_used = "nll_probe"
+            else:
+                scores, tiebreak = found
         if method_used == "nll_probe":
             scores = self._nll_scores(model, tokenizer, trainer, candidates)
         elif method_used == "grad_norm":
             scores = grad_norm_scores(model, self._probe_batches(trainer), candidates)
         scores = {int(k): float(v) for k, v in scores.items()}
-        ranking = sorted(scores, key=lambda layer: (-scores[layer], layer))
-        return {"method": self.method, "method_used": method_used, "layers": top_k_layers(scores, self.top_k),
-                "scores": scores, "ranking": ranking, "num_layers": n_layers, "top_k": self.top_k,
+        ranking = rank_layers(scores, tiebreak)
+        chosen = top_k_layers(scores, self.top_k, tiebreak)
+        ties = boundary_ties(scores, chosen)
+        if ties:
+            log.warning("fragile layers: layer(s) %s tie the chosen %s at score %.4g; chose %s by the tie rule (%s)",
+                        ties, chosen, min(scores[l] for l in chosen), chosen, TIE_RULE)
+        return {"method": self.method, "method_used": method_used, "layers": chosen,
+                "scores": scores, "tiebreak_scores": tiebreak, "ties": ties, "tie_rule": TIE_RULE,
+                "ranking": ranking, "num_layers": n_layers, "top_k": self.top_k,
                 "num_prompts": self.num_prompts, "seeds": self.seeds}
 
     def _eval_kwargs(self) -> dict[str, Any]:
@@ -271,8 +293,9 @@ class FragileLayerSelector(Callback):
                                                  **self._eval_kwargs()))
         return nll_probe_scores(model, self._probe_batches(trainer), candidates, self.seeds, self.alpha)
 
-    def _summary_scores(self, candidates) -> Optional[dict[int, float]]:
-        """LASR per layer of ``asa_random`` from a scan stage run earlier in this run directory."""
+    def _summary_scores(self, candidates) -> Optional[tuple[dict[int, float], Optional[dict[int, float]]]]:
+        """LASR per layer of ``asa_random`` (and of the coherence-aware primary judge, the tie-break) from a scan
+        stage run earlier in this run directory."""
         import json
 
         path = Path(self.run_dir) / "scan_summary.json" if self.run_dir else None
@@ -282,15 +305,21 @@ class FragileLayerSelector(Callback):
         attack = summary.get("attacks", {}).get("asa_random")
         if attack is None:
             return None
+        keep = set(candidates)
         lasr = attack["headline"]["lasr_mean"]
-        scores = {int(l): float(v) for l, v in zip(summary["layers"], lasr) if v is not None}
-        scores = {l: v for l, v in scores.items() if l in set(candidates)}
+        scores = {int(l): float(v) for l, v in zip(summary["layers"], lasr) if v is not None and int(l) in keep}
+        tb_judge = summary.get("tiebreak_judge")
+        tb_lasr = (attack["judges"].get(tb_judge) or {}).get("lasr_mean") if tb_judge else None
+        tiebreak = None if tb_lasr is None else {int(l): float(v) for l, v in zip(summary["layers"], tb_lasr)
+                                                 if v is not None and int(l) in keep}
         log.info("fragile_layers.method=scan: using the LASR of %s", path)
-        return scores or None
+        return (scores, tiebreak) if scores else None
 
-    def _scan_scores(self, model, tokenizer, trainer, candidates) -> Optional[dict[int, float]]:
-        """LASR per layer: from this run's earlier scan stage (``scan_summary.json``) when there is one,
-        else from an in-memory ASA-random scan; ``None`` makes the caller fall back to nll_probe."""
+    def _scan_scores(self, model, tokenizer, trainer, candidates
+                     ) -> Optional[tuple[dict[int, float], Optional[dict[int, float]]]]:
+        """LASR per layer and the tie-break scores: from this run's earlier scan stage (``scan_summary.json``)
+        when there is one, else from an in-memory ASA-random scan; ``None`` makes the caller fall back to
+        nll_probe."""
         import math
 
         earlier = self._summary_scores(candidates)
@@ -322,12 +351,16 @@ class FragileLayerSelector(Callback):
                               seeds=self.seeds, out_dir=None, prompt_keys=keys, progress=False,
                               figures=False, tensorboard=False, bootstrap_samples=0,
                               asabench_test_fraction=None, resume=False, **kwargs)
-        success = result.success["asa_random"][result.primary_judge]  # [N, L, S]: 1 / 0 / NaN
-        scores = {}
-        for j, layer in enumerate(result.layers):
-            cells = [float(v) for v in success[:, j].reshape(-1) if not math.isnan(float(v))]
-            scores[int(layer)] = sum(cells) / len(cells) if cells else 0.0
-        return scores
+        def lasr(success) -> dict[int, float]:  # [N, L, S]: 1 / 0 / NaN -> mean over judged cells per layer
+            out = {}
+            for j, layer in enumerate(result.layers):
+                cells = [float(v) for v in success[:, j].reshape(-1) if not math.isnan(float(v))]
+                out[int(layer)] = sum(cells) / len(cells) if cells else 0.0
+            return out
+
+        tb_judge = result.summary.get("tiebreak_judge")
+        return (lasr(result.success["asa_random"][result.primary_judge]),
+                lasr(result.success["asa_random"][tb_judge]) if tb_judge else None)
 
     # -- data ----------------------------------------------------------------------------------------
     def _prompt_texts(self, trainer) -> tuple[list[str], Optional[list[int]]]:
@@ -373,13 +406,16 @@ class FragileLayerSelector(Callback):
     def _report(self, trainer, result: dict[str, Any]) -> None:
         scores = result["scores"]
         detail = ", ".join(f"{layer}: {scores[layer]:.4g}" for layer in result["ranking"][:10])
-        log.info("fragile layers (%s): %s%s", result["method_used"], result["layers"],
-                 f" (scores {detail})" if detail else "")
+        ties = f"; tied with {result['ties']} (tie rule)" if result.get("ties") else ""
+        log.info("fragile layers (%s): %s%s%s", result["method_used"], result["layers"],
+                 f" (scores {detail})" if detail else "", ties)
         root = getattr(trainer, "default_root_dir", None)
         run_dir = self.run_dir or (Path(root) if root else None)
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
-            serial = dict(result, scores={str(k): v for k, v in scores.items()})
+            serial = dict(result, scores={str(k): v for k, v in scores.items()},
+                          tiebreak_scores=None if result.get("tiebreak_scores") is None else
+                          {str(k): v for k, v in result["tiebreak_scores"].items()})
             (run_dir / "fragile_layers.json").write_text(json.dumps(serial, indent=2))
         for logger in getattr(trainer, "loggers", []) or []:
             exp = getattr(logger, "experiment", None)
@@ -408,4 +444,4 @@ def _truncate(batches: Sequence[dict], n: int) -> list[dict]:
     return out
 
 
-__all__ = ["FragileLayerSelector", "grad_norm_scores", "nll_probe_scores", "top_k_layers"]
+__all__ = ["FragileLayerSelector", "boundary_ties", "grad_norm_scores", "nll_probe_scores", "top_k_layers"]

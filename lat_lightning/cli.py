@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import signal
 import sys
 from dataclasses import fields, is_dataclass
 from importlib import resources
@@ -19,8 +20,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lat_lightning.config import CHOICES, REMOVED_KEYS, RENAMED_KEYS, STAGES, RunConfig
 from lat_lightning.errors import ConfigError, LatLightningError
+from lat_lightning.interrupts import StopRequested, signal_name, stop_on_signals
 
 DEFAULT_RECIPE = "default"
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
 FLAGS_WITH_VALUE = ("--recipe", "--resume")
 FLAGS_BOOLEAN = ("--print-config", "--list-recipes", "--debug", "-h", "--help")
 
@@ -92,7 +96,12 @@ def split_argv(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
                     raise ConfigError(f"{tok} needs a value")
                 i += 1
                 value = args[i]
-            flags[name.lstrip("-").replace("-", "_")] = value
+            key = name.lstrip("-").replace("-", "_")
+            if flags[key] is not None:  # silently taking the last would run something else than asked
+                raise ConfigError(f"{name} given twice ('{flags[key]}' and '{value}'); give it once")
+            if not value:
+                raise ConfigError(f"{name} needs a value")
+            flags[key] = value
         elif tok in FLAGS_BOOLEAN:
             key = "help" if tok in ("-h", "--help") else tok.lstrip("-").replace("-", "_")
             flags[key] = True
@@ -157,10 +166,17 @@ def check_keys(data: Any, schema_cls: type = RunConfig, prefix: str = "") -> Non
 
 
 def _dotlist_to_dict(dotlist: list[str]) -> dict[str, Any]:
-    try:
-        conf = OmegaConf.from_dotlist(dotlist)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot parse overrides {dotlist}: {exc}".splitlines()[0]) from None
+    for item in dotlist:  # one at a time, so that the error names the override that does not parse
+        key, _, value = item.partition("=")
+        if not key.strip():
+            raise ConfigError(f"override '{item}' has no key; overrides look like key=value")
+        try:
+            OmegaConf.from_dotlist([item])
+        except Exception as exc:  # noqa: BLE001 - omegaconf and yaml errors; the first line is the useful part
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"cannot parse the value of '{key}': {value!r} is not valid YAML ({first}); quote "
+                              "it for the shell, e.g. 'perturbation.layers=[1,2]'") from None
+    conf = OmegaConf.from_dotlist(dotlist)
     return OmegaConf.to_container(conf)  # type: ignore[return-value]
 
 
@@ -176,6 +192,7 @@ def _check_attack_lists(cfg: DictConfig) -> None:
     from lat_lightning.attacks import check_attack_name
 
     lists = {"evaluation.attacks": cfg.evaluation.attacks,
+             "evaluation.validation_attacks": cfg.evaluation.validation_attacks,
              "evaluation.durability.adaptive_attacks": cfg.evaluation.durability.adaptive_attacks,
              "evaluation.durability.depth_attacks": cfg.evaluation.durability.depth_attacks}
     try:
@@ -185,10 +202,43 @@ def _check_attack_lists(cfg: DictConfig) -> None:
                 check_attack_name(str(name), key, scan=True)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    _check_harmless_data(cfg, lists)
+
+
+def _check_harmless_data(cfg: DictConfig, lists: dict) -> None:
+    """The refusal-direction attacks contrast harmful with harmless prompts: the config must name some."""
+    from lat_lightning.attacks import ATTACKS
+
+    if ATTACKS[str(cfg.perturbation.attack)].needs_harmless and "fit" in cfg.stages and not cfg.data.benign:
+        raise ConfigError(f"perturbation.attack={cfg.perturbation.attack} contrasts each batch's harmful prompts with "
+                          "harmless ones: set data.benign (harmless prompt/response pairs)")
+    for key, names in lists.items():
+        for name in names:
+            if ATTACKS[str(name)].needs_harmless and not (cfg.data.benign or cfg.data.eval_benign):
+                raise ConfigError(f"{key}: attack '{name}' needs harmless prompts for the refusal direction: set "
+                                  "data.eval_benign or data.benign")
+
+
+# Config keys holding layer lists (block indices or "embed"); checked for form here, against the model later.
+LAYER_LIST_KEYS = ("perturbation.layers", "evaluation.layers", "callbacks.fragile_layers.layers",
+                   "callbacks.fragile_layers.candidate_layers", "evaluation.durability.fragile_layers")
+
+
+def _check_layer_lists(cfg: DictConfig) -> None:
+    from lat_lightning.models.layers import parse_layers
+
+    for key in LAYER_LIST_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if value is not None:
+            try:
+                parse_layers(list(value), key)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
 
 
 def _check_choices(cfg: DictConfig) -> None:
     _check_attack_lists(cfg)
+    _check_layer_lists(cfg)
     for key, allowed in {**CHOICES, **registry_choices()}.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and value not in allowed:
@@ -238,14 +288,25 @@ def load_config(recipe: Optional[str], overrides: Sequence[str] = ()) -> DictCon
     return cfg  # type: ignore[return-value]
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join((str(exc).strip().splitlines() or [""])[0].split()) if str(exc).strip() else type(exc).__name__
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point shared by ``train.py`` and the ``lat-lightning`` console script.
 
     Returns:
-        Process exit status (0 success, 2 bad input, 1 unexpected failure).
+        Process exit status: 0 success, 2 bad input (:class:`~lat_lightning.errors.LatLightningError`, before
+        anything is written), 130 / 143 a run stopped by SIGINT / SIGTERM (what was saved and how to resume is in
+        the error line), 1 an internal error. See docs/errors.md.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    with stop_on_signals():  # SIGTERM / SIGINT while parsing: one line too (the pipeline handles its own)
+        return _main(argv, debug)
+
+
+def _main(argv: list[str], debug: bool) -> int:
     try:
         flags, dotlist = split_argv(argv)
         if flags["help"]:
@@ -261,22 +322,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         from lat_lightning.pipeline import run_pipeline
 
-        run_pipeline(cfg, recipe=flags["recipe"] or DEFAULT_RECIPE, resume=flags["resume"])
+        run_pipeline(cfg, recipe=flags["recipe"] or DEFAULT_RECIPE, resume=flags["resume"], debug=debug)
         return 0
     except LatLightningError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)  # 2, or 128 + signal for a run stopped by SIGTERM/SIGINT
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return getattr(exc, "exit_code", EXIT_BAD_INPUT)  # 128 + signal for a run stopped by SIGTERM/SIGINT
+    except (StopRequested, KeyboardInterrupt) as exc:  # before the run started (parsing, imports)
+        signum = exc.signum if isinstance(exc, StopRequested) else int(signal.SIGINT)
+        print(f"error: stopped by {signal_name(signum)} before the run started; nothing was saved", file=sys.stderr)
+        return 128 + signum
     except Exception as exc:  # noqa: BLE001 - the CLI promises one line unless --debug
         if debug:
             raise
-        first = (str(exc).strip().splitlines() or [""])[0]
-        print(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
+        print(f"error: {type(exc).__name__}: {_one_line(exc)} (an internal error, not your input: rerun with "
+              "--debug for the traceback, which the run directory's run.log also holds)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 def entry() -> None:

@@ -8,21 +8,25 @@ wrong type are rejected with a one-line message that names the key and the close
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 STAGES = ("organism", "fit", "scan", "rescan", "evaluate", "interpolate", "durability", "report")
+
+# A layer in a config: a block index (0-based: the output of that decoder block) or "embed" (the input
+# embeddings); see lat_lightning.models.layers.parse_layers.
+Layer = Union[int, str]
 
 
 @dataclass
 class LoraConfig:
     """LoRA adapters through peft. ``enabled=False`` means full fine-tuning."""
 
-    enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    layers_to_transform: Optional[list[int]] = None
+    enabled: bool = False                          # false: full fine-tuning
+    r: int = 16                                    # adapter rank
+    alpha: int = 32                                # scaling alpha / r
+    dropout: float = 0.05                          # 0 is forced where fused expert weights are adapted (peft)
+    target_modules: Optional[list[str]] = None     # None: every linear layer of the decoder blocks + fused experts
+    layers_to_transform: Optional[list[int]] = None  # None: every decoder layer
 
 
 @dataclass
@@ -41,6 +45,7 @@ class ModelConfig:
     """Which model to load and how."""
 
     name_or_path: str = "organism"
+    gguf_file: Optional[str] = None      # a .gguf file inside name_or_path (a directory or hub id); see docs/models.md
     tokenizer: Optional[str] = None
     revision: Optional[str] = None
     dtype: str = "float32"
@@ -70,6 +75,8 @@ class DataConfig:
     eval_benign: Optional[str] = None
     asabench: Optional[str] = None
     default_safe_response: str = "I'm sorry, but I cannot help with that request."
+    default_target: Optional[str] = None  # harmful target y* of every prompt when the data has none (ASAgrad, PGD)
+    filter: dict[str, Any] = field(default_factory=dict)  # keep safety rows whose column == value (or is in a list)
     max_examples: Optional[int] = None
     max_length: int = 512
     truncation: str = "error"
@@ -88,7 +95,7 @@ class PerturbationConfig:
     """
 
     attack: str = "none"                 # registry name (lat_lightning.attacks.ATTACKS)
-    layers: list[int] = field(default_factory=list)  # attacked layers (0-based block outputs)
+    layers: list[Layer] = field(default_factory=list)  # attacked layers (0-based block outputs, or embed)
     positions: str = "response"          # positions policy (lat_lightning.attacks.positions)
     first_k: int = 1                     # k of the first_k policy
     refresh: str = "step"                # asa_random: new draw per step/position, or one fixed draw
@@ -108,6 +115,10 @@ class PerturbationConfig:
     early_stop_loss: Optional[float] = None  # pgd: stop once the attack loss is this low
     toward_harmful: float = 1.0          # pgd attack loss: weight of CE toward the harmful target y*
     away_from_safe: float = 0.0          # pgd attack loss: weight of -log(1 - p) pushing off the refusal y
+    direction_token: int = -1            # refusal_*: prompt position the direction is read at (-1: last token)
+    direction_scale: float = -1.0        # refusal_addition: h <- h + scale * r[l] (< 0 removes refusal)
+    direction_prompts: int = 64          # refusal_* (scan, validation, durability): prompts per contrast set
+    direction_refresh: int = 4           # refusal_* training: recompute the direction every N micro-batches
 
 
 @dataclass
@@ -168,10 +179,10 @@ class KLTeacherConfig:
 class FragileLayersConfig:
     enabled: bool = False
     method: str = "explicit"
-    layers: list[int] = field(default_factory=list)
+    layers: list[Layer] = field(default_factory=list)
     top_k: int = 1
     num_prompts: int = 8
-    candidate_layers: Optional[list[int]] = None
+    candidate_layers: Optional[list[Layer]] = None
 
 
 @dataclass
@@ -201,7 +212,7 @@ class DurabilityConfig:
                                                          "rewrites"])
     num_prompts: Optional[int] = None
     random_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    fragile_layers: Optional[list[int]] = None
+    fragile_layers: Optional[list[Layer]] = None
     transfer: bool = True
     max_k: int = 5
     depth_attacks: list[str] = field(default_factory=lambda: ["asa_random", "asagrad"])
@@ -221,11 +232,22 @@ class DurabilityConfig:
 
 
 @dataclass
+class CoherenceConfig:
+    """The coherence check of every judged answer (``lat_lightning.eval.coherence``, docs/metrics.md)."""
+
+    enabled: bool = True                 # check every answer: empty, repetition, the clean model's NLL
+    max_repetition: float = 0.5          # incoherent above this share of repeated word bigrams
+    max_nll: float = 3.0                 # incoherent above this clean-model NLL (nats per answer token)
+    judges: bool = True                  # add `<judge>+coherent` (success only when coherent) for every judge
+
+
+@dataclass
 class EvaluationConfig:
     """Scan / evaluation settings."""
 
     attacks: list[str] = field(default_factory=lambda: ["asa_random"])
-    layers: Optional[list[int]] = None
+    validation_attacks: list[str] = field(default_factory=lambda: ["asa_random"])  # the fit's validation loop
+    layers: Optional[list[Layer]] = None
     positions: Optional[str] = None      # generation-time positions policy (None: perturbation.positions when it
     first_k: Optional[int] = None        # is a generation policy, else prompt_last_and_generated); first_k and
     refresh: Optional[str] = None        # refresh default to the perturbation section's
@@ -237,6 +259,9 @@ class EvaluationConfig:
     max_new_tokens: int = 50
     do_sample: bool = False
     temperature: float = 1.0
+    top_p: float = 1.0                   # nucleus sampling threshold when sampling (1.0 = off)
+    best_of_n: int = 1                   # > 1: also sample N answers per cell; broken if any is a success
+    coherence: CoherenceConfig = field(default_factory=CoherenceConfig)
     batch_size: int = 256                # rows per batched generation / teacher-forced pass (scan, durability); large
                                          # batches amortise each decode step's weight reads (lower if memory is short)
     share_prefix: bool = True            # compute each prompt's KV cache up to its last token once per chunk and
@@ -287,6 +312,12 @@ class RunConfig:
 # option fails loudly instead of silently falling through to a default branch.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.quantization.bnb_4bit_quant_type": ("nf4", "fp4"),
+    "model.quantization.bnb_4bit_compute_dtype": ("float32", "bfloat16", "float16"),
+    "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu"),
+    # Lightning's precision names (lightning.fabric.connector._PRECISION_INPUT_STR)
+    "trainer.precision": ("32-true", "32", "16-mixed", "16-true", "16", "bf16-mixed", "bf16-true", "bf16",
+                          "64-true", "64", "transformer-engine", "transformer-engine-float16"),
     "data.truncation": ("error", "left", "right", "drop"),
     "evaluation.refresh": ("step", "fixed"),
     "perturbation.refresh": ("step", "fixed"),
@@ -317,4 +348,101 @@ RENAMED_KEYS: dict[str, str] = {
 }
 REMOVED_KEYS: dict[str, str] = {
     "perturbation.stats_source": "the statistics of Eq. 1 always come from the perturbed activation itself",
+}
+
+# The valid range of every numeric or list setting, checked (with the config's other model-independent checks)
+# by lat_lightning.preflight before a run directory exists. Clauses, separated by ", ": ">= N", "> N", "< N"
+# (a number), "in [a, b)" / "in [a, b]" / "in (a, b]" (an interval), "not empty" and "unique" (lists), and
+# "each <clause>" (every entry of a list). A null value is always allowed for an Optional key; floats must also be
+# finite everywhere. Degenerate values (no tokens to generate, no seeds, a reversed attack, an untrained
+# export...) would otherwise run and report a silently wrong answer.
+BOUNDS: dict[str, str] = {
+    "stages": "not empty, unique",
+    "model.lora.r": ">= 1",
+    "model.lora.alpha": "> 0",
+    "model.lora.dropout": "in [0, 1)",
+    "model.lora.target_modules": "not empty, unique",
+    "model.lora.layers_to_transform": "not empty, unique, each >= 0",
+    "data.max_examples": ">= 1",
+    "data.max_length": ">= 1",
+    "data.batch_size": ">= 1",
+    "data.num_workers": ">= 0",
+    "perturbation.layers": "unique, each >= 0",
+    "perturbation.first_k": ">= 1",
+    "perturbation.alpha": "> 0",
+    "perturbation.probability": "in (0, 1]",
+    "perturbation.steps": ">= 1",
+    "perturbation.eps": "> 0",
+    "perturbation.lr": "> 0",
+    "perturbation.toward_harmful": ">= 0",
+    "perturbation.away_from_safe": ">= 0",
+    "loss.toward_safe": ">= 0",
+    "loss.away_from_harmful": ">= 0",
+    "loss.utility": ">= 0",
+    "loss.away_logp_floor": "< 0",
+    "trainer.max_steps": ">= 1",
+    "trainer.num_nodes": ">= 1",
+    "trainer.accumulate_grad_batches": ">= 1",
+    "trainer.gradient_clip_val": ">= 0",
+    "trainer.val_check_interval": ">= 1",
+    "trainer.log_every_n_steps": ">= 1",
+    "trainer.checkpoint_every_n_steps": ">= 1",
+    "trainer.lr": "> 0",
+    "trainer.weight_decay": ">= 0",
+    "trainer.warmup_ratio": "in [0, 1)",
+    "trainer.betas": "each in [0, 1)",
+    "logging.sample_generations": ">= 0",
+    "callbacks.kl_teacher.weight": "> 0",
+    "callbacks.kl_teacher.chunk_size": ">= 1",
+    "callbacks.fragile_layers.layers": "unique, each >= 0",
+    "callbacks.fragile_layers.top_k": ">= 1",
+    "callbacks.fragile_layers.num_prompts": ">= 1",
+    "callbacks.fragile_layers.candidate_layers": "not empty, unique, each >= 0",
+    "callbacks.weight_interpolation.lambdas": "not empty, unique, each in [0, 1]",
+    "callbacks.weight_interpolation.tolerance": ">= 0",
+    "evaluation.attacks": "not empty, unique",
+    "evaluation.layers": "not empty, unique, each >= 0",
+    "evaluation.first_k": ">= 1",
+    "evaluation.seeds": "not empty, unique",
+    "evaluation.judges": "not empty, unique",
+    "evaluation.max_new_tokens": ">= 1",
+    "evaluation.temperature": "> 0",
+    "evaluation.batch_size": ">= 1",
+    "evaluation.num_prompts": ">= 1",
+    "evaluation.bootstrap_samples": ">= 0",
+    "evaluation.split_test_fraction": "in [0, 1)",
+    "evaluation.durability.sections": "not empty, unique",
+    "evaluation.durability.num_prompts": ">= 1",
+    "evaluation.durability.random_seeds": "not empty, unique",
+    "evaluation.durability.fragile_layers": "not empty, unique, each >= 0",
+    "evaluation.durability.max_k": ">= 1",
+    "evaluation.durability.depth_attacks": "unique",
+    "evaluation.durability.prefill_ks": "not empty, unique, each >= 0",
+    "evaluation.durability.finetune_steps": ">= 1",
+    "evaluation.durability.finetune_lr": "> 0",
+    "evaluation.durability.finetune_batch_size": ">= 1",
+    "evaluation.durability.finetune_lora_r": ">= 1",
+    "evaluation.durability.finetune_lora_alpha": "> 0",
+    "evaluation.durability.finetune_target_modules": "not empty, unique",
+    "evaluation.durability.benign_steps": ">= 1",
+    "evaluation.durability.benign_lr": "> 0",
+    "evaluation.durability.adaptive_attacks": "unique",
+    "evaluation.durability.rewrites": "unique",
+    "evaluation.durability.max_new_tokens": ">= 1",
+}
+
+# Keys a resumed run (--resume) may change; any other difference from the run's saved config is refused with the
+# list of changed keys (a resumed run silently mixing two configs is a wrong answer). Value: why it is safe.
+SAFE_ON_RESUME: dict[str, str] = {
+    "trainer.max_steps": "may only grow: the fit continues from its last checkpoint to the new step count "
+                         "(the LR schedule is stretched to it), and the stages after fit run again on the new model",
+    "stages": "stages already done are skipped; stages added run with the run's saved settings",
+    "logging.root_dir": "where the run directory is looked up (--resume names it)",
+    "logging.name": "where the run directory is looked up",
+    "logging.version": "where the run directory is looked up",
+    "trainer.log_every_n_steps": "logging cadence only",
+    "trainer.checkpoint_every_n_steps": "checkpoint cadence only",
+    "data.num_workers": "data-loading processes only: the same batches in the same order",
+    "evaluation.batch_size": "rows per generation batch: results do not depend on it",
+    "organism.rebuild": "a resumed run never rebuilds the organism",
 }

@@ -1,4 +1,5 @@
-"""User-facing error types. The CLI prints them as one line and exits non-zero (no traceback)."""
+"""User-facing error types. The CLI prints them as one line and exits non-zero (no traceback): 2 for bad input,
+``exit_code`` for the errors that carry one (a run stopped by a signal: 128 + the signal). See docs/errors.md."""
 
 
 class LatLightningError(Exception):
@@ -19,3 +20,16 @@ class ModelLoadError(LatLightningError):
 
 class TrainingDivergedError(LatLightningError):
     """A loss became NaN or infinite; a checkpoint was written before raising."""
+
+
+class RunInterrupted(LatLightningError):
+    """A run stopped by SIGTERM or SIGINT after saving what it could; the message says what and how to resume.
+
+    Attributes:
+        exit_code: 128 + the signal (143 for SIGTERM, 130 for SIGINT).
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum

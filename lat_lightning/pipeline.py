@@ -3,13 +3,24 @@
 Each stage is a function ``lat_lightning.stages.<name>.run(cfg, run_dir) -> dict`` (:mod:`lat_lightning.stages`).
 A stage that finished in this run directory is skipped when the run is resumed (``--resume``).
 
-Order: the checks that need no model (:func:`lat_lightning.preflight.check_config`); the model organism is
-built or reused and every organism name in the config replaced by a path
-(:func:`lat_lightning.stages.organism.resolve_organism`, whenever the config names the organism); the checks
-that read the model's config (:func:`lat_lightning.preflight.check_model`); the run directory (its
-``config.yaml`` is the config as given); then the stages, with the resolved config. In a multi-process launch
-(torchrun, ``srun``, or the processes Lightning starts for a fit) ranks > 0 join only
-:data:`DISTRIBUTED_STAGES`.
+Order, so that bad input never leaves anything behind and is never half-run:
+
+1. where the run directory goes (:func:`lat_lightning.rundir.check_location`) and, when resuming, which one it is
+   and whether the new config differs from the saved one (:func:`lat_lightning.rundir.check_resume`);
+2. the checks that need no model (:func:`lat_lightning.preflight.check_config`), then those that read the models'
+   ``config.json`` (:func:`lat_lightning.preflight.check_model`): nothing is built or loaded yet;
+3. the model organism is built or reused and every organism name in the config replaced by a path
+   (:func:`lat_lightning.stages.organism.resolve_organism`, whenever the config names the organism);
+4. the run directory is claimed (its ``config.yaml`` is the config as given), then the stages run with the
+   resolved config.
+
+The whole run happens inside :func:`lat_lightning.interrupts.stop_on_signals` and
+:func:`lat_lightning.runlog.run_logging`: SIGTERM and SIGINT stop it with one line saying what was saved and how
+to resume (:class:`lat_lightning.errors.RunInterrupted`, exit status 143 / 130), every log record goes to
+``run.log``, and a fresh run directory left with no results by a failure or a stop is removed.
+
+In a multi-process launch (torchrun, ``srun``, or the processes Lightning starts for a fit) ranks > 0 join
+only :data:`DISTRIBUTED_STAGES`.
 """
 
 from __future__ import annotations
@@ -17,13 +28,28 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 from omegaconf import DictConfig
 
 from lat_lightning.config import STAGES
-from lat_lightning.rundir import create_run_dir, mark_stage_done, stage_done
+from lat_lightning.errors import LatLightningError, RunInterrupted
+from lat_lightning.interrupts import StopRequested, received, signal_name, stop_on_signals
+from lat_lightning.rundir import (
+    check_location,
+    check_resume,
+    create_run_dir,
+    discard_if_empty,
+    find_run_dir,
+    mark_stage_done,
+    reopen_stage,
+    stage_done,
+)
+from lat_lightning.runlog import run_logging
 from lat_lightning.training.distributed import launch_rank
 
 log = logging.getLogger(__name__)
@@ -42,40 +68,167 @@ def get_stage(name: str) -> Callable[[DictConfig, Path], dict]:
     return getattr(importlib.import_module(module_name), func)
 
 
-def run_pipeline(cfg: DictConfig, recipe: str, resume: Optional[str] = None) -> Path:
-    """Create (or resume) the run directory and run every stage of ``cfg.stages``.
+def describe_saved(name: str, run_dir: Path) -> Optional[str]:
+    """What stage ``name`` has saved in ``run_dir`` that a resumed run keeps (its module's ``saved(run_dir)``),
+    or ``None``."""
+    module = importlib.import_module(STAGE_FUNCTIONS[name].split(":")[0])
+    saved = getattr(module, "saved", None)
+    return saved(run_dir) if saved is not None else None
+
+
+@dataclass
+class _Progress:
+    """Where a run is, for the line printed when it stops."""
+
+    phase: str = "checking the config"
+    run_dir: Optional[Path] = None
+    fresh: bool = True
+    stage: Optional[str] = None
+    done: list[str] = field(default_factory=list)
+
+
+def _stages_to_rerun(cfg: DictConfig, changes: dict, done: set[str]) -> list[str]:
+    """A larger ``trainer.max_steps`` on resume: the fit continues, so it and every stage after it run again."""
+    stages = [str(s) for s in cfg.stages]
+    if "trainer.max_steps" not in changes or "fit" not in stages or "fit" not in done:
+        return []
+    return [s for s in stages[stages.index("fit"):] if s in done]
+
+
+def _stop_if_signalled() -> None:
+    """A signal that a graceful handler (Lightning's) only recorded while the work finished anyway."""
+    signum = received()
+    if signum is not None:
+        raise StopRequested(signum)
+
+
+def _signal_of(exc: BaseException) -> Optional[int]:
+    """The signal behind an exception that stopped the run, else ``None``."""
+    if isinstance(exc, StopRequested):
+        return exc.signum
+    lightning = sys.modules.get("lightning.pytorch.utilities.exceptions")  # no import here: a run stopped while
+    if lightning is not None and isinstance(exc, lightning.SIGTERMException):  # importing Lightning is reported too
+        return received() or int(signal.SIGTERM)  # Lightning's graceful stop (a SystemExit)
+    if isinstance(exc, KeyboardInterrupt):
+        return int(signal.SIGINT)
+    if isinstance(exc, SystemExit):  # Lightning exits 1 after a KeyboardInterrupt it caught
+        return received()
+    return None
+
+
+def _interrupted_message(progress: _Progress, signum: int, discarded: bool) -> str:
+    name = signal_name(signum)
+    if progress.run_dir is None or discarded:
+        where = f"while {progress.phase}" if progress.stage is None else f"during stage '{progress.stage}'"
+        extra = " (the partial organism build was removed)" if "organism" in progress.phase else ""
+        return f"stopped by {name} {where}; nothing was saved{extra}; run the same command again to start over"
+    run_dir = progress.run_dir
+    parts = [f"stages {', '.join(progress.done)} done"] if progress.done else []
+    if progress.stage is not None:
+        partial = describe_saved(progress.stage, run_dir)
+        parts.append(f"{progress.stage}: {partial}" if partial else f"{progress.stage} starts over")
+        where = f"during stage '{progress.stage}'"
+    else:
+        where = "between stages"
+    return f"stopped by {name} {where}; saved in {run_dir}: {'; '.join(parts)}; continue with --resume {run_dir}"
+
+
+def run_pipeline(cfg: DictConfig, recipe: str, resume: Optional[str] = None, debug: bool = False) -> Path:
+    """Check everything, then create (or resume) the run directory and run every stage of ``cfg.stages``.
+
+    Args:
+        cfg: the run config as given (organism names unresolved).
+        recipe: the recipe name or path (names the run directory unless ``logging.name`` does).
+        resume: ``'last'``, a run directory or a checkpoint inside one.
+        debug: keep third-party warnings on the console (they always go to ``run.log``).
 
     Returns:
         The run directory.
+
+    Raises:
+        LatLightningError: bad input (before anything is written); :class:`~lat_lightning.errors.RunInterrupted`
+            when SIGTERM/SIGINT stopped the run.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from lat_lightning.preflight import check_config, check_model
-    from lat_lightning.stages.organism import resolve_organism
+    progress = _Progress(fresh=not resume)
+    runlog = None
+    with stop_on_signals():
+        try:
+            with run_logging(debug=debug) as runlog:
+                try:
+                    _run(cfg, recipe, resume, runlog, progress)
+                    return progress.run_dir  # type: ignore[return-value]
+                except BaseException as exc:
+                    runlog.write_exception(exc)
+                    raise
+        except LatLightningError:
+            if progress.fresh:
+                discard_if_empty(progress.run_dir)
+            raise
+        except BaseException as exc:
+            signum = _signal_of(exc)
+            if signum is None:
+                raise
+            discarded = progress.fresh and discard_if_empty(progress.run_dir)
+            raise RunInterrupted(_interrupted_message(progress, signum, discarded), signum) from None
 
-    check_config(cfg)  # bad settings fail here, before a run directory exists or a weight is loaded
+
+def _run(cfg: DictConfig, recipe: str, resume: Optional[str], runlog, progress: _Progress) -> None:
+    from lat_lightning.preflight import check_config, check_model
+    from lat_lightning.stages.organism import mentions_organism, resolve_organism
+
+    check_location(cfg, recipe, resume)
+    resumed, changes, done = None, {}, set()
+    if resume:
+        resumed = find_run_dir(cfg, recipe, resume)
+        changes = check_resume(resumed, cfg)
+        done = {s for s in STAGES if stage_done(resumed, s)}
+    rerun = _stages_to_rerun(cfg, changes, done)
+    check_config(cfg, done=done - set(rerun), run_dir=resumed)  # no model needed
     from lat_lightning.threads import apply_thread_policy
 
     apply_thread_policy()  # threads from the cores free now (again before every stage); LAT_LIGHTNING_THREADS
+    check_model(cfg)  # the models' config.json only: nothing is built or loaded
+    _stop_if_signalled()
+    if mentions_organism(cfg):
+        progress.phase = "building the organism"
     # The organism (when named) is built or reused now; a resumed run never rebuilds it.
     resolved = resolve_organism(cfg, rebuild=False if resume else None)
-    check_model(resolved)
+    _stop_if_signalled()
+    progress.phase = "creating the run directory"
     run_dir = create_run_dir(cfg, recipe, resume)
+    progress.run_dir = run_dir
+
+    if launch_rank() == 0:  # one writer of run.log per launch
+        runlog.attach(run_dir)
+    for stage in rerun:
+        reopen_stage(run_dir, stage)
+        log.info("trainer.max_steps grew to %s: stage %s runs again", cfg.trainer.max_steps, stage)
     from lat_lightning.resources import RUN_DIR_ENV
 
     os.environ[RUN_DIR_ENV] = str(run_dir)  # lets recipes name earlier stages' outputs as run://<file>
     print(f"run directory: {run_dir}", flush=True)
+    if rerun:
+        print(f"trainer.max_steps grew to {cfg.trainer.max_steps}: {', '.join(rerun)} run again", flush=True)
     follower = launch_rank() != 0
     for stage in resolved.stages:
         if resume and stage_done(run_dir, stage):
             print(f"[{stage}] already done in {run_dir}, skipping", flush=True)
+            progress.done.append(stage)
             continue
         if follower and (stage not in DISTRIBUTED_STAGES or stage_done(run_dir, stage)):
             # A rank > 0 joins only the stages that share their work out; a stage rank 0 finished before this
             # process existed (Lightning's launcher starts the others at fit) is not run again.
             continue
+        progress.stage = stage
         print(f"[{stage}] starting", flush=True)
         apply_thread_policy()
         info = get_stage(stage)(resolved, run_dir) or {}
         mark_stage_done(run_dir, stage, info)
+        progress.done.append(stage)
+        progress.stage = None
         print(f"[{stage}] done", flush=True)
-    return run_dir
+        _stop_if_signalled()
+
+
+__all__ = ["STAGE_FUNCTIONS", "describe_saved", "get_stage", "run_pipeline"]

@@ -1,85 +1,528 @@
-"""Checks run before a run directory is created or any weight is loaded.
+"""One validation pass over a run config and every listed stage's settings, before anything is built or written.
 
-Everything that can be decided from the config and the model's ``config.json`` alone (strategy settings,
-perturbation values, layer indices, quantisation support, the distributed strategy) fails here with one
-actionable line, so a bad setting never leaves a half-written run directory behind and never starts
-training. The same checks run again in :func:`lat_lightning.training.fit.validate_setup` against the loaded model.
+The pipeline calls :func:`check_config` (everything decidable from the config, the files it names and the stages
+already done in a resumed run), then :func:`check_model` (everything that needs the model's ``config.json``:
+layer indices, LoRA target modules), and only then builds the model organism, creates the run directory and
+runs the stages. Neither builds or loads a model: the organism and ``tiny:`` models are described from their
+recipes, other models by ``AutoConfig`` (a model whose config cannot be read offline is checked when it loads).
+Every failure is one :class:`~lat_lightning.errors.ConfigError` (or ``DataError`` / ``ModelLoadError``) line that
+names the key or file and the valid range, so a bad setting never leaves a run directory, a cache entry or a
+partial result behind, and a degenerate value never runs into a silently wrong answer.
 
-The pipeline runs :func:`check_config` first, then resolves the model organism (which may build it), then
-:func:`check_model` on the resolved model path; :func:`preflight` runs both for a config that names no organism.
+The valid ranges are :data:`lat_lightning.config.BOUNDS`; the checks of the stages live in the ``_check_*``
+functions below, one per concern. ``docs/errors.md`` lists what each refuses.
 """
 
 from __future__ import annotations
 
+import difflib
+import math
+import os
+import re
+from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any, Iterable, Optional, Sequence
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from lat_lightning.config import BOUNDS
+from lat_lightning.errors import ConfigError, LatLightningError, ModelLoadError
 from lat_lightning.training.distributed import check_distributed_config
 
+# Stages that read the evaluation section's attacks, judges and generation settings.
+SCANNING = ("scan", "rescan", "evaluate", "durability")
+_EMPTY_HINTS = {
+    "stages": "e.g. stages=[fit]",
+    "evaluation.seeds": "e.g. evaluation.seeds=[0]",
+    "evaluation.attacks": "e.g. evaluation.attacks=[asa_random]",
+    "evaluation.judges": "e.g. evaluation.judges=[keyword]",
+    "evaluation.layers": "null scans every layer",
+    "evaluation.durability.random_seeds": "5 or more give a meaningful spread",
+}
 
-def model_config(cfg: DictConfig) -> Optional[Any]:
-    """The model's transformers config (no weights), or ``None`` when it cannot be read without loading.
+
+def _select(cfg, key: str) -> Any:
+    value = OmegaConf.select(cfg, key, default=None)
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def _stages(cfg) -> list[str]:
+    return [str(s) for s in cfg.stages]
+
+
+# ------------------------------------------------------------------------------------------------ ranges
+LAYER_NAMES = ("embed", "all")  # lat_lightning.models.layers.EMBED_NAME / ALL_BLOCKS (no torch import here)
+_COMPARE = {">=": lambda v, n: v >= n, ">": lambda v, n: v > n, "<": lambda v, n: v < n}
+_INTERVAL = re.compile(r"in ([\[(])(-?[\d.]+), (-?[\d.]+)([\])])$")
+
+
+def _satisfies(value: Any, clause: str) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    m = _INTERVAL.match(clause)
+    if m:
+        lo_closed, lo, hi, hi_closed = m.group(1) == "[", float(m.group(2)), float(m.group(3)), m.group(4) == "]"
+        return (value >= lo if lo_closed else value > lo) and (value <= hi if hi_closed else value < hi)
+    op, number = clause.split(" ", 1)
+    return _COMPARE[op](value, float(number))
+
+
+def _fmt(value: Any) -> str:
+    return "[" + ", ".join(_fmt(v) for v in value) + "]" if isinstance(value, list) else str(value)
+
+
+def check_bounds(cfg) -> None:
+    """Every key of :data:`lat_lightning.config.BOUNDS` within its range, every float finite.
 
     Raises:
-        ModelLoadError: for a local model path that does not exist.
+        ConfigError: naming the key, its value and the valid range.
     """
-    from lat_lightning.models.loading import resolve_model_path
+    for key, rule in BOUNDS.items():
+        value = _select(cfg, key)
+        if value is None:
+            continue
+        for clause in re.split(r", (?=[a-z<>])", rule):  # not inside an interval "in [0, 1)"
+            if clause == "not empty":
+                if isinstance(value, list) and not value:
+                    hint = f" ({_EMPTY_HINTS[key]})" if key in _EMPTY_HINTS else ""
+                    raise ConfigError(f"{key} is empty; give at least one value{hint}")
+            elif clause == "unique":
+                seen = [v for i, v in enumerate(value) if v in value[:i]]
+                if seen:
+                    raise ConfigError(f"{key} lists {seen[0]} more than once: {_fmt(value)}")
+            elif clause.startswith("each "):
+                # Layer lists also name the input embeddings and every block ('embed', 'all'): checked against the
+                # model by the model-dependent checks.
+                names = LAYER_NAMES if key.endswith("layers") else ()
+                bad = [v for v in value if v not in names and not _satisfies(v, clause[5:])]
+                if bad:
+                    raise ConfigError(f"every entry of {key} must be {clause[5:]}, got {_fmt(bad[0])} in {_fmt(value)}")
+            elif not _satisfies(value, clause):
+                raise ConfigError(f"{key} must be {clause}, got {_fmt(value)}")
+    _check_finite(OmegaConf.to_container(cfg, resolve=True))
+    betas = _select(cfg, "trainer.betas")
+    if betas is not None and len(betas) != 2:
+        raise ConfigError(f"trainer.betas must hold two values (Adam's beta1, beta2), got {_fmt(betas)}")
 
-    source = resolve_model_path(cfg.model.name_or_path)
+
+def _check_finite(node: Any, prefix: str = "") -> None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _check_finite(v, f"{prefix}{k}.")
+    elif isinstance(node, list):
+        for v in node:
+            _check_finite(v, prefix)
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{prefix[:-1]} must be a finite number, got {node}")
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def _check_stage_order(cfg, done: set[str], run_dir: Optional[Path]) -> None:
+    """What a stage needs from an earlier one: in ``stages`` before it, or done in the resumed run."""
+    stages = _stages(cfg)
+
+    def earlier(stage: str, needed: str) -> bool:
+        return needed in stages[: stages.index(stage)] or needed in done
+
+    for stage in ("interpolate", "rescan"):
+        if stage in stages and not earlier(stage, "fit"):
+            raise ConfigError(f"stage '{stage}' needs the model a fit trains: put fit before it in stages "
+                              f"(e.g. stages=[fit, {stage}]) or --resume a run whose fit is done")
+    if "report" in stages and not earlier("report", "scan") \
+            and not (run_dir is not None and (Path(run_dir) / "scan_summary.json").is_file()):
+        raise ConfigError("stage 'report' reports a scan: put scan before it in stages (e.g. stages=[scan, report]) "
+                          "or --resume a run whose scan is done")
+    if "durability" in stages and not cfg.evaluation.compare_path and not earlier("durability", "fit"):
+        raise ConfigError("stage 'durability' needs a hardened model: set evaluation.compare_path (a directory saved "
+                          "with save_pretrained, or a LoRA adapter directory) or put fit before it in stages")
+
+
+def _check_data_settings(cfg) -> None:
+    stages, d, ev = _stages(cfg), cfg.data, cfg.evaluation
+    if "fit" in stages and not (d.harmful or d.asabench):
+        raise ConfigError("data.harmful is not set (the fit stage trains on it); point it at a .jsonl/.json/.csv "
+                          "file, a saved dataset directory or a datasets name (or data.asabench at an ASABench export)")
+    for stage in ("scan", "rescan", "durability"):
+        if stage in stages and not (d.eval_harmful or d.harmful):
+            raise ConfigError(f"stage '{stage}' needs harmful prompts: set data.eval_harmful or data.harmful "
+                              "(e.g. pkg://lat_lightning/resources/tiny_harmful.jsonl)")
+    if "evaluate" in stages and not (d.eval_harmful or d.eval_benign or ev.utility_data
+                                     or ev.utility_kind == "organism"):
+        raise ConfigError("stage 'evaluate' needs held-out data: set data.eval_harmful, data.eval_benign or "
+                          "evaluation.utility_data")
+    wi = cfg.callbacks.weight_interpolation
+    interpolating = "interpolate" in stages or ("fit" in stages and wi.enabled)
+    if interpolating and not ev.utility_data and wi.utility != "organism":
+        raise ConfigError(f"weight interpolation scores utility: set evaluation.utility_data (a file of "
+                          f"{wi.utility} rows){' or disable callbacks.weight_interpolation' if wi.enabled else ''}")
+
+
+def _check_training(cfg) -> None:
+    """Settings only the fit stage reads."""
+    from lat_lightning.attacks import build_attack
+    from lat_lightning.models.loading import _quantization_config
+
+    if "fit" not in _stages(cfg):
+        return
+    check_distributed_config(cfg)
+    _quantization_config(cfg.model)  # both flags, or no bitsandbytes
+    q = cfg.model.quantization
+    if (q.load_in_4bit or q.load_in_8bit) and not cfg.model.lora.enabled:
+        bits = "4" if q.load_in_4bit else "8"
+        raise ConfigError(f"model.quantization.load_in_{bits}bit=true without LoRA trains nothing sensible (quantised "
+                          f"weights are frozen; only embeddings, norms and the head would change): set "
+                          f"model.lora.enabled=true, or load_in_{bits}bit=false for full fine-tuning")
+    try:
+        attack = build_attack(str(cfg.perturbation.attack), cfg.perturbation)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    fl = cfg.callbacks.fragile_layers
+    if attack.name != "none" and not cfg.perturbation.layers and not fl.enabled and not cfg.data.asabench:
+        raise ConfigError("perturbation.layers is empty; list layers or enable callbacks.fragile_layers")
+    if fl.enabled and fl.method == "explicit" and not fl.layers:
+        raise ConfigError("callbacks.fragile_layers.method=explicit needs callbacks.fragile_layers.layers "
+                          "(e.g. [1]), or another method (nll_probe, grad_norm, scan)")
+    loss = cfg.loss
+    if not (loss.toward_safe or loss.away_from_harmful or loss.utility):
+        raise ConfigError("loss.toward_safe, loss.away_from_harmful and loss.utility are all 0: nothing to train; "
+                          "set one > 0 (e.g. loss.toward_safe=1.0)")
+    if loss.utility and not cfg.data.benign:
+        raise ConfigError(f"loss.utility={loss.utility} weighs a CE on benign data, but data.benign is not set; set "
+                          "data.benign or loss.utility=0")
+
+
+def _check_attacks(cfg) -> None:
+    """The scan's / validation's attacks as they will be built (generation-time positions policy included)."""
+    from lat_lightning.attacks import build_attack
+    from lat_lightning.attacks.positions import GENERATION_POLICIES
+    from lat_lightning.eval.scan import scan_positions
+
+    stages = _stages(cfg)
+    if not (set(stages) & set(SCANNING) or "fit" in stages):
+        return
+    positions, first_k, refresh = scan_positions(cfg)
+    if positions not in GENERATION_POLICIES:
+        raise ConfigError(f"evaluation.positions '{positions}' is a training policy; the scan generates, so choose "
+                          f"one of {', '.join(GENERATION_POLICIES)}")
+    for name in cfg.evaluation.attacks:
+        try:
+            build_attack(str(name), cfg.perturbation, positions=positions, first_k=first_k, refresh=refresh)
+        except ValueError as exc:
+            raise ConfigError(f"evaluation.attacks '{name}': {exc}") from None
+
+
+def _check_judges(cfg) -> None:
+    from lat_lightning.eval.judges import JUDGES
+
+    ev = cfg.evaluation
+    judges = [str(j) for j in ev.judges]
+    for j in judges:
+        if j not in JUDGES:
+            close = difflib.get_close_matches(j, list(JUDGES), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown judge '{j}' in evaluation.judges{hint}; choose from {', '.join(JUDGES)}")
+    if ev.primary_judge not in judges:
+        raise ConfigError(f"evaluation.primary_judge '{ev.primary_judge}' is not in evaluation.judges "
+                          f"{_fmt(judges)}; add it there or choose one of them")
+    if "classifier" in judges:
+        path = ev.classifier_path
+        if not path or not Path(os.path.expanduser(str(path))).is_dir():
+            raise ConfigError(f"the classifier judge needs evaluation.classifier_path: a local directory saved with "
+                              f"save_pretrained (got {path!r})")
+    if ev.target_key_pattern:
+        try:
+            re.compile(str(ev.target_key_pattern))
+        except re.error as exc:
+            raise ConfigError(f"evaluation.target_key_pattern {ev.target_key_pattern!r} is not a valid regex: "
+                              f"{exc}") from None
+
+
+def _check_durability(cfg) -> None:
+    if "durability" not in _stages(cfg):
+        return
+    from lat_lightning.eval.durability import resolve_settings
+
+    resolve_settings(cfg)
+
+
+def _check_devices(cfg) -> None:
+    import torch
+
+    acc = str(cfg.trainer.accelerator)
+    if acc in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={acc} but no CUDA device is visible; use trainer.accelerator=cpu "
+                          "(or auto: a GPU when there is one)")
+    if acc == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("trainer.accelerator=mps but Apple's MPS backend is not available; use cpu or auto")
+
+
+# ------------------------------------------------------------------------------------------------ sources
+def _looks_local(spec: str) -> bool:
+    expanded = os.path.expanduser(spec)
+    return spec.startswith(("/", "./", "../", "~")) or os.path.exists(expanded) \
+        or os.path.exists(os.path.dirname(expanded) or "\0")
+
+
+def _check_model_specs(cfg) -> None:
+    """Model names: local paths exist, ``tiny:`` names parse (nothing is built). Organism names: the organism
+    stage's checks."""
+    from lat_lightning.models.gguf import is_gguf_path
+    from lat_lightning.models.loading import resolve_model_path
+    from lat_lightning.models.pypi_files import is_pip_spec
+    from lat_lightning.models.tiny import is_tiny_spec, tiny_model_config
+    from lat_lightning.stages.organism import check_names, is_organism_name
+
+    check_names(cfg)
+    for key in ("model.name_or_path", "model.tokenizer", "evaluation.model_path", "evaluation.compare_path"):
+        spec = _select(cfg, key)
+        if not spec or is_organism_name(spec):
+            continue
+        spec = str(spec)
+        if is_pip_spec(spec) or is_gguf_path(spec) or (key == "model.name_or_path" and cfg.model.gguf_file):
+            # A GGUF file or a file in a wheel is fetched / converted when a stage loads it, not here; a local
+            # GGUF file must exist.
+            if is_gguf_path(spec) and not is_pip_spec(spec) and not os.path.exists(os.path.expanduser(spec)):
+                raise ModelLoadError(f"{key}: GGUF file '{spec}' does not exist")
+            continue
+        try:
+            if is_tiny_spec(spec):
+                tiny_model_config(spec)
+            else:
+                resolve_model_path(spec)
+        except ModelLoadError as exc:
+            text = str(exc).replace("set model.name_or_path", f"set {key}")
+            raise ModelLoadError(text if key in text else f"{key}: {text}") from None
+
+
+def _data_reads(cfg) -> list[tuple[str, str]]:
+    """``(config key, kind)`` of every data source a listed stage reads; kind is ``safety``, ``benign`` or a
+    utility kind."""
+    stages, d, ev = set(_stages(cfg)), cfg.data, cfg.evaluation
+    reads: list[tuple[str, str]] = []
+    if "fit" in stages:
+        reads += [("data.asabench" if d.asabench else "data.harmful", "safety"), ("data.benign", "benign"),
+                  ("data.eval_harmful", "safety"), ("data.eval_benign", "benign")]
+        if cfg.callbacks.weight_interpolation.enabled:
+            reads.append(("evaluation.utility_data", str(cfg.callbacks.weight_interpolation.utility)))
+        if d.eval_harmful or d.eval_benign or ev.utility_data:
+            reads.append(("evaluation.utility_data", str(ev.utility_kind)))
+    if stages & {"scan", "rescan"}:
+        reads.append(("data.eval_harmful" if d.eval_harmful else "data.harmful", "safety"))
+    if "evaluate" in stages:
+        reads += [("data.eval_harmful", "safety"), ("data.eval_benign", "benign"),
+                  ("evaluation.utility_data", str(ev.utility_kind))]
+    if "durability" in stages:
+        reads += [("data.eval_harmful" if d.eval_harmful else "data.harmful", "safety"), ("data.harmful", "safety"),
+                  ("data.benign" if d.benign else "data.eval_benign", "benign")]
+        if ev.utility_kind in ("multiple_choice", "exact_match"):
+            reads.append(("evaluation.utility_data", str(ev.utility_kind)))
+    if "interpolate" in stages:
+        reads.append(("evaluation.utility_data", str(cfg.callbacks.weight_interpolation.utility)))
+    out: list[tuple[str, str]] = []
+    for item in reads:
+        if item not in out and _select(cfg, item[0]):
+            out.append(item)
+    return out
+
+
+def _checkable(spec: str) -> bool:
+    """A source read here without side effects: a packaged file or a local path (not a ``datasets`` name, not
+    ``run://`` output of an earlier stage, not ``organism://`` data, which is generated and checked by name)."""
+    if spec.startswith("pkg://"):
+        return True
+    if "://" in spec:
+        return False
+    return _looks_local(spec)
+
+
+def _check_data_sources(cfg) -> None:
+    """Read every local data file a stage will read: it exists, parses, has rows and the needed columns."""
+    from lat_lightning.data.loaders import load_benign_examples, load_safety_examples
+    from lat_lightning.eval.utility import load_utility_rows
+    from lat_lightning.resources import resource_path
+
+    d = cfg.data
+    for key, kind in _data_reads(cfg):
+        spec = str(_select(cfg, key))
+        if kind == "organism" or not _checkable(spec):
+            continue
+        try:
+            source = resource_path(spec)
+            if kind == "safety":
+                # Prompt-only rows load here; which stage needs a target is decided by _check_targets.
+                rows = load_safety_examples(source, d.harmful_split, dict(d.harmful_columns or {}),
+                                            d.default_safe_response, d.max_examples, default_target=d.default_target,
+                                            require_target=False, row_filter=dict(d.filter or {}))
+                _check_targets(cfg, key, source, rows)
+            elif kind == "benign":
+                load_benign_examples(source, d.benign_split, dict(d.benign_columns or {}), d.max_examples)
+            else:
+                load_utility_rows(source, kind)
+        except LatLightningError as exc:
+            text = str(exc)
+            raise type(exc)(text if spec in text or source in text else f"{key} '{spec}': {text}") from None
+
+
+def _check_targets(cfg, key: str, source: str, rows: Sequence) -> None:
+    """Attacks that optimise toward the harmful target (asagrad, pgd) need one for every scanned prompt."""
+    from lat_lightning.attacks import ATTACKS
+
+    scanned = "data.eval_harmful" if cfg.data.eval_harmful else "data.harmful"
+    if key != scanned or not set(_stages(cfg)) & {"scan", "rescan", "durability"}:
+        return
+    names = [str(a) for a in cfg.evaluation.attacks]
+    if "durability" in _stages(cfg):
+        names += [str(a) for a in cfg.evaluation.durability.adaptive_attacks]
+    needing = [n for n in names if n in ATTACKS and ATTACKS[n].needs_target]
+    if cfg.evaluation.num_prompts is not None:
+        rows = rows[: int(cfg.evaluation.num_prompts)]
+    missing = [i for i, r in enumerate(rows) if not r.harmful_response]
+    if needing and missing:
+        raise ConfigError(f"attack '{needing[0]}' needs a harmful target for every prompt, but row {missing[0]} of "
+                          f"{source} ({key}) has none; map the column with data.harmful_columns.harmful_response="
+                          f"<column>, set data.default_target (e.g. 'Sure, here is') or drop {needing[0]} from the "
+                          "attacks")
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+def check_config(cfg: DictConfig, done: Iterable[str] = (), run_dir: Optional[Path] = None) -> None:
+    """The checks that need no model: ranges, stage order, the settings of every listed stage, model names and
+    data files.
+
+    Args:
+        cfg: the run config as given (organism names unresolved).
+        done: stages already done in the run being resumed (they satisfy later stages' needs).
+        run_dir: the run being resumed, if any.
+
+    Raises:
+        ConfigError: a value out of range, a stage without what it needs, an invalid stage setting.
+        DataError: a data file that is missing, unreadable, empty or lacks a needed column.
+        ModelLoadError: a model path that does not exist, a bad ``tiny:`` name, quantisation without bitsandbytes.
+    """
+    check_bounds(cfg)
+    _check_devices(cfg)
+    _check_stage_order(cfg, set(done), run_dir)
+    _check_data_settings(cfg)
+    _check_judges(cfg)
+    _check_attacks(cfg)
+    _check_training(cfg)
+    _check_durability(cfg)
+    _check_model_specs(cfg)
+    _check_data_sources(cfg)
+
+
+def model_config(cfg: DictConfig, spec: Optional[str] = None) -> Optional[Any]:
+    """The transformers config of a model (default ``model.name_or_path``) without loading or building it, or
+    ``None`` when it cannot be read without loading (a hub id not in the cache, a LoRA adapter directory).
+
+    Raises:
+        ModelLoadError: a local model path that does not exist, a bad ``tiny:`` name.
+    """
+    from lat_lightning.models.gguf import is_gguf_path
+    from lat_lightning.models.loading import resolve_model_path
+    from lat_lightning.models.pypi_files import is_pip_spec
+    from lat_lightning.models.tiny import is_tiny_spec, tiny_model_config
+    from lat_lightning.stages.organism import is_organism_name, organism_model_config
+
+    spec = str(spec or cfg.model.name_or_path)
+    if is_organism_name(spec):
+        return organism_model_config(spec)
+    if is_tiny_spec(spec):
+        return tiny_model_config(spec)
+    if is_pip_spec(spec) or is_gguf_path(spec) or cfg.model.gguf_file:
+        return None  # read when a stage converts it (fetching or converting here would be loading)
+    source = resolve_model_path(spec)
     try:
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(source, revision=cfg.model.revision,
                                           trust_remote_code=cfg.model.trust_remote_code)
-    except Exception:  # noqa: BLE001 - not cached / offline: load_model reports it with context
+    except Exception:  # noqa: BLE001 - not cached / offline / an adapter: load_model reports it with context
         return None
 
 
-def check_config(cfg: DictConfig) -> None:
-    """The checks that need no model: the distributed strategy and quantisation support.
+def _check_layers(config, cfg, keys: Sequence[str], model_key: str) -> None:
+    from lat_lightning.models.layers import check_layer_indices
 
-    Raises:
-        ConfigError: invalid distributed settings.
-        ModelLoadError: quantisation without bitsandbytes.
-    """
-    if "fit" not in cfg.stages:
+    model = SimpleNamespace(config=config)
+    for key in keys:
+        layers = _select(cfg, key)
+        if layers is None:
+            continue
+        try:
+            check_layer_indices(model, list(layers), what=key)
+        except IndexError as exc:
+            raise ConfigError(f"{exc} ({model_key})") from None
+
+
+def _check_target_modules(config, names: Sequence[str], key: str, model_key: str) -> None:
+    """Every LoRA target name matches a module of the model (peft's rule: the name, or its last dotted part)."""
+    import torch
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):  # the module tree only: no memory, no weights
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - remote code or an unusual config: peft reports it when it loads
         return
-    from lat_lightning.models.loading import _quantization_config
-
-    check_distributed_config(cfg)
-    _quantization_config(cfg.model)
+    modules = [n for n, _ in model.named_modules() if n]
+    for name in names:
+        if not any(m == name or m.endswith("." + name) for m in modules):
+            linear = sorted({m.rsplit(".", 1)[-1] for m, mod in model.named_modules() if isinstance(mod, nn.Linear)})
+            raise ConfigError(f"{key}: '{name}' matches no module of this model ({model_key}); linear layers it has: "
+                              f"{', '.join(linear)}")
 
 
 def check_model(cfg: DictConfig) -> None:
-    """The checks that read the model's ``config.json`` (layer indices against the model's depth).
-
-    Run on a config whose model names a path or hub id (the pipeline resolves the organism first).
+    """The checks that read the models' ``config.json``: layer indices against the depth of the model each stage
+    uses, LoRA target modules, the hardened model's depth against the original's. Nothing is built or loaded.
 
     Raises:
-        ConfigError: invalid strategy, perturbation or layer settings.
+        ConfigError: a layer index out of range, a LoRA target that matches no module.
         ModelLoadError: a missing model path.
     """
-    if "fit" not in cfg.stages:
-        return
-    from lat_lightning.training.fit import validate_setup
+    from lat_lightning.models.layers import num_layers
 
-    config = model_config(cfg)
-    if config is not None:
-        validate_setup(cfg, SimpleNamespace(config=config))
+    stages = set(_stages(cfg))
+    main = model_config(cfg)
+    main_key = f"model.name_or_path={cfg.model.name_or_path}"
+    if main is not None and "fit" in stages:
+        _check_layers(main, cfg, ("perturbation.layers", "callbacks.fragile_layers.layers",
+                                  "callbacks.fragile_layers.candidate_layers", "model.lora.layers_to_transform"),
+                      main_key)
+        if cfg.model.lora.enabled and cfg.model.lora.target_modules is not None:  # None: chosen per architecture
+            _check_target_modules(main, list(cfg.model.lora.target_modules), "model.lora.target_modules", main_key)
+    if main is not None and stages & {"fit", "rescan"}:  # the validation loop and the rescan attack this model
+        _check_layers(main, cfg, ("evaluation.layers",), main_key)
+    original_spec = cfg.evaluation.model_path or cfg.model.name_or_path
+    original = main if not cfg.evaluation.model_path else model_config(cfg, cfg.evaluation.model_path)
+    original_key = f"evaluation.model_path={cfg.evaluation.model_path}" if cfg.evaluation.model_path else main_key
+    if original is not None and stages & {"scan", "evaluate"}:
+        _check_layers(original, cfg, ("evaluation.layers",), original_key)
+    if "durability" in stages and original is not None:
+        _check_layers(original, cfg, ("evaluation.durability.fragile_layers",), original_key)
+        if {"finetune", "trainability"} & set(cfg.evaluation.durability.sections):
+            _check_target_modules(original, list(cfg.evaluation.durability.finetune_target_modules),
+                                  "evaluation.durability.finetune_target_modules", original_key)
+        if cfg.evaluation.compare_path:
+            hardened = model_config(cfg, cfg.evaluation.compare_path)
+            if hardened is not None and num_layers(SimpleNamespace(config=hardened)) != \
+                    num_layers(SimpleNamespace(config=original)):
+                raise ConfigError(f"evaluation.compare_path={cfg.evaluation.compare_path} has "
+                                  f"{num_layers(SimpleNamespace(config=hardened))} layers, the original model "
+                                  f"({original_spec}) {num_layers(SimpleNamespace(config=original))}; the durability "
+                                  "suite compares two versions of the same architecture")
 
 
 def preflight(cfg: DictConfig) -> None:
-    """Validate ``cfg`` for its stages before anything is written: :func:`check_config`, then
-    :func:`check_model`.
+    """:func:`check_config`, then :func:`check_model` (for a new run; the pipeline runs both itself).
 
     Raises:
-        ConfigError: invalid strategy, perturbation or layer settings.
-        ModelLoadError: a missing model path, or quantisation without bitsandbytes.
+        ConfigError, DataError, ModelLoadError: see the two functions.
     """
     check_config(cfg)
     check_model(cfg)
 
 
-__all__ = ["check_config", "check_model", "model_config", "preflight"]
+__all__ = ["check_bounds", "check_config", "check_model", "model_config", "preflight"]

@@ -348,6 +348,7 @@ def test_main_runs_the_stages_in_a_new_run_directory(capsys, tmp_path, monkeypat
     recipe = tmp_path / "two_stages.yaml"
     # A model other than the default organism: the pipeline would build the organism before any stage.
     recipe.write_text(f"# two stages\nstages: [scan, evaluate]\nmodel:\n  name_or_path: tiny:llama\n"
+                      "data:\n  eval_harmful: pkg://lat_lightning/resources/tiny_harmful.jsonl\n"
                       f"logging:\n  root_dir: {tmp_path / 'runs'}\n")
     code, out, err = _run(capsys, "--recipe", str(recipe), "trainer.max_steps=2")
     assert code == 0, err

@@ -105,7 +105,7 @@ def test_recipes_are_reachable_as_package_resources():
 
 
 STALE = "the installed package is out of date with setup.cfg: rerun `make test` (it reinstalls when setup.cfg " \
-        "changes) or `pip install -e '.[dev,quant]'`"
+        "changes) or `pip install -e '.[dev,quant,gguf]'`"
 
 
 def _declared_console_scripts() -> dict[str, str]:

@@ -36,8 +36,12 @@ def test_there_are_recipes():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_recipe_validates(name):
+    from lat_lightning.preflight import check_config, check_model
+
     cfg = load_config(name)
     assert len(cfg.stages) >= 1 and all(stage in STAGES for stage in cfg.stages)
+    check_config(cfg)  # every range, stage order and data file the pipeline checks before a run (no model needed)
+    check_model(cfg)  # layers and LoRA targets against the model's config (hub models: skipped offline)
     # the same file given as a path resolves to the same config
     assert OmegaConf.to_container(load_config(str(REPO / "recipes" / f"{name}.yaml"))) == OmegaConf.to_container(cfg)
 

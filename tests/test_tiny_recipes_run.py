@@ -1,5 +1,6 @@
 """The tiny training recipes run end to end on CPU and write what they promise."""
 
+import json
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ def _scalars(run_dir):
     return set(acc.Tags()["scalars"])
 
 
-@pytest.mark.parametrize("recipe", ["lapt_tiny", "lat_tiny", "asagrad_at_tiny"])
+@pytest.mark.parametrize("recipe", ["lapt_tiny", "lat_tiny", "asagrad_at_tiny", "refat_tiny", "embed_lat_tiny"])
 def test_tiny_recipe_trains_and_exports(recipe, tmp_path, capsys):
     assert main(["--recipe", recipe, f"logging.root_dir={tmp_path}", "trainer.max_steps=2",
                  "evaluation.num_prompts=2"]) == 0
@@ -26,15 +27,22 @@ def test_tiny_recipe_trains_and_exports(recipe, tmp_path, capsys):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2
     assert ckpt["state_dict"], "checkpoint holds the trainable weights"
-    if recipe == "lat_tiny":  # LoRA: adapters only
+    if recipe == "lat_tiny":  # LoRA: adapters only, on every linear layer of the blocks (targets left unset)
         assert all("lora_" in k for k in ckpt["state_dict"])
         assert (run_dir / "final" / "adapter_config.json").exists()
+        targets = json.loads((run_dir / "lora_targets.json").read_text())
+        assert targets["auto"] and "mlp.gate_proj" in targets["adapted"] and targets["left_out"] == []
     else:
         assert (run_dir / "final" / "config.json").exists()
     tags = _scalars(run_dir)
     assert {"train/loss", "train/loss_toward_safe", "train/lr"} <= tags
     if recipe == "lat_tiny":
         assert {"train/loss_kl", "train/loss_away_from_harmful", "attack/attack_loss_after"} <= tags
+    if recipe == "refat_tiny":  # the refusal direction is logged and kept in the checkpoint for an exact resume
+        assert "attack/direction_norm" in tags
+        assert ckpt["lat_lightning"]["attack_state"]["directions"][2].shape == (64,)
+    if recipe == "embed_lat_tiny":  # PGD on the input embeddings (layer id -2) and at block 2
+        assert {"attack/norm_layer-2", "attack/norm_layer2", "attack/attack_loss_after"} <= tags
     if recipe == "lapt_tiny":
         assert (run_dir / "interpolated" / "config.json").exists()
         assert (run_dir / "fragile_layers.json").exists()

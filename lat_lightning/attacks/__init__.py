@@ -23,6 +23,8 @@ from lat_lightning.attacks.none import NoAttack
 from lat_lightning.attacks.pgd import PGD
 from lat_lightning.attacks.plan import AttackPlan
 from lat_lightning.attacks.positions import POLICIES, policy_mask, position_mask
+from lat_lightning.attacks.refusal_ablation import RefusalAblation
+from lat_lightning.attacks.refusal_addition import RefusalAddition
 from lat_lightning.attacks.transfer import Transfer
 from lat_lightning.config import PerturbationConfig
 
@@ -31,6 +33,8 @@ ATTACKS: dict[str, type[Attack]] = {
     "asa_random": ASARandom,
     "asagrad": ASAGrad,
     "pgd": PGD,
+    "refusal_ablation": RefusalAblation,
+    "refusal_addition": RefusalAddition,
 }
 
 # Names used before the one-stack redesign: a recipe that still uses them gets a one-line pointer.

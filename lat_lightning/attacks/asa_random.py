@@ -26,7 +26,7 @@ import random
 import torch
 
 from lat_lightning.attacks.base import Attack, Perturbation, cell_seed
-from lat_lightning.attacks.plan import AttackPlan
+from lat_lightning.attacks.plan import CLEAN, AttackPlan
 from lat_lightning.attacks.positions import position_mask
 from lat_lightning.models.layers import check_layer_indices, hidden_size
 
@@ -60,8 +60,8 @@ class ASARandom(Attack):
         mask = position_mask(s.positions, batch["prompt_lengths"], seq_len, s.first_k)
         vectors, masks = {}, {}
         row_layers = batch.get("layer")
-        per_row = row_layers is not None and bool((row_layers >= 0).any())
-        attacked = sorted(set(row_layers[row_layers >= 0].tolist())) if per_row else layers
+        per_row = row_layers is not None and bool((row_layers != CLEAN).any())
+        attacked = sorted(set(row_layers[row_layers != CLEAN].tolist())) if per_row else layers
         if per_row:
             attacked = check_layer_indices(model, attacked)
         # Noise is keyed by (seed, step, example index, layer), not by the row's place in the batch: the

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from lat_lightning.attacks.base import Attack, Perturbation
 from lat_lightning.attacks.forward import cache_lower, perturbed_logits, prompt_target_batch, stack_sequences
-from lat_lightning.attacks.plan import AttackPlan
+from lat_lightning.attacks.plan import CLEAN, AttackPlan
 from lat_lightning.attacks.positions import position_mask
 from lat_lightning.losses import causal_lm_loss
 from lat_lightning.models.eval_mode import eval_mode
@@ -145,7 +145,7 @@ class ASAGrad(Attack):
         self._directions = {k: v for k, v in self._directions.items() if k[0] in keep}
         need: dict[int, set[int]] = {}
         for i, l in zip(row_prompts, row_layers):
-            if l >= 0 and (int(i), int(l)) not in self._directions:
+            if l != CLEAN and (int(i), int(l)) not in self._directions:
                 need.setdefault(int(i), set()).add(int(l))
         if need:
             prompts = sorted(need)
@@ -156,7 +156,7 @@ class ASAGrad(Attack):
             for i, per_layer in zip(prompts, dirs):
                 for l in need[i]:
                     self._directions[(i, l)] = per_layer[l]
-        vectors = [self._directions[(int(i), int(l))] if l >= 0 else None for i, l in zip(row_prompts, row_layers)]
+        vectors = [self._directions[(int(i), int(l))] if l != CLEAN else None for i, l in zip(row_prompts, row_layers)]
         s = self.settings
         return AttackPlan(kind="direction", positions=s.positions, first_k=s.first_k, alpha=s.alpha, seed=seed,
                           vectors=vectors, name=self.name)

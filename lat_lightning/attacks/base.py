@@ -61,17 +61,33 @@ def keyed_normal(d: int, *key: int, device=None, dtype=torch.float32) -> Tensor:
 
 
 @dataclass
+class ContrastPrompts:
+    """Harmful and harmless prompts (token ids, chat template applied) of a contrastive attack."""
+
+    harmful: list[list[int]]
+    harmless: list[list[int]]
+
+    def fingerprint(self) -> str:
+        """A short hash of both sets (stored in a scan's settings: a resumed scan must use the same prompts)."""
+        text = repr((self.harmful, self.harmless)).encode()
+        return hashlib.blake2b(text, digest_size=6).hexdigest()
+
+
+@dataclass
 class Perturbation:
     """Per-layer vectors for one batch, and how to add them to the residual stream.
 
     Attributes:
         vectors: layer -> ``[batch, T, d]``. Sequences longer than ``T`` are not perturbed past ``T``.
+            With ``ablate``: layer -> unit directions ``[batch, d]`` (one per row) or ``[d]`` (all rows).
         mask: ``[batch, T]`` perturbed positions, or layer -> such a mask (per-row attacked layers, e.g.
             ASABench instances each attacked at their own layer).
         normalise: apply Eq. 1 to each vector against the activation it is added to (ASA, LAPT,
             ASAgrad); otherwise the vectors are added as they are (PGD).
         alpha: magnitude multiplier applied after normalisation.
         stats: numbers for logging (norms, attack losses).
+        ablate: directional ablation instead of addition: ``h ← h − alpha · (h·r̂) r̂`` at the masked positions
+            (refusal-direction ablation; ``normalise`` is ignored).
     """
 
     vectors: dict[int, Tensor]
@@ -79,6 +95,7 @@ class Perturbation:
     normalise: bool = True
     alpha: float = 1.0
     stats: dict[str, float] = field(default_factory=dict)
+    ablate: bool = False
     # The attack's loss at its final δ, from logits a caller computes anyway with this perturbation applied
     # ({"harmful" | "safe": logits}); set when the attack left that measurement to the caller (see PGD).
     final_loss: Any = None
@@ -89,6 +106,8 @@ class Perturbation:
 
     def delta(self, layer: int, hidden: Tensor) -> Tensor:
         """The tensor actually added to ``hidden`` (``[batch, seq, d]``) at ``layer``."""
+        if self.ablate:
+            return self._ablation_delta(layer, hidden)
         T = hidden.shape[1]
         vec = self.vectors[layer]
         mask = self.layer_mask(layer)
@@ -107,6 +126,21 @@ class Perturbation:
             vec = self.alpha * vec.to(hidden.dtype)
         return vec.to(hidden.dtype) * mask[..., None].to(hidden.dtype)
 
+    def _ablation_delta(self, layer: int, hidden: Tensor) -> Tensor:
+        bsz, T = hidden.shape[:2]
+        r = self.vectors[layer].to(hidden.device, torch.float32)
+        r = r.expand(bsz, -1) if r.dim() == 1 else r
+        if r.shape[0] != bsz:  # the same perturbation applied to a stacked batch
+            r = r.repeat(bsz // r.shape[0], 1)
+        mask = self.layer_mask(layer).to(hidden.device)
+        if mask.shape[1] < T:
+            mask = torch.nn.functional.pad(mask, (0, T - mask.shape[1]))
+        mask = mask[:, :T]
+        if mask.shape[0] != bsz:
+            mask = mask.repeat(bsz // mask.shape[0], 1)
+        coef = torch.einsum("btd,bd->bt", hidden.float(), r)  # h·r̂ per position
+        return (-self.alpha * coef[..., None] * r[:, None, :] * mask[..., None].float()).to(hidden.dtype)
+
     def layer_mask(self, layer: int) -> Tensor:
         return self.mask[layer] if isinstance(self.mask, dict) else self.mask
 
@@ -123,8 +157,11 @@ class Perturbation:
             yield
 
     def norm_stats(self) -> dict[str, float]:
-        """Mean L2 norm of the raw vectors over perturbed positions, per layer."""
+        """Mean L2 norm of the raw vectors over perturbed positions, per layer (none for an ablation: its
+        vectors are unit directions)."""
         out = {}
+        if self.ablate:
+            return out
         for layer, vec in self.vectors.items():
             m = self.layer_mask(layer).bool().to(vec.device)
             sel = vec[:, : m.shape[1]][m[:, : vec.shape[1]]]
@@ -147,15 +184,34 @@ class Attack:
         needs_target: every prompt needs a harmful target ``y*`` (the scan refuses prompts without one).
         one_plan_for_all_seeds: the generation plan is keyed by the per-row seeds at apply time, so one
             :meth:`plan` call serves every seed of a chunk.
+        needs_harmless: the attack contrasts harmful with harmless prompts (the refusal direction): its
+            generation face needs :meth:`set_contrast_prompts` first, its training face batches with
+            ``benign_*`` rows.
     """
 
     name: ClassVar[str] = ""
     uses_gradients: ClassVar[bool] = False
     needs_target: ClassVar[bool] = False
     one_plan_for_all_seeds: ClassVar[bool] = False
+    needs_harmless: ClassVar[bool] = False
 
     def __init__(self, settings: PerturbationConfig):
         self.settings = settings
+        self.contrast: ContrastPrompts | None = None
+
+    # -- data a contrastive attack reads ---------------------------------------------------------------
+    def set_contrast_prompts(self, harmful_ids: Sequence[Sequence[int]], harmless_ids: Sequence[Sequence[int]]) -> None:
+        """Give the attack its harmful and harmless prompts (token ids, chat template applied) for the
+        generation face; attacks that need none ignore them."""
+        self.contrast = ContrastPrompts([list(p) for p in harmful_ids], [list(p) for p in harmless_ids])
+
+    # -- state a resumed training run needs --------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold for the training face to continue exactly (e.g. a cached direction)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (called when a training run resumes)."""
 
     # -- identity ------------------------------------------------------------------------------------------
     @property

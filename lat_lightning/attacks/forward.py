@@ -19,6 +19,7 @@ from lat_lightning.attacks.base import Perturbation
 from lat_lightning.data.templating import IGNORE_INDEX, build_sequences
 from lat_lightning.models.forward_from_layer import forward_from_layer
 from lat_lightning.models.hooks import capture_residual
+from lat_lightning.models.layers import EMBED
 
 
 @dataclass
@@ -74,8 +75,11 @@ def prompt_target_batch(prompt_ids: Sequence[Sequence[int]], target_ids: Sequenc
     return batch
 
 
-def cache_lower(model: nn.Module, inputs: AttackInputs, first_layer: int) -> Tensor:
-    """``h[first_layer]`` of the clean model for the stacked inputs (no grad)."""
+def cache_lower(model: nn.Module, inputs: AttackInputs, first_layer: int) -> Tensor | None:
+    """``h[first_layer]`` of the clean model for the stacked inputs (no grad); ``None`` at the input embeddings
+    (nothing lies below them: every step runs the whole model, the perturbation hooked on the embedding)."""
+    if first_layer == EMBED:
+        return None
     return capture_residual(model, [first_layer], input_ids=inputs.input_ids,
                             attention_mask=inputs.attention_mask, use_cache=False)[first_layer]
 

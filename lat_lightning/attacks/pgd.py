@@ -32,7 +32,7 @@ from lat_lightning.attacks.forward import (
     prompt_target_batch,
     stack_sequences,
 )
-from lat_lightning.attacks.plan import AttackPlan
+from lat_lightning.attacks.plan import CLEAN, AttackPlan
 from lat_lightning.attacks.positions import position_mask
 from lat_lightning.losses import causal_lm_loss, log_one_minus_p_loss
 from lat_lightning.models.eval_mode import eval_mode
@@ -193,7 +193,7 @@ class PGD(Attack):
         vectors: list[Tensor | None] = [None] * len(rows)
         masks: list[Tensor | None] = [None] * len(rows)
         for layer in dict.fromkeys(l for _, l in rows):
-            if layer < 0:
+            if layer == CLEAN:
                 continue
             prompts = list(dict.fromkeys(i for i, l in rows if l == layer))
             batch = prompt_target_batch([prompt_ids[i] for i in prompts], [target_ids[i] for i in prompts],

@@ -16,6 +16,12 @@ Plan kinds (the vocabulary an attack's plan is written in):
 * ``additive`` (PGD): a precomputed ``[T_r, d]`` per row with its own ``[T_r]`` mask, added as is (times
   ``alpha``) where the mask is set; positions past ``T_r`` are not perturbed. The positions policy does not
   apply (the mask already is one).
+* ``vector`` (refusal-direction activation addition): one ``[d]`` vector per row, added as is (times ``alpha``)
+  at the row's layer, at every position the policy selects.
+* ``ablation`` (refusal-direction ablation): one unit ``[d]`` direction ``r̂`` per row, projected out of the
+  residual stream at EVERY layer (the input embeddings and every block output), at every position the policy
+  selects: ``h ← h − alpha · (h·r̂) r̂`` (``alpha = 1``: exact ablation). The row's layer only names where the
+  direction came from (and where the ``applied`` counter counts); any row layer other than ``-1`` is attacked.
 
 Positions follow :mod:`lat_lightning.attacks.positions`. The prefill call sees the whole left-padded prompt
 (column ``c`` of row ``r`` holds absolute position ``c - (P_max - P_r)``, negative = padding); decode call
@@ -35,8 +41,10 @@ from torch import Tensor, nn
 from lat_lightning.attacks.base import keyed_normal, normalise_to
 from lat_lightning.attacks.positions import POLICIES, first_position, policy_mask
 from lat_lightning.models.hooks import residual_edit
+from lat_lightning.models.layers import EMBED, num_layers
 
-ATTACK_KINDS = ("none", "noise", "direction", "additive")
+ATTACK_KINDS = ("none", "noise", "direction", "additive", "vector", "ablation")
+PER_ROW_VECTOR_KINDS = ("vector", "ablation")  # one [d] vector per row, whatever the position
 REFRESH = ("step", "fixed")
 FIXED_POSITION_KEY = -1  # position key of the single vector per prompt under refresh='fixed'
 CLEAN = -1
@@ -48,7 +56,8 @@ class AttackPlan:
     """How rows are perturbed during generation (or a teacher-forced forward).
 
     Attributes:
-        kind: ``none``, ``noise`` (ASA random), ``direction`` (ASAgrad) or ``additive`` (PGD).
+        kind: ``none``, ``noise`` (ASA random), ``direction`` (ASAgrad), ``additive`` (PGD), ``vector``
+            (activation addition) or ``ablation`` (directional ablation at every layer).
         positions: positions policy (see the module docstring); ignored by ``additive``.
         first_k: ``k`` of the ``first_k`` policy (the last prompt token counts as the first).
         refresh: ``step`` (a new draw per position) or ``fixed`` (one draw per prompt); ``noise`` only.
@@ -56,7 +65,8 @@ class AttackPlan:
             (``additive``).
         seed: default perturbation seed of every row (``row_seeds`` overrides it per row).
         vectors: ``direction`` / ``additive``: one ``[T_r, d]`` tensor per row (``None`` for clean rows),
-            indexed by absolute position (0 = first prompt token).
+            indexed by absolute position (0 = first prompt token); ``vector`` / ``ablation``: one ``[d]`` tensor
+            per row.
         vector_masks: ``additive``: one ``[T_r]`` bool tensor per row (``None`` = every position < T_r).
         name: label for logs.
     """
@@ -81,7 +91,7 @@ class AttackPlan:
             raise ValueError(f"unknown refresh '{self.refresh}'; choose from {', '.join(REFRESH)}")
         if self.positions == "first_k" and self.first_k < 1:
             raise ValueError(f"first_k must be >= 1, got {self.first_k}")
-        if self.kind in ("direction", "additive") and self.vectors is None:
+        if self.kind in ("direction", "additive") + PER_ROW_VECTOR_KINDS and self.vectors is None:
             raise ValueError(f"attack kind '{self.kind}' needs per-row vectors")
 
     def select(self, rows: Sequence[int]) -> AttackPlan:
@@ -98,7 +108,8 @@ class RowPerturber:
     Before each forward the caller sets :attr:`positions` (``[B, S]`` absolute positions of the columns
     the layers will see; ``-1`` for padding). The edit of layer ``l`` then perturbs, for every row whose
     ``row_layers`` is ``l``, the columns its policy selects. Counters record how often each row was
-    perturbed (``applied``: positions) and how many hook calls perturbed something (``calls``).
+    perturbed (``applied``: positions, counted at the row's own layer) and how many hook calls perturbed
+    something (``calls``).
 
     Args:
         plan: the attack.
@@ -126,7 +137,17 @@ class RowPerturber:
         if plan.kind == "none":
             self.row_layers = torch.full_like(self.row_layers, CLEAN)
         self.rows_at: dict[int, Tensor] = {
-            int(l): (self.row_layers == l).nonzero().flatten() for l in self.row_layers.unique().tolist() if l >= 0}
+            int(l): (self.row_layers == l).nonzero().flatten() for l in self.row_layers.unique().tolist()
+            if l != CLEAN}
+        self.attacked_rows = (self.row_layers != CLEAN).nonzero().flatten()
+        self._row_vectors: Tensor | None = None
+        if plan.kind in PER_ROW_VECTOR_KINDS and self.attacked_rows.numel():
+            d = next((v.shape[-1] for v in plan.vectors if v is not None), None)
+            if d is None:
+                raise ValueError(f"a '{plan.kind}' plan needs a vector for every attacked row; it has none")
+            self._row_vectors = torch.stack([torch.zeros(d) if v is None else v.detach().float().cpu().reshape(d)
+                                             for v in plan.vectors])
+        self._all_layers: list[int] | None = None
         self.positions: Tensor | None = None
         self.applied = torch.zeros(n, dtype=torch.long)
         self.calls = 0
@@ -134,6 +155,9 @@ class RowPerturber:
 
     @property
     def layers(self) -> list[int]:
+        """The hooked layers: the rows' layers, or (``ablation``) every layer once :meth:`hooked` knows the model."""
+        if self.plan.kind == "ablation" and self.attacked_rows.numel():
+            return list(self._all_layers or [])
         return sorted(self.rows_at)
 
     def first_perturbed(self) -> Tensor:
@@ -186,7 +210,7 @@ class RowPerturber:
         return vec[p]
 
     def edit(self, layer: int, hidden: Tensor) -> Tensor:
-        rows = self.rows_at.get(layer)
+        rows = self.attacked_rows if self.plan.kind == "ablation" else self.rows_at.get(layer)
         if rows is None or rows.numel() == 0:
             return hidden
         if self.positions is None:
@@ -201,6 +225,8 @@ class RowPerturber:
         ri, ci = sel.nonzero(as_tuple=True)
         if ri.numel() == 0:
             return hidden
+        if self.plan.kind in PER_ROW_VECTOR_KINDS:
+            return self._edit_per_row_vector(layer, hidden, rows[ri], ci)
         d = hidden.shape[-1]
         row_idx, col_idx, raws = [], [], []
         for a, c in zip(ri.tolist(), ci.tolist()):
@@ -227,8 +253,27 @@ class RowPerturber:
         self.calls += 1
         return out
 
+    def _edit_per_row_vector(self, layer: int, hidden: Tensor, r_idx: Tensor, c_idx: Tensor) -> Tensor:
+        """``vector``: add the row's vector; ``ablation``: project the row's unit direction out (vectorised)."""
+        r_dev, c_dev = r_idx.to(hidden.device), c_idx.to(hidden.device)
+        vec = self._row_vectors[r_idx].to(hidden.device)  # [m, d] float32
+        target = hidden[r_dev, c_dev]
+        if self.plan.kind == "vector":
+            delta = self.plan.alpha * vec
+        else:
+            delta = -self.plan.alpha * (target.float() * vec).sum(-1, keepdim=True) * vec
+        out = hidden.clone()
+        out[r_dev, c_dev] = target + delta.to(hidden.dtype)
+        own = self.row_layers[r_idx] == layer  # count each position once, at the row's own layer
+        if bool(own.any()):
+            self.applied.index_add_(0, r_idx[own], torch.ones(int(own.sum()), dtype=torch.long))
+        self.calls += 1
+        return out
+
     @contextmanager
     def hooked(self, model: nn.Module) -> Iterator[RowPerturber]:
+        if self.plan.kind == "ablation" and self.attacked_rows.numel():
+            self._all_layers = [EMBED] + list(range(num_layers(model)))
         if not self.layers:
             yield self
             return

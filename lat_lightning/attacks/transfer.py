@@ -30,6 +30,12 @@ class Transfer(Attack):
         self.uses_gradients = base.uses_gradients
         self.needs_target = base.needs_target
         self.one_plan_for_all_seeds = base.one_plan_for_all_seeds
+        self.needs_harmless = base.needs_harmless
+        self.contrast = base.contrast
+
+    def set_contrast_prompts(self, harmful_ids, harmless_ids) -> None:
+        self.base.set_contrast_prompts(harmful_ids, harmless_ids)  # the direction is computed on the source
+        self.contrast = self.base.contrast
 
     @property
     def seed_dependent(self) -> bool:

@@ -150,7 +150,8 @@ class EncodedSafetyDataset(Dataset):
 class SafetyDataModule(LightningDataModule):
     """Safety (+ benign) training data and optional held-out harmful prompts for validation.
 
-    Reads ``cfg.data`` (sources, column maps, length policy, batch size, workers, shuffle),
+    Reads ``cfg.data`` (sources, column maps, row filter, default target, length policy, batch size, workers,
+    shuffle),
     ``cfg.model.use_chat_template``, ``cfg.model.system_prompt`` and ``cfg.seed``. Examples come from the
     configured sources, or from the lists passed in (the model organism builds its own), which take
     precedence. Everything is tokenised once, in the first :meth:`setup` call.
@@ -167,12 +168,16 @@ class SafetyDataModule(LightningDataModule):
         safety_examples: use these instead of loading ``data.harmful``.
         benign_examples: use these instead of loading ``data.benign``.
         eval_examples: use these instead of loading ``data.eval_harmful``.
+        require_target: training needs a harmful target per example (ASAgrad, PGD, ``loss.away_from_harmful``):
+            prompt-only data without ``data.default_target`` is then an error. Otherwise prompt-only examples
+            train on the refusal alone (LAPT with Gaussian noise).
     """
 
     def __init__(self, cfg, tokenizer, safety_examples: Sequence[SafetyExample] | None = None,
                  benign_examples: Sequence[BenignExample] | None = None,
-                 eval_examples: Sequence[SafetyExample] | None = None):
+                 eval_examples: Sequence[SafetyExample] | None = None, require_target: bool = True):
         super().__init__()
+        self.require_target = bool(require_target)
         self.cfg = cfg
         self.data_cfg = cfg.data
         self.tokenizer = tokenizer
@@ -204,14 +209,16 @@ class SafetyDataModule(LightningDataModule):
                                 "directory or a datasets name (or data.asabench at an ASABench export)")
             self.safety_examples = load_safety_examples(
                 source, data.harmful_split, dict(data.harmful_columns or {}), data.default_safe_response,
-                data.max_examples)
+                data.max_examples, default_target=data.default_target, require_target=self.require_target,
+                row_filter=dict(data.filter or {}))
         if self.benign_examples is None and data.benign:
             self.benign_examples = load_benign_examples(data.benign, data.benign_split,
                                                         dict(data.benign_columns or {}), data.max_examples)
         if self.eval_examples is None and data.eval_harmful:
-            self.eval_examples = load_safety_examples(
+            self.eval_examples = load_safety_examples(  # validation generates from the prompts: no target needed
                 data.eval_harmful, data.harmful_split, dict(data.harmful_columns or {}),
-                data.default_safe_response)
+                data.default_safe_response, default_target=data.default_target, require_target=False,
+                row_filter=dict(data.filter or {}))
         safety = self._encode_safety(self.safety_examples)
         benign = self._encode_benign(self.benign_examples or [])
         self.train_dataset = EncodedSafetyDataset(safety, benign)

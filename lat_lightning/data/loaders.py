@@ -1,16 +1,24 @@
 """Load safety and benign data from local files or ``datasets`` and normalise it into the schema.
 
 Sources (``load_records``):
-  - a local ``.jsonl`` (one object per line), ``.json`` (a list of objects, or ``{"data": [...]}``) or
-    ``.csv`` (header row) file; the ``split`` argument does not apply to single files;
+  - a local ``.jsonl`` (one object per line), ``.json`` (a list of objects, or ``{"data": [...]}``),
+    ``.csv`` / ``.tsv`` (header row), ``.parquet`` or ``.txt`` (one prompt per line: a ``prompt`` column)
+    file; the ``split`` argument does not apply to single files. An existing file of another type is an error
+    that names its type;
   - a local directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (``split``
     picks the split of a ``DatasetDict``) or a directory of data files ``datasets.load_dataset`` reads;
   - anything else is a ``datasets`` name (``datasets.load_dataset(source, split=split)``).
 
 Columns are mapped onto our fields either explicitly (``columns={"prompt": "goal", ...}``, the
 ``data.harmful_columns`` / ``data.benign_columns`` config maps) or by auto-detection from common names
-(AdvBench ``goal``/``target``, ASABench ``prompt``/``steered_response``/``original_response``/``layer_idx``,
-Alpaca ``instruction``/``input``/``output``, GSM8K ``question``/``answer``, ...).
+(AdvBench ``goal``/``target``, HarmBench ``Behavior``, StrongREJECT ``forbidden_prompt``, ASABench
+``prompt``/``steered_response``/``original_response``/``layer_idx``, Alpaca ``instruction``/``input``/``output``,
+GSM8K ``question``/``answer``, ...; names match regardless of case).
+
+Prompt-only safety data (HarmBench, StrongREJECT, a ``.txt`` list) has no harmful target ``y*``. Attacks that
+need none (ASA random, LAPT's Gaussian noise) use it as it is; for ASAgrad and PGD a constant target can be set
+(``default_target``, AdvBench style "Sure, here is"); callers that need a target and have none get a one-line
+error saying both ways out. Rows can be filtered by column values first (``row_filter``, ``data.filter``).
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ DEFAULT_SAFE_RESPONSE: str = DataConfig.default_safe_response
 # ``original_response`` the model's own clean answer (a refusal); LLM-LAT style preference data uses
 # ``rejected`` for the harmful completion and ``chosen`` for the refusal.
 SAFETY_CANDIDATES: dict[str, tuple[str, ...]] = {
-    "prompt": ("prompt", "goal", "behavior", "instruction", "question", "query"),
+    "prompt": ("prompt", "goal", "behavior", "forbidden_prompt", "instruction", "question", "query"),
     "harmful_response": ("harmful_response", "target", "steered_response", "rejected", "harmful"),
     "safe_response": ("safe_response", "original_response", "refusal", "chosen", "safe"),
     "layer": ("layer", "layer_idx"),
@@ -57,16 +65,17 @@ def load_records(source: str, split: str = "train") -> list[dict]:
     """Read a data source into a list of row dicts.
 
     Args:
-        source: a local ``.jsonl`` / ``.json`` / ``.csv`` file, a local ``datasets`` directory, a
-            ``datasets`` name, or ``pkg://<package>/<file>`` for data shipped inside a package.
+        source: a local ``.jsonl`` / ``.json`` / ``.csv`` / ``.tsv`` / ``.parquet`` / ``.txt`` file, a local
+            ``datasets`` directory, a ``datasets`` name, or ``pkg://<package>/<file>`` for data shipped inside a
+            package.
         split: the split to load from a ``datasets`` source (ignored for single local files).
 
     Returns:
         The rows, in source order.
 
     Raises:
-        DataError: the local file or directory does not exist, cannot be read or parsed, or the dataset
-            cannot be loaded (the message keeps the first line of the underlying error).
+        DataError: the local file or directory does not exist, has an unsupported type, cannot be read or
+            parsed, or the dataset cannot be loaded (the message keeps the first line of the underlying error).
     """
     from lat_lightning.resources import resource_path
 
@@ -77,6 +86,10 @@ def load_records(source: str, split: str = "train") -> list[dict]:
         if not path.is_file():
             raise DataError(f"data file not found: {source} (working directory {os.getcwd()})")
         return reader(path)
+    if path.is_file():
+        kind = f"'{path.suffix}'" if path.suffix else "without an extension"
+        raise DataError(f"data file {source} has an unsupported type {kind}; use one of "
+                        f"{', '.join(_FILE_READERS)} (or a saved dataset directory)")
     if path.is_dir():
         return _read_dataset_dir(path, split)
     if source.startswith(_LOCAL_PREFIXES):
@@ -122,11 +135,11 @@ def _read_json(path: Path) -> list[dict]:
     return data
 
 
-def _read_csv(path: Path) -> list[dict]:
+def _read_csv(path: Path, delimiter: str = ",") -> list[dict]:
     rows = []
     with _open_text(path, encoding="utf-8-sig", newline="") as fh:  # utf-8-sig: drop a spreadsheet BOM
         try:
-            for i, row in enumerate(csv.DictReader(fh)):
+            for i, row in enumerate(csv.DictReader(fh, delimiter=delimiter)):
                 if None in row:  # DictReader files surplus cells under the key None
                     raise DataError(f"{path} row {i} has more cells than the header has columns")
                 rows.append(row)
@@ -137,8 +150,27 @@ def _read_csv(path: Path) -> list[dict]:
     return rows
 
 
-_FILE_READERS: dict[str, Callable[[Path], list[dict]]] = {".jsonl": _read_jsonl, ".json": _read_json,
-                                                          ".csv": _read_csv}
+def _read_txt(path: Path) -> list[dict]:
+    """One prompt per line (blank lines skipped): rows ``{"prompt": line}``."""
+    with _open_text(path) as fh:
+        try:
+            return [{"prompt": line.strip()} for line in fh if line.strip()]
+        except UnicodeDecodeError as exc:
+            raise DataError(f"cannot read {path}: not UTF-8 text ({exc.reason})") from None
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq  # installed with datasets
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise DataError(f"cannot read {path} as parquet: {_first_line(exc)}") from None
+
+
+_FILE_READERS: dict[str, Callable[[Path], list[dict]]] = {
+    ".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
+    ".tsv": lambda path: _read_csv(path, delimiter="\t"), ".parquet": _read_parquet, ".txt": _read_txt}
 
 
 def _open_text(path: Path, encoding: str = "utf-8", newline: str | None = None):
@@ -189,7 +221,7 @@ def _first_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------------------------- columns
 def resolve_columns(records: Sequence[Mapping[str, Any]], columns: Mapping[str, str] | None,
                     candidates: Mapping[str, Sequence[str]], required: Sequence[str], source: str,
-                    config_key: str) -> dict[str, str | None]:
+                    config_key: str, hints: Mapping[str, str] | None = None) -> dict[str, str | None]:
     """Map each of our fields to a column of ``records``.
 
     Args:
@@ -199,6 +231,7 @@ def resolve_columns(records: Sequence[Mapping[str, Any]], columns: Mapping[str, 
         required: fields that must resolve to a column.
         source: the data source, for messages.
         config_key: the config map users fix the columns with (``data.harmful_columns``), for messages.
+        hints: ``field -> text`` added to the message when that field is missing (another way out).
 
     Returns:
         ``field -> column`` for every field in ``candidates`` (``None`` when an optional field is absent).
@@ -221,13 +254,15 @@ def resolve_columns(records: Sequence[Mapping[str, Any]], columns: Mapping[str, 
             if column not in available:  # an explicit map must point at a real column
                 missing.append((field_name, f"'{field_name}' (mapped to '{column}')"))
             continue
-        resolved[field_name] = next((n for n in names if n in available), None)
+        lower = {a.lower(): a for a in reversed(available)}  # the first column wins among case variants
+        resolved[field_name] = next((lower[n] for n in names if n in lower), None)
         if resolved[field_name] is None and field_name in required:
             missing.append((field_name, f"'{field_name}'"))
     if missing:
         fix = " ".join(f"{config_key}.{f}=<column>" for f, _ in missing)
+        extra = "".join(f" {hints[f]}" for f, _ in missing if f in (hints or {}))
         raise DataError(f"missing column(s) {', '.join(d for _, d in missing)} in {source}; "
-                        f"found: {', '.join(available)}; map them with {fix}")
+                        f"found: {', '.join(available)}; map them with {fix}{extra}")
     auto = {f: c for f, c in resolved.items() if c is not None and f not in columns and c != f}
     if auto:
         log.info("%s: auto-mapped columns %s", source, ", ".join(f"{f}<-{c}" for f, c in auto.items()))
@@ -288,10 +323,52 @@ def _limit(records: list[dict], max_examples: int | None, source: str) -> list[d
     return records[:max_examples]
 
 
+def filter_records(records: Sequence[Mapping[str, Any]], row_filter: Mapping[str, Any] | None,
+                   source: str) -> list[tuple[int, dict]]:
+    """The rows whose columns match ``row_filter``, with their row numbers in the source.
+
+    Args:
+        records: the rows.
+        row_filter: ``column -> value`` (keep rows whose cell equals it) or ``column -> [values]`` (keep rows whose
+            cell is one of them); every column must match. Cells and values compare as text, so ``1`` matches
+            the CSV cell ``"1"``. ``None`` or ``{}`` keeps everything.
+        source: the data source, for messages.
+
+    Returns:
+        ``(row number, row)`` pairs, in source order.
+
+    Raises:
+        DataError: a filtered column does not exist, or no row matches.
+    """
+    pairs = list(enumerate(dict(r) for r in records))
+    if not row_filter:
+        return pairs
+    available = _available_columns(records)
+    unknown = [c for c in row_filter if c not in available]
+    if unknown:
+        raise DataError(f"data.filter names column(s) {', '.join(repr(c) for c in unknown)} that {source} lacks; "
+                        f"found: {', '.join(available)}")
+    wanted = {column: {_as_text(v) for v in (value if isinstance(value, (list, tuple)) else [value])}
+              for column, value in row_filter.items()}
+    kept = [(i, row) for i, row in pairs if all(_as_text(row.get(c)) in values for c, values in wanted.items())]
+    if not kept:
+        shown = "; ".join(f"{c} in {sorted(v)}" for c, v in wanted.items())
+        raise DataError(f"data.filter ({shown}) keeps no row of the {len(pairs)} in {source}")
+    return kept
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
 # --------------------------------------------------------------------------------------------- examples
 def load_safety_examples(source: str, split: str = "train", columns: Mapping[str, str] | None = None,
                          default_safe_response: str = DEFAULT_SAFE_RESPONSE,
-                         max_examples: int | None = None) -> list[SafetyExample]:
+                         max_examples: int | None = None, default_target: str | None = None,
+                         require_target: bool = True,
+                         row_filter: Mapping[str, Any] | None = None) -> list[SafetyExample]:
     """Load (prompt, safe_response, harmful_response[, layer]) examples.
 
     Args:
@@ -300,33 +377,44 @@ def load_safety_examples(source: str, split: str = "train", columns: Mapping[str
         columns: ``field -> column`` map for ``prompt``, ``safe_response``, ``harmful_response``, ``layer``
             (``data.harmful_columns``); unmapped fields are auto-detected (AdvBench, ASABench, ...).
         default_safe_response: the refusal used when the data has no safe-response column.
-        max_examples: keep only the first N rows.
+        max_examples: keep only the first N rows (after filtering).
+        default_target: the harmful target of every example when the data has no target column
+            (``data.default_target``, e.g. "Sure, here is").
+        require_target: a target is needed (ASAgrad, PGD, the ``away`` loss): prompt-only data without
+            ``default_target`` is an error. Otherwise such examples carry ``harmful_response=None``.
+        row_filter: keep only matching rows (:func:`filter_records`, ``data.filter``).
 
     Returns:
-        The examples; ``index`` is the row position (0-based) after ``max_examples``.
+        The examples; ``index`` is the row number in the source (stable under filtering and ``max_examples``).
 
     Raises:
-        DataError: the source cannot be read, is empty, lacks ``prompt`` / ``harmful_response``, or has an
-            invalid cell.
+        DataError: the source cannot be read, is empty, lacks ``prompt`` (or a needed target), the filter keeps
+            nothing, or a cell is invalid.
     """
-    records = _limit(load_records(source, split), max_examples, source)
+    records = load_records(source, split)
     if not records:
         raise DataError(f"no examples in {source} (split '{split}')")
-    cols = resolve_columns(records, columns, SAFETY_CANDIDATES, ("prompt", "harmful_response"), source,
-                           "data.harmful_columns")
+    rows = _limit(filter_records(records, row_filter, source), max_examples, source)
+    needs_column = require_target and default_target is None
+    required = ("prompt", "harmful_response") if needs_column else ("prompt",)
+    cols = resolve_columns(records, columns, SAFETY_CANDIDATES, required, source, "data.harmful_columns",
+                           hints={"harmful_response": "(this run needs a harmful target: ASAgrad, PGD or "
+                                  "loss.away_from_harmful), or set data.default_target, e.g. 'Sure, here is'"})
+    if cols["harmful_response"] is None and default_target is not None:
+        log.info("%s has no harmful target column; using data.default_target (%r) for all %d examples",
+                 source, default_target, len(rows))
     if cols["safe_response"] is None:
         log.info("%s has no safe_response column; using data.default_safe_response (%r) for all %d examples",
-                 source, default_safe_response, len(records))
+                 source, default_safe_response, len(rows))
     examples = []
-    for i, row in enumerate(records):
+    for i, row in rows:
         safe = (_text_cell(row, cols["safe_response"], "safe_response", i, source)
                 if cols["safe_response"] is not None else default_safe_response)
+        harmful = (_text_cell(row, cols["harmful_response"], "harmful_response", i, source)
+                   if cols["harmful_response"] is not None else default_target)
         layer = _layer_cell(row, cols["layer"], i, source) if cols["layer"] is not None else None
-        examples.append(SafetyExample(
-            prompt=_text_cell(row, cols["prompt"], "prompt", i, source),
-            safe_response=safe,
-            harmful_response=_text_cell(row, cols["harmful_response"], "harmful_response", i, source),
-            layer=layer, index=i))
+        examples.append(SafetyExample(prompt=_text_cell(row, cols["prompt"], "prompt", i, source),
+                                      safe_response=safe, harmful_response=harmful, layer=layer, index=i))
     return examples
 
 
@@ -366,5 +454,5 @@ def load_benign_examples(source: str, split: str = "train", columns: Mapping[str
     return examples
 
 
-__all__ = ["BENIGN_CANDIDATES", "DEFAULT_SAFE_RESPONSE", "SAFETY_CANDIDATES", "SAFETY_FIELDS", "load_benign_examples",
-           "load_records", "load_safety_examples", "resolve_columns"]
+__all__ = ["BENIGN_CANDIDATES", "DEFAULT_SAFE_RESPONSE", "SAFETY_CANDIDATES", "SAFETY_FIELDS", "filter_records",
+           "load_benign_examples", "load_records", "load_safety_examples", "resolve_columns"]

@@ -86,9 +86,13 @@ def write_jsonl(rows: Iterable[Mapping], path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps({k: row[k] for k in ASABENCH_FIELDS}, ensure_ascii=False) + "\n" for row in rows)
-    tmp.replace(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps({k: row[k] for k in ASABENCH_FIELDS}, ensure_ascii=False) + "\n"
+                          for row in rows)
+        tmp.replace(path)
+    finally:  # stopped half-way (an error, SIGTERM): no temp file left behind
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -147,7 +151,8 @@ def instances_from_records(records: Iterable[Mapping], clean_responses: Mapping[
     """Successful scan cells (``verdicts[judge].success``) as ASABench instances, one per (prompt, layer).
 
     When several attacks or seeds broke the same (prompt, layer), the first in ``attacks`` order (then the
-    lowest seed) is kept.
+    lowest seed) is kept. Clean cells (layer ``-1``) and input-embedding cells (``embed``, layer ``-2``) are left
+    out: an ASABench instance names a decoder block.
     """
     order = {a: k for k, a in enumerate(attacks)} if attacks is not None else {}
     best: dict[tuple[int, int], tuple] = {}

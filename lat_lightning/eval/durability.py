@@ -49,11 +49,11 @@ import numpy as np
 from torch import nn
 
 from lat_lightning.attacks import Transfer, build_attack, check_attack_name
-from lat_lightning.config import DurabilityConfig, PerturbationConfig
+from lat_lightning.config import CoherenceConfig, DurabilityConfig, PerturbationConfig
 from lat_lightning.data.templating import encode_response
 from lat_lightning.errors import ConfigError
 from lat_lightning.eval.generation import encode_prompts, generate_under_attack
-from lat_lightning.models.layers import num_layers
+from lat_lightning.models.layers import EMBED, check_layer_indices, num_layers
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ SUMMARY_FILE = "durability_summary.json"
 FRAGILE_FILE = "fragile_layers.json"
 
 
-ATTACK_LABELS = {"asa_random": "ASA random", "asagrad": "ASAgrad", "pgd": "PGD"}  # report labels (else the name)
+ATTACK_LABELS = {"asa_random": "ASA random", "asagrad": "ASAgrad", "pgd": "PGD",  # report labels (else the name)
+                 "refusal_ablation": "Refusal-direction ablation", "refusal_addition": "Refusal-direction addition"}
 
 
 # ----------------------------------------------------------------------------------------------- settings
@@ -87,6 +88,7 @@ class DurabilitySettings:
     refresh: str = "step"
     seed: int = 0
     max_length: int = 512
+    coherence: CoherenceConfig = field(default_factory=CoherenceConfig)
 
 
 def _to_dataclass(node, cls):
@@ -137,6 +139,8 @@ def resolve_settings(cfg=None) -> DurabilitySettings:
         s.positions, _first_k, s.refresh = scan_positions(cfg)
         s.seed = int(cfg.seed)
         s.max_length = int(cfg.data.max_length)
+        if "coherence" in ev:
+            s.coherence = _to_dataclass(ev.coherence, CoherenceConfig)
     if s.dur.max_new_tokens is not None:
         s.max_new_tokens = int(s.dur.max_new_tokens)
     d = s.dur
@@ -202,29 +206,32 @@ def _any_rate(arr: np.ndarray) -> list[float | None]:
 
 
 def _judge(judge_map: Mapping[str, Any], prompts: list[str], responses: list[str],
-           targets: list[str | None]) -> dict[str, np.ndarray]:
+           targets: list[str | None], coherence: list[dict] | None = None) -> dict[str, np.ndarray]:
     """``judge -> [1 / 0 / NaN per item]``; a judge that raises fails every item (counted, never dropped)."""
-    from lat_lightning.eval.judges import Verdict
+    from lat_lightning.eval.judges import judge_items
 
-    out = {}
-    for name, judge in judge_map.items():
-        try:
-            verdicts = list(judge(prompts, responses, targets))
-            if len(verdicts) != len(responses):
-                raise ValueError(f"returned {len(verdicts)} verdicts for {len(responses)} items")
-        except Exception as exc:  # noqa: BLE001 - judge failures are reported
-            log.warning("judge '%s' failed on a batch of %d: %s", name, len(responses), exc)
-            verdicts = [Verdict.failure(f"{type(exc).__name__}: {exc}") for _ in responses]
-        out[name] = np.array([v.as_float() for v in verdicts], dtype=np.float64)
-    return out
+    verdicts = judge_items(dict(judge_map), prompts, responses, targets, coherence)
+    return {name: np.array([v.as_float() for v in vs], dtype=np.float64) for name, vs in verdicts.items()}
+
+
+def _scorer(model, tokenizer, s: DurabilitySettings):
+    """The coherence check with ``model`` as the unattacked model (``None`` when the check is off)."""
+    from lat_lightning.eval.coherence import CoherenceScorer
+
+    if not s.coherence.enabled:
+        return None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return CoherenceScorer(model, s.coherence, pad_id, s.batch_size)
 
 
 def _build_judges(s: DurabilitySettings, judges=None) -> dict[str, Any]:
-    from lat_lightning.eval.judges import build_judges
+    from lat_lightning.eval.judges import build_judges, with_coherent_judges
 
     if judges is not None and isinstance(judges, Mapping):
-        return dict(judges)
-    return build_judges(list(judges if judges is not None else s.judges), s.classifier_path, s.target_key_pattern)
+        out = dict(judges)
+    else:
+        out = build_judges(list(judges if judges is not None else s.judges), s.classifier_path, s.target_key_pattern)
+    return with_coherent_judges(out) if s.coherence.enabled and s.coherence.judges else out
 
 
 def _benign_pairs(benign) -> list[tuple[str, str]]:
@@ -249,8 +256,9 @@ def _oneline(text: str, limit: int = 100) -> str:
 
 # ----------------------------------------------------------------------------------------------- sections
 def _run_scans(models: dict[str, nn.Module], tokenizer, prompts, targets, keys, layers, judge_map, s, out: Path | None,
-               adaptive: bool, transfer: bool, resume: bool, progress: bool,
-               shard: tuple[int, int] | None = None, reuse: Mapping[str, tuple] | None = None) -> dict[str, Any]:
+               adaptive: bool, transfer: bool, resume: bool, progress: bool, harmless_prompts=None,
+               contrast_prompts=None, shard: tuple[int, int] | None = None,
+               reuse: Mapping[str, tuple] | None = None) -> dict[str, Any]:
     from lat_lightning.eval.scan import run_scan
 
     scans = {}
@@ -265,6 +273,7 @@ def _run_scans(models: dict[str, nn.Module], tokenizer, prompts, targets, keys, 
             (out / name) if out is not None else None, primary_judge=s.primary_judge, perturbation=s.perturbation,
             positions=s.positions, refresh=s.refresh, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
             use_chat_template=s.use_chat_template, system_prompt=s.system_prompt, prompt_keys=keys,
+            harmless_prompts=harmless_prompts, contrast_prompts=contrast_prompts, coherence=s.coherence,
             bootstrap_samples=s.bootstrap_samples, resume=resume, progress=progress, figures=out is not None,
             tensorboard=out is not None, probes=False, asabench_test_fraction=None, split_seed=s.seed, shard=shard,
             reuse=(reuse or {}).get(name))
@@ -277,6 +286,7 @@ def _scan_summary(scan, fragile: list[int]) -> dict[str, Any]:
     cols = [scan.layers.index(l) for l in fragile if l in scan.layers]
     out: dict[str, Any] = {"init": _finite(scan.summary["init"][p]["rate"]), "layers": list(scan.layers),
                            "attacks": {}}
+    coherent = f"{p}+coherent" if f"{p}+coherent" in scan.judges and not p.endswith("+coherent") else None
     for a in scan.attacks:
         arr = scan.success[a][p]
         h = scan.headline(a)
@@ -286,16 +296,24 @@ def _scan_summary(scan, fragile: list[int]) -> dict[str, Any]:
         am, asd = _mean_std(anyl)
         out["attacks"][a] = {
             "seeds": scan.seeds_run[a], "lasr": scan.summary["attacks"][a]["lasr_band"]["lasr"],
-            "peak_layer": h["pasr_of_mean_lasr_layer"], "pasr_mean": h["pasr_mean"], "pasr_std": h["pasr_std"],
+            "peak_layer": h["pasr_of_mean_lasr_layer"], "peak_tied_layers": h.get("peak_tied_layers"),
+            "pasr_mean": h["pasr_mean"], "pasr_std": h["pasr_std"],
             "fragile_per_seed": frag, "fragile_mean": fm, "fragile_std": fs,
             "any_layer_per_seed": anyl, "any_layer_mean": am, "any_layer_std": asd,
             "failures": scan.summary["failures"][a][p]}
+        if coherent:
+            cm, cs = _mean_std(_any_rate(scan.success[a][coherent]))
+            out["attacks"][a].update(coherent_judge=coherent, any_layer_coherent_mean=cm, any_layer_coherent_std=cs)
     return out
 
 
-def _depth(model, tokenizer, prompts, prompt_ids, target_ids, targets, keys, fragile, judge_map, s) -> dict[str, Any]:
-    """First-k curves (per depth attack) and prefill curves for one model, plus the positions self-check."""
+def _depth(model, tokenizer, prompts, prompt_ids, target_ids, targets, keys, fragile, judge_map, s,
+           contrast=None) -> dict[str, Any]:
+    """First-k curves (per depth attack) and prefill curves for one model, plus the positions self-check.
+
+    ``contrast``: ``(harmful ids, harmless ids)`` for the refusal-direction attacks."""
     d = s.dur
+    scorer = _scorer(model, tokenizer, s)
     n = len(prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     gen = {"max_new_tokens": s.max_new_tokens, "batch_size": s.batch_size, "pad_token_id": pad_id}
@@ -305,6 +323,10 @@ def _depth(model, tokenizer, prompts, prompt_ids, target_ids, targets, keys, fra
     for attack in d.depth_attacks:
         # One attack object per attack for all k: ASAgrad's directions are computed once and reused.
         atk = build_attack(attack, s.perturbation, positions="first_k", refresh=s.refresh)
+        if atk.needs_harmless:
+            if not contrast or not contrast[1]:
+                raise ConfigError(f"depth attack '{attack}' needs harmless prompts (data.eval_benign or data.benign)")
+            atk.set_contrast_prompts(*contrast)
         seeds = list(d.random_seeds) if atk.seed_dependent else list(d.random_seeds)[:1]
         rows = [(i, l, sd) for i in range(n) for sd in seeds for l in fragile]
         row_prompts = [r[0] for r in rows]
@@ -322,8 +344,9 @@ def _depth(model, tokenizer, prompts, prompt_ids, target_ids, targets, keys, fra
                 check["max_perturbed"] = max(check["max_perturbed"], int(a_n))
                 if a_n > k or (int(res.lengths[j]) >= k and a_n != k):
                     check["violations"] += 1
+            coh = scorer([prompt_ids[i] for i in row_prompts], res.token_ids, res.texts) if scorer else None
             verdicts = _judge(judge_map, [prompts[i] for i in row_prompts], res.texts,
-                              [targets[i] for i in row_prompts])
+                              [targets[i] for i in row_prompts], coh)
             for jn, v in verdicts.items():
                 arr = np.full((n, len(fragile), len(seeds)), np.nan)
                 for r, (i, l, sd) in enumerate(rows):
@@ -352,7 +375,9 @@ def _depth(model, tokenizer, prompts, prompt_ids, target_ids, targets, keys, fra
             pcheck["rows"] += 1
             if int(res.perturbed_positions[j]) != 0 or res.prompt_ids[j][len(prompt_ids[j]):] != prefixes[j]:
                 pcheck["violations"] += 1
-        verdicts = _judge(judge_map, list(prompts), texts, list(targets))
+        coh = scorer(prompt_ids, [pre + list(tok) for pre, tok in zip(prefixes, res.token_ids)], texts) \
+            if scorer else None
+        verdicts = _judge(judge_map, list(prompts), texts, list(targets), coh)
         for jn, v in verdicts.items():
             prefill["judges"].setdefault(jn, []).append(_nanmean(v))
         prefill["rate"].append(_nanmean(verdicts[s.primary_judge]))
@@ -362,15 +387,23 @@ def _depth(model, tokenizer, prompts, prompt_ids, target_ids, targets, keys, fra
                                 "ok": check["violations"] == 0 and pcheck["violations"] == 0}}
 
 
-def _clean_success(model, tokenizer, prompts, targets, keys, judge_map, s, gen_prompts=None) -> dict[str, Any]:
+def _clean_success(model, tokenizer, prompts, targets, keys, judge_map, s, gen_prompts=None,
+                   score_model=None) -> dict[str, Any]:
+    """Success without perturbation (of ``gen_prompts`` when given, judged against ``prompts``); the coherence check
+    scores the answers with ``score_model`` (default ``model``: e.g. the model before a fine-tuning attack)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     ids = encode_prompts(tokenizer, list(gen_prompts if gen_prompts is not None else prompts), s.use_chat_template,
                          s.system_prompt)
     res = generate_under_attack(model, tokenizer, ids, None, None, prompt_keys=keys, max_new_tokens=s.max_new_tokens,
                                 batch_size=s.batch_size, pad_token_id=pad_id)
-    verdicts = _judge(judge_map, list(prompts), res.texts, list(targets))
-    return {"rate": _nanmean(verdicts[s.primary_judge]), "judges": {j: _nanmean(v) for j, v in verdicts.items()},
-            "failures": int(np.isnan(verdicts[s.primary_judge]).sum()), "samples": res.texts[:3]}
+    scorer = _scorer(score_model if score_model is not None else model, tokenizer, s)
+    coh = scorer(ids, res.token_ids, res.texts) if scorer else None
+    verdicts = _judge(judge_map, list(prompts), res.texts, list(targets), coh)
+    out = {"rate": _nanmean(verdicts[s.primary_judge]), "judges": {j: _nanmean(v) for j, v in verdicts.items()},
+           "failures": int(np.isnan(verdicts[s.primary_judge]).sum()), "samples": res.texts[:3]}
+    if coh is not None:
+        out["incoherent"] = sum(not c["coherent"] for c in coh)
+    return out
 
 
 def _finetune_section(models, tokenizer, pairs, eval_prompts, eval_targets, keys, judge_map, s, out: Path,
@@ -402,7 +435,8 @@ def _finetune_section(models, tokenizer, pairs, eval_prompts, eval_targets, keys
         entry = {"curve": ft["curve"], "train_loss": ft["train_loss"], "seconds": ft["seconds"],
                  "adapter": str(Path(ft["out_dir"]) / "final")}
         if kind == "finetune":
-            entry["after"] = _clean_success(ft["model"], tokenizer, eval_prompts, eval_targets, keys, judge_map, s)
+            entry["after"] = _clean_success(ft["model"], tokenizer, eval_prompts, eval_targets, keys, judge_map, s,
+                                            score_model=model)
         res[name] = entry
         del ft
     return res
@@ -429,6 +463,8 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
                    utility_rows: Sequence[Mapping[str, Any]] | None = None, utility_kind: str = "multiple_choice",
                    prompt_keys: Sequence[int] | None = None, judges=None, model_labels: Mapping[str, str] | None = None,
                    resume: bool = False, progress: bool = False, finetune: Callable | None = None,
+                   harmless_prompts: Sequence[str] | None = None,
+                   contrast_prompts: Sequence[str] | None = None,
                    shard: tuple[int, int] | None = None,
                    reuse_scans: Mapping[str, tuple[str | Path, Sequence[int]]] | None = None) -> dict[str, Any]:
     """Run the durability suite on two in-memory models and write the report.
@@ -439,7 +475,9 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
         tokenizer: their tokenizer.
         prompts / targets: harmful prompts and their harmful target completions (AdvBench style).
         benign: benign ``(prompt, response)`` pairs, dicts with those keys or ``BenignExample``s, for the
-            trainability fine-tune (bare prompt strings are ignored; no pairs: the section is skipped).
+            trainability fine-tune (bare prompt strings are ignored there; no pairs: the section is skipped).
+            Their prompts (and bare strings) are the harmless side of the refusal direction unless
+            ``harmless_prompts`` is given.
         out_dir: run directory for everything (``None``: a temporary directory, deleted afterwards; only the
             returned summary remains).
         cfg: a run config (reads ``evaluation``, ``evaluation.durability``, ``perturbation``, ``model``
@@ -459,6 +497,9 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
         finetune: the LoRA fine-tuning function of the ``finetune`` and ``trainability`` sections
             (:func:`lat_lightning.training.finetune.lora_finetune`; evaluation does not import training, so the
             caller passes it in). Required when one of those sections is on.
+        harmless_prompts: harmless prompts of the refusal-direction attacks (default: the prompts of ``benign``).
+        contrast_prompts: their harmful side (default: ``prompts``). Each model's direction is its own (adaptive);
+            the ``_transfer`` rows use the original model's.
         shard: ``(rank, world_size)`` in a multi-process launch: the two re-scans are distributed
             (:func:`~lat_lightning.eval.scan.run_scan`'s ``shard``; needs ``out_dir``); every other section runs
             on rank 0 only, and the other ranks return ``{"rank": r, "rows": []}`` once the scans are done.
@@ -481,6 +522,9 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
                          "lora_finetune); pass it or drop those sections")
     prompts = [str(p) for p in prompts]
     targets = [str(t) for t in targets]
+    if harmless_prompts is None:
+        harmless_prompts = [b for b in benign or [] if isinstance(b, str)] + [p for p, _ in _benign_pairs(benign)]
+    harmless_prompts = [str(p) for p in harmless_prompts][: int(s.perturbation.direction_prompts)]
     if len(prompts) != len(targets):
         raise ValueError(f"{len(targets)} targets for {len(prompts)} prompts")
     keys = list(range(len(prompts))) if prompt_keys is None else [int(k) for k in prompt_keys]
@@ -520,14 +564,21 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
     try:
         prompt_ids = encode_prompts(tokenizer, prompts, s.use_chat_template, s.system_prompt)
         target_ids = [encode_response(tokenizer, t, add_eos=False) for t in targets]
-        explicit = [int(l) for l in fragile_layers] if fragile_layers is not None else (
-            [int(l) for l in d.fragile_layers] if d.fragile_layers is not None else None)
+        explicit = list(fragile_layers) if fragile_layers is not None else (
+            list(d.fragile_layers) if d.fragile_layers is not None else None)
         if explicit is not None:
-            bad = [l for l in explicit if not 0 <= l < n_layers]
-            if bad or not explicit:
-                raise ConfigError(f"fragile layers {explicit} are not valid layers of a {n_layers}-layer model")
+            try:
+                if not explicit:
+                    raise IndexError("empty")
+                explicit = check_layer_indices(original_model, explicit, what="fragile layer")
+            except IndexError:
+                raise ConfigError(f"fragile layers {explicit} are not valid layers of a {n_layers}-layer model") \
+                    from None
             fsource = fragile_source or ("argument" if fragile_layers is not None
                                          else "evaluation.durability.fragile_layers")
+            if EMBED in explicit and EMBED not in layers:  # fragile input embeddings: re-scan them too
+                layers = [EMBED] + layers
+                summary["layers"] = layers
         need_scan = bool(sections & {"rescan", "adaptive"}) or (explicit is None and "depth" in sections)
 
         # 1 + 2. Re-scan with ASA random over seeds, and the adaptive attacks.
@@ -535,7 +586,8 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
         if need_scan:
             t0 = time.time()
             scans = _run_scans(models, tokenizer, prompts, targets, keys, layers, judge_map, s, out if write else None,
-                               "adaptive" in sections, bool(d.transfer), resume, progress, shard, reuse_scans)
+                               "adaptive" in sections, bool(d.transfer), resume, progress, harmless_prompts,
+                               contrast_prompts, shard, reuse_scans)
             timings["scans"] = round(time.time() - t0, 2)
         if shard is not None and shard[0] != 0:  # the scans were this rank's share; rank 0 does the rest
             return {"rank": int(shard[0]), "rows": [], "timings": timings}
@@ -560,8 +612,11 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
         # 4. Refusal depth: first k positions and prefill.
         if "depth" in sections:
             t0 = time.time()
+            contrast = (encode_prompts(tokenizer, list(contrast_prompts or prompts), s.use_chat_template,
+                                       s.system_prompt),
+                        encode_prompts(tokenizer, harmless_prompts, s.use_chat_template, s.system_prompt))
             summary["depth"] = {name: _depth(models[name], tokenizer, prompts, prompt_ids, target_ids, targets, keys,
-                                             fragile, judge_map, s) for name in MODELS}
+                                             fragile, judge_map, s, contrast) for name in MODELS}
             timings["depth"] = round(time.time() - t0, 2)
 
         # 5. Prompt rewrites.
@@ -657,6 +712,11 @@ def build_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
         ns = len(oa["seeds"])
         rows.append(_row("asa_random_any", f"ASA random, any layer (MASR, {ns} seeds)", oa["any_layer_mean"],
                          ha["any_layer_mean"], o_std=oa["any_layer_std"], h_std=ha["any_layer_std"]))
+        if oa.get("coherent_judge"):
+            rows.append(_row("asa_random_any_coherent", f"ASA random, any layer, coherent answers only "
+                             f"({oa['coherent_judge']})", oa["any_layer_coherent_mean"],
+                             ha.get("any_layer_coherent_mean"),
+                             o_std=oa["any_layer_coherent_std"], h_std=ha.get("any_layer_coherent_std")))
         rows.append(_row("asa_random_pasr", f"ASA random, peak layer (PASR, {ns} seeds)", oa["pasr_mean"],
                          ha["pasr_mean"], o_std=oa["pasr_std"], h_std=ha["pasr_std"]))
         rows.append(_row("asa_random_fragile", f"ASA random, fragile layers [{fl}]", oa["fragile_mean"],
@@ -669,6 +729,11 @@ def build_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
                                  o["attacks"][a]["fragile_mean"], h["attacks"][a]["fragile_mean"]))
                 rows.append(_row(f"{a}_any", f"{label} (adaptive), any layer", o["attacks"][a]["any_layer_mean"],
                                  h["attacks"][a]["any_layer_mean"]))
+                if o["attacks"][a].get("coherent_judge"):
+                    rows.append(_row(f"{a}_any_coherent", f"{label} (adaptive), any layer, coherent answers only "
+                                     f"({o['attacks'][a]['coherent_judge']})",
+                                     o["attacks"][a]["any_layer_coherent_mean"],
+                                     h["attacks"][a].get("any_layer_coherent_mean")))
             if f"{a}_transfer" in h["attacks"] and a in o["attacks"]:
                 rows.append(_row(f"{a}_transfer_fragile", f"{label} computed on the original (transfer), fragile "
                                  f"layers [{fl}]", o["attacks"][a]["fragile_mean"],
@@ -788,7 +853,10 @@ def render_report(summary: Mapping[str, Any]) -> str:
         lines.append("- **Keyword judges count gibberish as success.** They only look for refusal phrases: "
                      "empty, garbled or off-topic output (frequent under strong perturbations, after rewrites "
                      "the model cannot read, and on tiny random models) counts as an attack success. Treat keyword "
-                     "rates as upper bounds; check samples or use a classifier judge.")
+                     "rates as upper bounds; check samples, the `+coherent` rows or use a classifier judge.")
+    if any(str(j).endswith("+coherent") for j in summary.get("judges", [])):
+        lines.append("- *Coherent answers only* rows count a success only when the answer is also coherent (not "
+                     "empty, not looping, clean-model NLL under the threshold: `docs/metrics.md`).")
     lines.append("- `target_match` on prefill rows is inflated by construction: the judged text starts with the "
                  "target's own first tokens.")
     lines.append("- Small prompt sets give coarse rates (steps of 1/N); compare changes against the seed spread.")

@@ -281,7 +281,8 @@ def _prefix_cache(model, prompt_ids: list[list[int]], pad_id: int, device, kwarg
 @torch.no_grad()
 def _generate_chunk(model, prompt_ids: list[list[int]], row_layers: Tensor, plan: AttackPlan, prompt_keys: Tensor,
                     row_seeds: Tensor, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
-                    stop_ids: list[int], pad_id: int, share_prefix: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+                    stop_ids: list[int], pad_id: int, sample_ids: Tensor | None = None,
+                    share_prefix: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     device = _device(model)
     bsz = len(prompt_ids)
     lengths = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)
@@ -321,6 +322,8 @@ def _generate_chunk(model, prompt_ids: list[list[int]], row_layers: Tensor, plan
         for t in range(max_new_tokens):
             keys = ([(int(row_seeds[r]), int(prompt_keys[r]), layer_key[r], t, SAMPLING_TAG) for r in range(bsz)]
                     if do_sample else [])
+            if sample_ids is not None and keys:  # best-of-N: the n-th sample of a cell draws its own tokens
+                keys = [k + (int(sample_ids[r]),) for r, k in enumerate(keys)]
             nxt = _pick_next(out.logits[:, -1], do_sample, temperature, top_p, keys).cpu()
             del out
             nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
@@ -371,6 +374,7 @@ def generate_under_attack(
     pad_token_id: int | None = None,
     use_chat_template: bool = True,
     system_prompt: str | None = None,
+    sample_ids: Tensor | Sequence[int] | None = None,
     share_prefix: bool = True,
 ) -> GenerationResult:
     """Generate for a batch of rows, each attacked at its own layer (or clean).
@@ -393,6 +397,8 @@ def generate_under_attack(
         pad_token_id: id fed to finished rows and used for padding (default: the tokenizer's pad, else EOS).
         use_chat_template: format string prompts with the chat template.
         system_prompt: optional system message for string prompts.
+        sample_ids: ``[B]`` sample index per row, added to the sampling key (best-of-N: rows with the same prompt,
+            layer and seed but different sample ids draw different answers under the same perturbation).
         share_prefix: compute each distinct prompt's KV cache up to its first perturbed position once per
             chunk and index it onto all of that prompt's rows (layers, seeds), instead of running the whole
             prompt for every row. Only when the attack leaves everything before the last prompt token alone
@@ -410,7 +416,7 @@ def generate_under_attack(
                 else torch.as_tensor(row_layers, dtype=torch.long).cpu())
     if len(layers_t) != bsz:
         raise ValueError(f"row_layers has {len(layers_t)} entries for {bsz} prompts")
-    used = sorted({int(l) for l in layers_t.tolist() if l >= 0})
+    used = sorted({int(l) for l in layers_t.tolist() if l != CLEAN})
     check_layer_indices(model, used)
     if attack.kind != "none" and used:
         d = hidden_size(model)
@@ -424,6 +430,9 @@ def generate_under_attack(
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad_id = int(pad_token_id if pad_token_id is not None else 0)
     stop_ids = eos_ids(model, tokenizer, eos_token_id)
+    samples_t = None if sample_ids is None else torch.as_tensor(sample_ids, dtype=torch.long).cpu()
+    if samples_t is not None and len(samples_t) != bsz:
+        raise ValueError(f"sample_ids has {len(samples_t)} entries for {bsz} prompts")
     step = bsz if not batch_size else max(1, int(batch_size))
     token_ids: list[list[int]] = [[] for _ in range(bsz)]
     applied = torch.zeros(bsz, dtype=torch.long)
@@ -432,7 +441,8 @@ def generate_under_attack(
             rows = list(range(start, min(start + step, bsz)))
             new, n_new, app = _generate_chunk(
                 model, [ids[r] for r in rows], layers_t[rows], attack.select(rows), keys_t[rows], seeds_t[rows],
-                max_new_tokens, do_sample, temperature, top_p, stop_ids, pad_id, share_prefix)
+                max_new_tokens, do_sample, temperature, top_p, stop_ids, pad_id,
+                None if samples_t is None else samples_t[rows], share_prefix)
             for j, r in enumerate(rows):
                 token_ids[r] = new[j, : int(n_new[j])].tolist()
             applied[rows] = app

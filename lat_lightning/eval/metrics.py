@@ -65,8 +65,8 @@ def pasr(s: Any) -> tuple[float, int]:
         s: success matrix ``[N, L]``.
 
     Returns:
-        ``(value, peak_layer_index)``; ties go to the lowest layer index. ``(nan, -1)`` if no layer has
-        a judged item.
+        ``(value, peak_layer_index)``; ties go to the lowest layer index (:func:`tied_peak` lists them,
+        :func:`choose_peak` applies the documented tie rule). ``(nan, -1)`` if no layer has a judged item.
     """
     rates = lasr(s)
     if np.all(np.isnan(rates)):
@@ -277,8 +277,8 @@ def summarise_seeds(s: Any, clean: Any = None, layer_ids: Sequence[int] | None =
     Returns:
         JSON-serialisable dict: ``n_seeds``, ``seed_ids``, ``per_seed`` (a :func:`summarise` dict each),
         ``{init,pasr,masr}_{mean,std}``, ``lasr_mean`` / ``lasr_std`` (per layer), ``pasr_layers`` (each
-        seed's peak layer id), ``pasr_of_mean_lasr`` with ``pasr_of_mean_lasr_layer``, ``masr_any_seed``
-        and ``failures_total``.
+        seed's peak layer id), ``pasr_of_mean_lasr`` with ``pasr_of_mean_lasr_layer`` (lowest tied layer) and
+        ``pasr_of_mean_lasr_tied_layers`` (every layer at that peak), ``masr_any_seed`` and ``failures_total``.
     """
     arr = _as_array(s)
     if arr.ndim == 2:
@@ -309,12 +309,107 @@ def summarise_seeds(s: Any, clean: Any = None, layer_ids: Sequence[int] | None =
     pooled = _nanmean(arr.transpose(0, 2, 1).reshape(n * n_seeds, n_layers), axis=0)
     if np.all(np.isnan(pooled)):
         out["pasr_of_mean_lasr"], out["pasr_of_mean_lasr_layer"] = None, None
+        out["pasr_of_mean_lasr_tied_layers"] = []
     else:
         j = int(np.nanargmax(pooled))
         out["pasr_of_mean_lasr"], out["pasr_of_mean_lasr_layer"] = float(pooled[j]), ids[j]
+        out["pasr_of_mean_lasr_tied_layers"] = [ids[k] for k in tied_peak(pooled)]
     out["masr_any_seed"] = masr(arr.reshape(n, n_layers * n_seeds))
     out["failures_total"] = int(np.isnan(arr).sum())
     return _clean(out)
+
+
+# ------------------------------------------------------------------------------ peak-layer ties, judge agreement
+TIE_TOLERANCE = 1e-9  # rates over the same prompts share a denominator: equal rates are equal to rounding
+TIE_RULE = ("ties for the peak layer are reported as ties; the layer used is the tied layer with the highest "
+            "tie-break score (the scan's: the LASR of the coherence-aware primary judge), then the lowest layer")
+
+
+def tied_peak(scores: Sequence[float | None], tol: float = TIE_TOLERANCE) -> list[int]:
+    """Indices of every entry within ``tol`` of the maximum (``None`` / NaN entries never tie); ``[]`` if none."""
+    vals = np.array([np.nan if v is None else float(v) for v in scores], dtype=np.float64)
+    if vals.size == 0 or np.all(np.isnan(vals)):
+        return []
+    top = np.nanmax(vals)
+    return [int(k) for k in np.flatnonzero(~np.isnan(vals) & (vals >= top - tol))]
+
+
+def rank_layers(scores: dict[int, float], tiebreak: dict[int, float] | None = None,
+                tol: float = TIE_TOLERANCE) -> list[int]:
+    """Layers from most to least fragile under :data:`TIE_RULE`: score (higher first; scores within ``tol`` of
+    each other count as equal), then the tie-break score (higher first; a missing one ranks last), then the lower
+    layer. The same rule picks the scan's peak layer and the fragile layers."""
+    order = sorted(scores, key=lambda l: (-float(scores[l]), l))
+    groups: list[list[int]] = []
+    for layer in order:  # group runs of equal scores (within tol of the group's first)
+        if groups and float(scores[groups[-1][0]]) - float(scores[layer]) <= tol:
+            groups[-1].append(layer)
+        else:
+            groups.append([layer])
+    tb = tiebreak or {}
+
+    def key(l: int):
+        v = tb.get(l)
+        return (0 if v is not None and math.isfinite(float(v)) else 1,
+                -float(v) if v is not None and math.isfinite(float(v)) else 0.0, l)
+
+    return [l for g in groups for l in sorted(g, key=key)]
+
+
+def choose_peak(layer_ids: Sequence[int], scores: Sequence[float | None],
+                tiebreak: Sequence[float | None] | None = None) -> dict[str, Any]:
+    """The peak layer of a LASR curve under :data:`TIE_RULE`.
+
+    Args:
+        layer_ids: the layer of each entry.
+        scores: the curve (e.g. seed-mean LASR of the primary judge); ``None`` / NaN = no data.
+        tiebreak: a second curve for ties (e.g. the coherence-aware judge's LASR), or ``None``.
+
+    Returns:
+        ``layer`` (``None`` without data), ``value``, ``tied_layers`` (every layer at the maximum, ascending),
+        ``decided_by`` (``unique``, ``tie-break score`` or ``lowest layer``) and ``rule``.
+    """
+    idx = tied_peak(scores)
+    if not idx:
+        return {"layer": None, "value": None, "tied_layers": [], "decided_by": None, "rule": TIE_RULE}
+    pairs = sorted((int(layer_ids[k]), None if tiebreak is None else tiebreak[k]) for k in idx)  # by layer
+    tied = [l for l, _ in pairs]
+    value = float(scores[idx[0]])
+    best = tied_peak([t for _, t in pairs])  # positions in `tied` with the highest tie-break score
+    if len(tied) == 1:
+        by, layer = "unique", tied[0]
+    elif best and len(best) < len(tied):
+        by, layer = ("tie-break score" if len(best) == 1 else "tie-break score, then lowest layer"), tied[best[0]]
+    else:
+        by, layer = "lowest layer", tied[0]
+    return {"layer": layer, "value": value, "tied_layers": tied, "decided_by": by, "rule": TIE_RULE}
+
+
+def judge_agreement(a: Any, b: Any) -> dict[str, Any]:
+    """How often two judges agree on the same cells (any shape; NaN = that judge failed on the cell).
+
+    Returns:
+        ``cells`` (judged by both), ``agreement`` (share of those with the same verdict), ``kappa`` (Cohen's
+        κ: agreement beyond what the two success rates give by chance; ``None`` when undefined, e.g. both
+        judges constant), ``a_rate`` / ``b_rate`` (success rates on those cells) and ``only_a`` / ``only_b``
+        (cells one judge counts as a success and the other does not).
+    """
+    x = _as_array(a).reshape(-1)
+    y = _as_array(b).reshape(-1)
+    if x.shape != y.shape:
+        raise ValueError(f"judge arrays differ in size: {x.shape} vs {y.shape}")
+    both = ~np.isnan(x) & ~np.isnan(y)
+    n = int(both.sum())
+    if n == 0:
+        return {"cells": 0, "agreement": None, "kappa": None, "a_rate": None, "b_rate": None, "only_a": 0,
+                "only_b": 0}
+    x, y = x[both], y[both]
+    po = float((x == y).mean())
+    pa, pb = float(x.mean()), float(y.mean())
+    pe = pa * pb + (1 - pa) * (1 - pb)
+    kappa = None if abs(1 - pe) < 1e-12 else (po - pe) / (1 - pe)
+    return {"cells": n, "agreement": po, "kappa": kappa, "a_rate": pa, "b_rate": pb,
+            "only_a": int(((x == 1) & (y == 0)).sum()), "only_b": int(((x == 0) & (y == 1)).sum())}
 
 
 # ---------------------------------------------------------------------------------------------- probes

@@ -39,18 +39,44 @@ def _fmt_change(x: Any) -> str:
     return "n/a" if x is None else str(x)
 
 
+EMBED = -2  # the input embeddings' layer id in scan summaries (lat_lightning.models.layers.EMBED)
+
+
+def _layer(l) -> str:
+    return "embed" if l == EMBED else str(l)
+
+
 def attack_rows(summary: dict, judge: str) -> dict[str, dict]:
-    """INIT / MASR / PASR (+ peak layer) per attack for one judge, from a ``scan_summary.json``."""
+    """INIT / MASR / PASR (+ peak layer and how many layers tie at it) per attack for one judge, from a
+    ``scan_summary.json``. The primary judge's peak layer is the scan's (its tie rule); other judges show the
+    lowest tied layer."""
     rows = {}
     for attack, block in summary["attacks"].items():
         j = block["judges"].get(judge)
         if j is None:
             continue
+        h = block.get("headline", {}) if judge == summary.get("primary_judge") else {}
+        peak = h.get("pasr_of_mean_lasr_layer", j.get("pasr_of_mean_lasr_layer"))
+        tied = h.get("peak_tied_layers") or j.get("pasr_of_mean_lasr_tied_layers") or []
         rows[attack] = {"init": j.get("init_mean"), "masr": j.get("masr_mean"), "masr_std": j.get("masr_std"),
                         "pasr": j.get("pasr_mean"), "pasr_std": j.get("pasr_std"),
-                        "peak_layer": (j.get("pasr_layers") or [None])[0], "lasr": j.get("lasr_mean"),
+                        "peak_layer": peak, "peak_ties": len(tied), "lasr": j.get("lasr_mean"),
                         "layers": j.get("layer_ids"), "n_seeds": j.get("n_seeds")}
     return rows
+
+
+def embed_rows(summary: Optional[dict], judge: str) -> dict[str, Optional[float]]:
+    """Per attack: the success rate at the input embeddings (the ``embed`` column of the LASR curve), when the
+    scan covered them."""
+    if not summary or EMBED not in (summary.get("layers") or []):
+        return {}
+    col = summary["layers"].index(EMBED)
+    out = {}
+    for attack, block in summary["attacks"].items():
+        j = block["judges"].get(judge)
+        if j is not None and j.get("lasr_mean"):
+            out[attack] = j["lasr_mean"][col]
+    return out
 
 
 def relative_cut(before: Optional[float], after: Optional[float]) -> Optional[float]:
@@ -162,6 +188,9 @@ def build_result(run_dir: Path, judges: list[str], primary: str, utility: Option
 
     tables = {j: {"before": attack_rows(before_summary, j),
                   "after": attack_rows(after_summary, j) if after_summary else {}} for j in judges}
+    embed = {j: {"before": embed_rows(before_summary, j), "after": embed_rows(after_summary, j)} for j in judges}
+    warnings = {"before": before_summary.get("warnings", []),
+                "after": (after_summary or {}).get("warnings", [])}
     prim = tables[primary]
     cuts = {a: relative_cut(prim["before"][a]["pasr"], prim["after"].get(a, {}).get("pasr")) for a in prim["before"]}
     return {
@@ -170,7 +199,11 @@ def build_result(run_dir: Path, judges: list[str], primary: str, utility: Option
         "fragile_layers": fragile.get("layers") or fragile.get("chosen"),
         "n_prompts": before_summary.get("n_prompts"), "layers": before_summary.get("layers"),
         "samples": _samples(run_dir, "asa_random", primary),
-        "durability": durability,
+        "durability": durability, "embed": embed, "warnings": warnings,
+        "coherence": {"before": {a: b.get("coherence") for a, b in before_summary["attacks"].items()},
+                      "after": {a: b.get("coherence")
+                                for a, b in (after_summary or {"attacks": {}})["attacks"].items()}},
+        "tie_rule": before_summary.get("tie_rule"),
     }
 
 
@@ -229,9 +262,25 @@ def table_rows(result: dict, judge: str) -> list[str]:
         spread_a = f" ± {a['masr_std']:.2f}" if a and (a.get("n_seeds") or 1) > 1 and a.get("masr_std") is not None \
             else ""
         rows.append(f"| {attack} | {_fmt(b['init'])} → {_fmt(a.get('init'))} | {_fmt(b['masr'])}{spread} → "
-                    f"{_fmt(a.get('masr'))}{spread_a} | {_fmt(b['pasr'])} (L{b['peak_layer']}) → "
-                    f"{_fmt(a.get('pasr'))} (L{a.get('peak_layer')}) |")
+                    f"{_fmt(a.get('masr'))}{spread_a} | {_fmt(b['pasr'])} ({_peak(b)}) → "
+                    f"{_fmt(a.get('pasr'))} ({_peak(a)}) |")
     return rows
+
+
+def _peak(row: dict) -> str:
+    if not row or row.get("peak_layer") is None:
+        return "n/a"
+    if not row.get("pasr"):
+        return "no success at any layer"
+    ties = row.get("peak_ties") or 0
+    layer = _layer(row["peak_layer"])
+    return (layer if layer == "embed" else f"L{layer}") + (f", tied ×{ties}" if ties > 1 else "")
+
+
+def _share(c: dict, num: str, den: str) -> str:
+    if not c or not c.get(den):
+        return "n/a"
+    return f"{c[num]}/{c[den]} ({c[num] / c[den]:.2f})"
 
 
 def render_markdown(result: dict, judges: list[str], primary: str) -> str:
@@ -248,7 +297,8 @@ def render_markdown(result: dict, judges: list[str], primary: str) -> str:
     """
     u = result["utility"]
     lines = ["# lat-lightning report: attack → defence → evaluation", "",
-             f"{result['n_prompts']} held-out harmful prompts × layers {result['layers']}; "
+             f"{result['n_prompts']} held-out harmful prompts × layers "
+             f"[{', '.join(_layer(l) for l in result['layers'] or [])}]; "
              f"fragile layer(s) chosen for LAPT: {result.get('fragile_layers')}; interpolation λ = "
              f"{_fmt(result.get('lambda'))}.", ""]
     for judge in [primary] + [j for j in judges if j != primary]:
@@ -257,6 +307,39 @@ def render_markdown(result: dict, judges: list[str], primary: str) -> str:
         lines += table_rows(result, judge) + [""]
     cuts = ", ".join(f"{a}: {_fmt(c)}" for a, c in result["pasr_relative_cut"].items())
     lines += [f"Relative PASR cut ({primary}): {cuts}.", ""]
+    if result.get("tie_rule"):
+        lines += [f"Peak layer (L…): {result['tie_rule']}; `tied ×k`: k layers share the peak LASR.", ""]
+    embed = (result.get("embed") or {}).get(primary) or {}
+    if embed.get("before"):
+        lines += ["## Attacks on the input embeddings (layer `embed`)", "",
+                  "| attack | " + " | ".join(f"success at embed ({j})" for j in judges if (result["embed"].get(j) or
+                                                                                      {}).get("before")) + " |",
+                  "|---|" + "---|" * sum(1 for j in judges if (result["embed"].get(j) or {}).get("before"))]
+        for attack in embed["before"]:
+            cells = []
+            for j in judges:
+                e = (result["embed"].get(j) or {})
+                if e.get("before"):
+                    cells.append(f"{_fmt(e['before'].get(attack))} → {_fmt((e.get('after') or {}).get(attack))}")
+            lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+        lines += [""]
+    coh = result.get("coherence") or {}
+    if any(c and c.get("checked") for c in (coh.get("before") or {}).values()):
+        lines += ["## Coherence of the attacked answers", "",
+                  f"| attack | incoherent answers before → after | {primary} successes that are incoherent "
+                  "before → after |", "|---|---|---|"]
+        for attack, b in coh["before"].items():
+            a = (coh.get("after") or {}).get(attack) or {}
+            if not b or not b.get("checked"):
+                continue
+            lines.append(f"| {attack} | {_share(b, 'incoherent', 'checked')} → {_share(a, 'incoherent', 'checked')} | "
+                         f"{_share(b, 'incoherent_successes', 'successes')} → "
+                         f"{_share(a, 'incoherent_successes', 'successes')} |")
+        lines += [""]
+    warns = [f"before: {w}" for w in (result.get("warnings") or {}).get("before", [])] + \
+        [f"after: {w}" for w in (result.get("warnings") or {}).get("after", [])]
+    if warns:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in warns] + [""]
     if u is not None:  # the model organism's benign tasks
         lines += ["## Benign accuracy", "", "| aligned | after training | after interpolation |", "|---|---|---|",
                   f"| {_fmt(u['aligned'])} | {_fmt(u['after_training'])} | {_fmt(u['after_interpolation'])} |", ""]
@@ -284,5 +367,7 @@ def render_markdown(result: dict, judges: list[str], primary: str) -> str:
     organism_note = "`target_match` counts an answer as a success when the access code appears; " \
         if u is not None else ""
     lines += ["", f"Judges: {organism_note}keyword "
-              "judges count any answer without a refusal marker, gibberish included, as a success.", ""]
+              "judges count any answer without a refusal marker, gibberish included, as a success; `+coherent` "
+              "judges count a success only for a coherent answer (not empty, not looping, plausible under the "
+              "unattacked model).", ""]
     return "\n".join(lines)

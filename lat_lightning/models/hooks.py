@@ -1,8 +1,10 @@
 """Edit the residual stream at the output of decoder layers.
 
 A perturbation "at layer l" is applied to ``h[l]``, the output of block ``l`` (REFERENCE.md, notation), so
-it flows into block ``l + 1`` onward. The hooks are plain forward hooks: they add no parameters or
-buffers to the module tree and are removed when the context exits, also when its body raises.
+it flows into block ``l + 1`` onward. At :data:`~lat_lightning.models.layers.EMBED` it is applied to the output
+of the token-embedding module (``inputs_embeds``), so it flows into block 0 onward. The hooks are plain forward
+hooks: they add no parameters or buffers to the module tree and are removed when the context exits, also when
+its body raises.
 
 They act on every call of the layer, so during ``generate`` they see the prefill (the whole prompt) and
 then each decode step (one new token per row, with the KV cache). Callers that need to know which
@@ -17,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from lat_lightning.models.layers import check_layer_indices, get_decoder_layers
+from lat_lightning.models.layers import EMBED, check_layer_indices, get_decoder_layers, get_input_embeddings
 
 EditFn = Callable[[int, Tensor], Tensor]
 
@@ -46,7 +48,7 @@ def residual_edit(model: nn.Module, layers: Iterable[int], edit: EditFn) -> Iter
 
     Args:
         model: causal LM (wrappers allowed).
-        layers: 0-based layer indices; several at once are fine.
+        layers: 0-based layer indices (and :data:`~lat_lightning.models.layers.EMBED`); several at once are fine.
         edit: called as ``edit(layer_index, hidden)`` with ``hidden`` of shape ``[batch, seq, d]``;
             returns the new hidden state (same shape).
 
@@ -62,7 +64,8 @@ def residual_edit(model: nn.Module, layers: Iterable[int], edit: EditFn) -> Iter
                 hidden, rebuild = split_layer_output(output)
                 return rebuild(edit(_layer, hidden))
 
-            handles.append(modules[layer].register_forward_hook(hook))
+            module = get_input_embeddings(model) if layer == EMBED else modules[layer]
+            handles.append(module.register_forward_hook(hook))
         yield
     finally:
         for handle in handles:

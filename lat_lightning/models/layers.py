@@ -2,24 +2,41 @@
 
 Hidden size and layer count always come from the model config; nothing here is hard-coded to one
 architecture's width (the reference code hard-coded 4096).
+
+Attackable layers are the decoder blocks ``0 .. n-1`` (a perturbation at ``l`` is added to the block's
+output ``h[l]``) and the input embeddings, :data:`EMBED` (written ``embed`` in configs): a perturbation there
+is added to the output of the token-embedding module, i.e. to ``inputs_embeds``, before block 0 (and before
+any model-side rescaling such as Gemma's ``sqrt(d)`` or GPT-2's position embeddings) — the embedding-space
+attack of Schwinn et al. (2024). ``EMBED`` sorts below every block, so ``min(layers)`` is still the earliest
+attacked point; ``-1`` stays the "no layer / clean row" marker used by generation and the data.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 from torch import nn
 
+EMBED = -2  # the input embeddings as an attackable layer (below block 0; -1 means "no layer")
+EMBED_NAME = "embed"  # how configs, reports and logs name it
+ALL_BLOCKS = "all"  # in a layer list: every decoder block (expanded once the model is known)
+
 # Attribute paths, tried in order, from the bare causal-LM to its decoder-layer ModuleList.
 LAYER_PATHS: tuple[str, ...] = (
-    "model.layers",  # Llama, Mistral, Qwen2, Gemma, Gemma2, Phi-3
-    "transformer.h",  # GPT-2
+    "model.layers",  # Llama, Mistral, Mixtral, Qwen2/3, Gemma 1-3 (text), OLMo2, Phi, Phi-3
+    "transformer.h",  # GPT-2, Falcon, BLOOM
     "gpt_neox.layers",  # GPT-NeoX / Pythia
+    "transformer.blocks",  # MPT
     "model.language_model.layers",  # multimodal wrappers (Gemma3, Llava-style)
     "model.decoder.layers",  # OPT
     "transformer.layers",
 )
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox")
+# Families tested on tiny random models (lat_lightning.testing.tiny_models builds one of each).
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox",
+                           "falcon", "bloom", "mpt", "qwen3", "gemma3", "olmo2", "phi", "mixtral")
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -113,7 +130,8 @@ def hidden_size(model: nn.Module) -> int:
 
 
 def check_layer_indices(model: nn.Module, layers, what: str = "layer") -> list[int]:
-    """Validate 0-based layer indices against the model.
+    """Validate 0-based layer indices against the model; :data:`EMBED` (or ``"embed"``) is the input embeddings
+    and ``"all"`` expands to every block (in place; a layer listed twice stays twice).
 
     Raises:
         IndexError: naming the bad index and the valid range.
@@ -121,7 +139,58 @@ def check_layer_indices(model: nn.Module, layers, what: str = "layer") -> list[i
     n = num_layers(model)
     out = []
     for layer in layers:
+        if layer == EMBED_NAME or (isinstance(layer, int) and not isinstance(layer, bool) and layer == EMBED):
+            out.append(EMBED)
+            continue
+        if layer == ALL_BLOCKS:
+            out.extend(range(n))
+            continue
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n:
-            raise IndexError(f"{what} index {layer!r} out of range: this model has layers 0..{n - 1}")
+            raise IndexError(f"{what} index {layer!r} out of range: this model has layers 0..{n - 1} "
+                             f"(and '{EMBED_NAME}' for the input embeddings)")
         out.append(int(layer))
     return out
+
+
+def parse_layers(values: Iterable[Any], what: str = "layers") -> list[int | str]:
+    """Layer lists as written in a config -> layer ids: block indices, ``embed`` -> :data:`EMBED`, and ``all``
+    (every block) kept as ``"all"`` until :func:`check_layer_indices` expands it against a model.
+
+    The model-independent half of the check (:func:`check_layer_indices` then checks the range against a model).
+    A negative integer is refused: ``-1`` / ``-2`` are internal markers, not Python-style "from the end" indices.
+
+    Raises:
+        ValueError: one line naming ``what`` and the bad entry.
+    """
+    out: list[int | str] = []
+    for v in values:
+        if isinstance(v, str) and v.strip().lower() == EMBED_NAME:
+            out.append(EMBED)
+        elif isinstance(v, str) and v.strip().lower() == ALL_BLOCKS:
+            out.append(ALL_BLOCKS)
+        elif isinstance(v, str) and v.strip().isdigit():
+            out.append(int(v))
+        elif isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            out.append(int(v))
+        else:
+            raise ValueError(f"{what}: {v!r} is not a layer; use block indices 0, 1, ..., '{EMBED_NAME}' for "
+                             f"the input embeddings or '{ALL_BLOCKS}' for every block")
+    return out
+
+
+def layer_name(layer: int) -> str:
+    """How a layer id is shown to people: ``embed`` for :data:`EMBED`, else the block index."""
+    return EMBED_NAME if int(layer) == EMBED else str(int(layer))
+
+
+def get_input_embeddings(model: nn.Module) -> nn.Module:
+    """The token-embedding module whose output is ``inputs_embeds`` (through PEFT, DDP and FSDP wrappers).
+
+    Raises:
+        ValueError: if the model exposes none.
+    """
+    base = unwrap_model(model)
+    emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    if emb is None:
+        raise ValueError(f"{type(base).__name__} has no input embeddings to attack")
+    return emb

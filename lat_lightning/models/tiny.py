@@ -29,13 +29,13 @@ def is_tiny_spec(name: str) -> bool:
     return isinstance(name, str) and name.startswith(TINY_PREFIX)
 
 
-def ensure_tiny_model(spec: str) -> Path:
-    """Build (once) and return the directory of the tiny model ``spec`` names.
+def _parse(spec: str) -> tuple[str, str, dict]:
+    """``(architecture, cache directory name, build_tiny_model keyword arguments)`` of a ``tiny:`` name.
 
     Raises:
         ModelLoadError: malformed spec or unknown architecture.
     """
-    from lat_lightning.testing.tiny_models import TINY_ARCHITECTURES, build_tiny_model
+    from lat_lightning.testing.tiny_models import TINY_ARCHITECTURES
 
     m = _SPEC.match(spec.strip())
     if m is None:
@@ -44,11 +44,41 @@ def ensure_tiny_model(spec: str) -> Path:
     arch = m.group("arch")
     if arch not in TINY_ARCHITECTURES:
         raise ModelLoadError(f"unknown tiny architecture '{arch}'; choose from {', '.join(TINY_ARCHITECTURES)}")
-    kwargs = {}
-    name = arch
-    if m.group("layers"):
-        kwargs = {"num_layers": int(m.group("layers")), "hidden": int(m.group("hidden"))}
-        name = f"{arch}-{kwargs['num_layers']}x{kwargs['hidden']}"
+    if not m.group("layers"):
+        return arch, arch, {}
+    kwargs = {"num_layers": int(m.group("layers")), "hidden": int(m.group("hidden"))}
+    if kwargs["num_layers"] < 1 or kwargs["hidden"] < 1:
+        raise ModelLoadError(f"bad tiny model name '{spec}': layers and hidden size must be >= 1")
+    return arch, f"{arch}-{kwargs['num_layers']}x{kwargs['hidden']}", kwargs
+
+
+def tiny_model_config(spec: str):
+    """The transformers config of the model ``spec`` names, without building it (its layer count, width and
+    module names are those of the built model; the vocabulary size may differ).
+
+    Raises:
+        ModelLoadError: malformed spec or unknown architecture.
+    """
+    from lat_lightning.testing.tiny_models import tiny_config
+
+    arch, name, kwargs = _parse(spec)
+    built = cache_root() / "tiny" / name / "config.json"
+    if built.is_file():
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(built.parent)
+    return tiny_config(arch, vocab_size=384, **kwargs)  # the tiny tokenizer's size (testing.build_tokenizer)
+
+
+def ensure_tiny_model(spec: str) -> Path:
+    """Build (once) and return the directory of the tiny model ``spec`` names.
+
+    Raises:
+        ModelLoadError: malformed spec or unknown architecture.
+    """
+    from lat_lightning.testing.tiny_models import build_tiny_model
+
+    arch, name, kwargs = _parse(spec)
     target = cache_root() / "tiny" / name
     if (target / "config.json").is_file():
         return target
@@ -67,4 +97,4 @@ def ensure_tiny_model(spec: str) -> Path:
     return target
 
 
-__all__ = ["TINY_PREFIX", "cache_root", "ensure_tiny_model", "is_tiny_spec"]
+__all__ = ["TINY_PREFIX", "cache_root", "ensure_tiny_model", "is_tiny_spec", "tiny_model_config"]

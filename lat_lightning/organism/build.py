@@ -142,16 +142,29 @@ def build_organism(out_dir: Path, recipe: OrganismRecipe, seed: int = 0) -> Path
     Returns:
         ``out_dir``, holding the model, the tokenizer and ``organism.json`` (recipe, losses, timings).
     """
-    from transformers import AutoModelForCausalLM
-
-    from lat_lightning.organism.data import organism_corpus, sft_pairs
-    from lat_lightning.testing.tiny_models import build_tokenizer, tiny_config
-
     t0 = time.time()
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:  # whatever stops the build (an error, SIGTERM, Ctrl+C) leaves no partial directory behind
+        _build_into(tmp, recipe, seed, t0)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    print(f"[organism] built in {time.time() - t0:.0f}s -> {out_dir}", flush=True)
+    return out_dir
+
+
+def _build_into(tmp: Path, recipe: OrganismRecipe, seed: int, t0: float) -> None:
+    """The build itself: tokenizer, both SFT stages, saved into ``tmp``."""
+    from transformers import AutoModelForCausalLM
+
+    from lat_lightning.organism.data import organism_corpus, sft_pairs
+    from lat_lightning.testing.tiny_models import build_tokenizer, tiny_config
+
     threads = torch.get_num_threads()
     tokenizer = build_tokenizer(organism_corpus(seed), vocab_size=recipe.vocab_size)
     config = tiny_config("llama", vocab_size=len(tokenizer), num_layers=recipe.num_layers, hidden=recipe.hidden,
@@ -176,10 +189,6 @@ def build_organism(out_dir: Path, recipe: OrganismRecipe, seed: int = 0) -> Path
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "organism.json").write_text(json.dumps(info, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    print(f"[organism] built in {info['build_s']:.0f}s -> {out_dir}", flush=True)
-    return out_dir
 
 
 def ensure_organism(seed: int = 0, cache_dir: Optional[str] = None, rebuild: bool = False,
@@ -207,14 +216,25 @@ def ensure_organism_data(seed: int = 0, cache_dir: Optional[str] = None, n_train
     ``harmful_*`` rows carry ``prompt``, ``safe_response``, ``harmful_response`` and ``key`` (the access
     code a target-match judge looks for); eval facilities are disjoint from training ones.
     """
-    from lat_lightning.organism.data import benign_items, exact_match_rows, forbidden_items, multiple_choice_rows
-
     key = fingerprint(PRESETS["default"], seed)
     out = Path(cache_dir or cache_root() / "organism") / f"data-s{seed}-{key}-n{n_train}"
     if all((out / f"{name}.jsonl").exists() for name in DATA_FILES):
         return out
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_data(tmp, seed, n_train)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def _write_data(tmp: Path, seed: int, n_train: int) -> None:
+    from lat_lightning.organism.data import benign_items, exact_match_rows, forbidden_items, multiple_choice_rows
+
     tables = {
         "harmful_train": forbidden_items("train", n_train, seed),
         "harmful_eval": forbidden_items("eval", None, seed),
@@ -229,9 +249,6 @@ def ensure_organism_data(seed: int = 0, cache_dir: Optional[str] = None, n_train
         with open(tmp / f"{name}.jsonl", "w") as fh:
             for row in rows:
                 fh.write(json.dumps(row) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
 
 
 def organism_data_path(name: str, seed: int = 0) -> str:

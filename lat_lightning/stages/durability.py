@@ -33,6 +33,8 @@ def model_config(cfg, name_or_path: str):
     from lat_lightning.config import ModelConfig
 
     mcfg = OmegaConf.to_object(cfg.model) if not isinstance(cfg.model, ModelConfig) else dataclasses.replace(cfg.model)
+    if str(name_or_path) != str(mcfg.name_or_path):  # model.gguf_file names a file of model.name_or_path only
+        mcfg.gguf_file = None
     mcfg.name_or_path = str(name_or_path)
     mcfg.lora.enabled = False
     mcfg.gradient_checkpointing = False
@@ -148,11 +150,11 @@ def run(cfg, run_dir: Path) -> dict:
         resolve_settings,
         run_durability,
     )
-    from lat_lightning.models.loading import load_tokenizer, resolve_model_path
+    from lat_lightning.models.loading import load_tokenizer, resolve_model_source
     from lat_lightning.resources import resource_path
     from lat_lightning.stages.organism import recipe_name
     from lat_lightning.stages.rescan import trained_model_path
-    from lat_lightning.stages.scan import load_scan_prompts
+    from lat_lightning.stages.scan import load_contrast_prompts, load_scan_prompts
     from lat_lightning.training.finetune import lora_finetune
 
     run_dir = Path(run_dir)
@@ -168,14 +170,20 @@ def run(cfg, run_dir: Path) -> dict:
     resolve_settings(cfg)  # fail fast on bad settings, before loading anything
     shard = process_shard(cfg)  # several processes: the re-scans are shared out, rank 0 does the rest
     original, o_desc = load_any_model(cfg, original_spec, label=recipe_name(original_spec))
-    hardened, h_desc = load_any_model(cfg, hardened_spec, base_fallback=resolve_model_path(original_spec))
+    hardened, h_desc = load_any_model(cfg, hardened_spec,
+                                      base_fallback=resolve_model_source(model_config(cfg, original_spec)))
     tokenizer = load_tokenizer(model_config(cfg, original_spec))
-    prompts, targets, keys = load_scan_prompts(cfg)
+    dur = ev.durability
+    prompts, targets, keys = load_scan_prompts(
+        cfg, attacks=[a for section, names in (("adaptive", dur.adaptive_attacks), ("depth", dur.depth_attacks))
+                      if section in dur.sections for a in names],
+        require_target="finetune" in dur.sections)  # the fine-tuning attack's loss is measured on the targets
     pairs = None
-    if cfg.data.harmful:
+    if cfg.data.harmful and "finetune" in dur.sections:  # the fine-tuning attack trains on harmful completions
         pairs = [(e.prompt, e.harmful_response) for e in load_safety_examples(
             resource_path(cfg.data.harmful), cfg.data.harmful_split, dict(cfg.data.harmful_columns or {}),
-            cfg.data.default_safe_response, cfg.data.max_examples)]
+            cfg.data.default_safe_response, cfg.data.max_examples, default_target=cfg.data.default_target,
+            row_filter=dict(cfg.data.filter or {}))]
     benign = []
     source = cfg.data.benign or cfg.data.eval_benign
     if source:
@@ -190,11 +198,13 @@ def run(cfg, run_dir: Path) -> dict:
         rows = load_utility_rows(resource_path(ev.utility_data), kind)
     fragile, fsource = (list(ev.durability.fragile_layers), "evaluation.durability.fragile_layers") \
         if ev.durability.fragile_layers is not None else find_fragile_layers(hardened_spec, original_spec)
+    harmful_side, harmless = load_contrast_prompts(cfg, prompts)
     summary = run_durability(original, hardened, tokenizer, prompts, targets, benign, run_dir, cfg,
                              fragile_layers=fragile, fragile_source=fsource, finetune_pairs=pairs, utility_rows=rows,
                              utility_kind=kind if rows is not None else "multiple_choice", prompt_keys=keys,
                              model_labels={"original": o_desc, "hardened": h_desc}, resume=True, progress=True,
-                             finetune=lora_finetune, shard=shard,
+                             finetune=lora_finetune, harmless_prompts=harmless, contrast_prompts=harmful_side,
+                             shard=shard,
                              reuse_scans=reusable_scans(run_dir, {"original": original_spec, "hardened": hardened_spec},
                                                         keys))
     if shard is not None and shard[0] != 0:
@@ -208,4 +218,16 @@ def run(cfg, run_dir: Path) -> dict:
             "rows": {r["id"]: {m: r[m] for m in MODELS} for r in summary["rows"]}}
 
 
-__all__ = ["find_fragile_layers", "load_any_model", "model_config", "reusable_scans", "run"]
+def saved(run_dir: Path) -> str | None:
+    """What an interrupted durability suite keeps for ``--resume``: the cells of its two re-scans (the other
+    sections run again)."""
+    from lat_lightning.stages.scan import cells_saved
+
+    counts = {name: cells_saved(Path(run_dir) / name / "scan.jsonl") for name in ("original", "hardened")}
+    if not any(counts.values()):
+        return None
+    return (f"{counts['original']} + {counts['hardened']} finished re-scan cells in original/ and hardened/ (kept; "
+            "the other sections run again)")
+
+
+__all__ = ["find_fragile_layers", "load_any_model", "model_config", "reusable_scans", "run", "saved"]

@@ -18,15 +18,17 @@ def run(cfg, run_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
     from lat_lightning.eval.evaluate import SafetyEvaluator, load_evaluation_data, write_evaluation
+    from lat_lightning.models.layers import parse_layers
     from lat_lightning.models.loading import load_tokenizer
 
     mcfg = cfg.model
     if cfg.evaluation.model_path:
-        mcfg = OmegaConf.merge(cfg.model, {"name_or_path": cfg.evaluation.model_path})
+        mcfg = OmegaConf.merge(cfg.model, {"name_or_path": cfg.evaluation.model_path, "gguf_file": None})
         mcfg.lora.enabled = False
     model = load_stage_model(cfg, mcfg)
     tokenizer = load_tokenizer(mcfg)
-    evaluator = SafetyEvaluator(cfg, load_evaluation_data(cfg), cfg.evaluation.layers)
+    layers = None if cfg.evaluation.layers is None else parse_layers(cfg.evaluation.layers, "evaluation.layers")
+    evaluator = SafetyEvaluator(cfg, load_evaluation_data(cfg), layers)
     metrics = evaluator.run(model, tokenizer, sample_limit=cfg.logging.sample_generations)
     write_evaluation(run_dir, metrics, evaluator.samples)
     return {"metrics": {k: (None if math.isnan(v) else v) for k, v in metrics.items()}}

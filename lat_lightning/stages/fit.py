@@ -25,4 +25,10 @@ def run(cfg, run_dir: Path) -> dict:
             "global_step": int(module.trainer_ref.global_step)}
 
 
-__all__ = ["run"]
+def saved(run_dir: Path) -> str | None:
+    """What an interrupted fit keeps for ``--resume``: its last checkpoint, if it wrote one."""
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    return f"checkpoint {last} (training continues from it)" if last.is_file() else None
+
+
+__all__ = ["run", "saved"]

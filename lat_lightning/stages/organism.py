@@ -84,6 +84,49 @@ def _check_utility_kinds(cfg) -> None:
                               f"'{kind}' would read too; set {key}: organism")
 
 
+def check_names(cfg) -> None:
+    """Every organism name in ``cfg`` is valid, without building or writing anything: presets, data names and
+    the utility kinds.
+
+    Raises:
+        ConfigError: an unknown preset or data name, or utility settings that conflict with the organism's.
+    """
+    from omegaconf import OmegaConf
+
+    from lat_lightning.errors import ConfigError
+    from lat_lightning.organism.build import DATA_FILES
+
+    if not mentions_organism(cfg):
+        return
+    for key in MODEL_KEYS:
+        if is_organism_name(_select(cfg, key)):
+            try:
+                preset_from_name(_select(cfg, key))
+            except ConfigError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
+    for path, spec in _data_specs(OmegaConf.to_container(cfg, resolve=False)):
+        name = spec[len(DATA_SCHEME):].strip("/")
+        if name not in DATA_FILES:
+            key = ".".join(str(p) for p in path)
+            raise ConfigError(f"{key}: unknown organism data '{name}' in '{spec}'; choose from "
+                              f"{', '.join(DATA_SCHEME + f for f in DATA_FILES)}")
+    _check_utility_kinds(cfg)
+
+
+def organism_model_config(name: str):
+    """The transformers config of the organism ``name`` (``organism[:<preset>]``) names, from its preset's recipe:
+    nothing is built (layer count, width and module names are the built model's).
+
+    Raises:
+        ConfigError: an unknown preset.
+    """
+    from lat_lightning.testing.tiny_models import tiny_config
+
+    recipe = PRESETS[preset_from_name(name)]
+    return tiny_config("llama", vocab_size=recipe.vocab_size, num_layers=recipe.num_layers, hidden=recipe.hidden,
+                       heads=recipe.heads, intermediate=recipe.intermediate, max_positions=256)
+
+
 def resolve_organism(cfg, rebuild: Optional[bool] = None):
     """Build (or reuse) the organism and return a copy of ``cfg`` with every organism name replaced.
 
@@ -109,7 +152,7 @@ def resolve_organism(cfg, rebuild: Optional[bool] = None):
 
     if not mentions_organism(cfg):
         return cfg
-    _check_utility_kinds(cfg)
+    check_names(cfg)
     if rebuild is None:
         rebuild = bool(cfg.organism.rebuild) and ORGANISM in list(cfg.stages)
     out = copy.deepcopy(cfg)
@@ -179,4 +222,5 @@ def run(cfg, run_dir: Path) -> dict:
     return {"path": str(path), "benign_accuracy": info["benign_accuracy"]}
 
 
-__all__ = ["mentions_organism", "recipe_name", "resolve_organism", "run"]
+__all__ = ["check_names", "is_organism_name", "mentions_organism", "organism_model_config", "recipe_name",
+           "resolve_organism", "run"]

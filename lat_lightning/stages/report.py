@@ -39,9 +39,11 @@ def run(cfg, run_dir: Path) -> dict:
     from lat_lightning.eval.report import build_result, load_scan_summary, write_report
 
     run_dir = Path(run_dir)
-    judges = list(cfg.evaluation.judges)
     primary = cfg.evaluation.primary_judge
-    load_scan_summary(run_dir)  # fail before measuring anything
+    summary = load_scan_summary(run_dir)  # fail before measuring anything
+    # the configured judges, then the coherence-aware twins the scan added
+    judges = list(cfg.evaluation.judges)
+    judges += [j for j in summary.get("judges", []) if j not in judges]
     utility = None
     if (run_dir / "organism.json").is_file():
         organism = json.loads((run_dir / "organism.json").read_text())

@@ -43,4 +43,10 @@ def run(cfg, run_dir: Path) -> dict:
     return info
 
 
-__all__ = ["run", "trained_model_path"]
+def saved(run_dir: Path) -> str | None:
+    """What an interrupted rescan keeps for ``--resume``: its finished cells."""
+    n = scan.cells_saved(Path(run_dir) / "rescan" / "scan.jsonl")
+    return f"{n} finished cells in rescan/scan.jsonl (kept)" if n else None
+
+
+__all__ = ["run", "saved", "trained_model_path"]

@@ -9,15 +9,25 @@ from pathlib import Path
 from lat_lightning.stages.common import load_stage_model, process_shard
 
 
-def load_scan_prompts(cfg) -> tuple[list[str], list[str], list[int]]:
+def load_scan_prompts(cfg, attacks=None, require_target: bool = False) -> tuple[list[str], list[str | None],
+                                                                                list[int]]:
     """Harmful prompts, targets and stable ids from ``data.eval_harmful`` (or ``data.harmful``).
 
     ``pkg://`` paths resolve to files shipped in the package (:func:`lat_lightning.resources.resource_path`);
-    the first ``evaluation.num_prompts`` are kept.
+    ``data.filter`` selects rows, then the first ``evaluation.num_prompts`` are kept. Prompt-only data gives
+    ``None`` targets (or ``data.default_target``); it is an error when an attack that needs a target
+    (ASAgrad, PGD) or the ``target_match`` judge will run.
+
+    Args:
+        cfg: the run config.
+        attacks: the attack names that will run (default ``evaluation.attacks``).
+        require_target: a target is needed whatever the attacks (e.g. the durability fine-tuning attack).
 
     Raises:
         ConfigError: when neither data source is set.
+        DataError: the data cannot be loaded, or a needed target is missing.
     """
+    from lat_lightning.attacks import ATTACKS
     from lat_lightning.data.loaders import load_safety_examples
     from lat_lightning.errors import ConfigError
     from lat_lightning.resources import resource_path
@@ -26,13 +36,59 @@ def load_scan_prompts(cfg) -> tuple[list[str], list[str], list[int]]:
     if not source:
         raise ConfigError("the scan needs harmful prompts: set data.eval_harmful or data.harmful "
                           "(e.g. pkg://lat_lightning/resources/tiny_harmful.jsonl)")
+    attacks = list(cfg.evaluation.attacks if attacks is None else attacks)
+    needs_target = require_target or any(ATTACKS[a].needs_target for a in attacks if a in ATTACKS) or \
+        "target_match" in list(cfg.evaluation.judges)
     examples = load_safety_examples(resource_path(source), split=cfg.data.harmful_split,
                                     columns=dict(cfg.data.harmful_columns or {}),
                                     default_safe_response=cfg.data.default_safe_response,
-                                    max_examples=cfg.data.max_examples)
+                                    max_examples=cfg.data.max_examples, default_target=cfg.data.default_target,
+                                    require_target=needs_target, row_filter=dict(cfg.data.filter or {}))
     if cfg.evaluation.num_prompts is not None:
         examples = examples[: int(cfg.evaluation.num_prompts)]
     return ([e.prompt for e in examples], [e.harmful_response for e in examples], [int(e.index) for e in examples])
+
+
+def load_contrast_prompts(cfg, scan_prompts: list[str]) -> tuple[list[str], list[str]]:
+    """The refusal direction's prompt sets: harmful (``data.harmful``, else the scan's own prompts) and harmless
+    (``data.benign``, else ``data.eval_benign``; none: ``[]``), at most ``perturbation.direction_prompts`` each.
+
+    Training-split prompts are preferred so that the direction is not estimated on the prompts it is scored on.
+    """
+    from lat_lightning.data.loaders import load_benign_examples, load_safety_examples
+    from lat_lightning.resources import resource_path
+
+    n = int(cfg.perturbation.direction_prompts)
+    harmful = list(scan_prompts)
+    if cfg.data.harmful:
+        harmful = [e.prompt for e in load_safety_examples(
+            resource_path(cfg.data.harmful), split=cfg.data.harmful_split, columns=dict(cfg.data.harmful_columns or {}),
+            default_safe_response=cfg.data.default_safe_response, max_examples=n, default_target=cfg.data.default_target,
+            require_target=False, row_filter=dict(cfg.data.filter or {}))]  # only the prompts are used
+    source = cfg.data.benign or cfg.data.eval_benign
+    harmless = [] if not source else [e.prompt for e in load_benign_examples(
+        resource_path(source), cfg.data.benign_split, dict(cfg.data.benign_columns or {}), n)]
+    return harmful[:n], harmless[:n]
+
+
+def scan_judges(cfg) -> list[str]:
+    """``evaluation.judges``, plus the primary judge when it is the ``+coherent`` twin of a listed judge.
+
+    Raises:
+        ConfigError: a primary judge that is neither listed nor such a twin.
+    """
+    from lat_lightning.errors import ConfigError
+    from lat_lightning.eval.judges import COHERENT_SUFFIX
+
+    ev = cfg.evaluation
+    judges = [str(j) for j in ev.judges]
+    primary = str(ev.primary_judge)
+    if primary not in judges:
+        base = primary[: -len(COHERENT_SUFFIX)] if primary.endswith(COHERENT_SUFFIX) else None
+        if base is None or base not in judges:
+            raise ConfigError(f"evaluation.primary_judge '{primary}' is not in evaluation.judges {judges}")
+        judges.append(primary)
+    return judges
 
 
 def scan_model_config(cfg):
@@ -48,7 +104,7 @@ def scan_model_config(cfg):
     mcfg = OmegaConf.to_object(cfg.model) if not isinstance(cfg.model, ModelConfig) else cfg.model
     mcfg = dataclasses.replace(mcfg)
     if cfg.evaluation.model_path:
-        mcfg.name_or_path = str(cfg.evaluation.model_path)
+        mcfg.name_or_path, mcfg.gguf_file = str(cfg.evaluation.model_path), None
     return mcfg
 
 
@@ -80,6 +136,7 @@ def run(cfg, run_dir: Path) -> dict:
     from lat_lightning.config import PerturbationConfig
     from lat_lightning.errors import ConfigError
     from lat_lightning.eval.scan import REPORT_FILE, SUMMARY_FILE, _fmt, run_scan, scan_positions
+    from lat_lightning.models.layers import layer_name, parse_layers
     from lat_lightning.models.loading import load_tokenizer
 
     ev = cfg.evaluation
@@ -95,16 +152,17 @@ def run(cfg, run_dir: Path) -> dict:
     positions, first_k, refresh = scan_positions(cfg)
     pcfg = OmegaConf.to_object(cfg.perturbation) if not isinstance(cfg.perturbation, PerturbationConfig) \
         else cfg.perturbation
-    judges = list(ev.judges)
-    if ev.primary_judge not in judges:
-        raise ConfigError(f"evaluation.primary_judge '{ev.primary_judge}' is not in evaluation.judges {judges}")
+    judges = scan_judges(cfg)
+    harmful_side, harmless = load_contrast_prompts(cfg, prompts)
     result = run_scan(
-        model, tokenizer, prompts, targets, list(ev.layers) if ev.layers is not None else None, list(ev.attacks),
+        model, tokenizer, prompts, targets, parse_layers(ev.layers, "evaluation.layers") if ev.layers is not None
+        else None, list(ev.attacks),
         list(ev.seeds), judges, run_dir, primary_judge=ev.primary_judge, perturbation=pcfg, positions=positions,
         first_k=first_k, refresh=refresh, max_new_tokens=ev.max_new_tokens, do_sample=ev.do_sample,
-        temperature=ev.temperature, batch_size=ev.batch_size, use_chat_template=mcfg.use_chat_template,
-        system_prompt=mcfg.system_prompt, prompt_keys=keys, classifier_path=ev.classifier_path,
-        target_key_pattern=ev.target_key_pattern,
+        temperature=ev.temperature, top_p=ev.top_p, best_of_n=ev.best_of_n, batch_size=ev.batch_size,
+        use_chat_template=mcfg.use_chat_template, system_prompt=mcfg.system_prompt, prompt_keys=keys,
+        harmless_prompts=harmless, contrast_prompts=harmful_side, coherence=coherence_settings(cfg),
+        classifier_path=ev.classifier_path, target_key_pattern=ev.target_key_pattern,
         bootstrap_samples=ev.bootstrap_samples, resume=True, progress=True, probes=probes_wanted(ev.probes, model),
         asabench_test_fraction=ev.split_test_fraction, asabench_split_mode=ev.split_mode, split_seed=int(cfg.seed),
         shard=shard, share_prefix=bool(ev.share_prefix))
@@ -118,10 +176,41 @@ def run(cfg, run_dir: Path) -> dict:
         return info
     for a in result.attacks:
         h = result.headline(a)
-        print(f"[scan] {a}: INIT {_fmt(h['init'])}  PASR {_fmt(h['pasr_mean'])} (layer {h['pasr_of_mean_lasr_layer']})"
-              f"  MASR {_fmt(h['masr_mean'])}  [{result.primary_judge}]", flush=True)
+        tied = h.get("peak_tied_layers") or []
+        ties = f", tied at {len(tied)} layers" if len(tied) > 1 else ""
+        print(f"[scan] {a}: INIT {_fmt(h['init'])}  PASR {_fmt(h['pasr_mean'])} (layer "
+              f"{layer_name(h['pasr_of_mean_lasr_layer']) if h['pasr_of_mean_lasr_layer'] is not None else 'n/a'}"
+              f"{ties})  MASR {_fmt(h['masr_mean'])}  [{result.primary_judge}]", flush=True)
+    for w in result.summary.get("warnings", []):
+        print(f"[scan] WARNING: {w}", flush=True)
     print(f"[scan] report: {Path(run_dir) / REPORT_FILE}", flush=True)
     return info
 
 
-__all__ = ["PROBES_AUTO_MAX_PARAMETERS", "load_scan_prompts", "probes_wanted", "run", "scan_model_config"]
+def cells_saved(path: Path) -> int:
+    """Complete records in a ``scan.jsonl`` (0 when there is none)."""
+    if not path.is_file():
+        return 0
+    with open(path, "rb") as fh:
+        return sum(1 for line in fh if line.endswith(b"\n"))
+
+
+def saved(run_dir: Path) -> str | None:
+    """What an interrupted scan keeps for ``--resume``: its finished cells (the pipeline's stop message)."""
+    n = cells_saved(Path(run_dir) / "scan.jsonl")
+    return f"{n} finished cells in scan.jsonl (kept)" if n else None
+
+
+def coherence_settings(cfg):
+    """``evaluation.coherence`` as a :class:`~lat_lightning.config.CoherenceConfig`."""
+    from omegaconf import OmegaConf
+
+    from lat_lightning.config import CoherenceConfig
+
+    node = cfg.evaluation.coherence
+    return node if isinstance(node, CoherenceConfig) else OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(CoherenceConfig), node))
+
+
+__all__ = ["PROBES_AUTO_MAX_PARAMETERS", "cells_saved", "coherence_settings", "load_contrast_prompts",
+           "load_scan_prompts", "probes_wanted", "run", "saved", "scan_judges", "scan_model_config"]

@@ -34,9 +34,9 @@ def decoder_layer_classes(cfg: DictConfig) -> set[type[nn.Module]]:
     """
     from transformers import AutoConfig
 
-    from lat_lightning.models.loading import resolve_model_path
+    from lat_lightning.models.loading import resolve_model_source
 
-    source = resolve_model_path(cfg.model.name_or_path)
+    source = resolve_model_source(cfg.model)
     try:
         config = AutoConfig.from_pretrained(source, revision=cfg.model.revision,
                                             trust_remote_code=cfg.model.trust_remote_code)

@@ -109,7 +109,8 @@ def lora_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
     device = next(model.parameters()).device
     twin = plain_copy(model).to(device)
     twin = apply_lora(twin, ModelConfig(lora=LoraConfig(enabled=True, r=int(lora_r), alpha=int(lora_alpha),
-                                                        dropout=0.0, target_modules=list(target_modules))))
+                                                        dropout=0.0, target_modules=list(target_modules))),
+                      config_key="evaluation.durability.finetune_target_modules")
     settings = SFTSettings(steps=int(steps), lr=float(lr), batch_size=int(batch_size), scheduler="constant",
                            warmup_ratio=0.0, weight_decay=0.0, gradient_clip_val=1.0, seed=int(seed),
                            max_length=int(max_length), truncation="right", use_chat_template=use_chat_template,

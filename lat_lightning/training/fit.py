@@ -1,7 +1,8 @@
 """Training from a run config: build model, data, module, callbacks and trainer, then train (the ``fit`` stage,
 :mod:`lat_lightning.stages.fit`, calls :func:`fit`).
 
-Outputs in the run directory: ``tensorboard/`` (events), ``checkpoints/`` (trainable weights, optimiser,
+Outputs in the run directory: ``lora_targets.json`` (LoRA runs: which block weights got adapters, see
+:mod:`lat_lightning.models.lora_targets`), ``tensorboard/`` (events), ``checkpoints/`` (trainable weights, optimiser,
 scheduler, counters, data position, RNG; ``last.ckpt``, also written on SIGTERM/SIGINT, see
 :mod:`lat_lightning.training.resume`), ``final/`` (LoRA adapter or full model, loadable with ``from_pretrained``),
 ``final_merged/`` (LoRA runs: the merged full model) and whatever the callbacks write (``interpolated/``
@@ -26,7 +27,7 @@ from omegaconf import DictConfig
 from lat_lightning.attacks import build_attack
 from lat_lightning.data.datamodule import SafetyDataModule
 from lat_lightning.errors import ConfigError
-from lat_lightning.models.layers import check_layer_indices
+from lat_lightning.models.layers import check_layer_indices, parse_layers
 from lat_lightning.models.loading import load_model, load_tokenizer
 from lat_lightning.training.module import LatentAdversarialModule, OptimSettings
 from lat_lightning.training.progress import StepProgressBar
@@ -137,10 +138,15 @@ def validate_setup(cfg: DictConfig, model) -> None:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     try:
-        check_layer_indices(model, list(cfg.perturbation.layers), what="perturbation.layers")
-        check_layer_indices(model, list(cfg.callbacks.fragile_layers.layers), what="callbacks.fragile_layers.layers")
-    except IndexError as exc:
+        check_layer_indices(model, parse_layers(cfg.perturbation.layers, "perturbation.layers"),
+                            what="perturbation.layers")
+        check_layer_indices(model, parse_layers(cfg.callbacks.fragile_layers.layers, "callbacks.fragile_layers.layers"),
+                            what="callbacks.fragile_layers.layers")
+    except (IndexError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
+    if attack.needs_harmless and not cfg.data.benign:
+        raise ConfigError(f"perturbation.attack={attack.name} contrasts each batch's harmful prompts with harmless "
+                          "ones: set data.benign (e.g. organism://benign_train)")
     if (attack.name != "none" and not cfg.perturbation.layers and not cfg.callbacks.fragile_layers.enabled
             and not cfg.data.asabench):
         raise ConfigError("perturbation.layers is empty; list layers or enable callbacks.fragile_layers")
@@ -156,8 +162,10 @@ def build_module(cfg: DictConfig, model, tokenizer=None, evaluator=None,
     from omegaconf import OmegaConf
 
     loss = cfg.loss if not OmegaConf.is_config(cfg.loss) else OmegaConf.to_object(cfg.loss)
-    return module_class(model, build_attack(cfg.perturbation.attack, cfg.perturbation),
-                                   list(cfg.perturbation.layers), loss, OptimSettings.from_trainer(cfg.trainer),
+    layers = check_layer_indices(model, parse_layers(cfg.perturbation.layers, "perturbation.layers"),
+                                 what="perturbation.layers")
+    return module_class(model, build_attack(cfg.perturbation.attack, cfg.perturbation), layers, loss,
+                                   OptimSettings.from_trainer(cfg.trainer),
                                    tokenizer=tokenizer, evaluator=evaluator,
                                    sample_generations=int(cfg.logging.sample_generations))
 
@@ -168,7 +176,27 @@ def build_evaluator(cfg: DictConfig):
         return None
     from lat_lightning.eval.evaluate import SafetyEvaluator, load_evaluation_data
 
-    return SafetyEvaluator(cfg, load_evaluation_data(cfg), cfg.evaluation.layers)
+    layers = None if cfg.evaluation.layers is None else parse_layers(cfg.evaluation.layers, "evaluation.layers")
+    return SafetyEvaluator(cfg, load_evaluation_data(cfg), layers)
+
+
+LORA_TARGETS_FILE = "lora_targets.json"
+
+
+def write_lora_targets(model, run_dir: Path) -> Optional[Path]:
+    """Save what LoRA adapts (:class:`~lat_lightning.models.lora_targets.LoraTargets`) as ``lora_targets.json``;
+    nothing for a model without LoRA."""
+    import json
+
+    from lat_lightning.models.lora_targets import lora_targets_of
+
+    targets = lora_targets_of(model)
+    if targets is None:
+        return None
+    path = Path(run_dir) / LORA_TARGETS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(targets.as_dict(), indent=2) + "\n")
+    return path
 
 
 def export_final(module: LatentAdversarialModule, tokenizer, out_dir: Path, merged_dir: Optional[Path] = None,
@@ -220,10 +248,13 @@ def fit(cfg: DictConfig, run_dir: Path, model=None, tokenizer=None, datamodule: 
     model = model if model is not None else load_model(cfg.model, train=True)
     model.train()
     validate_setup(cfg, model)
-    datamodule = datamodule or SafetyDataModule(cfg, tokenizer)
     module = build_module(cfg, model, tokenizer, evaluator=build_evaluator(cfg))
+    datamodule = datamodule or SafetyDataModule(
+        cfg, tokenizer, require_target=module.attack.needs_target or bool(cfg.loss.away_from_harmful))
     callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks)
     trainer = build_trainer(cfg, run_dir, callbacks)
+    if trainer.is_global_zero:
+        write_lora_targets(model, run_dir)
     ckpt_path = None
     if resume:  # a checkpoint path, or a run directory (its --resume checkpoint, else last.ckpt)
         ckpt = Path(resume) if Path(resume).suffix == ".ckpt" else checkpoint_to_resume(run_dir)

@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -228,8 +229,10 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
     Nothing is merged in place: each LoRA-wrapped weight is returned as a new tensor
     ``W + get_delta_weight()`` and the peft key names are mapped back to the base model's
-    (``q_proj.base_layer.weight`` -> ``q_proj.weight``; adapter tensors dropped). For a non-peft model
-    it is ``model.state_dict()``.
+    (``q_proj.base_layer.weight`` -> ``q_proj.weight``; adapter tensors dropped). Adapted parameters
+    (peft ``target_parameters``, e.g. fused expert weights ``experts.gate_up_proj``, whose wrappers nest one
+    ``base_layer`` per adapted parameter) are merged the same way. For a non-peft model it is
+    ``model.state_dict()``.
     """
     if not is_peft_model(model):
         return dict(model.state_dict())
@@ -237,23 +240,33 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     merged: dict[str, Tensor] = {}
     lora_ids = {id(m) for m in _lora_layers(model)}
     for name, module in base.named_modules():
-        if id(module) in lora_ids and hasattr(module, "get_delta_weight"):
+        if id(module) not in lora_ids or not hasattr(module, "get_delta_weight"):
+            continue
+        if getattr(module, "parameter_name", None):  # a wrapped parameter (peft ParamWrapper)
+            weight = module.get_param().detach()
+            key = f"{_without_base_layers(name)}.{module.parameter_name}"
+        else:
             weight = module.get_base_layer().weight.detach()
-            delta = torch.zeros_like(weight)
-            for adapter in module.active_adapters:
-                if adapter in getattr(module, "lora_A", {}) or \
-                        adapter in getattr(module, "lora_embedding_A", {}):
-                    delta = delta + module.get_delta_weight(adapter).to(weight.dtype)
-            merged[f"{name}.weight"] = weight + delta
+            key = f"{_without_base_layers(name)}.weight"
+        delta = torch.zeros_like(weight)
+        for adapter in module.active_adapters:
+            if adapter in getattr(module, "lora_A", {}) or adapter in getattr(module, "lora_embedding_A", {}):
+                delta = delta + module.get_delta_weight(adapter).to(weight.dtype)
+        merged[key] = weight + delta
     out: dict[str, Tensor] = {}
     for key, value in base.state_dict().items():
         if ".lora_" in key or ".original_module." in key:
             continue
-        clean = key.replace(".base_layer.", ".")
+        clean = _without_base_layers(key)
         for adapter in getattr(model, "peft_config", {}):
             clean = clean.replace(f".modules_to_save.{adapter}.", ".")
         out[clean] = merged.get(clean, value)
     return out
+
+
+def _without_base_layers(name: str) -> str:
+    """``a.base_layer.base_layer.b`` -> ``a.b``: the name in the model without peft's wrappers."""
+    return re.sub(r"(\.base_layer)+(?=\.|$)", "", name)
 
 
 def save_merged(model: nn.Module, tokenizer, out_dir: Union[str, Path]) -> Path:

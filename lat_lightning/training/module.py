@@ -286,6 +286,7 @@ class LatentAdversarialModule(pl.LightningModule):
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["lat_lightning"] = {"attack_layers": list(self.attack_layers), "micro_step": self._micro_step,
+                                       "attack_state": self.attack.state_dict(),  # e.g. a cached refusal direction
                                        **resume.training_state(self)}  # RNG, noise key, partial gradients
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -293,6 +294,7 @@ class LatentAdversarialModule(pl.LightningModule):
         if "attack_layers" in info:
             self.attack_layers = list(info["attack_layers"])
         self._micro_step = int(info.get("micro_step", 0))
+        self.attack.load_state_dict(info.get("attack_state") or {})
         self._resumed_state = info  # applied in on_train_start, once the strategy has placed the weights
 
     def on_train_start(self) -> None:
@@ -310,7 +312,7 @@ class LatentAdversarialModule(pl.LightningModule):
 
 def _has_row_layers(batch: dict) -> bool:
     layer = batch.get("layer")
-    return layer is not None and bool((layer >= 0).any())
+    return layer is not None and bool((layer != -1).any())  # -1: the example has no layer of its own
 
 
 def with_prompt_labels(batch: dict, prefix: str) -> Tensor:

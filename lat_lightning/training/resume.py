@@ -30,7 +30,8 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lat_lightning.errors import LatLightningError
+from lat_lightning.errors import RunInterrupted
+from lat_lightning.interrupts import StopRequested
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +39,11 @@ LAST = "last.ckpt"
 _REQUESTED: dict[str, Path] = {}
 
 
-class TrainingInterrupted(LatLightningError):
+class TrainingInterrupted(RunInterrupted):
     """Training was stopped by SIGTERM/SIGINT after writing a checkpoint (exit status 128 + signal)."""
 
     def __init__(self, message: str, signum: int = signal.SIGTERM):
-        super().__init__(message)
-        self.exit_code = 128 + int(signum)
+        super().__init__(message, signum)
 
 
 # ------------------------------------------------------------------------------------------ which checkpoint
@@ -137,11 +137,30 @@ def restore_training_state(module, state: dict[str, Any]) -> None:
                     noise.get("seed"), seed)
     if "rng" in state:
         set_rng_state(state["rng"])
+    reapply_schedule(module)
     grads = state.get("accumulated_grads") or {}
     if grads:
         params = dict(module.model.named_parameters())
         for name, grad in grads.items():
             params[name].grad = grad.to(device=params[name].device, dtype=params[name].dtype)
+
+
+def reapply_schedule(module) -> None:
+    """Set the learning rate of the first resumed step from this run's schedule.
+
+    It equals the restored one (the same expression on the same step) unless ``trainer.max_steps`` grew on
+    resume: the schedule then spans the new step count, while the restored rate is the old schedule's last one
+    (0 at the end of a cosine decay, which would make the extra steps change nothing).
+    """
+    from torch.optim.lr_scheduler import LambdaLR
+
+    trainer = getattr(module, "_trainer", None)
+    for config in getattr(trainer, "lr_scheduler_configs", None) or []:
+        sched = config.scheduler
+        if isinstance(sched, LambdaLR):
+            for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base * factor(sched.last_epoch)
+            sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
 
 
 # ------------------------------------------------------------------------------------------ stopping safely
@@ -177,8 +196,8 @@ class InterruptCheckpoint(Callback):
                   f"{self.path}", flush=True)
 
     def _on_sigint(self, signum, frame) -> None:
-        if self.signum is not None:  # second Ctrl+C: abort now, no checkpoint
-            raise KeyboardInterrupt
+        if self.signum is not None:  # second Ctrl+C: abort now, no checkpoint (not KeyboardInterrupt, which
+            raise StopRequested(signum)  # Lightning turns into sys.exit(1))
         self._record(signum)
         handler = signal.getsignal(signal.SIGTERM)
         if callable(handler):
@@ -201,4 +220,5 @@ class InterruptCheckpoint(Callback):
 
 
 __all__ = ["InterruptCheckpoint", "TrainingInterrupted", "accumulated_gradients", "checkpoint_to_resume",
-           "remember_checkpoint", "restore_training_state", "rng_state", "set_rng_state", "training_state"]
+           "reapply_schedule", "remember_checkpoint", "restore_training_state", "rng_state", "set_rng_state",
+           "training_state"]

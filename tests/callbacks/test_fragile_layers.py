@@ -21,7 +21,7 @@ class RecordingModule(LatentAdversarialModule):
         return super().configure_optimizers()
 
 
-def test_top_k_layers_ties_go_low():
+def test_top_k_layers_ties_go_low():  # without tie-break scores, the lower layer
     assert top_k_layers({0: 1.0, 1: 3.0, 2: 3.0, 3: 2.0}, 2) == [1, 2]
     assert top_k_layers({0: 1.0, 1: 3.0, 2: 3.0, 3: 2.0}, 1) == [1]
     assert top_k_layers({5: -1.0, 2: 0.5}, 3) == [2, 5]
@@ -112,3 +112,25 @@ def test_evaluation_probe_and_scan_with_prompt_texts(method, tiny_llama_dir, tin
     assert sorted(result["scores"]) == [0, 2, 3] and len(result["layers"]) == 2
     assert result["layers"] == top_k_layers(result["scores"], 2)
     assert model.training  # modes restored
+
+
+def test_ties_follow_the_scans_rule_and_are_logged(tmp_path, caplog, tiny_llama_dir, tiny_tokenizer, kit):
+    from lat_lightning.callbacks.fragile_layers import boundary_ties
+    from lat_lightning.eval.metrics import TIE_RULE
+
+    # equal LASR at layers 0..3: the coherence-aware LASR breaks the tie, then the lower layer
+    assert top_k_layers({0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0}, 1, tiebreak={0: 0.1, 1: 0.5, 2: 0.5, 3: 0.2}) == [1]
+    assert top_k_layers({0: 1.0, 1: 1.0, 2: 1.0}, 2, tiebreak={0: 0.0, 1: 0.0, 2: 0.9}) == [0, 2]
+    assert boundary_ties({0: 1.0, 1: 1.0, 2: 0.5}, [0]) == [1]
+    assert boundary_ties({0: 1.0, 1: 0.9}, [0]) == []
+    # method=scan reads the earlier scan's LASR and its tie-break judge from scan_summary.json
+    summary = {"layers": [0, 1, 2, 3], "tiebreak_judge": "keyword+coherent", "attacks": {"asa_random": {
+        "headline": {"lasr_mean": [1.0, 1.0, 1.0, 0.5]},
+        "judges": {"keyword+coherent": {"lasr_mean": [0.0, 0.25, 0.0, 0.5]}}}}}
+    (tmp_path / "scan_summary.json").write_text(json.dumps(summary))
+    selector = FragileLayerSelector(method="scan", top_k=1, run_dir=tmp_path)
+    with caplog.at_level("WARNING"):
+        result = selector.select(kit.load_tiny(tiny_llama_dir), tiny_tokenizer)
+    assert result["layers"] == [1] and result["ties"] == [0, 2] and result["tie_rule"] == TIE_RULE
+    assert result["tiebreak_scores"] == {0: 0.0, 1: 0.25, 2: 0.0, 3: 0.5}
+    assert any("tie" in r.message and "[0, 2]" in r.message for r in caplog.records)

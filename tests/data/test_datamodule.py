@@ -178,3 +178,29 @@ def test_lightning_fit_sees_the_sampler_order(tmp_path, tiny_tokenizer):
         reference.sampler.set_epoch(epoch)
         expected += batch_indices(reference.train_dataloader())
     assert module.seen == expected
+
+
+def test_prompt_only_data_trains_on_the_refusal_when_no_target_is_needed(tmp_path, tiny_tokenizer):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"Harmful request number {i}\n" for i in range(4)), encoding="utf-8")
+    cfg = make_cfg(tmp_path, benign=False, harmful=str(prompts))
+    with pytest.raises(DataError, match="or set data.default_target"):
+        SafetyDataModule(cfg, tiny_tokenizer).setup("fit")  # by default a target is required
+    dm = SafetyDataModule(cfg, tiny_tokenizer, require_target=False)  # LAPT: the Gaussian noise needs none
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert "safe_input_ids" in batch and not any(k.startswith("harmful_") for k in batch)
+    cfg.data.default_target = "Sure, here is"
+    dm = SafetyDataModule(cfg, tiny_tokenizer)
+    dm.setup("fit")
+    assert "harmful_input_ids" in next(iter(dm.train_dataloader()))
+
+
+def test_the_row_filter_applies_to_training_and_held_out_prompts(tmp_path, tiny_tokenizer):
+    rows = [dict(r, split="keep" if i % 2 else "drop") for i, r in enumerate(SAFETY_ROWS)]
+    cfg = make_cfg(tmp_path, benign=False, filter={"split": "keep"})
+    cfg.data.harmful = cfg.data.eval_harmful = write_jsonl(tmp_path / "rows.jsonl", rows)
+    dm = SafetyDataModule(cfg, tiny_tokenizer)
+    dm.setup("fit")
+    assert sorted(e.index for e in dm.safety_examples) == [1, 3]
+    assert [e.index for e in dm.eval_examples] == [1, 3]

@@ -98,6 +98,34 @@ def test_adaptive_attacks_take_gradients_on_the_model_they_attack(two_models, mo
     assert not torch.equal(d_o, d_h)
 
 
+def test_refusal_direction_attacks_are_adaptive_in_the_durability_suite(two_models, monkeypatch):
+    from lat_lightning.attacks import refusal_direction as rd
+
+    original, hardened, tok = two_models
+    seen = []
+    real = rd.refusal_directions
+
+    def spy(model, *a, **k):
+        seen.append(model)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(rd, "refusal_directions", spy)
+    cfg = _cfg("evaluation.durability.sections=[adaptive,depth]", "evaluation.durability.max_k=1",
+               "evaluation.durability.adaptive_attacks=[refusal_ablation]",
+               "evaluation.durability.depth_attacks=[refusal_addition]", "evaluation.durability.random_seeds=[0]",
+               "evaluation.durability.prefill_ks=[0]")
+    out = run_durability(original, hardened, tok, PROMPTS, TARGETS, BENIGN, None, cfg, fragile_layers=[1])
+    # each model's own direction (adaptive), and the original's for the transfer rows
+    assert any(m is original for m in seen) and any(m is hardened for m in seen)
+    ids = {r["id"] for r in out["rows"]}
+    assert {"refusal_ablation_any", "refusal_ablation_transfer_fragile", "refusal_ablation_any_coherent",
+            "asa_random_any_coherent", "first_k_refusal_addition_1"} <= ids
+    assert out["depth"]["original"]["positions_check"]["ok"]
+    assert "keyword+coherent" in out["depth"]["original"]["first_k"]["refusal_addition"]["judges"]
+    with pytest.raises(ValueError, match="harmless prompts"):  # no benign pairs, no harmless prompts
+        run_durability(original, hardened, tok, PROMPTS, TARGETS, None, None, cfg, fragile_layers=[1])
+
+
 # ----------------------------------------------------------------------------------------------- depth
 def test_first_k_and_prefill_perturb_exactly_the_positions_they_claim(two_models, monkeypatch):
     original, hardened, tok = two_models
@@ -230,7 +258,8 @@ def test_rescans_reuse_the_runs_scans_with_identical_numbers(two_models, tmp_pat
     # other generation settings or other keys are not reused
     assert scan_mod.reusable_records(tmp_path / "scan", {"max_new_tokens": 3}, PROMPTS, keys, keys, [0]) == {}
     good = {"max_new_tokens": s.max_new_tokens, "do_sample": False, "temperature": 1.0,
-            "use_chat_template": s.use_chat_template, "system_prompt": s.system_prompt, "attacks": {}}
+            "use_chat_template": s.use_chat_template, "system_prompt": s.system_prompt, "attacks": {},
+            "best_of_n": 1, "top_p": None}  # best-of-N settings decide a record's samples too
     assert scan_mod.reusable_records(tmp_path / "scan", good, PROMPTS, keys, [1, 2, 3], [0]) == {}
     took = scan_mod.reusable_records(tmp_path / "scan", good, PROMPTS, keys, keys, [0])
     assert took and all(k[0] == "clean" for k in took)  # attacks whose settings are unknown here: not taken

@@ -185,3 +185,45 @@ def test_metric_invariants_on_random_matrices():
         assert masr(s) == s.max(axis=1).mean()
 
     check()
+
+
+def test_tied_peak_and_the_documented_tie_rule():
+    from lat_lightning.eval.metrics import TIE_RULE, choose_peak, rank_layers, tied_peak
+
+    assert tied_peak([0.5, 1.0, None, 1.0, float("nan")]) == [1, 3]
+    assert tied_peak([None, float("nan")]) == []
+    unique = choose_peak([0, 1, 2], [0.1, 0.7, 0.2])
+    assert unique["layer"] == 1 and unique["tied_layers"] == [1] and unique["decided_by"] == "unique"
+    # 30 layers all at 1.0 (the saturated keyword scan of the issue): a tie, not "peak layer 0"
+    flat = choose_peak(list(range(30)), [1.0] * 30)
+    assert flat["tied_layers"] == list(range(30)) and flat["decided_by"] == "lowest layer" and flat["layer"] == 0
+    broken = choose_peak(list(range(4)), [1.0, 1.0, 1.0, 0.5], tiebreak=[0.1, 0.4, 0.2, 0.9])
+    assert broken["layer"] == 1 and broken["tied_layers"] == [0, 1, 2] and broken["decided_by"] == "tie-break score"
+    both = choose_peak([-2, 0, 1], [1.0, 1.0, 1.0], tiebreak=[0.0, 0.5, 0.5])
+    assert both["layer"] == 0 and both["decided_by"] == "tie-break score, then lowest layer"
+    assert choose_peak([0, 1], [None, None])["layer"] is None and TIE_RULE in flat["rule"]
+    assert rank_layers({0: 1.0, 1: 1.0, 2: 0.5, 3: 1.0}, {3: 0.9}) == [3, 0, 1, 2]
+
+
+def test_judge_agreement_and_kappa():
+    from lat_lightning.eval.metrics import judge_agreement
+
+    a = np.array([1, 1, 0, 0, 1, np.nan])
+    b = np.array([1, 0, 0, 0, 1, 1])
+    out = judge_agreement(a, b)
+    assert out["cells"] == 5 and out["agreement"] == pytest.approx(0.8)
+    # Cohen's kappa: po = 0.8, pa = 0.6, pb = 0.4, pe = 0.6*0.4 + 0.4*0.6 = 0.48 -> (0.8 - 0.48) / 0.52
+    assert out["kappa"] == pytest.approx(0.32 / 0.52)
+    assert out["only_a"] == 1 and out["only_b"] == 0
+    constant = judge_agreement([1, 1, 1], [1, 1, 1])
+    assert constant["agreement"] == 1.0 and constant["kappa"] is None  # undefined, not a fake 1.0
+    assert judge_agreement([np.nan], [1])["cells"] == 0
+
+
+def test_summarise_seeds_lists_every_tied_layer():
+    from lat_lightning.eval.metrics import summarise_seeds
+
+    s = np.ones((3, 4, 2))
+    s[:, 3, :] = 0
+    out = summarise_seeds(s, None, [5, 6, 7, 8], samples=0)
+    assert out["pasr_of_mean_lasr_tied_layers"] == [5, 6, 7] and out["pasr_of_mean_lasr_layer"] == 5

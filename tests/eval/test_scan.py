@@ -93,7 +93,9 @@ def test_judge_failures_are_counted(tiny_llama):
                    judges={"keyword": KeywordJudge(), "flaky": Flaky()}, primary_judge="flaky", **FAST)
     assert np.isnan(res.success["asa_random"]["flaky"][1]).all()
     assert not np.isnan(res.success["asa_random"]["keyword"]).any()
-    assert res.summary["failures"]["asa_random"] == {"keyword": 0, "flaky": 2}
+    # the coherence-aware twins inherit their base judge's failures (never read as a success or a refusal)
+    assert res.summary["failures"]["asa_random"] == {"keyword": 0, "flaky": 2, "keyword+coherent": 0,
+                                                     "flaky+coherent": 2}
     assert res.summary["init"]["flaky"]["failures"] == 1
     assert res.summary["attacks"]["asa_random"]["judges"]["flaky"]["failures_total"] == 2
 
@@ -117,3 +119,84 @@ def test_pkg_paths_tiny_specs_and_scan_positions(tmp_path, monkeypatch):
     assert scan_positions(cfg) == ("prompt_last_and_generated", 1, "step")  # training policy -> paper's attack
     cfg = load_config("asa_scan_tiny", ["perturbation.positions=first_k", "perturbation.first_k=2"])
     assert scan_positions(cfg) == ("first_k", 2, "step")
+
+
+def test_every_answer_is_checked_for_coherence_and_judges_are_compared(tiny_llama, tmp_path, caplog):
+    model, tok = tiny_llama
+    with caplog.at_level("WARNING"):
+        res = run_scan(model, tok, PROMPTS, TARGETS, layers=[1, 2], attacks=["asa_random"], seeds=[0],
+                       judges=["keyword", "target_match"], out_dir=tmp_path,
+                       **dict(FAST, figures=False, bootstrap_samples=0))
+    assert res.judges == ["keyword", "target_match", "keyword+coherent", "target_match+coherent"]
+    for rec in res.records.values():  # a coherence record next to every verdict
+        assert set(rec["coherence"]) == {"empty", "repetition", "nll", "coherent", "reason"}
+        coherent = rec["coherence"]["coherent"]
+        kw, kwc = rec["verdicts"]["keyword"], rec["verdicts"]["keyword+coherent"]
+        assert kwc["success"] == (kw["success"] and coherent)
+    # the random tiny model writes gibberish: the keyword judge saturates, the coherent twin does not
+    h = res.headline("asa_random")
+    assert h["masr_mean"] == 1.0
+    assert res.summary["attacks"]["asa_random"]["judges"]["keyword+coherent"]["masr_mean"] < 1.0
+    assert any("saturated" in w for w in res.summary["warnings"])
+    assert any("saturated" in r.message for r in caplog.records)  # and in the log
+    # the tie is reported as a tie and resolved by the documented rule
+    assert h["peak_tied_layers"] == [1, 2] and h["peak_decided_by"] in ("lowest layer", "tie-break score",
+                                                                        "tie-break score, then lowest layer")
+    agreement = res.summary["attacks"]["asa_random"]["agreement"]
+    assert {tuple(e["judges"]) for e in agreement} >= {("keyword", "keyword+coherent"), ("keyword", "target_match")}
+    report = (tmp_path / "scan_report.md").read_text()
+    for section in ("## Warnings", "## Judge agreement", "## Coherence of the answers", "tied at 2 layers"):
+        assert section in report, section
+    coherence = res.summary["attacks"]["asa_random"]["coherence"]
+    assert coherence["checked"] == 6 and coherence["incoherent"] >= coherence["incoherent_successes"]
+
+
+def test_best_of_n_is_reported_beside_greedy(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    kw = dict(FAST, layers=[1], attacks=["asa_random"], seeds=[0], judges=["target_match"], best_of_n=3,
+              temperature=1.0, top_p=0.9)
+    res = run_scan(model, tok, PROMPTS, TARGETS, out_dir=tmp_path / "a", **kw)
+    cell = res.records[("asa_random", 0, 0, 1)]
+    assert len(cell["samples"]) == 3 and len({s["response"] for s in cell["samples"]}) > 1  # draws differ
+    for (attack, _seed, i, _layer), rec in res.records.items():
+        best = max(float(s["verdicts"]["target_match"]["success"]) for s in rec["samples"])
+        if attack != "clean":
+            assert res.success_best_of_n["asa_random"]["target_match"][i, 0, 0] == best
+    bon = res.summary["attacks"]["asa_random"]["best_of_n"]["target_match"]
+    assert set(bon) == {"init", "pasr_mean", "masr_mean", "lasr_mean"}
+    assert "## Best-of-3 beside greedy" in (tmp_path / "a" / "scan_report.md").read_text()
+    again = run_scan(model, tok, PROMPTS, TARGETS, out_dir=tmp_path / "b", **kw)  # sampling is keyed: reproducible
+    assert [s["response"] for s in again.records[("asa_random", 0, 0, 1)]["samples"]] == \
+        [s["response"] for s in cell["samples"]]
+
+
+def test_refusal_attacks_scan_with_harmless_prompts(tiny_llama):
+    model, tok = tiny_llama
+    kw = dict(FAST, layers=[1, 2], attacks=["refusal_ablation", "refusal_addition"], seeds=[0], judges=["keyword"],
+              positions="all")
+    with pytest.raises(ValueError, match="harmless prompts"):
+        run_scan(model, tok, PROMPTS, TARGETS, **kw)
+    res = run_scan(model, tok, PROMPTS, TARGETS, harmless_prompts=["What is 3 plus 4?", "Name a colour."], **kw)
+    cells = [r for r in res.records.values() if r["attack"] != "clean"]
+    assert len(cells) == 2 * len(PROMPTS) * 2 and all(r["perturbed_positions"] > 0 for r in cells)
+    assert res.summary["settings"]["attacks"]["refusal_ablation"]["contrast_prompts"]  # fingerprinted for resume
+
+
+def test_resume_fills_coherence_of_records_written_without_it(tiny_llama, tmp_path):
+    import json
+
+    model, tok = tiny_llama
+    kw = dict(FAST, layers=[1], attacks=["asa_random"], seeds=[0], judges=["keyword"], out_dir=tmp_path)
+    first = run_scan(model, tok, PROMPTS, TARGETS, **kw)
+    lines = [json.loads(x) for x in (tmp_path / SCAN_FILE).read_text().splitlines()]
+    for rec in lines:  # as written before the coherence check existed
+        rec.pop("coherence")
+        rec["verdicts"].pop("keyword+coherent")
+    (tmp_path / SCAN_FILE).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    again = run_scan(model, tok, PROMPTS, TARGETS, **kw)
+    assert again.cells_run == 0
+    assert _cells(again.records) == _cells(first.records)
+    for k, r in again.records.items():  # recomputed in other batches: equal up to float rounding
+        c, c0 = r["coherence"], first.records[k]["coherence"]
+        assert c["coherent"] == c0["coherent"] and c["empty"] == c0["empty"]
+        assert (c["nll"] is None) == (c0["nll"] is None) and (c["nll"] is None or abs(c["nll"] - c0["nll"]) < 1e-3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -102,7 +104,7 @@ def test_through_a_lora_wrapper(tiny_model_dirs, tiny_tokenizer):
         assert torch.equal(forward_from_layer(model, cached, 1, **batch), full)
 
 
-@pytest.mark.parametrize("bad", [4, -2, 99])
+@pytest.mark.parametrize("bad", [4, -3, 99])  # -2 is the input embeddings (EMBED), a valid layer
 def test_out_of_range_layer_raises(bad, tiny_model_dirs, tiny_tokenizer):
     model = _load(tiny_model_dirs["llama"])
     batch = _batch(tiny_tokenizer, "right")
@@ -124,3 +126,77 @@ def test_layers_restored_when_the_body_raises(tiny_model_dirs, tiny_tokenizer):
     assert _unpatched(model)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, full)
+
+
+class _TupleBlock(nn.Module):
+    """Falcon/BLOOM/MPT style: returns ``(hidden, attention weights or None)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.calls = 0
+
+    def forward(self, x, output_attentions=False):
+        self.calls += 1
+        y = x + self.lin(x)
+        return y, (y.sum(-1) if output_attentions else None)
+
+
+class _OutputsZeroLM(nn.Module):
+    """A model loop that takes ``hidden = outputs[0]`` (a bare tensor there would give its first batch row)."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = SimpleNamespace(num_hidden_layers=3, hidden_size=4)
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList([_TupleBlock() for _ in range(3)])
+
+    def forward(self, input_ids=None, attention_mask=None, use_cache=False, output_attentions=False):
+        x = input_ids
+        attentions = []
+        for block in self.model.layers:
+            outputs = block(x, output_attentions=output_attentions)
+            x = outputs[0]
+            attentions.append(outputs[1])
+        return SimpleNamespace(logits=x, attentions=attentions)
+
+
+@pytest.mark.parametrize("output_attentions", [False, True])
+def test_tuple_blocks_and_a_loop_taking_outputs_zero(output_attentions):
+    torch.manual_seed(0)
+    model = _OutputsZeroLM()
+    x = torch.randn(2, 5, 4)  # batch 2: a bare tensor indexed [0] would drop a row
+    with torch.no_grad():
+        full = model(x, output_attentions=output_attentions)
+        cached = capture_residual(model, [1], input_ids=x)[1]
+        calls = [b.calls for b in model.model.layers]
+        with skip_layers_below(model, cached, 1):
+            out = model(x, output_attentions=output_attentions)
+    assert torch.equal(out.logits, full.logits) and out.logits.shape == (2, 5, 4)
+    assert out.attentions[:2] == [None, None]  # the stand-ins computed no attention
+    if output_attentions:
+        assert torch.equal(out.attentions[2], full.attentions[2])
+    # block 2 ran once; blocks 0..1 at most once more in total (learning the output structure, once per class)
+    added = [b.calls - c for b, c in zip(model.model.layers, calls)]
+    assert added[2] == 1 and sum(added[:2]) <= 1
+    assert _unpatched(model)
+
+
+def test_a_forward_set_on_the_instance_is_put_back(tiny_model_dirs, tiny_tokenizer):
+    """Wrappers such as accelerate's hooks set ``block.forward`` on the instance; it must survive."""
+    model = _load(tiny_model_dirs["falcon"])
+    batch = _batch(tiny_tokenizer, "left")
+    block = get_decoder_layers(model)[0]
+    seen = []
+    original = block.forward
+
+    def wrapped(*args, **kwargs):
+        seen.append(1)
+        return original(*args, **kwargs)
+
+    block.forward = wrapped
+    with torch.no_grad():
+        full = model(**batch, use_cache=False).logits
+        cached = capture_residual(model, [1], **batch, use_cache=False)[1]
+        assert torch.equal(forward_from_layer(model, cached, 1, **batch), full)
+    assert vars(block)["forward"] is wrapped

@@ -28,6 +28,14 @@ LORA_TARGETS = {
     "phi3": ["qkv_proj"],
     "gpt2": ["c_attn"],
     "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "mpt": ["Wqkv"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma3": ["q_proj", "v_proj"],
+    "olmo2": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
 }
 
 BLOCK_CLASSES = {
@@ -39,6 +47,14 @@ BLOCK_CLASSES = {
     "phi3": "Phi3DecoderLayer",
     "gpt2": "GPT2Block",
     "gpt_neox": "GPTNeoXLayer",
+    "falcon": "FalconDecoderLayer",
+    "bloom": "BloomBlock",
+    "mpt": "MptBlock",
+    "qwen3": "Qwen3DecoderLayer",
+    "gemma3": "Gemma3DecoderLayer",
+    "olmo2": "Olmo2DecoderLayer",
+    "phi": "PhiDecoderLayer",
+    "mixtral": "MixtralDecoderLayer",
 }
 
 

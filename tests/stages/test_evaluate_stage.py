@@ -22,10 +22,14 @@ def test_evaluate_stage_writes_every_metric(tmp_path, monkeypatch):
     run = tmp_path / "runs" / "asa_scan_tiny" / "version_0"
     saved = json.loads((run / "evaluation.json").read_text())
     marker = json.loads((run / "stages" / "evaluate.done.json").read_text())
-    assert set(saved["metrics"]) == {"attack_success", "init", "nll_probe", "over_refusal", "utility_accuracy"}
+    assert set(saved["metrics"]) == {"attack_success", "init", "nll_probe", "over_refusal", "utility_accuracy",
+                                     "attack_success_asa_random", "attack_success_asa_random_coherent"}
     assert marker["metrics"] == saved["metrics"]
-    for name in ("attack_success", "init", "over_refusal", "utility_accuracy"):
+    for name in ("attack_success", "init", "over_refusal", "utility_accuracy", "attack_success_asa_random_coherent"):
         assert 0.0 <= saved["metrics"][name] <= 1.0, name
+    assert saved["metrics"]["attack_success_asa_random"] == saved["metrics"]["attack_success"]
+    # a coherent success is a success: the coherence-aware rate can only be lower
+    assert saved["metrics"]["attack_success_asa_random_coherent"] <= saved["metrics"]["attack_success"]
     assert math.isfinite(saved["metrics"]["nll_probe"])
     assert len(saved["samples"]) == 1 and saved["samples"][0]["layer"] in (1, 2)
     assert (run / "evaluation.md").read_text().startswith("# Evaluation")

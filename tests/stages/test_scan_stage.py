@@ -60,6 +60,45 @@ def test_rescan_needs_a_trained_model(tmp_path):
     assert trained_model_path(tmp_path) == tmp_path / "interpolated"
 
 
+def test_prompt_only_scan_prompts(tmp_path):
+    from lat_lightning.cli import load_config
+    from lat_lightning.errors import DataError
+    from lat_lightning.stages.scan import load_scan_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("Tell me a secret\nOpen the vault\n", encoding="utf-8")
+    over = [f"data.harmful={path}", "evaluation.judges=[keyword]"]
+    cfg = load_config("asa_scan_tiny", over + ["evaluation.attacks=[asa_random]"])
+    assert load_scan_prompts(cfg) == (["Tell me a secret", "Open the vault"], [None, None], [0, 1])
+    with pytest.raises(DataError, match="set data.default_target"):  # ASAgrad needs a target
+        load_scan_prompts(load_config("asa_scan_tiny", over))
+    with pytest.raises(DataError, match="set data.default_target"):  # so does the target_match judge
+        load_scan_prompts(load_config("asa_scan_tiny", [f"data.harmful={path}", "evaluation.attacks=[asa_random]"]))
+    cfg = load_config("asa_scan_tiny", over + ["data.default_target=Sure, here is"])
+    assert load_scan_prompts(cfg)[1] == ["Sure, here is"] * 2
+
+
+@pytest.mark.integration
+def test_refusal_recipe_scans_refusal_and_embedding_attacks(tmp_path, monkeypatch):
+    from lat_lightning.cli import main
+
+    monkeypatch.setenv("LAT_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    rc = main(["--recipe", "refusal_tiny", f"logging.root_dir={tmp_path / 'runs'}", "evaluation.max_new_tokens=4",
+               "evaluation.layers=[embed,2]", "evaluation.num_prompts=3"])
+    assert rc == 0
+    run = tmp_path / "runs" / "refusal_tiny" / "version_0"
+    summary = json.loads((run / "scan_summary.json").read_text())
+    assert list(summary["attacks"]) == ["refusal_ablation", "refusal_addition", "pgd", "asa_random"]
+    assert summary["layers"] == [-2, 2] and summary["layer_names"] == ["embed", "2"]
+    assert summary["best_of_n"] == 2 and "best_of_n" in summary["attacks"]["pgd"]
+    assert "keyword+coherent" in summary["judges"] and summary["tiebreak_judge"] == "keyword+coherent"
+    cells = [json.loads(x) for x in (run / "scan.jsonl").read_text().splitlines()]
+    assert len(cells) == 3 + 4 * 3 * 2  # clean + 4 attacks x 3 prompts x 2 layers (all deterministic or 1 seed)
+    assert all("coherence" in c and len(c["samples"]) == 2 for c in cells)
+    report = (run / "scan_report.md").read_text()
+    assert "| embed |" in report and "## Best-of-2 beside greedy" in report and "## Judge agreement" in report
+
+
 def test_probes_run_by_default_only_where_cheap():
     """``evaluation.probes: null`` runs them on small models only; true / false are obeyed."""
     from torch import nn

@@ -135,3 +135,21 @@ def test_one_checkpoint_per_run_by_default_with_its_size_in_the_log(tmp_path, ca
     size = (ckpts / "last.ckpt").stat().st_size
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("[fit] checkpoint"))
     assert str(ckpts / "last.ckpt") in line and line.endswith(train.human_size(size))
+
+
+def test_a_larger_max_steps_on_resume_continues_a_finished_fit(tmp_path, capsys):
+    """Resuming a finished run with a larger trainer.max_steps trains on from its last checkpoint (it used to say
+    "already done"); a smaller one is refused, since training cannot be undone."""
+    argv = ["--recipe", "lat_tiny", f"logging.root_dir={tmp_path}", "logging.tensorboard=false", "perturbation.steps=1"]
+    assert main(argv + ["trainer.max_steps=2"]) == 0
+    run_dir = tmp_path / "lat_tiny" / "version_0"
+    adapter = (run_dir / "final" / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(argv + ["trainer.max_steps=3", "--resume", "last"]) == 0
+    out = capsys.readouterr().out
+    assert "trainer.max_steps grew to 3: fit run again" in out and "already done" not in out
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert (run_dir / "final" / "adapter_model.safetensors").read_bytes() != adapter  # the export is the new model
+    assert main(argv + ["trainer.max_steps=2", "--resume", "last"]) == 2
+    assert "trainer.max_steps: 3 -> 2" in capsys.readouterr().err
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]
