@@ -444,5 +444,6 @@ SAFE_ON_RESUME: dict[str, str] = {
     "trainer.checkpoint_every_n_steps": "checkpoint cadence only",
     "data.num_workers": "data-loading processes only: the same batches in the same order",
     "evaluation.batch_size": "rows per generation batch: results do not depend on it",
+    "evaluation.share_prefix": "how each prompt's KV cache is computed: the same tokens either way (tested)",
     "organism.rebuild": "a resumed run never rebuilds the organism",
 }
