@@ -9,11 +9,12 @@ baseline. ``sft`` is a plain SFT step (one forward-backward) and ``lat`` issue 1
 k=5 at layer 4, toward + away attack; defence toward + away + utility, full fine-tuning); beside it the
 benchmark measures the **floor** of that work from its unavoidable pieces (:func:`floor_parts`:
 3 defence forward-backward passes + 5 attack steps over the blocks above the layer without weight gradients
-+ the lower blocks once + the optimiser step) and reports the step as a ratio to SFT and to that floor. Runs are interleaved (variant order rotates each round) and the median of ``--repeats`` is
-reported. Peak memory: on CUDA ``max_memory_allocated`` above the memory held before the step; on CPU a
-fresh subprocess per variant runs a warm-up step (so optimiser state and caches exist), then one step,
-and reports peak RSS minus the RSS before that step (large tensors are mmap-allocated and returned to
-the OS when freed, so this tracks the step's transient memory; approximate).
++ the lower blocks once + the optimiser step) and reports the step as a ratio to SFT and to that floor.
+Runs are interleaved (variant order rotates each round) and the median of ``--repeats`` is reported.
+Peak memory: on CUDA ``max_memory_allocated`` above the memory held before the step; on CPU a fresh
+subprocess per variant runs a warm-up step (so optimiser state and caches exist), then one step, and reports
+peak RSS minus the RSS before that step (large tensors are mmap-allocated and returned to the OS when freed,
+so this tracks the step's transient memory; approximate).
 
 Usage: ``python -m benchmarks.step_cost [--repeats 7] [--threads 1]``. Last line: ``RESULT {json}``.
 """

@@ -263,7 +263,7 @@ class EvaluationConfig:
     best_of_n: int = 1                   # > 1: also sample N answers per cell; broken if any is a success
     coherence: CoherenceConfig = field(default_factory=CoherenceConfig)
     batch_size: int = 256                # rows per batched generation / teacher-forced pass (scan, durability); large
-                                         # batches amortise each decode step's weight reads (raise it where memory allows)
+                                         # batches amortise each decode step's weight reads (lower if memory is short)
     share_prefix: bool = True            # compute each prompt's KV cache up to its last token once per chunk and
                                          # share it across the chunk's rows (false: the unshared path; same tokens)
     probes: Optional[bool] = None        # NLL probe + position KL after the scan; null = on only where cheap (models of
@@ -444,5 +444,6 @@ SAFE_ON_RESUME: dict[str, str] = {
     "trainer.checkpoint_every_n_steps": "checkpoint cadence only",
     "data.num_workers": "data-loading processes only: the same batches in the same order",
     "evaluation.batch_size": "rows per generation batch: results do not depend on it",
+    "evaluation.share_prefix": "how each prompt's KV cache is computed: the same tokens either way (tested)",
     "organism.rebuild": "a resumed run never rebuilds the organism",
 }

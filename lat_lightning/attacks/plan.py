@@ -167,7 +167,7 @@ class RowPerturber:
         plan = self.plan
         out = torch.full((len(self.row_layers),), NEVER, dtype=torch.long)
         for r in range(len(out)):
-            if int(self.row_layers[r]) < 0:
+            if int(self.row_layers[r]) == CLEAN:  # (EMBED, -2, is an attacked layer: the input embeddings)
                 continue
             if plan.kind == "noise":
                 out[r] = first_position(plan.positions, int(self.prompt_lengths[r]), plan.first_k)
@@ -175,7 +175,7 @@ class RowPerturber:
             vec = plan.vectors[r]
             if vec is None or vec.shape[0] == 0:
                 continue
-            if plan.kind == "direction":
+            if plan.kind in ("direction",) + PER_ROW_VECTOR_KINDS:  # at the positions the policy selects
                 out[r] = first_position(plan.positions, int(self.prompt_lengths[r]), plan.first_k)
                 continue
             # additive: the first position of its own mask (no policy), within the vectors' length

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lat_lightning.data.templating import IGNORE_INDEX, build_sequences, encode_prompt, encode_response
 from lat_lightning.attacks.positions import first_position
+from lat_lightning.data.templating import IGNORE_INDEX, build_sequences, encode_prompt, encode_response
 from lat_lightning.eval.generation import (
     CLEAN,
     AttackPlan,

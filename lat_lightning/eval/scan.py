@@ -321,14 +321,15 @@ class _Answerer:
 
 
 REUSE_SETTINGS = ("max_new_tokens", "do_sample", "temperature", "top_p", "best_of_n", "use_chat_template",
-                  "system_prompt")
+                  "system_prompt", "coherence")
 
 
 def reusable_records(source: str | Path, settings: dict, prompts: Sequence[str], prompt_keys: Sequence[int],
                      source_prompt_keys: Sequence[int], layers: Sequence[int]) -> dict[tuple, dict]:
     """The finished cells of another scan of the same model (``source``: its directory) that this scan would
     generate identically: same generation settings, same settings of the cell's attack, the same prompt text
-    and noise key at the same index, a layer this scan covers. Their verdicts are dropped (this scan judges
+    and noise key at the same index, a layer this scan covers (coherence settings included, so a record's
+    coherence score holds here too). Their verdicts, the best-of-N samples' too, are dropped (this scan judges
     them with its own judges). ``source_prompt_keys`` are the source scan's prompt keys, checked against the
     fingerprint it recorded.
 
@@ -351,7 +352,10 @@ def reusable_records(source: str | Path, settings: dict, prompts: Sequence[str],
                 or int(source_prompt_keys[i]) != int(prompt_keys[i]) or int(rec["layer"]) not in wanted
                 or (rec["attack"] != CLEAN_ATTACK and rec["attack"] not in same)):
             continue
-        out[key] = {k: v for k, v in rec.items() if k != "verdicts"}
+        rec = {k: v for k, v in rec.items() if k != "verdicts"}
+        if rec.get("samples"):  # best-of-N samples carry verdicts of their own
+            rec["samples"] = [{k: v for k, v in smp.items() if k != "verdicts"} for smp in rec["samples"]]
+        out[key] = rec
     return out
 
 

@@ -26,6 +26,7 @@ class StepProgressBar(TQDMProgressBar):
     def __init__(self, description: str = "fit", refresh_rate: int = 1):
         super().__init__(refresh_rate=refresh_rate)
         self.description = description
+        self._bar_made = False
 
     def init_train_tqdm(self, total: int | None = None, initial: int = 0) -> Tqdm:
         return Tqdm(desc=self.description, total=total, initial=initial, position=2 * self.process_position,
@@ -33,14 +34,24 @@ class StepProgressBar(TQDMProgressBar):
                     bar_format=self.BAR_FORMAT)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        # a resumed fit starts where it stopped (the rate and the ETA count the steps run now)
-        self.train_progress_bar = self.init_train_tqdm(total, int(trainer.global_step))
+        # Drawn at the first finished micro-batch, not now: lines other callbacks print while the fit starts (and,
+        # in a multi-process launch, while the other ranks are still setting up) stay on lines of their own.
+        self._bar_made = False
+
+    def _ensure_bar(self, trainer) -> None:
+        if not self._bar_made:
+            total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+            # the rate (hence the ETA) counts the steps after this one: the first carries start-up costs
+            self.train_progress_bar = self.init_train_tqdm(total, int(trainer.global_step))
+            self._bar_made = True
 
     def on_train_epoch_start(self, trainer, *_) -> None:
         pass  # one bar across epochs: an epoch means nothing to a run measured in steps
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.is_enabled:
+            return
+        self._ensure_bar(trainer)
         bar = self.train_progress_bar
         n = int(trainer.global_step)
         if bar is None or bar.disable or n == bar.n:  # a micro-batch inside an accumulation: no step yet
@@ -52,6 +63,10 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         pass
+
+    def on_train_end(self, *_) -> None:
+        if self._train_progress_bar is not None:
+            self._train_progress_bar.close()
 
     def get_metrics(self, trainer, pl_module) -> dict:
         items = super().get_metrics(trainer, pl_module)

@@ -257,9 +257,12 @@ def test_rescans_reuse_the_runs_scans_with_identical_numbers(two_models, tmp_pat
         assert all(a[k]["verdicts"] == b[k]["verdicts"] for k in a)
     # other generation settings or other keys are not reused
     assert scan_mod.reusable_records(tmp_path / "scan", {"max_new_tokens": 3}, PROMPTS, keys, keys, [0]) == {}
-    good = {"max_new_tokens": s.max_new_tokens, "do_sample": False, "temperature": 1.0,
-            "use_chat_template": s.use_chat_template, "system_prompt": s.system_prompt, "attacks": {},
-            "best_of_n": 1, "top_p": None}  # best-of-N settings decide a record's samples too
+    import json
+
+    # every setting that must match (generation, best-of-N, coherence) as the scan recorded it; no attacks
+    good = dict(json.loads((tmp_path / "scan" / scan_mod.SETTINGS_FILE).read_text()), attacks={})
+    assert scan_mod.reusable_records(tmp_path / "scan", dict(good, coherence={"changed": True}), PROMPTS, keys, keys,
+                                     [0]) == {}  # other coherence settings: the stored coherence scores would not hold
     assert scan_mod.reusable_records(tmp_path / "scan", good, PROMPTS, keys, [1, 2, 3], [0]) == {}
     took = scan_mod.reusable_records(tmp_path / "scan", good, PROMPTS, keys, keys, [0])
     assert took and all(k[0] == "clean" for k in took)  # attacks whose settings are unknown here: not taken

@@ -211,10 +211,10 @@ def test_decode_steps_pass_the_returned_cache_under_its_current_name(tiny_model_
         seen = []
         real = model.forward
 
-        def spy(*args, _real=real, **kwargs):
+        def spy(*args, _real=real, _seen=seen, **kwargs):
             assert "past_key_values" not in kwargs
             out = _real(*args, **kwargs)
-            seen.append((kwargs.get("cache"), out.get("cache")))
+            _seen.append((kwargs.get("cache"), out.get("cache")))
             return out
 
         monkeypatch.setattr(model, "forward", spy)

@@ -158,3 +158,34 @@ def test_prefix_shared_scan_equals_unshared_on_a_real_model():
         shared = run_scan(model, tok, PROMPTS, TARGETS, share_prefix=True, **kw)
         unshared = run_scan(model, tok, PROMPTS, TARGETS, share_prefix=False, **kw)
         assert _records(shared) == _records(unshared), do_sample
+
+
+def test_embedding_rows_and_per_row_vector_plans(tiny_llama):
+    """Rows attacked at the input embeddings (layer EMBED) are attacked rows: under ``all`` they must not share a
+    prefix; the per-row-vector kinds (activation addition, ablation at every layer) follow the positions policy,
+    so under the paper's policy they share, with the same tokens as the unshared path."""
+    from lat_lightning.models.layers import EMBED
+
+    model, tok = tiny_llama
+    ids = encode_prompts(tok, PROMPTS)
+    lengths = torch.tensor([len(p) for p in ids])
+    embed = RowPerturber(AttackPlan(kind="noise", positions="all"), torch.tensor([EMBED] * 3), lengths,
+                         torch.arange(3))
+    assert not can_share_prefix(embed, lengths)
+    d = model.config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    for kind in ("vector", "ablation"):
+        vecs = [torch.randn(d, generator=gen) for _ in range(6)]
+        if kind == "ablation":
+            vecs = [v / v.norm() for v in vecs]
+        rows = [(i, l) for i in range(3) for l in (EMBED, 2)]
+        plan = AttackPlan(kind=kind, alpha=4.0 if kind == "vector" else 1.0, vectors=vecs)
+        layers = torch.tensor([l for _, l in rows])
+        perturber = RowPerturber(plan, layers, lengths[[i for i, _ in rows]], torch.tensor([i for i, _ in rows]))
+        assert can_share_prefix(perturber, lengths[[i for i, _ in rows]]), kind
+        out = {share: gen_mod.generate_under_attack(model, tok, [ids[i] for i, _ in rows], layers, plan,
+                                                    prompt_keys=[i for i, _ in rows], max_new_tokens=5,
+                                                    eos_token_id=[], share_prefix=share)
+               for share in (True, False)}
+        assert out[True].token_ids == out[False].token_ids, kind
+        assert out[True].perturbed_positions.tolist() == out[False].perturbed_positions.tolist(), kind
