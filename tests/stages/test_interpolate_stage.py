@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lat_lightning.stages.interpolate import run as interpolate_stage
+from lat_lightning.testing.weights import perturb_weights, set_lora_b
 
 
 def _load(model_dir, lora=False):
@@ -17,21 +18,6 @@ def _load(model_dir, lora=False):
 
     cfg = ModelConfig(name_or_path=str(model_dir), lora=LoraConfig(enabled=lora, r=4, alpha=8, dropout=0.0))
     return load_model(cfg, train=False)
-
-
-def _train_lora(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-
-
-def _perturb_all(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
 def _mc_rows(path):
@@ -53,7 +39,7 @@ def test_interpolate_stage(tiny_llama_dir, tiny_tokenizer, tmp_path, lora):
         "callbacks": {"weight_interpolation": {"lambdas": [1.0], "tolerance": 1.0}},
         "logging": {"tensorboard": True}})
     model = _load(tiny_llama_dir, lora=lora)
-    (_train_lora if lora else _perturb_all)(model)
+    (set_lora_b if lora else perturb_weights)(model)
     run_dir = tmp_path / "run"
     model.save_pretrained(run_dir / "final")
     result = interpolate_stage(cfg, run_dir)

@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 
+from lat_lightning.testing.weights import perturb_weights, set_lora_b
 from lat_lightning.training.interpolation import (
     choose_lambda,
     interpolate_state,
@@ -21,21 +22,6 @@ def _load(model_dir, lora=False):
 
     cfg = ModelConfig(name_or_path=str(model_dir), lora=LoraConfig(enabled=lora, r=4, alpha=8, dropout=0.0))
     return load_model(cfg, train=False)
-
-
-def _train_lora(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-
-
-def _perturb_all(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
 def _scalings(model):
@@ -81,7 +67,7 @@ def test_choose_lambda_picks_largest_within_tolerance():
 def test_full_ft_interpolation_exact_endpoints_and_restore(tiny_llama_dir):
     model = _load(tiny_llama_dir)
     original = trainable_state(model)
-    _perturb_all(model)
+    perturb_weights(model)
     trained = {n: p.detach().clone() for n, p in model.named_parameters()}
     with interpolated_params(model, original, 0.0):
         assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())
@@ -97,7 +83,7 @@ def test_full_ft_interpolation_exact_endpoints_and_restore(tiny_llama_dir):
 def test_lora_scaling_equals_interpolating_merged_weights(tiny_llama_dir):
     model = _load(tiny_llama_dir, lora=True)
     base = {k: v.clone() for k, v in _load(tiny_llama_dir).state_dict().items()}
-    _train_lora(model)
+    set_lora_b(model)
     trained_merged = _peft_merged(model)
     scalings = _scalings(model)
     with scale_lora(model, 0.0):
@@ -122,7 +108,7 @@ def test_lora_scaling_equals_interpolating_merged_weights(tiny_llama_dir):
 
 def test_lambda_search_scores_each_interpolant(tiny_llama_dir):
     model = _load(tiny_llama_dir, lora=True)
-    _train_lora(model)
+    set_lora_b(model)
     ref = next(m for m in model.modules() if hasattr(m, "get_delta_weight") and hasattr(m, "scaling"))
     full = ref.get_delta_weight("default").norm().item()
 
@@ -143,7 +129,7 @@ def test_saved_interpolated_model_loads_with_same_logits(tiny_llama_dir, tiny_to
 
     model = _load(tiny_llama_dir, lora=lora)
     original = None if lora else trainable_state(model)
-    (_train_lora if lora else _perturb_all)(model)
+    (set_lora_b if lora else perturb_weights)(model)
     ids = torch.tensor([[5, 17, 42, 99, 3, 8]])
     ctx = scale_lora(model, 0.4) if lora else interpolated_params(model, original, 0.4)
     with ctx, torch.no_grad():
