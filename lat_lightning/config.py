@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-STAGES = ("organism", "fit", "scan", "rescan", "evaluate", "interpolate", "durability", "report")
+STAGES = ("organism", "fit", "scan", "rescan", "evaluate", "interpolate", "durability", "compare", "report")
 
 # A layer in a config: a block index (0-based: the output of that decoder block) or "embed" (the input
 # embeddings); see lat_lightning.models.layers.parse_layers.
@@ -280,6 +280,26 @@ class EvaluationConfig:
 
 
 @dataclass
+class CompareConfig:
+    """The defence comparison (stage ``compare``, ``docs/defences.md``): every defence is trained from ``model`` on the
+    same data, interpolated to the same utility tolerance (``callbacks.weight_interpolation``), then attacked by one
+    battery: ``evaluation.attacks`` at ``evaluation.layers`` (MASR), ``embed_attacks`` at the input embeddings, the
+    pre-fill attack and the fine-tuning attack curve (``evaluation.durability.finetune_*``)."""
+
+    # names in lat_lightning.training.defences.DEFENCES, trained in this order
+    defences: list[str] = field(default_factory=lambda: ["sft", "lapt", "lat", "asagrad_at", "refat"])
+    # per defence, overrides of its training on top of the registry's, e.g. {lat: {perturbation: {steps: 4}}}; only
+    # the sections perturbation, loss, trainer and callbacks.kl_teacher (the rest is shared by design)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    include_original: bool = True        # a row for the starting model itself (no defence), attacked the same way
+    # attacks also run at the input embeddings (column <attack>@embed); [] for none
+    embed_attacks: list[str] = field(default_factory=lambda: ["pgd"])
+    # pre-fill attack columns: the first k harmful-target tokens forced after the prompt, no perturbation; [] for none
+    prefill_tokens: list[int] = field(default_factory=lambda: [1])
+    finetune: bool = True                # the fine-tuning attack curve column (steps to break)
+
+
+@dataclass
 class OrganismConfig:
     """The embedded CPU model organism (see ``lat_lightning/organism``). Which organism is set by
     ``model.name_or_path`` (``organism`` or ``organism:<preset>``); it is built once, then cached. The
@@ -305,6 +325,7 @@ class RunConfig:
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     organism: OrganismConfig = field(default_factory=OrganismConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
 
 # Values that must come from a fixed set (attack names and positions policies come from their registries in

@@ -30,7 +30,7 @@ from lat_lightning.errors import ConfigError, LatLightningError, ModelLoadError
 from lat_lightning.training.distributed import check_distributed_config
 
 # Stages that read the evaluation section's attacks, judges and generation settings.
-SCANNING = ("scan", "rescan", "evaluate", "durability")
+SCANNING = ("scan", "rescan", "evaluate", "durability", "compare")
 _EMPTY_HINTS = {
     "stages": "e.g. stages=[fit]",
     "evaluation.seeds": "e.g. evaluation.seeds=[0]",
@@ -139,10 +139,13 @@ def _check_stage_order(cfg, done: set[str], run_dir: Optional[Path]) -> None:
 
 def _check_data_settings(cfg) -> None:
     stages, d, ev = _stages(cfg), cfg.data, cfg.evaluation
+    if "compare" in stages and not d.harmful:
+        raise ConfigError("data.harmful is not set (the compare stage trains every defence on it and fine-tunes on "
+                          "its harmful responses); point it at a safety data file")
     if "fit" in stages and not (d.harmful or d.asabench):
         raise ConfigError("data.harmful is not set (the fit stage trains on it); point it at a .jsonl/.json/.csv "
                           "file, a saved dataset directory or a datasets name (or data.asabench at an ASABench export)")
-    for stage in ("scan", "rescan", "durability"):
+    for stage in ("scan", "rescan", "durability", "compare"):
         if stage in stages and not (d.eval_harmful or d.harmful):
             raise ConfigError(f"stage '{stage}' needs harmful prompts: set data.eval_harmful or data.harmful "
                               "(e.g. pkg://lat_lightning/resources/tiny_harmful.jsonl)")
@@ -151,7 +154,7 @@ def _check_data_settings(cfg) -> None:
         raise ConfigError("stage 'evaluate' needs held-out data: set data.eval_harmful, data.eval_benign or "
                           "evaluation.utility_data")
     wi = cfg.callbacks.weight_interpolation
-    interpolating = "interpolate" in stages or ("fit" in stages and wi.enabled)
+    interpolating = "interpolate" in stages or (bool({"fit", "compare"} & set(stages)) and wi.enabled)
     if interpolating and not ev.utility_data and wi.utility != "organism":
         raise ConfigError(f"weight interpolation scores utility: set evaluation.utility_data (a file of "
                           f"{wi.utility} rows){' or disable callbacks.weight_interpolation' if wi.enabled else ''}")
@@ -238,11 +241,60 @@ def _check_judges(cfg) -> None:
 
 
 def _check_durability(cfg) -> None:
-    if "durability" not in _stages(cfg):
+    stages = _stages(cfg)
+    if "durability" not in stages and not ("compare" in stages and cfg.compare.finetune):
         return
     from lat_lightning.eval.durability import resolve_settings
 
     resolve_settings(cfg)
+
+
+def _check_compare(cfg) -> None:
+    """The defences of the comparison, their overrides, and each defence's training settings as the fit will see
+    them (``lat_lightning.training.defences.defence_config``)."""
+    if "compare" not in _stages(cfg):
+        return
+    from lat_lightning.attacks import check_attack_name
+    from lat_lightning.config import CHOICES
+    from lat_lightning.training.defences import check_defence_name, defence_config
+
+    cmp = cfg.compare
+    names = [str(n) for n in cmp.defences]
+    if not names and not cmp.include_original:
+        raise ConfigError("compare.defences is empty and compare.include_original=false: nothing to compare; list "
+                          "defences, e.g. compare.defences=[sft,lapt]")
+    for name in names:
+        check_defence_name(name)
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ConfigError(f"defence '{dup}' is listed twice in compare.defences")
+    for name in (_select(cfg, "compare.overrides") or {}):
+        if name not in names:
+            raise ConfigError(f"compare.overrides.{name}: '{name}' is not in compare.defences {_fmt(names)}; add it "
+                              "there or fix the name")
+    for a in cmp.embed_attacks:
+        try:
+            check_attack_name(str(a), "compare.embed_attacks", scan=True)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    for k in cmp.prefill_tokens:
+        if isinstance(k, bool) or int(k) < 1:
+            raise ConfigError(f"compare.prefill_tokens holds {k}; each must be >= 1 (pre-filled target tokens), "
+                              "or [] for no pre-fill column")
+    if (cmp.finetune or cmp.prefill_tokens) and not cfg.data.harmful and not cfg.data.eval_harmful:
+        raise ConfigError("the fine-tuning and pre-fill attacks need harmful targets: set data.eval_harmful")
+    for name in names:
+        dcfg = defence_config(cfg, name)
+        try:
+            check_bounds(dcfg)
+            for key, allowed in CHOICES.items():
+                value = OmegaConf.select(dcfg, key)
+                if key.split(".")[0] in ("perturbation", "loss", "trainer") and value is not None \
+                        and value not in allowed:
+                    raise ConfigError(f"invalid value '{value}' for '{key}'; choose one of {', '.join(allowed)}")
+            _check_training(dcfg)
+        except ConfigError as exc:
+            raise ConfigError(f"compare.defences '{name}': {exc}") from None
 
 
 def _check_devices(cfg) -> None:
@@ -299,14 +351,14 @@ def _data_reads(cfg) -> list[tuple[str, str]]:
     utility kind."""
     stages, d, ev = set(_stages(cfg)), cfg.data, cfg.evaluation
     reads: list[tuple[str, str]] = []
-    if "fit" in stages:
+    if stages & {"fit", "compare"}:
         reads += [("data.asabench" if d.asabench else "data.harmful", "safety"), ("data.benign", "benign"),
                   ("data.eval_harmful", "safety"), ("data.eval_benign", "benign")]
         if cfg.callbacks.weight_interpolation.enabled:
             reads.append(("evaluation.utility_data", str(cfg.callbacks.weight_interpolation.utility)))
         if d.eval_harmful or d.eval_benign or ev.utility_data:
             reads.append(("evaluation.utility_data", str(ev.utility_kind)))
-    if stages & {"scan", "rescan"}:
+    if stages & {"scan", "rescan", "compare"}:
         reads.append(("data.eval_harmful" if d.eval_harmful else "data.harmful", "safety"))
     if "evaluate" in stages:
         reads += [("data.eval_harmful", "safety"), ("data.eval_benign", "benign"),
@@ -368,11 +420,13 @@ def _check_targets(cfg, key: str, source: str, rows: Sequence) -> None:
     from lat_lightning.attacks import ATTACKS
 
     scanned = "data.eval_harmful" if cfg.data.eval_harmful else "data.harmful"
-    if key != scanned or not set(_stages(cfg)) & {"scan", "rescan", "durability"}:
+    if key != scanned or not set(_stages(cfg)) & {"scan", "rescan", "durability", "compare"}:
         return
     names = [str(a) for a in cfg.evaluation.attacks]
     if "durability" in _stages(cfg):
         names += [str(a) for a in cfg.evaluation.durability.adaptive_attacks]
+    if "compare" in _stages(cfg):
+        names += [str(a) for a in cfg.compare.embed_attacks]
     needing = [n for n in names if n in ATTACKS and ATTACKS[n].needs_target]
     if cfg.evaluation.num_prompts is not None:
         rows = rows[: int(cfg.evaluation.num_prompts)]
@@ -407,6 +461,7 @@ def check_config(cfg: DictConfig, done: Iterable[str] = (), run_dir: Optional[Pa
     _check_attacks(cfg)
     _check_training(cfg)
     _check_durability(cfg)
+    _check_compare(cfg)
     _check_model_specs(cfg)
     _check_data_sources(cfg)
 
@@ -487,19 +542,22 @@ def check_model(cfg: DictConfig) -> None:
     stages = set(_stages(cfg))
     main = model_config(cfg)
     main_key = f"model.name_or_path={cfg.model.name_or_path}"
-    if main is not None and "fit" in stages:
+    if main is not None and stages & {"fit", "compare"}:
         _check_layers(main, cfg, ("perturbation.layers", "callbacks.fragile_layers.layers",
                                   "callbacks.fragile_layers.candidate_layers", "model.lora.layers_to_transform"),
                       main_key)
         if cfg.model.lora.enabled and cfg.model.lora.target_modules is not None:  # None: chosen per architecture
             _check_target_modules(main, list(cfg.model.lora.target_modules), "model.lora.target_modules", main_key)
-    if main is not None and stages & {"fit", "rescan"}:  # the validation loop and the rescan attack this model
+    if main is not None and stages & {"fit", "rescan", "compare"}:  # the validation loop and the rescans attack it
         _check_layers(main, cfg, ("evaluation.layers",), main_key)
     original_spec = cfg.evaluation.model_path or cfg.model.name_or_path
     original = main if not cfg.evaluation.model_path else model_config(cfg, cfg.evaluation.model_path)
     original_key = f"evaluation.model_path={cfg.evaluation.model_path}" if cfg.evaluation.model_path else main_key
     if original is not None and stages & {"scan", "evaluate"}:
         _check_layers(original, cfg, ("evaluation.layers",), original_key)
+    if "compare" in stages and cfg.compare.finetune and main is not None:
+        _check_target_modules(main, list(cfg.evaluation.durability.finetune_target_modules),
+                              "evaluation.durability.finetune_target_modules", main_key)
     if "durability" in stages and original is not None:
         _check_layers(original, cfg, ("evaluation.durability.fragile_layers",), original_key)
         if {"finetune", "trainability"} & set(cfg.evaluation.durability.sections):

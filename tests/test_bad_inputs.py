@@ -101,7 +101,7 @@ def C(id, *args, names, recipe="lat_tiny", setup=None):  # noqa: N802 - reads li
     return Case(id, tuple(args), names, recipe, setup)
 
 
-SCAN, DUR = "asa_scan_tiny", "durability_tiny"
+SCAN, DUR, CMP = "asa_scan_tiny", "durability_tiny", "compare_defences"
 
 CATALOGUE: list[Case] = [
     # --- the command line
@@ -204,6 +204,21 @@ CATALOGUE: list[Case] = [
       names="evaluation.durability.sections", recipe=DUR),
     C("unknown-rewrite", "evaluation.durability.rewrites=[pig_latin]", names="evaluation.durability.rewrites",
       recipe=DUR),
+    C("compare-unknown-defence", "compare.defences=[sft,lapd]",
+      names="unknown defence 'lapd' in compare.defences", recipe=CMP),
+    C("compare-override-unlisted-defence", "compare.defences=[sft]", "compare.overrides.lat.perturbation.steps=4",
+      names="compare.overrides.lat", recipe=CMP),
+    C("compare-override-shared-section", "compare.overrides.lat.model.lora.r=4",
+      names="compare.overrides.lat.model", recipe=CMP),
+    C("compare-override-unknown-key", "compare.overrides.lat.perturbation.stepz=4",
+      names="compare.overrides.lat.perturbation.stepz", recipe=CMP),
+    C("compare-override-bad-choice", "compare.overrides.lat.perturbation.norm=l3",
+      names="perturbation.norm", recipe=CMP),
+    C("compare-override-out-of-range", "compare.overrides.lat.trainer.max_steps=0",
+      names="trainer.max_steps", recipe=CMP),
+    C("compare-refat-without-benign", "data.benign=null", names="compare.defences 'refat'", recipe=CMP),
+    C("compare-prefill-zero", "compare.prefill_tokens=[0]", names="compare.prefill_tokens", recipe=CMP),
+    C("compare-unknown-embed-attack", "compare.embed_attacks=[pgdd]", names="compare.embed_attacks", recipe=CMP),
     # --- settings checked against the model's config.json (nothing is built)
     C("layer-out-of-range", "perturbation.layers=[1,9]",
       names="perturbation.layers index 9 out of range: this model has layers 0..3"),

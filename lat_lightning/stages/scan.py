@@ -62,9 +62,10 @@ def load_contrast_prompts(cfg, scan_prompts: list[str]) -> tuple[list[str], list
     harmful = list(scan_prompts)
     if cfg.data.harmful:
         harmful = [e.prompt for e in load_safety_examples(
-            resource_path(cfg.data.harmful), split=cfg.data.harmful_split, columns=dict(cfg.data.harmful_columns or {}),
-            default_safe_response=cfg.data.default_safe_response, max_examples=n, default_target=cfg.data.default_target,
-            require_target=False, row_filter=dict(cfg.data.filter or {}))]  # only the prompts are used
+            resource_path(cfg.data.harmful), split=cfg.data.harmful_split,
+            columns=dict(cfg.data.harmful_columns or {}), default_safe_response=cfg.data.default_safe_response,
+            max_examples=n, default_target=cfg.data.default_target, require_target=False,
+            row_filter=dict(cfg.data.filter or {}))]  # only the prompts are used
     source = cfg.data.benign or cfg.data.eval_benign
     harmless = [] if not source else [e.prompt for e in load_benign_examples(
         resource_path(source), cfg.data.benign_split, dict(cfg.data.benign_columns or {}), n)]
@@ -121,11 +122,22 @@ def probes_wanted(setting: bool | None, model) -> bool:
     return sum(p.numel() for p in model.parameters()) <= PROBES_AUTO_MAX_PARAMETERS
 
 
-def run(cfg, run_dir: Path) -> dict:
-    """Load the model and prompts, run the scan into ``run_dir``.
+def scan_model(cfg, model, tokenizer, out_dir: Path, *, attacks=None, layers=None, probes: bool | None = None,
+               shard=None, progress: bool = True):
+    """The scan of ``evaluation`` on an in-memory model into ``out_dir`` (what the ``scan`` stage runs after loading).
+
+    Args:
+        cfg: the run config (prompts, attacks, layers, seeds, judges, decoding, coherence, perturbation knobs).
+        model / tokenizer: the model to scan (eval mode) and its tokenizer.
+        out_dir: the scan's directory (``scan.jsonl`` resumes from it).
+        attacks: attack names instead of ``evaluation.attacks``.
+        layers: layers instead of ``evaluation.layers`` (block indices / ``embed``).
+        probes: run the NLL / position-KL probes (default: ``evaluation.probes``, see :func:`probes_wanted`).
+        shard: ``(rank, world_size)`` of a multi-process scan.
+        progress: progress bars.
 
     Returns:
-        A small dict for the stage marker: headline numbers per attack and the output files.
+        The :class:`~lat_lightning.eval.scan.ScanResult`.
 
     Raises:
         ConfigError: an unknown attack, or a primary judge not among the judges.
@@ -135,37 +147,56 @@ def run(cfg, run_dir: Path) -> dict:
     from lat_lightning.attacks import attack_names
     from lat_lightning.config import PerturbationConfig
     from lat_lightning.errors import ConfigError
-    from lat_lightning.eval.scan import REPORT_FILE, SUMMARY_FILE, _fmt, run_scan, scan_positions
-    from lat_lightning.models.layers import layer_name, parse_layers
-    from lat_lightning.models.loading import load_tokenizer
+    from lat_lightning.eval.scan import run_scan, scan_positions
+    from lat_lightning.models.layers import parse_layers
 
     ev = cfg.evaluation
-    for a in ev.attacks:
+    attacks = list(ev.attacks if attacks is None else attacks)
+    for a in attacks:
         if a not in attack_names(scan=True):
             raise ConfigError(f"unknown attack '{a}' in evaluation.attacks; choose from "
                               f"{', '.join(attack_names(scan=True))}")
+    layers = ev.layers if layers is None else layers
     mcfg = scan_model_config(cfg)
-    shard = process_shard(cfg)  # several processes (torchrun, srun): each scans its share of the prompts
-    model = load_stage_model(cfg, mcfg)
-    tokenizer = load_tokenizer(mcfg)
-    prompts, targets, keys = load_scan_prompts(cfg)
+    prompts, targets, keys = load_scan_prompts(cfg, attacks)
     positions, first_k, refresh = scan_positions(cfg)
     pcfg = OmegaConf.to_object(cfg.perturbation) if not isinstance(cfg.perturbation, PerturbationConfig) \
         else cfg.perturbation
     judges = scan_judges(cfg)
     harmful_side, harmless = load_contrast_prompts(cfg, prompts)
-    result = run_scan(
-        model, tokenizer, prompts, targets, parse_layers(ev.layers, "evaluation.layers") if ev.layers is not None
-        else None, list(ev.attacks),
-        list(ev.seeds), judges, run_dir, primary_judge=ev.primary_judge, perturbation=pcfg, positions=positions,
+    return run_scan(
+        model, tokenizer, prompts, targets, parse_layers(layers, "evaluation.layers") if layers is not None
+        else None, attacks,
+        list(ev.seeds), judges, out_dir, primary_judge=ev.primary_judge, perturbation=pcfg, positions=positions,
         first_k=first_k, refresh=refresh, max_new_tokens=ev.max_new_tokens, do_sample=ev.do_sample,
         temperature=ev.temperature, top_p=ev.top_p, best_of_n=ev.best_of_n, batch_size=ev.batch_size,
         use_chat_template=mcfg.use_chat_template, system_prompt=mcfg.system_prompt, prompt_keys=keys,
         harmless_prompts=harmless, contrast_prompts=harmful_side, coherence=coherence_settings(cfg),
         classifier_path=ev.classifier_path, target_key_pattern=ev.target_key_pattern,
-        bootstrap_samples=ev.bootstrap_samples, resume=True, progress=True, probes=probes_wanted(ev.probes, model),
+        bootstrap_samples=ev.bootstrap_samples, resume=True, progress=progress,
+        probes=probes_wanted(ev.probes, model) if probes is None else bool(probes),
         asabench_test_fraction=ev.split_test_fraction, asabench_split_mode=ev.split_mode, split_seed=int(cfg.seed),
         shard=shard, share_prefix=bool(ev.share_prefix))
+
+
+def run(cfg, run_dir: Path) -> dict:
+    """Load the model and prompts, run the scan into ``run_dir``.
+
+    Returns:
+        A small dict for the stage marker: headline numbers per attack and the output files.
+
+    Raises:
+        ConfigError: an unknown attack, or a primary judge not among the judges.
+    """
+    from lat_lightning.eval.scan import REPORT_FILE, SUMMARY_FILE, _fmt
+    from lat_lightning.models.layers import layer_name
+    from lat_lightning.models.loading import load_tokenizer
+
+    mcfg = scan_model_config(cfg)
+    shard = process_shard(cfg)  # several processes (torchrun, srun): each scans its share of the prompts
+    model = load_stage_model(cfg, mcfg)
+    tokenizer = load_tokenizer(mcfg)
+    result = scan_model(cfg, model, tokenizer, run_dir, shard=shard)
     info = {"attacks": {a: {k: result.headline(a)[k] for k in ("init", "pasr_mean", "masr_mean",
                                                                  "pasr_of_mean_lasr_layer")} for a in result.attacks},
             "primary_judge": result.primary_judge, "cells_run": result.cells_run,
@@ -213,4 +244,4 @@ def coherence_settings(cfg):
 
 
 __all__ = ["PROBES_AUTO_MAX_PARAMETERS", "cells_saved", "coherence_settings", "load_contrast_prompts",
-           "load_scan_prompts", "probes_wanted", "run", "saved", "scan_judges", "scan_model_config"]
+           "load_scan_prompts", "probes_wanted", "run", "saved", "scan_model", "scan_judges", "scan_model_config"]

@@ -1,0 +1,276 @@
+"""The defences x attacks table of the defence comparison (stage ``compare``, ``docs/defences.md``).
+
+Every model of the comparison (the starting model and each defence, interpolated to the same utility tolerance)
+has one *battery* result (a dict, written by the stage as ``compare/<model>/battery.json``)::
+
+    {"description": str, "utility": float, "lambda": float | None,
+     "init": rate without any attack,
+     "attacks": {column: {"value": MASR (mean over seeds), "std": spread over seeds or None, "seeds": n}},
+     "prefill": {k: rate},                    # the first k target tokens pre-filled, no perturbation
+     "finetune": the fine-tuning attack curve (lat_lightning.eval.durability.finetune_attack_curve) or absent,
+     "seconds": {...}}
+
+:func:`build_table` turns them into one table (rows = models, columns = utility, λ, INIT, one column per attack,
+pre-fill, fine-tuning steps to break); :func:`write_outputs` writes ``compare_report.md``, ``compare_summary.json``,
+``compare_heatmap.png`` (success rates), ``compare_finetune.png`` (the fine-tuning curves) and TensorBoard.
+
+Reading it: a success rate is the primary judge's share of prompts broken (MASR: at any scanned layer; lower is
+more robust). Steps to break: fine-tuning steps until the fine-tuned copy complies with at least
+``finetune_break_rate`` of the prompts (higher is more robust; ``> budget`` = never within the budget).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+REPORT_FILE = "compare_report.md"
+SUMMARY_FILE = "compare_summary.json"
+
+
+# ------------------------------------------------------------------------------------------------ pre-fill
+def prefill_success(model: nn.Module, tokenizer, prompts: Sequence[str], targets: Sequence[str],
+                    prompt_keys: Sequence[int], ks: Sequence[int], cfg=None) -> dict[str, dict[str, Any]]:
+    """The pre-fill attack: the first ``k`` tokens of each harmful target forced after the generation prompt, then
+    greedy decoding without perturbation; the judges see pre-fill + continuation.
+
+    Args:
+        model / tokenizer: the model under attack (eval mode) and its tokenizer.
+        prompts / targets / prompt_keys: harmful prompts, their harmful targets and stable ids.
+        ks: how many target tokens to pre-fill (one result per k).
+        cfg: the run config (judges, decoding, coherence, formatting), as
+            :func:`lat_lightning.eval.durability.resolve_settings` reads it.
+
+    Returns:
+        ``{str(k): {"rate": primary judge's success rate, "judges": {name: rate}, "sample": first answer}}``.
+    """
+    from lat_lightning.data.templating import encode_response
+    from lat_lightning.eval.durability import _build_judges, _judge, _nanmean, _scorer, resolve_settings
+    from lat_lightning.eval.generation import encode_prompts, generate_under_attack
+
+    s = resolve_settings(cfg)
+    judge_map = _build_judges(s)
+    primary = s.primary_judge if s.primary_judge in judge_map else next(iter(judge_map))
+    scorer = _scorer(model, tokenizer, s)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    prompt_ids = encode_prompts(tokenizer, list(prompts), s.use_chat_template, s.system_prompt)
+    target_ids = [encode_response(tokenizer, t, add_eos=False) for t in targets]
+    out: dict[str, dict[str, Any]] = {}
+    for k in ks:
+        prefixes = [list(t[: int(k)]) for t in target_ids]
+        ids = [list(p) + pre for p, pre in zip(prompt_ids, prefixes)]
+        res = generate_under_attack(model, tokenizer, ids, None, None, prompt_keys=list(prompt_keys),
+                                    max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, pad_token_id=pad_id)
+        answers = [pre + list(tok) for pre, tok in zip(prefixes, res.token_ids)]
+        texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+        coh = scorer(prompt_ids, answers, texts) if scorer else None
+        verdicts = _judge(judge_map, list(prompts), texts, list(targets), coh)
+        out[str(int(k))] = {"rate": _nanmean(verdicts[primary]),
+                            "judges": {j: _nanmean(v) for j, v in verdicts.items()},
+                            "sample": texts[0] if texts else ""}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- table
+def _num(x) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+def build_table(results: Mapping[str, Mapping[str, Any]], attack_columns: Sequence[str],
+                prefill_ks: Sequence[int], finetune: bool) -> dict[str, Any]:
+    """One row per model, in the order of ``results``.
+
+    Args:
+        results: model name -> battery result (module docstring).
+        attack_columns: the attack columns, in order (``asa_random``, ..., ``pgd@embed``).
+        prefill_ks: the pre-fill columns.
+        finetune: whether the fine-tuning column is present.
+
+    Returns:
+        ``{"columns": [{"id", "label", "kind"}], "rows": [{"model", "description", "cells": {id: {...}}}]}``; kind
+        ``rate`` (lower = more robust), ``utility``, ``lambda`` or ``steps`` (higher = more robust). A cell is
+        ``{"value": float | None, "std": float | None}`` plus, for steps, ``"per_seed"`` and ``"budget"``.
+
+    Raises:
+        ValueError: a battery lacks a column the table needs (an unfilled cell is a bug, never a blank).
+    """
+    columns = [{"id": "utility", "label": "utility", "kind": "utility"},
+               {"id": "lambda", "label": "λ", "kind": "lambda"},
+               {"id": "init", "label": "no attack", "kind": "rate"}]
+    columns += [{"id": c, "label": c, "kind": "rate"} for c in attack_columns]
+    columns += [{"id": f"prefill_{k}", "label": f"prefill {k}", "kind": "rate"} for k in prefill_ks]
+    if finetune:
+        columns += [{"id": "finetune_rate", "label": "fine-tune success at budget", "kind": "rate"},
+                    {"id": "finetune_steps", "label": "fine-tune steps to break", "kind": "steps"}]
+    rows = []
+    for name, res in results.items():
+        cells: dict[str, dict[str, Any]] = {
+            "utility": {"value": _num(res["utility"]), "std": None},
+            "lambda": {"value": _num(res.get("lambda")), "std": None},
+            "init": {"value": _num(res["init"]), "std": None}}
+        for c in attack_columns:
+            if c not in res["attacks"]:
+                raise ValueError(f"the battery of '{name}' has no result for attack column '{c}'")
+            a = res["attacks"][c]
+            cells[c] = {"value": _num(a["value"]), "std": _num(a.get("std"))}
+        for k in prefill_ks:
+            cells[f"prefill_{k}"] = {"value": _num(res["prefill"][str(k)]["rate"]), "std": None}
+        if finetune:
+            ft = res["finetune"]
+            last = [v[-1] for v in ft["success"].values() if v]
+            cells["finetune_rate"] = {"value": _num(np.mean(last)) if last else None,
+                                      "std": _num(np.std(last)) if len(last) > 1 else None}
+            cells["finetune_steps"] = {"value": _num(ft["steps_to_break_median"]), "std": None,
+                                       "per_seed": dict(ft["steps_to_break"]), "budget": int(ft["budget"])}
+        rows.append({"model": name, "description": res.get("description", name), "cells": cells})
+    return {"columns": columns, "rows": rows}
+
+
+def _fmt_cell(cell: Mapping[str, Any], kind: str) -> str:
+    v = cell.get("value")
+    if kind == "steps":
+        per = cell.get("per_seed") or {}
+        budget = cell.get("budget")
+        seeds = ", ".join("—" if s is None else str(s) for s in per.values())
+        head = f"> {budget}" if v is None else f"{v:g}"
+        return f"{head} ({seeds})" if per else head
+    if v is None:
+        return "—" if kind == "lambda" else "n/a"
+    if kind == "lambda":
+        return f"{v:g}"
+    std = cell.get("std")
+    return f"{v:.2f} ± {std:.2f}" if std else f"{v:.2f}"
+
+
+def render_markdown(table: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
+    """The report: settings, the defences x attacks table, how to read it."""
+    cols = table["columns"]
+    lines = ["# Defence comparison", "",
+             f"Starting model: `{summary['model']}`; {summary['n_prompts']} held-out harmful prompts; judge "
+             f"`{summary['primary_judge']}`; layers attacked in training: {summary['attack_layers']} "
+             f"({summary['attack_layers_source']}); utility: {summary['utility_kind']}, interpolation tolerance "
+             f"{summary['tolerance']}.", "",
+             "| model | " + " | ".join(c["label"] for c in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for row in table["rows"]:
+        lines.append(f"| {row['model']} | " + " | ".join(_fmt_cell(row["cells"][c["id"]], c["kind"]) for c in cols)
+                     + " |")
+    finetune = any(c["id"] == "finetune_steps" for c in cols)
+    lines += ["", "Success rates: share of prompts broken (attacks: at any scanned layer, mean ± std over seeds where "
+              "the attack is random); lower is more robust."
+              + (" Fine-tune steps to break: the median over seeds (each seed in brackets, — = not broken) of the "
+                 "first evaluated step at which the fine-tuned copy complies with at least "
+                 f"{summary.get('finetune_break_rate')} of the prompts; higher is more robust, `> budget` = not "
+                 "broken within the budget." if finetune else "")
+              + " λ: the interpolation weight kept (θ = λ·θ_defence + (1 − λ)·θ_original), the largest within the "
+              "utility tolerance.", "",
+              "| model | defence |", "|---|---|"]
+    lines += [f"| {row['model']} | {row['description']} |" for row in table["rows"]]
+    lines += ["", f"Wall time: {summary['timings'].get('total', 'n/a')} s "
+              f"({', '.join(f'{k} {v} s' for k, v in summary['timings'].items() if k != 'total')})."]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- figures
+def _figures(table: Mapping[str, Any], results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs: dict[str, Any] = {}
+    rate_cols = [c for c in table["columns"] if c["kind"] == "rate"]
+    names = [r["model"] for r in table["rows"]]
+    mat = np.array([[np.nan if r["cells"][c["id"]]["value"] is None else r["cells"][c["id"]]["value"]
+                     for c in rate_cols] for r in table["rows"]], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.1 * len(rate_cols) + 2.5, 0.55 * len(names) + 1.8))
+    im = ax.imshow(mat, vmin=0.0, vmax=1.0, cmap="Reds", aspect="auto")
+    ax.set_xticks(range(len(rate_cols)), [c["label"] for c in rate_cols], rotation=35, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for i in range(mat.shape[0]):
+        for j in range(mat.shape[1]):
+            ax.text(j, i, "n/a" if np.isnan(mat[i, j]) else f"{mat[i, j]:.2f}", ha="center", va="center",
+                    color="white" if not np.isnan(mat[i, j]) and mat[i, j] > 0.6 else "black", fontsize=8)
+    fig.colorbar(im, ax=ax, label="attack success (lower = more robust)")
+    ax.set_title("Defences x attacks")
+    fig.tight_layout()
+    figs["compare_heatmap"] = fig
+    curves = {n: r["finetune"] for n, r in results.items() if r.get("finetune")}
+    if curves:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for name, ft in curves.items():
+            steps = ft["eval_steps"]
+            for ax, key in zip(axes, ("success", "harmful_loss")):
+                arr = np.array([v for v in ft[key].values()], dtype=float)
+                if arr.size == 0 or arr.shape[-1] != len(steps):
+                    continue
+                mean = np.nanmean(arr, axis=0)
+                line, = ax.plot(steps, mean, marker="o", ms=3, label=name)
+                if arr.shape[0] > 1:
+                    ax.fill_between(steps, np.nanmin(arr, axis=0), np.nanmax(arr, axis=0), alpha=0.15,
+                                    color=line.get_color())
+        axes[0].axhline(float(next(iter(curves.values()))["break_rate"]), color="grey", ls="--", lw=1)
+        axes[0].set(xlabel="fine-tuning steps", ylabel="attack success (no perturbation)", ylim=(-0.02, 1.02),
+                    title="Fine-tuning attack: success (band = min..max over seeds)")
+        axes[1].set(xlabel="fine-tuning steps", ylabel="harmful-target CE (nats / token)",
+                    title="Fine-tuning attack: harmful-target loss")
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        figs["compare_finetune"] = fig
+    return figs
+
+
+def write_outputs(table: Mapping[str, Any], results: Mapping[str, Mapping[str, Any]], summary: dict[str, Any],
+                  out: Path, tensorboard: bool = True) -> dict[str, str]:
+    """Write the report, the summary JSON (table + every battery), the figures and TensorBoard into ``out``.
+
+    Returns:
+        ``{figure name: path}``.
+    """
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = render_markdown(table, summary)
+    figs = _figures(table, results)
+    paths = {}
+    for name, fig in figs.items():
+        paths[name] = str(out / f"{name}.png")
+        fig.savefig(paths[name], dpi=110)
+    if tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"))
+        try:
+            for row in table["rows"]:
+                for c in table["columns"]:
+                    v = row["cells"][c["id"]]["value"]
+                    if v is not None:
+                        writer.add_scalar(f"compare/{c['id']}/{row['model']}", float(v), 0)
+            for name, ft in ((n, r["finetune"]) for n, r in results.items() if r.get("finetune")):
+                mean = np.nanmean(np.array(list(ft["success"].values()), dtype=float), axis=0)
+                for step, v in zip(ft["eval_steps"], mean):
+                    writer.add_scalar(f"compare_finetune/success/{name}", float(v), int(step))
+            for name, fig in figs.items():
+                writer.add_figure(name, fig, 0)
+            writer.add_text("compare/report", report, 0)
+        finally:
+            writer.close()
+    for fig in figs.values():
+        plt.close(fig)
+    summary = {**summary, "table": table, "batteries": dict(results), "figures": paths}
+    (out / REPORT_FILE).write_text(report)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return paths
+
+
+__all__ = ["REPORT_FILE", "SUMMARY_FILE", "build_table", "prefill_success", "render_markdown", "write_outputs"]

@@ -1,0 +1,186 @@
+"""Stage ``compare``: which defence holds against which attack, at equal utility (``docs/defences.md``).
+
+1. The starting model (``model``) is attacked by the battery (``compare.include_original``), which also gives the
+   LASR per layer that picks the attacked layers once for every defence (``callbacks.fragile_layers``; or
+   ``perturbation.layers`` when that callback is off).
+2. Each defence of ``compare.defences`` (:data:`lat_lightning.training.defences.DEFENCES`) is trained by the
+   ``fit`` stage into ``compare/<defence>/`` from the same model and data, then interpolated with the original to
+   the same utility tolerance (``callbacks.weight_interpolation``), then attacked by the same battery.
+3. The battery, per model (``compare/<model>/battery.json``): utility; ``evaluation.attacks`` at
+   ``evaluation.layers`` (MASR); ``compare.embed_attacks`` at the input embeddings; the pre-fill attack
+   (``compare.prefill_tokens``); the fine-tuning attack curve (``compare.finetune``,
+   ``evaluation.durability.finetune_*``).
+4. ``compare/compare_report.md``, ``compare_summary.json``, ``compare_heatmap.png``, ``compare_finetune.png`` and
+   TensorBoard (``compare/tensorboard``).
+
+A resumed run keeps every finished defence (``compare/<defence>/defence.json``) and battery.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from lat_lightning.stages.common import load_stage_model
+
+ORIGINAL = "original"
+
+
+def _battery(cfg, model, tokenizer, out: Path, prompts, targets, keys, score_fn, pairs, extra: dict) -> dict:
+    """Attack one model with the whole battery (or read the battery it finished before)."""
+    from lat_lightning.eval.compare import prefill_success
+    from lat_lightning.stages.scan import scan_model
+
+    done = out / "battery.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cmp = cfg.compare
+    t0 = time.time()
+    res: dict[str, Any] = {**extra, "utility": float(score_fn(model)), "attacks": {}, "seconds": {}}
+    res["seconds"]["utility"] = round(time.time() - t0, 2)
+    t0 = time.time()
+    scan = scan_model(cfg, model, tokenizer, out / "scan", probes=False, progress=False)
+    res["init"] = scan.headline()["init"]
+    for a in scan.attacks:
+        h = scan.headline(a)
+        res["attacks"][a] = {"value": h["masr_mean"], "std": h["masr_std"] if len(scan.seeds_run[a]) > 1 else None,
+                             "seeds": len(scan.seeds_run[a]), "peak_layer": h["pasr_of_mean_lasr_layer"]}
+    if cmp.embed_attacks:
+        emb = scan_model(cfg, model, tokenizer, out / "embed", attacks=list(cmp.embed_attacks), layers=["embed"],
+                         probes=False, progress=False)
+        for a in emb.attacks:
+            h = emb.headline(a)
+            res["attacks"][f"{a}@embed"] = {"value": h["masr_mean"],
+                                            "std": h["masr_std"] if len(emb.seeds_run[a]) > 1 else None,
+                                            "seeds": len(emb.seeds_run[a])}
+    res["seconds"]["scan"] = round(time.time() - t0, 2)
+    if cmp.prefill_tokens:
+        t0 = time.time()
+        res["prefill"] = prefill_success(model, tokenizer, prompts, targets, keys, list(cmp.prefill_tokens), cfg)
+        res["seconds"]["prefill"] = round(time.time() - t0, 2)
+    if cmp.finetune:
+        from lat_lightning.eval.durability import finetune_attack_curve
+        from lat_lightning.training.finetune import lora_finetune
+
+        t0 = time.time()
+        res["finetune"] = finetune_attack_curve(model, tokenizer, prompts, targets, cfg=cfg, finetune=lora_finetune,
+                                                out_dir=out / "finetune", finetune_pairs=pairs, prompt_keys=keys)
+        res["seconds"]["finetune"] = round(time.time() - t0, 2)
+    done.write_text(json.dumps(res, indent=2))
+    return res
+
+
+def _attack_layers(cfg, model, tokenizer, out: Path, prompts: list[str]) -> tuple[list | None, str]:
+    """The layers every defence attacks in training, chosen once on the starting model."""
+    import sys
+
+    f = cfg.callbacks.fragile_layers
+    if not f.enabled:
+        return list(cfg.perturbation.layers), "perturbation.layers"
+    from lat_lightning.callbacks.fragile_layers import FragileLayerSelector
+
+    selector = FragileLayerSelector.from_config(cfg, run_dir=out / ORIGINAL / "scan")
+    selector.prompts = list(prompts)
+    result = selector.select(model, tokenizer)
+    (out / "fragile_layers.json").write_text(json.dumps(result, indent=2, default=str))
+    print(f"[compare] attacked layers for every defence: {result['layers']} "
+          f"(callbacks.fragile_layers.method={result['method_used']})", file=sys.stdout, flush=True)
+    return list(result["layers"]), f"callbacks.fragile_layers.method={result['method_used']} on the starting model"
+
+
+def run(cfg, run_dir: Path) -> dict:
+    """Train every defence, attack every model, write the table.
+
+    Returns:
+        The report and summary paths and the table's cells per model.
+
+    Raises:
+        ConfigError: an unknown defence or a bad override, no utility rows, no harmful targets.
+    """
+    from lat_lightning.config import ModelConfig
+    from lat_lightning.data.loaders import load_safety_examples
+    from lat_lightning.eval.compare import REPORT_FILE, SUMMARY_FILE, build_table, write_outputs
+    from lat_lightning.models.loading import load_tokenizer
+    from lat_lightning.resources import resource_path
+    from lat_lightning.stages import fit as fit_stage
+    from lat_lightning.stages.rescan import trained_model_path
+    from lat_lightning.stages.scan import load_scan_prompts
+    from lat_lightning.training.defences import DEFENCES, defence_config
+    from lat_lightning.training.interpolation import utility_score_fn
+
+    t_start = time.time()
+    run_dir = Path(run_dir)
+    out = run_dir / "compare"
+    out.mkdir(parents=True, exist_ok=True)
+    cmp = cfg.compare
+    for name in cmp.defences:  # fail before any training on a bad name or override
+        defence_config(cfg, str(name))
+    tokenizer = load_tokenizer(cfg.model)
+    score_fn = utility_score_fn(cfg, tokenizer)
+    prompts, targets, keys = load_scan_prompts(cfg, require_target=bool(cmp.finetune or cmp.prefill_tokens))
+    pairs = None
+    if cfg.data.harmful and cmp.finetune:  # the fine-tuning attack trains on the training split's harmful pairs
+        pairs = [(e.prompt, e.harmful_response) for e in load_safety_examples(
+            resource_path(cfg.data.harmful), cfg.data.harmful_split, dict(cfg.data.harmful_columns or {}),
+            cfg.data.default_safe_response, cfg.data.max_examples, default_target=cfg.data.default_target,
+            row_filter=dict(cfg.data.filter or {})) if e.harmful_response]
+    timings: dict[str, float] = {}
+    results: dict[str, dict] = {}
+    model = load_stage_model(cfg)
+    if cmp.include_original:
+        t0 = time.time()
+        results[ORIGINAL] = _battery(cfg, model, tokenizer, out / ORIGINAL, prompts, targets, keys, score_fn, pairs,
+                                     {"description": "the starting model, no defence", "lambda": None})
+        timings[f"battery_{ORIGINAL}"] = round(time.time() - t0, 1)
+    layers, layers_source = _attack_layers(cfg, model, tokenizer, out, prompts)
+    del model
+    for name in [str(n) for n in cmp.defences]:
+        sub = out / name
+        marker = sub / "defence.json"
+        if not marker.is_file():
+            t0 = time.time()
+            sub.mkdir(parents=True, exist_ok=True)
+            info = fit_stage.run(defence_config(cfg, name, layers), sub)
+            interp = sub / "interpolation.json"
+            lam = json.loads(interp.read_text())["chosen_lambda"] if interp.is_file() else None
+            marker.write_text(json.dumps({"fit": info, "lambda": lam, "seconds": round(time.time() - t0, 1)}))
+            timings[f"train_{name}"] = round(time.time() - t0, 1)
+        trained = json.loads(marker.read_text())
+        path = trained_model_path(sub)
+        t0 = time.time()
+        model = load_stage_model(cfg, ModelConfig(name_or_path=str(path), dtype=str(cfg.model.dtype)))
+        results[name] = _battery(cfg, model, tokenizer, sub, prompts, targets, keys, score_fn, pairs,
+                                 {"description": DEFENCES[name].description, "lambda": trained["lambda"],
+                                  "model_path": str(path)})
+        timings[f"battery_{name}"] = round(time.time() - t0, 1)
+        del model
+    attack_columns = [str(a) for a in cfg.evaluation.attacks] + [f"{a}@embed" for a in cmp.embed_attacks]
+    table = build_table(results, attack_columns, [int(k) for k in cmp.prefill_tokens], bool(cmp.finetune))
+    timings["total"] = round(time.time() - t_start, 1)
+    ft = next((r["finetune"] for r in results.values() if r.get("finetune")), None)
+    summary = {"model": str(cfg.model.name_or_path), "n_prompts": len(prompts),
+               "primary_judge": str(cfg.evaluation.primary_judge), "attack_layers": layers,
+               "attack_layers_source": layers_source, "utility_kind": str(cfg.callbacks.weight_interpolation.utility),
+               "tolerance": float(cfg.callbacks.weight_interpolation.tolerance)
+               if cfg.callbacks.weight_interpolation.enabled else None,
+               "finetune_break_rate": ft["break_rate"] if ft else None, "timings": timings}
+    figures = write_outputs(table, results, summary, out, tensorboard=bool(cfg.logging.tensorboard))
+    print((out / REPORT_FILE).read_text(), flush=True)
+    return {"report": str(out / REPORT_FILE), "summary": str(out / SUMMARY_FILE), "figures": figures,
+            "timings": timings,
+            "cells": {r["model"]: {k: c["value"] for k, c in r["cells"].items()} for r in table["rows"]}}
+
+
+def saved(run_dir: Path) -> str | None:
+    """What an interrupted comparison keeps for ``--resume``: its finished defences and batteries."""
+    out = Path(run_dir) / "compare"
+    trained = sorted(p.parent.name for p in out.glob("*/defence.json"))
+    attacked = sorted(p.parent.name for p in out.glob("*/battery.json"))
+    if not trained and not attacked:
+        return None
+    return f"defences trained: {', '.join(trained) or 'none'}; batteries done: {', '.join(attacked) or 'none'} (kept)"
+
+
+__all__ = ["run", "saved"]
