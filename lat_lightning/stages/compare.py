@@ -28,6 +28,19 @@ from lat_lightning.stages.common import load_stage_model
 ORIGINAL = "original"
 
 
+def _masr(scan, suffix: str = "") -> dict[str, dict]:
+    """Per attack of a scan: the primary judge's MASR (mean, std over seeds when random) and every judge's."""
+    out = {}
+    for a in scan.attacks:
+        h = scan.headline(a)
+        seeds = len(scan.seeds_run[a])
+        judges = scan.summary["attacks"][a]["judges"]
+        out[f"{a}{suffix}"] = {"value": h["masr_mean"], "std": h["masr_std"] if seeds > 1 else None, "seeds": seeds,
+                               "peak_layer": h["pasr_of_mean_lasr_layer"],
+                               "judges": {j: v.get("masr_mean") for j, v in judges.items()}}
+    return out
+
+
 def _battery(cfg, model, tokenizer, out: Path, prompts, targets, keys, score_fn, pairs, extra: dict) -> dict:
     """Attack one model with the whole battery (or read the battery it finished before)."""
     from lat_lightning.eval.compare import prefill_success
@@ -43,18 +56,11 @@ def _battery(cfg, model, tokenizer, out: Path, prompts, targets, keys, score_fn,
     t0 = time.time()
     scan = scan_model(cfg, model, tokenizer, out / "scan", probes=False, progress=False)
     res["init"] = scan.headline()["init"]
-    for a in scan.attacks:
-        h = scan.headline(a)
-        res["attacks"][a] = {"value": h["masr_mean"], "std": h["masr_std"] if len(scan.seeds_run[a]) > 1 else None,
-                             "seeds": len(scan.seeds_run[a]), "peak_layer": h["pasr_of_mean_lasr_layer"]}
+    res["attacks"].update(_masr(scan))
     if cmp.embed_attacks:
         emb = scan_model(cfg, model, tokenizer, out / "embed", attacks=list(cmp.embed_attacks), layers=["embed"],
                          probes=False, progress=False)
-        for a in emb.attacks:
-            h = emb.headline(a)
-            res["attacks"][f"{a}@embed"] = {"value": h["masr_mean"],
-                                            "std": h["masr_std"] if len(emb.seeds_run[a]) > 1 else None,
-                                            "seeds": len(emb.seeds_run[a])}
+        res["attacks"].update(_masr(emb, suffix="@embed"))
     res["seconds"]["scan"] = round(time.time() - t0, 2)
     if cmp.prefill_tokens:
         t0 = time.time()
