@@ -1207,10 +1207,13 @@ def _figures(summary: Mapping[str, Any]) -> dict[str, Any]:
             if key == "success":
                 ax.axhline(fa["break_rate"], color="grey", lw=0.8, ls="--")
                 ax.set_ylim(-0.02, 1.02)
-                ax.set_title(f"fine-tuning attack: success (dashed: break rate {fa['break_rate']:g}; dotted: median "
-                             "steps to break)", fontsize=8)
+                ax.set_title(f"fine-tuning attack: success (dashed: break rate {fa['break_rate']:g},\n"
+                             "dotted: median steps to break; band: min..max over seeds)", fontsize=8)
             else:
-                ax.set_title("fine-tuning attack: harmful-target CE (band: min..max over seeds)", fontsize=8)
+                start = fa["original"]["harmful_loss_mean"][0]
+                if start is not None:  # where the original started: crossing it is distance covered, not resistance
+                    ax.axhline(start, color="grey", lw=0.8, ls=":")
+                ax.set_title("fine-tuning attack: harmful-target CE\n(dotted: the original's at step 0)", fontsize=8)
             ax.set_xlabel("LoRA step")
             ax.set_ylabel(ylabel)
             ax.legend(fontsize=7)
