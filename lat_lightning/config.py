@@ -205,7 +205,8 @@ class DurabilityConfig:
     """The durability suite (stage ``durability``, ``docs/durability.md``): original vs hardened model.
 
     Runtime scales with ``num_prompts`` x (``random_seeds`` + adaptive attacks) x layers, ``max_k``,
-    ``finetune_steps`` / ``benign_steps`` and the number of ``rewrites``.
+    ``finetune_seeds`` x (``finetune_steps`` + ``num_prompts`` x evaluated steps), ``benign_steps`` and the number
+    of ``rewrites``.
     """
 
     sections: list[str] = field(default_factory=lambda: ["rescan", "adaptive", "finetune", "trainability", "depth",
