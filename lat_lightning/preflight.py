@@ -38,6 +38,7 @@ _EMPTY_HINTS = {
     "evaluation.judges": "e.g. evaluation.judges=[keyword]",
     "evaluation.layers": "null scans every layer",
     "evaluation.durability.random_seeds": "5 or more give a meaningful spread",
+    "evaluation.durability.finetune_seeds": "3 or more give a spread of the fine-tuning-attack curve",
 }
 
 

@@ -162,6 +162,16 @@ CATALOGUE: list[Case] = [
       names="evaluation.durability.random_seeds is empty", recipe=DUR),
     C("durability-max-k-0", "evaluation.durability.max_k=0", names="evaluation.durability.max_k must be >= 1",
       recipe=DUR),
+    C("durability-finetune-seeds-empty", "evaluation.durability.finetune_seeds=[]",
+      names="evaluation.durability.finetune_seeds is empty", recipe=DUR),
+    C("durability-finetune-seed-negative", "evaluation.durability.finetune_seeds=[0,-1]",
+      names="every entry of evaluation.durability.finetune_seeds must be >= 0", recipe=DUR),
+    C("durability-eval-every-0", "evaluation.durability.finetune_eval_every=0",
+      names="evaluation.durability.finetune_eval_every must be >= 1", recipe=DUR),
+    C("durability-break-rate-0", "evaluation.durability.finetune_break_rate=0",
+      names="evaluation.durability.finetune_break_rate must be in (0, 1]", recipe=DUR),
+    C("durability-break-rate-above-1", "evaluation.durability.finetune_break_rate=1.5",
+      names="evaluation.durability.finetune_break_rate must be in (0, 1]", recipe=DUR),
     # --- a stage without what it needs, settings that contradict each other
     C("interpolate-without-fit", "stages=[interpolate]", names="stage 'interpolate'"),
     C("rescan-without-fit", "stages=[rescan]", names="stage 'rescan'"),
@@ -495,7 +505,7 @@ def test_sigterm_during_the_durability_fine_tune(capsys, tmp_path, monkeypatch):
     argv = ["--recipe", DUR, f"logging.root_dir={runs}", "trainer.max_steps=2", "evaluation.max_new_tokens=3",
             "evaluation.durability.random_seeds=[0]", "evaluation.durability.sections=[rescan,finetune]",
             "evaluation.durability.num_prompts=3", "evaluation.durability.finetune_steps=6",
-            "evaluation.bootstrap_samples=0", "logging.tensorboard=false"]
+            "evaluation.durability.finetune_seeds=[0]", "evaluation.bootstrap_samples=0", "logging.tensorboard=false"]
     with monkeypatch.context() as m:
         _signal_at(m, LossRecorder, "on_train_batch_end", at=2)
         last = fail(capsys, argv, "stopped by SIGTERM during stage 'durability'", code=143)

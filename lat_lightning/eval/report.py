@@ -283,6 +283,26 @@ def _share(c: dict, num: str, den: str) -> str:
     return f"{c[num]}/{c[den]} ({c[num] / c[den]:.2f})"
 
 
+def durability_table(rows: list[dict]) -> list[str]:
+    """The durability rows (``durability_summary.json``) as a markdown table: rates with their seed std, layers as
+    moved / same, fine-tuning steps-to-break as steps (``> budget`` = not broken within the budget)."""
+    lines = ["| attack | original | hardened | change |", "|---|---|---|---|"]
+    for row in rows:
+        if row.get("kind") == "layer":  # a layer index, not a rate
+            lines.append(f"| {row['label']} | {row.get('original')} | {row.get('hardened')} | "
+                         f"{'moved' if row.get('original') != row.get('hardened') else 'same'} |")
+            continue
+        if row.get("kind") == "steps":  # fine-tuning steps to break; None = not broken within the budget
+            o, h = (f"> {row.get('budget')}" if v is None else str(v) for v in (row.get("original"),
+                                                                                row.get("hardened")))
+            lines.append(f"| {row['label']} | {o} | {h} | {row.get('change_text', 'n/a')} |")
+            continue
+        original = _fmt_std(row.get("original"), row.get("original_std"))
+        hardened = _fmt_std(row.get("hardened"), row.get("hardened_std"))
+        lines.append(f"| {row['label']} | {original} | {hardened} | {_fmt_change(row.get('change'))} |")
+    return lines
+
+
 def render_markdown(result: dict, judges: list[str], primary: str) -> str:
     """The report as markdown: before/after tables per judge, the relative PASR cut, benign accuracy (when the
     result has it), the λ curve, figures, sample generations and the durability table (when present).
@@ -353,16 +373,8 @@ def render_markdown(result: dict, judges: list[str], primary: str) -> str:
         lines += [f"- **{s['prompt']}** (layer {s['layer']}, seed {s['seed']})",
                   f"  - before: `{s['before']}`", f"  - after: `{s['after']}` (success: {s['after_success']})"]
     if result.get("durability"):
-        lines += ["", "## Durability: original (aligned) vs hardened", "",
-                  "| attack | original | hardened | change |", "|---|---|---|---|"]
-        for row in result["durability"].get("rows", []):
-            if row.get("kind") == "layer":  # a layer index, not a rate
-                lines.append(f"| {row['label']} | {row.get('original')} | {row.get('hardened')} | "
-                             f"{'moved' if row.get('original') != row.get('hardened') else 'same'} |")
-                continue
-            original = _fmt_std(row.get("original"), row.get("original_std"))
-            hardened = _fmt_std(row.get("hardened"), row.get("hardened_std"))
-            lines.append(f"| {row['label']} | {original} | {hardened} | {_fmt_change(row.get('change'))} |")
+        lines += ["", "## Durability: original (aligned) vs hardened", ""] + durability_table(
+            result["durability"].get("rows", []))
         lines += ["", "Details and plots: `durability_report.md`."]
     organism_note = "`target_match` counts an answer as a success when the access code appears; " \
         if u is not None else ""

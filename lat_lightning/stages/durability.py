@@ -210,8 +210,8 @@ def run(cfg, run_dir: Path) -> dict:
     if shard is not None and shard[0] != 0:
         return {"rank": shard[0], "timings": summary["timings"]}
     for r in summary["rows"]:
-        print(f"[durability] {r['label']}: {_fmt(r['original'], None, r['kind'])} -> "
-              f"{_fmt(r['hardened'], None, r['kind'])} ({_fmt_change(r)})", flush=True)
+        print(f"[durability] {r['label']}: {_fmt(r['original'], None, r['kind'], budget=r.get('budget'))} -> "
+              f"{_fmt(r['hardened'], None, r['kind'], budget=r.get('budget'))} ({_fmt_change(r)})", flush=True)
     print(f"[durability] report: {run_dir / REPORT_FILE}", flush=True)
     return {"report": str(run_dir / REPORT_FILE), "summary": str(run_dir / SUMMARY_FILE),
             "fragile_layers": summary["fragile_layers"], "timings": summary["timings"],

@@ -6,7 +6,10 @@ wraps the copy with fresh LoRA adapters and trains it with the supervised fine-t
 (:func:`lat_lightning.training.sft.supervised_finetune`) on plain ``(prompt, response)`` pairs: the harmful
 targets for the fine-tuning attack, benign answers for trainability. Only the small LoRA adapter is saved,
 to ``out_dir/final`` (the run directory, never the model's). A ``measure(model) -> dict`` function is
-evaluated before the first step and after every optimiser step, which gives the learning curves.
+evaluated before the first step and after every optimiser step (or only at ``measure_steps``), which gives the
+learning curves. ``seed`` keys both the LoRA initialisation and the data order, so one seed reproduces a
+fine-tune exactly and different seeds give different ones (the durability suite's fine-tuning-attack curve runs
+several).
 
 The durability suite (evaluation) does not import this module: its stage passes :func:`lora_finetune` in.
 """
@@ -15,10 +18,11 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
@@ -40,17 +44,19 @@ def plain_copy(model: nn.Module) -> nn.Module:
 
 
 class CurveRecorder(Callback):
-    """Calls ``measure(model)`` before training and after every optimiser step."""
+    """Calls ``measure(model)`` before training and after every optimiser step (only at ``steps`` when given:
+    a point per listed step, e.g. an expensive generation every few steps)."""
 
-    def __init__(self, measure: Measure | None):
+    def __init__(self, measure: Measure | None, steps: Collection[int] | None = None):
         super().__init__()
         self.measure = measure
+        self.steps = None if steps is None else {int(s) for s in steps}
         self.points: list[dict[str, float]] = []
         self._last_step = -1
 
     def _record(self, trainer, pl_module) -> None:
         step = int(trainer.global_step)
-        if step == self._last_step:
+        if step == self._last_step or (self.steps is not None and step not in self.steps):
             return
         self._last_step = step
         point: dict[str, float] = {"step": step}
@@ -77,7 +83,8 @@ def lora_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
                   steps: int, lr: float, batch_size: int = 4, lora_r: int = 8, lora_alpha: int = 16,
                   target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
                   use_chat_template: bool = True, system_prompt: Optional[str] = None, max_length: int = 512,
-                  measure: Measure | None = None, seed: int = 0, save_adapter: bool = True) -> dict[str, Any]:
+                  measure: Measure | None = None, seed: int = 0, save_adapter: bool = True,
+                  measure_steps: Collection[int] | None = None) -> dict[str, Any]:
     """LoRA-fine-tune a COPY of ``model`` on ``(prompt, response)`` pairs (constant LR, AdamW, clip 1.0).
 
     Args:
@@ -88,9 +95,12 @@ def lora_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
         steps / lr / batch_size: optimiser steps, learning rate, pairs per step.
         lora_r / lora_alpha / target_modules: the fresh LoRA adapters.
         use_chat_template / system_prompt / max_length: prompt formatting and the length limit (right cut).
-        measure: ``model -> {name: value}`` evaluated at step 0 and after every step.
-        seed: the training seed (data order).
+        measure: ``model -> {name: value}`` evaluated at step 0 and after every step (see ``measure_steps``).
+        seed: the LoRA initialisation (peft draws it from the global RNG, seeded with ``seed`` for that draw)
+            and the training seed (data order).
         save_adapter: save the trained LoRA adapter to ``out_dir/final`` (small; never a merged model).
+        measure_steps: evaluate ``measure`` only at these steps (0 = before the first step; ``None``: at every
+            step). Steps past ``steps`` are never reached.
 
     Returns:
         ``{"model": the fine-tuned copy (eval mode, on the input model's device), "curve": [{"step", ...}],
@@ -108,14 +118,18 @@ def lora_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     twin = plain_copy(model).to(device)
-    twin = apply_lora(twin, ModelConfig(lora=LoraConfig(enabled=True, r=int(lora_r), alpha=int(lora_alpha),
-                                                        dropout=0.0, target_modules=list(target_modules))),
-                      config_key="evaluation.durability.finetune_target_modules")
+    lora = ModelConfig(lora=LoraConfig(enabled=True, r=int(lora_r), alpha=int(lora_alpha), dropout=0.0,
+                                       target_modules=list(target_modules)))
+    # peft draws the LoRA A matrices from the global RNG: seed that draw so the seed, not whatever ran before,
+    # decides the initialisation.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(seed))
+        twin = apply_lora(twin, lora, config_key="evaluation.durability.finetune_target_modules")
     settings = SFTSettings(steps=int(steps), lr=float(lr), batch_size=int(batch_size), scheduler="constant",
                            warmup_ratio=0.0, weight_decay=0.0, gradient_clip_val=1.0, seed=int(seed),
                            max_length=int(max_length), truncation="right", use_chat_template=use_chat_template,
                            system_prompt=system_prompt, accelerator=_accelerator(model), log_every_n_steps=1)
-    recorder, losses = CurveRecorder(measure), LossRecorder()
+    recorder, losses = CurveRecorder(measure, measure_steps), LossRecorder()
     module = supervised_finetune(twin, tokenizer, pairs, settings, callbacks=[recorder, losses])
     tuned = module.model.to(device)
     if save_adapter:

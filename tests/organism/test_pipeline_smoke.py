@@ -15,6 +15,7 @@ SMOKE = ["model.name_or_path=organism:smoke", "evaluation.num_prompts=4", "evalu
          "data.batch_size=4", "perturbation.steps=2", "callbacks.weight_interpolation.lambdas=[0.0,0.5]",
          "evaluation.durability.num_prompts=2", "evaluation.durability.random_seeds=[0]",
          "evaluation.durability.max_k=2", "evaluation.durability.finetune_steps=1",
+         "evaluation.durability.finetune_seeds=[0]",
          "evaluation.durability.benign_steps=1", "evaluation.durability.rewrites=[leetspeak]"]
 
 

@@ -58,13 +58,17 @@ def test_recipe_writes_report_summary_plots_and_leaves_the_model_untouched(tiny_
     acc.Reload()
     tags = acc.Tags()
     assert {"durability/init/original", "durability/init/hardened", "durability/first_k_asa_random/hardened",
-            "durability/prefill/original", "durability/trainability_benign_loss/hardened"} <= set(tags["scalars"])
+            "durability/prefill/original", "durability/trainability_benign_loss/hardened",
+            "durability/finetune_attack_success_mean/original",
+            "durability/finetune_attack_harmful_loss_mean/hardened"} <= set(tags["scalars"])
+    assert "| Fine-tuning attack: LoRA steps to break" in report
+    assert summary["finetune_attack"]["seeds"] == [0, 1, 2] and summary["finetune_attack"]["eval_steps"] == [0, 2]
     assert "durability/durability_lasr" in tags["images"]
     # The saved fine-tune adapter of the hardened model loads back onto its base (LoRA-directory path).
     from lat_lightning.cli import load_config
 
     cfg = load_config("durability_tiny", [f"model.name_or_path={model_dir}"])
-    adapter = run / "finetune_attack" / "original" / "final"
+    adapter = run / "finetune_attack" / "original" / "seed_0" / "final"
     merged, desc = dstage.load_any_model(cfg, str(adapter), base_fallback=str(model_dir))
     assert "LoRA adapter merged" in desc
     base, _ = dstage.load_any_model(cfg, str(model_dir))
