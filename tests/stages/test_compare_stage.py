@@ -13,7 +13,8 @@ SMOKE = ["model.name_or_path=organism:smoke", "evaluation.num_prompts=4", "evalu
          "trainer.max_steps=2", "trainer.val_check_interval=2", "data.batch_size=4", "perturbation.steps=2",
          "perturbation.direction_prompts=8", "perturbation.direction_refresh=1",
          "callbacks.weight_interpolation.lambdas=[0.0,0.5,1.0]", "logging.tensorboard=false"]
-FINETUNE = ["compare.finetune=false"]
+FINETUNE = ["evaluation.durability.finetune_steps=4", "evaluation.durability.finetune_eval_every=2",
+            "evaluation.durability.finetune_seeds=[0,1]", "evaluation.durability.num_prompts=4"]
 
 
 def _run(root, extra=()):
@@ -53,7 +54,11 @@ def test_compare_defences_fills_every_cell_and_reproduces(isolated_cache):
         marker = json.loads((run / "compare" / name / "defence.json").read_text())
         assert marker["fit"]["attack_layers"] == first["attack_layers"]
         assert (run / "compare" / name / "interpolation.json").is_file()
-    for rel in ("compare_report.md", "compare_heatmap.png"):
+    for row in table["rows"]:  # the fine-tuning curve of every model: 2 seeds x steps 0, 2, 4
+        curve = first["batteries"][row["model"]]["finetune"]
+        assert curve["eval_steps"] == [0, 2, 4] and set(curve["success"]) == {"0", "1"}
+        assert all(len(v) == 3 for v in curve["success"].values())
+    for rel in ("compare_report.md", "compare_heatmap.png", "compare_finetune.png"):
         assert (run / "compare" / rel).is_file()
     report = (run / "compare" / "compare_report.md").read_text()
     assert all(f"| {m} |" in report for m in models)
@@ -64,4 +69,11 @@ def test_compare_defences_fills_every_cell_and_reproduces(isolated_cache):
     rows = {r["model"]: r for r in table["rows"]}
     assert [r["model"] for r in second["table"]["rows"]] == ["original", "lat", "refat"]
     assert second["table"]["rows"] == [rows["original"], rows["lat"], rows["refat"]]
-    print(first["timings"], second["timings"])
+    for name in ("original", "lat", "refat"):  # continuous numbers too: utility, the harmful-target loss curve
+        assert second["batteries"][name]["finetune"]["harmful_loss"] == first["batteries"][name]["finetune"][
+            "harmful_loss"]
+    # The smoke organism is too weak for its success rates to separate the models (they are all 0 or all 1), so the
+    # continuous measurements show that each row measured its own model: the harmful-target loss before any
+    # fine-tuning differs between the starting model and every defence.
+    start = {r["model"]: first["batteries"][r["model"]]["finetune"]["harmful_loss_mean"][0] for r in table["rows"]}
+    assert all(start[m] != start["original"] for m in models[1:]), start
