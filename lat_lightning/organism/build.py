@@ -30,7 +30,6 @@ from lat_lightning.organism.recipe import StageSchedule
 log = logging.getLogger(__name__)
 
 BUILD_VERSION = 1  # bump when the build procedure changes, so stale caches are not reused
-ORGANISM_SEED = 0  # the organism and its data are generated from this seed
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SEED = 0
-
 # ---- tokenizer and model --------------------------------------------------------------------------
 ARCH = "llama"
 VOCAB_SIZE = 768  # byte-level BPE on organism_corpus(); at 768 every facility syllable is one token
