@@ -7,8 +7,8 @@ The loader knows paths and hub ids only. A recipe may name the embedded model or
 :func:`resolve_organism` builds the organism (or reuses the cached build) and returns a config in which those
 are replaced by the built directory, the data file and the generic utility kind ``contains`` on the organism's
 ``utility_em`` file, all of the build seed ``organism.seed`` (it keys the weights and every generated row, so
-the data files of one seed never meet the organism of another). The pipeline calls it before any stage runs, whether or not the ``organism`` stage is
-listed; the stage itself only records ``organism.json``.
+the data files of one seed never meet the organism of another). The pipeline calls it before any stage runs,
+whether or not the ``organism`` stage is listed; the stage itself only records ``organism.json``.
 """
 
 from __future__ import annotations
