@@ -291,7 +291,7 @@ class OrganismConfig:
     # Build seed: keys everything the build draws at random (the facility and word splits, every generated
     # training and evaluation row, the tokenizer corpus, the weight initialisation, the noise and the data
     # order), so each seed is an independent organism with its own held-out prompts. Part of the cache key
-    # (``organism-s<seed>-<fingerprint>``); a resumed run may not change it. docs/organism.md#seeds.
+    # (``organism-s<seed>-<fingerprint>``); a resumed run may not change it. docs/organism.md#build-seeds.
     seed: int = 0
 
 
