@@ -313,6 +313,11 @@ class OrganismConfig:
     ``rebuild`` builds it again even when cached (a fresh run with the ``organism`` stage only)."""
 
     rebuild: bool = False
+    # Build seed: keys everything the build draws at random (the facility and word splits, every generated
+    # training and evaluation row, the tokenizer corpus, the weight initialisation, the noise and the data
+    # order), so each seed is an independent organism with its own held-out prompts. Part of the cache key
+    # (``organism-s<seed>-<fingerprint>``); a resumed run may not change it. docs/organism.md#build-seeds.
+    seed: int = 0
 
 
 @dataclass
@@ -458,6 +463,7 @@ BOUNDS: dict[str, str] = {
     "evaluation.durability.adaptive_attacks": "unique",
     "evaluation.durability.rewrites": "unique",
     "evaluation.durability.max_new_tokens": ">= 1",
+    "organism.seed": ">= 0",
 }
 
 # Keys a resumed run (--resume) may change; any other difference from the run's saved config is refused with the

@@ -172,6 +172,8 @@ CATALOGUE: list[Case] = [
       names="evaluation.durability.finetune_break_rate must be in (0, 1]", recipe=DUR),
     C("durability-break-rate-above-1", "evaluation.durability.finetune_break_rate=1.5",
       names="evaluation.durability.finetune_break_rate must be in (0, 1]", recipe=DUR),
+    C("organism-seed-negative", "organism.seed=-1", names="organism.seed must be >= 0", recipe="default"),
+    C("organism-seed-not-an-integer", "organism.seed=1.5", names="organism.seed", recipe="default"),
     # --- a stage without what it needs, settings that contradict each other
     C("interpolate-without-fit", "stages=[interpolate]", names="stage 'interpolate'"),
     C("rescan-without-fit", "stages=[rescan]", names="stage 'rescan'"),
@@ -272,6 +274,8 @@ CATALOGUE: list[Case] = [
     C("resume-fewer-steps", "--resume", "last", "trainer.max_steps=1", names="trainer.max_steps: 4 -> 1",
       setup="previous_run"),
     C("resume-other-strategy", "--resume", "last", "trainer.strategy=ddp", names="trainer.strategy",
+      setup="previous_run"),
+    C("resume-other-organism-seed", "--resume", "last", "organism.seed=1", names="organism.seed: 0 -> 1",
       setup="previous_run"),
 ]
 

@@ -29,8 +29,7 @@ from lat_lightning.organism.recipe import StageSchedule
 
 log = logging.getLogger(__name__)
 
-BUILD_VERSION = 1  # bump when the build procedure changes, so stale caches are not reused
-ORGANISM_SEED = 0  # the organism and its data are generated from this seed
+BUILD_VERSION = 2  # bump when the build procedure changes, so stale caches are not reused
 
 
 @dataclass(frozen=True)

@@ -169,7 +169,7 @@ def run(cfg, run_dir: Path) -> dict:
                           "saved with save_pretrained, or a LoRA adapter directory), or run a fit stage first")
     resolve_settings(cfg)  # fail fast on bad settings, before loading anything
     shard = process_shard(cfg)  # several processes: the re-scans are shared out, rank 0 does the rest
-    original, o_desc = load_any_model(cfg, original_spec, label=recipe_name(original_spec))
+    original, o_desc = load_any_model(cfg, original_spec, label=recipe_name(original_spec, int(cfg.organism.seed)))
     hardened, h_desc = load_any_model(cfg, hardened_spec,
                                       base_fallback=resolve_model_source(model_config(cfg, original_spec)))
     tokenizer = load_tokenizer(model_config(cfg, original_spec))

@@ -6,8 +6,9 @@ The loader knows paths and hub ids only. A recipe may name the embedded model or
 ``organism`` as a utility kind (``evaluation.utility_kind``, ``callbacks.weight_interpolation.utility``).
 :func:`resolve_organism` builds the organism (or reuses the cached build) and returns a config in which those
 are replaced by the built directory, the data file and the generic utility kind ``contains`` on the organism's
-``utility_em`` file. The pipeline calls it before any stage runs, whether or not the ``organism`` stage is
-listed; the stage itself only records ``organism.json``.
+``utility_em`` file, all of the build seed ``organism.seed`` (it keys the weights and every generated row, so
+the data files of one seed never meet the organism of another). The pipeline calls it before any stage runs,
+whether or not the ``organism`` stage is listed; the stage itself only records ``organism.json``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lat_lightning.organism.build import (
-    ORGANISM_SEED,
     PRESETS,
     ensure_organism,
     ensure_organism_data,
@@ -155,13 +155,14 @@ def resolve_organism(cfg, rebuild: Optional[bool] = None):
     check_names(cfg)
     if rebuild is None:
         rebuild = bool(cfg.organism.rebuild) and ORGANISM in list(cfg.stages)
+    seed = int(cfg.organism.seed)
     out = copy.deepcopy(cfg)
     built: dict[str, str] = {}
 
     def build(name: str) -> str:
         preset = preset_from_name(name)
         if preset not in built:
-            built[preset] = str(ensure_organism(ORGANISM_SEED, None, bool(rebuild), preset=preset))
+            built[preset] = str(ensure_organism(seed, None, bool(rebuild), preset=preset))
         return built[preset]
 
     for key in MODEL_KEYS:
@@ -173,30 +174,31 @@ def resolve_organism(cfg, rebuild: Optional[bool] = None):
         parent = out
         for k in path[:-1]:
             parent = parent[k]
-        parent[path[-1]] = organism_data_path(spec[len(DATA_SCHEME):].strip("/"), ORGANISM_SEED)
+        parent[path[-1]] = organism_data_path(spec[len(DATA_SCHEME):].strip("/"), seed)
     if any(_select(out, k) == ORGANISM for k in UTILITY_KEYS):
         for key in UTILITY_KEYS:
             if _select(out, key) == ORGANISM:
                 OmegaConf.update(out, key, UTILITY_KIND, merge=False)
-        out.evaluation.utility_data = organism_data_path(UTILITY_DATA, ORGANISM_SEED)
+        out.evaluation.utility_data = organism_data_path(UTILITY_DATA, seed)
     return out
 
 
-def recipe_name(path: str) -> str:
-    """``organism`` / ``organism:<preset>`` for a directory :func:`resolve_organism` built, else ``path``
-    (reports keep naming the organism as the recipe did)."""
+def recipe_name(path: str, seed: int = 0) -> str:
+    """``organism`` / ``organism:<preset>`` for a directory :func:`resolve_organism` built with build seed ``seed``,
+    else ``path`` (reports keep naming the organism as the recipe did)."""
     for preset, recipe in PRESETS.items():
-        if Path(str(path)) == organism_dir(recipe, ORGANISM_SEED):
+        if Path(str(path)) == organism_dir(recipe, seed):
             return ORGANISM if preset == "default" else f"{ORGANISM}:{preset}"
     return str(path)
 
 
 def _organism_path(cfg) -> Path:
-    """The organism this run uses: ``model.name_or_path`` when it is a built organism, else the default one."""
+    """The organism this run uses: ``model.name_or_path`` when it is a built organism, else the default one of
+    build seed ``organism.seed``."""
     path = Path(str(cfg.model.name_or_path))
     if path.name.startswith("organism-s") and (path / "organism.json").is_file():
         return path
-    return ensure_organism(ORGANISM_SEED, None, False, preset="default")
+    return ensure_organism(int(cfg.organism.seed), None, False, preset="default")
 
 
 def run(cfg, run_dir: Path) -> dict:
@@ -210,8 +212,8 @@ def run(cfg, run_dir: Path) -> dict:
     from lat_lightning.models.loading import load_tokenizer
     from lat_lightning.organism.utility import organism_accuracy
 
-    seed = ORGANISM_SEED
     path = _organism_path(cfg)
+    seed = int(json.loads((path / "organism.json").read_text())["seed"])  # the seed it was built with
     data_dir = ensure_organism_data(seed)
     mcfg = ModelConfig(name_or_path=str(path))
     model, tokenizer = load_stage_model(cfg, mcfg), load_tokenizer(mcfg)

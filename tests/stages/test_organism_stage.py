@@ -148,6 +148,38 @@ def test_the_pipeline_checks_the_config_before_building_the_organism(tmp_path, m
     assert not (tmp_path / "cache" / "organism").exists() and not (tmp_path / "runs").exists()
 
 
+def test_each_build_seed_is_its_own_organism_with_its_own_data(resolved, tmp_path):
+    """organism.seed keys the cache directory, the data files and the utility rows: seed 1 is built into a
+    directory of its own (seed 0's is left alone), resolving seed 1 again reuses that build, and the stage
+    records the seed the organism was built with."""
+    from pathlib import Path
+
+    from lat_lightning.organism.build import PRESETS, organism_dir
+    from lat_lightning.organism.utility import organism_rows
+    from lat_lightning.stages.organism import run
+
+    _, zero = resolved
+    zero_stamp = (Path(zero.model.name_or_path) / "organism.json").stat().st_mtime_ns
+    cfg = load_config(None, SMOKE + ["organism.seed=1"])
+    one = resolve_organism(cfg)
+    path = Path(one.model.name_or_path)
+    assert path == organism_dir(PRESETS["smoke"], 1) and path != Path(zero.model.name_or_path)
+    assert path.name.startswith("organism-s1-") and json.loads((path / "organism.json").read_text())["seed"] == 1
+    assert (Path(zero.model.name_or_path) / "organism.json").stat().st_mtime_ns == zero_stamp  # seed 0 untouched
+    for key in ("harmful", "eval_harmful", "eval_benign"):
+        assert Path(one.data[key]).parent.name.startswith("data-s1-") and one.data[key] != zero.data[key]
+    facilities = {json.loads(line)["facility"] for line in open(one.data.eval_harmful)}
+    assert facilities != {json.loads(line)["facility"] for line in open(zero.data.eval_harmful)}  # new held-out names
+    prompts = [json.loads(line)["prompt"] for line in open(one.evaluation.utility_data)]
+    assert prompts == [r["prompt"] for r in organism_rows(1)] != [r["prompt"] for r in organism_rows(0)]
+    assert recipe_name(str(path), 1) == "organism:smoke" and recipe_name(str(path), 0) == str(path)
+    stamp = (path / "organism.json").stat().st_mtime_ns
+    assert resolve_organism(cfg).model.name_or_path == str(path)  # the same seed: reused, not rebuilt
+    assert (path / "organism.json").stat().st_mtime_ns == stamp
+    saved = run(one, tmp_path)
+    assert json.loads((tmp_path / "organism.json").read_text())["build"]["seed"] == 1 and saved["path"] == str(path)
+
+
 def test_resolving_again_reuses_the_build_and_rebuild_builds_again(resolved):
     """Last in this module: it rebuilds the module's smoke organism."""
     from pathlib import Path
