@@ -180,6 +180,9 @@ def _check_training(cfg) -> None:
         attack = build_attack(str(cfg.perturbation.attack), cfg.perturbation)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if attack.needs_harmless and not cfg.data.benign:
+        raise ConfigError(f"perturbation.attack={attack.name} contrasts each batch's harmful prompts with harmless "
+                          "ones: set data.benign (harmless prompt/response pairs)")
     fl = cfg.callbacks.fragile_layers
     if attack.name != "none" and not cfg.perturbation.layers and not fl.enabled and not cfg.data.asabench:
         raise ConfigError("perturbation.layers is empty; list layers or enable callbacks.fragile_layers")

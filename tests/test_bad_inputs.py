@@ -228,7 +228,9 @@ CATALOGUE: list[Case] = [
       names="perturbation.norm", recipe=CMP),
     C("compare-override-out-of-range", "compare.overrides.lat.trainer.max_steps=0",
       names="trainer.max_steps", recipe=CMP),
-    C("compare-refat-without-benign", "data.benign=null", names="compare.defences 'refat'", recipe=CMP),
+    C("compare-utility-without-benign", "data.benign=null", names="compare.defences 'sft': loss.utility", recipe=CMP),
+    C("compare-refat-without-benign", "data.benign=null", "loss.utility=0", names="compare.defences 'refat'",
+      recipe=CMP),
     C("compare-prefill-zero", "compare.prefill_tokens=[0]", names="compare.prefill_tokens", recipe=CMP),
     C("compare-unknown-embed-attack", "compare.embed_attacks=[pgdd]", names="compare.embed_attacks", recipe=CMP),
     # --- settings checked against the model's config.json (nothing is built)

@@ -1,9 +1,12 @@
 """The defences the comparison trains (stage ``compare``, ``docs/defences.md``): name -> what it sets in a config.
 
 Each defence is the run's own training (``trainer``, ``loss``, ``perturbation`` knobs, data) with the few keys
-that make it that defence. Everything else is shared, so that the comparison differs in the defence only: the
-same starting model, data, optimiser budget, attacked layers (chosen once for all) and utility tolerance of the
-weight interpolation. ``compare.overrides.<name>`` adjusts one defence further.
+that make it that defence: its training attack and its safety loss weights (``toward_safe``, ``away_from_harmful``).
+The utility loss (``loss.utility``, CE on ``data.benign``) is not a defence's: every defence trains with the
+comparison's own weight (the recipe: 1.0), as the papers' LAT and ReFAT do. Everything else is shared, so that the
+comparison differs in the defence only: the same starting model, data, optimiser budget, attacked layers (chosen
+once for all) and utility tolerance of the weight interpolation. ``compare.overrides.<name>`` adjusts one defence
+further.
 
 =============  ==========================================================================================
 ``sft``        refusal SFT, no perturbation: the baseline every other defence must beat
@@ -13,8 +16,8 @@ weight interpolation. ``compare.overrides.<name>`` adjusts one defence further.
 ``asagrad_at`` sign-gradient adversarial training: one Eq. 7 ASAgrad step as the attack, outer loss toward
                the refusal and away from the harmful target
 ``refat``      refusal-feature adversarial training (Yu et al. 2024): the refusal direction, recomputed from the
-               current model every few micro-batches, ablated at every layer while training to refuse, plus
-               CE on harmless data (needs ``data.benign``)
+               current model every few micro-batches, ablated at every layer while training to refuse (needs
+               ``data.benign``: the direction's harmless side)
 =============  ==========================================================================================
 """
 
@@ -39,18 +42,18 @@ class Defence:
 
 DEFENCES: dict[str, Defence] = {
     "sft": Defence("refusal SFT, no perturbation (baseline)",
-                   {"perturbation": {"attack": "none"}, "loss": {"away_from_harmful": 0.0, "utility": 0.0}}),
+                   {"perturbation": {"attack": "none"}, "loss": {"away_from_harmful": 0.0}}),
     "lapt": Defence("LAPT: refusal SFT under Eq. 1 noise",
-                    {"perturbation": {"attack": "asa_random"}, "loss": {"away_from_harmful": 0.0, "utility": 0.0}}),
+                    {"perturbation": {"attack": "asa_random"}, "loss": {"away_from_harmful": 0.0}}),
     "lat": Defence("targeted LAT: PGD inner loop, toward refusal / away from target",
                    {"perturbation": {"attack": "pgd"},
-                    "loss": {"toward_safe": 0.5, "away_from_harmful": 0.5, "utility": 0.0}}),
+                    "loss": {"toward_safe": 0.5, "away_from_harmful": 0.5}}),
     "asagrad_at": Defence("sign-gradient AT: one Eq. 7 step, toward refusal / away from target",
                           {"perturbation": {"attack": "asagrad"},
-                           "loss": {"toward_safe": 1.0, "away_from_harmful": 0.5, "utility": 0.0}}),
-    "refat": Defence("ReFAT: refusal direction ablated at every layer, plus harmless CE",
+                           "loss": {"toward_safe": 1.0, "away_from_harmful": 0.5}}),
+    "refat": Defence("ReFAT: refusal direction ablated at every layer",
                      {"perturbation": {"attack": "refusal_ablation", "positions": "all"},
-                      "loss": {"toward_safe": 1.0, "away_from_harmful": 0.0, "utility": 1.0}},
+                      "loss": {"toward_safe": 1.0, "away_from_harmful": 0.0}},
                      needs_benign=True),
 }
 

@@ -18,7 +18,9 @@ def test_every_defence_sets_its_own_training_attack(cfg):
                        "refat": "refusal_ablation"}
     lat = defence_config(cfg, "lat")
     assert (lat.loss.toward_safe, lat.loss.away_from_harmful) == (0.5, 0.5)
-    assert defence_config(cfg, "refat").loss.utility == 1.0 and DEFENCES["refat"].needs_benign
+    assert DEFENCES["refat"].needs_benign
+    # the utility loss is the comparison's, the same for every defence
+    assert {float(defence_config(cfg, n).loss.utility) for n in DEFENCES} == {float(cfg.loss.utility)} == {1.0}
 
 
 def test_everything_but_the_defence_is_shared(cfg):
