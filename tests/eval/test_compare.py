@@ -24,7 +24,7 @@ def test_every_cell_is_filled_from_its_battery(tmp_path):
     table = build_table(results, ["asa_random", "pgd@embed"], [1], finetune=True)
     ids = [c["id"] for c in table["columns"]]
     assert ids == ["utility", "lambda", "init", "asa_random", "pgd@embed", "prefill_1", "finetune_rate",
-                   "finetune_steps"]
+                   "finetune_steps", "finetune_past_start"]
     cells = {r["model"]: r["cells"] for r in table["rows"]}
     assert cells["original"]["asa_random"] == {"value": 0.6, "std": 0.05}
     assert cells["lapt"]["prefill_1"]["value"] == 0.3
@@ -35,8 +35,8 @@ def test_every_cell_is_filled_from_its_battery(tmp_path):
                "attack_layers_source": "x", "utility_kind": "contains", "tolerance": 0.05, "finetune_break_rate": 0.5,
                "timings": {"total": 1.0}}
     md = render_markdown(table, summary)
-    assert "| lapt | 0.78 | 0.6 | 0.00 | 0.10 ± 0.05 | 0.00 | 0.30 | 0.25 | > 8 (—, 4) |" in md
-    assert "| original | 0.80 | 0.6 | 0.00 | 0.60 ± 0.05 | 0.00 | 0.90 | 1.00 | 6 (8, 4) |" in md
+    assert "| lapt | 0.78 | 0.6 | 0.00 | 0.10 ± 0.05 | 0.00 | 0.30 | 0.25 | > 8 (—, 4) | 4 (—, 4) |" in md
+    assert "| original | 0.80 | 0.6 | 0.00 | 0.60 ± 0.05 | 0.00 | 0.90 | 1.00 | 6 (8, 4) | 4 (8, 4) |" in md
     figs = write_outputs(table, results, summary, tmp_path, tensorboard=True)
     assert set(figs) == {"compare_heatmap", "compare_finetune"}
     saved = json.loads((tmp_path / "compare_summary.json").read_text())
@@ -67,3 +67,24 @@ def test_prefill_of_the_whole_target_always_succeeds_and_of_nothing_equals_clean
     clean = generate_under_attack(model, tok, encode_prompts(tok, prompts), None, None, prompt_keys=[0, 1, 2],
                                   max_new_tokens=4, pad_token_id=tok.pad_token_id)
     assert out0["0"]["sample"] == clean.texts[0]
+
+
+def test_steps_past_the_start_loss_separate_distance_from_resistance():
+    """A copy that starts far from the harmful targets but breaks as soon as it is as close as the starting model
+    was adds distance only (0 steps past the start loss); steps to break alone would read as resistance."""
+    from lat_lightning.eval.compare import steps_past_loss
+
+    curve = {"eval_steps": [0, 4, 8, 12, 16], "steps_to_break": {"0": 12, "1": None, "2": 4},
+             "harmful_loss": {"0": [3.0, 2.0, 0.9, 0.4, 0.1], "1": [3.0, 2.5, 2.0, 1.8, 1.5],
+                              "2": [3.0, 1.0, 0.5, 0.2, 0.1]}}
+    assert steps_past_loss(curve, 1.0) == {"0": 4, "1": None, "2": 0}  # seed 2 broke at the step it got there
+    assert steps_past_loss(curve, 0.05) == {"0": 0, "1": None, "2": 0}  # broke before reaching it: counted as 0
+    results = {"original": _battery(0.8, 0.0, 0.6, 0.9, 4, 1.0), "lat": _battery(0.8, 0.0, 0.1, 0.2, 4, 1.0)}
+    results["lat"]["finetune"]["harmful_loss"] = {"0": [9.0, 2.5, 1.0], "1": [9.0, 3.0, 1.5]}
+    results["lat"]["finetune"]["steps_to_break"] = {"0": 8, "1": 8}
+    table = build_table(results, ["asa_random", "pgd@embed"], [1], finetune=True)
+    cells = {r["model"]: r["cells"]["finetune_past_start"] for r in table["rows"]}
+    # the original's start loss is 2.0: the original breaks 8 and 4 steps past it; lat reaches 2.0 first at step 8
+    # (seed 0) or never (seed 1, counted from its break) and breaks there: no resistance left
+    assert cells["original"]["per_seed"] == {"0": 8, "1": 4} and cells["original"]["value"] == 4
+    assert cells["lat"]["per_seed"] == {"0": 0, "1": 0} and cells["lat"]["value"] == 0
