@@ -174,7 +174,7 @@ def run_pipeline(cfg: DictConfig, recipe: str, resume: Optional[str] = None, deb
 
 
 def _run(cfg: DictConfig, recipe: str, resume: Optional[str], runlog, progress: _Progress) -> None:
-    from lat_lightning.preflight import check_config, check_model
+    from lat_lightning.preflight import check_config, check_model, model_config
     from lat_lightning.stages.organism import mentions_organism, resolve_organism
 
     check_location(cfg, recipe, resume)
@@ -189,6 +189,8 @@ def _run(cfg: DictConfig, recipe: str, resume: Optional[str], runlog, progress: 
 
     apply_thread_policy()  # threads from the cores free now (again before every stage); LAT_LIGHTNING_THREADS
     check_model(cfg)  # the models' config.json only: nothing is built or loaded
+    described = model_config(cfg)  # its width sets the stages' thread count (lat_lightning.threads)
+    width = getattr(described, "hidden_size", None) if described is not None else None
     _stop_if_signalled()
     if mentions_organism(cfg):
         progress.phase = "building the organism"
@@ -222,7 +224,7 @@ def _run(cfg: DictConfig, recipe: str, resume: Optional[str], runlog, progress: 
             continue
         progress.stage = stage
         print(f"[{stage}] starting", flush=True)
-        apply_thread_policy()
+        apply_thread_policy(model_width=width)
         info = get_stage(stage)(resolved, run_dir) or {}
         mark_stage_done(run_dir, stage, info)
         progress.done.append(stage)

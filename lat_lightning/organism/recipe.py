@@ -28,10 +28,6 @@ HIDDEN = 128
 HEADS = 4  # llama tiny_config uses heads // 2 key-value heads
 INTERMEDIATE = 256
 MAX_POSITIONS = 128
-# torch threads for the build. On a 2-core machine shared with other jobs, OpenMP's spin-waiting made
-# 2-thread steps 10-20x slower than 1-thread ones; OMP_WAIT_POLICY=PASSIVE (set before importing torch)
-# removes that. The build's numbers are identical with 1 and 2 threads.
-NUM_THREADS = 2
 
 
 @dataclass(frozen=True)
