@@ -29,7 +29,7 @@ from lat_lightning.organism.recipe import StageSchedule
 
 log = logging.getLogger(__name__)
 
-BUILD_VERSION = 2  # bump when the build procedure changes, so stale caches are not reused
+BUILD_VERSION = 3  # bump when the build procedure changes, so stale caches are not reused
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,19 @@ def build_organism(out_dir: Path, recipe: OrganismRecipe, seed: int = 0) -> Path
 
 
 def _build_into(tmp: Path, recipe: OrganismRecipe, seed: int, t0: float) -> None:
-    """The build itself: tokenizer, both SFT stages, saved into ``tmp``."""
+    """The build itself, on :data:`~lat_lightning.organism.recipe.BUILD_THREADS` torch threads: tokenizer, both SFT
+    stages, saved into ``tmp``."""
+    from lat_lightning.organism import recipe as R
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(R.BUILD_THREADS)  # the weights depend on the thread count (organism/recipe.py)
+    try:
+        _train_and_save(tmp, recipe, seed, t0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_and_save(tmp: Path, recipe: OrganismRecipe, seed: int, t0: float) -> None:
     from transformers import AutoModelForCausalLM
 
     from lat_lightning.organism.data import organism_corpus, sft_pairs

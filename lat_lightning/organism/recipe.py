@@ -28,6 +28,12 @@ HIDDEN = 128
 HEADS = 4  # llama tiny_config uses heads // 2 key-value heads
 INTERMEDIATE = 256
 MAX_POSITIONS = 128
+# torch threads of the build, whatever the machine: the trained weights depend on the thread count (float sums are
+# split differently), and the same build seed built on 2 threads (a quiet machine) and on 1 (a busy one, or
+# OMP_NUM_THREADS=1) gave two different organisms (seed 0: INIT 0.03 vs 0.00, ASA-random MASR 0.36 vs 0.73, peak
+# layer 5 vs 3; benchmarks.organism --background 2 then reported its two reports different). The per-seed targets
+# (docs/organism.md#build-seeds) were verified on 1-thread builds. One thread costs ~14% on a quiet 2-core machine.
+BUILD_THREADS = 1
 
 
 @dataclass(frozen=True)
