@@ -22,13 +22,14 @@ more robust). Steps to break: fine-tuning steps until the fine-tuned copy compli
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import nn
+
+from lat_lightning.eval.durability import _finite as _num  # None for None / NaN / inf
 
 REPORT_FILE = "compare_report.md"
 SUMMARY_FILE = "compare_summary.json"
@@ -78,13 +79,6 @@ def prefill_success(model: nn.Module, tokenizer, prompts: Sequence[str], targets
 
 
 # ------------------------------------------------------------------------------------------------- table
-def _num(x) -> float | None:
-    if x is None:
-        return None
-    x = float(x)
-    return None if math.isnan(x) else x
-
-
 def steps_past_loss(curve: Mapping[str, Any], reference_loss: float) -> dict[str, int | None]:
     """Per seed of a fine-tuning curve: steps to break minus the first evaluated step at which the harmful-target
     loss is down to ``reference_loss`` (the starting model's, before any fine-tuning).

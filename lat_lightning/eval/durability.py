@@ -186,6 +186,24 @@ def _finite(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _evaluation_prompts(prompts, targets, prompt_keys, d: DurabilityConfig, empty_message: str
+                        ) -> tuple[list[str], list[str], list[int]]:
+    """Prompts, targets and stable ids as strings / ints, capped at ``d.num_prompts``.
+
+    Raises:
+        ValueError: unequal lengths, or no prompt (``empty_message``).
+    """
+    prompts, targets = [str(p) for p in prompts], [str(t) for t in targets]
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(targets)} targets for {len(prompts)} prompts")
+    keys = list(range(len(prompts))) if prompt_keys is None else [int(k) for k in prompt_keys]
+    if d.num_prompts is not None:
+        prompts, targets, keys = prompts[: d.num_prompts], targets[: d.num_prompts], keys[: d.num_prompts]
+    if not prompts:
+        raise ValueError(empty_message)
+    return prompts, targets, keys
+
+
 def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
     vals = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
     if vals.size == 0:
@@ -555,14 +573,8 @@ def _finetune_attack_curve(model, tokenizer, prompts, targets, s: DurabilitySett
 
     t_start = time.time()
     d = s.dur
-    prompts, targets = [str(p) for p in prompts], [str(t) for t in targets]
-    if len(prompts) != len(targets):
-        raise ValueError(f"{len(targets)} targets for {len(prompts)} prompts")
-    keys = list(range(len(prompts))) if prompt_keys is None else [int(k) for k in prompt_keys]
-    if d.num_prompts is not None:
-        prompts, targets, keys = prompts[: d.num_prompts], targets[: d.num_prompts], keys[: d.num_prompts]
-    if not prompts:
-        raise ValueError("the fine-tuning attack needs at least one harmful evaluation prompt")
+    prompts, targets, keys = _evaluation_prompts(prompts, targets, prompt_keys, d,
+                                                 "the fine-tuning attack needs at least one harmful evaluation prompt")
     pairs = [(str(p), str(r)) for p, r in (finetune_pairs if finetune_pairs else zip(prompts, targets))]
     eval_pairs = list(zip(prompts, targets))
     budget, seeds, rate = int(d.finetune_steps), [int(x) for x in d.finetune_seeds], float(d.finetune_break_rate)
@@ -722,18 +734,11 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
     if finetune is None and sections & {"finetune", "trainability"}:
         raise ValueError("the finetune / trainability sections need finetune= (lat_lightning.training.finetune."
                          "lora_finetune); pass it or drop those sections")
-    prompts = [str(p) for p in prompts]
-    targets = [str(t) for t in targets]
     if harmless_prompts is None:
         harmless_prompts = [b for b in benign or [] if isinstance(b, str)] + [p for p, _ in _benign_pairs(benign)]
     harmless_prompts = [str(p) for p in harmless_prompts][: int(s.perturbation.direction_prompts)]
-    if len(prompts) != len(targets):
-        raise ValueError(f"{len(targets)} targets for {len(prompts)} prompts")
-    keys = list(range(len(prompts))) if prompt_keys is None else [int(k) for k in prompt_keys]
-    if d.num_prompts is not None:
-        prompts, targets, keys = prompts[: d.num_prompts], targets[: d.num_prompts], keys[: d.num_prompts]
-    if not prompts:
-        raise ValueError("run_durability needs at least one harmful prompt")
+    prompts, targets, keys = _evaluation_prompts(prompts, targets, prompt_keys, d,
+                                                 "run_durability needs at least one harmful prompt")
     n_layers = num_layers(original_model)
     if num_layers(hardened_model) != n_layers:
         raise ValueError(f"the models have {n_layers} and {num_layers(hardened_model)} layers; the durability suite "
