@@ -80,8 +80,6 @@ def _battery(cfg, model, tokenizer, out: Path, prompts, targets, keys, score_fn,
 
 def _attack_layers(cfg, model, tokenizer, out: Path, prompts: list[str]) -> tuple[list | None, str]:
     """The layers every defence attacks in training, chosen once on the starting model."""
-    import sys
-
     f = cfg.callbacks.fragile_layers
     if not f.enabled:
         return list(cfg.perturbation.layers), "perturbation.layers"
@@ -92,7 +90,7 @@ def _attack_layers(cfg, model, tokenizer, out: Path, prompts: list[str]) -> tupl
     result = selector.select(model, tokenizer)
     (out / "fragile_layers.json").write_text(json.dumps(result, indent=2, default=str))
     print(f"[compare] attacked layers for every defence: {result['layers']} "
-          f"(callbacks.fragile_layers.method={result['method_used']})", file=sys.stdout, flush=True)
+          f"(callbacks.fragile_layers.method={result['method_used']})", flush=True)
     return list(result["layers"]), f"callbacks.fragile_layers.method={result['method_used']} on the starting model"
 
 
@@ -106,13 +104,11 @@ def run(cfg, run_dir: Path) -> dict:
         ConfigError: an unknown defence or a bad override, no utility rows, no harmful targets.
     """
     from lat_lightning.config import ModelConfig
-    from lat_lightning.data.loaders import load_safety_examples
     from lat_lightning.eval.compare import REPORT_FILE, SUMMARY_FILE, build_table, write_outputs
     from lat_lightning.models.loading import load_tokenizer
-    from lat_lightning.resources import resource_path
     from lat_lightning.stages import fit as fit_stage
     from lat_lightning.stages.rescan import trained_model_path
-    from lat_lightning.stages.scan import load_scan_prompts
+    from lat_lightning.stages.scan import load_finetune_pairs, load_scan_prompts
     from lat_lightning.training.defences import DEFENCES, defence_config
     from lat_lightning.training.interpolation import utility_score_fn
 
@@ -128,10 +124,7 @@ def run(cfg, run_dir: Path) -> dict:
     prompts, targets, keys = load_scan_prompts(cfg, require_target=bool(cmp.finetune or cmp.prefill_tokens))
     pairs = None
     if cfg.data.harmful and cmp.finetune:  # the fine-tuning attack trains on the training split's harmful pairs
-        pairs = [(e.prompt, e.harmful_response) for e in load_safety_examples(
-            resource_path(cfg.data.harmful), cfg.data.harmful_split, dict(cfg.data.harmful_columns or {}),
-            cfg.data.default_safe_response, cfg.data.max_examples, default_target=cfg.data.default_target,
-            row_filter=dict(cfg.data.filter or {})) if e.harmful_response]
+        pairs = load_finetune_pairs(cfg)
     timings: dict[str, float] = {}
     results: dict[str, dict] = {}
     model = load_stage_model(cfg)

@@ -140,7 +140,7 @@ def run(cfg, run_dir: Path) -> dict:
     Raises:
         ConfigError: no hardened model, bad durability settings.
     """
-    from lat_lightning.data.loaders import load_benign_examples, load_safety_examples
+    from lat_lightning.data.loaders import load_benign_examples
     from lat_lightning.eval.durability import (
         MODELS,
         REPORT_FILE,
@@ -154,7 +154,7 @@ def run(cfg, run_dir: Path) -> dict:
     from lat_lightning.resources import resource_path
     from lat_lightning.stages.organism import recipe_name
     from lat_lightning.stages.rescan import trained_model_path
-    from lat_lightning.stages.scan import load_contrast_prompts, load_scan_prompts
+    from lat_lightning.stages.scan import load_contrast_prompts, load_finetune_pairs, load_scan_prompts
     from lat_lightning.training.finetune import lora_finetune
 
     run_dir = Path(run_dir)
@@ -180,10 +180,7 @@ def run(cfg, run_dir: Path) -> dict:
         require_target="finetune" in dur.sections)  # the fine-tuning attack's loss is measured on the targets
     pairs = None
     if cfg.data.harmful and "finetune" in dur.sections:  # the fine-tuning attack trains on harmful completions
-        pairs = [(e.prompt, e.harmful_response) for e in load_safety_examples(
-            resource_path(cfg.data.harmful), cfg.data.harmful_split, dict(cfg.data.harmful_columns or {}),
-            cfg.data.default_safe_response, cfg.data.max_examples, default_target=cfg.data.default_target,
-            row_filter=dict(cfg.data.filter or {}))]
+        pairs = load_finetune_pairs(cfg)
     benign = []
     source = cfg.data.benign or cfg.data.eval_benign
     if source:

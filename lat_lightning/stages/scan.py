@@ -49,6 +49,23 @@ def load_scan_prompts(cfg, attacks=None, require_target: bool = False) -> tuple[
     return ([e.prompt for e in examples], [e.harmful_response for e in examples], [int(e.index) for e in examples])
 
 
+def load_finetune_pairs(cfg) -> list[tuple[str, str]]:
+    """``(prompt, harmful response)`` pairs of ``data.harmful`` (its training split, ``data.filter`` applied): what
+    the fine-tuning attack trains on (durability and compare stages). Every row needs a target (or
+    ``data.default_target``).
+
+    Raises:
+        DataError: the data cannot be loaded, or a row has no target.
+    """
+    from lat_lightning.data.loaders import load_safety_examples
+    from lat_lightning.resources import resource_path
+
+    return [(e.prompt, e.harmful_response) for e in load_safety_examples(
+        resource_path(cfg.data.harmful), cfg.data.harmful_split, dict(cfg.data.harmful_columns or {}),
+        cfg.data.default_safe_response, cfg.data.max_examples, default_target=cfg.data.default_target,
+        row_filter=dict(cfg.data.filter or {}))]
+
+
 def load_contrast_prompts(cfg, scan_prompts: list[str]) -> tuple[list[str], list[str]]:
     """The refusal direction's prompt sets: harmful (``data.harmful``, else the scan's own prompts) and harmless
     (``data.benign``, else ``data.eval_benign``; none: ``[]``), at most ``perturbation.direction_prompts`` each.
@@ -244,4 +261,5 @@ def coherence_settings(cfg):
 
 
 __all__ = ["PROBES_AUTO_MAX_PARAMETERS", "cells_saved", "coherence_settings", "load_contrast_prompts",
-           "load_scan_prompts", "probes_wanted", "run", "saved", "scan_model", "scan_judges", "scan_model_config"]
+           "load_finetune_pairs", "load_scan_prompts", "probes_wanted", "run", "saved", "scan_judges", "scan_model",
+           "scan_model_config"]
