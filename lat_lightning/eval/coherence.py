@@ -27,13 +27,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 from lat_lightning.config import CoherenceConfig
-from lat_lightning.data.templating import pad_sequences
-from lat_lightning.losses import IGNORE_INDEX, token_logprobs
-from lat_lightning.models.eval_mode import eval_mode
+from lat_lightning.eval.generation import continuation_logprobs
 
 MIN_UNITS = 4  # fewer units (or characters) than this cannot be said to repeat
 _UNITS = re.compile(r"\w+|[^\w\s]")  # words and single punctuation marks
@@ -77,37 +74,40 @@ class CoherenceScorer:
         model: the unattacked model (the scan's model: its hooks are gone when this runs).
         settings: thresholds.
         pad_id: padding id.
-        batch_size: rows per teacher-forced forward.
+        batch_size: distinct (prompt, answer) pairs per teacher-forced forward.
+        share_prefix: compute each prompt's KV cache once per forward and share it across its answers.
     """
 
     def __init__(self, model: nn.Module, settings: CoherenceSettings | None = None, pad_id: int = 0,
-                 batch_size: int = 16):
+                 batch_size: int = 16, share_prefix: bool = True):
         self.model = model
         self.settings = settings or CoherenceSettings()
         self.pad_id = int(pad_id)
         self.batch_size = max(1, int(batch_size))
+        self.share_prefix = bool(share_prefix)
 
-    @torch.no_grad()
     def nll(self, prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]]) -> list[float | None]:
-        """Mean per-token NLL of each answer given its prompt (``None`` for an empty answer)."""
+        """Mean per-token NLL of each answer given its prompt (``None`` for an empty answer).
+
+        Each distinct (prompt, answer) pair is scored once (in a scan, rows the attack did not move repeat the
+        clean answer), and the prompts' KV caches are shared across the rows
+        (:func:`~lat_lightning.eval.generation.continuation_logprobs`): teacher-forcing every full prompt made the
+        coherence check 2.5x the cost of the scan's generation on SmolLM2-135M-Instruct (docs/performance.md).
+        """
         out: list[float | None] = [None] * len(answer_ids)
-        rows = [i for i, a in enumerate(answer_ids) if len(a)]
-        device = next(self.model.parameters()).device
-        with eval_mode(self.model):
-            for start in range(0, len(rows), self.batch_size):
-                chunk = rows[start:start + self.batch_size]
-                seqs = [list(prompt_ids[i]) + list(answer_ids[i]) for i in chunk]
-                ids = pad_sequences(seqs, self.pad_id, side="right").to(device)
-                mask = pad_sequences([[1] * len(s) for s in seqs], 0, side="right").to(device)
-                labels = torch.full_like(ids, IGNORE_INDEX)
-                for j, i in enumerate(chunk):
-                    p, a = len(prompt_ids[i]), len(answer_ids[i])
-                    labels[j, p:p + a] = ids[j, p:p + a]
-                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                logp, lmask = token_logprobs(logits, labels)
-                per_row = (-logp.sum(1) / lmask.sum(1).clamp(min=1)).tolist()
-                for j, i in enumerate(chunk):
-                    out[i] = float(per_row[j])
+        distinct: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
+        for i, a in enumerate(answer_ids):
+            if len(a):
+                distinct.setdefault((tuple(int(t) for t in prompt_ids[i]), tuple(int(t) for t in a)), []).append(i)
+        pairs = sorted(distinct, key=lambda pa: (pa[0], len(pa[1])))  # a chunk holds few prompts, similar lengths
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = pairs[start:start + self.batch_size]
+            logps = continuation_logprobs(self.model, [p for p, _ in chunk], [a for _, a in chunk],
+                                          pad_id=self.pad_id, share_prefix=self.share_prefix)
+            for pair, logp in zip(chunk, logps):
+                value = float(-logp.sum() / len(pair[1]))
+                for i in distinct[pair]:
+                    out[i] = value
         return out
 
     def __call__(self, prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]],

@@ -567,6 +567,70 @@ def teacher_forced_suffix_logits(model: nn.Module, prefix: SharedPrefix, continu
     return out.logits
 
 
+@torch.no_grad()
+def continuation_logprobs(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
+                          continuations: Sequence[Sequence[int]], *, pad_id: int = 0,
+                          share_prefix: bool = True) -> list[Tensor]:
+    """Log-probabilities under the UNATTACKED model of each row's continuation tokens given its prompt.
+
+    With ``share_prefix`` each distinct prompt, minus its last token, runs once (one left-padded forward, the
+    prompt-sharing cache of generation); the rows then run only ``[last prompt token] + continuation[:-1]``
+    against their prompt's cache, and the vocabulary softmax is taken only at real continuation positions. A
+    chat-templated prompt is most of a short answer's tokens, so this is several times cheaper than a forward of
+    every ``prompt + continuation``, which is what ``share_prefix=False`` (and a model whose forward returns no
+    indexable cache) runs. The two agree to float rounding.
+
+    Args:
+        model: causal LM (put in eval mode for the call).
+        prompt_ids: per row, the prompt's token ids (at least one).
+        continuations: per row, the tokens after the prompt (may be empty).
+        pad_id: padding id.
+        share_prefix: share the prompts' KV caches (see above).
+
+    Returns:
+        Per row, a float32 ``[len(continuation)]`` tensor of ``log p(token | prompt, earlier tokens)`` on the CPU.
+    """
+    rows = [i for i, c in enumerate(continuations) if len(c)]
+    out = [torch.zeros(0) for _ in continuations]
+    if not rows:
+        return out
+    prompts = [[int(t) for t in prompt_ids[i]] for i in rows]
+    conts = [[int(t) for t in continuations[i]] for i in rows]
+    device = _device(model)
+    width = max(len(c) for c in conts)
+    logits = None
+    with eval_mode(model):
+        if share_prefix and min(len(p) for p in prompts) >= 2:
+            kwargs = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
+            p_max = max(len(p) for p in prompts)
+            prefix = _prefix_cache(model, prompts, pad_id, device, kwargs, p_max - 1 + width)
+            if prefix is not None:
+                cache, attention = prefix
+                suffix = [[p[-1]] + c[:-1] for p, c in zip(prompts, conts)]
+                ids = pad_sequences(suffix, pad_id, side="right").to(device)
+                mask = pad_sequences([[1] * len(s) for s in suffix], 0, side="right").to(device)
+                lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+                position_ids = (lengths - 1)[:, None] + torch.arange(width, device=device)[None, :]
+                logits = model(input_ids=ids, attention_mask=torch.cat([attention, mask.to(attention.dtype)], 1),
+                               position_ids=position_ids, use_cache=True,
+                               **{cache_argument(model): cache}).logits  # column j predicts continuation token j
+                del cache
+        if logits is None:  # every prompt + continuation in full, right-padded
+            seqs = [p + c for p, c in zip(prompts, conts)]
+            ids = pad_sequences(seqs, pad_id, side="right").to(device)
+            mask = pad_sequences([[1] * len(s) for s in seqs], 0, side="right").to(device)
+            full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            cols = torch.tensor([len(p) - 1 for p in prompts], device=device)[:, None] + torch.arange(width, device=device)
+            cols = cols.clamp(max=full.shape[1] - 1)
+            logits = full.gather(1, cols[..., None].expand(-1, -1, full.shape[-1]))
+            del full
+    for j, (i, c) in enumerate(zip(rows, conts)):
+        target = torch.tensor(c, dtype=torch.long, device=logits.device)
+        row = torch.log_softmax(logits[j, : len(c)].float(), dim=-1)
+        out[i] = row.gather(-1, target[:, None]).squeeze(-1).cpu()
+    return out
+
+
 __all__ = [
     "ATTACK_KINDS",
     "CLEAN",
@@ -577,6 +641,7 @@ __all__ = [
     "SharedPrefix",
     "can_share_prefix",
     "cache_argument",
+    "continuation_logprobs",
     "encode_prompts",
     "eos_ids",
     "eval_mode",

@@ -595,7 +595,7 @@ def run_scan(
     step = max(1, int(batch_size))
     gen_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
                   "top_p": top_p if do_sample else 1.0, "pad_token_id": pad_id, "share_prefix": share_prefix}
-    scorer = CoherenceScorer(model, coh, pad_id, step) if coh.enabled else None
+    scorer = CoherenceScorer(model, coh, pad_id, step, share_prefix=share_prefix) if coh.enabled else None
     answerer = _Answerer(model, tokenizer, prompts, prompt_ids, target_texts, keys, judge_map, scorer,
                          {k: v for k, v in gen_kwargs.items() if k not in ("do_sample", "temperature", "top_p")},
                          best_of_n, temperature, top_p)

