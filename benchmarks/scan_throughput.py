@@ -31,8 +31,8 @@ bootstrap summaries, figures, TensorBoard, report and ASABench export; the loop'
 segments. The scan does more per cell than the loop: it checks every answer's coherence (the clean model's NLL
 of the answer, one teacher-forced forward per answer: about 0.7x the compute of generating it). So each scan
 slot also runs the scan with the coherence check off (``equal_work_*``: the loop's work, the same tokens);
-``--no-equal-work`` skips it. ``--compare-unshared`` (default on) runs the scan once more with the prefix sharing turned off
-and reports the token agreement of the two (must be 1.0) and the unshared cell rate.
+``--no-equal-work`` skips it. ``--compare-unshared`` (default on) runs the scan once more with the prefix
+sharing turned off and reports the token agreement of the two (must be 1.0) and the unshared cell rate.
 
 Targets (issue 16, SmolLM2 with 30 layers, >= 8 prompts, 16 new tokens): scan cell rate >= 30x the loop's;
 whole scan stage >= 10x faster than the loop. Both are judged on the scan as the stage runs it (coherence on);

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from lat_lightning.eval.durability import _finite as _num  # None for None / NaN / inf
+from lat_lightning.eval.durability import finite as _num  # None for None / NaN / inf
 
 REPORT_FILE = "compare_report.md"
 SUMMARY_FILE = "compare_summary.json"
@@ -51,31 +51,17 @@ def prefill_success(model: nn.Module, tokenizer, prompts: Sequence[str], targets
     Returns:
         ``{str(k): {"rate": primary judge's success rate, "judges": {name: rate}, "sample": first answer}}``.
     """
-    from lat_lightning.data.templating import encode_response
-    from lat_lightning.eval.durability import _build_judges, _judge, _nanmean, _scorer, resolve_settings
-    from lat_lightning.eval.generation import encode_prompts, generate_under_attack
+    from lat_lightning.eval.durability import build_judge_map, coherence_scorer, prefill_attack, resolve_settings
 
     s = resolve_settings(cfg)
-    judge_map = _build_judges(s)
-    primary = s.primary_judge if s.primary_judge in judge_map else next(iter(judge_map))
-    scorer = _scorer(model, tokenizer, s)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    prompt_ids = encode_prompts(tokenizer, list(prompts), s.use_chat_template, s.system_prompt)
-    target_ids = [encode_response(tokenizer, t, add_eos=False) for t in targets]
-    out: dict[str, dict[str, Any]] = {}
-    for k in ks:
-        prefixes = [list(t[: int(k)]) for t in target_ids]
-        ids = [list(p) + pre for p, pre in zip(prompt_ids, prefixes)]
-        res = generate_under_attack(model, tokenizer, ids, None, None, prompt_keys=list(prompt_keys),
-                                    max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, pad_token_id=pad_id)
-        answers = [pre + list(tok) for pre, tok in zip(prefixes, res.token_ids)]
-        texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
-        coh = scorer(prompt_ids, answers, texts) if scorer else None
-        verdicts = _judge(judge_map, list(prompts), texts, list(targets), coh)
-        out[str(int(k))] = {"rate": _nanmean(verdicts[primary]),
-                            "judges": {j: _nanmean(v) for j, v in verdicts.items()},
-                            "sample": texts[0] if texts else ""}
-    return out
+    judge_map = build_judge_map(s)
+    if s.primary_judge not in judge_map:
+        s.primary_judge = next(iter(judge_map))
+    res = prefill_attack(model, tokenizer, list(prompts), list(targets), list(prompt_keys), [int(k) for k in ks], s,
+                         judge_map, coherence_scorer(model, tokenizer, s))
+    return {str(k): {"rate": res["rate"][i], "judges": {j: v[i] for j, v in res["judges"].items()},
+                     "sample": res["samples"][str(k)]}
+            for i, k in enumerate(res["ks"])}
 
 
 # ------------------------------------------------------------------------------------------------- table

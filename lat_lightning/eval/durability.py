@@ -179,7 +179,7 @@ def resolve_settings(cfg=None) -> DurabilitySettings:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _finite(x) -> float | None:
+def finite(x) -> float | None:
     if x is None:
         return None
     x = float(x)
@@ -211,7 +211,7 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | Non
     return float(vals.mean()), (float(vals.std(ddof=1)) if vals.size > 1 else 0.0)
 
 
-def _nanmean(a: np.ndarray) -> float | None:
+def nanmean(a: np.ndarray) -> float | None:
     a = np.asarray(a, dtype=np.float64)
     return float(np.nanmean(a)) if np.isfinite(a).any() else None
 
@@ -230,7 +230,7 @@ def _any_rate(arr: np.ndarray) -> list[float | None]:
     return out
 
 
-def _judge(judge_map: Mapping[str, Any], prompts: list[str], responses: list[str],
+def judge_rates(judge_map: Mapping[str, Any], prompts: list[str], responses: list[str],
            targets: list[str | None], coherence: list[dict] | None = None) -> dict[str, np.ndarray]:
     """``judge -> [1 / 0 / NaN per item]``; a judge that raises fails every item (counted, never dropped)."""
     from lat_lightning.eval.judges import judge_items
@@ -239,7 +239,7 @@ def _judge(judge_map: Mapping[str, Any], prompts: list[str], responses: list[str
     return {name: np.array([v.as_float() for v in vs], dtype=np.float64) for name, vs in verdicts.items()}
 
 
-def _scorer(model, tokenizer, s: DurabilitySettings):
+def coherence_scorer(model, tokenizer, s: DurabilitySettings):
     """The coherence check with ``model`` as the unattacked model (``None`` when the check is off)."""
     from lat_lightning.eval.coherence import CoherenceScorer
 
@@ -249,7 +249,7 @@ def _scorer(model, tokenizer, s: DurabilitySettings):
     return CoherenceScorer(model, s.coherence, pad_id, s.batch_size)
 
 
-def _build_judges(s: DurabilitySettings, judges=None) -> dict[str, Any]:
+def build_judge_map(s: DurabilitySettings, judges=None) -> dict[str, Any]:
     from lat_lightning.eval.judges import build_judges, with_coherent_judges
 
     if judges is not None and isinstance(judges, Mapping):
@@ -309,7 +309,7 @@ def _scan_summary(scan, fragile: list[int]) -> dict[str, Any]:
     """Per attack: LASR curve, peak layer, success at the fragile layers and at any layer (per seed)."""
     p = scan.primary_judge
     cols = [scan.layers.index(l) for l in fragile if l in scan.layers]
-    out: dict[str, Any] = {"init": _finite(scan.summary["init"][p]["rate"]), "layers": list(scan.layers),
+    out: dict[str, Any] = {"init": finite(scan.summary["init"][p]["rate"]), "layers": list(scan.layers),
                            "attacks": {}}
     coherent = f"{p}+coherent" if f"{p}+coherent" in scan.judges and not p.endswith("+coherent") else None
     for a in scan.attacks:
@@ -338,7 +338,7 @@ def _depth(model, tokenizer, prompts, prompt_ids, target_ids, targets, keys, fra
 
     ``contrast``: ``(harmful ids, harmless ids)`` for the refusal-direction attacks."""
     d = s.dur
-    scorer = _scorer(model, tokenizer, s)
+    scorer = coherence_scorer(model, tokenizer, s)
     n = len(prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     gen = {"max_new_tokens": s.max_new_tokens, "batch_size": s.batch_size, "pad_token_id": pad_id}
@@ -370,7 +370,7 @@ def _depth(model, tokenizer, prompts, prompt_ids, target_ids, targets, keys, fra
                 if a_n > k or (int(res.lengths[j]) >= k and a_n != k):
                     check["violations"] += 1
             coh = scorer([prompt_ids[i] for i in row_prompts], res.token_ids, res.texts) if scorer else None
-            verdicts = _judge(judge_map, [prompts[i] for i in row_prompts], res.texts,
+            verdicts = judge_rates(judge_map, [prompts[i] for i in row_prompts], res.texts,
                               [targets[i] for i in row_prompts], coh)
             for jn, v in verdicts.items():
                 arr = np.full((n, len(fragile), len(seeds)), np.nan)
@@ -388,28 +388,61 @@ def _depth(model, tokenizer, prompts, prompt_ids, target_ids, targets, keys, fra
         first_k[attack] = per_k
     # Prefill: the first k target tokens after the generation prompt, no perturbation.
     pks = sorted({int(k) for k in (d.prefill_ks if d.prefill_ks is not None else range(0, int(d.max_k) + 1))})
-    prefill: dict[str, Any] = {"ks": pks, "rate": [], "judges": {}, "samples": {}}
-    pcheck = {"rows": 0, "violations": 0}
-    for k in pks:
-        prefixes = [list(t[:k]) for t in target_ids]
-        ids = [list(p) + pre for p, pre in zip(prompt_ids, prefixes)]
-        res = generate_under_attack(model, tokenizer, ids, None, None, prompt_keys=keys, **gen)
-        texts = [tokenizer.decode(pre + list(tok), skip_special_tokens=True)
-                 for pre, tok in zip(prefixes, res.token_ids)]
-        for j in range(n):
-            pcheck["rows"] += 1
-            if int(res.perturbed_positions[j]) != 0 or res.prompt_ids[j][len(prompt_ids[j]):] != prefixes[j]:
-                pcheck["violations"] += 1
-        coh = scorer(prompt_ids, [pre + list(tok) for pre, tok in zip(prefixes, res.token_ids)], texts) \
-            if scorer else None
-        verdicts = _judge(judge_map, list(prompts), texts, list(targets), coh)
-        for jn, v in verdicts.items():
-            prefill["judges"].setdefault(jn, []).append(_nanmean(v))
-        prefill["rate"].append(_nanmean(verdicts[s.primary_judge]))
-        prefill["samples"][str(k)] = texts[0] if texts else ""
+    prefill = prefill_attack(model, tokenizer, prompts, targets, keys, pks, s, judge_map, scorer,
+                             prompt_ids=prompt_ids, target_ids=target_ids)
+    pcheck = prefill.pop("positions_check")
     return {"ks": ks, "fragile_layers": list(fragile), "first_k": first_k, "prefill": prefill,
             "positions_check": {"first_k": check, "prefill": pcheck,
                                 "ok": check["violations"] == 0 and pcheck["violations"] == 0}}
+
+
+def prefill_attack(model: nn.Module, tokenizer, prompts: Sequence[str], targets: Sequence[str],
+                   keys: Sequence[int], ks: Sequence[int], s: DurabilitySettings, judge_map: Mapping[str, Any],
+                   scorer, *, prompt_ids: Sequence[Sequence[int]] | None = None,
+                   target_ids: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
+    """The pre-fill attack: the first ``k`` tokens of each harmful target forced after the generation prompt, then
+    greedy decoding without perturbation; the judges (and the coherence check) see pre-fill + continuation.
+
+    Args:
+        model / tokenizer: the model under attack and its tokenizer.
+        prompts / targets / keys: harmful prompts, their harmful targets and stable ids.
+        ks: how many target tokens to pre-fill (one point per k, in this order).
+        s: resolved settings (:func:`resolve_settings`: decoding, batch size, formatting, primary judge).
+        judge_map: ``name -> judge`` (:func:`build_judge_map`).
+        scorer: the coherence check (:func:`coherence_scorer`; ``None`` when off).
+        prompt_ids / target_ids: the encoded prompts and targets when the caller has them.
+
+    Returns:
+        ``{"ks", "rate" (primary judge, per k), "judges" ({name: [rate per k]}), "samples" ({str(k): first
+        answer}), "positions_check" ({"rows", "violations"}: rows that were perturbed, or whose generation
+        prompt is not prompt + pre-fill)}``.
+    """
+    if prompt_ids is None:
+        prompt_ids = encode_prompts(tokenizer, list(prompts), s.use_chat_template, s.system_prompt)
+    if target_ids is None:
+        target_ids = [encode_response(tokenizer, t, add_eos=False) for t in targets]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    out: dict[str, Any] = {"ks": [int(k) for k in ks], "rate": [], "judges": {}, "samples": {}}
+    check = {"rows": 0, "violations": 0}
+    for k in out["ks"]:
+        prefixes = [list(t[:k]) for t in target_ids]
+        ids = [list(p) + pre for p, pre in zip(prompt_ids, prefixes)]
+        res = generate_under_attack(model, tokenizer, ids, None, None, prompt_keys=list(keys),
+                                    max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, pad_token_id=pad_id)
+        answers = [pre + list(tok) for pre, tok in zip(prefixes, res.token_ids)]
+        texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+        for j in range(len(prompts)):
+            check["rows"] += 1
+            if int(res.perturbed_positions[j]) != 0 or res.prompt_ids[j][len(prompt_ids[j]):] != prefixes[j]:
+                check["violations"] += 1
+        coh = scorer(prompt_ids, answers, texts) if scorer else None
+        verdicts = judge_rates(judge_map, list(prompts), texts, list(targets), coh)
+        for jn, v in verdicts.items():
+            out["judges"].setdefault(jn, []).append(nanmean(v))
+        out["rate"].append(nanmean(verdicts[s.primary_judge]))
+        out["samples"][str(k)] = texts[0] if texts else ""
+    out["positions_check"] = check
+    return out
 
 
 def _clean_success(model, tokenizer, prompts, targets, keys, judge_map, s, gen_prompts=None,
@@ -421,10 +454,10 @@ def _clean_success(model, tokenizer, prompts, targets, keys, judge_map, s, gen_p
                          s.system_prompt)
     res = generate_under_attack(model, tokenizer, ids, None, None, prompt_keys=keys, max_new_tokens=s.max_new_tokens,
                                 batch_size=s.batch_size, pad_token_id=pad_id)
-    scorer = _scorer(score_model if score_model is not None else model, tokenizer, s)
+    scorer = coherence_scorer(score_model if score_model is not None else model, tokenizer, s)
     coh = scorer(ids, res.token_ids, res.texts) if scorer else None
-    verdicts = _judge(judge_map, list(prompts), res.texts, list(targets), coh)
-    out = {"rate": _nanmean(verdicts[s.primary_judge]), "judges": {j: _nanmean(v) for j, v in verdicts.items()},
+    verdicts = judge_rates(judge_map, list(prompts), res.texts, list(targets), coh)
+    out = {"rate": nanmean(verdicts[s.primary_judge]), "judges": {j: nanmean(v) for j, v in verdicts.items()},
            "failures": int(np.isnan(verdicts[s.primary_judge]).sum()), "samples": res.texts[:3]}
     if coh is not None:
         out["incoherent"] = sum(not c["coherent"] for c in coh)
@@ -560,7 +593,7 @@ def finetune_attack_curve(model: nn.Module, tokenizer, prompts: Sequence[str], t
         ConfigError: bad durability settings.
     """
     s = resolve_settings(cfg)
-    judge_map = _build_judges(s, judges)
+    judge_map = build_judge_map(s, judges)
     if s.primary_judge not in judge_map:
         s.primary_judge = next(iter(judge_map))
     return _finetune_attack_curve(model, tokenizer, prompts, targets, s, judge_map, finetune, out_dir,
@@ -613,10 +646,10 @@ def _finetune_attack_curve(model, tokenizer, prompts, targets, s: DurabilitySett
                 raise RuntimeError(f"fine-tuning attack ({label}, seed {seed}) measured at steps {seen}, "
                                    f"expected {steps}")
             key = str(seed)
-            res["success"][key] = [_finite(pt["success"]) for pt in ft["curve"]]
-            res["harmful_loss"][key] = [_finite(pt["harmful_loss"]) for pt in ft["curve"]]
+            res["success"][key] = [finite(pt["success"]) for pt in ft["curve"]]
+            res["harmful_loss"][key] = [finite(pt["harmful_loss"]) for pt in ft["curve"]]
             for j in judge_map:
-                res["judges"][j][key] = [_finite(c["judges"].get(j)) for c in points]
+                res["judges"][j][key] = [finite(c["judges"].get(j)) for c in points]
             res["failures"][key] = [c["failures"] for c in points]
             res["incoherent"][key] = [c.get("incoherent") for c in points]
             res["train_loss"][key] = [float(x) for x in ft["train_loss"]]
@@ -755,7 +788,7 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
     modes = {k: m.training for k, m in models.items()}
     for m in models.values():
         m.eval()
-    judge_map = _build_judges(s, judges)
+    judge_map = build_judge_map(s, judges)
     if s.primary_judge not in judge_map:
         s.primary_judge = next(iter(judge_map))
     timings: dict[str, float] = {}
@@ -882,10 +915,10 @@ def _row(rid: str, label: str, o, h, kind: str = "rate", o_std=None, h_std=None,
          h_detail: str | None = None, budget: int | None = None) -> dict[str, Any]:
     """One table row. ``kind``: ``rate``, ``loss``, ``layer`` or ``steps`` (steps-to-break: ``None`` = not broken
     within ``budget`` steps, shown as ``> budget``)."""
-    o, h = _finite(o), _finite(h)
+    o, h = finite(o), finite(h)
     change = None if o is None or h is None or kind == "layer" else h - o
-    row = {"id": rid, "label": label, "kind": kind, "original": o, "hardened": h, "original_std": _finite(o_std),
-           "hardened_std": _finite(h_std), "change": change, "original_detail": o_detail,
+    row = {"id": rid, "label": label, "kind": kind, "original": o, "hardened": h, "original_std": finite(o_std),
+           "hardened_std": finite(h_std), "change": change, "original_detail": o_detail,
            "hardened_detail": h_detail}
     if kind == "steps":
         row.update(original=None if o is None else int(o), hardened=None if h is None else int(h),
@@ -1298,5 +1331,6 @@ def write_outputs(summary: dict[str, Any], out: Path) -> dict[str, str]:
     return paths
 
 
-__all__ = ["DurabilitySettings", "build_rows", "eval_schedule", "finetune_attack_curve", "median_steps_to_break",
+__all__ = ["DurabilitySettings", "build_judge_map", "build_rows", "coherence_scorer", "eval_schedule",
+           "finetune_attack_curve", "finite", "judge_rates", "median_steps_to_break", "nanmean", "prefill_attack",
            "render_report", "resolve_settings", "run_durability", "steps_to_break", "write_outputs"]

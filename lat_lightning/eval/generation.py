@@ -620,7 +620,8 @@ def continuation_logprobs(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
             ids = pad_sequences(seqs, pad_id, side="right").to(device)
             mask = pad_sequences([[1] * len(s) for s in seqs], 0, side="right").to(device)
             full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            cols = torch.tensor([len(p) - 1 for p in prompts], device=device)[:, None] + torch.arange(width, device=device)
+            starts = torch.tensor([len(p) - 1 for p in prompts], device=device)
+            cols = starts[:, None] + torch.arange(width, device=device)[None, :]
             cols = cols.clamp(max=full.shape[1] - 1)
             logits = full.gather(1, cols[..., None].expand(-1, -1, full.shape[-1]))
             del full
