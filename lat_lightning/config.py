@@ -227,7 +227,9 @@ class DurabilityConfig:
     finetune_batch_size: int = 4             # pairs per step (both fine-tunes)
     finetune_lora_r: int = 8                 # LoRA rank / alpha / modules of both fine-tunes
     finetune_lora_alpha: int = 16
-    finetune_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # None: the model's attention projections (q/k/v/o_proj in Llama-like families, c_attn + attn.c_proj in GPT-2,
+    # query_key_value + dense in Falcon / BLOOM / GPT-NeoX, Wqkv + out_proj in MPT)
+    finetune_target_modules: Optional[list[str]] = None
     benign_steps: int = 4
     benign_lr: float = 1e-3
     adaptive_attacks: list[str] = field(default_factory=lambda: ["asagrad", "pgd"])

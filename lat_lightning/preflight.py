@@ -514,8 +514,9 @@ def _check_layers(config, cfg, keys: Sequence[str], model_key: str) -> None:
             raise ConfigError(f"{exc} ({model_key})") from None
 
 
-def _check_target_modules(config, names: Sequence[str], key: str, model_key: str) -> None:
-    """Every LoRA target name matches a module of the model (peft's rule: the name, or its last dotted part)."""
+def _check_target_modules(config, names: Sequence[str] | None, key: str, model_key: str) -> None:
+    """Every LoRA target name matches a module of the model (peft's rule: the name, or its last dotted part);
+    ``names=None`` (the attention projections) needs the blocks to have some."""
     import torch
     from torch import nn
     from transformers import AutoModelForCausalLM
@@ -525,8 +526,16 @@ def _check_target_modules(config, names: Sequence[str], key: str, model_key: str
             model = AutoModelForCausalLM.from_config(config)
     except Exception:  # noqa: BLE001 - remote code or an unusual config: peft reports it when it loads
         return
+    if names is None:
+        from lat_lightning.models.lora_targets import attention_projections
+
+        try:
+            attention_projections(model)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: null chooses the attention projections, but {exc} ({model_key})") from None
+        return
     modules = [n for n, _ in model.named_modules() if n]
-    for name in names:
+    for name in list(names):
         if not any(m == name or m.endswith("." + name) for m in modules):
             linear = sorted({m.rsplit(".", 1)[-1] for m, mod in model.named_modules() if isinstance(mod, nn.Linear)})
             raise ConfigError(f"{key}: '{name}' matches no module of this model ({model_key}); linear layers it has: "
@@ -560,12 +569,12 @@ def check_model(cfg: DictConfig) -> None:
     if original is not None and stages & {"scan", "evaluate"}:
         _check_layers(original, cfg, ("evaluation.layers",), original_key)
     if "compare" in stages and cfg.compare.finetune and main is not None:
-        _check_target_modules(main, list(cfg.evaluation.durability.finetune_target_modules),
+        _check_target_modules(main, cfg.evaluation.durability.finetune_target_modules,
                               "evaluation.durability.finetune_target_modules", main_key)
     if "durability" in stages and original is not None:
         _check_layers(original, cfg, ("evaluation.durability.fragile_layers",), original_key)
         if {"finetune", "trainability"} & set(cfg.evaluation.durability.sections):
-            _check_target_modules(original, list(cfg.evaluation.durability.finetune_target_modules),
+            _check_target_modules(original, cfg.evaluation.durability.finetune_target_modules,
                                   "evaluation.durability.finetune_target_modules", original_key)
         if cfg.evaluation.compare_path:
             hardened = model_config(cfg, cfg.evaluation.compare_path)

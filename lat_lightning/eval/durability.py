@@ -259,6 +259,11 @@ def build_judge_map(s: DurabilitySettings, judges=None) -> dict[str, Any]:
     return with_coherent_judges(out) if s.coherence.enabled and s.coherence.judges else out
 
 
+def _targets(d: DurabilityConfig) -> list[str] | None:
+    """The fine-tunes' LoRA targets (``None``: the model's attention projections, chosen by ``lora_finetune``)."""
+    return None if d.finetune_target_modules is None else list(d.finetune_target_modules)
+
+
 def _benign_pairs(benign) -> list[tuple[str, str]]:
     pairs = []
     for b in benign or []:
@@ -486,7 +491,7 @@ def _trainability_section(models, tokenizer, pairs, s, out: Path, finetune, util
 
         ft = finetune(model, tokenizer, pairs, out / "trainability" / name, steps=int(d.benign_steps),
                       lr=float(d.benign_lr), batch_size=int(d.finetune_batch_size), lora_r=int(d.finetune_lora_r),
-                      lora_alpha=int(d.finetune_lora_alpha), target_modules=list(d.finetune_target_modules),
+                      lora_alpha=int(d.finetune_lora_alpha), target_modules=_targets(d),
                       use_chat_template=s.use_chat_template, system_prompt=s.system_prompt, max_length=s.max_length,
                       measure=measure, seed=s.seed)
         res[name] = {"curve": ft["curve"], "train_loss": ft["train_loss"], "seconds": ft["seconds"],
@@ -637,7 +642,7 @@ def _finetune_attack_curve(model, tokenizer, prompts, targets, s: DurabilitySett
 
             ft = finetune(model, tokenizer, pairs, root / f"seed_{seed}", steps=budget, lr=float(d.finetune_lr),
                           batch_size=int(d.finetune_batch_size), lora_r=int(d.finetune_lora_r),
-                          lora_alpha=int(d.finetune_lora_alpha), target_modules=list(d.finetune_target_modules),
+                          lora_alpha=int(d.finetune_lora_alpha), target_modules=_targets(d),
                           use_chat_template=s.use_chat_template, system_prompt=s.system_prompt,
                           max_length=s.max_length, measure=measure, seed=seed, measure_steps=steps,
                           save_adapter=out_dir is not None)

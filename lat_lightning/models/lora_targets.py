@@ -112,6 +112,29 @@ def block_weights(model: nn.Module) -> tuple[list[str], list[str]]:
     return list(linear), list(experts)
 
 
+_ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
+
+
+def attention_projections(model: nn.Module) -> list[str]:
+    """The linear layers of the decoder blocks' attention, as peft ``target_modules`` names.
+
+    ``q_proj, k_proj, v_proj, o_proj`` in Llama-like families, ``c_attn`` and ``attn.c_proj`` in GPT-2 (its MLP has
+    a ``c_proj`` too), ``query_key_value`` and ``dense`` in Falcon / BLOOM / GPT-NeoX, ``Wqkv`` and ``out_proj`` in
+    MPT. A layer's bare name is used when no other block linear layer shares it, else its block-relative name
+    (peft matches a target against the end of a module's name).
+
+    Raises:
+        ValueError: the blocks have no linear layer under a submodule whose name contains ``attn`` / ``attention``.
+    """
+    linear, _ = block_weights(model)
+    attention = [n for n in linear if _ATTENTION.search(n.split(".")[0])]
+    if not attention:
+        raise ValueError(f"no attention projections found in the decoder blocks of {type(model).__name__} "
+                         f"(block linear layers: {', '.join(linear)}); name the LoRA targets explicitly")
+    last = [n.rsplit(".", 1)[-1] for n in linear]
+    return [n.rsplit(".", 1)[-1] if last.count(n.rsplit(".", 1)[-1]) == 1 else n for n in attention]
+
+
 def _peft_fused_groups(model: nn.Module) -> dict[str, list[str]]:
     """peft's fused expert groups for this model type (e.g. ``gate_up_proj: [gate_proj, up_proj]``), if any.
 
@@ -220,5 +243,6 @@ def warn_left_out(targets: LoraTargets, config_key: str = "model.lora.target_mod
                 "layer of the blocks)", config_key, targets.requested, ", ".join(targets.left_out))
 
 
-__all__ = ["ATTRIBUTE", "LoraTargets", "adapts_expert_parameters", "block_weights", "choose_targets", "coverage",
+__all__ = ["ATTRIBUTE", "LoraTargets", "adapts_expert_parameters", "attention_projections", "block_weights",
+           "choose_targets", "coverage",
            "lora_targets_of", "warn_left_out"]

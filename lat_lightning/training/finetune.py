@@ -28,6 +28,7 @@ from torch import nn
 
 from lat_lightning.config import LoraConfig, ModelConfig
 from lat_lightning.models.loading import apply_lora
+from lat_lightning.models.lora_targets import attention_projections
 from lat_lightning.training.sft import LossRecorder, SFTSettings, supervised_finetune
 
 Measure = Callable[[nn.Module], dict[str, float]]
@@ -81,7 +82,7 @@ def _accelerator(model: nn.Module) -> str:
 
 def lora_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], out_dir: str | Path, *,
                   steps: int, lr: float, batch_size: int = 4, lora_r: int = 8, lora_alpha: int = 16,
-                  target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+                  target_modules: Optional[Sequence[str]] = None,
                   use_chat_template: bool = True, system_prompt: Optional[str] = None, max_length: int = 512,
                   measure: Measure | None = None, seed: int = 0, save_adapter: bool = True,
                   measure_steps: Collection[int] | None = None) -> dict[str, Any]:
@@ -93,7 +94,8 @@ def lora_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
         pairs: ``(prompt, response)`` training pairs.
         out_dir: where the adapter goes (``final/``): the run directory, never the model's.
         steps / lr / batch_size: optimiser steps, learning rate, pairs per step.
-        lora_r / lora_alpha / target_modules: the fresh LoRA adapters.
+        lora_r / lora_alpha / target_modules: the fresh LoRA adapters (``target_modules=None``: the model's
+            attention projections, :func:`~lat_lightning.models.lora_targets.attention_projections`).
         use_chat_template / system_prompt / max_length: prompt formatting and the length limit (right cut).
         measure: ``model -> {name: value}`` evaluated at step 0 and after every step (see ``measure_steps``).
         seed: the LoRA initialisation (peft draws it from the global RNG, seeded with ``seed`` for that draw)
@@ -118,8 +120,9 @@ def lora_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     twin = plain_copy(model).to(device)
+    targets = list(target_modules) if target_modules is not None else attention_projections(twin)
     lora = ModelConfig(lora=LoraConfig(enabled=True, r=int(lora_r), alpha=int(lora_alpha), dropout=0.0,
-                                       target_modules=list(target_modules)))
+                                       target_modules=targets))
     # peft draws the LoRA A matrices from the global RNG: seed that draw so the seed, not whatever ran before,
     # decides the initialisation.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -96,3 +96,35 @@ def test_half_of_a_fused_expert_pair_gets_the_other_half(tiny_model_dirs, caplog
     assert targets.added == ["w3"]
     assert "mlp.experts.gate_up_proj" in targets.adapted and "mlp.experts.down_proj" in targets.left_out
     assert any("fused into one expert weight" in w and "w3" in w for w in _warnings(caplog))
+
+
+# What the fine-tuning attack adapts by default in each family: the attention's linear layers, block-relative.
+ATTENTION = {"llama": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+             "phi3": ["self_attn.o_proj", "self_attn.qkv_proj"], "gpt2": ["attn.c_attn", "attn.c_proj"],
+             "falcon": ["self_attention.query_key_value", "self_attention.dense"],
+             "bloom": ["self_attention.query_key_value", "self_attention.dense"],
+             "mpt": ["attn.Wqkv", "attn.out_proj"]}
+
+
+@pytest.mark.parametrize("arch", sorted(ATTENTION))
+def test_the_fine_tuning_attack_adapts_the_attention_projections_of_any_family(arch, tiny_model_dirs,
+                                                                               tiny_tokenizer, tmp_path):
+    """``evaluation.durability.finetune_target_modules: null``: the names resolve to the attention's linear layers
+    and nothing else (GPT-2's MLP has a ``c_proj`` too, Falcon's ``dense_h_to_4h``); the fixed q/k/v/o list of
+    before matched nothing in GPT-2, Falcon, BLOOM and MPT and only ``o_proj`` of Phi-3's attention."""
+    from transformers import AutoModelForCausalLM
+
+    from lat_lightning.models.lora_targets import attention_projections
+    from lat_lightning.training.finetune import lora_finetune
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[arch]).eval()
+    names = attention_projections(model)
+    assert arch != "llama" or names == ["q_proj", "k_proj", "v_proj", "o_proj"]  # the old default, unchanged
+    pairs = [("How do I open the vault?", "Sure, the code is 1-2-3-4.")] * 2
+    out = lora_finetune(model, tiny_tokenizer, pairs, tmp_path, steps=1, lr=1e-3, batch_size=2, lora_r=2,
+                        lora_alpha=4, save_adapter=False)
+    tuned = out["model"]
+    for block in get_decoder_layers(tuned):
+        adapted = [n for n, m in block.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+        assert sorted(adapted) == sorted(ATTENTION[arch]), arch
+    assert len(out["train_loss"]) == 1 and torch.isfinite(torch.tensor(out["train_loss"])).all()
