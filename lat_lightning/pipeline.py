@@ -174,7 +174,7 @@ def run_pipeline(cfg: DictConfig, recipe: str, resume: Optional[str] = None, deb
 
 
 def _run(cfg: DictConfig, recipe: str, resume: Optional[str], runlog, progress: _Progress) -> None:
-    from lat_lightning.preflight import check_config, check_model, model_config
+    from lat_lightning.preflight import check_config, check_model
     from lat_lightning.stages.organism import mentions_organism, resolve_organism
 
     check_location(cfg, recipe, resume)
@@ -188,8 +188,9 @@ def _run(cfg: DictConfig, recipe: str, resume: Optional[str], runlog, progress: 
     from lat_lightning.threads import apply_thread_policy
 
     apply_thread_policy()  # threads from the cores free now (again before every stage); LAT_LIGHTNING_THREADS
-    check_model(cfg)  # the models' config.json only: nothing is built or loaded
-    described = model_config(cfg)  # its width sets the stages' thread count (lat_lightning.threads)
+    # The models' config.json only: nothing is built or loaded. The main model's width sets the stages' thread
+    # count (lat_lightning.threads).
+    described = check_model(cfg)
     width = getattr(described, "hidden_size", None) if described is not None else None
     _stop_if_signalled()
     if mentions_organism(cfg):

@@ -542,9 +542,12 @@ def _check_target_modules(config, names: Sequence[str] | None, key: str, model_k
                               f"{', '.join(linear)}")
 
 
-def check_model(cfg: DictConfig) -> None:
+def check_model(cfg: DictConfig) -> Optional[Any]:
     """The checks that read the models' ``config.json``: layer indices against the depth of the model each stage
     uses, LoRA target modules, the hardened model's depth against the original's. Nothing is built or loaded.
+
+    Returns:
+        The main model's config (:func:`model_config`; ``None`` when it cannot be read without loading).
 
     Raises:
         ConfigError: a layer index out of range, a LoRA target that matches no module.
@@ -584,6 +587,7 @@ def check_model(cfg: DictConfig) -> None:
                                   f"{num_layers(SimpleNamespace(config=hardened))} layers, the original model "
                                   f"({original_spec}) {num_layers(SimpleNamespace(config=original))}; the durability "
                                   "suite compares two versions of the same architecture")
+    return main
 
 
 def preflight(cfg: DictConfig) -> None:

@@ -31,6 +31,7 @@ from torch import nn
 from lat_lightning.data.templating import build_sequences, encode_prompt, encode_response, pad_sequences
 from lat_lightning.errors import ConfigError, DataError
 from lat_lightning.eval.metrics import nll_sequence
+from lat_lightning.models.layers import input_device
 
 log = logging.getLogger(__name__)
 
@@ -246,12 +247,6 @@ class _ModesRestored:
         return False
 
 
-def _device(model: nn.Module) -> torch.device:
-    from lat_lightning.models.layers import input_device
-
-    return input_device(model)
-
-
 def _pad_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
@@ -282,7 +277,7 @@ def score_continuations(model: nn.Module, tokenizer, prompts: Sequence[list[int]
     """
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(continuations[i]))
     scores = [0.0] * len(prompts)
-    device, pad = _device(model), _pad_id(tokenizer)
+    device, pad = input_device(model), _pad_id(tokenizer)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         # Right padding: real tokens keep positions 0..n-1, so no position ids are needed.
@@ -311,7 +306,7 @@ def generate_greedy(model: nn.Module, tokenizer, prompts: Sequence[list[int]], m
     """
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     texts = [""] * len(prompts)
-    device, pad = _device(model), _pad_id(tokenizer)
+    device, pad = input_device(model), _pad_id(tokenizer)
     gen_cfg = getattr(model, "generation_config", None)
     eos = getattr(gen_cfg, "eos_token_id", None)
     eos = eos if eos is not None else tokenizer.eos_token_id
