@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lat_lightning.config import CHOICES, REMOVED_KEYS, RENAMED_KEYS, STAGES, RunConfig
+from lat_lightning.config import REMOVED_KEYS, RENAMED_KEYS, STAGES, RunConfig
 from lat_lightning.errors import ConfigError, LatLightningError
 from lat_lightning.interrupts import StopRequested, signal_name, stop_on_signals
 
@@ -180,14 +180,6 @@ def _dotlist_to_dict(dotlist: list[str]) -> dict[str, Any]:
     return OmegaConf.to_container(conf)  # type: ignore[return-value]
 
 
-def registry_choices() -> dict[str, tuple[str, ...]]:
-    """Choice lists that come from registries: attack names and positions policies (lat_lightning.attacks)."""
-    from lat_lightning.attacks import POLICIES, attack_names
-
-    return {"perturbation.attack": tuple(attack_names()), "perturbation.positions": POLICIES,
-            "evaluation.positions": POLICIES}
-
-
 def _check_attack_lists(cfg: DictConfig) -> None:
     from lat_lightning.attacks import check_attack_name
 
@@ -239,12 +231,9 @@ def _check_layer_lists(cfg: DictConfig) -> None:
 def _check_choices(cfg: DictConfig) -> None:
     _check_attack_lists(cfg)
     _check_layer_lists(cfg)
-    for key, allowed in {**CHOICES, **registry_choices()}.items():
-        value = OmegaConf.select(cfg, key)
-        if value is not None and value not in allowed:
-            close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.4)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"invalid value '{value}' for '{key}'; choose one of {', '.join(allowed)}{hint}")
+    from lat_lightning.preflight import check_choices
+
+    check_choices(cfg)
     for stage in cfg.stages:
         if stage not in STAGES:
             close = difflib.get_close_matches(str(stage), STAGES, n=1)

@@ -72,6 +72,33 @@ def _fmt(value: Any) -> str:
     return "[" + ", ".join(_fmt(v) for v in value) + "]" if isinstance(value, list) else str(value)
 
 
+def registry_choices() -> dict[str, tuple[str, ...]]:
+    """Choice lists that come from registries: attack names and positions policies (lat_lightning.attacks)."""
+    from lat_lightning.attacks import POLICIES, attack_names
+
+    return {"perturbation.attack": tuple(attack_names()), "perturbation.positions": POLICIES,
+            "evaluation.positions": POLICIES}
+
+
+def check_choices(cfg, sections: Sequence[str] | None = None) -> None:
+    """Every key with a fixed set of values (:data:`~lat_lightning.config.CHOICES` and :func:`registry_choices`)
+    holds one of them; only the keys under ``sections`` when given.
+
+    Raises:
+        ConfigError: naming the key, its choices and the closest one.
+    """
+    from lat_lightning.config import CHOICES
+
+    for key, allowed in {**CHOICES, **registry_choices()}.items():
+        if sections is not None and key.split(".")[0] not in sections:
+            continue
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value not in allowed:
+            close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.4)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"invalid value '{value}' for '{key}'; choose one of {', '.join(allowed)}{hint}")
+
+
 def check_bounds(cfg) -> None:
     """Every key of :data:`lat_lightning.config.BOUNDS` within its range, every float finite.
 
@@ -259,7 +286,6 @@ def _check_compare(cfg) -> None:
     if "compare" not in _stages(cfg):
         return
     from lat_lightning.attacks import check_attack_name
-    from lat_lightning.config import CHOICES
     from lat_lightning.training.defences import check_defence_name, defence_config
 
     cmp = cfg.compare
@@ -291,11 +317,7 @@ def _check_compare(cfg) -> None:
         dcfg = defence_config(cfg, name)
         try:
             check_bounds(dcfg)
-            for key, allowed in CHOICES.items():
-                value = OmegaConf.select(dcfg, key)
-                if key.split(".")[0] in ("perturbation", "loss", "trainer") and value is not None \
-                        and value not in allowed:
-                    raise ConfigError(f"invalid value '{value}' for '{key}'; choose one of {', '.join(allowed)}")
+            check_choices(dcfg, sections=("perturbation", "loss", "trainer"))
             _check_training(dcfg)
         except ConfigError as exc:
             raise ConfigError(f"compare.defences '{name}': {exc}") from None
