@@ -226,6 +226,8 @@ CATALOGUE: list[Case] = [
       names="compare.overrides.lat.perturbation.stepz", recipe=CMP),
     C("compare-override-bad-choice", "compare.overrides.lat.perturbation.norm=l3",
       names="perturbation.norm", recipe=CMP),
+    C("compare-override-bad-positions", "compare.overrides.lapt.perturbation.positions=bogus",
+      names="perturbation.positions", recipe=CMP),
     C("compare-override-out-of-range", "compare.overrides.lat.trainer.max_steps=0",
       names="trainer.max_steps", recipe=CMP),
     C("compare-utility-without-benign", "data.benign=null", names="compare.defences 'sft': loss.utility", recipe=CMP),
