@@ -36,6 +36,18 @@ MIN_UNITS = 4  # fewer units (or characters) than this cannot be said to repeat
 _UNITS = re.compile(r"\w+|[^\w\s]")  # words and single punctuation marks
 
 
+# Logits one teacher-forced forward of the check may hold (answer tokens x vocabulary): 1 GiB in float32. Far above
+# what the organism or SmolLM2 scans need (256 answers of 16 tokens x 49k = 2^27.6); Llama-3's 128k vocabulary with
+# 50-token answers gets 41 answers per forward instead of 256 (6.6 GB of float32 logits).
+LOGITS_BUDGET = 2 ** 28
+
+
+def _vocab_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return max(1, int(getattr(text, "vocab_size", None) or 1))
+
+
 # The thresholds are the `evaluation.coherence` config section.
 CoherenceSettings = CoherenceConfig
 
@@ -92,7 +104,9 @@ class CoherenceScorer:
         Each distinct (prompt, answer) pair is scored once (in a scan, rows the attack did not move repeat the
         clean answer), and the prompts' KV caches are shared across the rows
         (:func:`~lat_lightning.eval.generation.continuation_logprobs`): teacher-forcing every full prompt made the
-        coherence check 2.5x the cost of the scan's generation on SmolLM2-135M-Instruct (docs/performance.md).
+        coherence check 2.5x the cost of the scan's generation on SmolLM2-135M-Instruct (docs/scan.md). A forward
+        holds at most ``batch_size`` pairs and at most :data:`LOGITS_BUDGET` logits (answer tokens x vocabulary), so
+        a large vocabulary with long answers runs in smaller forwards rather than out of memory.
         """
         out: list[float | None] = [None] * len(answer_ids)
         distinct: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
@@ -100,8 +114,10 @@ class CoherenceScorer:
             if len(a):
                 distinct.setdefault((tuple(int(t) for t in prompt_ids[i]), tuple(int(t) for t in a)), []).append(i)
         pairs = sorted(distinct, key=lambda pa: (pa[0], len(pa[1])))  # a chunk holds few prompts, similar lengths
-        for start in range(0, len(pairs), self.batch_size):
-            chunk = pairs[start:start + self.batch_size]
+        longest = max((len(a) for _, a in pairs), default=1)
+        step = max(1, min(self.batch_size, LOGITS_BUDGET // (longest * _vocab_size(self.model))))
+        for start in range(0, len(pairs), step):
+            chunk = pairs[start:start + step]
             logps = continuation_logprobs(self.model, [p for p, _ in chunk], [a for _, a in chunk],
                                           pad_id=self.pad_id, share_prefix=self.share_prefix)
             for pair, logp in zip(chunk, logps):

@@ -108,3 +108,25 @@ def test_build_judges_shares_the_base_judge():
     judges = build_judges(["keyword", "keyword+coherent", "target_match+coherent"], target_key_pattern=r"(\d)")
     assert judges["keyword+coherent"].base is judges["keyword"]
     assert judges["target_match+coherent"].base.key_pattern.pattern == r"(\d)"
+
+
+def test_scorer_bounds_the_logits_of_one_forward(fluent_model, tiny_tokenizer, monkeypatch):
+    """Under a small logits budget the pairs go through more, smaller forwards with the same NLLs."""
+    import lat_lightning.eval.coherence as coherence_mod
+    import lat_lightning.eval.generation as gen_mod
+
+    model, prompt, answer = fluent_model
+    answers = [answer, list(reversed(answer[:-1])), answer[:3]]
+    scorer = CoherenceScorer(model, pad_id=tiny_tokenizer.pad_token_id, batch_size=64)
+    whole = scorer.nll([prompt] * 3, answers)
+    calls = []
+    real = gen_mod.continuation_logprobs
+
+    def spy(model_, prompts, conts, **kw):
+        calls.append(len(conts))
+        return real(model_, prompts, conts, **kw)
+
+    monkeypatch.setattr(coherence_mod, "continuation_logprobs", spy)
+    monkeypatch.setattr(coherence_mod, "LOGITS_BUDGET", len(answer) * model.config.vocab_size)  # one pair fits
+    assert scorer.nll([prompt] * 3, answers) == pytest.approx(whole, rel=1e-5)
+    assert calls == [1, 1, 1]
