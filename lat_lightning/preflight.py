@@ -557,7 +557,7 @@ def _check_target_modules(config, names: Sequence[str] | None, key: str, model_k
             raise ConfigError(f"{key}: null chooses the attention projections, but {exc} ({model_key})") from None
         return
     modules = [n for n, _ in model.named_modules() if n]
-    for name in list(names):
+    for name in names:
         if not any(m == name or m.endswith("." + name) for m in modules):
             linear = sorted({m.rsplit(".", 1)[-1] for m, mod in model.named_modules() if isinstance(mod, nn.Linear)})
             raise ConfigError(f"{key}: '{name}' matches no module of this model ({model_key}); linear layers it has: "

@@ -31,6 +31,7 @@ from torch import nn
 
 from lat_lightning.config import CoherenceConfig
 from lat_lightning.eval.generation import continuation_logprobs
+from lat_lightning.models.layers import vocab_size
 
 MIN_UNITS = 4  # fewer units (or characters) than this cannot be said to repeat
 _UNITS = re.compile(r"\w+|[^\w\s]")  # words and single punctuation marks
@@ -40,12 +41,6 @@ _UNITS = re.compile(r"\w+|[^\w\s]")  # words and single punctuation marks
 # what the organism or SmolLM2 scans need (256 answers of 16 tokens x 49k = 2^27.6); Llama-3's 128k vocabulary with
 # 50-token answers gets 41 answers per forward instead of 256 (6.6 GB of float32 logits).
 LOGITS_BUDGET = 2 ** 28
-
-
-def _vocab_size(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return max(1, int(getattr(text, "vocab_size", None) or 1))
 
 
 # The thresholds are the `evaluation.coherence` config section.
@@ -115,7 +110,7 @@ class CoherenceScorer:
                 distinct.setdefault((tuple(int(t) for t in prompt_ids[i]), tuple(int(t) for t in a)), []).append(i)
         pairs = sorted(distinct, key=lambda pa: (pa[0], len(pa[1])))  # a chunk holds few prompts, similar lengths
         longest = max((len(a) for _, a in pairs), default=1)
-        step = max(1, min(self.batch_size, LOGITS_BUDGET // (longest * _vocab_size(self.model))))
+        step = max(1, min(self.batch_size, LOGITS_BUDGET // (longest * (vocab_size(self.model) or 1))))
         for start in range(0, len(pairs), step):
             chunk = pairs[start:start + step]
             logps = continuation_logprobs(self.model, [p for p, _ in chunk], [a for _, a in chunk],

@@ -55,8 +55,6 @@ def prefill_success(model: nn.Module, tokenizer, prompts: Sequence[str], targets
 
     s = resolve_settings(cfg)
     judge_map = build_judge_map(s)
-    if s.primary_judge not in judge_map:
-        s.primary_judge = next(iter(judge_map))
     res = prefill_attack(model, tokenizer, list(prompts), list(targets), list(prompt_keys), [int(k) for k in ks], s,
                          judge_map, coherence_scorer(model, tokenizer, s))
     return {str(k): {"rate": res["rate"][i], "judges": {j: v[i] for j, v in res["judges"].items()},

@@ -250,13 +250,18 @@ def coherence_scorer(model, tokenizer, s: DurabilitySettings):
 
 
 def build_judge_map(s: DurabilitySettings, judges=None) -> dict[str, Any]:
+    """``name -> judge``: ``judges`` (names or a map; default ``s.judges``) plus their ``+coherent`` twins when the
+    coherence check adds them. Settles ``s.primary_judge`` to the first judge when it is not among them."""
     from lat_lightning.eval.judges import build_judges, with_coherent_judges
 
     if judges is not None and isinstance(judges, Mapping):
         out = dict(judges)
     else:
         out = build_judges(list(judges if judges is not None else s.judges), s.classifier_path, s.target_key_pattern)
-    return with_coherent_judges(out) if s.coherence.enabled and s.coherence.judges else out
+    out = with_coherent_judges(out) if s.coherence.enabled and s.coherence.judges else out
+    if s.primary_judge not in out:
+        s.primary_judge = next(iter(out))
+    return out
 
 
 def _targets(d: DurabilityConfig) -> list[str] | None:
@@ -599,8 +604,6 @@ def finetune_attack_curve(model: nn.Module, tokenizer, prompts: Sequence[str], t
     """
     s = resolve_settings(cfg)
     judge_map = build_judge_map(s, judges)
-    if s.primary_judge not in judge_map:
-        s.primary_judge = next(iter(judge_map))
     return _finetune_attack_curve(model, tokenizer, prompts, targets, s, judge_map, finetune, out_dir,
                                   finetune_pairs, prompt_keys, label)
 
@@ -794,8 +797,6 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
     for m in models.values():
         m.eval()
     judge_map = build_judge_map(s, judges)
-    if s.primary_judge not in judge_map:
-        s.primary_judge = next(iter(judge_map))
     timings: dict[str, float] = {}
     summary: dict[str, Any] = {
         "models": dict(model_labels or {"original": "original model", "hardened": "hardened model"}),

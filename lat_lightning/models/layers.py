@@ -129,6 +129,12 @@ def hidden_size(model: nn.Module) -> int:
     raise ValueError(f"config of {type(model).__name__} has no hidden size")
 
 
+def vocab_size(model: nn.Module) -> int | None:
+    """Vocabulary size, from the config (``vocab_size``; ``None`` when the config does not say)."""
+    value = getattr(_text_config(model), "vocab_size", None)
+    return int(value) if value else None
+
+
 def check_layer_indices(model: nn.Module, layers, what: str = "layer") -> list[int]:
     """Validate 0-based layer indices against the model; :data:`EMBED` (or ``"embed"``) is the input embeddings
     and ``"all"`` expands to every block (in place; a layer listed twice stays twice).
