@@ -7,14 +7,36 @@ wrong type are rejected with a one-line message that names the key and the close
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional
+
+from lat_lightning.attacks.settings import AttackSettings, Layer
 
 STAGES = ("organism", "fit", "scan", "rescan", "evaluate", "interpolate", "durability", "compare", "report")
 
-# A layer in a config: a block index (0-based: the output of that decoder block) or "embed" (the input
-# embeddings); see lat_lightning.models.layers.parse_layers.
-Layer = Union[int, str]
+
+
+def schema_of(settings_cls: type, name: str, nested: Optional[dict[type, type]] = None) -> type:
+    """A mutable copy of a frozen settings dataclass, to be a section of the OmegaConf schema.
+
+    The settings class stays the one place a key's type, default and comment are written; OmegaConf marks the
+    node of a frozen dataclass read-only, which the pipeline's config rewriting (organism paths) cannot use.
+
+    Args:
+        settings_cls: the package-owned frozen settings dataclass.
+        name: the schema class's name (as recipes' error messages show it).
+        nested: settings class -> schema class for fields that hold another settings class.
+    """
+    nested = nested or {}
+    hints = typing.get_type_hints(settings_cls)
+    namespace: dict[str, Any] = {"__annotations__": {}, "__doc__": settings_cls.__doc__, "__module__": __name__}
+    for f in dataclasses.fields(settings_cls):
+        namespace["__annotations__"][f.name] = nested.get(hints[f.name], hints[f.name])
+        factory = nested.get(f.default_factory, f.default_factory)  # type: ignore[arg-type]
+        namespace[f.name] = dataclasses.field(default=f.default, default_factory=factory, metadata=f.metadata)
+    return dataclass(type(name, (), namespace))
 
 
 @dataclass
@@ -85,40 +107,9 @@ class DataConfig:
     shuffle: bool = True
 
 
-@dataclass
-class PerturbationConfig:
-    """The attack used by training and the settings every attack reads (``lat_lightning/attacks``, docs/attacks).
-
-    ``attack`` names the training attack (``none`` = plain SFT). The other keys are the attacks' knobs; the
-    scan, validation loop and durability suite build their attacks (``evaluation.attacks``) from the same
-    section, with the generation-time positions policy of ``evaluation.positions`` when that is set.
-    """
-
-    attack: str = "none"                 # registry name (lat_lightning.attacks.ATTACKS)
-    layers: list[Layer] = field(default_factory=list)  # attacked layers (0-based block outputs, or embed)
-    positions: str = "response"          # positions policy (lat_lightning.attacks.positions)
-    first_k: int = 1                     # k of the first_k policy
-    refresh: str = "step"                # asa_random: new draw per step/position, or one fixed draw
-    alpha: float = 1.0                   # magnitude multiplier after Eq. 1 (asa_random, asagrad)
-    seed: int = 0                        # keys every random draw
-    probability: float = 1.0             # asa_random training: fraction of steps perturbed
-    layer_sampling: str = "all"          # asa_random training: all listed layers, or one drawn per step
-    sign: str = "descend"                # asagrad: descend = toward the harmful target (-sign(g))
-    steps: int = 16                      # pgd: optimisation steps
-    eps: float = 6.0                     # pgd: ball radius
-    eps_mode: str = "absolute"           # pgd: absolute, or relative to the clean activation norm
-    norm: str = "l2"                     # pgd: l2 or linf ball
-    norm_scope: str = "token"            # pgd: per token or per sequence norm
-    optimizer: str = "adamw"             # pgd: adamw (LAT reference) or sign steps
-    lr: float = 1e-3                     # pgd: step size
-    init: str = "zero"                   # pgd: zero or random start
-    early_stop_loss: Optional[float] = None  # pgd: stop once the attack loss is this low
-    toward_harmful: float = 1.0          # pgd attack loss: weight of CE toward the harmful target y*
-    away_from_safe: float = 0.0          # pgd attack loss: weight of -log(1 - p) pushing off the refusal y
-    direction_token: int = -1            # refusal_*: prompt position the direction is read at (-1: last token)
-    direction_scale: float = -1.0        # refusal_addition: h <- h + scale * r[l] (< 0 removes refusal)
-    direction_prompts: int = 64          # refusal_* (scan, validation, durability): prompts per contrast set
-    direction_refresh: int = 4           # refusal_* training: recompute the direction every N micro-batches
+# The ``perturbation`` section is the attacks' own settings class (lat_lightning.attacks.settings), made mutable for
+# OmegaConf (a frozen dataclass would make its node read-only).
+PerturbationConfig = schema_of(AttackSettings, "PerturbationConfig")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from lat_lightning.attacks.positions import POLICIES, policy_mask, position_mask
 from lat_lightning.attacks.refusal_ablation import RefusalAblation
 from lat_lightning.attacks.refusal_addition import RefusalAddition
 from lat_lightning.attacks.transfer import Transfer
-from lat_lightning.config import PerturbationConfig
+from lat_lightning.attacks.settings import AttackSettings
 
 ATTACKS: dict[str, type[Attack]] = {
     "none": NoAttack,
@@ -60,12 +60,17 @@ def check_attack_name(name: str, key: str = "perturbation.attack", scan: bool = 
     return name
 
 
-def build_attack(name: str, settings: PerturbationConfig | None = None, **overrides) -> Attack:
+def _plain(value):
+    """A list for any sequence that is not a string (a config node's list), the value otherwise."""
+    return list(value) if hasattr(value, "__len__") and not isinstance(value, (str, bytes, dict)) else value
+
+
+def build_attack(name: str, settings: AttackSettings | None = None, **overrides) -> Attack:
     """Instantiate the attack ``name`` with ``settings`` (a copy, ``overrides`` applied).
 
     Args:
         name: a key of :data:`ATTACKS`.
-        settings: the ``perturbation`` section (defaults when ``None``).
+        settings: the attacks' settings (defaults when ``None``; an object with the same fields is copied).
         overrides: fields of ``settings`` to replace in the copy (e.g. the scan's ``positions``).
 
     Raises:
@@ -73,11 +78,10 @@ def build_attack(name: str, settings: PerturbationConfig | None = None, **overri
     """
     check_attack_name(name)
     if settings is None:
-        settings = PerturbationConfig()
-    elif not isinstance(settings, PerturbationConfig):  # an OmegaConf node of the perturbation section
-        from omegaconf import OmegaConf
-
-        settings = OmegaConf.to_object(settings)
+        settings = AttackSettings()
+    elif not isinstance(settings, AttackSettings):  # any object with the same fields (e.g. a config section)
+        settings = AttackSettings(**{f.name: _plain(getattr(settings, f.name))
+                                     for f in dataclasses.fields(AttackSettings)})
     settings = dataclasses.replace(settings, **overrides)
     return ATTACKS[name](settings)
 

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from lat_lightning.config import PerturbationConfig
+from lat_lightning.attacks.settings import AttackSettings
 from lat_lightning.models.hooks import residual_edit
 
 NORMALISE_EPS = 1e-6  # as in the reference code
@@ -195,7 +195,7 @@ class Attack:
     one_plan_for_all_seeds: ClassVar[bool] = False
     needs_harmless: ClassVar[bool] = False
 
-    def __init__(self, settings: PerturbationConfig):
+    def __init__(self, settings: AttackSettings):
         self.settings = settings
         self.contrast: ContrastPrompts | None = None
 
