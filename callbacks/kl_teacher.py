@@ -169,12 +169,6 @@ class KLTeacher(Callback):
         self._teacher: list[nn.Module] = []
         self._modules: list = []
 
-    @classmethod
-    def from_config(cls, cfg) -> "KLTeacher":
-        """From a run config (reads ``callbacks.kl_teacher``)."""
-        k = cfg.callbacks.kl_teacher
-        return cls(weight=float(k.weight), direction=str(k.direction), chunk_size=int(k.chunk_size))
-
     # -- lifecycle -----------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit" or self.weight == 0.0:

@@ -34,6 +34,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from lat_lightning.training.interpolation import (
+    UtilityScoreSettings,
     interpolated,
     is_peft_model,
     lambda_search,
@@ -59,15 +60,17 @@ class WeightInterpolation(Callback):
             ``contains``) when no ``score_fn`` is given.
         run_dir: output directory (``trainer.default_root_dir`` when ``None``).
         score_fn: ``model -> float`` (higher is better); overrides the configured utility.
-        utility_rows: rows for ``evaluate_utility`` instead of loading ``evaluation.utility_data``.
-        cfg: the run config (utility data, chat template, batch size).
+        utility_rows: rows for ``evaluate_utility`` instead of loading ``utility_settings.source``.
+        utility_settings: how the utility is scored (rows' file, chat template, batch size); with ``utility_rows``
+            and no settings, the rows are scored with the defaults and kind ``utility``.
         save: write ``interpolated/`` (the JSON and TensorBoard curve are always written).
     """
 
     def __init__(self, lambdas: Sequence[float] = DEFAULT_LAMBDAS, tolerance: float = 0.05,
                  utility: str = "multiple_choice", run_dir: Optional[str | Path] = None,
                  score_fn: Optional[Callable[[nn.Module], float]] = None,
-                 utility_rows: Optional[Sequence[Mapping[str, Any]]] = None, cfg=None, save: bool = True):
+                 utility_rows: Optional[Sequence[Mapping[str, Any]]] = None,
+                 utility_settings: Optional[UtilityScoreSettings] = None, save: bool = True):
         lambdas = [float(x) for x in lambdas]
         bad = [x for x in lambdas if not 0.0 <= x <= 1.0]
         if not lambdas or bad:
@@ -81,19 +84,11 @@ class WeightInterpolation(Callback):
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.score_fn = score_fn
         self.utility_rows = list(utility_rows) if utility_rows is not None else None
-        self.cfg = cfg
+        self.utility_settings = utility_settings
         self.save = save
         self.result: Optional[dict[str, Any]] = None
         self._original: Optional[dict[str, Tensor]] = None
         self._score: Optional[Callable[[nn.Module], float]] = None
-
-    @classmethod
-    def from_config(cls, cfg, run_dir: Optional[str | Path] = None,
-                    score_fn: Optional[Callable[[nn.Module], float]] = None) -> "WeightInterpolation":
-        """From a run config (``callbacks.weight_interpolation``, ``evaluation.utility_data``)."""
-        w = cfg.callbacks.weight_interpolation
-        return cls(lambdas=list(w.lambdas), tolerance=float(w.tolerance), utility=str(w.utility),
-                   run_dir=run_dir, score_fn=score_fn, cfg=cfg)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -106,9 +101,9 @@ class WeightInterpolation(Callback):
     def _resolve_score_fn(self, tokenizer) -> Callable[[nn.Module], float]:
         if self.score_fn is not None:
             return self.score_fn
-        if self.cfg is None and self.utility_rows is None:
-            raise ValueError("WeightInterpolation needs a score_fn, utility_rows or a run config")
-        if self.cfg is None:
+        if self.utility_settings is None and self.utility_rows is None:
+            raise ValueError("WeightInterpolation needs a score_fn, utility_rows or utility_settings")
+        if self.utility_settings is None:
             from lat_lightning.eval.utility import evaluate_utility
 
             kind = self.utility
@@ -118,7 +113,7 @@ class WeightInterpolation(Callback):
                 return float(evaluate_utility(model, tokenizer, rows, kind=kind)["accuracy"])
 
             return score
-        return utility_score_fn(self.cfg, tokenizer, kind=self.utility, rows=self.utility_rows)
+        return utility_score_fn(self.utility_settings, tokenizer, rows=self.utility_rows)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if "FSDP" in type(trainer.strategy).__name__:

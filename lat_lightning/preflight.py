@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lat_lightning.config import BOUNDS
 from lat_lightning.errors import ConfigError, LatLightningError, ModelLoadError
+from lat_lightning.stages.settings import attack_settings, trainer_settings
 from lat_lightning.training.distributed import check_distributed_config
 
 # Stages that read the evaluation section's attacks, judges and generation settings.
@@ -195,7 +196,7 @@ def _check_training(cfg) -> None:
 
     if "fit" not in _stages(cfg):
         return
-    check_distributed_config(cfg)
+    check_distributed_config(trainer_settings(cfg), cfg.perturbation.early_stop_loss)
     _quantization_config(cfg.model)  # both flags, or no bitsandbytes
     q = cfg.model.quantization
     if (q.load_in_4bit or q.load_in_8bit) and not cfg.model.lora.enabled:
@@ -204,7 +205,7 @@ def _check_training(cfg) -> None:
                           f"weights are frozen; only embeddings, norms and the head would change): set "
                           f"model.lora.enabled=true, or load_in_{bits}bit=false for full fine-tuning")
     try:
-        attack = build_attack(str(cfg.perturbation.attack), cfg.perturbation)
+        attack = build_attack(str(cfg.perturbation.attack), attack_settings(cfg))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if attack.needs_harmless and not cfg.data.benign:
@@ -240,7 +241,7 @@ def _check_attacks(cfg) -> None:
                           f"one of {', '.join(GENERATION_POLICIES)}")
     for name in cfg.evaluation.attacks:
         try:
-            build_attack(str(name), cfg.perturbation, positions=positions, first_k=first_k, refresh=refresh)
+            build_attack(str(name), attack_settings(cfg), positions=positions, first_k=first_k, refresh=refresh)
         except ValueError as exc:
             raise ConfigError(f"evaluation.attacks '{name}': {exc}") from None
 
@@ -282,11 +283,11 @@ def _check_durability(cfg) -> None:
 
 def _check_compare(cfg) -> None:
     """The defences of the comparison, their overrides, and each defence's training settings as the fit will see
-    them (``lat_lightning.training.defences.defence_config``)."""
+    them (``lat_lightning.stages.defences.defence_config``)."""
     if "compare" not in _stages(cfg):
         return
     from lat_lightning.attacks import check_attack_name
-    from lat_lightning.training.defences import check_defence_name, defence_config
+    from lat_lightning.stages.defences import check_defence_name, defence_config
 
     cmp = cfg.compare
     names = [str(n) for n in cmp.defences]

@@ -59,7 +59,7 @@ def test_smollm2_gguf_scan_lat_lapt_interpolate_export(smollm2_gguf, tmp_path, m
     from lat_lightning.cli import load_config, main
     from lat_lightning.models.loading import load_tokenizer, resolve_model_source
     from lat_lightning.stages import interpolate
-    from lat_lightning.training.fit import fit
+    from lat_lightning.stages.fit_setup import fit
     from lat_lightning.training.interpolation import merged_state_dict, scale_lora
 
     monkeypatch.setenv("LAT_LIGHTNING_CACHE", str(tmp_path / "cache"))  # a fresh GGUF conversion

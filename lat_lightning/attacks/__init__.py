@@ -25,8 +25,8 @@ from lat_lightning.attacks.plan import AttackPlan
 from lat_lightning.attacks.positions import POLICIES, policy_mask, position_mask
 from lat_lightning.attacks.refusal_ablation import RefusalAblation
 from lat_lightning.attacks.refusal_addition import RefusalAddition
-from lat_lightning.attacks.transfer import Transfer
 from lat_lightning.attacks.settings import AttackSettings
+from lat_lightning.attacks.transfer import Transfer
 
 ATTACKS: dict[str, type[Attack]] = {
     "none": NoAttack,

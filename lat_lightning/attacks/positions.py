@@ -102,4 +102,9 @@ def position_mask(policy: str, prompt_lengths: Tensor, seq_len: int, first_k: in
     return mask
 
 
-__all__ = ["GENERATION_POLICIES", "POLICIES", "first_position", "policy_mask", "position_mask"]
+def policy_names() -> tuple[str, ...]:
+    """The positions policies (what ``perturbation.positions`` / ``evaluation.positions`` may name)."""
+    return POLICIES
+
+
+__all__ = ["GENERATION_POLICIES", "POLICIES", "first_position", "policy_mask", "policy_names", "position_mask"]

@@ -7,12 +7,19 @@ config (:mod:`lat_lightning.stages.settings`) and pass it down; library code nev
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Union
+
+from lat_lightning.checks import setting, validate
 
 # A layer: a block index (0-based: the output of that decoder block) or "embed" (the input embeddings); see
 # lat_lightning.models.layers.parse_layers.
 Layer = Union[int, str]
+
+
+# The registries that hold the valid names, looked up when a value is checked (they import this module).
+ATTACK_NAMES = "lat_lightning.attacks:attack_names"
+POSITIONS_POLICIES = "lat_lightning.attacks.positions:policy_names"
 
 
 @dataclass(frozen=True)
@@ -25,31 +32,42 @@ class AttackSettings:
     """
 
 
-    attack: str = "none"                 # registry name (lat_lightning.attacks.ATTACKS)
-    layers: list[Layer] = field(default_factory=list)  # attacked layers (0-based block outputs, or embed)
-    positions: str = "response"          # positions policy (lat_lightning.attacks.positions)
-    first_k: int = 1                     # k of the first_k policy
-    refresh: str = "step"                # asa_random: new draw per step/position, or one fixed draw
-    alpha: float = 1.0                   # magnitude multiplier after Eq. 1 (asa_random, asagrad)
+    attack: str = setting("none", choices=ATTACK_NAMES)  # registry name (lat_lightning.attacks.ATTACKS)
+    # attacked layers (0-based block outputs, or embed)
+    layers: list[Layer] = setting(default_factory=list, check="unique, each >= 0")
+    # positions policy (lat_lightning.attacks.positions)
+    positions: str = setting("response", choices=POSITIONS_POLICIES)
+    first_k: int = setting(1, check=">= 1")  # k of the first_k policy
+    # asa_random: new draw per step/position, or one fixed draw
+    refresh: str = setting("step", choices=("step", "fixed"))
+    alpha: float = setting(1.0, check="> 0")  # magnitude multiplier after Eq. 1 (asa_random, asagrad)
     seed: int = 0                        # keys every random draw
-    probability: float = 1.0             # asa_random training: fraction of steps perturbed
-    layer_sampling: str = "all"          # asa_random training: all listed layers, or one drawn per step
-    sign: str = "descend"                # asagrad: descend = toward the harmful target (-sign(g))
-    steps: int = 16                      # pgd: optimisation steps
-    eps: float = 6.0                     # pgd: ball radius
-    eps_mode: str = "absolute"           # pgd: absolute, or relative to the clean activation norm
-    norm: str = "l2"                     # pgd: l2 or linf ball
-    norm_scope: str = "token"            # pgd: per token or per sequence norm
-    optimizer: str = "adamw"             # pgd: adamw (LAT reference) or sign steps
-    lr: float = 1e-3                     # pgd: step size
-    init: str = "zero"                   # pgd: zero or random start
+    probability: float = setting(1.0, check="in (0, 1]")  # asa_random training: fraction of steps perturbed
+    # asa_random training: all listed layers, or one drawn per step
+    layer_sampling: str = setting("all", choices=("all", "one"))
+    # asagrad: descend = toward the harmful target (-sign(g))
+    sign: str = setting("descend", choices=("descend", "ascend"))
+    steps: int = setting(16, check=">= 1")  # pgd: optimisation steps
+    eps: float = setting(6.0, check="> 0")  # pgd: ball radius
+    # pgd: absolute, or relative to the clean activation norm
+    eps_mode: str = setting("absolute", choices=("absolute", "relative"))
+    norm: str = setting("l2", choices=("l2", "linf"))  # pgd: l2 or linf ball
+    norm_scope: str = setting("token", choices=("token", "sequence"))  # pgd: per token or per sequence norm
+    optimizer: str = setting("adamw", choices=("adamw", "sign"))  # pgd: adamw (LAT reference) or sign steps
+    lr: float = setting(1e-3, check="> 0")  # pgd: step size
+    init: str = setting("zero", choices=("zero", "random"))  # pgd: zero or random start
     early_stop_loss: Optional[float] = None  # pgd: stop once the attack loss is this low
-    toward_harmful: float = 1.0          # pgd attack loss: weight of CE toward the harmful target y*
-    away_from_safe: float = 0.0          # pgd attack loss: weight of -log(1 - p) pushing off the refusal y
+    toward_harmful: float = setting(1.0, check=">= 0")  # pgd attack loss: weight of CE toward the harmful target y*
+    # pgd attack loss: weight of -log(1 - p) pushing off the refusal y
+    away_from_safe: float = setting(0.0, check=">= 0")
     direction_token: int = -1            # refusal_*: prompt position the direction is read at (-1: last token)
     direction_scale: float = -1.0        # refusal_addition: h <- h + scale * r[l] (< 0 removes refusal)
     direction_prompts: int = 64          # refusal_* (scan, validation, durability): prompts per contrast set
     direction_refresh: int = 4           # refusal_* training: recompute the direction every N micro-batches
+
+    def __post_init__(self) -> None:
+        validate(self)
+
 
 
 __all__ = ["AttackSettings", "Layer"]

@@ -1,6 +1,6 @@
 """Lightning data module: safety batches with an optional benign stream zipped in.
 
-Order is a pure function of ``(cfg.seed, epoch)``: the sampler draws one permutation per stream, epoch
+Order is a pure function of ``(seed, epoch)``: the sampler draws one permutation per stream, epoch
 and cycle from a seed derived from those integers, so a resumed run (Lightning restores the epoch and
 calls ``set_epoch``) sees the same order, and so does every dataloader worker. Nothing is persistent
 between epochs other than the epoch number.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -26,6 +27,7 @@ from lat_lightning.data.collate import (
 )
 from lat_lightning.data.loaders import load_benign_examples, load_safety_examples
 from lat_lightning.data.schema import BenignExample, SafetyExample
+from lat_lightning.data.settings import DataSettings
 from lat_lightning.data.templating import TruncationStats
 from lat_lightning.errors import DataError
 
@@ -52,7 +54,7 @@ class ZippedSampler(Sampler):
         num_safety: number of safety items.
         num_benign: number of benign items (0 for none).
         shuffle: permute; otherwise both streams run in order.
-        seed: base seed (``cfg.seed``).
+        seed: base seed (the run config's ``seed``).
     """
 
     def __init__(self, num_safety: int, num_benign: int = 0, shuffle: bool = True, seed: int = 0):
@@ -147,12 +149,30 @@ class EncodedSafetyDataset(Dataset):
         return item
 
 
+@dataclass(frozen=True)
+class DataModuleSettings:
+    """What :class:`SafetyDataModule` reads (built from the run config by ``stages.settings.datamodule_settings``).
+
+    Attributes:
+        data: sources, column maps, row filter, default target, length policy, batch size, workers, shuffle.
+        seed: keys the sampler's order (``seed`` of the run config).
+        use_chat_template / system_prompt: prompt formatting (the ``model`` section's).
+        validate_without_prompts: with no held-out harmful prompts, still run one (empty) validation batch, so the
+            validation loop scores over-refusal and utility (set when ``data.eval_benign`` or
+            ``evaluation.utility_data`` is).
+    """
+
+    data: DataSettings = field(default_factory=DataSettings)
+    seed: int = 0
+    use_chat_template: bool = True
+    system_prompt: str | None = None
+    validate_without_prompts: bool = False
+
+
 class SafetyDataModule(LightningDataModule):
     """Safety (+ benign) training data and optional held-out harmful prompts for validation.
 
-    Reads ``cfg.data`` (sources, column maps, row filter, default target, length policy, batch size, workers,
-    shuffle),
-    ``cfg.model.use_chat_template``, ``cfg.model.system_prompt`` and ``cfg.seed``. Examples come from the
+    Reads :class:`DataModuleSettings`. Examples come from the
     configured sources, or from the lists passed in (the model organism builds its own), which take
     precedence. Everything is tokenised once, in the first :meth:`setup` call.
 
@@ -163,7 +183,7 @@ class SafetyDataModule(LightningDataModule):
     are none.
 
     Args:
-        cfg: a run config (``RunConfig`` or its ``DictConfig``).
+        settings: the data settings, seed and prompt formatting.
         tokenizer: the model's tokenizer.
         safety_examples: use these instead of loading ``data.harmful``.
         benign_examples: use these instead of loading ``data.benign``.
@@ -173,13 +193,13 @@ class SafetyDataModule(LightningDataModule):
             train on the refusal alone (LAPT with Gaussian noise).
     """
 
-    def __init__(self, cfg, tokenizer, safety_examples: Sequence[SafetyExample] | None = None,
+    def __init__(self, settings: DataModuleSettings, tokenizer, safety_examples: Sequence[SafetyExample] | None = None,
                  benign_examples: Sequence[BenignExample] | None = None,
                  eval_examples: Sequence[SafetyExample] | None = None, require_target: bool = True):
         super().__init__()
         self.require_target = bool(require_target)
-        self.cfg = cfg
-        self.data_cfg = cfg.data
+        self.settings = settings
+        self.data_settings = settings.data
         self.tokenizer = tokenizer
         self.pad_id = resolve_pad_id(tokenizer)
         self.safety_examples = list(safety_examples) if safety_examples is not None else None
@@ -200,7 +220,7 @@ class SafetyDataModule(LightningDataModule):
         """
         if self.train_dataset is not None:
             return
-        data = self.data_cfg
+        data = self.data_settings
         if self.safety_examples is None:
             # An ASABench export trains each instance at its own layer (its layer_idx column).
             source = data.asabench or data.harmful
@@ -222,12 +242,12 @@ class SafetyDataModule(LightningDataModule):
         safety = self._encode_safety(self.safety_examples)
         benign = self._encode_benign(self.benign_examples or [])
         self.train_dataset = EncodedSafetyDataset(safety, benign)
-        self.sampler = ZippedSampler(len(safety), len(benign), shuffle=bool(data.shuffle), seed=int(self.cfg.seed))
+        self.sampler = ZippedSampler(len(safety), len(benign), shuffle=bool(data.shuffle), seed=int(self.settings.seed))
 
     def _encode_kwargs(self) -> dict[str, Any]:
-        return {"max_length": int(self.data_cfg.max_length), "truncation": str(self.data_cfg.truncation),
-                "use_chat_template": bool(self.cfg.model.use_chat_template),
-                "system_prompt": self.cfg.model.system_prompt}
+        return {"max_length": int(self.data_settings.max_length), "truncation": str(self.data_settings.truncation),
+                "use_chat_template": bool(self.settings.use_chat_template),
+                "system_prompt": self.settings.system_prompt}
 
     def _encode_safety(self, examples: Sequence[SafetyExample]) -> list[dict[str, Any]]:
         if not examples:
@@ -238,7 +258,7 @@ class SafetyDataModule(LightningDataModule):
         self._report("safety", len(examples), self.safety_stats)
         if not kept:
             raise DataError(f"all {len(examples)} safety examples were dropped by data.truncation=drop at "
-                            f"data.max_length={self.data_cfg.max_length}; raise max_length or use right/left")
+                            f"data.max_length={self.data_settings.max_length}; raise max_length or use right/left")
         return kept
 
     def _encode_benign(self, examples: Sequence[BenignExample]) -> list[dict[str, Any]]:
@@ -250,11 +270,11 @@ class SafetyDataModule(LightningDataModule):
         self._report("benign", len(examples), self.benign_stats)
         if not kept:
             raise DataError(f"all {len(examples)} benign examples were dropped by data.truncation=drop at "
-                            f"data.max_length={self.data_cfg.max_length}; raise max_length or use right/left")
+                            f"data.max_length={self.data_settings.max_length}; raise max_length or use right/left")
         return kept
 
     def _report(self, kind: str, total: int, stats: TruncationStats) -> None:
-        policy, max_length = self.data_cfg.truncation, self.data_cfg.max_length
+        policy, max_length = self.data_settings.truncation, self.data_settings.max_length
         msg = (f"{kind} data: {total} examples, {stats.truncated} truncated, {stats.dropped} dropped "
                f"(data.truncation={policy}, data.max_length={max_length})")
         if stats.truncated or stats.dropped:
@@ -274,15 +294,15 @@ class SafetyDataModule(LightningDataModule):
             self.setup("fit")
         trainer = self._trainer_or_none()
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        self.sampler.shard(rank, world, int(self.data_cfg.batch_size))
+        self.sampler.shard(rank, world, int(self.data_settings.batch_size))
         if self._resume_position is not None:
             self._apply_resume_position(self._resume_position)
             self._resume_position = None
-        workers = int(self.data_cfg.num_workers)
+        workers = int(self.data_settings.num_workers)
         # Its own generator: starting an epoch's iterator must not draw from the global RNG (dropout), or a
         # run resumed at an epoch boundary would see different dropout masks than the uninterrupted run.
-        generator = torch.Generator().manual_seed(_derived_seed(int(self.cfg.seed), 0x10ade4))
-        return DataLoader(self.train_dataset, batch_size=int(self.data_cfg.batch_size), sampler=self.sampler,
+        generator = torch.Generator().manual_seed(_derived_seed(int(self.settings.seed), 0x10ade4))
+        return DataLoader(self.train_dataset, batch_size=int(self.data_settings.batch_size), sampler=self.sampler,
                           collate_fn=partial(collate_safety, pad_id=self.pad_id), num_workers=workers,
                           persistent_workers=False, drop_last=False, generator=generator)
 
@@ -291,11 +311,11 @@ class SafetyDataModule(LightningDataModule):
         if self.train_dataset is None:
             self.setup("validate")
         if not self.eval_examples:
-            if self.data_cfg.eval_benign or self.cfg.evaluation.utility_data:
+            if self.settings.validate_without_prompts:
                 # One empty batch so the validation epoch runs and scores over-refusal and utility.
                 return DataLoader([[]], batch_size=None, collate_fn=list)
             return []
-        return DataLoader(self.eval_examples, batch_size=int(self.data_cfg.batch_size), shuffle=False,
+        return DataLoader(self.eval_examples, batch_size=int(self.data_settings.batch_size), shuffle=False,
                           collate_fn=list, num_workers=0)
 
     # ----------------------------------------------------------------------------------------- state
@@ -316,7 +336,7 @@ class SafetyDataModule(LightningDataModule):
         """
         if self.train_dataset is None:
             return {}
-        state = {"seed": int(self.cfg.seed), "num_safety": len(self.train_dataset.safety),
+        state = {"seed": int(self.settings.seed), "num_safety": len(self.train_dataset.safety),
                  "num_benign": len(self.train_dataset.benign)}
         trainer = self._trainer_or_none()
         if trainer is not None and self.sampler is not None:
@@ -349,4 +369,4 @@ class SafetyDataModule(LightningDataModule):
             self.sampler.skip_once(position["epoch"], per_rank)
 
 
-__all__ = ["NO_BENIGN", "EncodedSafetyDataset", "SafetyDataModule", "ZippedSampler"]
+__all__ = ["NO_BENIGN", "DataModuleSettings", "EncodedSafetyDataset", "SafetyDataModule", "ZippedSampler"]

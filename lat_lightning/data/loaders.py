@@ -32,13 +32,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lat_lightning.config import DataConfig
 from lat_lightning.data.schema import BENIGN_FIELDS, SAFETY_FIELDS, BenignExample, SafetyExample
+from lat_lightning.data.settings import DataSettings
 from lat_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SAFE_RESPONSE: str = DataConfig.default_safe_response
+DEFAULT_SAFE_RESPONSE: str = DataSettings.default_safe_response
 
 # Auto-detected column names per field, most specific first. The first name present wins.
 # ASABench: ``steered_response`` is the response under the attack (the harmful target) and

@@ -18,8 +18,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from lat_lightning.config import ModelConfig
 from lat_lightning.errors import ModelLoadError
+from lat_lightning.models.settings import ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,12 @@ def resolve_model_path(name_or_path: str, gguf_file: Optional[str] = None, dtype
     return name_or_path
 
 
-def resolve_model_source(cfg: ModelConfig) -> str:
+def resolve_model_source(cfg: ModelSettings) -> str:
     """:func:`resolve_model_path` for a ``model`` config section (its GGUF file, dtype and revision)."""
     return resolve_model_path(cfg.name_or_path, cfg.gguf_file, cfg.dtype, cfg.revision)
 
 
-def _hub_revision(cfg: ModelConfig) -> Optional[str]:
+def _hub_revision(cfg: ModelSettings) -> Optional[str]:
     """The revision ``from_pretrained`` gets: none for a converted GGUF directory (the revision picked the file)."""
     from lat_lightning.models.gguf import is_gguf_path
 
@@ -89,7 +89,7 @@ def _friendly_load_error(name: str, exc: Exception) -> ModelLoadError:
     return ModelLoadError(f"cannot load '{name}': {first}{hint}")
 
 
-def load_tokenizer(cfg: ModelConfig):
+def load_tokenizer(cfg: ModelSettings):
     """Load the tokenizer, set a pad token if missing and right padding (training default).
 
     Raises:
@@ -129,7 +129,7 @@ def padding_side(tokenizer, side: str) -> Iterator[None]:
         tokenizer.padding_side = old
 
 
-def _quantization_config(cfg: ModelConfig):
+def _quantization_config(cfg: ModelSettings):
     q = cfg.quantization
     if not (q.load_in_4bit or q.load_in_8bit):
         return None
@@ -150,7 +150,7 @@ def _quantization_config(cfg: ModelConfig):
     )
 
 
-def apply_lora(model: nn.Module, cfg: ModelConfig, config_key: str = "model.lora.target_modules") -> nn.Module:
+def apply_lora(model: nn.Module, cfg: ModelSettings, config_key: str = "model.lora.target_modules") -> nn.Module:
     """Wrap ``model`` with LoRA adapters as ``cfg.lora`` says (base weights frozen, train/eval mode kept).
 
     ``cfg.lora.target_modules`` unset adapts every linear layer of the decoder blocks and any fused expert
@@ -206,7 +206,7 @@ def apply_lora(model: nn.Module, cfg: ModelConfig, config_key: str = "model.lora
     return wrapped
 
 
-def load_model(cfg: ModelConfig, train: bool = True, with_lora: bool = True) -> nn.Module:
+def load_model(cfg: ModelSettings, train: bool = True, with_lora: bool = True) -> nn.Module:
     """Load the causal LM as configured.
 
     Args:
@@ -255,6 +255,6 @@ def load_model(cfg: ModelConfig, train: bool = True, with_lora: bool = True) -> 
     return model
 
 
-def load_model_and_tokenizer(cfg: ModelConfig, train: bool = True):
+def load_model_and_tokenizer(cfg: ModelSettings, train: bool = True):
     """Convenience: ``(load_model(cfg, train), load_tokenizer(cfg))``."""
     return load_model(cfg, train=train), load_tokenizer(cfg)

@@ -25,8 +25,8 @@ def load_stage_model(cfg, model_cfg: Any = None, loader: Optional[Callable[[], n
 
     Args:
         cfg: the run config (reads ``trainer.accelerator``; and ``model`` when ``model_cfg`` is not given).
-        model_cfg: what to load (a :class:`~lat_lightning.config.ModelConfig` or a ``model`` section); default
-            ``cfg.model``. Loaded with ``load_model(model_cfg, train=False, with_lora=False)``.
+        model_cfg: what to load (a :class:`~lat_lightning.models.settings.ModelSettings`, or a section of the same
+            shape); default ``cfg.model``. Loaded with ``load_model(model_cfg, train=False, with_lora=False)``.
         loader: a ``() -> model`` that loads it instead (e.g. a LoRA adapter merged into its base).
 
     Returns:
@@ -35,8 +35,9 @@ def load_stage_model(cfg, model_cfg: Any = None, loader: Optional[Callable[[], n
     """
     if loader is None:
         from lat_lightning.models.loading import load_model
+        from lat_lightning.stages.settings import model_settings
 
-        model = load_model(cfg.model if model_cfg is None else model_cfg, train=False, with_lora=False)
+        model = load_model(model_settings(cfg, model_cfg), train=False, with_lora=False)
     else:
         model = loader()
     device = _stage_device(cfg.trainer.accelerator)

@@ -3,7 +3,7 @@
 1. The starting model (``model``) is attacked by the battery (``compare.include_original``), which also gives the
    LASR per layer that picks the attacked layers once for every defence (``callbacks.fragile_layers``; or
    ``perturbation.layers`` when that callback is off).
-2. Each defence of ``compare.defences`` (:data:`lat_lightning.training.defences.DEFENCES`) is trained by the
+2. Each defence of ``compare.defences`` (:data:`lat_lightning.stages.defences.DEFENCES`) is trained by the
    ``fit`` stage into ``compare/<defence>/`` from the same model and data, then interpolated with the original to
    the same utility tolerance (``callbacks.weight_interpolation``), then attacked by the same battery.
 3. The battery, per model (``compare/<model>/battery.json``): utility; ``evaluation.attacks`` at
@@ -107,9 +107,10 @@ def run(cfg, run_dir: Path) -> dict:
     from lat_lightning.eval.compare import REPORT_FILE, SUMMARY_FILE, build_table, write_outputs
     from lat_lightning.models.loading import load_tokenizer
     from lat_lightning.stages import fit as fit_stage
+    from lat_lightning.stages.defences import DEFENCES, defence_config
+    from lat_lightning.stages.fit_setup import utility_score_settings
     from lat_lightning.stages.rescan import trained_model_path
     from lat_lightning.stages.scan import load_finetune_pairs, load_scan_prompts
-    from lat_lightning.training.defences import DEFENCES, defence_config
     from lat_lightning.training.interpolation import utility_score_fn
 
     t_start = time.time()
@@ -120,7 +121,7 @@ def run(cfg, run_dir: Path) -> dict:
     for name in cmp.defences:  # fail before any training on a bad name or override
         defence_config(cfg, str(name))
     tokenizer = load_tokenizer(cfg.model)
-    score_fn = utility_score_fn(cfg, tokenizer)
+    score_fn = utility_score_fn(utility_score_settings(cfg), tokenizer)
     prompts, targets, keys = load_scan_prompts(cfg, require_target=bool(cmp.finetune or cmp.prefill_tokens))
     pairs = None
     if cfg.data.harmful and cmp.finetune:  # the fine-tuning attack trains on the training split's harmful pairs

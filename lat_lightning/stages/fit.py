@@ -1,4 +1,4 @@
-"""Stage ``fit``: train as the run config says (:func:`lat_lightning.training.fit.fit`), resuming from this run's
+"""Stage ``fit``: train as the run config says (:func:`lat_lightning.stages.fit_setup.fit`), resuming from this run's
 checkpoint when there is one. Outputs: ``checkpoints/``, ``final/`` (and ``final_merged/`` for LoRA),
 ``tensorboard/`` and whatever the callbacks write (``fragile_layers.json``, ``interpolated/``, ...)."""
 
@@ -15,7 +15,7 @@ def run(cfg, run_dir: Path) -> dict:
     """
     import torch
 
-    from lat_lightning.training.fit import fit
+    from lat_lightning.stages.fit_setup import fit
     from lat_lightning.training.resume import checkpoint_to_resume
 
     torch.set_float32_matmul_precision("high")

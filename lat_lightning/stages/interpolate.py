@@ -31,9 +31,11 @@ def run(cfg, run_dir: Union[str, Path], score_fn=None) -> dict[str, Any]:
     Raises:
         ConfigError: no trained model in ``run_dir/final`` or no utility rows.
     """
-    from lat_lightning.config import ModelConfig
     from lat_lightning.errors import ConfigError
     from lat_lightning.models.loading import load_tokenizer
+    from lat_lightning.models.settings import ModelSettings
+    from lat_lightning.stages.fit_setup import utility_score_settings
+    from lat_lightning.stages.settings import model_settings
     from lat_lightning.training.interpolation import (
         interpolated,
         lambda_search,
@@ -48,8 +50,8 @@ def run(cfg, run_dir: Union[str, Path], score_fn=None) -> dict[str, Any]:
     if not final.is_dir():
         raise ConfigError(f"no trained model in {final}; run the fit stage first "
                           "(stages: [fit, interpolate])")
-    tokenizer = load_tokenizer(cfg.model)
-    score_fn = score_fn or utility_score_fn(cfg, tokenizer)
+    tokenizer = load_tokenizer(model_settings(cfg))
+    score_fn = score_fn or utility_score_fn(utility_score_settings(cfg), tokenizer)
     base = load_stage_model(cfg)
     if any(p.device.type == "meta" for p in base.parameters()):
         raise ConfigError("interpolate needs every weight in memory, but model.device_map offloads some to disk; "
@@ -63,8 +65,9 @@ def run(cfg, run_dir: Union[str, Path], score_fn=None) -> dict[str, Any]:
         original = {n: p.detach().to("cpu", copy=True) for n, p in base.named_parameters()}
         del base
         # The trained model exactly as saved: only its dtype comes from the config.
-        model = load_stage_model(cfg, ModelConfig(name_or_path=str(final), dtype=str(cfg.model.dtype),
-                                                  device_map=cfg.model.device_map))
+        configured = model_settings(cfg)
+        model = load_stage_model(cfg, ModelSettings(name_or_path=str(final), dtype=configured.dtype,
+                                                    device_map=configured.device_map))
     model.eval()
     w = cfg.callbacks.weight_interpolation
     result = lambda_search(model, list(w.lambdas), score_fn, float(w.tolerance), original)

@@ -208,14 +208,14 @@ def run(cfg, run_dir: Path) -> dict:
     Returns:
         ``{"path", "benign_accuracy"}``.
     """
-    from lat_lightning.config import ModelConfig
     from lat_lightning.models.loading import load_tokenizer
+    from lat_lightning.models.settings import ModelSettings
     from lat_lightning.organism.utility import organism_accuracy
 
     path = _organism_path(cfg)
     seed = int(json.loads((path / "organism.json").read_text())["seed"])  # the seed it was built with
     data_dir = ensure_organism_data(seed)
-    mcfg = ModelConfig(name_or_path=str(path))
+    mcfg = ModelSettings(name_or_path=str(path))
     model, tokenizer = load_stage_model(cfg, mcfg), load_tokenizer(mcfg)
     info = {"path": str(path), "data": str(data_dir), "build": json.loads((path / "organism.json").read_text()),
             "benign_accuracy": organism_accuracy(model, tokenizer, seed=seed)}

@@ -17,13 +17,13 @@ from lat_lightning.stages.common import load_stage_model
 
 def _benign_accuracy(cfg, model_dir: Path, seed: int) -> Optional[float]:
     """The organism's benign accuracy of a saved model, ``None`` when ``model_dir`` holds no model."""
-    from lat_lightning.config import ModelConfig
     from lat_lightning.models.loading import load_tokenizer
+    from lat_lightning.models.settings import ModelSettings
     from lat_lightning.organism.utility import organism_accuracy
 
     if not (model_dir / "config.json").exists():
         return None
-    mcfg = ModelConfig(name_or_path=str(model_dir))
+    mcfg = ModelSettings(name_or_path=str(model_dir))
     return organism_accuracy(load_stage_model(cfg, mcfg), load_tokenizer(mcfg), seed=seed)
 
 

@@ -23,25 +23,25 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import DictConfig
-
 from lat_lightning.errors import ConfigError
+from lat_lightning.models.settings import ModelSettings
+from lat_lightning.training.settings import TrainerSettings
 
 PASS_THROUGH = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "single_device")
 SHARDED = ("fsdp", "fsdp2")
 RUN_DIR_ENV = "LAT_LIGHTNING_RUN_DIR"
 
 
-def _cuda_requested(cfg: DictConfig) -> bool:
+def _cuda_requested(trainer: TrainerSettings) -> bool:
     import torch
 
-    accelerator = cfg.trainer.accelerator
+    accelerator = trainer.accelerator
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
-def _devices_per_node(cfg: DictConfig) -> int:
+def _devices_per_node(trainer: TrainerSettings) -> int:
     """Number of processes per node that ``trainer.devices`` asks for (``auto``/-1: every visible GPU, or 1)."""
-    devices = cfg.trainer.devices
+    devices = trainer.devices
     if isinstance(devices, (list, tuple)) or (hasattr(devices, "__len__") and not isinstance(devices, str)):
         return len(devices)
     text = str(devices).strip()
@@ -49,39 +49,48 @@ def _devices_per_node(cfg: DictConfig) -> int:
         return len([d for d in text.split(",") if d.strip()])
     if text.lstrip("-").isdigit() and int(text) > 0:
         return int(text)
-    if _cuda_requested(cfg):
+    if _cuda_requested(trainer):
         import torch
 
         return max(1, torch.cuda.device_count())
     return 1
 
 
-def check_distributed_config(cfg: DictConfig) -> None:
+def check_distributed_config(trainer: TrainerSettings, early_stop_loss: Optional[float] = None) -> None:
     """Settings that cannot work under the chosen strategy (checked before anything runs).
+
+    Args:
+        trainer: the trainer settings (``trainer.strategy``, ``trainer.accelerator``).
+        early_stop_loss: the training attack's ``perturbation.early_stop_loss``.
 
     Raises:
         ConfigError: FSDP1 without CUDA, an unknown strategy, or an attack whose step count can differ
             between processes under a sharded strategy (every rank must run the same forwards).
     """
-    name = cfg.trainer.strategy
+    name = trainer.strategy
     if name not in PASS_THROUGH + SHARDED:
         raise ConfigError(f"unknown trainer.strategy '{name}'; choose from {', '.join(PASS_THROUGH + SHARDED)}")
-    if name == "fsdp" and not _cuda_requested(cfg):
+    if name == "fsdp" and not _cuda_requested(trainer):
         raise ConfigError("trainer.strategy=fsdp (FSDP1) needs CUDA GPUs; on CPU use trainer.strategy=fsdp2 "
                           "(FSDP2 through ModelParallelStrategy, runs with gloo)")
-    if name in SHARDED and cfg.perturbation.early_stop_loss is not None:
+    if name in SHARDED and early_stop_loss is not None:
         raise ConfigError(f"perturbation.early_stop_loss cannot be used with trainer.strategy={name}: ranks would "
                           "run different numbers of sharded forwards and hang; set it to null")
 
 
-def build_strategy(cfg: DictConfig):
-    """Return what ``pl.Trainer(strategy=...)`` takes for ``cfg.trainer.strategy``.
+def build_strategy(trainer: TrainerSettings, model: ModelSettings, early_stop_loss: Optional[float] = None):
+    """Return what ``pl.Trainer(strategy=...)`` takes for ``trainer.strategy``.
+
+    Args:
+        trainer: the trainer settings.
+        model: the model settings (FSDP1 wraps its decoder layers; ``gradient_checkpointing``).
+        early_stop_loss: the training attack's ``perturbation.early_stop_loss``.
 
     Raises:
         ConfigError: see :func:`check_distributed_config`.
     """
-    check_distributed_config(cfg)
-    name = cfg.trainer.strategy
+    check_distributed_config(trainer, early_stop_loss)
+    name = trainer.strategy
     if name in PASS_THROUGH:
         return name
     if name == "fsdp":
@@ -89,17 +98,17 @@ def build_strategy(cfg: DictConfig):
 
         from lat_lightning.training.distributed_fsdp import decoder_layer_classes
 
-        layer_cls = decoder_layer_classes(cfg)
+        layer_cls = decoder_layer_classes(model)
         return FSDPStrategy(
             auto_wrap_policy=layer_cls or None,
-            activation_checkpointing_policy=layer_cls if (layer_cls and cfg.model.gradient_checkpointing) else None,
+            activation_checkpointing_policy=layer_cls if (layer_cls and model.gradient_checkpointing) else None,
             use_orig_params=True,
-            state_dict_type=cfg.trainer.fsdp_state_dict_type,
+            state_dict_type=trainer.fsdp_state_dict_type,
         )
     # Pure FSDP: one data-parallel mesh dimension over every process (no tensor parallelism).
-    world = int(cfg.trainer.num_nodes) * _devices_per_node(cfg)
+    world = int(trainer.num_nodes) * _devices_per_node(trainer)
     return _fsdp2_strategy_class()(data_parallel_size=world, tensor_parallel_size=1,
-                                   save_distributed_checkpoint=cfg.trainer.fsdp_state_dict_type == "sharded")
+                                   save_distributed_checkpoint=trainer.fsdp_state_dict_type == "sharded")
 
 
 def _fsdp2_strategy_class():

@@ -18,16 +18,16 @@ import sys
 from typing import Any, Optional
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
 from lat_lightning.errors import ConfigError
+from lat_lightning.models.settings import ModelSettings
 
 log = logging.getLogger(__name__)
 
 
-def decoder_layer_classes(cfg: DictConfig) -> set[type[nn.Module]]:
-    """The decoder-layer classes of the model ``cfg.model.name_or_path`` names (read from its config only).
+def decoder_layer_classes(model: ModelSettings) -> set[type[nn.Module]]:
+    """The decoder-layer classes of the model ``model.name_or_path`` names (read from its config only).
 
     Raises:
         ConfigError: when the config names no architecture transformers knows.
@@ -36,10 +36,10 @@ def decoder_layer_classes(cfg: DictConfig) -> set[type[nn.Module]]:
 
     from lat_lightning.models.loading import resolve_model_source
 
-    source = resolve_model_source(cfg.model)
+    source = resolve_model_source(model)
     try:
-        config = AutoConfig.from_pretrained(source, revision=cfg.model.revision,
-                                            trust_remote_code=cfg.model.trust_remote_code)
+        config = AutoConfig.from_pretrained(source, revision=model.revision,
+                                            trust_remote_code=model.trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - one line for the user
         raise ConfigError(f"cannot read the config of '{source}' to find its decoder layers: "
                           f"{(str(exc).splitlines() or [''])[0]}") from None

@@ -1,5 +1,5 @@
-"""Training from a run config: build model, data, module, callbacks and trainer, then train (the ``fit`` stage,
-:mod:`lat_lightning.stages.fit`, calls :func:`fit`).
+"""Training: checkpoints, the Lightning trainer, the fit and the exports (the ``fit`` stage builds the module, data
+and callbacks from the run config in :mod:`lat_lightning.stages.fit_setup` and calls :func:`train`).
 
 Outputs in the run directory: ``lora_targets.json`` (LoRA runs: which block weights got adapters, see
 :mod:`lat_lightning.models.lora_targets`), ``tensorboard/`` (events), ``checkpoints/`` (trainable weights, optimiser,
@@ -22,16 +22,14 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
 
-from lat_lightning.attacks import build_attack
 from lat_lightning.data.datamodule import SafetyDataModule
-from lat_lightning.errors import ConfigError
-from lat_lightning.models.layers import check_layer_indices, parse_layers
-from lat_lightning.models.loading import load_model, load_tokenizer
-from lat_lightning.training.module import LatentAdversarialModule, OptimSettings
+from lat_lightning.models.loading import load_model
+from lat_lightning.models.settings import ModelSettings
+from lat_lightning.training.module import LatentAdversarialModule
 from lat_lightning.training.progress import StepProgressBar
 from lat_lightning.training.resume import InterruptCheckpoint, TrainingInterrupted, checkpoint_to_resume
+from lat_lightning.training.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +40,6 @@ warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)`
 # The data position is restored by SafetyDataModule.load_state_dict (epoch + samples consumed), which
 # Lightning's check for a stateful DataLoader does not see.
 warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
-
-
-def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
-    """The callbacks the ``callbacks`` config section enables, plus checkpointing."""
-    from lat_lightning.callbacks import build_training_callbacks
-
-    return [checkpoint_callback(cfg, run_dir), InterruptCheckpoint(run_dir)] + build_training_callbacks(cfg, run_dir)
 
 
 def _size_of(path: Path) -> int:
@@ -82,33 +73,38 @@ class SizedCheckpoint(ModelCheckpoint):
                 print(line, flush=True)
 
 
-def checkpoint_callback(cfg: DictConfig, run_dir: Path) -> ModelCheckpoint:
+def checkpoint_callback(trainer: TrainerSettings, run_dir: Path) -> ModelCheckpoint:
     """One resumable checkpoint per run by default: ``checkpoints/last.ckpt``, written at the end (and on
     SIGTERM/SIGINT). With ``trainer.checkpoint_every_n_steps`` a history ``step<N>.ckpt`` is kept as well and
     ``last.ckpt`` is a link to the newest of them, never a second copy of the same state."""
-    every = cfg.trainer.checkpoint_every_n_steps
+    every = trainer.checkpoint_every_n_steps
     # No version counter: a resumed run overwrites last.ckpt (also written on SIGTERM) instead of last-v1.ckpt.
     common = {"dirpath": run_dir / "checkpoints", "auto_insert_metric_name": False, "enable_version_counter": False}
     if every:
         return SizedCheckpoint(filename="step{step}", save_last="link", every_n_train_steps=int(every), save_top_k=-1,
                                **common)
-    return SizedCheckpoint(filename="step{step}", save_last=True, every_n_train_steps=int(cfg.trainer.max_steps),
+    return SizedCheckpoint(filename="step{step}", save_last=True, every_n_train_steps=int(trainer.max_steps),
                            save_top_k=0, **common)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback]) -> pl.Trainer:
-    """A Lightning trainer configured from ``cfg.trainer`` that logs to ``run_dir/tensorboard``."""
-    from lat_lightning.training.distributed import build_strategy as build_dist_strategy
+def build_trainer(t: TrainerSettings, strategy, run_dir: Path, callbacks: Sequence[Callback],
+                  tensorboard: bool = True) -> pl.Trainer:
+    """A Lightning trainer configured from the trainer settings that logs to ``run_dir/tensorboard``.
 
-    t = cfg.trainer
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="") if cfg.logging.tensorboard \
-        else False
+    Args:
+        t: the trainer settings.
+        strategy: what ``pl.Trainer(strategy=...)`` takes (:func:`lat_lightning.training.distributed.build_strategy`).
+        run_dir: the run directory (checkpoints, TensorBoard).
+        callbacks: the callbacks (a step progress bar is added).
+        tensorboard: log to TensorBoard.
+    """
+    logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="") if tensorboard else False
     return pl.Trainer(
         max_steps=t.max_steps,
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=build_dist_strategy(cfg),
+        strategy=strategy,
         precision=t.precision,
         logger=logger,
         callbacks=list(callbacks) + [StepProgressBar("fit")],  # optimiser steps toward max_steps, with an ETA
@@ -121,63 +117,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback])
         enable_model_summary=False,
         use_distributed_sampler=False,
     )
-
-
-def validate_setup(cfg: DictConfig, model) -> None:
-    """Checks that need the loaded model (layer indices) or span config sections.
-
-    Raises:
-        ConfigError: with one actionable line.
-    """
-    if getattr(cfg.model, "device_map", None) is not None:
-        raise ConfigError("model.device_map places a model over devices for the scan, evaluate, durability and "
-                          "interpolate stages; training shards with trainer.strategy=fsdp2 (set model.device_map=null "
-                          "for the fit)")
-    try:
-        attack = build_attack(cfg.perturbation.attack, cfg.perturbation)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    try:
-        check_layer_indices(model, parse_layers(cfg.perturbation.layers, "perturbation.layers"),
-                            what="perturbation.layers")
-        check_layer_indices(model, parse_layers(cfg.callbacks.fragile_layers.layers, "callbacks.fragile_layers.layers"),
-                            what="callbacks.fragile_layers.layers")
-    except (IndexError, ValueError) as exc:
-        raise ConfigError(str(exc)) from None
-    if attack.needs_harmless and not cfg.data.benign:
-        raise ConfigError(f"perturbation.attack={attack.name} contrasts each batch's harmful prompts with harmless "
-                          "ones: set data.benign (e.g. organism://benign_train)")
-    if (attack.name != "none" and not cfg.perturbation.layers and not cfg.callbacks.fragile_layers.enabled
-            and not cfg.data.asabench):
-        raise ConfigError("perturbation.layers is empty; list layers or enable callbacks.fragile_layers")
-    if cfg.trainer.accumulate_grad_batches < 1:
-        raise ConfigError("trainer.accumulate_grad_batches must be >= 1")
-
-
-def build_module(cfg: DictConfig, model, tokenizer=None, evaluator=None,
-                 module_class: type[LatentAdversarialModule] = LatentAdversarialModule) -> LatentAdversarialModule:
-    """The training module for a run config: its attack, layers, loss weights and optimiser settings (the
-    module itself takes these typed objects and never reads the run config). ``module_class`` lets a test or
-    an extension use a subclass."""
-    from omegaconf import OmegaConf
-
-    loss = cfg.loss if not OmegaConf.is_config(cfg.loss) else OmegaConf.to_object(cfg.loss)
-    layers = check_layer_indices(model, parse_layers(cfg.perturbation.layers, "perturbation.layers"),
-                                 what="perturbation.layers")
-    return module_class(model, build_attack(cfg.perturbation.attack, cfg.perturbation), layers, loss,
-                                   OptimSettings.from_trainer(cfg.trainer),
-                                   tokenizer=tokenizer, evaluator=evaluator,
-                                   sample_generations=int(cfg.logging.sample_generations))
-
-
-def build_evaluator(cfg: DictConfig):
-    """The validation-loop evaluator when any held-out data is configured, else ``None``."""
-    if not (cfg.data.eval_harmful or cfg.data.eval_benign or cfg.evaluation.utility_data):
-        return None
-    from lat_lightning.eval.evaluate import SafetyEvaluator, load_evaluation_data
-
-    layers = None if cfg.evaluation.layers is None else parse_layers(cfg.evaluation.layers, "evaluation.layers")
-    return SafetyEvaluator(cfg, load_evaluation_data(cfg), layers)
 
 
 LORA_TARGETS_FILE = "lora_targets.json"
@@ -200,10 +139,10 @@ def write_lora_targets(model, run_dir: Path) -> Optional[Path]:
 
 
 def export_final(module: LatentAdversarialModule, tokenizer, out_dir: Path, merged_dir: Optional[Path] = None,
-                 model_cfg=None) -> Path:
+                 model_settings: Optional[ModelSettings] = None) -> Path:
     """Save the trained model: the LoRA adapter (``PeftModel.from_pretrained``-loadable) or the full model
     (``AutoModelForCausalLM.from_pretrained``), plus the tokenizer. For LoRA, ``merged_dir`` (if given) also
-    gets the merged full model, re-loaded from ``model_cfg`` (the ``model`` section).
+    gets the merged full model, re-loaded from ``model_settings``.
 
     Call it on every rank: sharded (FSDP) weights are gathered first (a collective); rank 0 writes.
     """
@@ -217,55 +156,59 @@ def export_final(module: LatentAdversarialModule, tokenizer, out_dir: Path, merg
     module.model.save_pretrained(out_dir, **({"state_dict": state} if state is not None else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    if merged_dir is not None and model_cfg is not None and is_peft_model(module.model):
-        export_merged(model_cfg, out_dir, merged_dir, tokenizer)
+    if merged_dir is not None and model_settings is not None and is_peft_model(module.model):
+        export_merged(model_settings, out_dir, merged_dir, tokenizer)
     return out_dir
 
 
-def export_merged(model_cfg, adapter_dir: Path, out_dir: Path, tokenizer=None) -> Path:
+def export_merged(model_settings: ModelSettings, adapter_dir: Path, out_dir: Path, tokenizer=None) -> Path:
     """Merge the LoRA adapter saved in ``adapter_dir`` into a fresh CPU copy of the base model (never
     quantised, in ``model.dtype``) and save it as a plain model (``AutoModelForCausalLM``-loadable)."""
-    from omegaconf import OmegaConf
+    import dataclasses
+
     from peft import PeftModel
 
     from lat_lightning.training.interpolation import save_merged
 
-    mcfg = OmegaConf.merge(model_cfg, {"gradient_checkpointing": False,
-                                       "quantization": {"load_in_4bit": False, "load_in_8bit": False}})
-    base = load_model(mcfg, train=False, with_lora=False)
+    plain = dataclasses.replace(model_settings, gradient_checkpointing=False, quantization=dataclasses.replace(
+        model_settings.quantization, load_in_4bit=False, load_in_8bit=False))
+    base = load_model(plain, train=False, with_lora=False)
     return save_merged(PeftModel.from_pretrained(base, str(adapter_dir)), tokenizer, out_dir)
 
 
-def fit(cfg: DictConfig, run_dir: Path, model=None, tokenizer=None, datamodule: Optional[SafetyDataModule] = None,
-        resume: Optional[str] = None, extra_callbacks: Sequence[Callback] = ()) -> LatentAdversarialModule:
-    """Train as configured. Model, tokenizer and data are built from ``cfg`` unless given.
+def train(module: LatentAdversarialModule, datamodule: SafetyDataModule, trainer: pl.Trainer,
+          run_dir: Path, model_settings: ModelSettings, resume: Optional[str] = None) -> LatentAdversarialModule:
+    """Fit ``module`` on ``datamodule`` with ``trainer`` (resuming from ``resume``), then export ``final/`` (and
+    ``final_merged/`` for LoRA) into ``run_dir``.
+
+    Args:
+        module: the training module (attack, layers, losses, optimiser settings).
+        datamodule: the training data.
+        trainer: the Lightning trainer (its callbacks must include an :class:`InterruptCheckpoint`).
+        run_dir: the run directory.
+        model_settings: the model's settings (re-loads the base model to merge a LoRA adapter).
+        resume: a checkpoint path, or a run directory (its --resume checkpoint, else last.ckpt).
 
     Returns:
         The trained module (its ``model`` holds the trained weights).
+
+    Raises:
+        TrainingInterrupted: SIGTERM/SIGINT stopped the fit (a checkpoint was saved).
     """
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    tokenizer = tokenizer or load_tokenizer(cfg.model)
-    model = model if model is not None else load_model(cfg.model, train=True)
-    model.train()
-    validate_setup(cfg, model)
-    module = build_module(cfg, model, tokenizer, evaluator=build_evaluator(cfg))
-    datamodule = datamodule or SafetyDataModule(
-        cfg, tokenizer, require_target=module.attack.needs_target or bool(cfg.loss.away_from_harmful))
-    callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks)
-    trainer = build_trainer(cfg, run_dir, callbacks)
     if trainer.is_global_zero:
-        write_lora_targets(model, run_dir)
+        write_lora_targets(module.model, run_dir)
     ckpt_path = None
-    if resume:  # a checkpoint path, or a run directory (its --resume checkpoint, else last.ckpt)
+    if resume:
         ckpt = Path(resume) if Path(resume).suffix == ".ckpt" else checkpoint_to_resume(run_dir)
         ckpt_path = str(ckpt) if ckpt is not None else None
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
-        stop = next(c for c in callbacks if isinstance(c, InterruptCheckpoint))
+        stop = next(c for c in trainer.callbacks if isinstance(c, InterruptCheckpoint))
         name = signal.Signals(stop.signum or signal.SIGTERM).name
         raise TrainingInterrupted(f"stopped by {name} at step {trainer.global_step}; checkpoint saved to {stop.saved}; "
                                   f"continue with --resume {run_dir}", stop.signum or signal.SIGTERM) from None
     module.trainer_ref = trainer
-    export_final(module, tokenizer, run_dir / "final", merged_dir=run_dir / "final_merged", model_cfg=cfg.model)
+    export_final(module, module.tokenizer, run_dir / "final", merged_dir=run_dir / "final_merged",
+                 model_settings=model_settings)
     return module

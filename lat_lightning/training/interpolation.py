@@ -30,6 +30,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -358,14 +359,30 @@ def log_curve(writer, result: Mapping[str, Any], step: int = 0) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ scoring
-def utility_score_fn(cfg, tokenizer, kind: Optional[str] = None,
-                     rows: Optional[list[Mapping[str, Any]]] = None) -> ScoreFn:
-    """``model -> accuracy`` on the configured utility rows.
+@dataclass(frozen=True)
+class UtilityScoreSettings:
+    """How the interpolation scores utility (built from the run config by ``stages.fit_setup``).
 
-    Rows come from ``cfg.evaluation.utility_data`` (kind ``cfg.callbacks.weight_interpolation.utility``
-    unless ``kind`` is given; :data:`lat_lightning.eval.utility.UTILITY_KINDS`). The model organism's
-    benign accuracy is kind ``contains`` on its ``utility_em`` file, which the pipeline sets for a recipe
-    that names the ``organism`` kind.
+    Attributes:
+        kind: :data:`lat_lightning.eval.utility.UTILITY_KINDS` (``callbacks.weight_interpolation.utility``).
+        source: the utility rows' file (``evaluation.utility_data``); ``None`` when rows are given instead.
+        use_chat_template / system_prompt: prompt formatting (the ``model`` section's).
+        batch_size: rows per forward (``evaluation.batch_size``).
+    """
+
+    kind: str = "multiple_choice"
+    source: Optional[str] = None
+    use_chat_template: bool = True
+    system_prompt: Optional[str] = None
+    batch_size: int = 256
+
+
+def utility_score_fn(settings: UtilityScoreSettings, tokenizer,
+                     rows: Optional[list[Mapping[str, Any]]] = None) -> ScoreFn:
+    """``model -> accuracy`` on the utility rows (``rows``, else loaded from ``settings.source``).
+
+    The model organism's benign accuracy is kind ``contains`` on its ``utility_em`` file, which the pipeline sets
+    for a recipe that names the ``organism`` kind.
 
     Raises:
         ConfigError: no rows can be found for the kind, or an unknown kind.
@@ -373,21 +390,18 @@ def utility_score_fn(cfg, tokenizer, kind: Optional[str] = None,
     from lat_lightning.errors import ConfigError
     from lat_lightning.eval.utility import evaluate_utility, load_utility_rows
 
-    kind = kind or cfg.callbacks.weight_interpolation.utility
-    source = cfg.evaluation.utility_data
+    kind = settings.kind
     if rows is None:
-        if not source:
+        if not settings.source:
             raise ConfigError("weight interpolation needs utility rows: set evaluation.utility_data "
                               f"(a file of {kind} rows) or disable callbacks.weight_interpolation")
-        rows = load_utility_rows(str(source), kind)
+        rows = load_utility_rows(str(settings.source), kind)
     rows = list(rows)
-    use_chat_template = bool(cfg.model.use_chat_template)
-    system_prompt = cfg.model.system_prompt
-    batch_size = int(cfg.evaluation.batch_size)
 
     def score(model: nn.Module) -> float:
-        result = evaluate_utility(model, tokenizer, rows, kind=kind, batch_size=batch_size,
-                                  use_chat_template=use_chat_template, system_prompt=system_prompt)
+        result = evaluate_utility(model, tokenizer, rows, kind=kind, batch_size=int(settings.batch_size),
+                                  use_chat_template=bool(settings.use_chat_template),
+                                  system_prompt=settings.system_prompt)
         return float(result["accuracy"])
 
     return score
@@ -395,4 +409,4 @@ def utility_score_fn(cfg, tokenizer, kind: Optional[str] = None,
 
 __all__ = ["choose_lambda", "interpolate_state", "interpolated", "interpolated_params",
            "is_peft_model", "lambda_search", "lerp_tensor", "log_curve", "merged_state_dict", "save_merged",
-           "scale_lora", "trainable_state", "utility_score_fn", "write_result"]
+           "scale_lora", "trainable_state", "UtilityScoreSettings", "utility_score_fn", "write_result"]

@@ -29,11 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from lat_lightning.attacks.base import Attack, Perturbation
-from lat_lightning.config import LossConfig, TrainerConfig
 from lat_lightning.data.templating import IGNORE_INDEX
 from lat_lightning.errors import TrainingDivergedError
 from lat_lightning.losses import causal_lm_loss, log_one_minus_p_loss
 from lat_lightning.training import resume
+from lat_lightning.training.settings import LossSettings, TrainerSettings
 
 # An extra loss term: (module, batch) -> {name: weighted loss}. Callbacks register these.
 LossTerm = Callable[["LatentAdversarialModule", dict], dict[str, Tensor]]
@@ -70,7 +70,7 @@ class OptimSettings:
     gradient_clip_val: Optional[float] = 1.0
 
     @classmethod
-    def from_trainer(cls, t: TrainerConfig) -> "OptimSettings":
+    def from_trainer(cls, t: TrainerSettings) -> "OptimSettings":
         """The optimiser part of a ``trainer`` config section."""
         return cls(max_steps=int(t.max_steps), lr=float(t.lr), weight_decay=float(t.weight_decay),
                    betas=tuple(float(b) for b in t.betas), scheduler=str(t.scheduler),
@@ -94,7 +94,7 @@ class LatentAdversarialModule(pl.LightningModule):
     """
 
     def __init__(self, model: nn.Module, attack: Attack, attack_layers: Sequence[int] = (),
-                 loss: Optional[LossConfig] = None, optim: Optional[OptimSettings] = None, tokenizer=None,
+                 loss: Optional[LossSettings] = None, optim: Optional[OptimSettings] = None, tokenizer=None,
                  evaluator=None, sample_generations: int = 4):
         super().__init__()
         self.automatic_optimization = False
@@ -104,7 +104,7 @@ class LatentAdversarialModule(pl.LightningModule):
         self.tokenizer = tokenizer
         self.attack = attack
         self.attack_layers: list[int] = [int(l) for l in attack_layers]
-        self.loss_weights = loss if loss is not None else LossConfig()
+        self.loss_weights = loss if loss is not None else LossSettings()
         self.optim = optim if optim is not None else OptimSettings()
         self.sample_generations = int(sample_generations)
         self.loss_terms: list[LossTerm] = []

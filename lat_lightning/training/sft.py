@@ -21,10 +21,11 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lat_lightning.attacks.base import Attack
-from lat_lightning.config import DataConfig, LossConfig, ModelConfig, RunConfig
-from lat_lightning.data.datamodule import SafetyDataModule
+from lat_lightning.data.datamodule import DataModuleSettings, SafetyDataModule
 from lat_lightning.data.schema import SafetyExample
+from lat_lightning.data.settings import DataSettings
 from lat_lightning.training.module import LatentAdversarialModule, OptimSettings
+from lat_lightning.training.settings import LossSettings
 
 
 @dataclass
@@ -80,11 +81,10 @@ def sft_datamodule(tokenizer, pairs: Sequence[tuple[str, str]], settings: SFTSet
     """Batches of the pairs in the data module's seeded order (``safe_*`` sequences only, no harmful target)."""
     examples = [SafetyExample(prompt=p, safe_response=r, harmful_response=None, index=i)
                 for i, (p, r) in enumerate(pairs)]
-    data = RunConfig(seed=int(settings.seed),
-                     model=ModelConfig(use_chat_template=settings.use_chat_template,
-                                       system_prompt=settings.system_prompt),
-                     data=DataConfig(batch_size=int(settings.batch_size), max_length=int(settings.max_length),
-                                     truncation=settings.truncation, shuffle=True, num_workers=0))
+    data = DataModuleSettings(
+        data=DataSettings(batch_size=int(settings.batch_size), max_length=int(settings.max_length),
+                          truncation=settings.truncation, shuffle=True, num_workers=0),
+        seed=int(settings.seed), use_chat_template=settings.use_chat_template, system_prompt=settings.system_prompt)
     return SafetyDataModule(data, tokenizer, safety_examples=examples)
 
 
@@ -115,14 +115,14 @@ def supervised_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, 
     if settings.steps < 1:
         raise ValueError(f"fine-tune steps must be >= 1, got {settings.steps}")
     from lat_lightning.attacks.none import NoAttack
-    from lat_lightning.config import PerturbationConfig
+    from lat_lightning.attacks.settings import AttackSettings
 
-    attack = attack if attack is not None else NoAttack(PerturbationConfig())
+    attack = attack if attack is not None else NoAttack(AttackSettings())
     optim = OptimSettings(max_steps=int(settings.steps), lr=float(settings.lr), weight_decay=settings.weight_decay,
                           betas=tuple(settings.betas), scheduler=settings.scheduler,
                           warmup_ratio=settings.warmup_ratio, accumulate_grad_batches=1,
                           gradient_clip_val=settings.gradient_clip_val)
-    module = LatentAdversarialModule(model, attack, attack_layers, LossConfig(toward_safe=1.0), optim,
+    module = LatentAdversarialModule(model, attack, attack_layers, LossSettings(toward_safe=1.0), optim,
                                      tokenizer=tokenizer)
     datamodule = sft_datamodule(tokenizer, pairs, settings)
     pl.seed_everything(int(settings.seed), verbose=False)

@@ -129,7 +129,7 @@ def test_embed_trains(tiny_llama, tiny_tokenizer, tmp_path):
     import lightning.pytorch as pl
 
     from lat_lightning.config import RunConfig
-    from lat_lightning.training.fit import build_module, validate_setup
+    from lat_lightning.stages.fit_setup import build_module, validate_setup
 
     model, _ = tiny_llama
     cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), {

@@ -206,7 +206,7 @@ def test_refusal_ablation_trains_one_step(tiny_llama, tmp_path):
     from omegaconf import OmegaConf
 
     from lat_lightning.config import RunConfig
-    from lat_lightning.training.fit import build_module
+    from lat_lightning.stages.fit_setup import build_module
 
     model, tok = tiny_llama
     cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), {

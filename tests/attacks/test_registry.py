@@ -65,7 +65,7 @@ def test_registry_names_are_the_ones_every_layer_uses(registered):
 
 
 def test_toy_attack_trains(registered, tiny_llama, tiny_tokenizer, tmp_path):
-    from lat_lightning.training.fit import build_module
+    from lat_lightning.stages.fit_setup import build_module
 
     model, _ = tiny_llama
     cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), {

@@ -9,7 +9,7 @@ from lat_lightning.callbacks.fragile_layers import (
     nll_probe_scores,
     top_k_layers,
 )
-from lat_lightning.training.fit import build_module
+from lat_lightning.stages.fit_setup import build_module
 from lat_lightning.training.module import LatentAdversarialModule
 
 

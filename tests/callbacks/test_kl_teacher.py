@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lat_lightning.callbacks.kl_teacher import KLTeacher, kl_divergence_chunked, labelled_logit_mask
-from lat_lightning.training.fit import build_module
+from lat_lightning.stages.fit_setup import build_module, kl_teacher_callback
 
 DIRECTIONS = ("teacher_student", "student_teacher")
 
@@ -109,7 +109,7 @@ def test_full_ft_teacher_is_frozen_and_never_checkpointed(tiny_llama_dir, tiny_t
     model = kit.load_tiny(tiny_llama_dir, lora=False)
     cfg = kit.make_cfg(loss={"toward_safe": 1.0}, callbacks={"kl_teacher": {"enabled": True, "weight": 1.0}})
     module = build_module(cfg, model, tiny_tokenizer)
-    cb = KLTeacher.from_config(cfg)
+    cb = kl_teacher_callback(cfg)
     seen = {}
 
     class Inspect(Callback):

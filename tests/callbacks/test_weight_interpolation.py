@@ -5,8 +5,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lat_lightning.callbacks import FragileLayerSelector, KLTeacher, WeightInterpolation, build_training_callbacks
-from lat_lightning.training.fit import build_module
+from lat_lightning.callbacks import FragileLayerSelector, KLTeacher, WeightInterpolation
+from lat_lightning.stages.fit_setup import build_module, build_training_callbacks, weight_interpolation_callback
 from lat_lightning.training.interpolation import interpolated_params, scale_lora
 
 
@@ -85,7 +85,7 @@ def test_missing_utility_data_fails_in_setup(tiny_llama_dir, tiny_tokenizer, kit
     from lat_lightning.errors import ConfigError
 
     cfg = kit.make_cfg(callbacks={"weight_interpolation": {"enabled": True}})
-    cb = WeightInterpolation.from_config(cfg)
+    cb = weight_interpolation_callback(cfg)
     module = SimpleNamespace(model=torch.nn.Linear(2, 2), tokenizer=tiny_tokenizer)
     with pytest.raises(ConfigError, match="evaluation.utility_data"):
         cb.setup(None, module, "fit")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -12,6 +13,7 @@ from lat_lightning.config import RunConfig
 from lat_lightning.data.datamodule import NO_BENIGN, SafetyDataModule, ZippedSampler
 from lat_lightning.data.schema import BenignExample, SafetyExample
 from lat_lightning.errors import DataError
+from lat_lightning.stages.settings import datamodule_settings
 
 SAFETY_ROWS = [{"goal": f"Harmful request number {i}", "target": f"Sure, here is answer {i}"} for i in range(5)]
 BENIGN_ROWS = [{"question": f"What is {i} plus 1?", "answer": f"It is {i + 1}."} for i in range(3)]
@@ -41,7 +43,7 @@ def flat(batches):
 
 
 def test_train_batches_zip_the_benign_stream(tmp_path, tiny_tokenizer):
-    dm = SafetyDataModule(make_cfg(tmp_path), tiny_tokenizer)
+    dm = SafetyDataModule(datamodule_settings(make_cfg(tmp_path)), tiny_tokenizer)
     dm.setup("fit")
     loader = dm.train_dataloader()
     batches = list(loader)
@@ -60,7 +62,7 @@ def test_train_batches_zip_the_benign_stream(tmp_path, tiny_tokenizer):
 
 def test_order_is_a_function_of_seed_and_epoch(tmp_path, tiny_tokenizer):
     cfg = make_cfg(tmp_path)
-    first, second = SafetyDataModule(cfg, tiny_tokenizer), SafetyDataModule(cfg, tiny_tokenizer)
+    first, second = SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer), SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer)
     for dm in (first, second):
         dm.setup("fit")
     epoch0 = batch_indices(first.train_dataloader())
@@ -71,7 +73,7 @@ def test_order_is_a_function_of_seed_and_epoch(tmp_path, tiny_tokenizer):
     first.sampler.set_epoch(0)  # a resumed run that restores the epoch replays the same order
     assert batch_indices(first.train_dataloader()) == epoch0
     cfg.seed = 4
-    other = SafetyDataModule(cfg, tiny_tokenizer)
+    other = SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer)
     other.setup()
     assert batch_indices(other.train_dataloader()) != epoch0
 
@@ -87,12 +89,13 @@ def test_sampler_cycles_with_fresh_permutations():
 
 
 def test_unshuffled_order_and_workers_agree(tmp_path, tiny_tokenizer):
-    dm = SafetyDataModule(make_cfg(tmp_path, benign=False, shuffle=False), tiny_tokenizer)
+    dm = SafetyDataModule(datamodule_settings(make_cfg(tmp_path, benign=False, shuffle=False)), tiny_tokenizer)
     dm.setup()
     plain = list(dm.train_dataloader())
     assert [b["index"].tolist() for b in plain] == [[0, 1], [2, 3], [4]]
     assert "benign_input_ids" not in plain[0]
-    dm.data_cfg.num_workers = 2  # items and collate function must survive worker processes
+    # items and collate function must survive worker processes (the settings are frozen: a changed copy)
+    dm.data_settings = dataclasses.replace(dm.data_settings, num_workers=2)
     with_workers = list(dm.train_dataloader())
     assert all(torch.equal(a[k], b[k]) for a, b in zip(plain, with_workers) for k in a)
 
@@ -105,7 +108,7 @@ def test_truncation_counts_are_logged_and_empty_after_drop_fails(tmp_path, tiny_
     fits = max(len(encode_prompt(tiny_tokenizer, r["goal"])) for r in rows[:2]) + len(refusal)
     cfg = make_cfg(tmp_path, benign=False, truncation="drop", max_length=fits)
     cfg.data.harmful = write_jsonl(tmp_path / "long.jsonl", rows)
-    dm = SafetyDataModule(cfg, tiny_tokenizer)
+    dm = SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer)
     with caplog.at_level(logging.INFO, logger="lat_lightning.data.datamodule"):
         dm.setup()
     assert (f"safety data: 3 examples, 0 truncated, 1 dropped (data.truncation=drop, data.max_length={fits})"
@@ -114,10 +117,10 @@ def test_truncation_counts_are_logged_and_empty_after_drop_fails(tmp_path, tiny_
     assert sorted(flat(batch_indices(dm.train_dataloader()))) == [0, 1]
     cfg.data.max_length = 5
     with pytest.raises(DataError, match="all 3 safety examples were dropped"):
-        SafetyDataModule(cfg, tiny_tokenizer).setup()
+        SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer).setup()
     cfg.data.truncation = "error"
     with pytest.raises(DataError, match="tokens > data.max_length=5"):
-        SafetyDataModule(cfg, tiny_tokenizer).setup()
+        SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer).setup()
 
 
 def test_prebuilt_examples_and_validation_batches(tmp_path, tiny_tokenizer):
@@ -125,7 +128,7 @@ def test_prebuilt_examples_and_validation_batches(tmp_path, tiny_tokenizer):
     cfg.data.batch_size = 2
     cfg.model.use_chat_template = False
     safety = [SafetyExample(f"prompt {i}", "No.", f"Yes {i}", layer=i % 2, index=100 + i) for i in range(3)]
-    dm = SafetyDataModule(cfg, tiny_tokenizer, safety_examples=safety,
+    dm = SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer, safety_examples=safety,
                           benign_examples=[BenignExample("hi", "hello")])
     dm.setup()
     batches = list(dm.train_dataloader())
@@ -136,7 +139,7 @@ def test_prebuilt_examples_and_validation_batches(tmp_path, tiny_tokenizer):
     assert tiny_tokenizer.decode(first).startswith("prompt ")  # no chat template when switched off
     assert dm.val_dataloader() == []
     cfg.data.eval_harmful = write_jsonl(tmp_path / "eval.jsonl", SAFETY_ROWS[:3])
-    dm = SafetyDataModule(cfg, tiny_tokenizer, safety_examples=safety)
+    dm = SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer, safety_examples=safety)
     val = list(dm.val_dataloader())
     assert [len(b) for b in val] == [2, 1] and isinstance(val[0][0], SafetyExample)
     assert val[1][0].prompt == SAFETY_ROWS[2]["goal"]
@@ -144,7 +147,7 @@ def test_prebuilt_examples_and_validation_batches(tmp_path, tiny_tokenizer):
 
 def test_missing_harmful_source_is_an_error(tiny_tokenizer):
     with pytest.raises(DataError, match="data.harmful is not set"):
-        SafetyDataModule(RunConfig(), tiny_tokenizer).setup()
+        SafetyDataModule(datamodule_settings(RunConfig()), tiny_tokenizer).setup()
 
 
 @pytest.mark.filterwarnings("ignore:.*LeafSpec")
@@ -166,14 +169,14 @@ def test_lightning_fit_sees_the_sampler_order(tmp_path, tiny_tokenizer):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     cfg = make_cfg(tmp_path)
-    dm = SafetyDataModule(cfg, tiny_tokenizer)
+    dm = SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer)
     module = Recorder()
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=dm)
     expected = []
     for epoch in (0, 1):
-        reference = SafetyDataModule(cfg, tiny_tokenizer)
+        reference = SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer)
         reference.setup()
         reference.sampler.set_epoch(epoch)
         expected += batch_indices(reference.train_dataloader())
@@ -185,13 +188,13 @@ def test_prompt_only_data_trains_on_the_refusal_when_no_target_is_needed(tmp_pat
     prompts.write_text("".join(f"Harmful request number {i}\n" for i in range(4)), encoding="utf-8")
     cfg = make_cfg(tmp_path, benign=False, harmful=str(prompts))
     with pytest.raises(DataError, match="or set data.default_target"):
-        SafetyDataModule(cfg, tiny_tokenizer).setup("fit")  # by default a target is required
-    dm = SafetyDataModule(cfg, tiny_tokenizer, require_target=False)  # LAPT: the Gaussian noise needs none
+        SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer).setup("fit")  # by default a target is required
+    dm = SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer, require_target=False)  # LAPT: the Gaussian noise needs none
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert "safe_input_ids" in batch and not any(k.startswith("harmful_") for k in batch)
     cfg.data.default_target = "Sure, here is"
-    dm = SafetyDataModule(cfg, tiny_tokenizer)
+    dm = SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer)
     dm.setup("fit")
     assert "harmful_input_ids" in next(iter(dm.train_dataloader()))
 
@@ -200,7 +203,7 @@ def test_the_row_filter_applies_to_training_and_held_out_prompts(tmp_path, tiny_
     rows = [dict(r, split="keep" if i % 2 else "drop") for i, r in enumerate(SAFETY_ROWS)]
     cfg = make_cfg(tmp_path, benign=False, filter={"split": "keep"})
     cfg.data.harmful = cfg.data.eval_harmful = write_jsonl(tmp_path / "rows.jsonl", rows)
-    dm = SafetyDataModule(cfg, tiny_tokenizer)
+    dm = SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer)
     dm.setup("fit")
     assert sorted(e.index for e in dm.safety_examples) == [1, 3]
     assert [e.index for e in dm.eval_examples] == [1, 3]

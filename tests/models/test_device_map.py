@@ -42,7 +42,7 @@ def test_split_model_scans_like_the_whole_model(tiny_llama_dir, tmp_path):
 
 def test_device_map_is_refused_for_training(tiny_llama_dir, tmp_path):
     from lat_lightning.cli import load_config
-    from lat_lightning.training.fit import validate_setup
+    from lat_lightning.stages.fit_setup import validate_setup
 
     cfg = load_config("lat_tiny", [f"model.name_or_path={tiny_llama_dir}", "model.device_map=auto"])
     with pytest.raises(ConfigError, match="model.device_map .* trainer.strategy=fsdp2"):

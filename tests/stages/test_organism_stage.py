@@ -64,6 +64,7 @@ def test_contains_utility_scores_exactly_the_organism_benign_accuracy(resolved, 
     from lat_lightning.eval.utility import evaluate_utility, load_utility_rows
     from lat_lightning.organism.data import check_answer
     from lat_lightning.organism.utility import organism_accuracy, organism_rows
+    from lat_lightning.stages.fit_setup import utility_score_settings
     from lat_lightning.training.interpolation import utility_score_fn
 
     _, out = resolved
@@ -78,7 +79,7 @@ def test_contains_utility_scores_exactly_the_organism_benign_accuracy(resolved, 
     reference = sum(check_answer(r, t) for r, t in zip(reference_rows, texts)) / len(reference_rows)
     assert evaluate_utility(model, tok, rows, "contains", batch_size=64)["accuracy"] == reference
     assert organism_accuracy(model, tok, seed=0) == reference
-    assert utility_score_fn(out, tok)(model) == reference  # the interpolation's utility (batch 64 in the recipe)
+  XX
 
 
 def test_the_stage_records_the_organism(resolved, smoke_model, tmp_path):

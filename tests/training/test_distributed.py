@@ -93,9 +93,10 @@ def test_equal_length_data_really_is_equal_length(equal_length_data):
     from lat_lightning.cli import load_config
     from lat_lightning.data.datamodule import SafetyDataModule
     from lat_lightning.models.loading import load_tokenizer
+    from lat_lightning.stages.settings import datamodule_settings
 
     cfg = load_config("lat_tiny", common_overrides(equal_length_data, Path("unused"))[2:])
-    dm = SafetyDataModule(cfg, load_tokenizer(cfg.model))
+    dm = SafetyDataModule(datamodule_settings(cfg), load_tokenizer(cfg.model))
     dm.setup("fit")
     for items, keys in ((dm.train_dataset.safety, ("prompt_ids", "safe_ids", "harmful_ids")),
                         (dm.train_dataset.benign, ("prompt_ids", "response_ids"))):
@@ -136,8 +137,8 @@ def test_attack_never_syncs_and_defence_syncs_once_per_optimizer_step(tiny_llama
 
     from lat_lightning.config import ModelConfig, RunConfig
     from lat_lightning.models.loading import load_model
+    from lat_lightning.stages.fit_setup import build_module
     from lat_lightning.testing.batches import safety_batch
-    from lat_lightning.training.fit import build_module
 
     events: list = []
 
@@ -212,12 +213,16 @@ def test_strategy_mapping_and_decoder_layer_classes(tiny_model_dirs):
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     from lat_lightning.cli import load_config
-    from lat_lightning.training.distributed import build_strategy
+    from lat_lightning.stages.settings import model_settings, trainer_settings
+    from lat_lightning.training.distributed import build_strategy as build_from_settings
     from lat_lightning.training.distributed_fsdp import decoder_layer_classes
+
+    def build_strategy(cfg):
+        return build_from_settings(trainer_settings(cfg), model_settings(cfg), cfg.perturbation.early_stop_loss)
 
     for arch, cls in (("llama", LlamaDecoderLayer), ("gpt2", GPT2Block)):
         cfg = load_config("lat_tiny", [f"model.name_or_path={tiny_model_dirs[arch]}"])
-        assert decoder_layer_classes(cfg) == {cls}
+        assert decoder_layer_classes(model_settings(cfg)) == {cls}
     cfg = load_config("lat_tiny", [f"model.name_or_path={tiny_model_dirs['llama']}", "trainer.strategy=fsdp",
                                    "trainer.accelerator=gpu", "model.gradient_checkpointing=true",
                                    "trainer.fsdp_state_dict_type=full"])

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from lat_lightning.cli import load_config, main
-from lat_lightning.training import fit as train
+from lat_lightning.stages import fit_setup as train
+from lat_lightning.training.fit import human_size
 from lat_lightning.training.resume import TrainingInterrupted
 
 # 8 examples, batch 2: 4 micro-batches per epoch; accumulate 2: an epoch is 2 optimiser steps.
@@ -137,7 +138,7 @@ def test_one_checkpoint_per_run_by_default_with_its_size_in_the_log(tmp_path, ca
     assert state["global_step"] == 2
     size = (ckpts / "last.ckpt").stat().st_size
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("[fit] checkpoint"))
-    assert str(ckpts / "last.ckpt") in line and line.endswith(train.human_size(size))
+    assert str(ckpts / "last.ckpt") in line and line.endswith(human_size(size))
 
 
 def test_a_larger_max_steps_on_resume_continues_a_finished_fit(tmp_path, capsys):

@@ -4,7 +4,7 @@ import pytest
 
 from lat_lightning.cli import load_config
 from lat_lightning.errors import ConfigError
-from lat_lightning.training.defences import DEFENCES, OVERRIDABLE, defence_config
+from lat_lightning.stages.defences import DEFENCES, OVERRIDABLE, defence_config
 
 
 @pytest.fixture(scope="module")
