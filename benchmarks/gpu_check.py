@@ -255,8 +255,8 @@ def smoke_fsdp2(shape: Shape, work: Path) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     from lat_lightning.config import RunConfig
-    from lat_lightning.testing.tiny_models import build_tokenizer
     from lat_lightning.stages.fit_setup import fit
+    from lat_lightning.testing.tiny_models import build_tokenizer
 
     model_dir = work / "fsdp2_model"
     tokenizer = build_tokenizer(vocab_size=min(384, shape.config["vocab_size"]))

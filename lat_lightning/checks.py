@@ -4,7 +4,7 @@ A settings field declares its valid values in its own definition::
 
     steps: int = setting(16, check=">= 1")                     # pgd: optimisation steps
     norm: str = setting("l2", choices=("l2", "linf"))          # pgd: l2 or linf ball
-    batch_size: int = setting(256, check=">= 1", resume="rows per batch: results do not depend on it")
+    batch_size: int = setting(256, check=">= 1", resume="rows per batch: same results")
 
 ``check`` is a comma-separated list of clauses: ``">= N"``, ``"> N"``, ``"< N"``, intervals ``"in [a, b)"`` /
 ``"in (a, b]"`` / ``"in [a, b]"``, ``"not empty"`` and ``"unique"`` (lists) and ``"each <clause>"`` (every entry of

@@ -24,7 +24,8 @@ class LossSettings:
     toward_safe: float = setting(1.0, check=">= 0")        # CE toward the safe response y, with the attack applied
     away_from_harmful: float = setting(0.0, check=">= 0")  # -log(1 - p) pushing off the harmful response y*, attacked
     utility: float = setting(0.0, check=">= 0")            # CE on benign data, no attack
-    away_logp_floor: float = setting(-5.0, check="< 0")    # tokens with log p below this add nothing to away_from_harmful
+    # tokens with log p below this add nothing to away_from_harmful
+    away_logp_floor: float = setting(-5.0, check="< 0")
     mask_prompt: bool = True             # false: the CE toward y also covers the prompt tokens (reference code)
 
     def __post_init__(self) -> None:

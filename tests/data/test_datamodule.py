@@ -62,7 +62,8 @@ def test_train_batches_zip_the_benign_stream(tmp_path, tiny_tokenizer):
 
 def test_order_is_a_function_of_seed_and_epoch(tmp_path, tiny_tokenizer):
     cfg = make_cfg(tmp_path)
-    first, second = SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer), SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer)
+    first = SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer)
+    second = SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer)
     for dm in (first, second):
         dm.setup("fit")
     epoch0 = batch_indices(first.train_dataloader())
@@ -189,7 +190,8 @@ def test_prompt_only_data_trains_on_the_refusal_when_no_target_is_needed(tmp_pat
     cfg = make_cfg(tmp_path, benign=False, harmful=str(prompts))
     with pytest.raises(DataError, match="or set data.default_target"):
         SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer).setup("fit")  # by default a target is required
-    dm = SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer, require_target=False)  # LAPT: the Gaussian noise needs none
+    # LAPT: the Gaussian noise needs none
+    dm = SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer, require_target=False)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert "safe_input_ids" in batch and not any(k.startswith("harmful_") for k in batch)

@@ -79,7 +79,8 @@ def test_contains_utility_scores_exactly_the_organism_benign_accuracy(resolved, 
     reference = sum(check_answer(r, t) for r, t in zip(reference_rows, texts)) / len(reference_rows)
     assert evaluate_utility(model, tok, rows, "contains", batch_size=64)["accuracy"] == reference
     assert organism_accuracy(model, tok, seed=0) == reference
-  XX
+    # the interpolation's utility (batch 64 in the recipe)
+    assert utility_score_fn(utility_score_settings(out), tok)(model) == reference
 
 
 def test_the_stage_records_the_organism(resolved, smoke_model, tmp_path):
