@@ -124,7 +124,7 @@ def test_parse_verdict_never_reads_unsafe_as_safe():
 def _save_seq_classifier(tmp_path, tokenizer, id2label):
     from transformers import LlamaForSequenceClassification
 
-    from lat_lightning.testing.tiny_models import tiny_config
+    from lat_lightning.models.tiny_factory import tiny_config
 
     cfg = tiny_config("llama", vocab_size=len(tokenizer), num_layers=2, hidden=32)
     cfg.num_labels = len(id2label)
@@ -157,7 +157,7 @@ def test_sequence_classifier_from_local_dir(tmp_path, tiny_tokenizer):
 def test_sequence_classifier_forced_labels_and_failures(tiny_tokenizer):
     from transformers import LlamaForSequenceClassification
 
-    from lat_lightning.testing.tiny_models import tiny_config
+    from lat_lightning.models.tiny_factory import tiny_config
 
     cfg = tiny_config("llama", vocab_size=len(tiny_tokenizer), num_layers=1, hidden=32)
     cfg.id2label, cfg.label2id = {0: "LABEL_0", 1: "LABEL_1"}, {"LABEL_0": 0, "LABEL_1": 1}
@@ -187,7 +187,7 @@ def test_sequence_classifier_forced_labels_and_failures(tiny_tokenizer):
 def test_harmful_label_detection(tiny_tokenizer):
     from transformers import LlamaForSequenceClassification
 
-    from lat_lightning.testing.tiny_models import tiny_config
+    from lat_lightning.models.tiny_factory import tiny_config
 
     cfg = tiny_config("llama", vocab_size=len(tiny_tokenizer), num_layers=1, hidden=32)
     cfg.id2label, cfg.label2id = {0: "benign", 1: "bad"}, {"benign": 0, "bad": 1}
@@ -206,7 +206,7 @@ def test_harmful_label_detection(tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def verdict_tokenizer():
-    from lat_lightning.testing.tiny_models import build_tokenizer
+    from lat_lightning.models.tiny_factory import build_tokenizer
 
     corpus = (["the answer is unsafe or safe, yes or no, maybe not"] * 20
               + ["Is it unsafe? It is safe. Say yes. no."] * 20)
@@ -217,7 +217,7 @@ def _forced_causal_model(tokenizer, word):
     """A tiny causal LM whose logits always prefer the token of ``word`` (a biased, zero-weight lm_head)."""
     from transformers import AutoModelForCausalLM
 
-    from lat_lightning.testing.tiny_models import tiny_config
+    from lat_lightning.models.tiny_factory import tiny_config
 
     model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer), num_layers=1, hidden=32))
     head = nn.Linear(32, len(tokenizer), bias=True)

@@ -136,8 +136,8 @@ def test_attack_never_syncs_and_defence_syncs_once_per_optimizer_step(tiny_llama
 
     from lat_lightning.config import ModelConfig, RunConfig
     from lat_lightning.models.loading import load_model
-    from lat_lightning.testing.batches import safety_batch
     from lat_lightning.training.fit import build_module
+    from tests.helpers.batches import safety_batch
 
     events: list = []
 
