@@ -228,7 +228,7 @@ def measure_scan(shape: Shape) -> dict[str, Any]:
     """ASA random over every layer of ``scan_prompts`` prompts: cells/s of the framework's scan."""
     from lat_lightning.eval.judges import KeywordJudge
     from lat_lightning.eval.scan import run_scan
-    from lat_lightning.testing.tiny_models import build_tokenizer
+    from lat_lightning.models.tiny_factory import build_tokenizer
 
     tokenizer = build_tokenizer(vocab_size=min(384, shape.config["vocab_size"]))
     model = build_model(shape).eval()
@@ -255,8 +255,8 @@ def smoke_fsdp2(shape: Shape, work: Path) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     from lat_lightning.config import RunConfig
+    from lat_lightning.models.tiny_factory import build_tokenizer
     from lat_lightning.stages.fit_setup import fit
-    from lat_lightning.testing.tiny_models import build_tokenizer
 
     model_dir = work / "fsdp2_model"
     tokenizer = build_tokenizer(vocab_size=min(384, shape.config["vocab_size"]))

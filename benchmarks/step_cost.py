@@ -38,8 +38,8 @@ from lat_lightning.attacks.positions import position_mask
 from lat_lightning.config import ModelConfig, RunConfig
 from lat_lightning.losses import causal_lm_loss, log_one_minus_p_loss
 from lat_lightning.models.loading import load_model, load_tokenizer
+from lat_lightning.models.tiny_factory import build_tiny_model
 from lat_lightning.stages.fit_setup import build_module
-from lat_lightning.testing.tiny_models import build_tiny_model
 
 VARIANTS = ("none", "asa_random", "asagrad", "pgd", "pgd_naive", "sft", "lat")
 STEPS = 5

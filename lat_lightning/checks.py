@@ -8,10 +8,10 @@ A settings field declares its valid values in its own definition::
 
 ``check`` is a comma-separated list of clauses: ``">= N"``, ``"> N"``, ``"< N"``, intervals ``"in [a, b)"`` /
 ``"in (a, b]"`` / ``"in [a, b]"``, ``"not empty"`` and ``"unique"`` (lists) and ``"each <clause>"`` (every entry of
-a list). ``None`` is always valid (an unset optional key). ``choices`` is a fixed set of values, or a callable
-returning one (registries: attack names, positions policies). ``choices`` may also name a registry as ``"module:function"``
-(imported when checked, so a settings class needs no import of the registry that imports it). ``resume`` says why
-the key may change when a run resumes (keys without it may not).
+a list). ``None`` is always valid (an unset optional key). ``choices`` is a fixed set of values, a callable
+returning one, or a registry named ``"module:function"`` (imported when checked, so a settings class needs no
+import of the registry that imports it: attack names, positions policies). ``resume`` says why the key may change
+when a run resumes (keys without it may not).
 
 The same metadata serves two readers: a frozen settings class calls :func:`validate` in ``__post_init__`` (a
 library user constructing settings by hand gets a ``ValueError`` naming the field), and the preflight walks the

@@ -10,7 +10,8 @@ names the key or file and the valid range, so a bad setting never leaves a run d
 partial result behind, and a degenerate value never runs into a silently wrong answer.
 
 The valid ranges are :data:`lat_lightning.config.BOUNDS`; the checks of the stages live in the ``_check_*``
-functions below, one per concern. ``docs/errors.md`` lists what each refuses.
+functions below, one per concern; the checks of model names, data files and a model's layers and modules in
+:mod:`lat_lightning.preflight_sources`. ``docs/errors.md`` lists what each refuses.
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ from typing import Any, Iterable, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from lat_lightning.config import BOUNDS
-from lat_lightning.errors import ConfigError, LatLightningError, ModelLoadError
+from lat_lightning.errors import ConfigError
+from lat_lightning.preflight_sources import (
+    check_data_sources,
+    check_layers,
+    check_model_specs,
+    check_target_modules,
+    config_value,
+    stage_names,
+)
 from lat_lightning.stages.settings import attack_settings, trainer_settings
 from lat_lightning.training.distributed import check_distributed_config
 
@@ -42,14 +51,6 @@ _EMPTY_HINTS = {
     "evaluation.durability.finetune_seeds": "3 or more give a spread of the fine-tuning-attack curve",
 }
 
-
-def _select(cfg, key: str) -> Any:
-    value = OmegaConf.select(cfg, key, default=None)
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
-def _stages(cfg) -> list[str]:
-    return [str(s) for s in cfg.stages]
 
 
 # ------------------------------------------------------------------------------------------------ ranges
@@ -107,7 +108,7 @@ def check_bounds(cfg) -> None:
         ConfigError: naming the key, its value and the valid range.
     """
     for key, rule in BOUNDS.items():
-        value = _select(cfg, key)
+        value = config_value(cfg, key)
         if value is None:
             continue
         for clause in re.split(r", (?=[a-z<>])", rule):  # not inside an interval "in [0, 1)"
@@ -129,7 +130,7 @@ def check_bounds(cfg) -> None:
             elif not _satisfies(value, clause):
                 raise ConfigError(f"{key} must be {clause}, got {_fmt(value)}")
     _check_finite(OmegaConf.to_container(cfg, resolve=True))
-    betas = _select(cfg, "trainer.betas")
+    betas = config_value(cfg, "trainer.betas")
     if betas is not None and len(betas) != 2:
         raise ConfigError(f"trainer.betas must hold two values (Adam's beta1, beta2), got {_fmt(betas)}")
 
@@ -148,7 +149,7 @@ def _check_finite(node: Any, prefix: str = "") -> None:
 # ------------------------------------------------------------------------------------------------ stages
 def _check_stage_order(cfg, done: set[str], run_dir: Optional[Path]) -> None:
     """What a stage needs from an earlier one: in ``stages`` before it, or done in the resumed run."""
-    stages = _stages(cfg)
+    stages = stage_names(cfg)
 
     def earlier(stage: str, needed: str) -> bool:
         return needed in stages[: stages.index(stage)] or needed in done
@@ -167,7 +168,7 @@ def _check_stage_order(cfg, done: set[str], run_dir: Optional[Path]) -> None:
 
 
 def _check_data_settings(cfg) -> None:
-    stages, d, ev = _stages(cfg), cfg.data, cfg.evaluation
+    stages, d, ev = stage_names(cfg), cfg.data, cfg.evaluation
     if "compare" in stages and not d.harmful:
         raise ConfigError("data.harmful is not set (the compare stage trains every defence on it and fine-tunes on "
                           "its harmful responses); point it at a safety data file")
@@ -194,7 +195,7 @@ def _check_training(cfg) -> None:
     from lat_lightning.attacks import build_attack
     from lat_lightning.models.loading import _quantization_config
 
-    if "fit" not in _stages(cfg):
+    if "fit" not in stage_names(cfg):
         return
     check_distributed_config(trainer_settings(cfg), cfg.perturbation.early_stop_loss)
     _quantization_config(cfg.model)  # both flags, or no bitsandbytes
@@ -232,7 +233,7 @@ def _check_attacks(cfg) -> None:
     from lat_lightning.attacks.positions import GENERATION_POLICIES
     from lat_lightning.eval.scan import scan_positions
 
-    stages = _stages(cfg)
+    stages = stage_names(cfg)
     if not (set(stages) & set(SCANNING) or "fit" in stages):
         return
     positions, first_k, refresh = scan_positions(cfg)
@@ -273,7 +274,7 @@ def _check_judges(cfg) -> None:
 
 
 def _check_durability(cfg) -> None:
-    stages = _stages(cfg)
+    stages = stage_names(cfg)
     if "durability" not in stages and not ("compare" in stages and cfg.compare.finetune):
         return
     from lat_lightning.eval.durability import resolve_settings
@@ -284,7 +285,7 @@ def _check_durability(cfg) -> None:
 def _check_compare(cfg) -> None:
     """The defences of the comparison, their overrides, and each defence's training settings as the fit will see
     them (``lat_lightning.stages.defences.defence_config``)."""
-    if "compare" not in _stages(cfg):
+    if "compare" not in stage_names(cfg):
         return
     from lat_lightning.attacks import check_attack_name
     from lat_lightning.stages.defences import check_defence_name, defence_config
@@ -299,7 +300,7 @@ def _check_compare(cfg) -> None:
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise ConfigError(f"defence '{dup}' is listed twice in compare.defences")
-    for name in (_select(cfg, "compare.overrides") or {}):
+    for name in (config_value(cfg, "compare.overrides") or {}):
         if name not in names:
             raise ConfigError(f"compare.overrides.{name}: '{name}' is not in compare.defences {_fmt(names)}; add it "
                               "there or fix the name")
@@ -335,136 +336,6 @@ def _check_devices(cfg) -> None:
         raise ConfigError("trainer.accelerator=mps but Apple's MPS backend is not available; use cpu or auto")
 
 
-# ------------------------------------------------------------------------------------------------ sources
-def _looks_local(spec: str) -> bool:
-    expanded = os.path.expanduser(spec)
-    return spec.startswith(("/", "./", "../", "~")) or os.path.exists(expanded) \
-        or os.path.exists(os.path.dirname(expanded) or "\0")
-
-
-def _check_model_specs(cfg) -> None:
-    """Model names: local paths exist, ``tiny:`` names parse (nothing is built). Organism names: the organism
-    stage's checks."""
-    from lat_lightning.models.gguf import is_gguf_path
-    from lat_lightning.models.loading import resolve_model_path
-    from lat_lightning.models.pypi_files import is_pip_spec
-    from lat_lightning.models.tiny import is_tiny_spec, tiny_model_config
-    from lat_lightning.stages.organism import check_names, is_organism_name
-
-    check_names(cfg)
-    for key in ("model.name_or_path", "model.tokenizer", "evaluation.model_path", "evaluation.compare_path"):
-        spec = _select(cfg, key)
-        if not spec or is_organism_name(spec):
-            continue
-        spec = str(spec)
-        if is_pip_spec(spec) or is_gguf_path(spec) or (key == "model.name_or_path" and cfg.model.gguf_file):
-            # A GGUF file or a file in a wheel is fetched / converted when a stage loads it, not here; a local
-            # GGUF file must exist.
-            if is_gguf_path(spec) and not is_pip_spec(spec) and not os.path.exists(os.path.expanduser(spec)):
-                raise ModelLoadError(f"{key}: GGUF file '{spec}' does not exist")
-            continue
-        try:
-            if is_tiny_spec(spec):
-                tiny_model_config(spec)
-            else:
-                resolve_model_path(spec)
-        except ModelLoadError as exc:
-            text = str(exc).replace("set model.name_or_path", f"set {key}")
-            raise ModelLoadError(text if key in text else f"{key}: {text}") from None
-
-
-def _data_reads(cfg) -> list[tuple[str, str]]:
-    """``(config key, kind)`` of every data source a listed stage reads; kind is ``safety``, ``benign`` or a
-    utility kind."""
-    stages, d, ev = set(_stages(cfg)), cfg.data, cfg.evaluation
-    reads: list[tuple[str, str]] = []
-    if stages & {"fit", "compare"}:
-        reads += [("data.asabench" if d.asabench else "data.harmful", "safety"), ("data.benign", "benign"),
-                  ("data.eval_harmful", "safety"), ("data.eval_benign", "benign")]
-        if cfg.callbacks.weight_interpolation.enabled:
-            reads.append(("evaluation.utility_data", str(cfg.callbacks.weight_interpolation.utility)))
-        if d.eval_harmful or d.eval_benign or ev.utility_data:
-            reads.append(("evaluation.utility_data", str(ev.utility_kind)))
-    if stages & {"scan", "rescan", "compare"}:
-        reads.append(("data.eval_harmful" if d.eval_harmful else "data.harmful", "safety"))
-    if "evaluate" in stages:
-        reads += [("data.eval_harmful", "safety"), ("data.eval_benign", "benign"),
-                  ("evaluation.utility_data", str(ev.utility_kind))]
-    if "durability" in stages:
-        reads += [("data.eval_harmful" if d.eval_harmful else "data.harmful", "safety"), ("data.harmful", "safety"),
-                  ("data.benign" if d.benign else "data.eval_benign", "benign")]
-        if ev.utility_kind in ("multiple_choice", "exact_match"):
-            reads.append(("evaluation.utility_data", str(ev.utility_kind)))
-    if "interpolate" in stages:
-        reads.append(("evaluation.utility_data", str(cfg.callbacks.weight_interpolation.utility)))
-    out: list[tuple[str, str]] = []
-    for item in reads:
-        if item not in out and _select(cfg, item[0]):
-            out.append(item)
-    return out
-
-
-def _checkable(spec: str) -> bool:
-    """A source read here without side effects: a packaged file or a local path (not a ``datasets`` name, not
-    ``run://`` output of an earlier stage, not ``organism://`` data, which is generated and checked by name)."""
-    if spec.startswith("pkg://"):
-        return True
-    if "://" in spec:
-        return False
-    return _looks_local(spec)
-
-
-def _check_data_sources(cfg) -> None:
-    """Read every local data file a stage will read: it exists, parses, has rows and the needed columns."""
-    from lat_lightning.data.loaders import load_benign_examples, load_safety_examples
-    from lat_lightning.eval.utility import load_utility_rows
-    from lat_lightning.resources import resource_path
-
-    d = cfg.data
-    for key, kind in _data_reads(cfg):
-        spec = str(_select(cfg, key))
-        if kind == "organism" or not _checkable(spec):
-            continue
-        try:
-            source = resource_path(spec)
-            if kind == "safety":
-                # Prompt-only rows load here; which stage needs a target is decided by _check_targets.
-                rows = load_safety_examples(source, d.harmful_split, dict(d.harmful_columns or {}),
-                                            d.default_safe_response, d.max_examples, default_target=d.default_target,
-                                            require_target=False, row_filter=dict(d.filter or {}))
-                _check_targets(cfg, key, source, rows)
-            elif kind == "benign":
-                load_benign_examples(source, d.benign_split, dict(d.benign_columns or {}), d.max_examples)
-            else:
-                load_utility_rows(source, kind)
-        except LatLightningError as exc:
-            text = str(exc)
-            raise type(exc)(text if spec in text or source in text else f"{key} '{spec}': {text}") from None
-
-
-def _check_targets(cfg, key: str, source: str, rows: Sequence) -> None:
-    """Attacks that optimise toward the harmful target (asagrad, pgd) need one for every scanned prompt."""
-    from lat_lightning.attacks import ATTACKS
-
-    scanned = "data.eval_harmful" if cfg.data.eval_harmful else "data.harmful"
-    if key != scanned or not set(_stages(cfg)) & {"scan", "rescan", "durability", "compare"}:
-        return
-    names = [str(a) for a in cfg.evaluation.attacks]
-    if "durability" in _stages(cfg):
-        names += [str(a) for a in cfg.evaluation.durability.adaptive_attacks]
-    if "compare" in _stages(cfg):
-        names += [str(a) for a in cfg.compare.embed_attacks]
-    needing = [n for n in names if n in ATTACKS and ATTACKS[n].needs_target]
-    if cfg.evaluation.num_prompts is not None:
-        rows = rows[: int(cfg.evaluation.num_prompts)]
-    missing = [i for i, r in enumerate(rows) if not r.harmful_response]
-    if needing and missing:
-        raise ConfigError(f"attack '{needing[0]}' needs a harmful target for every prompt, but row {missing[0]} of "
-                          f"{source} ({key}) has none; map the column with data.harmful_columns.harmful_response="
-                          f"<column>, set data.default_target (e.g. 'Sure, here is') or drop {needing[0]} from the "
-                          "attacks")
-
-
 # ------------------------------------------------------------------------------------------------ entry points
 def check_config(cfg: DictConfig, done: Iterable[str] = (), run_dir: Optional[Path] = None) -> None:
     """The checks that need no model: ranges, stage order, the settings of every listed stage, model names and
@@ -489,8 +360,8 @@ def check_config(cfg: DictConfig, done: Iterable[str] = (), run_dir: Optional[Pa
     _check_training(cfg)
     _check_durability(cfg)
     _check_compare(cfg)
-    _check_model_specs(cfg)
-    _check_data_sources(cfg)
+    check_model_specs(cfg)
+    check_data_sources(cfg)
 
 
 def model_config(cfg: DictConfig, spec: Optional[str] = None) -> Optional[Any]:
@@ -523,47 +394,6 @@ def model_config(cfg: DictConfig, spec: Optional[str] = None) -> Optional[Any]:
         return None
 
 
-def _check_layers(config, cfg, keys: Sequence[str], model_key: str) -> None:
-    from lat_lightning.models.layers import check_layer_indices
-
-    model = SimpleNamespace(config=config)
-    for key in keys:
-        layers = _select(cfg, key)
-        if layers is None:
-            continue
-        try:
-            check_layer_indices(model, list(layers), what=key)
-        except IndexError as exc:
-            raise ConfigError(f"{exc} ({model_key})") from None
-
-
-def _check_target_modules(config, names: Sequence[str] | None, key: str, model_key: str) -> None:
-    """Every LoRA target name matches a module of the model (peft's rule: the name, or its last dotted part);
-    ``names=None`` (the attention projections) needs the blocks to have some."""
-    import torch
-    from torch import nn
-    from transformers import AutoModelForCausalLM
-
-    try:
-        with torch.device("meta"):  # the module tree only: no memory, no weights
-            model = AutoModelForCausalLM.from_config(config)
-    except Exception:  # noqa: BLE001 - remote code or an unusual config: peft reports it when it loads
-        return
-    if names is None:
-        from lat_lightning.models.lora_targets import attention_projections
-
-        try:
-            attention_projections(model)
-        except ValueError as exc:
-            raise ConfigError(f"{key}: null chooses the attention projections, but {exc} ({model_key})") from None
-        return
-    modules = [n for n, _ in model.named_modules() if n]
-    for name in names:
-        if not any(m == name or m.endswith("." + name) for m in modules):
-            linear = sorted({m.rsplit(".", 1)[-1] for m, mod in model.named_modules() if isinstance(mod, nn.Linear)})
-            raise ConfigError(f"{key}: '{name}' matches no module of this model ({model_key}); linear layers it has: "
-                              f"{', '.join(linear)}")
-
 
 def check_model(cfg: DictConfig) -> Optional[Any]:
     """The checks that read the models' ``config.json``: layer indices against the depth of the model each stage
@@ -578,29 +408,29 @@ def check_model(cfg: DictConfig) -> Optional[Any]:
     """
     from lat_lightning.models.layers import num_layers
 
-    stages = set(_stages(cfg))
+    stages = set(stage_names(cfg))
     main = model_config(cfg)
     main_key = f"model.name_or_path={cfg.model.name_or_path}"
     if main is not None and stages & {"fit", "compare"}:
-        _check_layers(main, cfg, ("perturbation.layers", "callbacks.fragile_layers.layers",
+        check_layers(main, cfg, ("perturbation.layers", "callbacks.fragile_layers.layers",
                                   "callbacks.fragile_layers.candidate_layers", "model.lora.layers_to_transform"),
                       main_key)
         if cfg.model.lora.enabled and cfg.model.lora.target_modules is not None:  # None: chosen per architecture
-            _check_target_modules(main, list(cfg.model.lora.target_modules), "model.lora.target_modules", main_key)
+            check_target_modules(main, list(cfg.model.lora.target_modules), "model.lora.target_modules", main_key)
     if main is not None and stages & {"fit", "rescan", "compare"}:  # the validation loop and the rescans attack it
-        _check_layers(main, cfg, ("evaluation.layers",), main_key)
+        check_layers(main, cfg, ("evaluation.layers",), main_key)
     original_spec = cfg.evaluation.model_path or cfg.model.name_or_path
     original = main if not cfg.evaluation.model_path else model_config(cfg, cfg.evaluation.model_path)
     original_key = f"evaluation.model_path={cfg.evaluation.model_path}" if cfg.evaluation.model_path else main_key
     if original is not None and stages & {"scan", "evaluate"}:
-        _check_layers(original, cfg, ("evaluation.layers",), original_key)
+        check_layers(original, cfg, ("evaluation.layers",), original_key)
     if "compare" in stages and cfg.compare.finetune and main is not None:
-        _check_target_modules(main, cfg.evaluation.durability.finetune_target_modules,
+        check_target_modules(main, cfg.evaluation.durability.finetune_target_modules,
                               "evaluation.durability.finetune_target_modules", main_key)
     if "durability" in stages and original is not None:
-        _check_layers(original, cfg, ("evaluation.durability.fragile_layers",), original_key)
+        check_layers(original, cfg, ("evaluation.durability.fragile_layers",), original_key)
         if {"finetune", "trainability"} & set(cfg.evaluation.durability.sections):
-            _check_target_modules(original, cfg.evaluation.durability.finetune_target_modules,
+            check_target_modules(original, cfg.evaluation.durability.finetune_target_modules,
                                   "evaluation.durability.finetune_target_modules", original_key)
         if cfg.evaluation.compare_path:
             hardened = model_config(cfg, cfg.evaluation.compare_path)

@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from lat_lightning.testing.tiny_models import build_tokenizer
+    from lat_lightning.models.tiny_factory import build_tokenizer
 
     return build_tokenizer()
 
@@ -27,7 +27,7 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory, tiny_tokenizer):
     """arch -> directory of a saved tiny random model (4 layers, hidden 64) with the tiny tokenizer."""
-    from lat_lightning.testing.tiny_models import TINY_ARCHITECTURES, build_tiny_model
+    from lat_lightning.models.tiny_factory import TINY_ARCHITECTURES, build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny_models")
     return {arch: build_tiny_model(arch, root / arch, tokenizer=tiny_tokenizer) for arch in TINY_ARCHITECTURES}

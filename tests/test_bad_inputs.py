@@ -346,7 +346,7 @@ def test_data_errors_found_while_encoding_leave_no_run_directory(capsys, tmp_pat
 
 @pytest.fixture(scope="module")
 def no_template_model(tmp_path_factory):
-    from lat_lightning.testing.tiny_models import build_tiny_model, build_tokenizer
+    from lat_lightning.models.tiny_factory import build_tiny_model, build_tokenizer
 
     return build_tiny_model("llama", tmp_path_factory.mktemp("no_template"),
                             tokenizer=build_tokenizer(chat_template=False))

@@ -34,7 +34,7 @@ LAYER_PATHS: tuple[str, ...] = (
     "transformer.layers",
 )
 
-# Families tested on tiny random models (lat_lightning.testing.tiny_models builds one of each).
+# Families tested on tiny random models (lat_lightning.models.tiny_factory builds one of each).
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox",
                            "falcon", "bloom", "mpt", "qwen3", "gemma3", "olmo2", "phi", "mixtral")
 

@@ -1,7 +1,7 @@
 """``tiny:<arch>[:<layers>x<hidden>]`` model names: tiny random models built on first use, then cached.
 
 ``model.name_or_path: tiny:llama`` gives a 4-layer, hidden-64 random Llama with the locally trained tiny
-tokenizer (:mod:`lat_lightning.testing.tiny_models`); ``tiny:llama:8x256`` an 8-layer, hidden-256 one. The
+tokenizer (:mod:`lat_lightning.models.tiny_factory`); ``tiny:llama:8x256`` an 8-layer, hidden-256 one. The
 directory lives under ``$LAT_LIGHTNING_CACHE`` (default ``~/.cache/lat_lightning``) in ``tiny/<name>`` and is
 written atomically, so concurrent runs never see a half-written model. Nothing is downloaded.
 """
@@ -35,7 +35,7 @@ def _parse(spec: str) -> tuple[str, str, dict]:
     Raises:
         ModelLoadError: malformed spec or unknown architecture.
     """
-    from lat_lightning.testing.tiny_models import TINY_ARCHITECTURES
+    from lat_lightning.models.tiny_factory import TINY_ARCHITECTURES
 
     m = _SPEC.match(spec.strip())
     if m is None:
@@ -59,7 +59,7 @@ def tiny_model_config(spec: str):
     Raises:
         ModelLoadError: malformed spec or unknown architecture.
     """
-    from lat_lightning.testing.tiny_models import tiny_config
+    from lat_lightning.models.tiny_factory import tiny_config
 
     arch, name, kwargs = _parse(spec)
     built = cache_root() / "tiny" / name / "config.json"
@@ -67,7 +67,7 @@ def tiny_model_config(spec: str):
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(built.parent)
-    return tiny_config(arch, vocab_size=384, **kwargs)  # the tiny tokenizer's size (testing.build_tokenizer)
+    return tiny_config(arch, vocab_size=384, **kwargs)  # the tiny tokenizer's size (tiny_factory.build_tokenizer)
 
 
 def ensure_tiny_model(spec: str) -> Path:
@@ -76,7 +76,7 @@ def ensure_tiny_model(spec: str) -> Path:
     Raises:
         ModelLoadError: malformed spec or unknown architecture.
     """
-    from lat_lightning.testing.tiny_models import build_tiny_model
+    from lat_lightning.models.tiny_factory import build_tiny_model
 
     arch, name, kwargs = _parse(spec)
     target = cache_root() / "tiny" / name

@@ -173,8 +173,8 @@ def _build_into(tmp: Path, recipe: OrganismRecipe, seed: int, t0: float) -> None
 def _train_and_save(tmp: Path, recipe: OrganismRecipe, seed: int, t0: float) -> None:
     from transformers import AutoModelForCausalLM
 
+    from lat_lightning.models.tiny_factory import build_tokenizer, tiny_config
     from lat_lightning.organism.data import organism_corpus, sft_pairs
-    from lat_lightning.testing.tiny_models import build_tokenizer, tiny_config
 
     threads = torch.get_num_threads()
     tokenizer = build_tokenizer(organism_corpus(seed), vocab_size=recipe.vocab_size)

@@ -120,7 +120,7 @@ def organism_model_config(name: str):
     Raises:
         ConfigError: an unknown preset.
     """
-    from lat_lightning.testing.tiny_models import tiny_config
+    from lat_lightning.models.tiny_factory import tiny_config
 
     recipe = PRESETS[preset_from_name(name)]
     return tiny_config("llama", vocab_size=recipe.vocab_size, num_layers=recipe.num_layers, hidden=recipe.hidden,

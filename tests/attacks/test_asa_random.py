@@ -5,7 +5,7 @@ from lat_lightning.attacks import build_attack
 from lat_lightning.attacks.base import normalise_to
 from lat_lightning.attacks.positions import position_mask
 from lat_lightning.config import PerturbationConfig
-from lat_lightning.testing.batches import safety_batch
+from tests.helpers.batches import safety_batch
 
 
 def _attack(settings):
@@ -105,7 +105,7 @@ def test_probability_and_one_layer_sampling_are_seeded_per_step(tiny_llama):
 
 
 def test_noise_is_keyed_by_example_not_batch_position(tiny_llama):
-    from lat_lightning.testing.batches import safety_examples
+    from tests.helpers.batches import safety_examples
 
     model, tok = tiny_llama
     examples = safety_examples(3)

@@ -6,7 +6,7 @@ from lat_lightning.attacks import build_attack
 from lat_lightning.attacks.asagrad import target_gradients
 from lat_lightning.config import PerturbationConfig
 from lat_lightning.losses import causal_lm_loss
-from lat_lightning.testing.batches import safety_batch
+from tests.helpers.batches import safety_batch
 
 
 def _attack(settings):

@@ -16,7 +16,7 @@ from lat_lightning.models.forward_from_layer import forward_from_layer
 from lat_lightning.models.hooks import add_to_residual, capture_residual
 from lat_lightning.models.layers import EMBED, check_layer_indices, layer_name, parse_layers
 from lat_lightning.models.loading import load_model
-from lat_lightning.testing.batches import safety_batch
+from tests.helpers.batches import safety_batch
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma"])

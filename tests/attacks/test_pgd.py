@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from lat_lightning.attacks import build_attack
 from lat_lightning.attacks.positions import position_mask
 from lat_lightning.config import PerturbationConfig
-from lat_lightning.testing.batches import safety_batch
+from tests.helpers.batches import safety_batch
 
 
 def _attack(settings):

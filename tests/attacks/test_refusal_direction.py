@@ -21,7 +21,7 @@ from lat_lightning.config import PerturbationConfig
 from lat_lightning.eval.generation import generate_under_attack
 from lat_lightning.models.hooks import capture_residual
 from lat_lightning.models.layers import EMBED, num_layers
-from lat_lightning.testing.batches import safety_batch
+from tests.helpers.batches import safety_batch
 
 HARM, OK, REFUSE = 100, 101, 102
 C = 4.0

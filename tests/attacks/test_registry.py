@@ -15,7 +15,7 @@ from lat_lightning.attacks.base import Attack, Perturbation
 from lat_lightning.attacks.plan import AttackPlan
 from lat_lightning.attacks.positions import position_mask
 from lat_lightning.config import RunConfig
-from lat_lightning.testing.batches import safety_batch
+from tests.helpers.batches import safety_batch
 
 
 class ConstantShift(Attack):

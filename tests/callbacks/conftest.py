@@ -49,7 +49,7 @@ def fit_module(module, batches, callbacks, tmp_path, steps: int = 1, logger=Fals
 
 @pytest.fixture()
 def batch(tiny_tokenizer):
-    from lat_lightning.testing.batches import safety_batch
+    from tests.helpers.batches import safety_batch
 
     return safety_batch(tiny_tokenizer, n=4, with_benign=True)
 

@@ -91,7 +91,7 @@ def test_lora_teacher_is_the_adapter_disabled_model(tiny_llama_dir, tiny_tokeniz
 
 
 def test_kl_falls_back_to_safe_response_tokens(tiny_tokenizer, batch):
-    from lat_lightning.testing.batches import safety_batch
+    from tests.helpers.batches import safety_batch
 
     plain = safety_batch(tiny_tokenizer, n=2)
     ids, attn, labels = KLTeacher.sequences(plain)

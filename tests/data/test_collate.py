@@ -78,7 +78,7 @@ def test_system_prompt_and_chat_template_switch(tiny_tokenizer):
 
 
 def test_tokenizer_without_chat_template_falls_back_with_warning(caplog):
-    from lat_lightning.testing.tiny_models import build_tokenizer
+    from lat_lightning.models.tiny_factory import build_tokenizer
 
     tok = build_tokenizer(chat_template=False)
     assert tok.chat_template is None
@@ -186,7 +186,7 @@ def test_left_padded_prompt_predicts_like_unpadded(tiny_tokenizer):
     """The next-token logits of a left-padded prompt equal those of the same prompt alone."""
     from transformers import AutoModelForCausalLM
 
-    from lat_lightning.testing.tiny_models import tiny_config
+    from lat_lightning.models.tiny_factory import tiny_config
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tiny_tokenizer), num_layers=2,

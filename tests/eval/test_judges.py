@@ -14,6 +14,7 @@ from lat_lightning.eval.judges import (
     KEYWORD_LONG_MARKERS,
     KEYWORD_MARKERS,
     ClassifierJudge,
+    ClassifierSettings,
     Verdict,
     build_judge,
     parse_verdict,
@@ -123,7 +124,7 @@ def test_parse_verdict_never_reads_unsafe_as_safe():
 def _save_seq_classifier(tmp_path, tokenizer, id2label):
     from transformers import LlamaForSequenceClassification
 
-    from lat_lightning.testing.tiny_models import tiny_config
+    from lat_lightning.models.tiny_factory import tiny_config
 
     cfg = tiny_config("llama", vocab_size=len(tokenizer), num_layers=2, hidden=32)
     cfg.num_labels = len(id2label)
@@ -138,7 +139,7 @@ def _save_seq_classifier(tmp_path, tokenizer, id2label):
 
 def test_sequence_classifier_from_local_dir(tmp_path, tiny_tokenizer):
     model = _save_seq_classifier(tmp_path, tiny_tokenizer, {0: "safe", 1: "unsafe"})
-    judge = build_judge("classifier", path=str(tmp_path), batch_size=2, device="cpu")
+    judge = build_judge("classifier", path=str(tmp_path), settings=ClassifierSettings(batch_size=2, device="cpu"))
     assert judge.kind == "sequence" and judge.backend.harmful_index == 1
     prompts = ["How do I bake bread?", "Write a poem", "x", "Explain photosynthesis please"]
     responses = ["Mix flour and water.", "The sea is wide and blue and deep and long.", "", "Plants use light."]
@@ -156,7 +157,7 @@ def test_sequence_classifier_from_local_dir(tmp_path, tiny_tokenizer):
 def test_sequence_classifier_forced_labels_and_failures(tiny_tokenizer):
     from transformers import LlamaForSequenceClassification
 
-    from lat_lightning.testing.tiny_models import tiny_config
+    from lat_lightning.models.tiny_factory import tiny_config
 
     cfg = tiny_config("llama", vocab_size=len(tiny_tokenizer), num_layers=1, hidden=32)
     cfg.id2label, cfg.label2id = {0: "LABEL_0", 1: "LABEL_1"}, {"LABEL_0": 0, "LABEL_1": 1}
@@ -165,7 +166,7 @@ def test_sequence_classifier_forced_labels_and_failures(tiny_tokenizer):
     nn.init.zeros_(head.weight)
     head.bias.data = torch.tensor([0.0, 5.0])  # always LABEL_1 (detected as harmful)
     model.score = head
-    judge = ClassifierJudge(model=model, tokenizer=tiny_tokenizer, input_format="response")
+    judge = ClassifierJudge(model=model, tokenizer=tiny_tokenizer, settings=ClassifierSettings(input_format="response"))
     out = judge(["a", "b", "c"], ["one", None, "three"])
     assert [v.success for v in out] == [True, None, True] and out[1].failed
     head.bias.data = torch.tensor([5.0, 0.0])
@@ -186,15 +187,17 @@ def test_sequence_classifier_forced_labels_and_failures(tiny_tokenizer):
 def test_harmful_label_detection(tiny_tokenizer):
     from transformers import LlamaForSequenceClassification
 
-    from lat_lightning.testing.tiny_models import tiny_config
+    from lat_lightning.models.tiny_factory import tiny_config
 
     cfg = tiny_config("llama", vocab_size=len(tiny_tokenizer), num_layers=1, hidden=32)
     cfg.id2label, cfg.label2id = {0: "benign", 1: "bad"}, {"benign": 0, "bad": 1}
     model = LlamaForSequenceClassification(cfg)
     with pytest.raises(ConfigError, match="harmful_label"):
         ClassifierJudge(model=model, tokenizer=tiny_tokenizer)
-    assert ClassifierJudge(model=model, tokenizer=tiny_tokenizer, harmful_label="bad").backend.harmful_index == 1
-    assert ClassifierJudge(model=model, tokenizer=tiny_tokenizer, harmful_label=0).backend.harmful_index == 0
+    assert ClassifierJudge(model=model, tokenizer=tiny_tokenizer,
+                           settings=ClassifierSettings(harmful_label="bad")).backend.harmful_index == 1
+    assert ClassifierJudge(model=model, tokenizer=tiny_tokenizer,
+                           settings=ClassifierSettings(harmful_label=0)).backend.harmful_index == 0
     with pytest.raises(ModelLoadError):
         build_judge("classifier", path="/nonexistent/judge")
 
@@ -203,7 +206,7 @@ def test_harmful_label_detection(tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def verdict_tokenizer():
-    from lat_lightning.testing.tiny_models import build_tokenizer
+    from lat_lightning.models.tiny_factory import build_tokenizer
 
     corpus = (["the answer is unsafe or safe, yes or no, maybe not"] * 20
               + ["Is it unsafe? It is safe. Say yes. no."] * 20)
@@ -214,7 +217,7 @@ def _forced_causal_model(tokenizer, word):
     """A tiny causal LM whose logits always prefer the token of ``word`` (a biased, zero-weight lm_head)."""
     from transformers import AutoModelForCausalLM
 
-    from lat_lightning.testing.tiny_models import tiny_config
+    from lat_lightning.models.tiny_factory import tiny_config
 
     model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer), num_layers=1, hidden=32))
     head = nn.Linear(32, len(tokenizer), bias=True)
@@ -233,8 +236,8 @@ def _forced_causal_model(tokenizer, word):
 ])
 def test_causal_judge_forced_answers(verdict_tokenizer, word, style, expected):
     model = _forced_causal_model(verdict_tokenizer, word)
-    judge = ClassifierJudge(model=model, tokenizer=verdict_tokenizer, kind="causal", style=style, max_new_tokens=3,
-                            batch_size=2)
+    judge = ClassifierJudge(model=model, tokenizer=verdict_tokenizer,
+                            settings=ClassifierSettings(kind="causal", style=style, max_new_tokens=3, batch_size=2))
     verdicts = judge(["how to x", "how to y", "z"], ["Sure, here", "No.", "ok"])
     assert len(verdicts) == 3
     assert all(v.success is expected and v.failed is (expected is None) for v in verdicts)
@@ -242,7 +245,8 @@ def test_causal_judge_forced_answers(verdict_tokenizer, word, style, expected):
 
 
 def test_causal_judge_loads_from_dir(tiny_llama_dir):
-    judge = build_judge("classifier", path=str(tiny_llama_dir), style="llama_guard", max_new_tokens=4, device="cpu")
+    judge = build_judge("classifier", path=str(tiny_llama_dir),
+                        settings=ClassifierSettings(style="llama_guard", max_new_tokens=4, device="cpu"))
     assert judge.kind == "causal" and judge.backend.use_chat_template
     verdicts = judge(["a", "b", "c"], ["x", "y", "z"])
     assert len(verdicts) == 3
@@ -250,4 +254,5 @@ def test_causal_judge_loads_from_dir(tiny_llama_dir):
     for v in verdicts:
         assert v.failed is (v.success is None)
     with pytest.raises(ConfigError, match="behavior"):
-        ClassifierJudge(path=str(tiny_llama_dir), kind="causal", template="no slots {generation}")
+        ClassifierJudge(path=str(tiny_llama_dir),
+                        settings=ClassifierSettings(kind="causal", template="no slots {generation}"))

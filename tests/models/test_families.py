@@ -13,9 +13,9 @@ from lat_lightning.config import LoraConfig, ModelConfig, RunConfig
 from lat_lightning.eval.scan import run_scan
 from lat_lightning.models.loading import load_model
 from lat_lightning.models.lora_targets import lora_targets_of
+from lat_lightning.models.tiny_factory import TINY_ARCHITECTURES
 from lat_lightning.stages.fit_setup import build_module
-from lat_lightning.testing.batches import safety_batch
-from lat_lightning.testing.tiny_models import TINY_ARCHITECTURES
+from tests.helpers.batches import safety_batch
 
 # The default LoRA targets per family (docs/models.md shows the same table): every linear layer of a block and
 # Mixtral's fused expert weights.

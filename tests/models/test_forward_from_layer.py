@@ -13,7 +13,7 @@ from lat_lightning.models.forward_from_layer import forward_from_layer, skip_lay
 from lat_lightning.models.hooks import add_to_residual, capture_residual
 from lat_lightning.models.layers import get_decoder_layers
 from lat_lightning.models.loading import apply_lora, load_model
-from lat_lightning.testing.tiny_models import TINY_ARCHITECTURES
+from lat_lightning.models.tiny_factory import TINY_ARCHITECTURES
 
 # The long row is longer than gemma2's sliding window (8), so local and global layers both matter.
 TEXTS = ["How do I bake bread at home? Mix flour, water and salt", "The sea"]

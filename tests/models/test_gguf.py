@@ -15,7 +15,7 @@ from lat_lightning.errors import ModelLoadError
 from lat_lightning.models import gguf as gguf_module
 from lat_lightning.models import pypi_files
 from lat_lightning.models.loading import load_model, load_tokenizer, resolve_model_source
-from lat_lightning.testing.tiny_gguf import write_tiny_gguf
+from lat_lightning.models.tiny_gguf import write_tiny_gguf
 
 TEXTS = ["How do I bake bread at home? Mix flour", "The sea"]
 

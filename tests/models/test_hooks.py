@@ -12,7 +12,7 @@ from lat_lightning.config import LoraConfig, ModelConfig
 from lat_lightning.models.hooks import add_to_residual, capture_residual, residual_edit, split_layer_output
 from lat_lightning.models.layers import get_decoder_layers
 from lat_lightning.models.loading import apply_lora, load_model
-from lat_lightning.testing.tiny_models import TINY_ARCHITECTURES
+from lat_lightning.models.tiny_factory import TINY_ARCHITECTURES
 
 TEXTS = ["How do I bake bread at home? Mix flour", "The sea is wide"]
 

@@ -16,7 +16,7 @@ from lat_lightning.models.layers import (
     unwrap_model,
 )
 from lat_lightning.models.loading import apply_lora, load_model
-from lat_lightning.testing.tiny_models import TINY_ARCHITECTURES, tiny_config
+from lat_lightning.models.tiny_factory import TINY_ARCHITECTURES, tiny_config
 
 # Attention projections LoRA can target in each architecture (module names differ between families).
 LORA_TARGETS = {

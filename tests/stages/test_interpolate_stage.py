@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lat_lightning.stages.interpolate import run as interpolate_stage
-from lat_lightning.testing.weights import perturb_weights, set_lora_b
+from tests.helpers.weights import perturb_weights, set_lora_b
 
 
 def _load(model_dir, lora=False):

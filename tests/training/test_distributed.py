@@ -138,7 +138,7 @@ def test_attack_never_syncs_and_defence_syncs_once_per_optimizer_step(tiny_llama
     from lat_lightning.config import ModelConfig, RunConfig
     from lat_lightning.models.loading import load_model
     from lat_lightning.stages.fit_setup import build_module
-    from lat_lightning.testing.batches import safety_batch
+    from tests.helpers.batches import safety_batch
 
     events: list = []
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from lat_lightning.cli import load_config
 from lat_lightning.models.loading import load_model
 from lat_lightning.stages import fit_setup as train
-from lat_lightning.testing.batches import safety_batch
+from tests.helpers.batches import safety_batch
 
 SHORT = ["trainer.max_steps=1", "perturbation.steps=1", "logging.tensorboard=false"]
 

@@ -3,7 +3,6 @@ import copy
 import pytest
 import torch
 
-from lat_lightning.testing.weights import perturb_weights, set_lora_b
 from lat_lightning.training.interpolation import (
     choose_lambda,
     interpolate_state,
@@ -14,6 +13,7 @@ from lat_lightning.training.interpolation import (
     scale_lora,
     trainable_state,
 )
+from tests.helpers.weights import perturb_weights, set_lora_b
 
 
 def _load(model_dir, lora=False):

@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 from lat_lightning.config import ModelConfig, RunConfig
 from lat_lightning.models.loading import load_model
 from lat_lightning.stages.fit_setup import build_module
-from lat_lightning.testing.batches import safety_batch, safety_examples
 from lat_lightning.training.module import cosine_with_warmup
+from tests.helpers.batches import safety_batch, safety_examples
 
 
 def _cfg(**overrides):

@@ -1,4 +1,4 @@
-"""Small hand-made safety batches for tests and benchmarks (no files, no downloads)."""
+"""Small hand-made safety batches for the tests (no files, no downloads)."""
 
 from __future__ import annotations
 

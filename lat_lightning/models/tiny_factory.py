@@ -1,4 +1,4 @@
-"""Tiny random models of every supported architecture, with a locally trained tokenizer.
+"""Tiny random models of every supported architecture, with a locally trained tokenizer (the tiny-model kit).
 
 Tests and CPU recipes build these, save them with ``save_pretrained`` and load them back through the
 same ``from_pretrained`` path as real models, so the real loading code is exercised without a network.

@@ -43,7 +43,7 @@ def _interleave_rotary_halves(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_tiny_gguf(model_dir: str | Path, out_path: str | Path, quantization: str = "F32") -> Path:
-    """Write the tiny Llama saved in ``model_dir`` (:func:`~lat_lightning.testing.tiny_models.build_tiny_model`)
+    """Write the tiny Llama saved in ``model_dir`` (:func:`~lat_lightning.models.tiny_factory.build_tiny_model`)
     with its tokenizer as a GGUF file.
 
     Args:
