@@ -1,5 +1,6 @@
-# lat-lightning: `make demo` runs the default recipe, `make test` checks the import layering (`lint-imports`,
-# contracts in setup.cfg [importlinter]) and then runs the test suite.
+# lat-lightning: `make demo` runs the default recipe; `make test` runs the static checks of `make lint` (ruff lint,
+# ruff format check, mypy, the import layering of setup.cfg [importlinter]) and then the test suite; `make format`
+# rewrites the code into the house format. Configuration of ruff and mypy: pyproject.toml; why: docs/development.md.
 # Both create .venv on first use (python3 -m venv), install torch first, then the package editable with
 # its extras. A stamp file inside .venv records the install: an existing venv is reused and re-installed
 # only when setup.cfg changes (delete .venv to start over).
@@ -15,7 +16,7 @@ STAMP  := $(VENV)/.lat-lightning-installed
 TORCH_SPEC     ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo test lint venv clean-venv
+.PHONY: demo test lint format venv clean-venv
 
 venv: $(STAMP)
 
@@ -30,14 +31,23 @@ $(STAMP): setup.cfg | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/python train.py
 
-# lint-imports runs from the repo root (it finds the extra root package callbacks/ through the cwd); --no-cache
-# keeps it from writing .import_linter_cache/ into the tree.
-test: $(STAMP)
-	$(BIN)/lint-imports --no-cache --no-logo
+test: lint
 	$(BIN)/python -m pytest -x tests --durations=15
 
+# The static checks, in this order (each stops the run): lint, format, types, import layering. .pre-commit-config.yaml
+# runs the same four. mypy checks the `files` of pyproject.toml [tool.mypy] (lat_lightning, callbacks, benchmarks)
+# with its incremental cache in .mypy_cache/. lint-imports runs from the repo root (it finds the extra root package
+# callbacks/ through the cwd); --no-cache keeps it from writing .import_linter_cache/ into the tree.
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache --no-logo
+
+# Rewrites files: the import order (the one ruff lint finding it fixes by itself), then the house format.
+format: $(STAMP)
+	$(BIN)/ruff check --select I --fix .
+	$(BIN)/ruff format .
 
 clean-venv:
 	rm -rf $(VENV)

@@ -36,7 +36,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 
@@ -252,7 +252,7 @@ def measure_scan(shape: Shape) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ smoke tests
 def smoke_fsdp2(shape: Shape, work: Path) -> dict[str, Any]:
     """Two fit steps with ``trainer.strategy=fsdp2`` on one device, through the fit driver."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
     from lat_lightning.config import RunConfig
     from lat_lightning.models.tiny_factory import build_tokenizer
@@ -264,14 +264,14 @@ def smoke_fsdp2(shape: Shape, work: Path) -> dict[str, Any]:
     small.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     del small
-    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), {
+    cfg = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(RunConfig), {
         "model": {"name_or_path": str(model_dir), "dtype": "bfloat16" if shape.dtype == torch.bfloat16 else "float32"},
         "data": {"harmful": "pkg://lat_lightning/resources/tiny_harmful.jsonl", "batch_size": 2, "max_length": 128,
                  "truncation": "right"},
         "perturbation": {"attack": "asa_random", "layers": [0]},
         "trainer": {"max_steps": 2, "strategy": "fsdp2", "devices": 1,
                     "accelerator": "gpu" if shape.device == "cuda" else "cpu", "log_every_n_steps": 1},
-        "logging": {"tensorboard": False}})
+        "logging": {"tensorboard": False}}))
     from lat_lightning.resources import resource_path
 
     cfg.data.harmful = resource_path(cfg.data.harmful)
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     if "steps" not in skip:
         steps: dict[str, Any] = {}
         for variant in [v for v in args.variants.split(",") if v]:
-            run_section(variant, lambda v=variant: measure_variant(shape, v, peak), steps, failures)
+            run_section(variant, functools.partial(measure_variant, shape, variant, peak), steps, failures)
         result["steps"] = steps
         if "sft" in steps and "step_s" in steps["sft"]:
             result["time_ratio_to_sft"] = {v: round(s["step_s"] / steps["sft"]["step_s"], 2)

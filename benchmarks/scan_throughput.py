@@ -54,6 +54,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -121,6 +122,7 @@ def load(spec: str):
     if kind == "gguf":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        assert path is not None  # resolve_model gives a gguf its file
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         return model.eval(), tok
@@ -224,24 +226,9 @@ def time_probes(model, tok, prompts: list[str], clean_ids: list[list[int]], laye
 
 
 # --------------------------------------------------------------------------------- main
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=DEFAULT_MODEL, help="tiny:<arch>[:LxH], a checkpoint dir, a .gguf, or smollm2")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: 16 for a real model, 50 for tiny")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=EvaluationConfig().batch_size,
-                    help="scan rows per generation (default: evaluation.batch_size)")
-    ap.add_argument("--scan-every", type=int, default=2, help="a full scan after every N loop segments")
-    ap.add_argument("--no-compare-unshared", action="store_true", help="skip the unshared scan")
-    ap.add_argument("--no-equal-work", action="store_true",
-                    help="skip the scans without the coherence check (the loop's work)")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    max_new = args.max_new_tokens or (50 if args.model.startswith("tiny:") else 16)
-    load_before = os.getloadavg()
-    prompts = load_prompts(args.prompts)
-
+def measure(args: argparse.Namespace, prompts: list[str], max_new: int) -> dict[str, Any]:
+    """Everything timed, in one temporary directory: the whole stage, the probes, full scans interleaved with
+    segments of the reference loop (one prompt each), and the unshared scan."""
     with tempfile.TemporaryDirectory() as tmp:
         # The whole stage first (it loads the model the rest of the benchmark uses): a fresh process's view.
         stage = run_stage(args.model, prompts, max_new, args.batch_size, Path(tmp) / "stage")
@@ -262,8 +249,13 @@ def main() -> None:
             return cells
 
         reference_cell(model, encode_prompt(tok, prompts[0]), 0, 0, 2)  # warm-up of the loop's path
-        scan_rates, plain_rates, loop_rates, loop_total = [], [], [], 0.0
-        fw, ref, plain = {}, {}, {}
+        scan_rates: list[float] = []
+        plain_rates: list[float] = []
+        loop_rates: list[float] = []
+        loop_total = 0.0
+        fw: dict = {}
+        ref: dict = {}
+        plain: dict = {}
         for seg, prompt in enumerate(prompts):
             if seg % max(1, args.scan_every) == 0:
                 t0 = time.perf_counter()
@@ -283,7 +275,7 @@ def main() -> None:
         scan_rates.append(n_cells / (time.perf_counter() - t0))
         if not args.no_equal_work:
             plain = scan_equal_work()
-        unshared = {}
+        unshared: dict[str, float] = {}
         if not args.no_compare_unshared:
             t0 = time.perf_counter()
             cells = run_framework(model, tok, prompts, layers, max_new, Path(tmp) / "unshared", args.batch_size,
@@ -291,6 +283,32 @@ def main() -> None:
             unshared = {"unshared_cells_per_s": round(n_cells / (time.perf_counter() - t0), 2),
                         "unshared_token_agreement": round(sum(cells[k]["ids"] == fw[k]["ids"] for k in fw) / n_cells,
                                                           4)}
+    return {"stage": stage, "layers": layers, "n_cells": n_cells, "params": params, "probes_s": probes_s, "fw": fw,
+            "ref": ref, "plain": plain, "scan_rates": scan_rates, "plain_rates": plain_rates, "loop_rates": loop_rates,
+            "loop_total": loop_total, "unshared": unshared}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="tiny:<arch>[:LxH], a checkpoint dir, a .gguf, or smollm2")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: 16 for a real model, 50 for tiny")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=EvaluationConfig().batch_size,
+                    help="scan rows per generation (default: evaluation.batch_size)")
+    ap.add_argument("--scan-every", type=int, default=2, help="a full scan after every N loop segments")
+    ap.add_argument("--no-compare-unshared", action="store_true", help="skip the unshared scan")
+    ap.add_argument("--no-equal-work", action="store_true",
+                    help="skip the scans without the coherence check (the loop's work)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    max_new = args.max_new_tokens or (50 if args.model.startswith("tiny:") else 16)
+    load_before = os.getloadavg()
+    prompts = load_prompts(args.prompts)
+    m = measure(args, prompts, max_new)
+    stage, layers, n_cells, fw, ref, plain = m["stage"], m["layers"], m["n_cells"], m["fw"], m["ref"], m["plain"]
+    scan_rates, plain_rates, loop_rates = m["scan_rates"], m["plain_rates"], m["loop_rates"]
+    loop_total, params, probes_s, unshared = m["loop_total"], m["params"], m["probes_s"], m["unshared"]
 
     keys = sorted(fw)
     same_ids = [fw[k]["ids"] == ref[k]["ids"] for k in keys]

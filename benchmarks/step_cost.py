@@ -29,14 +29,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import cast
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from lat_lightning.attacks.base import Perturbation
 from lat_lightning.attacks.positions import position_mask
 from lat_lightning.config import ModelConfig, RunConfig
 from lat_lightning.losses import causal_lm_loss, log_one_minus_p_loss
+from lat_lightning.models.layers import vocab_size
 from lat_lightning.models.loading import load_model, load_tokenizer
 from lat_lightning.models.tiny_factory import build_tiny_model
 from lat_lightning.stages.fit_setup import build_module
@@ -70,10 +72,10 @@ def make_module(model, variant: str):
         loss = {"toward_safe": 1.0, "away_from_harmful": 0.0, "utility": 0.0}
     elif variant == "lat":
         loss = {"toward_safe": 0.5, "away_from_harmful": 0.5, "utility": 1.0}
-    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), {
+    cfg = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(RunConfig), {
         "perturbation": {"attack": strategy, "layers": [LAYER], "steps": STEPS, "eps": 6.0, "lr": 1e-3,
                          "toward_harmful": 0.5, "away_from_safe": 0.5, "positions": "prompt"},
-        "loss": loss})
+        "loss": loss}))
     return build_module(cfg, model)
 
 
@@ -169,7 +171,9 @@ def memory_child(model_dir: str, variant: str, threads: int) -> None:
     model = load_model(ModelConfig(name_or_path=model_dir), train=True)
     module = make_module(model, variant)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    batch = make_batch(model.config.vocab_size)
+    vocab = vocab_size(model)
+    assert vocab is not None
+    batch = make_batch(vocab)
     one_step(module, batch, opt, variant)  # warm-up: optimiser state, allocator caches
     before = _rss_kb()
     one_step(module, batch, opt, variant)
@@ -218,7 +222,7 @@ def main() -> None:
     floor_module = make_module(copy.deepcopy(base), "lat")
     floor_opt = torch.optim.AdamW(floor_module.model.parameters(), lr=1e-5)
     floor_parts(floor_module, batch, floor_opt)  # warm-up
-    times = {v: [] for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     parts: dict[str, list[float]] = {}
     for r in range(args.repeats):
         order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]

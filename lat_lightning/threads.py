@@ -73,6 +73,8 @@ def free_cores(sample_s: float = 0.2) -> float:
             return float(usable)
     time.sleep(sample_s)
     second = _cpu_times()
+    if second is None:  # pragma: no cover - /proc/stat vanished between the two reads
+        return float(usable)
     d_total, d_idle = second[0] - first[0], second[1] - first[1]
     if d_total <= 0:
         return float(usable)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -325,7 +325,7 @@ TIE_RULE = ("ties for the peak layer are reported as ties; the layer used is the
             "tie-break score (the scan's: the LASR of the coherence-aware primary judge), then the lowest layer")
 
 
-def tied_peak(scores: Sequence[float | None], tol: float = TIE_TOLERANCE) -> list[int]:
+def tied_peak(scores: Iterable[float | None], tol: float = TIE_TOLERANCE) -> list[int]:
     """Indices of every entry within ``tol`` of the maximum (``None`` / NaN entries never tie); ``[]`` if none."""
     vals = np.array([np.nan if v is None else float(v) for v in scores], dtype=np.float64)
     if vals.size == 0 or np.all(np.isnan(vals)):
@@ -374,7 +374,9 @@ def choose_peak(layer_ids: Sequence[int], scores: Sequence[float | None],
         return {"layer": None, "value": None, "tied_layers": [], "decided_by": None, "rule": TIE_RULE}
     pairs = sorted((int(layer_ids[k]), None if tiebreak is None else tiebreak[k]) for k in idx)  # by layer
     tied = [l for l, _ in pairs]
-    value = float(scores[idx[0]])
+    top = scores[idx[0]]
+    assert top is not None  # tied_peak never returns a None entry
+    value = float(top)
     best = tied_peak([t for _, t in pairs])  # positions in `tied` with the highest tie-break score
     if len(tied) == 1:
         by, layer = "unique", tied[0]

@@ -303,6 +303,43 @@ def durability_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _embed_section(result: dict, judges: list[str], primary: str) -> list[str]:
+    """The attacks at the input embeddings, before → after per judge (no lines when none ran)."""
+    embed = (result.get("embed") or {}).get(primary) or {}
+    if not embed.get("before"):
+        return []
+    lines = ["## Attacks on the input embeddings (layer `embed`)", "",
+             "| attack | " + " | ".join(f"success at embed ({j})" for j in judges if (result["embed"].get(j) or
+                                                                                 {}).get("before")) + " |",
+             "|---|" + "---|" * sum(1 for j in judges if (result["embed"].get(j) or {}).get("before"))]
+    for attack in embed["before"]:
+        cells = []
+        for j in judges:
+            e = (result["embed"].get(j) or {})
+            if e.get("before"):
+                cells.append(f"{_fmt(e['before'].get(attack))} → {_fmt((e.get('after') or {}).get(attack))}")
+        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _coherence_section(result: dict, primary: str) -> list[str]:
+    """The share of incoherent attacked answers, before → after (no lines when no answer was checked)."""
+    coh = result.get("coherence") or {}
+    if not any(c and c.get("checked") for c in (coh.get("before") or {}).values()):
+        return []
+    lines = ["## Coherence of the attacked answers", "",
+             f"| attack | incoherent answers before → after | {primary} successes that are incoherent "
+             "before → after |", "|---|---|---|"]
+    for attack, b in coh["before"].items():
+        a = (coh.get("after") or {}).get(attack) or {}
+        if not b or not b.get("checked"):
+            continue
+        lines.append(f"| {attack} | {_share(b, 'incoherent', 'checked')} → {_share(a, 'incoherent', 'checked')} | "
+                     f"{_share(b, 'incoherent_successes', 'successes')} → "
+                     f"{_share(a, 'incoherent_successes', 'successes')} |")
+    return lines + [""]
+
+
 def render_markdown(result: dict, judges: list[str], primary: str) -> str:
     """The report as markdown: before/after tables per judge, the relative PASR cut, benign accuracy (when the
     result has it), the λ curve, figures, sample generations and the durability table (when present).
@@ -329,33 +366,7 @@ def render_markdown(result: dict, judges: list[str], primary: str) -> str:
     lines += [f"Relative PASR cut ({primary}): {cuts}.", ""]
     if result.get("tie_rule"):
         lines += [f"Peak layer (L…): {result['tie_rule']}; `tied ×k`: k layers share the peak LASR.", ""]
-    embed = (result.get("embed") or {}).get(primary) or {}
-    if embed.get("before"):
-        lines += ["## Attacks on the input embeddings (layer `embed`)", "",
-                  "| attack | " + " | ".join(f"success at embed ({j})" for j in judges if (result["embed"].get(j) or
-                                                                                      {}).get("before")) + " |",
-                  "|---|" + "---|" * sum(1 for j in judges if (result["embed"].get(j) or {}).get("before"))]
-        for attack in embed["before"]:
-            cells = []
-            for j in judges:
-                e = (result["embed"].get(j) or {})
-                if e.get("before"):
-                    cells.append(f"{_fmt(e['before'].get(attack))} → {_fmt((e.get('after') or {}).get(attack))}")
-            lines.append(f"| {attack} | " + " | ".join(cells) + " |")
-        lines += [""]
-    coh = result.get("coherence") or {}
-    if any(c and c.get("checked") for c in (coh.get("before") or {}).values()):
-        lines += ["## Coherence of the attacked answers", "",
-                  f"| attack | incoherent answers before → after | {primary} successes that are incoherent "
-                  "before → after |", "|---|---|---|"]
-        for attack, b in coh["before"].items():
-            a = (coh.get("after") or {}).get(attack) or {}
-            if not b or not b.get("checked"):
-                continue
-            lines.append(f"| {attack} | {_share(b, 'incoherent', 'checked')} → {_share(a, 'incoherent', 'checked')} | "
-                         f"{_share(b, 'incoherent_successes', 'successes')} → "
-                         f"{_share(a, 'incoherent_successes', 'successes')} |")
-        lines += [""]
+    lines += _embed_section(result, judges, primary) + _coherence_section(result, primary)
     warns = [f"before: {w}" for w in (result.get("warnings") or {}).get("before", [])] + \
         [f"after: {w}" for w in (result.get("warnings") or {}).get("after", [])]
     if warns:

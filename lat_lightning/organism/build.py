@@ -21,11 +21,14 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from lat_lightning.organism.recipe import StageSchedule
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loggers import Logger
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +121,11 @@ def train_stage(model, tokenizer, pairs: list[tuple[str, str]], recipe: Organism
         layers=layers, positions=stage.noise_positions, alpha=stage.noise_alpha,
         probability=stage.noise_prob or 1.0, layer_sampling="one", seed=seed))
     settings = SFTSettings(steps=stage.steps, lr=stage.lr, batch_size=stage.batch_size, scheduler="cosine",
-                           warmup_ratio=stage.warmup_ratio, weight_decay=stage.weight_decay, betas=tuple(stage.betas),
-                           gradient_clip_val=stage.grad_clip, seed=seed, max_length=recipe.max_length,
-                           truncation="right", use_chat_template=True, accelerator="cpu", log_every_n_steps=10,
-                           progress=label)
-    logger = False
+                           warmup_ratio=stage.warmup_ratio, weight_decay=stage.weight_decay,
+                           betas=(stage.betas[0], stage.betas[1]), gradient_clip_val=stage.grad_clip, seed=seed,
+                           max_length=recipe.max_length, truncation="right", use_chat_template=True, accelerator="cpu",
+                           log_every_n_steps=10, progress=label)
+    logger: Logger | bool = False
     if log_dir is not None:
         from lightning.pytorch.loggers import TensorBoardLogger
 
