@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,11 +32,22 @@ def _count_positions(res, k: int, check: dict[str, int]) -> None:
             check["violations"] += 1
 
 
+@dataclass(frozen=True)
+class _DepthRun:
+    """What every depth attack of one model shares: the coherence check (``None``: off), the positions self-check
+    to add to, the refusal-direction contrast prompts, the ks and the generation keywords."""
+
+    scorer: Any
+    check: dict[str, int]
+    contrast: tuple[Sequence, Sequence] | None
+    ks: list[int]
+    gen: dict[str, Any]
+
+
 def _first_k_curve(model: nn.Module, tokenizer, harmful: HarmfulPrompts, attack: str, fragile: list[int],
-                   judge_map: Mapping[str, Any], s: DurabilitySettings, context: Mapping[str, Any]) -> dict[str, Any]:
-    """One depth attack on the first k positions for every k (``context``: the coherence ``scorer``, the positions
-    ``check`` to add to, the ``contrast`` prompts, ``ks`` and the generation keywords ``gen``)."""
-    n, scorer, check, contrast = len(harmful.prompts), context["scorer"], context["check"], context["contrast"]
+                   judge_map: Mapping[str, Any], s: DurabilitySettings, run: _DepthRun) -> dict[str, Any]:
+    """One depth attack on the first k positions for every k of ``run.ks``."""
+    n, scorer, check, contrast = len(harmful.prompts), run.scorer, run.check, run.contrast
     prompt_ids, target_ids, keys = harmful.prompt_ids, harmful.target_ids, harmful.keys
     # One attack object per attack for all k: ASAgrad's directions are computed once and reused.
     atk = build_attack(attack, s.perturbation, positions="first_k", refresh=s.refresh)
@@ -49,12 +61,12 @@ def _first_k_curve(model: nn.Module, tokenizer, harmful: HarmfulPrompts, attack:
     row_layers = [r[1] for r in rows]
     row_seeds = [r[2] for r in rows]
     per_k: dict[str, Any] = {"mean": [], "std": [], "per_seed": [], "judges": {}}
-    for k in context["ks"]:
+    for k in run.ks:
         atk.settings = dataclasses.replace(atk.settings, first_k=k)
         plan = atk.plan(model, prompt_ids, target_ids, row_prompts, row_layers, seed=seeds[0],
-                        pad_id=context["gen"]["pad_token_id"])
+                        pad_id=run.gen["pad_token_id"])
         res = generate_under_attack(model, tokenizer, [prompt_ids[i] for i in row_prompts], row_layers, plan,
-                                    prompt_keys=[keys[i] for i in row_prompts], row_seeds=row_seeds, **context["gen"])
+                                    prompt_keys=[keys[i] for i in row_prompts], row_seeds=row_seeds, **run.gen)
         _count_positions(res, k, check)
         coh = scorer([prompt_ids[i] for i in row_prompts], res.token_ids, res.texts) if scorer else None
         verdicts = judge_rates(judge_map, [harmful.prompts[i] for i in row_prompts], res.texts,
@@ -96,9 +108,9 @@ def depth_curves(model: nn.Module, tokenizer, harmful: HarmfulPrompts, fragile: 
     check = {"rows": 0, "violations": 0, "max_perturbed": 0}
     ks = list(range(1, int(d.max_k) + 1))
     scorer = coherence_scorer(model, tokenizer, s.coherence, s.batch_size)
-    context = {"scorer": scorer, "check": check, "contrast": contrast, "ks": ks,
-               "gen": {"max_new_tokens": s.max_new_tokens, "batch_size": s.batch_size, "pad_token_id": pad_id}}
-    first_k = {attack: _first_k_curve(model, tokenizer, harmful, attack, fragile, judge_map, s, context)
+    run = _DepthRun(scorer, check, contrast, ks,
+                    {"max_new_tokens": s.max_new_tokens, "batch_size": s.batch_size, "pad_token_id": pad_id})
+    first_k = {attack: _first_k_curve(model, tokenizer, harmful, attack, fragile, judge_map, s, run)
                for attack in d.depth_attacks}
     # Prefill: the first k target tokens after the generation prompt, no perturbation.
     pks = sorted({int(k) for k in (d.prefill_ks if d.prefill_ks is not None else range(0, int(d.max_k) + 1))})

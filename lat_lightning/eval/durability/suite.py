@@ -8,6 +8,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,11 +113,29 @@ def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
     return result
 
 
-def _later_sections(run: Mapping[str, Any], summary: dict[str, Any], timings: dict[str, float]) -> None:
-    """Depth, rewrites, fine-tuning attack and trainability into ``summary`` (``run``: the models, tokenizer, data,
-    harmful prompts, settings, judges, fragile layers, scans, directory and fine-tuning function)."""
-    models, tok, data, harmful, s = run["models"], run["tokenizer"], run["data"], run["harmful"], run["settings"]
-    judge_map, fragile, sections = run["judge_map"], run["fragile"], set(s.dur.sections)
+@dataclass(frozen=True)
+class _SuiteRun:
+    """What the sections after the re-scans share: the models and data, the settings and judges, the fragile
+    layers, the re-scans, the run directory (``write``: a directory the caller asked for, not a temporary one) and
+    the fine-tuning function."""
+
+    models: Mapping[str, nn.Module]
+    tokenizer: Any
+    data: DurabilityData
+    harmful: HarmfulPrompts
+    settings: DurabilitySettings
+    judge_map: Mapping[str, Any]
+    fragile: list
+    scans: Mapping[str, Any]
+    out: Path
+    write: bool
+    finetune: Callable | None
+
+
+def _later_sections(run: _SuiteRun, summary: dict[str, Any], timings: dict[str, float]) -> None:
+    """Depth, rewrites, fine-tuning attack and trainability into ``summary`` (their run times into ``timings``)."""
+    models, tok, data, harmful, s = run.models, run.tokenizer, run.data, run.harmful, run.settings
+    judge_map, fragile, sections = run.judge_map, run.fragile, set(s.dur.sections)
     prompts, targets, keys = harmful.prompts, harmful.targets, harmful.keys
     if "depth" in sections:  # 4. refusal depth: first k positions and prefill
         contrast = (encode_prompts(tok, list(data.contrast_prompts or prompts), s.use_chat_template, s.system_prompt),
@@ -126,18 +145,18 @@ def _later_sections(run: Mapping[str, Any], summary: dict[str, Any], timings: di
     if "rewrites" in sections and s.dur.rewrites:  # 5. prompt rewrites
         t0 = time.time()
         summary["rewrites"] = rewrites_section(models, tok, prompts, targets, keys, judge_map, s)
-        if "depth" not in sections and not run["scans"]:
+        if "depth" not in sections and not run.scans:
             summary["clean"] = {name: clean_success(models[name], tok, prompts, targets, keys, judge_map, s)
                                 for name in MODELS}
         timings["rewrites"] = round(time.time() - t0, 2)
     if "finetune" in sections:  # 3. fine-tuning attack and trainability
         summary["finetune_attack"] = _timed(timings, "finetune_attack", lambda: finetune_attack_section(
-            models, tok, data, s, judge_map, run["out"] if run["write"] else None, run["finetune"]))
+            models, tok, data, s, judge_map, run.out if run.write else None, run.finetune))
     if "trainability" in sections:
         bpairs = benign_pairs(data.benign)
         if bpairs:
             summary["trainability"] = _timed(timings, "trainability", lambda: trainability_section(
-                models, tok, bpairs, s, run["out"], run["finetune"], data))
+                models, tok, bpairs, s, run.out, run.finetune, data))
         else:
             summary["trainability"] = {"skipped": "no benign (prompt, response) pairs given"}
 
@@ -213,9 +232,8 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
         summary["fragile_layers"] = {"layers": fragile, "source": fsource}
         if scans:
             summary["rescan"] = rescan_section(scans, fragile, out if write else None)
-        _later_sections({"models": models, "tokenizer": tokenizer, "data": data, "harmful": harmful, "settings": s,
-                         "judge_map": judge_map, "fragile": fragile, "scans": scans, "out": out, "write": write,
-                         "finetune": finetune}, summary, timings)
+        _later_sections(_SuiteRun(models, tokenizer, data, harmful, s, judge_map, fragile, scans, out, write, finetune),
+                        summary, timings)
         summary["rows"] = build_rows(summary)
         timings["total"] = round(time.time() - t_start, 2)
         summary["timings"] = timings
