@@ -147,14 +147,19 @@ def resolve_judges(settings: DurabilitySettings, judges: Sequence[str] | Mapping
         judges: judge names or ``name -> judge`` replacing ``settings.judges`` (``None``: those).
 
     Returns:
-        ``(settings, judge map)``: the map has the ``+coherent`` twins when the coherence check adds them; the
-        settings' judges are the map's, and their primary judge is the map's first when the configured one is not
-        among them.
+        ``(settings, judge map)``: the map has the ``+coherent`` twins when the coherence check adds them. With
+        ``judges`` given, the settings' judges become their names and the primary judge is the map's first when
+        the configured one is not in the map; without, the settings come back unchanged (resolving twice is
+        harmless).
     """
     judge_map = build_judge_map(settings.judges if judges is None else judges, settings.coherence,
                                 settings.classifier_path, settings.target_key_pattern)
+    if judges is None:  # every configured judge is in the map, the primary one too
+        return settings, judge_map
     primary = primary_judge_of(judge_map, settings.primary_judge)
-    return dataclasses.replace(settings, judges=tuple(judge_map), primary_judge=primary), judge_map
+    names = tuple(str(name) for name in judges)  # a map's keys
+    return dataclasses.replace(settings, judges=names if primary in names else names + (primary,),
+                               primary_judge=primary), judge_map
 
 
 __all__ = ["MODELS", "SECTIONS", "DurabilityChecks", "DurabilitySettings", "resolve_judges"]
