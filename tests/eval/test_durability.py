@@ -363,7 +363,9 @@ def test_settings_are_validated():
 
 
 @pytest.mark.parametrize(("field", "value"), [("max_k", 0), ("random_seeds", ()), ("finetune_seeds", ()),
-                                              ("sections", ("rescan", "nope"))])
+                                              ("sections", ("rescan", "nope")), ("finetune_eval_every", 0),
+                                              ("finetune_break_rate", 0.0), ("finetune_lr", 0.0),
+                                              ("num_prompts", 0)])
 def test_a_bad_durability_check_raises_a_value_error_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"^{field}"):
         DurabilityChecks(**{field: value})

@@ -24,6 +24,11 @@ SECTIONS = ("rescan", "adaptive", "finetune", "trainability", "depth", "rewrites
 MODELS = ("original", "hardened")  # the two models the suite compares, in table order
 
 
+# Counts that must be at least one (None, where a field allows it, means "the default").
+_AT_LEAST_ONE = ("num_prompts", "max_k", "finetune_steps", "finetune_eval_every", "finetune_batch_size",
+                 "finetune_lora_r", "benign_steps", "max_new_tokens")
+
+
 def _names(values: Sequence[Any]) -> tuple[str, ...]:
     return tuple(str(v) for v in values)
 
@@ -87,11 +92,18 @@ class DurabilityChecks:
                 check_attack_name(name, key, scan=True)  # ValueError "<key>: unknown attack ..."
         if not self.random_seeds:
             raise ValueError("random_seeds is empty; give at least one seed (5 or more for a meaningful spread)")
-        if self.max_k < 1:
-            raise ValueError(f"max_k must be >= 1, got {self.max_k}")
         if not self.finetune_seeds:
             raise ValueError("finetune_seeds is empty; give at least one seed (3 or more for a spread of the "
                              "fine-tuning-attack curve)")
+        for name in _AT_LEAST_ONE:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("finetune_lr", "finetune_lora_alpha", "benign_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.finetune_break_rate <= 1:
+            raise ValueError(f"finetune_break_rate must be in (0, 1], got {self.finetune_break_rate}")
         if len(self.random_seeds) < 5:
             log.warning("durability: ASA random over %d seed(s); the issue asks for >= 5 for a spread",
                         len(self.random_seeds))
