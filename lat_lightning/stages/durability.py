@@ -174,7 +174,7 @@ def run(cfg, run_dir: Path) -> dict:
     hardened, h_desc = load_any_model(cfg, hardened_spec,
                                       base_fallback=resolve_model_source(model_config(cfg, original_spec)))
     tokenizer = load_tokenizer(model_config(cfg, original_spec))
-    dur = ev.durability
+    dur = settings.dur
     prompts, targets, keys = load_scan_prompts(
         cfg, attacks=[a for section, names in (("adaptive", dur.adaptive_attacks), ("depth", dur.depth_attacks))
                       if section in dur.sections for a in names],
@@ -194,8 +194,8 @@ def run(cfg, run_dir: Path) -> dict:
         from lat_lightning.eval.utility import load_utility_rows
 
         rows = load_utility_rows(resource_path(ev.utility_data), kind)
-    fragile, fsource = (list(ev.durability.fragile_layers), "evaluation.durability.fragile_layers") \
-        if ev.durability.fragile_layers is not None else find_fragile_layers(hardened_spec, original_spec)
+    fragile, fsource = (list(dur.fragile_layers), "evaluation.durability.fragile_layers") \
+        if dur.fragile_layers is not None else find_fragile_layers(hardened_spec, original_spec)
     harmful_side, harmless = load_contrast_prompts(cfg, prompts)
     data = DurabilityData(prompts, targets, prompt_keys=keys, benign=benign, finetune_pairs=pairs, utility_rows=rows,
                           utility_kind=kind if rows is not None else "multiple_choice", harmless_prompts=harmless,
