@@ -168,6 +168,58 @@ def figures(summary: Mapping[str, Any]) -> dict[str, Any]:
     return figs
 
 
+def _curve_scalars(writer, summary: Mapping[str, Any], name: str) -> None:
+    """One model's curves as TensorBoard scalars: LASR by layer, first-k and pre-fill by k, the fine-tuning attack
+    and trainability by step."""
+    rs = (summary.get("rescan") or {}).get(name)
+    for a, e in (rs or {}).get("attacks", {}).items():
+        for l, v in zip(rs["layers"], e["lasr"]):
+            if v is not None:
+                writer.add_scalar(f"durability/lasr_{a}/{name}", v, l)
+    dp = (summary.get("depth") or {}).get(name)
+    if dp:
+        for a, fk in dp["first_k"].items():
+            for k, v in zip(dp["ks"], fk["mean"]):
+                if v is not None:
+                    writer.add_scalar(f"durability/first_k_{a}/{name}", v, k)
+        for k, v in zip(dp["prefill"]["ks"], dp["prefill"]["rate"]):
+            if v is not None:
+                writer.add_scalar(f"durability/prefill/{name}", v, k)
+    fa = (summary.get("finetune_attack") or {}).get(name)
+    for key in ("success_mean", "harmful_loss_mean") if fa else ():
+        for step, v in zip(fa["eval_steps"], fa[key]):
+            if v is not None and math.isfinite(v):
+                writer.add_scalar(f"durability/finetune_attack_{key}/{name}", v, int(step))
+    e = (summary.get("trainability") or {}).get(name)
+    for p in (e or {}).get("curve", []):
+        for key, v in p.items():
+            if key != "step" and v is not None and math.isfinite(v):
+                writer.add_scalar(f"durability/trainability_{key}/{name}", v, int(p["step"]))
+
+
+def _write_tensorboard(summary: Mapping[str, Any], out: Path, pngs: Mapping[str, bytes], report: str) -> None:
+    """The rows and curves as scalars, the figures as images and the report as text, in ``out/tensorboard``."""
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+    try:
+        for r in summary["rows"]:
+            for name in MODELS:
+                if r[name] is not None:
+                    writer.add_scalar(f"durability/{r['id']}/{name}", r[name], 0)
+            if r["change"] is not None:
+                writer.add_scalar(f"durability/{r['id']}/change", r["change"], 0)
+        for name in MODELS:
+            _curve_scalars(writer, summary, name)
+        for name, png in pngs.items():
+            writer.add_image(f"durability/{name}", np.asarray(Image.open(io.BytesIO(png)).convert("RGB")),
+                             dataformats="HWC")
+        writer.add_text("durability/report", report)
+    finally:
+        writer.close()
+
+
 def write_outputs(summary: dict[str, Any], out: Path) -> dict[str, str]:
     """Figures (PNG + TensorBoard images), TensorBoard scalars and the report. Returns figure name -> file."""
     pngs: dict[str, bytes] = {}
@@ -182,48 +234,7 @@ def write_outputs(summary: dict[str, Any], out: Path) -> dict[str, str]:
     report = render_report(summary)
     (out / REPORT_FILE).write_text(report)
     try:
-        from PIL import Image
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(log_dir=str(out / "tensorboard"))
-        try:
-            for r in summary["rows"]:
-                for name in MODELS:
-                    if r[name] is not None:
-                        writer.add_scalar(f"durability/{r['id']}/{name}", r[name], 0)
-                if r["change"] is not None:
-                    writer.add_scalar(f"durability/{r['id']}/change", r["change"], 0)
-            for name in MODELS:
-                rs = (summary.get("rescan") or {}).get(name)
-                for a, e in (rs or {}).get("attacks", {}).items():
-                    for l, v in zip(rs["layers"], e["lasr"]):
-                        if v is not None:
-                            writer.add_scalar(f"durability/lasr_{a}/{name}", v, l)
-                dp = (summary.get("depth") or {}).get(name)
-                if dp:
-                    for a, fk in dp["first_k"].items():
-                        for k, v in zip(dp["ks"], fk["mean"]):
-                            if v is not None:
-                                writer.add_scalar(f"durability/first_k_{a}/{name}", v, k)
-                    for k, v in zip(dp["prefill"]["ks"], dp["prefill"]["rate"]):
-                        if v is not None:
-                            writer.add_scalar(f"durability/prefill/{name}", v, k)
-                fa = (summary.get("finetune_attack") or {}).get(name)
-                for key in ("success_mean", "harmful_loss_mean") if fa else ():
-                    for step, v in zip(fa["eval_steps"], fa[key]):
-                        if v is not None and math.isfinite(v):
-                            writer.add_scalar(f"durability/finetune_attack_{key}/{name}", v, int(step))
-                e = (summary.get("trainability") or {}).get(name)
-                for p in (e or {}).get("curve", []):
-                    for key, v in p.items():
-                        if key != "step" and v is not None and math.isfinite(v):
-                            writer.add_scalar(f"durability/trainability_{key}/{name}", v, int(p["step"]))
-            for name, png in pngs.items():
-                writer.add_image(f"durability/{name}", np.asarray(Image.open(io.BytesIO(png)).convert("RGB")),
-                                 dataformats="HWC")
-            writer.add_text("durability/report", report)
-        finally:
-            writer.close()
+        _write_tensorboard(summary, out, pngs, report)
     except Exception as exc:  # noqa: BLE001 - files on disk are the primary output
         log.warning("could not write TensorBoard output: %s", exc)
     return paths
