@@ -277,9 +277,9 @@ def _check_durability(cfg) -> None:
     stages = stage_names(cfg)
     if "durability" not in stages and not ("compare" in stages and cfg.compare.finetune):
         return
-    from lat_lightning.eval.durability import resolve_settings
+    from lat_lightning.stages.durability_settings import durability_settings
 
-    resolve_settings(cfg)
+    durability_settings(cfg)
 
 
 def _check_compare(cfg) -> None:

@@ -29,7 +29,15 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from lat_lightning.eval.durability import finite as _num  # None for None / NaN / inf
+from lat_lightning.eval.durability import (
+    DurabilitySettings,
+    HarmfulPrompts,
+    median_steps_to_break,
+    prefill_attack,
+    resolve_judges,
+)
+from lat_lightning.eval.formatting import NOT_AVAILABLE, fmt_mean_std
+from lat_lightning.eval.judging import coherence_scorer, finite  # finite: None for None / NaN / inf
 
 REPORT_FILE = "compare_report.md"
 SUMMARY_FILE = "compare_summary.json"
@@ -37,7 +45,8 @@ SUMMARY_FILE = "compare_summary.json"
 
 # ------------------------------------------------------------------------------------------------ pre-fill
 def prefill_success(model: nn.Module, tokenizer, prompts: Sequence[str], targets: Sequence[str],
-                    prompt_keys: Sequence[int], ks: Sequence[int], cfg=None) -> dict[str, dict[str, Any]]:
+                    prompt_keys: Sequence[int], ks: Sequence[int], settings: DurabilitySettings
+                    ) -> dict[str, dict[str, Any]]:
     """The pre-fill attack: the first ``k`` tokens of each harmful target forced after the generation prompt, then
     greedy decoding without perturbation; the judges see pre-fill + continuation.
 
@@ -45,18 +54,17 @@ def prefill_success(model: nn.Module, tokenizer, prompts: Sequence[str], targets
         model / tokenizer: the model under attack (eval mode) and its tokenizer.
         prompts / targets / prompt_keys: harmful prompts, their harmful targets and stable ids.
         ks: how many target tokens to pre-fill (one result per k).
-        cfg: the run config (judges, decoding, coherence, formatting), as
-            :func:`lat_lightning.eval.durability.resolve_settings` reads it.
+        settings: judges, decoding, coherence and formatting
+            (:class:`~lat_lightning.eval.durability.settings.DurabilitySettings`; the stage builds them from the
+            run config).
 
     Returns:
         ``{str(k): {"rate": primary judge's success rate, "judges": {name: rate}, "sample": first answer}}``.
     """
-    from lat_lightning.eval.durability import build_judge_map, coherence_scorer, prefill_attack, resolve_settings
-
-    s = resolve_settings(cfg)
-    judge_map = build_judge_map(s)
-    res = prefill_attack(model, tokenizer, list(prompts), list(targets), list(prompt_keys), [int(k) for k in ks], s,
-                         judge_map, coherence_scorer(model, tokenizer, s))
+    s, judge_map = resolve_judges(settings)
+    harmful = HarmfulPrompts.encode(tokenizer, prompts, targets, prompt_keys, s)
+    res = prefill_attack(model, tokenizer, harmful, [int(k) for k in ks], s, judge_map,
+                         coherence_scorer(model, tokenizer, s.coherence, s.batch_size))
     return {str(k): {"rate": res["rate"][i], "judges": {j: v[i] for j, v in res["judges"].items()},
                      "sample": res["samples"][str(k)]}
             for i, k in enumerate(res["ks"])}
@@ -104,8 +112,6 @@ def build_table(results: Mapping[str, Mapping[str, Any]], attack_columns: Sequen
     Raises:
         ValueError: a battery lacks a column the table needs (an unfilled cell is a bug, never a blank).
     """
-    from lat_lightning.eval.durability import median_steps_to_break
-
     columns = [{"id": "utility", "label": "utility", "kind": "utility"},
                {"id": "lambda", "label": "λ", "kind": "lambda"},
                {"id": "init", "label": "no attack", "kind": "rate"}]
@@ -123,27 +129,27 @@ def build_table(results: Mapping[str, Mapping[str, Any]], attack_columns: Sequen
     rows = []
     for name, res in results.items():
         cells: dict[str, dict[str, Any]] = {
-            "utility": {"value": _num(res["utility"]), "std": None},
-            "lambda": {"value": _num(res.get("lambda")), "std": None},
-            "init": {"value": _num(res["init"]), "std": None}}
+            "utility": {"value": finite(res["utility"]), "std": None},
+            "lambda": {"value": finite(res.get("lambda")), "std": None},
+            "init": {"value": finite(res["init"]), "std": None}}
         for c in attack_columns:
             if c not in res["attacks"]:
                 raise ValueError(f"the battery of '{name}' has no result for attack column '{c}'")
             a = res["attacks"][c]
-            cells[c] = {"value": _num(a["value"]), "std": _num(a.get("std"))}
+            cells[c] = {"value": finite(a["value"]), "std": finite(a.get("std"))}
         for k in prefill_ks:
-            cells[f"prefill_{k}"] = {"value": _num(res["prefill"][str(k)]["rate"]), "std": None}
+            cells[f"prefill_{k}"] = {"value": finite(res["prefill"][str(k)]["rate"]), "std": None}
         if finetune:
             ft = res["finetune"]
             last = [v[-1] for v in ft["success"].values() if v]
-            cells["finetune_rate"] = {"value": _num(np.mean(last)) if last else None,
-                                      "std": _num(np.std(last)) if len(last) > 1 else None}
-            cells["finetune_steps"] = {"value": _num(ft["steps_to_break_median"]), "std": None,
+            cells["finetune_rate"] = {"value": finite(np.mean(last)) if last else None,
+                                      "std": finite(np.std(last)) if len(last) > 1 else None}
+            cells["finetune_steps"] = {"value": finite(ft["steps_to_break_median"]), "std": None,
                                        "per_seed": dict(ft["steps_to_break"]), "budget": int(ft["budget"])}
             if reference_loss is not None:
                 per_seed = steps_past_loss(ft, reference_loss)
                 median = median_steps_to_break(list(per_seed.values()))
-                cells["finetune_past_start"] = {"value": _num(median), "std": None,
+                cells["finetune_past_start"] = {"value": finite(median), "std": None,
                                                 "per_seed": per_seed, "budget": int(ft["budget"])}
         rows.append({"model": name, "description": res.get("description", name), "cells": cells})
     return {"columns": columns, "rows": rows}
@@ -158,11 +164,11 @@ def _fmt_cell(cell: Mapping[str, Any], kind: str) -> str:
         head = f"> {budget}" if v is None else f"{v:g}"
         return f"{head} ({seeds})" if per else head
     if v is None:
-        return "—" if kind == "lambda" else "n/a"
+        return "—" if kind == "lambda" else NOT_AVAILABLE
     if kind == "lambda":
         return f"{v:g}"
     std = cell.get("std")
-    return f"{v:.2f} ± {std:.2f}" if std else f"{v:.2f}"
+    return fmt_mean_std(v, std or None)  # a zero spread (one seed, a deterministic attack) is left out
 
 
 def render_markdown(table: Mapping[str, Any], summary: Mapping[str, Any]) -> str:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lat_lightning.eval.formatting import mean_std
+
 IGNORE_INDEX = -100
 
 
@@ -245,14 +247,6 @@ def summarise(s: Any, clean: Any = None, layer_ids: Sequence[int] | None = None,
     return _clean(out)
 
 
-def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    """Mean and sample std (ddof=1; 0.0 for one value) of the finite values; ``None`` if there are none."""
-    vals = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
-    if vals.size == 0:
-        return None, None
-    return float(vals.mean()), float(vals.std(ddof=1)) if vals.size > 1 else 0.0
-
-
 def summarise_seeds(s: Any, clean: Any = None, layer_ids: Sequence[int] | None = None, samples: int = 1000,
                     seed: int = 0, alpha: float = 0.05, seed_ids: Sequence[int] | None = None) -> dict[str, Any]:
     """Metrics over several perturbation seeds: per-seed metrics, then mean and std across seeds.
@@ -301,8 +295,8 @@ def summarise_seeds(s: Any, clean: Any = None, layer_ids: Sequence[int] | None =
     out: dict[str, Any] = {"n_prompts": n, "n_layers": n_layers, "n_seeds": n_seeds, "layer_ids": ids,
                            "seed_ids": sids, "per_seed": per_seed}
     for key in ("init", "pasr", "masr"):
-        out[f"{key}_mean"], out[f"{key}_std"] = _mean_std([p[key] for p in per_seed])
-    lasr_stats = [_mean_std([p["lasr"][j] for p in per_seed]) for j in range(n_layers)]
+        out[f"{key}_mean"], out[f"{key}_std"] = mean_std([p[key] for p in per_seed])
+    lasr_stats = [mean_std([p["lasr"][j] for p in per_seed]) for j in range(n_layers)]
     out["lasr_mean"] = [m for m, _ in lasr_stats]
     out["lasr_std"] = [sd for _, sd in lasr_stats]
     out["pasr_layers"] = [p["pasr_layer"] for p in per_seed]

@@ -9,9 +9,10 @@ It reads what the earlier stages left in a run directory: ``scan_summary.json`` 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
+
+from lat_lightning.eval.formatting import fmt_mean_std, fmt_number, fmt_signed
 
 REPORT_FILE = "report.md"
 REPORT_JSON = "report.json"
@@ -19,24 +20,6 @@ REPORT_JSON = "report.json"
 
 def _load(path: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def _fmt(x: Any) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{x:.2f}" if isinstance(x, (int, float)) else str(x)
-
-
-def _fmt_std(x: Any, std: Any = None) -> str:
-    if isinstance(x, str):
-        return x
-    return _fmt(x) + (f" ± {std:.2f}" if isinstance(std, (int, float)) and std == std else "")
-
-
-def _fmt_change(x: Any) -> str:
-    if isinstance(x, (int, float)) and x == x:
-        return f"{x:+.2f}"
-    return "n/a" if x is None else str(x)
 
 
 EMBED = -2  # the input embeddings' layer id in scan summaries (lat_lightning.models.layers.EMBED)
@@ -261,9 +244,10 @@ def table_rows(result: dict, judge: str) -> list[str]:
         spread = f" ± {b['masr_std']:.2f}" if (b.get("n_seeds") or 1) > 1 and b.get("masr_std") is not None else ""
         spread_a = f" ± {a['masr_std']:.2f}" if a and (a.get("n_seeds") or 1) > 1 and a.get("masr_std") is not None \
             else ""
-        rows.append(f"| {attack} | {_fmt(b['init'])} → {_fmt(a.get('init'))} | {_fmt(b['masr'])}{spread} → "
-                    f"{_fmt(a.get('masr'))}{spread_a} | {_fmt(b['pasr'])} ({_peak(b)}) → "
-                    f"{_fmt(a.get('pasr'))} ({_peak(a)}) |")
+        rows.append(f"| {attack} | {fmt_number(b['init'])} → {fmt_number(a.get('init'))} | "
+                    f"{fmt_number(b['masr'])}{spread} → "
+                    f"{fmt_number(a.get('masr'))}{spread_a} | {fmt_number(b['pasr'])} ({_peak(b)}) → "
+                    f"{fmt_number(a.get('pasr'))} ({_peak(a)}) |")
     return rows
 
 
@@ -297,9 +281,9 @@ def durability_table(rows: list[dict]) -> list[str]:
                                                                                 row.get("hardened")))
             lines.append(f"| {row['label']} | {o} | {h} | {row.get('change_text', 'n/a')} |")
             continue
-        original = _fmt_std(row.get("original"), row.get("original_std"))
-        hardened = _fmt_std(row.get("hardened"), row.get("hardened_std"))
-        lines.append(f"| {row['label']} | {original} | {hardened} | {_fmt_change(row.get('change'))} |")
+        original = fmt_mean_std(row.get("original"), row.get("original_std"))
+        hardened = fmt_mean_std(row.get("hardened"), row.get("hardened_std"))
+        lines.append(f"| {row['label']} | {original} | {hardened} | {fmt_signed(row.get('change'))} |")
     return lines
 
 
@@ -317,7 +301,7 @@ def _embed_section(result: dict, judges: list[str], primary: str) -> list[str]:
         for j in judges:
             e = (result["embed"].get(j) or {})
             if e.get("before"):
-                cells.append(f"{_fmt(e['before'].get(attack))} → {_fmt((e.get('after') or {}).get(attack))}")
+                cells.append(f"{fmt_number(e['before'].get(attack))} → {fmt_number((e.get('after') or {}).get(attack))}")
         lines.append(f"| {attack} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -357,12 +341,12 @@ def render_markdown(result: dict, judges: list[str], primary: str) -> str:
              f"{result['n_prompts']} held-out harmful prompts × layers "
              f"[{', '.join(_layer(l) for l in result['layers'] or [])}]; "
              f"fragile layer(s) chosen for LAPT: {result.get('fragile_layers')}; interpolation λ = "
-             f"{_fmt(result.get('lambda'))}.", ""]
+             f"{fmt_number(result.get('lambda'))}.", ""]
     for judge in [primary] + [j for j in judges if j != primary]:
         lines += [f"## Before → after ({judge} judge{', primary' if judge == primary else ''})", "",
                   "| attack | INIT | MASR | PASR (peak layer) |", "|---|---|---|---|"]
         lines += table_rows(result, judge) + [""]
-    cuts = ", ".join(f"{a}: {_fmt(c)}" for a, c in result["pasr_relative_cut"].items())
+    cuts = ", ".join(f"{a}: {fmt_number(c)}" for a, c in result["pasr_relative_cut"].items())
     lines += [f"Relative PASR cut ({primary}): {cuts}.", ""]
     if result.get("tie_rule"):
         lines += [f"Peak layer (L…): {result['tie_rule']}; `tied ×k`: k layers share the peak LASR.", ""]
@@ -373,10 +357,11 @@ def render_markdown(result: dict, judges: list[str], primary: str) -> str:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warns] + [""]
     if u is not None:  # the model organism's benign tasks
         lines += ["## Benign accuracy", "", "| aligned | after training | after interpolation |", "|---|---|---|",
-                  f"| {_fmt(u['aligned'])} | {_fmt(u['after_training'])} | {_fmt(u['after_interpolation'])} |", ""]
+                  f"| {fmt_number(u['aligned'])} | {fmt_number(u['after_training'])} | "
+                  f"{fmt_number(u['after_interpolation'])} |", ""]
     if result.get("lambda_curve"):
         lines += ["## λ curve", "", "| λ | benign accuracy |", "|---|---|"]
-        lines += [f"| {p['lambda']:g} | {_fmt(p['score'])} |" for p in result["lambda_curve"]] + [""]
+        lines += [f"| {p['lambda']:g} | {fmt_number(p['score'])} |" for p in result["lambda_curve"]] + [""]
     for name, file in result.get("figures", {}).items():
         lines.append(f"![{name}]({file})")
     lines += ["", "## Sample generations (ASA random, broken before training)", ""]

@@ -22,6 +22,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -411,10 +412,31 @@ def _contains(model, tokenizer, rows, batch_size, use_chat_template, system_prom
     return sum(int(row["answer"] in text) for row, text in zip(valid, out.texts)), failures
 
 
+@dataclass(frozen=True)
+class UtilityScoring:
+    """How rows of one kind are put to the model and scored (the defaults suit every caller so far).
+
+    Attributes:
+        length_normalize: multiple choice: score by mean instead of summed log-probability per token.
+        show_choices: multiple choice: list the lettered choices in the prompt (the scored text is still
+            the choice text).
+        prompt_template: exact match: prompt with a ``{question}`` placeholder (e.g. an instruction to end
+            with ``#### <number>``).
+    """
+
+    length_normalize: bool = False
+    show_choices: bool = False
+    prompt_template: str = "{question}"
+
+    def __post_init__(self) -> None:
+        if "{question}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain {question}")
+
+
 def evaluate_utility(model: nn.Module, tokenizer, rows: Sequence[Mapping[str, Any]], kind: str = "multiple_choice",
                      batch_size: int = 8, use_chat_template: bool = True, system_prompt: str | None = None,
-                     max_new_tokens: int | None = None, length_normalize: bool = False, show_choices: bool = False,
-                     prompt_template: str = "{question}", max_length: int | None = None) -> dict[str, Any]:
+                     max_new_tokens: int | None = None, max_length: int | None = None,
+                     scoring: UtilityScoring | None = None) -> dict[str, Any]:
     """Utility accuracy of a causal LM on multiple-choice, exact-match or answer-contained rows.
 
     Runs under ``torch.no_grad`` in eval mode and restores every submodule's train/eval flag afterwards;
@@ -430,13 +452,10 @@ def evaluate_utility(model: nn.Module, tokenizer, rows: Sequence[Mapping[str, An
         system_prompt: optional system message.
         max_new_tokens: exact match and contains: generation budget (default 256 for exact match, 16 for
             contains).
-        length_normalize: multiple choice: score by mean instead of summed log-probability per token.
-        show_choices: multiple choice: list the lettered choices in the prompt (the scored text is still
-            the choice text).
-        prompt_template: exact match: prompt with a ``{question}`` placeholder (e.g. an instruction to end
-            with ``#### <number>``).
         max_length: rows whose prompt (plus longest choice, or plus ``max_new_tokens``) exceed this many
             tokens are counted as failures instead of being run.
+        scoring: length normalisation, shown choices and the exact-match prompt template (defaults when
+            ``None``; :class:`UtilityScoring`).
 
     Returns:
         ``{"accuracy": correct / (n - failures) (NaN if nothing was scored), "n": len(rows),
@@ -449,21 +468,20 @@ def evaluate_utility(model: nn.Module, tokenizer, rows: Sequence[Mapping[str, An
         raise ConfigError(f"utility kind '{kind}' is not supported here; choose from {', '.join(UTILITY_KINDS)}")
     if batch_size < 1:
         raise ConfigError(f"utility batch_size must be >= 1, got {batch_size}")
-    if kind == "exact_match" and "{question}" not in prompt_template:
-        raise ConfigError("utility prompt_template must contain {question}")
+    scoring = scoring or UtilityScoring()
     rows = list(rows)
     if max_new_tokens is None:
         max_new_tokens = _DEFAULT_MAX_NEW_TOKENS.get(kind, 256)
     with torch.no_grad(), _ModesRestored(model):
         if kind == "multiple_choice":
             correct, failures = _multiple_choice(model, tokenizer, rows, batch_size, use_chat_template, system_prompt,
-                                                 length_normalize, show_choices, max_length)
+                                                 scoring.length_normalize, scoring.show_choices, max_length)
         elif kind == "contains":
             correct, failures = _contains(model, tokenizer, rows, batch_size, use_chat_template, system_prompt,
                                           max_new_tokens, max_length)
         else:
             correct, failures = _exact_match(model, tokenizer, rows, batch_size, use_chat_template, system_prompt,
-                                             max_new_tokens, prompt_template, max_length)
+                                             max_new_tokens, scoring.prompt_template, max_length)
     scored = len(rows) - failures
     if failures:
         log.warning("utility (%s): %d of %d rows could not be scored and are excluded", kind, failures, len(rows))
@@ -471,5 +489,5 @@ def evaluate_utility(model: nn.Module, tokenizer, rows: Sequence[Mapping[str, An
             "correct": correct}
 
 
-__all__ = ["UTILITY_KINDS", "evaluate_utility", "extract_number", "generate_greedy", "load_utility_rows",
-           "normalise_utility_row", "score_continuations"]
+__all__ = ["UTILITY_KINDS", "UtilityScoring", "evaluate_utility", "extract_number", "generate_greedy",
+           "load_utility_rows", "normalise_utility_row", "score_continuations"]

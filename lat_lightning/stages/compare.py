@@ -44,12 +44,14 @@ def _masr(scan, suffix: str = "") -> dict[str, dict]:
 def _battery(cfg, model, tokenizer, out: Path, prompts, targets, keys, score_fn, pairs, extra: dict) -> dict:
     """Attack one model with the whole battery (or read the battery it finished before)."""
     from lat_lightning.eval.compare import prefill_success
+    from lat_lightning.stages.durability_settings import durability_settings
     from lat_lightning.stages.scan import scan_model
 
     done = out / "battery.json"
     if done.is_file():
         return json.loads(done.read_text())
     cmp = cfg.compare
+    settings = durability_settings(cfg)  # judges, decoding, formatting and the fine-tuning attack's knobs
     t0 = time.time()
     res: dict[str, Any] = {**extra, "utility": float(score_fn(model)), "attacks": {}, "seconds": {}}
     res["seconds"]["utility"] = round(time.time() - t0, 2)
@@ -64,15 +66,16 @@ def _battery(cfg, model, tokenizer, out: Path, prompts, targets, keys, score_fn,
     res["seconds"]["scan"] = round(time.time() - t0, 2)
     if cmp.prefill_tokens:
         t0 = time.time()
-        res["prefill"] = prefill_success(model, tokenizer, prompts, targets, keys, list(cmp.prefill_tokens), cfg)
+        res["prefill"] = prefill_success(model, tokenizer, prompts, targets, keys, list(cmp.prefill_tokens), settings)
         res["seconds"]["prefill"] = round(time.time() - t0, 2)
     if cmp.finetune:
-        from lat_lightning.eval.durability import finetune_attack_curve
+        from lat_lightning.eval.durability import DurabilityData, finetune_attack_curve
         from lat_lightning.training.finetune import lora_finetune
 
         t0 = time.time()
-        res["finetune"] = finetune_attack_curve(model, tokenizer, prompts, targets, cfg=cfg, finetune=lora_finetune,
-                                                out_dir=out / "finetune", finetune_pairs=pairs, prompt_keys=keys)
+        data = DurabilityData(prompts, targets, prompt_keys=keys, finetune_pairs=pairs)
+        res["finetune"] = finetune_attack_curve(model, tokenizer, data, settings, lora_finetune,
+                                                out_dir=out / "finetune")
         res["seconds"]["finetune"] = round(time.time() - t0, 2)
     done.write_text(json.dumps(res, indent=2))
     return res

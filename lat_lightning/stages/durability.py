@@ -145,13 +145,14 @@ def run(cfg, run_dir: Path) -> dict:
         MODELS,
         REPORT_FILE,
         SUMMARY_FILE,
-        _fmt,
-        _fmt_change,
-        resolve_settings,
+        DurabilityData,
+        DurabilityOptions,
         run_durability,
     )
+    from lat_lightning.eval.formatting import fmt_change, fmt_value
     from lat_lightning.models.loading import load_tokenizer, resolve_model_source
     from lat_lightning.resources import resource_path
+    from lat_lightning.stages.durability_settings import durability_settings
     from lat_lightning.stages.organism import recipe_name
     from lat_lightning.stages.rescan import trained_model_path
     from lat_lightning.stages.scan import load_contrast_prompts, load_finetune_pairs, load_scan_prompts
@@ -167,13 +168,13 @@ def run(cfg, run_dir: Path) -> dict:
     else:
         raise ConfigError("the durability stage needs a hardened model: set evaluation.compare_path (a directory "
                           "saved with save_pretrained, or a LoRA adapter directory), or run a fit stage first")
-    resolve_settings(cfg)  # fail fast on bad settings, before loading anything
+    settings = durability_settings(cfg)  # fail fast on bad settings, before loading anything
     shard = process_shard(cfg)  # several processes: the re-scans are shared out, rank 0 does the rest
     original, o_desc = load_any_model(cfg, original_spec, label=recipe_name(original_spec, int(cfg.organism.seed)))
     hardened, h_desc = load_any_model(cfg, hardened_spec,
                                       base_fallback=resolve_model_source(model_config(cfg, original_spec)))
     tokenizer = load_tokenizer(model_config(cfg, original_spec))
-    dur = ev.durability
+    dur = settings.dur
     prompts, targets, keys = load_scan_prompts(
         cfg, attacks=[a for section, names in (("adaptive", dur.adaptive_attacks), ("depth", dur.depth_attacks))
                       if section in dur.sections for a in names],
@@ -193,22 +194,22 @@ def run(cfg, run_dir: Path) -> dict:
         from lat_lightning.eval.utility import load_utility_rows
 
         rows = load_utility_rows(resource_path(ev.utility_data), kind)
-    fragile, fsource = (list(ev.durability.fragile_layers), "evaluation.durability.fragile_layers") \
-        if ev.durability.fragile_layers is not None else find_fragile_layers(hardened_spec, original_spec)
+    fragile, fsource = (list(dur.fragile_layers), "evaluation.durability.fragile_layers") \
+        if dur.fragile_layers is not None else find_fragile_layers(hardened_spec, original_spec)
     harmful_side, harmless = load_contrast_prompts(cfg, prompts)
-    summary = run_durability(original, hardened, tokenizer, prompts, targets, benign, run_dir, cfg,
-                             fragile_layers=fragile, fragile_source=fsource, finetune_pairs=pairs, utility_rows=rows,
-                             utility_kind=kind if rows is not None else "multiple_choice", prompt_keys=keys,
-                             model_labels={"original": o_desc, "hardened": h_desc}, resume=True, progress=True,
-                             finetune=lora_finetune, harmless_prompts=harmless, contrast_prompts=harmful_side,
-                             shard=shard,
-                             reuse_scans=reusable_scans(run_dir, {"original": original_spec, "hardened": hardened_spec},
-                                                        keys))
+    data = DurabilityData(prompts, targets, prompt_keys=keys, benign=benign, finetune_pairs=pairs, utility_rows=rows,
+                          utility_kind=kind if rows is not None else "multiple_choice", harmless_prompts=harmless,
+                          contrast_prompts=harmful_side, fragile_layers=fragile, fragile_source=fsource)
+    options = DurabilityOptions(
+        model_labels={"original": o_desc, "hardened": h_desc}, resume=True, progress=True, shard=shard,
+        reuse_scans=reusable_scans(run_dir, {"original": original_spec, "hardened": hardened_spec}, keys))
+    summary = run_durability(original, hardened, tokenizer, data, settings, run_dir, finetune=lora_finetune,
+                             options=options)
     if shard is not None and shard[0] != 0:
         return {"rank": shard[0], "timings": summary["timings"]}
     for r in summary["rows"]:
-        print(f"[durability] {r['label']}: {_fmt(r['original'], None, r['kind'], budget=r.get('budget'))} -> "
-              f"{_fmt(r['hardened'], None, r['kind'], budget=r.get('budget'))} ({_fmt_change(r)})", flush=True)
+        print(f"[durability] {r['label']}: {fmt_value(r['original'], None, r['kind'], budget=r.get('budget'))} -> "
+              f"{fmt_value(r['hardened'], None, r['kind'], budget=r.get('budget'))} ({fmt_change(r)})", flush=True)
     print(f"[durability] report: {run_dir / REPORT_FILE}", flush=True)
     return {"report": str(run_dir / REPORT_FILE), "summary": str(run_dir / SUMMARY_FILE),
             "fragile_layers": summary["fragile_layers"], "timings": summary["timings"],

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,7 +27,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lat_lightning.config import LoraConfig, ModelConfig
 from lat_lightning.models.loading import apply_lora
 from lat_lightning.models.lora_targets import attention_projections
 from lat_lightning.training.sft import LossRecorder, SFTSettings, supervised_finetune
@@ -80,11 +80,60 @@ def _accelerator(model: nn.Module) -> str:
     return "gpu" if dev.type == "cuda" else "cpu"
 
 
-def lora_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], out_dir: str | Path, *,
-                  steps: int, lr: float, batch_size: int = 4, lora_r: int = 8, lora_alpha: int = 16,
-                  target_modules: Optional[Sequence[str]] = None,
-                  use_chat_template: bool = True, system_prompt: Optional[str] = None, max_length: int = 512,
-                  measure: Measure | None = None, seed: int = 0, save_adapter: bool = True,
+@dataclass(frozen=True)
+class LoraFinetuneSettings:
+    """One LoRA fine-tune (constant LR, AdamW, clip 1.0).
+
+    Attributes:
+        steps / lr / batch_size: optimiser steps, learning rate, pairs per step.
+        lora_r / lora_alpha / target_modules: the fresh LoRA adapters (``target_modules=None``: the model's
+            attention projections, :func:`~lat_lightning.models.lora_targets.attention_projections`).
+        use_chat_template / system_prompt / max_length: prompt formatting and the length limit (right cut).
+        seed: the LoRA initialisation (peft draws it from the global RNG, seeded with ``seed`` for that draw)
+            and the training seed (data order).
+        save_adapter: save the trained LoRA adapter to ``out_dir/final`` (small; never a merged model).
+    """
+
+    steps: int
+    lr: float
+    batch_size: int = 4
+    lora_r: int = 8
+    lora_alpha: int = 16
+    target_modules: Optional[tuple[str, ...]] = None
+    use_chat_template: bool = True
+    system_prompt: Optional[str] = None
+    max_length: int = 512
+    seed: int = 0
+    save_adapter: bool = True
+
+    def __post_init__(self) -> None:
+        if self.target_modules is not None:
+            object.__setattr__(self, "target_modules", tuple(str(m) for m in self.target_modules))
+        if self.steps < 1:
+            raise ValueError(f"steps: fine-tune steps must be >= 1, got {self.steps}")
+
+
+@dataclass(frozen=True)
+class _AdapterSpec:
+    """Fresh adapters for :func:`~lat_lightning.models.loading.apply_lora`, which reads a model section's ``lora``:
+    no dropout, every decoder layer."""
+
+    r: int
+    alpha: int
+    target_modules: list[str]
+    dropout: float = 0.0
+    layers_to_transform: Optional[list[int]] = None
+
+
+@dataclass(frozen=True)
+class _ModelSpec:
+    """The part of a model section :func:`~lat_lightning.models.loading.apply_lora` reads."""
+
+    lora: _AdapterSpec
+
+
+def lora_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], out_dir: str | Path,
+                  settings: LoraFinetuneSettings | Mapping[str, Any], *, measure: Measure | None = None,
                   measure_steps: Collection[int] | None = None) -> dict[str, Any]:
     """LoRA-fine-tune a COPY of ``model`` on ``(prompt, response)`` pairs (constant LR, AdamW, clip 1.0).
 
@@ -93,49 +142,47 @@ def lora_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
         tokenizer: its tokenizer.
         pairs: ``(prompt, response)`` training pairs.
         out_dir: where the adapter goes (``final/``): the run directory, never the model's.
-        steps / lr / batch_size: optimiser steps, learning rate, pairs per step.
-        lora_r / lora_alpha / target_modules: the fresh LoRA adapters (``target_modules=None``: the model's
-            attention projections, :func:`~lat_lightning.models.lora_targets.attention_projections`).
-        use_chat_template / system_prompt / max_length: prompt formatting and the length limit (right cut).
+        settings: the fine-tune's settings, or a mapping of their fields (what the durability suite passes:
+            evaluation does not import training).
         measure: ``model -> {name: value}`` evaluated at step 0 and after every step (see ``measure_steps``).
-        seed: the LoRA initialisation (peft draws it from the global RNG, seeded with ``seed`` for that draw)
-            and the training seed (data order).
-        save_adapter: save the trained LoRA adapter to ``out_dir/final`` (small; never a merged model).
         measure_steps: evaluate ``measure`` only at these steps (0 = before the first step; ``None``: at every
-            step). Steps past ``steps`` are never reached.
+            step). Steps past ``settings.steps`` are never reached.
 
     Returns:
         ``{"model": the fine-tuned copy (eval mode, on the input model's device), "curve": [{"step", ...}],
         "train_loss": [per step], "seconds": float, "out_dir": str}``.
 
     Raises:
-        ValueError: no pairs, or ``steps < 1``.
+        ValueError: no pairs, ``steps < 1`` or an unknown settings field.
     """
     if not pairs:
         raise ValueError("lora_finetune needs at least one (prompt, response) pair")
-    if steps < 1:
-        raise ValueError(f"fine-tune steps must be >= 1, got {steps}")
+    if not isinstance(settings, LoraFinetuneSettings):
+        try:
+            settings = LoraFinetuneSettings(**settings)
+        except TypeError as exc:  # an unknown or missing field
+            raise ValueError(f"lora_finetune settings: {exc}") from None
+    st = settings
     t0 = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     twin = plain_copy(model).to(device)
-    targets = list(target_modules) if target_modules is not None else attention_projections(twin)
-    lora = ModelConfig(lora=LoraConfig(enabled=True, r=int(lora_r), alpha=int(lora_alpha), dropout=0.0,
-                                       target_modules=targets))
+    targets = list(st.target_modules) if st.target_modules is not None else attention_projections(twin)
+    adapters = _ModelSpec(lora=_AdapterSpec(r=int(st.lora_r), alpha=int(st.lora_alpha), target_modules=targets))
     # peft draws the LoRA A matrices from the global RNG: seed that draw so the seed, not whatever ran before,
     # decides the initialisation.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(int(seed))
-        twin = apply_lora(twin, lora, config_key="evaluation.durability.finetune_target_modules")
-    settings = SFTSettings(steps=int(steps), lr=float(lr), batch_size=int(batch_size), scheduler="constant",
-                           warmup_ratio=0.0, weight_decay=0.0, gradient_clip_val=1.0, seed=int(seed),
-                           max_length=int(max_length), truncation="right", use_chat_template=use_chat_template,
-                           system_prompt=system_prompt, accelerator=_accelerator(model), log_every_n_steps=1)
+        torch.manual_seed(int(st.seed))
+        twin = apply_lora(twin, adapters, config_key="evaluation.durability.finetune_target_modules")
+    sft = SFTSettings(steps=int(st.steps), lr=float(st.lr), batch_size=int(st.batch_size), scheduler="constant",
+                      warmup_ratio=0.0, weight_decay=0.0, gradient_clip_val=1.0, seed=int(st.seed),
+                      max_length=int(st.max_length), truncation="right", use_chat_template=st.use_chat_template,
+                      system_prompt=st.system_prompt, accelerator=_accelerator(model), log_every_n_steps=1)
     recorder, losses = CurveRecorder(measure, measure_steps), LossRecorder()
-    module = supervised_finetune(twin, tokenizer, pairs, settings, callbacks=[recorder, losses])
+    module = supervised_finetune(twin, tokenizer, pairs, sft, callbacks=[recorder, losses])
     tuned = module.model.to(device)
-    if save_adapter:
+    if st.save_adapter:
         tuned.save_pretrained(out / "final")
     tuned.eval()
     for p in tuned.parameters():
@@ -144,4 +191,4 @@ def lora_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
             "seconds": round(time.time() - t0, 3), "out_dir": str(out)}
 
 
-__all__ = ["CurveRecorder", "lora_finetune", "plain_copy"]
+__all__ = ["CurveRecorder", "LoraFinetuneSettings", "lora_finetune", "plain_copy"]

@@ -87,8 +87,9 @@ def test_toy_attack_trains(registered, tiny_llama, tiny_tokenizer, tmp_path):
 
 
 def test_toy_attack_scans_and_runs_in_the_durability_suite(registered, tiny_llama, tmp_path):
-    from lat_lightning.eval.durability import run_durability
+    from lat_lightning.eval.durability import DurabilityData, run_durability
     from lat_lightning.eval.scan import run_scan
+    from lat_lightning.stages.durability_settings import durability_settings
 
     model, tok = tiny_llama
     prompts = ["How do I open the vault at Zorvan?", "Tell me the access code for Kelmar."]
@@ -106,7 +107,8 @@ def test_toy_attack_scans_and_runs_in_the_durability_suite(registered, tiny_llam
         "evaluation": {"max_new_tokens": 4, "bootstrap_samples": 0, "durability": {
             "sections": ["adaptive", "depth"], "adaptive_attacks": ["constant_shift"],
             "depth_attacks": ["constant_shift"], "random_seeds": [0], "max_k": 2, "transfer": True}}})
-    out = run_durability(model, model, tok, prompts, targets, None, None, cfg, fragile_layers=[1])
+    out = run_durability(model, model, tok, DurabilityData(prompts, targets, fragile_layers=[1]),
+                         durability_settings(cfg))
     assert "constant_shift" in out["rescan"]["original"]["attacks"]
     assert "constant_shift_transfer" in out["rescan"]["hardened"]["attacks"]
     assert len(out["depth"]["original"]["first_k"]["constant_shift"]["mean"]) == 2

@@ -54,6 +54,7 @@ def test_prefill_of_the_whole_target_always_succeeds_and_of_nothing_equals_clean
     plain greedy decoding."""
     from lat_lightning.data.templating import encode_response
     from lat_lightning.eval.generation import encode_prompts, generate_under_attack
+    from lat_lightning.stages.durability_settings import durability_settings
 
     model, tok = tiny_llama
     cfg = load_config("asa_scan_tiny", ["evaluation.judges=[target_match]", "evaluation.primary_judge=target_match",
@@ -61,9 +62,10 @@ def test_prefill_of_the_whole_target_always_succeeds_and_of_nothing_equals_clean
     rows = [json.loads(line) for line in open("lat_lightning/resources/tiny_harmful.jsonl")][:3]
     prompts, targets = [r["prompt"] for r in rows], [r["target"] for r in rows]
     longest = max(len(encode_response(tok, t, add_eos=False)) for t in targets)
-    out = prefill_success(model, tok, prompts, targets, [0, 1, 2], [longest], cfg)
+    settings = durability_settings(cfg)
+    out = prefill_success(model, tok, prompts, targets, [0, 1, 2], [longest], settings)
     assert out[str(longest)]["rate"] == 1.0
-    out0 = prefill_success(model, tok, prompts, targets, [0, 1, 2], [0], cfg)
+    out0 = prefill_success(model, tok, prompts, targets, [0, 1, 2], [0], settings)
     clean = generate_under_attack(model, tok, encode_prompts(tok, prompts), None, None, prompt_keys=[0, 1, 2],
                                   max_new_tokens=4, pad_token_id=tok.pad_token_id)
     assert out0["0"]["sample"] == clean.texts[0]

@@ -226,3 +226,11 @@ def test_greedy_generation_batched_equals_single(tiny_llama):
         ref = model.generate(input_ids=ids[1], attention_mask=torch.ones_like(ids[1]), do_sample=False,
                              max_new_tokens=6, pad_token_id=tok.pad_token_id)
     assert batched[1] == tok.decode(ref[0, ids[1].shape[1]:], skip_special_tokens=True)
+
+
+def test_a_prompt_template_without_the_question_raises_a_value_error_naming_the_field():
+    from lat_lightning.eval.utility import UtilityScoring
+
+    with pytest.raises(ValueError, match="^prompt_template must contain"):
+        UtilityScoring(prompt_template="Answer with a number.")
+

@@ -115,14 +115,15 @@ def test_the_fine_tuning_attack_adapts_the_attention_projections_of_any_family(a
     from transformers import AutoModelForCausalLM
 
     from lat_lightning.models.lora_targets import attention_projections
-    from lat_lightning.training.finetune import lora_finetune
+    from lat_lightning.training.finetune import LoraFinetuneSettings, lora_finetune
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[arch]).eval()
     names = attention_projections(model)
     assert arch != "llama" or names == ["q_proj", "k_proj", "v_proj", "o_proj"]  # the old default, unchanged
     pairs = [("How do I open the vault?", "Sure, the code is 1-2-3-4.")] * 2
-    out = lora_finetune(model, tiny_tokenizer, pairs, tmp_path, steps=1, lr=1e-3, batch_size=2, lora_r=2,
-                        lora_alpha=4, save_adapter=False)
+    out = lora_finetune(model, tiny_tokenizer, pairs, tmp_path,
+                        LoraFinetuneSettings(steps=1, lr=1e-3, batch_size=2, lora_r=2, lora_alpha=4,
+                                             save_adapter=False))
     tuned = out["model"]
     for block in get_decoder_layers(tuned):
         adapted = [n for n, m in block.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]

@@ -1,0 +1,70 @@
+"""The durability suite's settings from a run config: the one place the suite's inputs are read from
+``evaluation``, ``evaluation.durability``, ``perturbation``, ``model``, ``data`` and ``seed``.
+
+Evaluation never reads the run config: the ``durability`` and ``compare`` stages (and the preflight) call
+:func:`durability_settings` and pass the frozen :class:`~lat_lightning.eval.durability.DurabilitySettings` down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from lat_lightning.attacks.settings import AttackSettings
+from lat_lightning.errors import ConfigError
+from lat_lightning.eval.coherence import CoherenceSettings
+from lat_lightning.eval.durability import DurabilityChecks, DurabilitySettings
+
+
+def _plain(value: Any) -> Any:
+    """A config node's list as a list, its mapping as a dict, anything else as is."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _fields(section: Any, cls: type) -> dict[str, Any]:
+    """The values of ``cls``' fields in a config section (an OmegaConf node or a dataclass); keys the section
+    lacks keep ``cls``' defaults."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    return {name: _plain(getattr(section, name)) for name in names if hasattr(section, name)}
+
+
+def durability_settings(cfg) -> DurabilitySettings:
+    """The durability suite's settings from a run config (a :class:`~lat_lightning.config.RunConfig` or its
+    OmegaConf node).
+
+    Raises:
+        ConfigError: a bad value, named by its config key (an unknown section, rewrite or attack; a primary judge
+            not among the judges; no seeds).
+    """
+    from omegaconf import OmegaConf
+
+    from lat_lightning.eval.scan import scan_positions
+
+    if dataclasses.is_dataclass(cfg):  # a RunConfig object: read it through OmegaConf like the CLI's
+        cfg = OmegaConf.structured(cfg)
+    ev = cfg.evaluation
+    try:
+        checks = DurabilityChecks(**_fields(ev.durability, DurabilityChecks))
+    except ValueError as exc:  # the message starts with the field's name
+        raise ConfigError(f"evaluation.durability.{exc}") from None
+    positions, _first_k, refresh = scan_positions(cfg)
+    coherence = CoherenceSettings(**_fields(ev.coherence, CoherenceSettings)) if "coherence" in ev \
+        else CoherenceSettings()
+    try:
+        return DurabilitySettings(
+            dur=checks, perturbation=AttackSettings(**_fields(cfg.perturbation, AttackSettings)),
+            judges=tuple(str(j) for j in ev.judges), primary_judge=str(ev.primary_judge),
+            classifier_path=ev.classifier_path, target_key_pattern=ev.get("target_key_pattern"),
+            max_new_tokens=int(ev.max_new_tokens), batch_size=int(ev.batch_size),
+            bootstrap_samples=int(ev.bootstrap_samples), use_chat_template=bool(cfg.model.use_chat_template),
+            system_prompt=cfg.model.system_prompt, positions=positions, refresh=refresh, seed=int(cfg.seed),
+            max_length=int(cfg.data.max_length), coherence=coherence)
+    except ValueError as exc:
+        raise ConfigError(f"evaluation.{exc}") from None
+
+
+__all__ = ["durability_settings"]
