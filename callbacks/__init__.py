@@ -12,9 +12,10 @@ from lat_lightning.callbacks.kl_teacher import KLTeacher, kl_divergence_chunked
 from lat_lightning.callbacks.weight_interpolation import WeightInterpolation
 
 
-def build_training_callbacks(cfg, run_dir: Optional[str | Path] = None) -> list[Callback]:
+def build_training_callbacks(cfg, run_dir: Optional[str | Path] = None, scan=None) -> list[Callback]:
     """The callbacks ``cfg.callbacks`` enables, in order: FragileLayerSelector, KLTeacher,
-    WeightInterpolation.
+    WeightInterpolation. ``scan``: the run's :class:`~lat_lightning.eval.scan.ScanSettings` (the layer selector
+    needs them).
 
     The order matters: the layer selector runs in ``setup`` before anything else reads
     ``attack_layers``, and the interpolation runs last at the end of fit.
@@ -22,7 +23,7 @@ def build_training_callbacks(cfg, run_dir: Optional[str | Path] = None) -> list[
     c = cfg.callbacks
     out: list[Callback] = []
     if c.fragile_layers.enabled:
-        out.append(FragileLayerSelector.from_config(cfg, run_dir))
+        out.append(FragileLayerSelector.from_config(cfg, run_dir, scan))
     if c.kl_teacher.enabled:
         out.append(KLTeacher.from_config(cfg))
     if c.weight_interpolation.enabled:

@@ -294,7 +294,8 @@ def _run_scans(models: dict[str, nn.Module], tokenizer, prompts, targets, keys, 
                adaptive: bool, transfer: bool, resume: bool, progress: bool, harmless_prompts=None,
                contrast_prompts=None, shard: tuple[int, int] | None = None,
                reuse: Mapping[str, tuple] | None = None) -> dict[str, Any]:
-    from lat_lightning.eval.scan import run_scan
+    from lat_lightning.eval.scan import (GenerationSettings, JudgeSettings, ScanOptions, ScanPrompts, ScanSettings,
+                                         run_scan)
 
     scans = {}
     adaptive_names = [str(a) for a in s.dur.adaptive_attacks] if adaptive else []
@@ -304,14 +305,18 @@ def _run_scans(models: dict[str, nn.Module], tokenizer, prompts, targets, keys, 
             attacks += [Transfer(build_attack(a, s.perturbation, positions=s.positions, first_k=1, refresh=s.refresh),
                                  models["original"]) for a in adaptive_names if a != "asa_random"]
         scans[name] = run_scan(
-            model, tokenizer, prompts, targets, layers, attacks, list(s.dur.random_seeds), judge_map,
-            (out / name) if out is not None else None, primary_judge=s.primary_judge, perturbation=s.perturbation,
-            positions=s.positions, refresh=s.refresh, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
-            use_chat_template=s.use_chat_template, system_prompt=s.system_prompt, prompt_keys=keys,
-            harmless_prompts=harmless_prompts, contrast_prompts=contrast_prompts, coherence=s.coherence,
-            bootstrap_samples=s.bootstrap_samples, resume=resume, progress=progress, figures=out is not None,
-            tensorboard=out is not None, probes=False, asabench_test_fraction=None, split_seed=s.seed, shard=shard,
-            reuse=(reuse or {}).get(name))
+            model, tokenizer, ScanPrompts(prompts, targets, prompt_keys=keys, harmless_prompts=harmless_prompts,
+                                          contrast_prompts=contrast_prompts),
+            ScanSettings(attacks=attacks, layers=layers, seeds=list(s.dur.random_seeds), positions=s.positions,
+                         refresh=s.refresh, perturbation=s.perturbation,
+                         generation=GenerationSettings(max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
+                                                       use_chat_template=s.use_chat_template,
+                                                       system_prompt=s.system_prompt),
+                         judging=JudgeSettings(judge_map, primary_judge=s.primary_judge), coherence=s.coherence,
+                         bootstrap_samples=s.bootstrap_samples, asabench_test_fraction=None, split_seed=s.seed),
+            (out / name) if out is not None else None,
+            ScanOptions(resume=resume, progress=progress, figures=out is not None, tensorboard=out is not None,
+                        shard=shard, reuse=(reuse or {}).get(name)))
     return scans
 
 

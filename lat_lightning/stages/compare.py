@@ -84,8 +84,10 @@ def _attack_layers(cfg, model, tokenizer, out: Path, prompts: list[str]) -> tupl
     if not f.enabled:
         return list(cfg.perturbation.layers), "perturbation.layers"
     from lat_lightning.callbacks.fragile_layers import FragileLayerSelector
+    from lat_lightning.stages.settings import scan_settings
 
-    selector = FragileLayerSelector.from_config(cfg, run_dir=out / ORIGINAL / "scan")
+    selector = FragileLayerSelector.from_config(cfg, run_dir=out / ORIGINAL / "scan",
+                                                scan=scan_settings(cfg, probes=False))
     selector.prompts = list(prompts)
     result = selector.select(model, tokenizer)
     (out / "fragile_layers.json").write_text(json.dumps(result, indent=2, default=str))

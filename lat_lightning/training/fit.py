@@ -44,11 +44,13 @@ warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)`
 warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
-    """The callbacks the ``callbacks`` config section enables, plus checkpointing."""
+def build_callbacks(cfg: DictConfig, run_dir: Path, scan=None) -> list[Callback]:
+    """The callbacks the ``callbacks`` config section enables, plus checkpointing (``scan``: the run's
+    :class:`~lat_lightning.eval.scan.ScanSettings`, for the fragile-layer selection)."""
     from lat_lightning.callbacks import build_training_callbacks
 
-    return [checkpoint_callback(cfg, run_dir), InterruptCheckpoint(run_dir)] + build_training_callbacks(cfg, run_dir)
+    return [checkpoint_callback(cfg, run_dir), InterruptCheckpoint(run_dir)] + build_training_callbacks(cfg, run_dir,
+                                                                                                      scan)
 
 
 def _size_of(path: Path) -> int:
@@ -170,14 +172,26 @@ def build_module(cfg: DictConfig, model, tokenizer=None, evaluator=None,
                                    sample_generations=int(cfg.logging.sample_generations))
 
 
-def build_evaluator(cfg: DictConfig):
-    """The validation-loop evaluator when any held-out data is configured, else ``None``."""
+def build_evaluator(cfg: DictConfig, validation=None):
+    """The validation-loop evaluator when any held-out data is configured, else ``None``.
+
+    Args:
+        cfg: the run config (the held-out data and ``evaluation.layers``).
+        validation: the validation scan's :class:`~lat_lightning.eval.scan.ScanSettings`
+            (:func:`lat_lightning.stages.settings.validation_settings`).
+
+    Raises:
+        ValueError: held-out data is configured but ``validation`` is missing.
+    """
     if not (cfg.data.eval_harmful or cfg.data.eval_benign or cfg.evaluation.utility_data):
         return None
+    if validation is None:
+        raise ValueError("the validation loop needs its scan settings: pass "
+                         "validation=lat_lightning.stages.settings.validation_settings(cfg)")
     from lat_lightning.eval.evaluate import SafetyEvaluator, load_evaluation_data
 
     layers = None if cfg.evaluation.layers is None else parse_layers(cfg.evaluation.layers, "evaluation.layers")
-    return SafetyEvaluator(cfg, load_evaluation_data(cfg), layers)
+    return SafetyEvaluator(validation, load_evaluation_data(cfg), layers)
 
 
 LORA_TARGETS_FILE = "lora_targets.json"
@@ -237,8 +251,13 @@ def export_merged(model_cfg, adapter_dir: Path, out_dir: Path, tokenizer=None) -
 
 
 def fit(cfg: DictConfig, run_dir: Path, model=None, tokenizer=None, datamodule: Optional[SafetyDataModule] = None,
-        resume: Optional[str] = None, extra_callbacks: Sequence[Callback] = ()) -> LatentAdversarialModule:
+        resume: Optional[str] = None, extra_callbacks: Sequence[Callback] = (), *, scan=None,
+        validation=None) -> LatentAdversarialModule:
     """Train as configured. Model, tokenizer and data are built from ``cfg`` unless given.
+
+    ``scan`` / ``validation`` are the run's scan settings and the validation loop's
+    (:mod:`lat_lightning.stages.settings`); the fragile-layer selection and the validation loop need them when
+    they are enabled.
 
     Returns:
         The trained module (its ``model`` holds the trained weights).
@@ -248,10 +267,10 @@ def fit(cfg: DictConfig, run_dir: Path, model=None, tokenizer=None, datamodule: 
     model = model if model is not None else load_model(cfg.model, train=True)
     model.train()
     validate_setup(cfg, model)
-    module = build_module(cfg, model, tokenizer, evaluator=build_evaluator(cfg))
+    module = build_module(cfg, model, tokenizer, evaluator=build_evaluator(cfg, validation))
     datamodule = datamodule or SafetyDataModule(
         cfg, tokenizer, require_target=module.attack.needs_target or bool(cfg.loss.away_from_harmful))
-    callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks)
+    callbacks = build_callbacks(cfg, run_dir, scan) + list(extra_callbacks)
     trainer = build_trainer(cfg, run_dir, callbacks)
     if trainer.is_global_zero:
         write_lora_targets(model, run_dir)
