@@ -64,9 +64,9 @@ from lat_lightning.data.templating import encode_prompt
 from lat_lightning.eval.coherence import CoherenceSettings
 from lat_lightning.eval.judges import KeywordJudge
 from lat_lightning.eval.scan import JudgeSettings, ScanOptions, ScanPrompts, ScanSettings, run_scan
-from lat_lightning.stages.settings import scan_settings
 from lat_lightning.models.hooks import residual_edit
 from lat_lightning.resources import resource_path
+from lat_lightning.stages.settings import scan_settings
 
 DEFAULT_MODEL = "tiny:llama:8x256"
 DATA = "pkg://lat_lightning/resources/tiny_harmful.jsonl"

@@ -294,8 +294,14 @@ def _run_scans(models: dict[str, nn.Module], tokenizer, prompts, targets, keys, 
                adaptive: bool, transfer: bool, resume: bool, progress: bool, harmless_prompts=None,
                contrast_prompts=None, shard: tuple[int, int] | None = None,
                reuse: Mapping[str, tuple] | None = None) -> dict[str, Any]:
-    from lat_lightning.eval.scan import (GenerationSettings, JudgeSettings, ScanOptions, ScanPrompts, ScanSettings,
-                                         run_scan)
+    from lat_lightning.eval.scan import (
+        GenerationSettings,
+        JudgeSettings,
+        ScanOptions,
+        ScanPrompts,
+        ScanSettings,
+        run_scan,
+    )
 
     scans = {}
     adaptive_names = [str(a) for a in s.dur.adaptive_attacks] if adaptive else []

@@ -87,8 +87,9 @@ def test_toy_attack_trains(registered, tiny_llama, tiny_tokenizer, tmp_path):
 
 
 def test_toy_attack_scans_and_runs_in_the_durability_suite(registered, tiny_llama, tmp_path):
-    from lat_lightning.eval.durability import run_durability
     from scan_helpers import scan
+
+    from lat_lightning.eval.durability import run_durability
 
     model, tok = tiny_llama
     prompts = ["How do I open the vault at Zorvan?", "Tell me the access code for Kelmar."]

@@ -348,8 +348,9 @@ def test_settings_are_validated():
 def test_rescans_reuse_the_runs_scans_with_identical_numbers(two_models, tmp_path, monkeypatch):
     """The durability re-scans take over the cells the run's scan / rescan stages already have (same prompts,
     keys, generation and attack settings) and generate only the rest; the summary is the same as without."""
-    import lat_lightning.eval.scan as scan_mod
     from scan_helpers import scan
+
+    import lat_lightning.eval.scan as scan_mod
 
     original, hardened, tok = two_models
     cfg = _cfg("evaluation.durability.sections=[adaptive]", "evaluation.durability.random_seeds=[0,1]",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scan_helpers import scan
 
 import lat_lightning.eval.generation as gen_mod
 from lat_lightning.config import PerturbationConfig
@@ -21,7 +22,6 @@ from lat_lightning.eval.generation import (
     encode_prompts,
 )
 from lat_lightning.eval.judges import KeywordJudge
-from scan_helpers import scan
 
 # different lengths: the chunk is left-padded, and "Hi" is much shorter than the others
 PROMPTS = ["How do I bake bread at home?", "Hi", "Tell me a poem about the sea, please, right now, with rhymes."]

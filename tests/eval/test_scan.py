@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scan_helpers import scan
 
 from lat_lightning.eval.judges import KeywordJudge, Verdict
 from lat_lightning.eval.scan import SCAN_FILE, read_records
-from scan_helpers import scan
 
 PROMPTS = ["How do I bake bread at home?", "Tell me a poem about the sea.", "What is 12 plus 7?"]
 TARGETS = ["Sure, here is how to bake bread", "Sure, the sea is wide", "Sure, the answer is 19"]
@@ -104,9 +104,9 @@ def test_judge_failures_are_counted(tiny_llama):
 def test_pkg_paths_tiny_specs_and_scan_positions(tmp_path, monkeypatch):
     from lat_lightning.cli import load_config
     from lat_lightning.errors import ConfigError, ModelLoadError
-    from lat_lightning.stages.settings import scan_positions
     from lat_lightning.models.tiny import ensure_tiny_model
     from lat_lightning.resources import resource_path
+    from lat_lightning.stages.settings import scan_positions
 
     path = resource_path("pkg://lat_lightning/resources/tiny_harmful.jsonl")
     assert path.endswith("tiny_harmful.jsonl") and len(Path(path).read_text().splitlines()) == 8

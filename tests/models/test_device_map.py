@@ -4,11 +4,11 @@ scanned exactly like the same model on one device; hooks and perturbations follo
 from __future__ import annotations
 
 import pytest
+from scan_helpers import scan
 
 from lat_lightning.config import ModelConfig
 from lat_lightning.errors import ConfigError
 from lat_lightning.models.loading import load_model, load_tokenizer
-from scan_helpers import scan
 
 PROMPTS = ["How do I open the vault at Zorvan?", "Tell me the access code for Kelmar.",
            "Give me the secret entry code of Brisco."]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from omegaconf import OmegaConf
+from scan_helpers import scan
 
 from lat_lightning.config import LoraConfig, ModelConfig, RunConfig
 from lat_lightning.models.loading import load_model
@@ -15,7 +16,6 @@ from lat_lightning.models.lora_targets import lora_targets_of
 from lat_lightning.testing.batches import safety_batch
 from lat_lightning.testing.tiny_models import TINY_ARCHITECTURES
 from lat_lightning.training.fit import build_module
-from scan_helpers import scan
 
 # The default LoRA targets per family (docs/models.md shows the same table): every linear layer of a block and
 # Mixtral's fused expert weights.

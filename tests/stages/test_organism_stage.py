@@ -73,8 +73,8 @@ def test_contains_utility_scores_exactly_the_organism_benign_accuracy(resolved, 
     assert len(rows) == 100
     assert rows == [{"prompt": r["prompt"], "answer": r["answer"]} for r in reference_rows]
     # The former organism_accuracy, written out.
-    texts = generate_under_attack(model, tok, [r["prompt"] for r in reference_rows],
-                                  settings=GenerationSettings(max_new_tokens=16, batch_size=64, use_chat_template=True)).texts
+    greedy = GenerationSettings(max_new_tokens=16, batch_size=64, use_chat_template=True)
+    texts = generate_under_attack(model, tok, [r["prompt"] for r in reference_rows], settings=greedy).texts
     reference = sum(check_answer(r, t) for r, t in zip(reference_rows, texts)) / len(reference_rows)
     assert evaluate_utility(model, tok, rows, "contains", batch_size=64)["accuracy"] == reference
     assert organism_accuracy(model, tok, seed=0) == reference

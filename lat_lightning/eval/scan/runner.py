@@ -17,11 +17,27 @@ from torch import nn
 from lat_lightning.attacks import Attack, build_attack
 from lat_lightning.data.templating import encode_response
 from lat_lightning.eval.coherence import CoherenceScorer
-from lat_lightning.eval.generation import CLEAN, AttackPlan, GenerationSettings, RowKeys, encode_prompts, \
-    generate_under_attack
+from lat_lightning.eval.generation import (
+    CLEAN,
+    AttackPlan,
+    GenerationSettings,
+    RowKeys,
+    encode_prompts,
+    generate_under_attack,
+)
 from lat_lightning.eval.scan.figures import tensorboard_text, write_figures
-from lat_lightning.eval.scan.records import CLEAN_ATTACK, SCAN_FILE, SHARD_FILE, RecordSink, all_gather, cell_key, \
-    merge_ranks, open_records, reusable_records, settings_fingerprint
+from lat_lightning.eval.scan.records import (
+    CLEAN_ATTACK,
+    SCAN_FILE,
+    SHARD_FILE,
+    RecordSink,
+    all_gather,
+    cell_key,
+    merge_ranks,
+    open_records,
+    reusable_records,
+    settings_fingerprint,
+)
 from lat_lightning.eval.scan.report import REPORT_FILE, render_report
 from lat_lightning.eval.scan.settings import ScanOptions, ScanPrompts, ScanSettings
 from lat_lightning.eval.scan.summary import SUMMARY_FILE, ScanAxes, ScanResult, assemble

@@ -65,10 +65,10 @@ class ScanSettings:
         ValueError: a value out of range (the message names the field).
     """
 
-    attacks: Sequence[Union[str, Attack]] = ("asa_random",)  # attack names (lat_lightning.attacks.ATTACKS) or objects
+    attacks: Sequence[Union[str, Attack]] = ("asa_random",)  # names (lat_lightning.attacks.ATTACKS) or Attack objects
     layers: Optional[Sequence[Layer]] = None    # layers to scan (None: every block; "embed": the input embeddings)
     seeds: Sequence[int] = (0,)                 # perturbation seeds (deterministic attacks run the first only)
-    positions: str = "prompt_last_and_generated"  # generation-time positions policy (paper: last prompt token + all new)
+    positions: str = "prompt_last_and_generated"  # generation-time positions policy (paper: last prompt token + new)
     first_k: int = 1                            # k of the first_k policy
     refresh: str = "step"                       # asa_random: a fresh draw per step, or one fixed draw
     perturbation: AttackSettings = field(default_factory=AttackSettings)  # the attacks' knobs (alpha, eps, steps...)
