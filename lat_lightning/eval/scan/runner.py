@@ -49,7 +49,6 @@ JudgeLike = Callable[..., list]
 ALL_ROWS = 2 ** 31  # the chunk size of generation.batch_size=None: more rows than any scan has
 
 
-# ----------------------------------------------------------------------------------------------- judges
 def _build_judges(judges: Sequence[Any] | Mapping[str, Any], classifier_path: str | None = None,
                   target_key_pattern: str | None = None, coherent: bool = False) -> dict[str, JudgeLike]:
     """Judges by name (or as given); ``coherent`` adds ``<judge>+coherent`` for every judge that has none."""
@@ -69,7 +68,6 @@ def _judge_all(judges: Mapping[str, JudgeLike], prompts: list[str], responses: l
             for name, vs in verdicts.items()}
 
 
-# ----------------------------------------------------------------------------------------------- the scan
 @dataclass
 class _ScanRun:
     """Everything one :func:`run_scan` call settled before generating: the validated axes, the encoded prompts,
