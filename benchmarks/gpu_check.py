@@ -25,6 +25,7 @@ process exits 1 when any section failed, so ``--tiny`` in the test suite cannot 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gc
 import json
@@ -226,21 +227,27 @@ def measure_variant(shape: Shape, variant: str, peak: float | None) -> dict[str,
 # ------------------------------------------------------------------------------------------------ scan
 def measure_scan(shape: Shape) -> dict[str, Any]:
     """ASA random over every layer of ``scan_prompts`` prompts: cells/s of the framework's scan."""
+    from lat_lightning.config import RunConfig
     from lat_lightning.eval.judges import KeywordJudge
-    from lat_lightning.eval.scan import run_scan
+    from lat_lightning.eval.scan import JudgeSettings, ScanOptions, ScanPrompts, run_scan
     from lat_lightning.models.tiny_factory import build_tokenizer
+    from lat_lightning.stages.settings import scan_settings
 
     tokenizer = build_tokenizer(vocab_size=min(384, shape.config["vocab_size"]))
     model = build_model(shape).eval()
     prompts = [f"Question {i}: how would one open the vault number {i} without the key?"
                for i in range(shape.scan_prompts)]
     layers = list(range(shape.config["num_hidden_layers"]))
+    # A default run's scan (ASA random, seed 0) at this shape's length and batch, without intervals or exports.
+    base = scan_settings(RunConfig(), attacks=["asa_random"], layers=layers, seeds=[0], probes=False)
+    settings = dataclasses.replace(base, judging=JudgeSettings({"keyword": KeywordJudge()}), bootstrap_samples=0,
+                                   asabench_test_fraction=None,
+                                   generation=dataclasses.replace(base.generation, max_new_tokens=shape.scan_new_tokens,
+                                                                  batch_size=shape.scan_batch))
     _sync(shape.device)
     t0 = time.perf_counter()
-    result = run_scan(model, tokenizer, prompts, None, layers, ["asa_random"], [0], {"keyword": KeywordJudge()},
-                      None, max_new_tokens=shape.scan_new_tokens, batch_size=shape.scan_batch, progress=False,
-                      figures=False, tensorboard=False, bootstrap_samples=0, asabench_test_fraction=None,
-                      probes=False)
+    result = run_scan(model, tokenizer, ScanPrompts(prompts), settings, None,
+                      ScanOptions(progress=False, figures=False, tensorboard=False))
     _sync(shape.device)
     seconds = time.perf_counter() - t0
     cells = len(result.records)

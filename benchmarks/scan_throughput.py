@@ -45,6 +45,7 @@ Last line: ``RESULT {json}``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -59,12 +60,14 @@ from typing import Any
 import torch
 
 from lat_lightning.attacks.base import keyed_normal, normalise_to
-from lat_lightning.config import CoherenceConfig, EvaluationConfig, ModelConfig
+from lat_lightning.config import EvaluationConfig, ModelConfig, RunConfig
 from lat_lightning.data.templating import encode_prompt
+from lat_lightning.eval.coherence import CoherenceSettings
 from lat_lightning.eval.judges import KeywordJudge
-from lat_lightning.eval.scan import run_scan
+from lat_lightning.eval.scan import JudgeSettings, ScanOptions, ScanPrompts, ScanSettings, run_scan
 from lat_lightning.models.hooks import residual_edit
 from lat_lightning.resources import resource_path
+from lat_lightning.stages.settings import scan_settings
 
 DEFAULT_MODEL = "tiny:llama:8x256"
 DATA = "pkg://lat_lightning/resources/tiny_harmful.jsonl"
@@ -182,12 +185,22 @@ def _strip(ids: list[int], tok) -> list[int]:
 
 
 # --------------------------------------------------------------------------------- (a) the scan
+def default_scan(max_new_tokens: int, batch_size: int, share_prefix: bool = True, **changes) -> ScanSettings:
+    """The scan a default run config describes (:func:`lat_lightning.stages.settings.scan_settings`) with this
+    benchmark's length, batch size and prefix sharing, ASA random at seed ``SEED`` (``changes``: other fields)."""
+    base = scan_settings(RunConfig(), attacks=["asa_random"], seeds=[SEED])
+    generation = dataclasses.replace(base.generation, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                     share_prefix=share_prefix)
+    return dataclasses.replace(base, generation=generation, **changes)
+
+
 def run_framework(model, tok, prompts: list[str], layers: list[int], max_new_tokens: int, out_dir: Path,
                   batch_size: int, share_prefix: bool = True, coherence: bool = True) -> dict:
-    res = run_scan(model, tok, prompts, None, layers, ["asa_random"], [SEED], {"keyword": KeywordJudge()}, out_dir,
-                   max_new_tokens=max_new_tokens, batch_size=batch_size, resume=False, progress=False,
-                   figures=False, tensorboard=False, asabench_test_fraction=None, share_prefix=share_prefix,
-                   coherence=CoherenceConfig(enabled=coherence))
+    settings = default_scan(max_new_tokens, batch_size, share_prefix, layers=tuple(layers),
+                            judging=JudgeSettings({"keyword": KeywordJudge()}), asabench_test_fraction=None,
+                            coherence=CoherenceSettings(enabled=coherence))
+    res = run_scan(model, tok, ScanPrompts(prompts), settings, out_dir,
+                   ScanOptions(resume=False, progress=False, figures=False, tensorboard=False))
     cells = {}
     for i in range(len(prompts)):
         clean = res.records[("clean", None, i, -1)]["token_ids"]
@@ -207,8 +220,8 @@ def run_stage(spec: str, prompts: list[str], max_new_tokens: int, batch_size: in
     model, tok = load(spec)
     t_load = time.perf_counter() - t0
     probes = probes_wanted(EvaluationConfig().probes, model)
-    res = run_scan(model, tok, prompts, None, None, ["asa_random"], [SEED], ["keyword"], out_dir,
-                   max_new_tokens=max_new_tokens, batch_size=batch_size, resume=False, progress=False, probes=probes)
+    res = run_scan(model, tok, ScanPrompts(prompts), default_scan(max_new_tokens, batch_size, probes=probes), out_dir,
+                   ScanOptions(resume=False, progress=False))
     total = time.perf_counter() - t0
     return {"stage_s": total, "load_s": t_load, "probes_on": probes, "model": model, "tok": tok,
             "clean_ids": [res.records[("clean", None, i, -1)]["token_ids"] for i in range(len(prompts))]}
@@ -217,10 +230,11 @@ def run_stage(spec: str, prompts: list[str], max_new_tokens: int, batch_size: in
 def time_probes(model, tok, prompts: list[str], clean_ids: list[list[int]], layers: list[int],
                 batch_size: int) -> float:
     from lat_lightning.eval.generation import encode_prompts
-    from lat_lightning.eval.probes import response_probe
+    from lat_lightning.eval.probes import ProbeSettings, response_probe
 
     t0 = time.perf_counter()
-    response_probe(model, encode_prompts(tok, prompts), clean_ids, layers, [SEED], batch_size=batch_size,
+    response_probe(model, encode_prompts(tok, prompts), clean_ids, layers, [SEED],
+                   settings=ProbeSettings(batch_size=batch_size),
                    pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
     return time.perf_counter() - t0
 

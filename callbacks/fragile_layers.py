@@ -33,6 +33,7 @@ logger the text ``fragile_layers/choice`` and the scalar ``fragile_layers/score`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -42,8 +43,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from lat_lightning.eval.generation import GenerationSettings
 from lat_lightning.eval.generation import eval_mode as _eval_mode
 from lat_lightning.eval.metrics import TIE_RULE, TIE_TOLERANCE, rank_layers
+from lat_lightning.eval.scan.settings import ScanSettings
 from lat_lightning.models.layers import check_layer_indices, num_layers, parse_layers
 
 log = logging.getLogger(__name__)
@@ -173,19 +176,19 @@ class FragileLayerSelector(Callback):
         num_prompts: training rows to probe.
         candidate_layers: layers to score (all layers when ``None``).
         run_dir: where ``fragile_layers.json`` goes (``trainer.default_root_dir`` when ``None``).
-        seeds: noise seeds of the NLL probe.
-        alpha: noise magnitude of the NLL probe.
         batches: probe on these safety batches instead of the training data.
         prompts: prompt strings for ``lat_lightning.eval.probes`` / ``scan`` (default: the datamodule's
             safety examples).
-        cfg: the run config (passed on to ``run_scan``).
+        scan: the run's scan settings (:func:`lat_lightning.stages.settings.scan_settings`): the probes' seeds
+            (``seeds``) and noise magnitude (``perturbation.alpha``), the decoding, batching and prompt formatting
+            of the evaluation-side probe, and the judges, positions policy and coherence check of the ``scan``
+            method. ``None``: the library defaults (seed 0, alpha 1, :class:`~lat_lightning.eval.scan.ScanSettings`).
     """
 
     def __init__(self, method: str = "explicit", layers: Sequence[int] = (), top_k: int = 1,
                  num_prompts: int = 8, candidate_layers: Optional[Sequence[int]] = None,
-                 run_dir: Optional[str | Path] = None,
-                 seeds: Sequence[int] = (0,), alpha: float = 1.0, batches: Optional[Sequence[dict]] = None,
-                 prompts: Optional[Sequence[str]] = None, cfg=None):
+                 run_dir: Optional[str | Path] = None, batches: Optional[Sequence[dict]] = None,
+                 prompts: Optional[Sequence[str]] = None, scan: Optional[ScanSettings] = None):
         if method not in METHODS:
             raise ValueError(f"unknown fragile-layer method '{method}'; choose from {', '.join(METHODS)}")
         if method == "explicit" and not layers:
@@ -201,22 +204,12 @@ class FragileLayerSelector(Callback):
         self.candidate_layers = None if candidate_layers is None else parse_layers(
             candidate_layers, "callbacks.fragile_layers.candidate_layers")
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.seeds = [int(s) for s in seeds] or [0]
-        self.alpha = float(alpha)
+        self.scan = scan
+        self.seeds = [int(s) for s in scan.seeds] or [0] if scan is not None else [0]
+        self.alpha = float(scan.perturbation.alpha) if scan is not None else 1.0
         self.batches = list(batches) if batches is not None else None
         self.prompts = list(prompts) if prompts is not None else None
-        self.cfg = cfg
         self.result: Optional[dict[str, Any]] = None
-
-    @classmethod
-    def from_config(cls, cfg, run_dir: Optional[str | Path] = None) -> "FragileLayerSelector":
-        """From a run config (``callbacks.fragile_layers``, ``evaluation.seeds``, ``perturbation.alpha``)."""
-        f = cfg.callbacks.fragile_layers
-        return cls(method=str(f.method), layers=list(f.layers), top_k=int(f.top_k),
-                   num_prompts=int(f.num_prompts),
-                   candidate_layers=None if f.candidate_layers is None else list(f.candidate_layers),
-                   run_dir=run_dir, seeds=list(cfg.evaluation.seeds), alpha=float(cfg.perturbation.alpha),
-                   cfg=cfg)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -270,27 +263,26 @@ class FragileLayerSelector(Callback):
                 "ranking": ranking, "num_layers": n_layers, "top_k": self.top_k,
                 "num_prompts": self.num_prompts, "seeds": self.seeds}
 
-    def _eval_kwargs(self) -> dict[str, Any]:
-        """Prompt formatting and decoding settings shared with the evaluation code (from ``cfg``)."""
-        if self.cfg is None:
-            return {}
-        return {"use_chat_template": bool(self.cfg.model.use_chat_template),
-                "system_prompt": self.cfg.model.system_prompt,
-                "max_new_tokens": int(self.cfg.evaluation.max_new_tokens),
-                "batch_size": int(self.cfg.evaluation.batch_size)}
-
     def _nll_scores(self, model, tokenizer, trainer, candidates) -> dict[int, float]:
         prompts, keys = self._prompt_texts(trainer)
         if prompts and tokenizer is not None:
             try:
-                from lat_lightning.eval.probes import nll_probe_layers
+                from lat_lightning.eval.probes import ProbeSettings, nll_probe_layers
             except ImportError:
                 nll_probe_layers = None
             if nll_probe_layers is not None:
+                kwargs: dict[str, Any] = {}
+                if self.scan is not None:  # the run's decoding length, batching and prompt formatting
+                    gen = self.scan.generation
+                    kwargs["generation"] = GenerationSettings(
+                        max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
+                        use_chat_template=gen.use_chat_template, system_prompt=gen.system_prompt)
+                    kwargs["probe"] = ProbeSettings(alpha=self.alpha, batch_size=gen.batch_size or 16)
+                else:
+                    kwargs["probe"] = ProbeSettings(alpha=self.alpha)
                 with _eval_mode(model):
                     return dict(nll_probe_layers(model, tokenizer, prompts, layers=candidates,
-                                                 seeds=self.seeds, alpha=self.alpha, prompt_keys=keys,
-                                                 **self._eval_kwargs()))
+                                                 seeds=self.seeds, prompt_keys=keys, **kwargs))
         return nll_probe_scores(model, self._probe_batches(trainer), candidates, self.seeds, self.alpha)
 
     def _summary_scores(self, candidates) -> Optional[tuple[dict[int, float], Optional[dict[int, float]]]]:
@@ -327,7 +319,7 @@ class FragileLayerSelector(Callback):
             return earlier
 
         try:
-            from lat_lightning.eval.scan import run_scan
+            from lat_lightning.eval.scan import ScanOptions, ScanPrompts, run_scan
         except ImportError:
             log.warning("fragile_layers.method=scan: lat_lightning.eval.scan is not available; "
                         "using nll_probe")
@@ -336,21 +328,16 @@ class FragileLayerSelector(Callback):
         if not prompts or tokenizer is None:
             log.warning("fragile_layers.method=scan: no prompt texts to scan; using nll_probe")
             return None
-        ev = self.cfg.evaluation if self.cfg is not None else None
-        kwargs = dict(self._eval_kwargs())
-        if ev is not None:
-            from omegaconf import OmegaConf
-
-            pcfg = self.cfg.perturbation
-            pcfg = OmegaConf.to_object(pcfg) if OmegaConf.is_config(pcfg) else pcfg
-            kwargs.update(judges=list(ev.judges), primary_judge=ev.primary_judge,
-                          classifier_path=ev.classifier_path, target_key_pattern=ev.target_key_pattern,
-                          perturbation=pcfg)
+        # The run's scan, narrowed to what ranks layers: ASA random over the candidates, greedy answers only, no
+        # intervals or exports.
+        base = self.scan if self.scan is not None else ScanSettings(seeds=tuple(self.seeds))
+        settings = dataclasses.replace(base, attacks=("asa_random",), layers=tuple(candidates), bootstrap_samples=0,
+                                       probes=False, asabench_test_fraction=None,
+                                       generation=dataclasses.replace(base.generation, best_of_n=1))
+        options = ScanOptions(resume=False, progress=False, figures=False, tensorboard=False)
         with _eval_mode(model):
-            result = run_scan(model, tokenizer, prompts, layers=candidates, attacks=("asa_random",),
-                              seeds=self.seeds, out_dir=None, prompt_keys=keys, progress=False,
-                              figures=False, tensorboard=False, bootstrap_samples=0,
-                              asabench_test_fraction=None, resume=False, **kwargs)
+            result = run_scan(model, tokenizer, ScanPrompts(prompts, prompt_keys=keys), settings, None, options)
+
         def lasr(success) -> dict[int, float]:  # [N, L, S]: 1 / 0 / NaN -> mean over judged cells per layer
             out = {}
             for j, layer in enumerate(result.layers):

@@ -231,7 +231,7 @@ def _check_attacks(cfg) -> None:
     """The scan's / validation's attacks as they will be built (generation-time positions policy included)."""
     from lat_lightning.attacks import build_attack
     from lat_lightning.attacks.positions import GENERATION_POLICIES
-    from lat_lightning.eval.scan import scan_positions
+    from lat_lightning.stages.settings import scan_positions
 
     stages = stage_names(cfg)
     if not (set(stages) & set(SCANNING) or "fit" in stages):

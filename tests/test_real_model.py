@@ -60,6 +60,7 @@ def test_smollm2_gguf_scan_lat_lapt_interpolate_export(smollm2_gguf, tmp_path, m
     from lat_lightning.models.loading import load_tokenizer, resolve_model_source
     from lat_lightning.stages import interpolate
     from lat_lightning.stages.fit_setup import fit
+    from lat_lightning.stages.settings import scan_settings, validation_settings
     from lat_lightning.training.interpolation import merged_state_dict, scale_lora
 
     monkeypatch.setenv("LAT_LIGHTNING_CACHE", str(tmp_path / "cache"))  # a fresh GGUF conversion
@@ -85,7 +86,7 @@ def test_smollm2_gguf_scan_lat_lapt_interpolate_export(smollm2_gguf, tmp_path, m
         "evaluation.utility_data=pkg://lat_lightning/resources/tiny_mc.jsonl",
         "callbacks.weight_interpolation.lambdas=[0.0,0.5,1.0]", "callbacks.weight_interpolation.tolerance=1.0"])
     lat_dir = tmp_path / "lat"
-    module = fit(lat, lat_dir)
+    module = fit(lat, lat_dir, scan=scan_settings(lat, probes=False), validation=validation_settings(lat))
     assert module.trainer_ref.global_step == 2
     targets = json.loads((lat_dir / "lora_targets.json").read_text())
     assert targets["auto"] and targets["left_out"] == [] and len(targets["layers"]) == 30

@@ -16,6 +16,7 @@ Four numbers, each a torchmetrics aggregate so they reduce correctly across proc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from lat_lightning.data.schema import SafetyExample
+from lat_lightning.eval.scan.settings import ScanSettings
 
 log = logging.getLogger(__name__)
 
@@ -76,19 +78,21 @@ class SafetyEvaluator:
     """Computes the evaluation metrics for a model; used by the validation loop and the evaluate stage.
 
     Args:
-        cfg: run config (``evaluation`` and ``model`` sections).
+        settings: the validation scan (:func:`lat_lightning.stages.settings.validation_settings`): its attacks,
+            first seed, judges, positions policy, decoding, batching and prompt formatting are used for every
+            metric.
         data: held-out data.
-        layers: layers to attack (``None``: every layer of the model).
+        layers: layers to attack (``None``: ``settings.layers``, else every layer of the model).
         utility_fn: optional ``model, tokenizer -> accuracy`` overriding ``data.utility_rows``.
     """
 
-    def __init__(self, cfg: DictConfig, data: EvaluationData, layers: Optional[Sequence[int]] = None,
+    def __init__(self, settings: ScanSettings, data: EvaluationData, layers: Optional[Sequence[int]] = None,
                  utility_fn=None):
-        self.cfg = cfg
+        self.settings = settings
         self.data = data
-        self.layers = list(layers) if layers else None
+        self.layers = list(layers) if layers else (list(settings.layers) if settings.layers else None)
         self.utility_fn = utility_fn
-        self.attacks = [str(a) for a in (cfg.evaluation.get("validation_attacks") or ["asa_random"])]
+        self.attacks = settings.attack_names()
         names = ["attack_success", "init", "nll_probe", "over_refusal", "utility_accuracy"]
         names += [f"attack_success_{a}" for a in self.attacks]
         names += [f"attack_success_{a}_coherent" for a in self.attacks]
@@ -108,30 +112,19 @@ class SafetyEvaluator:
     def attack_batch(self, model, tokenizer, examples: Sequence[SafetyExample], layers: Optional[Sequence[int]] = None,
                      sample_limit: int = 0) -> dict:
         """The validation attacks + NLL probe on a batch of held-out harmful examples; updates the metrics."""
-        from omegaconf import OmegaConf
-
-        from lat_lightning.config import CoherenceConfig, PerturbationConfig
-        from lat_lightning.eval.probes import nll_probe_layers
-        from lat_lightning.eval.scan import run_scan
+        from lat_lightning.eval.probes import ProbeSettings, nll_probe_layers
+        from lat_lightning.eval.scan import ScanOptions, ScanPrompts, run_scan
         from lat_lightning.models.layers import check_layer_indices
 
-        ev = self.cfg.evaluation
         layers = check_layer_indices(model, list(layers)) if layers else self._layers(model)
         prompts = [ex.prompt for ex in examples]
-        coherence = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CoherenceConfig), ev.coherence)) \
-            if "coherence" in ev else CoherenceConfig()
-        pcfg = self.cfg.get("perturbation")
-        pcfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PerturbationConfig), pcfg)) \
-            if pcfg is not None else None
-        result = run_scan(model, tokenizer, prompts, [ex.harmful_response for ex in examples], layers,
-                          self.attacks, list(ev.seeds)[:1], list(ev.judges), None,
-                          primary_judge=ev.primary_judge, perturbation=pcfg, max_new_tokens=ev.max_new_tokens,
-                          classifier_path=ev.classifier_path, target_key_pattern=ev.target_key_pattern,
-                          batch_size=ev.batch_size, use_chat_template=self.cfg.model.use_chat_template,
-                          system_prompt=self.cfg.model.system_prompt, prompt_keys=[ex.index for ex in examples],
-                          harmless_prompts=self.data.benign_prompts or None, coherence=coherence,
-                          bootstrap_samples=0, resume=False, progress=False, figures=False, tensorboard=False,
-                          asabench_test_fraction=None, log_warnings=False)
+        keys = [ex.index for ex in examples]
+        data = ScanPrompts(prompts, [ex.harmful_response for ex in examples], prompt_keys=keys,
+                           harmless_prompts=self.data.benign_prompts or None)
+        # A batch of the validation loop: in memory, quiet (the loop scans batch by batch, so no warnings either).
+        options = ScanOptions(resume=False, progress=False, figures=False, tensorboard=False, log_warnings=False)
+        result = run_scan(model, tokenizer, data, dataclasses.replace(self.settings, layers=tuple(layers)), None,
+                          options)
         coherent_judge = f"{result.primary_judge}+coherent"
         per_attack = {}
         for a in self.attacks:
@@ -143,11 +136,10 @@ class SafetyEvaluator:
         matrix = torch.as_tensor(result.matrix(first), dtype=torch.float32)  # [N, L]
         broken = per_attack[first]
         clean = torch.as_tensor(result.clean_success[result.primary_judge], dtype=torch.float32)
-        nll = nll_probe_layers(model, tokenizer, prompts, layers, list(ev.seeds)[:1],
-                               max_new_tokens=min(32, ev.max_new_tokens), batch_size=ev.batch_size,
-                               use_chat_template=self.cfg.model.use_chat_template,
-                               system_prompt=self.cfg.model.system_prompt,
-                               prompt_keys=[ex.index for ex in examples])
+        gen = self.settings.generation
+        nll = nll_probe_layers(model, tokenizer, prompts, layers, list(self.settings.seeds)[:1],
+                               generation=dataclasses.replace(gen, max_new_tokens=min(32, gen.max_new_tokens)),
+                               probe=ProbeSettings(batch_size=gen.batch_size or 16), prompt_keys=keys)
         nll_mean = sum(nll.values()) / max(1, len(nll))
         self.metrics["attack_success"].update(broken)
         self.metrics["init"].update(clean)
@@ -162,14 +154,16 @@ class SafetyEvaluator:
 
     def benign_and_utility(self, model, tokenizer) -> None:
         """Over-refusal on benign prompts and utility accuracy; updates the metrics."""
-        from lat_lightning.eval.generation import generate_under_attack
+        from lat_lightning.eval.generation import GenerationSettings, generate_under_attack
         from lat_lightning.eval.judges import build_judge
 
-        ev = self.cfg.evaluation
+        gen_settings = self.settings.generation
         if self.data.benign_prompts:
-            gen = generate_under_attack(model, tokenizer, self.data.benign_prompts, max_new_tokens=ev.max_new_tokens,
-                                        batch_size=ev.batch_size, use_chat_template=self.cfg.model.use_chat_template,
-                                        system_prompt=self.cfg.model.system_prompt)
+            # Over-refusal is read off the greedy answer, whatever the scan's decoding.
+            greedy = GenerationSettings(max_new_tokens=gen_settings.max_new_tokens, batch_size=gen_settings.batch_size,
+                                        use_chat_template=gen_settings.use_chat_template,
+                                        system_prompt=gen_settings.system_prompt)
+            gen = generate_under_attack(model, tokenizer, self.data.benign_prompts, settings=greedy)
             verdicts = build_judge("keyword")(self.data.benign_prompts, gen.texts)
             refused = [float("nan") if v.failed else float(not v.success) for v in verdicts]
             self.metrics["over_refusal"].update(torch.tensor(refused))
@@ -179,8 +173,8 @@ class SafetyEvaluator:
             from lat_lightning.eval.utility import evaluate_utility
 
             out = evaluate_utility(model, tokenizer, self.data.utility_rows, self.data.utility_kind,
-                                   batch_size=ev.batch_size, use_chat_template=self.cfg.model.use_chat_template,
-                                   system_prompt=self.cfg.model.system_prompt)
+                                   batch_size=gen_settings.batch_size, use_chat_template=gen_settings.use_chat_template,
+                                   system_prompt=gen_settings.system_prompt)
             self.metrics["utility_accuracy"].update(torch.tensor([out["accuracy"]]))
 
     def compute(self) -> dict[str, float]:
@@ -196,7 +190,7 @@ class SafetyEvaluator:
     def run(self, model, tokenizer, layers: Optional[Sequence[int]] = None, sample_limit: int = 4) -> dict:
         """Everything at once (the ``evaluate`` stage)."""
         self.reset()
-        bs = max(1, int(self.cfg.evaluation.batch_size))
+        bs = max(1, int(self.settings.generation.batch_size or len(self.data.harmful) or 1))
         for start in range(0, len(self.data.harmful), bs):
             self.attack_batch(model, tokenizer, self.data.harmful[start:start + bs], layers,
                               sample_limit=max(0, sample_limit - len(self.samples)))

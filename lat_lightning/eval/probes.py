@@ -17,6 +17,7 @@ generation, so a probe row sees exactly the noise its generation-time counterpar
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,18 +28,32 @@ from torch import nn
 
 from lat_lightning.attacks.positions import first_position
 from lat_lightning.data.templating import IGNORE_INDEX, build_sequences, encode_prompt, encode_response
-from lat_lightning.eval.generation import (
-    CLEAN,
-    AttackPlan,
-    SharedPrefix,
-    encode_prompts,
-    generate_under_attack,
-    teacher_forced_logits,
-    teacher_forced_suffix_logits,
-)
+from lat_lightning.eval.generation import CLEAN, AttackPlan, GenerationSettings, encode_prompts, generate_under_attack
 from lat_lightning.eval.metrics import nll_sequence, position_kl
+from lat_lightning.eval.teacher_forcing import SharedPrefix, teacher_forced_logits, teacher_forced_suffix_logits
 from lat_lightning.losses import causal_lm_loss
 from lat_lightning.models.layers import check_layer_indices, input_device, num_layers
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """The ASA noise of a probe and how its teacher-forced rows are batched.
+
+    Raises:
+        ValueError: a value out of range (the message names the field).
+    """
+
+    alpha: float = 1.0                            # noise magnitude after Eq. 1 (AttackSettings.alpha)
+    positions: str = "prompt_last_and_generated"  # positions policy of the noise (lat_lightning.attacks.positions)
+    first_k: int = 1                              # k of the first_k policy
+    refresh: str = "step"                         # a new draw per step/position, or one fixed draw
+    batch_size: int = 16                          # teacher-forced rows per forward
+    with_kl: bool = True                          # also the position KL (needs the clean logits of the prompt)
+    share_prefix: bool = True                     # share a prompt's prefix cache across its rows (same values)
+
+    def __post_init__(self):
+        if int(self.batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass
@@ -115,10 +130,8 @@ def _nanmean(x) -> float | None:
 
 
 def response_probe(model: nn.Module, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
-                   layers: Sequence[int], seeds: Sequence[int] = (0,), *, alpha: float = 1.0,
-                   positions: str = "prompt_last_and_generated", first_k: int = 1, refresh: str = "step",
-                   batch_size: int = 16, prompt_keys: Sequence[int] | None = None, pad_id: int = 0,
-                   with_kl: bool = True, share_prefix: bool = True) -> ProbeResult:
+                   layers: Sequence[int], seeds: Sequence[int] = (0,), *, settings: ProbeSettings = ProbeSettings(),
+                   prompt_keys: Sequence[int] | None = None, pad_id: int = 0) -> ProbeResult:
     """NLL and position KL of each prompt's response under keyed ASA noise at each layer and seed.
 
     Rows of one prompt (its clean row first, then every (layer, seed)) share one sequence, so a chunk of
@@ -134,14 +147,13 @@ def response_probe(model: nn.Module, prompt_ids: Sequence[Sequence[int]], respon
         response_ids: the response to teacher-force per prompt (typically the clean greedy generation,
             EOS included when it was generated).
         layers / seeds: where and with which noise seeds to perturb.
-        alpha / positions / first_k / refresh: the ASA noise (see :class:`AttackPlan`).
-        batch_size: rows per forward.
+        settings: the ASA noise (``alpha``, ``positions``, ``first_k``, ``refresh``; see :class:`AttackPlan`), rows
+            per forward, whether to compute the position KL and whether to share each prompt's prefix cache across
+            its rows (same values up to float rounding; ``False`` runs every row's whole sequence).
         prompt_keys: the prompts' ids for keying the noise (default ``0..N-1``).
         pad_id: padding id (unused positions only).
-        with_kl: also compute the position KL (needs the clean logits of the prompt).
-        share_prefix: share each prompt's prefix cache across its rows (same values up to float rounding;
-            ``False`` runs every row's whole sequence).
     """
+    positions, first_k, with_kl = settings.positions, settings.first_k, settings.with_kl
     layers = check_layer_indices(model, list(layers))
     seeds = [int(s) for s in seeds]
     n, n_l, n_s = len(prompt_ids), len(layers), len(seeds)
@@ -150,9 +162,10 @@ def response_probe(model: nn.Module, prompt_ids: Sequence[Sequence[int]], respon
     nll_clean = np.full(n, np.nan)
     nll_pert = np.full((n, n_l, n_s), np.nan)
     kl = np.full((n, n_l, n_s, g_max), np.nan) if with_kl else np.zeros((n, n_l, n_s, 0))
-    plan = AttackPlan(kind="noise", positions=positions, first_k=first_k, refresh=refresh, alpha=alpha)
+    plan = AttackPlan(kind="noise", positions=positions, first_k=first_k, refresh=settings.refresh,
+                      alpha=settings.alpha)
     cells = [(j, k) for j in range(n_l) for k in range(n_s)]
-    step = max(1, int(batch_size))
+    step = max(1, int(settings.batch_size))
     for i in range(n):
         prompt, resp = list(prompt_ids[i]), list(response_ids[i])
         g = len(resp)
@@ -165,7 +178,7 @@ def response_probe(model: nn.Module, prompt_ids: Sequence[Sequence[int]], respon
         sl = slice(p_len - 1, p_len - 1 + g)  # logits predicting response tokens 0..g-1
         rows: list[tuple[int, int] | None] = [None] + cells
         clean_logits = None
-        shared = (SharedPrefix(model, prompt) if share_prefix and p_len >= 2
+        shared = (SharedPrefix(model, prompt) if settings.share_prefix and p_len >= 2
                   and first_position(positions, p_len, first_k) >= p_len - 1 else None)
         for start in range(0, len(rows), step):
             chunk = rows[start:start + step]
@@ -207,23 +220,22 @@ def response_probe(model: nn.Module, prompt_ids: Sequence[Sequence[int]], respon
 
 def nll_probe_layers(model: nn.Module, tokenizer, prompts: Sequence[str | Sequence[int]],
                      layers: Sequence[int] | None = None, seeds: Sequence[int] = (0,), *,
-                     max_new_tokens: int = 32, alpha: float = 1.0, positions: str = "prompt_last_and_generated",
-                     batch_size: int = 16, use_chat_template: bool = True, system_prompt: str | None = None,
-                     prompt_keys: Sequence[int] | None = None, return_result: bool = False):
+                     generation: GenerationSettings = GenerationSettings(max_new_tokens=32, batch_size=16),
+                     probe: ProbeSettings = ProbeSettings(), prompt_keys: Sequence[int] | None = None,
+                     return_result: bool = False):
     """Rank layers by how much ASA noise raises the NLL of the model's own clean answer.
 
-    Generates each prompt's clean greedy answer once (``max_new_tokens``), then runs :func:`response_probe`
-    without the KL part.
+    Generates each prompt's clean greedy answer once (``generation.max_new_tokens``, ``generation.batch_size`` rows
+    per forward; always greedy), then runs :func:`response_probe` without the KL part.
 
     Args:
         model / tokenizer: the model under test.
         prompts: harmful prompts (text, or token ids).
         layers: layers to probe (default: all).
         seeds: noise seeds (results are averaged over them).
-        max_new_tokens: length of the clean answers.
-        alpha / positions: the ASA noise.
-        batch_size: rows per forward.
-        use_chat_template / system_prompt: prompt formatting for text prompts.
+        generation: the clean answers' length (``max_new_tokens``), rows per forward (``batch_size``) and prompt
+            formatting of text prompts (``use_chat_template``, ``system_prompt``); its decoding keys are not used.
+        probe: the ASA noise and rows per teacher-forced forward (its ``with_kl`` is not used).
         prompt_keys: ids keying the noise (default ``0..N-1``).
         return_result: also return the :class:`ProbeResult`.
 
@@ -231,11 +243,12 @@ def nll_probe_layers(model: nn.Module, tokenizer, prompts: Sequence[str | Sequen
         ``{layer: mean ΔNLL}`` (higher = more fragile), or ``(that, ProbeResult)``.
     """
     layers = list(range(num_layers(model))) if layers is None else list(layers)
-    ids = encode_prompts(tokenizer, prompts, use_chat_template, system_prompt)
-    clean = generate_under_attack(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    ids = encode_prompts(tokenizer, prompts, generation.use_chat_template, generation.system_prompt)
+    greedy = GenerationSettings(max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size)
+    clean = generate_under_attack(model, tokenizer, ids, settings=greedy)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    result = response_probe(model, ids, clean.token_ids, layers, seeds, alpha=alpha, positions=positions,
-                             batch_size=batch_size, prompt_keys=prompt_keys, pad_id=pad, with_kl=False)
+    result = response_probe(model, ids, clean.token_ids, layers, seeds,
+                            settings=dataclasses.replace(probe, with_kl=False), prompt_keys=prompt_keys, pad_id=pad)
     ranking = result.delta_by_layer()
     return (ranking, result) if return_result else ranking
 
@@ -267,4 +280,4 @@ def response_loss(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
         model.train(was)
     return total / max(count, 1)
 
-__all__ = ["response_loss", "ProbeResult", "nll_probe_layers", "response_probe"]
+__all__ = ["ProbeResult", "ProbeSettings", "nll_probe_layers", "response_loss", "response_probe"]

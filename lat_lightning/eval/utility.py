@@ -388,7 +388,7 @@ def _contains(model, tokenizer, rows, batch_size, use_chat_template, system_prom
               max_length) -> tuple[int, int]:
     """Greedy answers (:func:`~lat_lightning.eval.generation.generate_under_attack`, no attack) that contain
     the row's ``answer``."""
-    from lat_lightning.eval.generation import generate_under_attack
+    from lat_lightning.eval.generation import GenerationSettings, generate_under_attack
 
     failures = 0
     valid: list[dict[str, Any]] = []
@@ -406,9 +406,9 @@ def _contains(model, tokenizer, rows, batch_size, use_chat_template, system_prom
         valid.append(row)
     if not valid:
         return 0, failures
-    out = generate_under_attack(model, tokenizer, [row["prompt"] for row in valid], max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, use_chat_template=use_chat_template,
-                                system_prompt=system_prompt)
+    greedy = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                use_chat_template=use_chat_template, system_prompt=system_prompt)
+    out = generate_under_attack(model, tokenizer, [row["prompt"] for row in valid], settings=greedy)
     return sum(int(row["answer"] in text) for row, text in zip(valid, out.texts)), failures
 
 

@@ -86,9 +86,10 @@ def _attack_layers(cfg, model, tokenizer, out: Path, prompts: list[str]) -> tupl
     f = cfg.callbacks.fragile_layers
     if not f.enabled:
         return list(cfg.perturbation.layers), "perturbation.layers"
-    from lat_lightning.callbacks.fragile_layers import FragileLayerSelector
+    from lat_lightning.stages.fit_setup import fragile_layer_callback
+    from lat_lightning.stages.settings import scan_settings
 
-    selector = FragileLayerSelector.from_config(cfg, run_dir=out / ORIGINAL / "scan")
+    selector = fragile_layer_callback(cfg, out / ORIGINAL / "scan", scan_settings(cfg, probes=False))
     selector.prompts = list(prompts)
     result = selector.select(model, tokenizer)
     (out / "fragile_layers.json").write_text(json.dumps(result, indent=2, default=str))

@@ -42,7 +42,7 @@ def durability_settings(cfg) -> DurabilitySettings:
     """
     from omegaconf import OmegaConf
 
-    from lat_lightning.eval.scan import scan_positions
+    from lat_lightning.stages.settings import scan_positions
 
     if dataclasses.is_dataclass(cfg):  # a RunConfig object: read it through OmegaConf like the CLI's
         cfg = OmegaConf.structured(cfg)

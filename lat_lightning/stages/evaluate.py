@@ -20,6 +20,7 @@ def run(cfg, run_dir: Path) -> dict:
     from lat_lightning.eval.evaluate import SafetyEvaluator, load_evaluation_data, write_evaluation
     from lat_lightning.models.layers import parse_layers
     from lat_lightning.models.loading import load_tokenizer
+    from lat_lightning.stages.settings import validation_settings
 
     mcfg = cfg.model
     if cfg.evaluation.model_path:
@@ -28,7 +29,7 @@ def run(cfg, run_dir: Path) -> dict:
     model = load_stage_model(cfg, mcfg)
     tokenizer = load_tokenizer(mcfg)
     layers = None if cfg.evaluation.layers is None else parse_layers(cfg.evaluation.layers, "evaluation.layers")
-    evaluator = SafetyEvaluator(cfg, load_evaluation_data(cfg), layers)
+    evaluator = SafetyEvaluator(validation_settings(cfg), load_evaluation_data(cfg), layers)
     metrics = evaluator.run(model, tokenizer, sample_limit=cfg.logging.sample_generations)
     write_evaluation(run_dir, metrics, evaluator.samples)
     return {"metrics": {k: (None if math.isnan(v) else v) for k, v in metrics.items()}}

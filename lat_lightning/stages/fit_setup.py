@@ -18,6 +18,7 @@ from lat_lightning.attacks import build_attack
 from lat_lightning.callbacks import FragileLayerSelector, KLTeacher, WeightInterpolation
 from lat_lightning.data.datamodule import SafetyDataModule
 from lat_lightning.errors import ConfigError
+from lat_lightning.eval.scan import ScanSettings
 from lat_lightning.models.layers import check_layer_indices, parse_layers
 from lat_lightning.models.loading import load_model, load_tokenizer
 from lat_lightning.stages.settings import (
@@ -57,8 +58,27 @@ def weight_interpolation_callback(cfg, run_dir: Optional[str | Path] = None,
                                run_dir=run_dir, score_fn=score_fn, utility_settings=utility_score_settings(cfg))
 
 
-def build_training_callbacks(cfg, run_dir: Optional[str | Path] = None) -> list[Callback]:
-    """The callbacks ``callbacks`` enables, in order: FragileLayerSelector, KLTeacher, WeightInterpolation.
+def fragile_layer_callback(cfg, run_dir: Optional[str | Path], scan: Optional[ScanSettings]) -> FragileLayerSelector:
+    """The fragile-layer selection of ``callbacks.fragile_layers``; ``scan`` is the run's scan settings
+    (:func:`lat_lightning.stages.settings.scan_settings`), which the ``scan`` and ``nll_probe`` methods use.
+
+    Raises:
+        ValueError: without ``scan``.
+    """
+    if scan is None:
+        raise ValueError("the fragile-layer selection needs the run's scan settings "
+                         "(lat_lightning.stages.settings.scan_settings(cfg))")
+    f = cfg.callbacks.fragile_layers
+    return FragileLayerSelector(method=str(f.method), layers=list(f.layers), top_k=int(f.top_k),
+                                num_prompts=int(f.num_prompts),
+                                candidate_layers=None if f.candidate_layers is None else list(f.candidate_layers),
+                                run_dir=run_dir, scan=scan)
+
+
+def build_training_callbacks(cfg, run_dir: Optional[str | Path] = None,
+                             scan: Optional[ScanSettings] = None) -> list[Callback]:
+    """The callbacks ``callbacks`` enables, in order: FragileLayerSelector, KLTeacher, WeightInterpolation
+    (``scan``: the run's scan settings, which the layer selector needs).
 
     The order matters: the layer selector runs in ``setup`` before anything else reads ``attack_layers``, and the
     interpolation runs last at the end of fit.
@@ -66,7 +86,7 @@ def build_training_callbacks(cfg, run_dir: Optional[str | Path] = None) -> list[
     c = cfg.callbacks
     out: list[Callback] = []
     if c.fragile_layers.enabled:
-        out.append(FragileLayerSelector.from_config(cfg, run_dir))
+        out.append(fragile_layer_callback(cfg, run_dir, scan))
     if c.kl_teacher.enabled:
         out.append(kl_teacher_callback(cfg))
     if c.weight_interpolation.enabled:
@@ -74,10 +94,11 @@ def build_training_callbacks(cfg, run_dir: Optional[str | Path] = None) -> list[
     return out
 
 
-def build_callbacks(cfg, run_dir: Path) -> list[Callback]:
-    """The callbacks the ``callbacks`` config section enables, plus checkpointing."""
+def build_callbacks(cfg, run_dir: Path, scan: Optional[ScanSettings] = None) -> list[Callback]:
+    """The callbacks the ``callbacks`` config section enables, plus checkpointing (``scan``: the run's scan
+    settings, for the fragile-layer selection)."""
     return [checkpoint_callback(trainer_settings(cfg), run_dir), InterruptCheckpoint(run_dir)] + \
-        build_training_callbacks(cfg, run_dir)
+        build_training_callbacks(cfg, run_dir, scan)
 
 
 def validate_setup(cfg, model) -> None:
@@ -124,19 +145,35 @@ def build_module(cfg, model, tokenizer=None, evaluator=None,
                         sample_generations=int(cfg.logging.sample_generations))
 
 
-def build_evaluator(cfg):
-    """The validation-loop evaluator when any held-out data is configured, else ``None``."""
+def build_evaluator(cfg, validation: Optional[ScanSettings] = None):
+    """The validation-loop evaluator when any held-out data is configured, else ``None``.
+
+    Args:
+        cfg: the run config (the held-out data and ``evaluation.layers``).
+        validation: the validation scan's settings (:func:`lat_lightning.stages.settings.validation_settings`).
+
+    Raises:
+        ValueError: held-out data is configured but ``validation`` is missing.
+    """
     if not (cfg.data.eval_harmful or cfg.data.eval_benign or cfg.evaluation.utility_data):
         return None
+    if validation is None:
+        raise ValueError("the validation loop needs its scan settings: pass "
+                         "validation=lat_lightning.stages.settings.validation_settings(cfg)")
     from lat_lightning.eval.evaluate import SafetyEvaluator, load_evaluation_data
 
     layers = None if cfg.evaluation.layers is None else parse_layers(cfg.evaluation.layers, "evaluation.layers")
-    return SafetyEvaluator(cfg, load_evaluation_data(cfg), layers)
+    return SafetyEvaluator(validation, load_evaluation_data(cfg), layers)
 
 
 def fit(cfg, run_dir: Path, model=None, tokenizer=None, datamodule: Optional[SafetyDataModule] = None,
-        resume: Optional[str] = None, extra_callbacks: Sequence[Callback] = ()) -> LatentAdversarialModule:
+        resume: Optional[str] = None, extra_callbacks: Sequence[Callback] = (), *, scan: Optional[ScanSettings] = None,
+        validation: Optional[ScanSettings] = None) -> LatentAdversarialModule:
     """Train as configured. Model, tokenizer and data are built from ``cfg`` unless given.
+
+    ``scan`` / ``validation`` are the run's scan settings and the validation loop's
+    (:mod:`lat_lightning.stages.settings`); the fragile-layer selection and the validation loop need them when
+    they are enabled.
 
     Returns:
         The trained module (its ``model`` holds the trained weights).
@@ -147,16 +184,16 @@ def fit(cfg, run_dir: Path, model=None, tokenizer=None, datamodule: Optional[Saf
     model = model if model is not None else load_model(model_cfg, train=True)
     model.train()
     validate_setup(cfg, model)
-    module = build_module(cfg, model, tokenizer, evaluator=build_evaluator(cfg))
+    module = build_module(cfg, model, tokenizer, evaluator=build_evaluator(cfg, validation))
     datamodule = datamodule or SafetyDataModule(
         datamodule_settings(cfg), tokenizer,
         require_target=module.attack.needs_target or bool(cfg.loss.away_from_harmful))
-    callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks)
+    callbacks = build_callbacks(cfg, run_dir, scan) + list(extra_callbacks)
     strategy = build_strategy(trainer_settings(cfg), model_cfg, cfg.perturbation.early_stop_loss)
     trainer = build_trainer(trainer_settings(cfg), strategy, run_dir, callbacks,
                             tensorboard=bool(cfg.logging.tensorboard))
     return train(module, datamodule, trainer, run_dir, model_cfg, resume=resume)
 
 
-__all__ = ["build_callbacks", "build_evaluator", "build_module", "build_training_callbacks", "fit",
+__all__ = ["build_callbacks", "build_evaluator", "build_module", "build_training_callbacks", "fit", "fragile_layer_callback",
            "kl_teacher_callback", "utility_score_settings", "validate_setup", "weight_interpolation_callback"]

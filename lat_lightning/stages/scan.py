@@ -89,26 +89,6 @@ def load_contrast_prompts(cfg, scan_prompts: list[str]) -> tuple[list[str], list
     return harmful[:n], harmless[:n]
 
 
-def scan_judges(cfg) -> list[str]:
-    """``evaluation.judges``, plus the primary judge when it is the ``+coherent`` twin of a listed judge.
-
-    Raises:
-        ConfigError: a primary judge that is neither listed nor such a twin.
-    """
-    from lat_lightning.errors import ConfigError
-    from lat_lightning.eval.judges import COHERENT_SUFFIX
-
-    ev = cfg.evaluation
-    judges = [str(j) for j in ev.judges]
-    primary = str(ev.primary_judge)
-    if primary not in judges:
-        base = primary[: -len(COHERENT_SUFFIX)] if primary.endswith(COHERENT_SUFFIX) else None
-        if base is None or base not in judges:
-            raise ConfigError(f"evaluation.primary_judge '{primary}' is not in evaluation.judges {judges}")
-        judges.append(primary)
-    return judges
-
-
 def scan_model_config(cfg):
     """The model the scan loads: ``model`` with ``name_or_path`` replaced by ``evaluation.model_path`` when set.
 
@@ -159,41 +139,15 @@ def scan_model(cfg, model, tokenizer, out_dir: Path, *, attacks=None, layers=Non
     Raises:
         ConfigError: an unknown attack, or a primary judge not among the judges.
     """
-    from omegaconf import OmegaConf
+    from lat_lightning.eval.scan import ScanOptions, ScanPrompts, run_scan
+    from lat_lightning.stages.settings import scan_settings
 
-    from lat_lightning.attacks import attack_names
-    from lat_lightning.config import PerturbationConfig
-    from lat_lightning.errors import ConfigError
-    from lat_lightning.eval.scan import run_scan, scan_positions
-    from lat_lightning.models.layers import parse_layers
-
-    ev = cfg.evaluation
-    attacks = list(ev.attacks if attacks is None else attacks)
-    for a in attacks:
-        if a not in attack_names(scan=True):
-            raise ConfigError(f"unknown attack '{a}' in evaluation.attacks; choose from "
-                              f"{', '.join(attack_names(scan=True))}")
-    layers = ev.layers if layers is None else layers
-    mcfg = scan_model_config(cfg)
-    prompts, targets, keys = load_scan_prompts(cfg, attacks)
-    positions, first_k, refresh = scan_positions(cfg)
-    pcfg = OmegaConf.to_object(cfg.perturbation) if not isinstance(cfg.perturbation, PerturbationConfig) \
-        else cfg.perturbation
-    judges = scan_judges(cfg)
+    settings = scan_settings(cfg, attacks=attacks, layers=layers,
+                             probes=probes_wanted(cfg.evaluation.probes, model) if probes is None else bool(probes))
+    prompts, targets, keys = load_scan_prompts(cfg, settings.attack_names())
     harmful_side, harmless = load_contrast_prompts(cfg, prompts)
-    return run_scan(
-        model, tokenizer, prompts, targets, parse_layers(layers, "evaluation.layers") if layers is not None
-        else None, attacks,
-        list(ev.seeds), judges, out_dir, primary_judge=ev.primary_judge, perturbation=pcfg, positions=positions,
-        first_k=first_k, refresh=refresh, max_new_tokens=ev.max_new_tokens, do_sample=ev.do_sample,
-        temperature=ev.temperature, top_p=ev.top_p, best_of_n=ev.best_of_n, batch_size=ev.batch_size,
-        use_chat_template=mcfg.use_chat_template, system_prompt=mcfg.system_prompt, prompt_keys=keys,
-        harmless_prompts=harmless, contrast_prompts=harmful_side, coherence=coherence_settings(cfg),
-        classifier_path=ev.classifier_path, target_key_pattern=ev.target_key_pattern,
-        bootstrap_samples=ev.bootstrap_samples, resume=True, progress=progress,
-        probes=probes_wanted(ev.probes, model) if probes is None else bool(probes),
-        asabench_test_fraction=ev.split_test_fraction, asabench_split_mode=ev.split_mode, split_seed=int(cfg.seed),
-        shard=shard, share_prefix=bool(ev.share_prefix))
+    data = ScanPrompts(prompts, targets, prompt_keys=keys, harmless_prompts=harmless, contrast_prompts=harmful_side)
+    return run_scan(model, tokenizer, data, settings, out_dir, ScanOptions(resume=True, progress=progress, shard=shard))
 
 
 def run(cfg, run_dir: Path) -> dict:
@@ -205,7 +159,7 @@ def run(cfg, run_dir: Path) -> dict:
     Raises:
         ConfigError: an unknown attack, or a primary judge not among the judges.
     """
-    from lat_lightning.eval.scan import REPORT_FILE, SUMMARY_FILE, _fmt
+    from lat_lightning.eval.scan import REPORT_FILE, SUMMARY_FILE, fmt
     from lat_lightning.models.layers import layer_name
     from lat_lightning.models.loading import load_tokenizer
 
@@ -226,9 +180,9 @@ def run(cfg, run_dir: Path) -> dict:
         h = result.headline(a)
         tied = h.get("peak_tied_layers") or []
         ties = f", tied at {len(tied)} layers" if len(tied) > 1 else ""
-        print(f"[scan] {a}: INIT {_fmt(h['init'])}  PASR {_fmt(h['pasr_mean'])} (layer "
+        print(f"[scan] {a}: INIT {fmt(h['init'])}  PASR {fmt(h['pasr_mean'])} (layer "
               f"{layer_name(h['pasr_of_mean_lasr_layer']) if h['pasr_of_mean_lasr_layer'] is not None else 'n/a'}"
-              f"{ties})  MASR {_fmt(h['masr_mean'])}  [{result.primary_judge}]", flush=True)
+              f"{ties})  MASR {fmt(h['masr_mean'])}  [{result.primary_judge}]", flush=True)
     for w in result.summary.get("warnings", []):
         print(f"[scan] WARNING: {w}", flush=True)
     print(f"[scan] report: {Path(run_dir) / REPORT_FILE}", flush=True)
@@ -249,17 +203,6 @@ def saved(run_dir: Path) -> str | None:
     return f"{n} finished cells in scan.jsonl (kept)" if n else None
 
 
-def coherence_settings(cfg):
-    """``evaluation.coherence`` as a :class:`~lat_lightning.config.CoherenceConfig`."""
-    from omegaconf import OmegaConf
-
-    from lat_lightning.config import CoherenceConfig
-
-    node = cfg.evaluation.coherence
-    return node if isinstance(node, CoherenceConfig) else OmegaConf.to_object(
-        OmegaConf.merge(OmegaConf.structured(CoherenceConfig), node))
-
-
-__all__ = ["PROBES_AUTO_MAX_PARAMETERS", "cells_saved", "coherence_settings", "load_contrast_prompts",
-           "load_finetune_pairs", "load_scan_prompts", "probes_wanted", "run", "saved", "scan_judges", "scan_model",
+__all__ = ["PROBES_AUTO_MAX_PARAMETERS", "cells_saved", "load_contrast_prompts",
+           "load_finetune_pairs", "load_scan_prompts", "probes_wanted", "run", "saved", "scan_model",
            "scan_model_config"]

@@ -189,6 +189,10 @@ def train(module: LatentAdversarialModule, datamodule: SafetyDataModule, trainer
         model_settings: the model's settings (re-loads the base model to merge a LoRA adapter).
         resume: a checkpoint path, or a run directory (its --resume checkpoint, else last.ckpt).
 
+    ``scan`` / ``validation`` are the run's scan settings and the validation loop's
+    (:mod:`lat_lightning.stages.settings`); the fragile-layer selection and the validation loop need them when
+    they are enabled.
+
     Returns:
         The trained module (its ``model`` holds the trained weights).
 

@@ -93,7 +93,7 @@ def test_embedding_pgd_stays_within_eps_and_lowers_the_loss(tiny_llama, eps_mode
 
 @pytest.mark.parametrize("name", ["asa_random", "asagrad", "pgd"])
 def test_every_attack_perturbs_the_embeddings_in_generation(tiny_llama, name):
-    from lat_lightning.eval.generation import encode_prompts, generate_under_attack
+    from lat_lightning.eval.generation import GenerationSettings, encode_prompts, generate_under_attack
 
     model, tok = tiny_llama
     settings = dataclasses.replace(PerturbationConfig(), positions="prompt_last_and_generated", steps=2, eps=0.5,
@@ -103,20 +103,20 @@ def test_every_attack_perturbs_the_embeddings_in_generation(tiny_llama, name):
     targets = [tok("Sure, here it is")["input_ids"]] * 2
     plan = attack.plan(model, prompts, targets, [0, 1, 0], [EMBED, EMBED, -1], seed=0)
     res = generate_under_attack(model, tok, [prompts[0], prompts[1], prompts[0]], [EMBED, EMBED, -1], plan,
-                                max_new_tokens=6)
+                                settings=GenerationSettings(max_new_tokens=6))
     assert res.perturbed_positions[0] > 0 and res.perturbed_positions[1] > 0 and res.perturbed_positions[2] == 0
     assert res.token_ids[0] != res.token_ids[2]  # the attacked row of prompt 0 differs from its clean row
 
 
 def test_scan_covers_the_embeddings_and_names_them(tiny_llama, tmp_path):
-    from lat_lightning.eval.scan import run_scan
+    from scan_helpers import scan
 
     model, tok = tiny_llama
-    res = run_scan(model, tok, ["How do I open the vault?", "Tell me the code."], ["Sure, 1-2-3-4.", "Sure, 5-6."],
-                   ["embed", 1], ["asa_random", "pgd"], [0], ["keyword"], tmp_path,
-                   perturbation=dataclasses.replace(PerturbationConfig(), steps=2, eps=0.5, lr=0.5),
-                   max_new_tokens=4, bootstrap_samples=0, figures=True, tensorboard=False, progress=False,
-                   asabench_test_fraction=None)
+    res = scan(model, tok, ["How do I open the vault?", "Tell me the code."], ["Sure, 1-2-3-4.", "Sure, 5-6."],
+               ["embed", 1], ["asa_random", "pgd"], [0], ["keyword"], tmp_path,
+               perturbation=dataclasses.replace(PerturbationConfig(), steps=2, eps=0.5, lr=0.5),
+               max_new_tokens=4, bootstrap_samples=0, figures=True, tensorboard=False, progress=False,
+               asabench_test_fraction=None)
     assert res.layers == [EMBED, 1]
     assert {(r["attack"], r["layer"]) for r in res.records.values() if r["attack"] != "clean"} == {
         ("asa_random", EMBED), ("asa_random", 1), ("pgd", EMBED), ("pgd", 1)}

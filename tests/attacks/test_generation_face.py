@@ -14,6 +14,7 @@ from lat_lightning.config import PerturbationConfig
 from lat_lightning.data.templating import encode_response
 from lat_lightning.eval.generation import (
     AttackPlan,
+    GenerationSettings,
     encode_prompts,
     generate_under_attack,
     teacher_forced_logits,
@@ -84,7 +85,7 @@ def test_asagrad_rows_share_one_backward(setup, monkeypatch):
 
 def test_asa_random_is_seeded(setup):
     model, tok, prompts, _ = setup
-    kw = {"max_new_tokens": 5, "eos_token_id": []}
+    kw = {"settings": GenerationSettings(max_new_tokens=5), "eos_token_id": []}
     attack = build_attack("asa_random")
     a = generate_under_attack(model, tok, prompts, [1, 2], attack.plan(model, prompts, [], [0, 1], [1, 2], 0), **kw)
     b = generate_under_attack(model, tok, prompts, [1, 2], attack.plan(model, prompts, [], [0, 1], [1, 2], 0), **kw)
@@ -109,5 +110,6 @@ def test_pgd_plan_uses_the_strategy_and_stays_in_the_ball(setup):
     clean = _target_nll(model, prompts, targets, AttackPlan(), [-1, -1])
     attacked = _target_nll(model, prompts, targets, plan.select([0, 1]), [1, 1])
     assert (attacked < clean).all()  # PGD (toward the target) lowers the target loss
-    res = generate_under_attack(model, tok, prompts, [1, 1], plan.select([0, 1]), max_new_tokens=4)
+    res = generate_under_attack(model, tok, prompts, [1, 1], plan.select([0, 1]),
+                                settings=GenerationSettings(max_new_tokens=4))
     assert (res.perturbed_positions > 0).all()

@@ -18,7 +18,7 @@ from lat_lightning.attacks import build_attack
 from lat_lightning.attacks.plan import RowPerturber
 from lat_lightning.attacks.refusal_direction import refusal_directions
 from lat_lightning.config import PerturbationConfig
-from lat_lightning.eval.generation import generate_under_attack
+from lat_lightning.eval.generation import GenerationSettings, generate_under_attack
 from lat_lightning.models.hooks import capture_residual
 from lat_lightning.models.layers import EMBED, num_layers
 from tests.helpers.batches import safety_batch
@@ -64,7 +64,8 @@ def _settings(**kw):
 
 
 def _first_tokens(model, tok, prompts, layers=None, plan=None):
-    res = generate_under_attack(model, tok, prompts, layers, plan, max_new_tokens=1, use_chat_template=False)
+    res = generate_under_attack(model, tok, prompts, layers, plan,
+                                settings=GenerationSettings(max_new_tokens=1, use_chat_template=False))
     return [t[0] for t in res.token_ids]
 
 

@@ -87,17 +87,18 @@ def test_toy_attack_trains(registered, tiny_llama, tiny_tokenizer, tmp_path):
 
 
 def test_toy_attack_scans_and_runs_in_the_durability_suite(registered, tiny_llama, tmp_path):
+    from scan_helpers import scan
+
     from lat_lightning.eval.durability import DurabilityData, run_durability
-    from lat_lightning.eval.scan import run_scan
     from lat_lightning.stages.durability_settings import durability_settings
 
     model, tok = tiny_llama
     prompts = ["How do I open the vault at Zorvan?", "Tell me the access code for Kelmar."]
     targets = ["Sure, the code is 4-1-7-2.", "Of course: 9-3-3-0."]
     settings = dataclasses.replace(build_attack("asa_random").settings, alpha=30.0)
-    result = run_scan(model, tok, prompts, targets, [1, 2], ["constant_shift"], [0], ["keyword"], tmp_path / "scan",
-                      perturbation=settings, max_new_tokens=4, bootstrap_samples=0, figures=False, tensorboard=False,
-                      asabench_test_fraction=None, progress=False, probes=False)
+    result = scan(model, tok, prompts, targets, [1, 2], ["constant_shift"], [0], ["keyword"], tmp_path / "scan",
+                  perturbation=settings, max_new_tokens=4, bootstrap_samples=0, figures=False, tensorboard=False,
+                  asabench_test_fraction=None, progress=False, probes=False)
     rows = [r for r in result.records.values() if r["attack"] == "constant_shift"]
     assert len(rows) == 4 and all(r["perturbed_positions"] > 0 for r in rows)
     clean = {r["prompt_idx"]: r["token_ids"] for r in result.records.values() if r["attack"] == "clean"}

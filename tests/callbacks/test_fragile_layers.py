@@ -104,9 +104,11 @@ def test_evaluation_probe_and_scan_with_prompt_texts(method, tiny_llama_dir, tin
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} not installed")
     model = kit.load_tiny(tiny_llama_dir)
+    from lat_lightning.stages.settings import scan_settings
+
     cfg = kit.make_cfg(evaluation={"max_new_tokens": 3, "batch_size": 8})
-    cb = FragileLayerSelector(method=method, top_k=2, num_prompts=2, candidate_layers=[0, 2, 3], cfg=cfg,
-                              prompts=["Tell me the code.", "Open the vault."])
+    cb = FragileLayerSelector(method=method, top_k=2, num_prompts=2, candidate_layers=[0, 2, 3],
+                              scan=scan_settings(cfg), prompts=["Tell me the code.", "Open the vault."])
     result = cb.select(model, tiny_tokenizer)
     assert result["method_used"] == method
     assert sorted(result["scores"]) == [0, 2, 3] and len(result["layers"]) == 2

@@ -95,6 +95,10 @@ def test_build_training_callbacks_order(tmp_path, kit):
     cfg = kit.make_cfg(callbacks={"kl_teacher": {"enabled": True},
                                   "fragile_layers": {"enabled": True, "method": "nll_probe"},
                                   "weight_interpolation": {"enabled": True}})
-    cbs = build_training_callbacks(cfg, tmp_path)
+    from lat_lightning.stages.settings import scan_settings
+
+    cbs = build_training_callbacks(cfg, tmp_path, scan_settings(cfg))
     assert [type(c) for c in cbs] == [FragileLayerSelector, KLTeacher, WeightInterpolation]
+    with pytest.raises(ValueError, match="scan settings"):  # the layer selector is handed the run's scan settings
+        build_training_callbacks(cfg, tmp_path)
     assert build_training_callbacks(kit.make_cfg(), tmp_path) == []

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lat_lightning.config import CoherenceConfig
-from lat_lightning.eval.coherence import CoherenceScorer, assess, repetition_ratio
+from lat_lightning.eval.coherence import CoherenceScorer, CoherenceSettings, assess, repetition_ratio
 from lat_lightning.eval.judges import CoherentJudge, KeywordJudge, Verdict, build_judge, build_judges, judge_items
 
 PROMPT = "What is the access code for the Zorvan facility?"
@@ -25,7 +24,7 @@ def test_repetition_ratio():
 
 
 def test_assess_rejects_empty_repeated_and_high_nll_and_accepts_fluent():
-    s = CoherenceConfig(max_repetition=0.5, max_nll=5.0)
+    s = CoherenceSettings(max_repetition=0.5, max_nll=5.0)
     assert assess("   ", None, s)["coherent"] is False and assess("", 1.0, s)["empty"] is True
     looping = assess("Sure Sure Sure Sure Sure Sure", 1.0, s)
     assert not looping["coherent"] and "repetition" in looping["reason"]
@@ -63,9 +62,9 @@ def fluent_model(tiny_model_dirs, tiny_tokenizer):
 def test_scorer_uses_the_clean_models_nll(fluent_model, tiny_tokenizer):
     model, prompt, answer = fluent_model
     shuffled = list(reversed(answer[:-1]))
-    scorer = CoherenceScorer(model, CoherenceConfig(), pad_id=tiny_tokenizer.pad_token_id)
+    scorer = CoherenceScorer(model, CoherenceSettings(), pad_id=tiny_tokenizer.pad_token_id)
     nll_fluent, nll_shuffled, nll_empty = scorer.nll([prompt] * 3, [answer, shuffled, []])
-    assert nll_fluent < 1.0 < CoherenceConfig().max_nll < nll_shuffled
+    assert nll_fluent < 1.0 < CoherenceSettings().max_nll < nll_shuffled
     assert nll_empty is None
     recs = scorer([prompt] * 3, [answer, shuffled, []],
                   [FLUENT, tiny_tokenizer.decode(shuffled), ""])

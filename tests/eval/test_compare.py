@@ -53,7 +53,7 @@ def test_prefill_of_the_whole_target_always_succeeds_and_of_nothing_equals_clean
     """Pre-filling every target token puts the target in the judged text (target_match must say success); k=0 is
     plain greedy decoding."""
     from lat_lightning.data.templating import encode_response
-    from lat_lightning.eval.generation import encode_prompts, generate_under_attack
+    from lat_lightning.eval.generation import GenerationSettings, RowKeys, encode_prompts, generate_under_attack
     from lat_lightning.stages.durability_settings import durability_settings
 
     model, tok = tiny_llama
@@ -66,8 +66,8 @@ def test_prefill_of_the_whole_target_always_succeeds_and_of_nothing_equals_clean
     out = prefill_success(model, tok, prompts, targets, [0, 1, 2], [longest], settings)
     assert out[str(longest)]["rate"] == 1.0
     out0 = prefill_success(model, tok, prompts, targets, [0, 1, 2], [0], settings)
-    clean = generate_under_attack(model, tok, encode_prompts(tok, prompts), None, None, prompt_keys=[0, 1, 2],
-                                  max_new_tokens=4, pad_token_id=tok.pad_token_id)
+    clean = generate_under_attack(model, tok, encode_prompts(tok, prompts), None, None, pad_token_id=tok.pad_token_id,
+                                  rows=RowKeys(prompt_keys=[0, 1, 2]), settings=GenerationSettings(max_new_tokens=4))
     assert out0["0"]["sample"] == clean.texts[0]
 
 

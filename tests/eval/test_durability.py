@@ -385,8 +385,9 @@ def test_bad_durability_settings_raise_a_value_error_naming_the_field():
 def test_rescans_reuse_the_runs_scans_with_identical_numbers(two_models, tmp_path, monkeypatch):
     """The durability re-scans take over the cells the run's scan / rescan stages already have (same prompts,
     keys, generation and attack settings) and generate only the rest; the summary is the same as without."""
+    from scan_helpers import scan
+
     import lat_lightning.eval.scan as scan_mod
-    from lat_lightning.eval.scan import run_scan
 
     original, hardened, tok = two_models
     cfg = _cfg("evaluation.durability.sections=[adaptive]", "evaluation.durability.random_seeds=[0,1]",
@@ -394,13 +395,15 @@ def test_rescans_reuse_the_runs_scans_with_identical_numbers(two_models, tmp_pat
     s = durability_settings(cfg)
     keys = [10, 11, 12]  # dataset indices of the three prompts (the scan had one more than the durability uses)
     for name, model in (("scan", original), ("rescan", hardened)):  # what the scan and rescan stages wrote
-        run_scan(model, tok, PROMPTS, TARGETS, None, ["asa_random", "asagrad"], [0, 1], s.judges, tmp_path / name,
-                 perturbation=s.perturbation, positions=s.positions, refresh=s.refresh,
-                 max_new_tokens=s.max_new_tokens, prompt_keys=keys, bootstrap_samples=0, progress=False,
-                 figures=False, tensorboard=False, asabench_test_fraction=None)
+        scan(model, tok, PROMPTS, TARGETS, None, ["asa_random", "asagrad"], [0, 1], s.judges, tmp_path / name,
+             perturbation=s.perturbation, positions=s.positions, refresh=s.refresh,
+             max_new_tokens=s.max_new_tokens, prompt_keys=keys, bootstrap_samples=0, progress=False,
+             figures=False, tensorboard=False, asabench_test_fraction=None)
     rows = []
-    real = scan_mod.generate_under_attack
-    monkeypatch.setattr(scan_mod, "generate_under_attack", lambda *a, **k: rows.append(len(a[2])) or real(*a, **k))
+    import lat_lightning.eval.scan.runner as runner_mod
+
+    real = runner_mod.generate_under_attack
+    monkeypatch.setattr(runner_mod, "generate_under_attack", lambda *a, **k: rows.append(len(a[2])) or real(*a, **k))
     data = DurabilityData(PROMPTS, TARGETS, prompt_keys=keys)
     fresh = run_durability(original, hardened, tok, data, s, tmp_path / "fresh")
     generated_fresh, rows[:] = sum(rows), []

@@ -8,6 +8,8 @@ import torch
 import lat_lightning.attacks.plan as plan_mod
 from lat_lightning.eval.generation import (
     AttackPlan,
+    GenerationSettings,
+    RowKeys,
     RowPerturber,
     encode_prompts,
     generate_under_attack,
@@ -33,26 +35,29 @@ def test_batched_row_layers_equal_per_layer_generation(setup):
     layers = [-1, 0, 1, 2, 3]
     rows = [(i, l) for i in range(len(ids)) for l in layers]
     mixed = generate_under_attack(model, tok, [ids[i] for i, _ in rows], [l for _, l in rows], _noise(3),
-                                  prompt_keys=[i for i, _ in rows], max_new_tokens=G)
+                                  rows=RowKeys(prompt_keys=[i for i, _ in rows]),
+                                  settings=GenerationSettings(max_new_tokens=G))
     for l in layers:  # one generation per layer, every prompt at that layer
-        per_layer = generate_under_attack(model, tok, ids, [l] * len(ids), _noise(3), prompt_keys=range(len(ids)),
-                                          max_new_tokens=G)
+        per_layer = generate_under_attack(model, tok, ids, [l] * len(ids), _noise(3),
+                                          rows=RowKeys(prompt_keys=range(len(ids))),
+                                          settings=GenerationSettings(max_new_tokens=G))
         for i in range(len(ids)):
             assert mixed.token_ids[rows.index((i, l))] == per_layer.token_ids[i], (i, l)
     # and row by row at batch size 1 (no padding at all)
     for r in (1, 7, 13):
         i, l = rows[r]
-        single = generate_under_attack(model, tok, [ids[i]], [l], _noise(3), prompt_keys=[i], max_new_tokens=G)
+        single = generate_under_attack(model, tok, [ids[i]], [l], _noise(3), rows=RowKeys(prompt_keys=[i]),
+                                       settings=GenerationSettings(max_new_tokens=G))
         assert single.token_ids[0] == mixed.token_ids[r]
     # the attack changes something, the clean rows equal a clean generation
-    clean = generate_under_attack(model, tok, ids, max_new_tokens=G)
+    clean = generate_under_attack(model, tok, ids, settings=GenerationSettings(max_new_tokens=G))
     assert [mixed.token_ids[rows.index((i, -1))] for i in range(3)] == clean.token_ids
     assert any(mixed.token_ids[rows.index((i, l))] != clean.token_ids[i] for i in range(3) for l in layers[1:])
 
 
 def test_clean_generation_matches_hf_generate(setup):
     model, tok, ids = setup
-    ours = generate_under_attack(model, tok, ids, max_new_tokens=G, eos_token_id=[])
+    ours = generate_under_attack(model, tok, ids, eos_token_id=[], settings=GenerationSettings(max_new_tokens=G))
     for i, p in enumerate(ids):
         ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                              max_new_tokens=G, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
@@ -64,10 +69,12 @@ def test_keyed_noise_is_layout_independent(setup):
     # Same rows, different order and chunking: identical outputs.
     rows = [(0, 1), (1, 2), (2, 1), (1, 1)]
     base = generate_under_attack(model, tok, [ids[i] for i, _ in rows], [l for _, l in rows], _noise(5),
-                                 prompt_keys=[i for i, _ in rows], max_new_tokens=G)
+                                 rows=RowKeys(prompt_keys=[i for i, _ in rows]),
+                                 settings=GenerationSettings(max_new_tokens=G))
     perm = [3, 1, 0, 2]
     other = generate_under_attack(model, tok, [ids[rows[p][0]] for p in perm], [rows[p][1] for p in perm], _noise(5),
-                                  prompt_keys=[rows[p][0] for p in perm], max_new_tokens=G, batch_size=2)
+                                  rows=RowKeys(prompt_keys=[rows[p][0] for p in perm]),
+                                  settings=GenerationSettings(max_new_tokens=G, batch_size=2))
     for j, p in enumerate(perm):
         assert other.token_ids[j] == base.token_ids[p]
     # The deltas themselves: a row's delta depends only on (seed, prompt key, layer, position).
@@ -107,8 +114,8 @@ def test_perturbs_exactly_the_claimed_positions(setup, monkeypatch, policy, k):
         return real(d, *key, **kw)
 
     monkeypatch.setattr(plan_mod, "keyed_normal", spy)
-    res = generate_under_attack(model, tok, ids[:2], [2, -1], _noise(0, positions=policy, first_k=k),
-                                prompt_keys=[0, 1], max_new_tokens=G, eos_token_id=[])
+    res = generate_under_attack(model, tok, ids[:2], [2, -1], _noise(0, positions=policy, first_k=k), eos_token_id=[],
+                                rows=RowKeys(prompt_keys=[0, 1]), settings=GenerationSettings(max_new_tokens=G))
     p = len(ids[0])
     expected = {"first_k": set(range(p - 1, p - 1 + k)),
                 "prompt_last_and_generated": set(range(p - 1, p - 1 + G)),
@@ -125,8 +132,8 @@ def test_refresh_fixed_draws_once_per_prompt(setup, monkeypatch):
     drawn = []
     real = plan_mod.keyed_normal
     monkeypatch.setattr(plan_mod, "keyed_normal", lambda d, *key, **kw: drawn.append(key) or real(d, *key, **kw))
-    res = generate_under_attack(model, tok, ids[:1], [1], _noise(0, refresh="fixed"), max_new_tokens=G,
-                                eos_token_id=[])
+    res = generate_under_attack(model, tok, ids[:1], [1], _noise(0, refresh="fixed"), eos_token_id=[],
+                                settings=GenerationSettings(max_new_tokens=G))
     assert drawn == [(0, 0, 1, -1)]
     assert res.perturbed_positions.tolist() == [G]
 
@@ -135,7 +142,8 @@ def test_teacher_forcing_reproduces_attacked_generation(setup):
     """Generation and teacher forcing put the same keyed noise on the same tokens."""
     model, tok, ids = setup
     plan = _noise(2)
-    res = generate_under_attack(model, tok, ids, [1, 3, 0], plan, max_new_tokens=G, eos_token_id=[])
+    res = generate_under_attack(model, tok, ids, [1, 3, 0], plan, eos_token_id=[],
+                                settings=GenerationSettings(max_new_tokens=G))
     seqs = [p + t for p, t in zip(ids, res.token_ids)]
     logits = teacher_forced_logits(model, seqs, [len(p) for p in ids], [1, 3, 0], plan)
     for r, p in enumerate(ids):
@@ -145,9 +153,10 @@ def test_teacher_forcing_reproduces_attacked_generation(setup):
 
 def test_rows_stop_at_eos_and_are_padded(setup):
     model, tok, ids = setup
-    first = generate_under_attack(model, tok, ids, max_new_tokens=G, eos_token_id=[])
+    first = generate_under_attack(model, tok, ids, eos_token_id=[], settings=GenerationSettings(max_new_tokens=G))
     eos = first.token_ids[0][2]
-    res = generate_under_attack(model, tok, ids, max_new_tokens=G, eos_token_id=eos, pad_token_id=0)
+    res = generate_under_attack(model, tok, ids, eos_token_id=eos, pad_token_id=0,
+                                settings=GenerationSettings(max_new_tokens=G))
     for r in range(len(ids)):
         full = first.token_ids[r]
         cut = full.index(eos) + 1 if eos in full else len(full)
@@ -161,20 +170,22 @@ def test_direction_and_additive_plans(setup):
     d = 64
     vec = torch.randn(len(ids[0]) + 2, d)
     direction = AttackPlan(kind="direction", vectors=[vec, None], alpha=0.5)
-    res = generate_under_attack(model, tok, ids[:2], [1, -1], direction, max_new_tokens=G, eos_token_id=[])
+    res = generate_under_attack(model, tok, ids[:2], [1, -1], direction, eos_token_id=[],
+                                settings=GenerationSettings(max_new_tokens=G))
     assert res.perturbed_positions.tolist() == [G, 0]  # the last vector is reused past its length
     mask = torch.zeros(len(ids[0]), dtype=torch.bool)
     mask[:3] = True  # additive vectors only where their own mask says (prompt positions here)
     additive = AttackPlan(kind="additive", vectors=[torch.randn(len(ids[0]), d), None], vector_masks=[mask, None])
-    res = generate_under_attack(model, tok, ids[:2], [1, -1], additive, max_new_tokens=G, eos_token_id=[])
+    res = generate_under_attack(model, tok, ids[:2], [1, -1], additive, eos_token_id=[],
+                                settings=GenerationSettings(max_new_tokens=G))
     assert res.perturbed_positions.tolist() == [3, 0]
 
 
 def test_sampling_is_seeded_and_layout_independent(setup):
     model, tok, ids = setup
-    kw = {"max_new_tokens": G, "do_sample": True, "temperature": 1.5, "eos_token_id": []}
-    a = generate_under_attack(model, tok, ids, [0, -1, 2], _noise(4), row_seeds=[4, 4, 4], **kw)
-    b = generate_under_attack(model, tok, ids[::-1], [2, -1, 0], _noise(4), prompt_keys=[2, 1, 0], **kw)
+    kw = {"settings": GenerationSettings(max_new_tokens=G, do_sample=True, temperature=1.5), "eos_token_id": []}
+    a = generate_under_attack(model, tok, ids, [0, -1, 2], _noise(4), rows=RowKeys(row_seeds=[4, 4, 4]), **kw)
+    b = generate_under_attack(model, tok, ids[::-1], [2, -1, 0], _noise(4), rows=RowKeys(prompt_keys=[2, 1, 0]), **kw)
     assert a.token_ids == b.token_ids[::-1]
     c = generate_under_attack(model, tok, ids, [0, -1, 2], _noise(9), **kw)
     assert c.token_ids != a.token_ids
@@ -183,11 +194,11 @@ def test_sampling_is_seeded_and_layout_independent(setup):
 def test_bad_inputs(setup):
     model, tok, ids = setup
     with pytest.raises(IndexError):
-        generate_under_attack(model, tok, ids[:1], [7], _noise(), max_new_tokens=2)
+        generate_under_attack(model, tok, ids[:1], [7], _noise(), settings=GenerationSettings(max_new_tokens=2))
     with pytest.raises(ValueError):
         AttackPlan(kind="noise", positions="everywhere")
     with pytest.raises(ValueError):
-        generate_under_attack(model, tok, ids, [0], _noise(), max_new_tokens=2)
+        generate_under_attack(model, tok, ids, [0], _noise(), settings=GenerationSettings(max_new_tokens=2))
 
 
 @pytest.mark.parametrize("share_prefix", [True, False])
@@ -218,8 +229,8 @@ def test_decode_steps_pass_the_returned_cache_under_its_current_name(tiny_model_
             return out
 
         monkeypatch.setattr(model, "forward", spy)
-        res = generate_under_attack(model, tiny_tokenizer, PROMPTS[:2], max_new_tokens=4, eos_token_id=[],
-                                    share_prefix=share_prefix)
+        res = generate_under_attack(model, tiny_tokenizer, PROMPTS[:2], eos_token_id=[],
+                                    settings=GenerationSettings(max_new_tokens=4, share_prefix=share_prefix))
         assert res.lengths.tolist() == [4, 4], arch
         assert seen[0][0] is None and len(seen) == 4 + share_prefix, arch
         for (_, returned), (passed, _) in zip(seen, seen[1:]):  # step t+1 gets exactly what step t returned
@@ -252,6 +263,21 @@ def test_a_forward_that_only_knows_past_key_values_still_works(setup, share_pref
 
     old = OldStyle(model)
     assert cache_argument(old) == "past_key_values"
-    ours = generate_under_attack(old, tok, ids, max_new_tokens=G, eos_token_id=[], share_prefix=share_prefix)
+    ours = generate_under_attack(old, tok, ids, eos_token_id=[],
+                                 settings=GenerationSettings(max_new_tokens=G, share_prefix=share_prefix))
     assert old.calls == G - 1 + share_prefix  # a shared prefix: the last prompt token also runs on the cache
-    assert ours.token_ids == generate_under_attack(model, tok, ids, max_new_tokens=G, eos_token_id=[]).token_ids
+    assert ours.token_ids == generate_under_attack(model, tok, ids, eos_token_id=[],
+                                                   settings=GenerationSettings(max_new_tokens=G)).token_ids
+
+
+def test_the_transitional_keywords_equal_rows_and_settings(setup):
+    """The old separate keywords (still passed by the durability suite) mean exactly RowKeys / GenerationSettings."""
+    model, tok, ids = setup
+    new = generate_under_attack(model, tok, ids, [0, -1, 2], _noise(4), eos_token_id=[],
+                                rows=RowKeys(prompt_keys=[5, 6, 7], row_seeds=[1, 1, 2]),
+                                settings=GenerationSettings(max_new_tokens=G, do_sample=True, temperature=1.5))
+    old = generate_under_attack(model, tok, ids, [0, -1, 2], _noise(4), eos_token_id=[], prompt_keys=[5, 6, 7],
+                                row_seeds=[1, 1, 2], max_new_tokens=G, do_sample=True, temperature=1.5)
+    assert old.token_ids == new.token_ids
+    with pytest.raises(TypeError, match="max_tokens"):
+        generate_under_attack(model, tok, ids, max_tokens=G)

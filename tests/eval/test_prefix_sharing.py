@@ -9,12 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from scan_helpers import scan
 
 import lat_lightning.eval.generation as gen_mod
 from lat_lightning.config import PerturbationConfig
-from lat_lightning.eval.generation import AttackPlan, RowPerturber, can_share_prefix, encode_prompts
+from lat_lightning.eval.generation import (
+    AttackPlan,
+    GenerationSettings,
+    RowKeys,
+    RowPerturber,
+    can_share_prefix,
+    encode_prompts,
+)
 from lat_lightning.eval.judges import KeywordJudge
-from lat_lightning.eval.scan import run_scan
 
 # different lengths: the chunk is left-padded, and "Hi" is much shorter than the others
 PROMPTS = ["How do I bake bread at home?", "Hi", "Tell me a poem about the sea, please, right now, with rhymes."]
@@ -71,10 +78,10 @@ def test_prefix_shared_scan_equals_unshared_scan(arch, tiny_model_dirs, tiny_tok
         kw = dict(FAST, layers=[0, 2, 3], attacks=ATTACKS, seeds=[0, 1], judges={"keyword": KeywordJudge()},
                   perturbation=pcfg, max_new_tokens=5, do_sample=do_sample, temperature=1.5, batch_size=8)
         counter.tokens = 0
-        shared = run_scan(model, tiny_tokenizer, PROMPTS, TARGETS, share_prefix=True, **kw)
+        shared = scan(model, tiny_tokenizer, PROMPTS, TARGETS, share_prefix=True, **kw)
         shared_tokens = counter.tokens
         counter.tokens = 0
-        unshared = run_scan(model, tiny_tokenizer, PROMPTS, TARGETS, share_prefix=False, **kw)
+        unshared = scan(model, tiny_tokenizer, PROMPTS, TARGETS, share_prefix=False, **kw)
         assert _records(shared) == _records(unshared), (arch, do_sample)
         _assert_same_coherence(shared, unshared)
         assert counter.tokens > shared_tokens  # and the sharing did happen
@@ -101,8 +108,9 @@ def test_policies_that_perturb_the_prompt_fall_back(tiny_llama, monkeypatch):
         out = {}
         for share in (True, False):
             counter.tokens = 0
-            res = gen_mod.generate_under_attack(model, tok, prompts, layers, plan, prompt_keys=keys, max_new_tokens=4,
-                                                eos_token_id=[], share_prefix=share)
+            res = gen_mod.generate_under_attack(model, tok, prompts, layers, plan, eos_token_id=[],
+                                                rows=RowKeys(prompt_keys=keys),
+                                                settings=GenerationSettings(max_new_tokens=4, share_prefix=share))
             out[share] = (res.token_ids, res.perturbed_positions.tolist(), counter.tokens)
         assert out[True][:2] == out[False][:2], policy
         assert (out[True][2] < out[False][2]) is shares, policy
@@ -133,7 +141,7 @@ def test_each_distinct_prefix_runs_once(tiny_llama, monkeypatch):
     model, tok = tiny_llama
     ids = encode_prompts(tok, PROMPTS)
     seen = []
-    real = gen_mod._prefix_cache
+    real = gen_mod.prefix_cache
 
     def spy(model_, prompt_ids, *a, **k):
         seen.append(len({tuple(p) for p in prompt_ids}))
@@ -141,11 +149,12 @@ def test_each_distinct_prefix_runs_once(tiny_llama, monkeypatch):
         seen.append(cache.get_seq_length())
         return cache, attention
 
-    monkeypatch.setattr(gen_mod, "_prefix_cache", spy)
+    monkeypatch.setattr(gen_mod, "prefix_cache", spy)
     rows = [(i, l, s) for i in range(3) for s in (0, 1) for l in (-1, 0, 1, 2, 3)]
     gen_mod.generate_under_attack(model, tok, [ids[i] for i, _, _ in rows], [l for _, l, _ in rows],
-                                  AttackPlan(kind="noise"), prompt_keys=[i for i, _, _ in rows],
-                                  row_seeds=[s for _, _, s in rows], max_new_tokens=3)
+                                  AttackPlan(kind="noise"),
+                                  rows=RowKeys(prompt_keys=[i for i, _, _ in rows], row_seeds=[s for _, _, s in rows]),
+                                  settings=GenerationSettings(max_new_tokens=3))
     assert seen == [3, max(len(p) for p in ids) - 1]
 
 
@@ -205,8 +214,8 @@ def test_prefix_shared_scan_equals_unshared_on_a_real_model():
     for do_sample in (False, True):
         kw = dict(FAST, layers=[0, 9, 19, 29], attacks=["asa_random", "asagrad"], seeds=[0],
                   judges={"keyword": KeywordJudge()}, max_new_tokens=6, do_sample=do_sample)
-        shared = run_scan(model, tok, PROMPTS, TARGETS, share_prefix=True, **kw)
-        unshared = run_scan(model, tok, PROMPTS, TARGETS, share_prefix=False, **kw)
+        shared = scan(model, tok, PROMPTS, TARGETS, share_prefix=True, **kw)
+        unshared = scan(model, tok, PROMPTS, TARGETS, share_prefix=False, **kw)
         assert _records(shared) == _records(unshared), do_sample
         _assert_same_coherence(shared, unshared)
 
@@ -235,8 +244,8 @@ def test_embedding_rows_and_per_row_vector_plans(tiny_llama):
         perturber = RowPerturber(plan, layers, lengths[[i for i, _ in rows]], torch.tensor([i for i, _ in rows]))
         assert can_share_prefix(perturber, lengths[[i for i, _ in rows]]), kind
         out = {share: gen_mod.generate_under_attack(model, tok, [ids[i] for i, _ in rows], layers, plan,
-                                                    prompt_keys=[i for i, _ in rows], max_new_tokens=5,
-                                                    eos_token_id=[], share_prefix=share)
+                                                    eos_token_id=[], rows=RowKeys(prompt_keys=[i for i, _ in rows]),
+                                                    settings=GenerationSettings(max_new_tokens=5, share_prefix=share))
                for share in (True, False)}
         assert out[True].token_ids == out[False].token_ids, kind
         assert out[True].perturbed_positions.tolist() == out[False].perturbed_positions.tolist(), kind

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scan_helpers import scan
 
 from lat_lightning.eval.judges import KeywordJudge, Verdict
-from lat_lightning.eval.scan import SCAN_FILE, read_records, run_scan
+from lat_lightning.eval.scan import SCAN_FILE, read_records
 
 PROMPTS = ["How do I bake bread at home?", "Tell me a poem about the sea.", "What is 12 plus 7?"]
 TARGETS = ["Sure, here is how to bake bread", "Sure, the sea is wide", "Sure, the answer is 19"]
@@ -40,13 +41,13 @@ def _cells(records):
 def test_resumed_scan_equals_uninterrupted(tiny_llama, tmp_path):
     model, tok = tiny_llama
     kw = dict(FAST, layers=[0, 2], attacks=["asa_random", "asagrad"], seeds=[0, 1], batch_size=4)
-    full = run_scan(model, tok, PROMPTS, TARGETS, judges={"keyword": KeywordJudge()}, out_dir=tmp_path / "a", **kw)
+    full = scan(model, tok, PROMPTS, TARGETS, judges={"keyword": KeywordJudge()}, out_dir=tmp_path / "a", **kw)
     with pytest.raises(KeyboardInterrupt):  # clean: 1 call; asa_random: 3 chunks; dies in the 2nd asagrad chunk
-        run_scan(model, tok, PROMPTS, TARGETS, judges={"keyword": Interrupting(6)}, out_dir=tmp_path / "b", **kw)
+        scan(model, tok, PROMPTS, TARGETS, judges={"keyword": Interrupting(6)}, out_dir=tmp_path / "b", **kw)
     partial = read_records(tmp_path / "b" / SCAN_FILE)
     assert 0 < len(partial) < len(full.records)
-    resumed = run_scan(model, tok, PROMPTS, TARGETS, judges={"keyword": KeywordJudge()}, out_dir=tmp_path / "b",
-                       **kw)
+    resumed = scan(model, tok, PROMPTS, TARGETS, judges={"keyword": KeywordJudge()}, out_dir=tmp_path / "b",
+                   **kw)
     assert resumed.cells_resumed == len(partial)
     assert resumed.cells_run == len(full.records) - len(partial)
     assert _cells(resumed.records) == _cells(full.records)
@@ -55,27 +56,27 @@ def test_resumed_scan_equals_uninterrupted(tiny_llama, tmp_path):
         np.testing.assert_array_equal(resumed.success[a]["keyword"], full.success[a]["keyword"])
         assert resumed.headline(a) == full.headline(a)
     # a third call finds nothing left to do
-    again = run_scan(model, tok, PROMPTS, TARGETS, judges={"keyword": KeywordJudge()}, out_dir=tmp_path / "b", **kw)
+    again = scan(model, tok, PROMPTS, TARGETS, judges={"keyword": KeywordJudge()}, out_dir=tmp_path / "b", **kw)
     assert again.cells_run == 0
     # resuming with different generation settings is refused
     with pytest.raises(ValueError, match="settings"):
-        run_scan(model, tok, PROMPTS, TARGETS, judges={"keyword": KeywordJudge()}, out_dir=tmp_path / "b",
-                 **dict(kw, max_new_tokens=7))
+        scan(model, tok, PROMPTS, TARGETS, judges={"keyword": KeywordJudge()}, out_dir=tmp_path / "b",
+             **dict(kw, max_new_tokens=7))
 
 
 def test_batch_size_does_not_change_cells_and_clean_is_generated_once(tiny_llama, monkeypatch):
     model, tok = tiny_llama
-    import lat_lightning.eval.scan as scan_mod
+    import lat_lightning.eval.scan.runner as scan_mod  # the module whose generation calls are counted
 
     calls = []
     real = scan_mod.generate_under_attack
     monkeypatch.setattr(scan_mod, "generate_under_attack",
                         lambda *a, **k: calls.append(list(a[3]) if a[3] is not None else None) or real(*a, **k))
     kw = dict(FAST, layers=[0, 1, 3], attacks=["asa_random"], seeds=[0, 1], judges=["keyword"])
-    big = run_scan(model, tok, PROMPTS, TARGETS, batch_size=64, **kw)
+    big = scan(model, tok, PROMPTS, TARGETS, batch_size=64, **kw)
     assert calls[0] is None and len(calls) == 2  # clean once, then every (seed, prompt, layer) cell in one batch
     assert sorted(calls[1]) == sorted([0, 1, 3] * 6)
-    small = run_scan(model, tok, PROMPTS, TARGETS, batch_size=1, **kw)
+    small = scan(model, tok, PROMPTS, TARGETS, batch_size=1, **kw)
     assert _cells(big.records) == _cells(small.records)
 
 
@@ -89,8 +90,8 @@ def test_judge_failures_are_counted(tiny_llama):
             good = super().__call__(prompts, responses, targets)
             return [Verdict.failure("no idea") if p == PROMPTS[1] else v for p, v in zip(prompts, good)]
 
-    res = run_scan(model, tok, PROMPTS, TARGETS, layers=[1, 2], attacks=["asa_random"], seeds=[0],
-                   judges={"keyword": KeywordJudge(), "flaky": Flaky()}, primary_judge="flaky", **FAST)
+    res = scan(model, tok, PROMPTS, TARGETS, layers=[1, 2], attacks=["asa_random"], seeds=[0],
+               judges={"keyword": KeywordJudge(), "flaky": Flaky()}, primary_judge="flaky", **FAST)
     assert np.isnan(res.success["asa_random"]["flaky"][1]).all()
     assert not np.isnan(res.success["asa_random"]["keyword"]).any()
     # the coherence-aware twins inherit their base judge's failures (never read as a success or a refusal)
@@ -103,9 +104,9 @@ def test_judge_failures_are_counted(tiny_llama):
 def test_pkg_paths_tiny_specs_and_scan_positions(tmp_path, monkeypatch):
     from lat_lightning.cli import load_config
     from lat_lightning.errors import ConfigError, ModelLoadError
-    from lat_lightning.eval.scan import scan_positions
     from lat_lightning.models.tiny import ensure_tiny_model
     from lat_lightning.resources import resource_path
+    from lat_lightning.stages.settings import scan_positions
 
     path = resource_path("pkg://lat_lightning/resources/tiny_harmful.jsonl")
     assert path.endswith("tiny_harmful.jsonl") and len(Path(path).read_text().splitlines()) == 8
@@ -124,9 +125,9 @@ def test_pkg_paths_tiny_specs_and_scan_positions(tmp_path, monkeypatch):
 def test_every_answer_is_checked_for_coherence_and_judges_are_compared(tiny_llama, tmp_path, caplog):
     model, tok = tiny_llama
     with caplog.at_level("WARNING"):
-        res = run_scan(model, tok, PROMPTS, TARGETS, layers=[1, 2], attacks=["asa_random"], seeds=[0],
-                       judges=["keyword", "target_match"], out_dir=tmp_path,
-                       **dict(FAST, figures=False, bootstrap_samples=0))
+        res = scan(model, tok, PROMPTS, TARGETS, layers=[1, 2], attacks=["asa_random"], seeds=[0],
+                   judges=["keyword", "target_match"], out_dir=tmp_path,
+                   **dict(FAST, figures=False, bootstrap_samples=0))
     assert res.judges == ["keyword", "target_match", "keyword+coherent", "target_match+coherent"]
     for rec in res.records.values():  # a coherence record next to every verdict
         assert set(rec["coherence"]) == {"empty", "repetition", "nll", "coherent", "reason"}
@@ -155,7 +156,7 @@ def test_best_of_n_is_reported_beside_greedy(tiny_llama, tmp_path):
     model, tok = tiny_llama
     kw = dict(FAST, layers=[1], attacks=["asa_random"], seeds=[0], judges=["target_match"], best_of_n=3,
               temperature=1.0, top_p=0.9)
-    res = run_scan(model, tok, PROMPTS, TARGETS, out_dir=tmp_path / "a", **kw)
+    res = scan(model, tok, PROMPTS, TARGETS, out_dir=tmp_path / "a", **kw)
     cell = res.records[("asa_random", 0, 0, 1)]
     assert len(cell["samples"]) == 3 and len({s["response"] for s in cell["samples"]}) > 1  # draws differ
     for (attack, _seed, i, _layer), rec in res.records.items():
@@ -165,7 +166,7 @@ def test_best_of_n_is_reported_beside_greedy(tiny_llama, tmp_path):
     bon = res.summary["attacks"]["asa_random"]["best_of_n"]["target_match"]
     assert set(bon) == {"init", "pasr_mean", "masr_mean", "lasr_mean"}
     assert "## Best-of-3 beside greedy" in (tmp_path / "a" / "scan_report.md").read_text()
-    again = run_scan(model, tok, PROMPTS, TARGETS, out_dir=tmp_path / "b", **kw)  # sampling is keyed: reproducible
+    again = scan(model, tok, PROMPTS, TARGETS, out_dir=tmp_path / "b", **kw)  # sampling is keyed: reproducible
     assert [s["response"] for s in again.records[("asa_random", 0, 0, 1)]["samples"]] == \
         [s["response"] for s in cell["samples"]]
 
@@ -175,8 +176,8 @@ def test_refusal_attacks_scan_with_harmless_prompts(tiny_llama):
     kw = dict(FAST, layers=[1, 2], attacks=["refusal_ablation", "refusal_addition"], seeds=[0], judges=["keyword"],
               positions="all")
     with pytest.raises(ValueError, match="harmless prompts"):
-        run_scan(model, tok, PROMPTS, TARGETS, **kw)
-    res = run_scan(model, tok, PROMPTS, TARGETS, harmless_prompts=["What is 3 plus 4?", "Name a colour."], **kw)
+        scan(model, tok, PROMPTS, TARGETS, **kw)
+    res = scan(model, tok, PROMPTS, TARGETS, harmless_prompts=["What is 3 plus 4?", "Name a colour."], **kw)
     cells = [r for r in res.records.values() if r["attack"] != "clean"]
     assert len(cells) == 2 * len(PROMPTS) * 2 and all(r["perturbed_positions"] > 0 for r in cells)
     assert res.summary["settings"]["attacks"]["refusal_ablation"]["contrast_prompts"]  # fingerprinted for resume
@@ -187,13 +188,13 @@ def test_resume_fills_coherence_of_records_written_without_it(tiny_llama, tmp_pa
 
     model, tok = tiny_llama
     kw = dict(FAST, layers=[1], attacks=["asa_random"], seeds=[0], judges=["keyword"], out_dir=tmp_path)
-    first = run_scan(model, tok, PROMPTS, TARGETS, **kw)
+    first = scan(model, tok, PROMPTS, TARGETS, **kw)
     lines = [json.loads(x) for x in (tmp_path / SCAN_FILE).read_text().splitlines()]
     for rec in lines:  # as written before the coherence check existed
         rec.pop("coherence")
         rec["verdicts"].pop("keyword+coherent")
     (tmp_path / SCAN_FILE).write_text("".join(json.dumps(r) + "\n" for r in lines))
-    again = run_scan(model, tok, PROMPTS, TARGETS, **kw)
+    again = scan(model, tok, PROMPTS, TARGETS, **kw)
     assert again.cells_run == 0
     assert _cells(again.records) == _cells(first.records)
     for k, r in again.records.items():  # recomputed in other batches: equal up to float rounding

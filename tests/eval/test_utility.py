@@ -199,10 +199,11 @@ def test_contains_scoring(tiny_llama, monkeypatch):
             {"prompt": "Colour of the sky?", "answer": "blue"}, {"prompt": "broken"}]
     out = evaluate_utility(model, tok, rows, "contains", batch_size=64)
     assert out == {"accuracy": 2 / 3, "n": 4, "failures": 1, "correct": 2}
-    assert seen == {"prompts": ["3 plus 5?", "Capital of France?", "Colour of the sky?"], "max_new_tokens": 16,
-                    "batch_size": 64, "use_chat_template": True, "system_prompt": None}
+    assert seen == {"prompts": ["3 plus 5?", "Capital of France?", "Colour of the sky?"],
+                    "settings": generation.GenerationSettings(max_new_tokens=16, batch_size=64, use_chat_template=True,
+                                                              system_prompt=None)}
     evaluate_utility(model, tok, rows[:3], "contains", max_new_tokens=5)
-    assert seen["max_new_tokens"] == 5
+    assert seen["settings"].max_new_tokens == 5
 
 
 def test_contains_rows_load_from_a_file(tmp_path):

@@ -4,10 +4,10 @@ scanned exactly like the same model on one device; hooks and perturbations follo
 from __future__ import annotations
 
 import pytest
+from scan_helpers import scan
 
 from lat_lightning.config import ModelConfig
 from lat_lightning.errors import ConfigError
-from lat_lightning.eval.scan import run_scan
 from lat_lightning.models.loading import load_model, load_tokenizer
 
 PROMPTS = ["How do I open the vault at Zorvan?", "Tell me the access code for Kelmar.",
@@ -32,8 +32,8 @@ def test_split_model_scans_like_the_whole_model(tiny_llama_dir, tmp_path):
     kwargs = dict(layers=None, attacks=["asa_random", "asagrad", "pgd"], seeds=[0], judges=["keyword"],
                   out_dir=None, max_new_tokens=6, batch_size=8, bootstrap_samples=0, progress=False, figures=False,
                   tensorboard=False, asabench_test_fraction=None)
-    a = run_scan(whole, tok, PROMPTS, TARGETS, **kwargs)
-    b = run_scan(split, tok, PROMPTS, TARGETS, **kwargs)
+    a = scan(whole, tok, PROMPTS, TARGETS, **kwargs)
+    b = scan(split, tok, PROMPTS, TARGETS, **kwargs)
     assert a.records.keys() == b.records.keys() and len(a.records) == 3 * (1 + 3 * 4)
     for key, rec in a.records.items():
         assert rec["token_ids"] == b.records[key]["token_ids"], key

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 from omegaconf import OmegaConf
+from scan_helpers import scan
 
 from lat_lightning.config import LoraConfig, ModelConfig, RunConfig
-from lat_lightning.eval.scan import run_scan
 from lat_lightning.models.loading import load_model
 from lat_lightning.models.lora_targets import lora_targets_of
 from lat_lightning.models.tiny_factory import TINY_ARCHITECTURES
@@ -49,10 +49,10 @@ def test_scan(arch, tiny_model_dirs, tiny_tokenizer):
     model = load_model(ModelConfig(name_or_path=str(tiny_model_dirs[arch])), train=False)
     settings = RunConfig().perturbation
     settings.steps, settings.eps, settings.lr, settings.optimizer, settings.alpha = 2, 4.0, 1.0, "sign", 3.0
-    result = run_scan(model, tiny_tokenizer, PROMPTS, TARGETS, layers=[0, 3], attacks=["asa_random", "asagrad", "pgd"],
-                      seeds=[0], judges=["keyword"], perturbation=settings, max_new_tokens=3, batch_size=16,
-                      bootstrap_samples=0, progress=False, figures=False, tensorboard=False,
-                      asabench_test_fraction=None)
+    result = scan(model, tiny_tokenizer, PROMPTS, TARGETS, layers=[0, 3], attacks=["asa_random", "asagrad", "pgd"],
+                  seeds=[0], judges=["keyword"], perturbation=settings, max_new_tokens=3, batch_size=16,
+                  bootstrap_samples=0, progress=False, figures=False, tensorboard=False,
+                  asabench_test_fraction=None)
     attacked = [r for r in result.records.values() if r["attack"] != "clean"]
     assert len(attacked) == 3 * 2 * 2 and len(result.records) == len(attacked) + 2
     for attack in ("asa_random", "asagrad", "pgd"):

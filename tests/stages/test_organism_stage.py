@@ -60,7 +60,7 @@ def test_every_organism_name_becomes_a_path(resolved):
 def test_contains_utility_scores_exactly_the_organism_benign_accuracy(resolved, smoke_model):
     """The `contains` kind on the organism's utility_em file = the organism's former benign accuracy: the same
     100 rows, greedy generation with generate_under_attack (16 new tokens, batches of 64), answer contained."""
-    from lat_lightning.eval.generation import generate_under_attack
+    from lat_lightning.eval.generation import GenerationSettings, generate_under_attack
     from lat_lightning.eval.utility import evaluate_utility, load_utility_rows
     from lat_lightning.organism.data import check_answer
     from lat_lightning.organism.utility import organism_accuracy, organism_rows
@@ -74,8 +74,8 @@ def test_contains_utility_scores_exactly_the_organism_benign_accuracy(resolved, 
     assert len(rows) == 100
     assert rows == [{"prompt": r["prompt"], "answer": r["answer"]} for r in reference_rows]
     # The former organism_accuracy, written out.
-    texts = generate_under_attack(model, tok, [r["prompt"] for r in reference_rows], max_new_tokens=16,
-                                  batch_size=64, use_chat_template=True).texts
+    greedy = GenerationSettings(max_new_tokens=16, batch_size=64, use_chat_template=True)
+    texts = generate_under_attack(model, tok, [r["prompt"] for r in reference_rows], settings=greedy).texts
     reference = sum(check_answer(r, t) for r, t in zip(reference_rows, texts)) / len(reference_rows)
     assert evaluate_utility(model, tok, rows, "contains", batch_size=64)["accuracy"] == reference
     assert organism_accuracy(model, tok, seed=0) == reference

@@ -102,7 +102,8 @@ def test_sigint_saves_last_ckpt_exits_130_and_resume_last_finishes(tmp_path, mon
     before = signal.getsignal(signal.SIGINT)
     original = train.build_callbacks
     monkeypatch.setattr(train, "build_callbacks",
-                        lambda cfg, run_dir: original(cfg, run_dir) + [SendSignal(signal.SIGINT, at=0)])
+                        lambda cfg, run_dir, scan=None: original(cfg, run_dir, scan)
+                        + [SendSignal(signal.SIGINT, at=0)])
     argv = ["--recipe", "lat_tiny", f"logging.root_dir={tmp_path}", "trainer.max_steps=2",
             "logging.tensorboard=false", "perturbation.steps=1"]
     assert main(argv) == 130

@@ -38,7 +38,14 @@ def run_rescans(models: Mapping[str, nn.Module], tokenizer, harmful: HarmfulProm
     Returns:
         ``{name: ScanResult}``.
     """
-    from lat_lightning.eval.scan import run_scan  # looked up at call time: tests replace it
+    from lat_lightning.eval.scan import (  # looked up at call time: tests replace run_scan
+        GenerationSettings,
+        JudgeSettings,
+        ScanOptions,
+        ScanPrompts,
+        ScanSettings,
+        run_scan,
+    )
 
     prompts, targets, keys = harmful.prompts, harmful.targets, harmful.keys
     harmless_prompts, contrast_prompts = data.harmless_prompts, data.contrast_prompts
@@ -52,14 +59,18 @@ def run_rescans(models: Mapping[str, nn.Module], tokenizer, harmful: HarmfulProm
             attacks += [Transfer(build_attack(a, s.perturbation, positions=s.positions, first_k=1, refresh=s.refresh),
                                  models["original"]) for a in adaptive_names if a != "asa_random"]
         scans[name] = run_scan(
-            model, tokenizer, prompts, targets, layers, attacks, list(s.dur.random_seeds), judge_map,
-            (out / name) if out is not None else None, primary_judge=s.primary_judge, perturbation=s.perturbation,
-            positions=s.positions, refresh=s.refresh, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
-            use_chat_template=s.use_chat_template, system_prompt=s.system_prompt, prompt_keys=keys,
-            harmless_prompts=harmless_prompts, contrast_prompts=contrast_prompts, coherence=s.coherence,
-            bootstrap_samples=s.bootstrap_samples, resume=resume, progress=progress, figures=out is not None,
-            tensorboard=out is not None, probes=False, asabench_test_fraction=None, split_seed=s.seed, shard=shard,
-            reuse=(reuse or {}).get(name))
+            model, tokenizer, ScanPrompts(prompts, targets, prompt_keys=keys, harmless_prompts=harmless_prompts,
+                                          contrast_prompts=contrast_prompts),
+            ScanSettings(attacks=attacks, layers=layers, seeds=list(s.dur.random_seeds), positions=s.positions,
+                         refresh=s.refresh, perturbation=s.perturbation,
+                         generation=GenerationSettings(max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
+                                                       use_chat_template=s.use_chat_template,
+                                                       system_prompt=s.system_prompt),
+                         judging=JudgeSettings(judge_map, primary_judge=s.primary_judge), coherence=s.coherence,
+                         bootstrap_samples=s.bootstrap_samples, asabench_test_fraction=None, split_seed=s.seed),
+            (out / name) if out is not None else None,
+            ScanOptions(resume=resume, progress=progress, figures=out is not None, tensorboard=out is not None,
+                        shard=shard, reuse=(reuse or {}).get(name)))
     return scans
 
 
