@@ -26,7 +26,6 @@ from typing import Optional, Sequence
 
 import torch
 import torchmetrics
-from omegaconf import DictConfig
 from torch import nn
 
 from lat_lightning.data.schema import SafetyExample
@@ -43,27 +42,6 @@ class EvaluationData:
     benign_prompts: list[str] = field(default_factory=list)
     utility_rows: list[dict] = field(default_factory=list)
     utility_kind: str = "multiple_choice"
-
-
-def load_evaluation_data(cfg: DictConfig) -> EvaluationData:
-    """Read ``data.eval_harmful``, ``data.eval_benign`` and ``evaluation.utility_data`` (each optional)."""
-    from lat_lightning.data.loaders import load_benign_examples, load_safety_examples
-
-    data = EvaluationData(utility_kind=cfg.evaluation.utility_kind)
-    if cfg.data.eval_harmful:
-        data.harmful = load_safety_examples(cfg.data.eval_harmful, cfg.data.harmful_split,
-                                            dict(cfg.data.harmful_columns or {}), cfg.data.default_safe_response,
-                                            cfg.evaluation.num_prompts, default_target=cfg.data.default_target,
-                                            require_target=False, row_filter=dict(cfg.data.filter or {}))
-    if cfg.data.eval_benign:
-        data.benign_prompts = [ex.prompt for ex in load_benign_examples(
-            cfg.data.eval_benign, cfg.data.benign_split, dict(cfg.data.benign_columns or {}),
-            cfg.evaluation.num_prompts)]
-    if cfg.evaluation.utility_data:
-        from lat_lightning.eval.utility import load_utility_rows
-
-        data.utility_rows = load_utility_rows(cfg.evaluation.utility_data, cfg.evaluation.utility_kind)
-    return data
 
 
 def _broken(matrix) -> torch.Tensor:

@@ -6,7 +6,29 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from lat_lightning.eval.evaluate import EvaluationData
 from lat_lightning.stages.common import load_stage_model
+
+
+def load_evaluation_data(cfg) -> EvaluationData:
+    """Read ``data.eval_harmful``, ``data.eval_benign`` and ``evaluation.utility_data`` (each optional)."""
+    from lat_lightning.data.loaders import load_benign_examples, load_safety_examples
+
+    data = EvaluationData(utility_kind=cfg.evaluation.utility_kind)
+    if cfg.data.eval_harmful:
+        data.harmful = load_safety_examples(cfg.data.eval_harmful, cfg.data.harmful_split,
+                                            dict(cfg.data.harmful_columns or {}), cfg.data.default_safe_response,
+                                            cfg.evaluation.num_prompts, default_target=cfg.data.default_target,
+                                            require_target=False, row_filter=dict(cfg.data.filter or {}))
+    if cfg.data.eval_benign:
+        data.benign_prompts = [ex.prompt for ex in load_benign_examples(
+            cfg.data.eval_benign, cfg.data.benign_split, dict(cfg.data.benign_columns or {}),
+            cfg.evaluation.num_prompts)]
+    if cfg.evaluation.utility_data:
+        from lat_lightning.eval.utility import load_utility_rows
+
+        data.utility_rows = load_utility_rows(cfg.evaluation.utility_data, cfg.evaluation.utility_kind)
+    return data
 
 
 def run(cfg, run_dir: Path) -> dict:
@@ -17,7 +39,7 @@ def run(cfg, run_dir: Path) -> dict:
     """
     from omegaconf import OmegaConf
 
-    from lat_lightning.eval.evaluate import SafetyEvaluator, load_evaluation_data, write_evaluation
+    from lat_lightning.eval.evaluate import SafetyEvaluator, write_evaluation
     from lat_lightning.models.layers import parse_layers
     from lat_lightning.models.loading import load_tokenizer
     from lat_lightning.stages.settings import validation_settings
@@ -35,4 +57,4 @@ def run(cfg, run_dir: Path) -> dict:
     return {"metrics": {k: (None if math.isnan(v) else v) for k, v in metrics.items()}}
 
 
-__all__ = ["run"]
+__all__ = ["load_evaluation_data", "run"]

@@ -160,7 +160,8 @@ def build_evaluator(cfg, validation: Optional[ScanSettings] = None):
     if validation is None:
         raise ValueError("the validation loop needs its scan settings: pass "
                          "validation=lat_lightning.stages.settings.validation_settings(cfg)")
-    from lat_lightning.eval.evaluate import SafetyEvaluator, load_evaluation_data
+    from lat_lightning.eval.evaluate import SafetyEvaluator
+    from lat_lightning.stages.evaluate import load_evaluation_data
 
     layers = None if cfg.evaluation.layers is None else parse_layers(cfg.evaluation.layers, "evaluation.layers")
     return SafetyEvaluator(validation, load_evaluation_data(cfg), layers)
