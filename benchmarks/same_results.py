@@ -3,7 +3,7 @@
 Compares the result files of two run directories (e.g. ``make demo`` before and after a change, or two runs of
 ``--recipe compare_defences``): ``report.json``, every ``*_summary.json`` (scan, rescan, durability, comparison) and
 every ``scan.jsonl`` record, value by value. What legitimately differs between two runs is left out: wall times
-(``seconds``, ``seconds_per_seed``, ``cells.seconds``), and the run directory's own path inside strings (replaced by
+(``seconds``, ``seconds_per_seed``, ``cells.seconds``, durability's ``timings``), and the run directory's own path inside strings (replaced by
 ``<run>``). Floats must be equal exactly (``--tolerance`` relaxes that).
 
     python -m benchmarks.same_results runs/default/version_0 runs/default/version_1
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 # Keys whose values are wall-clock measurements: two identical runs differ there by design.
-VOLATILE_KEYS = frozenset({"seconds", "seconds_per_seed", "wall_s", "elapsed"})
+VOLATILE_KEYS = frozenset({"seconds", "seconds_per_seed", "timings", "wall_s", "elapsed"})
 RESULT_GLOBS = ("report.json", "**/*_summary.json", "**/scan.jsonl")
 
 
