@@ -28,7 +28,8 @@ def run(cfg, run_dir: Path) -> dict:
     model = load_stage_model(cfg, mcfg)
     tokenizer = load_tokenizer(mcfg)
     layers = None if cfg.evaluation.layers is None else parse_layers(cfg.evaluation.layers, "evaluation.layers")
-    evaluator = SafetyEvaluator(cfg, load_evaluation_data(cfg), layers)
+    # SafetyEvaluator's annotation (eval/evaluate.py) says int layers; it hands them to run_scan, which expands "all"
+    evaluator = SafetyEvaluator(cfg, load_evaluation_data(cfg), layers)  # type: ignore[arg-type]
     metrics = evaluator.run(model, tokenizer, sample_limit=cfg.logging.sample_generations)
     write_evaluation(run_dir, metrics, evaluator.samples)
     return {"metrics": {k: (None if math.isnan(v) else v) for k, v in metrics.items()}}
