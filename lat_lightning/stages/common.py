@@ -68,7 +68,8 @@ def process_shard(cfg) -> Optional[tuple[int, int]]:
         world = dist.get_world_size()
         return (dist.get_rank(), world) if world > 1 else None
     env: Optional[ClusterEnvironment] = next(
-        (e() for e in (TorchElasticEnvironment, SLURMEnvironment) if e.detect()), None)
+        (e() for e in (TorchElasticEnvironment, SLURMEnvironment) if e.detect()), None
+    )
     if env is None and "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
         env = LightningEnvironment()
     if env is None or env.world_size() <= 1:
