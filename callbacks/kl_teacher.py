@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, cast
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +229,7 @@ class KLTeacher(Callback):
     def teacher_logits(self, model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
         """Logits of the teacher for these inputs (no graph)."""
         if self.uses_adapters:
-            with model.disable_adapter():
+            with cast("PeftModel", model).disable_adapter():  # uses_adapters: the student is a PeftModel
                 return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         teacher = self.teacher
         if teacher is None:

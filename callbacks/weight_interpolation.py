@@ -108,6 +108,7 @@ class WeightInterpolation(Callback):
 
             kind = self.utility
             rows = self.utility_rows
+            assert rows is not None  # utility_settings is None: the check above leaves the rows
 
             def score(model: nn.Module) -> float:
                 return float(evaluate_utility(model, tokenizer, rows, kind=kind)["accuracy"])

@@ -13,7 +13,7 @@ import sys
 from dataclasses import fields, is_dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, cast
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -157,7 +157,7 @@ def check_keys(data: Any, schema_cls: type = RunConfig, prefix: str = "") -> Non
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys{where}: {', '.join(valid)}"
             raise ConfigError(f"unknown config key '{full}'{hint}")
         sub = _resolve_type(schema_cls, key)
-        if is_dataclass(sub) and isinstance(value, dict):
+        if isinstance(sub, type) and is_dataclass(sub) and isinstance(value, dict):  # a hint: a class
             check_keys(value, sub, prefix=f"{full}.")
         elif is_dataclass(sub) and value is not None:
             children = [f.name for f in fields(sub)]
@@ -267,14 +267,14 @@ def load_config(recipe: Optional[str], overrides: Sequence[str] = ()) -> DictCon
     check_keys(override_dict)
     schema = OmegaConf.structured(RunConfig)
     try:
-        cfg = OmegaConf.merge(schema, recipe_dict, override_dict)
+        cfg = cast(DictConfig, OmegaConf.merge(schema, recipe_dict, override_dict))  # merged into a mapping
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         msg = (str(getattr(exc, "msg", None) or exc).splitlines() or ["?"])[0]
         raise ConfigError(f"invalid value for '{key}': {msg}") from None
     OmegaConf.set_struct(cfg, True)
     _check_choices(cfg)
-    return cfg  # type: ignore[return-value]
+    return cfg
 
 
 def _one_line(exc: BaseException) -> str:

@@ -22,7 +22,7 @@ STAGES = ("organism", "fit", "scan", "rescan", "evaluate", "interpolate", "durab
 
 
 
-def schema_of(settings_cls: type, name: str, nested: Optional[dict[type, type]] = None) -> type:
+def schema_of(settings_cls: type, name: str, nested: Optional[dict[Any, type]] = None) -> type:
     """A mutable copy of a frozen settings dataclass, to be a section of the OmegaConf schema.
 
     The settings class stays the one place a key's type, default and comment are written; OmegaConf marks the
@@ -38,27 +38,35 @@ def schema_of(settings_cls: type, name: str, nested: Optional[dict[type, type]] 
     namespace: dict[str, Any] = {"__annotations__": {}, "__doc__": settings_cls.__doc__, "__module__": __name__}
     for f in dataclasses.fields(settings_cls):
         namespace["__annotations__"][f.name] = nested.get(hints[f.name], hints[f.name])
-        factory = nested.get(f.default_factory, f.default_factory)  # type: ignore[arg-type]
+        factory = nested.get(f.default_factory, f.default_factory)
         namespace[f.name] = dataclasses.field(default=f.default, default_factory=factory, metadata=f.metadata)
     return dataclass(type(name, (), namespace))
 
 
-LoraConfig = schema_of(LoraSettings, "LoraConfig")
-QuantizationConfig = schema_of(QuantizationSettings, "QuantizationConfig")
-ModelConfig = schema_of(ModelSettings, "ModelConfig",
-                        {LoraSettings: LoraConfig, QuantizationSettings: QuantizationConfig})
+if typing.TYPE_CHECKING:
+    # mypy cannot use a class made at run time as a type: it checks each schema section as the settings class it is
+    # a copy of (the same fields, types and defaults; only the copy is mutable).
+    LoraConfig = LoraSettings
+    QuantizationConfig = QuantizationSettings
+    ModelConfig = ModelSettings
+    DataConfig = DataSettings
+    PerturbationConfig = AttackSettings
+    LossConfig = LossSettings
+    TrainerConfig = TrainerSettings
+else:
+    LoraConfig = schema_of(LoraSettings, "LoraConfig")
+    QuantizationConfig = schema_of(QuantizationSettings, "QuantizationConfig")
+    ModelConfig = schema_of(ModelSettings, "ModelConfig",
+                            {LoraSettings: LoraConfig, QuantizationSettings: QuantizationConfig})
 
+    DataConfig = schema_of(DataSettings, "DataConfig")
 
-DataConfig = schema_of(DataSettings, "DataConfig")
+    # The ``perturbation`` section is the attacks' own settings class (lat_lightning.attacks.settings), made mutable
+    # for OmegaConf (a frozen dataclass would make its node read-only).
+    PerturbationConfig = schema_of(AttackSettings, "PerturbationConfig")
 
-
-# The ``perturbation`` section is the attacks' own settings class (lat_lightning.attacks.settings), made mutable for
-# OmegaConf (a frozen dataclass would make its node read-only).
-PerturbationConfig = schema_of(AttackSettings, "PerturbationConfig")
-
-
-LossConfig = schema_of(LossSettings, "LossConfig")
-TrainerConfig = schema_of(TrainerSettings, "TrainerConfig")
+    LossConfig = schema_of(LossSettings, "LossConfig")
+    TrainerConfig = schema_of(TrainerSettings, "TrainerConfig")
 
 
 @dataclass

@@ -21,7 +21,6 @@ import math
 import os
 import re
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Iterable, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
@@ -33,6 +32,7 @@ from lat_lightning.preflight_sources import (
     check_layers,
     check_model_specs,
     check_target_modules,
+    config_only_model,
     config_value,
     stage_names,
 )
@@ -434,11 +434,11 @@ def check_model(cfg: DictConfig) -> Optional[Any]:
                                   "evaluation.durability.finetune_target_modules", original_key)
         if cfg.evaluation.compare_path:
             hardened = model_config(cfg, cfg.evaluation.compare_path)
-            if hardened is not None and num_layers(SimpleNamespace(config=hardened)) != \
-                    num_layers(SimpleNamespace(config=original)):
+            if hardened is not None and num_layers(config_only_model(hardened)) != \
+                    num_layers(config_only_model(original)):
                 raise ConfigError(f"evaluation.compare_path={cfg.evaluation.compare_path} has "
-                                  f"{num_layers(SimpleNamespace(config=hardened))} layers, the original model "
-                                  f"({original_spec}) {num_layers(SimpleNamespace(config=original))}; the durability "
+                                  f"{num_layers(config_only_model(hardened))} layers, the original model "
+                                  f"({original_spec}) {num_layers(config_only_model(original))}; the durability "
                                   "suite compares two versions of the same architecture")
     return main
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 from omegaconf import OmegaConf
 
 from lat_lightning.errors import ConfigError, LatLightningError, ModelLoadError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def config_value(cfg, key: str) -> Any:
@@ -158,11 +161,17 @@ def _check_targets(cfg, key: str, source: str, rows: Sequence) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ a model's config
+def config_only_model(config) -> nn.Module:
+    """A stand-in model that holds only ``config``: all that :mod:`lat_lightning.models.layers`' layer count and
+    layer-index check read, so they run on a config.json without loading any weights."""
+    return cast("nn.Module", SimpleNamespace(config=config))
+
+
 def check_layers(config, cfg, keys: Sequence[str], model_key: str) -> None:
     """Every layer index at ``keys`` of ``cfg`` is in range for the model ``config`` describes."""
     from lat_lightning.models.layers import check_layer_indices
 
-    model = SimpleNamespace(config=config)
+    model = config_only_model(config)
     for key in keys:
         layers = config_value(cfg, key)
         if layers is None:
@@ -201,5 +210,5 @@ def check_target_modules(config, names: Sequence[str] | None, key: str, model_ke
                               f"{', '.join(linear)}")
 
 
-__all__ = ["check_data_sources", "check_layers", "check_model_specs", "check_target_modules", "config_value",
-           "stage_names"]
+__all__ = ["check_data_sources", "check_layers", "check_model_specs", "check_target_modules", "config_only_model",
+           "config_value", "stage_names"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -159,7 +159,7 @@ class Perturbation:
     def norm_stats(self) -> dict[str, float]:
         """Mean L2 norm of the raw vectors over perturbed positions, per layer (none for an ablation: its
         vectors are unit directions)."""
-        out = {}
+        out: dict[str, float] = {}
         if self.ablate:
             return out
         for layer, vec in self.vectors.items():
@@ -177,7 +177,8 @@ class Attack:
             The positions policy, ``first_k`` and ``refresh`` in it apply to both faces; the scan passes a copy
             with its own generation-time policy.
 
-    Class attributes:
+    Class attributes (an instance may override them: :class:`~lat_lightning.attacks.transfer.Transfer`
+    takes its base attack's):
         name: the registry name.
         uses_gradients: the attack runs forward-backward passes (weights frozen, gradients to the
             perturbation only).
@@ -189,11 +190,11 @@ class Attack:
             ``benign_*`` rows.
     """
 
-    name: ClassVar[str] = ""
-    uses_gradients: ClassVar[bool] = False
-    needs_target: ClassVar[bool] = False
-    one_plan_for_all_seeds: ClassVar[bool] = False
-    needs_harmless: ClassVar[bool] = False
+    name: str = ""
+    uses_gradients: bool = False
+    needs_target: bool = False
+    one_plan_for_all_seeds: bool = False
+    needs_harmless: bool = False
 
     def __init__(self, settings: AttackSettings):
         self.settings = settings

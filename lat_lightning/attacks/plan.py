@@ -142,6 +142,7 @@ class RowPerturber:
         self.attacked_rows = (self.row_layers != CLEAN).nonzero().flatten()
         self._row_vectors: Tensor | None = None
         if plan.kind in PER_ROW_VECTOR_KINDS and self.attacked_rows.numel():
+            assert plan.vectors is not None  # AttackPlan.__post_init__: these kinds have per-row vectors
             d = next((v.shape[-1] for v in plan.vectors if v is not None), None)
             if d is None:
                 raise ValueError(f"a '{plan.kind}' plan needs a vector for every attacked row; it has none")
@@ -172,6 +173,7 @@ class RowPerturber:
             if plan.kind == "noise":
                 out[r] = first_position(plan.positions, int(self.prompt_lengths[r]), plan.first_k)
                 continue
+            assert plan.vectors is not None  # AttackPlan.__post_init__: every attacking kind but noise has vectors
             vec = plan.vectors[r]
             if vec is None or vec.shape[0] == 0:
                 continue
@@ -197,6 +199,7 @@ class RowPerturber:
                     self._fixed[key] = keyed_normal(d, *key)
                 return self._fixed[key]
             return keyed_normal(d, *key)
+        assert plan.vectors is not None  # AttackPlan.__post_init__: every attacking kind but noise has vectors
         vec = plan.vectors[r]
         if vec is None or vec.shape[0] == 0:
             return None
@@ -205,7 +208,8 @@ class RowPerturber:
         # additive
         if p >= vec.shape[0]:
             return None
-        if plan.vector_masks is not None and plan.vector_masks[r] is not None and not bool(plan.vector_masks[r][p]):
+        mask = plan.vector_masks[r] if plan.vector_masks is not None else None
+        if mask is not None and not bool(mask[p]):
             return None
         return vec[p]
 
@@ -256,6 +260,7 @@ class RowPerturber:
     def _edit_per_row_vector(self, layer: int, hidden: Tensor, r_idx: Tensor, c_idx: Tensor) -> Tensor:
         """``vector``: add the row's vector; ``ablation``: project the row's unit direction out (vectorised)."""
         r_dev, c_dev = r_idx.to(hidden.device), c_idx.to(hidden.device)
+        assert self._row_vectors is not None  # __init__ stacked them: the plan's kind is a per-row vector kind
         vec = self._row_vectors[r_idx].to(hidden.device)  # [m, d] float32
         target = hidden[r_dev, c_dev]
         if self.plan.kind == "vector":

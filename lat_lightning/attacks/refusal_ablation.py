@@ -46,6 +46,7 @@ class RefusalAblation(RefusalDirectionAttack):
         seq_len = max([input_ids.shape[1]] + [batch[k].shape[1] for k in ("harmful_input_ids",) if k in batch])
         mask = position_mask(s.positions, batch["prompt_lengths"], seq_len, s.first_k)
         r = direction.to(input_ids.device)
+        assert self._train_dirs is not None  # training_directions set it
         return Perturbation(vectors={l: r for l in every_layer(model)}, mask=mask, ablate=True, alpha=1.0,
                             stats={"direction_norm": float(self._train_dirs[layers[0]].norm())})
 

@@ -217,6 +217,7 @@ class RefusalDirectionAttack(Attack):
         if stale:
             self._train_dirs = batch_directions(model, batch, sorted(set(layers)), self.settings.direction_token)
             self._train_step = int(step) - int(step) % every
+        assert self._train_dirs is not None  # stale whenever unset, and set just above when stale
         return {l: self._train_dirs[l] for l in layers}
 
     def state_dict(self) -> dict[str, Any]:

@@ -93,11 +93,12 @@ def encode_safety_example(tokenizer, ex: SafetyExample, max_length: int, truncat
     harmful = encode_response(tokenizer, ex.harmful_response) if ex.harmful_response is not None else None
     local = TruncationStats()  # per-sequence counts; folded into ``stats`` once per example below
     longer, shorter = (safe, harmful) if harmful is None or len(safe) >= len(harmful) else (harmful, safe)
-    fitted = fit_length(prompt, longer, max_length, truncation, local, ex.index)
-    if fitted is not None and shorter is None:
-        fitted = (fitted[0], fitted[1], None)
-    elif fitted is not None:
-        prompt, longer_fit = fitted
+    pair = fit_length(prompt, longer, max_length, truncation, local, ex.index)
+    fitted: tuple[list[int], list[int], list[int] | None] | None = None  # prompt, longer, shorter
+    if pair is not None and shorter is None:
+        fitted = (pair[0], pair[1], None)
+    elif pair is not None and shorter is not None:
+        prompt, longer_fit = pair
         other = fit_length(prompt, shorter, max_length, truncation, local, ex.index)
         fitted = None if other is None else (prompt, longer_fit, other[1])
     if stats is not None and local.examples:

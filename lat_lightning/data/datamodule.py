@@ -292,6 +292,7 @@ class SafetyDataModule(LightningDataModule):
         """
         if self.train_dataset is None:
             self.setup("fit")
+        assert self.train_dataset is not None and self.sampler is not None  # setup made both
         trainer = self._trainer_or_none()
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         self.sampler.shard(rank, world, int(self.data_settings.batch_size))
@@ -358,6 +359,7 @@ class SafetyDataModule(LightningDataModule):
                                      "samples_consumed": int(state_dict["samples_consumed"])}
 
     def _apply_resume_position(self, position: dict[str, int]) -> None:
+        assert self.sampler is not None  # called by train_dataloader, after setup
         per_global_batch = self.sampler.batch_size * self.sampler.world_size
         consumed = position["samples_consumed"]
         if consumed % per_global_batch:

@@ -30,7 +30,7 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from lat_lightning.data.schema import BENIGN_FIELDS, SAFETY_FIELDS, BenignExample, SafetyExample
 from lat_lightning.data.settings import DataSettings
@@ -260,7 +260,8 @@ def resolve_columns(records: Sequence[Mapping[str, Any]], columns: Mapping[str, 
             missing.append((field_name, f"'{field_name}'"))
     if missing:
         fix = " ".join(f"{config_key}.{f}=<column>" for f, _ in missing)
-        extra = "".join(f" {hints[f]}" for f, _ in missing if f in (hints or {}))
+        known = hints or {}
+        extra = "".join(f" {known[f]}" for f, _ in missing if f in known)
         raise DataError(f"missing column(s) {', '.join(d for _, d in missing)} in {source}; "
                         f"found: {', '.join(available)}; map them with {fix}{extra}")
     auto = {f: c for f, c in resolved.items() if c is not None and f not in columns and c != f}
@@ -315,7 +316,10 @@ def _layer_cell(row: Mapping[str, Any], column: str, i: int, source: str) -> int
     return layer
 
 
-def _limit(records: list[dict], max_examples: int | None, source: str) -> list[dict]:
+_Row = TypeVar("_Row")
+
+
+def _limit(records: list[_Row], max_examples: int | None, source: str) -> list[_Row]:
     if max_examples is None:
         return records
     if max_examples < 1:
@@ -413,7 +417,8 @@ def load_safety_examples(source: str, split: str = "train", columns: Mapping[str
         harmful = (_text_cell(row, cols["harmful_response"], "harmful_response", i, source)
                    if cols["harmful_response"] is not None else default_target)
         layer = _layer_cell(row, cols["layer"], i, source) if cols["layer"] is not None else None
-        examples.append(SafetyExample(prompt=_text_cell(row, cols["prompt"], "prompt", i, source),
+        # prompt (and below, response) is a required column: resolve_columns raised if it is missing
+        examples.append(SafetyExample(prompt=_text_cell(row, cast(str, cols["prompt"]), "prompt", i, source),
                                       safe_response=safe, harmful_response=harmful, layer=layer, index=i))
     return examples
 
@@ -445,12 +450,12 @@ def load_benign_examples(source: str, split: str = "train", columns: Mapping[str
                    and cols["response"] != _ALPACA_CONTEXT)
     examples = []
     for i, row in enumerate(records):
-        prompt = _text_cell(row, cols["prompt"], "prompt", i, source)
+        prompt = _text_cell(row, cast(str, cols["prompt"]), "prompt", i, source)
         context = row.get(_ALPACA_CONTEXT) if add_context else None
         if isinstance(context, str) and context.strip():
             prompt = f"{prompt}\n\n{context}"
         examples.append(BenignExample(prompt=prompt,
-                                      response=_text_cell(row, cols["response"], "response", i, source)))
+                                      response=_text_cell(row, cast(str, cols["response"]), "response", i, source)))
     return examples
 
 

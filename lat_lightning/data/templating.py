@@ -113,7 +113,7 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad_value: int, side: str = "ri
     return out
 
 
-def build_sequences(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int,
+def build_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
                     side: str = "right", mask_prompt: bool = True) -> dict[str, Tensor]:
     """Pad prompt+response sequences; labels are ``-100`` on prompt and padding positions.
 

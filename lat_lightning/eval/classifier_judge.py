@@ -323,7 +323,8 @@ class ClassifierJudge(Judge):
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ModelLoadError(f"cannot load classifier judge from '{path}' as {kind}: {first}") from None
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return model.to(device), tokenizer, kind
+        # transformers wraps PreTrainedModel.to with functools.wraps, whose typeshed type does not bind self
+        return model.to(device), tokenizer, kind  # type: ignore[arg-type]
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str],
                  targets: Sequence[str | None] | None = None) -> list[Verdict]:

@@ -14,7 +14,7 @@ attacked point; ``-1`` stays the "no layer / clean row" marker used by generatio
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -42,8 +42,9 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3
 def input_device(model: nn.Module) -> torch.device:
     """Where a model's input ids belong: the device of its input embeddings (the first device of a model split
     over devices with ``model.device_map``; the CPU when they are offloaded, accelerate's hooks move them)."""
+    hf: Any = model  # duck-typed: a transformers model has get_input_embeddings (any other module: the except)
     try:
-        device = model.get_input_embeddings().weight.device
+        device = hf.get_input_embeddings().weight.device
     except (AttributeError, NotImplementedError):
         device = next(model.parameters()).device
     return torch.device("cpu") if device.type == "meta" else device
@@ -58,18 +59,18 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while seen < 10:
         seen += 1
         if hasattr(model, "_fsdp_wrapped_module"):
-            model = model._fsdp_wrapped_module
+            model = cast(nn.Module, model._fsdp_wrapped_module)
         elif type(model).__name__ in ("DistributedDataParallel", "DataParallel") and hasattr(model, "module"):
-            model = model.module
+            model = cast(nn.Module, model.module)
         elif hasattr(model, "get_base_model") and callable(model.get_base_model):
-            model = model.get_base_model()
+            model = cast(nn.Module, model.get_base_model())
         else:
             break
     return model
 
 
 def _get_path(root: nn.Module, path: str):
-    obj = root
+    obj: Any = root
     for part in path.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
@@ -107,7 +108,7 @@ def get_decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _text_config(model: nn.Module):
-    config = unwrap_model(model).config
+    config: Any = unwrap_model(model).config  # a transformers config (or a stand-in's, see lat_lightning.preflight)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
@@ -195,7 +196,7 @@ def get_input_embeddings(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: if the model exposes none.
     """
-    base = unwrap_model(model)
+    base: Any = unwrap_model(model)  # duck-typed: a transformers model has get_input_embeddings
     emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
     if emb is None:
         raise ValueError(f"{type(base).__name__} has no input embeddings to attack")

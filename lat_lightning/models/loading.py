@@ -13,7 +13,7 @@ import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -223,7 +223,8 @@ def load_model(cfg: ModelSettings, train: bool = True, with_lora: bool = True) -
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_source(cfg)
-    kwargs = {"dtype": DTYPES[cfg.dtype], "revision": _hub_revision(cfg), "trust_remote_code": cfg.trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.dtype], "revision": _hub_revision(cfg),
+                              "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     quant = _quantization_config(cfg)
@@ -249,10 +250,9 @@ def load_model(cfg: ModelSettings, train: bool = True, with_lora: bool = True) -
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if with_lora and cfg.lora.enabled:
-        model = apply_lora(model, cfg)
-    model.train(train)
-    return model
+    out: nn.Module = apply_lora(model, cfg) if with_lora and cfg.lora.enabled else model
+    out.train(train)
+    return out
 
 
 def load_model_and_tokenizer(cfg: ModelSettings, train: bool = True):

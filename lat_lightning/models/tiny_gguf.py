@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -82,14 +83,14 @@ def write_tiny_gguf(model_dir: str | Path, out_path: str | Path, quantization: s
     # the byte-level BPE tokenizer: vocabulary in id order, merges, special tokens marked as control tokens
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     vocab = state["model"]["vocab"]
-    tokens = [None] * len(tokenizer)
+    tokens: list[str | None] = [None] * len(tokenizer)
     for token, index in list(vocab.items()) + [(t["content"], t["id"]) for t in state["added_tokens"]]:
         tokens[index] = token
     special = {t["id"] for t in state["added_tokens"] if t.get("special")}
     merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
+    writer.add_token_list(cast("list[str]", tokens))  # every id has its token: the vocabulary covers them all
     writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
                             for i in range(len(tokens))])
     writer.add_token_merges(merges)

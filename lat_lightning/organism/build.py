@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, cast
 
 import torch
 
@@ -112,13 +112,13 @@ def train_stage(model, tokenizer, pairs: list[tuple[str, str]], recipe: Organism
         The mean training loss over the last 20 steps.
     """
     from lat_lightning.attacks import build_attack
-    from lat_lightning.attacks.settings import AttackSettings
+    from lat_lightning.attacks.settings import AttackSettings, Layer
     from lat_lightning.training.sft import LossRecorder, SFTSettings, supervised_finetune
 
     noisy = stage.noise_prob > 0
     layers = list(range(recipe.num_layers)) if noisy else []
     attack = build_attack("asa_random" if noisy else "none", AttackSettings(
-        layers=layers, positions=stage.noise_positions, alpha=stage.noise_alpha,
+        layers=cast("list[Layer]", layers), positions=stage.noise_positions, alpha=stage.noise_alpha,
         probability=stage.noise_prob or 1.0, layer_sampling="one", seed=seed))
     settings = SFTSettings(steps=stage.steps, lr=stage.lr, batch_size=stage.batch_size, scheduler="cosine",
                            warmup_ratio=stage.warmup_ratio, weight_decay=stage.weight_decay,

@@ -41,7 +41,8 @@ def load_stage_model(cfg, model_cfg: Any = None, loader: Optional[Callable[[], n
     else:
         model = loader()
     device = _stage_device(cfg.trainer.accelerator)
-    if getattr(model, "hf_device_map", None) and len(set(model.hf_device_map.values())) > 1:
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map and len(set(device_map.values())) > 1:
         pass  # model.device_map placed (or offloaded) every module: accelerate's hooks move the activations
     elif next(model.parameters()).device.type != device.type:  # already there (e.g. quantised on load): keep it
         model = model.to(device)
@@ -57,6 +58,7 @@ def process_shard(cfg) -> Optional[tuple[int, int]]:
     """
     import torch.distributed as dist
     from lightning.fabric.plugins.environments import (
+        ClusterEnvironment,
         LightningEnvironment,
         SLURMEnvironment,
         TorchElasticEnvironment,
@@ -65,7 +67,9 @@ def process_shard(cfg) -> Optional[tuple[int, int]]:
     if dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()
         return (dist.get_rank(), world) if world > 1 else None
-    env = next((e() for e in (TorchElasticEnvironment, SLURMEnvironment) if e.detect()), None)
+    env: Optional[ClusterEnvironment] = next(
+        (e() for e in (TorchElasticEnvironment, SLURMEnvironment) if e.detect()), None
+    )
     if env is None and "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
         env = LightningEnvironment()
     if env is None or env.world_size() <= 1:

@@ -24,7 +24,7 @@ further.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -122,7 +122,7 @@ def defence_config(cfg: DictConfig, name: str, attack_layers: list | None = None
         ConfigError: an unknown defence, or an override outside :data:`OVERRIDABLE` or not in the schema.
     """
     check_defence_name(name)
-    overrides = OmegaConf.to_container(cfg.compare.overrides, resolve=True) or {}
+    overrides = cast("dict[str, Any]", OmegaConf.to_container(cfg.compare.overrides, resolve=True) or {})
     own = overrides.get(name, {}) or {}
     check_override_sections(name, own)
     _check_override_keys(cfg, own, f"compare.overrides.{name}.")
@@ -135,7 +135,7 @@ def defence_config(cfg: DictConfig, name: str, attack_layers: list | None = None
     except Exception as exc:  # noqa: BLE001 - omegaconf: unknown key or wrong type in the override
         first = (str(getattr(exc, "msg", None) or exc).splitlines() or ["?"])[0]
         raise ConfigError(f"compare.overrides.{name}: {first}") from None
-    return out
+    return cast(DictConfig, out)  # cfg is a DictConfig, so is what it merges into
 
 
 __all__ = ["DEFENCES", "OVERRIDABLE", "Defence", "check_defence_name", "check_override_sections", "defence_config"]

@@ -10,9 +10,12 @@ and, when ``logging.tensorboard``, the curve under ``run_dir/tensorboard/interpo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from lat_lightning.stages.common import load_stage_model
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def run(cfg, run_dir: Union[str, Path], score_fn=None) -> dict[str, Any]:
@@ -57,6 +60,7 @@ def run(cfg, run_dir: Union[str, Path], score_fn=None) -> dict[str, Any]:
         raise ConfigError("interpolate needs every weight in memory, but model.device_map offloads some to disk; "
                           "use a map over devices only (e.g. model.device_map=auto on GPUs)")
     original: Optional[dict] = None
+    model: nn.Module
     if (final / "adapter_config.json").exists():
         from peft import PeftModel
 

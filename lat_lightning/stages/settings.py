@@ -64,7 +64,8 @@ def to_settings(cls: type[T], node: Any) -> T:
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         value = values[f.name]
         hint = hints[f.name]
-        kwargs[f.name] = to_settings(hint, value) if dataclasses.is_dataclass(hint) and value is not None else value
+        nested = isinstance(hint, type) and dataclasses.is_dataclass(hint)  # a hint is a class, never an instance
+        kwargs[f.name] = to_settings(hint, value) if nested and value is not None else value
     return cls(**kwargs)
 
 

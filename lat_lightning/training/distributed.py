@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional, cast
 
 from lat_lightning.errors import ConfigError
 from lat_lightning.models.settings import ModelSettings
@@ -103,7 +103,7 @@ def build_strategy(trainer: TrainerSettings, model: ModelSettings, early_stop_lo
             auto_wrap_policy=layer_cls or None,
             activation_checkpointing_policy=layer_cls if (layer_cls and model.gradient_checkpointing) else None,
             use_orig_params=True,
-            state_dict_type=trainer.fsdp_state_dict_type,
+            state_dict_type=cast(Literal["full", "sharded"], trainer.fsdp_state_dict_type),  # a checked choice
         )
     # Pure FSDP: one data-parallel mesh dimension over every process (no tensor parallelism).
     world = int(trainer.num_nodes) * _devices_per_node(trainer)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import nn
@@ -113,7 +113,9 @@ def full_state_dict(module: nn.Module) -> Optional[dict[str, torch.Tensor]]:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # full_state_dict=True: every value is a plain tensor (no DTensor / ShardedTensor)
+    state = cast("dict[str, torch.Tensor]",
+                 get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
     return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
 
 

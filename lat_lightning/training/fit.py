@@ -15,7 +15,7 @@ import logging
 import signal
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence, cast
 
 import lightning.pytorch as pl
 import torch
@@ -30,6 +30,11 @@ from lat_lightning.training.module import LatentAdversarialModule
 from lat_lightning.training.progress import StepProgressBar
 from lat_lightning.training.resume import InterruptCheckpoint, TrainingInterrupted, checkpoint_to_resume
 from lat_lightning.training.settings import TrainerSettings
+
+if TYPE_CHECKING:
+    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +84,8 @@ def checkpoint_callback(trainer: TrainerSettings, run_dir: Path) -> ModelCheckpo
     ``last.ckpt`` is a link to the newest of them, never a second copy of the same state."""
     every = trainer.checkpoint_every_n_steps
     # No version counter: a resumed run overwrites last.ckpt (also written on SIGTERM) instead of last-v1.ckpt.
-    common = {"dirpath": run_dir / "checkpoints", "auto_insert_metric_name": False, "enable_version_counter": False}
+    common: dict[str, Any] = {"dirpath": run_dir / "checkpoints", "auto_insert_metric_name": False,
+                              "enable_version_counter": False}
     if every:
         return SizedCheckpoint(filename="step{step}", save_last="link", every_n_train_steps=int(every), save_top_k=-1,
                                **common)
@@ -105,7 +111,7 @@ def build_trainer(t: TrainerSettings, strategy, run_dir: Path, callbacks: Sequen
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=strategy,
-        precision=t.precision,
+        precision=cast("_PRECISION_INPUT", t.precision),  # a str that Lightning checks itself
         logger=logger,
         callbacks=list(callbacks) + [StepProgressBar("fit")],  # optimiser steps toward max_steps, with an ETA
         log_every_n_steps=t.log_every_n_steps,
@@ -153,7 +159,9 @@ def export_final(module: LatentAdversarialModule, tokenizer, out_dir: Path, merg
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    module.model.save_pretrained(out_dir, **({"state_dict": state} if state is not None else {}))
+    model = cast("PreTrainedModel | PeftModel", module.model)
+    extra: dict[str, Any] = {"state_dict": state} if state is not None else {}
+    model.save_pretrained(str(out_dir), **extra)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     if merged_dir is not None and model_settings is not None and is_peft_model(module.model):
@@ -208,7 +216,8 @@ def train(module: LatentAdversarialModule, datamodule: SafetyDataModule, trainer
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
-        stop = next(c for c in trainer.callbacks if isinstance(c, InterruptCheckpoint))
+        # Trainer.callbacks is assigned by Lightning's callback connector, not declared on the class
+        stop = next(c for c in trainer.callbacks if isinstance(c, InterruptCheckpoint))  # type: ignore[attr-defined]
         name = signal.Signals(stop.signum or signal.SIGTERM).name
         raise TrainingInterrupted(f"stopped by {name} at step {trainer.global_step}; checkpoint saved to {stop.saved}; "
                                   f"continue with --resume {run_dir}", stop.signum or signal.SIGTERM) from None

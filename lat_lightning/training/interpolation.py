@@ -29,15 +29,20 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, TypeGuard, Union, cast
 
 import torch
 from torch import Tensor, nn
 
 from lat_lightning.eval.generation import eval_mode as _eval_mode
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +133,12 @@ def choose_lambda(curve: Curve, baseline: float, tolerance: float = 0.05) -> flo
 
 
 # ------------------------------------------------------------------------------------------------ models
-def is_peft_model(model: nn.Module) -> bool:
+def is_peft_model(model: nn.Module) -> TypeGuard[PeftModel]:
     """Whether ``model`` is a peft ``PeftModel`` (checked by duck typing; peft is not imported)."""
     return all(hasattr(model, a) for a in ("peft_config", "disable_adapter", "get_base_model"))
 
 
-def _lora_layers(model: nn.Module) -> list[nn.Module]:
+def _lora_layers(model: nn.Module) -> list[LoraLayer]:
     from peft.tuners.lora import LoraLayer
 
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
@@ -278,9 +283,10 @@ def save_merged(model: nn.Module, tokenizer, out_dir: Union[str, Path]) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if is_peft_model(model):
-        model.get_base_model().save_pretrained(out, state_dict=merged_state_dict(model))
+        base = cast("PreTrainedModel", model.get_base_model())
+        base.save_pretrained(out, state_dict=merged_state_dict(model))
     else:
-        model.save_pretrained(out)
+        cast("PreTrainedModel", model).save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
@@ -378,7 +384,7 @@ class UtilityScoreSettings:
 
 
 def utility_score_fn(settings: UtilityScoreSettings, tokenizer,
-                     rows: Optional[list[Mapping[str, Any]]] = None) -> ScoreFn:
+                     rows: Optional[Sequence[Mapping[str, Any]]] = None) -> ScoreFn:
     """``model -> accuracy`` on the utility rows (``rows``, else loaded from ``settings.source``).
 
     The model organism's benign accuracy is kind ``contains`` on its ``utility_em`` file, which the pipeline sets

@@ -22,7 +22,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, cast
 
 import lightning.pytorch as pl
 import torch
@@ -34,6 +34,12 @@ from lat_lightning.errors import TrainingDivergedError
 from lat_lightning.losses import causal_lm_loss, log_one_minus_p_loss
 from lat_lightning.training import resume
 from lat_lightning.training.settings import LossSettings, TrainerSettings
+
+if TYPE_CHECKING:
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+    from torch.optim.lr_scheduler import LRScheduler
+
+    from lat_lightning.eval.evaluate import SafetyEvaluator
 
 # An extra loss term: (module, batch) -> {name: weighted loss}. Callbacks register these.
 LossTerm = Callable[["LatentAdversarialModule", dict], dict[str, Tensor]]
@@ -73,7 +79,8 @@ class OptimSettings:
     def from_trainer(cls, t: TrainerSettings) -> "OptimSettings":
         """The optimiser part of a ``trainer`` config section."""
         return cls(max_steps=int(t.max_steps), lr=float(t.lr), weight_decay=float(t.weight_decay),
-                   betas=tuple(float(b) for b in t.betas), scheduler=str(t.scheduler),
+                   betas=cast("tuple[float, float]", tuple(float(b) for b in t.betas)),
+                   scheduler=str(t.scheduler),
                    warmup_ratio=float(t.warmup_ratio), accumulate_grad_batches=int(t.accumulate_grad_batches),
                    gradient_clip_val=t.gradient_clip_val)
 
@@ -92,6 +99,9 @@ class LatentAdversarialModule(pl.LightningModule):
             (``None``: validation does nothing).
         sample_generations: attacked answers logged as text per validation run.
     """
+
+    evaluator: Optional[SafetyEvaluator]  # a plain attribute (set through __dict__), not a submodule
+    trainer_ref: pl.Trainer  # the Trainer that fitted it, kept after the fit (lat_lightning.training.fit, sft)
 
     def __init__(self, model: nn.Module, attack: Attack, attack_layers: Sequence[int] = (),
                  loss: Optional[LossSettings] = None, optim: Optional[OptimSettings] = None, tokenizer=None,
@@ -179,8 +189,8 @@ class LatentAdversarialModule(pl.LightningModule):
         return terms
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
+        opt = cast("LightningOptimizer", self.optimizers())  # configure_optimizers: one optimiser, one scheduler
+        sched = cast("LRScheduler", self.lr_schedulers())
         accumulate = int(self.optim.accumulate_grad_batches)
         last = (self._micro_step + 1) % accumulate == 0
 
@@ -201,7 +211,8 @@ class LatentAdversarialModule(pl.LightningModule):
         if last:
             clip = self.optim.gradient_clip_val
             if clip:
-                self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+                # a LightningOptimizer is an instance of its optimiser's class at run time; Lightning types it apart
+                self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")  # type: ignore[arg-type]
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)

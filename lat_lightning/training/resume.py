@@ -25,7 +25,7 @@ import random
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -67,7 +67,8 @@ def rng_state() -> dict[str, Any]:
     Python values so that ``torch.load(..., weights_only=True)`` still reads the checkpoint."""
     import numpy as np
 
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    kind, keys, pos, has_gauss, gauss = cast("tuple[str, np.ndarray, int, int, float]",
+                                             np.random.get_state())  # legacy=True: the tuple form
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -187,7 +188,11 @@ class InterruptCheckpoint(Callback):
             self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
             sigterm = signal.getsignal(signal.SIGTERM)
             if callable(sigterm):  # Lightning's notifier: record the signal before it runs
-                signal.signal(signal.SIGTERM, lambda s, f: (self._record(s), sigterm(s, f)))
+                def record_then_notify(s, f):
+                    self._record(s)
+                    return sigterm(s, f)
+
+                signal.signal(signal.SIGTERM, record_then_notify)
 
     def _record(self, signum: int) -> None:
         if self.signum is None:

@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -119,7 +119,7 @@ def supervised_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, 
 
     attack = attack if attack is not None else NoAttack(AttackSettings())
     optim = OptimSettings(max_steps=int(settings.steps), lr=float(settings.lr), weight_decay=settings.weight_decay,
-                          betas=tuple(settings.betas), scheduler=settings.scheduler,
+                          betas=cast("tuple[float, float]", tuple(settings.betas)), scheduler=settings.scheduler,
                           warmup_ratio=settings.warmup_ratio, accumulate_grad_batches=1,
                           gradient_clip_val=settings.gradient_clip_val)
     module = LatentAdversarialModule(model, attack, attack_layers, LossSettings(toward_safe=1.0), optim,
