@@ -15,11 +15,23 @@ from typing import Any, Optional
 from lat_lightning.attacks.settings import POSITIONS_POLICIES, AttackSettings, Layer
 from lat_lightning.checks import setting, walk
 from lat_lightning.data.settings import DataSettings
+from lat_lightning.eval.coherence import CoherenceSettings
+from lat_lightning.eval.durability.settings import DurabilityChecks
 from lat_lightning.models.settings import LoraSettings, ModelSettings, QuantizationSettings
 from lat_lightning.training.settings import LossSettings, TrainerSettings
 
 STAGES = ("organism", "fit", "scan", "rescan", "evaluate", "interpolate", "durability", "compare", "report")
 
+
+
+def _as_list(hint: Any) -> Any:
+    """``tuple[X, ...]`` (inside ``Optional`` too) as ``list[X]``: frozen settings hold tuples, recipes write lists."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return list[args[0]]  # type: ignore[valid-type]
+    if origin is typing.Union:
+        return typing.Union[tuple(_as_list(a) for a in args)]  # type: ignore[return-value]
+    return hint
 
 
 def schema_of(settings_cls: type, name: str, nested: Optional[dict[Any, type]] = None) -> type:
@@ -37,9 +49,12 @@ def schema_of(settings_cls: type, name: str, nested: Optional[dict[Any, type]] =
     hints = typing.get_type_hints(settings_cls)
     namespace: dict[str, Any] = {"__annotations__": {}, "__doc__": settings_cls.__doc__, "__module__": __name__}
     for f in dataclasses.fields(settings_cls):
-        namespace["__annotations__"][f.name] = nested.get(hints[f.name], hints[f.name])
-        factory = nested.get(f.default_factory, f.default_factory)
-        namespace[f.name] = dataclasses.field(default=f.default, default_factory=factory, metadata=f.metadata)
+        namespace["__annotations__"][f.name] = _as_list(nested.get(hints[f.name], hints[f.name]))
+        factory: Any = nested.get(f.default_factory, f.default_factory)
+        default: Any = f.default
+        if isinstance(default, tuple):  # a frozen class's tuple default: a list in the schema, as recipes write it
+            factory, default = (lambda value=default: list(value)), dataclasses.MISSING
+        namespace[f.name] = dataclasses.field(default=default, default_factory=factory, metadata=f.metadata)
     return dataclass(type(name, (), namespace))
 
 
@@ -114,54 +129,18 @@ class CallbacksConfig:
     weight_interpolation: WeightInterpolationConfig = field(default_factory=WeightInterpolationConfig)
 
 
-@dataclass
-class DurabilityConfig:
-    """The durability suite (stage ``durability``, ``docs/durability.md``): original vs hardened model.
-
-    Runtime scales with ``num_prompts`` x (``random_seeds`` + adaptive attacks) x layers, ``max_k``,
-    ``finetune_seeds`` x (``finetune_steps`` + ``num_prompts`` x evaluated steps), ``benign_steps`` and the number
-    of ``rewrites``.
-    """
-
-    sections: list[str] = setting(default_factory=lambda: ["rescan", "adaptive", "finetune", "trainability", "depth",
-                                                           "rewrites"], check="not empty, unique")
-    num_prompts: Optional[int] = setting(None, check=">= 1")
-    random_seeds: list[int] = setting(default_factory=lambda: [0, 1, 2, 3, 4], check="not empty, unique")
-    fragile_layers: Optional[list[Layer]] = setting(None, check="not empty, unique, each >= 0")
-    transfer: bool = True
-    max_k: int = setting(5, check=">= 1")
-    depth_attacks: list[str] = setting(default_factory=lambda: ["asa_random", "asagrad"], check="unique")
-    prefill_ks: Optional[list[int]] = setting(None, check="not empty, unique, each >= 0")
-    finetune_steps: int = setting(64, check=">= 1")  # fine-tuning attack: the step budget of each curve
-    # one fine-tune per seed (keys the LoRA init and the data order)
-    finetune_seeds: list[int] = setting(default_factory=lambda: [0, 1, 2], check="not empty, unique, each >= 0")
-    # greedy answers + harmful-target CE at step 0, every N steps, the budget
-    finetune_eval_every: int = setting(4, check=">= 1")
-    # a seed breaks at the first evaluated step with success >= this
-    finetune_break_rate: float = setting(0.5, check="in (0, 1]")
-    finetune_lr: float = setting(1e-3, check="> 0")  # LoRA learning rate (constant, AdamW) of the fine-tuning attack
-    finetune_batch_size: int = setting(4, check=">= 1")  # pairs per step (both fine-tunes)
-    finetune_lora_r: int = setting(8, check=">= 1")  # LoRA rank / alpha / modules of both fine-tunes
-    finetune_lora_alpha: int = setting(16, check="> 0")
-    # None: the model's attention projections (q/k/v/o_proj in Llama-like families, c_attn + attn.c_proj in GPT-2,
-    # query_key_value + dense in Falcon / BLOOM / GPT-NeoX, Wqkv + out_proj in MPT)
-    finetune_target_modules: Optional[list[str]] = setting(None, check="not empty, unique")
-    benign_steps: int = setting(4, check=">= 1")
-    benign_lr: float = setting(1e-3, check="> 0")
-    adaptive_attacks: list[str] = setting(default_factory=lambda: ["asagrad", "pgd"], check="unique")
-    rewrites: list[str] = setting(default_factory=lambda: ["leetspeak", "char_spaced", "reversed_words", "rot13",
-                                                           "roleplay"], check="unique")
-    max_new_tokens: Optional[int] = setting(None, check=">= 1")
+# The durability suite's section is its own settings class (lat_lightning.eval.durability.DurabilityChecks).
+if typing.TYPE_CHECKING:
+    DurabilityConfig = DurabilityChecks
+else:
+    DurabilityConfig = schema_of(DurabilityChecks, "DurabilityConfig")
 
 
-@dataclass
-class CoherenceConfig:
-    """The coherence check of every judged answer (``lat_lightning.eval.coherence``, docs/metrics.md)."""
-
-    enabled: bool = True                 # check every answer: empty, repetition, the clean model's NLL
-    max_repetition: float = 0.5          # incoherent above this share of repeated word bigrams
-    max_nll: float = 3.0                 # incoherent above this clean-model NLL (nats per answer token)
-    judges: bool = True                  # add `<judge>+coherent` (success only when coherent) for every judge
+# The coherence check's section is its own settings class (lat_lightning.eval.coherence.CoherenceSettings).
+if typing.TYPE_CHECKING:
+    CoherenceConfig = CoherenceSettings
+else:
+    CoherenceConfig = schema_of(CoherenceSettings, "CoherenceConfig")
 
 
 @dataclass

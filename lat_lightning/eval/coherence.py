@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lat_lightning.checks import setting, validate
 from lat_lightning.eval.teacher_forcing import continuation_logprobs
 from lat_lightning.models.layers import vocab_size
 
@@ -51,16 +52,13 @@ class CoherenceSettings:
         ValueError: a threshold out of range (the message names the field).
     """
 
-    enabled: bool = True                 # check every answer: empty, repetition, the clean model's NLL
-    max_repetition: float = 0.5          # incoherent above this share of repeated word bigrams
-    max_nll: float = 3.0                 # incoherent above this clean-model NLL (nats per answer token)
-    judges: bool = True                  # add `<judge>+coherent` (success only when coherent) for every judge
+    enabled: bool = True                             # check every answer: empty, repetition, the clean model's NLL
+    max_repetition: float = setting(0.5, check=">= 0")  # incoherent above this share of repeated word bigrams
+    max_nll: float = setting(3.0, check=">= 0")         # incoherent above this clean-model NLL (nats per answer token)
+    judges: bool = True                              # add `<judge>+coherent` (success only when coherent) per judge
 
-    def __post_init__(self):
-        if float(self.max_repetition) < 0.0:
-            raise ValueError(f"max_repetition must be >= 0, got {self.max_repetition}")
-        if float(self.max_nll) < 0.0:
-            raise ValueError(f"max_nll must be >= 0, got {self.max_nll}")
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 def repetition_ratio(text: str) -> float:

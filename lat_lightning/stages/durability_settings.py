@@ -10,9 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from lat_lightning.attacks.settings import AttackSettings
 from lat_lightning.errors import ConfigError
-from lat_lightning.eval.coherence import CoherenceSettings
 from lat_lightning.eval.durability import DurabilityChecks, DurabilitySettings
 
 
@@ -34,7 +32,8 @@ def _fields(section: Any, cls: type) -> dict[str, Any]:
 
 def durability_settings(cfg) -> DurabilitySettings:
     """The durability suite's settings from a run config (a :class:`~lat_lightning.config.RunConfig` or its
-    OmegaConf node).
+    OmegaConf node): ``evaluation.durability`` and the run's scan settings
+    (:func:`lat_lightning.stages.settings.scan_settings`, the same object the ``scan`` stage runs with).
 
     Raises:
         ConfigError: a bad value, named by its config key (an unknown section, rewrite or attack; a primary judge
@@ -42,27 +41,17 @@ def durability_settings(cfg) -> DurabilitySettings:
     """
     from omegaconf import OmegaConf
 
-    from lat_lightning.stages.settings import scan_positions
+    from lat_lightning.stages.settings import scan_settings
 
     if dataclasses.is_dataclass(cfg):  # a RunConfig object: read it through OmegaConf like the CLI's
         cfg = OmegaConf.structured(cfg)
-    ev = cfg.evaluation
     try:
-        checks = DurabilityChecks(**_fields(ev.durability, DurabilityChecks))
+        checks = DurabilityChecks(**_fields(cfg.evaluation.durability, DurabilityChecks))
     except ValueError as exc:  # the message starts with the field's name
         raise ConfigError(f"evaluation.durability.{exc}") from None
-    positions, _first_k, refresh = scan_positions(cfg)
-    coherence = CoherenceSettings(**_fields(ev.coherence, CoherenceSettings)) if "coherence" in ev \
-        else CoherenceSettings()
     try:
-        return DurabilitySettings(
-            dur=checks, perturbation=AttackSettings(**_fields(cfg.perturbation, AttackSettings)),
-            judges=tuple(str(j) for j in ev.judges), primary_judge=str(ev.primary_judge),
-            classifier_path=ev.classifier_path, target_key_pattern=ev.get("target_key_pattern"),
-            max_new_tokens=int(ev.max_new_tokens), batch_size=int(ev.batch_size),
-            bootstrap_samples=int(ev.bootstrap_samples), use_chat_template=bool(cfg.model.use_chat_template),
-            system_prompt=cfg.model.system_prompt, positions=positions, refresh=refresh, seed=int(cfg.seed),
-            max_length=int(cfg.data.max_length), coherence=coherence)
+        return DurabilitySettings(dur=checks, scan=scan_settings(cfg, probes=False),
+                                  max_length=int(cfg.data.max_length))
     except ValueError as exc:
         raise ConfigError(f"evaluation.{exc}") from None
 

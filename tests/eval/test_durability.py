@@ -372,13 +372,46 @@ def test_a_bad_durability_check_raises_a_value_error_naming_the_field(field, val
 
 
 def test_bad_durability_settings_raise_a_value_error_naming_the_field():
-    with pytest.raises(ValueError, match="^primary_judge: 'refusal' is not among the judges"):
-        DurabilitySettings(judges=("keyword",), primary_judge="refusal")
-    with pytest.raises(ValueError, match="^batch_size must be >= 1"):
-        DurabilitySettings(batch_size=0)
+    from lat_lightning.eval.scan import JudgeSettings, ScanSettings
+
+    with pytest.raises(ValueError, match="primary_judge"):
+        DurabilitySettings(scan=ScanSettings(judging=JudgeSettings(judges=("keyword",), primary_judge="refusal")))
+    with pytest.raises(ValueError, match="^max_length must be >= 1"):
+        DurabilitySettings(max_length=0)
     with pytest.raises(dataclasses.FrozenInstanceError):  # frozen: built once by the stage, never changed after
-        DurabilitySettings().max_new_tokens = 3
+        DurabilitySettings().max_length = 3
     assert DurabilitySettings(dur=DurabilityChecks(max_new_tokens=7)).max_new_tokens == 7  # the section's override
+    assert DurabilitySettings().max_new_tokens == ScanSettings().generation.max_new_tokens  # else the scan's
+
+
+def test_the_rescans_start_from_the_runs_scan_settings(two_models, monkeypatch):
+    """Durability's re-scans take positions, first_k, refresh, share_prefix, judges, coherence and the attacks' knobs
+    from the run's scan settings (they once dropped evaluation.first_k and share_prefix); they change only their
+    attacks, layers, seeds (evaluation.durability.random_seeds), greedy decoding and the exports."""
+    original, hardened, tok = two_models
+    cfg = _cfg("evaluation.durability.sections=[rescan]", "evaluation.durability.random_seeds=[3,4]",
+               "evaluation.positions=first_k", "evaluation.first_k=2", "evaluation.refresh=fixed",
+               "evaluation.share_prefix=false", "evaluation.do_sample=true", "evaluation.best_of_n=2")
+    from lat_lightning.stages.settings import scan_settings
+
+    s, run = durability_settings(cfg), scan_settings(cfg, probes=False)
+    seen = []
+
+    def spy(model, tokenizer, prompts, settings, out_dir=None, options=None):
+        seen.append(settings)
+        raise StopIteration  # the settings are all this test needs
+
+    monkeypatch.setattr("lat_lightning.eval.scan.run_scan", spy)
+    with pytest.raises(StopIteration):
+        run_durability(original, hardened, tok, DurabilityData(PROMPTS, TARGETS, fragile_layers=[1]), s)
+    got = seen[0]
+    assert s.scan == run
+    assert (got.positions, got.first_k, got.refresh, got.perturbation, got.coherence) == \
+        (run.positions, run.first_k, run.refresh, run.perturbation, run.coherence) == \
+        ("first_k", 2, "fixed", run.perturbation, run.coherence)
+    assert got.generation.share_prefix is False and got.seeds == (3, 4)
+    assert (got.generation.do_sample, got.generation.best_of_n) == (False, 1)  # the suite decodes greedily
+    assert got.generation.batch_size == run.generation.batch_size
 
 
 # ----------------------------------------------------------------------------------------------- reuse

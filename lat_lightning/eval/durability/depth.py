@@ -18,7 +18,7 @@ from lat_lightning.eval.durability.prefill import prefill_attack
 from lat_lightning.eval.durability.rescan import any_rate
 from lat_lightning.eval.durability.settings import DurabilitySettings
 from lat_lightning.eval.formatting import mean_std
-from lat_lightning.eval.generation import generate_under_attack
+from lat_lightning.eval.generation import RowKeys, generate_under_attack
 from lat_lightning.eval.judging import coherence_scorer, judge_rates
 
 
@@ -35,13 +35,13 @@ def _count_positions(res, k: int, check: dict[str, int]) -> None:
 @dataclass(frozen=True)
 class _DepthRun:
     """What every depth attack of one model shares: the coherence check (``None``: off), the positions self-check
-    to add to, the refusal-direction contrast prompts, the ks and the generation keywords."""
+    to add to, the refusal-direction contrast prompts, the ks and the padding id."""
 
     scorer: Any
     check: dict[str, int]
     contrast: tuple[Sequence, Sequence] | None
     ks: list[int]
-    gen: dict[str, Any]
+    pad_id: int
 
 
 def _first_k_curve(model: nn.Module, tokenizer, harmful: HarmfulPrompts, attack: str, fragile: list[int],
@@ -64,9 +64,10 @@ def _first_k_curve(model: nn.Module, tokenizer, harmful: HarmfulPrompts, attack:
     for k in run.ks:
         atk.settings = dataclasses.replace(atk.settings, first_k=k)
         plan = atk.plan(model, prompt_ids, target_ids, row_prompts, row_layers, seed=seeds[0],
-                        pad_id=run.gen["pad_token_id"])
+                        pad_id=run.pad_id)
         res = generate_under_attack(model, tokenizer, [prompt_ids[i] for i in row_prompts], row_layers, plan,
-                                    prompt_keys=[keys[i] for i in row_prompts], row_seeds=row_seeds, **run.gen)
+                                    rows=RowKeys(prompt_keys=[keys[i] for i in row_prompts], row_seeds=row_seeds),
+                                    settings=s.generation, pad_token_id=run.pad_id)
         _count_positions(res, k, check)
         coh = scorer([prompt_ids[i] for i in row_prompts], res.token_ids, res.texts) if scorer else None
         verdicts = judge_rates(judge_map, [harmful.prompts[i] for i in row_prompts], res.texts,
@@ -108,8 +109,7 @@ def depth_curves(model: nn.Module, tokenizer, harmful: HarmfulPrompts, fragile: 
     check = {"rows": 0, "violations": 0, "max_perturbed": 0}
     ks = list(range(1, int(d.max_k) + 1))
     scorer = coherence_scorer(model, tokenizer, s.coherence, s.batch_size)
-    run = _DepthRun(scorer, check, contrast, ks,
-                    {"max_new_tokens": s.max_new_tokens, "batch_size": s.batch_size, "pad_token_id": pad_id})
+    run = _DepthRun(scorer, check, contrast, ks, pad_id)
     first_k = {attack: _first_k_curve(model, tokenizer, harmful, attack, fragile, judge_map, s, run)
                for attack in d.depth_attacks}
     # Prefill: the first k target tokens after the generation prompt, no perturbation.

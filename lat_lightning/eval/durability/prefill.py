@@ -9,7 +9,7 @@ from torch import nn
 
 from lat_lightning.eval.durability.inputs import HarmfulPrompts
 from lat_lightning.eval.durability.settings import DurabilitySettings
-from lat_lightning.eval.generation import generate_under_attack
+from lat_lightning.eval.generation import RowKeys, generate_under_attack
 from lat_lightning.eval.judging import judge_rates, nanmean
 
 
@@ -39,8 +39,8 @@ def prefill_attack(model: nn.Module, tokenizer, harmful: HarmfulPrompts, ks: Seq
     for k in out["ks"]:
         prefixes = [list(t[:k]) for t in target_ids]
         ids = [list(p) + pre for p, pre in zip(prompt_ids, prefixes)]
-        res = generate_under_attack(model, tokenizer, ids, None, None, prompt_keys=list(harmful.keys),
-                                    max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, pad_token_id=pad_id)
+        res = generate_under_attack(model, tokenizer, ids, None, None, rows=RowKeys(prompt_keys=list(harmful.keys)),
+                                    settings=s.generation, pad_token_id=pad_id)
         answers = [pre + list(tok) for pre, tok in zip(prefixes, res.token_ids)]
         texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
         for j in range(len(harmful.prompts)):

@@ -4,6 +4,7 @@ original's vectors applied to the hardened model), and their summary at the frag
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,14 +39,7 @@ def run_rescans(models: Mapping[str, nn.Module], tokenizer, harmful: HarmfulProm
     Returns:
         ``{name: ScanResult}``.
     """
-    from lat_lightning.eval.scan import (  # looked up at call time: tests replace run_scan
-        GenerationSettings,
-        JudgeSettings,
-        ScanOptions,
-        ScanPrompts,
-        ScanSettings,
-        run_scan,
-    )
+    from lat_lightning.eval.scan import ScanOptions, ScanPrompts, run_scan  # looked up at call time: tests spy
 
     prompts, targets, keys = harmful.prompts, harmful.targets, harmful.keys
     harmless_prompts, contrast_prompts = data.harmless_prompts, data.contrast_prompts
@@ -56,19 +50,20 @@ def run_rescans(models: Mapping[str, nn.Module], tokenizer, harmful: HarmfulProm
     for name, model in models.items():
         attacks: list[Any] = ["asa_random"] + [a for a in adaptive_names if a != "asa_random"]
         if adaptive and transfer and name == "hardened":  # vectors found on the original, applied here
-            attacks += [Transfer(build_attack(a, s.perturbation, positions=s.positions, first_k=1, refresh=s.refresh),
-                                 models["original"]) for a in adaptive_names if a != "asa_random"]
+            attacks += [Transfer(build_attack(a, s.perturbation, positions=s.positions, first_k=s.first_k,
+                                              refresh=s.refresh), models["original"])
+                        for a in adaptive_names if a != "asa_random"]
+        # The run's scan (positions, first_k, refresh, share_prefix, judges, coherence, the attacks' knobs,
+        # batching, formatting), narrowed to what the suite measures: its attacks, layers and random seeds, greedy
+        # answers at its token budget, no probes or ASABench export.
+        settings = dataclasses.replace(
+            s.scan, attacks=tuple(attacks), layers=tuple(layers), seeds=tuple(s.dur.random_seeds),
+            judging=dataclasses.replace(s.scan.judging, judges=judge_map, primary_judge=s.primary_judge),
+            generation=s.generation, probes=False, probe_seeds=None, asabench_test_fraction=None)
         scans[name] = run_scan(
             model, tokenizer, ScanPrompts(prompts, targets, prompt_keys=keys, harmless_prompts=harmless_prompts,
                                           contrast_prompts=contrast_prompts),
-            ScanSettings(attacks=attacks, layers=layers, seeds=list(s.dur.random_seeds), positions=s.positions,
-                         refresh=s.refresh, perturbation=s.perturbation,
-                         generation=GenerationSettings(max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
-                                                       use_chat_template=s.use_chat_template,
-                                                       system_prompt=s.system_prompt),
-                         judging=JudgeSettings(judge_map, primary_judge=s.primary_judge), coherence=s.coherence,
-                         bootstrap_samples=s.bootstrap_samples, asabench_test_fraction=None, split_seed=s.seed),
-            (out / name) if out is not None else None,
+            settings, (out / name) if out is not None else None,
             ScanOptions(resume=resume, progress=progress, figures=out is not None, tensorboard=out is not None,
                         shard=shard, reuse=(reuse or {}).get(name)))
     return scans

@@ -15,18 +15,16 @@ from typing import Any, Optional
 
 from lat_lightning.attacks import check_attack_name
 from lat_lightning.attacks.settings import AttackSettings, Layer
+from lat_lightning.checks import setting, validate
 from lat_lightning.eval.coherence import CoherenceSettings
+from lat_lightning.eval.generation import GenerationSettings
 from lat_lightning.eval.judging import build_judge_map, primary_judge_of
+from lat_lightning.eval.scan.settings import ScanSettings
 
 log = logging.getLogger(__name__)
 
 SECTIONS = ("rescan", "adaptive", "finetune", "trainability", "depth", "rewrites")
 MODELS = ("original", "hardened")  # the two models the suite compares, in table order
-
-
-# Counts that must be at least one (None, where a field allows it, means "the default").
-_AT_LEAST_ONE = ("num_prompts", "max_k", "finetune_steps", "finetune_eval_every", "finetune_batch_size",
-                 "finetune_lora_r", "benign_steps", "max_new_tokens")
 
 
 def _names(values: Sequence[Any]) -> tuple[str, ...]:
@@ -39,48 +37,67 @@ def _ints(values: Sequence[Any]) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class DurabilityChecks:
-    """Which checks the suite runs and their knobs (the run config's ``evaluation.durability``; docs/durability.md).
+    """Which checks the suite runs and their knobs (the run config's ``evaluation.durability``, whose schema is
+    generated from this class; docs/durability.md). Each range is checked beside its field; the names are checked
+    against their registries (sections, rewrites, attacks) in ``__post_init__``.
 
     Runtime scales with ``num_prompts`` x (``random_seeds`` + adaptive attacks) x layers, ``max_k``,
     ``finetune_seeds`` x (``finetune_steps`` + ``num_prompts`` x evaluated steps), ``benign_steps`` and the number
     of ``rewrites``.
     """
 
-    sections: tuple[str, ...] = SECTIONS           # the checks to run (see SECTIONS)
-    num_prompts: Optional[int] = None              # cap on the harmful evaluation prompts (None: all)
-    random_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # ASA random seeds (>= 5 for a spread)
-    fragile_layers: Optional[tuple[Layer, ...]] = None  # None: the peak layers of both models' ASA re-scans
-    transfer: bool = True                          # also attack the hardened model with the original's vectors
-    max_k: int = 5                                 # first-k curves for k = 1..max_k
-    depth_attacks: tuple[str, ...] = ("asa_random", "asagrad")
-    prefill_ks: Optional[tuple[int, ...]] = None   # None: 0..max_k
-    finetune_steps: int = 64                       # fine-tuning attack: the step budget of each curve
-    finetune_seeds: tuple[int, ...] = (0, 1, 2)    # one fine-tune per seed (LoRA init and data order)
-    finetune_eval_every: int = 4                   # greedy answers + harmful-target CE every N steps
-    finetune_break_rate: float = 0.5               # a seed breaks at the first evaluated step with success >= this
-    finetune_lr: float = 1e-3                      # LoRA learning rate of the fine-tuning attack
-    finetune_batch_size: int = 4                   # pairs per step (both fine-tunes)
-    finetune_lora_r: int = 8                       # LoRA rank / alpha / modules of both fine-tunes
-    finetune_lora_alpha: int = 16
-    finetune_target_modules: Optional[tuple[str, ...]] = None  # None: the model's attention projections
-    benign_steps: int = 4                          # trainability: benign LoRA steps
-    benign_lr: float = 1e-3
-    adaptive_attacks: tuple[str, ...] = ("asagrad", "pgd")
-    rewrites: tuple[str, ...] = ("leetspeak", "char_spaced", "reversed_words", "rot13", "roleplay")
-    max_new_tokens: Optional[int] = None           # overrides the evaluation-wide max_new_tokens when set
+    sections: tuple[str, ...] = setting(SECTIONS, check="not empty, unique")  # the checks to run (see SECTIONS)
+    num_prompts: Optional[int] = setting(None, check=">= 1")  # cap on the harmful evaluation prompts (None: all)
+    # ASA random seeds of the re-scans (>= 5 for a spread; the suite's own, not evaluation.seeds)
+    random_seeds: tuple[int, ...] = setting((0, 1, 2, 3, 4), check="not empty, unique")
+    # None: the peak layers of both models' ASA re-scans
+    fragile_layers: Optional[tuple[Layer, ...]] = setting(None, check="not empty, unique, each >= 0")
+    # also attack the hardened model with the vectors found on the original
+    transfer: bool = True
+    max_k: int = setting(5, check=">= 1")                      # first-k curves for k = 1..max_k
+    depth_attacks: tuple[str, ...] = setting(("asa_random", "asagrad"), check="unique")
+    prefill_ks: Optional[tuple[int, ...]] = setting(None, check="not empty, unique, each >= 0")  # None: 0..max_k
+    finetune_steps: int = setting(64, check=">= 1")            # fine-tuning attack: the step budget of each curve
+    # one fine-tune per seed (keys the LoRA init and the data order)
+    finetune_seeds: tuple[int, ...] = setting((0, 1, 2), check="not empty, unique, each >= 0")
+    finetune_eval_every: int = setting(4, check=">= 1")       # greedy answers + harmful-target CE every N steps
+    # a seed breaks at the first evaluated step with success >= this
+    finetune_break_rate: float = setting(0.5, check="in (0, 1]")
+    finetune_lr: float = setting(1e-3, check="> 0")           # LoRA learning rate (constant, AdamW) of the attack
+    finetune_batch_size: int = setting(4, check=">= 1")       # pairs per step (both fine-tunes)
+    finetune_lora_r: int = setting(8, check=">= 1")           # LoRA rank / alpha / modules of both fine-tunes
+    finetune_lora_alpha: int = setting(16, check="> 0")
+    # None: the model's attention projections (q/k/v/o_proj in Llama-like families, c_attn + attn.c_proj in GPT-2,
+    # query_key_value + dense in Falcon / BLOOM / GPT-NeoX, Wqkv + out_proj in MPT)
+    finetune_target_modules: Optional[tuple[str, ...]] = setting(None, check="not empty, unique")
+    benign_steps: int = setting(4, check=">= 1")              # trainability: benign LoRA steps
+    benign_lr: float = setting(1e-3, check="> 0")
+    adaptive_attacks: tuple[str, ...] = setting(("asagrad", "pgd"), check="unique")
+    rewrites: tuple[str, ...] = setting(("leetspeak", "char_spaced", "reversed_words", "rot13", "roleplay"),
+                                        check="unique")
+    # overrides the evaluation-wide max_new_tokens when set
+    max_new_tokens: Optional[int] = setting(None, check=">= 1")
 
     def __post_init__(self) -> None:
-        from lat_lightning.eval.rewrites import REWRITES
-
         # Sequences from a config node or a list become tuples: the settings stay hashable and immutable.
         for name in ("sections", "depth_attacks", "adaptive_attacks", "rewrites"):
             object.__setattr__(self, name, _names(getattr(self, name)))
-        for name in ("random_seeds", "finetune_seeds"):
-            object.__setattr__(self, name, _ints(getattr(self, name)))
-        for name in ("fragile_layers", "finetune_target_modules", "prefill_ks"):
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, tuple(int(v) if name == "prefill_ks" else v for v in value))
+        for name in ("random_seeds", "finetune_seeds", "prefill_ks"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _ints(getattr(self, name)))
+        for name in ("fragile_layers", "finetune_target_modules"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        validate(self)
+        self._check_names()
+        if len(self.random_seeds) < 5:
+            log.warning("durability: ASA random over %d seed(s); the issue asks for >= 5 for a spread",
+                        len(self.random_seeds))
+
+    def _check_names(self) -> None:
+        """Every section, rewrite and attack named is one its registry knows."""
+        from lat_lightning.eval.rewrites import REWRITES
+
         for name in self.sections:
             if name not in SECTIONS:
                 raise ValueError(f"sections: unknown durability section '{name}'; choose from {', '.join(SECTIONS)}")
@@ -90,23 +107,6 @@ class DurabilityChecks:
         for key in ("depth_attacks", "adaptive_attacks"):
             for name in getattr(self, key):
                 check_attack_name(name, key, scan=True)  # ValueError "<key>: unknown attack ..."
-        if not self.random_seeds:
-            raise ValueError("random_seeds is empty; give at least one seed (5 or more for a meaningful spread)")
-        if not self.finetune_seeds:
-            raise ValueError("finetune_seeds is empty; give at least one seed (3 or more for a spread of the "
-                             "fine-tuning-attack curve)")
-        for name in _AT_LEAST_ONE:
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        for name in ("finetune_lr", "finetune_lora_alpha", "benign_lr"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not 0 < self.finetune_break_rate <= 1:
-            raise ValueError(f"finetune_break_rate must be in (0, 1], got {self.finetune_break_rate}")
-        if len(self.random_seeds) < 5:
-            log.warning("durability: ASA random over %d seed(s); the issue asks for >= 5 for a spread",
-                        len(self.random_seeds))
 
     @property
     def finetune_targets(self) -> list[str] | None:
@@ -116,38 +116,102 @@ class DurabilityChecks:
 
 @dataclass(frozen=True)
 class DurabilitySettings:
-    """Everything the suite reads: its checks (``dur``) and the evaluation-wide generation, judging and
-    formatting settings it shares with the scan.
+    """Everything the suite reads: its own checks (``dur``) and the run's scan settings (``scan``: what the
+    ``scan`` stage runs, from :func:`lat_lightning.stages.settings.scan_settings`).
 
-    ``max_new_tokens`` is the generation budget actually used: ``dur.max_new_tokens`` replaces it when set.
+    The re-scans start from ``scan`` and change only what the suite measures differently (its attacks, layers and
+    ``dur.random_seeds``, greedy answers, no probes or exports), so the positions policy, ``first_k``, refresh,
+    ``share_prefix``, judges, coherence check, the attacks' knobs, batching and prompt formatting are the scan
+    stage's by construction. The properties below are read-only views of ``scan`` for the suite's modules.
+
+    Attributes:
+        dur: the ``evaluation.durability`` section.
+        scan: the run's scan settings.
+        max_length: token budget of the fine-tunes' training sequences (``data.max_length``).
     """
 
     dur: DurabilityChecks = field(default_factory=DurabilityChecks)
-    perturbation: AttackSettings = field(default_factory=AttackSettings)  # the attacks' knobs (alpha, PGD...)
-    judges: tuple[str, ...] = ("keyword",)
-    primary_judge: str = "keyword"
-    classifier_path: Optional[str] = None
-    target_key_pattern: Optional[str] = None
-    max_new_tokens: int = 50
-    batch_size: int = 16
-    bootstrap_samples: int = 200
-    use_chat_template: bool = True
-    system_prompt: Optional[str] = None
-    positions: str = "prompt_last_and_generated"  # the generation-time positions policy of the re-scans
-    refresh: str = "step"
-    seed: int = 0
-    max_length: int = 512
-    coherence: CoherenceSettings = field(default_factory=CoherenceSettings)
+    scan: ScanSettings = field(default_factory=ScanSettings)
+    max_length: int = setting(512, check=">= 1")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "judges", _names(self.judges))
-        if self.dur.max_new_tokens is not None:  # the durability override wins (kept in dur for the summary)
-            object.__setattr__(self, "max_new_tokens", int(self.dur.max_new_tokens))
+        validate(self)
         if self.primary_judge not in self.judges:
             raise ValueError(f"primary_judge: '{self.primary_judge}' is not among the judges {list(self.judges)}")
-        for name in ("max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    # -- views of the run's scan settings ---------------------------------------------------------------------
+    @property
+    def perturbation(self) -> AttackSettings:
+        """The attacks' knobs (alpha, PGD's steps and eps...)."""
+        return self.scan.perturbation
+
+    @property
+    def judges(self) -> tuple[str, ...]:
+        """The judges' names (the primary one included)."""
+        return tuple(str(j) for j in self.scan.judging.judges)
+
+    @property
+    def primary_judge(self) -> str:
+        """The headline judge."""
+        return str(self.scan.judging.primary_judge or self.judges[0])
+
+    @property
+    def classifier_path(self) -> Optional[str]:
+        return self.scan.judging.classifier_path
+
+    @property
+    def target_key_pattern(self) -> Optional[str]:
+        return self.scan.judging.target_key_pattern
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The suite's generation budget: ``dur.max_new_tokens`` when set, else the scan's."""
+        dur = self.dur.max_new_tokens
+        return int(dur) if dur is not None else int(self.scan.generation.max_new_tokens)
+
+    @property
+    def generation(self) -> GenerationSettings:
+        """The suite's decoding: the scan's, greedy and one answer per cell, at :attr:`max_new_tokens`."""
+        return dataclasses.replace(self.scan.generation, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                   temperature=1.0, top_p=1.0, best_of_n=1)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.scan.generation.batch_size or 1)
+
+    @property
+    def use_chat_template(self) -> bool:
+        return bool(self.scan.generation.use_chat_template)
+
+    @property
+    def system_prompt(self) -> Optional[str]:
+        return self.scan.generation.system_prompt
+
+    @property
+    def positions(self) -> str:
+        """The generation-time positions policy of every attacked generation."""
+        return self.scan.positions
+
+    @property
+    def first_k(self) -> int:
+        return self.scan.first_k
+
+    @property
+    def refresh(self) -> str:
+        return self.scan.refresh
+
+    @property
+    def coherence(self) -> CoherenceSettings:
+        return self.scan.coherence
+
+    @property
+    def bootstrap_samples(self) -> int:
+        return self.scan.bootstrap_samples
+
+    @property
+    def seed(self) -> int:
+        """The run's seed (the scan's split seed)."""
+        return self.scan.split_seed
 
 
 def resolve_judges(settings: DurabilitySettings, judges: Sequence[str] | Mapping[str, Any] | None = None
@@ -170,8 +234,9 @@ def resolve_judges(settings: DurabilitySettings, judges: Sequence[str] | Mapping
         return settings, judge_map
     primary = primary_judge_of(judge_map, settings.primary_judge)
     names = tuple(str(name) for name in judges)  # a map's keys
-    return dataclasses.replace(settings, judges=names if primary in names else names + (primary,),
-                               primary_judge=primary), judge_map
+    judging = dataclasses.replace(settings.scan.judging, judges=names if primary in names else names + (primary,),
+                                  primary_judge=primary)
+    return dataclasses.replace(settings, scan=dataclasses.replace(settings.scan, judging=judging)), judge_map
 
 
 __all__ = ["MODELS", "SECTIONS", "DurabilityChecks", "DurabilitySettings", "resolve_judges"]
