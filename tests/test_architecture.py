@@ -245,3 +245,15 @@ def test_import_linter_contracts(capsys):
     assert passed, (
         "import-linter contracts broken (setup.cfg [importlinter]), lat_lightning.callbacks included:\n" + report
     )
+
+
+# ------------------------------------------------------------------------------------------------ sizes
+
+MAX_MODULE_LINES = 500  # a module a reader can hold (issue 21); ruff's PLR0913/PLR0915/C901 bound the functions
+
+
+def test_no_module_is_longer_than_a_reader_can_hold():
+    modules = [*(REPO / ROOT).rglob("*.py"), *(REPO / "callbacks").rglob("*.py")]
+    assert len(modules) > 50  # the walk found the package
+    too_long = {str(p.relative_to(REPO)): n for p in modules if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not too_long, f"modules over {MAX_MODULE_LINES} lines (split them by concern): {too_long}"
