@@ -17,28 +17,21 @@ from pathlib import Path
 from torch import nn
 
 from lat_lightning.errors import ConfigError
+from lat_lightning.models.settings import ModelSettings
 from lat_lightning.stages.common import load_stage_model, process_shard
 
 log = logging.getLogger(__name__)
 
 
-def model_config(cfg, name_or_path: str):
-    """``model`` with ``name_or_path`` replaced, LoRA and gradient checkpointing off (a copy).
+def model_config(cfg, name_or_path: str) -> ModelSettings:
+    """``model`` with ``name_or_path`` replaced, LoRA and gradient checkpointing off."""
+    from lat_lightning.stages.settings import model_settings
 
-    Returns:
-        A :class:`~lat_lightning.config.ModelConfig`.
-    """
-    from omegaconf import OmegaConf
-
-    from lat_lightning.config import ModelConfig
-
-    mcfg = OmegaConf.to_object(cfg.model) if not isinstance(cfg.model, ModelConfig) else dataclasses.replace(cfg.model)
-    if str(name_or_path) != str(mcfg.name_or_path):  # model.gguf_file names a file of model.name_or_path only
-        mcfg.gguf_file = None
-    mcfg.name_or_path = str(name_or_path)
-    mcfg.lora.enabled = False
-    mcfg.gradient_checkpointing = False
-    return mcfg
+    configured = model_settings(cfg)
+    # model.gguf_file names a file of model.name_or_path only
+    gguf = configured.gguf_file if str(name_or_path) == str(configured.name_or_path) else None
+    return dataclasses.replace(configured, name_or_path=str(name_or_path), gguf_file=gguf,
+                               lora=dataclasses.replace(configured.lora, enabled=False), gradient_checkpointing=False)
 
 
 def load_any_model(cfg, spec: str, base_fallback: str | None = None, label: str | None = None
