@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import cast
 
 from torch import nn
 
@@ -32,13 +33,12 @@ def model_config(cfg, name_or_path: str):
 
     from lat_lightning.config import ModelConfig
 
-    mcfg = OmegaConf.to_object(cfg.model) if not isinstance(cfg.model, ModelConfig) else dataclasses.replace(cfg.model)
-    if str(name_or_path) != str(mcfg.name_or_path):  # model.gguf_file names a file of model.name_or_path only
-        mcfg.gguf_file = None
-    mcfg.name_or_path = str(name_or_path)
-    mcfg.lora.enabled = False
-    mcfg.gradient_checkpointing = False
-    return mcfg
+    mcfg = cast("ModelConfig", OmegaConf.to_object(cfg.model)) if not isinstance(cfg.model, ModelConfig) \
+        else cfg.model
+    # model.gguf_file names a file of model.name_or_path only
+    gguf_file = None if str(name_or_path) != str(mcfg.name_or_path) else mcfg.gguf_file
+    return dataclasses.replace(mcfg, name_or_path=str(name_or_path), gguf_file=gguf_file,
+                               lora=dataclasses.replace(mcfg.lora, enabled=False), gradient_checkpointing=False)
 
 
 def load_any_model(cfg, spec: str, base_fallback: str | None = None, label: str | None = None
