@@ -30,7 +30,7 @@ def _as_list(hint: Any) -> Any:
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         return list[args[0]]  # type: ignore[valid-type]
     if origin is typing.Union:
-        return typing.Union[tuple(_as_list(a) for a in args)]  # type: ignore[return-value]
+        return typing.Union[tuple(_as_list(a) for a in args)]
     return hint
 
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -31,6 +31,9 @@ from lat_lightning.models.loading import apply_lora
 from lat_lightning.models.lora_targets import attention_projections
 from lat_lightning.training.sft import LossRecorder, SFTSettings, supervised_finetune
 
+if TYPE_CHECKING:
+    from lat_lightning.models.settings import ModelSettings
+
 Measure = Callable[[nn.Module], dict[str, float]]
 
 
@@ -38,7 +41,7 @@ def plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` without PEFT wrappers (a LoRA model is merged into its copy's weights)."""
     twin = copy.deepcopy(model)
     if hasattr(twin, "merge_and_unload") and hasattr(twin, "peft_config"):
-        twin = twin.merge_and_unload()
+        twin = cast(Any, twin).merge_and_unload()  # a peft model (nn.Module's __getattr__ types it as a Tensor)
     for p in twin.parameters():
         p.requires_grad_(True)
     return twin
@@ -174,7 +177,9 @@ def lora_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
     # decides the initialisation.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(int(st.seed))
-        twin = apply_lora(twin, adapters, config_key="evaluation.durability.finetune_target_modules")
+        # apply_lora reads only the ``lora`` section of its model settings: _ModelSpec is that part
+        twin = apply_lora(twin, cast("ModelSettings", adapters),
+                          config_key="evaluation.durability.finetune_target_modules")
     sft = SFTSettings(steps=int(st.steps), lr=float(st.lr), batch_size=int(st.batch_size), scheduler="constant",
                       warmup_ratio=0.0, weight_decay=0.0, gradient_clip_val=1.0, seed=int(st.seed),
                       max_length=int(st.max_length), truncation="right", use_chat_template=st.use_chat_template,
@@ -183,7 +188,7 @@ def lora_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
     module = supervised_finetune(twin, tokenizer, pairs, sft, callbacks=[recorder, losses])
     tuned = module.model.to(device)
     if st.save_adapter:
-        tuned.save_pretrained(out / "final")
+        cast(Any, tuned).save_pretrained(out / "final")  # a peft model
     tuned.eval()
     for p in tuned.parameters():
         p.requires_grad_(False)

@@ -26,8 +26,8 @@ def clean_success(model: nn.Module, tokenizer, prompts: Sequence[str], targets: 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     ids = encode_prompts(tokenizer, list(gen_prompts if gen_prompts is not None else prompts), s.use_chat_template,
                          s.system_prompt)
-    res = generate_under_attack(model, tokenizer, ids, None, None, rows=RowKeys(prompt_keys=keys), settings=s.generation,
-                                pad_token_id=pad_id)
+    res = generate_under_attack(model, tokenizer, ids, None, None, rows=RowKeys(prompt_keys=keys),
+                                settings=s.generation, pad_token_id=pad_id)
     scorer = coherence_scorer(score_model if score_model is not None else model, tokenizer, s.coherence,
                               s.batch_size)
     coh = scorer(ids, res.token_ids, res.texts) if scorer else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,8 @@ from lat_lightning.eval.durability.table import REPORT_FILE, render_report
 
 log = logging.getLogger(__name__)
 
-STYLES = {"original": dict(color="tab:blue", ls="-"), "hardened": dict(color="tab:red", ls="--")}
+STYLES: dict[str, dict[str, Any]] = {"original": dict(color="tab:blue", ls="-"),
+                                     "hardened": dict(color="tab:red", ls="--")}
 
 
 def _nan(values) -> list[float]:
@@ -145,6 +146,7 @@ def _finetune_figure(summary: Mapping[str, Any]):
     n_panels = len(attack_panels) + len(curves)
     fig = Figure(figsize=(4.2 * n_panels, 3.4))
     for j, (key, ylabel) in enumerate(attack_panels):
+        assert fa is not None  # attack_panels is empty without it
         _attack_panel(fig.add_subplot(1, n_panels, j + 1), fa, key, ylabel)
     for j, (sec, key) in enumerate(curves, start=len(attack_panels)):
         _curve_panel(fig.add_subplot(1, n_panels, j + 1), summary, sec, key)
@@ -168,33 +170,55 @@ def figures(summary: Mapping[str, Any]) -> dict[str, Any]:
     return figs
 
 
+def _add_scalars(writer, tag: str, points: Iterable[tuple[Any, Any]], steps: bool = False) -> None:
+    """Each ``(x, value)`` point with a value as a TensorBoard scalar of ``tag``. ``steps``: a learning curve (``x``
+    an optimiser step, written as an int; non-finite values are skipped too)."""
+    for x, v in points:
+        if v is None or (steps and not math.isfinite(v)):
+            continue
+        writer.add_scalar(tag, v, int(x) if steps else x)
+
+
+def _rescan_scalars(writer, rs: Mapping[str, Any] | None, name: str) -> None:
+    """LASR by layer of each re-scan attack."""
+    if not rs:
+        return
+    for a, e in rs.get("attacks", {}).items():
+        _add_scalars(writer, f"durability/lasr_{a}/{name}", zip(rs["layers"], e["lasr"]))
+
+
+def _depth_scalars(writer, dp: Mapping[str, Any] | None, name: str) -> None:
+    """First-k success of each depth attack and pre-fill success, by k."""
+    if not dp:
+        return
+    for a, fk in dp["first_k"].items():
+        _add_scalars(writer, f"durability/first_k_{a}/{name}", zip(dp["ks"], fk["mean"]))
+    _add_scalars(writer, f"durability/prefill/{name}", zip(dp["prefill"]["ks"], dp["prefill"]["rate"]))
+
+
+def _finetune_attack_scalars(writer, fa: Mapping[str, Any] | None, name: str) -> None:
+    """The fine-tuning attack's mean success and harmful-target CE, by step."""
+    if not fa:
+        return
+    for key in ("success_mean", "harmful_loss_mean"):
+        _add_scalars(writer, f"durability/finetune_attack_{key}/{name}", zip(fa["eval_steps"], fa[key]), steps=True)
+
+
+def _trainability_scalars(writer, e: Mapping[str, Any] | None, name: str) -> None:
+    """Each trainability curve value (benign loss, utility), by step."""
+    for p in (e or {}).get("curve", []):
+        for key, v in p.items():
+            if key != "step":
+                _add_scalars(writer, f"durability/trainability_{key}/{name}", [(p["step"], v)], steps=True)
+
+
 def _curve_scalars(writer, summary: Mapping[str, Any], name: str) -> None:
     """One model's curves as TensorBoard scalars: LASR by layer, first-k and pre-fill by k, the fine-tuning attack
     and trainability by step."""
-    rs = (summary.get("rescan") or {}).get(name)
-    for a, e in (rs or {}).get("attacks", {}).items():
-        for l, v in zip(rs["layers"], e["lasr"]):
-            if v is not None:
-                writer.add_scalar(f"durability/lasr_{a}/{name}", v, l)
-    dp = (summary.get("depth") or {}).get(name)
-    if dp:
-        for a, fk in dp["first_k"].items():
-            for k, v in zip(dp["ks"], fk["mean"]):
-                if v is not None:
-                    writer.add_scalar(f"durability/first_k_{a}/{name}", v, k)
-        for k, v in zip(dp["prefill"]["ks"], dp["prefill"]["rate"]):
-            if v is not None:
-                writer.add_scalar(f"durability/prefill/{name}", v, k)
-    fa = (summary.get("finetune_attack") or {}).get(name)
-    for key in ("success_mean", "harmful_loss_mean") if fa else ():
-        for step, v in zip(fa["eval_steps"], fa[key]):
-            if v is not None and math.isfinite(v):
-                writer.add_scalar(f"durability/finetune_attack_{key}/{name}", v, int(step))
-    e = (summary.get("trainability") or {}).get(name)
-    for p in (e or {}).get("curve", []):
-        for key, v in p.items():
-            if key != "step" and v is not None and math.isfinite(v):
-                writer.add_scalar(f"durability/trainability_{key}/{name}", v, int(p["step"]))
+    _rescan_scalars(writer, (summary.get("rescan") or {}).get(name), name)
+    _depth_scalars(writer, (summary.get("depth") or {}).get(name), name)
+    _finetune_attack_scalars(writer, (summary.get("finetune_attack") or {}).get(name), name)
+    _trainability_scalars(writer, (summary.get("trainability") or {}).get(name), name)
 
 
 def _write_tensorboard(summary: Mapping[str, Any], out: Path, pngs: Mapping[str, bytes], report: str) -> None:

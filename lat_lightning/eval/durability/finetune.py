@@ -196,8 +196,12 @@ def _attack_curve(model: nn.Module, tokenizer, data: DurabilityData, s: Durabili
     pairs = [(str(p), str(r)) for p, r in (data.finetune_pairs if data.finetune_pairs else zip(prompts, targets))]
     eval_pairs = list(zip(prompts, targets))
     res = _new_curve(label, s, judge_map, pairs, prompts, out_dir is not None)
-    tmp = tempfile.TemporaryDirectory(prefix="finetune-attack-") if out_dir is None else None
-    root = Path(tmp.name) if tmp is not None else Path(out_dir)
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+    if out_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="finetune-attack-")
+        root = Path(tmp.name)
+    else:
+        root = Path(out_dir)
     was = model.training
     model.eval()
     try:

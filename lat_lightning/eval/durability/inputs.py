@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lat_lightning.attacks.settings import Layer
 from lat_lightning.data.templating import encode_response
 from lat_lightning.eval.durability.settings import DurabilityChecks, DurabilitySettings
 from lat_lightning.eval.generation import encode_prompts
@@ -37,7 +38,7 @@ class DurabilityData:
     """
 
     prompts: Sequence[str]
-    targets: Sequence[str]
+    targets: Sequence[str | None]
     prompt_keys: Sequence[int] | None = None
     benign: Sequence[Any] | None = None
     finetune_pairs: Sequence[tuple[str, str]] | None = None
@@ -45,7 +46,7 @@ class DurabilityData:
     utility_kind: str = "multiple_choice"
     harmless_prompts: Sequence[str] | None = None
     contrast_prompts: Sequence[str] | None = None
-    fragile_layers: Sequence[int] | None = None
+    fragile_layers: Sequence[Layer] | None = None
     fragile_source: str | None = None
 
 

@@ -71,7 +71,7 @@ def run_rescans(models: Mapping[str, nn.Module], tokenizer, harmful: HarmfulProm
 
 def any_rate(arr: np.ndarray) -> list[float | None]:
     """``arr`` ``[N, C, S]`` -> per seed: mean over prompts of max over columns (NaN-aware; None if unjudged)."""
-    out = []
+    out: list[float | None] = []
     for k in range(arr.shape[2]):
         m = arr[:, :, k]
         judged = np.isfinite(m).any(axis=1)

@@ -88,10 +88,10 @@ def _configured_fragile(model: nn.Module, data: DurabilityData, s: DurabilitySet
     try:
         if not explicit:
             raise IndexError("empty")
-        explicit = check_layer_indices(model, explicit, what="fragile layer")
+        layers = check_layer_indices(model, explicit, what="fragile layer")
     except IndexError:
         raise ConfigError(f"fragile layers {explicit} are not valid layers of a {n_layers}-layer model") from None
-    return explicit, data.fragile_source or ("argument" if data.fragile_layers is not None
+    return layers, data.fragile_source or ("argument" if data.fragile_layers is not None
                                              else "evaluation.durability.fragile_layers")
 
 
@@ -137,7 +137,9 @@ def _later_sections(run: _SuiteRun, summary: dict[str, Any], timings: dict[str, 
     models, tok, data, harmful, s = run.models, run.tokenizer, run.data, run.harmful, run.settings
     judge_map, fragile, sections = run.judge_map, run.fragile, set(s.dur.sections)
     prompts, targets, keys = harmful.prompts, harmful.targets, harmful.keys
+    finetune = run.finetune  # set when a fine-tuning section runs (run_durability checks)
     if "depth" in sections:  # 4. refusal depth: first k positions and prefill
+        assert data.harmless_prompts is not None  # run_durability fills it in
         contrast = (encode_prompts(tok, list(data.contrast_prompts or prompts), s.use_chat_template, s.system_prompt),
                     encode_prompts(tok, data.harmless_prompts, s.use_chat_template, s.system_prompt))
         summary["depth"] = _timed(timings, "depth", lambda: {
@@ -150,13 +152,15 @@ def _later_sections(run: _SuiteRun, summary: dict[str, Any], timings: dict[str, 
                                 for name in MODELS}
         timings["rewrites"] = round(time.time() - t0, 2)
     if "finetune" in sections:  # 3. fine-tuning attack and trainability
+        assert finetune is not None
         summary["finetune_attack"] = _timed(timings, "finetune_attack", lambda: finetune_attack_section(
-            models, tok, data, s, judge_map, run.out if run.write else None, run.finetune))
+            models, tok, data, s, judge_map, run.out if run.write else None, finetune))
     if "trainability" in sections:
         bpairs = benign_pairs(data.benign)
         if bpairs:
+            assert finetune is not None
             summary["trainability"] = _timed(timings, "trainability", lambda: trainability_section(
-                models, tok, bpairs, s, run.out, run.finetune, data))
+                models, tok, bpairs, s, run.out, finetune, data))
         else:
             summary["trainability"] = {"skipped": "no benign (prompt, response) pairs given"}
 
@@ -203,8 +207,12 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
         raise ValueError(f"the models have {n_layers} and {num_layers(hardened_model)} layers; the durability suite "
                          "compares two versions of the same architecture")
     layers = list(range(n_layers))
-    tmp = tempfile.TemporaryDirectory(prefix="durability-") if out_dir is None else None
-    out, write = (Path(tmp.name), False) if tmp is not None else (Path(out_dir), True)
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+    if out_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="durability-")
+        out, write = Path(tmp.name), False
+    else:
+        out, write = Path(out_dir), True
     out.mkdir(parents=True, exist_ok=True)
     models = {"original": original_model, "hardened": hardened_model}
     modes = {k: m.training for k, m in models.items()}

@@ -26,6 +26,7 @@ def _row(rid: str, label: str, o, h, kind: str = "rate", o_std=None, h_std=None,
            "hardened_std": finite(h_std), "change": change, "original_detail": o_detail,
            "hardened_detail": h_detail}
     if kind == "steps":
+        assert budget is not None, "a steps row needs its budget"
         row.update(original=None if o is None else int(o), hardened=None if h is None else int(h),
                    change=None if change is None else int(change), budget=int(budget))
         row["change_text"] = fmt_change(row)  # "> +N" when only the original broke: the table's change cell
@@ -35,7 +36,8 @@ def _row(rid: str, label: str, o, h, kind: str = "rate", o_std=None, h_std=None,
 def _curve_row(rid: str, label: str, sec: Mapping[str, Any], key: str, kind: str) -> dict[str, Any]:
     """A learning-curve row: ``drop`` = value at step 0 minus value after the last step (``loss``), or the
     final value (``rate``); the cell also shows ``start → end``."""
-    vals, details = {}, {}
+    vals: dict[str, float | None] = {}
+    details: dict[str, str | None] = {}
     for name in MODELS:
         pts = [p.get(key) for p in sec[name]["curve"] if p.get(key) is not None and math.isfinite(p.get(key))]
         if len(pts) < 1:
