@@ -107,14 +107,15 @@ def run(cfg, run_dir: Path) -> dict:
     Raises:
         ConfigError: an unknown defence or a bad override, no utility rows, no harmful targets.
     """
-    from lat_lightning.config import ModelConfig
     from lat_lightning.eval.compare import REPORT_FILE, SUMMARY_FILE, build_table, write_outputs
     from lat_lightning.models.loading import load_tokenizer
+    from lat_lightning.models.settings import ModelSettings
     from lat_lightning.stages import fit as fit_stage
     from lat_lightning.stages.defences import DEFENCES, defence_config
     from lat_lightning.stages.fit_setup import utility_score_settings
     from lat_lightning.stages.rescan import trained_model_path
     from lat_lightning.stages.scan import load_finetune_pairs, load_scan_prompts
+    from lat_lightning.stages.settings import model_settings
     from lat_lightning.training.interpolation import utility_score_fn
 
     t_start = time.time()
@@ -124,7 +125,7 @@ def run(cfg, run_dir: Path) -> dict:
     cmp = cfg.compare
     for name in cmp.defences:  # fail before any training on a bad name or override
         defence_config(cfg, str(name))
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(model_settings(cfg))
     score_fn = utility_score_fn(utility_score_settings(cfg), tokenizer)
     prompts, targets, keys = load_scan_prompts(cfg, require_target=bool(cmp.finetune or cmp.prefill_tokens))
     pairs = None
@@ -154,7 +155,7 @@ def run(cfg, run_dir: Path) -> dict:
         trained = json.loads(marker.read_text())
         path = trained_model_path(sub)
         t0 = time.time()
-        model = load_stage_model(cfg, ModelConfig(name_or_path=str(path), dtype=str(cfg.model.dtype)))
+        model = load_stage_model(cfg, ModelSettings(name_or_path=str(path), dtype=str(cfg.model.dtype)))
         results[name] = _battery(cfg, model, tokenizer, sub, prompts, targets, keys, score_fn, pairs,
                                  {"description": DEFENCES[name].description, "lambda": trained["lambda"],
                                   "model_path": str(path)})
