@@ -37,7 +37,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -266,11 +266,13 @@ class FragileLayerSelector(Callback):
     def _nll_scores(self, model, tokenizer, trainer, candidates) -> dict[int, float]:
         prompts, keys = self._prompt_texts(trainer)
         if prompts and tokenizer is not None:
+            probe_layers: Optional[Callable[..., Any]]
             try:
-                from lat_lightning.eval.probes import ProbeSettings, nll_probe_layers
+                from lat_lightning.eval.probes import ProbeSettings
+                from lat_lightning.eval.probes import nll_probe_layers as probe_layers
             except ImportError:
-                nll_probe_layers = None
-            if nll_probe_layers is not None:
+                probe_layers = None
+            if probe_layers is not None:
                 kwargs: dict[str, Any] = {}
                 if self.scan is not None:  # the run's decoding length, batching and prompt formatting
                     gen = self.scan.generation
@@ -281,8 +283,8 @@ class FragileLayerSelector(Callback):
                 else:
                     kwargs["probe"] = ProbeSettings(alpha=self.alpha)
                 with _eval_mode(model):
-                    return dict(nll_probe_layers(model, tokenizer, prompts, layers=candidates,
-                                                 seeds=self.seeds, prompt_keys=keys, **kwargs))
+                    return dict(probe_layers(model, tokenizer, prompts, layers=candidates,
+                                             seeds=self.seeds, prompt_keys=keys, **kwargs))
         return nll_probe_scores(model, self._probe_batches(trainer), candidates, self.seeds, self.alpha)
 
     def _summary_scores(self, candidates) -> Optional[tuple[dict[int, float], Optional[dict[int, float]]]]:
@@ -367,7 +369,7 @@ class FragileLayerSelector(Callback):
             return _truncate(self.batches, self.num_prompts)
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
         dataset = getattr(dm, "train_dataset", None) if dm is not None else None
-        if dataset is not None and hasattr(dm, "pad_id"):
+        if dm is not None and dataset is not None and hasattr(dm, "pad_id"):
             from lat_lightning.data.collate import collate_safety
 
             n = min(self.num_prompts, len(dataset))

@@ -287,12 +287,17 @@ def _check_compare(cfg) -> None:
     them (``lat_lightning.stages.defences.defence_config``)."""
     if "compare" not in stage_names(cfg):
         return
-    from lat_lightning.attacks import check_attack_name
-    from lat_lightning.stages.defences import check_defence_name, defence_config
+    names = [str(n) for n in cfg.compare.defences]
+    _check_compare_defences(cfg, names)
+    _check_compare_attacks(cfg)
+    _check_compare_training(cfg, names)
 
-    cmp = cfg.compare
-    names = [str(n) for n in cmp.defences]
-    if not names and not cmp.include_original:
+
+def _check_compare_defences(cfg, names: list[str]) -> None:
+    """``compare.defences``: something to compare, known names listed once, overrides only for listed ones."""
+    from lat_lightning.stages.defences import check_defence_name
+
+    if not names and not cfg.compare.include_original:
         raise ConfigError("compare.defences is empty and compare.include_original=false: nothing to compare; list "
                           "defences, e.g. compare.defences=[sft,lapt]")
     for name in names:
@@ -304,6 +309,14 @@ def _check_compare(cfg) -> None:
         if name not in names:
             raise ConfigError(f"compare.overrides.{name}: '{name}' is not in compare.defences {_fmt(names)}; add it "
                               "there or fix the name")
+
+
+def _check_compare_attacks(cfg) -> None:
+    """The comparison's attacks: embedding-space attack names, pre-fill lengths, and the harmful targets the
+    fine-tuning and pre-fill attacks need."""
+    from lat_lightning.attacks import check_attack_name
+
+    cmp = cfg.compare
     for a in cmp.embed_attacks:
         try:
             check_attack_name(str(a), "compare.embed_attacks", scan=True)
@@ -315,6 +328,12 @@ def _check_compare(cfg) -> None:
                               "or [] for no pre-fill column")
     if (cmp.finetune or cmp.prefill_tokens) and not cfg.data.harmful and not cfg.data.eval_harmful:
         raise ConfigError("the fine-tuning and pre-fill attacks need harmful targets: set data.eval_harmful")
+
+
+def _check_compare_training(cfg, names: list[str]) -> None:
+    """Each compared defence's training settings, as the fit will see them."""
+    from lat_lightning.stages.defences import defence_config
+
     for name in names:
         dcfg = defence_config(cfg, name)
         try:

@@ -22,12 +22,13 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, cast
 
 import torch
 import torchmetrics
 from torch import nn
 
+from lat_lightning.attacks.settings import Layer
 from lat_lightning.data.schema import SafetyExample
 from lat_lightning.eval.scan.settings import ScanSettings
 
@@ -60,15 +61,17 @@ class SafetyEvaluator:
             first seed, judges, positions policy, decoding, batching and prompt formatting are used for every
             metric.
         data: held-out data.
-        layers: layers to attack (``None``: ``settings.layers``, else every layer of the model).
+        layers: layers to attack, as indices or the names ``embed`` / ``all`` that the scan expands (``None``:
+            ``settings.layers``, else every layer of the model).
         utility_fn: optional ``model, tokenizer -> accuracy`` overriding ``data.utility_rows``.
     """
 
-    def __init__(self, settings: ScanSettings, data: EvaluationData, layers: Optional[Sequence[int]] = None,
+    def __init__(self, settings: ScanSettings, data: EvaluationData, layers: Optional[Sequence[Layer]] = None,
                  utility_fn=None):
         self.settings = settings
         self.data = data
-        self.layers = list(layers) if layers else (list(settings.layers) if settings.layers else None)
+        self.layers: list[Layer] | None = (list(layers) if layers else
+                                           list(settings.layers) if settings.layers else None)
         self.utility_fn = utility_fn
         self.attacks = settings.attack_names()
         names = ["attack_success", "init", "nll_probe", "over_refusal", "utility_accuracy"]
@@ -77,18 +80,22 @@ class SafetyEvaluator:
         self.metrics = nn.ModuleDict({name: torchmetrics.MeanMetric(nan_strategy="ignore") for name in names})
         self.samples: list[dict] = []
 
+    def metric(self, name: str) -> torchmetrics.MeanMetric:
+        """The aggregate ``name`` (:attr:`metrics` is a ``ModuleDict``, so it follows the model's device)."""
+        return cast(torchmetrics.MeanMetric, self.metrics[name])
+
     def reset(self) -> None:
-        for metric in self.metrics.values():
-            metric.reset()
+        for name in self.metrics:
+            self.metric(name).reset()
         self.samples = []
 
-    def _layers(self, model) -> list[int]:
+    def _layers(self, model) -> list[Layer]:
         from lat_lightning.models.layers import num_layers
 
         return self.layers or list(range(num_layers(model)))
 
-    def attack_batch(self, model, tokenizer, examples: Sequence[SafetyExample], layers: Optional[Sequence[int]] = None,
-                     sample_limit: int = 0) -> dict:
+    def attack_batch(self, model, tokenizer, examples: Sequence[SafetyExample],
+                     layers: Optional[Sequence[Layer]] = None, sample_limit: int = 0) -> dict:
         """The validation attacks + NLL probe on a batch of held-out harmful examples; updates the metrics."""
         from lat_lightning.eval.probes import ProbeSettings, nll_probe_layers
         from lat_lightning.eval.scan import ScanOptions, ScanPrompts, run_scan
@@ -107,9 +114,9 @@ class SafetyEvaluator:
         per_attack = {}
         for a in self.attacks:
             per_attack[a] = _broken(result.matrix(a))
-            self.metrics[f"attack_success_{a}"].update(per_attack[a])
+            self.metric(f"attack_success_{a}").update(per_attack[a])
             if coherent_judge in result.judges:
-                self.metrics[f"attack_success_{a}_coherent"].update(_broken(result.matrix(a, coherent_judge)))
+                self.metric(f"attack_success_{a}_coherent").update(_broken(result.matrix(a, coherent_judge)))
         first = self.attacks[0]
         matrix = torch.as_tensor(result.matrix(first), dtype=torch.float32)  # [N, L]
         broken = per_attack[first]
@@ -119,9 +126,9 @@ class SafetyEvaluator:
                                generation=dataclasses.replace(gen, max_new_tokens=min(32, gen.max_new_tokens)),
                                probe=ProbeSettings(batch_size=gen.batch_size or 16), prompt_keys=keys)
         nll_mean = sum(nll.values()) / max(1, len(nll))
-        self.metrics["attack_success"].update(broken)
-        self.metrics["init"].update(clean)
-        self.metrics["nll_probe"].update(torch.tensor([nll_mean] * len(examples), dtype=torch.float32))
+        self.metric("attack_success").update(broken)
+        self.metric("init").update(clean)
+        self.metric("nll_probe").update(torch.tensor([nll_mean] * len(examples), dtype=torch.float32))
         for i in range(min(sample_limit, len(prompts))):
             peak = int(torch.nan_to_num(matrix[i], nan=-1).argmax())
             rec = result.records.get((first, result.seeds_run[first][0], i, result.layers[peak])) or {}
@@ -144,28 +151,31 @@ class SafetyEvaluator:
             gen = generate_under_attack(model, tokenizer, self.data.benign_prompts, settings=greedy)
             verdicts = build_judge("keyword")(self.data.benign_prompts, gen.texts)
             refused = [float("nan") if v.failed else float(not v.success) for v in verdicts]
-            self.metrics["over_refusal"].update(torch.tensor(refused))
+            self.metric("over_refusal").update(torch.tensor(refused))
         if self.utility_fn is not None:
-            self.metrics["utility_accuracy"].update(torch.tensor([float(self.utility_fn(model, tokenizer))]))
+            self.metric("utility_accuracy").update(torch.tensor([float(self.utility_fn(model, tokenizer))]))
         elif self.data.utility_rows:
             from lat_lightning.eval.utility import evaluate_utility
 
+            # batch_size None (every row at once) is not a utility batch size: evaluate_utility's default then
             out = evaluate_utility(model, tokenizer, self.data.utility_rows, self.data.utility_kind,
-                                   batch_size=gen_settings.batch_size, use_chat_template=gen_settings.use_chat_template,
+                                   batch_size=gen_settings.batch_size or 8,
+                                   use_chat_template=gen_settings.use_chat_template,
                                    system_prompt=gen_settings.system_prompt)
-            self.metrics["utility_accuracy"].update(torch.tensor([out["accuracy"]]))
+            self.metric("utility_accuracy").update(torch.tensor([out["accuracy"]]))
 
     def compute(self) -> dict[str, float]:
         """Aggregated metrics (``nan`` for metrics that got no data)."""
         out = {}
-        for name, metric in self.metrics.items():
+        for name in self.metrics:
+            metric = self.metric(name)
             if metric.update_count == 0:
                 out[name] = float("nan")
             else:
                 out[name] = float(metric.compute())
         return out
 
-    def run(self, model, tokenizer, layers: Optional[Sequence[int]] = None, sample_limit: int = 4) -> dict:
+    def run(self, model, tokenizer, layers: Optional[Sequence[Layer]] = None, sample_limit: int = 4) -> dict:
         """Everything at once (the ``evaluate`` stage)."""
         self.reset()
         bs = max(1, int(self.settings.generation.batch_size or len(self.data.harmful) or 1))

@@ -208,8 +208,9 @@ def _generate_chunk(model, prompt_ids: list[list[int]], row_layers: Tensor, plan
                         **kwargs, **{cache_kw: cache})
         past = returned_cache(out)
         for t in range(max_new_tokens):
-            keys = ([(int(row_seeds[r]), int(prompt_keys[r]), layer_key[r], t, SAMPLING_TAG) for r in range(bsz)]
-                    if settings.do_sample else [])
+            keys: list[tuple[int, ...]] = (
+                [(int(row_seeds[r]), int(prompt_keys[r]), layer_key[r], t, SAMPLING_TAG) for r in range(bsz)]
+                if settings.do_sample else [])
             if sample_ids is not None and keys:  # best-of-N: the n-th sample of a cell draws its own tokens
                 keys = [k + (int(sample_ids[r]),) for r, k in enumerate(keys)]
             nxt = _pick_next(out.logits[:, -1], settings, keys).cpu()

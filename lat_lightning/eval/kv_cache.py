@@ -6,6 +6,7 @@ computed once per distinct prompt) that prefix sharing starts from.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +47,7 @@ def cache_argument(model: nn.Module) -> str:
     still names only that (remote code written for older releases)."""
     cls = type(model)
     if cls not in _CACHE_ARGUMENT:
+        params: Mapping[str, inspect.Parameter]
         try:
             params = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):  # pragma: no cover
@@ -91,10 +93,26 @@ def _buffered_layer_class():
     if _BUFFERED_LAYER:
         return _BUFFERED_LAYER[0]
     try:
-        from transformers.cache_utils import DynamicLayer
+        buffered = _define_buffered_layer()
     except ImportError:  # pragma: no cover - older transformers
-        _BUFFERED_LAYER.append(None)
-        return None
+        buffered = None
+    _BUFFERED_LAYER.append(buffered)
+    return buffered
+
+
+def _with_room(filled: Tensor, capacity: int) -> Tensor:
+    """A buffer of ``capacity`` positions (dim -2) that starts with ``filled``."""
+    shape = list(filled.shape)
+    shape[-2] = capacity
+    buf = filled.new_empty(shape)
+    buf[..., : filled.shape[-2], :].copy_(filled)
+    return buf
+
+
+def _define_buffered_layer() -> type:
+    """Define the class :func:`_buffered_layer_class` returns (raises ``ImportError`` when this transformers has
+    no ``DynamicLayer``)."""
+    from transformers.cache_utils import DynamicLayer
 
     class BufferedLayer(DynamicLayer):
         def __init__(self, keys: Tensor, values: Tensor, capacity: int):
@@ -102,16 +120,9 @@ def _buffered_layer_class():
             self.device = keys.device
             self.is_initialized = True
             self._length = keys.shape[-2]
-            self._keys = self._room(keys, max(int(capacity), self._length))
-            self._values = self._room(values, max(int(capacity), self._length))
+            self._keys = _with_room(keys, max(int(capacity), self._length))
+            self._values = _with_room(values, max(int(capacity), self._length))
             self._views()
-
-        def _room(self, filled: Tensor, capacity: int) -> Tensor:
-            shape = list(filled.shape)
-            shape[-2] = capacity
-            buf = filled.new_empty(shape)
-            buf[..., : filled.shape[-2], :].copy_(filled)
-            return buf
 
         def _views(self) -> None:
             self.keys = self._keys[..., : self._length, :]
@@ -120,12 +131,14 @@ def _buffered_layer_class():
         def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
             n = key_states.shape[-2]
             if self._length + n > self._keys.shape[-2]:  # more than planned: grow once, geometrically
-                self._keys = self._room(self.keys, 2 * (self._length + n))
-                self._values = self._room(self.values, 2 * (self._length + n))
+                assert self.keys is not None and self.values is not None  # set by _views
+                self._keys = _with_room(self.keys, 2 * (self._length + n))
+                self._values = _with_room(self.values, 2 * (self._length + n))
             self._keys[..., self._length: self._length + n, :].copy_(key_states)
             self._values[..., self._length: self._length + n, :].copy_(value_states)
             self._length += n
             self._views()
+            assert self.keys is not None and self.values is not None  # set by _views
             return self.keys, self.values
 
         def get_seq_length(self) -> int:
@@ -155,7 +168,6 @@ def _buffered_layer_class():
             self._length = 0
             self._views()
 
-    _BUFFERED_LAYER.append(BufferedLayer)
     return BufferedLayer
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lat_lightning.attacks.positions import first_position
+from lat_lightning.attacks.settings import Layer
 from lat_lightning.data.templating import IGNORE_INDEX, build_sequences, encode_prompt, encode_response
 from lat_lightning.eval.generation import CLEAN, AttackPlan, GenerationSettings, encode_prompts, generate_under_attack
 from lat_lightning.eval.metrics import nll_sequence, position_kl
@@ -82,8 +83,8 @@ class ProbeResult:
         """``[N, L, S]`` ``NLL_perturbed − NLL_clean``."""
         return self.nll_perturbed - self.nll_clean[:, None, None]
 
-    def delta_by_layer(self) -> dict[int, float]:
-        """Mean ΔNLL over prompts and seeds, per layer."""
+    def delta_by_layer(self) -> dict[int, float | None]:
+        """Mean ΔNLL over prompts and seeds, per layer (``None`` where no value is finite)."""
         d = self.delta_nll
         return {l: _nanmean(d[:, j, :]) for j, l in enumerate(self.layers)}
 
@@ -108,8 +109,12 @@ class ProbeResult:
                 "nll_perturbed_mean": _nanmean(self.nll_perturbed[:, j, :]),
                 "frac_prompts_raised": float((np.nanmean(d[:, j, :], axis=1) > 0).mean()) if len(d) else None,
             }
-        peak = max(per_layer, key=lambda k: per_layer[k]["delta_nll_mean"]
-                   if per_layer[k]["delta_nll_mean"] is not None else -math.inf) if per_layer else None
+
+        def mean_delta(layer: str) -> float:
+            mean = per_layer[layer]["delta_nll_mean"]
+            return mean if mean is not None else -math.inf
+
+        peak = max(per_layer, key=mean_delta) if per_layer else None
         return {
             "positions": self.positions,
             "layers": self.layers,
@@ -130,7 +135,7 @@ def _nanmean(x) -> float | None:
 
 
 def response_probe(model: nn.Module, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
-                   layers: Sequence[int], seeds: Sequence[int] = (0,), *, settings: ProbeSettings = ProbeSettings(),
+                   layers: Sequence[Layer], seeds: Sequence[int] = (0,), *, settings: ProbeSettings = ProbeSettings(),
                    prompt_keys: Sequence[int] | None = None, pad_id: int = 0) -> ProbeResult:
     """NLL and position KL of each prompt's response under keyed ASA noise at each layer and seed.
 
@@ -146,7 +151,7 @@ def response_probe(model: nn.Module, prompt_ids: Sequence[Sequence[int]], respon
         prompt_ids: prompt token ids (chat template applied) per prompt.
         response_ids: the response to teacher-force per prompt (typically the clean greedy generation,
             EOS included when it was generated).
-        layers / seeds: where and with which noise seeds to perturb.
+        layers / seeds: where (block indices, ``embed`` or ``all``) and with which noise seeds to perturb.
         settings: the ASA noise (``alpha``, ``positions``, ``first_k``, ``refresh``; see :class:`AttackPlan`), rows
             per forward, whether to compute the position KL and whether to share each prompt's prefix cache across
             its rows (same values up to float rounding; ``False`` runs every row's whole sequence).
@@ -154,9 +159,9 @@ def response_probe(model: nn.Module, prompt_ids: Sequence[Sequence[int]], respon
         pad_id: padding id (unused positions only).
     """
     positions, first_k, with_kl = settings.positions, settings.first_k, settings.with_kl
-    layers = check_layer_indices(model, list(layers))
+    layer_ids = check_layer_indices(model, list(layers))
     seeds = [int(s) for s in seeds]
-    n, n_l, n_s = len(prompt_ids), len(layers), len(seeds)
+    n, n_l, n_s = len(prompt_ids), len(layer_ids), len(seeds)
     keys = list(range(n)) if prompt_keys is None else [int(k) for k in prompt_keys]
     g_max = max((len(r) for r in response_ids), default=0)
     nll_clean = np.full(n, np.nan)
@@ -182,7 +187,7 @@ def response_probe(model: nn.Module, prompt_ids: Sequence[Sequence[int]], respon
                   and first_position(positions, p_len, first_k) >= p_len - 1 else None)
         for start in range(0, len(rows), step):
             chunk = rows[start:start + step]
-            row_layers = [CLEAN if c is None else layers[c[0]] for c in chunk]
+            row_layers = [CLEAN if c is None else layer_ids[c[0]] for c in chunk]
             row_seeds = [0 if c is None else seeds[c[1]] for c in chunk]
             if shared is not None:  # columns P-1 .. P+g-2 only: exactly the ones predicting the response
                 resp_logits = teacher_forced_suffix_logits(
@@ -206,20 +211,21 @@ def response_probe(model: nn.Module, prompt_ids: Sequence[Sequence[int]], respon
                 else:
                     nll_pert[i, c[0], c[1]] = nll[r]
             if with_kl:
-                pert_rows = [r for r, c in enumerate(chunk) if c is not None]
-                if pert_rows:
+                pert_cells = [(r, c) for r, c in enumerate(chunk) if c is not None]
+                if pert_cells:
+                    assert clean_logits is not None  # the clean row is the first of the first chunk
+                    pert_rows = [r for r, _ in pert_cells]
                     pl = resp_logits[pert_rows]
                     kl_rows = position_kl(clean_logits.expand(len(pert_rows), -1, -1), pl).cpu().numpy()
-                    for kr, r in enumerate(pert_rows):
-                        j, k = chunk[r]
+                    for kr, (_, (j, k)) in enumerate(pert_cells):
                         kl[i, j, k, :g] = kl_rows[kr]
             del logits, resp_logits
     lengths = np.array([len(r) for r in response_ids], dtype=np.int64)
-    return ProbeResult(layers, seeds, nll_clean, nll_pert, kl, lengths, positions)
+    return ProbeResult(layer_ids, seeds, nll_clean, nll_pert, kl, lengths, positions)
 
 
 def nll_probe_layers(model: nn.Module, tokenizer, prompts: Sequence[str | Sequence[int]],
-                     layers: Sequence[int] | None = None, seeds: Sequence[int] = (0,), *,
+                     layers: Sequence[Layer] | None = None, seeds: Sequence[int] = (0,), *,
                      generation: GenerationSettings = GenerationSettings(max_new_tokens=32, batch_size=16),
                      probe: ProbeSettings = ProbeSettings(), prompt_keys: Sequence[int] | None = None,
                      return_result: bool = False):
@@ -231,7 +237,7 @@ def nll_probe_layers(model: nn.Module, tokenizer, prompts: Sequence[str | Sequen
     Args:
         model / tokenizer: the model under test.
         prompts: harmful prompts (text, or token ids).
-        layers: layers to probe (default: all).
+        layers: layers to probe (block indices, ``embed`` or ``all``; default: every block).
         seeds: noise seeds (results are averaged over them).
         generation: the clean answers' length (``max_new_tokens``), rows per forward (``batch_size``) and prompt
             formatting of text prompts (``use_chat_template``, ``system_prompt``); its decoding keys are not used.

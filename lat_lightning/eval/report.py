@@ -301,7 +301,8 @@ def _embed_section(result: dict, judges: list[str], primary: str) -> list[str]:
         for j in judges:
             e = (result["embed"].get(j) or {})
             if e.get("before"):
-                cells.append(f"{fmt_number(e['before'].get(attack))} → {fmt_number((e.get('after') or {}).get(attack))}")
+                after = (e.get("after") or {}).get(attack)
+                cells.append(f"{fmt_number(e['before'].get(attack))} → {fmt_number(after)}")
         lines.append(f"| {attack} | " + " | ".join(cells) + " |")
     return lines + [""]
 

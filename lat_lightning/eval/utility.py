@@ -21,10 +21,10 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -148,28 +148,53 @@ def normalise_utility_row(row: Mapping[str, Any], kind: str) -> dict[str, Any]:
     if not isinstance(row, Mapping):
         raise DataError(f"a row must be a mapping, got a {type(row).__name__}")
     if kind == "contains":
-        prompt = row.get("prompt", row.get("question"))
-        answer = row.get("answer")
-        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-            answer = str(answer)
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise DataError("missing or empty 'prompt'")
-        if not isinstance(answer, str) or not answer:
-            raise DataError("missing or empty 'answer' (the text a correct output contains)")
-        return {"prompt": prompt, "answer": answer}
+        return _contains_row(row)
+    question = _question_of(row)
+    if kind == "exact_match":
+        return _exact_match_row(row, question)
+    return _multiple_choice_row(row, question)
+
+
+def _answer_text(row: Mapping[str, Any]) -> Any:
+    """The row's ``answer``, a number (not a bool) written as text."""
+    answer = row.get("answer")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    return answer
+
+
+def _contains_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`normalise_utility_row` for ``contains``."""
+    prompt = row.get("prompt", row.get("question"))
+    answer = _answer_text(row)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DataError("missing or empty 'prompt'")
+    if not isinstance(answer, str) or not answer:
+        raise DataError("missing or empty 'answer' (the text a correct output contains)")
+    return {"prompt": prompt, "answer": answer}
+
+
+def _question_of(row: Mapping[str, Any]) -> str:
+    """The row's question: ``question``, ``question_stem`` or ``question.stem``."""
     question = row.get("question", row.get("question_stem"))
     if isinstance(question, Mapping):
         question = question.get("stem")
     if not isinstance(question, str) or not question.strip():
         raise DataError("missing or empty 'question'")
-    if kind == "exact_match":
-        answer = row.get("answer")
-        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-            answer = str(answer)
-        gold = row.get("gold") if isinstance(row.get("gold"), str) else extract_number(answer or "")
-        if not isinstance(answer, str) or gold is None:
-            raise DataError(f"answer {answer!r} has no final number (expected GSM8K style '... #### 42')")
-        return {"question": question, "answer": answer, "gold": gold}
+    return question
+
+
+def _exact_match_row(row: Mapping[str, Any], question: str) -> dict[str, Any]:
+    """:func:`normalise_utility_row` for ``exact_match``."""
+    answer = _answer_text(row)
+    gold = row.get("gold") if isinstance(row.get("gold"), str) else extract_number(answer or "")
+    if not isinstance(answer, str) or gold is None:
+        raise DataError(f"answer {answer!r} has no final number (expected GSM8K style '... #### 42')")
+    return {"question": question, "answer": answer, "gold": gold}
+
+
+def _multiple_choice_row(row: Mapping[str, Any], question: str) -> dict[str, Any]:
+    """:func:`normalise_utility_row` for ``multiple_choice``."""
     texts, labels = _choices_of(row)
     if isinstance(row.get("answer_index"), int):
         key: Any = row["answer_index"]
@@ -311,13 +336,15 @@ def generate_greedy(model: nn.Module, tokenizer, prompts: Sequence[list[int]], m
     gen_cfg = getattr(model, "generation_config", None)
     eos = getattr(gen_cfg, "eos_token_id", None)
     eos = eos if eos is not None else tokenizer.eos_token_id
+    # a causal LM's generate (mypy reads an nn.Module attribute as Tensor | Module)
+    generate = cast("Callable[..., torch.Tensor]", model.generate)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         seqs = [prompts[i] for i in idx]
         ids = pad_sequences(seqs, pad, side="left").to(device)
         mask = pad_sequences([[1] * len(s) for s in seqs], 0, side="left").to(device)
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                             use_cache=True, pad_token_id=pad, eos_token_id=eos)
+        out = generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                       use_cache=True, pad_token_id=pad, eos_token_id=eos)
         for i, text in zip(idx, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)):
             texts[i] = text
     return texts

@@ -196,5 +196,6 @@ def fit(cfg, run_dir: Path, model=None, tokenizer=None, datamodule: Optional[Saf
     return train(module, datamodule, trainer, run_dir, model_cfg, resume=resume)
 
 
-__all__ = ["build_callbacks", "build_evaluator", "build_module", "build_training_callbacks", "fit", "fragile_layer_callback",
-           "kl_teacher_callback", "utility_score_settings", "validate_setup", "weight_interpolation_callback"]
+__all__ = ["build_callbacks", "build_evaluator", "build_module", "build_training_callbacks", "fit",
+           "fragile_layer_callback", "kl_teacher_callback", "utility_score_settings", "validate_setup",
+           "weight_interpolation_callback"]

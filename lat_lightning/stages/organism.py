@@ -170,17 +170,31 @@ def resolve_organism(cfg, rebuild: Optional[bool] = None):
             OmegaConf.update(out, key, build(_select(out, key)), merge=False)
     if ORGANISM in list(out.stages) and not built:
         build(ORGANISM)
+    _resolve_data_names(out, seed)
+    _resolve_utility_kind(out, seed)
+    return out
+
+
+def _resolve_data_names(out, seed: int) -> None:
+    """Replace every ``organism://<name>`` string of ``out`` with the organism's data file, in place."""
+    from omegaconf import OmegaConf
+
     for path, spec in _data_specs(OmegaConf.to_container(out, resolve=False)):
         parent = out
         for k in path[:-1]:
             parent = parent[k]
         parent[path[-1]] = organism_data_path(spec[len(DATA_SCHEME):].strip("/"), seed)
+
+
+def _resolve_utility_kind(out, seed: int) -> None:
+    """The utility kind ``organism`` becomes ``contains`` on the organism's ``utility_em`` rows, in place."""
+    from omegaconf import OmegaConf
+
     if any(_select(out, k) == ORGANISM for k in UTILITY_KEYS):
         for key in UTILITY_KEYS:
             if _select(out, key) == ORGANISM:
                 OmegaConf.update(out, key, UTILITY_KIND, merge=False)
         out.evaluation.utility_data = organism_data_path(UTILITY_DATA, seed)
-    return out
 
 
 def recipe_name(path: str, seed: int = 0) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import cast
 
 from lat_lightning.stages.common import load_stage_model, process_shard
 
@@ -60,7 +61,8 @@ def load_finetune_pairs(cfg) -> list[tuple[str, str]]:
     from lat_lightning.data.loaders import load_safety_examples
     from lat_lightning.resources import resource_path
 
-    return [(e.prompt, e.harmful_response) for e in load_safety_examples(
+    # load_safety_examples requires a target by default: every example has one
+    return [(e.prompt, cast(str, e.harmful_response)) for e in load_safety_examples(
         resource_path(cfg.data.harmful), cfg.data.harmful_split, dict(cfg.data.harmful_columns or {}),
         cfg.data.default_safe_response, cfg.data.max_examples, default_target=cfg.data.default_target,
         row_filter=dict(cfg.data.filter or {}))]

@@ -382,9 +382,10 @@ def _fill_missing(run: _ScanRun, records: dict[tuple, dict], scorer: CoherenceSc
         todo = [(k, a, i) for k, a, i in answers() if name not in (a.get("verdicts") or {})]
         for start in range(0, len(todo), step):
             part = todo[start:start + step]
-            coh = [a.get("coherence") or {} for _, a, _ in part] if scorer is not None else None
+            part_coherence = [a.get("coherence") or {} for _, a, _ in part] if scorer is not None else None
             v = _judge_all({name: judge}, [records[k]["prompt"] for k, _, _ in part],
-                           [a["response"] for _, a, _ in part], [run.targets[i] for _, _, i in part], coh)[name]
+                           [a["response"] for _, a, _ in part], [run.targets[i] for _, _, i in part],
+                           part_coherence)[name]
             for (k, a, _), verdict in zip(part, v):
                 a.setdefault("verdicts", {})[name] = verdict
                 changed[k] = records[k]
@@ -479,6 +480,7 @@ def run_scan(model: nn.Module, tokenizer, prompts: ScanPrompts, settings: ScanSe
         expected = [cell_key(CLEAN_ATTACK, None, i, CLEAN) for i in range(n)] + [
             cell_key(a.name, s, i, l) for a in run.attacks for i in range(n) for s in run.seeds_run[a.name]
             for l in run.layers]
+        assert out_path is not None  # a distributed scan has an output directory (checked in _prepare)
         records = merge_ranks(out_path, run.rank, expected)
     clean_texts = [records[cell_key(CLEAN_ATTACK, None, i, CLEAN)]["response"] for i in range(len(run.prompts))]
 

@@ -191,8 +191,8 @@ def _attack_entry(axes: ScanAxes, attack: Attack, arrays: tuple[dict, dict], cel
                                     samples=bootstrap_samples if axes.ci_judges is None or j in axes.ci_judges else 0,
                                     seed=split_seed, seed_ids=srun) for j in judge_names}
     headline = _headline(per_judge[primary])
-    peak = choose_peak(layers, _seed_mean_lasr(success[primary]),
-                       _seed_mean_lasr(success[tiebreak_judge]) if tiebreak_judge else None)
+    peak = choose_peak(layers, _seed_mean_lasr(success[primary]).tolist(),
+                       _seed_mean_lasr(success[tiebreak_judge]).tolist() if tiebreak_judge else None)
     headline.update(pasr_of_mean_lasr_layer=peak["layer"], peak_tied_layers=peak["tied_layers"],
                     peak_decided_by=peak["decided_by"])
     entry = {"seeds": srun, "settings": attack.describe(), "judges": per_judge, "headline": headline,
