@@ -3,7 +3,8 @@
 Compares the result files of two run directories (e.g. ``make demo`` before and after a change, or two runs of
 ``--recipe compare_defences``): ``report.json``, every ``*_summary.json`` (scan, rescan, durability, comparison) and
 every ``scan.jsonl`` record, value by value. What legitimately differs between two runs is left out: wall times
-(``seconds``, ``seconds_per_seed``, ``cells.seconds``, durability's ``timings``), and the run directory's own path inside strings (replaced by
+(``seconds``, ``seconds_per_seed``, ``cells.seconds``,
+durability's ``timings``), and the run directory's own path inside strings (replaced by
 ``<run>``). Floats must be equal exactly (``--tolerance`` relaxes that).
 
     python -m benchmarks.same_results runs/default/version_0 runs/default/version_1
