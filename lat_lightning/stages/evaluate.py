@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -37,17 +38,16 @@ def run(cfg, run_dir: Path) -> dict:
     Returns:
         ``{"metrics": {name: value or None}}``.
     """
-    from omegaconf import OmegaConf
 
     from lat_lightning.eval.evaluate import SafetyEvaluator, write_evaluation
     from lat_lightning.models.layers import parse_layers
     from lat_lightning.models.loading import load_tokenizer
-    from lat_lightning.stages.settings import validation_settings
+    from lat_lightning.stages.settings import model_settings, validation_settings
 
-    mcfg = cfg.model
+    mcfg = model_settings(cfg)
     if cfg.evaluation.model_path:
-        mcfg = OmegaConf.merge(cfg.model, {"name_or_path": cfg.evaluation.model_path, "gguf_file": None})
-        mcfg.lora.enabled = False
+        mcfg = dataclasses.replace(mcfg, name_or_path=str(cfg.evaluation.model_path), gguf_file=None,
+                                   lora=dataclasses.replace(mcfg.lora, enabled=False))
     model = load_stage_model(cfg, mcfg)
     tokenizer = load_tokenizer(mcfg)
     layers = None if cfg.evaluation.layers is None else parse_layers(cfg.evaluation.layers, "evaluation.layers")

@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import cast
 
+from lat_lightning.models.settings import ModelSettings
 from lat_lightning.stages.common import load_stage_model, process_shard
 
 
@@ -91,20 +92,13 @@ def load_contrast_prompts(cfg, scan_prompts: list[str]) -> tuple[list[str], list
     return harmful[:n], harmless[:n]
 
 
-def scan_model_config(cfg):
-    """The model the scan loads: ``model`` with ``name_or_path`` replaced by ``evaluation.model_path`` when set.
+def scan_model_config(cfg) -> ModelSettings:
+    """The model the scan loads: ``model`` with ``name_or_path`` replaced by ``evaluation.model_path`` when set."""
+    from lat_lightning.stages.settings import model_settings
 
-    Returns:
-        A :class:`~lat_lightning.config.ModelConfig` (a copy; ``cfg`` is not changed).
-    """
-    from omegaconf import OmegaConf
-
-    from lat_lightning.config import ModelConfig
-
-    mcfg = OmegaConf.to_object(cfg.model) if not isinstance(cfg.model, ModelConfig) else cfg.model
-    mcfg = dataclasses.replace(mcfg)
+    mcfg = model_settings(cfg)
     if cfg.evaluation.model_path:
-        mcfg.name_or_path, mcfg.gguf_file = str(cfg.evaluation.model_path), None
+        mcfg = dataclasses.replace(mcfg, name_or_path=str(cfg.evaluation.model_path), gguf_file=None)
     return mcfg
 
 

@@ -2,8 +2,8 @@
 to run it (:class:`ScanOptions`).
 
 Stages build these once from the run config (:func:`lat_lightning.stages.settings.scan_settings`); the library
-never reads the raw config. Every value check sits beside its field in ``__post_init__`` and raises a
-``ValueError`` that names the field.
+never reads the raw config. A range or a choice is written beside its field (:func:`lat_lightning.checks.setting`);
+``__post_init__`` validates them and the checks that span fields, each ``ValueError`` naming the field.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 from lat_lightning.attacks import Attack
 from lat_lightning.attacks.positions import GENERATION_POLICIES
 from lat_lightning.attacks.settings import AttackSettings, Layer
+from lat_lightning.checks import setting, validate
 from lat_lightning.eval.coherence import CoherenceSettings
 from lat_lightning.eval.generation import GenerationSettings
 
@@ -68,18 +69,21 @@ class ScanSettings:
     attacks: Sequence[Union[str, Attack]] = ("asa_random",)  # names (lat_lightning.attacks.ATTACKS) or Attack objects
     layers: Optional[Sequence[Layer]] = None    # layers to scan (None: every block; "embed": the input embeddings)
     seeds: Sequence[int] = (0,)                 # perturbation seeds (deterministic attacks run the first only)
-    positions: str = "prompt_last_and_generated"  # generation-time positions policy (paper: last prompt token + new)
-    first_k: int = 1                            # k of the first_k policy
-    refresh: str = "step"                       # asa_random: a fresh draw per step, or one fixed draw
+    # generation-time positions policy (paper: the last prompt token and every generated one)
+    positions: str = setting("prompt_last_and_generated", choices=GENERATION_POLICIES)
+    first_k: int = setting(1, check=">= 1")     # k of the first_k policy
+    refresh: str = setting("step", choices=("step", "fixed"))  # asa_random: a fresh draw per step, or one fixed draw
     perturbation: AttackSettings = field(default_factory=AttackSettings)  # the attacks' knobs (alpha, eps, steps...)
     generation: GenerationSettings = field(default_factory=GenerationSettings)  # decoding, batching, formatting
     judging: JudgeSettings = field(default_factory=JudgeSettings)  # judges and the headline judge
     coherence: CoherenceSettings = field(default_factory=CoherenceSettings)  # the coherence check of every answer
-    bootstrap_samples: int = 1000               # resamples of the confidence intervals (0: none)
+    bootstrap_samples: int = setting(1000, check=">= 0")  # resamples of the confidence intervals (0: none)
     probes: bool = False                        # also the NLL probe and position KL (ASA noise)
     probe_seeds: Optional[Sequence[int]] = None  # the probes' noise seeds (None: seeds)
-    asabench_test_fraction: Optional[float] = 0.4  # test share of the ASABench export (None: no export)
-    asabench_split_mode: str = "prompt"         # prompt (disjoint) or layer_stratified (the reference)
+    # test share of the ASABench export (None: no export)
+    asabench_test_fraction: Optional[float] = setting(0.4, check="in [0, 1]")
+    # prompt (disjoint) or layer_stratified (the reference)
+    asabench_split_mode: str = setting("prompt", choices=SPLIT_MODES)
     split_seed: int = 0                         # seed of the ASABench split and of the bootstrap
 
     def __post_init__(self):
@@ -91,20 +95,10 @@ class ScanSettings:
             object.__setattr__(self, "layers", tuple(self.layers))
         if self.probe_seeds is not None:
             object.__setattr__(self, "probe_seeds", tuple(int(s) for s in self.probe_seeds))
-        if self.positions not in GENERATION_POLICIES:
-            raise ValueError(f"positions must be one of {', '.join(GENERATION_POLICIES)}, got '{self.positions}'")
-        if int(self.first_k) < 1:
-            raise ValueError(f"first_k must be >= 1, got {self.first_k}")
+        validate(self)
         # An object with the same fields (a config section) is taken as a copy, like build_attack does.
         object.__setattr__(self, "perturbation", _settings_copy(AttackSettings, self.perturbation))
         object.__setattr__(self, "coherence", _settings_copy(CoherenceSettings, self.coherence))
-        if int(self.bootstrap_samples) < 0:
-            raise ValueError(f"bootstrap_samples must be >= 0, got {self.bootstrap_samples}")
-        if self.asabench_test_fraction is not None and not 0.0 <= float(self.asabench_test_fraction) <= 1.0:
-            raise ValueError(f"asabench_test_fraction must be in [0, 1] (or None), got {self.asabench_test_fraction}")
-        if self.asabench_split_mode not in SPLIT_MODES:
-            raise ValueError(f"asabench_split_mode must be one of {', '.join(SPLIT_MODES)}, "
-                             f"got '{self.asabench_split_mode}'")
 
     def attack_names(self) -> list[str]:
         """The attacks' names (an attack object's own ``name``)."""
