@@ -25,6 +25,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from lat_lightning.checks import choice_error, range_error
 from lat_lightning.config import BOUNDS
 from lat_lightning.errors import ConfigError
 from lat_lightning.preflight_sources import (
@@ -54,81 +55,38 @@ _EMPTY_HINTS = {
 
 
 # ------------------------------------------------------------------------------------------------ ranges
-LAYER_NAMES = ("embed", "all")  # lat_lightning.models.layers.EMBED_NAME / ALL_BLOCKS (no torch import here)
-_COMPARE = {">=": lambda v, n: v >= n, ">": lambda v, n: v > n, "<": lambda v, n: v < n}
-_INTERVAL = re.compile(r"in ([\[(])(-?[\d.]+), (-?[\d.]+)([\])])$")
-
-
-def _satisfies(value: Any, clause: str) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    m = _INTERVAL.match(clause)
-    if m:
-        lo_closed, lo, hi, hi_closed = m.group(1) == "[", float(m.group(2)), float(m.group(3)), m.group(4) == "]"
-        return (value >= lo if lo_closed else value > lo) and (value <= hi if hi_closed else value < hi)
-    op, number = clause.split(" ", 1)
-    return _COMPARE[op](value, float(number))
-
-
 def _fmt(value: Any) -> str:
     return "[" + ", ".join(_fmt(v) for v in value) + "]" if isinstance(value, list) else str(value)
 
 
-def registry_choices() -> dict[str, tuple[str, ...]]:
-    """Choice lists that come from registries: attack names and positions policies (lat_lightning.attacks)."""
-    from lat_lightning.attacks import POLICIES, attack_names
-
-    return {"perturbation.attack": tuple(attack_names()), "perturbation.positions": POLICIES,
-            "evaluation.positions": POLICIES}
-
-
 def check_choices(cfg, sections: Sequence[str] | None = None) -> None:
-    """Every key with a fixed set of values (:data:`~lat_lightning.config.CHOICES` and :func:`registry_choices`)
-    holds one of them; only the keys under ``sections`` when given.
+    """Every key with a fixed set of values (written beside its field; :data:`~lat_lightning.config.CHOICES` reads
+    them off the schema, registries included) holds one of them; only the keys under ``sections`` when given.
 
     Raises:
         ConfigError: naming the key, its choices and the closest one.
     """
     from lat_lightning.config import CHOICES
 
-    for key, allowed in {**CHOICES, **registry_choices()}.items():
+    for key, allowed in CHOICES.items():
         if sections is not None and key.split(".")[0] not in sections:
             continue
-        value = OmegaConf.select(cfg, key)
-        if value is not None and value not in allowed:
-            close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.4)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"invalid value '{value}' for '{key}'; choose one of {', '.join(allowed)}{hint}")
+        error = choice_error(key, OmegaConf.select(cfg, key), allowed)
+        if error:
+            raise ConfigError(error)
 
 
 def check_bounds(cfg) -> None:
-    """Every key of :data:`lat_lightning.config.BOUNDS` within its range, every float finite.
+    """Every key within the range written beside its field (:data:`lat_lightning.config.BOUNDS` reads them off the
+    schema), every float finite.
 
     Raises:
         ConfigError: naming the key, its value and the valid range.
     """
     for key, rule in BOUNDS.items():
-        value = config_value(cfg, key)
-        if value is None:
-            continue
-        for clause in re.split(r", (?=[a-z<>])", rule):  # not inside an interval "in [0, 1)"
-            if clause == "not empty":
-                if isinstance(value, list) and not value:
-                    hint = f" ({_EMPTY_HINTS[key]})" if key in _EMPTY_HINTS else ""
-                    raise ConfigError(f"{key} is empty; give at least one value{hint}")
-            elif clause == "unique":
-                seen = [v for i, v in enumerate(value) if v in value[:i]]
-                if seen:
-                    raise ConfigError(f"{key} lists {seen[0]} more than once: {_fmt(value)}")
-            elif clause.startswith("each "):
-                # Layer lists also name the input embeddings and every block ('embed', 'all'): checked against the
-                # model by the model-dependent checks.
-                names = LAYER_NAMES if key.endswith("layers") else ()
-                bad = [v for v in value if v not in names and not _satisfies(v, clause[5:])]
-                if bad:
-                    raise ConfigError(f"every entry of {key} must be {clause[5:]}, got {_fmt(bad[0])} in {_fmt(value)}")
-            elif not _satisfies(value, clause):
-                raise ConfigError(f"{key} must be {clause}, got {_fmt(value)}")
+        error = range_error(key, config_value(cfg, key), rule, _EMPTY_HINTS.get(key))
+        if error:
+            raise ConfigError(error)
     _check_finite(OmegaConf.to_container(cfg, resolve=True))
     betas = config_value(cfg, "trainer.betas")
     if betas is not None and len(betas) != 2:
