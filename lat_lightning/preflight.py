@@ -37,7 +37,7 @@ from lat_lightning.preflight_sources import (
     config_value,
     stage_names,
 )
-from lat_lightning.stages.settings import attack_settings, trainer_settings
+from lat_lightning.stages.settings import attack_settings, model_settings, trainer_settings
 from lat_lightning.training.distributed import check_distributed_config
 
 # Stages that read the evaluation section's attacks, judges and generation settings.
@@ -151,12 +151,12 @@ def _check_data_settings(cfg) -> None:
 def _check_training(cfg) -> None:
     """Settings only the fit stage reads."""
     from lat_lightning.attacks import build_attack
-    from lat_lightning.models.loading import _quantization_config
+    from lat_lightning.models.loading import quantization_config
 
     if "fit" not in stage_names(cfg):
         return
     check_distributed_config(trainer_settings(cfg), cfg.perturbation.early_stop_loss)
-    _quantization_config(cfg.model)  # both flags, or no bitsandbytes
+    quantization_config(model_settings(cfg))  # both flags, or no bitsandbytes
     q = cfg.model.quantization
     if (q.load_in_4bit or q.load_in_8bit) and not cfg.model.lora.enabled:
         bits = "4" if q.load_in_4bit else "8"

@@ -129,7 +129,7 @@ def padding_side(tokenizer, side: str) -> Iterator[None]:
         tokenizer.padding_side = old
 
 
-def _quantization_config(cfg: ModelSettings):
+def quantization_config(cfg: ModelSettings):
     q = cfg.quantization
     if not (q.load_in_4bit or q.load_in_8bit):
         return None
@@ -227,7 +227,7 @@ def load_model(cfg: ModelSettings, train: bool = True, with_lora: bool = True) -
                               "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    quant = _quantization_config(cfg)
+    quant = quantization_config(cfg)
     if quant is not None:
         kwargs["quantization_config"] = quant
     device_map = getattr(cfg, "device_map", None)
