@@ -15,7 +15,6 @@ Rows stop at EOS; finished rows are fed padding and their outputs are discarded.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
@@ -245,29 +244,6 @@ def encode_prompts(tokenizer, prompts: Sequence[str | Sequence[int]], use_chat_t
     return out
 
 
-# Keywords generate_under_attack took before RowKeys / GenerationSettings. Transitional (issue 21): the durability
-# suite still passes them; a call may name them instead of `rows` / `settings` until it moves over.
-_LEGACY_ROW_KEYS = ("prompt_keys", "row_seeds", "sample_ids")
-_LEGACY_SETTINGS = ("max_new_tokens", "do_sample", "temperature", "top_p", "batch_size", "use_chat_template",
-                    "system_prompt", "share_prefix")
-
-
-def _legacy_arguments(rows: RowKeys | None, settings: GenerationSettings | None,
-                      legacy: dict) -> tuple[RowKeys, GenerationSettings]:
-    """``rows`` and ``settings`` with the old separate keywords folded in (see :data:`_LEGACY_ROW_KEYS`)."""
-    unknown = sorted(set(legacy) - set(_LEGACY_ROW_KEYS) - set(_LEGACY_SETTINGS))
-    if unknown:
-        raise TypeError(f"generate_under_attack() got unexpected keyword arguments {unknown}")
-    rows = rows if rows is not None else RowKeys()
-    if any(k in legacy for k in _LEGACY_ROW_KEYS):
-        rows = dataclasses.replace(rows, **{k: legacy[k] for k in _LEGACY_ROW_KEYS if k in legacy})
-    if settings is None:  # the old keywords' default was every row in one forward
-        settings = GenerationSettings(batch_size=None) if legacy else GenerationSettings()
-    if any(k in legacy for k in _LEGACY_SETTINGS):
-        settings = dataclasses.replace(settings, **{k: legacy[k] for k in _LEGACY_SETTINGS if k in legacy})
-    return rows, settings
-
-
 def generate_under_attack(
     model: nn.Module,
     tokenizer,
@@ -279,7 +255,6 @@ def generate_under_attack(
     settings: GenerationSettings | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
-    **legacy,
 ) -> GenerationResult:
     """Generate for a batch of rows, each attacked at its own layer (or clean).
 
@@ -301,13 +276,12 @@ def generate_under_attack(
             prefix sharing (default: :class:`GenerationSettings`'s defaults).
         eos_token_id: stop id(s) (default: tokenizer and generation-config EOS).
         pad_token_id: id fed to finished rows and used for padding (default: the tokenizer's pad, else EOS).
-        **legacy: the keywords this function took before ``rows`` / ``settings`` (transitional, see
-            :data:`_LEGACY_ROW_KEYS`).
 
     Returns:
         A :class:`GenerationResult` with the new tokens only.
     """
-    rows, settings = _legacy_arguments(rows, settings, legacy)
+    rows = rows if rows is not None else RowKeys()
+    settings = settings if settings is not None else GenerationSettings()
     ids = encode_prompts(tokenizer, prompts, settings.use_chat_template, settings.system_prompt)
     bsz = len(ids)
     attack = attack or AttackPlan()

@@ -270,14 +270,10 @@ def test_a_forward_that_only_knows_past_key_values_still_works(setup, share_pref
                                                    settings=GenerationSettings(max_new_tokens=G)).token_ids
 
 
-def test_the_transitional_keywords_equal_rows_and_settings(setup):
-    """The old separate keywords (still passed by the durability suite) mean exactly RowKeys / GenerationSettings."""
+def test_the_old_separate_keywords_are_gone(setup):
+    """Decoding and row keys travel only in GenerationSettings / RowKeys: the old separate keywords raise."""
     model, tok, ids = setup
-    new = generate_under_attack(model, tok, ids, [0, -1, 2], _noise(4), eos_token_id=[],
-                                rows=RowKeys(prompt_keys=[5, 6, 7], row_seeds=[1, 1, 2]),
-                                settings=GenerationSettings(max_new_tokens=G, do_sample=True, temperature=1.5))
-    old = generate_under_attack(model, tok, ids, [0, -1, 2], _noise(4), eos_token_id=[], prompt_keys=[5, 6, 7],
-                                row_seeds=[1, 1, 2], max_new_tokens=G, do_sample=True, temperature=1.5)
-    assert old.token_ids == new.token_ids
-    with pytest.raises(TypeError, match="max_tokens"):
-        generate_under_attack(model, tok, ids, max_tokens=G)
+    with pytest.raises(TypeError, match="max_new_tokens"):
+        generate_under_attack(model, tok, ids, max_new_tokens=4)
+    with pytest.raises(TypeError, match="prompt_keys"):
+        generate_under_attack(model, tok, ids, prompt_keys=[0, 1, 2])
