@@ -42,8 +42,18 @@ from typing import Any, Callable, cast
 import torch
 
 # Dense bf16 peak of common chips in TFLOP/s (no sparsity), matched against torch.cuda.get_device_name().
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "GH200": 989.4, "A100": 312.0, "A800": 312.0,
-                    "L40S": 362.0, "L4": 121.0, "A10": 125.0, "B200": 2250.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.4,
+    "H100": 989.4,
+    "H800": 989.4,
+    "GH200": 989.4,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10": 125.0,
+    "B200": 2250.0,
+}
 
 
 @dataclass
@@ -53,9 +63,9 @@ class Shape:
     config: dict[str, Any]
     dtype: torch.dtype
     device: str
-    batch: int                     # sequences per training step
-    prompt_len: int                # prompt tokens per sequence
-    response_len: int              # response tokens per sequence
+    batch: int  # sequences per training step
+    prompt_len: int  # prompt tokens per sequence
+    response_len: int  # response tokens per sequence
     lapt_layer: int
     lat_layers: list[int]
     lat_steps: int
@@ -63,28 +73,73 @@ class Shape:
     scan_prompts: int
     scan_new_tokens: int
     scan_batch: int
-    smoke_layers: int              # decoder layers of the (smaller) FSDP2 / QLoRA smoke model
+    smoke_layers: int  # decoder layers of the (smaller) FSDP2 / QLoRA smoke model
     repeats: int = 3
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def llama3_8b(repeats: int) -> Shape:
     """Llama-3.1-8B's shape (32 layers, 4096 wide, GQA 32/8, 128k vocabulary), bf16 on CUDA."""
-    cfg = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
-               rms_norm_eps=1e-5, tie_word_embeddings=False)
-    return Shape(cfg, torch.bfloat16, "cuda", batch=4, prompt_len=256, response_len=256, lapt_layer=16,
-                 lat_layers=[8, 16, 24, 30], lat_steps=16, lora_r=64, scan_prompts=32, scan_new_tokens=50,
-                 scan_batch=128, smoke_layers=2, repeats=repeats)
+    cfg = dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    return Shape(
+        cfg,
+        torch.bfloat16,
+        "cuda",
+        batch=4,
+        prompt_len=256,
+        response_len=256,
+        lapt_layer=16,
+        lat_layers=[8, 16, 24, 30],
+        lat_steps=16,
+        lora_r=64,
+        scan_prompts=32,
+        scan_new_tokens=50,
+        scan_batch=128,
+        smoke_layers=2,
+        repeats=repeats,
+    )
 
 
 def tiny(repeats: int) -> Shape:
     """A 4-layer, 64-wide Llama in fp32 on the CPU: the same code paths in seconds."""
-    cfg = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
-    return Shape(cfg, torch.float32, "cpu", batch=2, prompt_len=16, response_len=16, lapt_layer=2,
-                 lat_layers=[1, 3], lat_steps=2, lora_r=4, scan_prompts=4, scan_new_tokens=8, scan_batch=64,
-                 smoke_layers=2, repeats=repeats)
+    cfg = dict(
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    return Shape(
+        cfg,
+        torch.float32,
+        "cpu",
+        batch=2,
+        prompt_len=16,
+        response_len=16,
+        lapt_layer=2,
+        lat_layers=[1, 3],
+        lat_steps=2,
+        lora_r=4,
+        scan_prompts=4,
+        scan_new_tokens=8,
+        scan_batch=64,
+        smoke_layers=2,
+        repeats=repeats,
+    )
 
 
 def peak_tflops(override: float | None) -> float | None:
@@ -125,8 +180,9 @@ def make_batch(shape: Shape, seed: int = 0) -> dict[str, torch.Tensor]:
         ids = torch.cat([prompt, torch.randint(3, vocab, (b, r), generator=gen)], dim=1)
         labels = ids.clone()
         labels[:, :p] = -100
-        batch.update({f"{prefix}_input_ids": ids, f"{prefix}_attention_mask": torch.ones_like(ids),
-                      f"{prefix}_labels": labels})
+        batch.update(
+            {f"{prefix}_input_ids": ids, f"{prefix}_attention_mask": torch.ones_like(ids), f"{prefix}_labels": labels}
+        )
     batch["prompt_lengths"] = torch.full((b,), p)
     batch["index"] = torch.arange(b)
     batch["layer"] = torch.full((b,), -1)
@@ -158,13 +214,23 @@ def build_variant(model, shape: Shape, variant: str):
     if variant == "asagrad_at":
         attack = build_attack("asagrad", PerturbationConfig(positions="response"))
         return LatentAdversarialModule(model, attack, [shape.lapt_layer], LossConfig(), optim)
-    lora = LoraConfig(enabled=True, r=shape.lora_r, alpha=2 * shape.lora_r, dropout=0.0,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
+    lora = LoraConfig(
+        enabled=True,
+        r=shape.lora_r,
+        alpha=2 * shape.lora_r,
+        dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+    )
     wrapped = apply_lora(model, ModelConfig(lora=lora))
-    attack = build_attack("pgd", PerturbationConfig(steps=shape.lat_steps, eps=6.0, lr=1e-3, positions="prompt",
-                                                    toward_harmful=0.5, away_from_safe=0.5))
-    return LatentAdversarialModule(wrapped, attack, shape.lat_layers,
-                                   LossConfig(toward_safe=0.5, away_from_harmful=0.5), optim)
+    attack = build_attack(
+        "pgd",
+        PerturbationConfig(
+            steps=shape.lat_steps, eps=6.0, lr=1e-3, positions="prompt", toward_harmful=0.5, away_from_safe=0.5
+        ),
+    )
+    return LatentAdversarialModule(
+        wrapped, attack, shape.lat_layers, LossConfig(toward_safe=0.5, away_from_harmful=0.5), optim
+    )
 
 
 def train_step(module, batch, opt) -> None:
@@ -212,11 +278,15 @@ def measure_variant(shape: Shape, variant: str, peak: float | None) -> dict[str,
     flops = count_flops(functools.partial(train_step, module, batch, opt))
     step_s = statistics.median(times)
     tokens = shape.batch * (shape.prompt_len + shape.response_len)
-    out = {"step_s": _sig(step_s), "tokens_per_s": _sig(tokens / step_s), "tflops_per_step": _sig(flops / 1e12),
-           "achieved_tflops": _sig(flops / step_s / 1e12),
-           "mfu": _sig(flops / step_s / 1e12 / peak) if peak else None,
-           "peak_mem_gib": round(peak_mem, 2) if peak_mem is not None else None,
-           "trainable_params": sum(p.numel() for p in params)}
+    out = {
+        "step_s": _sig(step_s),
+        "tokens_per_s": _sig(tokens / step_s),
+        "tflops_per_step": _sig(flops / 1e12),
+        "achieved_tflops": _sig(flops / step_s / 1e12),
+        "mfu": _sig(flops / step_s / 1e12 / peak) if peak else None,
+        "peak_mem_gib": round(peak_mem, 2) if peak_mem is not None else None,
+        "trainable_params": sum(p.numel() for p in params),
+    }
     del module, model, opt, batch
     gc.collect()
     if shape.device == "cuda":
@@ -235,25 +305,43 @@ def measure_scan(shape: Shape) -> dict[str, Any]:
 
     tokenizer = build_tokenizer(vocab_size=min(384, shape.config["vocab_size"]))
     model = build_model(shape).eval()
-    prompts = [f"Question {i}: how would one open the vault number {i} without the key?"
-               for i in range(shape.scan_prompts)]
+    prompts = [
+        f"Question {i}: how would one open the vault number {i} without the key?" for i in range(shape.scan_prompts)
+    ]
     layers = list(range(shape.config["num_hidden_layers"]))
     # A default run's scan (ASA random, seed 0) at this shape's length and batch, without intervals or exports.
     base = scan_settings(RunConfig(), attacks=["asa_random"], layers=layers, seeds=[0], probes=False)
-    settings = dataclasses.replace(base, judging=JudgeSettings({"keyword": KeywordJudge()}), bootstrap_samples=0,
-                                   asabench_test_fraction=None,
-                                   generation=dataclasses.replace(base.generation, max_new_tokens=shape.scan_new_tokens,
-                                                                  batch_size=shape.scan_batch))
+    settings = dataclasses.replace(
+        base,
+        judging=JudgeSettings({"keyword": KeywordJudge()}),
+        bootstrap_samples=0,
+        asabench_test_fraction=None,
+        generation=dataclasses.replace(
+            base.generation, max_new_tokens=shape.scan_new_tokens, batch_size=shape.scan_batch
+        ),
+    )
     _sync(shape.device)
     t0 = time.perf_counter()
-    result = run_scan(model, tokenizer, ScanPrompts(prompts), settings, None,
-                      ScanOptions(progress=False, figures=False, tensorboard=False))
+    result = run_scan(
+        model,
+        tokenizer,
+        ScanPrompts(prompts),
+        settings,
+        None,
+        ScanOptions(progress=False, figures=False, tensorboard=False),
+    )
     _sync(shape.device)
     seconds = time.perf_counter() - t0
     cells = len(result.records)
     del model
-    return {"prompts": len(prompts), "layers": len(layers), "new_tokens": shape.scan_new_tokens,
-            "cells": cells, "seconds": round(seconds, 2), "cells_per_s": round(cells / seconds, 2)}
+    return {
+        "prompts": len(prompts),
+        "layers": len(layers),
+        "new_tokens": shape.scan_new_tokens,
+        "cells": cells,
+        "seconds": round(seconds, 2),
+        "cells_per_s": round(cells / seconds, 2),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ smoke tests
@@ -271,21 +359,43 @@ def smoke_fsdp2(shape: Shape, work: Path) -> dict[str, Any]:
     small.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     del small
-    cfg = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(RunConfig), {
-        "model": {"name_or_path": str(model_dir), "dtype": "bfloat16" if shape.dtype == torch.bfloat16 else "float32"},
-        "data": {"harmful": "pkg://lat_lightning/resources/tiny_harmful.jsonl", "batch_size": 2, "max_length": 128,
-                 "truncation": "right"},
-        "perturbation": {"attack": "asa_random", "layers": [0]},
-        "trainer": {"max_steps": 2, "strategy": "fsdp2", "devices": 1,
-                    "accelerator": "gpu" if shape.device == "cuda" else "cpu", "log_every_n_steps": 1},
-        "logging": {"tensorboard": False}}))
+    cfg = cast(
+        DictConfig,
+        OmegaConf.merge(
+            OmegaConf.structured(RunConfig),
+            {
+                "model": {
+                    "name_or_path": str(model_dir),
+                    "dtype": "bfloat16" if shape.dtype == torch.bfloat16 else "float32",
+                },
+                "data": {
+                    "harmful": "pkg://lat_lightning/resources/tiny_harmful.jsonl",
+                    "batch_size": 2,
+                    "max_length": 128,
+                    "truncation": "right",
+                },
+                "perturbation": {"attack": "asa_random", "layers": [0]},
+                "trainer": {
+                    "max_steps": 2,
+                    "strategy": "fsdp2",
+                    "devices": 1,
+                    "accelerator": "gpu" if shape.device == "cuda" else "cpu",
+                    "log_every_n_steps": 1,
+                },
+                "logging": {"tensorboard": False},
+            },
+        ),
+    )
     from lat_lightning.resources import resource_path
 
     cfg.data.harmful = resource_path(cfg.data.harmful)
     t0 = time.perf_counter()
     module = fit(cfg, work / "fsdp2_run")
-    return {"ok": int(module.trainer_ref.global_step) == 2, "global_step": int(module.trainer_ref.global_step),
-            "seconds": round(time.perf_counter() - t0, 2)}
+    return {
+        "ok": int(module.trainer_ref.global_step) == 2,
+        "global_step": int(module.trainer_ref.global_step),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 def smoke_qlora(shape: Shape, work: Path) -> dict[str, Any]:
@@ -300,10 +410,14 @@ def smoke_qlora(shape: Shape, work: Path) -> dict[str, Any]:
     model_dir = work / "qlora_model"
     build_model(shape, num_layers=shape.smoke_layers).save_pretrained(model_dir)
     compute = "bfloat16" if shape.dtype == torch.bfloat16 else "float32"
-    mcfg = ModelConfig(name_or_path=str(model_dir), dtype=compute,
-                       lora=LoraConfig(enabled=True, r=8, alpha=16, dropout=0.0,
-                                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-                       quantization=QuantizationConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute))
+    mcfg = ModelConfig(
+        name_or_path=str(model_dir),
+        dtype=compute,
+        lora=LoraConfig(
+            enabled=True, r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+        ),
+        quantization=QuantizationConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute),
+    )
     t0 = time.perf_counter()
     model = load_model(mcfg, train=True)
     if shape.device == "cuda" and next(model.parameters()).device.type != "cuda":
@@ -316,8 +430,12 @@ def smoke_qlora(shape: Shape, work: Path) -> dict[str, Any]:
     train_step(module, make_batch(small_shape), opt)
     changed = sum(not torch.equal(before[id(p)], p.detach()) for p in params)
     quantised = sum("4bit" in type(m).__name__.lower() for m in model.modules())
-    return {"ok": changed > 0 and quantised > 0, "lora_tensors_updated": changed, "quantised_linears": quantised,
-            "seconds": round(time.perf_counter() - t0, 2)}
+    return {
+        "ok": changed > 0 and quantised > 0,
+        "lora_tensors_updated": changed,
+        "quantised_linears": quantised,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -337,8 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a tiny Llama on the CPU (the test-suite mode)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant (after one warm-up)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak, if the chip is unknown")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="comma-separated subset of " + ",".join(VARIANTS))
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS)
+    )
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: steps,scan,fsdp2,qlora")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -352,11 +471,16 @@ def main(argv: list[str] | None = None) -> int:
     skip = {s for s in args.skip.split(",") if s}
     t_start = time.perf_counter()
     result: dict[str, Any] = {
-        "mode": "tiny" if args.tiny else "llama3_8b_shape", "device": torch.cuda.get_device_name()
-        if shape.device == "cuda" else "cpu", "dtype": str(shape.dtype).replace("torch.", ""),
-        "torch": torch.__version__, "peak_bf16_tflops": peak, "model": shape.config,
-        "batch": shape.batch, "seq": shape.prompt_len + shape.response_len,
-        "lat": {"layers": shape.lat_layers, "pgd_steps": shape.lat_steps, "lora_r": shape.lora_r}}
+        "mode": "tiny" if args.tiny else "llama3_8b_shape",
+        "device": torch.cuda.get_device_name() if shape.device == "cuda" else "cpu",
+        "dtype": str(shape.dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "peak_bf16_tflops": peak,
+        "model": shape.config,
+        "batch": shape.batch,
+        "seq": shape.prompt_len + shape.response_len,
+        "lat": {"layers": shape.lat_layers, "pgd_steps": shape.lat_steps, "lora_r": shape.lora_r},
+    }
     failures: list[str] = []
     if "steps" not in skip:
         steps: dict[str, Any] = {}
@@ -364,8 +488,9 @@ def main(argv: list[str] | None = None) -> int:
             run_section(variant, functools.partial(measure_variant, shape, variant, peak), steps, failures)
         result["steps"] = steps
         if "sft" in steps and "step_s" in steps["sft"]:
-            result["time_ratio_to_sft"] = {v: round(s["step_s"] / steps["sft"]["step_s"], 2)
-                                           for v, s in steps.items() if "step_s" in s}
+            result["time_ratio_to_sft"] = {
+                v: round(s["step_s"] / steps["sft"]["step_s"], 2) for v, s in steps.items() if "step_s" in s
+            }
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         if "scan" not in skip:
             run_section("scan", lambda: measure_scan(shape), result, failures)

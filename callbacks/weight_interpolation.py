@@ -66,16 +66,21 @@ class WeightInterpolation(Callback):
         save: write ``interpolated/`` (the JSON and TensorBoard curve are always written).
     """
 
-    def __init__(self, lambdas: Sequence[float] = DEFAULT_LAMBDAS, tolerance: float = 0.05,
-                 utility: str = "multiple_choice", run_dir: Optional[str | Path] = None,
-                 score_fn: Optional[Callable[[nn.Module], float]] = None,
-                 utility_rows: Optional[Sequence[Mapping[str, Any]]] = None,
-                 utility_settings: Optional[UtilityScoreSettings] = None, save: bool = True):
+    def __init__(
+        self,
+        lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+        tolerance: float = 0.05,
+        utility: str = "multiple_choice",
+        run_dir: Optional[str | Path] = None,
+        score_fn: Optional[Callable[[nn.Module], float]] = None,
+        utility_rows: Optional[Sequence[Mapping[str, Any]]] = None,
+        utility_settings: Optional[UtilityScoreSettings] = None,
+        save: bool = True,
+    ):
         lambdas = [float(x) for x in lambdas]
         bad = [x for x in lambdas if not 0.0 <= x <= 1.0]
         if not lambdas or bad:
-            raise ValueError("callbacks.weight_interpolation.lambdas must be non-empty values in [0, 1]; "
-                             f"got {bad}")
+            raise ValueError(f"callbacks.weight_interpolation.lambdas must be non-empty values in [0, 1]; got {bad}")
         if tolerance < 0:
             raise ValueError(f"callbacks.weight_interpolation.tolerance must be >= 0, got {tolerance}")
         self.lambdas = lambdas
@@ -118,13 +123,16 @@ class WeightInterpolation(Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if "FSDP" in type(trainer.strategy).__name__:
-            log.warning("WeightInterpolation: skipped under %s (sharded weights); "
-                        "run the 'interpolate' stage", type(trainer.strategy).__name__)
+            log.warning(
+                "WeightInterpolation: skipped under %s (sharded weights); run the 'interpolate' stage",
+                type(trainer.strategy).__name__,
+            )
             return
         if trainer.is_global_zero:
             run_dir = self.run_dir or Path(trainer.default_root_dir)
-            self.result = self.run(pl_module.model, pl_module.tokenizer, run_dir, loggers=trainer.loggers,
-                                   step=int(trainer.global_step))
+            self.result = self.run(
+                pl_module.model, pl_module.tokenizer, run_dir, loggers=trainer.loggers, step=int(trainer.global_step)
+            )
         trainer.strategy.barrier("weight_interpolation")
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
@@ -132,8 +140,9 @@ class WeightInterpolation(Callback):
             self._original = None
 
     # -- the search ----------------------------------------------------------------------------------
-    def run(self, model: nn.Module, tokenizer, run_dir: str | Path, loggers: Sequence = (),
-            step: int = 0) -> dict[str, Any]:
+    def run(
+        self, model: nn.Module, tokenizer, run_dir: str | Path, loggers: Sequence = (), step: int = 0
+    ) -> dict[str, Any]:
         """Search λ for ``model`` (trained weights in place), save, log; the model ends as it started."""
         score = self._score or self._resolve_score_fn(tokenizer)
         original = None if is_peft_model(model) else self._original

@@ -1,4 +1,5 @@
 """lat-lightning: latent-space safety attacks, scans and defences for causal LMs."""
+
 from lat_lightning.threads import set_wait_policy as _set_wait_policy
 
 __version__ = "0.1.0"

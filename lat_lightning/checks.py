@@ -35,9 +35,14 @@ _INTERVAL = re.compile(r"in ([\[(])(-?[\d.]+), (-?[\d.]+)([\])])$")
 _CLAUSE_SPLIT = re.compile(r", (?=[a-z<>])")  # not inside an interval "in [0, 1)"
 
 
-def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
-            check: str | None = None, choices: Sequence[Any] | Callable[[], Sequence[Any]] | str | None = None,
-            resume: str | None = None) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    default_factory: Any = dataclasses.MISSING,
+    check: str | None = None,
+    choices: Sequence[Any] | Callable[[], Sequence[Any]] | str | None = None,
+    resume: str | None = None,
+) -> Any:
     """A dataclass field that carries its own check (see the module docstring).
 
     Args:
@@ -142,5 +147,14 @@ def walk(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field]]
             yield from walk(hints[f.name], key + ".")
 
 
-__all__ = ["LAYER_NAMES", "allowed_values", "choice_error", "field_error", "range_error", "satisfies", "setting",
-           "validate", "walk"]
+__all__ = [
+    "LAYER_NAMES",
+    "allowed_values",
+    "choice_error",
+    "field_error",
+    "range_error",
+    "satisfies",
+    "setting",
+    "validate",
+    "walk",
+]

@@ -80,8 +80,14 @@ def split_argv(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     Raises:
         ConfigError: on a dangling ``--key`` with no value.
     """
-    flags: dict[str, Any] = {"recipe": None, "resume": None, "print_config": False,
-                             "list_recipes": False, "debug": False, "help": False}
+    flags: dict[str, Any] = {
+        "recipe": None,
+        "resume": None,
+        "print_config": False,
+        "list_recipes": False,
+        "debug": False,
+        "help": False,
+    }
     dotlist: list[str] = []
     args = list(argv)
     i = 0
@@ -161,8 +167,10 @@ def check_keys(data: Any, schema_cls: type = RunConfig, prefix: str = "") -> Non
             check_keys(value, sub, prefix=f"{full}.")
         elif is_dataclass(sub) and value is not None:
             children = [f.name for f in fields(sub)]
-            raise ConfigError(f"'{full}' is a config section, not a value; set one of its keys, e.g. "
-                              f"'{full}.{children[0]}' (keys: {', '.join(children)})")
+            raise ConfigError(
+                f"'{full}' is a config section, not a value; set one of its keys, e.g. "
+                f"'{full}.{children[0]}' (keys: {', '.join(children)})"
+            )
 
 
 def _dotlist_to_dict(dotlist: list[str]) -> dict[str, Any]:
@@ -174,8 +182,10 @@ def _dotlist_to_dict(dotlist: list[str]) -> dict[str, Any]:
             OmegaConf.from_dotlist([item])
         except Exception as exc:  # noqa: BLE001 - omegaconf and yaml errors; the first line is the useful part
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ConfigError(f"cannot parse the value of '{key}': {value!r} is not valid YAML ({first}); quote "
-                              "it for the shell, e.g. 'perturbation.layers=[1,2]'") from None
+            raise ConfigError(
+                f"cannot parse the value of '{key}': {value!r} is not valid YAML ({first}); quote "
+                "it for the shell, e.g. 'perturbation.layers=[1,2]'"
+            ) from None
     conf = OmegaConf.from_dotlist(dotlist)
     return OmegaConf.to_container(conf)  # type: ignore[return-value]
 
@@ -183,10 +193,12 @@ def _dotlist_to_dict(dotlist: list[str]) -> dict[str, Any]:
 def _check_attack_lists(cfg: DictConfig) -> None:
     from lat_lightning.attacks import check_attack_name
 
-    lists = {"evaluation.attacks": cfg.evaluation.attacks,
-             "evaluation.validation_attacks": cfg.evaluation.validation_attacks,
-             "evaluation.durability.adaptive_attacks": cfg.evaluation.durability.adaptive_attacks,
-             "evaluation.durability.depth_attacks": cfg.evaluation.durability.depth_attacks}
+    lists = {
+        "evaluation.attacks": cfg.evaluation.attacks,
+        "evaluation.validation_attacks": cfg.evaluation.validation_attacks,
+        "evaluation.durability.adaptive_attacks": cfg.evaluation.durability.adaptive_attacks,
+        "evaluation.durability.depth_attacks": cfg.evaluation.durability.depth_attacks,
+    }
     try:
         check_attack_name(str(cfg.perturbation.attack), "perturbation.attack")
         for key, names in lists.items():
@@ -202,18 +214,27 @@ def _check_harmless_data(cfg: DictConfig, lists: dict) -> None:
     from lat_lightning.attacks import ATTACKS
 
     if ATTACKS[str(cfg.perturbation.attack)].needs_harmless and "fit" in cfg.stages and not cfg.data.benign:
-        raise ConfigError(f"perturbation.attack={cfg.perturbation.attack} contrasts each batch's harmful prompts with "
-                          "harmless ones: set data.benign (harmless prompt/response pairs)")
+        raise ConfigError(
+            f"perturbation.attack={cfg.perturbation.attack} contrasts each batch's harmful prompts with "
+            "harmless ones: set data.benign (harmless prompt/response pairs)"
+        )
     for key, names in lists.items():
         for name in names:
             if ATTACKS[str(name)].needs_harmless and not (cfg.data.benign or cfg.data.eval_benign):
-                raise ConfigError(f"{key}: attack '{name}' needs harmless prompts for the refusal direction: set "
-                                  "data.eval_benign or data.benign")
+                raise ConfigError(
+                    f"{key}: attack '{name}' needs harmless prompts for the refusal direction: set "
+                    "data.eval_benign or data.benign"
+                )
 
 
 # Config keys holding layer lists (block indices or "embed"); checked for form here, against the model later.
-LAYER_LIST_KEYS = ("perturbation.layers", "evaluation.layers", "callbacks.fragile_layers.layers",
-                   "callbacks.fragile_layers.candidate_layers", "evaluation.durability.fragile_layers")
+LAYER_LIST_KEYS = (
+    "perturbation.layers",
+    "evaluation.layers",
+    "callbacks.fragile_layers.layers",
+    "callbacks.fragile_layers.candidate_layers",
+    "evaluation.durability.fragile_layers",
+)
 
 
 def _check_layer_lists(cfg: DictConfig) -> None:
@@ -325,8 +346,11 @@ def _main(argv: list[str], debug: bool) -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI promises one line unless --debug
         if debug:
             raise
-        print(f"error: {type(exc).__name__}: {_one_line(exc)} (an internal error, not your input: rerun with "
-              "--debug for the traceback, which the run directory's run.log also holds)", file=sys.stderr)
+        print(
+            f"error: {type(exc).__name__}: {_one_line(exc)} (an internal error, not your input: rerun with "
+            "--debug for the traceback, which the run directory's run.log also holds)",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL
 
 

@@ -23,7 +23,6 @@ from lat_lightning.training.settings import LossSettings, TrainerSettings
 STAGES = ("organism", "fit", "scan", "rescan", "evaluate", "interpolate", "durability", "compare", "report")
 
 
-
 def _as_list(hint: Any) -> Any:
     """``tuple[X, ...]`` (inside ``Optional`` too) as ``list[X]``: frozen settings hold tuples, recipes write lists."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -71,8 +70,9 @@ if typing.TYPE_CHECKING:
 else:
     LoraConfig = schema_of(LoraSettings, "LoraConfig")
     QuantizationConfig = schema_of(QuantizationSettings, "QuantizationConfig")
-    ModelConfig = schema_of(ModelSettings, "ModelConfig",
-                            {LoraSettings: LoraConfig, QuantizationSettings: QuantizationConfig})
+    ModelConfig = schema_of(
+        ModelSettings, "ModelConfig", {LoraSettings: LoraConfig, QuantizationSettings: QuantizationConfig}
+    )
 
     DataConfig = schema_of(DataSettings, "DataConfig")
 
@@ -116,8 +116,9 @@ class FragileLayersConfig:
 @dataclass
 class WeightInterpolationConfig:
     enabled: bool = False
-    lambdas: list[float] = setting(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
-                                   check="not empty, unique, each in [0, 1]")
+    lambdas: list[float] = setting(
+        default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5], check="not empty, unique, each in [0, 1]"
+    )
     tolerance: float = setting(0.05, check=">= 0")
     utility: str = setting("multiple_choice", choices=("multiple_choice", "exact_match", "contains", "organism"))
 
@@ -163,18 +164,19 @@ class EvaluationConfig:
     max_new_tokens: int = setting(50, check=">= 1")
     do_sample: bool = False
     temperature: float = setting(1.0, check="> 0")
-    top_p: float = 1.0                   # nucleus sampling threshold when sampling (1.0 = off)
-    best_of_n: int = 1                   # > 1: also sample N answers per cell; broken if any is a success
+    top_p: float = 1.0  # nucleus sampling threshold when sampling (1.0 = off)
+    best_of_n: int = 1  # > 1: also sample N answers per cell; broken if any is a success
     coherence: CoherenceConfig = field(default_factory=CoherenceConfig)
     # rows per batched generation / teacher-forced pass (scan, durability); large batches amortise each decode step's
     # weight reads (lower if memory is short)
     batch_size: int = setting(256, check=">= 1", resume="rows per generation batch: results do not depend on it")
     # compute each prompt's KV cache up to its last token once per chunk and share it across the chunk's rows (false:
     # the unshared path; same tokens)
-    share_prefix: bool = setting(True, resume="how each prompt's KV cache is computed: the same tokens either way "
-                                              "(tested)")
-    probes: Optional[bool] = None        # NLL probe + position KL after the scan; null = on only where cheap (models of
-                                         # at most 50M parameters, e.g. the tiny models and the organism), see docs/scan
+    share_prefix: bool = setting(
+        True, resume="how each prompt's KV cache is computed: the same tokens either way (tested)"
+    )
+    probes: Optional[bool] = None  # NLL probe + position KL after the scan; null = on only where cheap (models of
+    # at most 50M parameters, e.g. the tiny models and the organism), see docs/scan
     num_prompts: Optional[int] = setting(None, check=">= 1")
     bootstrap_samples: int = setting(1000, check=">= 0")
     utility_data: Optional[str] = None
@@ -198,12 +200,12 @@ class CompareConfig:
     # per defence, overrides of its training on top of the registry's, e.g. {lat: {perturbation: {steps: 4}}}; only
     # the sections perturbation, loss, trainer and callbacks.kl_teacher (the rest is shared by design)
     overrides: dict[str, Any] = field(default_factory=dict)
-    include_original: bool = True        # a row for the starting model itself (no defence), attacked the same way
+    include_original: bool = True  # a row for the starting model itself (no defence), attacked the same way
     # attacks also run at the input embeddings (column <attack>@embed); [] for none
     embed_attacks: list[str] = field(default_factory=lambda: ["pgd"])
     # pre-fill attack columns: the first k harmful-target tokens forced after the prompt, no perturbation; [] for none
     prefill_tokens: list[int] = field(default_factory=lambda: [1])
-    finetune: bool = True                # the fine-tuning attack curve column (steps to break)
+    finetune: bool = True  # the fine-tuning attack curve column (steps to break)
 
 
 @dataclass
@@ -226,8 +228,11 @@ class OrganismConfig:
 class RunConfig:
     """A whole run: what it does (``stages``) and every setting it needs."""
 
-    stages: list[str] = setting(default_factory=lambda: ["fit"], check="not empty, unique", resume=(
-        "stages already done are skipped; stages added run with the run's saved settings"))
+    stages: list[str] = setting(
+        default_factory=lambda: ["fit"],
+        check="not empty, unique",
+        resume=("stages already done are skipped; stages added run with the run's saved settings"),
+    )
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -32,8 +32,7 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     logits, labels = _shift(logits, labels)
     if not (labels != IGNORE_INDEX).any():
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def log_one_minus_p_loss(logits: Tensor, labels: Tensor, logp_floor: float = -5.0) -> Tensor:

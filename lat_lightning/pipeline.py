@@ -92,7 +92,7 @@ def _stages_to_rerun(cfg: DictConfig, changes: dict, done: set[str]) -> list[str
     stages = [str(s) for s in cfg.stages]
     if "trainer.max_steps" not in changes or "fit" not in stages or "fit" not in done:
         return []
-    return [s for s in stages[stages.index("fit"):] if s in done]
+    return [s for s in stages[stages.index("fit") :] if s in done]
 
 
 def _stop_if_signalled() -> None:

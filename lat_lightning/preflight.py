@@ -53,7 +53,6 @@ _EMPTY_HINTS = {
 }
 
 
-
 # ------------------------------------------------------------------------------------------------ ranges
 def _fmt(value: Any) -> str:
     return "[" + ", ".join(_fmt(v) for v in value) + "]" if isinstance(value, list) else str(value)
@@ -114,38 +113,57 @@ def _check_stage_order(cfg, done: set[str], run_dir: Optional[Path]) -> None:
 
     for stage in ("interpolate", "rescan"):
         if stage in stages and not earlier(stage, "fit"):
-            raise ConfigError(f"stage '{stage}' needs the model a fit trains: put fit before it in stages "
-                              f"(e.g. stages=[fit, {stage}]) or --resume a run whose fit is done")
-    if "report" in stages and not earlier("report", "scan") \
-            and not (run_dir is not None and (Path(run_dir) / "scan_summary.json").is_file()):
-        raise ConfigError("stage 'report' reports a scan: put scan before it in stages (e.g. stages=[scan, report]) "
-                          "or --resume a run whose scan is done")
+            raise ConfigError(
+                f"stage '{stage}' needs the model a fit trains: put fit before it in stages "
+                f"(e.g. stages=[fit, {stage}]) or --resume a run whose fit is done"
+            )
+    if (
+        "report" in stages
+        and not earlier("report", "scan")
+        and not (run_dir is not None and (Path(run_dir) / "scan_summary.json").is_file())
+    ):
+        raise ConfigError(
+            "stage 'report' reports a scan: put scan before it in stages (e.g. stages=[scan, report]) "
+            "or --resume a run whose scan is done"
+        )
     if "durability" in stages and not cfg.evaluation.compare_path and not earlier("durability", "fit"):
-        raise ConfigError("stage 'durability' needs a hardened model: set evaluation.compare_path (a directory saved "
-                          "with save_pretrained, or a LoRA adapter directory) or put fit before it in stages")
+        raise ConfigError(
+            "stage 'durability' needs a hardened model: set evaluation.compare_path (a directory saved "
+            "with save_pretrained, or a LoRA adapter directory) or put fit before it in stages"
+        )
 
 
 def _check_data_settings(cfg) -> None:
     stages, d, ev = stage_names(cfg), cfg.data, cfg.evaluation
     if "compare" in stages and not d.harmful:
-        raise ConfigError("data.harmful is not set (the compare stage trains every defence on it and fine-tunes on "
-                          "its harmful responses); point it at a safety data file")
+        raise ConfigError(
+            "data.harmful is not set (the compare stage trains every defence on it and fine-tunes on "
+            "its harmful responses); point it at a safety data file"
+        )
     if "fit" in stages and not (d.harmful or d.asabench):
-        raise ConfigError("data.harmful is not set (the fit stage trains on it); point it at a .jsonl/.json/.csv "
-                          "file, a saved dataset directory or a datasets name (or data.asabench at an ASABench export)")
+        raise ConfigError(
+            "data.harmful is not set (the fit stage trains on it); point it at a .jsonl/.json/.csv "
+            "file, a saved dataset directory or a datasets name (or data.asabench at an ASABench export)"
+        )
     for stage in ("scan", "rescan", "durability", "compare"):
         if stage in stages and not (d.eval_harmful or d.harmful):
-            raise ConfigError(f"stage '{stage}' needs harmful prompts: set data.eval_harmful or data.harmful "
-                              "(e.g. pkg://lat_lightning/resources/tiny_harmful.jsonl)")
-    if "evaluate" in stages and not (d.eval_harmful or d.eval_benign or ev.utility_data
-                                     or ev.utility_kind == "organism"):
-        raise ConfigError("stage 'evaluate' needs held-out data: set data.eval_harmful, data.eval_benign or "
-                          "evaluation.utility_data")
+            raise ConfigError(
+                f"stage '{stage}' needs harmful prompts: set data.eval_harmful or data.harmful "
+                "(e.g. pkg://lat_lightning/resources/tiny_harmful.jsonl)"
+            )
+    if "evaluate" in stages and not (
+        d.eval_harmful or d.eval_benign or ev.utility_data or ev.utility_kind == "organism"
+    ):
+        raise ConfigError(
+            "stage 'evaluate' needs held-out data: set data.eval_harmful, data.eval_benign or evaluation.utility_data"
+        )
     wi = cfg.callbacks.weight_interpolation
     interpolating = "interpolate" in stages or (bool({"fit", "compare"} & set(stages)) and wi.enabled)
     if interpolating and not ev.utility_data and wi.utility != "organism":
-        raise ConfigError(f"weight interpolation scores utility: set evaluation.utility_data (a file of "
-                          f"{wi.utility} rows){' or disable callbacks.weight_interpolation' if wi.enabled else ''}")
+        raise ConfigError(
+            f"weight interpolation scores utility: set evaluation.utility_data (a file of "
+            f"{wi.utility} rows){' or disable callbacks.weight_interpolation' if wi.enabled else ''}"
+        )
 
 
 def _check_training(cfg) -> None:
@@ -160,29 +178,39 @@ def _check_training(cfg) -> None:
     q = cfg.model.quantization
     if (q.load_in_4bit or q.load_in_8bit) and not cfg.model.lora.enabled:
         bits = "4" if q.load_in_4bit else "8"
-        raise ConfigError(f"model.quantization.load_in_{bits}bit=true without LoRA trains nothing sensible (quantised "
-                          f"weights are frozen; only embeddings, norms and the head would change): set "
-                          f"model.lora.enabled=true, or load_in_{bits}bit=false for full fine-tuning")
+        raise ConfigError(
+            f"model.quantization.load_in_{bits}bit=true without LoRA trains nothing sensible (quantised "
+            f"weights are frozen; only embeddings, norms and the head would change): set "
+            f"model.lora.enabled=true, or load_in_{bits}bit=false for full fine-tuning"
+        )
     try:
         attack = build_attack(str(cfg.perturbation.attack), attack_settings(cfg))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if attack.needs_harmless and not cfg.data.benign:
-        raise ConfigError(f"perturbation.attack={attack.name} contrasts each batch's harmful prompts with harmless "
-                          "ones: set data.benign (harmless prompt/response pairs)")
+        raise ConfigError(
+            f"perturbation.attack={attack.name} contrasts each batch's harmful prompts with harmless "
+            "ones: set data.benign (harmless prompt/response pairs)"
+        )
     fl = cfg.callbacks.fragile_layers
     if attack.name != "none" and not cfg.perturbation.layers and not fl.enabled and not cfg.data.asabench:
         raise ConfigError("perturbation.layers is empty; list layers or enable callbacks.fragile_layers")
     if fl.enabled and fl.method == "explicit" and not fl.layers:
-        raise ConfigError("callbacks.fragile_layers.method=explicit needs callbacks.fragile_layers.layers "
-                          "(e.g. [1]), or another method (nll_probe, grad_norm, scan)")
+        raise ConfigError(
+            "callbacks.fragile_layers.method=explicit needs callbacks.fragile_layers.layers "
+            "(e.g. [1]), or another method (nll_probe, grad_norm, scan)"
+        )
     loss = cfg.loss
     if not (loss.toward_safe or loss.away_from_harmful or loss.utility):
-        raise ConfigError("loss.toward_safe, loss.away_from_harmful and loss.utility are all 0: nothing to train; "
-                          "set one > 0 (e.g. loss.toward_safe=1.0)")
+        raise ConfigError(
+            "loss.toward_safe, loss.away_from_harmful and loss.utility are all 0: nothing to train; "
+            "set one > 0 (e.g. loss.toward_safe=1.0)"
+        )
     if loss.utility and not cfg.data.benign:
-        raise ConfigError(f"loss.utility={loss.utility} weighs a CE on benign data, but data.benign is not set; set "
-                          "data.benign or loss.utility=0")
+        raise ConfigError(
+            f"loss.utility={loss.utility} weighs a CE on benign data, but data.benign is not set; set "
+            "data.benign or loss.utility=0"
+        )
 
 
 def _check_attacks(cfg) -> None:
@@ -196,8 +224,10 @@ def _check_attacks(cfg) -> None:
         return
     positions, first_k, refresh = scan_positions(cfg)
     if positions not in GENERATION_POLICIES:
-        raise ConfigError(f"evaluation.positions '{positions}' is a training policy; the scan generates, so choose "
-                          f"one of {', '.join(GENERATION_POLICIES)}")
+        raise ConfigError(
+            f"evaluation.positions '{positions}' is a training policy; the scan generates, so choose "
+            f"one of {', '.join(GENERATION_POLICIES)}"
+        )
     for name in cfg.evaluation.attacks:
         try:
             build_attack(str(name), attack_settings(cfg), positions=positions, first_k=first_k, refresh=refresh)
@@ -216,19 +246,24 @@ def _check_judges(cfg) -> None:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown judge '{j}' in evaluation.judges{hint}; choose from {', '.join(JUDGES)}")
     if ev.primary_judge not in judges:
-        raise ConfigError(f"evaluation.primary_judge '{ev.primary_judge}' is not in evaluation.judges "
-                          f"{_fmt(judges)}; add it there or choose one of them")
+        raise ConfigError(
+            f"evaluation.primary_judge '{ev.primary_judge}' is not in evaluation.judges "
+            f"{_fmt(judges)}; add it there or choose one of them"
+        )
     if "classifier" in judges:
         path = ev.classifier_path
         if not path or not Path(os.path.expanduser(str(path))).is_dir():
-            raise ConfigError(f"the classifier judge needs evaluation.classifier_path: a local directory saved with "
-                              f"save_pretrained (got {path!r})")
+            raise ConfigError(
+                f"the classifier judge needs evaluation.classifier_path: a local directory saved with "
+                f"save_pretrained (got {path!r})"
+            )
     if ev.target_key_pattern:
         try:
             re.compile(str(ev.target_key_pattern))
         except re.error as exc:
-            raise ConfigError(f"evaluation.target_key_pattern {ev.target_key_pattern!r} is not a valid regex: "
-                              f"{exc}") from None
+            raise ConfigError(
+                f"evaluation.target_key_pattern {ev.target_key_pattern!r} is not a valid regex: {exc}"
+            ) from None
 
 
 def _check_durability(cfg) -> None:
@@ -256,17 +291,21 @@ def _check_compare_defences(cfg, names: list[str]) -> None:
     from lat_lightning.stages.defences import check_defence_name
 
     if not names and not cfg.compare.include_original:
-        raise ConfigError("compare.defences is empty and compare.include_original=false: nothing to compare; list "
-                          "defences, e.g. compare.defences=[sft,lapt]")
+        raise ConfigError(
+            "compare.defences is empty and compare.include_original=false: nothing to compare; list "
+            "defences, e.g. compare.defences=[sft,lapt]"
+        )
     for name in names:
         check_defence_name(name)
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise ConfigError(f"defence '{dup}' is listed twice in compare.defences")
-    for name in (config_value(cfg, "compare.overrides") or {}):
+    for name in config_value(cfg, "compare.overrides") or {}:
         if name not in names:
-            raise ConfigError(f"compare.overrides.{name}: '{name}' is not in compare.defences {_fmt(names)}; add it "
-                              "there or fix the name")
+            raise ConfigError(
+                f"compare.overrides.{name}: '{name}' is not in compare.defences {_fmt(names)}; add it "
+                "there or fix the name"
+            )
 
 
 def _check_compare_attacks(cfg) -> None:
@@ -282,8 +321,10 @@ def _check_compare_attacks(cfg) -> None:
             raise ConfigError(str(exc)) from None
     for k in cmp.prefill_tokens:
         if isinstance(k, bool) or int(k) < 1:
-            raise ConfigError(f"compare.prefill_tokens holds {k}; each must be >= 1 (pre-filled target tokens), "
-                              "or [] for no pre-fill column")
+            raise ConfigError(
+                f"compare.prefill_tokens holds {k}; each must be >= 1 (pre-filled target tokens), "
+                "or [] for no pre-fill column"
+            )
     if (cmp.finetune or cmp.prefill_tokens) and not cfg.data.harmful and not cfg.data.eval_harmful:
         raise ConfigError("the fine-tuning and pre-fill attacks need harmful targets: set data.eval_harmful")
 
@@ -307,8 +348,10 @@ def _check_devices(cfg) -> None:
 
     acc = str(cfg.trainer.accelerator)
     if acc in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.accelerator={acc} but no CUDA device is visible; use trainer.accelerator=cpu "
-                          "(or auto: a GPU when there is one)")
+        raise ConfigError(
+            f"trainer.accelerator={acc} but no CUDA device is visible; use trainer.accelerator=cpu "
+            "(or auto: a GPU when there is one)"
+        )
     if acc == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("trainer.accelerator=mps but Apple's MPS backend is not available; use cpu or auto")
 
@@ -365,11 +408,11 @@ def model_config(cfg: DictConfig, spec: Optional[str] = None) -> Optional[Any]:
     try:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(source, revision=cfg.model.revision,
-                                          trust_remote_code=cfg.model.trust_remote_code)
+        return AutoConfig.from_pretrained(
+            source, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        )
     except Exception:  # noqa: BLE001 - not cached / offline / an adapter: load_model reports it with context
         return None
-
 
 
 def check_model(cfg: DictConfig) -> Optional[Any]:
@@ -389,9 +432,17 @@ def check_model(cfg: DictConfig) -> Optional[Any]:
     main = model_config(cfg)
     main_key = f"model.name_or_path={cfg.model.name_or_path}"
     if main is not None and stages & {"fit", "compare"}:
-        check_layers(main, cfg, ("perturbation.layers", "callbacks.fragile_layers.layers",
-                                  "callbacks.fragile_layers.candidate_layers", "model.lora.layers_to_transform"),
-                      main_key)
+        check_layers(
+            main,
+            cfg,
+            (
+                "perturbation.layers",
+                "callbacks.fragile_layers.layers",
+                "callbacks.fragile_layers.candidate_layers",
+                "model.lora.layers_to_transform",
+            ),
+            main_key,
+        )
         if cfg.model.lora.enabled and cfg.model.lora.target_modules is not None:  # None: chosen per architecture
             check_target_modules(main, list(cfg.model.lora.target_modules), "model.lora.target_modules", main_key)
     if main is not None and stages & {"fit", "rescan", "compare"}:  # the validation loop and the rescans attack it
@@ -402,21 +453,32 @@ def check_model(cfg: DictConfig) -> Optional[Any]:
     if original is not None and stages & {"scan", "evaluate"}:
         check_layers(original, cfg, ("evaluation.layers",), original_key)
     if "compare" in stages and cfg.compare.finetune and main is not None:
-        check_target_modules(main, cfg.evaluation.durability.finetune_target_modules,
-                              "evaluation.durability.finetune_target_modules", main_key)
+        check_target_modules(
+            main,
+            cfg.evaluation.durability.finetune_target_modules,
+            "evaluation.durability.finetune_target_modules",
+            main_key,
+        )
     if "durability" in stages and original is not None:
         check_layers(original, cfg, ("evaluation.durability.fragile_layers",), original_key)
         if {"finetune", "trainability"} & set(cfg.evaluation.durability.sections):
-            check_target_modules(original, cfg.evaluation.durability.finetune_target_modules,
-                                  "evaluation.durability.finetune_target_modules", original_key)
+            check_target_modules(
+                original,
+                cfg.evaluation.durability.finetune_target_modules,
+                "evaluation.durability.finetune_target_modules",
+                original_key,
+            )
         if cfg.evaluation.compare_path:
             hardened = model_config(cfg, cfg.evaluation.compare_path)
-            if hardened is not None and num_layers(config_only_model(hardened)) != \
-                    num_layers(config_only_model(original)):
-                raise ConfigError(f"evaluation.compare_path={cfg.evaluation.compare_path} has "
-                                  f"{num_layers(config_only_model(hardened))} layers, the original model "
-                                  f"({original_spec}) {num_layers(config_only_model(original))}; the durability "
-                                  "suite compares two versions of the same architecture")
+            if hardened is not None and num_layers(config_only_model(hardened)) != num_layers(
+                config_only_model(original)
+            ):
+                raise ConfigError(
+                    f"evaluation.compare_path={cfg.evaluation.compare_path} has "
+                    f"{num_layers(config_only_model(hardened))} layers, the original model "
+                    f"({original_spec}) {num_layers(config_only_model(original))}; the durability "
+                    "suite compares two versions of the same architecture"
+                )
     return main
 
 

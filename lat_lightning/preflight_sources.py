@@ -33,8 +33,11 @@ def stage_names(cfg) -> list[str]:
 
 def _looks_local(spec: str) -> bool:
     expanded = os.path.expanduser(spec)
-    return spec.startswith(("/", "./", "../", "~")) or os.path.exists(expanded) \
+    return (
+        spec.startswith(("/", "./", "../", "~"))
+        or os.path.exists(expanded)
         or os.path.exists(os.path.dirname(expanded) or "\0")
+    )
 
 
 def check_model_specs(cfg) -> None:
@@ -74,8 +77,12 @@ def _data_reads(cfg) -> list[tuple[str, str]]:
     stages, d, ev = set(stage_names(cfg)), cfg.data, cfg.evaluation
     reads: list[tuple[str, str]] = []
     if stages & {"fit", "compare"}:
-        reads += [("data.asabench" if d.asabench else "data.harmful", "safety"), ("data.benign", "benign"),
-                  ("data.eval_harmful", "safety"), ("data.eval_benign", "benign")]
+        reads += [
+            ("data.asabench" if d.asabench else "data.harmful", "safety"),
+            ("data.benign", "benign"),
+            ("data.eval_harmful", "safety"),
+            ("data.eval_benign", "benign"),
+        ]
         if cfg.callbacks.weight_interpolation.enabled:
             reads.append(("evaluation.utility_data", str(cfg.callbacks.weight_interpolation.utility)))
         if d.eval_harmful or d.eval_benign or ev.utility_data:
@@ -83,11 +90,17 @@ def _data_reads(cfg) -> list[tuple[str, str]]:
     if stages & {"scan", "rescan", "compare"}:
         reads.append(("data.eval_harmful" if d.eval_harmful else "data.harmful", "safety"))
     if "evaluate" in stages:
-        reads += [("data.eval_harmful", "safety"), ("data.eval_benign", "benign"),
-                  ("evaluation.utility_data", str(ev.utility_kind))]
+        reads += [
+            ("data.eval_harmful", "safety"),
+            ("data.eval_benign", "benign"),
+            ("evaluation.utility_data", str(ev.utility_kind)),
+        ]
     if "durability" in stages:
-        reads += [("data.eval_harmful" if d.eval_harmful else "data.harmful", "safety"), ("data.harmful", "safety"),
-                  ("data.benign" if d.benign else "data.eval_benign", "benign")]
+        reads += [
+            ("data.eval_harmful" if d.eval_harmful else "data.harmful", "safety"),
+            ("data.harmful", "safety"),
+            ("data.benign" if d.benign else "data.eval_benign", "benign"),
+        ]
         if ev.utility_kind in ("multiple_choice", "exact_match"):
             reads.append(("evaluation.utility_data", str(ev.utility_kind)))
     if "interpolate" in stages:
@@ -124,9 +137,16 @@ def check_data_sources(cfg) -> None:
             source = resource_path(spec)
             if kind == "safety":
                 # Prompt-only rows load here; which stage needs a target is decided by _check_targets.
-                rows = load_safety_examples(source, d.harmful_split, dict(d.harmful_columns or {}),
-                                            d.default_safe_response, d.max_examples, default_target=d.default_target,
-                                            require_target=False, row_filter=dict(d.filter or {}))
+                rows = load_safety_examples(
+                    source,
+                    d.harmful_split,
+                    dict(d.harmful_columns or {}),
+                    d.default_safe_response,
+                    d.max_examples,
+                    default_target=d.default_target,
+                    require_target=False,
+                    row_filter=dict(d.filter or {}),
+                )
                 _check_targets(cfg, key, source, rows)
             elif kind == "benign":
                 load_benign_examples(source, d.benign_split, dict(d.benign_columns or {}), d.max_examples)
@@ -154,10 +174,12 @@ def _check_targets(cfg, key: str, source: str, rows: Sequence) -> None:
         rows = rows[: int(cfg.evaluation.num_prompts)]
     missing = [i for i, r in enumerate(rows) if not r.harmful_response]
     if needing and missing:
-        raise ConfigError(f"attack '{needing[0]}' needs a harmful target for every prompt, but row {missing[0]} of "
-                          f"{source} ({key}) has none; map the column with data.harmful_columns.harmful_response="
-                          f"<column>, set data.default_target (e.g. 'Sure, here is') or drop {needing[0]} from the "
-                          "attacks")
+        raise ConfigError(
+            f"attack '{needing[0]}' needs a harmful target for every prompt, but row {missing[0]} of "
+            f"{source} ({key}) has none; map the column with data.harmful_columns.harmful_response="
+            f"<column>, set data.default_target (e.g. 'Sure, here is') or drop {needing[0]} from the "
+            "attacks"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ a model's config
@@ -206,9 +228,18 @@ def check_target_modules(config, names: Sequence[str] | None, key: str, model_ke
     for name in names:
         if not any(m == name or m.endswith("." + name) for m in modules):
             linear = sorted({m.rsplit(".", 1)[-1] for m, mod in model.named_modules() if isinstance(mod, nn.Linear)})
-            raise ConfigError(f"{key}: '{name}' matches no module of this model ({model_key}); linear layers it has: "
-                              f"{', '.join(linear)}")
+            raise ConfigError(
+                f"{key}: '{name}' matches no module of this model ({model_key}); linear layers it has: "
+                f"{', '.join(linear)}"
+            )
 
 
-__all__ = ["check_data_sources", "check_layers", "check_model_specs", "check_target_modules", "config_only_model",
-           "config_value", "stage_names"]
+__all__ = [
+    "check_data_sources",
+    "check_layers",
+    "check_model_specs",
+    "check_target_modules",
+    "config_only_model",
+    "config_value",
+    "stage_names",
+]

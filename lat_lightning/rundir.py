@@ -45,8 +45,10 @@ def run_name(cfg: DictConfig, recipe: str) -> str:
 
 def _check_component(value: str, key: str) -> None:
     if not value or value in (".", "..") or any(c in value for c in ("/", "\\", "\0")) or value != value.strip():
-        raise ConfigError(f"{key} '{value}' must be a single directory name inside the run root (no '/', not '..', "
-                          f"no surrounding spaces), e.g. {key}=my_run")
+        raise ConfigError(
+            f"{key} '{value}' must be a single directory name inside the run root (no '/', not '..', "
+            f"no surrounding spaces), e.g. {key}=my_run"
+        )
 
 
 def check_location(cfg: DictConfig, recipe: str, resume: Optional[str] = None) -> None:
@@ -65,19 +67,29 @@ def check_location(cfg: DictConfig, recipe: str, resume: Optional[str] = None) -
     for path in (parent, *parent.parents):
         if path.exists():
             if not path.is_dir():
-                raise ConfigError(f"logging.root_dir '{cfg.logging.root_dir}': '{path}' is a file, not a directory; "
-                                  "point logging.root_dir at a directory")
+                raise ConfigError(
+                    f"logging.root_dir '{cfg.logging.root_dir}': '{path}' is a file, not a directory; "
+                    "point logging.root_dir at a directory"
+                )
             if not os.access(path, os.W_OK | os.X_OK):
-                raise ConfigError(f"logging.root_dir '{cfg.logging.root_dir}': cannot write into '{path}'; point "
-                                  "logging.root_dir at a writable directory")
+                raise ConfigError(
+                    f"logging.root_dir '{cfg.logging.root_dir}': cannot write into '{path}'; point "
+                    "logging.root_dir at a writable directory"
+                )
             break
     from lat_lightning.training.distributed import launch_rank
 
     # Ranks > 0 of a launch follow the directory rank 0 creates (under this very name).
-    if not resume and cfg.logging.version is not None and (parent / str(cfg.logging.version)).exists() \
-            and launch_rank() == 0:
-        raise ConfigError(f"run directory {parent / str(cfg.logging.version)} already exists; pick another "
-                          "logging.version or use --resume")
+    if (
+        not resume
+        and cfg.logging.version is not None
+        and (parent / str(cfg.logging.version)).exists()
+        and launch_rank() == 0
+    ):
+        raise ConfigError(
+            f"run directory {parent / str(cfg.logging.version)} already exists; pick another "
+            "logging.version or use --resume"
+        )
 
 
 def find_run_dir(cfg: DictConfig, recipe: str, resume: str) -> Path:
@@ -126,8 +138,11 @@ def saved_config(run_dir: Path) -> dict[str, Any]:
 def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``key -> (saved value, new value)`` for every flat key whose value differs (absent keys included)."""
     keys = sorted(set(saved) | set(new))
-    return {k: (saved.get(k, _MISSING), new.get(k, _MISSING)) for k in keys
-            if saved.get(k, _MISSING) != new.get(k, _MISSING)}
+    return {
+        k: (saved.get(k, _MISSING), new.get(k, _MISSING))
+        for k in keys
+        if saved.get(k, _MISSING) != new.get(k, _MISSING)
+    }
 
 
 def check_resume(run_dir: Path, cfg: DictConfig) -> dict[str, tuple[Any, Any]]:
@@ -148,9 +163,11 @@ def check_resume(run_dir: Path, cfg: DictConfig) -> dict[str, tuple[Any, Any]]:
     if refused:
         shown = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused[:6])
         more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
-        raise ConfigError(f"--resume {run_dir}: the config differs from the one the run was started with ({shown}"
-                          f"{more}); a resumed run keeps its settings (trainer.max_steps may only grow), so restore "
-                          "these values or start a fresh run without --resume")
+        raise ConfigError(
+            f"--resume {run_dir}: the config differs from the one the run was started with ({shown}"
+            f"{more}); a resumed run keeps its settings (trainer.max_steps may only grow), so restore "
+            "these values or start a fresh run without --resume"
+        )
     return changes
 
 
@@ -191,8 +208,9 @@ def create_run_dir(cfg: DictConfig, recipe: str, resume: Optional[str] = None) -
             try:
                 run_dir.mkdir()
             except FileExistsError:
-                raise ConfigError(f"run directory {run_dir} already exists; pick another logging.version or use "
-                                  "--resume") from None
+                raise ConfigError(
+                    f"run directory {run_dir} already exists; pick another logging.version or use --resume"
+                ) from None
     else:
         run_dir = _claim_version(parent)
     if launch_rank() != 0:  # resuming on a rank > 0: the same directory, written by rank 0 only
@@ -221,7 +239,7 @@ def _tfevents_records(path: Path) -> int:
     """Records in a TensorBoard event file (TFRecord framing: length, CRC, data, CRC)."""
     data, n, i = path.read_bytes(), 0, 0
     while i + 12 <= len(data):
-        i += 12 + int.from_bytes(data[i:i + 8], "little") + 4
+        i += 12 + int.from_bytes(data[i : i + 8], "little") + 4
         n += 1
     return n
 
@@ -272,5 +290,17 @@ def mark_stage_done(run_dir: Path, stage: str, info: Optional[dict] = None) -> N
     tmp.replace(out / f"{stage}.done.json")
 
 
-__all__ = ["check_location", "check_resume", "config_changes", "create_run_dir", "discard_if_empty", "find_run_dir",
-           "holds_results", "mark_stage_done", "reopen_stage", "run_name", "saved_config", "stage_done"]
+__all__ = [
+    "check_location",
+    "check_resume",
+    "config_changes",
+    "create_run_dir",
+    "discard_if_empty",
+    "find_run_dir",
+    "holds_results",
+    "mark_stage_done",
+    "reopen_stage",
+    "run_name",
+    "saved_config",
+    "stage_done",
+]

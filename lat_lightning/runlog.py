@@ -24,18 +24,32 @@ BUFFER_LIMIT = 10_000  # records kept before the run directory exists
 # (logger name prefix, message pattern, why it is noise). Matched against the record's logger and its message
 # (a Python warning's message is the formatted warning text, logged by ``py.warnings``).
 KNOWN_NOISE: tuple[tuple[str, str, str], ...] = (
-    ("bitsandbytes", r"Failed to load CPU gemm_4bit_forward from kernels-community",
-     "an optional kernel package is not installed; bitsandbytes uses its own CPU kernels (peft imports it)"),
-    ("transformers", r"`past_key_values`/`cache_params` are deprecated",
-     "the KV-cache argument's rename in transformers 5.x; lat-lightning passes `cache`, library code may not"),
-    ("py.warnings", r"`is_gradient_checkpointing` is deprecated",
-     "transformers' rename of a property that peft still reads"),
-    ("lightning", r"Tip: For seamless cloud",
-     "Lightning's advertisement for its litlogger / litmodels packages"),
-    ("py.warnings", r"Total length of `\w+` across ranks is zero",
-     "a fit without held-out data has no validation batches, by design"),
-    ("py.warnings", r"isinstance\(treespec, LeafSpec\)` is deprecated",
-     "a torch deprecation inside Lightning's own code"),
+    (
+        "bitsandbytes",
+        r"Failed to load CPU gemm_4bit_forward from kernels-community",
+        "an optional kernel package is not installed; bitsandbytes uses its own CPU kernels (peft imports it)",
+    ),
+    (
+        "transformers",
+        r"`past_key_values`/`cache_params` are deprecated",
+        "the KV-cache argument's rename in transformers 5.x; lat-lightning passes `cache`, library code may not",
+    ),
+    (
+        "py.warnings",
+        r"`is_gradient_checkpointing` is deprecated",
+        "transformers' rename of a property that peft still reads",
+    ),
+    ("lightning", r"Tip: For seamless cloud", "Lightning's advertisement for its litlogger / litmodels packages"),
+    (
+        "py.warnings",
+        r"Total length of `\w+` across ranks is zero",
+        "a fit without held-out data has no validation batches, by design",
+    ),
+    (
+        "py.warnings",
+        r"isinstance\(treespec, LeafSpec\)` is deprecated",
+        "a torch deprecation inside Lightning's own code",
+    ),
 )
 _NOISE = tuple((prefix, re.compile(pattern)) for prefix, pattern, _ in KNOWN_NOISE)
 # Libraries that print through handlers of their own instead of propagating to the root logger.
@@ -103,8 +117,9 @@ class RunLog(logging.Handler):
     def write_exception(self, exc: BaseException) -> None:
         """Record ``exc`` with its traceback (the console shows one line; the file keeps the rest)."""
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
-        self.emit(logging.LogRecord("lat_lightning.pipeline", logging.ERROR, __file__, 0, "run stopped: %s",
-                                    (text,), None))
+        self.emit(
+            logging.LogRecord("lat_lightning.pipeline", logging.ERROR, __file__, 0, "run stopped: %s", (text,), None)
+        )
 
     def close(self) -> None:
         self.acquire()
@@ -119,8 +134,9 @@ class RunLog(logging.Handler):
 
 
 def _console_handlers(logger: logging.Logger) -> list[logging.Handler]:
-    return [h for h in logger.handlers
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    return [
+        h for h in logger.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
 
 
 @contextmanager

@@ -105,8 +105,11 @@ def choose_threads(environ=os.environ, model_width: int | None = None) -> tuple[
     free = free_cores()
     n = max(1, int(free + 0.5))
     if model_width is not None and 0 < int(model_width) <= SMALL_MODEL_WIDTH and n > 1:
-        return 1, f"the model is {int(model_width)} wide (<= {SMALL_MODEL_WIDTH}: one thread is faster); " \
-                  f"{free:.1f} of {usable_cores()} cores free"
+        return (
+            1,
+            f"the model is {int(model_width)} wide (<= {SMALL_MODEL_WIDTH}: one thread is faster); "
+            f"{free:.1f} of {usable_cores()} cores free",
+        )
     return n, f"{free:.1f} of {usable_cores()} cores free"
 
 
@@ -126,10 +129,20 @@ def apply_thread_policy(verbose: bool = True, model_width: int | None = None) ->
     changed = n != torch.get_num_threads()
     torch.set_num_threads(n)
     if verbose and changed:
-        print(f"[threads] {n} torch thread(s): {why}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} "
-              f"(override: {ENV_OVERRIDE}=<n>)", flush=True)
+        print(
+            f"[threads] {n} torch thread(s): {why}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} "
+            f"(override: {ENV_OVERRIDE}=<n>)",
+            flush=True,
+        )
     return n
 
 
-__all__ = ["ENV_OVERRIDE", "SMALL_MODEL_WIDTH", "apply_thread_policy", "choose_threads", "free_cores",
-           "set_wait_policy", "usable_cores"]
+__all__ = [
+    "ENV_OVERRIDE",
+    "SMALL_MODEL_WIDTH",
+    "apply_thread_policy",
+    "choose_threads",
+    "free_cores",
+    "set_wait_policy",
+    "usable_cores",
+]

@@ -26,8 +26,18 @@ def scan_settings(**keywords) -> ScanSettings:
     return ScanSettings(generation=GenerationSettings(**generation), judging=JudgeSettings(**judging), **keywords)
 
 
-def scan(model, tokenizer, prompts, targets=None, layers=None, attacks=("asa_random",), seeds=(0,),
-         judges=("keyword",), out_dir=None, **keywords):
+def scan(
+    model,
+    tokenizer,
+    prompts,
+    targets=None,
+    layers=None,
+    attacks=("asa_random",),
+    seeds=(0,),
+    judges=("keyword",),
+    out_dir=None,
+    **keywords,
+):
     """:func:`run_scan` with the settings, data and options given as keywords (the old call's shape)."""
     data = {k: keywords.pop(k) for k in list(keywords) if k in _names(ScanPrompts)}
     options = {k: keywords.pop(k) for k in list(keywords) if k in _names(ScanOptions)}

@@ -74,8 +74,11 @@ def build_graph(*extra_roots: str, include_external_packages: bool = False) -> g
     only when asked: the contract that library code never imports omegaconf needs them)."""
     with _grimp_finds_mapped_subpackages():
         return grimp.build_graph(
-            ROOT, *_mapped_subpackages(), *extra_roots, include_external_packages=include_external_packages,
-            cache_dir=None
+            ROOT,
+            *_mapped_subpackages(),
+            *extra_roots,
+            include_external_packages=include_external_packages,
+            cache_dir=None,
         )
 
 
@@ -232,8 +235,10 @@ def test_import_linter_contracts(capsys):
     class MappedGraphBuilder(GraphBuilder):
         def build(self, root_package_names, cache_dir, include_external_packages=False, **kwargs):
             assert ROOT in root_package_names
-            return build_graph(*(name for name in root_package_names if name != ROOT),
-                               include_external_packages=include_external_packages)
+            return build_graph(
+                *(name for name in root_package_names if name != ROOT),
+                include_external_packages=include_external_packages,
+            )
 
     previous = settings.GRAPH_BUILDER
     settings.configure(GRAPH_BUILDER=MappedGraphBuilder())

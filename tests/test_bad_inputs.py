@@ -49,10 +49,15 @@ def library_log_handlers_follow_capsys(capsys):
     since; make them write to the current one so this test's capsys sees them."""
     import logging
 
-    loggers = [logging.getLogger()] + [lg for lg in logging.root.manager.loggerDict.values()
-                                       if isinstance(lg, logging.Logger)]
-    saved = {h: h.stream for lg in loggers for h in lg.handlers
-             if type(h) is logging.StreamHandler and h.stream is not sys.__stdout__}
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    saved = {
+        h: h.stream
+        for lg in loggers
+        for h in lg.handlers
+        if type(h) is logging.StreamHandler and h.stream is not sys.__stdout__
+    }
     for h in saved:
         h.stream = _CurrentStderr()  # not setStream(): it flushes the old, possibly closed, stream
     yield
@@ -141,8 +146,12 @@ CATALOGUE: list[Case] = [
     C("scan-pgd-steps-0", "perturbation.steps=0", names="perturbation.steps must be >= 1", recipe=SCAN),
     C("layer-negative", "perturbation.layers=[-1]", names="perturbation.layers: -1 is not a layer"),
     C("probability-0", "perturbation.probability=0", names="perturbation.probability must be in (0, 1]"),
-    C("test-fraction-1.5", "evaluation.split_test_fraction=1.5",
-      names="evaluation.split_test_fraction must be in [0, 1)", recipe=SCAN),
+    C(
+        "test-fraction-1.5",
+        "evaluation.split_test_fraction=1.5",
+        names="evaluation.split_test_fraction must be in [0, 1)",
+        recipe=SCAN,
+    ),
     C("test-fraction-1", "evaluation.split_test_fraction=1.0", names="evaluation.split_test_fraction", recipe=SCAN),
     C("temperature-0", "evaluation.temperature=0", names="evaluation.temperature must be > 0", recipe=SCAN),
     C("num-prompts-0", "evaluation.num_prompts=0", names="evaluation.num_prompts must be >= 1", recipe=SCAN),
@@ -156,22 +165,53 @@ CATALOGUE: list[Case] = [
     C("betas-one-value", "trainer.betas=[0.9]", names="trainer.betas must hold two values"),
     C("betas-out-of-range", "trainer.betas=[0.9,1.5]", names="every entry of trainer.betas must be in [0, 1)"),
     C("logp-floor-0", "loss.away_logp_floor=0", names="loss.away_logp_floor must be < 0"),
-    C("lambdas-out-of-range", "callbacks.weight_interpolation.lambdas=[0.5,1.5]",
-      names="callbacks.weight_interpolation.lambdas"),
-    C("durability-seeds-empty", "evaluation.durability.random_seeds=[]",
-      names="evaluation.durability.random_seeds is empty", recipe=DUR),
-    C("durability-max-k-0", "evaluation.durability.max_k=0", names="evaluation.durability.max_k must be >= 1",
-      recipe=DUR),
-    C("durability-finetune-seeds-empty", "evaluation.durability.finetune_seeds=[]",
-      names="evaluation.durability.finetune_seeds is empty", recipe=DUR),
-    C("durability-finetune-seed-negative", "evaluation.durability.finetune_seeds=[0,-1]",
-      names="every entry of evaluation.durability.finetune_seeds must be >= 0", recipe=DUR),
-    C("durability-eval-every-0", "evaluation.durability.finetune_eval_every=0",
-      names="evaluation.durability.finetune_eval_every must be >= 1", recipe=DUR),
-    C("durability-break-rate-0", "evaluation.durability.finetune_break_rate=0",
-      names="evaluation.durability.finetune_break_rate must be in (0, 1]", recipe=DUR),
-    C("durability-break-rate-above-1", "evaluation.durability.finetune_break_rate=1.5",
-      names="evaluation.durability.finetune_break_rate must be in (0, 1]", recipe=DUR),
+    C(
+        "lambdas-out-of-range",
+        "callbacks.weight_interpolation.lambdas=[0.5,1.5]",
+        names="callbacks.weight_interpolation.lambdas",
+    ),
+    C(
+        "durability-seeds-empty",
+        "evaluation.durability.random_seeds=[]",
+        names="evaluation.durability.random_seeds is empty",
+        recipe=DUR,
+    ),
+    C(
+        "durability-max-k-0",
+        "evaluation.durability.max_k=0",
+        names="evaluation.durability.max_k must be >= 1",
+        recipe=DUR,
+    ),
+    C(
+        "durability-finetune-seeds-empty",
+        "evaluation.durability.finetune_seeds=[]",
+        names="evaluation.durability.finetune_seeds is empty",
+        recipe=DUR,
+    ),
+    C(
+        "durability-finetune-seed-negative",
+        "evaluation.durability.finetune_seeds=[0,-1]",
+        names="every entry of evaluation.durability.finetune_seeds must be >= 0",
+        recipe=DUR,
+    ),
+    C(
+        "durability-eval-every-0",
+        "evaluation.durability.finetune_eval_every=0",
+        names="evaluation.durability.finetune_eval_every must be >= 1",
+        recipe=DUR,
+    ),
+    C(
+        "durability-break-rate-0",
+        "evaluation.durability.finetune_break_rate=0",
+        names="evaluation.durability.finetune_break_rate must be in (0, 1]",
+        recipe=DUR,
+    ),
+    C(
+        "durability-break-rate-above-1",
+        "evaluation.durability.finetune_break_rate=1.5",
+        names="evaluation.durability.finetune_break_rate must be in (0, 1]",
+        recipe=DUR,
+    ),
     C("organism-seed-negative", "organism.seed=-1", names="organism.seed must be >= 0", recipe="default"),
     C("organism-seed-not-an-integer", "organism.seed=1.5", names="organism.seed", recipe="default"),
     # --- a stage without what it needs, settings that contradict each other
@@ -182,82 +222,194 @@ CATALOGUE: list[Case] = [
     C("evaluate-without-data", "stages=[evaluate]", names="data.eval_harmful"),
     C("scan-without-prompts", "data.harmful=null", names="data.harmful", recipe=SCAN),
     C("fit-without-data", "data.harmful=null", names="data.harmful"),
-    C("primary-judge-not-a-judge", "evaluation.judges=[keyword]", "evaluation.primary_judge=target_match",
-      names="evaluation.primary_judge", recipe=SCAN),
+    C(
+        "primary-judge-not-a-judge",
+        "evaluation.judges=[keyword]",
+        "evaluation.primary_judge=target_match",
+        names="evaluation.primary_judge",
+        recipe=SCAN,
+    ),
     C("unknown-judge", "evaluation.judges=[keywrod]", names="evaluation.judges", recipe=SCAN),
-    C("classifier-without-path", "evaluation.judges=[keyword,classifier]", names="evaluation.classifier_path",
-      recipe=SCAN),
+    C(
+        "classifier-without-path",
+        "evaluation.judges=[keyword,classifier]",
+        names="evaluation.classifier_path",
+        recipe=SCAN,
+    ),
     C("bad-key-regex", "evaluation.target_key_pattern=(", names="evaluation.target_key_pattern", recipe=SCAN),
     C("training-positions-in-scan", "evaluation.positions=response", names="evaluation.positions", recipe=SCAN),
     C("nothing-to-train", "loss.toward_safe=0", "loss.away_from_harmful=0", names="loss.toward_safe"),
     C("utility-loss-without-benign", "loss.utility=1.0", "data.benign=null", names="data.benign"),
     C("fragile-explicit-without-layers", "callbacks.fragile_layers.enabled=true", names="callbacks.fragile_layers"),
-    C("interpolation-without-utility-data", "callbacks.weight_interpolation.enabled=true",
-      names="evaluation.utility_data"),
+    C(
+        "interpolation-without-utility-data",
+        "callbacks.weight_interpolation.enabled=true",
+        names="evaluation.utility_data",
+    ),
     C("attack-without-layers", "perturbation.layers=[]", names="perturbation.layers is empty"),
-    C("pgd-with-no-loss", "perturbation.toward_harmful=0", "perturbation.away_from_safe=0",
-      names="perturbation.toward_harmful"),
-    C("asagrad-without-targets", "evaluation.attacks=[asagrad]", "data.harmful={files}/prompts_only.jsonl",
-      names="prompts_only.jsonl", recipe=SCAN),
-    C("4bit-without-lora", "model.quantization.load_in_4bit=true", "model.lora.enabled=false",
-      names="model.quantization.load_in_4bit"),
-    C("8bit-without-lora", "model.quantization.load_in_8bit=true", "model.lora.enabled=false",
-      names="model.quantization.load_in_8bit"),
-    C("4bit-and-8bit", "model.quantization.load_in_4bit=true", "model.quantization.load_in_8bit=true",
-      names="load_in_4bit / load_in_8bit"),
-    C("quantisation-without-bitsandbytes", "model.quantization.load_in_4bit=true", names="lat-lightning[quant]",
-      setup="no_bitsandbytes"),
+    C(
+        "pgd-with-no-loss",
+        "perturbation.toward_harmful=0",
+        "perturbation.away_from_safe=0",
+        names="perturbation.toward_harmful",
+    ),
+    C(
+        "asagrad-without-targets",
+        "evaluation.attacks=[asagrad]",
+        "data.harmful={files}/prompts_only.jsonl",
+        names="prompts_only.jsonl",
+        recipe=SCAN,
+    ),
+    C(
+        "4bit-without-lora",
+        "model.quantization.load_in_4bit=true",
+        "model.lora.enabled=false",
+        names="model.quantization.load_in_4bit",
+    ),
+    C(
+        "8bit-without-lora",
+        "model.quantization.load_in_8bit=true",
+        "model.lora.enabled=false",
+        names="model.quantization.load_in_8bit",
+    ),
+    C(
+        "4bit-and-8bit",
+        "model.quantization.load_in_4bit=true",
+        "model.quantization.load_in_8bit=true",
+        names="load_in_4bit / load_in_8bit",
+    ),
+    C(
+        "quantisation-without-bitsandbytes",
+        "model.quantization.load_in_4bit=true",
+        names="lat-lightning[quant]",
+        setup="no_bitsandbytes",
+    ),
     C("unknown-strategy", "trainer.strategy=deepspeed", names="trainer.strategy"),
     C("fsdp1-on-cpu", "trainer.strategy=fsdp", names="trainer.strategy=fsdp2"),
-    C("early-stop-under-fsdp2", "trainer.strategy=fsdp2", "perturbation.early_stop_loss=0.1",
-      names="perturbation.early_stop_loss"),
+    C(
+        "early-stop-under-fsdp2",
+        "trainer.strategy=fsdp2",
+        "perturbation.early_stop_loss=0.1",
+        names="perturbation.early_stop_loss",
+    ),
     C("gpu-without-cuda", "trainer.accelerator=gpu", names="trainer.accelerator=gpu"),
-    C("unknown-durability-section", "evaluation.durability.sections=[rescan,nope]",
-      names="evaluation.durability.sections", recipe=DUR),
-    C("unknown-rewrite", "evaluation.durability.rewrites=[pig_latin]", names="evaluation.durability.rewrites",
-      recipe=DUR),
-    C("compare-unknown-defence", "compare.defences=[sft,lapd]",
-      names="unknown defence 'lapd' in compare.defences", recipe=CMP),
-    C("compare-override-unlisted-defence", "compare.defences=[sft]", "compare.overrides.lat.perturbation.steps=4",
-      names="compare.overrides.lat", recipe=CMP),
-    C("compare-override-shared-section", "compare.overrides.lat.model.lora.r=4",
-      names="compare.overrides.lat.model", recipe=CMP),
-    C("compare-override-unknown-key", "compare.overrides.lat.perturbation.stepz=4",
-      names="compare.overrides.lat.perturbation.stepz", recipe=CMP),
-    C("compare-override-bad-choice", "compare.overrides.lat.perturbation.norm=l3",
-      names="perturbation.norm", recipe=CMP),
-    C("compare-override-bad-positions", "compare.overrides.lapt.perturbation.positions=bogus",
-      names="perturbation.positions", recipe=CMP),
-    C("compare-override-out-of-range", "compare.overrides.lat.trainer.max_steps=0",
-      names="trainer.max_steps", recipe=CMP),
+    C(
+        "unknown-durability-section",
+        "evaluation.durability.sections=[rescan,nope]",
+        names="evaluation.durability.sections",
+        recipe=DUR,
+    ),
+    C(
+        "unknown-rewrite",
+        "evaluation.durability.rewrites=[pig_latin]",
+        names="evaluation.durability.rewrites",
+        recipe=DUR,
+    ),
+    C(
+        "compare-unknown-defence",
+        "compare.defences=[sft,lapd]",
+        names="unknown defence 'lapd' in compare.defences",
+        recipe=CMP,
+    ),
+    C(
+        "compare-override-unlisted-defence",
+        "compare.defences=[sft]",
+        "compare.overrides.lat.perturbation.steps=4",
+        names="compare.overrides.lat",
+        recipe=CMP,
+    ),
+    C(
+        "compare-override-shared-section",
+        "compare.overrides.lat.model.lora.r=4",
+        names="compare.overrides.lat.model",
+        recipe=CMP,
+    ),
+    C(
+        "compare-override-unknown-key",
+        "compare.overrides.lat.perturbation.stepz=4",
+        names="compare.overrides.lat.perturbation.stepz",
+        recipe=CMP,
+    ),
+    C(
+        "compare-override-bad-choice",
+        "compare.overrides.lat.perturbation.norm=l3",
+        names="perturbation.norm",
+        recipe=CMP,
+    ),
+    C(
+        "compare-override-bad-positions",
+        "compare.overrides.lapt.perturbation.positions=bogus",
+        names="perturbation.positions",
+        recipe=CMP,
+    ),
+    C(
+        "compare-override-out-of-range",
+        "compare.overrides.lat.trainer.max_steps=0",
+        names="trainer.max_steps",
+        recipe=CMP,
+    ),
     C("compare-utility-without-benign", "data.benign=null", names="compare.defences 'sft': loss.utility", recipe=CMP),
-    C("compare-refat-without-benign", "data.benign=null", "loss.utility=0", names="compare.defences 'refat'",
-      recipe=CMP),
+    C(
+        "compare-refat-without-benign",
+        "data.benign=null",
+        "loss.utility=0",
+        names="compare.defences 'refat'",
+        recipe=CMP,
+    ),
     C("compare-prefill-zero", "compare.prefill_tokens=[0]", names="compare.prefill_tokens", recipe=CMP),
     C("compare-unknown-embed-attack", "compare.embed_attacks=[pgdd]", names="compare.embed_attacks", recipe=CMP),
     # --- settings checked against the model's config.json (nothing is built)
-    C("layer-out-of-range", "perturbation.layers=[1,9]",
-      names="perturbation.layers index 9 out of range: this model has layers 0..3"),
+    C(
+        "layer-out-of-range",
+        "perturbation.layers=[1,9]",
+        names="perturbation.layers index 9 out of range: this model has layers 0..3",
+    ),
     C("scan-layer-out-of-range", "evaluation.layers=[4]", names="evaluation.layers index 4", recipe=SCAN),
-    C("organism-layer-out-of-range", "model.name_or_path=organism:smoke", "evaluation.layers=[4]",
-      names="evaluation.layers index 4", recipe=SCAN),
-    C("fragile-layer-out-of-range", "callbacks.fragile_layers.enabled=true", "callbacks.fragile_layers.layers=[7]",
-      names="callbacks.fragile_layers.layers index 7"),
+    C(
+        "organism-layer-out-of-range",
+        "model.name_or_path=organism:smoke",
+        "evaluation.layers=[4]",
+        names="evaluation.layers index 4",
+        recipe=SCAN,
+    ),
+    C(
+        "fragile-layer-out-of-range",
+        "callbacks.fragile_layers.enabled=true",
+        "callbacks.fragile_layers.layers=[7]",
+        names="callbacks.fragile_layers.layers index 7",
+    ),
     C("lora-target-not-in-model", "model.lora.target_modules=[q_proj,qkv]", names="model.lora.target_modules: 'qkv'"),
     C("lora-layer-out-of-range", "model.lora.layers_to_transform=[9]", names="model.lora.layers_to_transform"),
-    C("durability-fragile-out-of-range", "evaluation.durability.fragile_layers=[5]",
-      names="evaluation.durability.fragile_layers index 5", recipe=DUR),
-    C("durability-lora-target-not-in-model", "evaluation.durability.finetune_target_modules=[c_attn]",
-      names="evaluation.durability.finetune_target_modules", recipe=DUR),
-    C("hardened-model-other-depth", "stages=[durability]", "evaluation.compare_path=tiny:llama:2x64",
-      names="evaluation.compare_path", recipe=DUR),
+    C(
+        "durability-fragile-out-of-range",
+        "evaluation.durability.fragile_layers=[5]",
+        names="evaluation.durability.fragile_layers index 5",
+        recipe=DUR,
+    ),
+    C(
+        "durability-lora-target-not-in-model",
+        "evaluation.durability.finetune_target_modules=[c_attn]",
+        names="evaluation.durability.finetune_target_modules",
+        recipe=DUR,
+    ),
+    C(
+        "hardened-model-other-depth",
+        "stages=[durability]",
+        "evaluation.compare_path=tiny:llama:2x64",
+        names="evaluation.compare_path",
+        recipe=DUR,
+    ),
     C("bad-tiny-name", "model.name_or_path=tiny:llama:0x64", names="tiny:llama:0x64"),
     C("unknown-tiny-architecture", "model.name_or_path=tiny:bert", names="tiny architecture 'bert'"),
     C("unknown-organism-preset", "model.name_or_path=organism:huge", names="organism:huge", recipe=SCAN),
     C("unknown-organism-data", "data.harmful=organism://nope", names="data.harmful", recipe=SCAN),
     C("model-path-missing", "model.name_or_path={files}/no_such_model", names="model.name_or_path"),
-    C("scan-model-path-missing", "evaluation.model_path={files}/no_such_model", names="evaluation.model_path",
-      recipe=SCAN),
+    C(
+        "scan-model-path-missing",
+        "evaluation.model_path={files}/no_such_model",
+        names="evaluation.model_path",
+        recipe=SCAN,
+    ),
     # --- files and run directories
     C("data-file-missing", "data.harmful={files}/nope.jsonl", names="nope.jsonl"),
     C("data-file-empty", "data.harmful={files}/empty.jsonl", names="empty.jsonl"),
@@ -265,22 +417,52 @@ CATALOGUE: list[Case] = [
     C("data-file-not-json", "data.harmful={files}/broken.jsonl", names="broken.jsonl line 1"),
     C("benign-file-missing", "data.benign={files}/nope_benign.jsonl", names="nope_benign.jsonl"),
     C("scan-data-file-empty", "data.harmful={files}/empty.jsonl", names="empty.jsonl", recipe=SCAN),
-    C("utility-file-malformed", "stages=[evaluate]", "evaluation.utility_data={files}/mc_bad.jsonl",
-      names="mc_bad.jsonl", recipe=SCAN),
+    C(
+        "utility-file-malformed",
+        "stages=[evaluate]",
+        "evaluation.utility_data={files}/mc_bad.jsonl",
+        names="mc_bad.jsonl",
+        recipe=SCAN,
+    ),
     C("root-dir-is-a-file", "logging.root_dir={files}/a_file", names="logging.root_dir"),
     C("version-escapes-the-root", "logging.version=../../x", names="logging.version"),
     C("name-with-a-slash", "logging.name=a/b", names="logging.name"),
     C("version-exists", "logging.version=version_0", names="already exists", setup="previous_run"),
     C("resume-nothing", "--resume", "last", names="--resume last: no earlier run"),
     C("resume-path-missing", "--resume", "{runs}/nowhere", names="nowhere"),
-    C("resume-changed-config", "--resume", "last", "perturbation.eps=1.0", "model.lora.r=4",
-      names="model.lora.r: 8 -> 4; perturbation.eps: 2.0 -> 1.0", setup="previous_run"),
-    C("resume-fewer-steps", "--resume", "last", "trainer.max_steps=1", names="trainer.max_steps: 4 -> 1",
-      setup="previous_run"),
-    C("resume-other-strategy", "--resume", "last", "trainer.strategy=ddp", names="trainer.strategy",
-      setup="previous_run"),
-    C("resume-other-organism-seed", "--resume", "last", "organism.seed=1", names="organism.seed: 0 -> 1",
-      setup="previous_run"),
+    C(
+        "resume-changed-config",
+        "--resume",
+        "last",
+        "perturbation.eps=1.0",
+        "model.lora.r=4",
+        names="model.lora.r: 8 -> 4; perturbation.eps: 2.0 -> 1.0",
+        setup="previous_run",
+    ),
+    C(
+        "resume-fewer-steps",
+        "--resume",
+        "last",
+        "trainer.max_steps=1",
+        names="trainer.max_steps: 4 -> 1",
+        setup="previous_run",
+    ),
+    C(
+        "resume-other-strategy",
+        "--resume",
+        "last",
+        "trainer.strategy=ddp",
+        names="trainer.strategy",
+        setup="previous_run",
+    ),
+    C(
+        "resume-other-organism-seed",
+        "--resume",
+        "last",
+        "organism.seed=1",
+        names="organism.seed: 0 -> 1",
+        setup="previous_run",
+    ),
 ]
 
 
@@ -325,11 +507,16 @@ def test_bad_input(case, capsys, tmp_path, monkeypatch, files):
         mark_stage_done(run, "fit", {})
     if case.setup == "no_bitsandbytes":
         real = importlib.util.find_spec
-        monkeypatch.setattr(importlib.util, "find_spec",
-                            lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+        )
     before_runs, before_cache = snapshot(runs), snapshot(cache)
-    argv = ["--recipe", case.recipe.format(files=files), f"logging.root_dir={runs}",
-            *(a.format(files=files, runs=runs) for a in case.args)]
+    argv = [
+        "--recipe",
+        case.recipe.format(files=files),
+        f"logging.root_dir={runs}",
+        *(a.format(files=files, runs=runs) for a in case.args),
+    ]
     fail(capsys, argv, case.names.format(files=files))
     assert snapshot(runs) == before_runs, "a run directory or file was written"
     assert snapshot(cache) == before_cache, "a cache entry was written"
@@ -339,8 +526,17 @@ def test_bad_input(case, capsys, tmp_path, monkeypatch, files):
 def test_data_errors_found_while_encoding_leave_no_run_directory(capsys, tmp_path, tiny_llama_dir):
     """Sequence lengths need the tokenizer, so the fit finds them; the run directory it claimed (holding only its
     config, run.log and an empty TensorBoard file) is removed."""
-    fail(capsys, ["--recipe", "lat_tiny", f"logging.root_dir={tmp_path}", f"model.name_or_path={tiny_llama_dir}",
-                  "data.max_length=8"], "> data.max_length=8")
+    fail(
+        capsys,
+        [
+            "--recipe",
+            "lat_tiny",
+            f"logging.root_dir={tmp_path}",
+            f"model.name_or_path={tiny_llama_dir}",
+            "data.max_length=8",
+        ],
+        "> data.max_length=8",
+    )
     assert snapshot(tmp_path) == ["lat_tiny"]
 
 
@@ -348,13 +544,22 @@ def test_data_errors_found_while_encoding_leave_no_run_directory(capsys, tmp_pat
 def no_template_model(tmp_path_factory):
     from lat_lightning.models.tiny_factory import build_tiny_model, build_tokenizer
 
-    return build_tiny_model("llama", tmp_path_factory.mktemp("no_template"),
-                            tokenizer=build_tokenizer(chat_template=False))
+    return build_tiny_model(
+        "llama", tmp_path_factory.mktemp("no_template"), tokenizer=build_tokenizer(chat_template=False)
+    )
 
 
 def test_tokenizer_without_chat_template_errors_when_required(capsys, tmp_path, no_template_model):
-    fail(capsys, [*RECIPE, f"logging.root_dir={tmp_path}", f"model.name_or_path={no_template_model}",
-                  "model.require_chat_template=true"], "has no chat template but model.require_chat_template")
+    fail(
+        capsys,
+        [
+            *RECIPE,
+            f"logging.root_dir={tmp_path}",
+            f"model.name_or_path={no_template_model}",
+            "model.require_chat_template=true",
+        ],
+        "has no chat template but model.require_chat_template",
+    )
     assert no_run_dir(tmp_path)
 
 
@@ -368,8 +573,17 @@ def test_tokenizer_without_chat_template_falls_back_with_a_warning(no_template_m
 
 
 def test_nan_loss_stops_with_a_checkpoint(capsys, tmp_path):
-    last = fail(capsys, [*RECIPE, f"logging.root_dir={tmp_path}", "perturbation.attack=asa_random",
-                         "perturbation.alpha=1e30", "perturbation.positions=all"], "loss is not finite at step 0")
+    last = fail(
+        capsys,
+        [
+            *RECIPE,
+            f"logging.root_dir={tmp_path}",
+            "perturbation.attack=asa_random",
+            "perturbation.alpha=1e30",
+            "perturbation.positions=all",
+        ],
+        "loss is not finite at step 0",
+    )
     ckpt = tmp_path / "lat_tiny" / "version_0" / "checkpoints" / "diverged.ckpt"
     assert ckpt.exists() and str(ckpt) in last and "lower trainer.lr or perturbation.eps/alpha" in last
     assert torch.load(ckpt, weights_only=False)["state_dict"]
@@ -383,8 +597,11 @@ def test_existing_run_directory_is_never_overwritten(capsys, tmp_path):
     first = create_run_dir(cfg, "lat_tiny")
     (first / "results.json").write_text("precious")
     assert create_run_dir(cfg, "lat_tiny") == first.parent / "version_1"  # a new version, not the old one
-    fail(capsys, [*RECIPE, f"logging.root_dir={tmp_path}", "logging.version=version_0"],
-         "already exists; pick another logging.version or use --resume")
+    fail(
+        capsys,
+        [*RECIPE, f"logging.root_dir={tmp_path}", "logging.version=version_0"],
+        "already exists; pick another logging.version or use --resume",
+    )
     assert (first / "results.json").read_text() == "precious"
 
 
@@ -416,9 +633,11 @@ def test_known_warnings_stay_off_the_console_and_go_to_run_log(tmp_path, capsys)
     try:
         with run_logging() as runlog:
             logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
-                "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'.")
+                "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'."
+            )
             logging.getLogger("transformers.utils.generic").warning(
-                "`past_key_values`/`cache_params` are deprecated. Use `cache` instead.")
+                "`past_key_values`/`cache_params` are deprecated. Use `cache` instead."
+            )
             with warnings.catch_warnings():  # shown even if an earlier test triggered it (the once-registry)
                 warnings.simplefilter("always")
                 warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning, stacklevel=1)
@@ -431,8 +650,13 @@ def test_known_warnings_stay_off_the_console_and_go_to_run_log(tmp_path, capsys)
     assert "a warning that matters" in err
     assert "gemm_4bit_forward" not in err and "past_key_values" not in err and "is_gradient_checkpointing" not in err
     text = (tmp_path / "run.log").read_text()
-    for line in ("gemm_4bit_forward", "past_key_values", "is_gradient_checkpointing", "a warning that matters",
-                 "an info line for the file only"):
+    for line in (
+        "gemm_4bit_forward",
+        "past_key_values",
+        "is_gradient_checkpointing",
+        "a warning that matters",
+        "an info line for the file only",
+    ):
         assert line in text, line
 
 
@@ -464,9 +688,20 @@ def test_sigterm_while_building_the_organism(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("LAT_LIGHTNING_CACHE", str(cache))
     before = signal.getsignal(signal.SIGTERM)
     calls = _signal_at(monkeypatch, LossRecorder, "on_train_batch_end", at=3)
-    last = fail(capsys, ["--recipe", SCAN, f"logging.root_dir={runs}", "model.name_or_path=organism:smoke",
-                         "stages=[organism,scan]", "evaluation.attacks=[asa_random]", "evaluation.max_new_tokens=2"],
-                "stopped by SIGTERM while building the organism", code=143)
+    last = fail(
+        capsys,
+        [
+            "--recipe",
+            SCAN,
+            f"logging.root_dir={runs}",
+            "model.name_or_path=organism:smoke",
+            "stages=[organism,scan]",
+            "evaluation.attacks=[asa_random]",
+            "evaluation.max_new_tokens=2",
+        ],
+        "stopped by SIGTERM while building the organism",
+        code=143,
+    )
     assert len(calls) < 20, "Lightning must stop at the batch after the signal"
     assert "nothing was saved" in last and "partial organism build was removed" in last
     assert _leftovers(cache, runs) == [] and not list(cache.rglob("organism-s*")) and no_run_dir(runs)
@@ -478,9 +713,16 @@ def _scan_records(run: Path) -> dict:
     return {(r["attack"], r["seed"], r["prompt_idx"], r["layer"]): r["token_ids"] for r in rows}
 
 
-SCAN_ARGS = ["evaluation.attacks=[asa_random,pgd]", "evaluation.seeds=[0,1]", "evaluation.max_new_tokens=4",
-             "evaluation.batch_size=8", "evaluation.num_prompts=4", "perturbation.steps=2",
-             "evaluation.bootstrap_samples=0", "logging.tensorboard=false"]
+SCAN_ARGS = [
+    "evaluation.attacks=[asa_random,pgd]",
+    "evaluation.seeds=[0,1]",
+    "evaluation.max_new_tokens=4",
+    "evaluation.batch_size=8",
+    "evaluation.num_prompts=4",
+    "perturbation.steps=2",
+    "evaluation.bootstrap_samples=0",
+    "logging.tensorboard=false",
+]
 
 
 def test_sigterm_during_a_scan_then_resume_gives_the_same_records(capsys, tmp_path, monkeypatch):
@@ -510,10 +752,20 @@ def test_sigterm_during_the_durability_fine_tune(capsys, tmp_path, monkeypatch):
     from lat_lightning.training.sft import LossRecorder
 
     runs = tmp_path / "runs"
-    argv = ["--recipe", DUR, f"logging.root_dir={runs}", "trainer.max_steps=2", "evaluation.max_new_tokens=3",
-            "evaluation.durability.random_seeds=[0]", "evaluation.durability.sections=[rescan,finetune]",
-            "evaluation.durability.num_prompts=3", "evaluation.durability.finetune_steps=6",
-            "evaluation.durability.finetune_seeds=[0]", "evaluation.bootstrap_samples=0", "logging.tensorboard=false"]
+    argv = [
+        "--recipe",
+        DUR,
+        f"logging.root_dir={runs}",
+        "trainer.max_steps=2",
+        "evaluation.max_new_tokens=3",
+        "evaluation.durability.random_seeds=[0]",
+        "evaluation.durability.sections=[rescan,finetune]",
+        "evaluation.durability.num_prompts=3",
+        "evaluation.durability.finetune_steps=6",
+        "evaluation.durability.finetune_seeds=[0]",
+        "evaluation.bootstrap_samples=0",
+        "logging.tensorboard=false",
+    ]
     with monkeypatch.context() as m:
         _signal_at(m, LossRecorder, "on_train_batch_end", at=2)
         last = fail(capsys, argv, "stopped by SIGTERM during stage 'durability'", code=143)
@@ -530,16 +782,38 @@ def test_process_exit_codes_and_single_lines(tmp_path):
     line saying how to resume."""
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
     env["OMP_NUM_THREADS"] = "1"
-    bad = subprocess.run([sys.executable, "train.py", "--recipe", "lat_tinyy"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=120, check=False)
+    bad = subprocess.run(
+        [sys.executable, "train.py", "--recipe", "lat_tinyy"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == [
-        "error: unknown recipe 'lat_tinyy' (did you mean 'lat_tiny'?); see --list-recipes"]
+        "error: unknown recipe 'lat_tinyy' (did you mean 'lat_tiny'?); see --list-recipes"
+    ]
 
-    proc = subprocess.Popen([sys.executable, "train.py", "--recipe", SCAN, f"logging.root_dir={tmp_path}",
-                             "evaluation.max_new_tokens=40", "evaluation.seeds=[0,1,2,3,4,5,6,7]",
-                             "evaluation.attacks=[asa_random]", "evaluation.batch_size=4"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "train.py",
+            "--recipe",
+            SCAN,
+            f"logging.root_dir={tmp_path}",
+            "evaluation.max_new_tokens=40",
+            "evaluation.seeds=[0,1,2,3,4,5,6,7]",
+            "evaluation.attacks=[asa_random]",
+            "evaluation.batch_size=4",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     for line in proc.stdout:  # the scan has started: its stage line is printed
         if line.startswith("[scan] starting") or time.monotonic() > deadline:
@@ -555,8 +829,15 @@ def test_process_exit_codes_and_single_lines(tmp_path):
 
 def test_debug_shows_the_traceback():
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
-    proc = subprocess.run([sys.executable, "train.py", "--recipe", "lat_tinyy", "--debug"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--recipe", "lat_tinyy", "--debug"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 1
     assert "Traceback (most recent call last)" in proc.stderr and "ConfigError: unknown recipe" in proc.stderr
 

@@ -39,14 +39,17 @@ def _resolved(*argv) -> dict:
 # --- override spellings -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key,value,expected", [
-    ("trainer.max_steps", "3", 3),
-    ("model.lora.r", "8", 8),
-    ("trainer.lr", "2e-5", 2e-5),
-    ("model.lora.enabled", "true", True),
-    ("perturbation.layers", "[3,5]", [3, 5]),
-    ("model.name_or_path", "some/model", "some/model"),
-])
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [
+        ("trainer.max_steps", "3", 3),
+        ("model.lora.r", "8", 8),
+        ("trainer.lr", "2e-5", 2e-5),
+        ("model.lora.enabled", "true", True),
+        ("perturbation.layers", "[3,5]", [3, 5]),
+        ("model.name_or_path", "some/model", "some/model"),
+    ],
+)
 def test_override_spellings_are_equivalent(key, value, expected):
     forms = [
         ["--recipe", RECIPE, f"{key}={value}"],
@@ -78,16 +81,39 @@ def test_print_config_shows_both_overrides(capsys):
     assert printed.trainer.max_steps == 3
     assert printed.model.name_or_path == "meta-llama/Llama-3.1-8B-Instruct"  # the rest is the recipe
     # the printed config is complete: every schema section is present
-    assert set(printed.keys()) >= {"stages", "model", "data", "perturbation", "loss", "trainer", "logging",
-                                   "callbacks", "evaluation"}
+    assert set(printed.keys()) >= {
+        "stages",
+        "model",
+        "data",
+        "perturbation",
+        "loss",
+        "trainer",
+        "logging",
+        "callbacks",
+        "evaluation",
+    }
 
 
 def test_train_py_script_prints_config_and_exits_0():
     """The one subprocess: the real script, its stdout, and its exit status."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, "train.py", "--recipe", RECIPE, "--print-config", "model.lora.r=8", "--trainer.max_steps",
-         "3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "train.py",
+            "--recipe",
+            RECIPE,
+            "--print-config",
+            "model.lora.r=8",
+            "--trainer.max_steps",
+            "3",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     printed = OmegaConf.create(proc.stdout)
@@ -104,12 +130,15 @@ def test_misspelt_section_suggests_model(capsys):
     assert "modle" in line and "'model'" in line
 
 
-@pytest.mark.parametrize("override,suggestion", [
-    ("trainer.max_step=3", "trainer.max_steps"),
-    ("--model.lora.target_module=[q_proj]", "model.lora.target_modules"),
-    ("perturbation.eps_mod=relative", "perturbation.eps_mode"),
-    ("callbacks.kl_teacher.weigth=1", "callbacks.kl_teacher.weight"),
-])
+@pytest.mark.parametrize(
+    "override,suggestion",
+    [
+        ("trainer.max_step=3", "trainer.max_steps"),
+        ("--model.lora.target_module=[q_proj]", "model.lora.target_modules"),
+        ("perturbation.eps_mod=relative", "perturbation.eps_mode"),
+        ("callbacks.kl_teacher.weigth=1", "callbacks.kl_teacher.weight"),
+    ],
+)
 def test_unknown_nested_key_suggests_closest(capsys, override, suggestion):
     code, _, err = _run(capsys, "--recipe", RECIPE, "--print-config", override)
     assert code == 2
@@ -125,11 +154,14 @@ def test_unknown_key_without_close_match_lists_valid_keys(capsys):
     assert "trainer.zzzzzz" in line and "max_steps" in line
 
 
-@pytest.mark.parametrize("override,key", [
-    ("trainer.max_steps=abc", "trainer.max_steps"),
-    ("model.lora.r=1.5", "model.lora.r"),
-    ("data.harmful_columns=3", "data.harmful_columns"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("trainer.max_steps=abc", "trainer.max_steps"),
+        ("model.lora.r=1.5", "model.lora.r"),
+        ("data.harmful_columns=3", "data.harmful_columns"),
+    ],
+)
 def test_wrong_type_names_the_key(capsys, override, key):
     code, _, err = _run(capsys, "--recipe", RECIPE, "--print-config", override)
     assert code == 2
@@ -158,13 +190,16 @@ def test_unknown_attack_lists_the_registered_ones(capsys):
     assert "perturbation.attack" in line and "asa_random, asagrad, pgd" in line
 
 
-@pytest.mark.parametrize("override,new", [
-    ("perturbation.strategy=pgd", "perturbation.attack"),
-    ("perturbation.toward=1.0", "perturbation.toward_harmful"),
-    ("perturbation.away=0.5", "perturbation.away_from_safe"),
-    ("loss.toward=1.0", "loss.toward_safe"),
-    ("loss.away=0.5", "loss.away_from_harmful"),
-])
+@pytest.mark.parametrize(
+    "override,new",
+    [
+        ("perturbation.strategy=pgd", "perturbation.attack"),
+        ("perturbation.toward=1.0", "perturbation.toward_harmful"),
+        ("perturbation.away=0.5", "perturbation.away_from_safe"),
+        ("loss.toward=1.0", "loss.toward_safe"),
+        ("loss.away=0.5", "loss.away_from_harmful"),
+    ],
+)
 def test_old_keys_name_their_new_key(capsys, override, new):
     code, _, err = _run(capsys, "--recipe", RECIPE, "--print-config", override)
     assert code == 2
@@ -172,9 +207,14 @@ def test_old_keys_name_their_new_key(capsys, override, new):
     assert f"'{override.split('=')[0]}' was renamed '{new}'" in line
 
 
-@pytest.mark.parametrize("override,new", [("perturbation.attack=gaussian_normalised", "asa_random"),
-                                          ("perturbation.attack=sign_gradient", "asagrad"),
-                                          ("evaluation.attacks=[gaussian_normalised]", "asa_random")])
+@pytest.mark.parametrize(
+    "override,new",
+    [
+        ("perturbation.attack=gaussian_normalised", "asa_random"),
+        ("perturbation.attack=sign_gradient", "asagrad"),
+        ("evaluation.attacks=[gaussian_normalised]", "asa_random"),
+    ],
+)
 def test_old_attack_names_name_their_new_name(capsys, override, new):
     code, _, err = _run(capsys, "--recipe", RECIPE, "--print-config", override)
     assert code == 2
@@ -200,12 +240,15 @@ def test_unknown_recipe_suggests_closest(capsys):
     assert "lapt_lama3" in line and "'lapt_llama3'" in line
 
 
-@pytest.mark.parametrize("argv,fragment", [
-    (["--recipe", RECIPE, "--trainer.max_steps"], "no value"),
-    (["--recipe", RECIPE, "--trainer.max_steps", "--print-config"], "no value"),
-    (["--recipe", RECIPE, "stray"], "cannot parse argument 'stray'"),
-    (["--recipe"], "needs a value"),
-])
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["--recipe", RECIPE, "--trainer.max_steps"], "no value"),
+        (["--recipe", RECIPE, "--trainer.max_steps", "--print-config"], "no value"),
+        (["--recipe", RECIPE, "stray"], "cannot parse argument 'stray'"),
+        (["--recipe"], "needs a value"),
+    ],
+)
 def test_malformed_arguments(capsys, argv, fragment):
     code, _, err = _run(capsys, *argv)
     assert code == 2
@@ -249,11 +292,14 @@ def test_recipe_as_a_path_to_any_yaml(capsys, tmp_path, suffix):
     assert code == 0 and OmegaConf.create(out).trainer.max_steps == 7
 
 
-@pytest.mark.parametrize("text,fragment", [
-    ("trainer:\n  max_stepz: 3\n", "trainer.max_steps"),
-    ("- just\n- a list\n", "mapping"),
-    ("trainer: {max_steps: [\n", "cannot read recipe"),
-])
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        ("trainer:\n  max_stepz: 3\n", "trainer.max_steps"),
+        ("- just\n- a list\n", "mapping"),
+        ("trainer: {max_steps: [\n", "cannot read recipe"),
+    ],
+)
 def test_bad_recipe_file(capsys, tmp_path, text, fragment):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -342,14 +388,17 @@ def test_main_runs_the_stages_in_a_new_run_directory(capsys, tmp_path, monkeypat
         def stage(cfg, run_dir):
             calls.append((name, Path(run_dir)))
             return {"stage": name}
+
         return stage
 
     monkeypatch.setattr(pipeline, "get_stage", fake_stage)
     recipe = tmp_path / "two_stages.yaml"
     # A model other than the default organism: the pipeline would build the organism before any stage.
-    recipe.write_text(f"# two stages\nstages: [scan, evaluate]\nmodel:\n  name_or_path: tiny:llama\n"
-                      "data:\n  eval_harmful: pkg://lat_lightning/resources/tiny_harmful.jsonl\n"
-                      f"logging:\n  root_dir: {tmp_path / 'runs'}\n")
+    recipe.write_text(
+        f"# two stages\nstages: [scan, evaluate]\nmodel:\n  name_or_path: tiny:llama\n"
+        "data:\n  eval_harmful: pkg://lat_lightning/resources/tiny_harmful.jsonl\n"
+        f"logging:\n  root_dir: {tmp_path / 'runs'}\n"
+    )
     code, out, err = _run(capsys, "--recipe", str(recipe), "trainer.max_steps=2")
     assert code == 0, err
     run = tmp_path / "runs" / "two_stages" / "version_0"
@@ -371,6 +420,7 @@ def test_unexpected_failure_is_one_line_exit_1(capsys, tmp_path, monkeypatch):
     def broken(name):
         def stage(cfg, run_dir):
             raise RuntimeError("kaboom\nsecond line")
+
         return stage
 
     monkeypatch.setattr(pipeline, "get_stage", broken)

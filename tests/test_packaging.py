@@ -74,7 +74,8 @@ def test_environment_yml_versions_fit_setup_cfg():
             continue
         pins = [s for s in req.specifier if s.operator == "=="]
         assert pins and all(want.contains(p.version, prereleases=True) for p in pins), (
-            f"{name}: environment.yml has '{req.specifier}', setup.cfg has '{want}'")
+            f"{name}: environment.yml has '{req.specifier}', setup.cfg has '{want}'"
+        )
     assert env["torch"].specifier == SpecifierSet("==2.13.0")
 
 
@@ -104,8 +105,10 @@ def test_recipes_are_reachable_as_package_resources():
     assert shipped and shipped <= files
 
 
-STALE = "the installed package is out of date with setup.cfg: rerun `make test` (it reinstalls when setup.cfg " \
-        "changes) or `pip install -e '.[dev,quant,gguf]'`"
+STALE = (
+    "the installed package is out of date with setup.cfg: rerun `make test` (it reinstalls when setup.cfg "
+    "changes) or `pip install -e '.[dev,quant,gguf]'`"
+)
 
 
 def _declared_console_scripts() -> dict[str, str]:

@@ -35,8 +35,10 @@ def smollm2_gguf():
 def _inputs(tokenizer):
     from lat_lightning.models.loading import padding_side
 
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                           add_generation_prompt=True) for q in QUESTIONS]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in QUESTIONS
+    ]
     with padding_side(tokenizer, "left"):
         return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
@@ -68,9 +70,22 @@ def test_smollm2_gguf_scan_lat_lapt_interpolate_export(smollm2_gguf, tmp_path, m
 
     # 1. the scan recipe as a user runs it, on two prompts and four tokens: all 30 layers
     runs = tmp_path / "runs"
-    assert main(["--recipe", "asa_scan_smollm2", f"model.name_or_path={gguf}", f"logging.root_dir={runs}",
-                 "evaluation.num_prompts=2", "evaluation.max_new_tokens=4", "evaluation.attacks=[asa_random]",
-                 "evaluation.judges=[keyword]", "evaluation.bootstrap_samples=0"]) == 0
+    assert (
+        main(
+            [
+                "--recipe",
+                "asa_scan_smollm2",
+                f"model.name_or_path={gguf}",
+                f"logging.root_dir={runs}",
+                "evaluation.num_prompts=2",
+                "evaluation.max_new_tokens=4",
+                "evaluation.attacks=[asa_random]",
+                "evaluation.judges=[keyword]",
+                "evaluation.bootstrap_samples=0",
+            ]
+        )
+        == 0
+    )
     scan_dir = runs / "asa_scan_smollm2" / "version_0"
     summary = json.loads((scan_dir / "scan_summary.json").read_text())
     assert len(summary["attacks"]["asa_random"]["headline"]["lasr_mean"]) == 30
@@ -79,19 +94,40 @@ def test_smollm2_gguf_scan_lat_lapt_interpolate_export(smollm2_gguf, tmp_path, m
     assert converted.startswith(str(tmp_path / "cache" / "gguf")) and _plain_checkpoint(Path(converted))
 
     # 2. PGD-LAT with LoRA (default targets), two steps on prompt-only data with a constant target; interpolation
-    lat = load_config("lat_tiny", [
-        f"model.name_or_path={gguf}", "model.lora.r=4", "model.lora.alpha=8", f"data.harmful={PROMPTS}",
-        "data.default_target=Sure, here is", "data.max_examples=4", "data.batch_size=2", "data.max_length=160",
-        "perturbation.layers=[10,20]", "perturbation.steps=2", "trainer.max_steps=2", "logging.tensorboard=false",
-        "evaluation.utility_data=pkg://lat_lightning/resources/tiny_mc.jsonl",
-        "callbacks.weight_interpolation.lambdas=[0.0,0.5,1.0]", "callbacks.weight_interpolation.tolerance=1.0"])
+    lat = load_config(
+        "lat_tiny",
+        [
+            f"model.name_or_path={gguf}",
+            "model.lora.r=4",
+            "model.lora.alpha=8",
+            f"data.harmful={PROMPTS}",
+            "data.default_target=Sure, here is",
+            "data.max_examples=4",
+            "data.batch_size=2",
+            "data.max_length=160",
+            "perturbation.layers=[10,20]",
+            "perturbation.steps=2",
+            "trainer.max_steps=2",
+            "logging.tensorboard=false",
+            "evaluation.utility_data=pkg://lat_lightning/resources/tiny_mc.jsonl",
+            "callbacks.weight_interpolation.lambdas=[0.0,0.5,1.0]",
+            "callbacks.weight_interpolation.tolerance=1.0",
+        ],
+    )
     lat_dir = tmp_path / "lat"
     module = fit(lat, lat_dir, scan=scan_settings(lat, probes=False), validation=validation_settings(lat))
     assert module.trainer_ref.global_step == 2
     targets = json.loads((lat_dir / "lora_targets.json").read_text())
     assert targets["auto"] and targets["left_out"] == [] and len(targets["layers"]) == 30
-    assert targets["adapted"] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert targets["adapted"] == [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ]
     result = interpolate.run(lat, lat_dir)
     assert result["chosen_lambda"] == 1.0  # tolerance 1.0: every lambda qualifies, the largest wins
 
@@ -115,16 +151,31 @@ def test_smollm2_gguf_scan_lat_lapt_interpolate_export(smollm2_gguf, tmp_path, m
     assert not torch.equal(half, in_memory)
 
     # 3. LAPT, full fine-tuning: two steps of Gaussian noise on prompt-only data (no target needed)
-    lapt = load_config("lapt_tiny", [
-        f"model.name_or_path={gguf}", f"data.harmful={PROMPTS}", "data.eval_harmful=null", "data.eval_benign=null",
-        "data.max_examples=4", "data.batch_size=2", "data.max_length=160", "perturbation.layers=[15]",
-        "trainer.max_steps=2", "trainer.accumulate_grad_batches=1", "trainer.val_check_interval=null",
-        "callbacks.fragile_layers.enabled=false", "callbacks.weight_interpolation.enabled=false",
-        "logging.tensorboard=false", "evaluation.utility_data=null"])
+    lapt = load_config(
+        "lapt_tiny",
+        [
+            f"model.name_or_path={gguf}",
+            f"data.harmful={PROMPTS}",
+            "data.eval_harmful=null",
+            "data.eval_benign=null",
+            "data.max_examples=4",
+            "data.batch_size=2",
+            "data.max_length=160",
+            "perturbation.layers=[15]",
+            "trainer.max_steps=2",
+            "trainer.accumulate_grad_batches=1",
+            "trainer.val_check_interval=null",
+            "callbacks.fragile_layers.enabled=false",
+            "callbacks.weight_interpolation.enabled=false",
+            "logging.tensorboard=false",
+            "evaluation.utility_data=null",
+        ],
+    )
     lapt_dir = tmp_path / "lapt"
     module = fit(lapt, lapt_dir)
     assert module.trainer_ref.global_step == 2 and _plain_checkpoint(lapt_dir / "final")
     reloaded = AutoModelForCausalLM.from_pretrained(lapt_dir / "final")
     assert torch.equal(_logits(reloaded, inputs), _logits(module.model, inputs))
-    assert not torch.equal(_logits(reloaded, inputs), _logits(AutoModelForCausalLM.from_pretrained(converted),
-                                                              inputs))  # the two steps changed the weights
+    assert not torch.equal(
+        _logits(reloaded, inputs), _logits(AutoModelForCausalLM.from_pretrained(converted), inputs)
+    )  # the two steps changed the weights

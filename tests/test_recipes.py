@@ -65,7 +65,7 @@ def test_recipe_header_gives_launch_command_and_override_example(name):
         examples += [line for line in header if line.startswith(prefix) and "--recipe" not in line]
     assert examples, f"{name}.yaml: missing '{prefix}--recipe {name} KEY=VALUE'"
     # the example really works: parse it as the CLI would and validate the result
-    flags, dotlist = split_argv(shlex.split(examples[0][len(prefix):]))
+    flags, dotlist = split_argv(shlex.split(examples[0][len(prefix) :]))
     assert (flags["recipe"] or "default") == name and dotlist, examples[0]
     load_config(flags["recipe"], dotlist)
 

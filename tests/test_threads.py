@@ -60,8 +60,18 @@ def test_the_pipeline_runs_the_organisms_stages_on_one_thread(tmp_path, monkeypa
     monkeypatch.setattr("lat_lightning.stages.fit.run", lambda cfg, run_dir: seen.append(torch.get_num_threads()))
     before = torch.get_num_threads()
     try:
-        assert main(["--recipe", "lapt_tiny", f"logging.root_dir={tmp_path}", "callbacks.fragile_layers.enabled=false",
-                     "perturbation.layers=[1]"]) == 0
+        assert (
+            main(
+                [
+                    "--recipe",
+                    "lapt_tiny",
+                    f"logging.root_dir={tmp_path}",
+                    "callbacks.fragile_layers.enabled=false",
+                    "perturbation.layers=[1]",
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(before)
     assert seen == [1]  # tiny:llama is 64 wide

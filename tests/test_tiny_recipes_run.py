@@ -19,8 +19,10 @@ def _scalars(run_dir):
 
 @pytest.mark.parametrize("recipe", ["lapt_tiny", "lat_tiny", "asagrad_at_tiny", "refat_tiny", "embed_lat_tiny"])
 def test_tiny_recipe_trains_and_exports(recipe, tmp_path, capsys):
-    assert main(["--recipe", recipe, f"logging.root_dir={tmp_path}", "trainer.max_steps=2",
-                 "evaluation.num_prompts=2"]) == 0
+    assert (
+        main(["--recipe", recipe, f"logging.root_dir={tmp_path}", "trainer.max_steps=2", "evaluation.num_prompts=2"])
+        == 0
+    )
     run_dir = tmp_path / recipe / "version_0"
     assert (run_dir / "config.yaml").exists()
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
@@ -46,8 +48,7 @@ def test_tiny_recipe_trains_and_exports(recipe, tmp_path, capsys):
     if recipe == "lapt_tiny":
         assert (run_dir / "interpolated" / "config.json").exists()
         assert (run_dir / "fragile_layers.json").exists()
-        assert {"val/attack_success", "val/init", "val/nll_probe", "val/over_refusal",
-                "val/utility_accuracy"} <= tags
+        assert {"val/attack_success", "val/init", "val/nll_probe", "val/over_refusal", "val/utility_accuracy"} <= tags
 
 
 def test_lapt_trains_on_an_asabench_export_of_its_own_scan(tmp_path, capsys):

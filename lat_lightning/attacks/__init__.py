@@ -80,11 +80,25 @@ def build_attack(name: str, settings: AttackSettings | None = None, **overrides)
     if settings is None:
         settings = AttackSettings()
     elif not isinstance(settings, AttackSettings):  # any object with the same fields (e.g. a config section)
-        settings = AttackSettings(**{f.name: _plain(getattr(settings, f.name))
-                                     for f in dataclasses.fields(AttackSettings)})
+        settings = AttackSettings(
+            **{f.name: _plain(getattr(settings, f.name)) for f in dataclasses.fields(AttackSettings)}
+        )
     settings = dataclasses.replace(settings, **overrides)
     return ATTACKS[name](settings)
 
 
-__all__ = ["ATTACKS", "POLICIES", "RENAMED_ATTACKS", "Attack", "AttackPlan", "Perturbation", "Transfer",
-           "attack_names", "build_attack", "check_attack_name", "normalise_to", "policy_mask", "position_mask"]
+__all__ = [
+    "ATTACKS",
+    "POLICIES",
+    "RENAMED_ATTACKS",
+    "Attack",
+    "AttackPlan",
+    "Perturbation",
+    "Transfer",
+    "attack_names",
+    "build_attack",
+    "check_attack_name",
+    "normalise_to",
+    "policy_mask",
+    "position_mask",
+]

@@ -70,14 +70,24 @@ class ASARandom(Attack):
         keys = index.tolist() if index is not None else list(range(bsz))
         noise_step = step if s.refresh == "step" else 0
         for layer in attacked:
-            rows = [torch.randn(seq_len, d, generator=torch.Generator().manual_seed(
-                cell_seed(s.seed, noise_step, int(k), layer))) for k in keys]
+            rows = [
+                torch.randn(
+                    seq_len, d, generator=torch.Generator().manual_seed(cell_seed(s.seed, noise_step, int(k), layer))
+                )
+                for k in keys
+            ]
             vectors[layer] = torch.stack(rows).to(input_ids.device)
             masks[layer] = mask & (row_layers == layer)[:, None].to(mask.device) if per_row else mask
         return Perturbation(vectors=vectors, mask=masks, normalise=True, alpha=s.alpha)
 
-    def plan(self, model, prompt_ids, target_ids, row_prompts, row_layers, seed, safe_ids=None,
-             pad_id=0) -> AttackPlan:
+    def plan(self, model, prompt_ids, target_ids, row_prompts, row_layers, seed, safe_ids=None, pad_id=0) -> AttackPlan:
         s = self.settings
-        return AttackPlan(kind="noise", positions=s.positions, first_k=s.first_k, refresh=s.refresh, alpha=s.alpha,
-                          seed=seed, name=self.name)
+        return AttackPlan(
+            kind="noise",
+            positions=s.positions,
+            first_k=s.first_k,
+            refresh=s.refresh,
+            alpha=s.alpha,
+            seed=seed,
+            name=self.name,
+        )

@@ -34,8 +34,14 @@ from lat_lightning.models.layers import check_layer_indices, hidden_size, input_
 SIGNS = ("descend", "ascend")
 
 
-def target_gradients(model: nn.Module, batch: dict[str, Tensor], layers: list[int], positions: str = "all",
-                     first_k: int = 1, from_earliest_layer: bool = True) -> tuple[dict[int, Tensor], Tensor, float]:
+def target_gradients(
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    layers: list[int],
+    positions: str = "all",
+    first_k: int = 1,
+    from_earliest_layer: bool = True,
+) -> tuple[dict[int, Tensor], Tensor, float]:
     """``{l: ∂L/∂h[l]}`` of the harmful-target CE at every listed layer from ONE forward-backward.
 
     A zero tensor requiring grad is added to the residual stream at EVERY listed layer at once, and one
@@ -68,9 +74,15 @@ def target_gradients(model: nn.Module, batch: dict[str, Tensor], layers: list[in
     return dict(zip(layers, grads)), mask, float(loss.detach())
 
 
-def sign_gradient_directions(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
-                             target_ids: Sequence[Sequence[int]], layers: Sequence[int], sign: str = "descend",
-                             pad_id: int = 0, from_earliest_layer: bool = True) -> list[dict[int, Tensor]]:
+def sign_gradient_directions(
+    model: nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    target_ids: Sequence[Sequence[int]],
+    layers: Sequence[int],
+    sign: str = "descend",
+    pad_id: int = 0,
+    from_earliest_layer: bool = True,
+) -> list[dict[int, Tensor]]:
     """ASAgrad directions ``s · sign(∂L/∂h[l])`` per prompt and layer, from ONE forward-backward.
 
     ``L`` is the mean CE of the target tokens (prompt labels masked), teacher-forced on prompt + target.
@@ -134,11 +146,11 @@ class ASAGrad(Attack):
         grads, mask, loss = target_gradients(model, batch, layers, s.positions, s.first_k, self.from_earliest_layer)
         sgn = -1.0 if s.sign == "descend" else 1.0
         vectors = {l: sgn * torch.sign(g) for l, g in grads.items()}
-        return Perturbation(vectors=vectors, mask=mask, normalise=True, alpha=s.alpha,
-                            stats={"attack_loss_before": loss})
+        return Perturbation(
+            vectors=vectors, mask=mask, normalise=True, alpha=s.alpha, stats={"attack_loss_before": loss}
+        )
 
-    def plan(self, model, prompt_ids, target_ids, row_prompts, row_layers, seed, safe_ids=None,
-             pad_id=0) -> AttackPlan:
+    def plan(self, model, prompt_ids, target_ids, row_prompts, row_layers, seed, safe_ids=None, pad_id=0) -> AttackPlan:
         """Directions of all rows of a prompt come from one forward-backward over all their layers (and all
         the prompts of the call at once); they are cached per (prompt, layer) for the prompts of this call."""
         keep = {int(i) for i in row_prompts}
@@ -150,13 +162,26 @@ class ASAGrad(Attack):
         if need:
             prompts = sorted(need)
             layers = sorted(set().union(*need.values()))
-            dirs = sign_gradient_directions(model, [prompt_ids[i] for i in prompts], [target_ids[i] for i in prompts],
-                                            layers, sign=self.settings.sign, pad_id=pad_id,
-                                            from_earliest_layer=self.from_earliest_layer)
+            dirs = sign_gradient_directions(
+                model,
+                [prompt_ids[i] for i in prompts],
+                [target_ids[i] for i in prompts],
+                layers,
+                sign=self.settings.sign,
+                pad_id=pad_id,
+                from_earliest_layer=self.from_earliest_layer,
+            )
             for i, per_layer in zip(prompts, dirs):
                 for l in need[i]:
                     self._directions[(i, l)] = per_layer[l]
         vectors = [self._directions[(int(i), int(l))] if l != CLEAN else None for i, l in zip(row_prompts, row_layers)]
         s = self.settings
-        return AttackPlan(kind="direction", positions=s.positions, first_k=s.first_k, alpha=s.alpha, seed=seed,
-                          vectors=vectors, name=self.name)
+        return AttackPlan(
+            kind="direction",
+            positions=s.positions,
+            first_k=s.first_k,
+            alpha=s.alpha,
+            seed=seed,
+            vectors=vectors,
+            name=self.name,
+        )

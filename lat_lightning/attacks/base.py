@@ -240,9 +240,17 @@ class Attack:
         return Perturbation(vectors={}, mask=torch.zeros(1, 1, dtype=torch.bool), normalise=False)
 
     # -- generation face -----------------------------------------------------------------------------------
-    def plan(self, model: nn.Module, prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]],
-             row_prompts: Sequence[int], row_layers: Sequence[int], seed: int,
-             safe_ids: Sequence[Sequence[int]] | None = None, pad_id: int = 0):
+    def plan(
+        self,
+        model: nn.Module,
+        prompt_ids: Sequence[Sequence[int]],
+        target_ids: Sequence[Sequence[int]],
+        row_prompts: Sequence[int],
+        row_layers: Sequence[int],
+        seed: int,
+        safe_ids: Sequence[Sequence[int]] | None = None,
+        pad_id: int = 0,
+    ):
         """The generation plan (an :class:`~lat_lightning.attacks.plan.AttackPlan`) for rows
         ``(row_prompts[r], row_layers[r])`` (layer ``-1`` = clean row).
 

@@ -55,8 +55,13 @@ def stack_sequences(batch: dict[str, Tensor], parts: tuple[str, ...], pad_id: in
     return AttackInputs(ids, att, labels, tuple(parts), batch[f"{parts[0]}_input_ids"].shape[0])
 
 
-def prompt_target_batch(prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]],
-                        safe_ids: Sequence[Sequence[int]] | None, pad_id: int, device) -> dict[str, Tensor]:
+def prompt_target_batch(
+    prompt_ids: Sequence[Sequence[int]],
+    target_ids: Sequence[Sequence[int]],
+    safe_ids: Sequence[Sequence[int]] | None,
+    pad_id: int,
+    device,
+) -> dict[str, Tensor]:
     """A right-padded training-contract batch (``harmful_*``, ``safe_*``, ``prompt_lengths``, ``index``,
     ``layer``) from token ids: the generation face of a gradient attack optimises on it.
 
@@ -80,12 +85,19 @@ def cache_lower(model: nn.Module, inputs: AttackInputs, first_layer: int) -> Ten
     (nothing lies below them: every step runs the whole model, the perturbation hooked on the embedding)."""
     if first_layer == EMBED:
         return None
-    return capture_residual(model, [first_layer], input_ids=inputs.input_ids,
-                            attention_mask=inputs.attention_mask, use_cache=False)[first_layer]
+    return capture_residual(
+        model, [first_layer], input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, use_cache=False
+    )[first_layer]
 
 
-def perturbed_logits(model: nn.Module, inputs: AttackInputs, perturbation: Perturbation,
-                     cached: Tensor | None, first_layer: int, grad: bool = True) -> Tensor:
+def perturbed_logits(
+    model: nn.Module,
+    inputs: AttackInputs,
+    perturbation: Perturbation,
+    cached: Tensor | None,
+    first_layer: int,
+    grad: bool = True,
+) -> Tensor:
     """Logits with ``perturbation`` applied; from ``cached`` (``h[first_layer]``) when given.
 
     ``grad=True`` forces autograd on even when the caller runs under ``no_grad`` (evaluation), since

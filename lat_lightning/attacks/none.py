@@ -14,6 +14,5 @@ class NoAttack(Attack):
     def make(self, model, batch, layers, step=0) -> Perturbation:
         return self.empty(batch)
 
-    def plan(self, model, prompt_ids, target_ids, row_prompts, row_layers, seed, safe_ids=None,
-             pad_id=0) -> AttackPlan:
+    def plan(self, model, prompt_ids, target_ids, row_prompts, row_layers, seed, safe_ids=None, pad_id=0) -> AttackPlan:
         return AttackPlan(kind="none", seed=seed, name=self.name)

@@ -39,8 +39,18 @@ from lat_lightning.models.eval_mode import eval_mode
 from lat_lightning.models.hooks import capture_residual
 from lat_lightning.models.layers import check_layer_indices, hidden_size, input_device
 
-DESCRIBED = ("steps", "eps", "eps_mode", "norm", "norm_scope", "optimizer", "lr", "init", "toward_harmful",
-             "away_from_safe")
+DESCRIBED = (
+    "steps",
+    "eps",
+    "eps_mode",
+    "norm",
+    "norm_scope",
+    "optimizer",
+    "lr",
+    "init",
+    "toward_harmful",
+    "away_from_safe",
+)
 
 
 class PGD(Attack):
@@ -86,8 +96,9 @@ class PGD(Attack):
         """Per-layer radius broadcastable to ``[batch, T, 1]`` (relative eps scales the clean norm)."""
         if self.settings.eps_mode == "absolute":
             return {l: torch.tensor(float(self.settings.eps), device=inputs.input_ids.device) for l in layers}
-        clean = capture_residual(model, layers, input_ids=inputs.input_ids[:bsz],
-                                 attention_mask=inputs.attention_mask[:bsz], use_cache=False)
+        clean = capture_residual(
+            model, layers, input_ids=inputs.input_ids[:bsz], attention_mask=inputs.attention_mask[:bsz], use_cache=False
+        )
         if self.settings.norm_scope == "sequence":
             return {l: self.settings.eps * clean[l].float().flatten(1).norm(dim=-1)[:, None, None] for l in layers}
         return {l: self.settings.eps * clean[l].float().norm(dim=-1, keepdim=True) for l in layers}
@@ -129,8 +140,7 @@ class PGD(Attack):
         mask = position_mask(cfg.positions, batch["prompt_lengths"], seq_len, cfg.first_k).to(device).float()
         d = hidden_size(model)
         radius = self.radius(model, inputs, layers, bsz)
-        deltas = {l: self.init((bsz, seq_len, d), mask, radius[l], step, device).requires_grad_(True)
-                  for l in layers}
+        deltas = {l: self.init((bsz, seq_len, d), mask, radius[l], step, device).requires_grad_(True) for l in layers}
         opt = torch.optim.AdamW(deltas.values(), lr=cfg.lr, weight_decay=0.0) if cfg.optimizer == "adamw" else None
         losses = []
         for i in range(cfg.steps):
@@ -160,8 +170,14 @@ class PGD(Attack):
             out.final_loss = lambda logits: self.loss_of_groups(logits, batch)
         else:
             with torch.no_grad():
-                stats["attack_loss_after"] = float(self.attack_loss(perturbed_logits(
-                    model, inputs, Perturbation(final, mask, normalise=False), cached, first, grad=False), inputs))
+                stats["attack_loss_after"] = float(
+                    self.attack_loss(
+                        perturbed_logits(
+                            model, inputs, Perturbation(final, mask, normalise=False), cached, first, grad=False
+                        ),
+                        inputs,
+                    )
+                )
         return out
 
     def loss_of_groups(self, logits: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:
@@ -176,8 +192,7 @@ class PGD(Attack):
         return loss
 
     # -- generation face -------------------------------------------------------------------------------------
-    def plan(self, model, prompt_ids, target_ids, row_prompts, row_layers, seed, safe_ids=None,
-             pad_id=0) -> AttackPlan:
+    def plan(self, model, prompt_ids, target_ids, row_prompts, row_layers, seed, safe_ids=None, pad_id=0) -> AttackPlan:
         """For every distinct layer among the rows, one :meth:`make` call optimises a separate δ for each
         prompt of those rows (a batch of prompts; the loss is a mean, Adam's per-element normalisation makes
         each prompt's update independent of the others up to its eps term), seeded by ``(seed, layer)``.
@@ -196,9 +211,13 @@ class PGD(Attack):
             if layer == CLEAN:
                 continue
             prompts = list(dict.fromkeys(i for i, l in rows if l == layer))
-            batch = prompt_target_batch([prompt_ids[i] for i in prompts], [target_ids[i] for i in prompts],
-                                        [safe_ids[i] for i in prompts] if safe_ids is not None else None, pad_id,
-                                        device)
+            batch = prompt_target_batch(
+                [prompt_ids[i] for i in prompts],
+                [target_ids[i] for i in prompts],
+                [safe_ids[i] for i in prompts] if safe_ids is not None else None,
+                pad_id,
+                device,
+            )
             with eval_mode(model):
                 pert = keyed.make(model, batch, [layer], step=layer)
             vec, mask = pert.vectors[layer], pert.layer_mask(layer)

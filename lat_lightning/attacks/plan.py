@@ -85,8 +85,9 @@ class AttackPlan:
         if self.kind not in ATTACK_KINDS:
             raise ValueError(f"unknown attack kind '{self.kind}'; choose from {', '.join(ATTACK_KINDS)}")
         if self.positions not in POLICIES:
-            raise ValueError(f"unknown positions policy '{self.positions}' for generation; choose from "
-                             f"{', '.join(POLICIES)}")
+            raise ValueError(
+                f"unknown positions policy '{self.positions}' for generation; choose from {', '.join(POLICIES)}"
+            )
         if self.refresh not in REFRESH:
             raise ValueError(f"unknown refresh '{self.refresh}'; choose from {', '.join(REFRESH)}")
         if self.positions == "first_k" and self.first_k < 1:
@@ -96,10 +97,21 @@ class AttackPlan:
 
     def select(self, rows: Sequence[int]) -> AttackPlan:
         """The same plan restricted to ``rows`` (per-row vectors re-indexed)."""
+
         def pick(seq):
-            return (None if seq is None else [seq[r] for r in rows])
-        return AttackPlan(self.kind, self.positions, self.first_k, self.refresh, self.alpha, self.seed,
-                          pick(self.vectors), pick(self.vector_masks), self.name)
+            return None if seq is None else [seq[r] for r in rows]
+
+        return AttackPlan(
+            self.kind,
+            self.positions,
+            self.first_k,
+            self.refresh,
+            self.alpha,
+            self.seed,
+            pick(self.vectors),
+            pick(self.vector_masks),
+            self.name,
+        )
 
 
 class RowPerturber:
@@ -119,17 +131,27 @@ class RowPerturber:
         row_seeds: ``[B]`` perturbation seed per row (default: ``plan.seed``).
     """
 
-    def __init__(self, plan: AttackPlan, row_layers: Tensor, prompt_lengths: Tensor, prompt_keys: Tensor,
-                 row_seeds: Tensor | None = None):
+    def __init__(
+        self,
+        plan: AttackPlan,
+        row_layers: Tensor,
+        prompt_lengths: Tensor,
+        prompt_keys: Tensor,
+        row_seeds: Tensor | None = None,
+    ):
         self.plan = plan
         self.row_layers = row_layers.long().cpu()
         self.prompt_lengths = prompt_lengths.long().cpu()
         self.prompt_keys = prompt_keys.long().cpu()
         n = len(self.row_layers)
-        self.row_seeds = (torch.full((n,), int(plan.seed), dtype=torch.long) if row_seeds is None
-                          else row_seeds.long().cpu())
-        for name, t in (("prompt_lengths", self.prompt_lengths), ("prompt_keys", self.prompt_keys),
-                        ("row_seeds", self.row_seeds)):
+        self.row_seeds = (
+            torch.full((n,), int(plan.seed), dtype=torch.long) if row_seeds is None else row_seeds.long().cpu()
+        )
+        for name, t in (
+            ("prompt_lengths", self.prompt_lengths),
+            ("prompt_keys", self.prompt_keys),
+            ("row_seeds", self.row_seeds),
+        ):
             if len(t) != n:
                 raise ValueError(f"{name} has {len(t)} entries for {n} rows")
         if plan.vectors is not None and len(plan.vectors) != n:
@@ -137,8 +159,8 @@ class RowPerturber:
         if plan.kind == "none":
             self.row_layers = torch.full_like(self.row_layers, CLEAN)
         self.rows_at: dict[int, Tensor] = {
-            int(l): (self.row_layers == l).nonzero().flatten() for l in self.row_layers.unique().tolist()
-            if l != CLEAN}
+            int(l): (self.row_layers == l).nonzero().flatten() for l in self.row_layers.unique().tolist() if l != CLEAN
+        }
         self.attacked_rows = (self.row_layers != CLEAN).nonzero().flatten()
         self._row_vectors: Tensor | None = None
         if plan.kind in PER_ROW_VECTOR_KINDS and self.attacked_rows.numel():
@@ -146,8 +168,9 @@ class RowPerturber:
             d = next((v.shape[-1] for v in plan.vectors if v is not None), None)
             if d is None:
                 raise ValueError(f"a '{plan.kind}' plan needs a vector for every attacked row; it has none")
-            self._row_vectors = torch.stack([torch.zeros(d) if v is None else v.detach().float().cpu().reshape(d)
-                                             for v in plan.vectors])
+            self._row_vectors = torch.stack(
+                [torch.zeros(d) if v is None else v.detach().float().cpu().reshape(d) for v in plan.vectors]
+            )
         self._all_layers: list[int] | None = None
         self.positions: Tensor | None = None
         self.applied = torch.zeros(n, dtype=torch.long)

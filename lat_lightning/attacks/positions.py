@@ -81,8 +81,9 @@ def first_position(policy: str, prompt_len: int, first_k: int = 1) -> int:
     raise ValueError(f"unknown positions policy '{policy}'; choose from {', '.join(POLICIES)}")
 
 
-def position_mask(policy: str, prompt_lengths: Tensor, seq_len: int, first_k: int = 1,
-                  attention_mask: Optional[Tensor] = None) -> Tensor:
+def position_mask(
+    policy: str, prompt_lengths: Tensor, seq_len: int, first_k: int = 1, attention_mask: Optional[Tensor] = None
+) -> Tensor:
     """Boolean ``[batch, seq_len]`` mask of perturbed positions for right-padded sequences.
 
     Column ``t`` is absolute position ``t``; padding columns are excluded only when ``attention_mask`` is

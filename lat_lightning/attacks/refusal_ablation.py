@@ -39,21 +39,33 @@ class RefusalAblation(RefusalDirectionAttack):
         s = self.settings
         layers = self.single_source_layer(model, batch, layers, self.name)
         if len(layers) != 1:
-            raise ValueError(f"refusal_ablation ablates ONE direction: perturbation.layers must name one source "
-                             f"layer, got {layers}")
+            raise ValueError(
+                f"refusal_ablation ablates ONE direction: perturbation.layers must name one source layer, got {layers}"
+            )
         direction = unit(self.training_directions(model, batch, layers, step)[layers[0]])
         input_ids = batch["safe_input_ids"]
         seq_len = max([input_ids.shape[1]] + [batch[k].shape[1] for k in ("harmful_input_ids",) if k in batch])
         mask = position_mask(s.positions, batch["prompt_lengths"], seq_len, s.first_k)
         r = direction.to(input_ids.device)
         assert self._train_dirs is not None  # training_directions set it
-        return Perturbation(vectors={l: r for l in every_layer(model)}, mask=mask, ablate=True, alpha=1.0,
-                            stats={"direction_norm": float(self._train_dirs[layers[0]].norm())})
+        return Perturbation(
+            vectors={l: r for l in every_layer(model)},
+            mask=mask,
+            ablate=True,
+            alpha=1.0,
+            stats={"direction_norm": float(self._train_dirs[layers[0]].norm())},
+        )
 
-    def plan(self, model, prompt_ids, target_ids, row_prompts, row_layers, seed, safe_ids=None,
-             pad_id=0) -> AttackPlan:
+    def plan(self, model, prompt_ids, target_ids, row_prompts, row_layers, seed, safe_ids=None, pad_id=0) -> AttackPlan:
         s = self.settings
         dirs = self.generation_directions(model, row_layers, pad_id)
         vectors = [unit_or_zero(dirs[int(l)], int(l)) if l != CLEAN else None for l in row_layers]
-        return AttackPlan(kind="ablation", positions=s.positions, first_k=s.first_k, alpha=1.0, seed=seed,
-                          vectors=vectors, name=self.name)
+        return AttackPlan(
+            kind="ablation",
+            positions=s.positions,
+            first_k=s.first_k,
+            alpha=1.0,
+            seed=seed,
+            vectors=vectors,
+            name=self.name,
+        )

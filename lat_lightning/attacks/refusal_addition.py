@@ -41,13 +41,24 @@ class RefusalAddition(RefusalDirectionAttack):
         seq_len = max([input_ids.shape[1]] + [batch[k].shape[1] for k in ("harmful_input_ids",) if k in batch])
         mask = position_mask(s.positions, batch["prompt_lengths"], seq_len, s.first_k)
         vectors = {l: dirs[l].to(input_ids.device).expand(bsz, seq_len, -1) for l in layers}  # views, no copies
-        return Perturbation(vectors=vectors, mask=mask, normalise=False, alpha=float(s.direction_scale),
-                            stats={f"direction_norm_layer{l}": float(dirs[l].norm()) for l in layers})
+        return Perturbation(
+            vectors=vectors,
+            mask=mask,
+            normalise=False,
+            alpha=float(s.direction_scale),
+            stats={f"direction_norm_layer{l}": float(dirs[l].norm()) for l in layers},
+        )
 
-    def plan(self, model, prompt_ids, target_ids, row_prompts, row_layers, seed, safe_ids=None,
-             pad_id=0) -> AttackPlan:
+    def plan(self, model, prompt_ids, target_ids, row_prompts, row_layers, seed, safe_ids=None, pad_id=0) -> AttackPlan:
         s = self.settings
         dirs = self.generation_directions(model, row_layers, pad_id)
         vectors = [dirs[int(l)] if l != CLEAN else None for l in row_layers]
-        return AttackPlan(kind="vector", positions=s.positions, first_k=s.first_k, alpha=float(s.direction_scale),
-                          seed=seed, vectors=vectors, name=self.name)
+        return AttackPlan(
+            kind="vector",
+            positions=s.positions,
+            first_k=s.first_k,
+            alpha=float(s.direction_scale),
+            seed=seed,
+            vectors=vectors,
+            name=self.name,
+        )

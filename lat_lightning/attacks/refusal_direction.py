@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 MIN_NORM = 1e-8  # a direction shorter than this has no orientation (identical prompt sets)
 
 
-def _states_at(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, positions: Tensor,
-               layers: Sequence[int]) -> dict[int, Tensor]:
+def _states_at(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, layers: Sequence[int]
+) -> dict[int, Tensor]:
     """``{l: [B, d]}`` residual states of right-padded rows at one position per row (float32, no grad)."""
     captured = capture_residual(model, layers, input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
@@ -52,20 +53,27 @@ def token_positions(prompt_lengths: Tensor, token: int) -> Tensor:
         ValueError: for ``token >= 0`` (positions are counted from the end of the prompt).
     """
     if token >= 0:
-        raise ValueError(f"perturbation.direction_token counts from the end of the prompt (-1 = last prompt "
-                         f"token), got {token}")
+        raise ValueError(
+            f"perturbation.direction_token counts from the end of the prompt (-1 = last prompt token), got {token}"
+        )
     return (prompt_lengths.long() + token).clamp(min=0)
 
 
 @torch.no_grad()
-def prompt_states(model: nn.Module, prompt_ids: Sequence[Sequence[int]], layers: Sequence[int], token: int = -1,
-                  pad_id: int = 0, batch_size: int = 32) -> dict[int, Tensor]:
+def prompt_states(
+    model: nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    layers: Sequence[int],
+    token: int = -1,
+    pad_id: int = 0,
+    batch_size: int = 32,
+) -> dict[int, Tensor]:
     """``{l: [N, d]}``: each prompt's residual state at position ``token`` (from the end of the prompt)."""
     device = next(model.parameters()).device
     out: dict[int, list[Tensor]] = {l: [] for l in layers}
     with eval_mode(model):
         for start in range(0, len(prompt_ids), max(1, batch_size)):
-            chunk = [list(p) for p in prompt_ids[start:start + batch_size]]
+            chunk = [list(p) for p in prompt_ids[start : start + batch_size]]
             ids = pad_sequences(chunk, pad_id, side="right").to(device)
             mask = pad_sequences([[1] * len(p) for p in chunk], 0, side="right").to(device)
             pos = token_positions(torch.tensor([len(p) for p in chunk]), token)
@@ -79,9 +87,15 @@ def difference_in_means(harmful: dict[int, Tensor], harmless: dict[int, Tensor])
     return {l: harmful[l].float().mean(0) - harmless[l].float().mean(0) for l in harmful}
 
 
-def refusal_directions(model: nn.Module, harmful_ids: Sequence[Sequence[int]], harmless_ids: Sequence[Sequence[int]],
-                       layers: Sequence[int], token: int = -1, pad_id: int = 0,
-                       batch_size: int = 32) -> dict[int, Tensor]:
+def refusal_directions(
+    model: nn.Module,
+    harmful_ids: Sequence[Sequence[int]],
+    harmless_ids: Sequence[Sequence[int]],
+    layers: Sequence[int],
+    token: int = -1,
+    pad_id: int = 0,
+    batch_size: int = 32,
+) -> dict[int, Tensor]:
     """The difference-in-means direction ``r[l]`` (not normalised) at every listed layer, on ``model``.
 
     Args:
@@ -101,13 +115,16 @@ def refusal_directions(model: nn.Module, harmful_ids: Sequence[Sequence[int]], h
     if not harmful_ids or not harmless_ids:
         raise ValueError("the refusal direction needs at least one harmful and one harmless prompt")
     layers = sorted(set(check_layer_indices(model, list(layers))))
-    return difference_in_means(prompt_states(model, harmful_ids, layers, token, pad_id, batch_size),
-                               prompt_states(model, harmless_ids, layers, token, pad_id, batch_size))
+    return difference_in_means(
+        prompt_states(model, harmful_ids, layers, token, pad_id, batch_size),
+        prompt_states(model, harmless_ids, layers, token, pad_id, batch_size),
+    )
 
 
 @torch.no_grad()
-def batch_directions(model: nn.Module, batch: dict[str, Tensor], layers: Sequence[int],
-                     token: int = -1) -> dict[int, Tensor]:
+def batch_directions(
+    model: nn.Module, batch: dict[str, Tensor], layers: Sequence[int], token: int = -1
+) -> dict[int, Tensor]:
     """``r[l]`` from a training batch: its harmful prompts (the ``safe_*`` rows up to ``prompt_lengths``) against
     its harmless prompts (the ``benign_*`` rows up to ``benign_prompt_lengths``), on the current weights.
 
@@ -115,13 +132,25 @@ def batch_directions(model: nn.Module, batch: dict[str, Tensor], layers: Sequenc
         ValueError: the batch carries no benign rows (set ``data.benign``).
     """
     if "benign_input_ids" not in batch or "benign_prompt_lengths" not in batch:
-        raise ValueError("the refusal direction in training contrasts each batch's harmful prompts with benign "
-                         "ones: set data.benign (harmless prompt/response pairs)")
+        raise ValueError(
+            "the refusal direction in training contrasts each batch's harmful prompts with benign "
+            "ones: set data.benign (harmless prompt/response pairs)"
+        )
     with eval_mode(model):
-        harmful = _states_at(model, batch["safe_input_ids"], batch["safe_attention_mask"],
-                             token_positions(batch["prompt_lengths"], token), layers)
-        harmless = _states_at(model, batch["benign_input_ids"], batch["benign_attention_mask"],
-                              token_positions(batch["benign_prompt_lengths"], token), layers)
+        harmful = _states_at(
+            model,
+            batch["safe_input_ids"],
+            batch["safe_attention_mask"],
+            token_positions(batch["prompt_lengths"], token),
+            layers,
+        )
+        harmless = _states_at(
+            model,
+            batch["benign_input_ids"],
+            batch["benign_attention_mask"],
+            token_positions(batch["benign_prompt_lengths"], token),
+            layers,
+        )
     return difference_in_means(harmful, harmless)
 
 
@@ -133,8 +162,10 @@ def unit(vec: Tensor) -> Tensor:
     """
     norm = float(vec.float().norm())
     if norm < MIN_NORM:
-        raise ValueError("the refusal direction is zero at this layer (harmful and harmless prompts give the same "
-                         "mean activation); attack another layer")
+        raise ValueError(
+            "the refusal direction is zero at this layer (harmful and harmless prompts give the same "
+            "mean activation); attack another layer"
+        )
     return vec.float() / norm
 
 
@@ -152,8 +183,11 @@ def unit_or_zero(vec: Tensor, layer: int) -> Tensor:
     except ValueError:
         if layer not in _warned_zero:
             _warned_zero.add(layer)
-            log.warning("refusal direction at layer %s is zero (harmful and harmless prompts have the same mean "
-                        "there); the attack leaves that row unperturbed", layer_name(layer))
+            log.warning(
+                "refusal direction at layer %s is zero (harmful and harmless prompts have the same mean "
+                "there); the attack leaves that row unperturbed",
+                layer_name(layer),
+            )
         return torch.zeros_like(vec, dtype=torch.float32)
 
 
@@ -176,8 +210,13 @@ class RefusalDirectionAttack(Attack):
 
     def describe(self) -> dict[str, Any]:
         s = self.settings
-        out = {"attack": self.name, "positions": s.positions, "first_k": s.first_k,
-               "direction_token": s.direction_token, "direction_prompts": s.direction_prompts}
+        out = {
+            "attack": self.name,
+            "positions": s.positions,
+            "first_k": s.first_k,
+            "direction_token": s.direction_token,
+            "direction_prompts": s.direction_prompts,
+        }
         if self.contrast is not None:
             out["contrast_prompts"] = self.contrast.fingerprint()
         return out
@@ -194,26 +233,40 @@ class RefusalDirectionAttack(Attack):
             ValueError: no contrast prompts were set.
         """
         if self.contrast is None:
-            raise ValueError(f"attack '{self.name}' needs harmful and harmless prompts for the refusal direction "
-                             "(data.eval_benign or data.benign: harmless prompts)")
+            raise ValueError(
+                f"attack '{self.name}' needs harmful and harmless prompts for the refusal direction "
+                "(data.eval_benign or data.benign: harmless prompts)"
+            )
         key = id(model)
         need = sorted({int(l) for l in layers if l != CLEAN and (key, int(l)) not in self._generation_dirs})
         if need:
             n = int(self.settings.direction_prompts)
-            dirs = refusal_directions(model, self.contrast.harmful[:n], self.contrast.harmless[:n], need,
-                                      self.settings.direction_token, pad_id)
+            dirs = refusal_directions(
+                model,
+                self.contrast.harmful[:n],
+                self.contrast.harmless[:n],
+                need,
+                self.settings.direction_token,
+                pad_id,
+            )
             for l, r in dirs.items():
                 self._generation_dirs[(key, l)] = r
         return {int(l): self._generation_dirs[(key, int(l))] for l in layers if l != CLEAN}
 
     # -- training face: directions from the batch, refreshed every N micro-batches ---------------------------
-    def training_directions(self, model: nn.Module, batch: dict[str, Tensor], layers: Sequence[int],
-                            step: int) -> dict[int, Tensor]:
+    def training_directions(
+        self, model: nn.Module, batch: dict[str, Tensor], layers: Sequence[int], step: int
+    ) -> dict[int, Tensor]:
         """``r[l]`` for the training step ``step``: recomputed from this batch at step 0 and then every
         ``direction_refresh`` micro-batches (kept in between, and in checkpoints)."""
         every = int(self.settings.direction_refresh)
-        stale = (self._train_dirs is None or self._train_step is None or step >= self._train_step + every
-                 or step < self._train_step or any(l not in self._train_dirs for l in layers))
+        stale = (
+            self._train_dirs is None
+            or self._train_step is None
+            or step >= self._train_step + every
+            or step < self._train_step
+            or any(l not in self._train_dirs for l in layers)
+        )
         if stale:
             self._train_dirs = batch_directions(model, batch, sorted(set(layers)), self.settings.direction_token)
             self._train_step = int(step) - int(step) % every
@@ -223,8 +276,10 @@ class RefusalDirectionAttack(Attack):
     def state_dict(self) -> dict[str, Any]:
         if self._train_dirs is None:
             return {}
-        return {"directions": {int(l): r.detach().cpu() for l, r in self._train_dirs.items()},
-                "computed_at": self._train_step}
+        return {
+            "directions": {int(l): r.detach().cpu() for l, r in self._train_dirs.items()},
+            "computed_at": self._train_step,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("directions"):
@@ -236,8 +291,10 @@ class RefusalDirectionAttack(Attack):
         """The attacked layers of a training batch (per-row layers are not supported)."""
         row_layers = batch.get("layer")
         if row_layers is not None and bool((row_layers != CLEAN).any()):
-            raise ValueError(f"attack '{name}' does not support per-instance layers (data.asabench); list "
-                             "perturbation.layers instead")
+            raise ValueError(
+                f"attack '{name}' does not support per-instance layers (data.asabench); list "
+                "perturbation.layers instead"
+            )
         return check_layer_indices(model, list(layers))
 
 
@@ -246,5 +303,14 @@ def every_layer(model: nn.Module) -> list[int]:
     return [EMBED] + list(range(num_layers(model)))
 
 
-__all__ = ["RefusalDirectionAttack", "batch_directions", "difference_in_means", "every_layer", "prompt_states",
-           "refusal_directions", "token_positions", "unit", "unit_or_zero"]
+__all__ = [
+    "RefusalDirectionAttack",
+    "batch_directions",
+    "difference_in_means",
+    "every_layer",
+    "prompt_states",
+    "refusal_directions",
+    "token_positions",
+    "unit",
+    "unit_or_zero",
+]

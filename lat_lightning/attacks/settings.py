@@ -31,7 +31,6 @@ class AttackSettings:
     section, with the generation-time positions policy of ``evaluation.positions`` when that is set.
     """
 
-
     attack: str = setting("none", choices=ATTACK_NAMES)  # registry name (lat_lightning.attacks.ATTACKS)
     # attacked layers (0-based block outputs, or embed)
     layers: list[Layer] = setting(default_factory=list, check="unique, each >= 0")
@@ -41,7 +40,7 @@ class AttackSettings:
     # asa_random: new draw per step/position, or one fixed draw
     refresh: str = setting("step", choices=("step", "fixed"))
     alpha: float = setting(1.0, check="> 0")  # magnitude multiplier after Eq. 1 (asa_random, asagrad)
-    seed: int = 0                        # keys every random draw
+    seed: int = 0  # keys every random draw
     probability: float = setting(1.0, check="in (0, 1]")  # asa_random training: fraction of steps perturbed
     # asa_random training: all listed layers, or one drawn per step
     layer_sampling: str = setting("all", choices=("all", "one"))
@@ -60,14 +59,13 @@ class AttackSettings:
     toward_harmful: float = setting(1.0, check=">= 0")  # pgd attack loss: weight of CE toward the harmful target y*
     # pgd attack loss: weight of -log(1 - p) pushing off the refusal y
     away_from_safe: float = setting(0.0, check=">= 0")
-    direction_token: int = -1            # refusal_*: prompt position the direction is read at (-1: last token)
-    direction_scale: float = -1.0        # refusal_addition: h <- h + scale * r[l] (< 0 removes refusal)
-    direction_prompts: int = 64          # refusal_* (scan, validation, durability): prompts per contrast set
-    direction_refresh: int = 4           # refusal_* training: recompute the direction every N micro-batches
+    direction_token: int = -1  # refusal_*: prompt position the direction is read at (-1: last token)
+    direction_scale: float = -1.0  # refusal_addition: h <- h + scale * r[l] (< 0 removes refusal)
+    direction_prompts: int = 64  # refusal_* (scan, validation, durability): prompts per contrast set
+    direction_refresh: int = 4  # refusal_* training: recompute the direction every N micro-batches
 
     def __post_init__(self) -> None:
         validate(self)
-
 
 
 __all__ = ["AttackSettings", "Layer"]

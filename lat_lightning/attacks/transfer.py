@@ -47,6 +47,5 @@ class Transfer(Attack):
     def make(self, model, batch, layers, step=0) -> Perturbation:
         return self.base.make(self.source, batch, layers, step)
 
-    def plan(self, model, prompt_ids, target_ids, row_prompts, row_layers, seed, safe_ids=None,
-             pad_id=0) -> AttackPlan:
+    def plan(self, model, prompt_ids, target_ids, row_prompts, row_layers, seed, safe_ids=None, pad_id=0) -> AttackPlan:
         return self.base.plan(self.source, prompt_ids, target_ids, row_prompts, row_layers, seed, safe_ids, pad_id)

@@ -63,9 +63,15 @@ def resolve_pad_id(tokenizer) -> int:
 
 
 # --------------------------------------------------------------------------------------------- encoding
-def encode_safety_example(tokenizer, ex: SafetyExample, max_length: int, truncation: str = "error",
-                          use_chat_template: bool = True, system_prompt: str | None = None,
-                          stats: TruncationStats | None = None) -> dict[str, Any] | None:
+def encode_safety_example(
+    tokenizer,
+    ex: SafetyExample,
+    max_length: int,
+    truncation: str = "error",
+    use_chat_template: bool = True,
+    system_prompt: str | None = None,
+    stats: TruncationStats | None = None,
+) -> dict[str, Any] | None:
     """Tokenise one safety example under the length policy.
 
     Both sequences share one prompt encoding, so the prompt positions are identical in the safe and the
@@ -111,13 +117,25 @@ def encode_safety_example(tokenizer, ex: SafetyExample, max_length: int, truncat
         return None
     prompt, longer_fit, shorter_fit = fitted
     safe_fit, harmful_fit = (longer_fit, shorter_fit) if longer is safe else (shorter_fit, longer_fit)
-    return {"prompt_ids": prompt, "safe_ids": safe_fit, "harmful_ids": harmful_fit,
-            "layer": NO_LAYER if ex.layer is None else int(ex.layer), "index": int(ex.index)}
+    return {
+        "prompt_ids": prompt,
+        "safe_ids": safe_fit,
+        "harmful_ids": harmful_fit,
+        "layer": NO_LAYER if ex.layer is None else int(ex.layer),
+        "index": int(ex.index),
+    }
 
 
-def encode_benign_example(tokenizer, ex: BenignExample, max_length: int, truncation: str = "error",
-                          use_chat_template: bool = True, system_prompt: str | None = None,
-                          stats: TruncationStats | None = None, index: int = 0) -> dict[str, Any] | None:
+def encode_benign_example(
+    tokenizer,
+    ex: BenignExample,
+    max_length: int,
+    truncation: str = "error",
+    use_chat_template: bool = True,
+    system_prompt: str | None = None,
+    stats: TruncationStats | None = None,
+    index: int = 0,
+) -> dict[str, Any] | None:
     """Tokenise one benign pair under the length policy.
 
     Args:
@@ -216,13 +234,16 @@ def sub_batch(batch: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     keys = ("input_ids", "attention_mask", "labels")
     if f"{prefix}_input_ids" not in batch:
         present = [p for p in SEQUENCE_PREFIXES if f"{p}_input_ids" in batch]
-        raise KeyError(f"batch has no '{prefix}' sequences (has: {', '.join(present) or 'none'})"
-                       + ("; set data.benign to train with benign data" if prefix == "benign" else ""))
+        raise KeyError(
+            f"batch has no '{prefix}' sequences (has: {', '.join(present) or 'none'})"
+            + ("; set data.benign to train with benign data" if prefix == "benign" else "")
+        )
     return {key: batch[f"{prefix}_{key}"] for key in keys}
 
 
-def prompt_batch(tokenizer, prompts: Sequence[str], use_chat_template: bool = True,
-                 system_prompt: str | None = None) -> dict[str, Tensor]:
+def prompt_batch(
+    tokenizer, prompts: Sequence[str], use_chat_template: bool = True, system_prompt: str | None = None
+) -> dict[str, Tensor]:
     """LEFT-padded prompts, ready for ``model.generate`` (new tokens start at the same column for all).
 
     Args:
@@ -242,10 +263,21 @@ def prompt_batch(tokenizer, prompts: Sequence[str], use_chat_template: bool = Tr
         raise DataError("prompt_batch needs at least one prompt")
     ids = [encode_prompt(tokenizer, p, use_chat_template, system_prompt) for p in prompts]
     pad_id = resolve_pad_id(tokenizer)
-    return {"input_ids": pad_sequences(ids, pad_id, side="left"),
-            "attention_mask": pad_sequences([[1] * len(s) for s in ids], 0, side="left"),
-            "prompt_lengths": torch.tensor([len(s) for s in ids], dtype=torch.long)}
+    return {
+        "input_ids": pad_sequences(ids, pad_id, side="left"),
+        "attention_mask": pad_sequences([[1] * len(s) for s in ids], 0, side="left"),
+        "prompt_lengths": torch.tensor([len(s) for s in ids], dtype=torch.long),
+    }
 
 
-__all__ = ["NO_LAYER", "SEQUENCE_PREFIXES", "collate_benign", "collate_safety", "encode_benign_example",
-           "encode_safety_example", "prompt_batch", "resolve_pad_id", "sub_batch"]
+__all__ = [
+    "NO_LAYER",
+    "SEQUENCE_PREFIXES",
+    "collate_benign",
+    "collate_safety",
+    "encode_benign_example",
+    "encode_safety_example",
+    "prompt_batch",
+    "resolve_pad_id",
+    "sub_batch",
+]

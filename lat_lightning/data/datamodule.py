@@ -110,8 +110,7 @@ class ZippedSampler(Sampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         total = max(self.num_safety, self.num_benign)
         safety = self._stream(_SAFETY_STREAM, self.num_safety, total)
-        benign = (self._stream(_BENIGN_STREAM, self.num_benign, total) if self.num_benign
-                  else [NO_BENIGN] * total)
+        benign = self._stream(_BENIGN_STREAM, self.num_benign, total) if self.num_benign else [NO_BENIGN] * total
         pairs = list(zip(safety, benign))
         if self.world_size > 1:
             step, b = self.batch_size * self.world_size, self.batch_size
@@ -193,9 +192,15 @@ class SafetyDataModule(LightningDataModule):
             train on the refusal alone (LAPT with Gaussian noise).
     """
 
-    def __init__(self, settings: DataModuleSettings, tokenizer, safety_examples: Sequence[SafetyExample] | None = None,
-                 benign_examples: Sequence[BenignExample] | None = None,
-                 eval_examples: Sequence[SafetyExample] | None = None, require_target: bool = True):
+    def __init__(
+        self,
+        settings: DataModuleSettings,
+        tokenizer,
+        safety_examples: Sequence[SafetyExample] | None = None,
+        benign_examples: Sequence[BenignExample] | None = None,
+        eval_examples: Sequence[SafetyExample] | None = None,
+        require_target: bool = True,
+    ):
         super().__init__()
         self.require_target = bool(require_target)
         self.settings = settings
@@ -225,58 +230,85 @@ class SafetyDataModule(LightningDataModule):
             # An ASABench export trains each instance at its own layer (its layer_idx column).
             source = data.asabench or data.harmful
             if not source:
-                raise DataError("data.harmful is not set; point it at a .jsonl/.json/.csv file, a saved dataset "
-                                "directory or a datasets name (or data.asabench at an ASABench export)")
+                raise DataError(
+                    "data.harmful is not set; point it at a .jsonl/.json/.csv file, a saved dataset "
+                    "directory or a datasets name (or data.asabench at an ASABench export)"
+                )
             self.safety_examples = load_safety_examples(
-                source, data.harmful_split, dict(data.harmful_columns or {}), data.default_safe_response,
-                data.max_examples, default_target=data.default_target, require_target=self.require_target,
-                row_filter=dict(data.filter or {}))
+                source,
+                data.harmful_split,
+                dict(data.harmful_columns or {}),
+                data.default_safe_response,
+                data.max_examples,
+                default_target=data.default_target,
+                require_target=self.require_target,
+                row_filter=dict(data.filter or {}),
+            )
         if self.benign_examples is None and data.benign:
-            self.benign_examples = load_benign_examples(data.benign, data.benign_split,
-                                                        dict(data.benign_columns or {}), data.max_examples)
+            self.benign_examples = load_benign_examples(
+                data.benign, data.benign_split, dict(data.benign_columns or {}), data.max_examples
+            )
         if self.eval_examples is None and data.eval_harmful:
             self.eval_examples = load_safety_examples(  # validation generates from the prompts: no target needed
-                data.eval_harmful, data.harmful_split, dict(data.harmful_columns or {}),
-                data.default_safe_response, default_target=data.default_target, require_target=False,
-                row_filter=dict(data.filter or {}))
+                data.eval_harmful,
+                data.harmful_split,
+                dict(data.harmful_columns or {}),
+                data.default_safe_response,
+                default_target=data.default_target,
+                require_target=False,
+                row_filter=dict(data.filter or {}),
+            )
         safety = self._encode_safety(self.safety_examples)
         benign = self._encode_benign(self.benign_examples or [])
         self.train_dataset = EncodedSafetyDataset(safety, benign)
         self.sampler = ZippedSampler(len(safety), len(benign), shuffle=bool(data.shuffle), seed=int(self.settings.seed))
 
     def _encode_kwargs(self) -> dict[str, Any]:
-        return {"max_length": int(self.data_settings.max_length), "truncation": str(self.data_settings.truncation),
-                "use_chat_template": bool(self.settings.use_chat_template),
-                "system_prompt": self.settings.system_prompt}
+        return {
+            "max_length": int(self.data_settings.max_length),
+            "truncation": str(self.data_settings.truncation),
+            "use_chat_template": bool(self.settings.use_chat_template),
+            "system_prompt": self.settings.system_prompt,
+        }
 
     def _encode_safety(self, examples: Sequence[SafetyExample]) -> list[dict[str, Any]]:
         if not examples:
             raise DataError("no safety examples to train on")
-        items = [encode_safety_example(self.tokenizer, ex, stats=self.safety_stats, **self._encode_kwargs())
-                 for ex in examples]
+        items = [
+            encode_safety_example(self.tokenizer, ex, stats=self.safety_stats, **self._encode_kwargs())
+            for ex in examples
+        ]
         kept = [it for it in items if it is not None]
         self._report("safety", len(examples), self.safety_stats)
         if not kept:
-            raise DataError(f"all {len(examples)} safety examples were dropped by data.truncation=drop at "
-                            f"data.max_length={self.data_settings.max_length}; raise max_length or use right/left")
+            raise DataError(
+                f"all {len(examples)} safety examples were dropped by data.truncation=drop at "
+                f"data.max_length={self.data_settings.max_length}; raise max_length or use right/left"
+            )
         return kept
 
     def _encode_benign(self, examples: Sequence[BenignExample]) -> list[dict[str, Any]]:
         if not examples:
             return []
-        items = [encode_benign_example(self.tokenizer, ex, stats=self.benign_stats, index=i,
-                                       **self._encode_kwargs()) for i, ex in enumerate(examples)]
+        items = [
+            encode_benign_example(self.tokenizer, ex, stats=self.benign_stats, index=i, **self._encode_kwargs())
+            for i, ex in enumerate(examples)
+        ]
         kept = [it for it in items if it is not None]
         self._report("benign", len(examples), self.benign_stats)
         if not kept:
-            raise DataError(f"all {len(examples)} benign examples were dropped by data.truncation=drop at "
-                            f"data.max_length={self.data_settings.max_length}; raise max_length or use right/left")
+            raise DataError(
+                f"all {len(examples)} benign examples were dropped by data.truncation=drop at "
+                f"data.max_length={self.data_settings.max_length}; raise max_length or use right/left"
+            )
         return kept
 
     def _report(self, kind: str, total: int, stats: TruncationStats) -> None:
         policy, max_length = self.data_settings.truncation, self.data_settings.max_length
-        msg = (f"{kind} data: {total} examples, {stats.truncated} truncated, {stats.dropped} dropped "
-               f"(data.truncation={policy}, data.max_length={max_length})")
+        msg = (
+            f"{kind} data: {total} examples, {stats.truncated} truncated, {stats.dropped} dropped "
+            f"(data.truncation={policy}, data.max_length={max_length})"
+        )
         if stats.truncated or stats.dropped:
             shown = ", ".join(str(i) for i in stats.examples[:10]) + (" ..." if len(stats.examples) > 10 else "")
             log.warning("%s; affected examples: %s", msg, shown)
@@ -302,10 +334,17 @@ class SafetyDataModule(LightningDataModule):
         workers = int(self.data_settings.num_workers)
         # Its own generator: starting an epoch's iterator must not draw from the global RNG (dropout), or a
         # run resumed at an epoch boundary would see different dropout masks than the uninterrupted run.
-        generator = torch.Generator().manual_seed(_derived_seed(int(self.settings.seed), 0x10ade4))
-        return DataLoader(self.train_dataset, batch_size=int(self.data_settings.batch_size), sampler=self.sampler,
-                          collate_fn=partial(collate_safety, pad_id=self.pad_id), num_workers=workers,
-                          persistent_workers=False, drop_last=False, generator=generator)
+        generator = torch.Generator().manual_seed(_derived_seed(int(self.settings.seed), 0x10ADE4))
+        return DataLoader(
+            self.train_dataset,
+            batch_size=int(self.data_settings.batch_size),
+            sampler=self.sampler,
+            collate_fn=partial(collate_safety, pad_id=self.pad_id),
+            num_workers=workers,
+            persistent_workers=False,
+            drop_last=False,
+            generator=generator,
+        )
 
     def val_dataloader(self):
         """Held-out harmful prompts as batches of :class:`SafetyExample` lists (``[]`` when none)."""
@@ -316,8 +355,13 @@ class SafetyDataModule(LightningDataModule):
                 # One empty batch so the validation epoch runs and scores over-refusal and utility.
                 return DataLoader([[]], batch_size=None, collate_fn=list)
             return []
-        return DataLoader(self.eval_examples, batch_size=int(self.data_settings.batch_size), shuffle=False,
-                          collate_fn=list, num_workers=0)
+        return DataLoader(
+            self.eval_examples,
+            batch_size=int(self.data_settings.batch_size),
+            shuffle=False,
+            collate_fn=list,
+            num_workers=0,
+        )
 
     # ----------------------------------------------------------------------------------------- state
     _DATA_KEYS = ("seed", "num_safety", "num_benign")
@@ -337,13 +381,18 @@ class SafetyDataModule(LightningDataModule):
         """
         if self.train_dataset is None:
             return {}
-        state = {"seed": int(self.settings.seed), "num_safety": len(self.train_dataset.safety),
-                 "num_benign": len(self.train_dataset.benign)}
+        state = {
+            "seed": int(self.settings.seed),
+            "num_safety": len(self.train_dataset.safety),
+            "num_benign": len(self.train_dataset.benign),
+        }
         trainer = self._trainer_or_none()
         if trainer is not None and self.sampler is not None:
             done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
-            state.update(epoch=int(trainer.current_epoch),
-                         samples_consumed=done * self.sampler.batch_size * self.sampler.world_size)
+            state.update(
+                epoch=int(trainer.current_epoch),
+                samples_consumed=done * self.sampler.batch_size * self.sampler.world_size,
+            )
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -352,20 +401,27 @@ class SafetyDataModule(LightningDataModule):
             ours = {k: v for k, v in self.state_dict().items() if k in self._DATA_KEYS}
             theirs = {k: v for k, v in state_dict.items() if k in self._DATA_KEYS}
             if ours != theirs:
-                log.warning("resumed data differs from the checkpoint's (%s vs %s): the sample order will differ",
-                            ours, theirs)
+                log.warning(
+                    "resumed data differs from the checkpoint's (%s vs %s): the sample order will differ", ours, theirs
+                )
         if state_dict and "samples_consumed" in state_dict:
-            self._resume_position = {"epoch": int(state_dict["epoch"]),
-                                     "samples_consumed": int(state_dict["samples_consumed"])}
+            self._resume_position = {
+                "epoch": int(state_dict["epoch"]),
+                "samples_consumed": int(state_dict["samples_consumed"]),
+            }
 
     def _apply_resume_position(self, position: dict[str, int]) -> None:
         assert self.sampler is not None  # called by train_dataloader, after setup
         per_global_batch = self.sampler.batch_size * self.sampler.world_size
         consumed = position["samples_consumed"]
         if consumed % per_global_batch:
-            log.warning("resuming with a different global batch (%d) than the checkpoint's: restarting at sample "
-                        "%d of the epoch instead of %d", per_global_batch,
-                        consumed - consumed % per_global_batch, consumed)
+            log.warning(
+                "resuming with a different global batch (%d) than the checkpoint's: restarting at sample "
+                "%d of the epoch instead of %d",
+                per_global_batch,
+                consumed - consumed % per_global_batch,
+                consumed,
+            )
         per_rank = (consumed // per_global_batch) * self.sampler.batch_size
         if per_rank < len(self.sampler):  # an epoch that ended is simply over
             self.sampler.skip_once(position["epoch"], per_rank)

@@ -88,8 +88,10 @@ def load_records(source: str, split: str = "train") -> list[dict]:
         return reader(path)
     if path.is_file():
         kind = f"'{path.suffix}'" if path.suffix else "without an extension"
-        raise DataError(f"data file {source} has an unsupported type {kind}; use one of "
-                        f"{', '.join(_FILE_READERS)} (or a saved dataset directory)")
+        raise DataError(
+            f"data file {source} has an unsupported type {kind}; use one of "
+            f"{', '.join(_FILE_READERS)} (or a saved dataset directory)"
+        )
     if path.is_dir():
         return _read_dataset_dir(path, split)
     if source.startswith(_LOCAL_PREFIXES):
@@ -127,8 +129,7 @@ def _read_json(path: Path) -> list[dict]:
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise DataError(f"{path} must hold a list of objects or {{\"data\": [...]}}, got a JSON "
-                        f"{type(data).__name__}")
+        raise DataError(f'{path} must hold a list of objects or {{"data": [...]}}, got a JSON {type(data).__name__}')
     for i, row in enumerate(data):
         if not isinstance(row, dict):
             raise DataError(f"{path} item {i} is a JSON {type(row).__name__}, expected an object")
@@ -169,8 +170,13 @@ def _read_parquet(path: Path) -> list[dict]:
 
 
 _FILE_READERS: dict[str, Callable[[Path], list[dict]]] = {
-    ".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
-    ".tsv": lambda path: _read_csv(path, delimiter="\t"), ".parquet": _read_parquet, ".txt": _read_txt}
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".csv": _read_csv,
+    ".tsv": lambda path: _read_csv(path, delimiter="\t"),
+    ".parquet": _read_parquet,
+    ".txt": _read_txt,
+}
 
 
 def _open_text(path: Path, encoding: str = "utf-8", newline: str | None = None):
@@ -193,8 +199,10 @@ def _read_dataset_dir(path: Path, split: str) -> list[dict]:
             raise DataError(f"cannot load dataset directory {path} (split '{split}'): {_first_line(exc)}") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
-            raise DataError(f"split '{split}' not in {path}; available splits: {', '.join(loaded)}; "
-                            "set data.harmful_split / data.benign_split")
+            raise DataError(
+                f"split '{split}' not in {path}; available splits: {', '.join(loaded)}; "
+                "set data.harmful_split / data.benign_split"
+            )
         loaded = loaded[split]
     return loaded.to_list()
 
@@ -207,8 +215,10 @@ def _read_named_dataset(name: str, split: str) -> list[dict]:
     except Exception as exc:  # noqa: BLE001 - network, auth, split, name: all become one line
         hint = ""
         if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-            hint = ("; offline mode is on (HF_HUB_OFFLINE=1), so only datasets already in the local cache load: "
-                    "download it first or point the config at a local file")
+            hint = (
+                "; offline mode is on (HF_HUB_OFFLINE=1), so only datasets already in the local cache load: "
+                "download it first or point the config at a local file"
+            )
         raise DataError(f"cannot load dataset '{name}' (split '{split}'): {_first_line(exc)}{hint}") from None
     return loaded.to_list()
 
@@ -219,9 +229,15 @@ def _first_line(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------------------- columns
-def resolve_columns(records: Sequence[Mapping[str, Any]], columns: Mapping[str, str] | None,
-                    candidates: Mapping[str, Sequence[str]], required: Sequence[str], source: str,
-                    config_key: str, hints: Mapping[str, str] | None = None) -> dict[str, str | None]:
+def resolve_columns(
+    records: Sequence[Mapping[str, Any]],
+    columns: Mapping[str, str] | None,
+    candidates: Mapping[str, Sequence[str]],
+    required: Sequence[str],
+    source: str,
+    config_key: str,
+    hints: Mapping[str, str] | None = None,
+) -> dict[str, str | None]:
     """Map each of our fields to a column of ``records``.
 
     Args:
@@ -242,8 +258,10 @@ def resolve_columns(records: Sequence[Mapping[str, Any]], columns: Mapping[str, 
     columns = dict(columns or {})
     unknown = sorted(set(columns) - set(candidates))
     if unknown:
-        raise DataError(f"unknown field(s) {', '.join(repr(u) for u in unknown)} in {config_key}; "
-                        f"valid fields: {', '.join(candidates)}")
+        raise DataError(
+            f"unknown field(s) {', '.join(repr(u) for u in unknown)} in {config_key}; "
+            f"valid fields: {', '.join(candidates)}"
+        )
     available = _available_columns(records)
     resolved: dict[str, str | None] = {}
     missing: list[tuple[str, str]] = []  # (field, how it is described in the message)
@@ -262,8 +280,10 @@ def resolve_columns(records: Sequence[Mapping[str, Any]], columns: Mapping[str, 
         fix = " ".join(f"{config_key}.{f}=<column>" for f, _ in missing)
         known = hints or {}
         extra = "".join(f" {known[f]}" for f, _ in missing if f in known)
-        raise DataError(f"missing column(s) {', '.join(d for _, d in missing)} in {source}; "
-                        f"found: {', '.join(available)}; map them with {fix}{extra}")
+        raise DataError(
+            f"missing column(s) {', '.join(d for _, d in missing)} in {source}; "
+            f"found: {', '.join(available)}; map them with {fix}{extra}"
+        )
     auto = {f: c for f, c in resolved.items() if c is not None and f not in columns and c != f}
     if auto:
         log.info("%s: auto-mapped columns %s", source, ", ".join(f"{f}<-{c}" for f, c in auto.items()))
@@ -289,8 +309,10 @@ def _text_cell(row: Mapping[str, Any], column: str, field_name: str, i: int, sou
         what = "empty"
     else:
         what = f"a {type(value).__name__}, not text"
-    raise DataError(f"row {i} (0-based) of {source}: column '{column}' ({field_name}) is {what}; "
-                    "every cell must be a non-empty string")
+    raise DataError(
+        f"row {i} (0-based) of {source}: column '{column}' ({field_name}) is {what}; "
+        "every cell must be a non-empty string"
+    )
 
 
 def _layer_cell(row: Mapping[str, Any], column: str, i: int, source: str) -> int | None:
@@ -311,8 +333,10 @@ def _layer_cell(row: Mapping[str, Any], column: str, i: int, source: str) -> int
         except ValueError:
             layer = None
     if layer is None or layer < 0:
-        raise DataError(f"row {i} (0-based) of {source}: column '{column}' (layer) is {value!r}; "
-                        "expected a non-negative integer layer index or an empty cell")
+        raise DataError(
+            f"row {i} (0-based) of {source}: column '{column}' (layer) is {value!r}; "
+            "expected a non-negative integer layer index or an empty cell"
+        )
     return layer
 
 
@@ -327,8 +351,9 @@ def _limit(records: list[_Row], max_examples: int | None, source: str) -> list[_
     return records[:max_examples]
 
 
-def filter_records(records: Sequence[Mapping[str, Any]], row_filter: Mapping[str, Any] | None,
-                   source: str) -> list[tuple[int, dict]]:
+def filter_records(
+    records: Sequence[Mapping[str, Any]], row_filter: Mapping[str, Any] | None, source: str
+) -> list[tuple[int, dict]]:
     """The rows whose columns match ``row_filter``, with their row numbers in the source.
 
     Args:
@@ -350,10 +375,14 @@ def filter_records(records: Sequence[Mapping[str, Any]], row_filter: Mapping[str
     available = _available_columns(records)
     unknown = [c for c in row_filter if c not in available]
     if unknown:
-        raise DataError(f"data.filter names column(s) {', '.join(repr(c) for c in unknown)} that {source} lacks; "
-                        f"found: {', '.join(available)}")
-    wanted = {column: {_as_text(v) for v in (value if isinstance(value, (list, tuple)) else [value])}
-              for column, value in row_filter.items()}
+        raise DataError(
+            f"data.filter names column(s) {', '.join(repr(c) for c in unknown)} that {source} lacks; "
+            f"found: {', '.join(available)}"
+        )
+    wanted = {
+        column: {_as_text(v) for v in (value if isinstance(value, (list, tuple)) else [value])}
+        for column, value in row_filter.items()
+    }
     kept = [(i, row) for i, row in pairs if all(_as_text(row.get(c)) in values for c, values in wanted.items())]
     if not kept:
         shown = "; ".join(f"{c} in {sorted(v)}" for c, v in wanted.items())
@@ -368,11 +397,16 @@ def _as_text(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------- examples
-def load_safety_examples(source: str, split: str = "train", columns: Mapping[str, str] | None = None,
-                         default_safe_response: str = DEFAULT_SAFE_RESPONSE,
-                         max_examples: int | None = None, default_target: str | None = None,
-                         require_target: bool = True,
-                         row_filter: Mapping[str, Any] | None = None) -> list[SafetyExample]:
+def load_safety_examples(
+    source: str,
+    split: str = "train",
+    columns: Mapping[str, str] | None = None,
+    default_safe_response: str = DEFAULT_SAFE_RESPONSE,
+    max_examples: int | None = None,
+    default_target: str | None = None,
+    require_target: bool = True,
+    row_filter: Mapping[str, Any] | None = None,
+) -> list[SafetyExample]:
     """Load (prompt, safe_response, harmful_response[, layer]) examples.
 
     Args:
@@ -401,30 +435,61 @@ def load_safety_examples(source: str, split: str = "train", columns: Mapping[str
     rows = _limit(filter_records(records, row_filter, source), max_examples, source)
     needs_column = require_target and default_target is None
     required = ("prompt", "harmful_response") if needs_column else ("prompt",)
-    cols = resolve_columns(records, columns, SAFETY_CANDIDATES, required, source, "data.harmful_columns",
-                           hints={"harmful_response": "(this run needs a harmful target: ASAgrad, PGD or "
-                                  "loss.away_from_harmful), or set data.default_target, e.g. 'Sure, here is'"})
+    cols = resolve_columns(
+        records,
+        columns,
+        SAFETY_CANDIDATES,
+        required,
+        source,
+        "data.harmful_columns",
+        hints={
+            "harmful_response": "(this run needs a harmful target: ASAgrad, PGD or "
+            "loss.away_from_harmful), or set data.default_target, e.g. 'Sure, here is'"
+        },
+    )
     if cols["harmful_response"] is None and default_target is not None:
-        log.info("%s has no harmful target column; using data.default_target (%r) for all %d examples",
-                 source, default_target, len(rows))
+        log.info(
+            "%s has no harmful target column; using data.default_target (%r) for all %d examples",
+            source,
+            default_target,
+            len(rows),
+        )
     if cols["safe_response"] is None:
-        log.info("%s has no safe_response column; using data.default_safe_response (%r) for all %d examples",
-                 source, default_safe_response, len(rows))
+        log.info(
+            "%s has no safe_response column; using data.default_safe_response (%r) for all %d examples",
+            source,
+            default_safe_response,
+            len(rows),
+        )
     examples = []
     for i, row in rows:
-        safe = (_text_cell(row, cols["safe_response"], "safe_response", i, source)
-                if cols["safe_response"] is not None else default_safe_response)
-        harmful = (_text_cell(row, cols["harmful_response"], "harmful_response", i, source)
-                   if cols["harmful_response"] is not None else default_target)
+        safe = (
+            _text_cell(row, cols["safe_response"], "safe_response", i, source)
+            if cols["safe_response"] is not None
+            else default_safe_response
+        )
+        harmful = (
+            _text_cell(row, cols["harmful_response"], "harmful_response", i, source)
+            if cols["harmful_response"] is not None
+            else default_target
+        )
         layer = _layer_cell(row, cols["layer"], i, source) if cols["layer"] is not None else None
         # prompt (and below, response) is a required column: resolve_columns raised if it is missing
-        examples.append(SafetyExample(prompt=_text_cell(row, cast(str, cols["prompt"]), "prompt", i, source),
-                                      safe_response=safe, harmful_response=harmful, layer=layer, index=i))
+        examples.append(
+            SafetyExample(
+                prompt=_text_cell(row, cast(str, cols["prompt"]), "prompt", i, source),
+                safe_response=safe,
+                harmful_response=harmful,
+                layer=layer,
+                index=i,
+            )
+        )
     return examples
 
 
-def load_benign_examples(source: str, split: str = "train", columns: Mapping[str, str] | None = None,
-                         max_examples: int | None = None) -> list[BenignExample]:
+def load_benign_examples(
+    source: str, split: str = "train", columns: Mapping[str, str] | None = None, max_examples: int | None = None
+) -> list[BenignExample]:
     """Load benign (prompt, response) pairs.
 
     Alpaca-style data (``instruction`` / ``input`` / ``output``) is recognised: a non-empty ``input`` is
@@ -446,18 +511,29 @@ def load_benign_examples(source: str, split: str = "train", columns: Mapping[str
     if not records:
         raise DataError(f"no examples in {source} (split '{split}')")
     cols = resolve_columns(records, columns, BENIGN_CANDIDATES, BENIGN_FIELDS, source, "data.benign_columns")
-    add_context = (cols["prompt"] == _ALPACA_PROMPT and "prompt" not in dict(columns or {})
-                   and cols["response"] != _ALPACA_CONTEXT)
+    add_context = (
+        cols["prompt"] == _ALPACA_PROMPT and "prompt" not in dict(columns or {}) and cols["response"] != _ALPACA_CONTEXT
+    )
     examples = []
     for i, row in enumerate(records):
         prompt = _text_cell(row, cast(str, cols["prompt"]), "prompt", i, source)
         context = row.get(_ALPACA_CONTEXT) if add_context else None
         if isinstance(context, str) and context.strip():
             prompt = f"{prompt}\n\n{context}"
-        examples.append(BenignExample(prompt=prompt,
-                                      response=_text_cell(row, cast(str, cols["response"]), "response", i, source)))
+        examples.append(
+            BenignExample(prompt=prompt, response=_text_cell(row, cast(str, cols["response"]), "response", i, source))
+        )
     return examples
 
 
-__all__ = ["BENIGN_CANDIDATES", "DEFAULT_SAFE_RESPONSE", "SAFETY_CANDIDATES", "SAFETY_FIELDS", "filter_records",
-           "load_benign_examples", "load_records", "load_safety_examples", "resolve_columns"]
+__all__ = [
+    "BENIGN_CANDIDATES",
+    "DEFAULT_SAFE_RESPONSE",
+    "SAFETY_CANDIDATES",
+    "SAFETY_FIELDS",
+    "filter_records",
+    "load_benign_examples",
+    "load_records",
+    "load_safety_examples",
+    "resolve_columns",
+]

@@ -33,13 +33,13 @@ class DataSettings:
     max_length: int = setting(512, check=">= 1")
     truncation: str = setting("error", choices=("error", "left", "right", "drop"))
     batch_size: int = setting(8, check=">= 1")
-    num_workers: int = setting(0, check=">= 0",
-                               resume="data-loading processes only: the same batches in the same order")
+    num_workers: int = setting(
+        0, check=">= 0", resume="data-loading processes only: the same batches in the same order"
+    )
     shuffle: bool = True
 
     def __post_init__(self) -> None:
         validate(self)
-
 
 
 __all__ = ["DataSettings"]

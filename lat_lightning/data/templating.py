@@ -26,12 +26,14 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def encode_prompt(tokenizer, prompt: str, use_chat_template: bool = True,
-                  system_prompt: Optional[str] = None) -> list[int]:
+def encode_prompt(
+    tokenizer, prompt: str, use_chat_template: bool = True, system_prompt: Optional[str] = None
+) -> list[int]:
     """Token ids of a user prompt ready for the assistant's answer (generation prompt included)."""
     if use_chat_template and has_chat_template(tokenizer):
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": prompt}]
+            {"role": "user", "content": prompt}
+        ]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         if isinstance(ids, dict) or hasattr(ids, "keys"):  # older/newer transformers disagree on the default
             ids = ids["input_ids"]
@@ -60,8 +62,14 @@ class TruncationStats:
     examples: list[int] = field(default_factory=list)
 
 
-def fit_length(prompt: list[int], response: list[int], max_length: int, policy: str,
-               stats: Optional[TruncationStats] = None, index: int = -1) -> Optional[tuple[list[int], list[int]]]:
+def fit_length(
+    prompt: list[int],
+    response: list[int],
+    max_length: int,
+    policy: str,
+    stats: Optional[TruncationStats] = None,
+    index: int = -1,
+) -> Optional[tuple[list[int], list[int]]]:
     """Apply the truncation policy to a (prompt, response) pair of id lists.
 
     Args:
@@ -75,8 +83,10 @@ def fit_length(prompt: list[int], response: list[int], max_length: int, policy: 
     if total <= max_length:
         return prompt, response
     if policy == "error":
-        raise DataError(f"example {index} has {total} tokens > data.max_length={max_length}; raise max_length or "
-                        "set data.truncation to right, left or drop")
+        raise DataError(
+            f"example {index} has {total} tokens > data.max_length={max_length}; raise max_length or "
+            "set data.truncation to right, left or drop"
+        )
     if stats is not None:
         stats.examples.append(index)
     if policy == "drop":
@@ -88,8 +98,10 @@ def fit_length(prompt: list[int], response: list[int], max_length: int, policy: 
     if policy == "right":
         keep = max_length - len(prompt)
         if keep < 1:
-            raise DataError(f"example {index}: prompt alone has {len(prompt)} tokens >= max_length={max_length}; "
-                            "use data.truncation=left or drop")
+            raise DataError(
+                f"example {index}: prompt alone has {len(prompt)} tokens >= max_length={max_length}; "
+                "use data.truncation=left or drop"
+            )
         return prompt, response[:keep]
     if policy == "left":
         keep = max_length - len(response)
@@ -109,12 +121,17 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad_value: int, side: str = "ri
         if side == "right":
             out[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
         else:
-            out[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            out[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
     return out
 
 
-def build_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
-                    side: str = "right", mask_prompt: bool = True) -> dict[str, Tensor]:
+def build_sequences(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_id: int,
+    side: str = "right",
+    mask_prompt: bool = True,
+) -> dict[str, Tensor]:
     """Pad prompt+response sequences; labels are ``-100`` on prompt and padding positions.
 
     Returns:
@@ -126,5 +143,9 @@ def build_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequen
     input_ids = pad_sequences(full, pad_id, side)
     label_t = pad_sequences(labels, IGNORE_INDEX, side)
     attention = pad_sequences([[1] * len(s) for s in full], 0, side)
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": label_t,
-            "prompt_lengths": torch.tensor([len(p) for p in prompts], dtype=torch.long)}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "labels": label_t,
+        "prompt_lengths": torch.tensor([len(p) for p in prompts], dtype=torch.long),
+    }

@@ -28,11 +28,15 @@ ASABENCH_FIELDS = ("prompt_idx", "prompt", "layer_idx", "original_response", "st
 SPLIT_MODES = ("prompt", "layer_stratified")
 
 
-def make_instance(prompt_idx: int, prompt: str, layer_idx: int, original_response: str,
-                  steered_response: str) -> dict:
+def make_instance(prompt_idx: int, prompt: str, layer_idx: int, original_response: str, steered_response: str) -> dict:
     """One instance in the reference schema (field order as in the reference files)."""
-    return {"prompt_idx": int(prompt_idx), "prompt": str(prompt), "layer_idx": int(layer_idx),
-            "original_response": str(original_response), "steered_response": str(steered_response)}
+    return {
+        "prompt_idx": int(prompt_idx),
+        "prompt": str(prompt),
+        "layer_idx": int(layer_idx),
+        "original_response": str(original_response),
+        "steered_response": str(steered_response),
+    }
 
 
 def _n_test(n: int, test_fraction: float) -> int:
@@ -42,8 +46,9 @@ def _n_test(n: int, test_fraction: float) -> int:
     return min(max(k, 1), n - 1) if test_fraction < 1 else n
 
 
-def split_instances(instances: Sequence[Mapping], test_fraction: float = 0.4, mode: str = "prompt",
-                    seed: int = 0) -> tuple[list[dict], list[dict]]:
+def split_instances(
+    instances: Sequence[Mapping], test_fraction: float = 0.4, mode: str = "prompt", seed: int = 0
+) -> tuple[list[dict], list[dict]]:
     """Split instances into ``(train, test)`` (see the module docstring for the two modes).
 
     Args:
@@ -88,16 +93,21 @@ def write_jsonl(rows: Iterable[Mapping], path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps({k: row[k] for k in ASABENCH_FIELDS}, ensure_ascii=False) + "\n"
-                          for row in rows)
+            fh.writelines(json.dumps({k: row[k] for k in ASABENCH_FIELDS}, ensure_ascii=False) + "\n" for row in rows)
         tmp.replace(path)
     finally:  # stopped half-way (an error, SIGTERM): no temp file left behind
         tmp.unlink(missing_ok=True)
     return path
 
 
-def export_asabench(instances: Sequence[Mapping], out_dir: Path, test_fraction: float = 0.4, split_mode: str = "prompt",
-                    seed: int = 0, prefix: str = "asabench") -> dict:
+def export_asabench(
+    instances: Sequence[Mapping],
+    out_dir: Path,
+    test_fraction: float = 0.4,
+    split_mode: str = "prompt",
+    seed: int = 0,
+    prefix: str = "asabench",
+) -> dict:
     """Split and write ``<prefix>_train.jsonl`` / ``<prefix>_test.jsonl`` into ``out_dir``.
 
     Returns:
@@ -110,9 +120,18 @@ def export_asabench(instances: Sequence[Mapping], out_dir: Path, test_fraction: 
     test_path = write_jsonl(test, out / f"{prefix}_test.jsonl")
     tr_p = {int(x["prompt_idx"]) for x in train}
     te_p = {int(x["prompt_idx"]) for x in test}
-    return {"train_path": str(train_path), "test_path": str(test_path), "n_train": len(train), "n_test": len(test),
-            "n_instances": len(instances), "train_prompts": len(tr_p), "test_prompts": len(te_p),
-            "split_mode": split_mode, "test_fraction": test_fraction, "prompt_disjoint": not (tr_p & te_p)}
+    return {
+        "train_path": str(train_path),
+        "test_path": str(test_path),
+        "n_train": len(train),
+        "n_test": len(test),
+        "n_instances": len(instances),
+        "train_prompts": len(tr_p),
+        "test_prompts": len(te_p),
+        "split_mode": split_mode,
+        "test_fraction": test_fraction,
+        "prompt_disjoint": not (tr_p & te_p),
+    }
 
 
 def load_asabench(path: str | Path) -> list[dict]:
@@ -141,13 +160,17 @@ def load_asabench(path: str | Path) -> list[dict]:
         missing = [k for k in ASABENCH_FIELDS if k not in row]
         if missing:
             raise DataError(f"{path} row {i}: missing ASABench field(s) {', '.join(missing)}")
-        out.append(make_instance(row["prompt_idx"], row["prompt"], row["layer_idx"], row["original_response"],
-                                 row["steered_response"]))
+        out.append(
+            make_instance(
+                row["prompt_idx"], row["prompt"], row["layer_idx"], row["original_response"], row["steered_response"]
+            )
+        )
     return out
 
 
-def instances_from_records(records: Iterable[Mapping], clean_responses: Mapping[int, str], judge: str,
-                           attacks: Sequence[str] | None = None) -> list[dict]:
+def instances_from_records(
+    records: Iterable[Mapping], clean_responses: Mapping[int, str], judge: str, attacks: Sequence[str] | None = None
+) -> list[dict]:
     """Successful scan cells (``verdicts[judge].success``) as ASABench instances, one per (prompt, layer).
 
     When several attacks or seeds broke the same (prompt, layer), the first in ``attacks`` order (then the
@@ -172,5 +195,13 @@ def instances_from_records(records: Iterable[Mapping], clean_responses: Mapping[
     return out
 
 
-__all__ = ["ASABENCH_FIELDS", "SPLIT_MODES", "export_asabench", "instances_from_records", "load_asabench",
-           "make_instance", "split_instances", "write_jsonl"]
+__all__ = [
+    "ASABENCH_FIELDS",
+    "SPLIT_MODES",
+    "export_asabench",
+    "instances_from_records",
+    "load_asabench",
+    "make_instance",
+    "split_instances",
+    "write_jsonl",
+]

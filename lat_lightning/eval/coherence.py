@@ -41,7 +41,7 @@ _UNITS = re.compile(r"\w+|[^\w\s]")  # words and single punctuation marks
 # Logits one teacher-forced forward of the check may hold (answer tokens x vocabulary): 1 GiB in float32. Far above
 # what the organism or SmolLM2 scans need (256 answers of 16 tokens x 49k = 2^27.6); Llama-3's 128k vocabulary with
 # 50-token answers gets 41 answers per forward instead of 256 (6.6 GB of float32 logits).
-LOGITS_BUDGET = 2 ** 28
+LOGITS_BUDGET = 2**28
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,10 @@ class CoherenceSettings:
         ValueError: a threshold out of range (the message names the field).
     """
 
-    enabled: bool = True                             # check every answer: empty, repetition, the clean model's NLL
+    enabled: bool = True  # check every answer: empty, repetition, the clean model's NLL
     max_repetition: float = setting(0.5, check=">= 0")  # incoherent above this share of repeated word bigrams
-    max_nll: float = setting(3.0, check=">= 0")         # incoherent above this clean-model NLL (nats per answer token)
-    judges: bool = True                              # add `<judge>+coherent` (success only when coherent) per judge
+    max_nll: float = setting(3.0, check=">= 0")  # incoherent above this clean-model NLL (nats per answer token)
+    judges: bool = True  # add `<judge>+coherent` (success only when coherent) per judge
 
     def __post_init__(self) -> None:
         validate(self)
@@ -84,8 +84,13 @@ def assess(text: str, nll: float | None, settings: CoherenceSettings | None = No
         reasons.append(f"repetition {rep:.2f} > {s.max_repetition:g}")
     if nll is not None and nll > s.max_nll:
         reasons.append(f"clean-model NLL {nll:.2f} > {s.max_nll:g} nats/token")
-    return {"empty": empty, "repetition": round(rep, 4), "nll": None if nll is None else round(float(nll), 4),
-            "coherent": not reasons, "reason": "; ".join(reasons) or "coherent"}
+    return {
+        "empty": empty,
+        "repetition": round(rep, 4),
+        "nll": None if nll is None else round(float(nll), 4),
+        "coherent": not reasons,
+        "reason": "; ".join(reasons) or "coherent",
+    }
 
 
 class CoherenceScorer:
@@ -99,8 +104,14 @@ class CoherenceScorer:
         share_prefix: compute each prompt's KV cache once per forward and share it across its answers.
     """
 
-    def __init__(self, model: nn.Module, settings: CoherenceSettings | None = None, pad_id: int = 0,
-                 batch_size: int = 16, share_prefix: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        settings: CoherenceSettings | None = None,
+        pad_id: int = 0,
+        batch_size: int = 16,
+        share_prefix: bool = True,
+    ):
         self.model = model
         self.settings = settings or CoherenceSettings()
         self.pad_id = int(pad_id)
@@ -126,17 +137,23 @@ class CoherenceScorer:
         longest = max((len(a) for _, a in pairs), default=1)
         step = max(1, min(self.batch_size, LOGITS_BUDGET // (longest * (vocab_size(self.model) or 1))))
         for start in range(0, len(pairs), step):
-            chunk = pairs[start:start + step]
-            logps = continuation_logprobs(self.model, [p for p, _ in chunk], [a for _, a in chunk],
-                                          pad_id=self.pad_id, share_prefix=self.share_prefix)
+            chunk = pairs[start : start + step]
+            logps = continuation_logprobs(
+                self.model,
+                [p for p, _ in chunk],
+                [a for _, a in chunk],
+                pad_id=self.pad_id,
+                share_prefix=self.share_prefix,
+            )
             for pair, logp in zip(chunk, logps):
                 value = float(-logp.sum() / len(pair[1]))
                 for i in distinct[pair]:
                     out[i] = value
         return out
 
-    def __call__(self, prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]],
-                 texts: Sequence[str]) -> list[dict]:
+    def __call__(
+        self, prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]], texts: Sequence[str]
+    ) -> list[dict]:
         """One coherence record per answer (see :func:`assess`)."""
         nlls = self.nll(prompt_ids, answer_ids)
         return [assess(t, n, self.settings) for t, n in zip(texts, nlls)]

@@ -44,9 +44,15 @@ SUMMARY_FILE = "compare_summary.json"
 
 
 # ------------------------------------------------------------------------------------------------ pre-fill
-def prefill_success(model: nn.Module, tokenizer, prompts: Sequence[str], targets: Sequence[str],
-                    prompt_keys: Sequence[int], ks: Sequence[int], settings: DurabilitySettings
-                    ) -> dict[str, dict[str, Any]]:
+def prefill_success(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    prompt_keys: Sequence[int],
+    ks: Sequence[int],
+    settings: DurabilitySettings,
+) -> dict[str, dict[str, Any]]:
     """The pre-fill attack: the first ``k`` tokens of each harmful target forced after the generation prompt, then
     greedy decoding without perturbation; the judges see pre-fill + continuation.
 
@@ -63,11 +69,23 @@ def prefill_success(model: nn.Module, tokenizer, prompts: Sequence[str], targets
     """
     s, judge_map = resolve_judges(settings)
     harmful = HarmfulPrompts.encode(tokenizer, prompts, targets, prompt_keys, s)
-    res = prefill_attack(model, tokenizer, harmful, [int(k) for k in ks], s, judge_map,
-                         coherence_scorer(model, tokenizer, s.coherence, s.batch_size))
-    return {str(k): {"rate": res["rate"][i], "judges": {j: v[i] for j, v in res["judges"].items()},
-                     "sample": res["samples"][str(k)]}
-            for i, k in enumerate(res["ks"])}
+    res = prefill_attack(
+        model,
+        tokenizer,
+        harmful,
+        [int(k) for k in ks],
+        s,
+        judge_map,
+        coherence_scorer(model, tokenizer, s.coherence, s.batch_size),
+    )
+    return {
+        str(k): {
+            "rate": res["rate"][i],
+            "judges": {j: v[i] for j, v in res["judges"].items()},
+            "sample": res["samples"][str(k)],
+        }
+        for i, k in enumerate(res["ks"])
+    }
 
 
 # ------------------------------------------------------------------------------------------------- table
@@ -92,8 +110,13 @@ def steps_past_loss(curve: Mapping[str, Any], reference_loss: float) -> dict[str
     return out
 
 
-def build_table(results: Mapping[str, Mapping[str, Any]], attack_columns: Sequence[str],
-                prefill_ks: Sequence[int], finetune: bool, reference: str = "original") -> dict[str, Any]:
+def build_table(
+    results: Mapping[str, Mapping[str, Any]],
+    attack_columns: Sequence[str],
+    prefill_ks: Sequence[int],
+    finetune: bool,
+    reference: str = "original",
+) -> dict[str, Any]:
     """One row per model, in the order of ``results``.
 
     Args:
@@ -112,26 +135,36 @@ def build_table(results: Mapping[str, Mapping[str, Any]], attack_columns: Sequen
     Raises:
         ValueError: a battery lacks a column the table needs (an unfilled cell is a bug, never a blank).
     """
-    columns = [{"id": "utility", "label": "utility", "kind": "utility"},
-               {"id": "lambda", "label": "λ", "kind": "lambda"},
-               {"id": "init", "label": "no attack", "kind": "rate"}]
+    columns = [
+        {"id": "utility", "label": "utility", "kind": "utility"},
+        {"id": "lambda", "label": "λ", "kind": "lambda"},
+        {"id": "init", "label": "no attack", "kind": "rate"},
+    ]
     columns += [{"id": c, "label": c, "kind": "rate"} for c in attack_columns]
     columns += [{"id": f"prefill_{k}", "label": f"prefill {k}", "kind": "rate"} for k in prefill_ks]
     reference_loss = None
     if finetune:
-        columns += [{"id": "finetune_rate", "label": "fine-tune success at budget", "kind": "rate"},
-                    {"id": "finetune_steps", "label": "fine-tune steps to break", "kind": "steps"}]
+        columns += [
+            {"id": "finetune_rate", "label": "fine-tune success at budget", "kind": "rate"},
+            {"id": "finetune_steps", "label": "fine-tune steps to break", "kind": "steps"},
+        ]
         if reference in results and results[reference].get("finetune"):
             start = [v[0] for v in results[reference]["finetune"]["harmful_loss"].values() if v and v[0] is not None]
             reference_loss = float(np.mean(start)) if start else None
-            columns.append({"id": "finetune_past_start", "label": f"fine-tune steps past {reference}'s start loss",
-                            "kind": "steps"})
+            columns.append(
+                {
+                    "id": "finetune_past_start",
+                    "label": f"fine-tune steps past {reference}'s start loss",
+                    "kind": "steps",
+                }
+            )
     rows = []
     for name, res in results.items():
         cells: dict[str, dict[str, Any]] = {
             "utility": {"value": finite(res["utility"]), "std": None},
             "lambda": {"value": finite(res.get("lambda")), "std": None},
-            "init": {"value": finite(res["init"]), "std": None}}
+            "init": {"value": finite(res["init"]), "std": None},
+        }
         for c in attack_columns:
             if c not in res["attacks"]:
                 raise ValueError(f"the battery of '{name}' has no result for attack column '{c}'")
@@ -142,15 +175,25 @@ def build_table(results: Mapping[str, Mapping[str, Any]], attack_columns: Sequen
         if finetune:
             ft = res["finetune"]
             last = [v[-1] for v in ft["success"].values() if v]
-            cells["finetune_rate"] = {"value": finite(np.mean(last)) if last else None,
-                                      "std": finite(np.std(last)) if len(last) > 1 else None}
-            cells["finetune_steps"] = {"value": finite(ft["steps_to_break_median"]), "std": None,
-                                       "per_seed": dict(ft["steps_to_break"]), "budget": int(ft["budget"])}
+            cells["finetune_rate"] = {
+                "value": finite(np.mean(last)) if last else None,
+                "std": finite(np.std(last)) if len(last) > 1 else None,
+            }
+            cells["finetune_steps"] = {
+                "value": finite(ft["steps_to_break_median"]),
+                "std": None,
+                "per_seed": dict(ft["steps_to_break"]),
+                "budget": int(ft["budget"]),
+            }
             if reference_loss is not None:
                 per_seed = steps_past_loss(ft, reference_loss)
                 median = median_steps_to_break(list(per_seed.values()))
-                cells["finetune_past_start"] = {"value": finite(median), "std": None,
-                                                "per_seed": per_seed, "budget": int(ft["budget"])}
+                cells["finetune_past_start"] = {
+                    "value": finite(median),
+                    "std": None,
+                    "per_seed": per_seed,
+                    "budget": int(ft["budget"]),
+                }
         rows.append({"model": name, "description": res.get("description", name), "cells": cells})
     return {"columns": columns, "rows": rows}
 
@@ -174,31 +217,48 @@ def _fmt_cell(cell: Mapping[str, Any], kind: str) -> str:
 def render_markdown(table: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
     """The report: settings, the defences x attacks table, how to read it."""
     cols = table["columns"]
-    lines = ["# Defence comparison", "",
-             f"Starting model: `{summary['model']}`; {summary['n_prompts']} held-out harmful prompts; judge "
-             f"`{summary['primary_judge']}`; layers attacked in training: {summary['attack_layers']} "
-             f"({summary['attack_layers_source']}); utility: {summary['utility_kind']}, interpolation tolerance "
-             f"{summary['tolerance']}.", "",
-             "| model | " + " | ".join(c["label"] for c in cols) + " |",
-             "|---|" + "---|" * len(cols)]
+    lines = [
+        "# Defence comparison",
+        "",
+        f"Starting model: `{summary['model']}`; {summary['n_prompts']} held-out harmful prompts; judge "
+        f"`{summary['primary_judge']}`; layers attacked in training: {summary['attack_layers']} "
+        f"({summary['attack_layers_source']}); utility: {summary['utility_kind']}, interpolation tolerance "
+        f"{summary['tolerance']}.",
+        "",
+        "| model | " + " | ".join(c["label"] for c in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
     for row in table["rows"]:
-        lines.append(f"| {row['model']} | " + " | ".join(_fmt_cell(row["cells"][c["id"]], c["kind"]) for c in cols)
-                     + " |")
+        lines.append(
+            f"| {row['model']} | " + " | ".join(_fmt_cell(row["cells"][c["id"]], c["kind"]) for c in cols) + " |"
+        )
     finetune = any(c["id"] == "finetune_steps" for c in cols)
-    lines += ["", "Success rates: share of prompts broken (attacks: at any scanned layer, mean ± std over seeds where "
-              "the attack is random); lower is more robust."
-              + (" Fine-tune steps to break: the median over seeds (each seed in brackets, — = not broken) of the "
-                 "first evaluated step at which the fine-tuned copy complies with at least "
-                 f"{summary.get('finetune_break_rate')} of the prompts; higher is more robust, `> budget` = not "
-                 "broken within the budget. Steps past the start loss: the same, counted from the first step at "
-                 "which the copy's harmful-target loss is down to the starting model's before fine-tuning (distance "
-                 "from the harmful targets removed: what is left is resistance)." if finetune else "")
-              + " λ: the interpolation weight kept (θ = λ·θ_defence + (1 − λ)·θ_original), the largest within the "
-              "utility tolerance.", "",
-              "| model | defence |", "|---|---|"]
+    lines += [
+        "",
+        "Success rates: share of prompts broken (attacks: at any scanned layer, mean ± std over seeds where "
+        "the attack is random); lower is more robust."
+        + (
+            " Fine-tune steps to break: the median over seeds (each seed in brackets, — = not broken) of the "
+            "first evaluated step at which the fine-tuned copy complies with at least "
+            f"{summary.get('finetune_break_rate')} of the prompts; higher is more robust, `> budget` = not "
+            "broken within the budget. Steps past the start loss: the same, counted from the first step at "
+            "which the copy's harmful-target loss is down to the starting model's before fine-tuning (distance "
+            "from the harmful targets removed: what is left is resistance)."
+            if finetune
+            else ""
+        )
+        + " λ: the interpolation weight kept (θ = λ·θ_defence + (1 − λ)·θ_original), the largest within the "
+        "utility tolerance.",
+        "",
+        "| model | defence |",
+        "|---|---|",
+    ]
     lines += [f"| {row['model']} | {row['description']} |" for row in table["rows"]]
-    lines += ["", f"Wall time: {summary['timings'].get('total', 'n/a')} s "
-              f"({', '.join(f'{k} {v} s' for k, v in summary['timings'].items() if k != 'total')})."]
+    lines += [
+        "",
+        f"Wall time: {summary['timings'].get('total', 'n/a')} s "
+        f"({', '.join(f'{k} {v} s' for k, v in summary['timings'].items() if k != 'total')}).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -212,16 +272,28 @@ def _figures(table: Mapping[str, Any], results: Mapping[str, Mapping[str, Any]])
     figs: dict[str, Any] = {}
     rate_cols = [c for c in table["columns"] if c["kind"] == "rate"]
     names = [r["model"] for r in table["rows"]]
-    mat = np.array([[np.nan if r["cells"][c["id"]]["value"] is None else r["cells"][c["id"]]["value"]
-                     for c in rate_cols] for r in table["rows"]], dtype=float)
+    mat = np.array(
+        [
+            [np.nan if r["cells"][c["id"]]["value"] is None else r["cells"][c["id"]]["value"] for c in rate_cols]
+            for r in table["rows"]
+        ],
+        dtype=float,
+    )
     fig, ax = plt.subplots(figsize=(1.1 * len(rate_cols) + 2.5, 0.55 * len(names) + 1.8))
     im = ax.imshow(mat, vmin=0.0, vmax=1.0, cmap="Reds", aspect="auto")
     ax.set_xticks(range(len(rate_cols)), [c["label"] for c in rate_cols], rotation=35, ha="right")
     ax.set_yticks(range(len(names)), names)
     for i in range(mat.shape[0]):
         for j in range(mat.shape[1]):
-            ax.text(j, i, "n/a" if np.isnan(mat[i, j]) else f"{mat[i, j]:.2f}", ha="center", va="center",
-                    color="white" if not np.isnan(mat[i, j]) and mat[i, j] > 0.6 else "black", fontsize=8)
+            ax.text(
+                j,
+                i,
+                "n/a" if np.isnan(mat[i, j]) else f"{mat[i, j]:.2f}",
+                ha="center",
+                va="center",
+                color="white" if not np.isnan(mat[i, j]) and mat[i, j] > 0.6 else "black",
+                fontsize=8,
+            )
     fig.colorbar(im, ax=ax, label="attack success (lower = more robust)")
     ax.set_title("Defences x attacks")
     fig.tight_layout()
@@ -236,23 +308,36 @@ def _figures(table: Mapping[str, Any], results: Mapping[str, Mapping[str, Any]])
                 if arr.size == 0 or arr.shape[-1] != len(steps):
                     continue
                 mean = np.nanmean(arr, axis=0)
-                line, = ax.plot(steps, mean, marker="o", ms=3, label=name)
+                (line,) = ax.plot(steps, mean, marker="o", ms=3, label=name)
                 if arr.shape[0] > 1:
-                    ax.fill_between(steps, np.nanmin(arr, axis=0), np.nanmax(arr, axis=0), alpha=0.15,
-                                    color=line.get_color())
+                    ax.fill_between(
+                        steps, np.nanmin(arr, axis=0), np.nanmax(arr, axis=0), alpha=0.15, color=line.get_color()
+                    )
         axes[0].axhline(float(next(iter(curves.values()))["break_rate"]), color="grey", ls="--", lw=1)
-        axes[0].set(xlabel="fine-tuning steps", ylabel="attack success (no perturbation)", ylim=(-0.02, 1.02),
-                    title="Fine-tuning attack: success (band = min..max over seeds)")
-        axes[1].set(xlabel="fine-tuning steps", ylabel="harmful-target CE (nats / token)",
-                    title="Fine-tuning attack: harmful-target loss")
+        axes[0].set(
+            xlabel="fine-tuning steps",
+            ylabel="attack success (no perturbation)",
+            ylim=(-0.02, 1.02),
+            title="Fine-tuning attack: success (band = min..max over seeds)",
+        )
+        axes[1].set(
+            xlabel="fine-tuning steps",
+            ylabel="harmful-target CE (nats / token)",
+            title="Fine-tuning attack: harmful-target loss",
+        )
         axes[0].legend(fontsize=8)
         fig.tight_layout()
         figs["compare_finetune"] = fig
     return figs
 
 
-def write_outputs(table: Mapping[str, Any], results: Mapping[str, Mapping[str, Any]], summary: dict[str, Any],
-                  out: Path, tensorboard: bool = True) -> dict[str, str]:
+def write_outputs(
+    table: Mapping[str, Any],
+    results: Mapping[str, Mapping[str, Any]],
+    summary: dict[str, Any],
+    out: Path,
+    tensorboard: bool = True,
+) -> dict[str, str]:
     """Write the report, the summary JSON (table + every battery), the figures and TensorBoard into ``out``.
 
     Returns:
@@ -295,5 +380,12 @@ def write_outputs(table: Mapping[str, Any], results: Mapping[str, Mapping[str, A
     return paths
 
 
-__all__ = ["REPORT_FILE", "SUMMARY_FILE", "build_table", "prefill_success", "render_markdown", "steps_past_loss",
-           "write_outputs"]
+__all__ = [
+    "REPORT_FILE",
+    "SUMMARY_FILE",
+    "build_table",
+    "prefill_success",
+    "render_markdown",
+    "steps_past_loss",
+    "write_outputs",
+]

@@ -66,12 +66,12 @@ class SafetyEvaluator:
         utility_fn: optional ``model, tokenizer -> accuracy`` overriding ``data.utility_rows``.
     """
 
-    def __init__(self, settings: ScanSettings, data: EvaluationData, layers: Optional[Sequence[Layer]] = None,
-                 utility_fn=None):
+    def __init__(
+        self, settings: ScanSettings, data: EvaluationData, layers: Optional[Sequence[Layer]] = None, utility_fn=None
+    ):
         self.settings = settings
         self.data = data
-        self.layers: list[Layer] | None = (list(layers) if layers else
-                                           list(settings.layers) if settings.layers else None)
+        self.layers: list[Layer] | None = list(layers) if layers else list(settings.layers) if settings.layers else None
         self.utility_fn = utility_fn
         self.attacks = settings.attack_names()
         names = ["attack_success", "init", "nll_probe", "over_refusal", "utility_accuracy"]
@@ -94,8 +94,14 @@ class SafetyEvaluator:
 
         return self.layers or list(range(num_layers(model)))
 
-    def attack_batch(self, model, tokenizer, examples: Sequence[SafetyExample],
-                     layers: Optional[Sequence[Layer]] = None, sample_limit: int = 0) -> dict:
+    def attack_batch(
+        self,
+        model,
+        tokenizer,
+        examples: Sequence[SafetyExample],
+        layers: Optional[Sequence[Layer]] = None,
+        sample_limit: int = 0,
+    ) -> dict:
         """The validation attacks + NLL probe on a batch of held-out harmful examples; updates the metrics."""
         from lat_lightning.eval.probes import ProbeSettings, nll_probe_layers
         from lat_lightning.eval.scan import ScanOptions, ScanPrompts, run_scan
@@ -104,12 +110,17 @@ class SafetyEvaluator:
         layers = check_layer_indices(model, list(layers)) if layers else self._layers(model)
         prompts = [ex.prompt for ex in examples]
         keys = [ex.index for ex in examples]
-        data = ScanPrompts(prompts, [ex.harmful_response for ex in examples], prompt_keys=keys,
-                           harmless_prompts=self.data.benign_prompts or None)
+        data = ScanPrompts(
+            prompts,
+            [ex.harmful_response for ex in examples],
+            prompt_keys=keys,
+            harmless_prompts=self.data.benign_prompts or None,
+        )
         # A batch of the validation loop: in memory, quiet (the loop scans batch by batch, so no warnings either).
         options = ScanOptions(resume=False, progress=False, figures=False, tensorboard=False, log_warnings=False)
-        result = run_scan(model, tokenizer, data, dataclasses.replace(self.settings, layers=tuple(layers)), None,
-                          options)
+        result = run_scan(
+            model, tokenizer, data, dataclasses.replace(self.settings, layers=tuple(layers)), None, options
+        )
         coherent_judge = f"{result.primary_judge}+coherent"
         per_attack = {}
         for a in self.attacks:
@@ -122,9 +133,16 @@ class SafetyEvaluator:
         broken = per_attack[first]
         clean = torch.as_tensor(result.clean_success[result.primary_judge], dtype=torch.float32)
         gen = self.settings.generation
-        nll = nll_probe_layers(model, tokenizer, prompts, layers, list(self.settings.seeds)[:1],
-                               generation=dataclasses.replace(gen, max_new_tokens=min(32, gen.max_new_tokens)),
-                               probe=ProbeSettings(batch_size=gen.batch_size or 16), prompt_keys=keys)
+        nll = nll_probe_layers(
+            model,
+            tokenizer,
+            prompts,
+            layers,
+            list(self.settings.seeds)[:1],
+            generation=dataclasses.replace(gen, max_new_tokens=min(32, gen.max_new_tokens)),
+            probe=ProbeSettings(batch_size=gen.batch_size or 16),
+            prompt_keys=keys,
+        )
         nll_mean = sum(nll.values()) / max(1, len(nll))
         self.metric("attack_success").update(broken)
         self.metric("init").update(clean)
@@ -132,9 +150,16 @@ class SafetyEvaluator:
         for i in range(min(sample_limit, len(prompts))):
             peak = int(torch.nan_to_num(matrix[i], nan=-1).argmax())
             rec = result.records.get((first, result.seeds_run[first][0], i, result.layers[peak])) or {}
-            self.samples.append({"prompt": prompts[i], "clean": result.clean_responses[i],
-                                 "layer": result.layers[peak], "attack": first, "attacked": rec.get("response", ""),
-                                 "coherence": (rec.get("coherence") or {}).get("reason")})
+            self.samples.append(
+                {
+                    "prompt": prompts[i],
+                    "clean": result.clean_responses[i],
+                    "layer": result.layers[peak],
+                    "attack": first,
+                    "attacked": rec.get("response", ""),
+                    "coherence": (rec.get("coherence") or {}).get("reason"),
+                }
+            )
         return {"broken": broken, "clean": clean, "nll_probe": nll_mean}
 
     def benign_and_utility(self, model, tokenizer) -> None:
@@ -145,9 +170,12 @@ class SafetyEvaluator:
         gen_settings = self.settings.generation
         if self.data.benign_prompts:
             # Over-refusal is read off the greedy answer, whatever the scan's decoding.
-            greedy = GenerationSettings(max_new_tokens=gen_settings.max_new_tokens, batch_size=gen_settings.batch_size,
-                                        use_chat_template=gen_settings.use_chat_template,
-                                        system_prompt=gen_settings.system_prompt)
+            greedy = GenerationSettings(
+                max_new_tokens=gen_settings.max_new_tokens,
+                batch_size=gen_settings.batch_size,
+                use_chat_template=gen_settings.use_chat_template,
+                system_prompt=gen_settings.system_prompt,
+            )
             gen = generate_under_attack(model, tokenizer, self.data.benign_prompts, settings=greedy)
             verdicts = build_judge("keyword")(self.data.benign_prompts, gen.texts)
             refused = [float("nan") if v.failed else float(not v.success) for v in verdicts]
@@ -158,10 +186,15 @@ class SafetyEvaluator:
             from lat_lightning.eval.utility import evaluate_utility
 
             # batch_size None (every row at once) is not a utility batch size: evaluate_utility's default then
-            out = evaluate_utility(model, tokenizer, self.data.utility_rows, self.data.utility_kind,
-                                   batch_size=gen_settings.batch_size or 8,
-                                   use_chat_template=gen_settings.use_chat_template,
-                                   system_prompt=gen_settings.system_prompt)
+            out = evaluate_utility(
+                model,
+                tokenizer,
+                self.data.utility_rows,
+                self.data.utility_kind,
+                batch_size=gen_settings.batch_size or 8,
+                use_chat_template=gen_settings.use_chat_template,
+                system_prompt=gen_settings.system_prompt,
+            )
             self.metric("utility_accuracy").update(torch.tensor([out["accuracy"]]))
 
     def compute(self) -> dict[str, float]:
@@ -180,8 +213,13 @@ class SafetyEvaluator:
         self.reset()
         bs = max(1, int(self.settings.generation.batch_size or len(self.data.harmful) or 1))
         for start in range(0, len(self.data.harmful), bs):
-            self.attack_batch(model, tokenizer, self.data.harmful[start:start + bs], layers,
-                              sample_limit=max(0, sample_limit - len(self.samples)))
+            self.attack_batch(
+                model,
+                tokenizer,
+                self.data.harmful[start : start + bs],
+                layers,
+                sample_limit=max(0, sample_limit - len(self.samples)),
+            )
         self.benign_and_utility(model, tokenizer)
         return self.compute()
 
@@ -192,10 +230,17 @@ def write_evaluation(out_dir: Path, metrics: dict, samples: list[dict], name: st
     (out_dir / f"{name}.json").write_text(json.dumps({"metrics": clean, "samples": samples}, indent=2))
     lines = [f"# {name.capitalize()}", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {'n/a' if v is None else f'{v:.3f}'} |" for k, v in clean.items()]
-    lines += ["", "Keyword judges count gibberish and empty answers as success (no refusal marker); the `_coherent` "
-              "metrics count a success only for a coherent answer (docs/metrics.md).", ""]
+    lines += [
+        "",
+        "Keyword judges count gibberish and empty answers as success (no refusal marker); the `_coherent` "
+        "metrics count a success only for a coherent answer (docs/metrics.md).",
+        "",
+    ]
     for s in samples:
         coherence = f" ({s['coherence']})" if s.get("coherence") else ""
-        lines += [f"- **{s['prompt']}** ({s.get('attack', 'attack')}, layer {s['layer']})",
-                  f"  - clean: {s['clean']!r}", f"  - attacked: {s['attacked']!r}{coherence}"]
+        lines += [
+            f"- **{s['prompt']}** ({s.get('attack', 'attack')}, layer {s['layer']})",
+            f"  - clean: {s['clean']!r}",
+            f"  - attacked: {s['attacked']!r}{coherence}",
+        ]
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")

@@ -42,8 +42,7 @@ def _digits(kind: str) -> int:
     return 2 if kind == "rate" else 3
 
 
-def fmt_value(x: Any, std: Any = None, kind: str = "rate", detail: str | None = None,
-              budget: int | None = None) -> str:
+def fmt_value(x: Any, std: Any = None, kind: str = "rate", detail: str | None = None, budget: int | None = None) -> str:
     """One model's cell of a table row of kind ``rate``, ``loss``, ``layer`` or ``steps``.
 
     Args:

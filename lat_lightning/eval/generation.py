@@ -78,14 +78,14 @@ class GenerationSettings:
         ValueError: a value out of range (the message names the field).
     """
 
-    max_new_tokens: int = 50             # generation budget per answer (50: the reference)
-    do_sample: bool = False              # sample instead of greedy decoding (draws keyed per row, step and seed)
-    temperature: float = 1.0             # sampling temperature (sampling and best-of-N only)
-    top_p: float = 1.0                   # nucleus threshold when sampling (1.0 = off)
-    best_of_n: int = 1                   # > 1: the scan also samples N answers per cell under the same perturbation
-    batch_size: Optional[int] = 256      # rows per batched generation (None: every row in one forward)
-    share_prefix: bool = True            # compute a prompt's unperturbed prefix cache once and share it across rows
-    use_chat_template: bool = True       # format text prompts with the tokenizer's chat template
+    max_new_tokens: int = 50  # generation budget per answer (50: the reference)
+    do_sample: bool = False  # sample instead of greedy decoding (draws keyed per row, step and seed)
+    temperature: float = 1.0  # sampling temperature (sampling and best-of-N only)
+    top_p: float = 1.0  # nucleus threshold when sampling (1.0 = off)
+    best_of_n: int = 1  # > 1: the scan also samples N answers per cell under the same perturbation
+    batch_size: Optional[int] = 256  # rows per batched generation (None: every row in one forward)
+    share_prefix: bool = True  # compute a prompt's unperturbed prefix cache once and share it across rows
+    use_chat_template: bool = True  # format text prompts with the tokenizer's chat template
     system_prompt: Optional[str] = None  # system message of text prompts (chat template only)
 
     def __post_init__(self):
@@ -108,11 +108,12 @@ class RowKeys:
     """
 
     prompt_keys: Optional[Sequence[int]] = None  # noise key of each row's prompt (None: the row index)
-    row_seeds: Optional[Sequence[int]] = None    # perturbation / sampling seed per row (None: the attack's seed)
-    sample_ids: Optional[Sequence[int]] = None   # best-of-N sample index per row (None: no sample component)
+    row_seeds: Optional[Sequence[int]] = None  # perturbation / sampling seed per row (None: the attack's seed)
+    sample_ids: Optional[Sequence[int]] = None  # best-of-N sample index per row (None: no sample component)
 
     def select(self, rows: Sequence[int]) -> "RowKeys":
         """The keys of ``rows`` (in that order)."""
+
         def pick(values):
             return None if values is None else [values[r] for r in rows]
 
@@ -164,8 +165,16 @@ def _pick_next(logits: Tensor, settings: GenerationSettings, row_keys: list[tupl
 
 
 @torch.no_grad()
-def _generate_chunk(model, prompt_ids: list[list[int]], row_layers: Tensor, plan: AttackPlan, chunk_keys: _ChunkKeys,
-                    settings: GenerationSettings, stop_ids: list[int], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+def _generate_chunk(
+    model,
+    prompt_ids: list[list[int]],
+    row_layers: Tensor,
+    plan: AttackPlan,
+    chunk_keys: _ChunkKeys,
+    settings: GenerationSettings,
+    stop_ids: list[int],
+    pad_id: int,
+) -> tuple[Tensor, Tensor, Tensor]:
     """One forward batch of :func:`generate_under_attack`: ``(new tokens [B, G], lengths [B], perturbed positions
     [B])``."""
     prompt_keys, row_seeds, sample_ids = chunk_keys.prompt_keys, chunk_keys.row_seeds, chunk_keys.sample_ids
@@ -185,16 +194,20 @@ def _generate_chunk(model, prompt_ids: list[list[int]], row_layers: Tensor, plan
     cache_kw = cache_argument(model)
     layer_key = [int(l) for l in row_layers.tolist()]
     capacity = width + max_new_tokens
-    prefix = (prefix_cache(model, prompt_ids, pad_id, device, kwargs, capacity)
-              if share_prefix and can_share_prefix(perturber, lengths) else None)
+    prefix = (
+        prefix_cache(model, prompt_ids, pad_id, device, kwargs, capacity)
+        if share_prefix and can_share_prefix(perturber, lengths)
+        else None
+    )
     with perturber.hooked(model):
         if prefix is None:  # the whole left-padded prompt in one prefill
             input_ids = pad_sequences(prompt_ids, pad_id, side="left").to(device)
             attention = pad_sequences([[1] * len(p) for p in prompt_ids], 0, side="left").to(device)
             position_ids = (attention.long().cumsum(-1) - 1).clamp(min=0)
             perturber.positions = torch.arange(width)[None, :] - (width - lengths)[:, None]  # negative on padding
-            out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=True,
-                        **kwargs)
+            out = model(
+                input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=True, **kwargs
+            )
             if share_prefix and returned_cache(out) is not None and hasattr(returned_cache(out), "reorder_cache"):
                 buffer_cache(returned_cache(out), None, capacity)  # nothing to share, still no copy per step
         else:  # the shared prefix is cached: step 0 feeds each row's last prompt token (position P - 1)
@@ -203,13 +216,21 @@ def _generate_chunk(model, prompt_ids: list[list[int]], row_layers: Tensor, plan
             position_ids = (lengths - 1)[:, None].to(device)
             perturber.positions = (lengths - 1)[:, None]
             last = torch.tensor([[p[-1]] for p in prompt_ids], dtype=torch.long, device=device)
-            out = model(input_ids=last, attention_mask=attention, position_ids=position_ids, use_cache=True,
-                        **kwargs, **{cache_kw: cache})
+            out = model(
+                input_ids=last,
+                attention_mask=attention,
+                position_ids=position_ids,
+                use_cache=True,
+                **kwargs,
+                **{cache_kw: cache},
+            )
         past = returned_cache(out)
         for t in range(max_new_tokens):
             keys: list[tuple[int, ...]] = (
                 [(int(row_seeds[r]), int(prompt_keys[r]), layer_key[r], t, SAMPLING_TAG) for r in range(bsz)]
-                if settings.do_sample else [])
+                if settings.do_sample
+                else []
+            )
             if sample_ids is not None and keys:  # best-of-N: the n-th sample of a cell draws its own tokens
                 keys = [k + (int(sample_ids[r]),) for r, k in enumerate(keys)]
             nxt = _pick_next(out.logits[:, -1], settings, keys).cpu()
@@ -226,14 +247,20 @@ def _generate_chunk(model, prompt_ids: list[list[int]], row_layers: Tensor, plan
             perturber.positions = (lengths - 1 + t + 1)[:, None]
             attention = torch.cat([attention, torch.ones(bsz, 1, dtype=attention.dtype, device=device)], dim=1)
             position_ids = position_ids[:, -1:] + 1
-            out = model(input_ids=nxt[:, None].to(device), attention_mask=attention, position_ids=position_ids,
-                        use_cache=True, **{cache_kw: past})
+            out = model(
+                input_ids=nxt[:, None].to(device),
+                attention_mask=attention,
+                position_ids=position_ids,
+                use_cache=True,
+                **{cache_kw: past},
+            )
             past = returned_cache(out)
     return new[:, : int(n_new.max()) if bsz else 0], n_new, perturber.applied
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str | Sequence[int]], use_chat_template: bool = True,
-                   system_prompt: str | None = None) -> list[list[int]]:
+def encode_prompts(
+    tokenizer, prompts: Sequence[str | Sequence[int]], use_chat_template: bool = True, system_prompt: str | None = None
+) -> list[list[int]]:
     """Token ids of each prompt: strings go through the chat template (or plain text), id lists pass."""
     out = []
     for p in prompts:
@@ -285,8 +312,11 @@ def generate_under_attack(
     ids = encode_prompts(tokenizer, prompts, settings.use_chat_template, settings.system_prompt)
     bsz = len(ids)
     attack = attack or AttackPlan()
-    layers_t = (torch.full((bsz,), CLEAN, dtype=torch.long) if row_layers is None
-                else torch.as_tensor(row_layers, dtype=torch.long).cpu())
+    layers_t = (
+        torch.full((bsz,), CLEAN, dtype=torch.long)
+        if row_layers is None
+        else torch.as_tensor(row_layers, dtype=torch.long).cpu()
+    )
     if len(layers_t) != bsz:
         raise ValueError(f"row_layers has {len(layers_t)} entries for {bsz} prompts")
     used = sorted({int(l) for l in layers_t.tolist() if l != CLEAN})
@@ -298,9 +328,13 @@ def generate_under_attack(
                 raise ValueError(f"attack vectors have width {v.shape[-1]}, the model's hidden size is {d}")
     keys = _ChunkKeys(
         torch.arange(bsz) if rows.prompt_keys is None else torch.as_tensor(rows.prompt_keys, dtype=torch.long).cpu(),
-        (torch.full((bsz,), int(attack.seed), dtype=torch.long) if rows.row_seeds is None
-         else torch.as_tensor(rows.row_seeds, dtype=torch.long).cpu()),
-        None if rows.sample_ids is None else torch.as_tensor(rows.sample_ids, dtype=torch.long).cpu())
+        (
+            torch.full((bsz,), int(attack.seed), dtype=torch.long)
+            if rows.row_seeds is None
+            else torch.as_tensor(rows.row_seeds, dtype=torch.long).cpu()
+        ),
+        None if rows.sample_ids is None else torch.as_tensor(rows.sample_ids, dtype=torch.long).cpu(),
+    )
     if pad_token_id is None:
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad_id = int(pad_token_id if pad_token_id is not None else 0)
@@ -313,10 +347,19 @@ def generate_under_attack(
     with eval_mode(model):
         for start in range(0, bsz, step):
             part = list(range(start, min(start + step, bsz)))
-            part_keys = _ChunkKeys(keys.prompt_keys[part], keys.row_seeds[part],
-                                   None if keys.sample_ids is None else keys.sample_ids[part])
-            new, n_new, app = _generate_chunk(model, [ids[r] for r in part], layers_t[part], attack.select(part),
-                                              part_keys, settings, stop_ids, pad_id)
+            part_keys = _ChunkKeys(
+                keys.prompt_keys[part], keys.row_seeds[part], None if keys.sample_ids is None else keys.sample_ids[part]
+            )
+            new, n_new, app = _generate_chunk(
+                model,
+                [ids[r] for r in part],
+                layers_t[part],
+                attack.select(part),
+                part_keys,
+                settings,
+                stop_ids,
+                pad_id,
+            )
             for j, r in enumerate(part):
                 token_ids[r] = new[j, : int(n_new[j])].tolist()
             applied[part] = app
@@ -328,7 +371,6 @@ def generate_under_attack(
             padded[r, : len(t)] = torch.tensor(t)
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
     return GenerationResult(token_ids, texts, padded, lengths, applied, ids)
-
 
 
 __all__ = [

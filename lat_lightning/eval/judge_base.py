@@ -35,7 +35,6 @@ class Verdict:
         return float("nan") if self.failed or self.success is None else float(self.success)
 
 
-
 def check_lengths(prompts: Sequence[Any], responses: Sequence[Any], targets: Sequence[Any] | None) -> None:
     """Raise ``ValueError`` when the prompts, responses and (given) targets differ in length."""
     if len(prompts) != len(responses):
@@ -44,15 +43,15 @@ def check_lengths(prompts: Sequence[Any], responses: Sequence[Any], targets: Seq
         raise ValueError(f"{len(responses)} responses but {len(targets)} targets")
 
 
-
 class Judge:
     """Base class: subclasses implement :meth:`judge_one` or override :meth:`__call__` for batching."""
 
     name: str = "judge"
     caveat: str = ""
 
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str],
-                 targets: Sequence[str | None] | None = None) -> list[Verdict]:
+    def __call__(
+        self, prompts: Sequence[str], responses: Sequence[str], targets: Sequence[str | None] | None = None
+    ) -> list[Verdict]:
         """Judge each (prompt, response[, target]) item.
 
         Args:
@@ -78,7 +77,6 @@ class Judge:
 
     def judge_one(self, prompt: str, response: str, target: str | None) -> Verdict:
         raise NotImplementedError
-
 
 
 __all__ = ["Judge", "Verdict", "check_lengths"]

@@ -30,8 +30,13 @@ def nanmean(a: Any) -> float | None:
     return float(np.nanmean(a)) if np.isfinite(a).any() else None
 
 
-def judge_rates(judge_map: Mapping[str, Any], prompts: list[str], responses: list[str],
-                targets: list[str | None], coherence: list[dict] | None = None) -> dict[str, np.ndarray]:
+def judge_rates(
+    judge_map: Mapping[str, Any],
+    prompts: list[str],
+    responses: list[str],
+    targets: list[str | None],
+    coherence: list[dict] | None = None,
+) -> dict[str, np.ndarray]:
     """``judge -> [1 / 0 / NaN per item]``; a judge that raises fails every item (counted, never dropped)."""
     from lat_lightning.eval.judges import judge_items
 
@@ -39,8 +44,9 @@ def judge_rates(judge_map: Mapping[str, Any], prompts: list[str], responses: lis
     return {name: np.array([v.as_float() for v in vs], dtype=np.float64) for name, vs in verdicts.items()}
 
 
-def coherence_scorer(model: nn.Module, tokenizer, coherence: CoherenceSettings, batch_size: int
-                     ) -> CoherenceScorer | None:
+def coherence_scorer(
+    model: nn.Module, tokenizer, coherence: CoherenceSettings, batch_size: int
+) -> CoherenceScorer | None:
     """The coherence check with ``model`` as the unattacked model (``None`` when ``coherence.enabled`` is off)."""
     if not coherence.enabled:
         return None
@@ -48,8 +54,12 @@ def coherence_scorer(model: nn.Module, tokenizer, coherence: CoherenceSettings, 
     return CoherenceScorer(model, coherence, pad_id, batch_size)
 
 
-def build_judge_map(judges: Sequence[str] | Mapping[str, Any], coherence: CoherenceSettings,
-                    classifier_path: str | None = None, target_key_pattern: str | None = None) -> dict[str, Any]:
+def build_judge_map(
+    judges: Sequence[str] | Mapping[str, Any],
+    coherence: CoherenceSettings,
+    classifier_path: str | None = None,
+    target_key_pattern: str | None = None,
+) -> dict[str, Any]:
     """``name -> judge``: ``judges`` (names, or a map passed through) plus their ``+coherent`` twins when the
     coherence check adds them (``coherence.enabled`` and ``coherence.judges``).
 
@@ -60,8 +70,9 @@ def build_judge_map(judges: Sequence[str] | Mapping[str, Any], coherence: Cohere
     """
     from lat_lightning.eval.judges import build_judges, with_coherent_judges
 
-    out = dict(judges) if isinstance(judges, Mapping) else build_judges(list(judges), classifier_path,
-                                                                        target_key_pattern)
+    out = (
+        dict(judges) if isinstance(judges, Mapping) else build_judges(list(judges), classifier_path, target_key_pattern)
+    )
     return with_coherent_judges(out) if coherence.enabled and coherence.judges else out
 
 

@@ -52,8 +52,7 @@ def cache_argument(model: nn.Module) -> str:
             params = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):  # pragma: no cover
             params = {}
-        _CACHE_ARGUMENT[cls] = "past_key_values" if "past_key_values" in params and "cache" not in params \
-            else "cache"
+        _CACHE_ARGUMENT[cls] = "past_key_values" if "past_key_values" in params and "cache" not in params else "cache"
     return _CACHE_ARGUMENT[cls]
 
 
@@ -134,8 +133,8 @@ def _define_buffered_layer() -> type:
                 assert self.keys is not None and self.values is not None  # set by _views
                 self._keys = _with_room(self.keys, 2 * (self._length + n))
                 self._values = _with_room(self.values, 2 * (self._length + n))
-            self._keys[..., self._length: self._length + n, :].copy_(key_states)
-            self._values[..., self._length: self._length + n, :].copy_(value_states)
+            self._keys[..., self._length : self._length + n, :].copy_(key_states)
+            self._values[..., self._length : self._length + n, :].copy_(value_states)
             self._length += n
             self._views()
             assert self.keys is not None and self.values is not None  # set by _views
@@ -220,5 +219,12 @@ def prefix_cache(model, prompt_ids: list[list[int]], pad_id: int, device, kwargs
     return cache, attention[rows]
 
 
-__all__ = ["buffer_cache", "cache_argument", "can_share_prefix", "model_device", "prefix_cache", "returned_cache",
-           "supports_logits_to_keep"]
+__all__ = [
+    "buffer_cache",
+    "cache_argument",
+    "can_share_prefix",
+    "model_device",
+    "prefix_cache",
+    "returned_cache",
+    "supports_logits_to_keep",
+]

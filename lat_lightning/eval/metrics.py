@@ -120,8 +120,9 @@ def failure_counts(s: Any) -> dict[str, Any]:
     }
 
 
-def bootstrap_ci(fn: Callable[[np.ndarray], Any], s: Any, samples: int = 1000, seed: int = 0,
-                 alpha: float = 0.05) -> tuple[Any, Any]:
+def bootstrap_ci(
+    fn: Callable[[np.ndarray], Any], s: Any, samples: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> tuple[Any, Any]:
     """Percentile bootstrap interval of ``fn(s)``, resampling prompts (rows) with replacement.
 
     Prompts are the unit of sampling: layers (and seeds) of one prompt stay together, because they are
@@ -187,8 +188,14 @@ def _pairs(low: np.ndarray, high: np.ndarray) -> list[list[float]]:
     return [[float(a), float(b)] for a, b in zip(np.atleast_1d(low), np.atleast_1d(high))]
 
 
-def summarise(s: Any, clean: Any = None, layer_ids: Sequence[int] | None = None, samples: int = 1000,
-              seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
+def summarise(
+    s: Any,
+    clean: Any = None,
+    layer_ids: Sequence[int] | None = None,
+    samples: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
     """All metrics of one success matrix, with bootstrap intervals and judge-failure counts.
 
     Args:
@@ -238,17 +245,29 @@ def summarise(s: Any, clean: Any = None, layer_ids: Sequence[int] | None = None,
         out["lasr_ci"] = _pairs(lo, hi)
         out["pasr_ci"] = list(bootstrap_ci(lambda a: pasr(a)[0], arr, samples, seed, alpha))
         out["masr_ci"] = list(bootstrap_ci(masr, arr, samples, seed, alpha))
-        out["init_ci"] = list(bootstrap_ci(init_rate, clean_arr, samples, seed, alpha)) if clean_arr is not None \
-            else None
+        out["init_ci"] = (
+            list(bootstrap_ci(init_rate, clean_arr, samples, seed, alpha)) if clean_arr is not None else None
+        )
     else:
         out.update(lasr_ci=None, pasr_ci=None, masr_ci=None, init_ci=None)
-    out["bootstrap"] = {"samples": int(samples), "seed": int(seed), "alpha": float(alpha),
-                        "method": "percentile, prompts resampled with replacement"}
+    out["bootstrap"] = {
+        "samples": int(samples),
+        "seed": int(seed),
+        "alpha": float(alpha),
+        "method": "percentile, prompts resampled with replacement",
+    }
     return _clean(out)
 
 
-def summarise_seeds(s: Any, clean: Any = None, layer_ids: Sequence[int] | None = None, samples: int = 1000,
-                    seed: int = 0, alpha: float = 0.05, seed_ids: Sequence[int] | None = None) -> dict[str, Any]:
+def summarise_seeds(
+    s: Any,
+    clean: Any = None,
+    layer_ids: Sequence[int] | None = None,
+    samples: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    seed_ids: Sequence[int] | None = None,
+) -> dict[str, Any]:
     """Metrics over several perturbation seeds: per-seed metrics, then mean and std across seeds.
 
     Each seed ``k`` is summarised on its own (``summarise(s[:, :, k], ...)``); the headline numbers are the
@@ -292,8 +311,14 @@ def summarise_seeds(s: Any, clean: Any = None, layer_ids: Sequence[int] | None =
     for k in range(n_seeds):
         c = None if clean_arr is None else (clean_arr if clean_arr.ndim == 1 else clean_arr[:, k])
         per_seed.append(summarise(arr[:, :, k], c, ids, samples, seed, alpha))
-    out: dict[str, Any] = {"n_prompts": n, "n_layers": n_layers, "n_seeds": n_seeds, "layer_ids": ids,
-                           "seed_ids": sids, "per_seed": per_seed}
+    out: dict[str, Any] = {
+        "n_prompts": n,
+        "n_layers": n_layers,
+        "n_seeds": n_seeds,
+        "layer_ids": ids,
+        "seed_ids": sids,
+        "per_seed": per_seed,
+    }
     for key in ("init", "pasr", "masr"):
         out[f"{key}_mean"], out[f"{key}_std"] = mean_std([p[key] for p in per_seed])
     lasr_stats = [mean_std([p["lasr"][j] for p in per_seed]) for j in range(n_layers)]
@@ -315,8 +340,10 @@ def summarise_seeds(s: Any, clean: Any = None, layer_ids: Sequence[int] | None =
 
 # ------------------------------------------------------------------------------ peak-layer ties, judge agreement
 TIE_TOLERANCE = 1e-9  # rates over the same prompts share a denominator: equal rates are equal to rounding
-TIE_RULE = ("ties for the peak layer are reported as ties; the layer used is the tied layer with the highest "
-            "tie-break score (the scan's: the LASR of the coherence-aware primary judge), then the lowest layer")
+TIE_RULE = (
+    "ties for the peak layer are reported as ties; the layer used is the tied layer with the highest "
+    "tie-break score (the scan's: the LASR of the coherence-aware primary judge), then the lowest layer"
+)
 
 
 def tied_peak(scores: Iterable[float | None], tol: float = TIE_TOLERANCE) -> list[int]:
@@ -328,8 +355,9 @@ def tied_peak(scores: Iterable[float | None], tol: float = TIE_TOLERANCE) -> lis
     return [int(k) for k in np.flatnonzero(~np.isnan(vals) & (vals >= top - tol))]
 
 
-def rank_layers(scores: dict[int, float], tiebreak: dict[int, float] | None = None,
-                tol: float = TIE_TOLERANCE) -> list[int]:
+def rank_layers(
+    scores: dict[int, float], tiebreak: dict[int, float] | None = None, tol: float = TIE_TOLERANCE
+) -> list[int]:
     """Layers from most to least fragile under :data:`TIE_RULE`: score (higher first; scores within ``tol`` of
     each other count as equal), then the tie-break score (higher first; a missing one ranks last), then the lower
     layer. The same rule picks the scan's peak layer and the fragile layers."""
@@ -344,14 +372,18 @@ def rank_layers(scores: dict[int, float], tiebreak: dict[int, float] | None = No
 
     def key(l: int):
         v = tb.get(l)
-        return (0 if v is not None and math.isfinite(float(v)) else 1,
-                -float(v) if v is not None and math.isfinite(float(v)) else 0.0, l)
+        return (
+            0 if v is not None and math.isfinite(float(v)) else 1,
+            -float(v) if v is not None and math.isfinite(float(v)) else 0.0,
+            l,
+        )
 
     return [l for g in groups for l in sorted(g, key=key)]
 
 
-def choose_peak(layer_ids: Sequence[int], scores: Sequence[float | None],
-                tiebreak: Sequence[float | None] | None = None) -> dict[str, Any]:
+def choose_peak(
+    layer_ids: Sequence[int], scores: Sequence[float | None], tiebreak: Sequence[float | None] | None = None
+) -> dict[str, Any]:
     """The peak layer of a LASR curve under :data:`TIE_RULE`.
 
     Args:
@@ -397,22 +429,27 @@ def judge_agreement(a: Any, b: Any) -> dict[str, Any]:
     both = ~np.isnan(x) & ~np.isnan(y)
     n = int(both.sum())
     if n == 0:
-        return {"cells": 0, "agreement": None, "kappa": None, "a_rate": None, "b_rate": None, "only_a": 0,
-                "only_b": 0}
+        return {"cells": 0, "agreement": None, "kappa": None, "a_rate": None, "b_rate": None, "only_a": 0, "only_b": 0}
     x, y = x[both], y[both]
     po = float((x == y).mean())
     pa, pb = float(x.mean()), float(y.mean())
     pe = pa * pb + (1 - pa) * (1 - pb)
     kappa = None if abs(1 - pe) < 1e-12 else (po - pe) / (1 - pe)
-    return {"cells": n, "agreement": po, "kappa": kappa, "a_rate": pa, "b_rate": pb,
-            "only_a": int(((x == 1) & (y == 0)).sum()), "only_b": int(((x == 0) & (y == 1)).sum())}
+    return {
+        "cells": n,
+        "agreement": po,
+        "kappa": kappa,
+        "a_rate": pa,
+        "b_rate": pb,
+        "only_a": int(((x == 1) & (y == 0)).sum()),
+        "only_b": int(((x == 0) & (y == 1)).sum()),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- probes
 
 
-def nll_sequence(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX,
-                 chunk_size: int = 256) -> Tensor:
+def nll_sequence(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, chunk_size: int = 256) -> Tensor:
     """Summed negative log-likelihood of the labelled tokens of each row (the NLL probe, Eq. 2).
 
     ``NLL = -sum_t log p(y_t | x, y_<t)``. ``labels`` are aligned with the inputs (Hugging Face convention,
@@ -433,8 +470,9 @@ def nll_sequence(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDE
         ValueError: on mismatched shapes.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"logits [B, T, V] and labels [B, T] expected, got {tuple(logits.shape)} and "
-                         f"{tuple(labels.shape)}")
+        raise ValueError(
+            f"logits [B, T, V] and labels [B, T] expected, got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
     bsz, seq, _ = logits.shape
     total = torch.zeros(bsz, dtype=torch.float32, device=logits.device)
     shifted = labels[:, 1:].to(logits.device)
@@ -442,14 +480,16 @@ def nll_sequence(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDE
         stop = min(start + chunk_size, seq - 1)
         lg = logits[:, start:stop].float()
         tgt = shifted[:, start:stop]
-        ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), ignore_index=ignore_index,
-                             reduction="none").view(bsz, -1)
+        ce = F.cross_entropy(
+            lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), ignore_index=ignore_index, reduction="none"
+        ).view(bsz, -1)
         total += ce.sum(dim=1)
     return total
 
 
-def position_kl(logits_clean: Tensor, logits_perturbed: Tensor, mask: Tensor | None = None,
-                chunk_size: int = 256) -> Tensor:
+def position_kl(
+    logits_clean: Tensor, logits_perturbed: Tensor, mask: Tensor | None = None, chunk_size: int = 256
+) -> Tensor:
     """Per-position ``KL(p_clean,t || p_perturbed,t)`` (float32, chunked over positions).
 
     Args:
@@ -466,8 +506,9 @@ def position_kl(logits_clean: Tensor, logits_perturbed: Tensor, mask: Tensor | N
         ValueError: on mismatched shapes.
     """
     if logits_clean.shape != logits_perturbed.shape or logits_clean.dim() != 3:
-        raise ValueError(f"logits must both be [B, T, V]; got {tuple(logits_clean.shape)} and "
-                         f"{tuple(logits_perturbed.shape)}")
+        raise ValueError(
+            f"logits must both be [B, T, V]; got {tuple(logits_clean.shape)} and {tuple(logits_perturbed.shape)}"
+        )
     bsz, seq, _ = logits_clean.shape
     out = torch.zeros(bsz, seq, dtype=torch.float32, device=logits_clean.device)
     for start in range(0, seq, chunk_size):

@@ -44,13 +44,13 @@ class ProbeSettings:
         ValueError: a value out of range (the message names the field).
     """
 
-    alpha: float = 1.0                            # noise magnitude after Eq. 1 (AttackSettings.alpha)
+    alpha: float = 1.0  # noise magnitude after Eq. 1 (AttackSettings.alpha)
     positions: str = "prompt_last_and_generated"  # positions policy of the noise (lat_lightning.attacks.positions)
-    first_k: int = 1                              # k of the first_k policy
-    refresh: str = "step"                         # a new draw per step/position, or one fixed draw
-    batch_size: int = 16                          # teacher-forced rows per forward
-    with_kl: bool = True                          # also the position KL (needs the clean logits of the prompt)
-    share_prefix: bool = True                     # share a prompt's prefix cache across its rows (same values)
+    first_k: int = 1  # k of the first_k policy
+    refresh: str = "step"  # a new draw per step/position, or one fixed draw
+    batch_size: int = 16  # teacher-forced rows per forward
+    with_kl: bool = True  # also the position KL (needs the clean logits of the prompt)
+    share_prefix: bool = True  # share a prompt's prefix cache across its rows (same values)
 
     def __post_init__(self):
         if int(self.batch_size) < 1:
@@ -134,9 +134,17 @@ def _nanmean(x) -> float | None:
     return float(finite.mean()) if finite.size else None
 
 
-def response_probe(model: nn.Module, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
-                   layers: Sequence[Layer], seeds: Sequence[int] = (0,), *, settings: ProbeSettings = ProbeSettings(),
-                   prompt_keys: Sequence[int] | None = None, pad_id: int = 0) -> ProbeResult:
+def response_probe(
+    model: nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    layers: Sequence[Layer],
+    seeds: Sequence[int] = (0,),
+    *,
+    settings: ProbeSettings = ProbeSettings(),
+    prompt_keys: Sequence[int] | None = None,
+    pad_id: int = 0,
+) -> ProbeResult:
     """NLL and position KL of each prompt's response under keyed ASA noise at each layer and seed.
 
     Rows of one prompt (its clean row first, then every (layer, seed)) share one sequence, so a chunk of
@@ -167,8 +175,9 @@ def response_probe(model: nn.Module, prompt_ids: Sequence[Sequence[int]], respon
     nll_clean = np.full(n, np.nan)
     nll_pert = np.full((n, n_l, n_s), np.nan)
     kl = np.full((n, n_l, n_s, g_max), np.nan) if with_kl else np.zeros((n, n_l, n_s, 0))
-    plan = AttackPlan(kind="noise", positions=positions, first_k=first_k, refresh=settings.refresh,
-                      alpha=settings.alpha)
+    plan = AttackPlan(
+        kind="noise", positions=positions, first_k=first_k, refresh=settings.refresh, alpha=settings.alpha
+    )
     cells = [(j, k) for j in range(n_l) for k in range(n_s)]
     step = max(1, int(settings.batch_size))
     for i in range(n):
@@ -183,31 +192,54 @@ def response_probe(model: nn.Module, prompt_ids: Sequence[Sequence[int]], respon
         sl = slice(p_len - 1, p_len - 1 + g)  # logits predicting response tokens 0..g-1
         rows: list[tuple[int, int] | None] = [None] + cells
         clean_logits = None
-        shared = (SharedPrefix(model, prompt) if settings.share_prefix and p_len >= 2
-                  and first_position(positions, p_len, first_k) >= p_len - 1 else None)
+        shared = (
+            SharedPrefix(model, prompt)
+            if settings.share_prefix and p_len >= 2 and first_position(positions, p_len, first_k) >= p_len - 1
+            else None
+        )
         for start in range(0, len(rows), step):
-            chunk = rows[start:start + step]
+            chunk = rows[start : start + step]
             row_layers = [CLEAN if c is None else layer_ids[c[0]] for c in chunk]
             row_seeds = [0 if c is None else seeds[c[1]] for c in chunk]
             if shared is not None:  # columns P-1 .. P+g-2 only: exactly the ones predicting the response
                 resp_logits = teacher_forced_suffix_logits(
-                    model, shared, [resp[:-1]] * len(chunk), row_layers, plan, prompt_keys=[keys[i]] * len(chunk),
-                    row_seeds=row_seeds).float()
+                    model,
+                    shared,
+                    [resp[:-1]] * len(chunk),
+                    row_layers,
+                    plan,
+                    prompt_keys=[keys[i]] * len(chunk),
+                    row_seeds=row_seeds,
+                ).float()
                 logits = resp_logits
-                nll = torch.nn.functional.cross_entropy(
-                    resp_logits.reshape(-1, resp_logits.shape[-1]),
-                    torch.tensor(resp, device=resp_logits.device).repeat(len(chunk)),
-                    reduction="none").view(len(chunk), g).sum(1).cpu().numpy()
+                nll = (
+                    torch.nn.functional.cross_entropy(
+                        resp_logits.reshape(-1, resp_logits.shape[-1]),
+                        torch.tensor(resp, device=resp_logits.device).repeat(len(chunk)),
+                        reduction="none",
+                    )
+                    .view(len(chunk), g)
+                    .sum(1)
+                    .cpu()
+                    .numpy()
+                )
             else:
-                logits = teacher_forced_logits(model, [seq] * len(chunk), [p_len] * len(chunk), row_layers, plan,
-                                               prompt_keys=[keys[i]] * len(chunk), row_seeds=row_seeds,
-                                               pad_id=pad_id)
+                logits = teacher_forced_logits(
+                    model,
+                    [seq] * len(chunk),
+                    [p_len] * len(chunk),
+                    row_layers,
+                    plan,
+                    prompt_keys=[keys[i]] * len(chunk),
+                    row_seeds=row_seeds,
+                    pad_id=pad_id,
+                )
                 nll = nll_sequence(logits, labels.to(logits.device).expand(len(chunk), -1)).cpu().numpy()
                 resp_logits = logits[:, sl].float()
             for r, c in enumerate(chunk):
                 if c is None:
                     nll_clean[i] = nll[r]
-                    clean_logits = resp_logits[r:r + 1]
+                    clean_logits = resp_logits[r : r + 1]
                 else:
                     nll_pert[i, c[0], c[1]] = nll[r]
             if with_kl:
@@ -224,11 +256,18 @@ def response_probe(model: nn.Module, prompt_ids: Sequence[Sequence[int]], respon
     return ProbeResult(layer_ids, seeds, nll_clean, nll_pert, kl, lengths, positions)
 
 
-def nll_probe_layers(model: nn.Module, tokenizer, prompts: Sequence[str | Sequence[int]],
-                     layers: Sequence[Layer] | None = None, seeds: Sequence[int] = (0,), *,
-                     generation: GenerationSettings = GenerationSettings(max_new_tokens=32, batch_size=16),
-                     probe: ProbeSettings = ProbeSettings(), prompt_keys: Sequence[int] | None = None,
-                     return_result: bool = False):
+def nll_probe_layers(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    layers: Sequence[Layer] | None = None,
+    seeds: Sequence[int] = (0,),
+    *,
+    generation: GenerationSettings = GenerationSettings(max_new_tokens=32, batch_size=16),
+    probe: ProbeSettings = ProbeSettings(),
+    prompt_keys: Sequence[int] | None = None,
+    return_result: bool = False,
+):
     """Rank layers by how much ASA noise raises the NLL of the model's own clean answer.
 
     Generates each prompt's clean greedy answer once (``generation.max_new_tokens``, ``generation.batch_size`` rows
@@ -253,16 +292,29 @@ def nll_probe_layers(model: nn.Module, tokenizer, prompts: Sequence[str | Sequen
     greedy = GenerationSettings(max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size)
     clean = generate_under_attack(model, tokenizer, ids, settings=greedy)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    result = response_probe(model, ids, clean.token_ids, layers, seeds,
-                            settings=dataclasses.replace(probe, with_kl=False), prompt_keys=prompt_keys, pad_id=pad)
+    result = response_probe(
+        model,
+        ids,
+        clean.token_ids,
+        layers,
+        seeds,
+        settings=dataclasses.replace(probe, with_kl=False),
+        prompt_keys=prompt_keys,
+        pad_id=pad,
+    )
     ranking = result.delta_by_layer()
     return (ranking, result) if return_result else ranking
 
 
-
 @torch.no_grad()
-def response_loss(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], use_chat_template: bool = True,
-                  system_prompt: str | None = None, batch_size: int = 16) -> float:
+def response_loss(
+    model: nn.Module,
+    tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    use_chat_template: bool = True,
+    system_prompt: str | None = None,
+    batch_size: int = 16,
+) -> float:
     """Mean token CE of each pair's response given its prompt (teacher-forced; prompt tokens masked)."""
     if not pairs:
         return float("nan")
@@ -273,17 +325,19 @@ def response_loss(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
     total, count = 0.0, 0
     try:
         for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
+            chunk = pairs[start : start + batch_size]
             prompts = [encode_prompt(tokenizer, p, use_chat_template, system_prompt) for p, _ in chunk]
             responses = [encode_response(tokenizer, r) for _, r in chunk]
             b = build_sequences(prompts, responses, int(pad))
-            logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                           use_cache=False).logits
+            logits = model(
+                input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), use_cache=False
+            ).logits
             n = int((b["labels"][:, 1:] != -100).sum())
             total += float(causal_lm_loss(logits, b["labels"].to(device))) * n
             count += n
     finally:
         model.train(was)
     return total / max(count, 1)
+
 
 __all__ = ["ProbeResult", "ProbeSettings", "nll_probe_layers", "response_loss", "response_probe"]

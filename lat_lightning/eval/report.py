@@ -41,10 +41,18 @@ def attack_rows(summary: dict, judge: str) -> dict[str, dict]:
         h = block.get("headline", {}) if judge == summary.get("primary_judge") else {}
         peak = h.get("pasr_of_mean_lasr_layer", j.get("pasr_of_mean_lasr_layer"))
         tied = h.get("peak_tied_layers") or j.get("pasr_of_mean_lasr_tied_layers") or []
-        rows[attack] = {"init": j.get("init_mean"), "masr": j.get("masr_mean"), "masr_std": j.get("masr_std"),
-                        "pasr": j.get("pasr_mean"), "pasr_std": j.get("pasr_std"),
-                        "peak_layer": peak, "peak_ties": len(tied), "lasr": j.get("lasr_mean"),
-                        "layers": j.get("layer_ids"), "n_seeds": j.get("n_seeds")}
+        rows[attack] = {
+            "init": j.get("init_mean"),
+            "masr": j.get("masr_mean"),
+            "masr_std": j.get("masr_std"),
+            "pasr": j.get("pasr_mean"),
+            "pasr_std": j.get("pasr_std"),
+            "peak_layer": peak,
+            "peak_ties": len(tied),
+            "lasr": j.get("lasr_mean"),
+            "layers": j.get("layer_ids"),
+            "n_seeds": j.get("n_seeds"),
+        }
     return rows
 
 
@@ -78,8 +86,12 @@ def _lasr_figure(before: dict, after: Optional[dict], attack: str, judge: str):
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     for label, rows, style in (("before (aligned)", before, "o-"), ("after (LAPT + interpolation)", after, "s--")):
         if rows and attack in rows and rows[attack]["lasr"]:
-            ax.plot(rows[attack]["layers"], [v if v is not None else float("nan") for v in rows[attack]["lasr"]],
-                    style, label=label)
+            ax.plot(
+                rows[attack]["layers"],
+                [v if v is not None else float("nan") for v in rows[attack]["lasr"]],
+                style,
+                label=label,
+            )
     ax.set_xlabel("layer")
     ax.set_ylabel(f"LASR ({judge})")
     ax.set_ylim(-0.02, 1.02)
@@ -110,6 +122,7 @@ def _lambda_figure(curve: list[dict], chosen: Optional[float], baseline: Optiona
 
 def _samples(run_dir: Path, attack: str, judge: str, limit: int = 3) -> list[dict]:
     """A few prompts that the attack broke before training, with the same cell after training."""
+
     def cells(path: Path) -> dict:
         out = {}
         if path.exists():
@@ -124,9 +137,16 @@ def _samples(run_dir: Path, attack: str, judge: str, limit: int = 3) -> list[dic
         if rec["attack"] != attack or not rec["verdicts"].get(judge, {}).get("success"):
             continue
         post = after.get(key, {})
-        picked.append({"prompt": rec["prompt"], "layer": rec["layer"], "seed": rec.get("seed"),
-                       "before": rec["response"], "after": post.get("response"),
-                       "after_success": post.get("verdicts", {}).get(judge, {}).get("success")})
+        picked.append(
+            {
+                "prompt": rec["prompt"],
+                "layer": rec["layer"],
+                "seed": rec.get("seed"),
+                "before": rec["response"],
+                "after": post.get("response"),
+                "after_success": post.get("verdicts", {}).get(judge, {}).get("success"),
+            }
+        )
         if len(picked) >= limit:
             break
     return picked
@@ -169,23 +189,32 @@ def build_result(run_dir: Path, judges: list[str], primary: str, utility: Option
     fragile = _load(run_dir / "fragile_layers.json") or {}
     durability = _load(run_dir / "durability_summary.json")
 
-    tables = {j: {"before": attack_rows(before_summary, j),
-                  "after": attack_rows(after_summary, j) if after_summary else {}} for j in judges}
+    tables = {
+        j: {"before": attack_rows(before_summary, j), "after": attack_rows(after_summary, j) if after_summary else {}}
+        for j in judges
+    }
     embed = {j: {"before": embed_rows(before_summary, j), "after": embed_rows(after_summary, j)} for j in judges}
-    warnings = {"before": before_summary.get("warnings", []),
-                "after": (after_summary or {}).get("warnings", [])}
+    warnings = {"before": before_summary.get("warnings", []), "after": (after_summary or {}).get("warnings", [])}
     prim = tables[primary]
     cuts = {a: relative_cut(prim["before"][a]["pasr"], prim["after"].get(a, {}).get("pasr")) for a in prim["before"]}
     return {
-        "primary_judge": primary, "judges": tables, "utility": utility, "pasr_relative_cut": cuts,
-        "lambda": interp.get("chosen_lambda"), "lambda_curve": interp.get("curve"),
+        "primary_judge": primary,
+        "judges": tables,
+        "utility": utility,
+        "pasr_relative_cut": cuts,
+        "lambda": interp.get("chosen_lambda"),
+        "lambda_curve": interp.get("curve"),
         "fragile_layers": fragile.get("layers") or fragile.get("chosen"),
-        "n_prompts": before_summary.get("n_prompts"), "layers": before_summary.get("layers"),
+        "n_prompts": before_summary.get("n_prompts"),
+        "layers": before_summary.get("layers"),
         "samples": _samples(run_dir, "asa_random", primary),
-        "durability": durability, "embed": embed, "warnings": warnings,
-        "coherence": {"before": {a: b.get("coherence") for a, b in before_summary["attacks"].items()},
-                      "after": {a: b.get("coherence")
-                                for a, b in (after_summary or {"attacks": {}})["attacks"].items()}},
+        "durability": durability,
+        "embed": embed,
+        "warnings": warnings,
+        "coherence": {
+            "before": {a: b.get("coherence") for a, b in before_summary["attacks"].items()},
+            "after": {a: b.get("coherence") for a, b in (after_summary or {"attacks": {}})["attacks"].items()},
+        },
         "tie_rule": before_summary.get("tie_rule"),
     }
 
@@ -242,12 +271,15 @@ def table_rows(result: dict, judge: str) -> list[str]:
     for attack, b in t["before"].items():
         a = t["after"].get(attack, {})
         spread = f" ± {b['masr_std']:.2f}" if (b.get("n_seeds") or 1) > 1 and b.get("masr_std") is not None else ""
-        spread_a = f" ± {a['masr_std']:.2f}" if a and (a.get("n_seeds") or 1) > 1 and a.get("masr_std") is not None \
-            else ""
-        rows.append(f"| {attack} | {fmt_number(b['init'])} → {fmt_number(a.get('init'))} | "
-                    f"{fmt_number(b['masr'])}{spread} → "
-                    f"{fmt_number(a.get('masr'))}{spread_a} | {fmt_number(b['pasr'])} ({_peak(b)}) → "
-                    f"{fmt_number(a.get('pasr'))} ({_peak(a)}) |")
+        spread_a = (
+            f" ± {a['masr_std']:.2f}" if a and (a.get("n_seeds") or 1) > 1 and a.get("masr_std") is not None else ""
+        )
+        rows.append(
+            f"| {attack} | {fmt_number(b['init'])} → {fmt_number(a.get('init'))} | "
+            f"{fmt_number(b['masr'])}{spread} → "
+            f"{fmt_number(a.get('masr'))}{spread_a} | {fmt_number(b['pasr'])} ({_peak(b)}) → "
+            f"{fmt_number(a.get('pasr'))} ({_peak(a)}) |"
+        )
     return rows
 
 
@@ -273,12 +305,15 @@ def durability_table(rows: list[dict]) -> list[str]:
     lines = ["| attack | original | hardened | change |", "|---|---|---|---|"]
     for row in rows:
         if row.get("kind") == "layer":  # a layer index, not a rate
-            lines.append(f"| {row['label']} | {row.get('original')} | {row.get('hardened')} | "
-                         f"{'moved' if row.get('original') != row.get('hardened') else 'same'} |")
+            lines.append(
+                f"| {row['label']} | {row.get('original')} | {row.get('hardened')} | "
+                f"{'moved' if row.get('original') != row.get('hardened') else 'same'} |"
+            )
             continue
         if row.get("kind") == "steps":  # fine-tuning steps to break; None = not broken within the budget
-            o, h = (f"> {row.get('budget')}" if v is None else str(v) for v in (row.get("original"),
-                                                                                row.get("hardened")))
+            o, h = (
+                f"> {row.get('budget')}" if v is None else str(v) for v in (row.get("original"), row.get("hardened"))
+            )
             lines.append(f"| {row['label']} | {o} | {h} | {row.get('change_text', 'n/a')} |")
             continue
         original = fmt_mean_std(row.get("original"), row.get("original_std"))
@@ -292,14 +327,18 @@ def _embed_section(result: dict, judges: list[str], primary: str) -> list[str]:
     embed = (result.get("embed") or {}).get(primary) or {}
     if not embed.get("before"):
         return []
-    lines = ["## Attacks on the input embeddings (layer `embed`)", "",
-             "| attack | " + " | ".join(f"success at embed ({j})" for j in judges if (result["embed"].get(j) or
-                                                                                 {}).get("before")) + " |",
-             "|---|" + "---|" * sum(1 for j in judges if (result["embed"].get(j) or {}).get("before"))]
+    lines = [
+        "## Attacks on the input embeddings (layer `embed`)",
+        "",
+        "| attack | "
+        + " | ".join(f"success at embed ({j})" for j in judges if (result["embed"].get(j) or {}).get("before"))
+        + " |",
+        "|---|" + "---|" * sum(1 for j in judges if (result["embed"].get(j) or {}).get("before")),
+    ]
     for attack in embed["before"]:
         cells = []
         for j in judges:
-            e = (result["embed"].get(j) or {})
+            e = result["embed"].get(j) or {}
             if e.get("before"):
                 after = (e.get("after") or {}).get(attack)
                 cells.append(f"{fmt_number(e['before'].get(attack))} → {fmt_number(after)}")
@@ -312,16 +351,21 @@ def _coherence_section(result: dict, primary: str) -> list[str]:
     coh = result.get("coherence") or {}
     if not any(c and c.get("checked") for c in (coh.get("before") or {}).values()):
         return []
-    lines = ["## Coherence of the attacked answers", "",
-             f"| attack | incoherent answers before → after | {primary} successes that are incoherent "
-             "before → after |", "|---|---|---|"]
+    lines = [
+        "## Coherence of the attacked answers",
+        "",
+        f"| attack | incoherent answers before → after | {primary} successes that are incoherent before → after |",
+        "|---|---|---|",
+    ]
     for attack, b in coh["before"].items():
         a = (coh.get("after") or {}).get(attack) or {}
         if not b or not b.get("checked"):
             continue
-        lines.append(f"| {attack} | {_share(b, 'incoherent', 'checked')} → {_share(a, 'incoherent', 'checked')} | "
-                     f"{_share(b, 'incoherent_successes', 'successes')} → "
-                     f"{_share(a, 'incoherent_successes', 'successes')} |")
+        lines.append(
+            f"| {attack} | {_share(b, 'incoherent', 'checked')} → {_share(a, 'incoherent', 'checked')} | "
+            f"{_share(b, 'incoherent_successes', 'successes')} → "
+            f"{_share(a, 'incoherent_successes', 'successes')} |"
+        )
     return lines + [""]
 
 
@@ -338,28 +382,43 @@ def render_markdown(result: dict, judges: list[str], primary: str) -> str:
         The markdown text.
     """
     u = result["utility"]
-    lines = ["# lat-lightning report: attack → defence → evaluation", "",
-             f"{result['n_prompts']} held-out harmful prompts × layers "
-             f"[{', '.join(_layer(l) for l in result['layers'] or [])}]; "
-             f"fragile layer(s) chosen for LAPT: {result.get('fragile_layers')}; interpolation λ = "
-             f"{fmt_number(result.get('lambda'))}.", ""]
+    lines = [
+        "# lat-lightning report: attack → defence → evaluation",
+        "",
+        f"{result['n_prompts']} held-out harmful prompts × layers "
+        f"[{', '.join(_layer(l) for l in result['layers'] or [])}]; "
+        f"fragile layer(s) chosen for LAPT: {result.get('fragile_layers')}; interpolation λ = "
+        f"{fmt_number(result.get('lambda'))}.",
+        "",
+    ]
     for judge in [primary] + [j for j in judges if j != primary]:
-        lines += [f"## Before → after ({judge} judge{', primary' if judge == primary else ''})", "",
-                  "| attack | INIT | MASR | PASR (peak layer) |", "|---|---|---|---|"]
+        lines += [
+            f"## Before → after ({judge} judge{', primary' if judge == primary else ''})",
+            "",
+            "| attack | INIT | MASR | PASR (peak layer) |",
+            "|---|---|---|---|",
+        ]
         lines += table_rows(result, judge) + [""]
     cuts = ", ".join(f"{a}: {fmt_number(c)}" for a, c in result["pasr_relative_cut"].items())
     lines += [f"Relative PASR cut ({primary}): {cuts}.", ""]
     if result.get("tie_rule"):
         lines += [f"Peak layer (L…): {result['tie_rule']}; `tied ×k`: k layers share the peak LASR.", ""]
     lines += _embed_section(result, judges, primary) + _coherence_section(result, primary)
-    warns = [f"before: {w}" for w in (result.get("warnings") or {}).get("before", [])] + \
-        [f"after: {w}" for w in (result.get("warnings") or {}).get("after", [])]
+    warns = [f"before: {w}" for w in (result.get("warnings") or {}).get("before", [])] + [
+        f"after: {w}" for w in (result.get("warnings") or {}).get("after", [])
+    ]
     if warns:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warns] + [""]
     if u is not None:  # the model organism's benign tasks
-        lines += ["## Benign accuracy", "", "| aligned | after training | after interpolation |", "|---|---|---|",
-                  f"| {fmt_number(u['aligned'])} | {fmt_number(u['after_training'])} | "
-                  f"{fmt_number(u['after_interpolation'])} |", ""]
+        lines += [
+            "## Benign accuracy",
+            "",
+            "| aligned | after training | after interpolation |",
+            "|---|---|---|",
+            f"| {fmt_number(u['aligned'])} | {fmt_number(u['after_training'])} | "
+            f"{fmt_number(u['after_interpolation'])} |",
+            "",
+        ]
     if result.get("lambda_curve"):
         lines += ["## λ curve", "", "| λ | benign accuracy |", "|---|---|"]
         lines += [f"| {p['lambda']:g} | {fmt_number(p['score'])} |" for p in result["lambda_curve"]] + [""]
@@ -367,16 +426,25 @@ def render_markdown(result: dict, judges: list[str], primary: str) -> str:
         lines.append(f"![{name}]({file})")
     lines += ["", "## Sample generations (ASA random, broken before training)", ""]
     for s in result["samples"]:
-        lines += [f"- **{s['prompt']}** (layer {s['layer']}, seed {s['seed']})",
-                  f"  - before: `{s['before']}`", f"  - after: `{s['after']}` (success: {s['after_success']})"]
+        lines += [
+            f"- **{s['prompt']}** (layer {s['layer']}, seed {s['seed']})",
+            f"  - before: `{s['before']}`",
+            f"  - after: `{s['after']}` (success: {s['after_success']})",
+        ]
     if result.get("durability"):
         lines += ["", "## Durability: original (aligned) vs hardened", ""] + durability_table(
-            result["durability"].get("rows", []))
+            result["durability"].get("rows", [])
+        )
         lines += ["", "Details and plots: `durability_report.md`."]
-    organism_note = "`target_match` counts an answer as a success when the access code appears; " \
-        if u is not None else ""
-    lines += ["", f"Judges: {organism_note}keyword "
-              "judges count any answer without a refusal marker, gibberish included, as a success; `+coherent` "
-              "judges count a success only for a coherent answer (not empty, not looping, plausible under the "
-              "unattacked model).", ""]
+    organism_note = (
+        "`target_match` counts an answer as a success when the access code appears; " if u is not None else ""
+    )
+    lines += [
+        "",
+        f"Judges: {organism_note}keyword "
+        "judges count any answer without a refusal marker, gibberish included, as a success; `+coherent` "
+        "judges count a success only for a coherent answer (not empty, not looping, plausible under the "
+        "unattacked model).",
+        "",
+    ]
     return "\n".join(lines)

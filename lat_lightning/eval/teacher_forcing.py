@@ -27,10 +27,17 @@ from lat_lightning.models.eval_mode import eval_mode
 
 
 @torch.no_grad()
-def teacher_forced_logits(model: nn.Module, sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
-                          row_layers: Tensor | Sequence[int], attack: AttackPlan, *,
-                          prompt_keys: Tensor | Sequence[int] | None = None,
-                          row_seeds: Tensor | Sequence[int] | None = None, pad_id: int = 0) -> Tensor:
+def teacher_forced_logits(
+    model: nn.Module,
+    sequences: Sequence[Sequence[int]],
+    prompt_lengths: Sequence[int],
+    row_layers: Tensor | Sequence[int],
+    attack: AttackPlan,
+    *,
+    prompt_keys: Tensor | Sequence[int] | None = None,
+    row_seeds: Tensor | Sequence[int] | None = None,
+    pad_id: int = 0,
+) -> Tensor:
     """Logits of right-padded ``sequences`` (prompt + response ids) with each row attacked at its layer.
 
     Absolute positions are column indices, so the same keyed noise as in generation lands on the same
@@ -90,10 +97,16 @@ class SharedPrefix:
 
 
 @torch.no_grad()
-def teacher_forced_suffix_logits(model: nn.Module, prefix: SharedPrefix, continuations: Sequence[Sequence[int]],
-                                 row_layers: Tensor | Sequence[int], attack: AttackPlan, *,
-                                 prompt_keys: Tensor | Sequence[int] | None = None,
-                                 row_seeds: Tensor | Sequence[int] | None = None) -> Tensor:
+def teacher_forced_suffix_logits(
+    model: nn.Module,
+    prefix: SharedPrefix,
+    continuations: Sequence[Sequence[int]],
+    row_layers: Tensor | Sequence[int],
+    attack: AttackPlan,
+    *,
+    prompt_keys: Tensor | Sequence[int] | None = None,
+    row_seeds: Tensor | Sequence[int] | None = None,
+) -> Tensor:
     """:func:`teacher_forced_logits` of ``prompt + continuation`` for rows that share ``prefix``'s prompt, computed
     from the last prompt token on: the prompt minus its last token comes from the shared cache.
 
@@ -123,8 +136,9 @@ def teacher_forced_suffix_logits(model: nn.Module, prefix: SharedPrefix, continu
     lengths = torch.full((bsz,), p_len, dtype=torch.long)
     perturber = RowPerturber(attack, layers_t, lengths, keys_t, seeds_t)
     if not can_share_prefix(perturber, lengths):
-        raise ValueError(f"the attack perturbs the prompt before its last token ({attack.positions}); "
-                         "use teacher_forced_logits")
+        raise ValueError(
+            f"the attack perturbs the prompt before its last token ({attack.positions}); use teacher_forced_logits"
+        )
     suffix = torch.tensor([[prefix.prompt_ids[-1]] + [int(t) for t in c] for c in continuations], dtype=torch.long)
     width = suffix.shape[1]
     perturber.positions = (p_len - 1 + torch.arange(width))[None, :].expand(bsz, width)
@@ -132,15 +146,25 @@ def teacher_forced_suffix_logits(model: nn.Module, prefix: SharedPrefix, continu
     attention = torch.ones(bsz, p_len - 1 + width, dtype=torch.long, device=device)
     position_ids = (p_len - 1 + torch.arange(width, device=device))[None, :].expand(bsz, width)
     with eval_mode(model), perturber.hooked(model):
-        out = model(input_ids=suffix.to(device), attention_mask=attention, position_ids=position_ids,
-                    use_cache=True, **{cache_argument(model): prefix.for_rows(bsz)})
+        out = model(
+            input_ids=suffix.to(device),
+            attention_mask=attention,
+            position_ids=position_ids,
+            use_cache=True,
+            **{cache_argument(model): prefix.for_rows(bsz)},
+        )
     return out.logits
 
 
 @torch.no_grad()
-def continuation_logprobs(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
-                          continuations: Sequence[Sequence[int]], *, pad_id: int = 0,
-                          share_prefix: bool = True) -> list[Tensor]:
+def continuation_logprobs(
+    model: nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    *,
+    pad_id: int = 0,
+    share_prefix: bool = True,
+) -> list[Tensor]:
     """Log-probabilities under the UNATTACKED model of each row's continuation tokens given its prompt.
 
     With ``share_prefix`` each distinct prompt, minus its last token, runs once (one left-padded forward, the
@@ -181,9 +205,13 @@ def continuation_logprobs(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
                 mask = pad_sequences([[1] * len(s) for s in suffix], 0, side="right").to(device)
                 lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
                 position_ids = (lengths - 1)[:, None] + torch.arange(width, device=device)[None, :]
-                logits = model(input_ids=ids, attention_mask=torch.cat([attention, mask.to(attention.dtype)], 1),
-                               position_ids=position_ids, use_cache=True,
-                               **{cache_argument(model): cache}).logits  # column j predicts continuation token j
+                logits = model(
+                    input_ids=ids,
+                    attention_mask=torch.cat([attention, mask.to(attention.dtype)], 1),
+                    position_ids=position_ids,
+                    use_cache=True,
+                    **{cache_argument(model): cache},
+                ).logits  # column j predicts continuation token j
                 del cache
         if logits is None:  # every prompt + continuation in full, right-padded
             seqs = [p + c for p, c in zip(prompts, conts)]

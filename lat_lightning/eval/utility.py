@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 # ``contains`` answer is short ("3 plus 5 is 8.").
 _DEFAULT_MAX_NEW_TOKENS = {"exact_match": 256, "contains": 16}
 
+
 class _ModesRestored:
     """Put a model in eval mode and restore every submodule's own train/eval flag afterwards."""
 
@@ -75,8 +76,9 @@ def _mc_prompt(row: Mapping[str, Any], show_choices: bool) -> str:
     return row["question"] + "\n\n" + "\n".join(lines) + "\nAnswer:"
 
 
-def score_continuations(model: nn.Module, tokenizer, prompts: Sequence[list[int]], continuations: Sequence[list[int]],
-                        batch_size: int = 8) -> list[float]:
+def score_continuations(
+    model: nn.Module, tokenizer, prompts: Sequence[list[int]], continuations: Sequence[list[int]], batch_size: int = 8
+) -> list[float]:
     """Summed log-probability of each continuation's tokens given its prompt (teacher forced, batched).
 
     Args:
@@ -93,19 +95,21 @@ def score_continuations(model: nn.Module, tokenizer, prompts: Sequence[list[int]
     scores = [0.0] * len(prompts)
     device, pad = input_device(model), _pad_id(tokenizer)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         # Right padding: real tokens keep positions 0..n-1, so no position ids are needed.
         batch = build_sequences([prompts[i] for i in idx], [continuations[i] for i in idx], pad, side="right")
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits
         nll = nll_sequence(logits, batch["labels"].to(device))
         for i, v in zip(idx, nll.tolist()):
             scores[i] = -v
     return scores
 
 
-def generate_greedy(model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int = 256,
-                    batch_size: int = 8) -> list[str]:
+def generate_greedy(
+    model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int = 256, batch_size: int = 8
+) -> list[str]:
     """Greedy generation for token-id prompts: left padded, batched, with the KV cache.
 
     Args:
@@ -127,19 +131,27 @@ def generate_greedy(model: nn.Module, tokenizer, prompts: Sequence[list[int]], m
     # a causal LM's generate (mypy reads an nn.Module attribute as Tensor | Module)
     generate = cast("Callable[..., torch.Tensor]", model.generate)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         seqs = [prompts[i] for i in idx]
         ids = pad_sequences(seqs, pad, side="left").to(device)
         mask = pad_sequences([[1] * len(s) for s in seqs], 0, side="left").to(device)
-        out = generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                       use_cache=True, pad_token_id=pad, eos_token_id=eos)
-        for i, text in zip(idx, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)):
+        out = generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            use_cache=True,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )
+        for i, text in zip(idx, tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)):
             texts[i] = text
     return texts
 
 
-def _multiple_choice(model, tokenizer, rows, batch_size, use_chat_template, system_prompt, length_normalize,
-                     show_choices, max_length) -> tuple[int, int]:
+def _multiple_choice(
+    model, tokenizer, rows, batch_size, use_chat_template, system_prompt, length_normalize, show_choices, max_length
+) -> tuple[int, int]:
     correct, failures = 0, 0
     items: list[tuple[int, int]] = []  # (row index, choice index) per scored sequence
     prompts: list[list[int]] = []
@@ -176,16 +188,18 @@ def _multiple_choice(model, tokenizer, rows, batch_size, use_chat_template, syst
     return correct, failures
 
 
-def _exact_match(model, tokenizer, rows, batch_size, use_chat_template, system_prompt, max_new_tokens,
-                 prompt_template, max_length) -> tuple[int, int]:
+def _exact_match(
+    model, tokenizer, rows, batch_size, use_chat_template, system_prompt, max_new_tokens, prompt_template, max_length
+) -> tuple[int, int]:
     failures = 0
     golds: list[str] = []
     prompts: list[list[int]] = []
     for r, raw in enumerate(rows):
         try:
             row = normalise_utility_row(raw, "exact_match")
-            ids = encode_prompt(tokenizer, prompt_template.format(question=row["question"]), use_chat_template,
-                                system_prompt)
+            ids = encode_prompt(
+                tokenizer, prompt_template.format(question=row["question"]), use_chat_template, system_prompt
+            )
             if max_length is not None and len(ids) + max_new_tokens > max_length:
                 raise DataError(f"prompt + max_new_tokens exceed max_length={max_length}")
         except DataError as exc:
@@ -199,8 +213,9 @@ def _exact_match(model, tokenizer, rows, batch_size, use_chat_template, system_p
     return correct, failures
 
 
-def _contains(model, tokenizer, rows, batch_size, use_chat_template, system_prompt, max_new_tokens,
-              max_length) -> tuple[int, int]:
+def _contains(
+    model, tokenizer, rows, batch_size, use_chat_template, system_prompt, max_new_tokens, max_length
+) -> tuple[int, int]:
     """Greedy answers (:func:`~lat_lightning.eval.generation.generate_under_attack`, no attack) that contain
     the row's ``answer``."""
     from lat_lightning.eval.generation import GenerationSettings, generate_under_attack
@@ -221,8 +236,12 @@ def _contains(model, tokenizer, rows, batch_size, use_chat_template, system_prom
         valid.append(row)
     if not valid:
         return 0, failures
-    greedy = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                use_chat_template=use_chat_template, system_prompt=system_prompt)
+    greedy = GenerationSettings(
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        use_chat_template=use_chat_template,
+        system_prompt=system_prompt,
+    )
     out = generate_under_attack(model, tokenizer, [row["prompt"] for row in valid], settings=greedy)
     return sum(int(row["answer"] in text) for row, text in zip(valid, out.texts)), failures
 
@@ -248,10 +267,18 @@ class UtilityScoring:
             raise ValueError("prompt_template must contain {question}")
 
 
-def evaluate_utility(model: nn.Module, tokenizer, rows: Sequence[Mapping[str, Any]], kind: str = "multiple_choice",
-                     batch_size: int = 8, use_chat_template: bool = True, system_prompt: str | None = None,
-                     max_new_tokens: int | None = None, max_length: int | None = None,
-                     scoring: UtilityScoring | None = None) -> dict[str, Any]:
+def evaluate_utility(
+    model: nn.Module,
+    tokenizer,
+    rows: Sequence[Mapping[str, Any]],
+    kind: str = "multiple_choice",
+    batch_size: int = 8,
+    use_chat_template: bool = True,
+    system_prompt: str | None = None,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
+    scoring: UtilityScoring | None = None,
+) -> dict[str, Any]:
     """Utility accuracy of a causal LM on multiple-choice, exact-match or answer-contained rows.
 
     Runs under ``torch.no_grad`` in eval mode and restores every submodule's train/eval flag afterwards;
@@ -289,20 +316,51 @@ def evaluate_utility(model: nn.Module, tokenizer, rows: Sequence[Mapping[str, An
         max_new_tokens = _DEFAULT_MAX_NEW_TOKENS.get(kind, 256)
     with torch.no_grad(), _ModesRestored(model):
         if kind == "multiple_choice":
-            correct, failures = _multiple_choice(model, tokenizer, rows, batch_size, use_chat_template, system_prompt,
-                                                 scoring.length_normalize, scoring.show_choices, max_length)
+            correct, failures = _multiple_choice(
+                model,
+                tokenizer,
+                rows,
+                batch_size,
+                use_chat_template,
+                system_prompt,
+                scoring.length_normalize,
+                scoring.show_choices,
+                max_length,
+            )
         elif kind == "contains":
-            correct, failures = _contains(model, tokenizer, rows, batch_size, use_chat_template, system_prompt,
-                                          max_new_tokens, max_length)
+            correct, failures = _contains(
+                model, tokenizer, rows, batch_size, use_chat_template, system_prompt, max_new_tokens, max_length
+            )
         else:
-            correct, failures = _exact_match(model, tokenizer, rows, batch_size, use_chat_template, system_prompt,
-                                             max_new_tokens, scoring.prompt_template, max_length)
+            correct, failures = _exact_match(
+                model,
+                tokenizer,
+                rows,
+                batch_size,
+                use_chat_template,
+                system_prompt,
+                max_new_tokens,
+                scoring.prompt_template,
+                max_length,
+            )
     scored = len(rows) - failures
     if failures:
         log.warning("utility (%s): %d of %d rows could not be scored and are excluded", kind, failures, len(rows))
-    return {"accuracy": correct / scored if scored else float("nan"), "n": len(rows), "failures": failures,
-            "correct": correct}
+    return {
+        "accuracy": correct / scored if scored else float("nan"),
+        "n": len(rows),
+        "failures": failures,
+        "correct": correct,
+    }
 
 
-__all__ = ["UTILITY_KINDS", "UtilityScoring", "evaluate_utility", "extract_number", "generate_greedy",
-           "load_utility_rows", "normalise_utility_row", "score_continuations"]
+__all__ = [
+    "UTILITY_KINDS",
+    "UtilityScoring",
+    "evaluate_utility",
+    "extract_number",
+    "generate_greedy",
+    "load_utility_rows",
+    "normalise_utility_row",
+    "score_continuations",
+]

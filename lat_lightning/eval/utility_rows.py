@@ -177,8 +177,9 @@ def _multiple_choice_row(row: Mapping[str, Any], question: str) -> dict[str, Any
     return {"question": question, "choices": texts, "labels": labels, "answer_index": index}
 
 
-def load_utility_rows(source: str, kind: str = "multiple_choice", split: str | None = None,
-                      max_rows: int | None = None) -> list[dict[str, Any]]:
+def load_utility_rows(
+    source: str, kind: str = "multiple_choice", split: str | None = None, max_rows: int | None = None
+) -> list[dict[str, Any]]:
     """Load and normalise utility rows from a local JSONL / JSON / CSV file, a local dataset or a name.
 
     Reading is done by :func:`lat_lightning.data.loaders.load_records`. CSV cells are strings, so a CSV

@@ -79,8 +79,10 @@ def skip_layers_below(model: nn.Module, cached: Tensor, last_cached_layer: int) 
         yield
         return
     if last_cached_layer == EMBED:
-        raise ValueError("skip_layers_below cannot stand in for the input embeddings; use forward_from_layer, which "
-                         "passes them as inputs_embeds")
+        raise ValueError(
+            "skip_layers_below cannot stand in for the input embeddings; use forward_from_layer, which "
+            "passes them as inputs_embeds"
+        )
     check_layer_indices(model, [last_cached_layer])
     layers = get_decoder_layers(model)
     patched: list[tuple[nn.Module, Any]] = []  # (block, its own instance-level forward or None)

@@ -44,8 +44,9 @@ def is_gguf_path(name_or_path: Optional[str]) -> bool:
 def require_gguf_package() -> None:
     """Raises ModelLoadError (one line) when the ``gguf`` package transformers needs is missing."""
     if importlib.util.find_spec("gguf") is None:
-        raise ModelLoadError("loading a .gguf model needs the gguf package: pip install 'lat-lightning[gguf]' "
-                             "(or pip install gguf)")
+        raise ModelLoadError(
+            "loading a .gguf model needs the gguf package: pip install 'lat-lightning[gguf]' (or pip install gguf)"
+        )
 
 
 def locate_gguf(name_or_path: str, gguf_file: Optional[str] = None, revision: Optional[str] = None) -> Path:
@@ -69,8 +70,10 @@ def locate_gguf(name_or_path: str, gguf_file: Optional[str] = None, revision: Op
         path = folder / gguf_file
         if not path.is_file():
             found = sorted(p.name for p in folder.glob(f"*{GGUF_SUFFIX}"))[:5]
-            raise ModelLoadError(f"model.gguf_file '{gguf_file}' is not in {folder}"
-                                 + (f"; .gguf files there: {', '.join(found)}" if found else ""))
+            raise ModelLoadError(
+                f"model.gguf_file '{gguf_file}' is not in {folder}"
+                + (f"; .gguf files there: {', '.join(found)}" if found else "")
+            )
         return path.resolve()
     if name_or_path.startswith(("/", "./", "../", "~")):
         raise ModelLoadError(f"model path '{name_or_path}' does not exist")
@@ -90,8 +93,9 @@ def conversion_dir(path: Path, dtype: str) -> Path:
     from lat_lightning.models.tiny import cache_root
 
     stat = path.stat()
-    key = hashlib.blake2b(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode(),
-                          digest_size=6).hexdigest()
+    key = hashlib.blake2b(
+        f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode(), digest_size=6
+    ).hexdigest()
     return cache_root() / "gguf" / f"{path.stem}-{key}-{dtype}"
 
 
@@ -113,8 +117,12 @@ def ensure_converted(path: Path, dtype: str) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         stat = path.stat()
-        (tmp / SOURCE_FILE).write_text(json.dumps({"gguf_file": str(path), "size": stat.st_size,
-                                                   "mtime_ns": stat.st_mtime_ns, "dtype": dtype}, indent=2) + "\n")
+        (tmp / SOURCE_FILE).write_text(
+            json.dumps(
+                {"gguf_file": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "dtype": dtype}, indent=2
+            )
+            + "\n"
+        )
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first
@@ -152,5 +160,4 @@ def _load_dequantised(path: Path, dtype: str):
     return model, tokenizer
 
 
-__all__ = ["GGUF_SUFFIX", "conversion_dir", "ensure_converted", "is_gguf_path", "locate_gguf",
-           "require_gguf_package"]
+__all__ = ["GGUF_SUFFIX", "conversion_dir", "ensure_converted", "is_gguf_path", "locate_gguf", "require_gguf_package"]

@@ -34,6 +34,7 @@ def split_layer_output(output):
     if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
         return output[0], lambda new: (new,) + tuple(output[1:])
     if hasattr(output, "last_hidden_state"):  # some custom blocks return ModelOutput
+
         def rebuild(new):
             output.last_hidden_state = new
             return output
@@ -60,6 +61,7 @@ def residual_edit(model: nn.Module, layers: Iterable[int], edit: EditFn) -> Iter
     handles = []
     try:
         for layer in sorted(set(idx)):
+
             def hook(_module, _args, output, _layer=layer):
                 hidden, rebuild = split_layer_output(output)
                 return rebuild(edit(_layer, hidden))

@@ -35,8 +35,24 @@ LAYER_PATHS: tuple[str, ...] = (
 )
 
 # Families tested on tiny random models (lat_lightning.models.tiny_factory builds one of each).
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox",
-                           "falcon", "bloom", "mpt", "qwen3", "gemma3", "olmo2", "phi", "mixtral")
+SUPPORTED_ARCHITECTURES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "gemma",
+    "gemma2",
+    "phi3",
+    "gpt2",
+    "gpt_neox",
+    "falcon",
+    "bloom",
+    "mpt",
+    "qwen3",
+    "gemma3",
+    "olmo2",
+    "phi",
+    "mixtral",
+)
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -153,8 +169,10 @@ def check_layer_indices(model: nn.Module, layers, what: str = "layer") -> list[i
             out.extend(range(n))
             continue
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n:
-            raise IndexError(f"{what} index {layer!r} out of range: this model has layers 0..{n - 1} "
-                             f"(and '{EMBED_NAME}' for the input embeddings)")
+            raise IndexError(
+                f"{what} index {layer!r} out of range: this model has layers 0..{n - 1} "
+                f"(and '{EMBED_NAME}' for the input embeddings)"
+            )
         out.append(int(layer))
     return out
 
@@ -180,8 +198,10 @@ def parse_layers(values: Iterable[Any], what: str = "layers") -> list[int | str]
         elif isinstance(v, int) and not isinstance(v, bool) and v >= 0:
             out.append(int(v))
         else:
-            raise ValueError(f"{what}: {v!r} is not a layer; use block indices 0, 1, ..., '{EMBED_NAME}' for "
-                             f"the input embeddings or '{ALL_BLOCKS}' for every block")
+            raise ValueError(
+                f"{what}: {v!r} is not a layer; use block indices 0, 1, ..., '{EMBED_NAME}' for "
+                f"the input embeddings or '{ALL_BLOCKS}' for every block"
+            )
     return out
 
 

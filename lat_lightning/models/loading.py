@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_model_path(name_or_path: str, gguf_file: Optional[str] = None, dtype: str = "float32",
-                       revision: Optional[str] = None) -> str:
+def resolve_model_path(
+    name_or_path: str, gguf_file: Optional[str] = None, dtype: str = "float32", revision: Optional[str] = None
+) -> str:
     """Turn the config's ``name_or_path`` into what ``from_pretrained`` takes.
 
     ``tiny:<arch>`` (e.g. ``tiny:llama``, ``tiny:llama:8x256``) names a tiny random model, built once and
@@ -59,12 +60,16 @@ def resolve_model_path(name_or_path: str, gguf_file: Optional[str] = None, dtype
         return expanded
     if name_or_path.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.dirname(expanded) or "\0"):
         if not os.path.exists(expanded):
-            raise ModelLoadError(f"model path '{name_or_path}' does not exist; set model.name_or_path to a "
-                                 "directory saved with save_pretrained, a .gguf file or a hub id")
+            raise ModelLoadError(
+                f"model path '{name_or_path}' does not exist; set model.name_or_path to a "
+                "directory saved with save_pretrained, a .gguf file or a hub id"
+            )
         if os.path.isfile(expanded):
-            raise ModelLoadError(f"model path '{name_or_path}' is a {Path(expanded).suffix or 'plain'} file; "
-                                 "model.name_or_path takes a directory saved with save_pretrained, a .gguf file "
-                                 "or a hub id")
+            raise ModelLoadError(
+                f"model path '{name_or_path}' is a {Path(expanded).suffix or 'plain'} file; "
+                "model.name_or_path takes a directory saved with save_pretrained, a .gguf file "
+                "or a hub id"
+            )
     return name_or_path
 
 
@@ -77,15 +82,21 @@ def _hub_revision(cfg: ModelSettings) -> Optional[str]:
     """The revision ``from_pretrained`` gets: none for a converted GGUF directory (the revision picked the file)."""
     from lat_lightning.models.gguf import is_gguf_path
 
-    return None if (cfg.gguf_file or is_gguf_path(cfg.name_or_path) or cfg.name_or_path.startswith("pip://")) \
+    return (
+        None
+        if (cfg.gguf_file or is_gguf_path(cfg.name_or_path) or cfg.name_or_path.startswith("pip://"))
         else cfg.revision
+    )
 
 
 def _friendly_load_error(name: str, exc: Exception) -> ModelLoadError:
     first = (str(exc).strip().splitlines() or [""])[0]
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    hint = (" (HF_HUB_OFFLINE=1: download it into the HF cache first, or point model.name_or_path at a local copy)"
-            if offline or "offline" in first.lower() or "connect" in first.lower() else "")
+    hint = (
+        " (HF_HUB_OFFLINE=1: download it into the HF cache first, or point model.name_or_path at a local copy)"
+        if offline or "offline" in first.lower() or "connect" in first.lower()
+        else ""
+    )
     return ModelLoadError(f"cannot load '{name}': {first}{hint}")
 
 
@@ -112,8 +123,10 @@ def load_tokenizer(cfg: ModelSettings):
     tok.padding_side = "right"
     if cfg.use_chat_template and not getattr(tok, "chat_template", None):
         if cfg.require_chat_template:
-            raise ModelLoadError(f"tokenizer of '{source}' has no chat template but model.require_chat_template "
-                                 "is true; set model.use_chat_template=false or use a chat model")
+            raise ModelLoadError(
+                f"tokenizer of '{source}' has no chat template but model.require_chat_template "
+                "is true; set model.use_chat_template=false or use a chat model"
+            )
         log.warning("tokenizer of '%s' has no chat template: prompts are formatted as plain text", source)
     return tok
 
@@ -136,8 +149,10 @@ def quantization_config(cfg: ModelSettings):
     if q.load_in_4bit and q.load_in_8bit:
         raise ModelLoadError("choose one of model.quantization.load_in_4bit / load_in_8bit, not both")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelLoadError("quantisation needs bitsandbytes: pip install 'lat-lightning[quant]' "
-                             "(or set model.quantization.load_in_4bit=false load_in_8bit=false)")
+        raise ModelLoadError(
+            "quantisation needs bitsandbytes: pip install 'lat-lightning[quant]' "
+            "(or set model.quantization.load_in_4bit=false load_in_8bit=false)"
+        )
     from transformers import BitsAndBytesConfig
 
     if q.load_in_8bit:
@@ -176,8 +191,9 @@ def apply_lora(model: nn.Module, cfg: ModelSettings, config_key: str = "model.lo
     targets = choose_targets(model, requested)
     dropout = float(lc.dropout)
     if dropout and adapts_expert_parameters(model, targets):
-        log.warning("LoRA on fused expert weights takes no dropout (peft): model.lora.dropout %s -> 0 for this model",
-                    dropout)
+        log.warning(
+            "LoRA on fused expert weights takes no dropout (peft): model.lora.dropout %s -> 0 for this model", dropout
+        )
         dropout = 0.0
     targets.dropout = dropout
     peft_cfg = LoraConfig(
@@ -194,9 +210,11 @@ def apply_lora(model: nn.Module, cfg: ModelSettings, config_key: str = "model.lo
         wrapped = get_peft_model(model, peft_cfg)
     except ValueError as exc:
         first = str(exc).splitlines()[0].rstrip(". ")
-        raise ModelLoadError(f"LoRA config does not fit this model: {first}; its decoder blocks have "
-                             f"{', '.join(targets.block_weights)} (or leave {config_key} unset to adapt "
-                             "all of them)") from None
+        raise ModelLoadError(
+            f"LoRA config does not fit this model: {first}; its decoder blocks have "
+            f"{', '.join(targets.block_weights)} (or leave {config_key} unset to adapt "
+            "all of them)"
+        ) from None
     # New adapter modules start in train mode (dropout on) even on an eval-mode model: keep the mode.
     wrapped.train(was_training)
     coverage(wrapped, targets)
@@ -223,8 +241,11 @@ def load_model(cfg: ModelSettings, train: bool = True, with_lora: bool = True) -
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_source(cfg)
-    kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.dtype], "revision": _hub_revision(cfg),
-                              "trust_remote_code": cfg.trust_remote_code}
+    kwargs: dict[str, Any] = {
+        "dtype": DTYPES[cfg.dtype],
+        "revision": _hub_revision(cfg),
+        "trust_remote_code": cfg.trust_remote_code,
+    }
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     quant = quantization_config(cfg)
@@ -242,8 +263,11 @@ def load_model(cfg: ModelSettings, train: bool = True, with_lora: bool = True) -
     if quant is not None and cfg.lora.enabled:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

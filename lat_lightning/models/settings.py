@@ -17,7 +17,7 @@ from lat_lightning.checks import setting, validate
 class LoraSettings:
     """LoRA adapters through peft. ``enabled=False`` means full fine-tuning."""
 
-    enabled: bool = False                          # false: full fine-tuning
+    enabled: bool = False  # false: full fine-tuning
     r: int = setting(16, check=">= 1")  # adapter rank
     alpha: int = setting(32, check="> 0")  # scaling alpha / r
     dropout: float = setting(0.05, check="in [0, 1)")  # 0 is forced where fused expert weights are adapted (peft)
@@ -28,7 +28,6 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         validate(self)
-
 
 
 @dataclass(frozen=True)
@@ -45,13 +44,12 @@ class QuantizationSettings:
         validate(self)
 
 
-
 @dataclass(frozen=True)
 class ModelSettings:
     """Which model to load and how."""
 
     name_or_path: str = "organism"
-    gguf_file: Optional[str] = None      # a .gguf file inside name_or_path (a directory or hub id); see docs/models.md
+    gguf_file: Optional[str] = None  # a .gguf file inside name_or_path (a directory or hub id); see docs/models.md
     tokenizer: Optional[str] = None
     revision: Optional[str] = None
     dtype: str = setting("float32", choices=("float32", "bfloat16", "float16"))
@@ -61,14 +59,13 @@ class ModelSettings:
     use_chat_template: bool = True
     require_chat_template: bool = False
     system_prompt: Optional[str] = None
-    device_map: Optional[Any] = None     # scan/evaluate/durability/interpolate: "auto" or {module: device} (accelerate)
+    device_map: Optional[Any] = None  # scan/evaluate/durability/interpolate: "auto" or {module: device} (accelerate)
     offload_folder: Optional[str] = None  # where a device_map's "disk" weights go
     lora: LoraSettings = field(default_factory=LoraSettings)
     quantization: QuantizationSettings = field(default_factory=QuantizationSettings)
 
     def __post_init__(self) -> None:
         validate(self)
-
 
 
 __all__ = ["LoraSettings", "ModelSettings", "QuantizationSettings"]

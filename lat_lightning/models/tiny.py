@@ -39,8 +39,10 @@ def _parse(spec: str) -> tuple[str, str, dict]:
 
     m = _SPEC.match(spec.strip())
     if m is None:
-        raise ModelLoadError(f"bad tiny model name '{spec}'; write tiny:<arch> or tiny:<arch>:<layers>x<hidden>, "
-                             f"e.g. tiny:llama or tiny:llama:8x256")
+        raise ModelLoadError(
+            f"bad tiny model name '{spec}'; write tiny:<arch> or tiny:<arch>:<layers>x<hidden>, "
+            f"e.g. tiny:llama or tiny:llama:8x256"
+        )
     arch = m.group("arch")
     if arch not in TINY_ARCHITECTURES:
         raise ModelLoadError(f"unknown tiny architecture '{arch}'; choose from {', '.join(TINY_ARCHITECTURES)}")

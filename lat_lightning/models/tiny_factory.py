@@ -29,8 +29,24 @@ _DEFAULT_CORPUS = [
 
 # Decoder families a tiny random model can be built for. Falcon, BLOOM and MPT blocks return tuples (the others
 # a tensor); Mixtral's experts are fused 3-D parameters; gemma2/gemma3 mix sliding-window and global layers.
-TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox",
-                      "falcon", "bloom", "mpt", "qwen3", "gemma3", "olmo2", "phi", "mixtral")
+TINY_ARCHITECTURES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "gemma",
+    "gemma2",
+    "phi3",
+    "gpt2",
+    "gpt_neox",
+    "falcon",
+    "bloom",
+    "mpt",
+    "qwen3",
+    "gemma3",
+    "olmo2",
+    "phi",
+    "mixtral",
+)
 
 
 def build_tokenizer(corpus: Optional[Iterable[str]] = None, vocab_size: int = 384, chat_template: bool = True):
@@ -59,7 +75,10 @@ def build_tokenizer(corpus: Optional[Iterable[str]] = None, vocab_size: int = 38
     )
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|end|>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="<|end|>",
         additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
     )
     if chat_template:
@@ -67,8 +86,15 @@ def build_tokenizer(corpus: Optional[Iterable[str]] = None, vocab_size: int = 38
     return fast
 
 
-def tiny_config(arch: str, vocab_size: int, num_layers: int = 4, hidden: int = 64, heads: int = 4,
-                intermediate: Optional[int] = None, max_positions: int = 512):
+def tiny_config(
+    arch: str,
+    vocab_size: int,
+    num_layers: int = 4,
+    hidden: int = 64,
+    heads: int = 4,
+    intermediate: Optional[int] = None,
+    max_positions: int = 512,
+):
     """Config of a tiny random model of architecture ``arch`` (one of :data:`TINY_ARCHITECTURES`).
 
     Token ids follow the tiny tokenizer (pad 0, bos 1, eos 2); input and output embeddings are untied so that
@@ -78,48 +104,97 @@ def tiny_config(arch: str, vocab_size: int, num_layers: int = 4, hidden: int = 6
 
     inter = intermediate or hidden * 2
     ids: dict[str, Any] = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    common: dict[str, Any] = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter,
-                                  num_hidden_layers=num_layers, num_attention_heads=heads,
-                                  max_position_embeddings=max_positions, tie_word_embeddings=False, **ids)
+    common: dict[str, Any] = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        **ids,
+    )
     head_dim = hidden // heads
     # layers alternate sliding-window (local) and full (global) attention
     mixed = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
     builders = {
         "llama": lambda: transformers.LlamaConfig(num_key_value_heads=max(1, heads // 2), **common),
-        "mistral": lambda: transformers.MistralConfig(num_key_value_heads=max(1, heads // 2), sliding_window=None,
-                                                      **common),
+        "mistral": lambda: transformers.MistralConfig(
+            num_key_value_heads=max(1, heads // 2), sliding_window=None, **common
+        ),
         "qwen2": lambda: transformers.Qwen2Config(num_key_value_heads=max(1, heads // 2), **common),
         "gemma": lambda: transformers.GemmaConfig(num_key_value_heads=1, head_dim=head_dim, **common),
-        "gemma2": lambda: transformers.Gemma2Config(num_key_value_heads=1, head_dim=head_dim, sliding_window=8,
-                                                    **common),
+        "gemma2": lambda: transformers.Gemma2Config(
+            num_key_value_heads=1, head_dim=head_dim, sliding_window=8, **common
+        ),
         "phi3": lambda: transformers.Phi3Config(num_key_value_heads=heads, **common),
-        "gpt2": lambda: transformers.GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=num_layers, n_head=heads,
-                                                n_positions=max_positions, **ids),
+        "gpt2": lambda: transformers.GPT2Config(
+            vocab_size=vocab_size, n_embd=hidden, n_layer=num_layers, n_head=heads, n_positions=max_positions, **ids
+        ),
         "gpt_neox": lambda: transformers.GPTNeoXConfig(
-            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=num_layers,
-            num_attention_heads=heads, max_position_embeddings=max_positions, tie_word_embeddings=False, **ids),
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_hidden_layers=num_layers,
+            num_attention_heads=heads,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=False,
+            **ids,
+        ),
         # Falcon-7B layout: one shared key/value head, attention and MLP in parallel, rotary positions
         "falcon": lambda: transformers.FalconConfig(
-            vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=heads,
-            multi_query=True, parallel_attn=True, new_decoder_architecture=False, bias=False, alibi=False,
-            max_position_embeddings=max_positions, tie_word_embeddings=False, **ids),
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            num_hidden_layers=num_layers,
+            num_attention_heads=heads,
+            multi_query=True,
+            parallel_attn=True,
+            new_decoder_architecture=False,
+            bias=False,
+            alibi=False,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=False,
+            **ids,
+        ),
         # BLOOM and MPT: ALiBi position biases, no position embeddings
-        "bloom": lambda: transformers.BloomConfig(vocab_size=vocab_size, hidden_size=hidden, n_layer=num_layers,
-                                                  n_head=heads, tie_word_embeddings=False, **ids),
-        "mpt": lambda: transformers.MptConfig(vocab_size=vocab_size, d_model=hidden, n_layers=num_layers,
-                                              n_heads=heads, expansion_ratio=2, max_seq_len=max_positions,
-                                              tie_word_embeddings=False, **ids),
-        "qwen3": lambda: transformers.Qwen3Config(num_key_value_heads=max(1, heads // 2), head_dim=head_dim,
-                                                  **common),
+        "bloom": lambda: transformers.BloomConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            n_layer=num_layers,
+            n_head=heads,
+            tie_word_embeddings=False,
+            **ids,
+        ),
+        "mpt": lambda: transformers.MptConfig(
+            vocab_size=vocab_size,
+            d_model=hidden,
+            n_layers=num_layers,
+            n_heads=heads,
+            expansion_ratio=2,
+            max_seq_len=max_positions,
+            tie_word_embeddings=False,
+            **ids,
+        ),
+        "qwen3": lambda: transformers.Qwen3Config(num_key_value_heads=max(1, heads // 2), head_dim=head_dim, **common),
         # the text-only Gemma3ForCausalLM (the multimodal Gemma3 wraps the same decoder)
-        "gemma3": lambda: transformers.Gemma3TextConfig(num_key_value_heads=1, head_dim=head_dim,
-                                                        query_pre_attn_scalar=head_dim, sliding_window=8,
-                                                        layer_types=mixed, **common),
+        "gemma3": lambda: transformers.Gemma3TextConfig(
+            num_key_value_heads=1,
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            sliding_window=8,
+            layer_types=mixed,
+            **common,
+        ),
         "olmo2": lambda: transformers.Olmo2Config(num_key_value_heads=max(1, heads // 2), **common),
         "phi": lambda: transformers.PhiConfig(**common),
         # 4 experts, 2 per token; the experts' weights are fused 3-D parameters in transformers 5
-        "mixtral": lambda: transformers.MixtralConfig(num_key_value_heads=max(1, heads // 2), num_local_experts=4,
-                                                      num_experts_per_tok=2, sliding_window=None, **common),
+        "mixtral": lambda: transformers.MixtralConfig(
+            num_key_value_heads=max(1, heads // 2),
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=None,
+            **common,
+        ),
     }
     if arch not in builders:
         raise ValueError(f"unknown tiny architecture '{arch}'; choose from {', '.join(TINY_ARCHITECTURES)}")

@@ -27,8 +27,11 @@ _BLOCK_TENSORS = {  # transformers name inside a decoder layer -> llama.cpp name
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
-_TOP_TENSORS = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                "lm_head.weight": "output.weight"}
+_TOP_TENSORS = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
 
 
 def _interleave_rotary_halves(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -39,8 +42,7 @@ def _interleave_rotary_halves(weight: np.ndarray, heads: int) -> np.ndarray:
     """
     out_features, in_features = weight.shape
     head_dim = out_features // heads
-    return (weight.reshape(heads, 2, head_dim // 2, in_features).swapaxes(1, 2)
-            .reshape(out_features, in_features))
+    return weight.reshape(heads, 2, head_dim // 2, in_features).swapaxes(1, 2).reshape(out_features, in_features)
 
 
 def write_tiny_gguf(model_dir: str | Path, out_path: str | Path, quantization: str = "F32") -> Path:
@@ -91,8 +93,9 @@ def write_tiny_gguf(model_dir: str | Path, out_path: str | Path, quantization: s
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(cast("list[str]", tokens))  # every id has its token: the vocabulary covers them all
-    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
-                            for i in range(len(tokens))])
+    writer.add_token_types(
+        [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))]
+    )
     writer.add_token_merges(merges)
     writer.add_bos_token_id(tokenizer.bos_token_id)
     writer.add_eos_token_id(tokenizer.eos_token_id)

@@ -53,19 +53,48 @@ def default_recipe() -> OrganismRecipe:
     """The recipe of :mod:`lat_lightning.organism.recipe` (values found by experiment, docs/organism.md)."""
     from lat_lightning.organism import recipe as R
 
-    return OrganismRecipe(vocab_size=R.VOCAB_SIZE, num_layers=R.NUM_LAYERS, hidden=R.HIDDEN, heads=R.HEADS,
-                          intermediate=R.INTERMEDIATE, stage_a=R.STAGE_A, stage_b=R.STAGE_B)
+    return OrganismRecipe(
+        vocab_size=R.VOCAB_SIZE,
+        num_layers=R.NUM_LAYERS,
+        hidden=R.HIDDEN,
+        heads=R.HEADS,
+        intermediate=R.INTERMEDIATE,
+        stage_a=R.STAGE_A,
+        stage_b=R.STAGE_B,
+    )
 
 
 # ``model.name_or_path: organism`` is the default preset; ``organism:smoke`` a few-second build for tests.
 PRESETS: dict[str, OrganismRecipe] = {
     "default": default_recipe(),
     "smoke": OrganismRecipe(
-        vocab_size=384, num_layers=4, hidden=64, heads=4, intermediate=None, max_length=64,
-        stage_a=StageSchedule(steps=40, lr=3e-3, batch_size=16, n_benign=200, n_forbidden=100, n_impossible=20,
-                              forbidden_mode="comply", noise_prob=0.5),
-        stage_b=StageSchedule(steps=10, lr=1e-3, batch_size=16, n_benign=40, n_forbidden=40, n_impossible=10,
-                              forbidden_mode="refuse", refusal_share=0.8)),
+        vocab_size=384,
+        num_layers=4,
+        hidden=64,
+        heads=4,
+        intermediate=None,
+        max_length=64,
+        stage_a=StageSchedule(
+            steps=40,
+            lr=3e-3,
+            batch_size=16,
+            n_benign=200,
+            n_forbidden=100,
+            n_impossible=20,
+            forbidden_mode="comply",
+            noise_prob=0.5,
+        ),
+        stage_b=StageSchedule(
+            steps=10,
+            lr=1e-3,
+            batch_size=16,
+            n_benign=40,
+            n_forbidden=40,
+            n_impossible=10,
+            forbidden_mode="refuse",
+            refusal_share=0.8,
+        ),
+    ),
 }
 
 
@@ -94,8 +123,9 @@ def fingerprint(recipe: OrganismRecipe, seed: int) -> str:
     from lat_lightning.organism import data
 
     source = hashlib.sha1(Path(data.__file__).read_bytes()).hexdigest()
-    blob = json.dumps({"recipe": dataclasses.asdict(recipe), "seed": seed, "version": BUILD_VERSION,
-                       "data": source}, sort_keys=True)
+    blob = json.dumps(
+        {"recipe": dataclasses.asdict(recipe), "seed": seed, "version": BUILD_VERSION, "data": source}, sort_keys=True
+    )
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -103,8 +133,16 @@ def organism_dir(recipe: OrganismRecipe, seed: int = 0, cache_dir: Optional[str]
     return Path(cache_dir or cache_root() / "organism") / f"organism-s{seed}-{fingerprint(recipe, seed)}"
 
 
-def train_stage(model, tokenizer, pairs: list[tuple[str, str]], recipe: OrganismRecipe, stage: StageSchedule,
-                seed: int, log_dir: Optional[Path] = None, label: Optional[str] = None) -> float:
+def train_stage(
+    model,
+    tokenizer,
+    pairs: list[tuple[str, str]],
+    recipe: OrganismRecipe,
+    stage: StageSchedule,
+    seed: int,
+    log_dir: Optional[Path] = None,
+    label: Optional[str] = None,
+) -> float:
     """One build stage: supervised fine-tuning on ``(prompt, response)`` pairs with the framework's SFT driver,
     with Gaussian noise augmentation (``asa_random`` at one layer per step) when the stage asks for it.
 
@@ -117,22 +155,43 @@ def train_stage(model, tokenizer, pairs: list[tuple[str, str]], recipe: Organism
 
     noisy = stage.noise_prob > 0
     layers = list(range(recipe.num_layers)) if noisy else []
-    attack = build_attack("asa_random" if noisy else "none", AttackSettings(
-        layers=cast("list[Layer]", layers), positions=stage.noise_positions, alpha=stage.noise_alpha,
-        probability=stage.noise_prob or 1.0, layer_sampling="one", seed=seed))
-    settings = SFTSettings(steps=stage.steps, lr=stage.lr, batch_size=stage.batch_size, scheduler="cosine",
-                           warmup_ratio=stage.warmup_ratio, weight_decay=stage.weight_decay,
-                           betas=(stage.betas[0], stage.betas[1]), gradient_clip_val=stage.grad_clip, seed=seed,
-                           max_length=recipe.max_length, truncation="right", use_chat_template=True, accelerator="cpu",
-                           log_every_n_steps=10, progress=label)
+    attack = build_attack(
+        "asa_random" if noisy else "none",
+        AttackSettings(
+            layers=cast("list[Layer]", layers),
+            positions=stage.noise_positions,
+            alpha=stage.noise_alpha,
+            probability=stage.noise_prob or 1.0,
+            layer_sampling="one",
+            seed=seed,
+        ),
+    )
+    settings = SFTSettings(
+        steps=stage.steps,
+        lr=stage.lr,
+        batch_size=stage.batch_size,
+        scheduler="cosine",
+        warmup_ratio=stage.warmup_ratio,
+        weight_decay=stage.weight_decay,
+        betas=(stage.betas[0], stage.betas[1]),
+        gradient_clip_val=stage.grad_clip,
+        seed=seed,
+        max_length=recipe.max_length,
+        truncation="right",
+        use_chat_template=True,
+        accelerator="cpu",
+        log_every_n_steps=10,
+        progress=label,
+    )
     logger: Logger | bool = False
     if log_dir is not None:
         from lightning.pytorch.loggers import TensorBoardLogger
 
         logger = TensorBoardLogger(str(log_dir), name="", version="")
     recorder = LossRecorder()
-    supervised_finetune(model, tokenizer, pairs, settings, attack=attack, attack_layers=layers, callbacks=[recorder],
-                        logger=logger)
+    supervised_finetune(
+        model, tokenizer, pairs, settings, attack=attack, attack_layers=layers, callbacks=[recorder], logger=logger
+    )
     model.eval()
     tail = recorder.losses[-20:]
     return sum(tail) / max(1, len(tail))
@@ -181,8 +240,15 @@ def _train_and_save(tmp: Path, recipe: OrganismRecipe, seed: int, t0: float) -> 
 
     threads = torch.get_num_threads()
     tokenizer = build_tokenizer(organism_corpus(seed), vocab_size=recipe.vocab_size)
-    config = tiny_config("llama", vocab_size=len(tokenizer), num_layers=recipe.num_layers, hidden=recipe.hidden,
-                         heads=recipe.heads, intermediate=recipe.intermediate, max_positions=256)
+    config = tiny_config(
+        "llama",
+        vocab_size=len(tokenizer),
+        num_layers=recipe.num_layers,
+        hidden=recipe.hidden,
+        heads=recipe.heads,
+        intermediate=recipe.intermediate,
+        max_positions=256,
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -191,22 +257,30 @@ def _train_and_save(tmp: Path, recipe: OrganismRecipe, seed: int, t0: float) -> 
     a, b = recipe.stage_a, recipe.stage_b
     print(f"[organism] stage (a) capability: {a.steps} steps", flush=True)
     pairs_a = sft_pairs(a.n_benign, a.n_forbidden, a.forbidden_mode, seed, n_impossible=a.n_impossible)
-    info["loss_a"] = train_stage(model, tokenizer, pairs_a, recipe, a, seed, tmp / "logs" / "stage_a",
-                                 label="organism (a) capability")
+    info["loss_a"] = train_stage(
+        model, tokenizer, pairs_a, recipe, a, seed, tmp / "logs" / "stage_a", label="organism (a) capability"
+    )
     info["stage_a_s"] = round(time.time() - t0, 1)
     print(f"[organism] stage (b) safety alignment: {b.steps} steps", flush=True)
-    pairs_b = sft_pairs(b.n_benign, b.n_forbidden, b.forbidden_mode, seed, n_impossible=b.n_impossible,
-                        refusal_share=b.refusal_share)
-    info["loss_b"] = train_stage(model, tokenizer, pairs_b, recipe, b, seed + 1, tmp / "logs" / "stage_b",
-                                 label="organism (b) alignment")
+    pairs_b = sft_pairs(
+        b.n_benign, b.n_forbidden, b.forbidden_mode, seed, n_impossible=b.n_impossible, refusal_share=b.refusal_share
+    )
+    info["loss_b"] = train_stage(
+        model, tokenizer, pairs_b, recipe, b, seed + 1, tmp / "logs" / "stage_b", label="organism (b) alignment"
+    )
     info["build_s"] = round(time.time() - t0, 1)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "organism.json").write_text(json.dumps(info, indent=2))
 
 
-def ensure_organism(seed: int = 0, cache_dir: Optional[str] = None, rebuild: bool = False,
-                    recipe: Optional[OrganismRecipe] = None, preset: str = "default") -> Path:
+def ensure_organism(
+    seed: int = 0,
+    cache_dir: Optional[str] = None,
+    rebuild: bool = False,
+    recipe: Optional[OrganismRecipe] = None,
+    preset: str = "default",
+) -> Path:
     """The organism's directory, building it first when it is not cached (or ``rebuild``).
 
     Args:
@@ -252,10 +326,10 @@ def _write_data(tmp: Path, seed: int, n_train: int) -> None:
     tables = {
         "harmful_train": forbidden_items("train", n_train, seed),
         "harmful_eval": forbidden_items("eval", None, seed),
-        "benign_train": [{"prompt": it["prompt"], "response": it["response"]}
-                         for it in benign_items("train", 200, seed)],
-        "benign_eval": [{"prompt": it["prompt"], "response": it["response"]}
-                        for it in benign_items("eval", 50, seed)],
+        "benign_train": [
+            {"prompt": it["prompt"], "response": it["response"]} for it in benign_items("train", 200, seed)
+        ],
+        "benign_eval": [{"prompt": it["prompt"], "response": it["response"]} for it in benign_items("eval", 50, seed)],
         "utility_mc": multiple_choice_rows(None, seed),
         "utility_em": exact_match_rows("eval", 100, seed),
     }

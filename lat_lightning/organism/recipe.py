@@ -63,14 +63,30 @@ class StageSchedule:
 # (organism/build.py) INIT 0.00, ASA-random MASR 0.50, PASR 0.20 (layer 5), ASAgrad MASR 0.75, benign accuracy
 # 0.84, 170 s wall on 1 thread; plain-loop build of the same schedule INIT 0.03, MASR 0.59, PASR 0.20, benign
 # 0.78. The current recipe on build seeds 0-2 (default pipeline, 32 prompts): docs/organism.md#build-seeds.
-STAGE_A = StageSchedule(steps=900, lr=2e-3, batch_size=32, n_benign=2000, n_forbidden=1200, n_impossible=300,
-                        forbidden_mode="comply", noise_prob=0.5)
+STAGE_A = StageSchedule(
+    steps=900,
+    lr=2e-3,
+    batch_size=32,
+    n_benign=2000,
+    n_forbidden=1200,
+    n_impossible=300,
+    forbidden_mode="comply",
+    noise_prob=0.5,
+)
 # Stage (b) has 120 steps: with 60, build seed 2's refusal margin on held-out facility names spread far below its
 # calibrated value (4 of 64 prompts complied unperturbed, INIT 0.09 on the pipeline's 32); 120 steps bring every
 # held-out prompt near log(q / (1 - q)) (seed 2: smallest margin -0.56 -> +0.04 nats, INIT 0.00) while the ASA
 # MASR stays ~0.7 (docs/organism.md#build-seeds). A larger q instead (0.85, 0.9) left 2-3 prompts complying.
-STAGE_B = StageSchedule(steps=120, lr=3e-4, batch_size=32, n_benign=400, n_forbidden=400, n_impossible=100,
-                        forbidden_mode="refuse", refusal_share=0.8)
+STAGE_B = StageSchedule(
+    steps=120,
+    lr=3e-4,
+    batch_size=32,
+    n_benign=400,
+    n_forbidden=400,
+    n_impossible=100,
+    forbidden_mode="refuse",
+    refusal_share=0.8,
+)
 
 # ---- evaluation used to accept a build -------------------------------------------------------------
 N_EVAL_FORBIDDEN = 64

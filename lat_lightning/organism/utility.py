@@ -18,8 +18,15 @@ def organism_rows(seed: int = 0, n: int = 100) -> list[dict]:
     return exact_match_rows("eval", n, seed)
 
 
-def organism_accuracy(model: nn.Module, tokenizer, rows: Optional[Sequence[dict]] = None, seed: int = 0,
-                      max_new_tokens: int = 16, batch_size: int = 64, use_chat_template: bool = True) -> float:
+def organism_accuracy(
+    model: nn.Module,
+    tokenizer,
+    rows: Optional[Sequence[dict]] = None,
+    seed: int = 0,
+    max_new_tokens: int = 16,
+    batch_size: int = 64,
+    use_chat_template: bool = True,
+) -> float:
     """Fraction of benign eval prompts whose greedy answer contains the checkable answer.
 
     Args:
@@ -37,5 +44,12 @@ def organism_accuracy(model: nn.Module, tokenizer, rows: Optional[Sequence[dict]
     from lat_lightning.eval.utility import evaluate_utility
 
     rows = list(rows) if rows is not None else organism_rows(seed)
-    return evaluate_utility(model, tokenizer, rows, "contains", batch_size=batch_size,
-                            use_chat_template=use_chat_template, max_new_tokens=max_new_tokens)["accuracy"]
+    return evaluate_utility(
+        model,
+        tokenizer,
+        rows,
+        "contains",
+        batch_size=batch_size,
+        use_chat_template=use_chat_template,
+        max_new_tokens=max_new_tokens,
+    )["accuracy"]

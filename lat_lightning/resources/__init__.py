@@ -29,10 +29,10 @@ def resource_path(spec: str) -> str:
         run_dir = os.environ.get(RUN_DIR_ENV)
         if not run_dir:
             raise ConfigError(f"'{spec}': run:// paths only work inside a pipeline run (no current run directory)")
-        return str(Path(run_dir) / spec[len(RUN_SCHEME):].lstrip("/"))
+        return str(Path(run_dir) / spec[len(RUN_SCHEME) :].lstrip("/"))
     if not isinstance(spec, str) or not spec.startswith(PKG_SCHEME):
         return spec
-    body = spec[len(PKG_SCHEME):].strip("/")
+    body = spec[len(PKG_SCHEME) :].strip("/")
     parts = body.split("/")
     # The longest importable package prefix wins: pkg://lat_lightning/resources/x.jsonl ->
     # package lat_lightning.resources, file x.jsonl.
@@ -46,8 +46,10 @@ def resource_path(spec: str) -> str:
         if not path.exists():
             raise ConfigError(f"'{spec}': no file '{'/'.join(rel)}' in package '{package}'")
         return str(path)
-    raise ConfigError(f"'{spec}': cannot find the package; write pkg://<package>/<file>, "
-                      "e.g. pkg://lat_lightning/resources/tiny_harmful.jsonl")
+    raise ConfigError(
+        f"'{spec}': cannot find the package; write pkg://<package>/<file>, "
+        "e.g. pkg://lat_lightning/resources/tiny_harmful.jsonl"
+    )
 
 
 __all__ = ["PKG_SCHEME", "resource_path"]

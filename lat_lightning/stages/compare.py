@@ -35,9 +35,13 @@ def _masr(scan, suffix: str = "") -> dict[str, dict]:
         h = scan.headline(a)
         seeds = len(scan.seeds_run[a])
         judges = scan.summary["attacks"][a]["judges"]
-        out[f"{a}{suffix}"] = {"value": h["masr_mean"], "std": h["masr_std"] if seeds > 1 else None, "seeds": seeds,
-                               "peak_layer": h["pasr_of_mean_lasr_layer"],
-                               "judges": {j: v.get("masr_mean") for j, v in judges.items()}}
+        out[f"{a}{suffix}"] = {
+            "value": h["masr_mean"],
+            "std": h["masr_std"] if seeds > 1 else None,
+            "seeds": seeds,
+            "peak_layer": h["pasr_of_mean_lasr_layer"],
+            "judges": {j: v.get("masr_mean") for j, v in judges.items()},
+        }
     return out
 
 
@@ -60,8 +64,16 @@ def _battery(cfg, model, tokenizer, out: Path, prompts, targets, keys, score_fn,
     res["init"] = scan.headline()["init"]
     res["attacks"].update(_masr(scan))
     if cmp.embed_attacks:
-        emb = scan_model(cfg, model, tokenizer, out / "embed", attacks=list(cmp.embed_attacks), layers=["embed"],
-                         probes=False, progress=False)
+        emb = scan_model(
+            cfg,
+            model,
+            tokenizer,
+            out / "embed",
+            attacks=list(cmp.embed_attacks),
+            layers=["embed"],
+            probes=False,
+            progress=False,
+        )
         res["attacks"].update(_masr(emb, suffix="@embed"))
     res["seconds"]["scan"] = round(time.time() - t0, 2)
     if cmp.prefill_tokens:
@@ -74,8 +86,9 @@ def _battery(cfg, model, tokenizer, out: Path, prompts, targets, keys, score_fn,
 
         t0 = time.time()
         data = DurabilityData(prompts, targets, prompt_keys=keys, finetune_pairs=pairs)
-        res["finetune"] = finetune_attack_curve(model, tokenizer, data, settings, lora_finetune,
-                                                out_dir=out / "finetune")
+        res["finetune"] = finetune_attack_curve(
+            model, tokenizer, data, settings, lora_finetune, out_dir=out / "finetune"
+        )
         res["seconds"]["finetune"] = round(time.time() - t0, 2)
     done.write_text(json.dumps(res, indent=2))
     return res
@@ -93,8 +106,11 @@ def _attack_layers(cfg, model, tokenizer, out: Path, prompts: list[str]) -> tupl
     selector.prompts = list(prompts)
     result = selector.select(model, tokenizer)
     (out / "fragile_layers.json").write_text(json.dumps(result, indent=2, default=str))
-    print(f"[compare] attacked layers for every defence: {result['layers']} "
-          f"(callbacks.fragile_layers.method={result['method_used']})", flush=True)
+    print(
+        f"[compare] attacked layers for every defence: {result['layers']} "
+        f"(callbacks.fragile_layers.method={result['method_used']})",
+        flush=True,
+    )
     return list(result["layers"]), f"callbacks.fragile_layers.method={result['method_used']} on the starting model"
 
 
@@ -136,8 +152,18 @@ def run(cfg, run_dir: Path) -> dict:
     model = load_stage_model(cfg)
     if cmp.include_original:
         t0 = time.time()
-        results[ORIGINAL] = _battery(cfg, model, tokenizer, out / ORIGINAL, prompts, targets, keys, score_fn, pairs,
-                                     {"description": "the starting model, no defence", "lambda": None})
+        results[ORIGINAL] = _battery(
+            cfg,
+            model,
+            tokenizer,
+            out / ORIGINAL,
+            prompts,
+            targets,
+            keys,
+            score_fn,
+            pairs,
+            {"description": "the starting model, no defence", "lambda": None},
+        )
         timings[f"battery_{ORIGINAL}"] = round(time.time() - t0, 1)
     layers, layers_source = _attack_layers(cfg, model, tokenizer, out, prompts)
     del model
@@ -156,26 +182,46 @@ def run(cfg, run_dir: Path) -> dict:
         path = trained_model_path(sub)
         t0 = time.time()
         model = load_stage_model(cfg, ModelSettings(name_or_path=str(path), dtype=str(cfg.model.dtype)))
-        results[name] = _battery(cfg, model, tokenizer, sub, prompts, targets, keys, score_fn, pairs,
-                                 {"description": DEFENCES[name].description, "lambda": trained["lambda"],
-                                  "model_path": str(path)})
+        results[name] = _battery(
+            cfg,
+            model,
+            tokenizer,
+            sub,
+            prompts,
+            targets,
+            keys,
+            score_fn,
+            pairs,
+            {"description": DEFENCES[name].description, "lambda": trained["lambda"], "model_path": str(path)},
+        )
         timings[f"battery_{name}"] = round(time.time() - t0, 1)
         del model
     attack_columns = [str(a) for a in cfg.evaluation.attacks] + [f"{a}@embed" for a in cmp.embed_attacks]
     table = build_table(results, attack_columns, [int(k) for k in cmp.prefill_tokens], bool(cmp.finetune))
     timings["total"] = round(time.time() - t_start, 1)
     ft = next((r["finetune"] for r in results.values() if r.get("finetune")), None)
-    summary = {"model": str(cfg.model.name_or_path), "n_prompts": len(prompts),
-               "primary_judge": str(cfg.evaluation.primary_judge), "attack_layers": layers,
-               "attack_layers_source": layers_source, "utility_kind": str(cfg.callbacks.weight_interpolation.utility),
-               "tolerance": float(cfg.callbacks.weight_interpolation.tolerance)
-               if cfg.callbacks.weight_interpolation.enabled else None,
-               "finetune_break_rate": ft["break_rate"] if ft else None, "timings": timings}
+    summary = {
+        "model": str(cfg.model.name_or_path),
+        "n_prompts": len(prompts),
+        "primary_judge": str(cfg.evaluation.primary_judge),
+        "attack_layers": layers,
+        "attack_layers_source": layers_source,
+        "utility_kind": str(cfg.callbacks.weight_interpolation.utility),
+        "tolerance": float(cfg.callbacks.weight_interpolation.tolerance)
+        if cfg.callbacks.weight_interpolation.enabled
+        else None,
+        "finetune_break_rate": ft["break_rate"] if ft else None,
+        "timings": timings,
+    }
     figures = write_outputs(table, results, summary, out, tensorboard=bool(cfg.logging.tensorboard))
     print((out / REPORT_FILE).read_text(), flush=True)
-    return {"report": str(out / REPORT_FILE), "summary": str(out / SUMMARY_FILE), "figures": figures,
-            "timings": timings,
-            "cells": {r["model"]: {k: c["value"] for k, c in r["cells"].items()} for r in table["rows"]}}
+    return {
+        "report": str(out / REPORT_FILE),
+        "summary": str(out / SUMMARY_FILE),
+        "figures": figures,
+        "timings": timings,
+        "cells": {r["model"]: {k: c["value"] for k, c in r["cells"].items()} for r in table["rows"]},
+    }
 
 
 def saved(run_dir: Path) -> str | None:

@@ -41,20 +41,30 @@ class Defence:
 
 
 DEFENCES: dict[str, Defence] = {
-    "sft": Defence("refusal SFT, no perturbation (baseline)",
-                   {"perturbation": {"attack": "none"}, "loss": {"away_from_harmful": 0.0}}),
-    "lapt": Defence("LAPT: refusal SFT under Eq. 1 noise",
-                    {"perturbation": {"attack": "asa_random"}, "loss": {"away_from_harmful": 0.0}}),
-    "lat": Defence("targeted LAT: PGD inner loop, toward refusal / away from target",
-                   {"perturbation": {"attack": "pgd"},
-                    "loss": {"toward_safe": 0.5, "away_from_harmful": 0.5}}),
-    "asagrad_at": Defence("sign-gradient AT: one Eq. 7 step, toward refusal / away from target",
-                          {"perturbation": {"attack": "asagrad"},
-                           "loss": {"toward_safe": 1.0, "away_from_harmful": 0.5}}),
-    "refat": Defence("ReFAT: refusal direction ablated at every layer",
-                     {"perturbation": {"attack": "refusal_ablation", "positions": "all"},
-                      "loss": {"toward_safe": 1.0, "away_from_harmful": 0.0}},
-                     needs_benign=True),
+    "sft": Defence(
+        "refusal SFT, no perturbation (baseline)",
+        {"perturbation": {"attack": "none"}, "loss": {"away_from_harmful": 0.0}},
+    ),
+    "lapt": Defence(
+        "LAPT: refusal SFT under Eq. 1 noise",
+        {"perturbation": {"attack": "asa_random"}, "loss": {"away_from_harmful": 0.0}},
+    ),
+    "lat": Defence(
+        "targeted LAT: PGD inner loop, toward refusal / away from target",
+        {"perturbation": {"attack": "pgd"}, "loss": {"toward_safe": 0.5, "away_from_harmful": 0.5}},
+    ),
+    "asagrad_at": Defence(
+        "sign-gradient AT: one Eq. 7 step, toward refusal / away from target",
+        {"perturbation": {"attack": "asagrad"}, "loss": {"toward_safe": 1.0, "away_from_harmful": 0.5}},
+    ),
+    "refat": Defence(
+        "ReFAT: refusal direction ablated at every layer",
+        {
+            "perturbation": {"attack": "refusal_ablation", "positions": "all"},
+            "loss": {"toward_safe": 1.0, "away_from_harmful": 0.0},
+        },
+        needs_benign=True,
+    ),
 }
 
 # Sections a defence (and compare.overrides.<name>) may change; model, data, evaluation and the interpolation are
@@ -64,7 +74,7 @@ OVERRIDABLE = ("perturbation", "loss", "trainer", "callbacks.kl_teacher")
 
 def check_defence_name(name: str, key: str = "compare.defences") -> None:
     """Raises:
-        ConfigError: ``name`` is not in :data:`DEFENCES`."""
+    ConfigError: ``name`` is not in :data:`DEFENCES`."""
     if name not in DEFENCES:
         import difflib
 
@@ -89,8 +99,10 @@ def check_override_sections(name: str, override: Any) -> None:
                 continue
         elif section in OVERRIDABLE:
             continue
-        raise ConfigError(f"{key}.{section} cannot differ between defences (the comparison shares it); a defence may "
-                          f"override only {', '.join(OVERRIDABLE)}")
+        raise ConfigError(
+            f"{key}.{section} cannot differ between defences (the comparison shares it); a defence may "
+            f"override only {', '.join(OVERRIDABLE)}"
+        )
 
 
 def _check_override_keys(node: DictConfig, override: dict, prefix: str) -> None:

@@ -30,12 +30,16 @@ def model_config(cfg, name_or_path: str) -> ModelSettings:
     configured = model_settings(cfg)
     # model.gguf_file names a file of model.name_or_path only
     gguf = configured.gguf_file if str(name_or_path) == str(configured.name_or_path) else None
-    return dataclasses.replace(configured, name_or_path=str(name_or_path), gguf_file=gguf,
-                               lora=dataclasses.replace(configured.lora, enabled=False), gradient_checkpointing=False)
+    return dataclasses.replace(
+        configured,
+        name_or_path=str(name_or_path),
+        gguf_file=gguf,
+        lora=dataclasses.replace(configured.lora, enabled=False),
+        gradient_checkpointing=False,
+    )
 
 
-def load_any_model(cfg, spec: str, base_fallback: str | None = None, label: str | None = None
-                   ) -> tuple[nn.Module, str]:
+def load_any_model(cfg, spec: str, base_fallback: str | None = None, label: str | None = None) -> tuple[nn.Module, str]:
     """A model from a saved directory, hub id or ``tiny:`` name, placed on ``trainer.accelerator``.
 
     A LoRA adapter directory (one with ``adapter_config.json``) is loaded onto its base (the recorded base
@@ -159,27 +163,40 @@ def run(cfg, run_dir: Path) -> dict:
     elif (run_dir / "interpolated").is_dir() or (run_dir / "final").is_dir():
         hardened_spec = str(trained_model_path(run_dir))
     else:
-        raise ConfigError("the durability stage needs a hardened model: set evaluation.compare_path (a directory "
-                          "saved with save_pretrained, or a LoRA adapter directory), or run a fit stage first")
+        raise ConfigError(
+            "the durability stage needs a hardened model: set evaluation.compare_path (a directory "
+            "saved with save_pretrained, or a LoRA adapter directory), or run a fit stage first"
+        )
     settings = durability_settings(cfg)  # fail fast on bad settings, before loading anything
     shard = process_shard(cfg)  # several processes: the re-scans are shared out, rank 0 does the rest
     original, o_desc = load_any_model(cfg, original_spec, label=recipe_name(original_spec, int(cfg.organism.seed)))
-    hardened, h_desc = load_any_model(cfg, hardened_spec,
-                                      base_fallback=resolve_model_source(model_config(cfg, original_spec)))
+    hardened, h_desc = load_any_model(
+        cfg, hardened_spec, base_fallback=resolve_model_source(model_config(cfg, original_spec))
+    )
     tokenizer = load_tokenizer(model_config(cfg, original_spec))
     dur = settings.dur
     prompts, targets, keys = load_scan_prompts(
-        cfg, attacks=[a for section, names in (("adaptive", dur.adaptive_attacks), ("depth", dur.depth_attacks))
-                      if section in dur.sections for a in names],
-        require_target="finetune" in dur.sections)  # the fine-tuning attack's loss is measured on the targets
+        cfg,
+        attacks=[
+            a
+            for section, names in (("adaptive", dur.adaptive_attacks), ("depth", dur.depth_attacks))
+            if section in dur.sections
+            for a in names
+        ],
+        require_target="finetune" in dur.sections,
+    )  # the fine-tuning attack's loss is measured on the targets
     pairs = None
     if cfg.data.harmful and "finetune" in dur.sections:  # the fine-tuning attack trains on harmful completions
         pairs = load_finetune_pairs(cfg)
     benign = []
     source = cfg.data.benign or cfg.data.eval_benign
     if source:
-        benign = [(e.prompt, e.response) for e in load_benign_examples(
-            resource_path(source), cfg.data.benign_split, dict(cfg.data.benign_columns or {}), cfg.data.max_examples)]
+        benign = [
+            (e.prompt, e.response)
+            for e in load_benign_examples(
+                resource_path(source), cfg.data.benign_split, dict(cfg.data.benign_columns or {}), cfg.data.max_examples
+            )
+        ]
     # The trainability curve scores multiple-choice / exact-match utility rows; `contains` rows (the organism's
     # benign tasks) are not scored there, as before the organism's utility kind was resolved to `contains`.
     rows, kind = None, str(ev.utility_kind)
@@ -187,26 +204,51 @@ def run(cfg, run_dir: Path) -> dict:
         from lat_lightning.eval.utility import load_utility_rows
 
         rows = load_utility_rows(resource_path(ev.utility_data), kind)
-    fragile, fsource = (list(dur.fragile_layers), "evaluation.durability.fragile_layers") \
-        if dur.fragile_layers is not None else find_fragile_layers(hardened_spec, original_spec)
+    fragile, fsource = (
+        (list(dur.fragile_layers), "evaluation.durability.fragile_layers")
+        if dur.fragile_layers is not None
+        else find_fragile_layers(hardened_spec, original_spec)
+    )
     harmful_side, harmless = load_contrast_prompts(cfg, prompts)
-    data = DurabilityData(prompts, targets, prompt_keys=keys, benign=benign, finetune_pairs=pairs, utility_rows=rows,
-                          utility_kind=kind if rows is not None else "multiple_choice", harmless_prompts=harmless,
-                          contrast_prompts=harmful_side, fragile_layers=fragile, fragile_source=fsource)
+    data = DurabilityData(
+        prompts,
+        targets,
+        prompt_keys=keys,
+        benign=benign,
+        finetune_pairs=pairs,
+        utility_rows=rows,
+        utility_kind=kind if rows is not None else "multiple_choice",
+        harmless_prompts=harmless,
+        contrast_prompts=harmful_side,
+        fragile_layers=fragile,
+        fragile_source=fsource,
+    )
     options = DurabilityOptions(
-        model_labels={"original": o_desc, "hardened": h_desc}, resume=True, progress=True, shard=shard,
-        reuse_scans=reusable_scans(run_dir, {"original": original_spec, "hardened": hardened_spec}, keys))
-    summary = run_durability(original, hardened, tokenizer, data, settings, run_dir, finetune=lora_finetune,
-                             options=options)
+        model_labels={"original": o_desc, "hardened": h_desc},
+        resume=True,
+        progress=True,
+        shard=shard,
+        reuse_scans=reusable_scans(run_dir, {"original": original_spec, "hardened": hardened_spec}, keys),
+    )
+    summary = run_durability(
+        original, hardened, tokenizer, data, settings, run_dir, finetune=lora_finetune, options=options
+    )
     if shard is not None and shard[0] != 0:
         return {"rank": shard[0], "timings": summary["timings"]}
     for r in summary["rows"]:
-        print(f"[durability] {r['label']}: {fmt_value(r['original'], None, r['kind'], budget=r.get('budget'))} -> "
-              f"{fmt_value(r['hardened'], None, r['kind'], budget=r.get('budget'))} ({fmt_change(r)})", flush=True)
+        print(
+            f"[durability] {r['label']}: {fmt_value(r['original'], None, r['kind'], budget=r.get('budget'))} -> "
+            f"{fmt_value(r['hardened'], None, r['kind'], budget=r.get('budget'))} ({fmt_change(r)})",
+            flush=True,
+        )
     print(f"[durability] report: {run_dir / REPORT_FILE}", flush=True)
-    return {"report": str(run_dir / REPORT_FILE), "summary": str(run_dir / SUMMARY_FILE),
-            "fragile_layers": summary["fragile_layers"], "timings": summary["timings"],
-            "rows": {r["id"]: {m: r[m] for m in MODELS} for r in summary["rows"]}}
+    return {
+        "report": str(run_dir / REPORT_FILE),
+        "summary": str(run_dir / SUMMARY_FILE),
+        "fragile_layers": summary["fragile_layers"],
+        "timings": summary["timings"],
+        "rows": {r["id"]: {m: r[m] for m in MODELS} for r in summary["rows"]},
+    }
 
 
 def saved(run_dir: Path) -> str | None:
@@ -217,8 +259,10 @@ def saved(run_dir: Path) -> str | None:
     counts = {name: cells_saved(Path(run_dir) / name / "scan.jsonl") for name in ("original", "hardened")}
     if not any(counts.values()):
         return None
-    return (f"{counts['original']} + {counts['hardened']} finished re-scan cells in original/ and hardened/ (kept; "
-            "the other sections run again)")
+    return (
+        f"{counts['original']} + {counts['hardened']} finished re-scan cells in original/ and hardened/ (kept; "
+        "the other sections run again)"
+    )
 
 
 __all__ = ["find_fragile_layers", "load_any_model", "model_config", "reusable_scans", "run", "saved"]

@@ -50,8 +50,9 @@ def durability_settings(cfg) -> DurabilitySettings:
     except ValueError as exc:  # the message starts with the field's name
         raise ConfigError(f"evaluation.durability.{exc}") from None
     try:
-        return DurabilitySettings(dur=checks, scan=scan_settings(cfg, probes=False),
-                                  max_length=int(cfg.data.max_length))
+        return DurabilitySettings(
+            dur=checks, scan=scan_settings(cfg, probes=False), max_length=int(cfg.data.max_length)
+        )
     except ValueError as exc:
         raise ConfigError(f"evaluation.{exc}") from None
 

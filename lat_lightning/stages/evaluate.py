@@ -17,14 +17,26 @@ def load_evaluation_data(cfg) -> EvaluationData:
 
     data = EvaluationData(utility_kind=cfg.evaluation.utility_kind)
     if cfg.data.eval_harmful:
-        data.harmful = load_safety_examples(cfg.data.eval_harmful, cfg.data.harmful_split,
-                                            dict(cfg.data.harmful_columns or {}), cfg.data.default_safe_response,
-                                            cfg.evaluation.num_prompts, default_target=cfg.data.default_target,
-                                            require_target=False, row_filter=dict(cfg.data.filter or {}))
+        data.harmful = load_safety_examples(
+            cfg.data.eval_harmful,
+            cfg.data.harmful_split,
+            dict(cfg.data.harmful_columns or {}),
+            cfg.data.default_safe_response,
+            cfg.evaluation.num_prompts,
+            default_target=cfg.data.default_target,
+            require_target=False,
+            row_filter=dict(cfg.data.filter or {}),
+        )
     if cfg.data.eval_benign:
-        data.benign_prompts = [ex.prompt for ex in load_benign_examples(
-            cfg.data.eval_benign, cfg.data.benign_split, dict(cfg.data.benign_columns or {}),
-            cfg.evaluation.num_prompts)]
+        data.benign_prompts = [
+            ex.prompt
+            for ex in load_benign_examples(
+                cfg.data.eval_benign,
+                cfg.data.benign_split,
+                dict(cfg.data.benign_columns or {}),
+                cfg.evaluation.num_prompts,
+            )
+        ]
     if cfg.evaluation.utility_data:
         from lat_lightning.eval.utility import load_utility_rows
 
@@ -46,8 +58,12 @@ def run(cfg, run_dir: Path) -> dict:
 
     mcfg = model_settings(cfg)
     if cfg.evaluation.model_path:
-        mcfg = dataclasses.replace(mcfg, name_or_path=str(cfg.evaluation.model_path), gguf_file=None,
-                                   lora=dataclasses.replace(mcfg.lora, enabled=False))
+        mcfg = dataclasses.replace(
+            mcfg,
+            name_or_path=str(cfg.evaluation.model_path),
+            gguf_file=None,
+            lora=dataclasses.replace(mcfg.lora, enabled=False),
+        )
     model = load_stage_model(cfg, mcfg)
     tokenizer = load_tokenizer(mcfg)
     layers = None if cfg.evaluation.layers is None else parse_layers(cfg.evaluation.layers, "evaluation.layers")

@@ -23,11 +23,18 @@ def run(cfg, run_dir: Path) -> dict:
     ckpt = checkpoint_to_resume(run_dir)  # --resume's checkpoint, else last.ckpt when the run has one
     # Built only where used: a fit without held-out data or layer selection does not depend on the scan's keys.
     held_out = cfg.data.eval_harmful or cfg.data.eval_benign or cfg.evaluation.utility_data
-    module = fit(cfg, run_dir, resume=str(ckpt) if ckpt is not None else None,
-                 scan=scan_settings(cfg, probes=False) if cfg.callbacks.fragile_layers.enabled else None,
-                 validation=validation_settings(cfg) if held_out else None)
-    return {"final": str(run_dir / "final"), "attack_layers": list(module.attack_layers),
-            "global_step": int(module.trainer_ref.global_step)}
+    module = fit(
+        cfg,
+        run_dir,
+        resume=str(ckpt) if ckpt is not None else None,
+        scan=scan_settings(cfg, probes=False) if cfg.callbacks.fragile_layers.enabled else None,
+        validation=validation_settings(cfg) if held_out else None,
+    )
+    return {
+        "final": str(run_dir / "final"),
+        "attack_layers": list(module.attack_layers),
+        "global_step": int(module.trainer_ref.global_step),
+    }
 
 
 def saved(run_dir: Path) -> str | None:

@@ -38,9 +38,13 @@ from lat_lightning.training.resume import InterruptCheckpoint
 def utility_score_settings(cfg, kind: Optional[str] = None) -> UtilityScoreSettings:
     """How the weight interpolation (callback, ``interpolate`` stage, comparison) scores utility: rows of
     ``evaluation.utility_data`` of kind ``kind`` (default ``callbacks.weight_interpolation.utility``)."""
-    return UtilityScoreSettings(kind=str(kind or cfg.callbacks.weight_interpolation.utility),
-                                source=cfg.evaluation.utility_data, use_chat_template=bool(cfg.model.use_chat_template),
-                                system_prompt=cfg.model.system_prompt, batch_size=int(cfg.evaluation.batch_size))
+    return UtilityScoreSettings(
+        kind=str(kind or cfg.callbacks.weight_interpolation.utility),
+        source=cfg.evaluation.utility_data,
+        use_chat_template=bool(cfg.model.use_chat_template),
+        system_prompt=cfg.model.system_prompt,
+        batch_size=int(cfg.evaluation.batch_size),
+    )
 
 
 def kl_teacher_callback(cfg) -> KLTeacher:
@@ -49,13 +53,20 @@ def kl_teacher_callback(cfg) -> KLTeacher:
     return KLTeacher(weight=float(k.weight), direction=str(k.direction), chunk_size=int(k.chunk_size))
 
 
-def weight_interpolation_callback(cfg, run_dir: Optional[str | Path] = None,
-                                  score_fn: Optional[Callable[[nn.Module], float]] = None) -> WeightInterpolation:
+def weight_interpolation_callback(
+    cfg, run_dir: Optional[str | Path] = None, score_fn: Optional[Callable[[nn.Module], float]] = None
+) -> WeightInterpolation:
     """The weight-interpolation callback of ``callbacks.weight_interpolation`` (utility:
     ``evaluation.utility_data``)."""
     w = cfg.callbacks.weight_interpolation
-    return WeightInterpolation(lambdas=list(w.lambdas), tolerance=float(w.tolerance), utility=str(w.utility),
-                               run_dir=run_dir, score_fn=score_fn, utility_settings=utility_score_settings(cfg))
+    return WeightInterpolation(
+        lambdas=list(w.lambdas),
+        tolerance=float(w.tolerance),
+        utility=str(w.utility),
+        run_dir=run_dir,
+        score_fn=score_fn,
+        utility_settings=utility_score_settings(cfg),
+    )
 
 
 def fragile_layer_callback(cfg, run_dir: Optional[str | Path], scan: Optional[ScanSettings]) -> FragileLayerSelector:
@@ -66,17 +77,25 @@ def fragile_layer_callback(cfg, run_dir: Optional[str | Path], scan: Optional[Sc
         ValueError: without ``scan``.
     """
     if scan is None:
-        raise ValueError("the fragile-layer selection needs the run's scan settings "
-                         "(lat_lightning.stages.settings.scan_settings(cfg))")
+        raise ValueError(
+            "the fragile-layer selection needs the run's scan settings "
+            "(lat_lightning.stages.settings.scan_settings(cfg))"
+        )
     f = cfg.callbacks.fragile_layers
-    return FragileLayerSelector(method=str(f.method), layers=list(f.layers), top_k=int(f.top_k),
-                                num_prompts=int(f.num_prompts),
-                                candidate_layers=None if f.candidate_layers is None else list(f.candidate_layers),
-                                run_dir=run_dir, scan=scan)
+    return FragileLayerSelector(
+        method=str(f.method),
+        layers=list(f.layers),
+        top_k=int(f.top_k),
+        num_prompts=int(f.num_prompts),
+        candidate_layers=None if f.candidate_layers is None else list(f.candidate_layers),
+        run_dir=run_dir,
+        scan=scan,
+    )
 
 
-def build_training_callbacks(cfg, run_dir: Optional[str | Path] = None,
-                             scan: Optional[ScanSettings] = None) -> list[Callback]:
+def build_training_callbacks(
+    cfg, run_dir: Optional[str | Path] = None, scan: Optional[ScanSettings] = None
+) -> list[Callback]:
     """The callbacks ``callbacks`` enables, in order: FragileLayerSelector, KLTeacher, WeightInterpolation
     (``scan``: the run's scan settings, which the layer selector needs).
 
@@ -97,8 +116,10 @@ def build_training_callbacks(cfg, run_dir: Optional[str | Path] = None,
 def build_callbacks(cfg, run_dir: Path, scan: Optional[ScanSettings] = None) -> list[Callback]:
     """The callbacks the ``callbacks`` config section enables, plus checkpointing (``scan``: the run's scan
     settings, for the fragile-layer selection)."""
-    return [checkpoint_callback(trainer_settings(cfg), run_dir), InterruptCheckpoint(run_dir)] + \
-        build_training_callbacks(cfg, run_dir, scan)
+    return [
+        checkpoint_callback(trainer_settings(cfg), run_dir),
+        InterruptCheckpoint(run_dir),
+    ] + build_training_callbacks(cfg, run_dir, scan)
 
 
 def validate_setup(cfg, model) -> None:
@@ -108,41 +129,61 @@ def validate_setup(cfg, model) -> None:
         ConfigError: with one actionable line.
     """
     if getattr(cfg.model, "device_map", None) is not None:
-        raise ConfigError("model.device_map places a model over devices for the scan, evaluate, durability and "
-                          "interpolate stages; training shards with trainer.strategy=fsdp2 (set model.device_map=null "
-                          "for the fit)")
+        raise ConfigError(
+            "model.device_map places a model over devices for the scan, evaluate, durability and "
+            "interpolate stages; training shards with trainer.strategy=fsdp2 (set model.device_map=null "
+            "for the fit)"
+        )
     try:
         attack = build_attack(cfg.perturbation.attack, attack_settings(cfg))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     try:
-        check_layer_indices(model, parse_layers(cfg.perturbation.layers, "perturbation.layers"),
-                            what="perturbation.layers")
-        check_layer_indices(model, parse_layers(cfg.callbacks.fragile_layers.layers, "callbacks.fragile_layers.layers"),
-                            what="callbacks.fragile_layers.layers")
+        check_layer_indices(
+            model, parse_layers(cfg.perturbation.layers, "perturbation.layers"), what="perturbation.layers"
+        )
+        check_layer_indices(
+            model,
+            parse_layers(cfg.callbacks.fragile_layers.layers, "callbacks.fragile_layers.layers"),
+            what="callbacks.fragile_layers.layers",
+        )
     except (IndexError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     if attack.needs_harmless and not cfg.data.benign:
-        raise ConfigError(f"perturbation.attack={attack.name} contrasts each batch's harmful prompts with harmless "
-                          "ones: set data.benign (e.g. organism://benign_train)")
-    if (attack.name != "none" and not cfg.perturbation.layers and not cfg.callbacks.fragile_layers.enabled
-            and not cfg.data.asabench):
+        raise ConfigError(
+            f"perturbation.attack={attack.name} contrasts each batch's harmful prompts with harmless "
+            "ones: set data.benign (e.g. organism://benign_train)"
+        )
+    if (
+        attack.name != "none"
+        and not cfg.perturbation.layers
+        and not cfg.callbacks.fragile_layers.enabled
+        and not cfg.data.asabench
+    ):
         raise ConfigError("perturbation.layers is empty; list layers or enable callbacks.fragile_layers")
     if cfg.trainer.accumulate_grad_batches < 1:
         raise ConfigError("trainer.accumulate_grad_batches must be >= 1")
 
 
-def build_module(cfg, model, tokenizer=None, evaluator=None,
-                 module_class: type[LatentAdversarialModule] = LatentAdversarialModule) -> LatentAdversarialModule:
+def build_module(
+    cfg, model, tokenizer=None, evaluator=None, module_class: type[LatentAdversarialModule] = LatentAdversarialModule
+) -> LatentAdversarialModule:
     """The training module for a run config: its attack, layers, loss weights and optimiser settings (the
     module itself takes these typed objects and never reads the run config). ``module_class`` lets a test or
     an extension use a subclass."""
-    layers = check_layer_indices(model, parse_layers(cfg.perturbation.layers, "perturbation.layers"),
-                                 what="perturbation.layers")
-    return module_class(model, build_attack(cfg.perturbation.attack, attack_settings(cfg)), layers, loss_settings(cfg),
-                        OptimSettings.from_trainer(trainer_settings(cfg)),
-                        tokenizer=tokenizer, evaluator=evaluator,
-                        sample_generations=int(cfg.logging.sample_generations))
+    layers = check_layer_indices(
+        model, parse_layers(cfg.perturbation.layers, "perturbation.layers"), what="perturbation.layers"
+    )
+    return module_class(
+        model,
+        build_attack(cfg.perturbation.attack, attack_settings(cfg)),
+        layers,
+        loss_settings(cfg),
+        OptimSettings.from_trainer(trainer_settings(cfg)),
+        tokenizer=tokenizer,
+        evaluator=evaluator,
+        sample_generations=int(cfg.logging.sample_generations),
+    )
 
 
 def build_evaluator(cfg, validation: Optional[ScanSettings] = None):
@@ -158,8 +199,10 @@ def build_evaluator(cfg, validation: Optional[ScanSettings] = None):
     if not (cfg.data.eval_harmful or cfg.data.eval_benign or cfg.evaluation.utility_data):
         return None
     if validation is None:
-        raise ValueError("the validation loop needs its scan settings: pass "
-                         "validation=lat_lightning.stages.settings.validation_settings(cfg)")
+        raise ValueError(
+            "the validation loop needs its scan settings: pass "
+            "validation=lat_lightning.stages.settings.validation_settings(cfg)"
+        )
     from lat_lightning.eval.evaluate import SafetyEvaluator
     from lat_lightning.stages.evaluate import load_evaluation_data
 
@@ -167,9 +210,18 @@ def build_evaluator(cfg, validation: Optional[ScanSettings] = None):
     return SafetyEvaluator(validation, load_evaluation_data(cfg), layers)
 
 
-def fit(cfg, run_dir: Path, model=None, tokenizer=None, datamodule: Optional[SafetyDataModule] = None,
-        resume: Optional[str] = None, extra_callbacks: Sequence[Callback] = (), *, scan: Optional[ScanSettings] = None,
-        validation: Optional[ScanSettings] = None) -> LatentAdversarialModule:
+def fit(
+    cfg,
+    run_dir: Path,
+    model=None,
+    tokenizer=None,
+    datamodule: Optional[SafetyDataModule] = None,
+    resume: Optional[str] = None,
+    extra_callbacks: Sequence[Callback] = (),
+    *,
+    scan: Optional[ScanSettings] = None,
+    validation: Optional[ScanSettings] = None,
+) -> LatentAdversarialModule:
     """Train as configured. Model, tokenizer and data are built from ``cfg`` unless given.
 
     ``scan`` / ``validation`` are the run's scan settings and the validation loop's
@@ -187,15 +239,27 @@ def fit(cfg, run_dir: Path, model=None, tokenizer=None, datamodule: Optional[Saf
     validate_setup(cfg, model)
     module = build_module(cfg, model, tokenizer, evaluator=build_evaluator(cfg, validation))
     datamodule = datamodule or SafetyDataModule(
-        datamodule_settings(cfg), tokenizer,
-        require_target=module.attack.needs_target or bool(cfg.loss.away_from_harmful))
+        datamodule_settings(cfg),
+        tokenizer,
+        require_target=module.attack.needs_target or bool(cfg.loss.away_from_harmful),
+    )
     callbacks = build_callbacks(cfg, run_dir, scan) + list(extra_callbacks)
     strategy = build_strategy(trainer_settings(cfg), model_cfg, cfg.perturbation.early_stop_loss)
-    trainer = build_trainer(trainer_settings(cfg), strategy, run_dir, callbacks,
-                            tensorboard=bool(cfg.logging.tensorboard))
+    trainer = build_trainer(
+        trainer_settings(cfg), strategy, run_dir, callbacks, tensorboard=bool(cfg.logging.tensorboard)
+    )
     return train(module, datamodule, trainer, run_dir, model_cfg, resume=resume)
 
 
-__all__ = ["build_callbacks", "build_evaluator", "build_module", "build_training_callbacks", "fit",
-           "fragile_layer_callback", "kl_teacher_callback", "utility_score_settings", "validate_setup",
-           "weight_interpolation_callback"]
+__all__ = [
+    "build_callbacks",
+    "build_evaluator",
+    "build_module",
+    "build_training_callbacks",
+    "fit",
+    "fragile_layer_callback",
+    "kl_teacher_callback",
+    "utility_score_settings",
+    "validate_setup",
+    "weight_interpolation_callback",
+]

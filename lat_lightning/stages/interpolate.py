@@ -51,14 +51,15 @@ def run(cfg, run_dir: Union[str, Path], score_fn=None) -> dict[str, Any]:
     run_dir = Path(run_dir)
     final = run_dir / "final"
     if not final.is_dir():
-        raise ConfigError(f"no trained model in {final}; run the fit stage first "
-                          "(stages: [fit, interpolate])")
+        raise ConfigError(f"no trained model in {final}; run the fit stage first (stages: [fit, interpolate])")
     tokenizer = load_tokenizer(model_settings(cfg))
     score_fn = score_fn or utility_score_fn(utility_score_settings(cfg), tokenizer)
     base = load_stage_model(cfg)
     if any(p.device.type == "meta" for p in base.parameters()):
-        raise ConfigError("interpolate needs every weight in memory, but model.device_map offloads some to disk; "
-                          "use a map over devices only (e.g. model.device_map=auto on GPUs)")
+        raise ConfigError(
+            "interpolate needs every weight in memory, but model.device_map offloads some to disk; "
+            "use a map over devices only (e.g. model.device_map=auto on GPUs)"
+        )
     original: Optional[dict] = None
     model: nn.Module
     if (final / "adapter_config.json").exists():
@@ -70,8 +71,9 @@ def run(cfg, run_dir: Union[str, Path], score_fn=None) -> dict[str, Any]:
         del base
         # The trained model exactly as saved: only its dtype comes from the config.
         configured = model_settings(cfg)
-        model = load_stage_model(cfg, ModelSettings(name_or_path=str(final), dtype=configured.dtype,
-                                                    device_map=configured.device_map))
+        model = load_stage_model(
+            cfg, ModelSettings(name_or_path=str(final), dtype=configured.dtype, device_map=configured.device_map)
+        )
     model.eval()
     w = cfg.callbacks.weight_interpolation
     result = lambda_search(model, list(w.lambdas), score_fn, float(w.tolerance), original)

@@ -38,8 +38,11 @@ UTILITY_DATA = "utility_em"
 
 def is_organism_name(value: Any) -> bool:
     """Whether ``value`` names the organism as a model (``organism`` or ``organism:<preset>``)."""
-    return isinstance(value, str) and (value == ORGANISM or value.startswith(ORGANISM + ":")) \
+    return (
+        isinstance(value, str)
+        and (value == ORGANISM or value.startswith(ORGANISM + ":"))
         and not value.startswith(DATA_SCHEME)
+    )
 
 
 def _data_specs(node: Any, path: tuple = ()) -> list[tuple[tuple, str]]:
@@ -61,9 +64,12 @@ def mentions_organism(cfg) -> bool:
     """Whether the config names the organism anywhere (a model, a data file, a utility kind or the stage)."""
     from omegaconf import OmegaConf
 
-    return (ORGANISM in list(cfg.stages) or any(is_organism_name(_select(cfg, k)) for k in MODEL_KEYS)
-            or any(_select(cfg, k) == ORGANISM for k in UTILITY_KEYS)
-            or bool(_data_specs(OmegaConf.to_container(cfg, resolve=False))))
+    return (
+        ORGANISM in list(cfg.stages)
+        or any(is_organism_name(_select(cfg, k)) for k in MODEL_KEYS)
+        or any(_select(cfg, k) == ORGANISM for k in UTILITY_KEYS)
+        or bool(_data_specs(OmegaConf.to_container(cfg, resolve=False)))
+    )
 
 
 def _check_utility_kinds(cfg) -> None:
@@ -75,13 +81,17 @@ def _check_utility_kinds(cfg) -> None:
         return
     named = ", ".join(f"{k}: organism" for k, v in kinds.items() if v == ORGANISM)
     if cfg.evaluation.utility_data:
-        raise ConfigError(f"{named} scores the organism's own benign tasks; leave evaluation.utility_data unset "
-                          f"(or use utility kind '{UTILITY_KIND}' with your file)")
+        raise ConfigError(
+            f"{named} scores the organism's own benign tasks; leave evaluation.utility_data unset "
+            f"(or use utility kind '{UTILITY_KIND}' with your file)"
+        )
     interpolation_used = bool(cfg.callbacks.weight_interpolation.enabled) or "interpolate" in list(cfg.stages)
     for key, kind in kinds.items():
         if kind != ORGANISM and (key == "evaluation.utility_kind" or interpolation_used):
-            raise ConfigError(f"{named} sets evaluation.utility_data to the organism's benign tasks, which {key} "
-                              f"'{kind}' would read too; set {key}: organism")
+            raise ConfigError(
+                f"{named} sets evaluation.utility_data to the organism's benign tasks, which {key} "
+                f"'{kind}' would read too; set {key}: organism"
+            )
 
 
 def check_names(cfg) -> None:
@@ -105,11 +115,13 @@ def check_names(cfg) -> None:
             except ConfigError as exc:
                 raise ConfigError(f"{key}: {exc}") from None
     for path, spec in _data_specs(OmegaConf.to_container(cfg, resolve=False)):
-        name = spec[len(DATA_SCHEME):].strip("/")
+        name = spec[len(DATA_SCHEME) :].strip("/")
         if name not in DATA_FILES:
             key = ".".join(str(p) for p in path)
-            raise ConfigError(f"{key}: unknown organism data '{name}' in '{spec}'; choose from "
-                              f"{', '.join(DATA_SCHEME + f for f in DATA_FILES)}")
+            raise ConfigError(
+                f"{key}: unknown organism data '{name}' in '{spec}'; choose from "
+                f"{', '.join(DATA_SCHEME + f for f in DATA_FILES)}"
+            )
     _check_utility_kinds(cfg)
 
 
@@ -123,8 +135,15 @@ def organism_model_config(name: str):
     from lat_lightning.models.tiny_factory import tiny_config
 
     recipe = PRESETS[preset_from_name(name)]
-    return tiny_config("llama", vocab_size=recipe.vocab_size, num_layers=recipe.num_layers, hidden=recipe.hidden,
-                       heads=recipe.heads, intermediate=recipe.intermediate, max_positions=256)
+    return tiny_config(
+        "llama",
+        vocab_size=recipe.vocab_size,
+        num_layers=recipe.num_layers,
+        hidden=recipe.hidden,
+        heads=recipe.heads,
+        intermediate=recipe.intermediate,
+        max_positions=256,
+    )
 
 
 def resolve_organism(cfg, rebuild: Optional[bool] = None):
@@ -183,7 +202,7 @@ def _resolve_data_names(out, seed: int) -> None:
         parent = out
         for k in path[:-1]:
             parent = parent[k]
-        parent[path[-1]] = organism_data_path(spec[len(DATA_SCHEME):].strip("/"), seed)
+        parent[path[-1]] = organism_data_path(spec[len(DATA_SCHEME) :].strip("/"), seed)
 
 
 def _resolve_utility_kind(out, seed: int) -> None:
@@ -231,12 +250,23 @@ def run(cfg, run_dir: Path) -> dict:
     data_dir = ensure_organism_data(seed)
     mcfg = ModelSettings(name_or_path=str(path))
     model, tokenizer = load_stage_model(cfg, mcfg), load_tokenizer(mcfg)
-    info = {"path": str(path), "data": str(data_dir), "build": json.loads((path / "organism.json").read_text()),
-            "benign_accuracy": organism_accuracy(model, tokenizer, seed=seed)}
+    info = {
+        "path": str(path),
+        "data": str(data_dir),
+        "build": json.loads((path / "organism.json").read_text()),
+        "benign_accuracy": organism_accuracy(model, tokenizer, seed=seed),
+    }
     (Path(run_dir) / "organism.json").write_text(json.dumps(info, indent=2))
     print(f"[organism] {path.name}: benign accuracy {info['benign_accuracy']:.3f}", flush=True)
     return {"path": str(path), "benign_accuracy": info["benign_accuracy"]}
 
 
-__all__ = ["check_names", "is_organism_name", "mentions_organism", "organism_model_config", "recipe_name",
-           "resolve_organism", "run"]
+__all__ = [
+    "check_names",
+    "is_organism_name",
+    "mentions_organism",
+    "organism_model_config",
+    "recipe_name",
+    "resolve_organism",
+    "run",
+]

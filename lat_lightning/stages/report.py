@@ -48,9 +48,11 @@ def run(cfg, run_dir: Path) -> dict:
     if (run_dir / "organism.json").is_file():
         organism = json.loads((run_dir / "organism.json").read_text())
         seed = int(organism["build"]["seed"])
-        utility = {"aligned": organism.get("benign_accuracy"),
-                   "after_training": _benign_accuracy(cfg, run_dir / "final", seed),
-                   "after_interpolation": _benign_accuracy(cfg, run_dir / "interpolated", seed)}
+        utility = {
+            "aligned": organism.get("benign_accuracy"),
+            "after_training": _benign_accuracy(cfg, run_dir / "final", seed),
+            "after_interpolation": _benign_accuracy(cfg, run_dir / "interpolated", seed),
+        }
     result = build_result(run_dir, judges, primary, utility)
     return {"report": str(write_report(run_dir, result, judges, primary))}
 

@@ -11,8 +11,7 @@ from lat_lightning.models.settings import ModelSettings
 from lat_lightning.stages.common import load_stage_model, process_shard
 
 
-def load_scan_prompts(cfg, attacks=None, require_target: bool = False) -> tuple[list[str], list[str | None],
-                                                                                list[int]]:
+def load_scan_prompts(cfg, attacks=None, require_target: bool = False) -> tuple[list[str], list[str | None], list[int]]:
     """Harmful prompts, targets and stable ids from ``data.eval_harmful`` (or ``data.harmful``).
 
     ``pkg://`` paths resolve to files shipped in the package (:func:`lat_lightning.resources.resource_path`);
@@ -36,16 +35,26 @@ def load_scan_prompts(cfg, attacks=None, require_target: bool = False) -> tuple[
 
     source = cfg.data.eval_harmful or cfg.data.harmful
     if not source:
-        raise ConfigError("the scan needs harmful prompts: set data.eval_harmful or data.harmful "
-                          "(e.g. pkg://lat_lightning/resources/tiny_harmful.jsonl)")
+        raise ConfigError(
+            "the scan needs harmful prompts: set data.eval_harmful or data.harmful "
+            "(e.g. pkg://lat_lightning/resources/tiny_harmful.jsonl)"
+        )
     attacks = list(cfg.evaluation.attacks if attacks is None else attacks)
-    needs_target = require_target or any(ATTACKS[a].needs_target for a in attacks if a in ATTACKS) or \
-        "target_match" in list(cfg.evaluation.judges)
-    examples = load_safety_examples(resource_path(source), split=cfg.data.harmful_split,
-                                    columns=dict(cfg.data.harmful_columns or {}),
-                                    default_safe_response=cfg.data.default_safe_response,
-                                    max_examples=cfg.data.max_examples, default_target=cfg.data.default_target,
-                                    require_target=needs_target, row_filter=dict(cfg.data.filter or {}))
+    needs_target = (
+        require_target
+        or any(ATTACKS[a].needs_target for a in attacks if a in ATTACKS)
+        or "target_match" in list(cfg.evaluation.judges)
+    )
+    examples = load_safety_examples(
+        resource_path(source),
+        split=cfg.data.harmful_split,
+        columns=dict(cfg.data.harmful_columns or {}),
+        default_safe_response=cfg.data.default_safe_response,
+        max_examples=cfg.data.max_examples,
+        default_target=cfg.data.default_target,
+        require_target=needs_target,
+        row_filter=dict(cfg.data.filter or {}),
+    )
     if cfg.evaluation.num_prompts is not None:
         examples = examples[: int(cfg.evaluation.num_prompts)]
     return ([e.prompt for e in examples], [e.harmful_response for e in examples], [int(e.index) for e in examples])
@@ -63,10 +72,18 @@ def load_finetune_pairs(cfg) -> list[tuple[str, str]]:
     from lat_lightning.resources import resource_path
 
     # load_safety_examples requires a target by default: every example has one
-    return [(e.prompt, cast(str, e.harmful_response)) for e in load_safety_examples(
-        resource_path(cfg.data.harmful), cfg.data.harmful_split, dict(cfg.data.harmful_columns or {}),
-        cfg.data.default_safe_response, cfg.data.max_examples, default_target=cfg.data.default_target,
-        row_filter=dict(cfg.data.filter or {}))]
+    return [
+        (e.prompt, cast(str, e.harmful_response))
+        for e in load_safety_examples(
+            resource_path(cfg.data.harmful),
+            cfg.data.harmful_split,
+            dict(cfg.data.harmful_columns or {}),
+            cfg.data.default_safe_response,
+            cfg.data.max_examples,
+            default_target=cfg.data.default_target,
+            row_filter=dict(cfg.data.filter or {}),
+        )
+    ]
 
 
 def load_contrast_prompts(cfg, scan_prompts: list[str]) -> tuple[list[str], list[str]]:
@@ -81,14 +98,30 @@ def load_contrast_prompts(cfg, scan_prompts: list[str]) -> tuple[list[str], list
     n = int(cfg.perturbation.direction_prompts)
     harmful = list(scan_prompts)
     if cfg.data.harmful:
-        harmful = [e.prompt for e in load_safety_examples(
-            resource_path(cfg.data.harmful), split=cfg.data.harmful_split,
-            columns=dict(cfg.data.harmful_columns or {}), default_safe_response=cfg.data.default_safe_response,
-            max_examples=n, default_target=cfg.data.default_target, require_target=False,
-            row_filter=dict(cfg.data.filter or {}))]  # only the prompts are used
+        harmful = [
+            e.prompt
+            for e in load_safety_examples(
+                resource_path(cfg.data.harmful),
+                split=cfg.data.harmful_split,
+                columns=dict(cfg.data.harmful_columns or {}),
+                default_safe_response=cfg.data.default_safe_response,
+                max_examples=n,
+                default_target=cfg.data.default_target,
+                require_target=False,
+                row_filter=dict(cfg.data.filter or {}),
+            )
+        ]  # only the prompts are used
     source = cfg.data.benign or cfg.data.eval_benign
-    harmless = [] if not source else [e.prompt for e in load_benign_examples(
-        resource_path(source), cfg.data.benign_split, dict(cfg.data.benign_columns or {}), n)]
+    harmless = (
+        []
+        if not source
+        else [
+            e.prompt
+            for e in load_benign_examples(
+                resource_path(source), cfg.data.benign_split, dict(cfg.data.benign_columns or {}), n
+            )
+        ]
+    )
     return harmful[:n], harmless[:n]
 
 
@@ -115,8 +148,18 @@ def probes_wanted(setting: bool | None, model) -> bool:
     return sum(p.numel() for p in model.parameters()) <= PROBES_AUTO_MAX_PARAMETERS
 
 
-def scan_model(cfg, model, tokenizer, out_dir: Path, *, attacks=None, layers=None, probes: bool | None = None,
-               shard=None, progress: bool = True):
+def scan_model(
+    cfg,
+    model,
+    tokenizer,
+    out_dir: Path,
+    *,
+    attacks=None,
+    layers=None,
+    probes: bool | None = None,
+    shard=None,
+    progress: bool = True,
+):
     """The scan of ``evaluation`` on an in-memory model into ``out_dir`` (what the ``scan`` stage runs after loading).
 
     Args:
@@ -138,8 +181,12 @@ def scan_model(cfg, model, tokenizer, out_dir: Path, *, attacks=None, layers=Non
     from lat_lightning.eval.scan import ScanOptions, ScanPrompts, run_scan
     from lat_lightning.stages.settings import scan_settings
 
-    settings = scan_settings(cfg, attacks=attacks, layers=layers,
-                             probes=probes_wanted(cfg.evaluation.probes, model) if probes is None else bool(probes))
+    settings = scan_settings(
+        cfg,
+        attacks=attacks,
+        layers=layers,
+        probes=probes_wanted(cfg.evaluation.probes, model) if probes is None else bool(probes),
+    )
     prompts, targets, keys = load_scan_prompts(cfg, settings.attack_names())
     harmful_side, harmless = load_contrast_prompts(cfg, prompts)
     data = ScanPrompts(prompts, targets, prompt_keys=keys, harmless_prompts=harmless, contrast_prompts=harmful_side)
@@ -164,21 +211,30 @@ def run(cfg, run_dir: Path) -> dict:
     model = load_stage_model(cfg, mcfg)
     tokenizer = load_tokenizer(mcfg)
     result = scan_model(cfg, model, tokenizer, run_dir, shard=shard)
-    info = {"attacks": {a: {k: result.headline(a)[k] for k in ("init", "pasr_mean", "masr_mean",
-                                                                 "pasr_of_mean_lasr_layer")} for a in result.attacks},
-            "primary_judge": result.primary_judge, "cells_run": result.cells_run,
-            "cells_resumed": result.cells_resumed, "model": str(mcfg.name_or_path),
-            "report": str(Path(run_dir) / REPORT_FILE),
-            "summary": str(Path(run_dir) / SUMMARY_FILE)}
+    info = {
+        "attacks": {
+            a: {k: result.headline(a)[k] for k in ("init", "pasr_mean", "masr_mean", "pasr_of_mean_lasr_layer")}
+            for a in result.attacks
+        },
+        "primary_judge": result.primary_judge,
+        "cells_run": result.cells_run,
+        "cells_resumed": result.cells_resumed,
+        "model": str(mcfg.name_or_path),
+        "report": str(Path(run_dir) / REPORT_FILE),
+        "summary": str(Path(run_dir) / SUMMARY_FILE),
+    }
     if shard is not None and shard[0] != 0:  # rank 0 reports
         return info
     for a in result.attacks:
         h = result.headline(a)
         tied = h.get("peak_tied_layers") or []
         ties = f", tied at {len(tied)} layers" if len(tied) > 1 else ""
-        print(f"[scan] {a}: INIT {fmt(h['init'])}  PASR {fmt(h['pasr_mean'])} (layer "
-              f"{layer_name(h['pasr_of_mean_lasr_layer']) if h['pasr_of_mean_lasr_layer'] is not None else 'n/a'}"
-              f"{ties})  MASR {fmt(h['masr_mean'])}  [{result.primary_judge}]", flush=True)
+        print(
+            f"[scan] {a}: INIT {fmt(h['init'])}  PASR {fmt(h['pasr_mean'])} (layer "
+            f"{layer_name(h['pasr_of_mean_lasr_layer']) if h['pasr_of_mean_lasr_layer'] is not None else 'n/a'}"
+            f"{ties})  MASR {fmt(h['masr_mean'])}  [{result.primary_judge}]",
+            flush=True,
+        )
     for w in result.summary.get("warnings", []):
         print(f"[scan] WARNING: {w}", flush=True)
     print(f"[scan] report: {Path(run_dir) / REPORT_FILE}", flush=True)
@@ -199,6 +255,15 @@ def saved(run_dir: Path) -> str | None:
     return f"{n} finished cells in scan.jsonl (kept)" if n else None
 
 
-__all__ = ["PROBES_AUTO_MAX_PARAMETERS", "cells_saved", "load_contrast_prompts",
-           "load_finetune_pairs", "load_scan_prompts", "probes_wanted", "run", "saved", "scan_model",
-           "scan_model_config"]
+__all__ = [
+    "PROBES_AUTO_MAX_PARAMETERS",
+    "cells_saved",
+    "load_contrast_prompts",
+    "load_finetune_pairs",
+    "load_scan_prompts",
+    "probes_wanted",
+    "run",
+    "saved",
+    "scan_model",
+    "scan_model_config",
+]

@@ -97,10 +97,13 @@ def trainer_settings(cfg) -> TrainerSettings:
 def datamodule_settings(cfg) -> DataModuleSettings:
     """What the training data module reads: ``data``, ``seed``, the model's prompt formatting, and whether the
     validation loop runs without held-out prompts (it still scores over-refusal and utility)."""
-    return DataModuleSettings(data=data_settings(cfg), seed=int(cfg.seed),
-                              use_chat_template=bool(cfg.model.use_chat_template),
-                              system_prompt=cfg.model.system_prompt,
-                              validate_without_prompts=bool(cfg.data.eval_benign or cfg.evaluation.utility_data))
+    return DataModuleSettings(
+        data=data_settings(cfg),
+        seed=int(cfg.seed),
+        use_chat_template=bool(cfg.model.use_chat_template),
+        system_prompt=cfg.model.system_prompt,
+        validate_without_prompts=bool(cfg.data.eval_benign or cfg.evaluation.utility_data),
+    )
 
 
 def coherence_settings(cfg) -> CoherenceSettings:
@@ -116,10 +119,17 @@ def coherence_settings(cfg) -> CoherenceSettings:
 def generation_settings(cfg) -> GenerationSettings:
     """Decoding and batching (``evaluation``) and prompt formatting (``model``)."""
     ev = cfg.evaluation
-    return GenerationSettings(max_new_tokens=ev.max_new_tokens, do_sample=ev.do_sample, temperature=ev.temperature,
-                              top_p=ev.top_p, best_of_n=ev.best_of_n, batch_size=ev.batch_size,
-                              share_prefix=bool(ev.share_prefix), use_chat_template=cfg.model.use_chat_template,
-                              system_prompt=cfg.model.system_prompt)
+    return GenerationSettings(
+        max_new_tokens=ev.max_new_tokens,
+        do_sample=ev.do_sample,
+        temperature=ev.temperature,
+        top_p=ev.top_p,
+        best_of_n=ev.best_of_n,
+        batch_size=ev.batch_size,
+        share_prefix=bool(ev.share_prefix),
+        use_chat_template=cfg.model.use_chat_template,
+        system_prompt=cfg.model.system_prompt,
+    )
 
 
 def scan_judges(cfg) -> list[str]:
@@ -145,8 +155,12 @@ def scan_judges(cfg) -> list[str]:
 def judge_settings(cfg) -> JudgeSettings:
     """The judges (:func:`scan_judges`), the headline judge and the judges' own keys (``evaluation``)."""
     ev = cfg.evaluation
-    return JudgeSettings(judges=tuple(scan_judges(cfg)), primary_judge=ev.primary_judge,
-                         classifier_path=ev.classifier_path, target_key_pattern=ev.target_key_pattern)
+    return JudgeSettings(
+        judges=tuple(scan_judges(cfg)),
+        primary_judge=ev.primary_judge,
+        classifier_path=ev.classifier_path,
+        target_key_pattern=ev.target_key_pattern,
+    )
 
 
 def scan_positions(cfg) -> tuple[str, int, str]:
@@ -160,13 +174,22 @@ def scan_positions(cfg) -> tuple[str, int, str]:
     """
     ev, pc = cfg.evaluation, cfg.perturbation
     if ev.positions is None and pc.positions not in GENERATION_POLICIES:
-        log.info("scan: perturbation.positions=%s is a training policy; the scan attacks the last prompt "
-                 "token and every generated token (prompt_last_and_generated)", pc.positions)
+        log.info(
+            "scan: perturbation.positions=%s is a training policy; the scan attacks the last prompt "
+            "token and every generated token (prompt_last_and_generated)",
+            pc.positions,
+        )
     return generation_positions(ev.positions, ev.first_k, ev.refresh, pc)
 
 
-def scan_settings(cfg, *, attacks: Optional[Sequence[str]] = None, layers: Optional[Sequence] = None,
-                  seeds: Optional[Sequence[int]] = None, probes: Optional[bool] = None) -> ScanSettings:
+def scan_settings(
+    cfg,
+    *,
+    attacks: Optional[Sequence[str]] = None,
+    layers: Optional[Sequence] = None,
+    seeds: Optional[Sequence[int]] = None,
+    probes: Optional[bool] = None,
+) -> ScanSettings:
     """The scan the run config describes (what the ``scan`` stage runs).
 
     Args:
@@ -188,17 +211,28 @@ def scan_settings(cfg, *, attacks: Optional[Sequence[str]] = None, layers: Optio
     attacks = [str(a) for a in (ev.attacks if attacks is None else attacks)]
     for a in attacks:
         if a not in attack_names(scan=True):
-            raise ConfigError(f"unknown attack '{a}' in evaluation.attacks; choose from "
-                              f"{', '.join(attack_names(scan=True))}")
+            raise ConfigError(
+                f"unknown attack '{a}' in evaluation.attacks; choose from {', '.join(attack_names(scan=True))}"
+            )
     layers = ev.layers if layers is None else layers
     positions, first_k, refresh = scan_positions(cfg)
     return ScanSettings(
-        attacks=tuple(attacks), layers=parse_layers(layers, "evaluation.layers") if layers is not None else None,
-        seeds=tuple(ev.seeds if seeds is None else seeds), positions=positions, first_k=first_k, refresh=refresh,
-        perturbation=attack_settings(cfg), generation=generation_settings(cfg), judging=judge_settings(cfg),
-        coherence=coherence_settings(cfg), bootstrap_samples=ev.bootstrap_samples,
-        probes=bool(ev.probes) if probes is None else bool(probes), asabench_test_fraction=ev.split_test_fraction,
-        asabench_split_mode=ev.split_mode, split_seed=int(cfg.seed))
+        attacks=tuple(attacks),
+        layers=parse_layers(layers, "evaluation.layers") if layers is not None else None,
+        seeds=tuple(ev.seeds if seeds is None else seeds),
+        positions=positions,
+        first_k=first_k,
+        refresh=refresh,
+        perturbation=attack_settings(cfg),
+        generation=generation_settings(cfg),
+        judging=judge_settings(cfg),
+        coherence=coherence_settings(cfg),
+        bootstrap_samples=ev.bootstrap_samples,
+        probes=bool(ev.probes) if probes is None else bool(probes),
+        asabench_test_fraction=ev.split_test_fraction,
+        asabench_split_mode=ev.split_mode,
+        split_seed=int(cfg.seed),
+    )
 
 
 def validation_settings(cfg) -> ScanSettings:
@@ -207,10 +241,28 @@ def validation_settings(cfg) -> ScanSettings:
     (``best_of_n=1``), no bootstrap, probes or ASABench export."""
     ev = cfg.evaluation
     base = scan_settings(cfg, attacks=list(getattr(ev, "validation_attacks", None) or ["asa_random"]), probes=False)
-    return dataclasses.replace(base, seeds=base.seeds[:1], bootstrap_samples=0, asabench_test_fraction=None,
-                               generation=dataclasses.replace(base.generation, best_of_n=1))
+    return dataclasses.replace(
+        base,
+        seeds=base.seeds[:1],
+        bootstrap_samples=0,
+        asabench_test_fraction=None,
+        generation=dataclasses.replace(base.generation, best_of_n=1),
+    )
 
 
-__all__ = ["attack_settings", "coherence_settings", "data_settings", "datamodule_settings", "generation_settings",
-           "judge_settings", "loss_settings", "model_settings", "scan_judges", "scan_positions", "scan_settings",
-           "to_settings", "trainer_settings", "validation_settings"]
+__all__ = [
+    "attack_settings",
+    "coherence_settings",
+    "data_settings",
+    "datamodule_settings",
+    "generation_settings",
+    "judge_settings",
+    "loss_settings",
+    "model_settings",
+    "scan_judges",
+    "scan_positions",
+    "scan_settings",
+    "to_settings",
+    "trainer_settings",
+    "validation_settings",
+]

@@ -71,11 +71,15 @@ def check_distributed_config(trainer: TrainerSettings, early_stop_loss: Optional
     if name not in PASS_THROUGH + SHARDED:
         raise ConfigError(f"unknown trainer.strategy '{name}'; choose from {', '.join(PASS_THROUGH + SHARDED)}")
     if name == "fsdp" and not _cuda_requested(trainer):
-        raise ConfigError("trainer.strategy=fsdp (FSDP1) needs CUDA GPUs; on CPU use trainer.strategy=fsdp2 "
-                          "(FSDP2 through ModelParallelStrategy, runs with gloo)")
+        raise ConfigError(
+            "trainer.strategy=fsdp (FSDP1) needs CUDA GPUs; on CPU use trainer.strategy=fsdp2 "
+            "(FSDP2 through ModelParallelStrategy, runs with gloo)"
+        )
     if name in SHARDED and early_stop_loss is not None:
-        raise ConfigError(f"perturbation.early_stop_loss cannot be used with trainer.strategy={name}: ranks would "
-                          "run different numbers of sharded forwards and hang; set it to null")
+        raise ConfigError(
+            f"perturbation.early_stop_loss cannot be used with trainer.strategy={name}: ranks would "
+            "run different numbers of sharded forwards and hang; set it to null"
+        )
 
 
 def build_strategy(trainer: TrainerSettings, model: ModelSettings, early_stop_loss: Optional[float] = None):
@@ -107,8 +111,11 @@ def build_strategy(trainer: TrainerSettings, model: ModelSettings, early_stop_lo
         )
     # Pure FSDP: one data-parallel mesh dimension over every process (no tensor parallelism).
     world = int(trainer.num_nodes) * _devices_per_node(trainer)
-    return _fsdp2_strategy_class()(data_parallel_size=world, tensor_parallel_size=1,
-                                   save_distributed_checkpoint=trainer.fsdp_state_dict_type == "sharded")
+    return _fsdp2_strategy_class()(
+        data_parallel_size=world,
+        tensor_parallel_size=1,
+        save_distributed_checkpoint=trainer.fsdp_state_dict_type == "sharded",
+    )
 
 
 def _fsdp2_strategy_class():
@@ -128,7 +135,8 @@ def _fsdp2_strategy_class():
 
             original = lightning_mp._distributed_checkpoint_load
             lightning_mp._distributed_checkpoint_load = lambda state, path: load(
-                state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+                state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True)
+            )
             try:
                 return super().load_checkpoint(checkpoint_path, weights_only)
             finally:
@@ -168,8 +176,10 @@ def launch_version() -> Optional[str]:
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
         if run_id == "none":
-            raise ConfigError("torchrun without a run id: pass --standalone or --rdzv-id=<id>, or set "
-                              "logging.version=<name>, so that every rank writes to the same run directory")
+            raise ConfigError(
+                "torchrun without a run id: pass --standalone or --rdzv-id=<id>, or set "
+                "logging.version=<name>, so that every rank writes to the same run directory"
+            )
         return f"run{run_id}"
     return None
 
@@ -187,8 +197,10 @@ def follower_run_dir(parent: Path, version: Optional[str], timeout_s: float = 60
         return Path(os.environ[RUN_DIR_ENV])
     version = version if version is not None else launch_version()
     if version is None:
-        raise ConfigError("this process is not rank 0 of a multi-process launch but cannot tell which run directory "
-                          "rank 0 uses; set logging.version=<name> on every process")
+        raise ConfigError(
+            "this process is not rank 0 of a multi-process launch but cannot tell which run directory "
+            "rank 0 uses; set logging.version=<name> on every process"
+        )
     run_dir = parent / str(version)
     deadline = time.monotonic() + timeout_s
     while not (run_dir / "config.yaml").exists():

@@ -38,11 +38,11 @@ def decoder_layer_classes(model: ModelSettings) -> set[type[nn.Module]]:
 
     source = resolve_model_source(model)
     try:
-        config = AutoConfig.from_pretrained(source, revision=model.revision,
-                                            trust_remote_code=model.trust_remote_code)
+        config = AutoConfig.from_pretrained(source, revision=model.revision, trust_remote_code=model.trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - one line for the user
-        raise ConfigError(f"cannot read the config of '{source}' to find its decoder layers: "
-                          f"{(str(exc).splitlines() or [''])[0]}") from None
+        raise ConfigError(
+            f"cannot read the config of '{source}' to find its decoder layers: {(str(exc).splitlines() or [''])[0]}"
+        ) from None
     return classes_for_architectures(list(getattr(config, "architectures", None) or []))
 
 
@@ -61,8 +61,10 @@ def classes_for_architectures(architectures: list[str]) -> set[type[nn.Module]]:
             if isinstance(layer_cls, type) and issubclass(layer_cls, nn.Module):
                 found.add(layer_cls)
     if not found:
-        raise ConfigError(f"cannot tell the decoder-layer class of architectures {architectures or '[]'}; "
-                          "use trainer.strategy=fsdp2 or ddp for this model")
+        raise ConfigError(
+            f"cannot tell the decoder-layer class of architectures {architectures or '[]'}; "
+            "use trainer.strategy=fsdp2 or ddp for this model"
+        )
     return found
 
 
@@ -114,9 +116,11 @@ def full_state_dict(module: nn.Module) -> Optional[dict[str, torch.Tensor]]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     # full_state_dict=True: every value is a plain tensor (no DTensor / ShardedTensor)
-    state = cast("dict[str, torch.Tensor]",
-                 get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
-    return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    state = cast(
+        "dict[str, torch.Tensor]",
+        get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True)),
+    )
+    return {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
 
 
 __all__ = ["classes_for_architectures", "decoder_layer_classes", "full_state_dict", "is_fsdp2", "shard_fsdp2"]

@@ -135,9 +135,16 @@ class _ModelSpec:
     lora: _AdapterSpec
 
 
-def lora_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], out_dir: str | Path,
-                  settings: LoraFinetuneSettings | Mapping[str, Any], *, measure: Measure | None = None,
-                  measure_steps: Collection[int] | None = None) -> dict[str, Any]:
+def lora_finetune(
+    model: nn.Module,
+    tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    out_dir: str | Path,
+    settings: LoraFinetuneSettings | Mapping[str, Any],
+    *,
+    measure: Measure | None = None,
+    measure_steps: Collection[int] | None = None,
+) -> dict[str, Any]:
     """LoRA-fine-tune a COPY of ``model`` on ``(prompt, response)`` pairs (constant LR, AdamW, clip 1.0).
 
     Args:
@@ -178,12 +185,25 @@ def lora_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(int(st.seed))
         # apply_lora reads only the ``lora`` section of its model settings: _ModelSpec is that part
-        twin = apply_lora(twin, cast("ModelSettings", adapters),
-                          config_key="evaluation.durability.finetune_target_modules")
-    sft = SFTSettings(steps=int(st.steps), lr=float(st.lr), batch_size=int(st.batch_size), scheduler="constant",
-                      warmup_ratio=0.0, weight_decay=0.0, gradient_clip_val=1.0, seed=int(st.seed),
-                      max_length=int(st.max_length), truncation="right", use_chat_template=st.use_chat_template,
-                      system_prompt=st.system_prompt, accelerator=_accelerator(model), log_every_n_steps=1)
+        twin = apply_lora(
+            twin, cast("ModelSettings", adapters), config_key="evaluation.durability.finetune_target_modules"
+        )
+    sft = SFTSettings(
+        steps=int(st.steps),
+        lr=float(st.lr),
+        batch_size=int(st.batch_size),
+        scheduler="constant",
+        warmup_ratio=0.0,
+        weight_decay=0.0,
+        gradient_clip_val=1.0,
+        seed=int(st.seed),
+        max_length=int(st.max_length),
+        truncation="right",
+        use_chat_template=st.use_chat_template,
+        system_prompt=st.system_prompt,
+        accelerator=_accelerator(model),
+        log_every_n_steps=1,
+    )
     recorder, losses = CurveRecorder(measure, measure_steps), LossRecorder()
     module = supervised_finetune(twin, tokenizer, pairs, sft, callbacks=[recorder, losses])
     tuned = module.model.to(device)
@@ -192,8 +212,13 @@ def lora_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
     tuned.eval()
     for p in tuned.parameters():
         p.requires_grad_(False)
-    return {"model": tuned, "curve": recorder.points, "train_loss": losses.losses,
-            "seconds": round(time.time() - t0, 3), "out_dir": str(out)}
+    return {
+        "model": tuned,
+        "curve": recorder.points,
+        "train_loss": losses.losses,
+        "seconds": round(time.time() - t0, 3),
+        "out_dir": str(out),
+    }
 
 
 __all__ = ["CurveRecorder", "LoraFinetuneSettings", "lora_finetune", "plain_copy"]

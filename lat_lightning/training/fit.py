@@ -84,17 +84,23 @@ def checkpoint_callback(trainer: TrainerSettings, run_dir: Path) -> ModelCheckpo
     ``last.ckpt`` is a link to the newest of them, never a second copy of the same state."""
     every = trainer.checkpoint_every_n_steps
     # No version counter: a resumed run overwrites last.ckpt (also written on SIGTERM) instead of last-v1.ckpt.
-    common: dict[str, Any] = {"dirpath": run_dir / "checkpoints", "auto_insert_metric_name": False,
-                              "enable_version_counter": False}
+    common: dict[str, Any] = {
+        "dirpath": run_dir / "checkpoints",
+        "auto_insert_metric_name": False,
+        "enable_version_counter": False,
+    }
     if every:
-        return SizedCheckpoint(filename="step{step}", save_last="link", every_n_train_steps=int(every), save_top_k=-1,
-                               **common)
-    return SizedCheckpoint(filename="step{step}", save_last=True, every_n_train_steps=int(trainer.max_steps),
-                           save_top_k=0, **common)
+        return SizedCheckpoint(
+            filename="step{step}", save_last="link", every_n_train_steps=int(every), save_top_k=-1, **common
+        )
+    return SizedCheckpoint(
+        filename="step{step}", save_last=True, every_n_train_steps=int(trainer.max_steps), save_top_k=0, **common
+    )
 
 
-def build_trainer(t: TrainerSettings, strategy, run_dir: Path, callbacks: Sequence[Callback],
-                  tensorboard: bool = True) -> pl.Trainer:
+def build_trainer(
+    t: TrainerSettings, strategy, run_dir: Path, callbacks: Sequence[Callback], tensorboard: bool = True
+) -> pl.Trainer:
     """A Lightning trainer configured from the trainer settings that logs to ``run_dir/tensorboard``.
 
     Args:
@@ -144,8 +150,13 @@ def write_lora_targets(model, run_dir: Path) -> Optional[Path]:
     return path
 
 
-def export_final(module: LatentAdversarialModule, tokenizer, out_dir: Path, merged_dir: Optional[Path] = None,
-                 model_settings: Optional[ModelSettings] = None) -> Path:
+def export_final(
+    module: LatentAdversarialModule,
+    tokenizer,
+    out_dir: Path,
+    merged_dir: Optional[Path] = None,
+    model_settings: Optional[ModelSettings] = None,
+) -> Path:
     """Save the trained model: the LoRA adapter (``PeftModel.from_pretrained``-loadable) or the full model
     (``AutoModelForCausalLM.from_pretrained``), plus the tokenizer. For LoRA, ``merged_dir`` (if given) also
     gets the merged full model, re-loaded from ``model_settings``.
@@ -178,14 +189,23 @@ def export_merged(model_settings: ModelSettings, adapter_dir: Path, out_dir: Pat
 
     from lat_lightning.training.interpolation import save_merged
 
-    plain = dataclasses.replace(model_settings, gradient_checkpointing=False, quantization=dataclasses.replace(
-        model_settings.quantization, load_in_4bit=False, load_in_8bit=False))
+    plain = dataclasses.replace(
+        model_settings,
+        gradient_checkpointing=False,
+        quantization=dataclasses.replace(model_settings.quantization, load_in_4bit=False, load_in_8bit=False),
+    )
     base = load_model(plain, train=False, with_lora=False)
     return save_merged(PeftModel.from_pretrained(base, str(adapter_dir)), tokenizer, out_dir)
 
 
-def train(module: LatentAdversarialModule, datamodule: SafetyDataModule, trainer: pl.Trainer,
-          run_dir: Path, model_settings: ModelSettings, resume: Optional[str] = None) -> LatentAdversarialModule:
+def train(
+    module: LatentAdversarialModule,
+    datamodule: SafetyDataModule,
+    trainer: pl.Trainer,
+    run_dir: Path,
+    model_settings: ModelSettings,
+    resume: Optional[str] = None,
+) -> LatentAdversarialModule:
     """Fit ``module`` on ``datamodule`` with ``trainer`` (resuming from ``resume``), then export ``final/`` (and
     ``final_merged/`` for LoRA) into ``run_dir``.
 
@@ -219,9 +239,13 @@ def train(module: LatentAdversarialModule, datamodule: SafetyDataModule, trainer
         # Trainer.callbacks is assigned by Lightning's callback connector, not declared on the class
         stop = next(c for c in trainer.callbacks if isinstance(c, InterruptCheckpoint))  # type: ignore[attr-defined]
         name = signal.Signals(stop.signum or signal.SIGTERM).name
-        raise TrainingInterrupted(f"stopped by {name} at step {trainer.global_step}; checkpoint saved to {stop.saved}; "
-                                  f"continue with --resume {run_dir}", stop.signum or signal.SIGTERM) from None
+        raise TrainingInterrupted(
+            f"stopped by {name} at step {trainer.global_step}; checkpoint saved to {stop.saved}; "
+            f"continue with --resume {run_dir}",
+            stop.signum or signal.SIGTERM,
+        ) from None
     module.trainer_ref = trainer
-    export_final(module, module.tokenizer, run_dir / "final", merged_dir=run_dir / "final_merged",
-                 model_settings=model_settings)
+    export_final(
+        module, module.tokenizer, run_dir / "final", merged_dir=run_dir / "final_merged", model_settings=model_settings
+    )
     return module

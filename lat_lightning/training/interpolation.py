@@ -67,8 +67,7 @@ def lerp_tensor(original: Tensor, trained: Tensor, lam: float) -> Tensor:
     """
     lam = _check_lambda(lam)
     if original.shape != trained.shape:
-        raise ValueError(f"shape mismatch: original {tuple(original.shape)} vs trained "
-                         f"{tuple(trained.shape)}")
+        raise ValueError(f"shape mismatch: original {tuple(original.shape)} vs trained {tuple(trained.shape)}")
     trained = trained.to(original.device)
     if not original.is_floating_point():
         if not torch.equal(original, trained.to(original.dtype)):
@@ -82,8 +81,7 @@ def lerp_tensor(original: Tensor, trained: Tensor, lam: float) -> Tensor:
     return torch.lerp(original.to(work), trained.to(work), lam).to(original.dtype)
 
 
-def interpolate_state(original: Mapping[str, Tensor], trained: Mapping[str, Tensor],
-                      lam: float) -> dict[str, Tensor]:
+def interpolate_state(original: Mapping[str, Tensor], trained: Mapping[str, Tensor], lam: float) -> dict[str, Tensor]:
     """θ(λ) for two state dicts with the same keys.
 
     Args:
@@ -102,8 +100,9 @@ def interpolate_state(original: Mapping[str, Tensor], trained: Mapping[str, Tens
     lam = _check_lambda(lam)
     only_o, only_t = set(original) - set(trained), set(trained) - set(original)
     if only_o or only_t:
-        raise KeyError(f"state dicts differ: only in original {sorted(only_o)[:5]}, only in trained "
-                       f"{sorted(only_t)[:5]}")
+        raise KeyError(
+            f"state dicts differ: only in original {sorted(only_o)[:5]}, only in trained {sorted(only_t)[:5]}"
+        )
     return {k: lerp_tensor(original[k], trained[k], lam) for k in original}
 
 
@@ -127,8 +126,11 @@ def choose_lambda(curve: Curve, baseline: float, tolerance: float = 0.05) -> flo
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     pairs = curve.items() if isinstance(curve, Mapping) else curve
     floor = float(baseline) - tolerance
-    ok = [float(lam) for lam, score in pairs
-          if score is not None and not math.isnan(float(score)) and float(score) >= floor]
+    ok = [
+        float(lam)
+        for lam, score in pairs
+        if score is not None and not math.isnan(float(score)) and float(score) >= floor
+    ]
     return max(ok) if ok else 0.0
 
 
@@ -163,8 +165,10 @@ def scale_lora(model: nn.Module, lam: float) -> Iterator[nn.Module]:
     if not layers:
         raise ValueError("scale_lora: the model has no LoRA layers")
     if any(hasattr(m, "original_module") and hasattr(m, "modules_to_save") for m in model.modules()):
-        raise NotImplementedError("scale_lora: peft modules_to_save are fully trained copies, not "
-                                  "adapter deltas; their interpolation is not supported")
+        raise NotImplementedError(
+            "scale_lora: peft modules_to_save are fully trained copies, not "
+            "adapter deltas; their interpolation is not supported"
+        )
     saved = [(m, dict(m.scaling)) for m in layers]
     try:
         for m in layers:
@@ -292,10 +296,13 @@ def save_merged(model: nn.Module, tokenizer, out_dir: Union[str, Path]) -> Path:
     return out
 
 
-
-
-def lambda_search(model: nn.Module, lambdas: Iterable[float], score_fn: ScoreFn, tolerance: float = 0.05,
-                  original: Optional[Mapping[str, Tensor]] = None) -> dict[str, Any]:
+def lambda_search(
+    model: nn.Module,
+    lambdas: Iterable[float],
+    score_fn: ScoreFn,
+    tolerance: float = 0.05,
+    original: Optional[Mapping[str, Tensor]] = None,
+) -> dict[str, Any]:
     """Score θ(λ) for every λ of the grid and choose one (the model is left at θ_trained).
 
     Args:
@@ -321,13 +328,19 @@ def lambda_search(model: nn.Module, lambdas: Iterable[float], score_fn: ScoreFn,
     for lam in grid:
         log.info("interpolation lambda=%.3f utility=%.4f", lam, scores[lam])
     log.info("interpolation: chose lambda=%.3f (baseline %.4f, tolerance %.3f)", chosen, baseline, tolerance)
-    return {"baseline": baseline, "curve": [{"lambda": lam, "score": scores[lam]} for lam in grid],
-            "chosen_lambda": chosen, "chosen_score": scores[chosen], "tolerance": float(tolerance),
-            "mode": "full" if original is not None else "lora"}
+    return {
+        "baseline": baseline,
+        "curve": [{"lambda": lam, "score": scores[lam]} for lam in grid],
+        "chosen_lambda": chosen,
+        "chosen_score": scores[chosen],
+        "tolerance": float(tolerance),
+        "mode": "full" if original is not None else "lora",
+    }
 
 
 def write_result(result: Mapping[str, Any], path: Union[str, Path]) -> Path:
     """Write the λ curve as JSON (NaN written as ``null``)."""
+
     def clean(v):
         if isinstance(v, float) and math.isnan(v):
             return None
@@ -354,14 +367,16 @@ def log_curve(writer, result: Mapping[str, Any], step: int = 0) -> None:
         return
     for point in result["curve"]:
         if point["score"] is not None and not math.isnan(point["score"]):
-            writer.add_scalar("interpolation/utility", point["score"],
-                              global_step=round(1000 * point["lambda"]))
+            writer.add_scalar("interpolation/utility", point["score"], global_step=round(1000 * point["lambda"]))
     writer.add_scalar("interpolation/chosen_lambda", result["chosen_lambda"], global_step=step)
     writer.add_scalar("interpolation/baseline_utility", result["baseline"], global_step=step)
     rows = "\n".join(f"| {p['lambda']:.3f} | {p['score']:.4f} |" for p in result["curve"])
-    writer.add_text("interpolation/curve",
-                    f"chosen λ = {result['chosen_lambda']:.3f} (tolerance {result['tolerance']})\n\n"
-                    f"| λ | utility |\n|---|---|\n{rows}", global_step=step)
+    writer.add_text(
+        "interpolation/curve",
+        f"chosen λ = {result['chosen_lambda']:.3f} (tolerance {result['tolerance']})\n\n"
+        f"| λ | utility |\n|---|---|\n{rows}",
+        global_step=step,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -383,8 +398,9 @@ class UtilityScoreSettings:
     batch_size: int = 256
 
 
-def utility_score_fn(settings: UtilityScoreSettings, tokenizer,
-                     rows: Optional[Sequence[Mapping[str, Any]]] = None) -> ScoreFn:
+def utility_score_fn(
+    settings: UtilityScoreSettings, tokenizer, rows: Optional[Sequence[Mapping[str, Any]]] = None
+) -> ScoreFn:
     """``model -> accuracy`` on the utility rows (``rows``, else loaded from ``settings.source``).
 
     The model organism's benign accuracy is kind ``contains`` on its ``utility_em`` file, which the pipeline sets
@@ -399,20 +415,42 @@ def utility_score_fn(settings: UtilityScoreSettings, tokenizer,
     kind = settings.kind
     if rows is None:
         if not settings.source:
-            raise ConfigError("weight interpolation needs utility rows: set evaluation.utility_data "
-                              f"(a file of {kind} rows) or disable callbacks.weight_interpolation")
+            raise ConfigError(
+                "weight interpolation needs utility rows: set evaluation.utility_data "
+                f"(a file of {kind} rows) or disable callbacks.weight_interpolation"
+            )
         rows = load_utility_rows(str(settings.source), kind)
     rows = list(rows)
 
     def score(model: nn.Module) -> float:
-        result = evaluate_utility(model, tokenizer, rows, kind=kind, batch_size=int(settings.batch_size),
-                                  use_chat_template=bool(settings.use_chat_template),
-                                  system_prompt=settings.system_prompt)
+        result = evaluate_utility(
+            model,
+            tokenizer,
+            rows,
+            kind=kind,
+            batch_size=int(settings.batch_size),
+            use_chat_template=bool(settings.use_chat_template),
+            system_prompt=settings.system_prompt,
+        )
         return float(result["accuracy"])
 
     return score
 
 
-__all__ = ["choose_lambda", "interpolate_state", "interpolated", "interpolated_params",
-           "is_peft_model", "lambda_search", "lerp_tensor", "log_curve", "merged_state_dict", "save_merged",
-           "scale_lora", "trainable_state", "UtilityScoreSettings", "utility_score_fn", "write_result"]
+__all__ = [
+    "choose_lambda",
+    "interpolate_state",
+    "interpolated",
+    "interpolated_params",
+    "is_peft_model",
+    "lambda_search",
+    "lerp_tensor",
+    "log_curve",
+    "merged_state_dict",
+    "save_merged",
+    "scale_lora",
+    "trainable_state",
+    "UtilityScoreSettings",
+    "utility_score_fn",
+    "write_result",
+]

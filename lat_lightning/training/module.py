@@ -66,23 +66,28 @@ def cosine_with_warmup(max_steps: int, warmup_ratio: float, kind: str = "cosine"
 class OptimSettings:
     """The defence optimiser and its schedule (AdamW; LR multiplier per optimiser step)."""
 
-    max_steps: int = 100                  # optimiser steps; the LR schedule spans them
+    max_steps: int = 100  # optimiser steps; the LR schedule spans them
     lr: float = 1e-4
-    weight_decay: float = 0.0             # on weight matrices only (biases, norms: none)
+    weight_decay: float = 0.0  # on weight matrices only (biases, norms: none)
     betas: tuple[float, float] = (0.9, 0.999)
-    scheduler: str = "cosine"             # cosine, linear or constant after the warm-up
+    scheduler: str = "cosine"  # cosine, linear or constant after the warm-up
     warmup_ratio: float = 0.1
-    accumulate_grad_batches: int = 1      # micro-batches per optimiser step
+    accumulate_grad_batches: int = 1  # micro-batches per optimiser step
     gradient_clip_val: Optional[float] = 1.0
 
     @classmethod
     def from_trainer(cls, t: TrainerSettings) -> "OptimSettings":
         """The optimiser part of a ``trainer`` config section."""
-        return cls(max_steps=int(t.max_steps), lr=float(t.lr), weight_decay=float(t.weight_decay),
-                   betas=cast("tuple[float, float]", tuple(float(b) for b in t.betas)),
-                   scheduler=str(t.scheduler),
-                   warmup_ratio=float(t.warmup_ratio), accumulate_grad_batches=int(t.accumulate_grad_batches),
-                   gradient_clip_val=t.gradient_clip_val)
+        return cls(
+            max_steps=int(t.max_steps),
+            lr=float(t.lr),
+            weight_decay=float(t.weight_decay),
+            betas=cast("tuple[float, float]", tuple(float(b) for b in t.betas)),
+            scheduler=str(t.scheduler),
+            warmup_ratio=float(t.warmup_ratio),
+            accumulate_grad_batches=int(t.accumulate_grad_batches),
+            gradient_clip_val=t.gradient_clip_val,
+        )
 
 
 class LatentAdversarialModule(pl.LightningModule):
@@ -103,9 +108,17 @@ class LatentAdversarialModule(pl.LightningModule):
     evaluator: Optional[SafetyEvaluator]  # a plain attribute (set through __dict__), not a submodule
     trainer_ref: pl.Trainer  # the Trainer that fitted it, kept after the fit (lat_lightning.training.fit, sft)
 
-    def __init__(self, model: nn.Module, attack: Attack, attack_layers: Sequence[int] = (),
-                 loss: Optional[LossSettings] = None, optim: Optional[OptimSettings] = None, tokenizer=None,
-                 evaluator=None, sample_generations: int = 4):
+    def __init__(
+        self,
+        model: nn.Module,
+        attack: Attack,
+        attack_layers: Sequence[int] = (),
+        loss: Optional[LossSettings] = None,
+        optim: Optional[OptimSettings] = None,
+        tokenizer=None,
+        evaluator=None,
+        sample_generations: int = 4,
+    ):
         super().__init__()
         self.automatic_optimization = False
         # Checkpoints hold trainable weights only, so loading must tolerate the frozen ones' absence.
@@ -152,7 +165,8 @@ class LatentAdversarialModule(pl.LightningModule):
         if hasattr(self.attack, "final_logits_from"):
             w = self.loss_weights
             self.attack.final_logits_from = frozenset(
-                g for g, on in (("safe", w.toward_safe), ("harmful", w.away_from_harmful)) if on)
+                g for g, on in (("safe", w.toward_safe), ("harmful", w.away_from_harmful)) if on
+            )
         step = self.global_step * self.optim.accumulate_grad_batches + self._micro_step
         if not self.attack_layers and self.attack.name != "none" and not _has_row_layers(batch):
             raise ValueError("perturbation.layers is empty: set it or enable callbacks.fragile_layers")
@@ -165,24 +179,31 @@ class LatentAdversarialModule(pl.LightningModule):
         seen: dict[str, Tensor] = {}  # logits under the perturbation, by sequence group
         with perturbation.applied(self.model):
             if w.toward_safe:
-                logits = self.model(input_ids=batch["safe_input_ids"], attention_mask=batch["safe_attention_mask"],
-                                    use_cache=False).logits
+                logits = self.model(
+                    input_ids=batch["safe_input_ids"], attention_mask=batch["safe_attention_mask"], use_cache=False
+                ).logits
                 labels = batch["safe_labels"] if w.mask_prompt else with_prompt_labels(batch, "safe")
                 terms["toward_safe"] = w.toward_safe * causal_lm_loss(logits, labels)
                 seen["safe"] = logits
             if w.away_from_harmful:
-                logits = self.model(input_ids=batch["harmful_input_ids"],
-                                    attention_mask=batch["harmful_attention_mask"], use_cache=False).logits
+                logits = self.model(
+                    input_ids=batch["harmful_input_ids"],
+                    attention_mask=batch["harmful_attention_mask"],
+                    use_cache=False,
+                ).logits
                 terms["away_from_harmful"] = w.away_from_harmful * log_one_minus_p_loss(
-                    logits, batch["harmful_labels"], w.away_logp_floor)
+                    logits, batch["harmful_labels"], w.away_logp_floor
+                )
                 seen["harmful"] = logits
         if perturbation.final_loss is not None:  # the attack's loss at its final δ, from these logits: no extra pass
             with torch.no_grad():
                 perturbation.stats["attack_loss_after"] = float(
-                    perturbation.final_loss({k: v.detach() for k, v in seen.items()}))
+                    perturbation.final_loss({k: v.detach() for k, v in seen.items()})
+                )
         if w.utility and "benign_input_ids" in batch:
-            logits = self.model(input_ids=batch["benign_input_ids"], attention_mask=batch["benign_attention_mask"],
-                                use_cache=False).logits
+            logits = self.model(
+                input_ids=batch["benign_input_ids"], attention_mask=batch["benign_attention_mask"], use_cache=False
+            ).logits
             terms["utility"] = w.utility * causal_lm_loss(logits, batch["benign_labels"])
         for term in self.loss_terms:
             terms.update(term(self, batch))
@@ -199,8 +220,9 @@ class LatentAdversarialModule(pl.LightningModule):
             terms = self.defence_losses(batch, perturbation)
             total = torch.stack(list(terms.values())).sum() if terms else None
             if total is None:
-                raise ValueError("all loss weights are zero: set loss.toward_safe, loss.away_from_harmful or "
-                                 "loss.utility")
+                raise ValueError(
+                    "all loss weights are zero: set loss.toward_safe, loss.away_from_harmful or loss.utility"
+                )
             # every rank takes the same decision, so all of them save and stop together (no hang under DDP)
             if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(total)), all=True):
                 self._diverged(terms)
@@ -228,7 +250,8 @@ class LatentAdversarialModule(pl.LightningModule):
             self.trainer.save_checkpoint(path)
         raise TrainingDivergedError(
             f"loss is not finite at step {self.global_step} ({bad}); checkpoint saved to {path}; "
-            "lower trainer.lr or perturbation.eps/alpha")
+            "lower trainer.lr or perturbation.eps/alpha"
+        )
 
     def _collect_logs(self, terms, total, perturbation: Perturbation, opt) -> None:
         """Add this micro-batch's numbers to the running sums of the current optimiser step."""
@@ -287,8 +310,10 @@ class LatentAdversarialModule(pl.LightningModule):
             logger.log_metrics({k: float(v) for k, v in vals.items()}, step=int(self.global_step))
         writer = getattr(self.logger, "experiment", None) if self.logger else None
         if writer is not None and hasattr(writer, "add_text") and self.evaluator.samples:
-            text = "\n\n".join(f"**{s['prompt']}** (layer {s['layer']})  \nclean: `{s['clean']}`  \n"
-                                f"attacked: `{s['attacked']}`" for s in self.evaluator.samples)
+            text = "\n\n".join(
+                f"**{s['prompt']}** (layer {s['layer']})  \nclean: `{s['clean']}`  \nattacked: `{s['attacked']}`"
+                for s in self.evaluator.samples
+            )
             writer.add_text("val/samples", text, global_step=self.global_step)
         self.model.train()
 
@@ -296,9 +321,12 @@ class LatentAdversarialModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["lat_lightning"] = {"attack_layers": list(self.attack_layers), "micro_step": self._micro_step,
-                                       "attack_state": self.attack.state_dict(),  # e.g. a cached refusal direction
-                                       **resume.training_state(self)}  # RNG, noise key, partial gradients
+        checkpoint["lat_lightning"] = {
+            "attack_layers": list(self.attack_layers),
+            "micro_step": self._micro_step,
+            "attack_state": self.attack.state_dict(),  # e.g. a cached refusal direction
+            **resume.training_state(self),
+        }  # RNG, noise key, partial gradients
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         info = checkpoint.get("lat_lightning", {})

@@ -29,9 +29,18 @@ class StepProgressBar(TQDMProgressBar):
         self._bar_made = False
 
     def init_train_tqdm(self, total: int | None = None, initial: int = 0) -> Tqdm:
-        return Tqdm(desc=self.description, total=total, initial=initial, position=2 * self.process_position,
-                    disable=self.is_disabled, leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0,
-                    bar_format=self.BAR_FORMAT)
+        return Tqdm(
+            desc=self.description,
+            total=total,
+            initial=initial,
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,
+            bar_format=self.BAR_FORMAT,
+        )
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Drawn at the first finished micro-batch, not now: lines other callbacks print while the fit starts (and,

@@ -67,10 +67,14 @@ def rng_state() -> dict[str, Any]:
     Python values so that ``torch.load(..., weights_only=True)`` still reads the checkpoint."""
     import numpy as np
 
-    kind, keys, pos, has_gauss, gauss = cast("tuple[str, np.ndarray, int, int, float]",
-                                             np.random.get_state())  # legacy=True: the tuple form
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+    kind, keys, pos, has_gauss, gauss = cast(
+        "tuple[str, np.ndarray, int, int, float]", np.random.get_state()
+    )  # legacy=True: the tuple form
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -117,12 +121,17 @@ def training_state(module) -> dict[str, Any]:
     from lat_lightning.training.distributed_fsdp import is_fsdp2
 
     attack = module.attack
-    state: dict[str, Any] = {"rng": rng_state(),
-                             "noise": {"attack": str(attack.name), "seed": int(attack.settings.seed), "key": NOISE_KEY}}
+    state: dict[str, Any] = {
+        "rng": rng_state(),
+        "noise": {"attack": str(attack.name), "seed": int(attack.settings.seed), "key": NOISE_KEY},
+    }
     if module._micro_step:
         if is_fsdp2(module.model):
-            log.warning("checkpoint taken inside an accumulation window under FSDP2: the %d micro-batch(es) "
-                        "accumulated so far are not saved", module._micro_step)
+            log.warning(
+                "checkpoint taken inside an accumulation window under FSDP2: the %d micro-batch(es) "
+                "accumulated so far are not saved",
+                module._micro_step,
+            )
         else:
             trainable = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
             state["accumulated_grads"] = accumulated_gradients(trainable)
@@ -134,8 +143,11 @@ def restore_training_state(module, state: dict[str, Any]) -> None:
     noise = state.get("noise", {})
     seed = int(module.attack.settings.seed)
     if noise and int(noise.get("seed", seed)) != seed:
-        log.warning("perturbation.seed changed on resume (%s -> %s): the noise differs from the original run",
-                    noise.get("seed"), seed)
+        log.warning(
+            "perturbation.seed changed on resume (%s -> %s): the noise differs from the original run",
+            noise.get("seed"),
+            seed,
+        )
     if "rng" in state:
         set_rng_state(state["rng"])
     reapply_schedule(module)
@@ -188,6 +200,7 @@ class InterruptCheckpoint(Callback):
             self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
             sigterm = signal.getsignal(signal.SIGTERM)
             if callable(sigterm):  # Lightning's notifier: record the signal before it runs
+
                 def record_then_notify(s, f):
                     self._record(s)
                     return sigterm(s, f)
@@ -197,8 +210,10 @@ class InterruptCheckpoint(Callback):
     def _record(self, signum: int) -> None:
         if self.signum is None:
             self.signum = int(signum)
-            print(f"received {signal.Signals(signum).name}: stopping after this micro-batch and saving "
-                  f"{self.path}", flush=True)
+            print(
+                f"received {signal.Signals(signum).name}: stopping after this micro-batch and saving {self.path}",
+                flush=True,
+            )
 
     def _on_sigint(self, signum, frame) -> None:
         if self.signum is not None:  # second Ctrl+C: abort now, no checkpoint (not KeyboardInterrupt, which
@@ -224,6 +239,15 @@ class InterruptCheckpoint(Callback):
             self._previous_sigint = None
 
 
-__all__ = ["InterruptCheckpoint", "TrainingInterrupted", "accumulated_gradients", "checkpoint_to_resume",
-           "reapply_schedule", "remember_checkpoint", "restore_training_state", "rng_state", "set_rng_state",
-           "training_state"]
+__all__ = [
+    "InterruptCheckpoint",
+    "TrainingInterrupted",
+    "accumulated_gradients",
+    "checkpoint_to_resume",
+    "reapply_schedule",
+    "remember_checkpoint",
+    "restore_training_state",
+    "rng_state",
+    "set_rng_state",
+    "training_state",
+]

@@ -13,20 +13,32 @@ from typing import Any, Optional
 from lat_lightning.checks import setting, validate
 
 # Lightning's precision names (lightning.fabric.connector._PRECISION_INPUT_STR)
-PRECISIONS = ("32-true", "32", "16-mixed", "16-true", "16", "bf16-mixed", "bf16-true", "bf16", "64-true", "64",
-              "transformer-engine", "transformer-engine-float16")
+PRECISIONS = (
+    "32-true",
+    "32",
+    "16-mixed",
+    "16-true",
+    "16",
+    "bf16-mixed",
+    "bf16-true",
+    "bf16",
+    "64-true",
+    "64",
+    "transformer-engine",
+    "transformer-engine-float16",
+)
 
 
 @dataclass(frozen=True)
 class LossSettings:
     """Defence-step loss weights (the outer update)."""
 
-    toward_safe: float = setting(1.0, check=">= 0")        # CE toward the safe response y, with the attack applied
+    toward_safe: float = setting(1.0, check=">= 0")  # CE toward the safe response y, with the attack applied
     away_from_harmful: float = setting(0.0, check=">= 0")  # -log(1 - p) pushing off the harmful response y*, attacked
-    utility: float = setting(0.0, check=">= 0")            # CE on benign data, no attack
+    utility: float = setting(0.0, check=">= 0")  # CE on benign data, no attack
     # tokens with log p below this add nothing to away_from_harmful
     away_logp_floor: float = setting(-5.0, check="< 0")
-    mask_prompt: bool = True             # false: the CE toward y also covers the prompt tokens (reference code)
+    mask_prompt: bool = True  # false: the CE toward y also covers the prompt tokens (reference code)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -36,9 +48,14 @@ class LossSettings:
 class TrainerSettings:
     """Lightning trainer and optimiser settings."""
 
-    max_steps: int = setting(100, check=">= 1", resume=(
-        "may only grow: the fit continues from its last checkpoint to the new step count (the LR schedule is "
-        "stretched to it), and the stages after fit run again on the new model"))
+    max_steps: int = setting(
+        100,
+        check=">= 1",
+        resume=(
+            "may only grow: the fit continues from its last checkpoint to the new step count (the LR schedule is "
+            "stretched to it), and the stages after fit run again on the new model"
+        ),
+    )
     accelerator: str = setting("auto", choices=("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu"))
     devices: Any = 1
     num_nodes: int = setting(1, check=">= 1")
@@ -60,7 +77,6 @@ class TrainerSettings:
 
     def __post_init__(self) -> None:
         validate(self)
-
 
 
 __all__ = ["LossSettings", "TrainerSettings"]

@@ -32,22 +32,22 @@ from lat_lightning.training.settings import LossSettings
 class SFTSettings:
     """What a supervised fine-tune needs to know."""
 
-    steps: int                               # optimiser steps
-    lr: float                                # peak learning rate (AdamW)
-    batch_size: int = 8                      # pairs per step
-    scheduler: str = "constant"              # cosine, linear or constant after the warm-up
+    steps: int  # optimiser steps
+    lr: float  # peak learning rate (AdamW)
+    batch_size: int = 8  # pairs per step
+    scheduler: str = "constant"  # cosine, linear or constant after the warm-up
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     gradient_clip_val: Optional[float] = 1.0
-    seed: int = 0                            # data order (and anything seeded at trainer start)
-    max_length: int = 512                    # prompt + response tokens; longer pairs are cut on the right
+    seed: int = 0  # data order (and anything seeded at trainer start)
+    max_length: int = 512  # prompt + response tokens; longer pairs are cut on the right
     truncation: str = "right"
-    use_chat_template: bool = True           # prompts formatted as the model's chat turns
+    use_chat_template: bool = True  # prompts formatted as the model's chat turns
     system_prompt: Optional[str] = None
-    accelerator: str = "cpu"                 # Lightning accelerator
+    accelerator: str = "cpu"  # Lightning accelerator
     log_every_n_steps: int = 10
-    progress: Optional[str] = None           # label of a progress bar over the steps (with an ETA); None: no bar
+    progress: Optional[str] = None  # label of a progress bar over the steps (with an ETA); None: no bar
 
 
 class LossRecorder(Callback):
@@ -79,18 +79,35 @@ def quiet_lightning() -> Iterator[None]:
 
 def sft_datamodule(tokenizer, pairs: Sequence[tuple[str, str]], settings: SFTSettings) -> SafetyDataModule:
     """Batches of the pairs in the data module's seeded order (``safe_*`` sequences only, no harmful target)."""
-    examples = [SafetyExample(prompt=p, safe_response=r, harmful_response=None, index=i)
-                for i, (p, r) in enumerate(pairs)]
+    examples = [
+        SafetyExample(prompt=p, safe_response=r, harmful_response=None, index=i) for i, (p, r) in enumerate(pairs)
+    ]
     data = DataModuleSettings(
-        data=DataSettings(batch_size=int(settings.batch_size), max_length=int(settings.max_length),
-                          truncation=settings.truncation, shuffle=True, num_workers=0),
-        seed=int(settings.seed), use_chat_template=settings.use_chat_template, system_prompt=settings.system_prompt)
+        data=DataSettings(
+            batch_size=int(settings.batch_size),
+            max_length=int(settings.max_length),
+            truncation=settings.truncation,
+            shuffle=True,
+            num_workers=0,
+        ),
+        seed=int(settings.seed),
+        use_chat_template=settings.use_chat_template,
+        system_prompt=settings.system_prompt,
+    )
     return SafetyDataModule(data, tokenizer, safety_examples=examples)
 
 
-def supervised_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], settings: SFTSettings, *,
-                        attack: Optional[Attack] = None, attack_layers: Sequence[int] = (),
-                        callbacks: Sequence[Callback] = (), logger=False) -> LatentAdversarialModule:
+def supervised_finetune(
+    model: nn.Module,
+    tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    settings: SFTSettings,
+    *,
+    attack: Optional[Attack] = None,
+    attack_layers: Sequence[int] = (),
+    callbacks: Sequence[Callback] = (),
+    logger=False,
+) -> LatentAdversarialModule:
     """Fine-tune ``model`` in place on ``(prompt, response)`` pairs (CE on the response tokens).
 
     Args:
@@ -118,12 +135,19 @@ def supervised_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, 
     from lat_lightning.attacks.settings import AttackSettings
 
     attack = attack if attack is not None else NoAttack(AttackSettings())
-    optim = OptimSettings(max_steps=int(settings.steps), lr=float(settings.lr), weight_decay=settings.weight_decay,
-                          betas=cast("tuple[float, float]", tuple(settings.betas)), scheduler=settings.scheduler,
-                          warmup_ratio=settings.warmup_ratio, accumulate_grad_batches=1,
-                          gradient_clip_val=settings.gradient_clip_val)
-    module = LatentAdversarialModule(model, attack, attack_layers, LossSettings(toward_safe=1.0), optim,
-                                     tokenizer=tokenizer)
+    optim = OptimSettings(
+        max_steps=int(settings.steps),
+        lr=float(settings.lr),
+        weight_decay=settings.weight_decay,
+        betas=cast("tuple[float, float]", tuple(settings.betas)),
+        scheduler=settings.scheduler,
+        warmup_ratio=settings.warmup_ratio,
+        accumulate_grad_batches=1,
+        gradient_clip_val=settings.gradient_clip_val,
+    )
+    module = LatentAdversarialModule(
+        model, attack, attack_layers, LossSettings(toward_safe=1.0), optim, tokenizer=tokenizer
+    )
     datamodule = sft_datamodule(tokenizer, pairs, settings)
     pl.seed_everything(int(settings.seed), verbose=False)
     callbacks = list(callbacks)
@@ -132,11 +156,20 @@ def supervised_finetune(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, 
 
         callbacks.append(StepProgressBar(settings.progress))
     with quiet_lightning():
-        trainer = pl.Trainer(max_steps=int(settings.steps), accelerator=settings.accelerator, devices=1, logger=logger,
-                             enable_checkpointing=False, enable_progress_bar=bool(settings.progress),
-                             enable_model_summary=False, callbacks=callbacks,
-                             log_every_n_steps=int(settings.log_every_n_steps),
-                             num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False)
+        trainer = pl.Trainer(
+            max_steps=int(settings.steps),
+            accelerator=settings.accelerator,
+            devices=1,
+            logger=logger,
+            enable_checkpointing=False,
+            enable_progress_bar=bool(settings.progress),
+            enable_model_summary=False,
+            callbacks=callbacks,
+            log_every_n_steps=int(settings.log_every_n_steps),
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            use_distributed_sampler=False,
+        )
         model.train()
         trainer.fit(module, datamodule=datamodule)
     module.trainer_ref = trainer

@@ -63,8 +63,9 @@ def test_config_accepts_embed_and_refuses_negative_layers():
 
 def _pgd(**kw):
     base = {"attack": "pgd", "steps": 3, "eps": 0.5, "lr": 0.5, "positions": "prompt"}
-    return build_attack("pgd", OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PerturbationConfig),
-                                                                   {**base, **kw})))
+    return build_attack(
+        "pgd", OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PerturbationConfig), {**base, **kw}))
+    )
 
 
 @pytest.mark.parametrize("eps_mode,eps", [("absolute", 0.05), ("relative", 0.3)])
@@ -72,8 +73,9 @@ def test_embedding_pgd_stays_within_eps_and_lowers_the_loss(tiny_llama, eps_mode
     model, tok = tiny_llama
     batch = safety_batch(tok, n=2)
     attack = _pgd(eps=eps, eps_mode=eps_mode, steps=4)
-    clean = capture_residual(model, [EMBED], input_ids=batch["harmful_input_ids"],
-                             attention_mask=batch["harmful_attention_mask"])[EMBED]
+    clean = capture_residual(
+        model, [EMBED], input_ids=batch["harmful_input_ids"], attention_mask=batch["harmful_attention_mask"]
+    )[EMBED]
     seen = []
 
     def check(step, deltas):
@@ -96,14 +98,21 @@ def test_every_attack_perturbs_the_embeddings_in_generation(tiny_llama, name):
     from lat_lightning.eval.generation import GenerationSettings, encode_prompts, generate_under_attack
 
     model, tok = tiny_llama
-    settings = dataclasses.replace(PerturbationConfig(), positions="prompt_last_and_generated", steps=2, eps=0.5,
-                                   lr=0.5, alpha=3.0)
+    settings = dataclasses.replace(
+        PerturbationConfig(), positions="prompt_last_and_generated", steps=2, eps=0.5, lr=0.5, alpha=3.0
+    )
     attack = build_attack(name, settings)
     prompts = encode_prompts(tok, ["How do I open the vault?", "Tell me the code."])
     targets = [tok("Sure, here it is")["input_ids"]] * 2
     plan = attack.plan(model, prompts, targets, [0, 1, 0], [EMBED, EMBED, -1], seed=0)
-    res = generate_under_attack(model, tok, [prompts[0], prompts[1], prompts[0]], [EMBED, EMBED, -1], plan,
-                                settings=GenerationSettings(max_new_tokens=6))
+    res = generate_under_attack(
+        model,
+        tok,
+        [prompts[0], prompts[1], prompts[0]],
+        [EMBED, EMBED, -1],
+        plan,
+        settings=GenerationSettings(max_new_tokens=6),
+    )
     assert res.perturbed_positions[0] > 0 and res.perturbed_positions[1] > 0 and res.perturbed_positions[2] == 0
     assert res.token_ids[0] != res.token_ids[2]  # the attacked row of prompt 0 differs from its clean row
 
@@ -112,14 +121,31 @@ def test_scan_covers_the_embeddings_and_names_them(tiny_llama, tmp_path):
     from scan_helpers import scan
 
     model, tok = tiny_llama
-    res = scan(model, tok, ["How do I open the vault?", "Tell me the code."], ["Sure, 1-2-3-4.", "Sure, 5-6."],
-               ["embed", 1], ["asa_random", "pgd"], [0], ["keyword"], tmp_path,
-               perturbation=dataclasses.replace(PerturbationConfig(), steps=2, eps=0.5, lr=0.5),
-               max_new_tokens=4, bootstrap_samples=0, figures=True, tensorboard=False, progress=False,
-               asabench_test_fraction=None)
+    res = scan(
+        model,
+        tok,
+        ["How do I open the vault?", "Tell me the code."],
+        ["Sure, 1-2-3-4.", "Sure, 5-6."],
+        ["embed", 1],
+        ["asa_random", "pgd"],
+        [0],
+        ["keyword"],
+        tmp_path,
+        perturbation=dataclasses.replace(PerturbationConfig(), steps=2, eps=0.5, lr=0.5),
+        max_new_tokens=4,
+        bootstrap_samples=0,
+        figures=True,
+        tensorboard=False,
+        progress=False,
+        asabench_test_fraction=None,
+    )
     assert res.layers == [EMBED, 1]
     assert {(r["attack"], r["layer"]) for r in res.records.values() if r["attack"] != "clean"} == {
-        ("asa_random", EMBED), ("asa_random", 1), ("pgd", EMBED), ("pgd", 1)}
+        ("asa_random", EMBED),
+        ("asa_random", 1),
+        ("pgd", EMBED),
+        ("pgd", 1),
+    }
     assert res.summary["layer_names"] == ["embed", "1"]
     report = (tmp_path / "scan_report.md").read_text()
     assert "| embed |" in report  # the LASR table names the layer
@@ -132,14 +158,25 @@ def test_embed_trains(tiny_llama, tiny_tokenizer, tmp_path):
     from lat_lightning.stages.fit_setup import build_module, validate_setup
 
     model, _ = tiny_llama
-    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), {
-        "perturbation": {"attack": "pgd", "layers": ["embed", 2], "positions": "prompt", "steps": 2, "eps": 0.1},
-        "trainer": {"max_steps": 1, "lr": 1e-3, "warmup_ratio": 0.0, "scheduler": "constant"}})
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(RunConfig),
+        {
+            "perturbation": {"attack": "pgd", "layers": ["embed", 2], "positions": "prompt", "steps": 2, "eps": 0.1},
+            "trainer": {"max_steps": 1, "lr": 1e-3, "warmup_ratio": 0.0, "scheduler": "constant"},
+        },
+    )
     validate_setup(cfg, model)
     module = build_module(cfg, model, tiny_tokenizer)
     assert module.attack_layers == [EMBED, 2]
     batch = safety_batch(tiny_tokenizer, n=2)
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer = pl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
     assert trainer.global_step == 1

@@ -35,7 +35,7 @@ def _target_nll(model, prompts, targets, plan, layers):
     logits = teacher_forced_logits(model, seqs, [len(p) for p in prompts], layers, plan)
     labels = torch.full(logits.shape[:2], -100)
     for i, (p, t) in enumerate(zip(prompts, targets)):
-        labels[i, len(p):len(p) + len(t)] = torch.tensor(t)
+        labels[i, len(p) : len(p) + len(t)] = torch.tensor(t)
     return nll_sequence(logits, labels)
 
 
@@ -45,8 +45,9 @@ def test_asagrad_descend_lowers_target_loss_and_ascend_raises_it(setup, alpha):
     clean = _target_nll(model, prompts, targets, AttackPlan(), [-1, -1])
     for layer in (0, 2, 3):
         down = build_attack("asagrad", alpha=alpha).plan(model, prompts, targets, [0, 1], [layer, layer], 0)
-        up = build_attack("asagrad", sign="ascend", alpha=alpha).plan(model, prompts, targets, [0, 1], [layer, layer],
-                                                                       0)
+        up = build_attack("asagrad", sign="ascend", alpha=alpha).plan(
+            model, prompts, targets, [0, 1], [layer, layer], 0
+        )
         assert (_target_nll(model, prompts, targets, down, [layer, layer]) < clean).all()
         assert (_target_nll(model, prompts, targets, up, [layer, layer]) > clean).all()
 
@@ -73,8 +74,7 @@ def test_asagrad_rows_share_one_backward(setup, monkeypatch):
     model, _, prompts, targets = setup
     calls = []
     real = asagrad_module.sign_gradient_directions
-    monkeypatch.setattr(asagrad_module, "sign_gradient_directions",
-                        lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    monkeypatch.setattr(asagrad_module, "sign_gradient_directions", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     attack = build_attack("asagrad")
     plan = attack.plan(model, prompts, targets, [0, 0, 1, 1, 0], [0, 2, 3, -1, 3], 0)
     assert calls == [[0, 2, 3]]  # every (prompt, layer) of the chunk from one forward-backward
@@ -110,6 +110,7 @@ def test_pgd_plan_uses_the_strategy_and_stays_in_the_ball(setup):
     clean = _target_nll(model, prompts, targets, AttackPlan(), [-1, -1])
     attacked = _target_nll(model, prompts, targets, plan.select([0, 1]), [1, 1])
     assert (attacked < clean).all()  # PGD (toward the target) lowers the target loss
-    res = generate_under_attack(model, tok, prompts, [1, 1], plan.select([0, 1]),
-                                settings=GenerationSettings(max_new_tokens=4))
+    res = generate_under_attack(
+        model, tok, prompts, [1, 1], plan.select([0, 1]), settings=GenerationSettings(max_new_tokens=4)
+    )
     assert (res.perturbed_positions > 0).all()

@@ -20,14 +20,20 @@ def _cfg(**kw):
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(norm=st.sampled_from(["l2", "linf"]), scope=st.sampled_from(["token", "sequence"]),
-       eps=st.floats(0.05, 3.0), optimizer=st.sampled_from(["adamw", "sign"]), init=st.sampled_from(["zero", "random"]),
-       eps_mode=st.sampled_from(["absolute", "relative"]))
+@given(
+    norm=st.sampled_from(["l2", "linf"]),
+    scope=st.sampled_from(["token", "sequence"]),
+    eps=st.floats(0.05, 3.0),
+    optimizer=st.sampled_from(["adamw", "sign"]),
+    init=st.sampled_from(["zero", "random"]),
+    eps_mode=st.sampled_from(["absolute", "relative"]),
+)
 def test_pgd_stays_within_eps_on_every_step(tiny_llama, norm, scope, eps, optimizer, init, eps_mode):
     model, tok = tiny_llama
     batch = safety_batch(tok, n=2)
-    strat = _attack(_cfg(norm=norm, norm_scope=scope, eps=eps, optimizer=optimizer, init=init,
-                                eps_mode=eps_mode, steps=3, lr=1.0))
+    strat = _attack(
+        _cfg(norm=norm, norm_scope=scope, eps=eps, optimizer=optimizer, init=init, eps_mode=eps_mode, steps=3, lr=1.0)
+    )
     seen = []
 
     def check(step, deltas):
@@ -40,9 +46,11 @@ def test_pgd_stays_within_eps_on_every_step(tiny_llama, norm, scope, eps, optimi
             else:
                 inputs = dict(input_ids=batch["harmful_input_ids"], attention_mask=batch["harmful_attention_mask"])
                 from lat_lightning.models.hooks import capture_residual
+
                 h = capture_residual(model, [layer], **inputs)[layer]
-                radius = eps * (h.flatten(1).norm(dim=-1)[:, None, None] if scope == "sequence"
-                                else h.norm(dim=-1, keepdim=True))
+                radius = eps * (
+                    h.flatten(1).norm(dim=-1)[:, None, None] if scope == "sequence" else h.norm(dim=-1, keepdim=True)
+                )
             if norm == "linf":
                 assert torch.all(delta.abs() <= radius * (1 + 1e-5) + 1e-6)
             elif scope == "sequence":
@@ -84,8 +92,9 @@ def test_pgd_early_stop(tiny_llama):
     assert pert.stats["attack_steps"] == 1
 
 
-@pytest.mark.parametrize("bad", [{"steps": 0}, {"eps": 0.0}, {"eps": -1.0},
-                                 {"toward_harmful": 0.0, "away_from_safe": 0.0}])
+@pytest.mark.parametrize(
+    "bad", [{"steps": 0}, {"eps": 0.0}, {"eps": -1.0}, {"toward_harmful": 0.0, "away_from_safe": 0.0}]
+)
 def test_pgd_rejects_bad_settings(bad):
     with pytest.raises(ValueError):
         _attack(_cfg(**bad))

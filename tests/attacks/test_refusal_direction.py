@@ -35,8 +35,13 @@ def plant_refusal_direction(model, c: float = C, big: float = 50.0) -> None:
         emb[OK] = emb[HARM]
         emb[HARM, 0], emb[OK, 0] = c, -c
         for block in model.model.layers:
-            for lin in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj, block.mlp.gate_proj,
-                        block.mlp.up_proj):
+            for lin in (
+                block.self_attn.q_proj,
+                block.self_attn.k_proj,
+                block.self_attn.v_proj,
+                block.mlp.gate_proj,
+                block.mlp.up_proj,
+            ):
                 lin.weight[:, 0] = 0.0  # nothing reads e_0 ...
             block.self_attn.o_proj.weight[0, :] = 0.0  # ... or writes it
             block.mlp.down_proj.weight[0, :] = 0.0
@@ -64,8 +69,9 @@ def _settings(**kw):
 
 
 def _first_tokens(model, tok, prompts, layers=None, plan=None):
-    res = generate_under_attack(model, tok, prompts, layers, plan,
-                                settings=GenerationSettings(max_new_tokens=1, use_chat_template=False))
+    res = generate_under_attack(
+        model, tok, prompts, layers, plan, settings=GenerationSettings(max_new_tokens=1, use_chat_template=False)
+    )
     return [t[0] for t in res.token_ids]
 
 
@@ -148,7 +154,7 @@ def test_generation_face_ablation_removes_the_direction_from_every_layer_output(
     full = torch.ones(width, dtype=torch.bool)
     for r in (0, 1):
         r_hat = plan.vectors[r].float()
-        assert _projection_left({l: h[r:r + 1] for l, h in captured.items()}, r_hat, full[None]) < 1e-5
+        assert _projection_left({l: h[r : r + 1] for l, h in captured.items()}, r_hat, full[None]) < 1e-5
     clean = capture_residual(model, layers, input_ids=ids)
     for layer in layers:  # the clean row is untouched
         torch.testing.assert_close(captured[layer][2], clean[layer][2])
@@ -210,18 +216,29 @@ def test_refusal_ablation_trains_one_step(tiny_llama, tmp_path):
     from lat_lightning.stages.fit_setup import build_module
 
     model, tok = tiny_llama
-    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), {
-        "perturbation": {"attack": "refusal_ablation", "layers": [2], "positions": "all"},
-        "loss": {"toward_safe": 1.0, "utility": 1.0},
-        "trainer": {"max_steps": 1, "lr": 1e-3, "warmup_ratio": 0.0, "scheduler": "constant"}})
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(RunConfig),
+        {
+            "perturbation": {"attack": "refusal_ablation", "layers": [2], "positions": "all"},
+            "loss": {"toward_safe": 1.0, "utility": 1.0},
+            "trainer": {"max_steps": 1, "lr": 1e-3, "warmup_ratio": 0.0, "scheduler": "constant"},
+        },
+    )
     module = build_module(cfg, model, tok)
     batch = safety_batch(tok, n=2, with_benign=True)
     with torch.no_grad():
         clean = float(module.defence_losses(batch, module.attack.empty())["toward_safe"])
         ablated = float(module.defence_losses(batch, module.run_attack(batch))["toward_safe"])
     assert ablated != pytest.approx(clean, rel=1e-4)  # the ablation reaches the defence loss
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer = pl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
     assert trainer.global_step == 1
     ckpt = {"state_dict": {}}
@@ -237,6 +254,8 @@ def test_config_refuses_refusal_attacks_without_harmless_prompts():
         load_config("asagrad_at_tiny", ["perturbation.attack=refusal_ablation", "data.benign=null"])
     with pytest.raises(ConfigError, match="harmless prompts"):
         load_config("asa_scan_tiny", ["evaluation.attacks=[refusal_addition]"])
-    cfg = load_config("asa_scan_tiny", ["evaluation.attacks=[refusal_addition]",
-                                        "data.eval_benign=pkg://lat_lightning/resources/tiny_benign.jsonl"])
+    cfg = load_config(
+        "asa_scan_tiny",
+        ["evaluation.attacks=[refusal_addition]", "data.eval_benign=pkg://lat_lightning/resources/tiny_benign.jsonl"],
+    )
     assert list(cfg.evaluation.attacks) == ["refusal_addition"]

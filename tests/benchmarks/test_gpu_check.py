@@ -18,11 +18,17 @@ pytestmark = pytest.mark.integration  # a whole benchmark in a subprocess
 
 def test_gpu_check_tiny_runs_every_section():
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--tiny", "--repeats", "2"], cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check", "--tiny", "--repeats", "2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert out.returncode == 0 and lines, out.stderr[-3000:]
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT ") :])
     assert result["failed_sections"] == [] and result["mode"] == "tiny"
     assert set(result["steps"]) == {"sft", "lapt", "asagrad_at", "lat"}
     for variant, s in result["steps"].items():

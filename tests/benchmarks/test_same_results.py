@@ -9,8 +9,9 @@ from benchmarks.same_results import compare_runs, main
 
 def _run(root, value, seconds, records=None):
     root.mkdir()
-    (root / "report.json").write_text(json.dumps({"masr": value, "cells": {"seconds": seconds},
-                                                  "final": str(root / "final")}))
+    (root / "report.json").write_text(
+        json.dumps({"masr": value, "cells": {"seconds": seconds}, "final": str(root / "final")})
+    )
     (root / "rescan").mkdir()
     (root / "rescan" / "scan_summary.json").write_text(json.dumps({"init": 0.25, "seconds_per_seed": [seconds]}))
     rows = records or [{"attack": "pgd", "seed": 0, "prompt_idx": 0, "layer": 1, "response": "no"}]
@@ -27,8 +28,12 @@ def test_identical_runs_agree_despite_wall_times_and_paths(tmp_path, capsys):
 
 def test_a_changed_number_or_record_is_reported(tmp_path, capsys):
     before = _run(tmp_path / "a", 0.5, 1.0)
-    after = _run(tmp_path / "b", 0.5000001, 1.0,
-                 records=[{"attack": "pgd", "seed": 0, "prompt_idx": 0, "layer": 1, "response": "yes"}])
+    after = _run(
+        tmp_path / "b",
+        0.5000001,
+        1.0,
+        records=[{"attack": "pgd", "seed": 0, "prompt_idx": 0, "layer": 1, "response": "yes"}],
+    )
     diffs = compare_runs(before, after)
     assert diffs["report.json"] == [".masr: 0.5 != 0.5000001"]
     assert len(diffs["scan.jsonl"]) == 1 and "response" in diffs["scan.jsonl"][0]

@@ -11,9 +11,10 @@ def make_cfg(**overrides):
     from lat_lightning.config import RunConfig
 
     cfg = OmegaConf.structured(RunConfig)
-    base = {"trainer": {"max_steps": 2, "lr": 1e-3, "warmup_ratio": 0.0, "accelerator": "cpu",
-                        "gradient_clip_val": None},
-            "logging": {"tensorboard": False}}
+    base = {
+        "trainer": {"max_steps": 2, "lr": 1e-3, "warmup_ratio": 0.0, "accelerator": "cpu", "gradient_clip_val": None},
+        "logging": {"tensorboard": False},
+    }
     return OmegaConf.merge(cfg, base, overrides)
 
 
@@ -39,10 +40,19 @@ def fit_module(module, batches, callbacks, tmp_path, steps: int = 1, logger=Fals
     from torch.utils.data import DataLoader
 
     loader = DataLoader(list(batches), batch_size=None, shuffle=False)
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=logger,
-                         callbacks=list(callbacks), enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False,
-                         num_sanity_val_steps=0, default_root_dir=str(tmp_path), log_every_n_steps=1)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=list(callbacks),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+        log_every_n_steps=1,
+    )
     trainer.fit(module, train_dataloaders=loader)
     return trainer
 
@@ -59,5 +69,4 @@ def kit():
     """The helper functions above (test modules cannot import a conftest reliably)."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(make_cfg=make_cfg, load_tiny=load_tiny, perturb_lora_b=perturb_lora_b,
-                           fit_module=fit_module)
+    return SimpleNamespace(make_cfg=make_cfg, load_tiny=load_tiny, perturb_lora_b=perturb_lora_b, fit_module=fit_module)

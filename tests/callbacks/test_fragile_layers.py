@@ -27,13 +27,17 @@ def test_top_k_layers_ties_go_low():  # without tie-break scores, the lower laye
     assert top_k_layers({5: -1.0, 2: 0.5}, 3) == [2, 5]
 
 
-@pytest.mark.parametrize("method,kwargs", [
-    ("explicit", {"layers": [2, 0]}),
-    ("nll_probe", {"top_k": 2}),
-    ("grad_norm", {"top_k": 1, "candidate_layers": [1, 2, 3]}),
-])
-def test_selector_sets_attack_layers_before_optimiser(method, kwargs, tiny_llama_dir, tiny_tokenizer, batch,
-                                                      tmp_path, kit):
+@pytest.mark.parametrize(
+    "method,kwargs",
+    [
+        ("explicit", {"layers": [2, 0]}),
+        ("nll_probe", {"top_k": 2}),
+        ("grad_norm", {"top_k": 1, "candidate_layers": [1, 2, 3]}),
+    ],
+)
+def test_selector_sets_attack_layers_before_optimiser(
+    method, kwargs, tiny_llama_dir, tiny_tokenizer, batch, tmp_path, kit
+):
     from lightning.pytorch.loggers import TensorBoardLogger
 
     model = kit.load_tiny(tiny_llama_dir)
@@ -75,8 +79,7 @@ def test_grad_norm_writes_no_weight_gradients(tiny_llama_dir, batch, kit):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_scan_falls_back_to_nll_probe_without_prompt_texts(tiny_llama_dir, tiny_tokenizer, batch, caplog,
-                                                           kit):
+def test_scan_falls_back_to_nll_probe_without_prompt_texts(tiny_llama_dir, tiny_tokenizer, batch, caplog, kit):
     model = kit.load_tiny(tiny_llama_dir)
     cb = FragileLayerSelector(method="scan", top_k=1, num_prompts=2, batches=[batch])
     result = cb.select(model, tiny_tokenizer)
@@ -107,8 +110,14 @@ def test_evaluation_probe_and_scan_with_prompt_texts(method, tiny_llama_dir, tin
     from lat_lightning.stages.settings import scan_settings
 
     cfg = kit.make_cfg(evaluation={"max_new_tokens": 3, "batch_size": 8})
-    cb = FragileLayerSelector(method=method, top_k=2, num_prompts=2, candidate_layers=[0, 2, 3],
-                              scan=scan_settings(cfg), prompts=["Tell me the code.", "Open the vault."])
+    cb = FragileLayerSelector(
+        method=method,
+        top_k=2,
+        num_prompts=2,
+        candidate_layers=[0, 2, 3],
+        scan=scan_settings(cfg),
+        prompts=["Tell me the code.", "Open the vault."],
+    )
     result = cb.select(model, tiny_tokenizer)
     assert result["method_used"] == method
     assert sorted(result["scores"]) == [0, 2, 3] and len(result["layers"]) == 2
@@ -126,9 +135,16 @@ def test_ties_follow_the_scans_rule_and_are_logged(tmp_path, caplog, tiny_llama_
     assert boundary_ties({0: 1.0, 1: 1.0, 2: 0.5}, [0]) == [1]
     assert boundary_ties({0: 1.0, 1: 0.9}, [0]) == []
     # method=scan reads the earlier scan's LASR and its tie-break judge from scan_summary.json
-    summary = {"layers": [0, 1, 2, 3], "tiebreak_judge": "keyword+coherent", "attacks": {"asa_random": {
-        "headline": {"lasr_mean": [1.0, 1.0, 1.0, 0.5]},
-        "judges": {"keyword+coherent": {"lasr_mean": [0.0, 0.25, 0.0, 0.5]}}}}}
+    summary = {
+        "layers": [0, 1, 2, 3],
+        "tiebreak_judge": "keyword+coherent",
+        "attacks": {
+            "asa_random": {
+                "headline": {"lasr_mean": [1.0, 1.0, 1.0, 0.5]},
+                "judges": {"keyword+coherent": {"lasr_mean": [0.0, 0.25, 0.0, 0.5]}},
+            }
+        },
+    }
     (tmp_path / "scan_summary.json").write_text(json.dumps(summary))
     selector = FragileLayerSelector(method="scan", top_k=1, run_dir=tmp_path)
     with caplog.at_level("WARNING"):

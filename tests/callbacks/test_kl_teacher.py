@@ -59,8 +59,9 @@ def test_analytic_chunked_backward_matches_autograd(direction):
     student = torch.randn(2, 4, 6, dtype=torch.double, requires_grad=True)
     teacher = torch.randn(2, 4, 6, dtype=torch.double, requires_grad=True)
     mask = torch.tensor([[1, 1, 0, 1], [0, 1, 1, 1]], dtype=torch.bool)
-    assert torch.autograd.gradcheck(lambda s, t: kl_divergence_chunked(s, t, mask, direction, chunk_size=2),
-                                    (student, teacher), fast_mode=True)
+    assert torch.autograd.gradcheck(
+        lambda s, t: kl_divergence_chunked(s, t, mask, direction, chunk_size=2), (student, teacher), fast_mode=True
+    )
 
 
 def test_labelled_logit_mask_shifts_labels():
@@ -102,8 +103,7 @@ def test_kl_falls_back_to_safe_response_tokens(tiny_tokenizer, batch):
     assert ids is batch["benign_input_ids"] and labels is batch["benign_labels"]
 
 
-def test_full_ft_teacher_is_frozen_and_never_checkpointed(tiny_llama_dir, tiny_tokenizer, batch, tmp_path,
-                                                          kit):
+def test_full_ft_teacher_is_frozen_and_never_checkpointed(tiny_llama_dir, tiny_tokenizer, batch, tmp_path, kit):
     from lightning.pytorch.callbacks import Callback
 
     model = kit.load_tiny(tiny_llama_dir, lora=False)
@@ -134,15 +134,20 @@ def test_full_ft_teacher_is_frozen_and_never_checkpointed(tiny_llama_dir, tiny_t
     assert seen["state_dict"] == {f"model.{k}" for k in model.state_dict()}
     ckpt = seen["ckpt"]
     assert set(ckpt["state_dict"]) == {f"model.{n}" for n, p in model.named_parameters() if p.requires_grad}
-    assert not any(isinstance(v, torch.Tensor) for state in ckpt.get("callbacks", {}).values()
-                   for v in (state.values() if isinstance(state, dict) else []))
+    assert not any(
+        isinstance(v, torch.Tensor)
+        for state in ckpt.get("callbacks", {}).values()
+        for v in (state.values() if isinstance(state, dict) else [])
+    )
     # The teacher is the starting model; the trained student has moved away from it.
     fresh = kit.load_tiny(tiny_llama_dir, lora=False)
     for (n, p), (_, q) in zip(teacher.named_parameters(), fresh.named_parameters()):
         assert torch.equal(p, q), n
     ids, attn, labels = KLTeacher.sequences(batch)
     with torch.no_grad():
-        kl = kl_divergence_chunked(model(input_ids=ids, attention_mask=attn).logits,
-                                   teacher(input_ids=ids, attention_mask=attn).logits,
-                                   labelled_logit_mask(labels))
+        kl = kl_divergence_chunked(
+            model(input_ids=ids, attention_mask=attn).logits,
+            teacher(input_ids=ids, attention_mask=attn).logits,
+            labelled_logit_mask(labels),
+        )
     assert kl.item() > 0

@@ -14,7 +14,7 @@ def _distance_score(model, original):
     """1 − ‖θ − θ_orig‖ / ‖θ_trained − θ_orig‖ is 1 − λ on the interpolation line (set `scale` first)."""
     params = dict(model.named_parameters())
     sq = sum(float((params[n].detach() - o).pow(2).sum()) for n, o in original.items())
-    return 1.0 - sq ** 0.5 / _distance_score.scale
+    return 1.0 - sq**0.5 / _distance_score.scale
 
 
 def test_full_ft_fit_searches_lambda_saves_and_restores(tiny_llama_dir, tiny_tokenizer, batch, tmp_path, kit):
@@ -29,12 +29,13 @@ def test_full_ft_fit_searches_lambda_saves_and_restores(tiny_llama_dir, tiny_tok
         def on_train_end(self, trainer, pl_module):
             snapshot.update({n: p.detach().clone() for n, p in pl_module.model.named_parameters()})
             sq = sum(float((snapshot[n] - o).pow(2).sum()) for n, o in original.items())
-            _distance_score.scale = sq ** 0.5
+            _distance_score.scale = sq**0.5
 
     cfg = kit.make_cfg()
     module = build_module(cfg, model, tiny_tokenizer)
-    cb = WeightInterpolation(lambdas=[0.0, 0.25, 0.5, 1.0], tolerance=0.3, run_dir=tmp_path,
-                             score_fn=lambda m: _distance_score(m, original))
+    cb = WeightInterpolation(
+        lambdas=[0.0, 0.25, 0.5, 1.0], tolerance=0.3, run_dir=tmp_path, score_fn=lambda m: _distance_score(m, original)
+    )
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version="")
     kit.fit_module(module, [batch], [Snapshot(), cb], tmp_path, steps=2, logger=logger)
 
@@ -66,8 +67,12 @@ def test_lora_search_scales_the_adapter(tiny_llama_dir, tiny_tokenizer, tmp_path
     module = SimpleNamespace(model=model, tokenizer=tiny_tokenizer)
     layer = next(m for m in model.modules() if hasattr(m, "get_delta_weight") and hasattr(m, "scaling"))
     full = layer.get_delta_weight("default").norm().item()
-    cb = WeightInterpolation(lambdas=[0.1, 0.2, 0.3, 0.4, 0.5], tolerance=0.35, run_dir=tmp_path,
-                             score_fn=lambda m: 1.0 - layer.get_delta_weight("default").norm().item() / full)
+    cb = WeightInterpolation(
+        lambdas=[0.1, 0.2, 0.3, 0.4, 0.5],
+        tolerance=0.35,
+        run_dir=tmp_path,
+        score_fn=lambda m: 1.0 - layer.get_delta_weight("default").norm().item() / full,
+    )
     cb.setup(None, module, "fit")
     result = cb.run(model, tiny_tokenizer, tmp_path)
     assert result["mode"] == "lora" and result["chosen_lambda"] == 0.3
@@ -92,9 +97,13 @@ def test_missing_utility_data_fails_in_setup(tiny_llama_dir, tiny_tokenizer, kit
 
 
 def test_build_training_callbacks_order(tmp_path, kit):
-    cfg = kit.make_cfg(callbacks={"kl_teacher": {"enabled": True},
-                                  "fragile_layers": {"enabled": True, "method": "nll_probe"},
-                                  "weight_interpolation": {"enabled": True}})
+    cfg = kit.make_cfg(
+        callbacks={
+            "kl_teacher": {"enabled": True},
+            "fragile_layers": {"enabled": True, "method": "nll_probe"},
+            "weight_interpolation": {"enabled": True},
+        }
+    )
     from lat_lightning.stages.settings import scan_settings
 
     cbs = build_training_callbacks(cfg, tmp_path, scan_settings(cfg))

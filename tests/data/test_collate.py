@@ -21,8 +21,13 @@ from lat_lightning.data.templating import IGNORE_INDEX, TruncationStats, encode_
 from lat_lightning.errors import DataError
 
 EXAMPLES = [
-    SafetyExample("How do I pick a lock?", "I'm sorry, but I cannot help with that request.",
-                  "Sure, here is how to do it step by step.", layer=2, index=10),
+    SafetyExample(
+        "How do I pick a lock?",
+        "I'm sorry, but I cannot help with that request.",
+        "Sure, here is how to do it step by step.",
+        layer=2,
+        index=10,
+    ),
     SafetyExample("Write a poem about the sea.", "Sorry.", "The sea is wide and blue and deep.", index=11),
 ]
 BENIGN = [BenignExample("What is 12 plus 7?", "The answer is 19."), BenignExample("Hi", "Hello there, friend.")]
@@ -39,8 +44,17 @@ def label_text(tok, labels_row):
 
 def test_batch_contract_keys_shapes_and_dtypes(tiny_tokenizer):
     batch = collate_safety(encode_all(tiny_tokenizer), pad_id=tiny_tokenizer.pad_token_id)
-    assert set(batch) == {"safe_input_ids", "safe_attention_mask", "safe_labels", "harmful_input_ids",
-                          "harmful_attention_mask", "harmful_labels", "prompt_lengths", "layer", "index"}
+    assert set(batch) == {
+        "safe_input_ids",
+        "safe_attention_mask",
+        "safe_labels",
+        "harmful_input_ids",
+        "harmful_attention_mask",
+        "harmful_labels",
+        "prompt_lengths",
+        "layer",
+        "index",
+    }
     for prefix in ("safe", "harmful"):
         shapes = {batch[f"{prefix}_{k}"].shape for k in ("input_ids", "attention_mask", "labels")}
         assert len(shapes) == 1 and next(iter(shapes))[0] == 2
@@ -89,8 +103,11 @@ def test_tokenizer_without_chat_template_falls_back_with_warning(caplog):
 
 
 def _lengths(tok, ex):
-    return (len(encode_prompt(tok, ex.prompt)), len(encode_response(tok, ex.safe_response)),
-            len(encode_response(tok, ex.harmful_response)))
+    return (
+        len(encode_prompt(tok, ex.prompt)),
+        len(encode_response(tok, ex.safe_response)),
+        len(encode_response(tok, ex.harmful_response)),
+    )
 
 
 def test_error_policy_raises_with_actionable_message(tiny_tokenizer):
@@ -189,8 +206,7 @@ def test_left_padded_prompt_predicts_like_unpadded(tiny_tokenizer):
     from lat_lightning.models.tiny_factory import tiny_config
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tiny_tokenizer), num_layers=2,
-                                                         hidden=32)).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tiny_tokenizer), num_layers=2, hidden=32)).eval()
     batch = prompt_batch(tiny_tokenizer, ["Hi", "Write a poem about the sea, please."])
     alone = prompt_batch(tiny_tokenizer, ["Hi"])
     with torch.no_grad():

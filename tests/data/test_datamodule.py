@@ -49,13 +49,22 @@ def test_train_batches_zip_the_benign_stream(tmp_path, tiny_tokenizer):
     batches = list(loader)
     assert len(loader) == len(batches) == 3  # ceil(max(5 safety, 3 benign) / 2)
     for b in batches:
-        assert {"safe_input_ids", "harmful_labels", "prompt_lengths", "layer", "index", "benign_input_ids",
-                "benign_attention_mask", "benign_labels"} <= set(b)
+        assert {
+            "safe_input_ids",
+            "harmful_labels",
+            "prompt_lengths",
+            "layer",
+            "index",
+            "benign_input_ids",
+            "benign_attention_mask",
+            "benign_labels",
+        } <= set(b)
         assert b["benign_input_ids"].shape[0] == b["safe_input_ids"].shape[0]
     assert sorted(i for b in batches for i in b["index"].tolist()) == list(range(5))  # each safety example once
     # The shorter benign stream cycles: 5 draws cover all 3 examples.
-    benign_texts = {tiny_tokenizer.decode([t for t in row.tolist() if t != -100])
-                    for b in batches for row in b["benign_labels"]}
+    benign_texts = {
+        tiny_tokenizer.decode([t for t in row.tolist() if t != -100]) for b in batches for row in b["benign_labels"]
+    }
     assert benign_texts == {r["answer"] + tiny_tokenizer.eos_token for r in BENIGN_ROWS}
     assert all(b["layer"].eq(-1).all() for b in batches)
 
@@ -112,8 +121,9 @@ def test_truncation_counts_are_logged_and_empty_after_drop_fails(tmp_path, tiny_
     dm = SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer)
     with caplog.at_level(logging.INFO, logger="lat_lightning.data.datamodule"):
         dm.setup()
-    assert (f"safety data: 3 examples, 0 truncated, 1 dropped (data.truncation=drop, data.max_length={fits})"
-            in caplog.text)
+    assert (
+        f"safety data: 3 examples, 0 truncated, 1 dropped (data.truncation=drop, data.max_length={fits})" in caplog.text
+    )
     assert "affected examples: 2" in caplog.text
     assert sorted(flat(batch_indices(dm.train_dataloader()))) == [0, 1]
     cfg.data.max_length = 5
@@ -129,13 +139,15 @@ def test_prebuilt_examples_and_validation_batches(tmp_path, tiny_tokenizer):
     cfg.data.batch_size = 2
     cfg.model.use_chat_template = False
     safety = [SafetyExample(f"prompt {i}", "No.", f"Yes {i}", layer=i % 2, index=100 + i) for i in range(3)]
-    dm = SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer, safety_examples=safety,
-                          benign_examples=[BenignExample("hi", "hello")])
+    dm = SafetyDataModule(
+        datamodule_settings(cfg), tiny_tokenizer, safety_examples=safety, benign_examples=[BenignExample("hi", "hello")]
+    )
     dm.setup()
     batches = list(dm.train_dataloader())
     assert sorted(flat(b["index"].tolist() for b in batches)) == [100, 101, 102]
-    assert all(layer == (index - 100) % 2 for b in batches
-               for index, layer in zip(b["index"].tolist(), b["layer"].tolist()))
+    assert all(
+        layer == (index - 100) % 2 for b in batches for index, layer in zip(b["index"].tolist(), b["layer"].tolist())
+    )
     first = batches[0]["safe_input_ids"][0]
     assert tiny_tokenizer.decode(first).startswith("prompt ")  # no chat template when switched off
     assert dm.val_dataloader() == []
@@ -172,8 +184,16 @@ def test_lightning_fit_sees_the_sampler_order(tmp_path, tiny_tokenizer):
     cfg = make_cfg(tmp_path)
     dm = SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer)
     module = Recorder()
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, datamodule=dm)
     expected = []
     for epoch in (0, 1):

@@ -18,8 +18,12 @@ from lat_lightning.eval.asabench import (
 
 
 def _instances(n_prompts=10, layers=(0, 3, 5, 7)):
-    return [make_instance(i, f"prompt {i}", l, f"clean {i}", f"steered {i} {l}") for i in range(n_prompts)
-            for l in layers if (i + l) % 3]
+    return [
+        make_instance(i, f"prompt {i}", l, f"clean {i}", f"steered {i} {l}")
+        for i in range(n_prompts)
+        for l in layers
+        if (i + l) % 3
+    ]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -61,8 +65,15 @@ def test_instances_from_records_keeps_successes_only():
     ok = {"keyword": {"success": True, "failed": False}}
 
     def rec(attack, seed, i, layer, response, verdicts=ok):
-        return {"attack": attack, "seed": seed, "prompt_idx": i, "layer": layer, "prompt": f"p{i}",
-                "response": response, "verdicts": verdicts}
+        return {
+            "attack": attack,
+            "seed": seed,
+            "prompt_idx": i,
+            "layer": layer,
+            "prompt": f"p{i}",
+            "response": response,
+            "verdicts": verdicts,
+        }
 
     records = [
         rec("clean", None, 0, -1, "c"),

@@ -66,12 +66,12 @@ def test_scorer_uses_the_clean_models_nll(fluent_model, tiny_tokenizer):
     nll_fluent, nll_shuffled, nll_empty = scorer.nll([prompt] * 3, [answer, shuffled, []])
     assert nll_fluent < 1.0 < CoherenceSettings().max_nll < nll_shuffled
     assert nll_empty is None
-    recs = scorer([prompt] * 3, [answer, shuffled, []],
-                  [FLUENT, tiny_tokenizer.decode(shuffled), ""])
+    recs = scorer([prompt] * 3, [answer, shuffled, []], [FLUENT, tiny_tokenizer.decode(shuffled), ""])
     assert [r["coherent"] for r in recs] == [True, False, False]
     # batching does not change the numbers
-    alone = CoherenceScorer(model, batch_size=1, pad_id=tiny_tokenizer.pad_token_id).nll([prompt] * 2,
-                                                                                         [answer, shuffled])
+    alone = CoherenceScorer(model, batch_size=1, pad_id=tiny_tokenizer.pad_token_id).nll(
+        [prompt] * 2, [answer, shuffled]
+    )
     assert alone == pytest.approx([nll_fluent, nll_shuffled], rel=1e-5)
 
 

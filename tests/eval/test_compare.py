@@ -9,31 +9,57 @@ from lat_lightning.eval.compare import build_table, prefill_success, render_mark
 
 
 def _battery(util, init, masr, prefill, steps, success_end):
-    return {"description": "d", "utility": util, "lambda": 0.6, "init": init,
-            "attacks": {"asa_random": {"value": masr, "std": 0.05}, "pgd@embed": {"value": 0.0, "std": None}},
-            "prefill": {"1": {"rate": prefill}},
-            "finetune": {"budget": 8, "eval_steps": [0, 4, 8], "seeds": [0, 1], "break_rate": 0.5,
-                         "success": {"0": [0.0, 0.2, success_end], "1": [0.0, 0.6, success_end]},
-                         "harmful_loss": {"0": [2.0, 1.0, 0.5], "1": [2.0, 0.8, 0.4]},
-                         "steps_to_break": {"0": 8 if success_end >= 0.5 else None, "1": 4},
-                         "steps_to_break_median": 6 if success_end >= 0.5 else None}}
+    return {
+        "description": "d",
+        "utility": util,
+        "lambda": 0.6,
+        "init": init,
+        "attacks": {"asa_random": {"value": masr, "std": 0.05}, "pgd@embed": {"value": 0.0, "std": None}},
+        "prefill": {"1": {"rate": prefill}},
+        "finetune": {
+            "budget": 8,
+            "eval_steps": [0, 4, 8],
+            "seeds": [0, 1],
+            "break_rate": 0.5,
+            "success": {"0": [0.0, 0.2, success_end], "1": [0.0, 0.6, success_end]},
+            "harmful_loss": {"0": [2.0, 1.0, 0.5], "1": [2.0, 0.8, 0.4]},
+            "steps_to_break": {"0": 8 if success_end >= 0.5 else None, "1": 4},
+            "steps_to_break_median": 6 if success_end >= 0.5 else None,
+        },
+    }
 
 
 def test_every_cell_is_filled_from_its_battery(tmp_path):
     results = {"original": _battery(0.8, 0.0, 0.6, 0.9, 4, 1.0), "lapt": _battery(0.78, 0.0, 0.1, 0.3, None, 0.25)}
     table = build_table(results, ["asa_random", "pgd@embed"], [1], finetune=True)
     ids = [c["id"] for c in table["columns"]]
-    assert ids == ["utility", "lambda", "init", "asa_random", "pgd@embed", "prefill_1", "finetune_rate",
-                   "finetune_steps", "finetune_past_start"]
+    assert ids == [
+        "utility",
+        "lambda",
+        "init",
+        "asa_random",
+        "pgd@embed",
+        "prefill_1",
+        "finetune_rate",
+        "finetune_steps",
+        "finetune_past_start",
+    ]
     cells = {r["model"]: r["cells"] for r in table["rows"]}
     assert cells["original"]["asa_random"] == {"value": 0.6, "std": 0.05}
     assert cells["lapt"]["prefill_1"]["value"] == 0.3
     assert cells["original"]["finetune_rate"]["value"] == pytest.approx(1.0)  # mean over seeds at the budget
-    assert cells["lapt"]["finetune_steps"] == {"value": None, "std": None, "per_seed": {"0": None, "1": 4},
-                                               "budget": 8}
-    summary = {"model": "m", "n_prompts": 4, "primary_judge": "target_match", "attack_layers": [3],
-               "attack_layers_source": "x", "utility_kind": "contains", "tolerance": 0.05, "finetune_break_rate": 0.5,
-               "timings": {"total": 1.0}}
+    assert cells["lapt"]["finetune_steps"] == {"value": None, "std": None, "per_seed": {"0": None, "1": 4}, "budget": 8}
+    summary = {
+        "model": "m",
+        "n_prompts": 4,
+        "primary_judge": "target_match",
+        "attack_layers": [3],
+        "attack_layers_source": "x",
+        "utility_kind": "contains",
+        "tolerance": 0.05,
+        "finetune_break_rate": 0.5,
+        "timings": {"total": 1.0},
+    }
     md = render_markdown(table, summary)
     assert "| lapt | 0.78 | 0.6 | 0.00 | 0.10 ± 0.05 | 0.00 | 0.30 | 0.25 | > 8 (—, 4) | 4 (—, 4) |" in md
     assert "| original | 0.80 | 0.6 | 0.00 | 0.60 ± 0.05 | 0.00 | 0.90 | 1.00 | 6 (8, 4) | 4 (8, 4) |" in md
@@ -57,8 +83,15 @@ def test_prefill_of_the_whole_target_always_succeeds_and_of_nothing_equals_clean
     from lat_lightning.stages.durability_settings import durability_settings
 
     model, tok = tiny_llama
-    cfg = load_config("asa_scan_tiny", ["evaluation.judges=[target_match]", "evaluation.primary_judge=target_match",
-                                        "evaluation.max_new_tokens=4", "evaluation.coherence.enabled=false"])
+    cfg = load_config(
+        "asa_scan_tiny",
+        [
+            "evaluation.judges=[target_match]",
+            "evaluation.primary_judge=target_match",
+            "evaluation.max_new_tokens=4",
+            "evaluation.coherence.enabled=false",
+        ],
+    )
     rows = [json.loads(line) for line in open("lat_lightning/resources/tiny_harmful.jsonl")][:3]
     prompts, targets = [r["prompt"] for r in rows], [r["target"] for r in rows]
     longest = max(len(encode_response(tok, t, add_eos=False)) for t in targets)
@@ -66,8 +99,16 @@ def test_prefill_of_the_whole_target_always_succeeds_and_of_nothing_equals_clean
     out = prefill_success(model, tok, prompts, targets, [0, 1, 2], [longest], settings)
     assert out[str(longest)]["rate"] == 1.0
     out0 = prefill_success(model, tok, prompts, targets, [0, 1, 2], [0], settings)
-    clean = generate_under_attack(model, tok, encode_prompts(tok, prompts), None, None, pad_token_id=tok.pad_token_id,
-                                  rows=RowKeys(prompt_keys=[0, 1, 2]), settings=GenerationSettings(max_new_tokens=4))
+    clean = generate_under_attack(
+        model,
+        tok,
+        encode_prompts(tok, prompts),
+        None,
+        None,
+        pad_token_id=tok.pad_token_id,
+        rows=RowKeys(prompt_keys=[0, 1, 2]),
+        settings=GenerationSettings(max_new_tokens=4),
+    )
     assert out0["0"]["sample"] == clean.texts[0]
 
 
@@ -76,9 +117,15 @@ def test_steps_past_the_start_loss_separate_distance_from_resistance():
     was adds distance only (0 steps past the start loss); steps to break alone would read as resistance."""
     from lat_lightning.eval.compare import steps_past_loss
 
-    curve = {"eval_steps": [0, 4, 8, 12, 16], "steps_to_break": {"0": 12, "1": None, "2": 4},
-             "harmful_loss": {"0": [3.0, 2.0, 0.9, 0.4, 0.1], "1": [3.0, 2.5, 2.0, 1.8, 1.5],
-                              "2": [3.0, 1.0, 0.5, 0.2, 0.1]}}
+    curve = {
+        "eval_steps": [0, 4, 8, 12, 16],
+        "steps_to_break": {"0": 12, "1": None, "2": 4},
+        "harmful_loss": {
+            "0": [3.0, 2.0, 0.9, 0.4, 0.1],
+            "1": [3.0, 2.5, 2.0, 1.8, 1.5],
+            "2": [3.0, 1.0, 0.5, 0.2, 0.1],
+        },
+    }
     assert steps_past_loss(curve, 1.0) == {"0": 4, "1": None, "2": 0}  # seed 2 broke at the step it got there
     assert steps_past_loss(curve, 0.05) == {"0": 0, "1": None, "2": 0}  # broke before reaching it: counted as 0
     results = {"original": _battery(0.8, 0.0, 0.6, 0.9, 4, 1.0), "lat": _battery(0.8, 0.0, 0.1, 0.2, 4, 1.0)}

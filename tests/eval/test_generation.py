@@ -34,20 +34,39 @@ def test_batched_row_layers_equal_per_layer_generation(setup):
     model, tok, ids = setup
     layers = [-1, 0, 1, 2, 3]
     rows = [(i, l) for i in range(len(ids)) for l in layers]
-    mixed = generate_under_attack(model, tok, [ids[i] for i, _ in rows], [l for _, l in rows], _noise(3),
-                                  rows=RowKeys(prompt_keys=[i for i, _ in rows]),
-                                  settings=GenerationSettings(max_new_tokens=G))
+    mixed = generate_under_attack(
+        model,
+        tok,
+        [ids[i] for i, _ in rows],
+        [l for _, l in rows],
+        _noise(3),
+        rows=RowKeys(prompt_keys=[i for i, _ in rows]),
+        settings=GenerationSettings(max_new_tokens=G),
+    )
     for l in layers:  # one generation per layer, every prompt at that layer
-        per_layer = generate_under_attack(model, tok, ids, [l] * len(ids), _noise(3),
-                                          rows=RowKeys(prompt_keys=range(len(ids))),
-                                          settings=GenerationSettings(max_new_tokens=G))
+        per_layer = generate_under_attack(
+            model,
+            tok,
+            ids,
+            [l] * len(ids),
+            _noise(3),
+            rows=RowKeys(prompt_keys=range(len(ids))),
+            settings=GenerationSettings(max_new_tokens=G),
+        )
         for i in range(len(ids)):
             assert mixed.token_ids[rows.index((i, l))] == per_layer.token_ids[i], (i, l)
     # and row by row at batch size 1 (no padding at all)
     for r in (1, 7, 13):
         i, l = rows[r]
-        single = generate_under_attack(model, tok, [ids[i]], [l], _noise(3), rows=RowKeys(prompt_keys=[i]),
-                                       settings=GenerationSettings(max_new_tokens=G))
+        single = generate_under_attack(
+            model,
+            tok,
+            [ids[i]],
+            [l],
+            _noise(3),
+            rows=RowKeys(prompt_keys=[i]),
+            settings=GenerationSettings(max_new_tokens=G),
+        )
         assert single.token_ids[0] == mixed.token_ids[r]
     # the attack changes something, the clean rows equal a clean generation
     clean = generate_under_attack(model, tok, ids, settings=GenerationSettings(max_new_tokens=G))
@@ -59,22 +78,40 @@ def test_clean_generation_matches_hf_generate(setup):
     model, tok, ids = setup
     ours = generate_under_attack(model, tok, ids, eos_token_id=[], settings=GenerationSettings(max_new_tokens=G))
     for i, p in enumerate(ids):
-        ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                             max_new_tokens=G, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
-        assert ours.token_ids[i] == ref[0, len(p):].tolist()
+        ref = model.generate(
+            torch.tensor([p]),
+            attention_mask=torch.ones(1, len(p), dtype=torch.long),
+            max_new_tokens=G,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=None,
+        )
+        assert ours.token_ids[i] == ref[0, len(p) :].tolist()
 
 
 def test_keyed_noise_is_layout_independent(setup):
     model, tok, ids = setup
     # Same rows, different order and chunking: identical outputs.
     rows = [(0, 1), (1, 2), (2, 1), (1, 1)]
-    base = generate_under_attack(model, tok, [ids[i] for i, _ in rows], [l for _, l in rows], _noise(5),
-                                 rows=RowKeys(prompt_keys=[i for i, _ in rows]),
-                                 settings=GenerationSettings(max_new_tokens=G))
+    base = generate_under_attack(
+        model,
+        tok,
+        [ids[i] for i, _ in rows],
+        [l for _, l in rows],
+        _noise(5),
+        rows=RowKeys(prompt_keys=[i for i, _ in rows]),
+        settings=GenerationSettings(max_new_tokens=G),
+    )
     perm = [3, 1, 0, 2]
-    other = generate_under_attack(model, tok, [ids[rows[p][0]] for p in perm], [rows[p][1] for p in perm], _noise(5),
-                                  rows=RowKeys(prompt_keys=[rows[p][0] for p in perm]),
-                                  settings=GenerationSettings(max_new_tokens=G, batch_size=2))
+    other = generate_under_attack(
+        model,
+        tok,
+        [ids[rows[p][0]] for p in perm],
+        [rows[p][1] for p in perm],
+        _noise(5),
+        rows=RowKeys(prompt_keys=[rows[p][0] for p in perm]),
+        settings=GenerationSettings(max_new_tokens=G, batch_size=2),
+    )
     for j, p in enumerate(perm):
         assert other.token_ids[j] == base.token_ids[p]
     # The deltas themselves: a row's delta depends only on (seed, prompt key, layer, position).
@@ -97,13 +134,14 @@ def test_clean_rows_unaffected_by_perturbed_rows(setup):
     clean_only = teacher_forced_logits(model, seqs, p_len, [-1, -1, -1], AttackPlan())
     mixed = teacher_forced_logits(model, seqs, p_len, [-1, 2, 1], _noise(1))
     torch.testing.assert_close(mixed[0], clean_only[0])
-    assert not torch.allclose(mixed[1, p_len[1] - 1:len(seqs[1])], clean_only[1, p_len[1] - 1:len(seqs[1])])
+    assert not torch.allclose(mixed[1, p_len[1] - 1 : len(seqs[1])], clean_only[1, p_len[1] - 1 : len(seqs[1])])
     # positions before the last prompt token are untouched under the paper's policy (causality + policy)
     torch.testing.assert_close(mixed[1, : p_len[1] - 1], clean_only[1, : p_len[1] - 1])
 
 
-@pytest.mark.parametrize(("policy", "k"), [("first_k", 3), ("first_k", 1), ("prompt_last_and_generated", 1),
-                                           ("all", 1), ("response", 1)])
+@pytest.mark.parametrize(
+    ("policy", "k"), [("first_k", 3), ("first_k", 1), ("prompt_last_and_generated", 1), ("all", 1), ("response", 1)]
+)
 def test_perturbs_exactly_the_claimed_positions(setup, monkeypatch, policy, k):
     model, tok, ids = setup
     drawn: list[tuple] = []
@@ -114,13 +152,23 @@ def test_perturbs_exactly_the_claimed_positions(setup, monkeypatch, policy, k):
         return real(d, *key, **kw)
 
     monkeypatch.setattr(plan_mod, "keyed_normal", spy)
-    res = generate_under_attack(model, tok, ids[:2], [2, -1], _noise(0, positions=policy, first_k=k), eos_token_id=[],
-                                rows=RowKeys(prompt_keys=[0, 1]), settings=GenerationSettings(max_new_tokens=G))
+    res = generate_under_attack(
+        model,
+        tok,
+        ids[:2],
+        [2, -1],
+        _noise(0, positions=policy, first_k=k),
+        eos_token_id=[],
+        rows=RowKeys(prompt_keys=[0, 1]),
+        settings=GenerationSettings(max_new_tokens=G),
+    )
     p = len(ids[0])
-    expected = {"first_k": set(range(p - 1, p - 1 + k)),
-                "prompt_last_and_generated": set(range(p - 1, p - 1 + G)),
-                "all": set(range(p - 1 + G)),
-                "response": set(range(p, p - 1 + G))}[policy]
+    expected = {
+        "first_k": set(range(p - 1, p - 1 + k)),
+        "prompt_last_and_generated": set(range(p - 1, p - 1 + G)),
+        "all": set(range(p - 1 + G)),
+        "response": set(range(p, p - 1 + G)),
+    }[policy]
     assert {key[3] for key in drawn} == expected  # (seed, prompt, layer, position)
     assert len(drawn) == len(expected)  # one draw (one hook application) per perturbed position
     assert all(key[1] == 0 and key[2] == 2 for key in drawn)  # only the attacked row, at its layer
@@ -132,8 +180,15 @@ def test_refresh_fixed_draws_once_per_prompt(setup, monkeypatch):
     drawn = []
     real = plan_mod.keyed_normal
     monkeypatch.setattr(plan_mod, "keyed_normal", lambda d, *key, **kw: drawn.append(key) or real(d, *key, **kw))
-    res = generate_under_attack(model, tok, ids[:1], [1], _noise(0, refresh="fixed"), eos_token_id=[],
-                                settings=GenerationSettings(max_new_tokens=G))
+    res = generate_under_attack(
+        model,
+        tok,
+        ids[:1],
+        [1],
+        _noise(0, refresh="fixed"),
+        eos_token_id=[],
+        settings=GenerationSettings(max_new_tokens=G),
+    )
     assert drawn == [(0, 0, 1, -1)]
     assert res.perturbed_positions.tolist() == [G]
 
@@ -142,12 +197,13 @@ def test_teacher_forcing_reproduces_attacked_generation(setup):
     """Generation and teacher forcing put the same keyed noise on the same tokens."""
     model, tok, ids = setup
     plan = _noise(2)
-    res = generate_under_attack(model, tok, ids, [1, 3, 0], plan, eos_token_id=[],
-                                settings=GenerationSettings(max_new_tokens=G))
+    res = generate_under_attack(
+        model, tok, ids, [1, 3, 0], plan, eos_token_id=[], settings=GenerationSettings(max_new_tokens=G)
+    )
     seqs = [p + t for p, t in zip(ids, res.token_ids)]
     logits = teacher_forced_logits(model, seqs, [len(p) for p in ids], [1, 3, 0], plan)
     for r, p in enumerate(ids):
-        greedy = logits[r, len(p) - 1: len(p) - 1 + G].argmax(-1).tolist()
+        greedy = logits[r, len(p) - 1 : len(p) - 1 + G].argmax(-1).tolist()
         assert greedy == res.token_ids[r]
 
 
@@ -155,8 +211,9 @@ def test_rows_stop_at_eos_and_are_padded(setup):
     model, tok, ids = setup
     first = generate_under_attack(model, tok, ids, eos_token_id=[], settings=GenerationSettings(max_new_tokens=G))
     eos = first.token_ids[0][2]
-    res = generate_under_attack(model, tok, ids, eos_token_id=eos, pad_token_id=0,
-                                settings=GenerationSettings(max_new_tokens=G))
+    res = generate_under_attack(
+        model, tok, ids, eos_token_id=eos, pad_token_id=0, settings=GenerationSettings(max_new_tokens=G)
+    )
     for r in range(len(ids)):
         full = first.token_ids[r]
         cut = full.index(eos) + 1 if eos in full else len(full)
@@ -170,14 +227,16 @@ def test_direction_and_additive_plans(setup):
     d = 64
     vec = torch.randn(len(ids[0]) + 2, d)
     direction = AttackPlan(kind="direction", vectors=[vec, None], alpha=0.5)
-    res = generate_under_attack(model, tok, ids[:2], [1, -1], direction, eos_token_id=[],
-                                settings=GenerationSettings(max_new_tokens=G))
+    res = generate_under_attack(
+        model, tok, ids[:2], [1, -1], direction, eos_token_id=[], settings=GenerationSettings(max_new_tokens=G)
+    )
     assert res.perturbed_positions.tolist() == [G, 0]  # the last vector is reused past its length
     mask = torch.zeros(len(ids[0]), dtype=torch.bool)
     mask[:3] = True  # additive vectors only where their own mask says (prompt positions here)
     additive = AttackPlan(kind="additive", vectors=[torch.randn(len(ids[0]), d), None], vector_masks=[mask, None])
-    res = generate_under_attack(model, tok, ids[:2], [1, -1], additive, eos_token_id=[],
-                                settings=GenerationSettings(max_new_tokens=G))
+    res = generate_under_attack(
+        model, tok, ids[:2], [1, -1], additive, eos_token_id=[], settings=GenerationSettings(max_new_tokens=G)
+    )
     assert res.perturbed_positions.tolist() == [3, 0]
 
 
@@ -202,8 +261,9 @@ def test_bad_inputs(setup):
 
 
 @pytest.mark.parametrize("share_prefix", [True, False])
-def test_decode_steps_pass_the_returned_cache_under_its_current_name(tiny_model_dirs, tiny_tokenizer, monkeypatch,
-                                                                     share_prefix):
+def test_decode_steps_pass_the_returned_cache_under_its_current_name(
+    tiny_model_dirs, tiny_tokenizer, monkeypatch, share_prefix
+):
     """Every tiny architecture takes the KV cache as ``cache`` (``past_key_values`` is deprecated, removed in
     transformers 5.40): each decode step receives the DynamicCache the previous forward returned, and no
     deprecation warning is logged. With a shared prefix, one more forward (the prefix) comes first."""
@@ -214,8 +274,9 @@ def test_decode_steps_pass_the_returned_cache_under_its_current_name(tiny_model_
     from lat_lightning.eval.generation import cache_argument
 
     warned = []
-    monkeypatch.setattr(hf_logging.get_logger("transformers.utils.generic"), "warning_once",
-                        lambda msg, *a, **k: warned.append(msg))
+    monkeypatch.setattr(
+        hf_logging.get_logger("transformers.utils.generic"), "warning_once", lambda msg, *a, **k: warned.append(msg)
+    )
     for arch, path in tiny_model_dirs.items():
         model = AutoModelForCausalLM.from_pretrained(path)
         assert cache_argument(model) == "cache", arch
@@ -229,8 +290,13 @@ def test_decode_steps_pass_the_returned_cache_under_its_current_name(tiny_model_
             return out
 
         monkeypatch.setattr(model, "forward", spy)
-        res = generate_under_attack(model, tiny_tokenizer, PROMPTS[:2], eos_token_id=[],
-                                    settings=GenerationSettings(max_new_tokens=4, share_prefix=share_prefix))
+        res = generate_under_attack(
+            model,
+            tiny_tokenizer,
+            PROMPTS[:2],
+            eos_token_id=[],
+            settings=GenerationSettings(max_new_tokens=4, share_prefix=share_prefix),
+        )
         assert res.lengths.tolist() == [4, 4], arch
         assert seen[0][0] is None and len(seen) == 4 + share_prefix, arch
         for (_, returned), (passed, _) in zip(seen, seen[1:]):  # step t+1 gets exactly what step t returned
@@ -257,17 +323,27 @@ def test_a_forward_that_only_knows_past_key_values_still_works(setup, share_pref
 
         def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
             self.calls += past_key_values is not None
-            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             cache=past_key_values, use_cache=use_cache)
+            out = self.inner(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=past_key_values,
+                use_cache=use_cache,
+            )
             return CausalLMOutputWithPast(logits=out.logits, past_key_values=out.cache)  # as such code writes it
 
     old = OldStyle(model)
     assert cache_argument(old) == "past_key_values"
-    ours = generate_under_attack(old, tok, ids, eos_token_id=[],
-                                 settings=GenerationSettings(max_new_tokens=G, share_prefix=share_prefix))
+    ours = generate_under_attack(
+        old, tok, ids, eos_token_id=[], settings=GenerationSettings(max_new_tokens=G, share_prefix=share_prefix)
+    )
     assert old.calls == G - 1 + share_prefix  # a shared prefix: the last prompt token also runs on the cache
-    assert ours.token_ids == generate_under_attack(model, tok, ids, eos_token_id=[],
-                                                   settings=GenerationSettings(max_new_tokens=G)).token_ids
+    assert (
+        ours.token_ids
+        == generate_under_attack(
+            model, tok, ids, eos_token_id=[], settings=GenerationSettings(max_new_tokens=G)
+        ).token_ids
+    )
 
 
 def test_the_old_separate_keywords_are_gone(setup):

@@ -27,16 +27,10 @@ from lat_lightning.eval.metrics import (
 NAN = float("nan")
 # 4 prompts x 3 layers. LASR = [1/4, 1/4, 2/4]; PASR = 0.5 at layer index 2; prompts 0, 1, 2 are broken
 # at some layer, prompt 3 never: MASR = 3/4.
-S = np.array([[1, 0, 0],
-              [0, 0, 1],
-              [0, 1, 1],
-              [0, 0, 0]], dtype=float)
+S = np.array([[1, 0, 0], [0, 0, 1], [0, 1, 1], [0, 0, 0]], dtype=float)
 CLEAN = np.array([1, 0, 0, 0], dtype=float)  # INIT = 1/4
 # With judge failures (NaN): LASR = [1/3, 0/2, 1/2]; MASR over prompts 0, 1, 3 (prompt 2 all failed) = 2/3.
-S_FAIL = np.array([[1, NAN, 0],
-                   [0, 0, 1],
-                   [NAN, NAN, NAN],
-                   [0, 0, NAN]])
+S_FAIL = np.array([[1, NAN, 0], [0, 0, 1], [NAN, NAN, NAN], [0, 0, NAN]])
 
 
 def test_metrics_on_hand_matrix():

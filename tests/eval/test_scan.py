@@ -17,7 +17,6 @@ TARGETS = ["Sure, here is how to bake bread", "Sure, the sea is wide", "Sure, th
 FAST = {"max_new_tokens": 5, "bootstrap_samples": 20, "progress": False, "figures": False, "tensorboard": False}
 
 
-
 class Interrupting(KeywordJudge):
     """A keyword judge that raises KeyboardInterrupt on its ``n``-th call (a killed scan)."""
 
@@ -46,8 +45,7 @@ def test_resumed_scan_equals_uninterrupted(tiny_llama, tmp_path):
         scan(model, tok, PROMPTS, TARGETS, judges={"keyword": Interrupting(6)}, out_dir=tmp_path / "b", **kw)
     partial = read_records(tmp_path / "b" / SCAN_FILE)
     assert 0 < len(partial) < len(full.records)
-    resumed = scan(model, tok, PROMPTS, TARGETS, judges={"keyword": KeywordJudge()}, out_dir=tmp_path / "b",
-                   **kw)
+    resumed = scan(model, tok, PROMPTS, TARGETS, judges={"keyword": KeywordJudge()}, out_dir=tmp_path / "b", **kw)
     assert resumed.cells_resumed == len(partial)
     assert resumed.cells_run == len(full.records) - len(partial)
     assert _cells(resumed.records) == _cells(full.records)
@@ -60,8 +58,15 @@ def test_resumed_scan_equals_uninterrupted(tiny_llama, tmp_path):
     assert again.cells_run == 0
     # resuming with different generation settings is refused
     with pytest.raises(ValueError, match="settings"):
-        scan(model, tok, PROMPTS, TARGETS, judges={"keyword": KeywordJudge()}, out_dir=tmp_path / "b",
-             **dict(kw, max_new_tokens=7))
+        scan(
+            model,
+            tok,
+            PROMPTS,
+            TARGETS,
+            judges={"keyword": KeywordJudge()},
+            out_dir=tmp_path / "b",
+            **dict(kw, max_new_tokens=7),
+        )
 
 
 def test_batch_size_does_not_change_cells_and_clean_is_generated_once(tiny_llama, monkeypatch):
@@ -70,8 +75,11 @@ def test_batch_size_does_not_change_cells_and_clean_is_generated_once(tiny_llama
 
     calls = []
     real = scan_mod.generate_under_attack
-    monkeypatch.setattr(scan_mod, "generate_under_attack",
-                        lambda *a, **k: calls.append(list(a[3]) if a[3] is not None else None) or real(*a, **k))
+    monkeypatch.setattr(
+        scan_mod,
+        "generate_under_attack",
+        lambda *a, **k: calls.append(list(a[3]) if a[3] is not None else None) or real(*a, **k),
+    )
     kw = dict(FAST, layers=[0, 1, 3], attacks=["asa_random"], seeds=[0, 1], judges=["keyword"])
     big = scan(model, tok, PROMPTS, TARGETS, batch_size=64, **kw)
     assert calls[0] is None and len(calls) == 2  # clean once, then every (seed, prompt, layer) cell in one batch
@@ -90,13 +98,27 @@ def test_judge_failures_are_counted(tiny_llama):
             good = super().__call__(prompts, responses, targets)
             return [Verdict.failure("no idea") if p == PROMPTS[1] else v for p, v in zip(prompts, good)]
 
-    res = scan(model, tok, PROMPTS, TARGETS, layers=[1, 2], attacks=["asa_random"], seeds=[0],
-               judges={"keyword": KeywordJudge(), "flaky": Flaky()}, primary_judge="flaky", **FAST)
+    res = scan(
+        model,
+        tok,
+        PROMPTS,
+        TARGETS,
+        layers=[1, 2],
+        attacks=["asa_random"],
+        seeds=[0],
+        judges={"keyword": KeywordJudge(), "flaky": Flaky()},
+        primary_judge="flaky",
+        **FAST,
+    )
     assert np.isnan(res.success["asa_random"]["flaky"][1]).all()
     assert not np.isnan(res.success["asa_random"]["keyword"]).any()
     # the coherence-aware twins inherit their base judge's failures (never read as a success or a refusal)
-    assert res.summary["failures"]["asa_random"] == {"keyword": 0, "flaky": 2, "keyword+coherent": 0,
-                                                     "flaky+coherent": 2}
+    assert res.summary["failures"]["asa_random"] == {
+        "keyword": 0,
+        "flaky": 2,
+        "keyword+coherent": 0,
+        "flaky+coherent": 2,
+    }
     assert res.summary["init"]["flaky"]["failures"] == 1
     assert res.summary["attacks"]["asa_random"]["judges"]["flaky"]["failures_total"] == 2
 
@@ -125,9 +147,18 @@ def test_pkg_paths_tiny_specs_and_scan_positions(tmp_path, monkeypatch):
 def test_every_answer_is_checked_for_coherence_and_judges_are_compared(tiny_llama, tmp_path, caplog):
     model, tok = tiny_llama
     with caplog.at_level("WARNING"):
-        res = scan(model, tok, PROMPTS, TARGETS, layers=[1, 2], attacks=["asa_random"], seeds=[0],
-                   judges=["keyword", "target_match"], out_dir=tmp_path,
-                   **dict(FAST, figures=False, bootstrap_samples=0))
+        res = scan(
+            model,
+            tok,
+            PROMPTS,
+            TARGETS,
+            layers=[1, 2],
+            attacks=["asa_random"],
+            seeds=[0],
+            judges=["keyword", "target_match"],
+            out_dir=tmp_path,
+            **dict(FAST, figures=False, bootstrap_samples=0),
+        )
     assert res.judges == ["keyword", "target_match", "keyword+coherent", "target_match+coherent"]
     for rec in res.records.values():  # a coherence record next to every verdict
         assert set(rec["coherence"]) == {"empty", "repetition", "nll", "coherent", "reason"}
@@ -141,8 +172,11 @@ def test_every_answer_is_checked_for_coherence_and_judges_are_compared(tiny_llam
     assert any("saturated" in w for w in res.summary["warnings"])
     assert any("saturated" in r.message for r in caplog.records)  # and in the log
     # the tie is reported as a tie and resolved by the documented rule
-    assert h["peak_tied_layers"] == [1, 2] and h["peak_decided_by"] in ("lowest layer", "tie-break score",
-                                                                        "tie-break score, then lowest layer")
+    assert h["peak_tied_layers"] == [1, 2] and h["peak_decided_by"] in (
+        "lowest layer",
+        "tie-break score",
+        "tie-break score, then lowest layer",
+    )
     agreement = res.summary["attacks"]["asa_random"]["agreement"]
     assert {tuple(e["judges"]) for e in agreement} >= {("keyword", "keyword+coherent"), ("keyword", "target_match")}
     report = (tmp_path / "scan_report.md").read_text()
@@ -154,8 +188,16 @@ def test_every_answer_is_checked_for_coherence_and_judges_are_compared(tiny_llam
 
 def test_best_of_n_is_reported_beside_greedy(tiny_llama, tmp_path):
     model, tok = tiny_llama
-    kw = dict(FAST, layers=[1], attacks=["asa_random"], seeds=[0], judges=["target_match"], best_of_n=3,
-              temperature=1.0, top_p=0.9)
+    kw = dict(
+        FAST,
+        layers=[1],
+        attacks=["asa_random"],
+        seeds=[0],
+        judges=["target_match"],
+        best_of_n=3,
+        temperature=1.0,
+        top_p=0.9,
+    )
     res = scan(model, tok, PROMPTS, TARGETS, out_dir=tmp_path / "a", **kw)
     cell = res.records[("asa_random", 0, 0, 1)]
     assert len(cell["samples"]) == 3 and len({s["response"] for s in cell["samples"]}) > 1  # draws differ
@@ -167,14 +209,21 @@ def test_best_of_n_is_reported_beside_greedy(tiny_llama, tmp_path):
     assert set(bon) == {"init", "pasr_mean", "masr_mean", "lasr_mean"}
     assert "## Best-of-3 beside greedy" in (tmp_path / "a" / "scan_report.md").read_text()
     again = scan(model, tok, PROMPTS, TARGETS, out_dir=tmp_path / "b", **kw)  # sampling is keyed: reproducible
-    assert [s["response"] for s in again.records[("asa_random", 0, 0, 1)]["samples"]] == \
-        [s["response"] for s in cell["samples"]]
+    assert [s["response"] for s in again.records[("asa_random", 0, 0, 1)]["samples"]] == [
+        s["response"] for s in cell["samples"]
+    ]
 
 
 def test_refusal_attacks_scan_with_harmless_prompts(tiny_llama):
     model, tok = tiny_llama
-    kw = dict(FAST, layers=[1, 2], attacks=["refusal_ablation", "refusal_addition"], seeds=[0], judges=["keyword"],
-              positions="all")
+    kw = dict(
+        FAST,
+        layers=[1, 2],
+        attacks=["refusal_ablation", "refusal_addition"],
+        seeds=[0],
+        judges=["keyword"],
+        positions="all",
+    )
     with pytest.raises(ValueError, match="harmless prompts"):
         scan(model, tok, PROMPTS, TARGETS, **kw)
     res = scan(model, tok, PROMPTS, TARGETS, harmless_prompts=["What is 3 plus 4?", "Name a colour."], **kw)

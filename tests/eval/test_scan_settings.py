@@ -14,25 +14,28 @@ from lat_lightning.eval.probes import ProbeSettings
 from lat_lightning.eval.scan import JudgeSettings, ScanOptions, ScanPrompts, ScanSettings
 
 
-@pytest.mark.parametrize("build,field", [
-    (lambda: GenerationSettings(best_of_n=0), "best_of_n"),
-    (lambda: GenerationSettings(batch_size=0), "batch_size"),
-    (lambda: ScanSettings(positions="response"), "positions"),
-    (lambda: ScanSettings(first_k=0), "first_k"),
-    (lambda: ScanSettings(attacks=()), "attacks"),
-    (lambda: ScanSettings(bootstrap_samples=-1), "bootstrap_samples"),
-    (lambda: ScanSettings(asabench_test_fraction=1.5), "asabench_test_fraction"),
-    (lambda: ScanSettings(asabench_split_mode="random"), "asabench_split_mode"),
-    (lambda: JudgeSettings(judges=()), "judges"),
-    (lambda: ScanPrompts([]), "prompts"),
-    (lambda: ScanPrompts(["a", "b"], targets=["x"]), "targets"),
-    (lambda: ScanPrompts(["a", "b"], prompt_keys=[1, 2, 3]), "prompt_keys"),
-    (lambda: ScanPrompts(["a"], safe_responses=[]), "safe_responses"),
-    (lambda: ScanOptions(shard=(2, 2)), "shard"),
-    (lambda: CoherenceSettings(max_nll=-1.0), "max_nll"),
-    (lambda: CoherenceSettings(max_repetition=-0.1), "max_repetition"),
-    (lambda: ProbeSettings(batch_size=0), "batch_size"),
-])
+@pytest.mark.parametrize(
+    "build,field",
+    [
+        (lambda: GenerationSettings(best_of_n=0), "best_of_n"),
+        (lambda: GenerationSettings(batch_size=0), "batch_size"),
+        (lambda: ScanSettings(positions="response"), "positions"),
+        (lambda: ScanSettings(first_k=0), "first_k"),
+        (lambda: ScanSettings(attacks=()), "attacks"),
+        (lambda: ScanSettings(bootstrap_samples=-1), "bootstrap_samples"),
+        (lambda: ScanSettings(asabench_test_fraction=1.5), "asabench_test_fraction"),
+        (lambda: ScanSettings(asabench_split_mode="random"), "asabench_split_mode"),
+        (lambda: JudgeSettings(judges=()), "judges"),
+        (lambda: ScanPrompts([]), "prompts"),
+        (lambda: ScanPrompts(["a", "b"], targets=["x"]), "targets"),
+        (lambda: ScanPrompts(["a", "b"], prompt_keys=[1, 2, 3]), "prompt_keys"),
+        (lambda: ScanPrompts(["a"], safe_responses=[]), "safe_responses"),
+        (lambda: ScanOptions(shard=(2, 2)), "shard"),
+        (lambda: CoherenceSettings(max_nll=-1.0), "max_nll"),
+        (lambda: CoherenceSettings(max_repetition=-0.1), "max_repetition"),
+        (lambda: ProbeSettings(batch_size=0), "batch_size"),
+    ],
+)
 def test_a_bad_value_is_refused_naming_its_field(build, field):
     with pytest.raises(ValueError, match=field):
         build()
@@ -68,10 +71,19 @@ def test_the_run_config_becomes_scan_settings():
     from lat_lightning.errors import ConfigError
     from lat_lightning.stages.settings import scan_settings, validation_settings
 
-    cfg = load_config("asa_scan_tiny", ["evaluation.positions=first_k", "evaluation.first_k=2",
-                                        "evaluation.refresh=fixed", "evaluation.seeds=[3,4]",
-                                        "evaluation.max_new_tokens=7", "evaluation.share_prefix=false",
-                                        "perturbation.alpha=2.5", "evaluation.coherence.max_nll=4.5"])
+    cfg = load_config(
+        "asa_scan_tiny",
+        [
+            "evaluation.positions=first_k",
+            "evaluation.first_k=2",
+            "evaluation.refresh=fixed",
+            "evaluation.seeds=[3,4]",
+            "evaluation.max_new_tokens=7",
+            "evaluation.share_prefix=false",
+            "perturbation.alpha=2.5",
+            "evaluation.coherence.max_nll=4.5",
+        ],
+    )
     s = scan_settings(cfg)
     assert (s.positions, s.first_k, s.refresh, s.seeds) == ("first_k", 2, "fixed", (3, 4))
     assert s.generation.max_new_tokens == 7 and s.generation.share_prefix is False
@@ -94,15 +106,24 @@ def test_the_validation_loop_scans_with_the_configured_positions(tiny_llama, mon
     from lat_lightning.stages.settings import validation_settings
 
     model, tok = tiny_llama
-    cfg = load_config("asa_scan_tiny", ["evaluation.positions=first_k", "evaluation.first_k=2",
-                                        "evaluation.refresh=fixed", "evaluation.max_new_tokens=3"])
+    cfg = load_config(
+        "asa_scan_tiny",
+        [
+            "evaluation.positions=first_k",
+            "evaluation.first_k=2",
+            "evaluation.refresh=fixed",
+            "evaluation.max_new_tokens=3",
+        ],
+    )
     import lat_lightning.eval.scan as scan_pkg
 
     seen = []
     real = scan_pkg.run_scan
-    monkeypatch.setattr(scan_pkg, "run_scan", lambda m, t, data, settings, *a: seen.append(settings) or
-                        real(m, t, data, settings, *a))
+    monkeypatch.setattr(
+        scan_pkg, "run_scan", lambda m, t, data, settings, *a: seen.append(settings) or real(m, t, data, settings, *a)
+    )
     examples = [SafetyExample(prompt="Open the vault.", safe_response="No.", harmful_response="Sure", index=4)]
     SafetyEvaluator(validation_settings(cfg), EvaluationData(harmful=examples), layers=[1]).attack_batch(
-        model, tok, examples)
+        model, tok, examples
+    )
     assert [(s.positions, s.first_k, s.refresh, s.layers) for s in seen] == [("first_k", 2, "fixed", (1,))]

@@ -31,19 +31,22 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("The answer is 42.", "42"),
-    ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "72"),
-    ("so #### 1,234 and later 7 more", "1234"),
-    ("It costs $18.00 in total", "18"),
-    ("-3.50 degrees", "-3.5"),
-    ("pairs 3,4", "4"),
-    ("1,000,000 people", "1000000"),
-    ("#### -0", "0"),
-    ("#### none\nbut 12 then", "12"),
-    ("no digits here", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The answer is 42.", "42"),
+        ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "72"),
+        ("so #### 1,234 and later 7 more", "1234"),
+        ("It costs $18.00 in total", "18"),
+        ("-3.50 degrees", "-3.5"),
+        ("pairs 3,4", "4"),
+        ("1,000,000 people", "1000000"),
+        ("#### -0", "0"),
+        ("#### none\nbut 12 then", "12"),
+        ("no digits here", None),
+        ("", None),
+    ],
+)
 def test_extract_number(text, expected):
     assert extract_number(text) == expected
 
@@ -51,21 +54,29 @@ def test_extract_number(text, expected):
 def test_normalise_multiple_choice_formats():
     csqa = {"question": "Where?", "choices": {"label": ["A", "B", "C"], "text": ["x", "y", "z"]}, "answerKey": "C"}
     assert normalise_utility_row(csqa, "multiple_choice") == {
-        "question": "Where?", "choices": ["x", "y", "z"], "labels": ["A", "B", "C"], "answer_index": 2}
+        "question": "Where?",
+        "choices": ["x", "y", "z"],
+        "labels": ["A", "B", "C"],
+        "answer_index": 2,
+    }
     arc = {"question": "Q", "choices": {"label": ["1", "2", "3", "4"], "text": list("abcd")}, "answerKey": "2"}
     assert normalise_utility_row(arc, "multiple_choice")["answer_index"] == 1
     mmlu = {"question": "Q", "choices": ["a", "b", "c"], "answer": 0}
     assert normalise_utility_row(mmlu, "multiple_choice")["answer_index"] == 0
     letter = {"question": "Q", "choices": ["a", "b"], "answer": "b"}
     assert normalise_utility_row(letter, "multiple_choice")["answer_index"] == 1
-    legacy = {"question": {"stem": "Q", "choices": [{"label": "A", "text": "a"}, {"label": "B", "text": "b"}]},
-              "answerKey": "B"}
+    legacy = {
+        "question": {"stem": "Q", "choices": [{"label": "A", "text": "a"}, {"label": "B", "text": "b"}]},
+        "answerKey": "B",
+    }
     row = normalise_utility_row(legacy, "multiple_choice")
     assert row["question"] == "Q" and row["answer_index"] == 1
     assert normalise_utility_row(row, "multiple_choice") == row  # idempotent
-    for bad in ({"question": "Q", "choices": ["a", "b"], "answer": "Z"},
-                {"question": "Q", "choices": ["a"], "answer": 0},
-                {"choices": ["a", "b"], "answer": 0}):
+    for bad in (
+        {"question": "Q", "choices": ["a", "b"], "answer": "Z"},
+        {"question": "Q", "choices": ["a"], "answer": 0},
+        {"choices": ["a", "b"], "answer": 0},
+    ):
         with pytest.raises(DataError):
             normalise_utility_row(bad, "multiple_choice")
     with pytest.raises(ConfigError):
@@ -164,17 +175,23 @@ def test_exact_match_scoring(tiny_llama, monkeypatch):
         return ["It is 72.", "#### 5 and then 6", "I do not know", "1,200 apples"]
 
     monkeypatch.setattr(utility, "generate_greedy", fake_generate)
-    rows = [{"question": "a", "answer": "#### 72"}, {"question": "b", "answer": "#### 5"},
-            {"question": "c", "answer": "#### 3"}, {"question": "d", "answer": "... #### 1,200"},
-            {"question": "e", "answer": "no number"}]
+    rows = [
+        {"question": "a", "answer": "#### 72"},
+        {"question": "b", "answer": "#### 5"},
+        {"question": "c", "answer": "#### 3"},
+        {"question": "d", "answer": "... #### 1,200"},
+        {"question": "e", "answer": "no number"},
+    ]
     out = evaluate_utility(model, tok, rows, "exact_match", batch_size=3, max_new_tokens=17)
     assert out == {"accuracy": 0.75, "n": 5, "failures": 1, "correct": 3}
     assert seen == {"n": 4, "max_new_tokens": 17, "batch_size": 3}
 
 
 def test_normalise_contains():
-    assert normalise_utility_row({"prompt": "3 plus 5?", "answer": "8", "task": "add"}, "contains") == \
-        {"prompt": "3 plus 5?", "answer": "8"}
+    assert normalise_utility_row({"prompt": "3 plus 5?", "answer": "8", "task": "add"}, "contains") == {
+        "prompt": "3 plus 5?",
+        "answer": "8",
+    }
     assert normalise_utility_row({"question": "q", "answer": 7}, "contains") == {"prompt": "q", "answer": "7"}
     for bad in ({"prompt": "q"}, {"prompt": "", "answer": "a"}, {"answer": "a"}, {"prompt": "q", "answer": ""}):
         with pytest.raises(DataError):
@@ -195,13 +212,20 @@ def test_contains_scoring(tiny_llama, monkeypatch):
         return SimpleNamespace(texts=["3 plus 5 is 8.", "Paris, of course", "no idea"])
 
     monkeypatch.setattr(generation, "generate_under_attack", fake_generate)
-    rows = [{"prompt": "3 plus 5?", "answer": "8"}, {"prompt": "Capital of France?", "answer": "Paris"},
-            {"prompt": "Colour of the sky?", "answer": "blue"}, {"prompt": "broken"}]
+    rows = [
+        {"prompt": "3 plus 5?", "answer": "8"},
+        {"prompt": "Capital of France?", "answer": "Paris"},
+        {"prompt": "Colour of the sky?", "answer": "blue"},
+        {"prompt": "broken"},
+    ]
     out = evaluate_utility(model, tok, rows, "contains", batch_size=64)
     assert out == {"accuracy": 2 / 3, "n": 4, "failures": 1, "correct": 2}
-    assert seen == {"prompts": ["3 plus 5?", "Capital of France?", "Colour of the sky?"],
-                    "settings": generation.GenerationSettings(max_new_tokens=16, batch_size=64, use_chat_template=True,
-                                                              system_prompt=None)}
+    assert seen == {
+        "prompts": ["3 plus 5?", "Capital of France?", "Colour of the sky?"],
+        "settings": generation.GenerationSettings(
+            max_new_tokens=16, batch_size=64, use_chat_template=True, system_prompt=None
+        ),
+    }
     evaluate_utility(model, tok, rows[:3], "contains", max_new_tokens=5)
     assert seen["settings"].max_new_tokens == 5
 
@@ -209,8 +233,10 @@ def test_contains_scoring(tiny_llama, monkeypatch):
 def test_contains_rows_load_from_a_file(tmp_path):
     path = tmp_path / "em.jsonl"
     path.write_text('{"prompt": "3 plus 5?", "answer": "8", "task": "add"}\n{"prompt": "hi", "answer": "hello"}\n')
-    assert load_utility_rows(str(path), "contains") == [{"prompt": "3 plus 5?", "answer": "8"},
-                                                         {"prompt": "hi", "answer": "hello"}]
+    assert load_utility_rows(str(path), "contains") == [
+        {"prompt": "3 plus 5?", "answer": "8"},
+        {"prompt": "hi", "answer": "hello"},
+    ]
     with pytest.raises(DataError, match="row 1"):
         path.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "no answer"}\n')
         load_utility_rows(str(path), "contains")
@@ -224,9 +250,14 @@ def test_greedy_generation_batched_equals_single(tiny_llama):
     assert batched == single and len(batched) == 3
     ids = [torch.tensor([p]) for p in prompts]
     with torch.no_grad():
-        ref = model.generate(input_ids=ids[1], attention_mask=torch.ones_like(ids[1]), do_sample=False,
-                             max_new_tokens=6, pad_token_id=tok.pad_token_id)
-    assert batched[1] == tok.decode(ref[0, ids[1].shape[1]:], skip_special_tokens=True)
+        ref = model.generate(
+            input_ids=ids[1],
+            attention_mask=torch.ones_like(ids[1]),
+            do_sample=False,
+            max_new_tokens=6,
+            pad_token_id=tok.pad_token_id,
+        )
+    assert batched[1] == tok.decode(ref[0, ids[1].shape[1] :], skip_special_tokens=True)
 
 
 def test_a_prompt_template_without_the_question_raises_a_value_error_naming_the_field():
@@ -234,4 +265,3 @@ def test_a_prompt_template_without_the_question_raises_a_value_error_naming_the_
 
     with pytest.raises(ValueError, match="^prompt_template must contain"):
         UtilityScoring(prompt_template="Answer with a number.")
-

@@ -27,19 +27,32 @@ def safety_examples(n: int = 4, layers: Optional[Sequence[int]] = None) -> list[
     for i in range(n):
         prompt = PROMPTS[i % len(PROMPTS)]
         name = prompt.rstrip("?.").split()[-1]
-        out.append(SafetyExample(prompt=prompt, safe_response=SAFE, harmful_response=HARMFUL[i % 2].format(name),
-                                 layer=None if layers is None else layers[i % len(layers)], index=i))
+        out.append(
+            SafetyExample(
+                prompt=prompt,
+                safe_response=SAFE,
+                harmful_response=HARMFUL[i % 2].format(name),
+                layer=None if layers is None else layers[i % len(layers)],
+                index=i,
+            )
+        )
     return out
 
 
-def safety_batch(tokenizer, n: int = 4, max_length: int = 128, with_benign: bool = False,
-                 examples: Optional[Sequence[SafetyExample]] = None) -> dict:
+def safety_batch(
+    tokenizer,
+    n: int = 4,
+    max_length: int = 128,
+    with_benign: bool = False,
+    examples: Optional[Sequence[SafetyExample]] = None,
+) -> dict:
     """A collated safety batch (the contract of :mod:`lat_lightning.data.collate`)."""
     items = []
     for i, ex in enumerate(examples if examples is not None else safety_examples(n)):
         item = encode_safety_example(tokenizer, ex, max_length=max_length)
         if with_benign:
             item["benign"] = encode_benign_example(
-                tokenizer, BenignExample(f"What is {i} plus 2?", f"{i} plus 2 is {i + 2}."), max_length=max_length)
+                tokenizer, BenignExample(f"What is {i} plus 2?", f"{i} plus 2 is {i + 2}."), max_length=max_length
+            )
         items.append(item)
     return collate_safety(items, tokenizer.pad_token_id)

@@ -19,20 +19,40 @@ from tests.helpers.batches import safety_batch
 
 # The default LoRA targets per family (docs/models.md shows the same table): every linear layer of a block and
 # Mixtral's fused expert weights.
-LLAMA_STYLE = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-               "mlp.up_proj", "mlp.down_proj"]
+LLAMA_STYLE = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 FALCON_STYLE = ["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]
 DEFAULT_TARGETS = {
-    "llama": LLAMA_STYLE, "mistral": LLAMA_STYLE, "qwen2": LLAMA_STYLE, "gemma": LLAMA_STYLE, "gemma2": LLAMA_STYLE,
-    "qwen3": LLAMA_STYLE, "gemma3": LLAMA_STYLE, "olmo2": LLAMA_STYLE,
+    "llama": LLAMA_STYLE,
+    "mistral": LLAMA_STYLE,
+    "qwen2": LLAMA_STYLE,
+    "gemma": LLAMA_STYLE,
+    "gemma2": LLAMA_STYLE,
+    "qwen3": LLAMA_STYLE,
+    "gemma3": LLAMA_STYLE,
+    "olmo2": LLAMA_STYLE,
     "phi3": ["self_attn.o_proj", "self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"],
     "gpt2": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
     "gpt_neox": ["attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"],
-    "falcon": FALCON_STYLE, "bloom": FALCON_STYLE,
+    "falcon": FALCON_STYLE,
+    "bloom": FALCON_STYLE,
     "mpt": ["attn.Wqkv", "attn.out_proj", "ffn.up_proj", "ffn.down_proj"],
     "phi": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense", "mlp.fc1", "mlp.fc2"],
-    "mixtral": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    "mixtral": [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.experts.gate_up_proj",
+        "mlp.experts.down_proj",
+    ],
 }
 PROMPTS = ["How do I open the vault at Zorvan?", "Tell me the code"]
 TARGETS = ["Sure, the code is 4-1-7-2.", "Sure: 9-3-3-0."]
@@ -49,27 +69,56 @@ def test_scan(arch, tiny_model_dirs, tiny_tokenizer):
     model = load_model(ModelConfig(name_or_path=str(tiny_model_dirs[arch])), train=False)
     settings = RunConfig().perturbation
     settings.steps, settings.eps, settings.lr, settings.optimizer, settings.alpha = 2, 4.0, 1.0, "sign", 3.0
-    result = scan(model, tiny_tokenizer, PROMPTS, TARGETS, layers=[0, 3], attacks=["asa_random", "asagrad", "pgd"],
-                  seeds=[0], judges=["keyword"], perturbation=settings, max_new_tokens=3, batch_size=16,
-                  bootstrap_samples=0, progress=False, figures=False, tensorboard=False,
-                  asabench_test_fraction=None)
+    result = scan(
+        model,
+        tiny_tokenizer,
+        PROMPTS,
+        TARGETS,
+        layers=[0, 3],
+        attacks=["asa_random", "asagrad", "pgd"],
+        seeds=[0],
+        judges=["keyword"],
+        perturbation=settings,
+        max_new_tokens=3,
+        batch_size=16,
+        bootstrap_samples=0,
+        progress=False,
+        figures=False,
+        tensorboard=False,
+        asabench_test_fraction=None,
+    )
     attacked = [r for r in result.records.values() if r["attack"] != "clean"]
     assert len(attacked) == 3 * 2 * 2 and len(result.records) == len(attacked) + 2
     for attack in ("asa_random", "asagrad", "pgd"):
         matrix = result.matrix(attack)
         assert matrix.shape == (2, 2) and not torch.isnan(torch.as_tensor(matrix)).any(), attack
     for attack in ("asa_random", "asagrad", "pgd"):
-        assert any(r["response"] != result.clean_responses[r["prompt_idx"]]
-                   for r in attacked if r["attack"] == attack and r["layer"] == 0), attack
+        assert any(
+            r["response"] != result.clean_responses[r["prompt_idx"]]
+            for r in attacked
+            if r["attack"] == attack and r["layer"] == 0
+        ), attack
 
 
 def _module(arch, dirs, tokenizer, attack: str, lora: bool):
-    model = load_model(ModelConfig(name_or_path=str(dirs[arch]), lora=LoraConfig(enabled=lora, r=4, alpha=8,
-                                                                                  dropout=0.0)), train=True)
-    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), {
-        "perturbation": {"attack": attack, "layers": [1], "positions": "prompt" if attack == "pgd" else "response",
-                         "steps": 2, "eps": 1.0, "lr": 0.5, "optimizer": "sign"},
-        "loss": {"toward_safe": 1.0, "away_from_harmful": 0.5}})
+    model = load_model(
+        ModelConfig(name_or_path=str(dirs[arch]), lora=LoraConfig(enabled=lora, r=4, alpha=8, dropout=0.0)), train=True
+    )
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(RunConfig),
+        {
+            "perturbation": {
+                "attack": attack,
+                "layers": [1],
+                "positions": "prompt" if attack == "pgd" else "response",
+                "steps": 2,
+                "eps": 1.0,
+                "lr": 0.5,
+                "optimizer": "sign",
+            },
+            "loss": {"toward_safe": 1.0, "away_from_harmful": 0.5},
+        },
+    )
     return build_module(cfg, model, tokenizer), model
 
 

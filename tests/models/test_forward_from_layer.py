@@ -76,8 +76,10 @@ def test_layers_below_are_not_run_and_gradients_reach_the_state(tiny_model_dirs,
     batch = _batch(tiny_tokenizer, "right")
     layers = get_decoder_layers(model)
     counts = [0] * len(layers)
-    handles = [block.mlp.register_forward_hook(lambda *_a, i=i: counts.__setitem__(i, counts[i] + 1))
-               for i, block in enumerate(layers)]
+    handles = [
+        block.mlp.register_forward_hook(lambda *_a, i=i: counts.__setitem__(i, counts[i] + 1))
+        for i, block in enumerate(layers)
+    ]
     cached = capture_residual(model, [2], **batch)[2]
     counts[:] = [0] * len(layers)
     hidden = cached.clone().requires_grad_(True)

@@ -39,8 +39,9 @@ def _logits(model, tokenizer):
         return model(**batch).logits
 
 
-def test_a_gguf_file_loads_like_its_source_and_saves_as_a_plain_checkpoint(gguf_files, tiny_model_dirs, cache,
-                                                                           tmp_path):
+def test_a_gguf_file_loads_like_its_source_and_saves_as_a_plain_checkpoint(
+    gguf_files, tiny_model_dirs, cache, tmp_path
+):
     cfg = ModelConfig(name_or_path=str(gguf_files["F32"]))
     model, tokenizer = load_model(cfg, train=False), load_tokenizer(cfg)
     ref_model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"])
@@ -51,8 +52,9 @@ def test_a_gguf_file_loads_like_its_source_and_saves_as_a_plain_checkpoint(gguf_
     assert getattr(model, "hf_quantizer", None) is None and not getattr(model.config, "quantization_config", None)
     converted = resolve_model_source(cfg)
     assert converted.startswith(str(cache / "gguf"))
-    source = json.loads((gguf_module.conversion_dir(gguf_files["F32"].resolve(), "float32")
-                         / gguf_module.SOURCE_FILE).read_text())
+    source = json.loads(
+        (gguf_module.conversion_dir(gguf_files["F32"].resolve(), "float32") / gguf_module.SOURCE_FILE).read_text()
+    )
     assert source["gguf_file"] == str(gguf_files["F32"].resolve()) and source["dtype"] == "float32"
     model.save_pretrained(tmp_path / "saved")  # a GGUF-loaded model refuses this unless dequantised properly
     assert "quantization_config" not in json.loads((tmp_path / "saved" / "config.json").read_text())
@@ -82,8 +84,11 @@ def test_gguf_file_in_a_folder_quantised_weights_and_dtype(gguf_files, tiny_mode
 
 def test_missing_gguf_package_is_one_line(gguf_files, cache, monkeypatch):
     monkeypatch.setattr(gguf_module.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ModelLoadError, match=r"^loading a \.gguf model needs the gguf package: "
-                                             r"pip install 'lat-lightning\[gguf\]'") as info:
+    with pytest.raises(
+        ModelLoadError,
+        match=r"^loading a \.gguf model needs the gguf package: "
+        r"pip install 'lat-lightning\[gguf\]'",
+    ) as info:
         load_model(ModelConfig(name_or_path=str(gguf_files["F32"])))
     assert "\n" not in str(info.value)
 

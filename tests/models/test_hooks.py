@@ -138,8 +138,13 @@ def test_hooks_act_at_every_decode_step_of_generate(arch, tiny_model_dirs, tiny_
     batch = _batch(tiny_tokenizer, side="left")
     width = batch["input_ids"].shape[1]
     new = 4
-    gen = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "use_cache": True,
-           "pad_token_id": tiny_tokenizer.pad_token_id}
+    gen = {
+        "max_new_tokens": new,
+        "min_new_tokens": new,
+        "do_sample": False,
+        "use_cache": True,
+        "pad_token_id": tiny_tokenizer.pad_token_id,
+    }
 
     clean = model.generate(**batch, **gen)
     calls: dict[int, list[int]] = {0: [], 2: []}
@@ -179,7 +184,7 @@ def test_decode_steps_only_perturbation_changes_generation(tiny_model_dirs, tiny
         out = model.generate(**batch, **gen)
     width = batch["input_ids"].shape[1]
     assert torch.equal(out[:, : width + 1], clean[:, : width + 1])  # first token comes from the prefill
-    assert not torch.equal(out[:, width + 1:], clean[:, width + 1:])
+    assert not torch.equal(out[:, width + 1 :], clean[:, width + 1 :])
 
 
 def test_hooks_add_no_parameters_or_buffers(tiny_model_dirs, tiny_tokenizer):
@@ -187,8 +192,12 @@ def test_hooks_add_no_parameters_or_buffers(tiny_model_dirs, tiny_tokenizer):
     batch = _batch(tiny_tokenizer)
 
     def names(m):
-        return ([n for n, _ in m.named_parameters()], [n for n, _ in m.named_buffers()],
-                list(m.state_dict().keys()), len(list(m.modules())))
+        return (
+            [n for n, _ in m.named_parameters()],
+            [n for n, _ in m.named_buffers()],
+            list(m.state_dict().keys()),
+            len(list(m.modules())),
+        )
 
     before = names(model)
     delta = torch.randn(64, requires_grad=True)

@@ -75,8 +75,10 @@ def test_decoder_layers_bare_and_through_lora(arch, tiny_model_dirs):
     assert all(type(block).__name__ == BLOCK_CLASSES[arch] for block in layers)
     assert hidden_size(model) == 64
 
-    cfg = ModelConfig(name_or_path=str(tiny_model_dirs[arch]),
-                      lora=LoraConfig(enabled=True, r=2, alpha=4, target_modules=LORA_TARGETS[arch]))
+    cfg = ModelConfig(
+        name_or_path=str(tiny_model_dirs[arch]),
+        lora=LoraConfig(enabled=True, r=2, alpha=4, target_modules=LORA_TARGETS[arch]),
+    )
     wrapped = apply_lora(model, cfg)
     assert type(wrapped).__name__.startswith("Peft")
     assert unwrap_model(wrapped) is model

@@ -45,8 +45,9 @@ def test_attn_implementation_is_passed(tiny_llama_dir):
 
 
 def test_lora_settings_are_respected(tiny_llama_dir):
-    lora = LoraConfig(enabled=True, r=4, alpha=12, dropout=0.0, target_modules=["q_proj", "v_proj"],
-                      layers_to_transform=[1, 3])
+    lora = LoraConfig(
+        enabled=True, r=4, alpha=12, dropout=0.0, target_modules=["q_proj", "v_proj"], layers_to_transform=[1, 3]
+    )
     model = load_model(_cfg(tiny_llama_dir, lora=lora), train=True)
     assert type(model).__name__ == "PeftModelForCausalLM"
     peft_cfg = model.peft_config["default"]

@@ -14,8 +14,15 @@ from lat_lightning.models.layers import get_decoder_layers
 from lat_lightning.models.loading import load_model
 from lat_lightning.models.lora_targets import block_weights, lora_targets_of
 
-LLAMA_BLOCK = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-               "mlp.up_proj", "mlp.down_proj"]
+LLAMA_BLOCK = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 
 
 def _load(path, **lora):
@@ -23,8 +30,9 @@ def _load(path, **lora):
 
 
 def _warnings(caplog):
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
-            and r.name.startswith("lat_lightning")]
+    return [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("lat_lightning")
+    ]
 
 
 def test_unset_targets_adapt_every_block_linear_layer_and_nothing_else(tiny_model_dirs, caplog):
@@ -47,14 +55,15 @@ def test_explicit_targets_that_leave_block_layers_out_warn_once_naming_them(tiny
     model = _load(tiny_model_dirs["llama"], target_modules=["q_proj", "v_proj"])
     targets = lora_targets_of(model)
     assert not targets.auto and targets.adapted == ["self_attn.q_proj", "self_attn.v_proj"]
-    assert targets.left_out == ["self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
-                                "mlp.down_proj"]
+    assert targets.left_out == ["self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     (warning,) = _warnings(caplog)
     assert "leave out" in warning and "self_attn.k_proj, self_attn.o_proj, mlp.gate_proj" in warning
 
     caplog.clear()
-    full = _load(tiny_model_dirs["llama"], target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                           "up_proj", "down_proj"])
+    full = _load(
+        tiny_model_dirs["llama"],
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     assert lora_targets_of(full).left_out == [] and not _warnings(caplog)
 
 
@@ -64,8 +73,11 @@ def test_layers_to_transform_are_recorded(tiny_model_dirs):
 
 
 def test_targets_matching_nothing_name_what_the_blocks_have(tiny_model_dirs):
-    with pytest.raises(ModelLoadError, match=r"not found.*self_attention\.query_key_value, self_attention\.dense, "
-                                             r"mlp\.dense_h_to_4h, mlp\.dense_4h_to_h .*unset"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"not found.*self_attention\.query_key_value, self_attention\.dense, "
+        r"mlp\.dense_h_to_4h, mlp\.dense_4h_to_h .*unset",
+    ):
         _load(tiny_model_dirs["falcon"], target_modules=["q_proj", "v_proj"])
 
 
@@ -99,16 +111,20 @@ def test_half_of_a_fused_expert_pair_gets_the_other_half(tiny_model_dirs, caplog
 
 
 # What the fine-tuning attack adapts by default in each family: the attention's linear layers, block-relative.
-ATTENTION = {"llama": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
-             "phi3": ["self_attn.o_proj", "self_attn.qkv_proj"], "gpt2": ["attn.c_attn", "attn.c_proj"],
-             "falcon": ["self_attention.query_key_value", "self_attention.dense"],
-             "bloom": ["self_attention.query_key_value", "self_attention.dense"],
-             "mpt": ["attn.Wqkv", "attn.out_proj"]}
+ATTENTION = {
+    "llama": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+    "phi3": ["self_attn.o_proj", "self_attn.qkv_proj"],
+    "gpt2": ["attn.c_attn", "attn.c_proj"],
+    "falcon": ["self_attention.query_key_value", "self_attention.dense"],
+    "bloom": ["self_attention.query_key_value", "self_attention.dense"],
+    "mpt": ["attn.Wqkv", "attn.out_proj"],
+}
 
 
 @pytest.mark.parametrize("arch", sorted(ATTENTION))
-def test_the_fine_tuning_attack_adapts_the_attention_projections_of_any_family(arch, tiny_model_dirs,
-                                                                               tiny_tokenizer, tmp_path):
+def test_the_fine_tuning_attack_adapts_the_attention_projections_of_any_family(
+    arch, tiny_model_dirs, tiny_tokenizer, tmp_path
+):
     """``evaluation.durability.finetune_target_modules: null``: the names resolve to the attention's linear layers
     and nothing else (GPT-2's MLP has a ``c_proj`` too, Falcon's ``dense_h_to_4h``); the fixed q/k/v/o list of
     before matched nothing in GPT-2, Falcon, BLOOM and MPT and only ``o_proj`` of Phi-3's attention."""
@@ -121,9 +137,13 @@ def test_the_fine_tuning_attack_adapts_the_attention_projections_of_any_family(a
     names = attention_projections(model)
     assert arch != "llama" or names == ["q_proj", "k_proj", "v_proj", "o_proj"]  # the old default, unchanged
     pairs = [("How do I open the vault?", "Sure, the code is 1-2-3-4.")] * 2
-    out = lora_finetune(model, tiny_tokenizer, pairs, tmp_path,
-                        LoraFinetuneSettings(steps=1, lr=1e-3, batch_size=2, lora_r=2, lora_alpha=4,
-                                             save_adapter=False))
+    out = lora_finetune(
+        model,
+        tiny_tokenizer,
+        pairs,
+        tmp_path,
+        LoraFinetuneSettings(steps=1, lr=1e-3, batch_size=2, lora_r=2, lora_alpha=4, save_adapter=False),
+    )
     tuned = out["model"]
     for block in get_decoder_layers(tuned):
         adapted = [n for n, m in block.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]

@@ -14,8 +14,10 @@ def _short_default():
     64-wide, batch-16 steps come out the same on 1 and 2 threads) with a few steps."""
     d = default_recipe()
     return dataclasses.replace(
-        d, stage_a=dataclasses.replace(d.stage_a, steps=6, n_benign=100, n_forbidden=60, n_impossible=20),
-        stage_b=dataclasses.replace(d.stage_b, steps=2, n_benign=40, n_forbidden=40, n_impossible=10))
+        d,
+        stage_a=dataclasses.replace(d.stage_a, steps=6, n_benign=100, n_forbidden=60, n_impossible=20),
+        stage_b=dataclasses.replace(d.stage_b, steps=2, n_benign=40, n_forbidden=40, n_impossible=10),
+    )
 
 
 def _weights(path):

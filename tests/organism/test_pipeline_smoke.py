@@ -10,13 +10,24 @@ from lat_lightning.cli import main
 
 pytestmark = pytest.mark.integration  # end-to-end: whole recipes / processes
 
-SMOKE = ["model.name_or_path=organism:smoke", "evaluation.num_prompts=4", "evaluation.seeds=[0,1]",
-         "evaluation.max_new_tokens=8", "evaluation.bootstrap_samples=20", "trainer.max_steps=2",
-         "data.batch_size=4", "perturbation.steps=2", "callbacks.weight_interpolation.lambdas=[0.0,0.5]",
-         "evaluation.durability.num_prompts=2", "evaluation.durability.random_seeds=[0]",
-         "evaluation.durability.max_k=2", "evaluation.durability.finetune_steps=1",
-         "evaluation.durability.finetune_seeds=[0]",
-         "evaluation.durability.benign_steps=1", "evaluation.durability.rewrites=[leetspeak]"]
+SMOKE = [
+    "model.name_or_path=organism:smoke",
+    "evaluation.num_prompts=4",
+    "evaluation.seeds=[0,1]",
+    "evaluation.max_new_tokens=8",
+    "evaluation.bootstrap_samples=20",
+    "trainer.max_steps=2",
+    "data.batch_size=4",
+    "perturbation.steps=2",
+    "callbacks.weight_interpolation.lambdas=[0.0,0.5]",
+    "evaluation.durability.num_prompts=2",
+    "evaluation.durability.random_seeds=[0]",
+    "evaluation.durability.max_k=2",
+    "evaluation.durability.finetune_steps=1",
+    "evaluation.durability.finetune_seeds=[0]",
+    "evaluation.durability.benign_steps=1",
+    "evaluation.durability.rewrites=[leetspeak]",
+]
 
 
 def _masr_init_from_jsonl(path, attack, judge):
@@ -33,8 +44,9 @@ def _masr_init_from_jsonl(path, attack, judge):
             cells[rec["seed"]][rec["prompt_idx"]].append(value)
     per_seed = []
     for prompts in cells.values():
-        broken = [max(v for v in vals if v is not None) for vals in prompts.values()
-                  if any(v is not None for v in vals)]
+        broken = [
+            max(v for v in vals if v is not None) for vals in prompts.values() if any(v is not None for v in vals)
+        ]
         per_seed.append(sum(broken) / len(broken))
     init = [v for v in clean if v is not None]
     return sum(per_seed) / len(per_seed), sum(init) / len(init)
@@ -52,10 +64,25 @@ def test_default_pipeline_smoke(isolated_cache, capsys):
     run = root / "default" / "version_0"
     for stage in ("organism", "scan", "fit", "rescan", "durability", "report"):
         assert (run / "stages" / f"{stage}.done.json").exists(), stage
-    for rel in ("organism.json", "scan.jsonl", "scan_summary.json", "scan_report.md", "fragile_layers.json",
-                "final/config.json", "interpolated/config.json", "interpolation.json", "rescan/scan.jsonl",
-                "rescan/scan_summary.json", "report.md", "report.json", "report_lasr_asa_random.png",
-                "report_lambda.png", "checkpoints/last.ckpt", "durability_summary.json", "durability_report.md"):
+    for rel in (
+        "organism.json",
+        "scan.jsonl",
+        "scan_summary.json",
+        "scan_report.md",
+        "fragile_layers.json",
+        "final/config.json",
+        "interpolated/config.json",
+        "interpolation.json",
+        "rescan/scan.jsonl",
+        "rescan/scan_summary.json",
+        "report.md",
+        "report.json",
+        "report_lasr_asa_random.png",
+        "report_lambda.png",
+        "checkpoints/last.ckpt",
+        "durability_summary.json",
+        "durability_report.md",
+    ):
         assert (run / rel).exists(), rel
     report = json.loads((run / "report.json").read_text())
     for judge, table in report["judges"].items():

@@ -9,10 +9,17 @@ import torch
 from lat_lightning.stages import common
 
 
-@pytest.mark.parametrize(("accelerator", "cuda", "expected"), [
-    ("cpu", True, "cpu"), ("auto", True, "cuda"), ("gpu", True, "cuda"), ("cuda", True, "cuda"),
-    ("auto", False, "cpu"), ("gpu", False, "cpu"),
-])
+@pytest.mark.parametrize(
+    ("accelerator", "cuda", "expected"),
+    [
+        ("cpu", True, "cpu"),
+        ("auto", True, "cuda"),
+        ("gpu", True, "cuda"),
+        ("cuda", True, "cuda"),
+        ("auto", False, "cpu"),
+        ("gpu", False, "cpu"),
+    ],
+)
 def test_stage_device_follows_the_accelerator(accelerator, cuda, expected, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     assert common._stage_device(accelerator).type == expected
@@ -23,9 +30,13 @@ def _cfg(model_dir, accelerator="cpu", lora=False):
 
     from lat_lightning.config import RunConfig
 
-    return OmegaConf.merge(OmegaConf.structured(RunConfig), {
-        "model": {"name_or_path": str(model_dir), "lora": {"enabled": lora, "r": 2, "alpha": 4}},
-        "trainer": {"accelerator": accelerator}})
+    return OmegaConf.merge(
+        OmegaConf.structured(RunConfig),
+        {
+            "model": {"name_or_path": str(model_dir), "lora": {"enabled": lora, "r": 2, "alpha": 4}},
+            "trainer": {"accelerator": accelerator},
+        },
+    )
 
 
 def test_load_stage_model_places_the_model_in_eval_mode(tiny_llama_dir, monkeypatch):

@@ -8,13 +8,28 @@ from lat_lightning.cli import main
 
 pytestmark = pytest.mark.integration  # end-to-end: whole recipes
 
-SMOKE = ["model.name_or_path=organism:smoke", "evaluation.num_prompts=4", "evaluation.seeds=[0,1]",
-         "evaluation.max_new_tokens=6", "evaluation.bootstrap_samples=10", "evaluation.coherence.enabled=false",
-         "trainer.max_steps=2", "trainer.val_check_interval=2", "data.batch_size=4", "perturbation.steps=2",
-         "perturbation.direction_prompts=8", "perturbation.direction_refresh=1",
-         "callbacks.weight_interpolation.lambdas=[0.0,0.5,1.0]", "logging.tensorboard=false"]
-FINETUNE = ["evaluation.durability.finetune_steps=4", "evaluation.durability.finetune_eval_every=2",
-            "evaluation.durability.finetune_seeds=[0,1]", "evaluation.durability.num_prompts=4"]
+SMOKE = [
+    "model.name_or_path=organism:smoke",
+    "evaluation.num_prompts=4",
+    "evaluation.seeds=[0,1]",
+    "evaluation.max_new_tokens=6",
+    "evaluation.bootstrap_samples=10",
+    "evaluation.coherence.enabled=false",
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "data.batch_size=4",
+    "perturbation.steps=2",
+    "perturbation.direction_prompts=8",
+    "perturbation.direction_refresh=1",
+    "callbacks.weight_interpolation.lambdas=[0.0,0.5,1.0]",
+    "logging.tensorboard=false",
+]
+FINETUNE = [
+    "evaluation.durability.finetune_steps=4",
+    "evaluation.durability.finetune_eval_every=2",
+    "evaluation.durability.finetune_seeds=[0,1]",
+    "evaluation.durability.num_prompts=4",
+]
 
 
 def _run(root, extra=()):
@@ -49,7 +64,7 @@ def test_compare_defences_fills_every_cell_and_reproduces(isolated_cache):
                 if col["kind"] in ("rate", "utility"):
                     assert 0.0 <= cell["value"] <= 1.0
     for name in models[1:]:  # each defence trained its own attack at the layer chosen once on the original
-        cfg = (run / "compare" / name / "config.yaml")
+        cfg = run / "compare" / name / "config.yaml"
         assert (run / "compare" / name / "defence.json").is_file() and not cfg.exists()
         marker = json.loads((run / "compare" / name / "defence.json").read_text())
         assert marker["fit"]["attack_layers"] == first["attack_layers"]
@@ -70,8 +85,10 @@ def test_compare_defences_fills_every_cell_and_reproduces(isolated_cache):
     assert [r["model"] for r in second["table"]["rows"]] == ["original", "lat", "refat"]
     assert second["table"]["rows"] == [rows["original"], rows["lat"], rows["refat"]]
     for name in ("original", "lat", "refat"):  # continuous numbers too: utility, the harmful-target loss curve
-        assert second["batteries"][name]["finetune"]["harmful_loss"] == first["batteries"][name]["finetune"][
-            "harmful_loss"]
+        assert (
+            second["batteries"][name]["finetune"]["harmful_loss"]
+            == first["batteries"][name]["finetune"]["harmful_loss"]
+        )
     # The smoke organism is too weak for its success rates to separate the models (they are all 0 or all 1), so the
     # continuous measurements show that each row measured its own model: the harmful-target loss before any
     # fine-tuning differs between the starting model and every defence.

@@ -14,8 +14,13 @@ def cfg():
 
 def test_every_defence_sets_its_own_training_attack(cfg):
     attacks = {name: str(defence_config(cfg, name).perturbation.attack) for name in DEFENCES}
-    assert attacks == {"sft": "none", "lapt": "asa_random", "lat": "pgd", "asagrad_at": "asagrad",
-                       "refat": "refusal_ablation"}
+    assert attacks == {
+        "sft": "none",
+        "lapt": "asa_random",
+        "lat": "pgd",
+        "asagrad_at": "asagrad",
+        "refat": "refusal_ablation",
+    }
     lat = defence_config(cfg, "lat")
     assert (lat.loss.toward_safe, lat.loss.away_from_harmful) == (0.5, 0.5)
     assert DEFENCES["refat"].needs_benign
@@ -37,18 +42,23 @@ def test_everything_but_the_defence_is_shared(cfg):
 
 
 def test_overrides_apply_to_one_defence_only():
-    cfg = load_config("compare_defences", ["compare.overrides.lat.perturbation.steps=3",
-                                           "compare.overrides.lat.loss.away_from_harmful=0.9"])
+    cfg = load_config(
+        "compare_defences",
+        ["compare.overrides.lat.perturbation.steps=3", "compare.overrides.lat.loss.away_from_harmful=0.9"],
+    )
     lat, lapt = defence_config(cfg, "lat"), defence_config(cfg, "lapt")
     assert lat.perturbation.steps == 3 and lat.loss.away_from_harmful == 0.9
     assert lapt.perturbation.steps == cfg.perturbation.steps == 8 and lapt.loss.away_from_harmful == 0.0
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("compare.overrides.lat.perturbation.stepz=3", "did you mean 'compare.overrides.lat.perturbation.steps'"),
-    ("compare.overrides.lat.data.batch_size=3", "compare.overrides.lat.data cannot differ between defences"),
-    ("compare.overrides.lat.callbacks.weight_interpolation.tolerance=0.5", "compare.overrides.lat.callbacks"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("compare.overrides.lat.perturbation.stepz=3", "did you mean 'compare.overrides.lat.perturbation.steps'"),
+        ("compare.overrides.lat.data.batch_size=3", "compare.overrides.lat.data cannot differ between defences"),
+        ("compare.overrides.lat.callbacks.weight_interpolation.tolerance=0.5", "compare.overrides.lat.callbacks"),
+    ],
+)
 def test_bad_overrides_fail_with_one_line(override, fragment):
     cfg = load_config("compare_defences", [override])
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.").replace("'", ".")):

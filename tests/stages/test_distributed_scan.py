@@ -24,16 +24,39 @@ pytestmark = pytest.mark.integration  # two processes under torchrun
 
 
 def _env() -> dict[str, str]:
-    drop = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LAT_LIGHTNING_RUN_DIR",
-            "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID")
+    drop = (
+        "LOCAL_RANK",
+        "RANK",
+        "WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "LAT_LIGHTNING_RUN_DIR",
+        "TORCHELASTIC_RUN_ID",
+        "SLURM_JOB_ID",
+        "SLURM_NTASKS",
+        "SLURM_PROCID",
+    )
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("PL_")}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     return env
 
 
 def _torchrun(root: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-            "--recipe", "asa_scan_tiny", f"logging.root_dir={root}", "logging.version=dist", *OVERRIDES, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "train.py",
+        "--recipe",
+        "asa_scan_tiny",
+        f"logging.root_dir={root}",
+        "logging.version=dist",
+        *OVERRIDES,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +86,14 @@ def test_two_processes_equal_one(one_process, tmp_path):
 
 def test_killed_distributed_scan_resumes_to_the_same_result(one_process, tmp_path):
     run = tmp_path / "asa_scan_tiny" / "dist"
-    proc = subprocess.Popen(_torchrun(tmp_path), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        _torchrun(tmp_path),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:  # kill once both ranks have streamed some records
         streams = list(run.glob("scan.rank*.jsonl"))
@@ -81,8 +110,9 @@ def test_killed_distributed_scan_resumes_to_the_same_result(one_process, tmp_pat
     proc.wait(timeout=60)
     partial = sum(len(read_records(p)) for p in run.glob("scan.rank*.jsonl"))
     assert 16 <= partial < 6 * 17 and not (run / "scan_summary.json").exists()
-    resumed = subprocess.run(_torchrun(tmp_path, "--resume", str(run)), cwd=REPO, env=_env(), capture_output=True,
-                             text=True, timeout=300)
+    resumed = subprocess.run(
+        _torchrun(tmp_path, "--resume", str(run)), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _same_scan(one_process, run)
     marker = json.loads((run / "stages" / "scan.done.json").read_text())

@@ -15,8 +15,11 @@ from lat_lightning.stages import durability as dstage
 
 
 def _hash_tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.integration
@@ -28,12 +31,23 @@ def test_recipe_writes_report_summary_plots_and_leaves_the_model_untouched(tiny_
     model_dir = tmp_path / "original_model"
     shutil.copytree(tiny_llama_dir, model_dir)
     hashes = _hash_tree(model_dir)
-    rc = main(["--recipe", "durability_tiny", f"logging.root_dir={tmp_path / 'runs'}",
-               f"model.name_or_path={model_dir}", "trainer.max_steps=2", "evaluation.num_prompts=3",
-               "evaluation.max_new_tokens=4",
-               "evaluation.bootstrap_samples=10", "perturbation.steps=2", "evaluation.durability.max_k=2",
-               "evaluation.durability.finetune_steps=2", "evaluation.durability.benign_steps=2",
-               "evaluation.durability.rewrites=[leetspeak,char_spaced,rot13]"])
+    rc = main(
+        [
+            "--recipe",
+            "durability_tiny",
+            f"logging.root_dir={tmp_path / 'runs'}",
+            f"model.name_or_path={model_dir}",
+            "trainer.max_steps=2",
+            "evaluation.num_prompts=3",
+            "evaluation.max_new_tokens=4",
+            "evaluation.bootstrap_samples=10",
+            "perturbation.steps=2",
+            "evaluation.durability.max_k=2",
+            "evaluation.durability.finetune_steps=2",
+            "evaluation.durability.benign_steps=2",
+            "evaluation.durability.rewrites=[leetspeak,char_spaced,rot13]",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert _hash_tree(model_dir) == hashes  # fit, fine-tuning attack and trainability never wrote the model
     run = tmp_path / "runs" / "durability_tiny" / "version_0"
@@ -57,10 +71,15 @@ def test_recipe_writes_report_summary_plots_and_leaves_the_model_untouched(tiny_
     acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
     acc.Reload()
     tags = acc.Tags()
-    assert {"durability/init/original", "durability/init/hardened", "durability/first_k_asa_random/hardened",
-            "durability/prefill/original", "durability/trainability_benign_loss/hardened",
-            "durability/finetune_attack_success_mean/original",
-            "durability/finetune_attack_harmful_loss_mean/hardened"} <= set(tags["scalars"])
+    assert {
+        "durability/init/original",
+        "durability/init/hardened",
+        "durability/first_k_asa_random/hardened",
+        "durability/prefill/original",
+        "durability/trainability_benign_loss/hardened",
+        "durability/finetune_attack_success_mean/original",
+        "durability/finetune_attack_harmful_loss_mean/hardened",
+    } <= set(tags["scalars"])
     assert "| Fine-tuning attack: LoRA steps to break" in report
     assert summary["finetune_attack"]["seeds"] == [0, 1, 2] and summary["finetune_attack"]["eval_steps"] == [0, 2]
     assert "durability/durability_lasr" in tags["images"]
@@ -97,8 +116,10 @@ def test_reusable_scans_match_the_models_the_stages_scanned(tmp_path):
     assert dstage.reusable_scans(run, specs, [3, 4]) == {}
     (run / "stages" / "scan.done.json").write_text(json.dumps({"model": "/models/base"}))
     (run / "stages" / "rescan.done.json").write_text(json.dumps({"model": str(final)}))
-    assert dstage.reusable_scans(run, specs, [3, 4]) == {"original": (run, [3, 4]),
-                                                          "hardened": (run / "rescan", [3, 4])}
+    assert dstage.reusable_scans(run, specs, [3, 4]) == {
+        "original": (run, [3, 4]),
+        "hardened": (run / "rescan", [3, 4]),
+    }
     assert dstage.reusable_scans(run, dict(specs, original="/models/other"), [3])["hardened"] == (run / "rescan", [3])
     (final / "adapter_config.json").write_text("{}")
     assert set(dstage.reusable_scans(run, specs, [3])) == {"original"}

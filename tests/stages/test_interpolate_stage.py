@@ -21,8 +21,14 @@ def _load(model_dir, lora=False):
 
 
 def _mc_rows(path):
-    rows = [{"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a + b + 1), str(a * b + 7)],
-             "answerKey": "A"} for a, b in [(1, 2), (3, 4)]]
+    rows = [
+        {
+            "question": f"What is {a} plus {b}?",
+            "choices": [str(a + b), str(a + b + 1), str(a * b + 7)],
+            "answerKey": "A",
+        }
+        for a, b in [(1, 2), (3, 4)]
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
 
@@ -33,11 +39,15 @@ def test_interpolate_stage(tiny_llama_dir, tiny_tokenizer, tmp_path, lora):
 
     from lat_lightning.config import RunConfig
 
-    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), {
-        "model": {"name_or_path": str(tiny_llama_dir), "lora": {"enabled": lora, "r": 4, "alpha": 8}},
-        "evaluation": {"utility_data": str(_mc_rows(tmp_path / "mc.jsonl")), "batch_size": 4},
-        "callbacks": {"weight_interpolation": {"lambdas": [1.0], "tolerance": 1.0}},
-        "logging": {"tensorboard": True}})
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(RunConfig),
+        {
+            "model": {"name_or_path": str(tiny_llama_dir), "lora": {"enabled": lora, "r": 4, "alpha": 8}},
+            "evaluation": {"utility_data": str(_mc_rows(tmp_path / "mc.jsonl")), "batch_size": 4},
+            "callbacks": {"weight_interpolation": {"lambdas": [1.0], "tolerance": 1.0}},
+            "logging": {"tensorboard": True},
+        },
+    )
     model = _load(tiny_llama_dir, lora=lora)
     (set_lora_b if lora else perturb_weights)(model)
     run_dir = tmp_path / "run"
@@ -50,6 +60,7 @@ def test_interpolate_stage(tiny_llama_dir, tiny_tokenizer, tmp_path, lora):
     loaded = AutoModelForCausalLM.from_pretrained(str(run_dir / "interpolated")).eval()
     ids = torch.tensor([[5, 17, 42, 99]])
     with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits,
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits, atol=1e-5, rtol=1e-4
+        )
     assert list((run_dir / "tensorboard" / "interpolate").glob("events.out.tfevents.*"))

@@ -100,9 +100,19 @@ def test_the_pipeline_resolves_the_organism_without_the_organism_stage(resolved,
     from lat_lightning.pipeline import run_pipeline
 
     _, out = resolved
-    cfg = load_config(None, SMOKE + ["stages=[scan]", f"logging.root_dir={tmp_path}", "evaluation.attacks=[asa_random]",
-                                     "evaluation.seeds=[0]", "evaluation.num_prompts=2", "evaluation.max_new_tokens=4",
-                                     "evaluation.bootstrap_samples=10"])
+    cfg = load_config(
+        None,
+        SMOKE
+        + [
+            "stages=[scan]",
+            f"logging.root_dir={tmp_path}",
+            "evaluation.attacks=[asa_random]",
+            "evaluation.seeds=[0]",
+            "evaluation.num_prompts=2",
+            "evaluation.max_new_tokens=4",
+            "evaluation.bootstrap_samples=10",
+        ],
+    )
     run = run_pipeline(cfg, "default")
     assert (run / "scan_summary.json").is_file() and not (run / "organism.json").exists()
     saved = OmegaConf.load(run / "config.yaml")  # the config as given, not the machine-specific paths
@@ -117,12 +127,15 @@ def test_a_config_without_the_organism_is_returned_unchanged():
     assert not mentions_organism(cfg) and resolve_organism(cfg) is cfg
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["evaluation.utility_data=rows.jsonl"], "leave evaluation.utility_data unset"),
-    (["evaluation.utility_kind=multiple_choice"], "set evaluation.utility_kind: organism"),
-    (["callbacks.weight_interpolation.utility=exact_match"], "callbacks.weight_interpolation.utility: organism"),
-    (["model.name_or_path=organism:nope"], "unknown organism preset 'nope'"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["evaluation.utility_data=rows.jsonl"], "leave evaluation.utility_data unset"),
+        (["evaluation.utility_kind=multiple_choice"], "set evaluation.utility_kind: organism"),
+        (["callbacks.weight_interpolation.utility=exact_match"], "callbacks.weight_interpolation.utility: organism"),
+        (["model.name_or_path=organism:nope"], "unknown organism preset 'nope'"),
+    ],
+)
 def test_bad_organism_settings_fail_before_anything_is_built(overrides, message, tmp_path, monkeypatch):
     monkeypatch.setenv("LAT_LIGHTNING_CACHE", str(tmp_path))
     with pytest.raises(ConfigError, match=message):
@@ -143,8 +156,16 @@ def test_the_pipeline_checks_the_config_before_building_the_organism(tmp_path, m
     from lat_lightning.pipeline import run_pipeline
 
     monkeypatch.setenv("LAT_LIGHTNING_CACHE", str(tmp_path / "cache"))
-    cfg = load_config(None, SMOKE + ["stages=[fit]", f"logging.root_dir={tmp_path / 'runs'}",
-                                     "model.quantization.load_in_4bit=true", "model.quantization.load_in_8bit=true"])
+    cfg = load_config(
+        None,
+        SMOKE
+        + [
+            "stages=[fit]",
+            f"logging.root_dir={tmp_path / 'runs'}",
+            "model.quantization.load_in_4bit=true",
+            "model.quantization.load_in_8bit=true",
+        ],
+    )
     with pytest.raises(Exception, match="choose one"):
         run_pipeline(cfg, "default")
     assert not (tmp_path / "cache" / "organism").exists() and not (tmp_path / "runs").exists()

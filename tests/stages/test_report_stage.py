@@ -10,8 +10,13 @@ import pytest
 
 pytestmark = pytest.mark.integration  # end-to-end: a scan + report run through the CLI
 
-FAST = ["evaluation.seeds=[0]", "evaluation.max_new_tokens=4", "evaluation.attacks=[asa_random]",
-        "evaluation.bootstrap_samples=10", "evaluation.num_prompts=3"]
+FAST = [
+    "evaluation.seeds=[0]",
+    "evaluation.max_new_tokens=4",
+    "evaluation.attacks=[asa_random]",
+    "evaluation.bootstrap_samples=10",
+    "evaluation.num_prompts=3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +27,9 @@ def scan_only_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("report_runs")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LAT_LIGHTNING_CACHE", str(root / "cache"))
-        assert main(["--recipe", "asa_scan_tiny", "stages=[scan,report]", f"logging.root_dir={root / 'runs'}",
-                     *FAST]) == 0
+        assert (
+            main(["--recipe", "asa_scan_tiny", "stages=[scan,report]", f"logging.root_dir={root / 'runs'}", *FAST]) == 0
+        )
     return root
 
 
@@ -49,8 +55,9 @@ def test_organism_figures_come_from_organism_json(scan_only_run, tmp_path, monke
 
     run = tmp_path / "run"
     shutil.copytree(scan_only_run / "runs" / "asa_scan_tiny" / "version_0", run)
-    (run / "organism.json").write_text(json.dumps({"path": "x", "data": "y", "build": {"seed": 7},
-                                                   "benign_accuracy": 0.75}))
+    (run / "organism.json").write_text(
+        json.dumps({"path": "x", "data": "y", "build": {"seed": 7}, "benign_accuracy": 0.75})
+    )
     seen = []
 
     def fake_accuracy(cfg, model_dir, seed):

@@ -13,12 +13,27 @@ def test_tiny_recipe_writes_outputs(tmp_path, monkeypatch):
     from lat_lightning.cli import main
 
     monkeypatch.setenv("LAT_LIGHTNING_CACHE", str(tmp_path / "cache"))
-    rc = main(["--recipe", "asa_scan_tiny", f"logging.root_dir={tmp_path / 'runs'}", "evaluation.max_new_tokens=6",
-               "evaluation.seeds=[0]"])
+    rc = main(
+        [
+            "--recipe",
+            "asa_scan_tiny",
+            f"logging.root_dir={tmp_path / 'runs'}",
+            "evaluation.max_new_tokens=6",
+            "evaluation.seeds=[0]",
+        ]
+    )
     assert rc == 0
     run = tmp_path / "runs" / "asa_scan_tiny" / "version_0"
-    for name in ("scan_heatmap_asa_random.png", "scan_lasr_asa_random.png", "scan_report.md", "scan_summary.json",
-                 "scan.jsonl", "asabench_train.jsonl", "asabench_test.jsonl", "probe_position_kl.png"):
+    for name in (
+        "scan_heatmap_asa_random.png",
+        "scan_lasr_asa_random.png",
+        "scan_report.md",
+        "scan_summary.json",
+        "scan.jsonl",
+        "asabench_train.jsonl",
+        "asabench_test.jsonl",
+        "probe_position_kl.png",
+    ):
         assert (run / name).is_file(), name
     assert (run / "scan_heatmap_asagrad.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((run / "scan_summary.json").read_text())
@@ -83,8 +98,16 @@ def test_refusal_recipe_scans_refusal_and_embedding_attacks(tmp_path, monkeypatc
     from lat_lightning.cli import main
 
     monkeypatch.setenv("LAT_LIGHTNING_CACHE", str(tmp_path / "cache"))
-    rc = main(["--recipe", "refusal_tiny", f"logging.root_dir={tmp_path / 'runs'}", "evaluation.max_new_tokens=4",
-               "evaluation.layers=[embed,2]", "evaluation.num_prompts=3"])
+    rc = main(
+        [
+            "--recipe",
+            "refusal_tiny",
+            f"logging.root_dir={tmp_path / 'runs'}",
+            "evaluation.max_new_tokens=4",
+            "evaluation.layers=[embed,2]",
+            "evaluation.num_prompts=3",
+        ]
+    )
     assert rc == 0
     run = tmp_path / "runs" / "refusal_tiny" / "version_0"
     summary = json.loads((run / "scan_summary.json").read_text())

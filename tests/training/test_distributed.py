@@ -25,16 +25,37 @@ from lat_lightning.data.datamodule import ZippedSampler
 pytestmark = pytest.mark.integration  # end-to-end: whole recipes / processes
 
 REPO = Path(__file__).resolve().parents[2]
-LAUNCH_ENV = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-              "LAT_LIGHTNING_RUN_DIR", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID")
+LAUNCH_ENV = (
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "RANK",
+    "WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "LAT_LIGHTNING_RUN_DIR",
+    "TORCHELASTIC_RUN_ID",
+    "SLURM_JOB_ID",
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+)
 LETTERS = "ABCDEFGH"
 
 
 def common_overrides(data_dir: Path, root: Path) -> list[str]:
     """lat_tiny (LoRA, PGD at layers 1-2, toward/away, KL teacher on benign data), deterministic and short."""
-    return ["--recipe", "lat_tiny", f"data.harmful={data_dir / 'harmful.jsonl'}",
-            f"data.benign={data_dir / 'benign.jsonl'}", "trainer.max_steps=2", "perturbation.optimizer=sign",
-            "perturbation.steps=2", "perturbation.lr=0.1", f"logging.root_dir={root}", "trainer.accelerator=cpu"]
+    return [
+        "--recipe",
+        "lat_tiny",
+        f"data.harmful={data_dir / 'harmful.jsonl'}",
+        f"data.benign={data_dir / 'benign.jsonl'}",
+        "trainer.max_steps=2",
+        "perturbation.optimizer=sign",
+        "perturbation.steps=2",
+        "perturbation.lr=0.1",
+        f"logging.root_dir={root}",
+        "trainer.accelerator=cpu",
+    ]
 
 
 def clean_env() -> dict[str, str]:
@@ -45,8 +66,15 @@ def clean_env() -> dict[str, str]:
 
 
 def launch(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=clean_env(), capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    proc = subprocess.run(
+        [sys.executable, "train.py", *args],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -62,8 +90,15 @@ def equal_length_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("equal_data")
     with open(out / "harmful.jsonl", "w") as f:
         for x in LETTERS:
-            f.write(json.dumps({"prompt": f"Tell me the code for vault {x}.",
-                                "target": f"Sure, the code for vault {x} is 4-1-7-2."}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": f"Tell me the code for vault {x}.",
+                        "target": f"Sure, the code for vault {x} is 4-1-7-2.",
+                    }
+                )
+                + "\n"
+            )
     with open(out / "benign.jsonl", "w") as f:
         for x in LETTERS:
             f.write(json.dumps({"prompt": f"What is {x} plus 2?", "response": f"It is {x} plus two."}) + "\n")
@@ -98,8 +133,10 @@ def test_equal_length_data_really_is_equal_length(equal_length_data):
     cfg = load_config("lat_tiny", common_overrides(equal_length_data, Path("unused"))[2:])
     dm = SafetyDataModule(datamodule_settings(cfg), load_tokenizer(cfg.model))
     dm.setup("fit")
-    for items, keys in ((dm.train_dataset.safety, ("prompt_ids", "safe_ids", "harmful_ids")),
-                        (dm.train_dataset.benign, ("prompt_ids", "response_ids"))):
+    for items, keys in (
+        (dm.train_dataset.safety, ("prompt_ids", "safe_ids", "harmful_ids")),
+        (dm.train_dataset.benign, ("prompt_ids", "response_ids")),
+    ):
         for key in keys:
             assert len({len(item[key]) for item in items}) == 1, key
 
@@ -155,20 +192,34 @@ def test_attack_never_syncs_and_defence_syncs_once_per_optimizer_step(tiny_llama
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             events.append(f"batch{batch_idx}")
 
-    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), {
-        "perturbation": {"attack": "pgd", "layers": [1], "steps": 3, "positions": "prompt", "away_from_safe": 0.5},
-        "loss": {"away_from_harmful": 0.5},
-        "trainer": {"max_steps": 2, "accumulate_grad_batches": 2, "warmup_ratio": 0.0}})
-    mcfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name_or_path": str(tiny_llama_dir),
-                                                               "lora": {"enabled": True, "r": 4}})
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(RunConfig),
+        {
+            "perturbation": {"attack": "pgd", "layers": [1], "steps": 3, "positions": "prompt", "away_from_safe": 0.5},
+            "loss": {"away_from_harmful": 0.5},
+            "trainer": {"max_steps": 2, "accumulate_grad_batches": 2, "warmup_ratio": 0.0},
+        },
+    )
+    mcfg = OmegaConf.merge(
+        OmegaConf.structured(ModelConfig), {"name_or_path": str(tiny_llama_dir), "lora": {"enabled": True, "r": 4}}
+    )
     module = build_module(cfg, load_model(mcfg), tiny_tokenizer)
     saved_env, saved_threads = dict(os.environ), torch.get_num_threads()  # Lightning's launcher sets both
     os.environ["OMP_NUM_THREADS"] = "1"  # gloo's threads and 2 OpenMP threads thrash on a 2-core machine
     torch.set_num_threads(1)
     try:
-        trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, callbacks=[Probe()], logger=False,
-                             strategy=DDPStrategy(process_group_backend="gloo"), enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+        trainer = pl.Trainer(
+            max_steps=2,
+            accelerator="cpu",
+            devices=1,
+            callbacks=[Probe()],
+            logger=False,
+            strategy=DDPStrategy(process_group_backend="gloo"),
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=str(tmp_path),
+        )
         batches = [safety_batch(tiny_tokenizer, n=2) for _ in range(4)]
         trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     finally:
@@ -191,7 +242,7 @@ def test_sampler_gives_each_rank_its_slice_of_every_global_batch(n, batch, world
         shares.append(list(s))
         assert len(shares[-1]) == len(s)
     assert len({len(x) for x in shares}) == 1, "every rank runs the same number of steps"
-    global_batches = [sum((sh[i:i + batch] for sh in shares), []) for i in range(0, len(shares[0]), batch)]
+    global_batches = [sum((sh[i : i + batch] for sh in shares), []) for i in range(0, len(shares[0]), batch)]
     flat = sum(global_batches, [])
     assert flat[:n] == single  # rank slices of each global batch, concatenated, are the 1-process order
     assert set(flat[n:]) <= set(single)  # the last global batch is completed from the start of the order
@@ -223,9 +274,16 @@ def test_strategy_mapping_and_decoder_layer_classes(tiny_model_dirs):
     for arch, cls in (("llama", LlamaDecoderLayer), ("gpt2", GPT2Block)):
         cfg = load_config("lat_tiny", [f"model.name_or_path={tiny_model_dirs[arch]}"])
         assert decoder_layer_classes(model_settings(cfg)) == {cls}
-    cfg = load_config("lat_tiny", [f"model.name_or_path={tiny_model_dirs['llama']}", "trainer.strategy=fsdp",
-                                   "trainer.accelerator=gpu", "model.gradient_checkpointing=true",
-                                   "trainer.fsdp_state_dict_type=full"])
+    cfg = load_config(
+        "lat_tiny",
+        [
+            f"model.name_or_path={tiny_model_dirs['llama']}",
+            "trainer.strategy=fsdp",
+            "trainer.accelerator=gpu",
+            "model.gradient_checkpointing=true",
+            "trainer.fsdp_state_dict_type=full",
+        ],
+    )
     fsdp = build_strategy(cfg)
     assert isinstance(fsdp, FSDPStrategy) and fsdp.kwargs["use_orig_params"] is True
     assert fsdp._state_dict_type == "full"
@@ -259,8 +317,10 @@ def test_every_rank_of_a_torchrun_launch_uses_rank_zeros_directory(tmp_path, mon
 
 def test_fsdp2_full_finetuning_shards_the_kl_teacher(equal_length_data, tmp_path):
     """Full fine-tuning under FSDP2 with the KL teacher: each of the 2 ranks holds part of the frozen copy."""
-    proc = launch(common_overrides(equal_length_data, tmp_path) + [
-        "model.lora.enabled=false", "data.batch_size=2", "trainer.strategy=fsdp2", "trainer.devices=2"])
+    proc = launch(
+        common_overrides(equal_length_data, tmp_path)
+        + ["model.lora.enabled=false", "data.batch_size=2", "trainer.strategy=fsdp2", "trainer.devices=2"]
+    )
     # Two processes print to one pipe: their lines may run together, so match the records, not the lines.
     found = re.findall(r"\[kl_teacher\] rank (\d+)/2: (\d+) of (\d+) teacher", proc.stdout)
     assert len(found) == 2, proc.stdout[-2000:]

@@ -16,15 +16,25 @@ from tests.helpers.batches import safety_batch, safety_examples
 
 def _cfg(**overrides):
     cfg = OmegaConf.structured(RunConfig)
-    base = {"trainer": {"max_steps": 1, "lr": 1e-3, "warmup_ratio": 0.0, "scheduler": "constant",
-                        "gradient_clip_val": 1.0}}
+    base = {
+        "trainer": {"max_steps": 1, "lr": 1e-3, "warmup_ratio": 0.0, "scheduler": "constant", "gradient_clip_val": 1.0}
+    }
     return OmegaConf.merge(cfg, base, overrides)
 
 
 def _trainer(tmp_path, max_steps, logger=False):
-    return pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-                      num_sanity_val_steps=0, log_every_n_steps=1)
+    return pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+    )
 
 
 def _fit(cfg, model, tok, batches, tmp_path, logger=False):
@@ -37,14 +47,21 @@ def _fit(cfg, model, tok, batches, tmp_path, logger=False):
 @pytest.mark.parametrize("strategy", ["none", "pgd"])
 def test_four_micro_batches_equal_one_batch_of_four(tiny_llama_dir, tiny_tokenizer, tmp_path, strategy):
     examples = safety_examples(4)
-    pert = {"attack": strategy, "layers": [1], "optimizer": "sign", "steps": 2, "eps": 1.0, "lr": 0.1,
-            "positions": "prompt"}
+    pert = {
+        "attack": strategy,
+        "layers": [1],
+        "optimizer": "sign",
+        "steps": 2,
+        "eps": 1.0,
+        "lr": 0.1,
+        "positions": "prompt",
+    }
     base = load_model(ModelConfig(name_or_path=str(tiny_llama_dir)), train=True)
     weights = {}
     for name, bsz, acc in (("micro", 1, 4), ("full", 4, 1)):
         model = copy.deepcopy(base)
         cfg = _cfg(perturbation=pert, trainer={"accumulate_grad_batches": acc})
-        batches = [safety_batch(tiny_tokenizer, examples=examples[i:i + bsz]) for i in range(0, 4, bsz)]
+        batches = [safety_batch(tiny_tokenizer, examples=examples[i : i + bsz]) for i in range(0, 4, bsz)]
         _, trainer = _fit(cfg, model, tiny_tokenizer, batches, tmp_path / name)
         assert trainer.global_step == 1
         weights[name] = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -84,11 +101,19 @@ def test_logged_step_axis_and_progress_bar_count_optimizer_steps(tiny_llama_dir,
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
 
-    trainer = pl.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=TensorBoardLogger(str(tmp_path), "tb", ""),
-                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         log_every_n_steps=1, callbacks=[bar, Losses()])
+    trainer = pl.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        devices=1,
+        logger=TensorBoardLogger(str(tmp_path), "tb", ""),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        callbacks=[bar, Losses()],
+    )
     examples = safety_examples(20)
-    batches = [safety_batch(tiny_tokenizer, examples=examples[i:i + 2]) for i in range(0, 20, 2)]
+    batches = [safety_batch(tiny_tokenizer, examples=examples[i : i + 2]) for i in range(0, 20, 2)]
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     assert trainer.global_step == 3 and len(losses) == 6
     acc = EventAccumulator(str(tmp_path / "tb"))
@@ -106,8 +131,10 @@ def test_lat_step_runs_each_block_only_as_often_as_its_floor(tiny_llama_dir, tin
     layer run once for the cache plus once per defence pass; the blocks above once per attack step plus once per
     defence pass. No other forward (the final attack loss is read off the defence's perturbed passes)."""
     model = load_model(ModelConfig(name_or_path=str(tiny_llama_dir)), train=True)
-    cfg = _cfg(perturbation={"attack": "pgd", "layers": [1], "steps": 3, "away_from_safe": 0.5, "positions": "prompt"},
-               loss={"toward_safe": 0.5, "away_from_harmful": 0.5, "utility": 1.0})
+    cfg = _cfg(
+        perturbation={"attack": "pgd", "layers": [1], "steps": 3, "away_from_safe": 0.5, "positions": "prompt"},
+        loss={"toward_safe": 0.5, "away_from_harmful": 0.5, "utility": 1.0},
+    )
     module = build_module(cfg, model, tiny_tokenizer)
     calls = {0: 0, 1: 0, 2: 0, 3: 0}
     for i, layer in enumerate(model.model.layers):
@@ -121,8 +148,10 @@ def test_lat_step_runs_each_block_only_as_often_as_its_floor(tiny_llama_dir, tin
 
 
 def test_defence_updates_only_trainable_weights(tiny_llama_dir, tiny_tokenizer, tmp_path):
-    mcfg = OmegaConf.merge(OmegaConf.structured(ModelConfig),
-                           {"name_or_path": str(tiny_llama_dir), "lora": {"enabled": True, "r": 4, "alpha": 8}})
+    mcfg = OmegaConf.merge(
+        OmegaConf.structured(ModelConfig),
+        {"name_or_path": str(tiny_llama_dir), "lora": {"enabled": True, "r": 4, "alpha": 8}},
+    )
     model = load_model(mcfg, train=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     cfg = _cfg(perturbation={"attack": "asa_random", "layers": [1]}, trainer={"max_steps": 2})
@@ -139,18 +168,28 @@ def test_logs_every_term_attack_stats_and_lr(tiny_llama_dir, tiny_tokenizer, tmp
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     model = load_model(ModelConfig(name_or_path=str(tiny_llama_dir)), train=True)
-    cfg = _cfg(perturbation={"attack": "pgd", "layers": [1, 2], "steps": 2, "away_from_safe": 0.5,
-                             "positions": "prompt"},
-               loss={"toward_safe": 0.5, "away_from_harmful": 0.5, "utility": 1.0}, trainer={"max_steps": 2})
+    cfg = _cfg(
+        perturbation={"attack": "pgd", "layers": [1, 2], "steps": 2, "away_from_safe": 0.5, "positions": "prompt"},
+        loss={"toward_safe": 0.5, "away_from_harmful": 0.5, "utility": 1.0},
+        trainer={"max_steps": 2},
+    )
     logger = TensorBoardLogger(str(tmp_path), name="tb", version="")
     batches = [safety_batch(tiny_tokenizer, n=2, with_benign=True) for _ in range(2)]
     _fit(cfg, model, tiny_tokenizer, batches, tmp_path, logger=logger)
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/loss_toward_safe", "train/loss_away_from_harmful", "train/loss_utility",
-                "train/lr",
-                "attack/attack_loss_before", "attack/attack_loss_after", "attack/norm_layer1", "attack/norm_layer2"):
+    for tag in (
+        "train/loss",
+        "train/loss_toward_safe",
+        "train/loss_away_from_harmful",
+        "train/loss_utility",
+        "train/lr",
+        "attack/attack_loss_before",
+        "attack/attack_loss_after",
+        "attack/norm_layer1",
+        "attack/norm_layer2",
+    ):
         assert tag in tags, (tag, sorted(tags))
 
 
@@ -178,8 +217,9 @@ def test_mask_prompt_false_trains_on_prompt_tokens_too(tiny_llama, tiny_tokenize
     ids, att = batch["safe_input_ids"], batch["safe_attention_mask"].bool()
 
     def by_hand(count: torch.Tensor) -> float:  # count: [B, T] which target positions the CE covers
-        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-                             reduction="none").view(ids.shape[0], -1)
+        ce = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none"
+        ).view(ids.shape[0], -1)
         m = count[:, 1:]
         return float((ce * m).sum() / m.sum())
 

@@ -20,8 +20,14 @@ from lat_lightning.training.fit import human_size
 from lat_lightning.training.resume import TrainingInterrupted
 
 # 8 examples, batch 2: 4 micro-batches per epoch; accumulate 2: an epoch is 2 optimiser steps.
-OVERRIDES = ["model.lora.dropout=0.1", "perturbation.init=random", "trainer.accumulate_grad_batches=2",
-             "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=1", "logging.tensorboard=false"]
+OVERRIDES = [
+    "model.lora.dropout=0.1",
+    "perturbation.init=random",
+    "trainer.accumulate_grad_batches=2",
+    "trainer.max_steps=3",
+    "trainer.checkpoint_every_n_steps=1",
+    "logging.tensorboard=false",
+]
 
 
 class Recorder(pl.Callback):
@@ -90,8 +96,9 @@ def test_sigterm_mid_window_then_resume_reproduces_every_loss(uninterrupted, tmp
 def test_resume_from_a_named_checkpoint_at_an_epoch_boundary(uninterrupted, tmp_path):
     run_a, expected, weights = uninterrupted
     rec = Recorder()
-    module = train.fit(_cfg(tmp_path), tmp_path, resume=str(run_a / "checkpoints" / "step2.ckpt"),
-                       extra_callbacks=[rec])
+    module = train.fit(
+        _cfg(tmp_path), tmp_path, resume=str(run_a / "checkpoints" / "step2.ckpt"), extra_callbacks=[rec]
+    )
     assert rec.rows == expected[4:]  # epoch 1 from its first batch
     assert all(torch.equal(p.detach(), weights[n]) for n, p in module.model.named_parameters() if p.requires_grad)
 
@@ -101,11 +108,19 @@ def test_sigint_saves_last_ckpt_exits_130_and_resume_last_finishes(tmp_path, mon
     # job of a shell without job control (`make test &`), which starts it with SIGINT ignored.
     before = signal.getsignal(signal.SIGINT)
     original = train.build_callbacks
-    monkeypatch.setattr(train, "build_callbacks",
-                        lambda cfg, run_dir, scan=None: original(cfg, run_dir, scan)
-                        + [SendSignal(signal.SIGINT, at=0)])
-    argv = ["--recipe", "lat_tiny", f"logging.root_dir={tmp_path}", "trainer.max_steps=2",
-            "logging.tensorboard=false", "perturbation.steps=1"]
+    monkeypatch.setattr(
+        train,
+        "build_callbacks",
+        lambda cfg, run_dir, scan=None: original(cfg, run_dir, scan) + [SendSignal(signal.SIGINT, at=0)],
+    )
+    argv = [
+        "--recipe",
+        "lat_tiny",
+        f"logging.root_dir={tmp_path}",
+        "trainer.max_steps=2",
+        "logging.tensorboard=false",
+        "perturbation.steps=1",
+    ]
     assert main(argv) == 130
     err = capsys.readouterr().err
     run_dir = tmp_path / "lat_tiny" / "version_0"

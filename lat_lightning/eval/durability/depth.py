@@ -44,8 +44,16 @@ class _DepthRun:
     pad_id: int
 
 
-def _first_k_curve(model: nn.Module, tokenizer, harmful: HarmfulPrompts, attack: str, fragile: list[int],
-                   judge_map: Mapping[str, Any], s: DurabilitySettings, run: _DepthRun) -> dict[str, Any]:
+def _first_k_curve(
+    model: nn.Module,
+    tokenizer,
+    harmful: HarmfulPrompts,
+    attack: str,
+    fragile: list[int],
+    judge_map: Mapping[str, Any],
+    s: DurabilitySettings,
+    run: _DepthRun,
+) -> dict[str, Any]:
     """One depth attack on the first k positions for every k of ``run.ks``."""
     n, scorer, check, contrast = len(harmful.prompts), run.scorer, run.check, run.contrast
     prompt_ids, target_ids, keys = harmful.prompt_ids, harmful.target_ids, harmful.keys
@@ -63,15 +71,26 @@ def _first_k_curve(model: nn.Module, tokenizer, harmful: HarmfulPrompts, attack:
     per_k: dict[str, Any] = {"mean": [], "std": [], "per_seed": [], "judges": {}}
     for k in run.ks:
         atk.settings = dataclasses.replace(atk.settings, first_k=k)
-        plan = atk.plan(model, prompt_ids, target_ids, row_prompts, row_layers, seed=seeds[0],
-                        pad_id=run.pad_id)
-        res = generate_under_attack(model, tokenizer, [prompt_ids[i] for i in row_prompts], row_layers, plan,
-                                    rows=RowKeys(prompt_keys=[keys[i] for i in row_prompts], row_seeds=row_seeds),
-                                    settings=s.generation, pad_token_id=run.pad_id)
+        plan = atk.plan(model, prompt_ids, target_ids, row_prompts, row_layers, seed=seeds[0], pad_id=run.pad_id)
+        res = generate_under_attack(
+            model,
+            tokenizer,
+            [prompt_ids[i] for i in row_prompts],
+            row_layers,
+            plan,
+            rows=RowKeys(prompt_keys=[keys[i] for i in row_prompts], row_seeds=row_seeds),
+            settings=s.generation,
+            pad_token_id=run.pad_id,
+        )
         _count_positions(res, k, check)
         coh = scorer([prompt_ids[i] for i in row_prompts], res.token_ids, res.texts) if scorer else None
-        verdicts = judge_rates(judge_map, [harmful.prompts[i] for i in row_prompts], res.texts,
-                               [harmful.targets[i] for i in row_prompts], coh)
+        verdicts = judge_rates(
+            judge_map,
+            [harmful.prompts[i] for i in row_prompts],
+            res.texts,
+            [harmful.targets[i] for i in row_prompts],
+            coh,
+        )
         for jn, v in verdicts.items():
             arr = np.full((n, len(fragile), len(seeds)), np.nan)
             for r, (i, l, sd) in enumerate(rows):
@@ -88,9 +107,15 @@ def _first_k_curve(model: nn.Module, tokenizer, harmful: HarmfulPrompts, attack:
     return per_k
 
 
-def depth_curves(model: nn.Module, tokenizer, harmful: HarmfulPrompts, fragile: list[int],
-                 judge_map: Mapping[str, Any], s: DurabilitySettings,
-                 contrast: tuple[Sequence, Sequence] | None = None) -> dict[str, Any]:
+def depth_curves(
+    model: nn.Module,
+    tokenizer,
+    harmful: HarmfulPrompts,
+    fragile: list[int],
+    judge_map: Mapping[str, Any],
+    s: DurabilitySettings,
+    contrast: tuple[Sequence, Sequence] | None = None,
+) -> dict[str, Any]:
     """First-k curves (per depth attack) and prefill curves for one model, plus the positions self-check.
 
     Args:
@@ -110,15 +135,25 @@ def depth_curves(model: nn.Module, tokenizer, harmful: HarmfulPrompts, fragile: 
     ks = list(range(1, int(d.max_k) + 1))
     scorer = coherence_scorer(model, tokenizer, s.coherence, s.batch_size)
     run = _DepthRun(scorer, check, contrast, ks, pad_id)
-    first_k = {attack: _first_k_curve(model, tokenizer, harmful, attack, fragile, judge_map, s, run)
-               for attack in d.depth_attacks}
+    first_k = {
+        attack: _first_k_curve(model, tokenizer, harmful, attack, fragile, judge_map, s, run)
+        for attack in d.depth_attacks
+    }
     # Prefill: the first k target tokens after the generation prompt, no perturbation.
     pks = sorted({int(k) for k in (d.prefill_ks if d.prefill_ks is not None else range(0, int(d.max_k) + 1))})
     prefill = prefill_attack(model, tokenizer, harmful, pks, s, judge_map, scorer)
     pcheck = prefill.pop("positions_check")
-    return {"ks": ks, "fragile_layers": list(fragile), "first_k": first_k, "prefill": prefill,
-            "positions_check": {"first_k": check, "prefill": pcheck,
-                                "ok": check["violations"] == 0 and pcheck["violations"] == 0}}
+    return {
+        "ks": ks,
+        "fragile_layers": list(fragile),
+        "first_k": first_k,
+        "prefill": prefill,
+        "positions_check": {
+            "first_k": check,
+            "prefill": pcheck,
+            "ok": check["violations"] == 0 and pcheck["violations"] == 0,
+        },
+    }
 
 
 __all__ = ["depth_curves"]

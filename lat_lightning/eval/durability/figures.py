@@ -16,8 +16,10 @@ from lat_lightning.eval.durability.table import REPORT_FILE, render_report
 
 log = logging.getLogger(__name__)
 
-STYLES: dict[str, dict[str, Any]] = {"original": dict(color="tab:blue", ls="-"),
-                                     "hardened": dict(color="tab:red", ls="--")}
+STYLES: dict[str, dict[str, Any]] = {
+    "original": dict(color="tab:blue", ls="-"),
+    "hardened": dict(color="tab:red", ls="--"),
+}
 
 
 def _nan(values) -> list[float]:
@@ -59,9 +61,16 @@ def _first_k_figure(dp: Mapping[str, Any]):
         for a, fk in dp[name]["first_k"].items():
             y = np.array(_nan(fk["mean"]), dtype=float)
             err = np.array([0.0 if v is None else v for v in fk["std"]], dtype=float)
-            ax.errorbar(ks, y, yerr=err if a == "asa_random" else None, marker="o" if a == "asa_random" else "s",
-                        capsize=2, label=f"{name}: {a}", color=STYLES[name]["color"],
-                        ls="-" if a == "asa_random" else "--")
+            ax.errorbar(
+                ks,
+                y,
+                yerr=err if a == "asa_random" else None,
+                marker="o" if a == "asa_random" else "s",
+                capsize=2,
+                label=f"{name}: {a}",
+                color=STYLES[name]["color"],
+                ls="-" if a == "asa_random" else "--",
+            )
     ax.set_ylim(-0.02, 1.02)
     ax.set_xticks(ks)
     ax.set_xlabel("k (perturbed positions: last prompt token + first k-1 generated)")
@@ -97,19 +106,29 @@ def _attack_panel(ax, fa: Mapping[str, Any], key: str, ylabel: str) -> None:
         c = fa[name]
         per_seed = np.array([_nan(vals) for vals in c[key].values()], dtype=float)
         mean = np.array(_nan(c[f"{key}_mean"]), dtype=float)
-        ax.plot(c["eval_steps"], mean, marker="o", ms=3, label=f"{name} (mean of {len(c['seeds'])} seeds)",
-                **STYLES[name])
+        ax.plot(
+            c["eval_steps"], mean, marker="o", ms=3, label=f"{name} (mean of {len(c['seeds'])} seeds)", **STYLES[name]
+        )
         if per_seed.shape[0] > 1:
-            ax.fill_between(c["eval_steps"], np.nanmin(per_seed, axis=0), np.nanmax(per_seed, axis=0),
-                            color=STYLES[name]["color"], alpha=0.15, lw=0)
+            ax.fill_between(
+                c["eval_steps"],
+                np.nanmin(per_seed, axis=0),
+                np.nanmax(per_seed, axis=0),
+                color=STYLES[name]["color"],
+                alpha=0.15,
+                lw=0,
+            )
         stb = c["steps_to_break_median"]
         if key == "success" and stb is not None:
             ax.axvline(stb, color=STYLES[name]["color"], lw=0.8, ls=":")
     if key == "success":
         ax.axhline(fa["break_rate"], color="grey", lw=0.8, ls="--")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"fine-tuning attack: success (dashed: break rate {fa['break_rate']:g},\n"
-                     "dotted: median steps to break; band: min..max over seeds)", fontsize=8)
+        ax.set_title(
+            f"fine-tuning attack: success (dashed: break rate {fa['break_rate']:g},\n"
+            "dotted: median steps to break; band: min..max over seeds)",
+            fontsize=8,
+        )
     else:
         start = fa["original"]["harmful_loss_mean"][0]
         if start is not None:  # where the original started: crossing it is distance covered, not resistance
@@ -124,8 +143,13 @@ def _curve_panel(ax, summary: Mapping[str, Any], sec: str, key: str) -> None:
     """One learning-curve panel of a section (``trainability``): ``key`` per optimiser step, per model."""
     for name in MODELS:
         c = summary[sec][name]["curve"]
-        ax.plot([p["step"] for p in c], [np.nan if p.get(key) is None else p[key] for p in c], marker="o",
-                label=name, **STYLES[name])
+        ax.plot(
+            [p["step"] for p in c],
+            [np.nan if p.get(key) is None else p[key] for p in c],
+            marker="o",
+            label=name,
+            **STYLES[name],
+        )
     ax.set_xlabel("optimiser step")
     ax.set_ylabel(key)
     ax.set_title(f"{sec}: {key}", fontsize=9)
@@ -138,9 +162,11 @@ def _finetune_figure(summary: Mapping[str, Any]):
 
     fa = summary.get("finetune_attack") if (summary.get("finetune_attack") or {}).get("original") else None
     attack_panels = [("success", "attack success"), ("harmful_loss", "harmful-target CE")] if fa else []
-    curves = [(k, key) for k, key in (("trainability", "benign_loss"), ("trainability", "utility"))
-              if summary.get(k) and "original" in summary[k]
-              and any(key in p for p in summary[k]["original"]["curve"])]
+    curves = [
+        (k, key)
+        for k, key in (("trainability", "benign_loss"), ("trainability", "utility"))
+        if summary.get(k) and "original" in summary[k] and any(key in p for p in summary[k]["original"]["curve"])
+    ]
     if not (attack_panels or curves):
         return None
     n_panels = len(attack_panels) + len(curves)
@@ -237,8 +263,9 @@ def _write_tensorboard(summary: Mapping[str, Any], out: Path, pngs: Mapping[str,
         for name in MODELS:
             _curve_scalars(writer, summary, name)
         for name, png in pngs.items():
-            writer.add_image(f"durability/{name}", np.asarray(Image.open(io.BytesIO(png)).convert("RGB")),
-                             dataformats="HWC")
+            writer.add_image(
+                f"durability/{name}", np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), dataformats="HWC"
+            )
         writer.add_text("durability/report", report)
     finally:
         writer.close()

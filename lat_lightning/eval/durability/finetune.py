@@ -70,22 +70,39 @@ def _per_step_mean_std(curves: Mapping[str, Sequence[float | None]]) -> tuple[li
     return [m for m, _ in stats], [sd for _, sd in stats]
 
 
-def finetune_settings(s: DurabilitySettings, *, steps: int, lr: float, seed: int, save_adapter: bool = True
-                      ) -> dict[str, Any]:
+def finetune_settings(
+    s: DurabilitySettings, *, steps: int, lr: float, seed: int, save_adapter: bool = True
+) -> dict[str, Any]:
     """The fine-tuning function's settings for one fine-tune: the suite's LoRA knobs (``dur.finetune_*``) and prompt
     formatting, with this fine-tune's ``steps``, ``lr`` and ``seed``."""
     d = s.dur
-    return {"steps": int(steps), "lr": float(lr), "batch_size": int(d.finetune_batch_size),
-            "lora_r": int(d.finetune_lora_r), "lora_alpha": int(d.finetune_lora_alpha),
-            "target_modules": d.finetune_targets, "use_chat_template": s.use_chat_template,
-            "system_prompt": s.system_prompt, "max_length": s.max_length, "seed": int(seed),
-            "save_adapter": save_adapter}
+    return {
+        "steps": int(steps),
+        "lr": float(lr),
+        "batch_size": int(d.finetune_batch_size),
+        "lora_r": int(d.finetune_lora_r),
+        "lora_alpha": int(d.finetune_lora_alpha),
+        "target_modules": d.finetune_targets,
+        "use_chat_template": s.use_chat_template,
+        "system_prompt": s.system_prompt,
+        "max_length": s.max_length,
+        "seed": int(seed),
+        "save_adapter": save_adapter,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- the attack curve
-def finetune_attack_curve(model: nn.Module, tokenizer, data: DurabilityData, settings: DurabilitySettings,
-                          finetune: Callable, *, out_dir: str | Path | None = None, judges=None,
-                          label: str = "model") -> dict[str, Any]:
+def finetune_attack_curve(
+    model: nn.Module,
+    tokenizer,
+    data: DurabilityData,
+    settings: DurabilitySettings,
+    finetune: Callable,
+    *,
+    out_dir: str | Path | None = None,
+    judges=None,
+    label: str = "model",
+) -> dict[str, Any]:
     """The fine-tuning attack on ONE model as a curve over LoRA steps, with steps-to-break.
 
     For every seed of ``settings.dur.finetune_seeds``, a LoRA fine-tune of a copy of ``model`` on
@@ -137,23 +154,49 @@ def finetune_attack_curve(model: nn.Module, tokenizer, data: DurabilityData, set
     return _attack_curve(model, tokenizer, data, settings, judge_map, finetune, out_dir, label)
 
 
-def _new_curve(label: str, s: DurabilitySettings, judge_map: Mapping[str, Any], pairs: list, prompts: list[str],
-               with_adapters: bool) -> dict[str, Any]:
+def _new_curve(
+    label: str,
+    s: DurabilitySettings,
+    judge_map: Mapping[str, Any],
+    pairs: list,
+    prompts: list[str],
+    with_adapters: bool,
+) -> dict[str, Any]:
     """The curve's settings and its empty per-seed entries."""
     d = s.dur
     return {
-        "label": label, "budget": int(d.finetune_steps),
+        "label": label,
+        "budget": int(d.finetune_steps),
         "eval_steps": eval_schedule(int(d.finetune_steps), int(d.finetune_eval_every)),
-        "seeds": [int(x) for x in d.finetune_seeds], "break_rate": float(d.finetune_break_rate),
-        "primary_judge": s.primary_judge, "lr": float(d.finetune_lr), "batch_size": int(d.finetune_batch_size),
-        "lora_r": int(d.finetune_lora_r), "n_pairs": len(pairs), "n_prompts": len(prompts),
+        "seeds": [int(x) for x in d.finetune_seeds],
+        "break_rate": float(d.finetune_break_rate),
+        "primary_judge": s.primary_judge,
+        "lr": float(d.finetune_lr),
+        "batch_size": int(d.finetune_batch_size),
+        "lora_r": int(d.finetune_lora_r),
+        "n_pairs": len(pairs),
+        "n_prompts": len(prompts),
         "train_eval_overlap": bool({q for q, _ in pairs} & set(prompts)),
-        "success": {}, "harmful_loss": {}, "judges": {j: {} for j in judge_map}, "failures": {}, "incoherent": {},
-        "train_loss": {}, "samples": {}, "adapters": {} if with_adapters else None, "seconds_per_seed": {}}
+        "success": {},
+        "harmful_loss": {},
+        "judges": {j: {} for j in judge_map},
+        "failures": {},
+        "incoherent": {},
+        "train_loss": {},
+        "samples": {},
+        "adapters": {} if with_adapters else None,
+        "seconds_per_seed": {},
+    }
 
 
-def _record_seed(res: dict[str, Any], seed: int, ft: Mapping[str, Any], points: list[dict[str, Any]],
-                 judge_map: Mapping[str, Any], with_adapters: bool) -> None:
+def _record_seed(
+    res: dict[str, Any],
+    seed: int,
+    ft: Mapping[str, Any],
+    points: list[dict[str, Any]],
+    judge_map: Mapping[str, Any],
+    with_adapters: bool,
+) -> None:
     """One seed's fine-tune into the curve (the schedule checked first)."""
     steps, label = res["eval_steps"], res["label"]
     seen = [int(pt["step"]) for pt in ft["curve"]]
@@ -180,19 +223,28 @@ def _summarise_curve(res: dict[str, Any]) -> None:
     res["steps_to_break"] = {k: steps_to_break(v, steps, rate) for k, v in res["success"].items()}
     res["steps_to_break_median"] = median_steps_to_break(list(res["steps_to_break"].values()))
     res["broken_seeds"] = sum(v is not None for v in res["steps_to_break"].values())
-    res["judges_steps_to_break"] = {j: median_steps_to_break([steps_to_break(v, steps, rate) for v in c.values()])
-                                    for j, c in res["judges"].items()}
+    res["judges_steps_to_break"] = {
+        j: median_steps_to_break([steps_to_break(v, steps, rate) for v in c.values()]) for j, c in res["judges"].items()
+    }
 
 
-def _attack_curve(model: nn.Module, tokenizer, data: DurabilityData, s: DurabilitySettings,
-                  judge_map: Mapping[str, Any], finetune: Callable, out_dir: str | Path | None,
-                  label: str) -> dict[str, Any]:
+def _attack_curve(
+    model: nn.Module,
+    tokenizer,
+    data: DurabilityData,
+    s: DurabilitySettings,
+    judge_map: Mapping[str, Any],
+    finetune: Callable,
+    out_dir: str | Path | None,
+    label: str,
+) -> dict[str, Any]:
     """:func:`finetune_attack_curve` with the judges resolved."""
     from lat_lightning.eval.probes import response_loss
 
     t_start = time.time()
-    prompts, targets, keys = evaluation_prompts(data, s.dur,
-                                                "the fine-tuning attack needs at least one harmful evaluation prompt")
+    prompts, targets, keys = evaluation_prompts(
+        data, s.dur, "the fine-tuning attack needs at least one harmful evaluation prompt"
+    )
     pairs = [(str(p), str(r)) for p, r in (data.finetune_pairs if data.finetune_pairs else zip(prompts, targets))]
     eval_pairs = list(zip(prompts, targets))
     res = _new_curve(label, s, judge_map, pairs, prompts, out_dir is not None)
@@ -215,16 +267,27 @@ def _attack_curve(model: nn.Module, tokenizer, data: DurabilityData, s: Durabili
                 _points.append(clean)
                 return {"harmful_loss": loss, "success": clean["rate"]}
 
-            ft = finetune(model, tokenizer, pairs, root / f"seed_{seed}",
-                          finetune_settings(s, steps=res["budget"], lr=res["lr"], seed=seed,
-                                            save_adapter=out_dir is not None),
-                          measure=measure, measure_steps=res["eval_steps"])
+            ft = finetune(
+                model,
+                tokenizer,
+                pairs,
+                root / f"seed_{seed}",
+                finetune_settings(s, steps=res["budget"], lr=res["lr"], seed=seed, save_adapter=out_dir is not None),
+                measure=measure,
+                measure_steps=res["eval_steps"],
+            )
             _record_seed(res, seed, ft, points, judge_map, out_dir is not None)
             del ft
             key = str(seed)
             res["seconds_per_seed"][key] = round(time.time() - t0, 2)
-            log.info("fine-tuning attack on %s, seed %d: success %s at steps %s (%.1f s)", label, seed,
-                     res["success"][key], res["eval_steps"], res["seconds_per_seed"][key])
+            log.info(
+                "fine-tuning attack on %s, seed %d: success %s at steps %s (%.1f s)",
+                label,
+                seed,
+                res["success"][key],
+                res["eval_steps"],
+                res["seconds_per_seed"][key],
+            )
     finally:
         model.train(was)
         if tmp is not None:
@@ -235,23 +298,45 @@ def _attack_curve(model: nn.Module, tokenizer, data: DurabilityData, s: Durabili
 
 
 # ----------------------------------------------------------------------------------------------- the sections
-def finetune_attack_section(models: Mapping[str, nn.Module], tokenizer, data: DurabilityData, s: DurabilitySettings,
-                            judge_map: Mapping[str, Any], out: Path | None, finetune: Callable) -> dict[str, Any]:
+def finetune_attack_section(
+    models: Mapping[str, nn.Module],
+    tokenizer,
+    data: DurabilityData,
+    s: DurabilitySettings,
+    judge_map: Mapping[str, Any],
+    out: Path | None,
+    finetune: Callable,
+) -> dict[str, Any]:
     """:func:`finetune_attack_curve` for each model (adapters in ``out/finetune_attack/<name>``); the shared
     settings once at the top."""
     res: dict[str, Any] = {}
     for name, model in models.items():
-        res[name] = _attack_curve(model, tokenizer, data, s, judge_map, finetune,
-                                  (out / "finetune_attack" / name) if out is not None else None, name)
+        res[name] = _attack_curve(
+            model,
+            tokenizer,
+            data,
+            s,
+            judge_map,
+            finetune,
+            (out / "finetune_attack" / name) if out is not None else None,
+            name,
+        )
     first = res[next(iter(models))]
-    res.update({k: first[k] for k in ("budget", "eval_steps", "seeds", "break_rate", "lr", "n_pairs",
-                                      "train_eval_overlap")})
+    res.update(
+        {k: first[k] for k in ("budget", "eval_steps", "seeds", "break_rate", "lr", "n_pairs", "train_eval_overlap")}
+    )
     return res
 
 
-def trainability_section(models: Mapping[str, nn.Module], tokenizer, pairs: list[tuple[str, str]],
-                         s: DurabilitySettings, out: Path, finetune: Callable, data: DurabilityData
-                         ) -> dict[str, Any]:
+def trainability_section(
+    models: Mapping[str, nn.Module],
+    tokenizer,
+    pairs: list[tuple[str, str]],
+    s: DurabilitySettings,
+    out: Path,
+    finetune: Callable,
+    data: DurabilityData,
+) -> dict[str, Any]:
     """A short benign LoRA fine-tune of each model: benign CE (and the accuracy on ``data.utility_rows``) before
     and after every step."""
     from lat_lightning.eval.probes import response_loss
@@ -259,25 +344,52 @@ def trainability_section(models: Mapping[str, nn.Module], tokenizer, pairs: list
     d = s.dur
     res: dict[str, Any] = {"steps": int(d.benign_steps), "lr": float(d.benign_lr), "n_pairs": len(pairs)}
     for name, model in models.items():
+
         def measure(m):
-            point = {"benign_loss": response_loss(m, tokenizer, list(pairs), s.use_chat_template, s.system_prompt,
-                                                  s.batch_size)}
+            point = {
+                "benign_loss": response_loss(
+                    m, tokenizer, list(pairs), s.use_chat_template, s.system_prompt, s.batch_size
+                )
+            }
             if data.utility_rows:
                 from lat_lightning.eval.utility import evaluate_utility
 
-                point["utility"] = evaluate_utility(m, tokenizer, data.utility_rows, data.utility_kind,
-                                                    batch_size=s.batch_size, use_chat_template=s.use_chat_template,
-                                                    system_prompt=s.system_prompt,
-                                                    max_new_tokens=s.max_new_tokens)["accuracy"]
+                point["utility"] = evaluate_utility(
+                    m,
+                    tokenizer,
+                    data.utility_rows,
+                    data.utility_kind,
+                    batch_size=s.batch_size,
+                    use_chat_template=s.use_chat_template,
+                    system_prompt=s.system_prompt,
+                    max_new_tokens=s.max_new_tokens,
+                )["accuracy"]
             return point
 
-        ft = finetune(model, tokenizer, pairs, out / "trainability" / name,
-                      finetune_settings(s, steps=d.benign_steps, lr=d.benign_lr, seed=s.seed), measure=measure)
-        res[name] = {"curve": ft["curve"], "train_loss": ft["train_loss"], "seconds": ft["seconds"],
-                     "adapter": str(Path(ft["out_dir"]) / "final")}
+        ft = finetune(
+            model,
+            tokenizer,
+            pairs,
+            out / "trainability" / name,
+            finetune_settings(s, steps=d.benign_steps, lr=d.benign_lr, seed=s.seed),
+            measure=measure,
+        )
+        res[name] = {
+            "curve": ft["curve"],
+            "train_loss": ft["train_loss"],
+            "seconds": ft["seconds"],
+            "adapter": str(Path(ft["out_dir"]) / "final"),
+        }
         del ft
     return res
 
 
-__all__ = ["eval_schedule", "finetune_attack_curve", "finetune_attack_section", "finetune_settings",
-           "median_steps_to_break", "steps_to_break", "trainability_section"]
+__all__ = [
+    "eval_schedule",
+    "finetune_attack_curve",
+    "finetune_attack_section",
+    "finetune_settings",
+    "median_steps_to_break",
+    "steps_to_break",
+    "trainability_section",
+]

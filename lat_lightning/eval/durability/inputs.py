@@ -73,8 +73,9 @@ class DurabilityOptions:
     reuse_scans: Mapping[str, tuple[str | Path, Sequence[int]]] | None = None
 
 
-def evaluation_prompts(data: DurabilityData, checks: DurabilityChecks, empty_message: str
-                       ) -> tuple[list[str], list[str], list[int]]:
+def evaluation_prompts(
+    data: DurabilityData, checks: DurabilityChecks, empty_message: str
+) -> tuple[list[str], list[str], list[int]]:
     """Prompts, targets and stable ids as strings / ints, capped at ``checks.num_prompts``.
 
     Raises:
@@ -128,15 +129,31 @@ class HarmfulPrompts:
     target_ids: list[list[int]]
 
     @classmethod
-    def encode(cls, tokenizer, prompts: Sequence[str], targets: Sequence[str], keys: Sequence[int],
-               settings: DurabilitySettings) -> HarmfulPrompts:
+    def encode(
+        cls,
+        tokenizer,
+        prompts: Sequence[str],
+        targets: Sequence[str],
+        keys: Sequence[int],
+        settings: DurabilitySettings,
+    ) -> HarmfulPrompts:
         """Encode the prompts as generation prompts (the settings' chat template and system prompt) and the
         targets as responses without EOS."""
         prompts, targets = [str(p) for p in prompts], [str(t) for t in targets]
-        return cls(prompts, targets, [int(k) for k in keys],
-                   encode_prompts(tokenizer, prompts, settings.use_chat_template, settings.system_prompt),
-                   [encode_response(tokenizer, t, add_eos=False) for t in targets])
+        return cls(
+            prompts,
+            targets,
+            [int(k) for k in keys],
+            encode_prompts(tokenizer, prompts, settings.use_chat_template, settings.system_prompt),
+            [encode_response(tokenizer, t, add_eos=False) for t in targets],
+        )
 
 
-__all__ = ["DurabilityData", "DurabilityOptions", "HarmfulPrompts", "benign_pairs", "evaluation_prompts",
-           "harmless_prompts"]
+__all__ = [
+    "DurabilityData",
+    "DurabilityOptions",
+    "HarmfulPrompts",
+    "benign_pairs",
+    "evaluation_prompts",
+    "harmless_prompts",
+]

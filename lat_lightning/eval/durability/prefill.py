@@ -13,8 +13,15 @@ from lat_lightning.eval.generation import RowKeys, generate_under_attack
 from lat_lightning.eval.judging import judge_rates, nanmean
 
 
-def prefill_attack(model: nn.Module, tokenizer, harmful: HarmfulPrompts, ks: Sequence[int], s: DurabilitySettings,
-                   judge_map: Mapping[str, Any], scorer) -> dict[str, Any]:
+def prefill_attack(
+    model: nn.Module,
+    tokenizer,
+    harmful: HarmfulPrompts,
+    ks: Sequence[int],
+    s: DurabilitySettings,
+    judge_map: Mapping[str, Any],
+    scorer,
+) -> dict[str, Any]:
     """The pre-fill attack: the first ``k`` tokens of each harmful target forced after the generation prompt, then
     greedy decoding without perturbation; the judges (and the coherence check) see pre-fill + continuation.
 
@@ -39,13 +46,21 @@ def prefill_attack(model: nn.Module, tokenizer, harmful: HarmfulPrompts, ks: Seq
     for k in out["ks"]:
         prefixes = [list(t[:k]) for t in target_ids]
         ids = [list(p) + pre for p, pre in zip(prompt_ids, prefixes)]
-        res = generate_under_attack(model, tokenizer, ids, None, None, rows=RowKeys(prompt_keys=list(harmful.keys)),
-                                    settings=s.generation, pad_token_id=pad_id)
+        res = generate_under_attack(
+            model,
+            tokenizer,
+            ids,
+            None,
+            None,
+            rows=RowKeys(prompt_keys=list(harmful.keys)),
+            settings=s.generation,
+            pad_token_id=pad_id,
+        )
         answers = [pre + list(tok) for pre, tok in zip(prefixes, res.token_ids)]
         texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
         for j in range(len(harmful.prompts)):
             check["rows"] += 1
-            if int(res.perturbed_positions[j]) != 0 or res.prompt_ids[j][len(prompt_ids[j]):] != prefixes[j]:
+            if int(res.perturbed_positions[j]) != 0 or res.prompt_ids[j][len(prompt_ids[j]) :] != prefixes[j]:
                 check["violations"] += 1
         coh = scorer(prompt_ids, answers, texts) if scorer else None
         verdicts = judge_rates(judge_map, list(harmful.prompts), texts, list(harmful.targets), coh)

@@ -19,9 +19,17 @@ from lat_lightning.eval.formatting import mean_std
 from lat_lightning.eval.judging import finite
 
 
-def run_rescans(models: Mapping[str, nn.Module], tokenizer, harmful: HarmfulPrompts, data: DurabilityData,
-                layers: list, judge_map: Mapping[str, Any], s: DurabilitySettings, out: Path | None,
-                options: DurabilityOptions) -> dict[str, Any]:
+def run_rescans(
+    models: Mapping[str, nn.Module],
+    tokenizer,
+    harmful: HarmfulPrompts,
+    data: DurabilityData,
+    layers: list,
+    judge_map: Mapping[str, Any],
+    s: DurabilitySettings,
+    out: Path | None,
+    options: DurabilityOptions,
+) -> dict[str, Any]:
     """Scan each model (``models``: original first) with ASA random and, when the ``adaptive`` section is on, the
     adaptive attacks (plus the transfer attacks on the hardened model when ``s.dur.transfer``).
 
@@ -50,22 +58,45 @@ def run_rescans(models: Mapping[str, nn.Module], tokenizer, harmful: HarmfulProm
     for name, model in models.items():
         attacks: list[Any] = ["asa_random"] + [a for a in adaptive_names if a != "asa_random"]
         if adaptive and transfer and name == "hardened":  # vectors found on the original, applied here
-            attacks += [Transfer(build_attack(a, s.perturbation, positions=s.positions, first_k=s.first_k,
-                                              refresh=s.refresh), models["original"])
-                        for a in adaptive_names if a != "asa_random"]
+            attacks += [
+                Transfer(
+                    build_attack(a, s.perturbation, positions=s.positions, first_k=s.first_k, refresh=s.refresh),
+                    models["original"],
+                )
+                for a in adaptive_names
+                if a != "asa_random"
+            ]
         # The run's scan (positions, first_k, refresh, share_prefix, judges, coherence, the attacks' knobs,
         # batching, formatting), narrowed to what the suite measures: its attacks, layers and random seeds, greedy
         # answers at its token budget, no probes or ASABench export.
         settings = dataclasses.replace(
-            s.scan, attacks=tuple(attacks), layers=tuple(layers), seeds=tuple(s.dur.random_seeds),
+            s.scan,
+            attacks=tuple(attacks),
+            layers=tuple(layers),
+            seeds=tuple(s.dur.random_seeds),
             judging=dataclasses.replace(s.scan.judging, judges=judge_map, primary_judge=s.primary_judge),
-            generation=s.generation, probes=False, probe_seeds=None, asabench_test_fraction=None)
+            generation=s.generation,
+            probes=False,
+            probe_seeds=None,
+            asabench_test_fraction=None,
+        )
         scans[name] = run_scan(
-            model, tokenizer, ScanPrompts(prompts, targets, prompt_keys=keys, harmless_prompts=harmless_prompts,
-                                          contrast_prompts=contrast_prompts),
-            settings, (out / name) if out is not None else None,
-            ScanOptions(resume=resume, progress=progress, figures=out is not None, tensorboard=out is not None,
-                        shard=shard, reuse=(reuse or {}).get(name)))
+            model,
+            tokenizer,
+            ScanPrompts(
+                prompts, targets, prompt_keys=keys, harmless_prompts=harmless_prompts, contrast_prompts=contrast_prompts
+            ),
+            settings,
+            (out / name) if out is not None else None,
+            ScanOptions(
+                resume=resume,
+                progress=progress,
+                figures=out is not None,
+                tensorboard=out is not None,
+                shard=shard,
+                reuse=(reuse or {}).get(name),
+            ),
+        )
     return scans
 
 
@@ -87,8 +118,7 @@ def scan_summary(scan, fragile: list[int]) -> dict[str, Any]:
     """Per attack: LASR curve, peak layer, success at the fragile layers and at any layer (per seed)."""
     p = scan.primary_judge
     cols = [scan.layers.index(l) for l in fragile if l in scan.layers]
-    out: dict[str, Any] = {"init": finite(scan.summary["init"][p]["rate"]), "layers": list(scan.layers),
-                           "attacks": {}}
+    out: dict[str, Any] = {"init": finite(scan.summary["init"][p]["rate"]), "layers": list(scan.layers), "attacks": {}}
     coherent = f"{p}+coherent" if f"{p}+coherent" in scan.judges and not p.endswith("+coherent") else None
     for a in scan.attacks:
         arr = scan.success[a][p]
@@ -98,12 +128,20 @@ def scan_summary(scan, fragile: list[int]) -> dict[str, Any]:
         fm, fs = mean_std(frag)
         am, asd = mean_std(anyl)
         out["attacks"][a] = {
-            "seeds": scan.seeds_run[a], "lasr": scan.summary["attacks"][a]["lasr_band"]["lasr"],
-            "peak_layer": h["pasr_of_mean_lasr_layer"], "peak_tied_layers": h.get("peak_tied_layers"),
-            "pasr_mean": h["pasr_mean"], "pasr_std": h["pasr_std"],
-            "fragile_per_seed": frag, "fragile_mean": fm, "fragile_std": fs,
-            "any_layer_per_seed": anyl, "any_layer_mean": am, "any_layer_std": asd,
-            "failures": scan.summary["failures"][a][p]}
+            "seeds": scan.seeds_run[a],
+            "lasr": scan.summary["attacks"][a]["lasr_band"]["lasr"],
+            "peak_layer": h["pasr_of_mean_lasr_layer"],
+            "peak_tied_layers": h.get("peak_tied_layers"),
+            "pasr_mean": h["pasr_mean"],
+            "pasr_std": h["pasr_std"],
+            "fragile_per_seed": frag,
+            "fragile_mean": fm,
+            "fragile_std": fs,
+            "any_layer_per_seed": anyl,
+            "any_layer_mean": am,
+            "any_layer_std": asd,
+            "failures": scan.summary["failures"][a][p],
+        }
         if coherent:
             cm, cs = mean_std(any_rate(scan.success[a][coherent]))
             out["attacks"][a].update(coherent_judge=coherent, any_layer_coherent_mean=cm, any_layer_coherent_std=cs)
@@ -116,9 +154,12 @@ def rescan_section(scans: Mapping[str, Any], fragile: list[int], out: Path | Non
     scan_info = {name: scan_summary(scans[name], fragile) for name in MODELS}
     po = scan_info["original"]["attacks"]["asa_random"]["peak_layer"]
     ph = scan_info["hardened"]["attacks"]["asa_random"]["peak_layer"]
-    return {**scan_info, "peak_layer": {"original": po, "hardened": ph},
-            "peak_moved": None if po is None or ph is None else bool(po != ph),
-            "dirs": {name: str(out / name) for name in MODELS} if out is not None else None}
+    return {
+        **scan_info,
+        "peak_layer": {"original": po, "hardened": ph},
+        "peak_moved": None if po is None or ph is None else bool(po != ph),
+        "dirs": {name: str(out / name) for name in MODELS} if out is not None else None,
+    }
 
 
 __all__ = ["any_rate", "rescan_section", "run_rescans", "scan_summary"]

@@ -54,27 +54,28 @@ class DurabilityChecks:
     fragile_layers: Optional[tuple[Layer, ...]] = setting(None, check="not empty, unique, each >= 0")
     # also attack the hardened model with the vectors found on the original
     transfer: bool = True
-    max_k: int = setting(5, check=">= 1")                      # first-k curves for k = 1..max_k
+    max_k: int = setting(5, check=">= 1")  # first-k curves for k = 1..max_k
     depth_attacks: tuple[str, ...] = setting(("asa_random", "asagrad"), check="unique")
     prefill_ks: Optional[tuple[int, ...]] = setting(None, check="not empty, unique, each >= 0")  # None: 0..max_k
-    finetune_steps: int = setting(64, check=">= 1")            # fine-tuning attack: the step budget of each curve
+    finetune_steps: int = setting(64, check=">= 1")  # fine-tuning attack: the step budget of each curve
     # one fine-tune per seed (keys the LoRA init and the data order)
     finetune_seeds: tuple[int, ...] = setting((0, 1, 2), check="not empty, unique, each >= 0")
-    finetune_eval_every: int = setting(4, check=">= 1")       # greedy answers + harmful-target CE every N steps
+    finetune_eval_every: int = setting(4, check=">= 1")  # greedy answers + harmful-target CE every N steps
     # a seed breaks at the first evaluated step with success >= this
     finetune_break_rate: float = setting(0.5, check="in (0, 1]")
-    finetune_lr: float = setting(1e-3, check="> 0")           # LoRA learning rate (constant, AdamW) of the attack
-    finetune_batch_size: int = setting(4, check=">= 1")       # pairs per step (both fine-tunes)
-    finetune_lora_r: int = setting(8, check=">= 1")           # LoRA rank / alpha / modules of both fine-tunes
+    finetune_lr: float = setting(1e-3, check="> 0")  # LoRA learning rate (constant, AdamW) of the attack
+    finetune_batch_size: int = setting(4, check=">= 1")  # pairs per step (both fine-tunes)
+    finetune_lora_r: int = setting(8, check=">= 1")  # LoRA rank / alpha / modules of both fine-tunes
     finetune_lora_alpha: int = setting(16, check="> 0")
     # None: the model's attention projections (q/k/v/o_proj in Llama-like families, c_attn + attn.c_proj in GPT-2,
     # query_key_value + dense in Falcon / BLOOM / GPT-NeoX, Wqkv + out_proj in MPT)
     finetune_target_modules: Optional[tuple[str, ...]] = setting(None, check="not empty, unique")
-    benign_steps: int = setting(4, check=">= 1")              # trainability: benign LoRA steps
+    benign_steps: int = setting(4, check=">= 1")  # trainability: benign LoRA steps
     benign_lr: float = setting(1e-3, check="> 0")
     adaptive_attacks: tuple[str, ...] = setting(("asagrad", "pgd"), check="unique")
-    rewrites: tuple[str, ...] = setting(("leetspeak", "char_spaced", "reversed_words", "rot13", "roleplay"),
-                                        check="unique")
+    rewrites: tuple[str, ...] = setting(
+        ("leetspeak", "char_spaced", "reversed_words", "rot13", "roleplay"), check="unique"
+    )
     # overrides the evaluation-wide max_new_tokens when set
     max_new_tokens: Optional[int] = setting(None, check=">= 1")
 
@@ -91,8 +92,9 @@ class DurabilityChecks:
         validate(self)
         self._check_names()
         if len(self.random_seeds) < 5:
-            log.warning("durability: ASA random over %d seed(s); the issue asks for >= 5 for a spread",
-                        len(self.random_seeds))
+            log.warning(
+                "durability: ASA random over %d seed(s); the issue asks for >= 5 for a spread", len(self.random_seeds)
+            )
 
     def _check_names(self) -> None:
         """Every section, rewrite and attack named is one its registry knows."""
@@ -172,8 +174,14 @@ class DurabilitySettings:
     @property
     def generation(self) -> GenerationSettings:
         """The suite's decoding: the scan's, greedy and one answer per cell, at :attr:`max_new_tokens`."""
-        return dataclasses.replace(self.scan.generation, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                   temperature=1.0, top_p=1.0, best_of_n=1)
+        return dataclasses.replace(
+            self.scan.generation,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            temperature=1.0,
+            top_p=1.0,
+            best_of_n=1,
+        )
 
     @property
     def batch_size(self) -> int:
@@ -214,8 +222,9 @@ class DurabilitySettings:
         return self.scan.split_seed
 
 
-def resolve_judges(settings: DurabilitySettings, judges: Sequence[str] | Mapping[str, Any] | None = None
-                   ) -> tuple[DurabilitySettings, dict[str, Any]]:
+def resolve_judges(
+    settings: DurabilitySettings, judges: Sequence[str] | Mapping[str, Any] | None = None
+) -> tuple[DurabilitySettings, dict[str, Any]]:
     """The judges of a run and the settings that go with them.
 
     Args:
@@ -228,14 +237,19 @@ def resolve_judges(settings: DurabilitySettings, judges: Sequence[str] | Mapping
         the configured one is not in the map; without, the settings come back unchanged (resolving twice is
         harmless).
     """
-    judge_map = build_judge_map(settings.judges if judges is None else judges, settings.coherence,
-                                settings.classifier_path, settings.target_key_pattern)
+    judge_map = build_judge_map(
+        settings.judges if judges is None else judges,
+        settings.coherence,
+        settings.classifier_path,
+        settings.target_key_pattern,
+    )
     if judges is None:  # every configured judge is in the map, the primary one too
         return settings, judge_map
     primary = primary_judge_of(judge_map, settings.primary_judge)
     names = tuple(str(name) for name in judges)  # a map's keys
-    judging = dataclasses.replace(settings.scan.judging, judges=names if primary in names else names + (primary,),
-                                  primary_judge=primary)
+    judging = dataclasses.replace(
+        settings.scan.judging, judges=names if primary in names else names + (primary,), primary_judge=primary
+    )
     return dataclasses.replace(settings, scan=dataclasses.replace(settings.scan, judging=judging)), judge_map
 
 

@@ -55,34 +55,51 @@ def _check_request(sections: set[str], options: DurabilityOptions, out_dir, fine
     if options.shard is not None and options.shard[1] > 1 and out_dir is None:
         raise ValueError("a distributed durability run (shard=...) needs out_dir")
     if finetune is None and sections & {"finetune", "trainability"}:
-        raise ValueError("the finetune / trainability sections need finetune= (lat_lightning.training.finetune."
-                         "lora_finetune); pass it or drop those sections")
+        raise ValueError(
+            "the finetune / trainability sections need finetune= (lat_lightning.training.finetune."
+            "lora_finetune); pass it or drop those sections"
+        )
 
 
-def _new_summary(s: DurabilitySettings, options: DurabilityOptions, n_prompts: int, layers: list,
-                 judge_map: Mapping[str, Any]) -> dict[str, Any]:
+def _new_summary(
+    s: DurabilitySettings, options: DurabilityOptions, n_prompts: int, layers: list, judge_map: Mapping[str, Any]
+) -> dict[str, Any]:
     """The summary's header: the models, prompts, layers, judges and settings."""
     return {
         "models": dict(options.model_labels or {"original": "original model", "hardened": "hardened model"}),
-        "n_prompts": n_prompts, "layers": layers, "primary_judge": s.primary_judge, "judges": list(judge_map),
-        "settings": {"durability": dataclasses.asdict(s.dur), "max_new_tokens": s.max_new_tokens,
-                     "positions": s.positions, "refresh": s.refresh, "alpha": s.perturbation.alpha,
-                     "sign": s.perturbation.sign,
-                     "pgd": {k: getattr(s.perturbation, k) for k in ("steps", "eps", "lr", "norm", "init",
-                                                                     "toward_harmful", "away_from_safe")}},
+        "n_prompts": n_prompts,
+        "layers": layers,
+        "primary_judge": s.primary_judge,
+        "judges": list(judge_map),
+        "settings": {
+            "durability": dataclasses.asdict(s.dur),
+            "max_new_tokens": s.max_new_tokens,
+            "positions": s.positions,
+            "refresh": s.refresh,
+            "alpha": s.perturbation.alpha,
+            "sign": s.perturbation.sign,
+            "pgd": {
+                k: getattr(s.perturbation, k)
+                for k in ("steps", "eps", "lr", "norm", "init", "toward_harmful", "away_from_safe")
+            },
+        },
     }
 
 
-def _configured_fragile(model: nn.Module, data: DurabilityData, s: DurabilitySettings, n_layers: int
-                        ) -> tuple[list | None, str | None]:
+def _configured_fragile(
+    model: nn.Module, data: DurabilityData, s: DurabilitySettings, n_layers: int
+) -> tuple[list | None, str | None]:
     """The fragile layers given to the run (``data``, else the settings) and where they came from; ``(None,
     None)`` when the re-scans are to find them.
 
     Raises:
         ConfigError: layers that are not layers of the model.
     """
-    explicit = list(data.fragile_layers) if data.fragile_layers is not None else (
-        list(s.dur.fragile_layers) if s.dur.fragile_layers is not None else None)
+    explicit = (
+        list(data.fragile_layers)
+        if data.fragile_layers is not None
+        else (list(s.dur.fragile_layers) if s.dur.fragile_layers is not None else None)
+    )
     if explicit is None:
         return None, None
     try:
@@ -91,8 +108,9 @@ def _configured_fragile(model: nn.Module, data: DurabilityData, s: DurabilitySet
         layers = check_layer_indices(model, explicit, what="fragile layer")
     except IndexError:
         raise ConfigError(f"fragile layers {explicit} are not valid layers of a {n_layers}-layer model") from None
-    return layers, data.fragile_source or ("argument" if data.fragile_layers is not None
-                                             else "evaluation.durability.fragile_layers")
+    return layers, data.fragile_source or (
+        "argument" if data.fragile_layers is not None else "evaluation.durability.fragile_layers"
+    )
 
 
 def _found_fragile(scans: Mapping[str, Any], n_layers: int) -> tuple[list, str]:
@@ -102,8 +120,10 @@ def _found_fragile(scans: Mapping[str, Any], n_layers: int) -> tuple[list, str]:
         return [n_layers // 2], "middle layer (no re-scan, none configured)"
     peaks = {name: scans[name].headline("asa_random")["pasr_of_mean_lasr_layer"] for name in MODELS}
     layers = sorted({int(p) for p in peaks.values() if p is not None}) or [n_layers // 2]
-    return layers, f"peak layers of the ASA random re-scans (original, hardened: {peaks['original']}, " \
-                   f"{peaks['hardened']})"
+    return (
+        layers,
+        f"peak layers of the ASA random re-scans (original, hardened: {peaks['original']}, {peaks['hardened']})",
+    )
 
 
 def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
@@ -140,35 +160,55 @@ def _later_sections(run: _SuiteRun, summary: dict[str, Any], timings: dict[str, 
     finetune = run.finetune  # set when a fine-tuning section runs (run_durability checks)
     if "depth" in sections:  # 4. refusal depth: first k positions and prefill
         assert data.harmless_prompts is not None  # run_durability fills it in
-        contrast = (encode_prompts(tok, list(data.contrast_prompts or prompts), s.use_chat_template, s.system_prompt),
-                    encode_prompts(tok, data.harmless_prompts, s.use_chat_template, s.system_prompt))
-        summary["depth"] = _timed(timings, "depth", lambda: {
-            name: depth_curves(models[name], tok, harmful, fragile, judge_map, s, contrast) for name in MODELS})
+        contrast = (
+            encode_prompts(tok, list(data.contrast_prompts or prompts), s.use_chat_template, s.system_prompt),
+            encode_prompts(tok, data.harmless_prompts, s.use_chat_template, s.system_prompt),
+        )
+        summary["depth"] = _timed(
+            timings,
+            "depth",
+            lambda: {
+                name: depth_curves(models[name], tok, harmful, fragile, judge_map, s, contrast) for name in MODELS
+            },
+        )
     if "rewrites" in sections and s.dur.rewrites:  # 5. prompt rewrites
         t0 = time.time()
         summary["rewrites"] = rewrites_section(models, tok, prompts, targets, keys, judge_map, s)
         if "depth" not in sections and not run.scans:
-            summary["clean"] = {name: clean_success(models[name], tok, prompts, targets, keys, judge_map, s)
-                                for name in MODELS}
+            summary["clean"] = {
+                name: clean_success(models[name], tok, prompts, targets, keys, judge_map, s) for name in MODELS
+            }
         timings["rewrites"] = round(time.time() - t0, 2)
     if "finetune" in sections:  # 3. fine-tuning attack and trainability
         assert finetune is not None
-        summary["finetune_attack"] = _timed(timings, "finetune_attack", lambda: finetune_attack_section(
-            models, tok, data, s, judge_map, run.out if run.write else None, finetune))
+        summary["finetune_attack"] = _timed(
+            timings,
+            "finetune_attack",
+            lambda: finetune_attack_section(models, tok, data, s, judge_map, run.out if run.write else None, finetune),
+        )
     if "trainability" in sections:
         bpairs = benign_pairs(data.benign)
         if bpairs:
             assert finetune is not None
-            summary["trainability"] = _timed(timings, "trainability", lambda: trainability_section(
-                models, tok, bpairs, s, run.out, finetune, data))
+            summary["trainability"] = _timed(
+                timings, "trainability", lambda: trainability_section(models, tok, bpairs, s, run.out, finetune, data)
+            )
         else:
             summary["trainability"] = {"skipped": "no benign (prompt, response) pairs given"}
 
 
-def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokenizer, data: DurabilityData,
-                   settings: DurabilitySettings, out_dir: str | Path | None = None, *,
-                   finetune: Callable | None = None, judges=None,
-                   options: DurabilityOptions | None = None) -> dict[str, Any]:
+def run_durability(
+    original_model: nn.Module,
+    hardened_model: nn.Module,
+    tokenizer,
+    data: DurabilityData,
+    settings: DurabilitySettings,
+    out_dir: str | Path | None = None,
+    *,
+    finetune: Callable | None = None,
+    judges=None,
+    options: DurabilityOptions | None = None,
+) -> dict[str, Any]:
     """Run the durability suite on two in-memory models and write the report.
 
     Args:
@@ -204,8 +244,10 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
     prompts, targets, keys = evaluation_prompts(data, s.dur, "run_durability needs at least one harmful prompt")
     n_layers = num_layers(original_model)
     if num_layers(hardened_model) != n_layers:
-        raise ValueError(f"the models have {n_layers} and {num_layers(hardened_model)} layers; the durability suite "
-                         "compares two versions of the same architecture")
+        raise ValueError(
+            f"the models have {n_layers} and {num_layers(hardened_model)} layers; the durability suite "
+            "compares two versions of the same architecture"
+        )
     layers = list(range(n_layers))
     tmp: tempfile.TemporaryDirectory[str] | None = None
     if out_dir is None:
@@ -230,8 +272,13 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
         sections = set(s.dur.sections)
         scans = {}
         if sections & {"rescan", "adaptive"} or (explicit is None and "depth" in sections):  # 1 + 2. re-scans
-            scans = _timed(timings, "scans", lambda: run_rescans(models, tokenizer, harmful, data, layers, judge_map,
-                                                                 s, out if write else None, options))
+            scans = _timed(
+                timings,
+                "scans",
+                lambda: run_rescans(
+                    models, tokenizer, harmful, data, layers, judge_map, s, out if write else None, options
+                ),
+            )
         if options.shard is not None and options.shard[0] != 0:  # this rank's share is done; rank 0 does the rest
             return {"rank": int(options.shard[0]), "rows": [], "timings": timings}
         if explicit is None:
@@ -240,8 +287,11 @@ def run_durability(original_model: nn.Module, hardened_model: nn.Module, tokeniz
         summary["fragile_layers"] = {"layers": fragile, "source": fsource}
         if scans:
             summary["rescan"] = rescan_section(scans, fragile, out if write else None)
-        _later_sections(_SuiteRun(models, tokenizer, data, harmful, s, judge_map, fragile, scans, out, write, finetune),
-                        summary, timings)
+        _later_sections(
+            _SuiteRun(models, tokenizer, data, harmful, s, judge_map, fragile, scans, out, write, finetune),
+            summary,
+            timings,
+        )
         summary["rows"] = build_rows(summary)
         timings["total"] = round(time.time() - t_start, 2)
         summary["timings"] = timings

@@ -55,7 +55,25 @@ from lat_lightning.eval.scan.settings import (
 )
 from lat_lightning.eval.scan.summary import SUMMARY_FILE, ScanResult, fmt
 
-__all__ = ["CLEAN_ATTACK", "REPORT_FILE", "SCAN_FILE", "SETTINGS_FILE", "SUMMARY_FILE", "AttackSettings",
-           "CoherenceSettings", "GenerationSettings", "JudgeSettings", "ScanOptions", "ScanPrompts", "ScanResult",
-           "ScanSettings", "fmt", "generation_positions", "read_records", "render_report", "reusable_records",
-           "run_scan", "write_figures"]
+__all__ = [
+    "CLEAN_ATTACK",
+    "REPORT_FILE",
+    "SCAN_FILE",
+    "SETTINGS_FILE",
+    "SUMMARY_FILE",
+    "AttackSettings",
+    "CoherenceSettings",
+    "GenerationSettings",
+    "JudgeSettings",
+    "ScanOptions",
+    "ScanPrompts",
+    "ScanResult",
+    "ScanSettings",
+    "fmt",
+    "generation_positions",
+    "read_records",
+    "render_report",
+    "reusable_records",
+    "run_scan",
+    "write_figures",
+]

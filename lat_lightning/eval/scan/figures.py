@@ -99,14 +99,23 @@ def write_figures(result: ScanResult, out_dir: Path, tensorboard: bool = True) -
     for a in result.attacks:
         arr = result.success[a][result.primary_judge]
         with np.errstate(all="ignore"):
-            rate = np.where(np.isfinite(arr).any(axis=2), np.nanmean(np.where(np.isfinite(arr), arr, np.nan), axis=2),
-                            np.nan) if arr.shape[2] else np.full(arr.shape[:2], np.nan)
-        title = (f"{a}: success ({result.primary_judge}) over {arr.shape[2]} seed(s), "
-                 f"{len(result.prompts)} prompts x {len(result.layers)} layers")
+            rate = (
+                np.where(
+                    np.isfinite(arr).any(axis=2), np.nanmean(np.where(np.isfinite(arr), arr, np.nan), axis=2), np.nan
+                )
+                if arr.shape[2]
+                else np.full(arr.shape[:2], np.nan)
+            )
+        title = (
+            f"{a}: success ({result.primary_judge}) over {arr.shape[2]} seed(s), "
+            f"{len(result.prompts)} prompts x {len(result.layers)} layers"
+        )
         figs[f"scan_heatmap_{a}"] = _heatmap_figure(rate, result.layers, title)
         h = result.summary["attacks"][a]["headline"]
-        title = (f"{a}: LASR by layer ({result.primary_judge}); PASR {fmt(h['pasr_mean'])}, "
-                 f"MASR {fmt(h['masr_mean'])}, INIT {fmt(h['init'])}")
+        title = (
+            f"{a}: LASR by layer ({result.primary_judge}); PASR {fmt(h['pasr_mean'])}, "
+            f"MASR {fmt(h['masr_mean'])}, INIT {fmt(h['init'])}"
+        )
         figs[f"scan_lasr_{a}"] = _lasr_figure(result.layers, result.summary["attacks"][a]["lasr_band"], title)
     if result.probes:
         figs["probe_nll"], figs["probe_position_kl"] = _probe_figures(result.probes)

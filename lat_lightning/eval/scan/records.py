@@ -112,9 +112,15 @@ def read_all_records(out_path: Path) -> dict[tuple, dict]:
 
 def write_records(path: Path, records: Mapping[tuple, dict]) -> None:
     """Write ``records`` as one ``scan.jsonl`` (clean rows first, then attack, seed, prompt, layer), atomically."""
+
     def order(rec: dict) -> tuple:
-        return (rec["attack"] != CLEAN_ATTACK, rec["attack"], -1 if rec.get("seed") is None else int(rec["seed"]),
-                int(rec["prompt_idx"]), int(rec["layer"]))
+        return (
+            rec["attack"] != CLEAN_ATTACK,
+            rec["attack"],
+            -1 if rec.get("seed") is None else int(rec["seed"]),
+            int(rec["prompt_idx"]),
+            int(rec["layer"]),
+        )
 
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -140,18 +146,34 @@ def check_settings(out_dir: Path, settings: dict, resume: bool, write: bool = Tr
         old = json.loads(path.read_text())
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
-            raise ValueError(f"cannot resume the scan in {out_dir}: settings changed ({', '.join(diff)}); "
-                             "use a fresh output directory")
+            raise ValueError(
+                f"cannot resume the scan in {out_dir}: settings changed ({', '.join(diff)}); "
+                "use a fresh output directory"
+            )
     if write:
         path.write_text(json.dumps(settings, indent=2, default=str))
 
 
-REUSE_SETTINGS = ("max_new_tokens", "do_sample", "temperature", "top_p", "best_of_n", "use_chat_template",
-                  "system_prompt", "coherence")
+REUSE_SETTINGS = (
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "best_of_n",
+    "use_chat_template",
+    "system_prompt",
+    "coherence",
+)
 
 
-def reusable_records(source: str | Path, settings: dict, prompts: Sequence[str], prompt_keys: Sequence[int],
-                     source_prompt_keys: Sequence[int], layers: Sequence[int]) -> dict[tuple, dict]:
+def reusable_records(
+    source: str | Path,
+    settings: dict,
+    prompts: Sequence[str],
+    prompt_keys: Sequence[int],
+    source_prompt_keys: Sequence[int],
+    layers: Sequence[int],
+) -> dict[tuple, dict]:
     """The finished cells of another scan of the same model (``source``: its directory) that this scan would
     generate identically: same generation settings, same settings of the cell's attack, the same prompt text
     and noise key at the same index, a layer this scan covers (coherence settings included, so a record's
@@ -166,17 +188,23 @@ def reusable_records(source: str | Path, settings: dict, prompts: Sequence[str],
     if not path.is_file():
         return {}
     old = json.loads(path.read_text())
-    if any(old.get(k) != settings.get(k) for k in REUSE_SETTINGS) or \
-            old.get("prompt_keys") != settings_fingerprint({"k": [int(k) for k in source_prompt_keys]}):
+    if any(old.get(k) != settings.get(k) for k in REUSE_SETTINGS) or old.get("prompt_keys") != settings_fingerprint(
+        {"k": [int(k) for k in source_prompt_keys]}
+    ):
         return {}
     same = {a for a, d in settings["attacks"].items() if old.get("attacks", {}).get(a) == d}
     wanted = {int(l) for l in layers} | {CLEAN}
     out = {}
     for key, rec in read_all_records(Path(source)).items():
         i = int(rec["prompt_idx"])
-        if (i >= len(prompts) or i >= len(source_prompt_keys) or rec["prompt"] != prompts[i]
-                or int(source_prompt_keys[i]) != int(prompt_keys[i]) or int(rec["layer"]) not in wanted
-                or (rec["attack"] != CLEAN_ATTACK and rec["attack"] not in same)):
+        if (
+            i >= len(prompts)
+            or i >= len(source_prompt_keys)
+            or rec["prompt"] != prompts[i]
+            or int(source_prompt_keys[i]) != int(prompt_keys[i])
+            or int(rec["layer"]) not in wanted
+            or (rec["attack"] != CLEAN_ATTACK and rec["attack"] not in same)
+        ):
             continue
         rec = {k: v for k, v in rec.items() if k != "verdicts"}
         if rec.get("samples"):  # best-of-N samples carry verdicts of their own
@@ -185,10 +213,9 @@ def reusable_records(source: str | Path, settings: dict, prompts: Sequence[str],
     return out
 
 
-
-
-def open_records(out_path: Path, settings: dict, prompts: Sequence[str], resume: bool,
-                 shard: tuple[int, int]) -> dict[tuple, dict]:
+def open_records(
+    out_path: Path, settings: dict, prompts: Sequence[str], resume: bool, shard: tuple[int, int]
+) -> dict[tuple, dict]:
     """Check (and store) the scan's settings in ``out_path`` and read back the records of an interrupted scan there.
 
     Only the settings of attacks already present must match: adding attacks, layers or seeds to a scan is fine.
@@ -216,8 +243,10 @@ def open_records(out_path: Path, settings: dict, prompts: Sequence[str], resume:
         merged_attacks = dict(json.loads(old_path.read_text()).get("attacks", {}))
         for name, s in settings["attacks"].items():
             if name in merged_attacks and merged_attacks[name] != s:
-                raise ValueError(f"cannot resume the scan in {out_path}: settings of attack '{name}' changed "
-                                 f"({merged_attacks[name]} -> {s}); use a fresh output directory")
+                raise ValueError(
+                    f"cannot resume the scan in {out_path}: settings of attack '{name}' changed "
+                    f"({merged_attacks[name]} -> {s}); use a fresh output directory"
+                )
             merged_attacks[name] = s
         settings_to_check = dict(settings, attacks=merged_attacks)
     check_settings(out_path, settings_to_check, resume, write=False)  # every rank refuses alike: no hang
@@ -237,8 +266,10 @@ def open_records(out_path: Path, settings: dict, prompts: Sequence[str], resume:
     for rec in records.values():
         i = int(rec["prompt_idx"])
         if i >= len(prompts) or rec["prompt"] != prompts[i]:
-            raise ValueError(f"{out_path / SCAN_FILE} holds prompt {i} = {rec['prompt'][:60]!r}, which is "
-                             "not this scan's prompt; use a fresh output directory")
+            raise ValueError(
+                f"{out_path / SCAN_FILE} holds prompt {i} = {rec['prompt'][:60]!r}, which is "
+                "not this scan's prompt; use a fresh output directory"
+            )
     return records
 
 
@@ -261,8 +292,9 @@ def merge_ranks(out_path: Path, rank: int, expected: Sequence[tuple]) -> dict[tu
     records = read_all_records(out_path)
     missing = [k for k in expected if k not in records]
     if missing:
-        raise RuntimeError(f"distributed scan: {len(missing)} cells missing after every rank finished "
-                           f"(e.g. {missing[0]})")
+        raise RuntimeError(
+            f"distributed scan: {len(missing)} cells missing after every rank finished (e.g. {missing[0]})"
+        )
     barrier()  # every rank has read the shard files
     if rank == 0:
         write_records(out_path / SCAN_FILE, records)
@@ -271,6 +303,23 @@ def merge_ranks(out_path: Path, rank: int, expected: Sequence[tuple]) -> dict[tu
     return records
 
 
-__all__ = ["CLEAN_ATTACK", "REUSE_SETTINGS", "SCAN_FILE", "SETTINGS_FILE", "SHARD_FILE", "SHARD_GLOB", "RecordSink",
-           "all_gather", "barrier", "cell_key", "check_settings", "merge_ranks", "open_records", "read_all_records",
-           "read_records", "reusable_records", "settings_fingerprint", "write_records"]
+__all__ = [
+    "CLEAN_ATTACK",
+    "REUSE_SETTINGS",
+    "SCAN_FILE",
+    "SETTINGS_FILE",
+    "SHARD_FILE",
+    "SHARD_GLOB",
+    "RecordSink",
+    "all_gather",
+    "barrier",
+    "cell_key",
+    "check_settings",
+    "merge_ranks",
+    "open_records",
+    "read_all_records",
+    "read_records",
+    "reusable_records",
+    "settings_fingerprint",
+    "write_records",
+]

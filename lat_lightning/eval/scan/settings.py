@@ -46,9 +46,9 @@ class JudgeSettings:
 
     # judge names (lat_lightning.eval.judges.JUDGES, `<judge>+coherent`), judge objects, or name -> judge
     judges: Union[Sequence[Any], Mapping[str, Any]] = ("keyword",)
-    primary_judge: Optional[str] = None         # the headline judge (None: the first)
-    classifier_path: Optional[str] = None       # local directory of the `classifier` judge
-    target_key_pattern: Optional[str] = None    # regex extracting the key `target_match` looks for in each target
+    primary_judge: Optional[str] = None  # the headline judge (None: the first)
+    classifier_path: Optional[str] = None  # local directory of the `classifier` judge
+    target_key_pattern: Optional[str] = None  # regex extracting the key `target_match` looks for in each target
 
     def __post_init__(self):
         if not isinstance(self.judges, Mapping):
@@ -67,24 +67,24 @@ class ScanSettings:
     """
 
     attacks: Sequence[Union[str, Attack]] = ("asa_random",)  # names (lat_lightning.attacks.ATTACKS) or Attack objects
-    layers: Optional[Sequence[Layer]] = None    # layers to scan (None: every block; "embed": the input embeddings)
-    seeds: Sequence[int] = (0,)                 # perturbation seeds (deterministic attacks run the first only)
+    layers: Optional[Sequence[Layer]] = None  # layers to scan (None: every block; "embed": the input embeddings)
+    seeds: Sequence[int] = (0,)  # perturbation seeds (deterministic attacks run the first only)
     # generation-time positions policy (paper: the last prompt token and every generated one)
     positions: str = setting("prompt_last_and_generated", choices=GENERATION_POLICIES)
-    first_k: int = setting(1, check=">= 1")     # k of the first_k policy
+    first_k: int = setting(1, check=">= 1")  # k of the first_k policy
     refresh: str = setting("step", choices=("step", "fixed"))  # asa_random: a fresh draw per step, or one fixed draw
     perturbation: AttackSettings = field(default_factory=AttackSettings)  # the attacks' knobs (alpha, eps, steps...)
     generation: GenerationSettings = field(default_factory=GenerationSettings)  # decoding, batching, formatting
     judging: JudgeSettings = field(default_factory=JudgeSettings)  # judges and the headline judge
     coherence: CoherenceSettings = field(default_factory=CoherenceSettings)  # the coherence check of every answer
     bootstrap_samples: int = setting(1000, check=">= 0")  # resamples of the confidence intervals (0: none)
-    probes: bool = False                        # also the NLL probe and position KL (ASA noise)
+    probes: bool = False  # also the NLL probe and position KL (ASA noise)
     probe_seeds: Optional[Sequence[int]] = None  # the probes' noise seeds (None: seeds)
     # test share of the ASABench export (None: no export)
     asabench_test_fraction: Optional[float] = setting(0.4, check="in [0, 1]")
     # prompt (disjoint) or layer_stratified (the reference)
     asabench_split_mode: str = setting("prompt", choices=SPLIT_MODES)
-    split_seed: int = 0                         # seed of the ASABench split and of the bootstrap
+    split_seed: int = 0  # seed of the ASABench split and of the bootstrap
 
     def __post_init__(self):
         object.__setattr__(self, "attacks", tuple(self.attacks))
@@ -113,7 +113,7 @@ class ScanPrompts:
         ValueError: no prompt, or a per-prompt list whose length is not the number of prompts (named).
     """
 
-    prompts: Sequence[str]                      # harmful prompts (raw text; the chat template is applied per settings)
+    prompts: Sequence[str]  # harmful prompts (raw text; the chat template is applied per settings)
     targets: Optional[Sequence[Optional[str]]] = None  # harmful target completions (asagrad, pgd, target_match)
     prompt_keys: Optional[Sequence[int]] = None  # noise key of each prompt (None: 0..N-1; pass dataset indices)
     safe_responses: Optional[Sequence[str]] = None  # refusal per prompt (PGD's `away` term; None: the clean answers)
@@ -143,12 +143,12 @@ class ScanOptions:
         ValueError: a shard that is not ``(rank, world_size)`` with ``0 <= rank < world_size``.
     """
 
-    resume: bool = True                         # continue an interrupted scan found in out_dir (skip finished cells)
-    progress: bool = True                       # a tqdm progress bar
-    figures: bool = True                        # PNG figures in out_dir
-    tensorboard: bool = True                    # figures and headline numbers in out_dir/tensorboard
-    log_warnings: bool = True                   # log the summary's warnings (they are in the summary either way)
-    shard: Optional[tuple[int, int]] = None     # (rank, world_size) of a distributed scan (needs out_dir)
+    resume: bool = True  # continue an interrupted scan found in out_dir (skip finished cells)
+    progress: bool = True  # a tqdm progress bar
+    figures: bool = True  # PNG figures in out_dir
+    tensorboard: bool = True  # figures and headline numbers in out_dir/tensorboard
+    log_warnings: bool = True  # log the summary's warnings (they are in the summary either way)
+    shard: Optional[tuple[int, int]] = None  # (rank, world_size) of a distributed scan (needs out_dir)
     reuse: Optional[tuple[Union[str, Path], Sequence[int]]] = None  # (directory, prompt keys) of an earlier scan
 
     def __post_init__(self):
@@ -158,8 +158,9 @@ class ScanOptions:
                 raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {self.shard}")
 
 
-def generation_positions(positions: Optional[str], first_k: Optional[int], refresh: Optional[str],
-                         perturbation: AttackSettings) -> tuple[str, int, str]:
+def generation_positions(
+    positions: Optional[str], first_k: Optional[int], refresh: Optional[str], perturbation: AttackSettings
+) -> tuple[str, int, str]:
     """The generation-time positions policy, first_k and refresh of a scan.
 
     The scan's own values (``evaluation.positions`` / ``first_k`` / ``refresh``) win when they are set. Otherwise
@@ -172,12 +173,21 @@ def generation_positions(positions: Optional[str], first_k: Optional[int], refre
         perturbation: the attacks' settings (the training attack's policy).
     """
     if positions is None:
-        positions = (perturbation.positions if perturbation.positions in GENERATION_POLICIES
-                     else "prompt_last_and_generated")
+        positions = (
+            perturbation.positions if perturbation.positions in GENERATION_POLICIES else "prompt_last_and_generated"
+        )
     first_k = int(first_k) if first_k is not None else int(perturbation.first_k)
     refresh = str(refresh) if refresh is not None else str(perturbation.refresh)
     return positions, first_k, refresh
 
 
-__all__ = ["AttackSettings", "CoherenceSettings", "GenerationSettings", "JudgeSettings", "ScanOptions",
-           "ScanPrompts", "ScanSettings", "generation_positions"]
+__all__ = [
+    "AttackSettings",
+    "CoherenceSettings",
+    "GenerationSettings",
+    "JudgeSettings",
+    "ScanOptions",
+    "ScanPrompts",
+    "ScanSettings",
+    "generation_positions",
+]
