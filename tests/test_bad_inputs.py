@@ -726,7 +726,7 @@ SCAN_ARGS = [
 
 
 def test_sigterm_during_a_scan_then_resume_gives_the_same_records(capsys, tmp_path, monkeypatch):
-    import lat_lightning.eval.scan.runner as scan_lib  # the module whose generation calls are counted
+    import lat_lightning.eval.scan.cells as scan_lib  # the module whose generation calls are counted
 
     full = tmp_path / "full"
     assert main(["--recipe", SCAN, f"logging.root_dir={full}", *SCAN_ARGS]) == 0

@@ -30,8 +30,8 @@ from lat_lightning.attacks.positions import first_position
 from lat_lightning.attacks.settings import Layer
 from lat_lightning.data.templating import IGNORE_INDEX, build_sequences, encode_prompt, encode_response
 from lat_lightning.eval.generation import CLEAN, AttackPlan, GenerationSettings, encode_prompts, generate_under_attack
-from lat_lightning.eval.metrics import nll_sequence, position_kl
 from lat_lightning.eval.teacher_forcing import SharedPrefix, teacher_forced_logits, teacher_forced_suffix_logits
+from lat_lightning.eval.token_metrics import nll_sequence, position_kl
 from lat_lightning.losses import causal_lm_loss
 from lat_lightning.models.layers import check_layer_indices, input_device, num_layers
 

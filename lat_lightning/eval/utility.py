@@ -29,7 +29,7 @@ from torch import nn
 
 from lat_lightning.data.templating import build_sequences, encode_prompt, encode_response, pad_sequences
 from lat_lightning.errors import ConfigError, DataError
-from lat_lightning.eval.metrics import nll_sequence
+from lat_lightning.eval.token_metrics import nll_sequence
 from lat_lightning.eval.utility_rows import (
     UTILITY_KINDS,
     extract_number,

@@ -182,7 +182,7 @@ def load_utility_rows(
 ) -> list[dict[str, Any]]:
     """Load and normalise utility rows from a local JSONL / JSON / CSV file, a local dataset or a name.
 
-    Reading is done by :func:`lat_lightning.data.loaders.load_records`. CSV cells are strings, so a CSV
+    Reading is done by :func:`lat_lightning.data.readers.load_records`. CSV cells are strings, so a CSV
     ``choices`` column may hold a JSON list.
 
     Args:
@@ -200,7 +200,7 @@ def load_utility_rows(
     """
     import json
 
-    from lat_lightning.data.loaders import load_records
+    from lat_lightning.data.readers import load_records
 
     if kind not in UTILITY_KINDS:
         raise ConfigError(f"utility kind '{kind}' is not supported here; choose from {', '.join(UTILITY_KINDS)}")

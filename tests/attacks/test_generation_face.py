@@ -19,7 +19,7 @@ from lat_lightning.eval.generation import (
     generate_under_attack,
     teacher_forced_logits,
 )
-from lat_lightning.eval.metrics import nll_sequence
+from lat_lightning.eval.token_metrics import nll_sequence
 
 
 @pytest.fixture()

@@ -3,12 +3,8 @@ import json
 import pytest
 import torch
 
-from lat_lightning.callbacks.fragile_layers import (
-    FragileLayerSelector,
-    grad_norm_scores,
-    nll_probe_scores,
-    top_k_layers,
-)
+from lat_lightning.callbacks.fragile_layers import FragileLayerSelector
+from lat_lightning.callbacks.layer_scores import grad_norm_scores, nll_probe_scores, top_k_layers
 from lat_lightning.stages.fit_setup import build_module
 from lat_lightning.training.module import LatentAdversarialModule
 
@@ -126,7 +122,7 @@ def test_evaluation_probe_and_scan_with_prompt_texts(method, tiny_llama_dir, tin
 
 
 def test_ties_follow_the_scans_rule_and_are_logged(tmp_path, caplog, tiny_llama_dir, tiny_tokenizer, kit):
-    from lat_lightning.callbacks.fragile_layers import boundary_ties
+    from lat_lightning.callbacks.layer_scores import boundary_ties
     from lat_lightning.eval.metrics import TIE_RULE
 
     # equal LASR at layers 0..3: the coherence-aware LASR breaks the tie, then the lower layer

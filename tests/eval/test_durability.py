@@ -558,7 +558,7 @@ def test_rescans_reuse_the_runs_scans_with_identical_numbers(two_models, tmp_pat
             asabench_test_fraction=None,
         )
     rows = []
-    import lat_lightning.eval.scan.runner as runner_mod
+    import lat_lightning.eval.scan.cells as runner_mod
 
     real = runner_mod.generate_under_attack
     monkeypatch.setattr(runner_mod, "generate_under_attack", lambda *a, **k: rows.append(len(a[2])) or real(*a, **k))

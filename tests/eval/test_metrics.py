@@ -14,15 +14,13 @@ from lat_lightning.eval.metrics import (
     bootstrap_ci,
     failure_counts,
     init_rate,
-    kl_by_position,
     lasr,
     masr,
-    nll_sequence,
     pasr,
-    position_kl,
     summarise,
     summarise_seeds,
 )
+from lat_lightning.eval.token_metrics import kl_by_position, nll_sequence, position_kl
 
 NAN = float("nan")
 # 4 prompts x 3 layers. LASR = [1/4, 1/4, 2/4]; PASR = 0.5 at layer index 2; prompts 0, 1, 2 are broken

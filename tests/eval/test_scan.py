@@ -71,7 +71,7 @@ def test_resumed_scan_equals_uninterrupted(tiny_llama, tmp_path):
 
 def test_batch_size_does_not_change_cells_and_clean_is_generated_once(tiny_llama, monkeypatch):
     model, tok = tiny_llama
-    import lat_lightning.eval.scan.runner as scan_mod  # the module whose generation calls are counted
+    import lat_lightning.eval.scan.cells as scan_mod  # the module whose generation calls are counted
 
     calls = []
     real = scan_mod.generate_under_attack

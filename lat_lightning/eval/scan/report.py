@@ -263,8 +263,8 @@ def _best_of_n_section(result: ScanResult) -> list[str]:
             f"## Best-of-{k} beside greedy",
             "",
             (
-                f"Every cell also got {k} sampled answers under the same perturbation; a cell counts as broken when any "
-                "sample is judged a success. Greedy numbers are the headline's."
+                f"Every cell also got {k} sampled answers under the same perturbation; a cell counts as broken when "
+                "any sample is judged a success. Greedy numbers are the headline's."
             ),
             "",
         ]
