@@ -135,4 +135,3 @@ def test_console_script_exists_in_the_venv():
     module, func = _declared_console_scripts()["lat-lightning"].split(":")
     assert f"from {module} import {func}" in script.read_text(), STALE
     assert callable(getattr(importlib.import_module(module), func))
-
