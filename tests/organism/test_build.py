@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -44,5 +45,13 @@ def test_the_build_does_not_depend_on_the_callers_thread_count(tmp_path):
             built.append(_weights(out))
     finally:
         torch.set_num_threads(before)
-    assert not _same(*unpinned), "this recipe no longer shows the thread dependence the pin guards against"
-    assert R.BUILD_THREADS == 1 and _same(*built)
+    assert R.BUILD_THREADS == 1 and _same(*built)  # the guard: one organism per seed, whatever the threads
+    if _same(*unpinned):
+        # The hazard the pin guards against is a property of the host's CPU kernels: on the session-4 host the
+        # unpinned 1- and 2-thread builds differed; on the 2026-12-07 host (quiet, and busy) they came out equal,
+        # on the commit before issue 21 too. The guard above holds either way; only its motivation cannot be
+        # shown here.
+        pytest.skip(
+            "this host's kernels give the same sums on 1 and 2 threads: the thread dependence the pin "
+            "guards against does not show here (the pinned builds are identical, asserted above)"
+        )
