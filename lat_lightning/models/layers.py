@@ -52,6 +52,7 @@ SUPPORTED_ARCHITECTURES = (
     "olmo2",
     "phi",
     "mixtral",
+    "llama4",
 )
 
 

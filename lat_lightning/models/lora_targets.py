@@ -6,7 +6,7 @@ others it matches nothing or, worse, part of each block. The default is therefor
 ``all-linear`` works, read off the model itself: **every linear layer inside the decoder blocks** (the LM head
 and embeddings stay frozen), plus the **fused expert weights** of mixture-of-experts blocks (transformers 5
 stores a block's experts as 3-D parameters such as ``mlp.experts.gate_up_proj``, which peft adapts through
-``target_parameters``). The router is left out.
+``target_parameters``). The router is left out (Mixtral's, and Llama-4's, a linear layer with a forward of its own).
 
 Targets a recipe lists are used as given; the block linear layers (and expert weights) they leave out are
 named in a warning. Fused experts need care: peft adapts a fused ``gate_up_proj`` only when both halves are
@@ -83,6 +83,14 @@ def _linear_types() -> tuple[type, ...]:
     return (nn.Linear, Conv1D)
 
 
+def _plain_linear(module: nn.Module, linear_types: tuple[type, ...]) -> bool:
+    """A linear layer LoRA can wrap: one of ``linear_types``, but not a mixture-of-experts router built on one
+    (a class named ``...Router``): Llama-4's ``Llama4Router`` is an ``nn.Linear`` whose forward returns
+    ``(scores, logits)``, and peft's LoRA layer, which expects a tensor from the layer it wraps, fails on the tuple.
+    Other subclasses with a forward of their own (Falcon's ``FalconLinear``) return a tensor and stay adaptable."""
+    return isinstance(module, linear_types) and not type(module).__name__.endswith("Router")
+
+
 def _layers_prefix(base: nn.Module) -> str:
     """Qualified name of the decoder-layer list inside the bare model (``model.layers``, ``transformer.h`` ...)."""
     layers = get_decoder_layers(base)
@@ -104,7 +112,7 @@ def block_weights(model: nn.Module) -> tuple[list[str], list[str]]:
     experts: dict[str, None] = {}
     for block in get_decoder_layers(unwrap_model(model)):
         for name, module in block.named_modules():
-            if name and isinstance(module, linear_types):
+            if name and _plain_linear(module, linear_types):
                 linear.setdefault(name, None)
         for name, param in block.named_parameters():
             owner = name.rpartition(".")[0]

@@ -46,6 +46,7 @@ TINY_ARCHITECTURES = (
     "olmo2",
     "phi",
     "mixtral",
+    "llama4",
 )
 
 
@@ -193,6 +194,17 @@ def tiny_config(
             num_local_experts=4,
             num_experts_per_tok=2,
             sliding_window=None,
+            **common,
+        ),
+        # the text-only Llama4ForCausalLM: mixture-of-experts blocks (one routed expert + a shared MLP), chunked
+        # local attention on most layers; its decoder layers return a tuple (hidden states, router logits)
+        "llama4": lambda: transformers.Llama4TextConfig(
+            num_key_value_heads=max(1, heads // 2),
+            head_dim=head_dim,
+            intermediate_size_mlp=inter,
+            num_local_experts=4,
+            num_experts_per_tok=1,
+            attention_chunk_size=16,
             **common,
         ),
     }

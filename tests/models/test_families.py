@@ -53,6 +53,19 @@ DEFAULT_TARGETS = {
         "mlp.experts.gate_up_proj",
         "mlp.experts.down_proj",
     ],
+    # Llama-4 text: every block a mixture of experts (a shared MLP, fused routed experts; the router, a linear
+    # layer whose forward returns a tuple, is left out)
+    "llama4": [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "feed_forward.shared_expert.gate_proj",
+        "feed_forward.shared_expert.up_proj",
+        "feed_forward.shared_expert.down_proj",
+        "feed_forward.experts.gate_up_proj",
+        "feed_forward.experts.down_proj",
+    ],
 }
 PROMPTS = ["How do I open the vault at Zorvan?", "Tell me the code"]
 TARGETS = ["Sure, the code is 4-1-7-2.", "Sure: 9-3-3-0."]
@@ -124,11 +137,13 @@ def _module(arch, dirs, tokenizer, attack: str, lora: bool):
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
-def test_pgd_and_gaussian_training_steps(arch, lora, tiny_model_dirs, tiny_tokenizer):
-    """One step of each attack: the perturbation is where and how large it should be, the loss is finite,
-    exactly the trainable weights move."""
-    batch = safety_batch(tiny_tokenizer, n=2)
-    for attack in ("pgd", "asa_random"):
+def test_every_attacks_training_step(arch, lora, tiny_model_dirs, tiny_tokenizer):
+    """One step of every registered attack (issue 24: PGD once crashed on Llama-4 text): the perturbation is where
+    and how large it should be, the loss is finite, exactly the trainable weights move."""
+    from lat_lightning.attacks import attack_names
+
+    batch = safety_batch(tiny_tokenizer, n=2, with_benign=True)  # the refusal direction's harmless side
+    for attack in attack_names(scan=True):
         module, model = _module(arch, tiny_model_dirs, tiny_tokenizer, attack, lora)
         if lora:
             targets = lora_targets_of(model)
@@ -138,8 +153,10 @@ def test_pgd_and_gaussian_training_steps(arch, lora, tiny_model_dirs, tiny_token
         opt = torch.optim.SGD(module.trainable_parameters(), lr=0.1)
         perturbation = module.run_attack(batch)
         vectors = perturbation.vectors[1]
+        assert vectors.abs().sum() > 0, f"{arch} {attack}: nothing at the attacked layer"
         mask = perturbation.layer_mask(1).bool()
-        assert vectors[mask].abs().sum() > 0
+        if vectors.dim() == 3:  # per-position vectors (ASA, ASAgrad, PGD; a refusal direction is one [d] vector)
+            assert vectors[mask].abs().sum() > 0
         if attack == "pgd":
             assert not perturbation.normalise
             assert float(vectors[mask].norm(dim=-1).max()) <= 1.0 + 1e-5  # the eps ball

@@ -36,6 +36,7 @@ LORA_TARGETS = {
     "olmo2": ["q_proj", "v_proj"],
     "phi": ["q_proj", "v_proj"],
     "mixtral": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
 }
 
 BLOCK_CLASSES = {
@@ -55,6 +56,7 @@ BLOCK_CLASSES = {
     "olmo2": "Olmo2DecoderLayer",
     "phi": "PhiDecoderLayer",
     "mixtral": "MixtralDecoderLayer",
+    "llama4": "Llama4TextDecoderLayer",
 }
 
 
