@@ -40,6 +40,7 @@ from lat_lightning.config import STAGES
 from lat_lightning.errors import LatLightningError, RunInterrupted
 from lat_lightning.interrupts import StopRequested, received, signal_name, stop_on_signals
 from lat_lightning.rundir import (
+    check_cache_dir,
     check_location,
     check_resume,
     create_run_dir,
@@ -178,6 +179,7 @@ def _run(cfg: DictConfig, recipe: str, resume: Optional[str], runlog, progress: 
     from lat_lightning.stages.organism import mentions_organism, resolve_organism
 
     check_location(cfg, recipe, resume)
+    check_cache_dir()
     resumed, changes, done = None, {}, set()
     if resume:
         resumed = find_run_dir(cfg, recipe, resume)

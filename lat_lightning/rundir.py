@@ -51,6 +51,48 @@ def _check_component(value: str, key: str) -> None:
         )
 
 
+def _cannot_create_in(directory: Path) -> Optional[str]:
+    """Why no directory can be created in the existing ``directory`` (``None``: one can). Tried for real, with an
+    empty probe directory removed at once: permission bits say nothing for root or for a read-only or virtual file
+    system (``/proc``)."""
+    import tempfile
+
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return "not writable"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lat-lightning-probe-", dir=directory))
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
+
+
+def check_cache_dir() -> None:
+    """``$LAT_LIGHTNING_CACHE``, when set, is a directory the run can create entries in (models built or
+    converted once, the organism).
+
+    Raises:
+        ConfigError: it is a file, or nothing can be created where it points.
+    """
+    value = os.environ.get("LAT_LIGHTNING_CACHE")
+    if not value:
+        return
+    target = Path(os.path.expanduser(value))
+    for path in (target, *target.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ConfigError(
+                    f"LAT_LIGHTNING_CACHE '{value}': '{path}' is a file, not a directory; point "
+                    "LAT_LIGHTNING_CACHE at a writable directory (or unset it for ~/.cache/lat_lightning)"
+                )
+            problem = _cannot_create_in(path)
+            if problem:
+                raise ConfigError(
+                    f"LAT_LIGHTNING_CACHE '{value}': cannot create a directory in '{path}' ({problem}); "
+                    "point it at a writable directory (or unset it for ~/.cache/lat_lightning)"
+                )
+            return
+
+
 def check_location(cfg: DictConfig, recipe: str, resume: Optional[str] = None) -> None:
     """The run directory can be created where the config says, without leaving the run root.
 
@@ -71,10 +113,11 @@ def check_location(cfg: DictConfig, recipe: str, resume: Optional[str] = None) -
                     f"logging.root_dir '{cfg.logging.root_dir}': '{path}' is a file, not a directory; "
                     "point logging.root_dir at a directory"
                 )
-            if not os.access(path, os.W_OK | os.X_OK):
+            problem = _cannot_create_in(path)
+            if problem:
                 raise ConfigError(
-                    f"logging.root_dir '{cfg.logging.root_dir}': cannot write into '{path}'; point "
-                    "logging.root_dir at a writable directory"
+                    f"logging.root_dir '{cfg.logging.root_dir}': cannot create a directory in '{path}' "
+                    f"({problem}); point logging.root_dir at a writable directory"
                 )
             break
     from lat_lightning.training.distributed import launch_rank
@@ -291,6 +334,7 @@ def mark_stage_done(run_dir: Path, stage: str, info: Optional[dict] = None) -> N
 
 
 __all__ = [
+    "check_cache_dir",
     "check_location",
     "check_resume",
     "config_changes",

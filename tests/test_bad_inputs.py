@@ -99,7 +99,7 @@ class Case:
     args: tuple[str, ...]
     names: str
     recipe: str = "lat_tiny"
-    setup: Optional[str] = None  # "previous_run": a run of lat_tiny exists; "no_bitsandbytes"
+    setup: Optional[str] = None  # "previous_run": a run of lat_tiny exists; "no_bitsandbytes"; "unusable_cache"
 
 
 def C(id, *args, names, recipe="lat_tiny", setup=None):  # noqa: N802 - reads like a table row
@@ -425,6 +425,12 @@ CATALOGUE: list[Case] = [
         recipe=SCAN,
     ),
     C("root-dir-is-a-file", "logging.root_dir={files}/a_file", names="logging.root_dir"),
+    C(
+        "root-dir-not-creatable",
+        "logging.root_dir=/proc/lat_lightning_runs",
+        names="cannot create a directory in '/proc'",
+    ),
+    C("cache-not-creatable", names="LAT_LIGHTNING_CACHE '/proc/lat_lightning_cache'", setup="unusable_cache"),
     C("version-escapes-the-root", "logging.version=../../x", names="logging.version"),
     C("name-with-a-slash", "logging.name=a/b", names="logging.name"),
     C("version-exists", "logging.version=version_0", names="already exists", setup="previous_run"),
@@ -505,6 +511,8 @@ def test_bad_input(case, capsys, tmp_path, monkeypatch, files):
 
         run = create_run_dir(load_config("lat_tiny", [f"logging.root_dir={runs}"]), "lat_tiny")
         mark_stage_done(run, "fit", {})
+    if case.setup == "unusable_cache":  # /proc takes no new directories, whoever asks (root included)
+        monkeypatch.setenv("LAT_LIGHTNING_CACHE", "/proc/lat_lightning_cache")
     if case.setup == "no_bitsandbytes":
         real = importlib.util.find_spec
         monkeypatch.setattr(

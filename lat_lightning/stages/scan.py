@@ -4,11 +4,14 @@ run directory (``scan.jsonl``, ``scan_summary.json``, ``scan_report.md``, figure
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import cast
 
 from lat_lightning.models.settings import ModelSettings
 from lat_lightning.stages.common import load_stage_model, process_shard
+
+log = logging.getLogger(__name__)
 
 
 def load_scan_prompts(cfg, attacks=None, require_target: bool = False) -> tuple[list[str], list[str | None], list[int]]:
@@ -56,7 +59,17 @@ def load_scan_prompts(cfg, attacks=None, require_target: bool = False) -> tuple[
         row_filter=dict(cfg.data.filter or {}),
     )
     if cfg.evaluation.num_prompts is not None:
-        examples = examples[: int(cfg.evaluation.num_prompts)]
+        wanted = int(cfg.evaluation.num_prompts)
+        if wanted > len(examples):  # a cap, not a count: say how many the run really has
+            log.warning(
+                "evaluation.num_prompts=%d, but %s has %d prompts%s: using all %d",
+                wanted,
+                source,
+                len(examples),
+                " after data.filter" if cfg.data.filter else "",
+                len(examples),
+            )
+        examples = examples[:wanted]
     return ([e.prompt for e in examples], [e.harmful_response for e in examples], [int(e.index) for e in examples])
 
 

@@ -141,3 +141,23 @@ def torch_empty(n):
     import torch
 
     return torch.empty(n, device="meta")
+
+
+def test_more_prompts_asked_than_the_data_has_says_how_many_are_used(tmp_path, caplog):
+    """evaluation.num_prompts is a cap: asking for 500 of 2 prompts runs on 2, and the log says so (issue 24)."""
+    from lat_lightning.cli import load_config
+    from lat_lightning.stages.scan import load_scan_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("Tell me a secret\nOpen the vault\n", encoding="utf-8")
+    over = [f"data.harmful={path}", "evaluation.judges=[keyword]", "evaluation.attacks=[asa_random]"]
+    with caplog.at_level("WARNING", logger="lat_lightning.stages.scan"):
+        prompts, _, _ = load_scan_prompts(load_config("asa_scan_tiny", over + ["evaluation.num_prompts=500"]))
+    assert len(prompts) == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"evaluation.num_prompts=500, but {path} has 2 prompts: using all 2"
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lat_lightning.stages.scan"):
+        assert len(load_scan_prompts(load_config("asa_scan_tiny", over + ["evaluation.num_prompts=1"]))[0]) == 1
+    assert caplog.records == []  # a cap below what the data has is silent
