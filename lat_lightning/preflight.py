@@ -30,6 +30,7 @@ from lat_lightning.config import BOUNDS
 from lat_lightning.errors import ConfigError
 from lat_lightning.preflight_sources import (
     check_data_sources,
+    check_generation_budget,
     check_layers,
     check_model_specs,
     check_target_modules,
@@ -452,6 +453,8 @@ def check_model(cfg: DictConfig) -> Optional[Any]:
     original_key = f"evaluation.model_path={cfg.evaluation.model_path}" if cfg.evaluation.model_path else main_key
     if original is not None and stages & {"scan", "evaluate"}:
         check_layers(original, cfg, ("evaluation.layers",), original_key)
+    if original is not None and stages & {*SCANNING, "fit"}:  # every scan generates (the fit's validation loop too)
+        check_generation_budget(original, cfg, original_key)
     if "compare" in stages and cfg.compare.finetune and main is not None:
         check_target_modules(
             main,

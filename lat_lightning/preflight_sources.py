@@ -234,7 +234,42 @@ def check_target_modules(config, names: Sequence[str] | None, key: str, model_ke
             )
 
 
+# Where a model config states its context length (Llama-like, GPT-2, MPT, GPT-J-like); ALiBi models (BLOOM) state none.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+def context_length(config) -> int | None:
+    """The model's context length in positions, prompt and answer together (``None``: it states none)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in CONTEXT_KEYS:
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_generation_budget(config, cfg, model_key: str) -> None:
+    """``evaluation.max_new_tokens`` (and durability's) fit the model's context: a budget past it would run for as
+    long as it takes to fill a window the model cannot attend over (issue 24: 10^6 tokens ran for over ten minutes).
+
+    Raises:
+        ConfigError: naming the key, the model's context and the largest budget it leaves.
+    """
+    n = context_length(config)
+    if n is None:
+        return
+    for key in ("evaluation.max_new_tokens", "evaluation.durability.max_new_tokens"):
+        value = config_value(cfg, key)
+        if value is not None and int(value) >= n:
+            raise ConfigError(
+                f"{key}={value} does not fit the context of {model_key} ({n} positions, prompt included); "
+                f"set it below {n} minus the longest prompt's tokens"
+            )
+
+
 __all__ = [
+    "check_generation_budget",
+    "context_length",
     "check_data_sources",
     "check_layers",
     "check_model_specs",

@@ -131,6 +131,12 @@ CATALOGUE: list[Case] = [
     C("stages-empty", "stages=[]", names="stages is empty"),
     C("stages-repeated", "stages=[fit,fit]", names="stages lists fit more than once"),
     C("max-new-tokens-0", "evaluation.max_new_tokens=0", names="evaluation.max_new_tokens must be >= 1", recipe=SCAN),
+    C(
+        "max-new-tokens-beyond-context",
+        "evaluation.max_new_tokens=1000000",
+        names="evaluation.max_new_tokens=1000000 does not fit the context of model.name_or_path=tiny:llama (512",
+        recipe=SCAN,
+    ),
     C("seeds-empty", "evaluation.seeds=[]", names="evaluation.seeds is empty", recipe=SCAN),
     C("seeds-repeated", "evaluation.seeds=[0,0]", names="evaluation.seeds lists 0 more than once", recipe=SCAN),
     C("scan-layers-empty", "evaluation.layers=[]", names="evaluation.layers is empty", recipe=SCAN),
