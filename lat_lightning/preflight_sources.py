@@ -65,10 +65,49 @@ def check_model_specs(cfg) -> None:
             if is_tiny_spec(spec):
                 tiny_model_config(spec)
             else:
-                resolve_model_path(spec)
+                resolved = resolve_model_path(spec)
+                if resolved == spec and not _looks_local(spec):  # a hub id: it is fetched when a stage loads it
+                    check_hub_model(spec, key, config_value(cfg, "model.revision"))
         except ModelLoadError as exc:
             text = str(exc).replace("set model.name_or_path", f"set {key}")
             raise ModelLoadError(text if key in text else f"{key}: {text}") from None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers a TCP connection within ``timeout`` s (through a proxy: assumed so)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # only the proxy knows; the download itself will say
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def check_hub_model(spec: str, key: str, revision: str | None = None) -> None:
+    """A hub id can be had: it is in the local Hugging Face cache, or the hub is reachable. Offline
+    (``HF_HUB_OFFLINE=1``, or no connection within 3 s) a missing model fails here, in one line, instead of after
+    a minute of the hub client's retries with a run directory already made (issue 24).
+
+    Raises:
+        ModelLoadError: naming the key and both ways out.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(spec, "config.json", revision=revision), str):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if not offline and _hub_reachable():
+        return
+    why = "HF_HUB_OFFLINE=1" if offline else "the hub cannot be reached (no network)"
+    raise ModelLoadError(
+        f"{key}={spec} is not a local path and not in the Hugging Face cache, and {why}: download it first "
+        f"(huggingface-cli download {spec}) or point {key} at a local directory"
+    )
 
 
 def _data_reads(cfg) -> list[tuple[str, str]]:
@@ -268,6 +307,7 @@ def check_generation_budget(config, cfg, model_key: str) -> None:
 
 
 __all__ = [
+    "check_hub_model",
     "check_generation_budget",
     "context_length",
     "check_data_sources",

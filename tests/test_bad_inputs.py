@@ -430,6 +430,11 @@ CATALOGUE: list[Case] = [
         names="mc_bad.jsonl",
         recipe=SCAN,
     ),
+    C(
+        "hub-model-offline",
+        "model.name_or_path=nobody/not-a-downloaded-model",
+        names="model.name_or_path=nobody/not-a-downloaded-model is not a local path and not in the Hugging Face cache",
+    ),
     C("root-dir-is-a-file", "logging.root_dir={files}/a_file", names="logging.root_dir"),
     C(
         "root-dir-not-creatable",

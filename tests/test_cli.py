@@ -424,9 +424,10 @@ def test_unexpected_failure_is_one_line_exit_1(capsys, tmp_path, monkeypatch):
         return stage
 
     monkeypatch.setattr(pipeline, "get_stage", broken)
-    code, _, err = _run(capsys, "--recipe", RECIPE, f"logging.root_dir={tmp_path}")
+    local = "lat_tiny"  # a model the preflight finds offline, so the run reaches its (broken) stage
+    code, _, err = _run(capsys, "--recipe", local, f"logging.root_dir={tmp_path}")
     assert code == 1
     line = _error_line(err)
     assert "RuntimeError: kaboom" in line and "--debug" in line
     with pytest.raises(RuntimeError, match="kaboom"):
-        main(["--recipe", RECIPE, f"logging.root_dir={tmp_path}", "--debug"])
+        main(["--recipe", local, f"logging.root_dir={tmp_path}", "--debug"])
