@@ -186,6 +186,10 @@ def _run(cfg: DictConfig, recipe: str, resume: Optional[str], runlog, progress: 
         changes = check_resume(resumed, cfg)
         done = {s for s in STAGES if stage_done(resumed, s)}
     rerun = _stages_to_rerun(cfg, changes, done)
+    if resumed is not None and "fit" in [str(s) for s in cfg.stages] and ("fit" not in done or "fit" in rerun):
+        from lat_lightning.training.resume import check_resume_checkpoint
+
+        check_resume_checkpoint(resumed)  # the fit continues from it
     check_config(cfg, done=done - set(rerun), run_dir=resumed)  # no model needed
     from lat_lightning.threads import apply_thread_policy
 

@@ -99,7 +99,9 @@ class Case:
     args: tuple[str, ...]
     names: str
     recipe: str = "lat_tiny"
-    setup: Optional[str] = None  # "previous_run": a run of lat_tiny exists; "no_bitsandbytes"; "unusable_cache"
+    setup: Optional[str] = (
+        None  # "previous_run": a run of lat_tiny exists; "no_bitsandbytes"; "unusable_cache"; "corrupt_checkpoint"
+    )
 
 
 def C(id, *args, names, recipe="lat_tiny", setup=None):  # noqa: N802 - reads like a table row
@@ -446,6 +448,7 @@ CATALOGUE: list[Case] = [
     C("name-with-a-slash", "logging.name=a/b", names="logging.name"),
     C("version-exists", "logging.version=version_0", names="already exists", setup="previous_run"),
     C("resume-nothing", "--resume", "last", names="--resume last: no earlier run"),
+    C("resume-corrupt-checkpoint", "--resume", "last", names="last.ckpt cannot be read", setup="corrupt_checkpoint"),
     C("resume-path-missing", "--resume", "{runs}/nowhere", names="nowhere"),
     C(
         "resume-changed-config",
@@ -522,6 +525,13 @@ def test_bad_input(case, capsys, tmp_path, monkeypatch, files):
 
         run = create_run_dir(load_config("lat_tiny", [f"logging.root_dir={runs}"]), "lat_tiny")
         mark_stage_done(run, "fit", {})
+    if case.setup == "corrupt_checkpoint":  # a run whose fit stopped, with its last.ckpt overwritten
+        from lat_lightning.cli import load_config
+        from lat_lightning.rundir import create_run_dir
+
+        run = create_run_dir(load_config("lat_tiny", [f"logging.root_dir={runs}"]), "lat_tiny")
+        (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint, a few stray bytes" * 10)
     if case.setup == "unusable_cache":  # /proc takes no new directories, whoever asks (root included)
         monkeypatch.setenv("LAT_LIGHTNING_CACHE", "/proc/lat_lightning_cache")
     if case.setup == "no_bitsandbytes":

@@ -61,6 +61,32 @@ def checkpoint_to_resume(run_dir: Path) -> Optional[Path]:
     return last if last.exists() else None
 
 
+def check_resume_checkpoint(run_dir: Path) -> None:
+    """The checkpoint a resumed fit would continue from can be read (a file checkpoint is a zip archive whose
+    directory sits at its end: a truncated or overwritten file fails here, in one line, instead of deep inside
+    Lightning's restore; a sharded checkpoint directory is left to the restore).
+
+    Raises:
+        ConfigError: naming the file and the two ways out.
+    """
+    import zipfile
+
+    from lat_lightning.errors import ConfigError
+
+    path = _REQUESTED.get(str(Path(run_dir).resolve())) or Path(run_dir) / "checkpoints" / LAST
+    if not path.is_file():
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ConfigError(
+            f"checkpoint {path} cannot be read ({exc}): resume from an earlier one (--resume "
+            f"{Path(run_dir) / 'checkpoints'}/step<N>.ckpt, when trainer.checkpoint_every_n_steps kept them) or "
+            "start the run fresh (without --resume)"
+        ) from None
+
+
 # ------------------------------------------------------------------------------------------ RNG and gradients
 def rng_state() -> dict[str, Any]:
     """Global RNG states (dropout draws from these; the perturbation noise does not), as tensors and plain
@@ -240,6 +266,7 @@ class InterruptCheckpoint(Callback):
 
 
 __all__ = [
+    "check_resume_checkpoint",
     "InterruptCheckpoint",
     "TrainingInterrupted",
     "accumulated_gradients",
