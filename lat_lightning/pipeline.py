@@ -39,6 +39,7 @@ from omegaconf import DictConfig
 from lat_lightning.config import STAGES
 from lat_lightning.errors import LatLightningError, RunInterrupted
 from lat_lightning.interrupts import StopRequested, received, signal_name, stop_on_signals
+from lat_lightning.progress_lines import quiet_third_party_bars
 from lat_lightning.rundir import (
     check_cache_dir,
     check_location,
@@ -180,6 +181,7 @@ def _run(cfg: DictConfig, recipe: str, resume: Optional[str], runlog, progress: 
 
     check_location(cfg, recipe, resume)
     check_cache_dir()
+    quiet_third_party_bars(sys.stderr)  # in a log (not a terminal) their redrawn frames would pile up
     resumed, changes, done = None, {}, set()
     if resume:
         resumed = find_run_dir(cfg, recipe, resume)

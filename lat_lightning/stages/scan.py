@@ -248,8 +248,7 @@ def run(cfg, run_dir: Path) -> dict:
             f"{ties})  MASR {fmt(h['masr_mean'])}  [{result.primary_judge}]",
             flush=True,
         )
-    for w in result.summary.get("warnings", []):
-        print(f"[scan] WARNING: {w}", flush=True)
+    # The summary's warnings reached the console once already, as the scan logged them ("scan: ..."), and run.log
     print(f"[scan] report: {Path(run_dir) / REPORT_FILE}", flush=True)
     return info
 

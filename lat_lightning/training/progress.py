@@ -13,6 +13,12 @@ import sys
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
+from lat_lightning.progress_lines import LineProgressMixin
+
+
+class _StepTqdm(LineProgressMixin, Tqdm):
+    """Lightning's bar, written as plain lines (a tenth of the steps, or 30 s, apart) when not on a terminal."""
+
 
 class StepProgressBar(TQDMProgressBar):
     """One bar per fit: optimiser steps done / ``max_steps``, elapsed < remaining, loss in the postfix.
@@ -29,7 +35,7 @@ class StepProgressBar(TQDMProgressBar):
         self._bar_made = False
 
     def init_train_tqdm(self, total: int | None = None, initial: int = 0) -> Tqdm:
-        return Tqdm(
+        return _StepTqdm(
             desc=self.description,
             total=total,
             initial=initial,

@@ -30,6 +30,7 @@ from lat_lightning.eval.scan.records import (
     settings_fingerprint,
 )
 from lat_lightning.eval.scan.settings import ScanOptions, ScanPrompts, ScanSettings
+from lat_lightning.progress_lines import LineProgress
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +322,6 @@ def _attacked_cells(
 def generate_cells(run: ScanRun, data: ScanPrompts, records: dict[tuple, dict], sink: RecordSink) -> int:
     """Generate, judge and stream every cell of this rank that ``records`` lacks; fill in what records read back
     lack (coherence, a judge added since). Returns the number of cells generated."""
-    from tqdm.auto import tqdm
 
     clean_todo = [i for i in run.mine if cell_key(CLEAN_ATTACK, None, i, CLEAN) not in records]
     todo = {
@@ -338,7 +338,7 @@ def generate_cells(run: ScanRun, data: ScanPrompts, records: dict[tuple, dict], 
     # ETA extrapolate their rate to the whole scan; they show in the description while they run.
     total = sum(len(v) for v in todo.values())
     label = "scan" if run.world == 1 else f"scan (rank {run.rank}/{run.world})"
-    bar = tqdm(
+    bar = LineProgress(  # a bar on a terminal, a line per tenth in a log
         total=total,
         desc=f"{label}: clean answers" if clean_todo else label,
         unit="cell",
