@@ -45,6 +45,10 @@ class LineProgressMixin:
         bar.fp.flush()
         return True
 
+    def clear(self, nolock: bool = False) -> None:
+        if not self._plain():  # a plain line is never erased (tqdm clears with a carriage return)
+            super().clear(nolock)  # type: ignore[misc]
+
 
 class LineProgress(LineProgressMixin, tqdm):
     """tqdm that writes plain lines (a tenth of the work, or 30 s, apart) when its stream is not a terminal."""

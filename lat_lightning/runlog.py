@@ -41,6 +41,16 @@ KNOWN_NOISE: tuple[tuple[str, str, str], ...] = (
     ),
     ("lightning", r"Tip: For seamless cloud", "Lightning's advertisement for its litlogger / litmodels packages"),
     (
+        "lightning",
+        r"^(GPU|TPU|HPU) available: ",
+        "Lightning's accelerator banner at every fit; the run's device is trainer.accelerator (and run.log keeps it)",
+    ),
+    (
+        "kernels",
+        r"Skipping publisher trust check",
+        "the optional kernels package (imported by bitsandbytes) notes it is offline; nothing to act on",
+    ),
+    (
         "py.warnings",
         r"Total length of `\w+` across ranks is zero",
         "a fit without held-out data has no validation batches, by design",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence, cast
@@ -26,6 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lat_lightning.data.datamodule import SafetyDataModule
 from lat_lightning.models.loading import load_model
 from lat_lightning.models.settings import ModelSettings
+from lat_lightning.progress_lines import is_terminal
 from lat_lightning.training.module import LatentAdversarialModule
 from lat_lightning.training.progress import StepProgressBar
 from lat_lightning.training.resume import InterruptCheckpoint, TrainingInterrupted, checkpoint_to_resume
@@ -72,7 +74,7 @@ class SizedCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             line = f"[fit] checkpoint {filepath}: {human_size(_size_of(Path(filepath)))}"
             bar = trainer.progress_bar_callback
-            if bar is not None and getattr(bar, "is_enabled", False):
+            if bar is not None and getattr(bar, "is_enabled", False) and is_terminal(sys.stdout):
                 bar.print(line)  # on its own line above the progress bar
             else:
                 print(line, flush=True)

@@ -9,6 +9,7 @@ the steps run so far (no smoothing towards the last one).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
@@ -18,6 +19,19 @@ from lat_lightning.progress_lines import LineProgressMixin
 
 class _StepTqdm(LineProgressMixin, Tqdm):
     """Lightning's bar, written as plain lines (a tenth of the steps, or 30 s, apart) when not on a terminal."""
+
+
+def _as_line_bars(make: Callable[[], Tqdm]) -> Tqdm:
+    """``make()`` (one of Lightning's ``init_*_tqdm``) with the bar class it names swapped for :class:`_StepTqdm`
+    for the call (it refers to the module's ``Tqdm`` by name; the swap is undone at once)."""
+    import lightning.pytorch.callbacks.progress.tqdm_progress as lightning_tqdm
+
+    original = lightning_tqdm.Tqdm
+    lightning_tqdm.Tqdm = _StepTqdm  # type: ignore[misc]
+    try:
+        return make()
+    finally:
+        lightning_tqdm.Tqdm = original  # type: ignore[misc]
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -33,6 +47,14 @@ class StepProgressBar(TQDMProgressBar):
         super().__init__(refresh_rate=refresh_rate)
         self.description = description
         self._bar_made = False
+
+    # Lightning builds its other bars (sanity check, validation) with the module's ``Tqdm``: built as ``_StepTqdm``
+    # instead, they too are plain lines in a log.
+    def init_sanity_tqdm(self) -> Tqdm:
+        return _as_line_bars(super().init_sanity_tqdm)
+
+    def init_validation_tqdm(self) -> Tqdm:
+        return _as_line_bars(super().init_validation_tqdm)
 
     def init_train_tqdm(self, total: int | None = None, initial: int = 0) -> Tqdm:
         return _StepTqdm(
