@@ -165,13 +165,19 @@ def quantization_config(cfg: ModelSettings):
     )
 
 
-def apply_lora(model: nn.Module, cfg: ModelSettings, config_key: str = "model.lora.target_modules") -> nn.Module:
+def apply_lora(
+    model: nn.Module,
+    cfg: ModelSettings,
+    config_key: str = "model.lora.target_modules",
+    warn_left_out_weights: bool = True,
+) -> nn.Module:
     """Wrap ``model`` with LoRA adapters as ``cfg.lora`` says (base weights frozen, train/eval mode kept).
 
     ``cfg.lora.target_modules`` unset adapts every linear layer of the decoder blocks and any fused expert
     weights (:mod:`lat_lightning.models.lora_targets`); a list is used as given, with a warning naming the block
     weights it leaves out. The choice is logged and recorded on the returned model
-    (:func:`~lat_lightning.models.lora_targets.lora_targets_of`). ``config_key`` is the setting the messages name.
+    (:func:`~lat_lightning.models.lora_targets.lora_targets_of`). ``config_key`` is the setting the messages name;
+    ``warn_left_out_weights=False`` drops the warning where the list is a default chosen by design, not the user's.
 
     Raises:
         ModelLoadError: the targets match nothing in this model, or peft refuses the config.
@@ -218,7 +224,8 @@ def apply_lora(model: nn.Module, cfg: ModelSettings, config_key: str = "model.lo
     # New adapter modules start in train mode (dropout on) even on an eval-mode model: keep the mode.
     wrapped.train(was_training)
     coverage(wrapped, targets)
-    warn_left_out(targets, config_key)
+    if warn_left_out_weights:
+        warn_left_out(targets, config_key)
     log.info(targets.summary())
     setattr(wrapped, ATTRIBUTE, targets)
     return wrapped

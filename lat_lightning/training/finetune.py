@@ -186,7 +186,11 @@ def lora_finetune(
         torch.manual_seed(int(st.seed))
         # apply_lora reads only the ``lora`` section of its model settings: _ModelSpec is that part
         twin = apply_lora(
-            twin, cast("ModelSettings", adapters), config_key="evaluation.durability.finetune_target_modules"
+            twin,
+            cast("ModelSettings", adapters),
+            config_key="evaluation.durability.finetune_target_modules",
+            # the attention projections are the fine-tuning attack's default by design: no "left out" warning for it
+            warn_left_out_weights=st.target_modules is not None,
         )
     sft = SFTSettings(
         steps=int(st.steps),

@@ -123,7 +123,7 @@ ATTENTION = {
 
 @pytest.mark.parametrize("arch", sorted(ATTENTION))
 def test_the_fine_tuning_attack_adapts_the_attention_projections_of_any_family(
-    arch, tiny_model_dirs, tiny_tokenizer, tmp_path
+    arch, tiny_model_dirs, tiny_tokenizer, tmp_path, caplog
 ):
     """``evaluation.durability.finetune_target_modules: null``: the names resolve to the attention's linear layers
     and nothing else (GPT-2's MLP has a ``c_proj`` too, Falcon's ``dense_h_to_4h``); the fixed q/k/v/o list of
@@ -149,3 +149,16 @@ def test_the_fine_tuning_attack_adapts_the_attention_projections_of_any_family(
         adapted = [n for n, m in block.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
         assert sorted(adapted) == sorted(ATTENTION[arch]), arch
     assert len(out["train_loss"]) == 1 and torch.isfinite(torch.tensor(out["train_loss"])).all()
+    # the attention projections are the default by design: no "leave out" warning the user did not ask for (the
+    # demo's log once held it 8 times)
+    assert not [r for r in caplog.records if "leave out these weights" in r.getMessage()]
+    lora_finetune(
+        model,
+        tiny_tokenizer,
+        pairs,
+        tmp_path / "explicit",
+        LoraFinetuneSettings(
+            steps=1, lr=1e-3, batch_size=2, lora_r=2, lora_alpha=4, save_adapter=False, target_modules=tuple(names)
+        ),
+    )
+    assert [r for r in caplog.records if "leave out these weights" in r.getMessage()]  # a list the user set: told
