@@ -66,6 +66,22 @@ def _cannot_create_in(directory: Path) -> Optional[str]:
     return None
 
 
+IS_A_FILE = "is a file"  # what _creation_obstacle says of an ancestor that is a file
+
+
+def _creation_obstacle(target: Path) -> Optional[tuple[Path, str]]:
+    """Why ``target`` (a directory, created with its parents) cannot be made: its nearest existing ancestor (itself
+    included) and :data:`IS_A_FILE` or the reason nothing can be created in it (:func:`_cannot_create_in`);
+    ``None`` when it can."""
+    for path in (target, *target.parents):
+        if path.exists():
+            if not path.is_dir():
+                return path, IS_A_FILE
+            problem = _cannot_create_in(path)
+            return (path, problem) if problem else None
+    return None
+
+
 def check_cache_dir() -> None:
     """``$LAT_LIGHTNING_CACHE``, when set, is a directory the run can create entries in (models built or
     converted once, the organism).
@@ -76,21 +92,19 @@ def check_cache_dir() -> None:
     value = os.environ.get("LAT_LIGHTNING_CACHE")
     if not value:
         return
-    target = Path(os.path.expanduser(value))
-    for path in (target, *target.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise ConfigError(
-                    f"LAT_LIGHTNING_CACHE '{value}': '{path}' is a file, not a directory; point "
-                    "LAT_LIGHTNING_CACHE at a writable directory (or unset it for ~/.cache/lat_lightning)"
-                )
-            problem = _cannot_create_in(path)
-            if problem:
-                raise ConfigError(
-                    f"LAT_LIGHTNING_CACHE '{value}': cannot create a directory in '{path}' ({problem}); "
-                    "point it at a writable directory (or unset it for ~/.cache/lat_lightning)"
-                )
-            return
+    obstacle = _creation_obstacle(Path(os.path.expanduser(value)))
+    if obstacle is None:
+        return
+    path, problem = obstacle
+    if problem == IS_A_FILE:
+        raise ConfigError(
+            f"LAT_LIGHTNING_CACHE '{value}': '{path}' is a file, not a directory; point "
+            "LAT_LIGHTNING_CACHE at a writable directory (or unset it for ~/.cache/lat_lightning)"
+        )
+    raise ConfigError(
+        f"LAT_LIGHTNING_CACHE '{value}': cannot create a directory in '{path}' ({problem}); "
+        "point it at a writable directory (or unset it for ~/.cache/lat_lightning)"
+    )
 
 
 def check_location(cfg: DictConfig, recipe: str, resume: Optional[str] = None) -> None:
@@ -106,20 +120,18 @@ def check_location(cfg: DictConfig, recipe: str, resume: Optional[str] = None) -
         _check_component(str(cfg.logging.version), "logging.version")
     root = Path(os.path.expanduser(str(cfg.logging.root_dir)))
     parent = root / run_name(cfg, recipe)
-    for path in (parent, *parent.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise ConfigError(
-                    f"logging.root_dir '{cfg.logging.root_dir}': '{path}' is a file, not a directory; "
-                    "point logging.root_dir at a directory"
-                )
-            problem = _cannot_create_in(path)
-            if problem:
-                raise ConfigError(
-                    f"logging.root_dir '{cfg.logging.root_dir}': cannot create a directory in '{path}' "
-                    f"({problem}); point logging.root_dir at a writable directory"
-                )
-            break
+    obstacle = _creation_obstacle(parent)
+    if obstacle is not None:
+        path, problem = obstacle
+        if problem == IS_A_FILE:
+            raise ConfigError(
+                f"logging.root_dir '{cfg.logging.root_dir}': '{path}' is a file, not a directory; "
+                "point logging.root_dir at a directory"
+            )
+        raise ConfigError(
+            f"logging.root_dir '{cfg.logging.root_dir}': cannot create a directory in '{path}' "
+            f"({problem}); point logging.root_dir at a writable directory"
+        )
     from lat_lightning.training.distributed import launch_rank
 
     # Ranks > 0 of a launch follow the directory rank 0 creates (under this very name).
