@@ -11,6 +11,8 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from lat_lightning.models.layers import SUPPORTED_ARCHITECTURES
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
@@ -27,27 +29,10 @@ _DEFAULT_CORPUS = [
     "The quick brown fox jumps over the lazy dog 0123456789.",
 ]
 
-# Decoder families a tiny random model can be built for. Falcon, BLOOM and MPT blocks return tuples (the others
-# a tensor); Mixtral's experts are fused 3-D parameters; gemma2/gemma3 mix sliding-window and global layers.
-TINY_ARCHITECTURES = (
-    "llama",
-    "mistral",
-    "qwen2",
-    "gemma",
-    "gemma2",
-    "phi3",
-    "gpt2",
-    "gpt_neox",
-    "falcon",
-    "bloom",
-    "mpt",
-    "qwen3",
-    "gemma3",
-    "olmo2",
-    "phi",
-    "mixtral",
-    "llama4",
-)
+# A tiny random model of every supported family (lat_lightning.models.layers.SUPPORTED_ARCHITECTURES). Falcon,
+# BLOOM, MPT and Llama-4 blocks return tuples (the others a tensor); Mixtral's and Llama-4's experts are fused 3-D
+# parameters; gemma2/gemma3 mix sliding-window and global layers.
+TINY_ARCHITECTURES = SUPPORTED_ARCHITECTURES
 
 
 def build_tokenizer(corpus: Optional[Iterable[str]] = None, vocab_size: int = 384, chat_template: bool = True):
