@@ -8,26 +8,9 @@ Evaluation never reads the run config: the ``durability`` and ``compare`` stages
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from lat_lightning.errors import ConfigError
 from lat_lightning.eval.durability import DurabilityChecks, DurabilitySettings
-
-
-def _plain(value: Any) -> Any:
-    """A config node's list as a list, its mapping as a dict, anything else as is."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
-def _fields(section: Any, cls: type) -> dict[str, Any]:
-    """The values of ``cls``' fields in a config section (an OmegaConf node or a dataclass); keys the section
-    lacks keep ``cls``' defaults."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    return {name: _plain(getattr(section, name)) for name in names if hasattr(section, name)}
 
 
 def durability_settings(cfg) -> DurabilitySettings:
@@ -41,12 +24,12 @@ def durability_settings(cfg) -> DurabilitySettings:
     """
     from omegaconf import OmegaConf
 
-    from lat_lightning.stages.settings import scan_settings
+    from lat_lightning.stages.settings import scan_settings, to_settings
 
     if dataclasses.is_dataclass(cfg):  # a RunConfig object: read it through OmegaConf like the CLI's
         cfg = OmegaConf.structured(cfg)
     try:
-        checks = DurabilityChecks(**_fields(cfg.evaluation.durability, DurabilityChecks))
+        checks = to_settings(DurabilityChecks, cfg.evaluation.durability)  # the section's schema is DurabilityChecks
     except ValueError as exc:  # the message starts with the field's name
         raise ConfigError(f"evaluation.durability.{exc}") from None
     try:

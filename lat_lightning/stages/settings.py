@@ -111,9 +111,7 @@ def coherence_settings(cfg) -> CoherenceSettings:
     without the section)."""
     ev = cfg.evaluation
     node = ev.get("coherence") if hasattr(ev, "get") else getattr(ev, "coherence", None)
-    if node is None:
-        return CoherenceSettings()
-    return CoherenceSettings(**{f.name: getattr(node, f.name) for f in dataclasses.fields(CoherenceSettings)})
+    return CoherenceSettings() if node is None else to_settings(CoherenceSettings, node)
 
 
 def generation_settings(cfg) -> GenerationSettings:
