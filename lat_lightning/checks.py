@@ -26,7 +26,9 @@ import difflib
 import re
 import typing
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 # Layer lists may also name the input embeddings and every block; those are checked against the model later.
 LAYER_NAMES = ("embed", "all")
@@ -137,6 +139,20 @@ def validate(settings: Any, prefix: str = "") -> None:
             raise ValueError(error)
 
 
+def settings_copy(cls: type[T], value: Any) -> T:
+    """``value`` as a ``cls`` settings object: itself, the defaults for ``None``, or a copy of any object with the
+    same fields (a config section's node; a list-like value becomes a list)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+
+    def plain(v: Any) -> Any:
+        return list(v) if hasattr(v, "__len__") and not isinstance(v, (str, bytes, dict)) else v
+
+    return cls(**{f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+
+
 def walk(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field]]:
     """Every field of a (schema) dataclass as ``(key path, field)``, nested dataclass sections included."""
     hints = typing.get_type_hints(cls)
@@ -155,6 +171,7 @@ __all__ = [
     "range_error",
     "satisfies",
     "setting",
+    "settings_copy",
     "validate",
     "walk",
 ]

@@ -27,6 +27,7 @@ from lat_lightning.attacks.refusal_ablation import RefusalAblation
 from lat_lightning.attacks.refusal_addition import RefusalAddition
 from lat_lightning.attacks.settings import AttackSettings
 from lat_lightning.attacks.transfer import Transfer
+from lat_lightning.checks import settings_copy
 
 ATTACKS: dict[str, type[Attack]] = {
     "none": NoAttack,
@@ -60,11 +61,6 @@ def check_attack_name(name: str, key: str = "perturbation.attack", scan: bool = 
     return name
 
 
-def _plain(value):
-    """A list for any sequence that is not a string (a config node's list), the value otherwise."""
-    return list(value) if hasattr(value, "__len__") and not isinstance(value, (str, bytes, dict)) else value
-
-
 def build_attack(name: str, settings: AttackSettings | None = None, **overrides) -> Attack:
     """Instantiate the attack ``name`` with ``settings`` (a copy, ``overrides`` applied).
 
@@ -77,13 +73,7 @@ def build_attack(name: str, settings: AttackSettings | None = None, **overrides)
         ValueError: for an unknown name or an invalid setting (e.g. ``eps <= 0``, ``steps < 1``).
     """
     check_attack_name(name)
-    if settings is None:
-        settings = AttackSettings()
-    elif not isinstance(settings, AttackSettings):  # any object with the same fields (e.g. a config section)
-        settings = AttackSettings(
-            **{f.name: _plain(getattr(settings, f.name)) for f in dataclasses.fields(AttackSettings)}
-        )
-    settings = dataclasses.replace(settings, **overrides)
+    settings = dataclasses.replace(settings_copy(AttackSettings, settings), **overrides)
     return ATTACKS[name](settings)
 
 

@@ -8,7 +8,6 @@ never reads the raw config. A range or a choice is written beside its field (:fu
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,23 +16,11 @@ from typing import Any, Optional, Union
 from lat_lightning.attacks import Attack
 from lat_lightning.attacks.positions import GENERATION_POLICIES
 from lat_lightning.attacks.settings import AttackSettings, Layer
-from lat_lightning.checks import setting, validate
+from lat_lightning.checks import setting, settings_copy, validate
 from lat_lightning.eval.coherence import CoherenceSettings
 from lat_lightning.eval.generation import GenerationSettings
 
 SPLIT_MODES = ("prompt", "layer_stratified")  # lat_lightning.eval.asabench's split modes
-
-
-def _settings_copy(cls: type, value: Any) -> Any:
-    """``value`` as a ``cls``: itself, or a copy of an object with the same fields (e.g. a config section)."""
-    if value is None or isinstance(value, cls):
-        return value if value is not None else cls()
-    return cls(**{f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(cls)})
-
-
-def _plain(value):
-    """A list for any sequence that is not a string (a config node's list), the value otherwise."""
-    return list(value) if hasattr(value, "__len__") and not isinstance(value, (str, bytes, dict)) else value
 
 
 @dataclass(frozen=True)
@@ -97,8 +84,8 @@ class ScanSettings:
             object.__setattr__(self, "probe_seeds", tuple(int(s) for s in self.probe_seeds))
         validate(self)
         # An object with the same fields (a config section) is taken as a copy, like build_attack does.
-        object.__setattr__(self, "perturbation", _settings_copy(AttackSettings, self.perturbation))
-        object.__setattr__(self, "coherence", _settings_copy(CoherenceSettings, self.coherence))
+        object.__setattr__(self, "perturbation", settings_copy(AttackSettings, self.perturbation))
+        object.__setattr__(self, "coherence", settings_copy(CoherenceSettings, self.coherence))
 
     def attack_names(self) -> list[str]:
         """The attacks' names (an attack object's own ``name``)."""
