@@ -244,10 +244,9 @@ def fit(
         require_target=module.attack.needs_target or bool(cfg.loss.away_from_harmful),
     )
     callbacks = build_callbacks(cfg, run_dir, scan) + list(extra_callbacks)
-    strategy = build_strategy(trainer_settings(cfg), model_cfg, cfg.perturbation.early_stop_loss)
-    trainer = build_trainer(
-        trainer_settings(cfg), strategy, run_dir, callbacks, tensorboard=bool(cfg.logging.tensorboard)
-    )
+    trainer_cfg = trainer_settings(cfg)
+    strategy = build_strategy(trainer_cfg, model_cfg, cfg.perturbation.early_stop_loss)
+    trainer = build_trainer(trainer_cfg, strategy, run_dir, callbacks, tensorboard=bool(cfg.logging.tensorboard))
     return train(module, datamodule, trainer, run_dir, model_cfg, resume=resume)
 
 
