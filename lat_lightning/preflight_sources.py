@@ -8,6 +8,7 @@ names the key or file.
 
 from __future__ import annotations
 
+import functools
 import os
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Sequence, cast
@@ -73,8 +74,10 @@ def check_model_specs(cfg) -> None:
             raise ModelLoadError(text if key in text else f"{key}: {text}") from None
 
 
+@functools.lru_cache(maxsize=1)
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the hub's host answers a TCP connection within ``timeout`` s (through a proxy: assumed so)."""
+    """Whether the hub's host answers a TCP connection within ``timeout`` s (through a proxy: assumed so). Asked once
+    per process: a run that names several hub ids (model, tokenizer, compare path) waits at most once."""
     import socket
     from urllib.parse import urlparse
 
