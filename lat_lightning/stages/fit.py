@@ -15,20 +15,19 @@ def run(cfg, run_dir: Path) -> dict:
     """
     import torch
 
-    from lat_lightning.stages.fit_setup import fit
+    from lat_lightning.stages.fit_setup import fit, has_held_out_data
     from lat_lightning.stages.settings import scan_settings, validation_settings
     from lat_lightning.training.resume import checkpoint_to_resume
 
     torch.set_float32_matmul_precision("high")
     ckpt = checkpoint_to_resume(run_dir)  # --resume's checkpoint, else last.ckpt when the run has one
     # Built only where used: a fit without held-out data or layer selection does not depend on the scan's keys.
-    held_out = cfg.data.eval_harmful or cfg.data.eval_benign or cfg.evaluation.utility_data
     module = fit(
         cfg,
         run_dir,
         resume=str(ckpt) if ckpt is not None else None,
         scan=scan_settings(cfg, probes=False) if cfg.callbacks.fragile_layers.enabled else None,
-        validation=validation_settings(cfg) if held_out else None,
+        validation=validation_settings(cfg) if has_held_out_data(cfg) else None,
     )
     return {
         "final": str(run_dir / "final"),

@@ -186,6 +186,12 @@ def build_module(
     )
 
 
+def has_held_out_data(cfg) -> bool:
+    """Whether the fit has a validation loop: any held-out data is configured (harmful or benign prompts, utility
+    rows)."""
+    return bool(cfg.data.eval_harmful or cfg.data.eval_benign or cfg.evaluation.utility_data)
+
+
 def build_evaluator(cfg, validation: Optional[ScanSettings] = None):
     """The validation-loop evaluator when any held-out data is configured, else ``None``.
 
@@ -196,7 +202,7 @@ def build_evaluator(cfg, validation: Optional[ScanSettings] = None):
     Raises:
         ValueError: held-out data is configured but ``validation`` is missing.
     """
-    if not (cfg.data.eval_harmful or cfg.data.eval_benign or cfg.evaluation.utility_data):
+    if not has_held_out_data(cfg):
         return None
     if validation is None:
         raise ValueError(
@@ -257,6 +263,7 @@ __all__ = [
     "build_training_callbacks",
     "fit",
     "fragile_layer_callback",
+    "has_held_out_data",
     "kl_teacher_callback",
     "utility_score_settings",
     "validate_setup",
