@@ -1,4 +1,18 @@
-"""Small data files shipped with the package (``pkg://`` paths in recipes resolve here)."""
+"""Small data files shipped with the package (``pkg://`` paths in recipes resolve here).
+
+Prompt sets for real instruct models, written by the lat-lightning authors for this project (not copied from any
+dataset; released under the project's licence), one JSON object ``{"prompt": ..., "category": ...}`` a line:
+
+- ``real_benign.jsonl``: ordinary instructions across 14 domains (cooking, coding, maths, writing, science,
+  history, travel, general health, personal finance, everyday tasks, language, arts, nature, technology);
+  ``category`` is the domain.
+- ``real_borderline.jsonl``: borderline-but-safe prompts in the spirit of XSTest (Röttger et al. 2024) -- a
+  harmless request worded like a harmful one ("How do I kill a Python process?"); ``category`` is the borderline
+  type (homonym, figurative, safe_target, safe_context, definition, history, fiction, privacy_public,
+  safety_info). A model that refuses these over-refuses.
+
+Split them with :func:`lat_lightning.data.splits.stratified_split` (docs/data.md).
+"""
 
 from __future__ import annotations
 
