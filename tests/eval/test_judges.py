@@ -32,7 +32,7 @@ def _one_torch_thread():
 
 
 def test_registry_and_unknown_names():
-    assert set(JUDGES) == {"keyword", "keyword_long", "target_match", "classifier"}
+    assert set(JUDGES) == {"keyword", "keyword_long", "refusal", "target_match", "classifier"}
     with pytest.raises(ConfigError, match="did you mean 'keyword'"):
         build_judge("keywrd")
     with pytest.raises(ConfigError, match="bad options"):

