@@ -176,6 +176,7 @@ def check_data_sources(cfg) -> None:
         spec = str(config_value(cfg, key))
         if kind == "organism" or not _checkable(spec):
             continue
+        source = spec  # the error below names the spec when resolving it fails (a pip:// file not in its wheel)
         try:
             source = resource_path(spec)
             if kind == "safety":

