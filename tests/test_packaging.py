@@ -105,6 +105,18 @@ def test_recipes_are_reachable_as_package_resources():
     assert shipped and shipped <= files
 
 
+def test_shipped_data_files_are_package_data():
+    """Every data file in lat_lightning/resources (the real prompt sets included) matches a package_data pattern,
+    so a non-editable install ships it."""
+    patterns = [x.strip() for x in _setup_cfg()["options.package_data"]["lat_lightning.resources"].split(",")]
+    data = [p for p in (REPO / "lat_lightning" / "resources").iterdir() if p.is_file() and p.suffix != ".py"]
+    assert {"real_benign.jsonl", "real_borderline.jsonl"} <= {p.name for p in data}
+    unshipped = [p.name for p in data if not any(p.match(pat) for pat in patterns)]
+    assert not unshipped, f"not in [options.package_data] lat_lightning.resources: {unshipped}"
+    installed = {p.name for p in resources.files("lat_lightning.resources").iterdir()}
+    assert {p.name for p in data} <= installed
+
+
 STALE = (
     "the installed package is out of date with setup.cfg: rerun `make test` (it reinstalls when setup.cfg "
     "changes) or `pip install -e '.[dev,quant,gguf]'`"
