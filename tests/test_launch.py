@@ -146,3 +146,27 @@ def test_torchrun_environment_wins(monkeypatch):
     assert "torchrun started 4 processes" in world.describe()
     launch = Launch(world, trainer)
     assert launch.start() == world and launch.children() == []  # no Fabric, no process started
+
+
+def test_rank_zero_that_fails_stops_its_children_and_is_not_killed_by_lightnings_observer():
+    """Rank 0 stopping with an error sends SIGTERM to the processes it started; Lightning's observer, which
+    SIGKILLs the main process when a child exits non-zero, is retired first (else this test process would die)."""
+    import signal
+    import time
+
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+    from lat_lightning.cli import load_config
+    from lat_lightning.stages.settings import trainer_settings
+    from lat_lightning.training.launch import Launch, World
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    observer = _ChildProcessObserver(main_pid=os.getpid(), child_processes=[child], sleep_period=0.05)
+    observer.start()
+    launch = Launch(World(1, 0, 1, 1, "one process"), trainer_settings(load_config("asa_scan_tiny")))
+    launch.children = lambda: [child]  # type: ignore[method-assign] - the one Lightning would have started
+    launch.finish(failed=True)
+    assert child.returncode == -signal.SIGTERM
+    observer.join(timeout=5)
+    time.sleep(0.2)
+    assert not observer.is_alive()  # it ended without killing this process

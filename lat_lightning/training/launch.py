@@ -198,10 +198,12 @@ class Launch:
                 stage stops the way a pre-empted job does), so none is left waiting in a collective.
 
         Raises:
-            ConfigError: never; a child that failed is reported in ``run.log`` and raised as RuntimeError.
+            RuntimeError: a process this one started exited with an error after this one finished its stages
+                (while this one runs, Lightning's observer stops the whole launch when a child fails).
         """
         procs = self.children()
         if failed:
+            _stop_observing()  # the children stopped below exit non-zero: Lightning's observer would SIGKILL us
             for proc in procs:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
@@ -213,9 +215,20 @@ class Launch:
                 proc.kill()
                 code = proc.wait()
             if code:
-                bad.append(f"rank {rank} exited with status {code}")
+                bad.append(f"local rank {rank} exited with status {code}")
         if bad and not failed:
-            raise RuntimeError(f"{'; '.join(bad)} (its error is above and in run.log)")
+            raise RuntimeError(f"{'; '.join(bad)} (its own error line is above)")
+
+
+def _stop_observing() -> None:
+    """Retire Lightning's child-process observer (a thread that SIGKILLs this process when a child exits
+    non-zero): when this process stops the children itself, it reports the stop and must not be killed first.
+    An observer with no children to watch ends at its next poll."""
+    import threading
+
+    for thread in threading.enumerate():
+        if thread.name == "child-process-observer" and hasattr(thread, "_child_processes"):
+            thread._child_processes = []
 
 
 def wait_for_all(world: World) -> None:
