@@ -221,7 +221,8 @@ def _run(cfg: DictConfig, recipe: str, resume: Optional[str], runlog, progress: 
     check_config(cfg, done=done - set(rerun), run_dir=resumed)  # no model needed
     from lat_lightning.threads import apply_thread_policy
 
-    apply_thread_policy()  # threads from the cores free now (again before every stage); LAT_LIGHTNING_THREADS
+    # Threads from the cores free now (again before every stage); LAT_LIGHTNING_THREADS. Said once, by rank 0.
+    apply_thread_policy(verbose=launch_rank() == 0)
     # The models' config.json only: nothing is built or loaded. The main model's width sets the stages' thread
     # count (lat_lightning.threads).
     described = check_model(cfg)
@@ -291,7 +292,7 @@ def _run_stages(cfg: DictConfig, resume, run_dir: Path, rerun: list[str], world,
                 stage_cfg = _one_process_config(cfg)
         if shared:
             wait_for_all(world)
-        apply_thread_policy(model_width=width)
+        apply_thread_policy(model_width=width, verbose=lead)
         info = get_stage(stage)(stage_cfg, run_dir) or {}
         if lead:  # the markers are rank 0's: a rank's own share never overwrites the stage's record
             launch = {**world.as_dict(), "ranks": world.size if shared else 1}  # ranks: processes that did its work
