@@ -172,3 +172,14 @@ def test_rank_zero_that_fails_stops_its_children_and_is_not_killed_by_lightnings
     observer.join(timeout=5)
     time.sleep(0.2)
     assert not observer.is_alive()  # it ended without killing this process
+
+
+def test_a_stopped_multi_process_scan_counts_the_cells_of_every_rank(tmp_path):
+    """The stop line of a multi-process scan counts what every rank streamed (kept for --resume), not only the
+    merged ``scan.jsonl`` (which a stop before the merge leaves empty)."""
+    from lat_lightning.stages.scan import cells_saved, saved
+
+    assert saved(tmp_path) is None
+    (tmp_path / "scan.rank0.jsonl").write_text('{"a": 1}\n{"a": 2}\n')
+    (tmp_path / "scan.rank1.jsonl").write_text('{"a": 3}\n{"a": 4')  # a torn last line is not a cell
+    assert cells_saved(tmp_path / "scan.jsonl") == 3 and saved(tmp_path) == "3 finished cells in scan.jsonl (kept)"
