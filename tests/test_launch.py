@@ -183,3 +183,23 @@ def test_a_stopped_multi_process_scan_counts_the_cells_of_every_rank(tmp_path):
     (tmp_path / "scan.rank0.jsonl").write_text('{"a": 1}\n{"a": 2}\n')
     (tmp_path / "scan.rank1.jsonl").write_text('{"a": 3}\n{"a": 4')  # a torn last line is not a cell
     assert cells_saved(tmp_path / "scan.jsonl") == 3 and saved(tmp_path) == "3 finished cells in scan.jsonl (kept)"
+
+
+def test_devices_inside_a_one_task_slurm_job_is_refused(monkeypatch):
+    """In a SLURM job Lightning leaves starting processes to srun; asking for 2 devices from one task would run one
+    process, so it is bad input (before anything is written)."""
+    from lat_lightning.cli import load_config
+    from lat_lightning.errors import ConfigError
+    from lat_lightning.stages.settings import trainer_settings
+    from lat_lightning.training.launch import Launch, plan_world
+
+    for key in ("LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS_PER_NODE", "SLURM_NNODES"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    trainer = trainer_settings(load_config("asa_scan_tiny", ["trainer.devices=2", "trainer.accelerator=cpu"]))
+    world = plan_world(trainer, ["scan"], ["scan"])
+    assert world.size == 2  # not srun's launch (one task): the request stands
+    with pytest.raises(ConfigError, match="inside a SLURM job with one task"):
+        Launch(world, trainer)

@@ -247,19 +247,30 @@ def _fabric(trainer: TrainerSettings):
     from lightning.fabric import Fabric
     from lightning.fabric.strategies import DDPStrategy
 
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect() and not _lightning_child_world():
+        # Inside a SLURM job (of one task: several are srun's launch) Lightning leaves the processes to srun.
+        raise ConfigError(
+            f"trainer.devices={trainer.devices} inside a SLURM job with one task: under SLURM the processes are "
+            "srun's to start; run srun with one task per device (--ntasks-per-node), or set trainer.devices=1"
+        )
     accelerator = "cuda" if str(trainer.accelerator) == "gpu" else str(trainer.accelerator)
     try:
-        return Fabric(
+        fabric = Fabric(
             accelerator=accelerator,
             devices=trainer.devices,
             num_nodes=int(trainer.num_nodes),
             strategy=DDPStrategy(timeout=GROUP_TIMEOUT),
         )
+        env = fabric.strategy.cluster_environment  # type: ignore[attr-defined]  # a DDPStrategy has one
+        env.validate_settings(num_devices=_devices_per_node(trainer), num_nodes=int(trainer.num_nodes))
     except Exception as exc:  # noqa: BLE001 - Lightning's MisconfigurationException / ValueError: bad settings
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(
             f"trainer.devices={trainer.devices}: Lightning cannot start these processes: {first}"
         ) from None
+    return fabric
 
 
 __all__ = ["GROUP_TIMEOUT", "Launch", "World", "check_devices", "external_launcher", "plan_world", "wait_for_all"]
