@@ -245,9 +245,8 @@ def _fabric(trainer: TrainerSettings):
     """The Fabric whose ``launch()`` starts this node's processes (built before the run directory, so that
     Lightning's own checks of accelerator and devices fail as bad input)."""
     from lightning.fabric import Fabric
-    from lightning.fabric.strategies import DDPStrategy
-
     from lightning.fabric.plugins.environments import SLURMEnvironment
+    from lightning.fabric.strategies import DDPStrategy
 
     if SLURMEnvironment.detect() and not _lightning_child_world():
         # Inside a SLURM job (of one task: several are srun's launch) Lightning leaves the processes to srun.
