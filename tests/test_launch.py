@@ -129,7 +129,7 @@ def test_devices_with_no_stage_that_shares_runs_one_process_and_says_so(tmp_path
 
     cfg = load_config("asa_scan_tiny", ["trainer.devices=2", "trainer.accelerator=cpu"])
     world = plan_world(trainer_settings(cfg), [], ["evaluate"])
-    assert world.size == 1 and "none of the stages (evaluate) shares its work" in world.describe()
+    assert world.size == 1 and "none of the stages to run (evaluate) shares its work" in world.describe()
     shared = plan_world(trainer_settings(cfg), ["scan"], ["scan"])
     assert shared.size == 2 and shared.launcher == "Lightning's script launcher"
 

@@ -121,8 +121,8 @@ def plan_world(trainer: TrainerSettings, sharing: list[str], stages: list[str]) 
         return World(1, 0, devices, nodes, "one process")
     if not sharing:
         note = (
-            f"none of the stages ({', '.join(stages)}) shares its work out over processes, so one process runs "
-            "them (the stages that do: fit, scan, rescan, durability)"
+            f"none of the stages to run ({', '.join(stages) or 'none left'}) shares its work out over processes, "
+            "so one process runs them (docs/distributed.md)"
         )
         return World(1, 0, devices, nodes, "one process", note)
     check_devices(trainer, devices)
