@@ -19,12 +19,17 @@ The whole run happens inside :func:`lat_lightning.interrupts.stop_on_signals` an
 to resume (:class:`lat_lightning.errors.RunInterrupted`, exit status 143 / 130), every log record goes to
 ``run.log``, and a fresh run directory left with no results by a failure or a stop is removed.
 
-In a multi-process launch (torchrun, ``srun``, or the processes Lightning starts for a fit) ranks > 0 join
-only :data:`DISTRIBUTED_STAGES`.
+Processes: ``trainer.devices=N`` (× ``trainer.num_nodes``) starts N processes per node for the whole run through
+Lightning's own launcher (:mod:`lat_lightning.training.launch`), right after the run directory is claimed; under
+torchrun or ``srun`` the launcher's processes are used and nothing is launched. Ranks > 0 join only
+:data:`DISTRIBUTED_STAGES`; the other stages run on rank 0 with one device (the console says so), and only rank 0
+writes the run directory's own files (``run.log``, the stage markers). The world size is logged and recorded in
+every stage marker.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import os
@@ -175,6 +180,27 @@ def run_pipeline(cfg: DictConfig, recipe: str, resume: Optional[str] = None, deb
             raise RunInterrupted(_interrupted_message(progress, signum, discarded), signum) from None
 
 
+def _plan_launch(cfg: DictConfig, todo: list[str]):
+    """How many processes run (:func:`lat_lightning.training.launch.plan_world`), checked before anything is
+    written: too many devices is bad input."""
+    from lat_lightning.stages.settings import trainer_settings
+    from lat_lightning.training.launch import Launch, plan_world
+
+    trainer = trainer_settings(cfg)
+    world = plan_world(trainer, [s for s in todo if s in DISTRIBUTED_STAGES], todo)
+    return Launch(world, trainer)
+
+
+def _one_process_config(cfg: DictConfig) -> DictConfig:
+    """``cfg`` for a stage that runs on rank 0 alone in a multi-process run: any training inside it (the
+    comparison's defences) uses one device instead of waiting for ranks that are not there."""
+    out = copy.deepcopy(cfg)
+    out.trainer.devices = 1
+    out.trainer.num_nodes = 1
+    out.trainer.strategy = "auto"
+    return out
+
+
 def _run(cfg: DictConfig, recipe: str, resume: Optional[str], runlog, progress: _Progress) -> None:
     from lat_lightning.preflight import check_config, check_model
     from lat_lightning.stages.organism import mentions_organism, resolve_organism
@@ -195,50 +221,85 @@ def _run(cfg: DictConfig, recipe: str, resume: Optional[str], runlog, progress: 
     check_config(cfg, done=done - set(rerun), run_dir=resumed)  # no model needed
     from lat_lightning.threads import apply_thread_policy
 
-    apply_thread_policy()  # threads from the cores free now (again before every stage); LAT_LIGHTNING_THREADS
+    # Threads from the cores free now (again before every stage); LAT_LIGHTNING_THREADS. Said once, by rank 0.
+    apply_thread_policy(verbose=launch_rank() == 0)
     # The models' config.json only: nothing is built or loaded. The main model's width sets the stages' thread
     # count (lat_lightning.threads).
     described = check_model(cfg)
     width = getattr(described, "hidden_size", None) if described is not None else None
+    launch = _plan_launch(cfg, [str(s) for s in cfg.stages if s not in done or s in rerun])
     _stop_if_signalled()
     if mentions_organism(cfg):
         progress.phase = "building the organism"
-    # The organism (when named) is built or reused now; a resumed run never rebuilds it.
-    resolved = resolve_organism(cfg, rebuild=False if resume else None)
+    # The organism (when named) is built or reused now, by rank 0 before it starts the other processes (they
+    # find it built); a resumed run never rebuilds it.
+    resolved = resolve_organism(cfg, rebuild=False if resume or launch_rank() != 0 else None)
     _stop_if_signalled()
     progress.phase = "creating the run directory"
     run_dir = create_run_dir(cfg, recipe, resume)
     progress.run_dir = run_dir
-
-    if launch_rank() == 0:  # one writer of run.log per launch
+    world = launch.start()  # rank 0 of a Lightning launch starts the others here; they follow LAT_LIGHTNING_RUN_DIR
+    if world.rank == 0:  # one writer of run.log per launch
         runlog.attach(run_dir)
+    else:
+        runlog.console_errors_only()
+    log.info("%s", world.describe())
+    if world.rank == 0 and (world.size > 1 or world.note):
+        print(world.describe(), flush=True)
+    finished = False
+    try:
+        _run_stages(resolved, resume, run_dir, rerun, world, width, progress)
+        finished = True
+    finally:
+        launch.finish(failed=not finished)
+
+
+def _run_stages(cfg: DictConfig, resume, run_dir: Path, rerun: list[str], world, width, progress: _Progress) -> None:
+    """Run every stage of ``cfg.stages`` in ``run_dir`` (the resolved config), on every rank of ``world``."""
+    from lat_lightning.threads import apply_thread_policy
+    from lat_lightning.training.launch import wait_for_all
+
+    lead = world.rank == 0
     for stage in rerun:
         reopen_stage(run_dir, stage)
         log.info("trainer.max_steps grew to %s: stage %s runs again", cfg.trainer.max_steps, stage)
     from lat_lightning.resources import RUN_DIR_ENV
 
     os.environ[RUN_DIR_ENV] = str(run_dir)  # lets recipes name earlier stages' outputs as run://<file>
-    print(f"run directory: {run_dir}", flush=True)
-    if rerun:
+    if lead:  # the pipeline's own lines: once per run, from rank 0
+        print(f"run directory: {run_dir}", flush=True)
+    if rerun and lead:
         print(f"trainer.max_steps grew to {cfg.trainer.max_steps}: {', '.join(rerun)} run again", flush=True)
-    follower = launch_rank() != 0
-    for stage in resolved.stages:
+    for stage in cfg.stages:
         if resume and stage_done(run_dir, stage):
-            print(f"[{stage}] already done in {run_dir}, skipping", flush=True)
+            if lead:
+                print(f"[{stage}] already done in {run_dir}, skipping", flush=True)
             progress.done.append(stage)
             continue
-        if follower and (stage not in DISTRIBUTED_STAGES or stage_done(run_dir, stage)):
-            # A rank > 0 joins only the stages that share their work out; a stage rank 0 finished before this
-            # process existed (Lightning's launcher starts the others at fit) is not run again.
-            continue
+        shared = world.size > 1 and stage in DISTRIBUTED_STAGES
+        if not lead and (not shared or stage_done(run_dir, stage)):
+            continue  # a rank > 0 joins only the stages that share their work out
         progress.stage = stage
-        print(f"[{stage}] starting", flush=True)
-        apply_thread_policy(model_width=width)
-        info = get_stage(stage)(resolved, run_dir) or {}
-        mark_stage_done(run_dir, stage, info)
+        stage_cfg = cfg
+        if lead:
+            print(f"[{stage}] starting", flush=True)
+            if world.size > 1 and not shared:
+                print(
+                    f"[{stage}] runs on rank 0 only: this stage does not share its work out, so the other "
+                    f"{world.size - 1} process(es) skip it",
+                    flush=True,
+                )
+                stage_cfg = _one_process_config(cfg)
+        if shared:
+            wait_for_all(world)
+        apply_thread_policy(model_width=width, verbose=lead)
+        info = get_stage(stage)(stage_cfg, run_dir) or {}
+        if lead:  # the markers are rank 0's: a rank's own share never overwrites the stage's record
+            launch = {**world.as_dict(), "ranks": world.size if shared else 1}  # ranks: processes that did its work
+            mark_stage_done(run_dir, stage, {**info, "launch": launch})
+            print(f"[{stage}] done", flush=True)
         progress.done.append(stage)
         progress.stage = None
-        print(f"[{stage}] done", flush=True)
         _stop_if_signalled()
 
 

@@ -42,6 +42,12 @@ KNOWN_NOISE: tuple[tuple[str, str, str], ...] = (
     ("lightning", r"Tip: For seamless cloud", "Lightning's advertisement for its litlogger / litmodels packages"),
     (
         "lightning",
+        r"^Initializing distributed: GLOBAL_RANK|All distributed processes registered",
+        "Lightning's process-group banner, once per process of a trainer.devices=N launch; the pipeline's own "
+        "[launch] line says how many processes run",
+    ),
+    (
+        "lightning",
         r"^(GPU|TPU|HPU) available: ",
         "Lightning's accelerator banner at every fit; the run's device is trainer.accelerator (and run.log keeps it)",
     ),
@@ -83,8 +89,20 @@ def is_noise(record: logging.LogRecord) -> bool:
 
 
 class _QuietConsole(logging.Filter):
+    """Drops :data:`KNOWN_NOISE`, and records below ``min_level`` (raised on ranks > 0 of a multi-process run,
+    whose warnings repeat rank 0's)."""
+
+    min_level = logging.NOTSET
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not is_noise(record)
+        return record.levelno >= self.min_level and not is_noise(record)
+
+
+class _KeepNoise(_QuietConsole):
+    """``--debug``: the noise stays on the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.min_level
 
 
 class RunLog(logging.Handler):
@@ -96,6 +114,7 @@ class RunLog(logging.Handler):
         self.path: Optional[Path] = None
         self._buffer: list[logging.LogRecord] = []
         self._stream = None
+        self._consoles: list[_QuietConsole] = []
 
     def attach(self, run_dir: Path) -> Path:
         """Start writing to ``run_dir/run.log`` (appending: a resumed run continues the file), buffered records
@@ -123,6 +142,11 @@ class RunLog(logging.Handler):
             self._write(record)
         elif len(self._buffer) < BUFFER_LIMIT:
             self._buffer.append(record)
+
+    def console_errors_only(self) -> None:
+        """Show only errors on the console from now on (a rank > 0: rank 0 shows the run's warnings once)."""
+        for console in self._consoles:
+            console.min_level = logging.ERROR
 
     def write_exception(self, exc: BaseException) -> None:
         """Record ``exc`` with its traceback (the console shows one line; the file keeps the rest)."""
@@ -163,13 +187,14 @@ def run_logging(debug: bool = False) -> Iterator[RunLog]:
 
     root = logging.getLogger()
     runlog = RunLog()
-    quiet = _QuietConsole()
+    quiet = _KeepNoise() if debug else _QuietConsole()
     undo: list = []
 
+    runlog._consoles.append(quiet)
+
     def add_filter(handler: logging.Handler) -> None:
-        if not debug:
-            handler.addFilter(quiet)
-            undo.append(lambda: handler.removeFilter(quiet))
+        handler.addFilter(quiet)
+        undo.append(lambda: handler.removeFilter(quiet))
 
     if not root.handlers:  # what Python's last-resort handler did: WARNING and above, the bare message, on stderr
         console = logging.StreamHandler(sys.stderr)

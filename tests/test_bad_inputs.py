@@ -300,6 +300,7 @@ CATALOGUE: list[Case] = [
         "perturbation.early_stop_loss=0.1",
         names="perturbation.early_stop_loss",
     ),
+    C("devices-above-cores", "trainer.accelerator=cpu", "trainer.devices=4096", names="trainer.devices=4096"),
     C("gpu-without-cuda", "trainer.accelerator=gpu", names="trainer.accelerator=gpu"),
     C(
         "unknown-durability-section",

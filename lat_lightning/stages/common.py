@@ -52,8 +52,8 @@ def load_stage_model(cfg, model_cfg: Any = None, loader: Optional[Callable[[], n
 
 def process_shard(cfg) -> Optional[tuple[int, int]]:
     """``(rank, world_size)`` of this process when it is one of several (torchrun, ``srun``, or the processes
-    Lightning's launcher started for a fit), with the default process group initialised from the launcher's
-    environment if nobody did yet; ``None`` for a single process. Call it before loading the stage's model:
+    Lightning's launcher started for ``trainer.devices=N``), with the default process group initialised from the
+    launcher's environment if nobody did yet; ``None`` for a single process. Call it before loading the stage's model:
     on GPUs it selects this process's device (``LOCAL_RANK``).
     """
     import torch.distributed as dist
@@ -79,7 +79,12 @@ def process_shard(cfg) -> Optional[tuple[int, int]]:
     gpu = _stage_device(cfg.trainer.accelerator).type == "cuda"
     if gpu:
         torch.cuda.set_device(env.local_rank())
-    dist.init_process_group("nccl" if gpu else "gloo", rank=env.global_rank(), world_size=env.world_size())
+    from lat_lightning.training.launch import GROUP_TIMEOUT
+
+    # A rank that waits while rank 0 runs a stage alone may wait for hours (lat_lightning.training.launch).
+    dist.init_process_group(
+        "nccl" if gpu else "gloo", rank=env.global_rank(), world_size=env.world_size(), timeout=GROUP_TIMEOUT
+    )
     return env.global_rank(), env.world_size()
 
 

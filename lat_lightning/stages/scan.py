@@ -254,11 +254,17 @@ def run(cfg, run_dir: Path) -> dict:
 
 
 def cells_saved(path: Path) -> int:
-    """Complete records in a ``scan.jsonl`` (0 when there is none)."""
-    if not path.is_file():
-        return 0
-    with open(path, "rb") as fh:
-        return sum(1 for line in fh if line.endswith(b"\n"))
+    """Complete records in a ``scan.jsonl`` and in the per-rank streams beside it (``scan.rank<r>.jsonl``, left by
+    a multi-process scan that was stopped before rank 0 merged them; a resumed scan keeps them too); 0 when there
+    are none."""
+    from lat_lightning.eval.scan.records import SHARD_GLOB
+
+    total = 0
+    for part in [path, *sorted(path.parent.glob(SHARD_GLOB))]:
+        if part.is_file():
+            with open(part, "rb") as fh:
+                total += sum(1 for line in fh if line.endswith(b"\n"))
+    return total
 
 
 def saved(run_dir: Path) -> str | None:

@@ -29,6 +29,7 @@ from lat_lightning.training.settings import TrainerSettings
 
 PASS_THROUGH = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "single_device")
 SHARDED = ("fsdp", "fsdp2")
+SPAWNING = ("ddp_spawn", "ddp_fork", "ddp_notebook")  # strategies that start their own processes in the fit
 RUN_DIR_ENV = "LAT_LIGHTNING_RUN_DIR"
 
 
@@ -95,6 +96,10 @@ def build_strategy(trainer: TrainerSettings, model: ModelSettings, early_stop_lo
     """
     check_distributed_config(trainer, early_stop_loss)
     name = trainer.strategy
+    if name in SPAWNING and _processes_started():
+        # The run's processes exist already (trainer.devices launched them, or torchrun/srun): spawning or
+        # forking more from inside the fit would start a second world.
+        return "ddp"
     if name in PASS_THROUGH:
         return name
     if name == "fsdp":
@@ -116,6 +121,13 @@ def build_strategy(trainer: TrainerSettings, model: ModelSettings, early_stop_lo
         tensor_parallel_size=1,
         save_distributed_checkpoint=trainer.fsdp_state_dict_type == "sharded",
     )
+
+
+def _processes_started() -> bool:
+    """Whether this process is one of several already (a process group of more than one rank is initialised)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _fsdp2_strategy_class():

@@ -118,15 +118,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
-def accumulated_gradients(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+def accumulated_gradients(
+    params: dict[str, torch.nn.Parameter], world: Optional[int] = None
+) -> dict[str, torch.Tensor]:
     """CPU copies of the gradients accumulated so far in the window, averaged over data-parallel ranks.
 
     DDP averages ``.grad`` across ranks at the window's last backward, so starting every rank from the
     average of the partial sums gives the same final gradient. Collective under ``torch.distributed``:
     every rank must call it (Lightning calls ``on_save_checkpoint`` on every rank).
+
+    Args:
+        params: the trainable parameters.
+        world: the fit's number of processes (its Trainer's ``world_size``); default: the process group's. A fit
+            on one process of a larger run (the comparison's defences, on rank 0) averages over itself only.
     """
     dist = torch.distributed
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world is None:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     out = {}
     for name, p in params.items():
         if p.grad is None:
@@ -160,7 +168,9 @@ def training_state(module) -> dict[str, Any]:
             )
         else:
             trainable = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
-            state["accumulated_grads"] = accumulated_gradients(trainable)
+            trainer = getattr(module, "_trainer", None)
+            world = int(trainer.world_size) if trainer is not None else None
+            state["accumulated_grads"] = accumulated_gradients(trainable, world)
     return state
 
 

@@ -263,6 +263,7 @@ def run_durability(
     s, judge_map = resolve_judges(s, judges)
     timings: dict[str, float] = {}
     summary = _new_summary(s, options, len(prompts), layers, judge_map)
+    summary["world_size"] = options.shard[1] if options.shard is not None else 1  # processes sharing the re-scans
     try:
         harmful = HarmfulPrompts.encode(tokenizer, prompts, targets, keys, s)
         explicit, fsource = _configured_fragile(original_model, data, s, n_layers)

@@ -277,6 +277,7 @@ def run_scan(
     result.cells_run, result.cells_resumed = run_count, resumed
     result.summary["cells"] = {"run": run_count, "resumed": resumed, "reused": reused, "seconds": round(gen_seconds, 3)}
     result.summary["settings"] = record_settings
+    result.summary["world_size"] = options.shard[1] if options.shard is not None else 1  # processes that shared it
     for w in result.summary["warnings"] if options.log_warnings else []:
         log.warning("scan: %s", w)
     if run.rank == 0:  # rank 0 writes the outputs; the others return the same assembled result
