@@ -159,7 +159,12 @@ class CoherenceScorer:
             pair = (tuple(int(t) for t in prompt_ids[i]), tuple(int(t) for t in a))
             distinct.setdefault(pair, []).append(i)
             state = states[i] if use_states and states is not None else None
-            if state is not None and layers is not None and len(state) >= len(a) and layers[i] > start.get(pair, (-1,))[0]:
+            if (
+                state is not None
+                and layers is not None
+                and len(state) >= len(a)
+                and layers[i] > start.get(pair, (-1,))[0]
+            ):
                 start[pair] = (int(layers[i]), state)
         todo = [pair for pair in distinct if pair not in self._scored]
         if todo:

@@ -242,4 +242,7 @@ def gather_logprobs(logits: Tensor, continuations: Sequence[Sequence[int]]) -> l
 __all__ = [
     "SharedPrefix",
     "continuation_logprobs",
-    "gather_logprobs", "teacher_forced_logits", "teacher_forced_suffix_logits"]
+    "gather_logprobs",
+    "teacher_forced_logits",
+    "teacher_forced_suffix_logits",
+]

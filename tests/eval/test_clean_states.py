@@ -16,7 +16,6 @@ from scan_helpers import scan
 
 import lat_lightning.eval.coherence as coherence_mod
 from lat_lightning.config import PerturbationConfig
-from lat_lightning.eval.clean_states import StateCapture
 from lat_lightning.eval.coherence import CoherenceScorer, CoherenceSettings, assess
 from lat_lightning.eval.generation import AttackPlan, GenerationSettings, RowKeys, encode_prompts, generate_under_attack
 from lat_lightning.eval.judges import KeywordJudge
