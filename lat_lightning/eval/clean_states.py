@@ -8,8 +8,10 @@ computes. The generation therefore records ``h[l]`` before the edit at the last 
 (:class:`StateCapture`: the last prompt token, then each fed-back answer token), and the clean pass runs only
 blocks ``l + 1 ..`` on those states (:func:`~lat_lightning.models.forward_from_layer.skip_layers_below`), on top of
 the clean KV cache of the prompt minus its last token (:class:`PromptPrefixes`, computed once per distinct prompt and
-shared by every layer's rows). For a 30-layer model scanned over every layer that skips about half of the
-blocks of the check's forward; the LM head and the softmax still run for every answer token.
+shared by every layer's rows). The last block's outputs of every layer's rows then go through the model's final
+norm and LM head together (:func:`logprobs_from_last_block`). For a 30-layer model scanned over every layer that
+skips about half of the blocks of the check's forward; the LM head and the softmax still run for every answer
+token.
 
 **Not bit for bit.** The captured states come from decode calls of one token against a KV cache; the full pass
 computes the same states for all answer tokens in one call: the same arithmetic in a different order, so the NLLs
@@ -39,7 +41,7 @@ from lat_lightning.eval.kv_cache import (
 )
 from lat_lightning.eval.teacher_forcing import gather_logprobs
 from lat_lightning.models.eval_mode import eval_mode
-from lat_lightning.models.forward_from_layer import skip_layers_below
+from lat_lightning.models.forward_from_layer import forward_from_layer, skip_layers_below
 from lat_lightning.models.hooks import split_layer_output
 from lat_lightning.models.layers import get_decoder_layers
 
@@ -141,7 +143,7 @@ class PromptPrefixes:
 
 
 @torch.no_grad()
-def logprobs_from_layer(
+def last_block_from_layer(
     model: nn.Module,
     prefixes: PromptPrefixes,
     prompt_ids: Sequence[Sequence[int]],
@@ -149,42 +151,88 @@ def logprobs_from_layer(
     states: Sequence[Tensor],
     layer: int,
     pad_id: int = 0,
+) -> Tensor:
+    """The clean output of the last block, ``[B, width, d]`` (right-padded), for each row's
+    ``[last prompt token] + continuation[:-1]``, with blocks ``0..layer`` taken from ``states`` (row ``j``: ``h[layer]``
+    at positions ``P - 1 .. P - 2 + len(continuation)``) instead of computed.
+
+    The LM head is left to :func:`logprobs_from_last_block`, once for the rows of every layer: a forward per layer
+    holds few rows, and an LM head over few rows reads the whole vocabulary matrix for little work (on a CPU such
+    small products of SmolLM2's 49k x 576 head ran at ~0.6x the rate of one large one).
+    """
+    device = prefixes.device
+    blocks = get_decoder_layers(model)
+    prompts = [[int(t) for t in p] for p in prompt_ids]
+    conts = [[int(t) for t in c] for c in continuations]
+    width = max(len(c) for c in conts)
+    hidden = states[0].new_zeros((len(conts), width, states[0].shape[-1]))
+    for j, (c, s) in enumerate(zip(conts, states)):
+        hidden[j, : len(c)] = s[: len(c)].to(hidden.device)
+    if layer == len(blocks) - 1:
+        return hidden
+    cache, attention = prefixes.for_rows(prompts, int(prefixes.attention.shape[1]) + width)
+    suffix = [[p[-1]] + c[:-1] for p, c in zip(prompts, conts)]
+    ids = pad_sequences(suffix, pad_id, side="right").to(device)
+    mask = pad_sequences([[1] * len(s) for s in suffix], 0, side="right").to(device)
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+    position_ids = (lengths - 1)[:, None] + torch.arange(width, device=device)[None, :]
+    last: list[Tensor] = []
+    handle = blocks[-1].register_forward_hook(lambda _m, _a, out: last.append(split_layer_output(out)[0]))
+    kwargs = {"logits_to_keep": 1} if supports_logits_to_keep(model) else {}
+    try:
+        with eval_mode(model), skip_layers_below(model, hidden.to(device), layer):
+            model(
+                input_ids=ids,
+                attention_mask=torch.cat([attention, mask.to(attention.dtype)], 1),
+                position_ids=position_ids,
+                use_cache=True,
+                **kwargs,
+                **{cache_argument(model): cache},
+            )
+    finally:
+        handle.remove()
+    return last[-1]
+
+
+@torch.no_grad()
+def logprobs_from_last_block(
+    model: nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    hidden: Sequence[Tensor],
+    pad_id: int = 0,
 ) -> list[Tensor]:
-    """Clean log-probabilities of each row's (non-empty) continuation given its prompt, with blocks ``0..layer``
-    taken from ``states`` (row ``j``: ``h[layer]`` at positions ``P - 1 .. P - 2 + len(continuation)``, the inputs
-    ``[last prompt token] + continuation[:-1]``) instead of computed.
+    """Log-probabilities of each row's (non-empty) continuation from the last block's output (row ``j``:
+    ``[len(continuation), d]``): the model's own final norm, LM head and any logit post-processing (Gemma-2's
+    soft-capping) run on them, every block stood in for
+    (:func:`~lat_lightning.models.forward_from_layer.forward_from_layer`).
 
     Returns:
         Per row, a float32 ``[len(continuation)]`` tensor of ``log p(token | prompt, earlier tokens)`` on the CPU.
     """
-    device = prefixes.device
+    device = model_device(model)
     prompts = [[int(t) for t in p] for p in prompt_ids]
     conts = [[int(t) for t in c] for c in continuations]
     width = max(len(c) for c in conts)
-    cache, attention = prefixes.for_rows(prompts, attention_width(prefixes) + width)
+    states = hidden[0].new_zeros((len(conts), width, hidden[0].shape[-1]))
+    for j, (c, h) in enumerate(zip(conts, hidden)):
+        states[j, : len(c)] = h[: len(c)].to(states.device)
     suffix = [[p[-1]] + c[:-1] for p, c in zip(prompts, conts)]
     ids = pad_sequences(suffix, pad_id, side="right").to(device)
     mask = pad_sequences([[1] * len(s) for s in suffix], 0, side="right").to(device)
-    hidden = states[0].new_zeros((len(conts), width, states[0].shape[-1]))
-    for j, (c, s) in enumerate(zip(conts, states)):
-        hidden[j, : len(c)] = s[: len(c)].to(hidden.device)
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
     position_ids = (lengths - 1)[:, None] + torch.arange(width, device=device)[None, :]
-    with eval_mode(model), skip_layers_below(model, hidden.to(device), layer):
-        logits = model(
-            input_ids=ids,
-            attention_mask=torch.cat([attention, mask.to(attention.dtype)], 1),
-            position_ids=position_ids,
-            use_cache=True,
-            **{cache_argument(model): cache},
-        ).logits  # column j predicts continuation token j
-    del cache
+    with eval_mode(model):
+        logits = forward_from_layer(
+            model, states.to(device), len(get_decoder_layers(model)) - 1, ids, mask, position_ids=position_ids
+        )
     return gather_logprobs(logits, conts)
 
 
-def attention_width(prefixes: PromptPrefixes) -> int:
-    """Columns of the shared prefix (``P_max - 1``)."""
-    return int(prefixes.attention.shape[1])
-
-
-__all__ = ["CLEAN_BELOW_KINDS", "PromptPrefixes", "StateCapture", "logprobs_from_layer"]
+__all__ = [
+    "CLEAN_BELOW_KINDS",
+    "PromptPrefixes",
+    "StateCapture",
+    "last_block_from_layer",
+    "logprobs_from_last_block",
+]

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lat_lightning.checks import setting, validate
-from lat_lightning.eval.clean_states import PromptPrefixes, logprobs_from_layer
+from lat_lightning.eval.clean_states import PromptPrefixes, last_block_from_layer, logprobs_from_last_block
 from lat_lightning.eval.teacher_forcing import continuation_logprobs
 from lat_lightning.models.eval_mode import eval_mode
 from lat_lightning.models.layers import vocab_size
@@ -200,7 +200,8 @@ class CoherenceScorer:
             self._keep(chunk, logps)
 
     def _score_from_layers(self, start: dict[Pair, tuple[int, Tensor]]) -> None:
-        """The clean pass from each pair's layer up, one forward per layer (and chunk); one prefix forward for all."""
+        """The clean pass from each pair's layer up: one prefix forward for all, the blocks above each layer in one
+        forward per layer (and chunk), the final norm and LM head over every pair together (in chunks)."""
         if not start:
             return
         prompts = sorted({p for p, _ in start})
@@ -212,12 +213,12 @@ class CoherenceScorer:
         by_layer: dict[int, list[Pair]] = {}
         for pair, (layer, _) in start.items():
             by_layer.setdefault(layer, []).append(pair)
+        last: dict[Pair, Tensor] = {}  # pair -> the last block's clean output
         for layer in sorted(by_layer):
             pairs = sorted(by_layer[layer], key=lambda pa: (pa[0], len(pa[1])))
-            step = self._chunk(pairs)
-            for begin in range(0, len(pairs), step):
-                chunk = pairs[begin : begin + step]
-                logps = logprobs_from_layer(
+            for begin in range(0, len(pairs), self.batch_size):
+                chunk = pairs[begin : begin + self.batch_size]
+                hidden = last_block_from_layer(
                     self.model,
                     prefixes,
                     [p for p, _ in chunk],
@@ -226,7 +227,16 @@ class CoherenceScorer:
                     layer,
                     self.pad_id,
                 )
-                self._keep(chunk, logps)
+                last.update((pair, hidden[j, : len(pair[1])]) for j, pair in enumerate(chunk))
+        del prefixes
+        pairs = sorted(last, key=lambda pa: (pa[0], len(pa[1])))
+        step = self._chunk(pairs)
+        for begin in range(0, len(pairs), step):
+            chunk = pairs[begin : begin + step]
+            logps = logprobs_from_last_block(
+                self.model, [p for p, _ in chunk], [a for _, a in chunk], [last[pair] for pair in chunk], self.pad_id
+            )
+            self._keep(chunk, logps)
 
     def __call__(
         self,

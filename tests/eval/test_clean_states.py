@@ -38,13 +38,13 @@ class FromLayerCounter:
 
     def __init__(self, monkeypatch):
         self.pairs = 0
-        real = coherence_mod.logprobs_from_layer
+        real = coherence_mod.last_block_from_layer
 
         def spy(model, prefixes, prompts, continuations, *args, **kwargs):
             self.pairs += len(continuations)
             return real(model, prefixes, prompts, continuations, *args, **kwargs)
 
-        monkeypatch.setattr(coherence_mod, "logprobs_from_layer", spy)
+        monkeypatch.setattr(coherence_mod, "last_block_from_layer", spy)
 
 
 def _coherence(from_layer: bool) -> CoherenceSettings:
