@@ -35,8 +35,8 @@ from lat_lightning.data.templating import pad_sequences
 from lat_lightning.eval.kv_cache import (
     buffer_cache,
     cache_argument,
+    distinct_prefixes,
     model_device,
-    returned_cache,
     supports_logits_to_keep,
 )
 from lat_lightning.eval.teacher_forcing import gather_logprobs
@@ -110,8 +110,9 @@ class StateCapture:
 
 
 class PromptPrefixes:
-    """The clean KV cache of each distinct prompt minus its last token, computed once (one left-padded forward)
-    and indexed onto any rows (:meth:`for_rows`), so every layer's rows of a call share one prefix forward.
+    """The clean KV cache of each distinct prompt minus its last token, computed once (one left-padded forward,
+    :func:`~lat_lightning.eval.kv_cache.distinct_prefixes`: within a scan, the one its generation ran) and indexed
+    onto any rows (:meth:`for_rows`), so every layer's rows of a call share one prefix forward.
 
     Args:
         model: causal LM (eval mode).
@@ -120,18 +121,10 @@ class PromptPrefixes:
     """
 
     def __init__(self, model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int):
-        self.prompts = [[int(t) for t in p] for p in prompts]
-        self.index = {tuple(p): i for i, p in enumerate(self.prompts)}
         self.device = model_device(model)
-        prefixes = [p[:-1] for p in self.prompts]
-        ids = pad_sequences(prefixes, pad_id, side="left").to(self.device)
-        self.attention = pad_sequences([[1] * len(p) for p in prefixes], 0, side="left").to(self.device)
-        position_ids = (self.attention.long().cumsum(-1) - 1).clamp(min=0)
         kwargs = {"logits_to_keep": 1} if supports_logits_to_keep(model) else {}
-        out = model(input_ids=ids, attention_mask=self.attention, position_ids=position_ids, use_cache=True, **kwargs)
-        self.cache = returned_cache(out)
-        if self.cache is None or not hasattr(self.cache, "reorder_cache"):
-            self.cache = None
+        distinct = [tuple(int(t) for t in p) for p in prompts]
+        self.index, self.cache, self.attention = distinct_prefixes(model, distinct, pad_id, self.device, kwargs)
 
     def for_rows(self, prompts: Sequence[Sequence[int]], capacity: int):
         """``(cache, attention)`` for rows with these prompts: a copy of the cache indexed onto the rows, with

@@ -160,3 +160,23 @@ def test_the_switch_is_not_part_of_a_scans_fingerprint(tiny_llama, tmp_path):
     assert dataclasses.asdict(_coherence(True)).keys() - first.summary["settings"]["coherence"].keys() == {
         "from_attacked_layer"
     }
+
+
+def test_a_scan_runs_its_prompt_prefixes_once(tiny_llama, monkeypatch):
+    """Within a scan the clean prompt prefixes of a chunk run once (``kv_cache.reused_prefixes``): the clean
+    answers, their coherence check, the attacked generation and its check all start from that one forward."""
+    model, tok = tiny_llama
+    ids = encode_prompts(tok, PROMPTS)
+    prefix_shape = (len(PROMPTS), max(len(p) for p in ids) - 1)
+    seen = []
+    real = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(tuple(kwargs["input_ids"].shape))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    kw = dict(layers=[1, 2], max_new_tokens=4, bootstrap_samples=0, progress=False, figures=False, tensorboard=False)
+    res = scan(model, tok, PROMPTS, asabench_test_fraction=None, **kw)
+    assert seen.count(prefix_shape) == 1
+    assert all("nll" in r["coherence"] for r in res.records.values())

@@ -23,6 +23,7 @@ from lat_lightning.eval.generation import (
     RowKeys,
     generate_under_attack,
 )
+from lat_lightning.eval.kv_cache import reused_prefixes
 from lat_lightning.eval.scan.records import (
     CLEAN_ATTACK,
     RecordSink,
@@ -372,17 +373,18 @@ def generate_cells(run: ScanRun, data: ScanPrompts, records: dict[tuple, dict], 
     was_training = run.model.training
     run.model.eval()
     try:
-        _clean_cells(run, clean_todo, records, answerer, sink)
-        if clean_todo:
-            bar.reset(total=total)  # the clock (and the ETA's average rate) starts with the attacked cells
-            bar.set_description(label)
-        safe_ids = _safe_ids(run, data, records)
-        for a in run.attacks:
-            _attacked_cells(run, a, todo[a.name], records, answerer, sink, safe_ids, bar)
-        # Records read back without coherence or a verdict of a judge added since: fill them (no generation).
-        fill_missing(
-            run, {k: r for k, r in records.items() if int(r["prompt_idx"]) % run.world == run.rank}, scorer, sink
-        )
+        with reused_prefixes():  # the model is fixed during the scan: a chunk's clean prompt prefixes run once
+            _clean_cells(run, clean_todo, records, answerer, sink)
+            if clean_todo:
+                bar.reset(total=total)  # the clock (and the ETA's average rate) starts with the attacked cells
+                bar.set_description(label)
+            safe_ids = _safe_ids(run, data, records)
+            for a in run.attacks:
+                _attacked_cells(run, a, todo[a.name], records, answerer, sink, safe_ids, bar)
+            # Records read back without coherence or a verdict of a judge added since: fill them (no generation).
+            fill_missing(
+                run, {k: r for k, r in records.items() if int(r["prompt_idx"]) % run.world == run.rank}, scorer, sink
+            )
     finally:
         bar.close()
         sink.close()
