@@ -263,7 +263,7 @@ def _generate_chunk(
                 **{cache_kw: past},
             )
             past = returned_cache(out)
-    states = capture.row_states(n_new.tolist()) if capture is not None else [None] * bsz
+    states: list[Optional[Tensor]] = capture.row_states(n_new.tolist()) if capture is not None else [None] * bsz
     return new[:, : int(n_new.max()) if bsz else 0], n_new, perturber.applied, states
 
 
