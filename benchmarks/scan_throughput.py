@@ -31,7 +31,11 @@ bootstrap summaries, figures, TensorBoard, report and ASABench export; the loop'
 segments. The scan does more per cell than the loop: it checks every answer's coherence (the clean model's NLL
 of the answer, one teacher-forced forward per answer: about 0.7x the compute of generating it). So each scan
 slot also runs the scan with the coherence check off (``equal_work_*``: the loop's work, the same tokens);
-``--no-equal-work`` skips it. ``--compare-unshared`` (default on) runs the scan once more with the prefix
+``--no-equal-work`` skips it. Each slot also runs the scan with the check's clean pass over every block
+(``evaluation.coherence.from_attacked_layer: false``, the path before issue 22): ``full_pass_*`` rates,
+``scan_vs_full_pass`` (median over the slots of the two scans' rate ratio), ``full_pass_verdict_agreement`` (same
+tokens, coherence records and every judge's verdict, ``+coherent`` included) and ``full_pass_max_nll_diff``
+(float rounding); ``--no-compare-full-pass`` skips it. ``--compare-unshared`` (default on) runs the scan once more with the prefix
 sharing turned off and reports the token agreement of the two (must be 1.0) and the unshared cell rate.
 
 Targets (issue 16, SmolLM2 with 30 layers, >= 8 prompts, 16 new tokens): scan cell rate >= 30x the loop's;
