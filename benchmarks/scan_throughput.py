@@ -31,7 +31,11 @@ bootstrap summaries, figures, TensorBoard, report and ASABench export; the loop'
 segments. The scan does more per cell than the loop: it checks every answer's coherence (the clean model's NLL
 of the answer, one teacher-forced forward per answer: about 0.7x the compute of generating it). So each scan
 slot also runs the scan with the coherence check off (``equal_work_*``: the loop's work, the same tokens);
-``--no-equal-work`` skips it. ``--compare-unshared`` (default on) runs the scan once more with the prefix
+``--no-equal-work`` skips it. Each slot also runs the scan with the check's clean pass over every block
+(``evaluation.coherence.from_attacked_layer: false``, the path before issue 22): ``full_pass_*`` rates,
+``scan_vs_full_pass`` (median over the slots of the two scans' rate ratio), ``full_pass_verdict_agreement`` (same
+tokens, coherence records and every judge's verdict, ``+coherent`` included) and ``full_pass_max_nll_diff``
+(float rounding); ``--no-compare-full-pass`` skips it. ``--compare-unshared`` (default on) runs the scan once more with the prefix
 sharing turned off and reports the token agreement of the two (must be 1.0) and the unshared cell rate.
 
 Targets (issue 16, SmolLM2 with 30 layers, >= 8 prompts, 16 new tokens): scan cell rate >= 30x the loop's;
@@ -207,6 +211,7 @@ def run_framework(
     batch_size: int,
     share_prefix: bool = True,
     coherence: bool = True,
+    from_layer: bool = True,
 ) -> dict:
     settings = default_scan(
         max_new_tokens,
@@ -215,7 +220,7 @@ def run_framework(
         layers=tuple(layers),
         judging=JudgeSettings({"keyword": KeywordJudge()}),
         asabench_test_fraction=None,
-        coherence=CoherenceSettings(enabled=coherence),
+        coherence=CoherenceSettings(enabled=coherence, from_attacked_layer=from_layer),
     )
     res = run_scan(
         model,
@@ -234,6 +239,9 @@ def run_framework(
                 "ids": rec["token_ids"],
                 "clean": clean,
                 "keyword": rec["verdicts"]["keyword"]["success"],
+                "verdicts": {name: v["success"] for name, v in rec["verdicts"].items()},
+                "coherence": {k: v for k, v in (rec.get("coherence") or {}).items() if k != "nll"},
+                "nll": (rec.get("coherence") or {}).get("nll"),
             }
     return cells
 
@@ -285,6 +293,34 @@ def time_probes(
     return time.perf_counter() - t0
 
 
+def full_pass_fields(
+    full: dict, fw: dict, rates: list[float], scan_rates: list[float], loop_rate: float
+) -> dict[str, Any]:
+    """The scan whose coherence check runs every block, beside the scan as the stage runs it (the clean pass from
+    the attacked layer up): its cell rate, and whether the two gave the same tokens, coherence records and verdicts
+    (every judge, ``+coherent`` ones included), with the largest NLL difference (float rounding).
+    ``scan_vs_full_pass`` is the median over the slots of the two scans' rate ratio (each slot runs both, one
+    after the other, so they see about the same machine load)."""
+    rate, n_cells = statistics.median(rates), len(fw)
+    diffs = [abs(fw[k]["nll"] - full[k]["nll"]) for k in fw if fw[k]["nll"] is not None and full[k]["nll"] is not None]
+    same = [
+        fw[k]["ids"] == full[k]["ids"]
+        and fw[k]["verdicts"] == full[k]["verdicts"]
+        and fw[k]["coherence"] == full[k]["coherence"]
+        and (fw[k]["nll"] is None) == (full[k]["nll"] is None)
+        for k in fw
+    ]
+    return {
+        "full_pass_cells_per_s": round(rate, 3),
+        "full_pass_samples": [round(r, 3) for r in rates],
+        "full_pass_speedup": round(rate / loop_rate, 2),
+        "scan_vs_full_pass": round(statistics.median(a / b for a, b in zip(scan_rates, rates)), 3),
+        "full_pass_verdict_agreement": round(sum(same) / n_cells, 4),
+        "full_pass_max_nll_diff": max(diffs, default=0.0),
+        "coherent_rate": round(sum(bool(fw[k]["coherence"].get("coherent")) for k in fw) / n_cells, 4),
+    }
+
+
 # --------------------------------------------------------------------------------- main
 def measure(args: argparse.Namespace, prompts: list[str], max_new: int) -> dict[str, Any]:
     """Everything timed, in one temporary directory: the whole stage, the probes, full scans interleaved with
@@ -301,6 +337,14 @@ def measure(args: argparse.Namespace, prompts: list[str], max_new: int) -> dict[
         def scan():
             return run_framework(model, tok, prompts, layers, max_new, Path(tmp) / "scan", args.batch_size)
 
+        def scan_full_pass():  # the coherence check's clean pass over every block (from_attacked_layer off)
+            t0 = time.perf_counter()
+            cells = run_framework(
+                model, tok, prompts, layers, max_new, Path(tmp) / "full", args.batch_size, from_layer=False
+            )
+            full_rates.append(n_cells / (time.perf_counter() - t0))
+            return cells
+
         def scan_equal_work():  # without the coherence check, which the loop does not do either
             t0 = time.perf_counter()
             cells = run_framework(
@@ -312,11 +356,13 @@ def measure(args: argparse.Namespace, prompts: list[str], max_new: int) -> dict[
         reference_cell(model, encode_prompt(tok, prompts[0]), 0, 0, 2)  # warm-up of the loop's path
         scan_rates: list[float] = []
         plain_rates: list[float] = []
+        full_rates: list[float] = []
         loop_rates: list[float] = []
         loop_total = 0.0
         fw: dict = {}
         ref: dict = {}
         plain: dict = {}
+        full: dict = {}
         for seg, prompt in enumerate(prompts):
             if seg % max(1, args.scan_every) == 0:
                 t0 = time.perf_counter()
@@ -324,6 +370,8 @@ def measure(args: argparse.Namespace, prompts: list[str], max_new: int) -> dict[
                 scan_rates.append(n_cells / (time.perf_counter() - t0))
                 if not args.no_equal_work:
                     plain = scan_equal_work()
+                if not args.no_compare_full_pass:
+                    full = scan_full_pass()
             t0 = time.perf_counter()
             ref.update(run_reference_prompt(model, tok, prompt, seg, layers, max_new))
             dt = time.perf_counter() - t0
@@ -339,6 +387,8 @@ def measure(args: argparse.Namespace, prompts: list[str], max_new: int) -> dict[
         scan_rates.append(n_cells / (time.perf_counter() - t0))
         if not args.no_equal_work:
             plain = scan_equal_work()
+        if not args.no_compare_full_pass:
+            full = scan_full_pass()
         unshared: dict[str, float] = {}
         if not args.no_compare_unshared:
             t0 = time.perf_counter()
@@ -358,6 +408,8 @@ def measure(args: argparse.Namespace, prompts: list[str], max_new: int) -> dict[
         "fw": fw,
         "ref": ref,
         "plain": plain,
+        "full": full,
+        "full_rates": full_rates,
         "scan_rates": scan_rates,
         "plain_rates": plain_rates,
         "loop_rates": loop_rates,
@@ -380,6 +432,11 @@ def main() -> None:
     )
     ap.add_argument("--scan-every", type=int, default=2, help="a full scan after every N loop segments")
     ap.add_argument("--no-compare-unshared", action="store_true", help="skip the unshared scan")
+    ap.add_argument(
+        "--no-compare-full-pass",
+        action="store_true",
+        help="skip the scans whose coherence check runs every block (evaluation.coherence.from_attacked_layer: false)",
+    )
     ap.add_argument(
         "--no-equal-work", action="store_true", help="skip the scans without the coherence check (the loop's work)"
     )
@@ -446,6 +503,8 @@ def main() -> None:
                 "equal_work_token_agreement": round(sum(plain[k]["ids"] == fw[k]["ids"] for k in fw) / n_cells, 4),
             }
         )
+    if m["full_rates"]:
+        result.update(full_pass_fields(m["full"], fw, m["full_rates"], scan_rates, loop_rate))
     if not args.model.startswith("tiny:"):  # issue 16's targets are set for a real model (SmolLM2)
         result["targets"] = {
             "speedup_ge_30": speedup >= 30,

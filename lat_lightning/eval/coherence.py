@@ -28,10 +28,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from lat_lightning.checks import setting, validate
+from lat_lightning.eval.clean_states import PromptPrefixes, last_block_from_layer, logprobs_from_last_block
 from lat_lightning.eval.teacher_forcing import continuation_logprobs
+from lat_lightning.models.eval_mode import eval_mode
 from lat_lightning.models.layers import vocab_size
 
 MIN_UNITS = 4  # fewer units (or characters) than this cannot be said to repeat
@@ -42,6 +45,7 @@ _UNITS = re.compile(r"\w+|[^\w\s]")  # words and single punctuation marks
 # what the organism or SmolLM2 scans need (256 answers of 16 tokens x 49k = 2^27.6); Llama-3's 128k vocabulary with
 # 50-token answers gets 41 answers per forward instead of 256 (6.6 GB of float32 logits).
 LOGITS_BUDGET = 2**28
+Pair = tuple[tuple[int, ...], tuple[int, ...]]  # (prompt ids, answer ids)
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,11 @@ class CoherenceSettings:
     max_repetition: float = setting(0.5, check=">= 0")  # incoherent above this share of repeated word bigrams
     max_nll: float = setting(3.0, check=">= 0")  # incoherent above this clean-model NLL (nats per answer token)
     judges: bool = True  # add `<judge>+coherent` (success only when coherent) per judge
+    # the clean pass of an attacked answer starts from the attacked layer's captured state (same NLL to float
+    # rounding; false: every block, the previous path)
+    from_attacked_layer: bool = setting(
+        True, resume="how the clean NLL is computed: the same values to float rounding (tested)"
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -117,27 +126,70 @@ class CoherenceScorer:
         self.pad_id = int(pad_id)
         self.batch_size = max(1, int(batch_size))
         self.share_prefix = bool(share_prefix)
+        self._scored: dict[Pair, float] = {}  # (prompt, answer) -> NLL: the model is fixed for a scorer's life
 
-    def nll(self, prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]]) -> list[float | None]:
+    def nll(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        answer_ids: Sequence[Sequence[int]],
+        states: Sequence[Tensor | None] | None = None,
+        layers: Sequence[int] | None = None,
+    ) -> list[float | None]:
         """Mean per-token NLL of each answer given its prompt (``None`` for an empty answer).
 
-        Each distinct (prompt, answer) pair is scored once (in a scan, rows the attack did not move repeat the
-        clean answer), and the prompts' KV caches are shared across the rows
-        (:func:`~lat_lightning.eval.teacher_forcing.continuation_logprobs`): teacher-forcing every full prompt made the
-        coherence check 2.5x the cost of the scan's generation on SmolLM2-135M-Instruct (docs/scan.md). A forward
-        holds at most ``batch_size`` pairs and at most :data:`LOGITS_BUDGET` logits (answer tokens x vocabulary), so
-        a large vocabulary with long answers runs in smaller forwards rather than out of memory.
+        Each distinct (prompt, answer) pair is scored once per scorer (in a scan, rows the attack did not move repeat
+        the clean answer; a pair scored by an earlier call is not scored again), and the prompts' KV caches are
+        shared across the rows (:func:`~lat_lightning.eval.teacher_forcing.continuation_logprobs`): teacher-forcing
+        every full prompt made the coherence check 2.5x the cost of the scan's generation on SmolLM2-135M-Instruct
+        (docs/scan.md). A forward holds at most ``batch_size`` pairs and at most :data:`LOGITS_BUDGET` logits (answer
+        tokens x vocabulary), so a large vocabulary with long answers runs in smaller forwards rather than out of
+        memory.
+
+        With ``states`` (per row, the attacked generation's clean ``h[l]`` at the row's layer ``layers[r]``,
+        :class:`~lat_lightning.eval.clean_states.StateCapture`) and ``from_attacked_layer`` on, a pair's clean pass
+        runs only the blocks above the highest layer it was captured at (:mod:`lat_lightning.eval.clean_states`).
         """
         out: list[float | None] = [None] * len(answer_ids)
-        distinct: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
+        distinct: dict[Pair, list[int]] = {}
+        start: dict[Pair, tuple[int, Tensor]] = {}  # pair -> (the highest layer with a captured state, the state)
+        use_states = states is not None and layers is not None and self.settings.from_attacked_layer
         for i, a in enumerate(answer_ids):
-            if len(a):
-                distinct.setdefault((tuple(int(t) for t in prompt_ids[i]), tuple(int(t) for t in a)), []).append(i)
-        pairs = sorted(distinct, key=lambda pa: (pa[0], len(pa[1])))  # a chunk holds few prompts, similar lengths
+            if not len(a):
+                continue
+            pair = (tuple(int(t) for t in prompt_ids[i]), tuple(int(t) for t in a))
+            distinct.setdefault(pair, []).append(i)
+            state = states[i] if use_states and states is not None else None
+            if (
+                state is not None
+                and layers is not None
+                and len(state) >= len(a)
+                and layers[i] > start.get(pair, (-1,))[0]
+            ):
+                start[pair] = (int(layers[i]), state)
+        todo = [pair for pair in distinct if pair not in self._scored]
+        if todo:
+            self._score_full([pair for pair in todo if pair not in start])
+            self._score_from_layers({pair: start[pair] for pair in todo if pair in start})
+        for pair, rows in distinct.items():
+            for i in rows:
+                out[i] = self._scored[pair]
+        return out
+
+    def _chunk(self, pairs: Sequence[Pair]) -> int:
+        """Pairs per forward: ``batch_size``, fewer where the logits would pass :data:`LOGITS_BUDGET`."""
         longest = max((len(a) for _, a in pairs), default=1)
-        step = max(1, min(self.batch_size, LOGITS_BUDGET // (longest * (vocab_size(self.model) or 1))))
-        for start in range(0, len(pairs), step):
-            chunk = pairs[start : start + step]
+        return max(1, min(self.batch_size, LOGITS_BUDGET // (longest * (vocab_size(self.model) or 1))))
+
+    def _keep(self, pairs: Sequence[Pair], logps: Sequence[Tensor]) -> None:
+        for pair, logp in zip(pairs, logps):
+            self._scored[pair] = float(-logp.sum() / len(pair[1]))
+
+    def _score_full(self, todo: list[Pair]) -> None:
+        """The clean pass of every block for these pairs."""
+        pairs = sorted(todo, key=lambda pa: (pa[0], len(pa[1])))  # a chunk holds few prompts, similar lengths
+        step = self._chunk(pairs)
+        for begin in range(0, len(pairs), step):
+            chunk = pairs[begin : begin + step]
             logps = continuation_logprobs(
                 self.model,
                 [p for p, _ in chunk],
@@ -145,17 +197,57 @@ class CoherenceScorer:
                 pad_id=self.pad_id,
                 share_prefix=self.share_prefix,
             )
-            for pair, logp in zip(chunk, logps):
-                value = float(-logp.sum() / len(pair[1]))
-                for i in distinct[pair]:
-                    out[i] = value
-        return out
+            self._keep(chunk, logps)
+
+    def _score_from_layers(self, start: dict[Pair, tuple[int, Tensor]]) -> None:
+        """The clean pass from each pair's layer up: one prefix forward for all, the blocks above each layer in one
+        forward per layer (and chunk), the final norm and LM head over every pair together (in chunks)."""
+        if not start:
+            return
+        prompts = sorted({p for p, _ in start})
+        with eval_mode(self.model), torch.no_grad():
+            prefixes = PromptPrefixes(self.model, prompts, self.pad_id) if min(map(len, prompts)) >= 2 else None
+        if prefixes is None or prefixes.cache is None:  # nothing to share: the full pass
+            self._score_full(list(start))
+            return
+        by_layer: dict[int, list[Pair]] = {}
+        for pair, (layer, _) in start.items():
+            by_layer.setdefault(layer, []).append(pair)
+        last: dict[Pair, Tensor] = {}  # pair -> the last block's clean output
+        for layer in sorted(by_layer):
+            pairs = sorted(by_layer[layer], key=lambda pa: (pa[0], len(pa[1])))
+            for begin in range(0, len(pairs), self.batch_size):
+                chunk = pairs[begin : begin + self.batch_size]
+                hidden = last_block_from_layer(
+                    self.model,
+                    prefixes,
+                    [p for p, _ in chunk],
+                    [a for _, a in chunk],
+                    [start[pair][1] for pair in chunk],
+                    layer,
+                    self.pad_id,
+                )
+                last.update((pair, hidden[j, : len(pair[1])]) for j, pair in enumerate(chunk))
+        del prefixes
+        pairs = sorted(last, key=lambda pa: (pa[0], len(pa[1])))
+        step = self._chunk(pairs)
+        for begin in range(0, len(pairs), step):
+            chunk = pairs[begin : begin + step]
+            logps = logprobs_from_last_block(
+                self.model, [p for p, _ in chunk], [a for _, a in chunk], [last[pair] for pair in chunk], self.pad_id
+            )
+            self._keep(chunk, logps)
 
     def __call__(
-        self, prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]], texts: Sequence[str]
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        answer_ids: Sequence[Sequence[int]],
+        texts: Sequence[str],
+        states: Sequence[Tensor | None] | None = None,
+        layers: Sequence[int] | None = None,
     ) -> list[dict]:
-        """One coherence record per answer (see :func:`assess`)."""
-        nlls = self.nll(prompt_ids, answer_ids)
+        """One coherence record per answer (see :func:`assess`; ``states`` / ``layers``: see :meth:`nll`)."""
+        nlls = self.nll(prompt_ids, answer_ids, states, layers)
         return [assess(t, n, self.settings) for t, n in zip(texts, nlls)]
 
 

@@ -16,6 +16,7 @@ Rows stop at EOS; finished rows are fed padding and their outputs are discarded.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -26,6 +27,7 @@ from lat_lightning.attacks.base import cell_seed
 from lat_lightning.attacks.plan import ATTACK_KINDS, CLEAN, AttackPlan, RowPerturber
 from lat_lightning.attacks.positions import POLICIES, policy_mask
 from lat_lightning.data.templating import encode_prompt, pad_sequences
+from lat_lightning.eval.clean_states import StateCapture
 from lat_lightning.eval.kv_cache import (
     buffer_cache,
     cache_argument,
@@ -59,6 +61,9 @@ class GenerationResult:
         lengths: ``[B]`` number of new tokens per row.
         perturbed_positions: ``[B]`` how many positions of each row were perturbed (at its layer).
         prompt_ids: the prompt token ids of each row.
+        clean_states: with ``capture_states``, per row ``[len(token_ids), d]``: ``h[l]`` at the row's layer ``l``
+            BEFORE the perturbation, at the input of each new token (:class:`~lat_lightning.eval.clean_states.
+            StateCapture`); ``None`` for rows without (clean rows, an attack that edits other layers too).
     """
 
     token_ids: list[list[int]]
@@ -67,6 +72,7 @@ class GenerationResult:
     lengths: Tensor
     perturbed_positions: Tensor
     prompt_ids: list[list[int]] = field(default_factory=list)
+    clean_states: list[Optional[Tensor]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -174,9 +180,10 @@ def _generate_chunk(
     settings: GenerationSettings,
     stop_ids: list[int],
     pad_id: int,
-) -> tuple[Tensor, Tensor, Tensor]:
+    capture_states: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, list[Optional[Tensor]]]:
     """One forward batch of :func:`generate_under_attack`: ``(new tokens [B, G], lengths [B], perturbed positions
-    [B])``."""
+    [B], clean states per row)``."""
     prompt_keys, row_seeds, sample_ids = chunk_keys.prompt_keys, chunk_keys.row_seeds, chunk_keys.sample_ids
     max_new_tokens, share_prefix = int(settings.max_new_tokens), settings.share_prefix
     device = model_device(model)
@@ -199,7 +206,8 @@ def _generate_chunk(
         if share_prefix and can_share_prefix(perturber, lengths)
         else None
     )
-    with perturber.hooked(model):
+    capture = StateCapture(perturber, max_new_tokens) if capture_states and StateCapture.applies(perturber) else None
+    with capture.hooked(model) if capture is not None else nullcontext(), perturber.hooked(model):
         if prefix is None:  # the whole left-padded prompt in one prefill
             input_ids = pad_sequences(prompt_ids, pad_id, side="left").to(device)
             attention = pad_sequences([[1] * len(p) for p in prompt_ids], 0, side="left").to(device)
@@ -255,7 +263,8 @@ def _generate_chunk(
                 **{cache_kw: past},
             )
             past = returned_cache(out)
-    return new[:, : int(n_new.max()) if bsz else 0], n_new, perturber.applied
+    states: list[Optional[Tensor]] = capture.row_states(n_new.tolist()) if capture is not None else [None] * bsz
+    return new[:, : int(n_new.max()) if bsz else 0], n_new, perturber.applied, states
 
 
 def encode_prompts(
@@ -282,6 +291,7 @@ def generate_under_attack(
     settings: GenerationSettings | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
+    capture_states: bool = False,
 ) -> GenerationResult:
     """Generate for a batch of rows, each attacked at its own layer (or clean).
 
@@ -303,6 +313,8 @@ def generate_under_attack(
             prefix sharing (default: :class:`GenerationSettings`'s defaults).
         eos_token_id: stop id(s) (default: tokenizer and generation-config EOS).
         pad_token_id: id fed to finished rows and used for padding (default: the tokenizer's pad, else EOS).
+        capture_states: also return each attacked row's clean ``h[l]`` per new token (``clean_states``), from which
+            the coherence check's clean pass starts (:mod:`lat_lightning.eval.clean_states`).
 
     Returns:
         A :class:`GenerationResult` with the new tokens only.
@@ -344,13 +356,14 @@ def generate_under_attack(
     step = bsz if not settings.batch_size else max(1, int(settings.batch_size))
     token_ids: list[list[int]] = [[] for _ in range(bsz)]
     applied = torch.zeros(bsz, dtype=torch.long)
+    clean_states: list[Optional[Tensor]] = [None] * bsz
     with eval_mode(model):
         for start in range(0, bsz, step):
             part = list(range(start, min(start + step, bsz)))
             part_keys = _ChunkKeys(
                 keys.prompt_keys[part], keys.row_seeds[part], None if keys.sample_ids is None else keys.sample_ids[part]
             )
-            new, n_new, app = _generate_chunk(
+            new, n_new, app, states = _generate_chunk(
                 model,
                 [ids[r] for r in part],
                 layers_t[part],
@@ -359,9 +372,11 @@ def generate_under_attack(
                 settings,
                 stop_ids,
                 pad_id,
+                capture_states,
             )
             for j, r in enumerate(part):
                 token_ids[r] = new[j, : int(n_new[j])].tolist()
+                clean_states[r] = states[j]
             applied[part] = app
     lengths = torch.tensor([len(t) for t in token_ids], dtype=torch.long)
     width = int(lengths.max()) if bsz else 0
@@ -370,7 +385,7 @@ def generate_under_attack(
         if t:
             padded[r, : len(t)] = torch.tensor(t)
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
-    return GenerationResult(token_ids, texts, padded, lengths, applied, ids)
+    return GenerationResult(token_ids, texts, padded, lengths, applied, ids, clean_states)
 
 
 __all__ = [

@@ -5,8 +5,10 @@ computed once per distinct prompt) that prefix sharing starts from.
 
 from __future__ import annotations
 
+import copy
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -191,21 +193,43 @@ def buffer_cache(cache, rows: Tensor | None, capacity: int) -> None:
             layer.reorder_cache(rows)
 
 
-def prefix_cache(model, prompt_ids: list[list[int]], pad_id: int, device, kwargs: dict, capacity: int):
-    """The KV cache of every row's prompt minus its last token, computed ONCE per distinct prompt.
+# Prefix caches kept for reuse while a `reused_prefixes()` context is open (see there): newest last.
+_REUSE: list[list] = []
+REUSE_ENTRIES = 4  # distinct prompt sets kept per context (a scan's chunk needs its own set back a few times)
 
-    The distinct prefixes run as one left-padded forward (no hooks: nothing in them is perturbed), then the
-    cache is indexed onto the rows (row ``r`` gets its prompt's entries) with room for ``capacity`` positions.
-    The left padding is the one the full prompts would get (``P_max - P_r`` columns), so the layout from here on
-    is exactly the unshared prefill's.
+
+@contextmanager
+def reused_prefixes() -> Iterator[None]:
+    """Within the context, the prompt-prefix forward of :func:`prefix_cache` (and of
+    :class:`~lat_lightning.eval.clean_states.PromptPrefixes`) runs once per model and set of distinct prompts: a
+    scan's chunk needs the same clean prefixes for its clean answers, their coherence check, the attacked
+    generation and its coherence check. A later call gets a copy of the cache the first call computed, in the
+    first call's row order, so it computes exactly what the first call did. The caller keeps the model's weights
+    fixed inside the context (the scan does; training between scans is outside it). The last
+    :data:`REUSE_ENTRIES` prompt sets are kept."""
+    _REUSE.append([])
+    try:
+        yield
+    finally:
+        _REUSE.pop()
+
+
+def distinct_prefixes(model, prompts: list[tuple[int, ...]], pad_id: int, device, kwargs: dict):
+    """The clean KV cache of each distinct prompt minus its last token: one left-padded forward (reused within
+    :func:`reused_prefixes`).
 
     Returns:
-        ``(cache, attention)`` with ``attention`` the rows' ``[B, P_max - 1]`` mask, or ``None`` when the model
-        returns no cache that can be indexed (the caller then runs the unshared prefill).
+        ``(index, cache, attention)``: ``prompt -> row`` of the cache, the cache (``None`` when the model returns
+        none that can be indexed) and the ``[N, P_max - 1]`` mask; a copy the caller may change.
     """
-    index: dict[tuple[int, ...], int] = {}
-    row_prompt = [index.setdefault(tuple(p), len(index)) for p in prompt_ids]
-    prefixes = [list(p[:-1]) for p in index]
+    key = (id(model), frozenset(prompts))
+    memo = _REUSE[-1] if _REUSE else None
+    for entry in memo or []:
+        if entry[0] == key:
+            index, cache, attention = entry[1]
+            return index, copy.deepcopy(cache), attention
+    index = {p: i for i, p in enumerate(prompts)}
+    prefixes = [list(p[:-1]) for p in prompts]
     ids = pad_sequences(prefixes, pad_id, side="left").to(device)
     attention = pad_sequences([[1] * len(p) for p in prefixes], 0, side="left").to(device)
     position_ids = (attention.long().cumsum(-1) - 1).clamp(min=0)
@@ -213,7 +237,32 @@ def prefix_cache(model, prompt_ids: list[list[int]], pad_id: int, device, kwargs
     cache = returned_cache(out)
     del out
     if cache is None or not hasattr(cache, "reorder_cache"):
+        cache = None
+    if memo is not None:
+        memo.append((key, (index, copy.deepcopy(cache), attention)))
+        del memo[:-REUSE_ENTRIES]
+    return index, cache, attention
+
+
+def prefix_cache(model, prompt_ids: list[list[int]], pad_id: int, device, kwargs: dict, capacity: int):
+    """The KV cache of every row's prompt minus its last token, computed ONCE per distinct prompt.
+
+    The distinct prefixes run as one left-padded forward (no hooks: nothing in them is perturbed;
+    :func:`distinct_prefixes`), then the cache is indexed onto the rows (row ``r`` gets its prompt's entries) with
+    room for ``capacity`` positions. The left padding is the one the full prompts would get (``P_max - P_r``
+    columns), so the layout from here on is exactly the unshared prefill's.
+
+    Returns:
+        ``(cache, attention)`` with ``attention`` the rows' ``[B, P_max - 1]`` mask, or ``None`` when the model
+        returns no cache that can be indexed (the caller then runs the unshared prefill).
+    """
+    order: dict[tuple[int, ...], None] = {}
+    for p in prompt_ids:
+        order.setdefault(tuple(int(t) for t in p))
+    index, cache, attention = distinct_prefixes(model, list(order), pad_id, device, kwargs)
+    if cache is None:
         return None
+    row_prompt = [index[tuple(int(t) for t in p)] for p in prompt_ids]
     rows = torch.tensor(row_prompt, dtype=torch.long, device=device)
     buffer_cache(cache, rows if row_prompt != list(range(len(index))) else None, capacity)
     return cache, attention[rows]
@@ -223,8 +272,10 @@ __all__ = [
     "buffer_cache",
     "cache_argument",
     "can_share_prefix",
+    "distinct_prefixes",
     "model_device",
     "prefix_cache",
     "returned_cache",
+    "reused_prefixes",
     "supports_logits_to_keep",
 ]

@@ -223,11 +223,26 @@ def continuation_logprobs(
             cols = cols.clamp(max=full.shape[1] - 1)
             logits = full.gather(1, cols[..., None].expand(-1, -1, full.shape[-1]))
             del full
-    for j, (i, c) in enumerate(zip(rows, conts)):
-        target = torch.tensor(c, dtype=torch.long, device=logits.device)
-        row = torch.log_softmax(logits[j, : len(c)].float(), dim=-1)
-        out[i] = row.gather(-1, target[:, None]).squeeze(-1).cpu()
+    for i, logp in zip(rows, gather_logprobs(logits, conts)):
+        out[i] = logp
     return out
 
 
-__all__ = ["SharedPrefix", "continuation_logprobs", "teacher_forced_logits", "teacher_forced_suffix_logits"]
+def gather_logprobs(logits: Tensor, continuations: Sequence[Sequence[int]]) -> list[Tensor]:
+    """Per row ``j``, the float32 log-probabilities (on the CPU) of ``continuations[j]`` under ``logits[j]``, whose
+    column ``k`` predicts continuation token ``k``."""
+    out = []
+    for j, c in enumerate(continuations):
+        target = torch.tensor(c, dtype=torch.long, device=logits.device)
+        row = torch.log_softmax(logits[j, : len(c)].float(), dim=-1)
+        out.append(row.gather(-1, target[:, None]).squeeze(-1).cpu())
+    return out
+
+
+__all__ = [
+    "SharedPrefix",
+    "continuation_logprobs",
+    "gather_logprobs",
+    "teacher_forced_logits",
+    "teacher_forced_suffix_logits",
+]

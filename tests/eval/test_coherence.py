@@ -127,5 +127,8 @@ def test_scorer_bounds_the_logits_of_one_forward(fluent_model, tiny_tokenizer, m
 
     monkeypatch.setattr(coherence_mod, "continuation_logprobs", spy)
     monkeypatch.setattr(coherence_mod, "LOGITS_BUDGET", len(answer) * model.config.vocab_size)  # one pair fits
-    assert scorer.nll([prompt] * 3, answers) == pytest.approx(whole, rel=1e-5)
+    assert scorer.nll([prompt] * 3, answers) == whole  # scored by the first call: nothing runs again
+    assert calls == []
+    fresh = CoherenceScorer(model, pad_id=tiny_tokenizer.pad_token_id, batch_size=64)
+    assert fresh.nll([prompt] * 3, answers) == pytest.approx(whole, rel=1e-5)
     assert calls == [1, 1, 1]

@@ -23,6 +23,7 @@ from lat_lightning.eval.generation import (
     RowKeys,
     generate_under_attack,
 )
+from lat_lightning.eval.kv_cache import reused_prefixes
 from lat_lightning.eval.scan.records import (
     CLEAN_ATTACK,
     RecordSink,
@@ -115,7 +116,10 @@ class ScanRun:
             "system_prompt": gen.system_prompt,
             "best_of_n": int(gen.best_of_n),
             "top_p": gen.top_p if gen.best_of_n > 1 else None,
-            "coherence": dataclasses.asdict(self.settings.coherence),
+            # from_attacked_layer: how the NLL is computed, not what (the same values to float rounding)
+            "coherence": {
+                k: v for k, v in dataclasses.asdict(self.settings.coherence).items() if k != "from_attacked_layer"
+            },
             "attacks": {a.name: a.describe() for a in self.attacks},
             "prompt_keys": settings_fingerprint({"k": self.keys}),
             "prompts": settings_fingerprint({"p": self.prompts}),
@@ -128,11 +132,25 @@ class Answerer:
     def __init__(self, run: ScanRun, scorer: CoherenceScorer | None):
         self.run, self.scorer = run, scorer
 
-    def records(self, row_prompts: list[int], texts: list[str], token_ids: list[list[int]]) -> list[dict]:
-        """``response``, ``token_ids``, ``n_tokens``, ``coherence`` and every judge's verdict per row."""
+    @property
+    def captures(self) -> bool:
+        """Whether attacked generations should capture their clean states for the coherence check's clean pass."""
+        return self.scorer is not None and self.scorer.settings.from_attacked_layer
+
+    def records(
+        self,
+        row_prompts: list[int],
+        texts: list[str],
+        token_ids: list[list[int]],
+        states: tuple[list, list[int]] | None = None,
+    ) -> list[dict]:
+        """``response``, ``token_ids``, ``n_tokens``, ``coherence`` and every judge's verdict per row (``states``:
+        the generation's clean states and the rows' layers, for the coherence check)."""
         run = self.run
         coherence = (
-            self.scorer([run.prompt_ids[i] for i in row_prompts], token_ids, texts) if self.scorer is not None else None
+            self.scorer([run.prompt_ids[i] for i in row_prompts], token_ids, texts, *(states or (None, None)))
+            if self.scorer is not None
+            else None
         )
         verdicts = _judge_all(
             run.judges, [run.prompts[i] for i in row_prompts], texts, [run.targets[i] for i in row_prompts], coherence
@@ -298,8 +316,9 @@ def _attacked_cells(
             rows=RowKeys(prompt_keys=[run.keys[i] for i in row_prompts], row_seeds=row_seeds),
             settings=run.generation(),
             pad_token_id=run.pad_id,
+            capture_states=answerer.captures,
         )
-        answers = answerer.records(row_prompts, res.texts, res.token_ids)
+        answers = answerer.records(row_prompts, res.texts, res.token_ids, (res.clean_states, row_layers))
         samples = answerer.samples(row_prompts, row_layers, plan, row_seeds)
         new = []
         for j, (i, s, l) in enumerate(chunk):
@@ -354,17 +373,18 @@ def generate_cells(run: ScanRun, data: ScanPrompts, records: dict[tuple, dict], 
     was_training = run.model.training
     run.model.eval()
     try:
-        _clean_cells(run, clean_todo, records, answerer, sink)
-        if clean_todo:
-            bar.reset(total=total)  # the clock (and the ETA's average rate) starts with the attacked cells
-            bar.set_description(label)
-        safe_ids = _safe_ids(run, data, records)
-        for a in run.attacks:
-            _attacked_cells(run, a, todo[a.name], records, answerer, sink, safe_ids, bar)
-        # Records read back without coherence or a verdict of a judge added since: fill them (no generation).
-        fill_missing(
-            run, {k: r for k, r in records.items() if int(r["prompt_idx"]) % run.world == run.rank}, scorer, sink
-        )
+        with reused_prefixes():  # the model is fixed during the scan: a chunk's clean prompt prefixes run once
+            _clean_cells(run, clean_todo, records, answerer, sink)
+            if clean_todo:
+                bar.reset(total=total)  # the clock (and the ETA's average rate) starts with the attacked cells
+                bar.set_description(label)
+            safe_ids = _safe_ids(run, data, records)
+            for a in run.attacks:
+                _attacked_cells(run, a, todo[a.name], records, answerer, sink, safe_ids, bar)
+            # Records read back without coherence or a verdict of a judge added since: fill them (no generation).
+            fill_missing(
+                run, {k: r for k, r in records.items() if int(r["prompt_idx"]) % run.world == run.rank}, scorer, sink
+            )
     finally:
         bar.close()
         sink.close()
