@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lat_lightning.organism import build as B
 from lat_lightning.organism import recipe as R
 from lat_lightning.organism import shipped as S
 from lat_lightning.organism.build import PRESETS, build_organism, ensure_organism, fingerprint, organism_dir
@@ -53,30 +54,45 @@ def shipped_copy(smoke_shipped, tmp_path, monkeypatch):
     return copy
 
 
-def test_shipped_weights_are_used_instead_of_a_build(shipped_copy):
-    assert ensure_organism(0, preset="smoke") == shipped_copy
-    assert not organism_dir(PRESETS["smoke"], 0).exists()  # nothing was built
+@pytest.fixture
+def builds(monkeypatch):
+    """Records the builds ``ensure_organism`` asks for instead of running them (the real build is
+    tests/organism/test_build.py's and the ``smoke_shipped`` fixture's)."""
+    calls = []
+
+    def fake_build(out_dir, recipe, seed=0):
+        calls.append((out_dir, recipe, seed))
+        out_dir.mkdir(parents=True)
+        (out_dir / "organism.json").write_text(json.dumps({"seed": seed}))
+        return out_dir
+
+    monkeypatch.setattr(B, "build_organism", fake_build)
+    return calls
+
+
+def test_shipped_weights_are_used_instead_of_a_build(smoke_shipped, shipped_copy, builds):
+    assert ensure_organism(0, preset="smoke") == shipped_copy and builds == []
+    exported, built = smoke_shipped / "model.safetensors", smoke_shipped.parent / "build" / "model.safetensors"
+    assert exported.read_bytes() == built.read_bytes()  # the export is the build's weights, bit for bit
     # another build seed has no shipped weights: it is built, without a word about the shipped ones
+    assert S.shipped_organism(PRESETS["smoke"], 1) == (None, "")
     assert ensure_organism(1, preset="smoke") == organism_dir(PRESETS["smoke"], 1)
+    assert [(out, seed) for out, _, seed in builds] == [(organism_dir(PRESETS["smoke"], 1), 1)]
 
 
-def test_weights_build_and_rebuild_build_on_this_host(shipped_copy):
+def test_weights_build_and_rebuild_build_on_this_host(shipped_copy, builds):
     built = ensure_organism(0, preset="smoke", weights="build")
-    assert built == organism_dir(PRESETS["smoke"], 0) != shipped_copy and (built / "model.safetensors").is_file()
-    stamp = (built / "organism.json").stat().st_mtime_ns
-    assert ensure_organism(0, preset="smoke", rebuild=True) == built  # rebuild implies building
-    assert (built / "organism.json").stat().st_mtime_ns != stamp
-    # the build is deterministic on one host: the exported copy is the same weights
-    a, b = load_file(str(built / "model.safetensors")), load_file(str(shipped_copy / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert built == organism_dir(PRESETS["smoke"], 0) != shipped_copy and len(builds) == 1
+    assert ensure_organism(0, preset="smoke", weights="build") == built and len(builds) == 1  # cached: reused
+    assert ensure_organism(0, preset="smoke", rebuild=True) == built and len(builds) == 2  # rebuild implies build
 
 
-def test_stale_shipped_weights_are_refused_and_built(shipped_copy, capsys):
+def test_stale_shipped_weights_are_refused_and_built(shipped_copy, builds, capsys):
     info = json.loads((shipped_copy / "organism.json").read_text())
     (shipped_copy / "organism.json").write_text(json.dumps({**info, "fingerprint": "0123456789ab"}))
     path, why = S.shipped_organism(PRESETS["smoke"], 0)
     assert path is None and "0123456789ab" in why and "benchmarks.shipped_organism --write" in why
-    assert ensure_organism(0, preset="smoke") == organism_dir(PRESETS["smoke"], 0)
+    assert ensure_organism(0, preset="smoke") == organism_dir(PRESETS["smoke"], 0) and len(builds) == 1
     assert "not using the shipped weights" in capsys.readouterr().out
 
 
