@@ -62,7 +62,7 @@ def builds(monkeypatch):
 
     def fake_build(out_dir, recipe, seed=0):
         calls.append((out_dir, recipe, seed))
-        out_dir.mkdir(parents=True)
+        out_dir.mkdir(parents=True, exist_ok=True)  # a rebuild replaces the directory
         (out_dir / "organism.json").write_text(json.dumps({"seed": seed}))
         return out_dir
 
