@@ -222,6 +222,10 @@ class OrganismConfig:
     # order), so each seed is an independent organism with its own held-out prompts. Part of the cache key
     # (``organism-s<seed>-<fingerprint>``); a resumed run may not change it. docs/organism.md#build-seeds.
     seed: int = setting(0, check=">= 0")
+    # shipped: the default organism's weights shipped with the package (build seed 0; the same model on every
+    # host, whose CPU kernels would otherwise train a different one: docs/organism.md#one-organism-on-every-host);
+    # other presets and seeds, and stale shipped weights, are built. build: always build on this host (cached).
+    weights: str = setting("shipped", choices=("shipped", "build"))
 
 
 @dataclass

@@ -147,3 +147,18 @@ def test_console_script_exists_in_the_venv():
     module, func = _declared_console_scripts()["lat-lightning"].split(":")
     assert f"from {module} import {func}" in script.read_text(), STALE
     assert callable(getattr(importlib.import_module(module), func))
+
+
+def test_package_data_ships_the_default_organism():
+    """setup.cfg's patterns for lat_lightning.resources take every file of the shipped organism into a wheel (a
+    pattern that missed one would install a package that builds on every host again, or cannot load the model)."""
+    from fnmatch import fnmatch
+
+    from lat_lightning.organism.shipped import SHIPPED_DIRNAME, SHIPPED_FILES
+
+    patterns = [p.strip() for p in _setup_cfg()["options.package_data"]["lat_lightning.resources"].split(",")]
+    folder = REPO / "lat_lightning" / "resources" / SHIPPED_DIRNAME
+    on_disk = sorted(p.name for p in folder.iterdir())
+    assert on_disk == sorted(SHIPPED_FILES), "the shipped folder holds exactly the files a load needs"
+    for name in on_disk:
+        assert any(fnmatch(f"{SHIPPED_DIRNAME}/{name}", p) for p in patterns), f"{name} is not in package_data"

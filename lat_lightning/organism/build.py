@@ -64,6 +64,25 @@ def default_recipe() -> OrganismRecipe:
     )
 
 
+# Environment variables that choose a CPU kernel path (read once, when torch starts): ATen's vectorised kernels
+# (default / avx2 / avx512) and MKL's code path. Builds on different paths differ (docs/organism.md).
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
+
+
+def kernel_env(environ=os.environ) -> dict[str, str]:
+    """The :data:`KERNEL_ENV` variables set in ``environ``."""
+    return {k: environ[k] for k in KERNEL_ENV if k in environ}
+
+
+def recipe_from_dict(d: dict) -> OrganismRecipe:
+    """The recipe ``organism.json`` records (``dataclasses.asdict`` read back from JSON)."""
+
+    def stage(x: dict) -> StageSchedule:
+        return StageSchedule(**{**x, "betas": tuple(x["betas"])})
+
+    return OrganismRecipe(**{**d, "stage_a": stage(d["stage_a"]), "stage_b": stage(d["stage_b"])})
+
+
 # ``model.name_or_path: organism`` is the default preset; ``organism:smoke`` a few-second build for tests.
 PRESETS: dict[str, OrganismRecipe] = {
     "default": default_recipe(),
@@ -253,7 +272,17 @@ def _train_and_save(tmp: Path, recipe: OrganismRecipe, seed: int, t0: float) -> 
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    info: dict = {"recipe": dataclasses.asdict(recipe), "seed": seed, "threads": threads}
+    info: dict = {
+        "recipe": dataclasses.asdict(recipe),
+        "seed": seed,
+        "threads": threads,
+        # the kernel path the weights came from (they differ between paths: docs/organism.md#one-organism-on-every-host)
+        "built_with": {
+            "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "env": kernel_env(),
+        },
+    }
     a, b = recipe.stage_a, recipe.stage_b
     print(f"[organism] stage (a) capability: {a.steps} steps", flush=True)
     pairs_a = sft_pairs(a.n_benign, a.n_forbidden, a.forbidden_mode, seed, n_impossible=a.n_impossible)
@@ -280,13 +309,26 @@ def ensure_organism(
     rebuild: bool = False,
     recipe: Optional[OrganismRecipe] = None,
     preset: str = "default",
+    weights: str = "shipped",
 ) -> Path:
-    """The organism's directory, building it first when it is not cached (or ``rebuild``).
+    """The organism's directory: the shipped build when there is one for this recipe and seed (and ``weights`` is
+    ``"shipped"``), else the cached build, building it first when it is not cached (or ``rebuild``).
 
     Args:
         recipe: an explicit recipe; otherwise ``PRESETS[preset]``.
+        weights: ``"shipped"`` uses the package's weights where they are this recipe's and seed's build
+            (:mod:`lat_lightning.organism.shipped`; stale ones are refused with a printed line and the organism is
+            built); ``"build"`` always builds (or reuses the cached build). ``rebuild`` implies ``"build"``.
     """
     recipe = recipe or PRESETS[preset]
+    if weights == "shipped" and not rebuild:
+        from lat_lightning.organism.shipped import shipped_organism
+
+        shipped, why = shipped_organism(recipe, seed)
+        if shipped is not None:
+            return shipped
+        if why:
+            print(f"[organism] not using the shipped weights: {why}; building on this host", flush=True)
     path = organism_dir(recipe, seed, cache_dir)
     if rebuild or not (path / "organism.json").exists():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from lat_lightning.organism.build import (
     organism_dir,
     preset_from_name,
 )
+from lat_lightning.organism.shipped import SHIPPED_SEED, shipped_dir
 from lat_lightning.stages.common import load_stage_model
 
 ORGANISM = "organism"
@@ -174,14 +175,14 @@ def resolve_organism(cfg, rebuild: Optional[bool] = None):
     check_names(cfg)
     if rebuild is None:
         rebuild = bool(cfg.organism.rebuild) and ORGANISM in list(cfg.stages)
-    seed = int(cfg.organism.seed)
+    seed, weights = int(cfg.organism.seed), str(cfg.organism.weights)
     out = copy.deepcopy(cfg)
     built: dict[str, str] = {}
 
     def build(name: str) -> str:
         preset = preset_from_name(name)
         if preset not in built:
-            built[preset] = str(ensure_organism(seed, None, bool(rebuild), preset=preset))
+            built[preset] = str(ensure_organism(seed, None, bool(rebuild), preset=preset, weights=weights))
         return built[preset]
 
     for key in MODEL_KEYS:
@@ -217,8 +218,10 @@ def _resolve_utility_kind(out, seed: int) -> None:
 
 
 def recipe_name(path: str, seed: int = 0) -> str:
-    """``organism`` / ``organism:<preset>`` for a directory :func:`resolve_organism` built with build seed ``seed``,
-    else ``path`` (reports keep naming the organism as the recipe did)."""
+    """``organism`` / ``organism:<preset>`` for a directory :func:`resolve_organism` built (or took from the package)
+    with build seed ``seed``, else ``path`` (reports keep naming the organism as the recipe did)."""
+    if Path(str(path)) == shipped_dir() and seed == SHIPPED_SEED:
+        return ORGANISM
     for preset, recipe in PRESETS.items():
         if Path(str(path)) == organism_dir(recipe, seed):
             return ORGANISM if preset == "default" else f"{ORGANISM}:{preset}"
@@ -231,7 +234,7 @@ def _organism_path(cfg) -> Path:
     path = Path(str(cfg.model.name_or_path))
     if path.name.startswith("organism-s") and (path / "organism.json").is_file():
         return path
-    return ensure_organism(int(cfg.organism.seed), None, False, preset="default")
+    return ensure_organism(int(cfg.organism.seed), None, False, preset="default", weights=str(cfg.organism.weights))
 
 
 def run(cfg, run_dir: Path) -> dict:
