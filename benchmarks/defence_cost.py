@@ -20,7 +20,7 @@ import json
 import statistics
 import tempfile
 import time
-from typing import cast
+from typing import Optional, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -58,12 +58,12 @@ def one_step(module, opt, batch) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--defences", default=",".join(DEFENCES))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.defences.split(",") if n.strip()]
     if "sft" not in names:
@@ -74,6 +74,7 @@ def main() -> None:
         base = load_model(ModelSettings(name_or_path=str(path)), train=True)
     base.train()
     batch = make_batch(int(vocab_size(base) or 384), bsz=8, seq=64, prompt=32)
+    batch["benign_prompt_lengths"] = batch["prompt_lengths"].clone()  # refat's harmless side
     runs = {n: make_module(copy.deepcopy(base), n) for n in names}
     for n in names:  # warm-up: optimiser state, allocator, autograd caches
         one_step(runs[n][0], runs[n][1], batch)

@@ -208,7 +208,19 @@ class CompareConfig:
     pre-fill attack and the fine-tuning attack curve (``evaluation.durability.finetune_*``)."""
 
     # names in lat_lightning.stages.defences.DEFENCES, trained in this order
-    defences: list[str] = field(default_factory=lambda: ["sft", "lapt", "lat", "asagrad_at", "refat"])
+    defences: list[str] = field(
+        default_factory=lambda: [
+            "sft",
+            "lapt",
+            "lat",
+            "asagrad_at",
+            "refat",
+            "circuit_breakers",
+            "repnoise",
+            "vaccine",
+            "booster",
+        ]
+    )
     # per defence, overrides of its training on top of the registry's, e.g. {lat: {perturbation: {steps: 4}}}; only
     # the sections perturbation, loss, trainer and callbacks.kl_teacher (the rest is shared by design)
     overrides: dict[str, Any] = field(default_factory=dict)

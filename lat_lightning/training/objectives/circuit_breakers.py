@@ -6,14 +6,17 @@ retained inputs, keep them where they were::
     L(t)  = c_s(t) · L_rr + c_r(t) · L_ret
     L_rr  = mean over target layers l ∈ S and the harmful sequence's tokens (prompt and completion) of
             ReLU(cos(h_l(x_harm), h⁰_l(x_harm)))
-    L_ret = mean over layers l ≤ max S and the retained sequences' tokens of ‖h_l(x_ret) − h⁰_l(x_ret)‖₂
+    L_ret = mean over layers l ≤ max S and the retained sequences' tokens of
+            ‖h_l(x_ret) − h⁰_l(x_ret)‖₂ / ‖h⁰_l(x_ret)‖₂
     c_s(t) = α · (1 − t / 2T),   c_r(t) = α · t / 2T      (t: optimiser step, T: trainer.max_steps)
 
 ``h_l`` is block ``l``'s output (the residual stream), ``h⁰`` the starting model's (LoRA: adapters off; full
 fine-tuning: a frozen copy). The retained sequences are the benign rows (``data.benign``) and the harmful prompts
 with their refusals (the ``safe`` sequences), as in the paper's retain set. There is no CE term of its own (the
 module still adds ``loss.utility`` · benign CE, shared by every defence of a comparison). The paper's public code
-writes the schedule as t/300 with T = 150 steps; here it is tied to the run's real step count.
+writes the schedule as t/300 with T = 150 steps; here it is tied to the run's real step count. The paper's L_ret is
+the absolute distance (``retain_distance: absolute``); the default divides by the frozen norm, so both terms are
+O(1) whatever the model's residual scale (docs/defences.md#circuit-breakers says why).
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ class CircuitBreakersSettings:
     alpha: float = setting(10.0, check="> 0")  # α of the schedule (the paper's Llama-3-8B value)
     # target blocks S; [] = the blocks at one and two thirds of the depth (the paper's 10 and 20 of 32)
     layers: list[int] = setting(default_factory=list, check="unique, each >= 0")
+    # relative: ‖h − h⁰‖ / ‖h⁰‖ per token (scale-free); absolute: the paper's ‖h − h⁰‖, whose size follows the
+    # model's residual norms (thousands on the organism, where it swamps the bounded rerouting term)
+    retain_distance: str = setting("relative", choices=("relative", "absolute"))
 
     def __post_init__(self) -> None:
         validate(self)
@@ -66,9 +72,15 @@ def rerouting_loss(states: tuple[Tensor, ...], frozen: tuple[Tensor, ...], layer
     return masked_mean(torch.relu(torch.stack(cos)).mean(0), mask)
 
 
-def retain_loss(states: tuple[Tensor, ...], frozen: tuple[Tensor, ...], top: int, mask: Tensor) -> Tensor:
-    """L_ret: mean L2 distance of block outputs 0..``top`` to the frozen ones over ``mask``."""
-    dist = [(states[l + 1].float() - frozen[l + 1].float()).norm(dim=-1) for l in range(top + 1)]
+def retain_loss(
+    states: tuple[Tensor, ...], frozen: tuple[Tensor, ...], top: int, mask: Tensor, relative: bool = True
+) -> Tensor:
+    """L_ret: mean L2 distance of block outputs 0..``top`` to the frozen ones over ``mask`` (``relative``: each
+    token's distance divided by its frozen norm)."""
+    dist = []
+    for l in range(top + 1):
+        d = (states[l + 1].float() - frozen[l + 1].float()).norm(dim=-1)
+        dist.append(d / frozen[l + 1].float().norm(dim=-1).clamp(min=1e-6) if relative else d)
     return masked_mean(torch.stack(dist).mean(0), mask)
 
 
@@ -92,6 +104,7 @@ class CircuitBreakers(Objective):
                     hidden_states(model, seq_inputs(batch, p), self.reference),
                     layers[-1],
                     token_mask(batch, p),
+                    relative=s.retain_distance == "relative",
                 )
                 for p in retained
             ]

@@ -35,7 +35,7 @@ from lat_lightning.training.objectives.base import (
 class VaccineSettings:
     """``loss.vaccine``: perturbation-aware alignment (docs/defences.md#vaccine)."""
 
-    rho: float = setting(0.5, check="> 0")  # total norm of the perturbation over every block and token
+    rho: float = setting(2.0, check="> 0")  # total norm of the perturbation over every block and token
 
     def __post_init__(self) -> None:
         validate(self)
