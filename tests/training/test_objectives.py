@@ -184,3 +184,26 @@ def test_every_objective_is_registered_with_its_settings():
     for name, cls in OBJECTIVES.items():
         assert cls.name == name
         assert hasattr(loss, name), f"LossSettings has no {name} section"
+
+
+def test_the_frozen_copy_is_no_part_of_the_module(llama_dir):
+    """Full fine-tuning: the objective's frozen starting model is a plain attribute, never in a state dict (so never
+    in a checkpoint, never optimised) and unchanged by training."""
+    from omegaconf import OmegaConf
+
+    from lat_lightning.config import RunConfig
+    from lat_lightning.stages.fit_setup import build_module
+
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(RunConfig), {"perturbation": {"attack": "none"}, "loss": {"objective": "circuit_breakers"}}
+    )
+    model = load_model(ModelConfig(name_or_path=str(llama_dir)), train=True)
+    module = build_module(cfg, model)
+    module.setup("fit")
+    assert isinstance(module.objective, CircuitBreakers)
+    assert set(module.state_dict()) == {f"model.{k}" for k in model.state_dict()}
+    assert {id(p) for p in module.parameters()} == {id(p) for p in model.parameters()}
+    frozen = module.objective.reference._copy[0]
+    assert all(not p.requires_grad for p in frozen.parameters())
+    module.teardown("fit")
+    assert not module.objective.reference._copy  # released after the fit
