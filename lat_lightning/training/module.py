@@ -12,12 +12,12 @@ One training step, top to bottom (manual optimisation):
    loss terms registered by callbacks (the KL teacher).
 3. **Update.** Backward scaled by ``1/accumulate``; gradients are synchronised across processes only on
    the last micro-batch of an accumulation window; clip, optimiser step, LR-scheduler step.
+   ``trainer.global_step`` therefore counts defence optimiser steps, and the LR schedule is defined over
+   optimiser steps, not micro-batches (a bug in the reference code).
 
 A defence that is not "a training attack + loss weights" (circuit breakers, RepNoise, Vaccine, Booster) is a
 ``loss.objective`` (:mod:`lat_lightning.training.objectives`): its terms replace step 2's ``toward_safe`` /
 ``away_from_harmful`` (the attack is ``none``); the utility CE, callback terms and step 3 stay the module's.
-   ``trainer.global_step`` therefore counts defence optimiser steps, and the LR schedule is defined over
-   optimiser steps, not micro-batches (a bug in the reference code).
 """
 
 from __future__ import annotations
