@@ -166,6 +166,14 @@ def validate_setup(cfg, model) -> None:
         raise ConfigError("trainer.accumulate_grad_batches must be >= 1")
 
 
+def objective_attack_error(objective: str) -> str:
+    """The one line for a defence objective combined with a training attack (preflight and the fit's own check)."""
+    return (
+        f"loss.objective={objective} replaces the training attack's loss: set perturbation.attack=none "
+        "(or loss.objective=adversarial)"
+    )
+
+
 def _validate_objective(cfg, model, attack: str) -> None:
     """A defence objective (``loss.objective``) trains without a training attack, on layers the model has.
 
@@ -176,10 +184,7 @@ def _validate_objective(cfg, model, attack: str) -> None:
     if objective == "adversarial":
         return
     if attack != "none":
-        raise ConfigError(
-            f"loss.objective={objective} replaces the training attack's loss: set perturbation.attack=none "
-            "(or loss.objective=adversarial)"
-        )
+        raise ConfigError(objective_attack_error(objective))
     if objective == "circuit_breakers":
         from lat_lightning.training.objectives.circuit_breakers import target_layers
 
@@ -291,6 +296,7 @@ __all__ = [
     "fragile_layer_callback",
     "has_held_out_data",
     "kl_teacher_callback",
+    "objective_attack_error",
     "utility_score_settings",
     "validate_setup",
     "weight_interpolation_callback",
