@@ -18,8 +18,15 @@ from lat_lightning.data.settings import DataSettings
 from lat_lightning.eval.coherence import CoherenceSettings
 from lat_lightning.eval.durability.settings import DurabilityChecks
 from lat_lightning.models.settings import LoraSettings, ModelSettings, QuantizationSettings
+from lat_lightning.training.objectives import (
+    BoosterSettings,
+    CircuitBreakersSettings,
+    RepNoiseSettings,
+    VaccineSettings,
+)
 from lat_lightning.training.settings import LossSettings, TrainerSettings
 
+OBJECTIVE_SETTINGS = (CircuitBreakersSettings, RepNoiseSettings, VaccineSettings, BoosterSettings)
 STAGES = ("organism", "fit", "scan", "rescan", "evaluate", "interpolate", "durability", "compare", "report")
 
 
@@ -80,7 +87,12 @@ else:
     # for OmegaConf (a frozen dataclass would make its node read-only).
     PerturbationConfig = schema_of(AttackSettings, "PerturbationConfig")
 
-    LossConfig = schema_of(LossSettings, "LossConfig")
+    # the defence objectives' own sections (lat_lightning.training.objectives), nested in ``loss``
+    LossConfig = schema_of(
+        LossSettings,
+        "LossConfig",
+        {cls: schema_of(cls, cls.__name__.replace("Settings", "Config")) for cls in OBJECTIVE_SETTINGS},
+    )
     TrainerConfig = schema_of(TrainerSettings, "TrainerConfig")
 
 
@@ -196,7 +208,19 @@ class CompareConfig:
     pre-fill attack and the fine-tuning attack curve (``evaluation.durability.finetune_*``)."""
 
     # names in lat_lightning.stages.defences.DEFENCES, trained in this order
-    defences: list[str] = field(default_factory=lambda: ["sft", "lapt", "lat", "asagrad_at", "refat"])
+    defences: list[str] = field(
+        default_factory=lambda: [
+            "sft",
+            "lapt",
+            "lat",
+            "asagrad_at",
+            "refat",
+            "circuit_breakers",
+            "repnoise",
+            "vaccine",
+            "booster",
+        ]
+    )
     # per defence, overrides of its training on top of the registry's, e.g. {lat: {perturbation: {steps: 4}}}; only
     # the sections perturbation, loss, trainer and callbacks.kl_teacher (the rest is shared by design)
     overrides: dict[str, Any] = field(default_factory=dict)

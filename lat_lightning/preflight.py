@@ -193,6 +193,10 @@ def _check_training(cfg) -> None:
             f"perturbation.attack={attack.name} contrasts each batch's harmful prompts with harmless "
             "ones: set data.benign (harmless prompt/response pairs)"
         )
+    if str(cfg.loss.objective) != "adversarial" and attack.name != "none":
+        from lat_lightning.stages.fit_setup import objective_attack_error
+
+        raise ConfigError(objective_attack_error(str(cfg.loss.objective)))
     fl = cfg.callbacks.fragile_layers
     if attack.name != "none" and not cfg.perturbation.layers and not fl.enabled and not cfg.data.asabench:
         raise ConfigError("perturbation.layers is empty; list layers or enable callbacks.fragile_layers")

@@ -248,6 +248,12 @@ CATALOGUE: list[Case] = [
     C("training-positions-in-scan", "evaluation.positions=response", names="evaluation.positions", recipe=SCAN),
     C("nothing-to-train", "loss.toward_safe=0", "loss.away_from_harmful=0", names="loss.toward_safe"),
     C("utility-loss-without-benign", "loss.utility=1.0", "data.benign=null", names="data.benign"),
+    C(
+        "objective-with-training-attack",
+        "perturbation.attack=pgd",
+        names="loss.objective=circuit_breakers replaces the training attack",
+        recipe="circuit_breakers_tiny",
+    ),
     C("fragile-explicit-without-layers", "callbacks.fragile_layers.enabled=true", names="callbacks.fragile_layers"),
     C(
         "interpolation-without-utility-data",

@@ -51,6 +51,30 @@ def test_tiny_recipe_trains_and_exports(recipe, tmp_path, capsys):
         assert {"val/attack_success", "val/init", "val/nll_probe", "val/over_refusal", "val/utility_accuracy"} <= tags
 
 
+@pytest.mark.parametrize(
+    "recipe, terms",
+    [
+        ("circuit_breakers_tiny", {"rerouting", "retain"}),
+        ("repnoise_tiny", {"toward_safe", "noise_mmd", "harmful_ascent", "utility"}),
+        ("vaccine_tiny", {"toward_safe"}),
+        ("booster_tiny", {"toward_safe", "booster", "utility"}),
+    ],
+)
+def test_tiny_defence_objective_recipe_trains(recipe, terms, tmp_path, capsys):
+    overrides = [f"logging.root_dir={tmp_path}", "trainer.max_steps=2", "trainer.val_check_interval=2"]
+    assert main(["--recipe", recipe, *overrides]) == 0
+    run_dir = tmp_path / recipe / "version_0"
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
+    assert ckpt["state_dict"]
+    if recipe in ("circuit_breakers_tiny", "vaccine_tiny"):  # LoRA: adapters only (h0 = the adapters switched off)
+        assert all("lora_" in k for k in ckpt["state_dict"])
+    tags = _scalars(run_dir)
+    assert {f"train/loss_{t}" for t in terms} <= tags, tags
+    assert not any(t.startswith("attack/") for t in tags)  # no training attack
+    assert any(t.startswith("defence/") for t in tags) and "val/attack_success" in tags
+
+
 def test_lapt_trains_on_an_asabench_export_of_its_own_scan(tmp_path, capsys):
     from lat_lightning.data.loaders import load_safety_examples
 

@@ -18,7 +18,17 @@ further.
 ``refat``      refusal-feature adversarial training (Yu et al. 2024): the refusal direction, recomputed from the
                current model every few micro-batches, ablated at every layer while training to refuse (needs
                ``data.benign``: the direction's harmless side)
+``circuit_breakers``  representation rerouting (Zou et al. 2024): harmful representations pushed orthogonal to
+               the frozen model's, retained ones kept (``loss.objective``, no training attack)
+``repnoise``   RepNoise (Rosati et al. 2024): harmful MLP outputs pulled to Gaussian noise (MMD), damped
+               logit-lens ascent on the harmful completion, refusal CE
+``vaccine``    Vaccine (Huang et al. 2024): refusal CE under the worst-case attention-output perturbation of
+               total norm rho
+``booster``    Booster (Huang et al. 2024): refusal CE + penalty on a look-ahead harmful step's loss drop
 =============  ==========================================================================================
+
+The last four are defence objectives (:mod:`lat_lightning.training.objectives`): their own loss replaces the
+attack + ``toward_safe`` / ``away_from_harmful`` terms; their knobs are ``loss.<name>``.
 """
 
 from __future__ import annotations
@@ -38,6 +48,11 @@ class Defence:
     description: str
     settings: dict[str, Any] = field(default_factory=dict)
     needs_benign: bool = False  # trains on data.benign (utility loss or the harmless side of a direction)
+
+
+def _objective(name: str) -> dict[str, Any]:
+    """The keys of a defence objective: no training attack, its own loss (``lat_lightning.training.objectives``)."""
+    return {"perturbation": {"attack": "none"}, "loss": {"objective": name, "away_from_harmful": 0.0}}
 
 
 DEFENCES: dict[str, Defence] = {
@@ -65,6 +80,10 @@ DEFENCES: dict[str, Defence] = {
         },
         needs_benign=True,
     ),
+    "circuit_breakers": Defence("circuit breakers: reroute harmful representations", _objective("circuit_breakers")),
+    "repnoise": Defence("RepNoise: harmful representations to noise", _objective("repnoise")),
+    "vaccine": Defence("Vaccine: refusal under attention-output perturbation", _objective("vaccine")),
+    "booster": Defence("Booster: penalise a look-ahead harmful step", _objective("booster")),
 }
 
 # Sections a defence (and compare.overrides.<name>) may change; model, data, evaluation and the interpolation are

@@ -149,6 +149,7 @@ def validate_setup(cfg, model) -> None:
         )
     except (IndexError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
+    _validate_objective(cfg, model, attack.name)
     if attack.needs_harmless and not cfg.data.benign:
         raise ConfigError(
             f"perturbation.attack={attack.name} contrasts each batch's harmful prompts with harmless "
@@ -163,6 +164,34 @@ def validate_setup(cfg, model) -> None:
         raise ConfigError("perturbation.layers is empty; list layers or enable callbacks.fragile_layers")
     if cfg.trainer.accumulate_grad_batches < 1:
         raise ConfigError("trainer.accumulate_grad_batches must be >= 1")
+
+
+def objective_attack_error(objective: str) -> str:
+    """The one line for a defence objective combined with a training attack (preflight and the fit's own check)."""
+    return (
+        f"loss.objective={objective} replaces the training attack's loss: set perturbation.attack=none "
+        "(or loss.objective=adversarial)"
+    )
+
+
+def _validate_objective(cfg, model, attack: str) -> None:
+    """A defence objective (``loss.objective``) trains without a training attack, on layers the model has.
+
+    Raises:
+        ConfigError: with one actionable line.
+    """
+    objective = str(cfg.loss.objective)
+    if objective == "adversarial":
+        return
+    if attack != "none":
+        raise ConfigError(objective_attack_error(objective))
+    if objective == "circuit_breakers":
+        from lat_lightning.training.objectives.circuit_breakers import target_layers
+
+        try:
+            target_layers(model, list(cfg.loss.circuit_breakers.layers))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def build_module(
@@ -247,7 +276,9 @@ def fit(
     datamodule = datamodule or SafetyDataModule(
         datamodule_settings(cfg),
         tokenizer,
-        require_target=module.attack.needs_target or bool(cfg.loss.away_from_harmful),
+        require_target=module.attack.needs_target
+        or bool(cfg.loss.away_from_harmful)
+        or bool(module.objective is not None and module.objective.needs_harmful),
     )
     callbacks = build_callbacks(cfg, run_dir, scan) + list(extra_callbacks)
     trainer_cfg = trainer_settings(cfg)
@@ -265,6 +296,7 @@ __all__ = [
     "fragile_layer_callback",
     "has_held_out_data",
     "kl_teacher_callback",
+    "objective_attack_error",
     "utility_score_settings",
     "validate_setup",
     "weight_interpolation_callback",

@@ -14,6 +14,10 @@ One training step, top to bottom (manual optimisation):
    the last micro-batch of an accumulation window; clip, optimiser step, LR-scheduler step.
    ``trainer.global_step`` therefore counts defence optimiser steps, and the LR schedule is defined over
    optimiser steps, not micro-batches (a bug in the reference code).
+
+A defence that is not "a training attack + loss weights" (circuit breakers, RepNoise, Vaccine, Booster) is a
+``loss.objective`` (:mod:`lat_lightning.training.objectives`): its terms replace step 2's ``toward_safe`` /
+``away_from_harmful`` (the attack is ``none``); the utility CE, callback terms and step 3 stay the module's.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from lat_lightning.data.templating import IGNORE_INDEX
 from lat_lightning.errors import TrainingDivergedError
 from lat_lightning.losses import causal_lm_loss, log_one_minus_p_loss
 from lat_lightning.training import resume
+from lat_lightning.training.objectives import build_objective
 from lat_lightning.training.settings import LossSettings, TrainerSettings
 
 if TYPE_CHECKING:
@@ -128,6 +133,8 @@ class LatentAdversarialModule(pl.LightningModule):
         self.attack = attack
         self.attack_layers: list[int] = [int(l) for l in attack_layers]
         self.loss_weights = loss if loss is not None else LossSettings()
+        # None: the attack + loss weights (step 2 above); else a defence objective replaces the safety terms
+        self.objective = build_objective(self.loss_weights)
         self.optim = optim if optim is not None else OptimSettings()
         self.sample_generations = int(sample_generations)
         self.loss_terms: list[LossTerm] = []
@@ -175,6 +182,22 @@ class LatentAdversarialModule(pl.LightningModule):
     def defence_losses(self, batch: dict, perturbation: Perturbation) -> dict[str, Tensor]:
         """Outer objective terms, each already weighted; their sum is the loss to minimise."""
         w = self.loss_weights
+        if self.objective is not None:
+            terms = self.objective.losses(self.model, batch, int(self.global_step), int(self.optim.max_steps))
+        else:
+            terms = self._adversarial_losses(batch, perturbation)
+        if w.utility and "benign_input_ids" in batch:
+            logits = self.model(
+                input_ids=batch["benign_input_ids"], attention_mask=batch["benign_attention_mask"], use_cache=False
+            ).logits
+            terms["utility"] = w.utility * causal_lm_loss(logits, batch["benign_labels"])
+        for term in self.loss_terms:
+            terms.update(term(self, batch))
+        return terms
+
+    def _adversarial_losses(self, batch: dict, perturbation: Perturbation) -> dict[str, Tensor]:
+        """``toward_safe`` and ``away_from_harmful`` under the attack's perturbation."""
+        w = self.loss_weights
         terms: dict[str, Tensor] = {}
         seen: dict[str, Tensor] = {}  # logits under the perturbation, by sequence group
         with perturbation.applied(self.model):
@@ -200,13 +223,6 @@ class LatentAdversarialModule(pl.LightningModule):
                 perturbation.stats["attack_loss_after"] = float(
                     perturbation.final_loss({k: v.detach() for k, v in seen.items()})
                 )
-        if w.utility and "benign_input_ids" in batch:
-            logits = self.model(
-                input_ids=batch["benign_input_ids"], attention_mask=batch["benign_attention_mask"], use_cache=False
-            ).logits
-            terms["utility"] = w.utility * causal_lm_loss(logits, batch["benign_labels"])
-        for term in self.loss_terms:
-            terms.update(term(self, batch))
         return terms
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -261,6 +277,8 @@ class LatentAdversarialModule(pl.LightningModule):
             logs[f"attack/{k}"] = float(v)
         for k, v in perturbation.norm_stats().items():
             logs[f"attack/norm_{k}"] = v
+        for k, v in (self.objective.stats if self.objective is not None else {}).items():
+            logs[f"defence/{k}"] = v
         logs["train/lr"] = opt.param_groups[0]["lr"]  # the rate this step's update uses
         for k, v in logs.items():
             acc = self._step_logs.setdefault(k, [0.0, 0])
@@ -335,6 +353,15 @@ class LatentAdversarialModule(pl.LightningModule):
         self._micro_step = int(info.get("micro_step", 0))
         self.attack.load_state_dict(info.get("attack_state") or {})
         self._resumed_state = info  # applied in on_train_start, once the strategy has placed the weights
+
+    def setup(self, stage: str) -> None:
+        # before a checkpoint is restored: the objective's frozen reference is the starting model
+        if stage == "fit" and self.objective is not None:
+            self.objective.setup(self.model)
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and self.objective is not None:
+            self.objective.teardown()
 
     def on_train_start(self) -> None:
         if getattr(self, "_resumed_state", None):

@@ -7,10 +7,18 @@ key's type, default and comment live here, beside the code that reads it. Stages
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from lat_lightning.checks import setting, validate
+from lat_lightning.training.objectives import (
+    ADVERSARIAL,
+    BoosterSettings,
+    CircuitBreakersSettings,
+    RepNoiseSettings,
+    VaccineSettings,
+    objective_names,
+)
 
 # Lightning's precision names (lightning.fabric.connector._PRECISION_INPUT_STR)
 PRECISIONS = (
@@ -39,6 +47,13 @@ class LossSettings:
     # tokens with log p below this add nothing to away_from_harmful
     away_logp_floor: float = setting(-5.0, check="< 0")
     mask_prompt: bool = True  # false: the CE toward y also covers the prompt tokens (reference code)
+    # adversarial: the training attack + the weights above; another name: that defence's objective replaces the
+    # toward_safe / away_from_harmful terms (lat_lightning.training.objectives, docs/defences.md)
+    objective: str = setting(ADVERSARIAL, choices=objective_names)
+    circuit_breakers: CircuitBreakersSettings = field(default_factory=CircuitBreakersSettings)
+    repnoise: RepNoiseSettings = field(default_factory=RepNoiseSettings)
+    vaccine: VaccineSettings = field(default_factory=VaccineSettings)
+    booster: BoosterSettings = field(default_factory=BoosterSettings)
 
     def __post_init__(self) -> None:
         validate(self)

@@ -48,7 +48,12 @@ def test_compare_defences_fills_every_cell_and_reproduces(isolated_cache):
     run, first = _run(isolated_cache / "a")
     table = first["table"]
     models = [r["model"] for r in table["rows"]]
-    assert models == ["original", "sft", "lapt", "lat", "asagrad_at", "refat"]
+    assert models == ["original", "sft", "lapt", "lat", "asagrad_at", "refat"] + [
+        "circuit_breakers",
+        "repnoise",
+        "vaccine",
+        "booster",
+    ]
     ids = [c["id"] for c in table["columns"]]
     for attack in ("asa_random", "asagrad", "pgd", "refusal_ablation", "refusal_addition", "pgd@embed", "prefill_1"):
         assert attack in ids

@@ -20,7 +20,20 @@ def test_every_defence_sets_its_own_training_attack(cfg):
         "lat": "pgd",
         "asagrad_at": "asagrad",
         "refat": "refusal_ablation",
+        "circuit_breakers": "none",
+        "repnoise": "none",
+        "vaccine": "none",
+        "booster": "none",
     }
+    objectives = {name: str(defence_config(cfg, name).loss.objective) for name in DEFENCES}
+    assert {n for n, o in objectives.items() if o != "adversarial"} == {
+        "circuit_breakers",
+        "repnoise",
+        "vaccine",
+        "booster",
+    }
+    assert all(objectives[n] == n for n in ("circuit_breakers", "repnoise", "vaccine", "booster"))
+    assert list(cfg.compare.defences) == list(DEFENCES)  # the recipe compares every registered defence
     lat = defence_config(cfg, "lat")
     assert (lat.loss.toward_safe, lat.loss.away_from_harmful) == (0.5, 0.5)
     assert DEFENCES["refat"].needs_benign
