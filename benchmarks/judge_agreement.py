@@ -20,8 +20,9 @@ from lat_lightning.eval.judge_agreement import agreement_table, format_table, lo
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "judge_labels"
 BASE_JUDGES = ("keyword", "keyword_long", "refusal", "target_match")
-# chosen on the calibration part only (docs/metrics.md): 1.5 x the largest NLL of the model's own clean answers
-CALIBRATED = CoherenceSettings(max_nll_quantile=1.0, max_nll_scale=1.5)
+# chosen on the calibration part only (docs/metrics.md): max_nll = the largest NLL of the model's own clean
+# answers, max_repetition 0.4
+CALIBRATED = CoherenceSettings(max_nll_quantile=1.0, max_nll_scale=1.0, max_repetition=0.4)
 
 
 def main(argv: list[str] | None = None) -> None:
