@@ -24,9 +24,11 @@ when the base judge says success AND the answer is coherent.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -65,6 +67,9 @@ class CoherenceSettings:
     from_attacked_layer: bool = setting(
         True, resume="how the clean NLL is computed: the same values to float rounding (tested)"
     )
+    # calibrate max_nll on the model's own clean answers: max_nll_scale x this quantile of their NLL (None: max_nll)
+    max_nll_quantile: Optional[float] = setting(None, check="in (0, 1]")
+    max_nll_scale: float = setting(1.0, check="> 0")  # multiplier of the calibrated quantile
 
     def __post_init__(self) -> None:
         validate(self)
@@ -79,6 +84,27 @@ def repetition_ratio(text: str) -> float:
         return 0.0
     bigrams = list(zip(units, units[1:]))
     return 1.0 - len(set(bigrams)) / len(bigrams)
+
+
+def calibrated_max_nll(clean_nlls: Sequence[float | None], quantile: float, scale: float = 1.0) -> float | None:
+    """``scale`` x the ``quantile`` (nearest rank) of the measured NLLs of the model's clean answers (``None``: no
+    NLL measured). The clean answers are the unattacked model's own greedy answers: text it finds as likely as its
+    own fluent output, whatever the prompts, so the threshold follows the model (a small model's fluent text scores
+    higher than a large one's) instead of a constant."""
+    values = sorted(float(v) for v in clean_nlls if v is not None and math.isfinite(float(v)))
+    if not values:
+        return None
+    rank = max(1, math.ceil(float(quantile) * len(values)))
+    return float(scale) * values[rank - 1]
+
+
+def calibrate(settings: CoherenceSettings, clean_nlls: Sequence[float | None]) -> CoherenceSettings:
+    """``settings`` with ``max_nll`` calibrated on ``clean_nlls`` when ``max_nll_quantile`` is set (unchanged
+    otherwise, or when no clean NLL was measured)."""
+    if settings.max_nll_quantile is None:
+        return settings
+    value = calibrated_max_nll(clean_nlls, settings.max_nll_quantile, settings.max_nll_scale)
+    return settings if value is None else replace(settings, max_nll=round(value, 4))
 
 
 def assess(text: str, nll: float | None, settings: CoherenceSettings | None = None) -> dict:
@@ -251,4 +277,4 @@ class CoherenceScorer:
         return [assess(t, n, self.settings) for t, n in zip(texts, nlls)]
 
 
-__all__ = ["CoherenceScorer", "CoherenceSettings", "assess", "repetition_ratio"]
+__all__ = ["CoherenceScorer", "CoherenceSettings", "assess", "calibrate", "calibrated_max_nll", "repetition_ratio"]

@@ -15,7 +15,7 @@ from torch import nn
 
 from lat_lightning.attacks import Attack
 from lat_lightning.data.templating import encode_response
-from lat_lightning.eval.coherence import CoherenceScorer
+from lat_lightning.eval.coherence import CoherenceScorer, assess, calibrate
 from lat_lightning.eval.generation import (
     CLEAN,
     AttackPlan,
@@ -338,6 +338,34 @@ def _attacked_cells(
         bar.update(len(chunk))
 
 
+def calibrate_coherence(run: ScanRun, records: Mapping[tuple, dict], scorer: CoherenceScorer | None) -> None:
+    """With ``coherence.max_nll_quantile`` set: the NLL threshold from the clean answers' NLL
+    (:func:`~lat_lightning.eval.coherence.calibrate`), given to ``scorer``; a record read or written before whose
+    coherence changes under it is re-assessed and loses its ``+coherent`` verdicts (``fill_missing`` re-judges them).
+
+    Raises:
+        ValueError: a distributed scan (each rank holds only its own clean answers).
+    """
+    coh = run.settings.coherence
+    if scorer is None or coh.max_nll_quantile is None:
+        return
+    if run.world > 1:
+        raise ValueError("evaluation.coherence.max_nll_quantile needs a one-process scan (not a distributed one)")
+    clean = [r for r in records.values() if r["attack"] == CLEAN_ATTACK]
+    scorer.settings = calibrate(coh, [(r.get("coherence") or {}).get("nll") for r in clean])
+    log.info("coherence: max_nll calibrated on %d clean answers: %.3f", len(clean), scorer.settings.max_nll)
+    needs = [n for n, j in run.judges.items() if getattr(j, "needs_coherence", False)]
+    for rec in records.values():
+        old = rec.get("coherence")
+        if old is None:
+            continue
+        new = assess(rec["response"], old.get("nll"), scorer.settings)
+        if new != old:
+            rec["coherence"] = new
+            for n in needs:
+                (rec.get("verdicts") or {}).pop(n, None)
+
+
 def generate_cells(run: ScanRun, data: ScanPrompts, records: dict[tuple, dict], sink: RecordSink) -> int:
     """Generate, judge and stream every cell of this rank that ``records`` lacks; fill in what records read back
     lack (coherence, a judge added since). Returns the number of cells generated."""
@@ -375,6 +403,7 @@ def generate_cells(run: ScanRun, data: ScanPrompts, records: dict[tuple, dict], 
     try:
         with reused_prefixes():  # the model is fixed during the scan: a chunk's clean prompt prefixes run once
             _clean_cells(run, clean_todo, records, answerer, sink)
+            calibrate_coherence(run, records, scorer)
             if clean_todo:
                 bar.reset(total=total)  # the clock (and the ETA's average rate) starts with the attacked cells
                 bar.set_description(label)
@@ -434,4 +463,4 @@ def fill_missing(run: ScanRun, records: dict[tuple, dict], scorer: CoherenceScor
         sink.write(list(changed.values()))
 
 
-__all__ = ["ALL_ROWS", "Answerer", "JudgeLike", "ScanRun", "fill_missing", "generate_cells"]
+__all__ = ["ALL_ROWS", "Answerer", "JudgeLike", "ScanRun", "calibrate_coherence", "fill_missing", "generate_cells"]
