@@ -40,6 +40,7 @@ from lat_lightning.preflight_sources import (
 )
 from lat_lightning.stages.settings import attack_settings, model_settings, trainer_settings
 from lat_lightning.training.distributed import check_distributed_config
+from lat_lightning.training.objectives import check_objective_attack
 
 # Stages that read the evaluation section's attacks, judges and generation settings.
 SCANNING = ("scan", "rescan", "evaluate", "durability", "compare")
@@ -186,6 +187,7 @@ def _check_training(cfg) -> None:
         )
     try:
         attack = build_attack(str(cfg.perturbation.attack), attack_settings(cfg))
+        check_objective_attack(str(cfg.loss.objective), attack.name)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if attack.needs_harmless and not cfg.data.benign:
@@ -193,10 +195,6 @@ def _check_training(cfg) -> None:
             f"perturbation.attack={attack.name} contrasts each batch's harmful prompts with harmless "
             "ones: set data.benign (harmless prompt/response pairs)"
         )
-    if str(cfg.loss.objective) != "adversarial" and attack.name != "none":
-        from lat_lightning.stages.fit_setup import objective_attack_error
-
-        raise ConfigError(objective_attack_error(str(cfg.loss.objective)))
     fl = cfg.callbacks.fragile_layers
     if attack.name != "none" and not cfg.perturbation.layers and not fl.enabled and not cfg.data.asabench:
         raise ConfigError("perturbation.layers is empty; list layers or enable callbacks.fragile_layers")

@@ -32,6 +32,7 @@ from lat_lightning.training.distributed import build_strategy
 from lat_lightning.training.fit import build_trainer, checkpoint_callback, train
 from lat_lightning.training.interpolation import UtilityScoreSettings
 from lat_lightning.training.module import LatentAdversarialModule, OptimSettings
+from lat_lightning.training.objectives import check_objective_attack
 from lat_lightning.training.resume import InterruptCheckpoint
 
 
@@ -166,14 +167,6 @@ def validate_setup(cfg, model) -> None:
         raise ConfigError("trainer.accumulate_grad_batches must be >= 1")
 
 
-def objective_attack_error(objective: str) -> str:
-    """The one line for a defence objective combined with a training attack (preflight and the fit's own check)."""
-    return (
-        f"loss.objective={objective} replaces the training attack's loss: set perturbation.attack=none "
-        "(or loss.objective=adversarial)"
-    )
-
-
 def _validate_objective(cfg, model, attack: str) -> None:
     """A defence objective (``loss.objective``) trains without a training attack, on layers the model has.
 
@@ -183,8 +176,10 @@ def _validate_objective(cfg, model, attack: str) -> None:
     objective = str(cfg.loss.objective)
     if objective == "adversarial":
         return
-    if attack != "none":
-        raise ConfigError(objective_attack_error(objective))
+    try:
+        check_objective_attack(objective, attack)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if objective == "circuit_breakers":
         from lat_lightning.training.objectives.circuit_breakers import target_layers
 
@@ -296,7 +291,6 @@ __all__ = [
     "fragile_layer_callback",
     "has_held_out_data",
     "kl_teacher_callback",
-    "objective_attack_error",
     "utility_score_settings",
     "validate_setup",
     "weight_interpolation_callback",

@@ -33,6 +33,19 @@ def objective_names() -> tuple[str, ...]:
     return (ADVERSARIAL, *OBJECTIVES)
 
 
+def check_objective_attack(objective: str, attack: str) -> None:
+    """A defence objective trains without a training attack (its own terms replace the attacked ones).
+
+    Raises:
+        ValueError: an objective other than ``adversarial`` with an attack other than ``none``.
+    """
+    if objective != ADVERSARIAL and attack != "none":
+        raise ValueError(
+            f"loss.objective={objective} replaces the training attack's loss: set perturbation.attack=none "
+            "(or loss.objective=adversarial)"
+        )
+
+
 def build_objective(loss: Any) -> Optional[Objective]:
     """The objective ``loss.objective`` names, with its ``loss.<name>`` settings; ``None`` for ``adversarial``.
 
@@ -60,5 +73,6 @@ __all__ = [
     "Vaccine",
     "VaccineSettings",
     "build_objective",
+    "check_objective_attack",
     "objective_names",
 ]
