@@ -23,6 +23,7 @@ SMOKE = [
     "perturbation.direction_refresh=1",
     "callbacks.weight_interpolation.lambdas=[0.0,0.5,1.0]",
     "logging.tensorboard=false",
+    "compare.seeds=[0]",  # one training run per defence (the seeded layout: test_seeds_give_intervals_and_marks)
 ]
 FINETUNE = [
     "evaluation.durability.finetune_steps=4",
@@ -94,3 +95,28 @@ def test_compare_defences_fills_every_cell_and_reproduces(isolated_cache):
     # fine-tuning differs between the starting model and every defence.
     start = {r["model"]: first["batteries"][r["model"]]["finetune"]["harmful_loss_mean"][0] for r in table["rows"]}
     assert all(start[m] != start["original"] for m in models[1:]), start
+
+
+def test_seeds_give_intervals_and_marks(isolated_cache):
+    """Two training seeds per defence: one model per seed in compare/<defence>/seed_<s>/, each attacked with its own
+    seed's noise and LoRA seed, and every cell a mean with an interval; the seeds train different models."""
+    run, summary = _run(isolated_cache, ["compare.defences=[sft,lapt]", "compare.seeds=[0,1]"])
+    rows = {r["model"]: r for r in summary["table"]["rows"]}
+    assert list(rows) == ["original", "sft", "lapt"] and rows["sft"]["seeds"] == 2 and rows["original"]["seeds"] == 1
+    for name in ("sft", "lapt"):
+        batteries = summary["batteries"][name]
+        assert [b["seed"] for b in batteries] == [0, 1]
+        for b in batteries:
+            sub = run / "compare" / name / f"seed_{b['seed']}"
+            assert (sub / "defence.json").is_file() and (sub / "battery.json").is_file()
+            assert b["attacks"]["asa_random"]["seeds"] == 1  # the battery's noise seed = the training seed
+            assert set(b["finetune"]["success"]) == {str(b["seed"])}
+        starts = [b["finetune"]["harmful_loss_mean"][0] for b in batteries]
+        assert starts[0] != starts[1], starts  # a different training seed trained a different model
+    for col in ("asa_random", "pgd", "prefill_1", "finetune_rate"):
+        cell = rows["lapt"]["cells"][col]
+        assert cell["ci"][0] <= cell["value"] <= cell["ci"][1]
+        assert "vs_baseline" in cell and "vs_baseline" not in rows["sft"]["cells"][col]
+    assert set(rows["lapt"]["cells"]["finetune_steps"]["per_seed"]) == {"0:0", "1:1"}
+    report = (run / "compare" / "compare_report.md").read_text()
+    assert "Each defence trained over 2 seeds" in report and "Difference from `sft`" in report

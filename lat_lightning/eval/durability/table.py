@@ -84,6 +84,56 @@ def _curve_row(rid: str, label: str, sec: Mapping[str, Any], key: str, kind: str
     )
 
 
+def _trainability_rows(tr: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Steps to the held-out loss threshold (median over seeds, each in brackets), the held-out CE after the
+    budget (mean ± std over seeds, start → end), the utility after the budget when measured."""
+    b, n = tr["steps"], len(tr.get("seeds", [0]))
+    task = "a new task" if str(tr.get("task", "")).startswith("novel") else "the benign pairs"
+    per_seed = {
+        m: "seeds: " + ", ".join(f"> {b}" if v is None else str(v) for v in tr[m]["steps_to_loss"].values())
+        for m in MODELS
+    }
+    final = {m: [v for v in tr[m]["final_loss"].values() if v is not None] for m in MODELS}
+    stats = {m: (sum(v) / len(v), _std(v)) if v else (None, None) for m, v in final.items()}
+    start = {m: tr[m]["curve"][0].get("task_loss") if tr[m]["curve"] else None for m in MODELS}
+    rows = [
+        _row(
+            "trainability_steps",
+            f"Trainability: LoRA steps until the held-out CE of {task} is ≤ {tr['threshold']:g} (median of {n} "
+            f"seeds, budget {b}, lr {tr['lr']:g}; fewer = learns faster)",
+            tr["original"]["steps_to_loss_median"],
+            tr["hardened"]["steps_to_loss_median"],
+            kind="steps",
+            o_detail=per_seed["original"],
+            h_detail=per_seed["hardened"],
+            budget=b,
+        ),
+        _row(
+            "trainability_loss",
+            f"Trainability: held-out CE of {task} after {b} steps (mean ± std over {n} seeds; lower = learns faster)",
+            stats["original"][0],
+            stats["hardened"][0],
+            kind="loss",
+            o_std=stats["original"][1],
+            h_std=stats["hardened"][1],
+            o_detail=None if start["original"] is None else f"from {start['original']:.2f}",
+            h_detail=None if start["hardened"] is None else f"from {start['hardened']:.2f}",
+        ),
+    ]
+    if any("utility" in p for p in tr["original"]["curve"]):
+        rows.append(
+            _curve_row("trainability_utility", f"Trainability: utility accuracy after {b} steps", tr, "utility", "rate")
+        )
+    return rows
+
+
+def _std(values: list[float]) -> float | None:
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
 def _seed_steps(curve: Mapping[str, Any]) -> str:
     b = curve["budget"]
     return "seeds: " + ", ".join(f"> {b}" if v is None else str(v) for v in curve["steps_to_break"].values())
@@ -295,25 +345,7 @@ def build_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
         rows += _finetune_attack_rows(fa)
     tr = summary.get("trainability")
     if tr and "original" in tr:
-        rows.append(
-            _curve_row(
-                "trainability_benign_loss",
-                f"Trainability: drop of the benign CE over {tr['steps']} steps (larger = learns faster)",
-                tr,
-                "benign_loss",
-                "loss",
-            )
-        )
-        if any("utility" in p for p in tr["original"]["curve"]):
-            rows.append(
-                _curve_row(
-                    "trainability_utility",
-                    f"Trainability: utility accuracy after {tr['steps']} steps",
-                    tr,
-                    "utility",
-                    "rate",
-                )
-            )
+        rows += _trainability_rows(tr)
     dp = summary.get("depth")
     if dp:
         rows += _depth_rows(dp, fl)

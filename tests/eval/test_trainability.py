@@ -1,0 +1,86 @@
+"""The trainability probe: a task new to every model, and a metric that tells a model that knows it from one that
+does not."""
+
+import pytest
+
+from lat_lightning.data.novel_task import SYLLABLES, novel_task_pairs
+from lat_lightning.eval.durability import DurabilityData
+from lat_lightning.eval.durability.finetune import steps_to_loss, trainability_section
+from lat_lightning.stages.durability_settings import durability_settings
+from lat_lightning.training.finetune import lora_finetune
+
+
+def test_the_novel_task_is_deterministic_split_by_word_and_not_the_organisms():
+    from lat_lightning.organism.data import FACILITY_SYLLABLES, WORD_SYLLABLES, organism_corpus
+
+    train, held = novel_task_pairs("train", 66), novel_task_pairs("eval", 66)
+    assert train == novel_task_pairs("train", 66) and train != novel_task_pairs("train", 66, seed=1)
+    word = lambda prompt: prompt.rsplit(" ", 1)[1].rstrip(".")  # noqa: E731
+    assert not {word(p) for p, _ in train} & {word(p) for p, _ in held}
+    for prompt, response in train[:5]:
+        w = word(prompt)
+        a = next(s for s in SYLLABLES if w.startswith(s) and w[len(s) :] in SYLLABLES)
+        assert response == f"Swapped: {w[len(a) :]}{a}."
+    assert not set(SYLLABLES) & (set(FACILITY_SYLLABLES) | set(WORD_SYLLABLES))
+    corpus = " ".join(organism_corpus(0))
+    assert "Swap" not in corpus and "Swapped" not in corpus
+    with pytest.raises(ValueError, match="67 asked for|66 train pairs"):
+        novel_task_pairs("train", 67)
+
+
+def test_steps_to_loss_is_the_first_step_at_or_below_the_threshold():
+    curve = [{"step": 0, "task_loss": 3.0}, {"step": 1, "task_loss": 1.2}, {"step": 2, "task_loss": 0.9}]
+    assert steps_to_loss(curve, "task_loss", 1.0) == 2
+    assert steps_to_loss(curve, "task_loss", 3.0) == 0
+    assert steps_to_loss(curve, "task_loss", 0.5) is None
+
+
+def test_a_model_that_already_learned_the_task_reaches_the_threshold_sooner(tiny_llama, tmp_path):
+    """The sensitivity check of the trainability row: fine-tune a copy on the task first; the probe must say it
+    starts lower and reaches the loss threshold in fewer steps than the model that never saw the task."""
+    from lat_lightning.cli import load_config
+
+    model, tok = tiny_llama
+    cfg = load_config(
+        "durability_tiny",
+        [
+            "evaluation.durability.benign_steps=6",
+            "evaluation.durability.benign_lr=1.0e-2",
+            "evaluation.durability.trainability_seeds=[0,1]",
+            "evaluation.durability.trainability_pairs=8",
+            "evaluation.durability.finetune_batch_size=4",
+        ],
+    )
+    s = durability_settings(cfg)
+    warm = lora_finetune(
+        model,
+        tok,
+        novel_task_pairs("train", 8),
+        tmp_path / "warm",
+        {**_ft(s), "steps": 24, "lr": 1e-2, "seed": 5, "save_adapter": False},
+    )["model"]
+    res = trainability_section({"original": model, "hardened": warm}, tok, [], s, tmp_path, lora_finetune, _data())
+    o, h = res["original"], res["hardened"]
+    print("CALIB", [[round(p["task_loss"], 3) for p in o["per_seed"][sd]] for sd in ("0", "1")])
+    print("CALIB", [[round(p["task_loss"], 3) for p in h["per_seed"][sd]] for sd in ("0", "1")])
+    assert h["curve"][0]["task_loss"] < o["curve"][0]["task_loss"] - 0.5  # the warm model knows the task
+    # a threshold between the two starting losses: the warm model is there at step 0, the cold one is not
+    threshold = (h["curve"][0]["task_loss"] + o["curve"][0]["task_loss"]) / 2
+    from lat_lightning.eval.durability.finetune import steps_to_loss as stl
+
+    for sd in ("0", "1"):
+        assert stl(h["per_seed"][sd], "task_loss", threshold) == 0
+        cold = stl(o["per_seed"][sd], "task_loss", threshold)
+        assert cold is None or cold > 0
+        assert o["per_seed"][sd][-1]["task_loss"] < o["per_seed"][sd][0]["task_loss"]  # the cold model learns
+    assert res["task"].startswith("novel") and res["seeds"] == [0, 1] and len(o["curve"]) == 7
+
+
+def _ft(s):
+    from lat_lightning.eval.durability.finetune import finetune_settings
+
+    return finetune_settings(s, steps=1, lr=1e-3, seed=0, save_adapter=False)
+
+
+def _data():
+    return DurabilityData(["p"], ["t"])
