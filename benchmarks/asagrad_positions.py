@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
     tok = load_tokenizer(model_settings(cfg))
     model = load_model(model_settings(cfg), train=False, with_lora=False).eval()
     prompts, targets, keys = load_scan_prompts(cfg, require_target=True)
-    harmful = HarmfulPrompts.encode(tok, prompts, targets, keys, settings)
+    harmful = HarmfulPrompts.encode(tok, prompts, [str(t) for t in targets], keys, settings)
     t0 = time.time()
     out: dict = {"model": str(cfg.model.name_or_path), "layer": args.layer, "n_prompts": len(prompts)}
     out["every_position"] = {

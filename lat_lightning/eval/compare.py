@@ -146,7 +146,7 @@ def build_table(
     Raises:
         ValueError: a battery lacks a column the table needs (an unfilled cell is a bug, never a blank).
     """
-    from lat_lightning.eval.compare_stats import batteries_of, merged_finetune
+    from lat_lightning.eval.compare_stats import batteries_of, merged_finetune, row_cells
 
     by_model = {name: batteries_of(res) for name, res in results.items()}
     columns = _columns(attack_columns, prefill_ks, finetune, reference, by_model)
@@ -157,9 +157,9 @@ def build_table(
         reference_loss = float(np.mean(start)) if start else None
     rows, runs = [], {}
     for name, batteries in by_model.items():
-        cells, runs[name] = _row_cells(name, batteries, attack_columns, prefill_ks, finetune, bootstrap_samples)
-        if reference_loss is not None:
-            ft = merged_finetune(batteries)
+        cells, runs[name] = row_cells(name, batteries, attack_columns, prefill_ks, finetune, bootstrap_samples)
+        ft = merged_finetune(batteries) if reference_loss is not None else None
+        if reference_loss is not None and ft is not None:
             per_seed = steps_past_loss(ft, reference_loss)
             cells["finetune_past_start"] = {
                 "value": finite(median_steps_to_break(list(per_seed.values()))),
@@ -195,61 +195,6 @@ def _columns(attack_columns, prefill_ks, finetune: bool, reference: str, by_mode
                 }
             )
     return columns
-
-
-def _row_cells(name, batteries, attack_columns, prefill_ks, finetune: bool, samples: int):
-    """One row's cells over its batteries, and the seed runs of each rate column (for the differences)."""
-    from lat_lightning.eval.compare_stats import merged_finetune, rate_cell, utility_cell
-
-    lambdas = [finite(b.get("lambda")) for b in batteries]
-    known = [v for v in lambdas if v is not None]
-    cells: dict[str, dict[str, Any]] = {
-        "utility": utility_cell(batteries),
-        "lambda": {"value": float(np.mean(known)) if known else None, "std": None},
-    }
-    if len(batteries) > 1 and known:
-        cells["lambda"]["per_seed"] = lambdas
-    runs: dict[str, Any] = {}
-    cells["init"], runs["init"] = rate_cell(
-        batteries, lambda b: b["init"], lambda b: b.get("init_per_prompt"), lambda b: None, samples
-    )
-    for c in attack_columns:
-        for b in batteries:
-            if c not in b["attacks"]:
-                raise ValueError(f"the battery of '{name}' has no result for attack column '{c}'")
-        cells[c], runs[c] = rate_cell(
-            batteries,
-            lambda b, c=c: b["attacks"][c]["value"],
-            lambda b, c=c: b["attacks"][c].get("per_prompt"),
-            lambda b, c=c: b["attacks"][c].get("std"),
-            samples,
-        )
-    for k in prefill_ks:
-        col = f"prefill_{k}"
-        cells[col], runs[col] = rate_cell(
-            batteries,
-            lambda b, k=k: b["prefill"][str(k)]["rate"],
-            lambda b, k=k: [b["prefill"][str(k)]["per_prompt"]] if "per_prompt" in b["prefill"][str(k)] else None,
-            lambda b: None,
-            samples,
-        )
-    if finetune:
-        ft = merged_finetune(batteries)
-        if ft is None:
-            raise ValueError(f"the battery of '{name}' has no fine-tuning curve")
-        last = [[v[-1]] for v in ft["success"].values() if v]
-        cells["finetune_rate"], runs["finetune_rate"] = rate_cell(
-            [{"runs": last}], lambda b: np.mean([r[0] for r in b["runs"]]), lambda b: b["runs"], lambda b: None, samples
-        )
-        if len(last) > 1:
-            cells["finetune_rate"]["std"] = finite(np.std([r[0] for r in last]))
-        cells["finetune_steps"] = {
-            "value": finite(ft["steps_to_break_median"]),
-            "std": None,
-            "per_seed": dict(ft["steps_to_break"]),
-            "budget": int(ft["budget"]),
-        }
-    return cells, runs
 
 
 def _mark_differences(rows: list[dict], runs: Mapping[str, Mapping[str, Any]], baseline: str, samples: int) -> None:

@@ -216,7 +216,7 @@ def rate_cell(batteries: Sequence[Mapping[str, Any]], value_of, runs_of, std_of,
     cell: dict[str, Any] = {"value": value, "std": std}
     runs = seed_runs(batteries, runs_of)
     if runs is None and len(batteries) > 1:  # no per-prompt outcomes: the seeds alone
-        runs = [[v] for v in values]
+        runs = [[float("nan") if v is None else v] for v in values]
     if runs is not None and (len(runs) > 1 or len(runs[0]) > 1):
         ci = cell_interval(runs, samples)
         cell["ci"] = list(ci) if ci is not None else None
@@ -287,6 +287,64 @@ def difference_cells(
     return out
 
 
+def row_cells(name, batteries, attack_columns, prefill_ks, finetune: bool, samples: int):
+    """One row of the comparison's table (:func:`lat_lightning.eval.compare.build_table`): its cells over the model's
+    batteries, and the seed runs of each rate column (for the differences from the baseline).
+
+    Raises:
+        ValueError: a battery lacks an attack column or the fine-tuning curve.
+    """
+    lambdas = [_finite(b.get("lambda")) for b in batteries]
+    known = [v for v in lambdas if v is not None]
+    cells: dict[str, dict[str, Any]] = {
+        "utility": utility_cell(batteries),
+        "lambda": {"value": float(np.mean(known)) if known else None, "std": None},
+    }
+    if len(batteries) > 1 and known:
+        cells["lambda"]["per_seed"] = lambdas
+    runs: dict[str, Any] = {}
+    cells["init"], runs["init"] = rate_cell(
+        batteries, lambda b: b["init"], lambda b: b.get("init_per_prompt"), lambda b: None, samples
+    )
+    for c in attack_columns:
+        for b in batteries:
+            if c not in b["attacks"]:
+                raise ValueError(f"the battery of '{name}' has no result for attack column '{c}'")
+        cells[c], runs[c] = rate_cell(
+            batteries,
+            lambda b, c=c: b["attacks"][c]["value"],
+            lambda b, c=c: b["attacks"][c].get("per_prompt"),
+            lambda b, c=c: b["attacks"][c].get("std"),
+            samples,
+        )
+    for k in prefill_ks:
+        col = f"prefill_{k}"
+        cells[col], runs[col] = rate_cell(
+            batteries,
+            lambda b, k=k: b["prefill"][str(k)]["rate"],
+            lambda b, k=k: [b["prefill"][str(k)]["per_prompt"]] if "per_prompt" in b["prefill"][str(k)] else None,
+            lambda b: None,
+            samples,
+        )
+    if finetune:
+        ft = merged_finetune(batteries)
+        if ft is None:
+            raise ValueError(f"the battery of '{name}' has no fine-tuning curve")
+        last = [[v[-1]] for v in ft["success"].values() if v]
+        cells["finetune_rate"], runs["finetune_rate"] = rate_cell(
+            [{"runs": last}], lambda b: np.mean([r[0] for r in b["runs"]]), lambda b: b["runs"], lambda b: None, samples
+        )
+        if len(last) > 1:
+            cells["finetune_rate"]["std"] = _finite(np.std([r[0] for r in last]))
+        cells["finetune_steps"] = {
+            "value": _finite(ft["steps_to_break_median"]),
+            "std": None,
+            "per_seed": dict(ft["steps_to_break"]),
+            "budget": int(ft["budget"]),
+        }
+    return cells, runs
+
+
 __all__ = [
     "LEVEL",
     "T_975",
@@ -296,6 +354,7 @@ __all__ = [
     "merged_finetune",
     "outcomes",
     "rate_cell",
+    "row_cells",
     "utility_cell",
     "cell_interval",
     "difference_interval",

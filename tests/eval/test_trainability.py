@@ -61,19 +61,22 @@ def test_a_model_that_already_learned_the_task_reaches_the_threshold_sooner(tiny
     )["model"]
     res = trainability_section({"original": model, "hardened": warm}, tok, [], s, tmp_path, lora_finetune, _data())
     o, h = res["original"], res["hardened"]
-    print("CALIB", [[round(p["task_loss"], 3) for p in o["per_seed"][sd]] for sd in ("0", "1")])
-    print("CALIB", [[round(p["task_loss"], 3) for p in h["per_seed"][sd]] for sd in ("0", "1")])
-    assert h["curve"][0]["task_loss"] < o["curve"][0]["task_loss"] - 0.5  # the warm model knows the task
-    # a threshold between the two starting losses: the warm model is there at step 0, the cold one is not
-    threshold = (h["curve"][0]["task_loss"] + o["curve"][0]["task_loss"]) / 2
-    from lat_lightning.eval.durability.finetune import steps_to_loss as stl
-
-    for sd in ("0", "1"):
-        assert stl(h["per_seed"][sd], "task_loss", threshold) == 0
-        cold = stl(o["per_seed"][sd], "task_loss", threshold)
-        assert cold is None or cold > 0
-        assert o["per_seed"][sd][-1]["task_loss"] < o["per_seed"][sd][0]["task_loss"]  # the cold model learns
     assert res["task"].startswith("novel") and res["seeds"] == [0, 1] and len(o["curve"]) == 7
+    for m in (o, h):  # the section's own steps at the configured threshold
+        assert m["steps_to_loss"] == {
+            sd: steps_to_loss(c, "task_loss", s.dur.trainability_loss) for sd, c in m["per_seed"].items()
+        }
+    start_o, start_h = o["curve"][0]["task_loss"], h["curve"][0]["task_loss"]
+    assert start_h < start_o - 0.25  # the warm model knows the task (held-out words: it learned the rule, partly)
+    # A loss just below where the warm model starts: it gets there by fine-tuning a little, the cold model has the
+    # whole gap to cross in the same budget. Steps to that loss must rank the warm model first, on every seed.
+    threshold = start_h - 0.05
+    for sd in ("0", "1"):
+        warm_steps = steps_to_loss(h["per_seed"][sd], "task_loss", threshold)
+        cold_steps = steps_to_loss(o["per_seed"][sd], "task_loss", threshold)
+        assert warm_steps is not None and warm_steps > 0, h["per_seed"][sd]
+        assert cold_steps is None or cold_steps > warm_steps, (cold_steps, warm_steps)
+        assert o["per_seed"][sd][-1]["task_loss"] < o["per_seed"][sd][0]["task_loss"]  # the cold model learns too
 
 
 def _ft(s):

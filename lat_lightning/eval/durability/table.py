@@ -397,7 +397,9 @@ def render_report(summary: Mapping[str, Any]) -> str:
         "- *First k positions*: the perturbation acts on the last prompt token and the first k − 1 "
         "generated tokens only; *prefill*: the first k target tokens are appended after the generation "
         "prompt and the judge reads prefill + continuation.",
-        "- Trainability rows show the drop (or the final accuracy) with `(value at step 0 → after the last step)`.",
+        "- Trainability rows: LoRA fine-tunes of each model on a task new to both (one per seed); the steps until "
+        "its held-out CE reaches the threshold (each seed in brackets) and the held-out CE after the budget (where "
+        "it started in brackets).",
         "- *Fine-tuning attack*: steps to break = the first evaluated LoRA step at which the success without "
         "any perturbation reaches the break rate; the median over seeds (the per-seed values in brackets; "
         "`> budget` = not broken within the budget). A larger number means more resistance; the harmful-target "
