@@ -13,7 +13,7 @@ and the cell's interval is the 2.5 / 97.5 percentiles of ``r_b`` (:func:`cell_in
 defence from the reference row (plain refusal SFT) is bootstrapped the same way with the prompt draw shared by both
 models and the seed draws independent (:func:`difference_interval`); it is **beyond noise** when its 95 % interval
 excludes 0. Where a battery has no per-prompt outcomes (the fine-tuning attack's success at the budget), only the
-seeds are resampled. With 3 seeds the seed stage is coarse (a bootstrap of 3 values understates their spread by a
+seeds are resampled for the cell's interval, and no difference is judged (too coarse to call). With 3 seeds the seed stage is coarse (a bootstrap of 3 values understates their spread by a
 factor sqrt(2/3)); the prompt stage is what keeps a one-prompt difference between two seed-stable models (0.03 vs
 0.00) from reading as real.
 
@@ -270,7 +270,7 @@ def difference_cells(
     runs: Mapping[str, Mapping[str, Any]], baseline: str, samples: int
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """``{model: {column: difference_interval(model, baseline)}}`` for every model but ``baseline`` and every column
-    both resample (``runs``: model -> column -> seed runs)."""
+    whose per-prompt outcomes both models kept (``runs``: model -> column -> seed runs)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     if baseline not in runs:
         return out
@@ -279,7 +279,10 @@ def difference_cells(
             continue
         for col, r in cols.items():
             ref = runs[baseline].get(col)
-            if r is None or ref is None or len(r[0]) != len(ref[0]):
+            # Only where the prompts are resampled: a seed-only bootstrap of 3 values (the fine-tuning attack's
+            # success, which keeps no per-prompt outcomes) would call a one-prompt difference between two
+            # seed-stable models real.
+            if r is None or ref is None or len(r[0]) != len(ref[0]) or len(r[0]) < 2:
                 continue
             d = difference_interval(r, ref, samples)
             if d is not None:

@@ -101,6 +101,8 @@ def test_seeded_rows_show_means_intervals_and_marks_against_sft():
     assert cells["lat"]["asagrad"]["vs_baseline"]["beyond_noise"]
     assert not cells["lapt"]["asagrad"]["vs_baseline"]["beyond_noise"]
     assert "vs_baseline" not in cells["sft"]["asagrad"]
+    # the fine-tuning success keeps no per-prompt outcomes: an interval over seeds, no verdict against sft
+    assert cells["lat"]["finetune_rate"]["ci"] and "vs_baseline" not in cells["lat"]["finetune_rate"]
     assert cells["lat"]["utility"]["ci"][0] < 0.81 < cells["lat"]["utility"]["ci"][1]
     assert cells["lat"]["lambda"]["per_seed"] == [0.6, 1.0, 1.0]
     assert set(cells["lat"]["finetune_steps"]["per_seed"]) == {"0:0", "1:1", "2:2"}
