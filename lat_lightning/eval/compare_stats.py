@@ -13,9 +13,9 @@ and the cell's interval is the 2.5 / 97.5 percentiles of ``r_b`` (:func:`cell_in
 defence from the reference row (plain refusal SFT) is bootstrapped the same way with the prompt draw shared by both
 models and the seed draws independent (:func:`difference_interval`); it is **beyond noise** when its 95 % interval
 excludes 0. Where a battery has no per-prompt outcomes (the fine-tuning attack's success at the budget), only the
-seeds are resampled for the cell's interval, and no difference is judged (too coarse to call). With 3 seeds the seed stage is coarse (a bootstrap of 3 values understates their spread by a
-factor sqrt(2/3)); the prompt stage is what keeps a one-prompt difference between two seed-stable models (0.03 vs
-0.00) from reading as real.
+seeds are resampled for the cell's interval, and no difference is judged (too coarse to call). With 3 seeds the
+seed stage is coarse (a bootstrap of 3 values understates their spread by a factor sqrt(2/3)); the prompt stage is
+what keeps a one-prompt difference between two seed-stable models (0.03 vs 0.00) from reading as real.
 
 Utility cells: mean over seeds with a Student-t 95 % interval (no per-row outcomes are kept).
 """
