@@ -88,7 +88,8 @@ def _trainability_rows(tr: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Steps to the held-out loss threshold (median over seeds, each in brackets), the held-out CE after the
     budget (mean ± std over seeds, start → end), the utility after the budget when measured."""
     b, n = tr["steps"], len(tr.get("seeds", [0]))
-    task = "a new task" if str(tr.get("task", "")).startswith("novel") else "the benign pairs"
+    novel = str(tr.get("task", "")).startswith("novel")
+    task = "the held-out items of a new task" if novel else "the benign training pairs"
     per_seed = {
         m: "seeds: " + ", ".join(f"> {b}" if v is None else str(v) for v in tr[m]["steps_to_loss"].values())
         for m in MODELS
@@ -99,7 +100,7 @@ def _trainability_rows(tr: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows = [
         _row(
             "trainability_steps",
-            f"Trainability: LoRA steps until the held-out CE of {task} is ≤ {tr['threshold']:g} (median of {n} "
+            f"Trainability: LoRA steps until the CE of {task} is ≤ {tr['threshold']:g} (median of {n} "
             f"seeds, budget {b}, lr {tr['lr']:g}; fewer = learns faster)",
             tr["original"]["steps_to_loss_median"],
             tr["hardened"]["steps_to_loss_median"],
@@ -110,7 +111,7 @@ def _trainability_rows(tr: Mapping[str, Any]) -> list[dict[str, Any]]:
         ),
         _row(
             "trainability_loss",
-            f"Trainability: held-out CE of {task} after {b} steps (mean ± std over {n} seeds; lower = learns faster)",
+            f"Trainability: CE of {task} after {b} steps (mean ± std over {n} seeds; lower = learns faster)",
             stats["original"][0],
             stats["hardened"][0],
             kind="loss",
