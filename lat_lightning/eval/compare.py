@@ -231,7 +231,11 @@ def _fmt_cell(cell: Mapping[str, Any], kind: str) -> str:
 
 def _difference_lines(table: Mapping[str, Any]) -> list[str]:
     """The differences from the baseline row as a second table (``*`` = beyond noise)."""
-    cols = [c for c in table["columns"] if c["kind"] == "rate"]
+    cols = [
+        c
+        for c in table["columns"]
+        if c["kind"] == "rate" and any("vs_baseline" in r["cells"][c["id"]] for r in table["rows"])
+    ]
     rows = [r for r in table["rows"] if any("vs_baseline" in r["cells"][c["id"]] for c in cols)]
     if not rows:
         return []
