@@ -230,6 +230,15 @@ class CompareConfig:
     # pre-fill attack columns: the first k harmful-target tokens forced after the prompt, no perturbation; [] for none
     prefill_tokens: list[int] = field(default_factory=lambda: [1])
     finetune: bool = True  # the fine-tuning attack curve column (steps to break)
+    # Training seeds: each defence is trained (and attacked) once per seed (run seed = that seed); the table shows the
+    # mean over seeds with a 95 % interval. With several, each model is in compare/<defence>/seed_<s>/.
+    seeds: Optional[list[int]] = setting(None, check="not empty, unique")  # None: [seed] (one training run)
+    # The random parts of a seeded defence's battery (ASA-random noise, the fine-tuning attack's LoRA seed):
+    # ``training_seed`` runs each once, keyed by the defence's training seed (the spread over training seeds then
+    # holds every source of randomness; cost ~1/len(evaluation.seeds) of ``all``); ``all`` runs evaluation.seeds and
+    # evaluation.durability.finetune_seeds for every seed. The starting model always runs all of them.
+    battery_seeds: str = setting("training_seed", choices=("training_seed", "all"))
+    bootstrap_samples: int = setting(2000, check=">= 100")  # draws of the intervals' bootstrap (docs/defences.md)
 
 
 @dataclass

@@ -65,7 +65,8 @@ def prefill_success(
             run config).
 
     Returns:
-        ``{str(k): {"rate": primary judge's success rate, "judges": {name: rate}, "sample": first answer}}``.
+        ``{str(k): {"rate": primary judge's success rate, "judges": {name: rate}, "sample": first answer,
+        "per_prompt": the primary judge's 1 / 0 / None per prompt}}``.
     """
     s, judge_map = resolve_judges(settings)
     harmful = HarmfulPrompts.encode(tokenizer, prompts, targets, prompt_keys, s)
@@ -83,6 +84,7 @@ def prefill_success(
             "rate": res["rate"][i],
             "judges": {j: v[i] for j, v in res["judges"].items()},
             "sample": res["samples"][str(k)],
+            "per_prompt": res["per_prompt"][i],
         }
         for i, k in enumerate(res["ks"])
     }
@@ -111,30 +113,67 @@ def steps_past_loss(curve: Mapping[str, Any], reference_loss: float) -> dict[str
 
 
 def build_table(
-    results: Mapping[str, Mapping[str, Any]],
+    results: Mapping[str, Mapping[str, Any] | Sequence[Mapping[str, Any]]],
     attack_columns: Sequence[str],
     prefill_ks: Sequence[int],
     finetune: bool,
     reference: str = "original",
+    baseline: str = "sft",
+    bootstrap_samples: int = 2000,
 ) -> dict[str, Any]:
     """One row per model, in the order of ``results``.
 
     Args:
-        results: model name -> battery result (module docstring).
+        results: model name -> its battery result (module docstring), or a list of them, one per training seed
+            (``compare.seeds``): each cell is then the mean over the seeds with a 95 % interval
+            (:mod:`lat_lightning.eval.compare_stats`).
         attack_columns: the attack columns, in order (``asa_random``, ..., ``pgd@embed``).
         prefill_ks: the pre-fill columns.
         finetune: whether the fine-tuning columns are present.
         reference: the row whose harmful-target loss before fine-tuning the ``finetune_past_start`` column counts
             from (:func:`steps_past_loss`; no such column when that row is absent).
+        baseline: the row every other is compared with (plain refusal SFT): each rate cell that can be resampled
+            gets ``vs_baseline`` (the difference, its 95 % interval and whether it is beyond noise).
+        bootstrap_samples: draws of the intervals' bootstrap.
 
     Returns:
-        ``{"columns": [{"id", "label", "kind"}], "rows": [{"model", "description", "cells": {id: {...}}}]}``; kind
-        ``rate`` (lower = more robust), ``utility``, ``lambda`` or ``steps`` (higher = more robust). A cell is
-        ``{"value": float | None, "std": float | None}`` plus, for steps, ``"per_seed"`` and ``"budget"``.
+        ``{"columns": [{"id", "label", "kind"}], "rows": [{"model", "description", "seeds", "cells": {id: {...}}}],
+        "baseline": baseline}``; kind ``rate`` (lower = more robust), ``utility``, ``lambda`` or ``steps`` (higher =
+        more robust). A cell is ``{"value": float | None, "std": float | None}``, plus ``"ci": [low, high]`` where
+        an interval exists, ``"vs_baseline"`` for rates, ``"per_seed"`` for λ over seeds, and ``"per_seed"`` and
+        ``"budget"`` for steps.
 
     Raises:
         ValueError: a battery lacks a column the table needs (an unfilled cell is a bug, never a blank).
     """
+    from lat_lightning.eval.compare_stats import batteries_of, merged_finetune, row_cells
+
+    by_model = {name: batteries_of(res) for name, res in results.items()}
+    columns = _columns(attack_columns, prefill_ks, finetune, reference, by_model)
+    reference_loss = None
+    if any(c["id"] == "finetune_past_start" for c in columns):
+        curve = merged_finetune(by_model[reference])
+        start = [v[0] for v in curve["harmful_loss"].values() if v and v[0] is not None] if curve else []
+        reference_loss = float(np.mean(start)) if start else None
+    rows, runs = [], {}
+    for name, batteries in by_model.items():
+        cells, runs[name] = row_cells(name, batteries, attack_columns, prefill_ks, finetune, bootstrap_samples)
+        ft = merged_finetune(batteries) if reference_loss is not None else None
+        if reference_loss is not None and ft is not None:
+            per_seed = steps_past_loss(ft, reference_loss)
+            cells["finetune_past_start"] = {
+                "value": finite(median_steps_to_break(list(per_seed.values()))),
+                "std": None,
+                "per_seed": per_seed,
+                "budget": int(ft["budget"]),
+            }
+        desc = batteries[0].get("description", name)
+        rows.append({"model": name, "description": desc, "seeds": len(batteries), "cells": cells})
+    _mark_differences(rows, runs, baseline, bootstrap_samples)
+    return {"columns": columns, "rows": rows, "baseline": baseline}
+
+
+def _columns(attack_columns, prefill_ks, finetune: bool, reference: str, by_model) -> list[dict[str, str]]:
     columns = [
         {"id": "utility", "label": "utility", "kind": "utility"},
         {"id": "lambda", "label": "λ", "kind": "lambda"},
@@ -142,15 +181,12 @@ def build_table(
     ]
     columns += [{"id": c, "label": c, "kind": "rate"} for c in attack_columns]
     columns += [{"id": f"prefill_{k}", "label": f"prefill {k}", "kind": "rate"} for k in prefill_ks]
-    reference_loss = None
     if finetune:
         columns += [
             {"id": "finetune_rate", "label": "fine-tune success at budget", "kind": "rate"},
             {"id": "finetune_steps", "label": "fine-tune steps to break", "kind": "steps"},
         ]
-        if reference in results and results[reference].get("finetune"):
-            start = [v[0] for v in results[reference]["finetune"]["harmful_loss"].values() if v and v[0] is not None]
-            reference_loss = float(np.mean(start)) if start else None
+        if reference in by_model and any(b.get("finetune") for b in by_model[reference]):
             columns.append(
                 {
                     "id": "finetune_past_start",
@@ -158,44 +194,17 @@ def build_table(
                     "kind": "steps",
                 }
             )
-    rows = []
-    for name, res in results.items():
-        cells: dict[str, dict[str, Any]] = {
-            "utility": {"value": finite(res["utility"]), "std": None},
-            "lambda": {"value": finite(res.get("lambda")), "std": None},
-            "init": {"value": finite(res["init"]), "std": None},
-        }
-        for c in attack_columns:
-            if c not in res["attacks"]:
-                raise ValueError(f"the battery of '{name}' has no result for attack column '{c}'")
-            a = res["attacks"][c]
-            cells[c] = {"value": finite(a["value"]), "std": finite(a.get("std"))}
-        for k in prefill_ks:
-            cells[f"prefill_{k}"] = {"value": finite(res["prefill"][str(k)]["rate"]), "std": None}
-        if finetune:
-            ft = res["finetune"]
-            last = [v[-1] for v in ft["success"].values() if v]
-            cells["finetune_rate"] = {
-                "value": finite(np.mean(last)) if last else None,
-                "std": finite(np.std(last)) if len(last) > 1 else None,
-            }
-            cells["finetune_steps"] = {
-                "value": finite(ft["steps_to_break_median"]),
-                "std": None,
-                "per_seed": dict(ft["steps_to_break"]),
-                "budget": int(ft["budget"]),
-            }
-            if reference_loss is not None:
-                per_seed = steps_past_loss(ft, reference_loss)
-                median = median_steps_to_break(list(per_seed.values()))
-                cells["finetune_past_start"] = {
-                    "value": finite(median),
-                    "std": None,
-                    "per_seed": per_seed,
-                    "budget": int(ft["budget"]),
-                }
-        rows.append({"model": name, "description": res.get("description", name), "cells": cells})
-    return {"columns": columns, "rows": rows}
+    return columns
+
+
+def _mark_differences(rows: list[dict], runs: Mapping[str, Mapping[str, Any]], baseline: str, samples: int) -> None:
+    """``vs_baseline`` on every rate cell that differs from the baseline row's (:func:`difference_cells`)."""
+    from lat_lightning.eval.compare_stats import difference_cells
+
+    diffs = difference_cells(runs, baseline, samples)
+    for row in rows:
+        for col, d in diffs.get(row["model"], {}).items():
+            row["cells"][col]["vs_baseline"] = d
 
 
 def _fmt_cell(cell: Mapping[str, Any], kind: str) -> str:
@@ -209,9 +218,47 @@ def _fmt_cell(cell: Mapping[str, Any], kind: str) -> str:
     if v is None:
         return "—" if kind == "lambda" else NOT_AVAILABLE
     if kind == "lambda":
-        return f"{v:g}"
+        per = [x for x in cell.get("per_seed") or [] if x is not None]
+        return f"{v:.2g} ({', '.join(f'{x:g}' for x in per)})" if len(set(per)) > 1 else f"{v:g}"
+    ci = cell.get("ci")
+    if ci:
+        d = cell.get("vs_baseline") or {}
+        mark = (" ↓" if d["diff"] < 0 else " ↑") if d.get("beyond_noise") else ""
+        return f"{v:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]{mark}"
     std = cell.get("std")
     return fmt_mean_std(v, std or None)  # a zero spread (one seed, a deterministic attack) is left out
+
+
+def _difference_lines(table: Mapping[str, Any]) -> list[str]:
+    """The differences from the baseline row as a second table (``*`` = beyond noise)."""
+    cols = [
+        c
+        for c in table["columns"]
+        if c["kind"] == "rate" and any("vs_baseline" in r["cells"][c["id"]] for r in table["rows"])
+    ]
+    rows = [r for r in table["rows"] if any("vs_baseline" in r["cells"][c["id"]] for c in cols)]
+    if not rows:
+        return []
+
+    def fmt(d: Mapping[str, Any] | None) -> str:
+        if not d:
+            return NOT_AVAILABLE
+        star = "*" if d["beyond_noise"] else ""
+        return f"{d['diff']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]{star}"
+
+    lines = [
+        "",
+        f"Difference from `{table['baseline']}` (rate − {table['baseline']}'s, 95 % interval of the two-stage "
+        "bootstrap over seeds and paired prompts; * = beyond noise, the interval excludes 0):",
+        "",
+        "| model | " + " | ".join(c["label"] for c in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    lines += [
+        f"| {r['model']} | " + " | ".join(fmt(r["cells"][c["id"]].get("vs_baseline")) for c in cols) + " |"
+        for r in rows
+    ]
+    return lines
 
 
 def render_markdown(table: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
@@ -233,9 +280,23 @@ def render_markdown(table: Mapping[str, Any], summary: Mapping[str, Any]) -> str
             f"| {row['model']} | " + " | ".join(_fmt_cell(row["cells"][c["id"]], c["kind"]) for c in cols) + " |"
         )
     finetune = any(c["id"] == "finetune_steps" for c in cols)
+    seeds = max((int(r.get("seeds", 1)) for r in table["rows"]), default=1)
+    baseline = table.get("baseline", "sft")
+    intervals = (
+        f"Each defence trained over {seeds} seeds: a cell is the mean over its seeds with, in brackets, the 95 % "
+        "interval of a two-stage bootstrap (seeds with replacement, then the held-out prompts with replacement, "
+        "the same prompts for every model); utility: mean with a Student-t 95 % interval over seeds. "
+        if seeds > 1
+        else "In brackets: the 95 % interval of a bootstrap over the held-out prompts (and the attack's noise seeds). "
+    )
+    if any(r["model"] == baseline for r in table["rows"]):
+        intervals += (
+            f"↓ / ↑: lower / higher than `{baseline}` beyond noise (the 95 % interval of the paired difference "
+            "excludes 0). "
+        )
     lines += [
         "",
-        "Success rates: share of prompts broken (attacks: at any scanned layer, mean ± std over seeds where "
+        intervals + "Success rates: share of prompts broken (attacks: at any scanned layer, mean over seeds where "
         "the attack is random); lower is more robust."
         + (
             " Fine-tune steps to break: the median over seeds (each seed in brackets, — = not broken) of the "
@@ -254,6 +315,7 @@ def render_markdown(table: Mapping[str, Any], summary: Mapping[str, Any]) -> str
         "|---|---|",
     ]
     lines += [f"| {row['model']} | {row['description']} |" for row in table["rows"]]
+    lines += _difference_lines(table)
     lines += [
         "",
         f"Wall time: {summary['timings'].get('total', 'n/a')} s "
@@ -263,7 +325,19 @@ def render_markdown(table: Mapping[str, Any], summary: Mapping[str, Any]) -> str
 
 
 # ----------------------------------------------------------------------------------------------- figures
-def _figures(table: Mapping[str, Any], results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def _curves(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each model's fine-tuning curve, its training seeds' curves merged (one line per model, band over seeds)."""
+    from lat_lightning.eval.compare_stats import batteries_of, merged_finetune
+
+    out = {}
+    for name, res in results.items():
+        curve = merged_finetune(batteries_of(res))
+        if curve is not None:
+            out[name] = curve
+    return out
+
+
+def _figures(table: Mapping[str, Any], results: Mapping[str, Any]) -> dict[str, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -298,7 +372,7 @@ def _figures(table: Mapping[str, Any], results: Mapping[str, Mapping[str, Any]])
     ax.set_title("Defences x attacks")
     fig.tight_layout()
     figs["compare_heatmap"] = fig
-    curves = {n: r["finetune"] for n, r in results.items() if r.get("finetune")}
+    curves = _curves(results)
     if curves:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for name, ft in curves.items():
@@ -333,7 +407,7 @@ def _figures(table: Mapping[str, Any], results: Mapping[str, Mapping[str, Any]])
 
 def write_outputs(
     table: Mapping[str, Any],
-    results: Mapping[str, Mapping[str, Any]],
+    results: Mapping[str, Any],
     summary: dict[str, Any],
     out: Path,
     tensorboard: bool = True,
@@ -363,7 +437,7 @@ def write_outputs(
                     v = row["cells"][c["id"]]["value"]
                     if v is not None:
                         writer.add_scalar(f"compare/{c['id']}/{row['model']}", float(v), 0)
-            for name, ft in ((n, r["finetune"]) for n, r in results.items() if r.get("finetune")):
+            for name, ft in _curves(results).items():
                 mean = np.nanmean(np.array(list(ft["success"].values()), dtype=float), axis=0)
                 for step, v in zip(ft["eval_steps"], mean):
                     writer.add_scalar(f"compare_finetune/success/{name}", float(v), int(step))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,28 +30,59 @@ ORIGINAL = "original"
 
 
 def _masr(scan, suffix: str = "") -> dict[str, dict]:
-    """Per attack of a scan: the primary judge's MASR (mean, std over seeds when random) and every judge's."""
+    """Per attack of a scan: the primary judge's MASR (mean, std over seeds when random), every judge's, and the
+    per-prompt outcomes per seed (broken at any layer: what the comparison's intervals resample)."""
+    from lat_lightning.eval.compare_stats import any_layer_outcomes
+
     out = {}
     for a in scan.attacks:
         h = scan.headline(a)
         seeds = len(scan.seeds_run[a])
         judges = scan.summary["attacks"][a]["judges"]
+        index = [scan.seeds.index(sd) for sd in scan.seeds_run[a]]
         out[f"{a}{suffix}"] = {
             "value": h["masr_mean"],
             "std": h["masr_std"] if seeds > 1 else None,
             "seeds": seeds,
             "peak_layer": h["pasr_of_mean_lasr_layer"],
             "judges": {j: v.get("masr_mean") for j, v in judges.items()},
+            "per_prompt": any_layer_outcomes(scan.success[a][scan.primary_judge], index),
         }
     return out
 
 
-def _battery(cfg, model, tokenizer, out: Path, prompts, targets, keys, score_fn, pairs, extra: dict) -> dict:
+@dataclass(frozen=True)
+class _Kit:
+    """What every battery shares: the tokenizer, the held-out prompts, targets and ids, the utility score and the
+    fine-tuning attack's training pairs."""
+
+    tokenizer: Any
+    prompts: list
+    targets: list
+    keys: list
+    score_fn: Any
+    pairs: Any
+
+
+def _as_list(result: Any) -> list[dict]:
+    return [result] if isinstance(result, dict) else list(result)
+
+
+def _battery(cfg, model, kit: _Kit, out: Path, extra: dict) -> dict:
     """Attack one model with the whole battery (or read the battery it finished before)."""
     from lat_lightning.eval.compare import prefill_success
+    from lat_lightning.eval.compare_stats import outcomes
     from lat_lightning.stages.durability_settings import durability_settings
     from lat_lightning.stages.scan import scan_model
 
+    tokenizer, prompts, targets, keys, score_fn, pairs = (
+        kit.tokenizer,
+        kit.prompts,
+        kit.targets,
+        kit.keys,
+        kit.score_fn,
+        kit.pairs,
+    )
     done = out / "battery.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -62,6 +94,7 @@ def _battery(cfg, model, tokenizer, out: Path, prompts, targets, keys, score_fn,
     t0 = time.time()
     scan = scan_model(cfg, model, tokenizer, out / "scan", probes=False, progress=False)
     res["init"] = scan.headline()["init"]
+    res["init_per_prompt"] = [outcomes(list(scan.clean_success[scan.primary_judge]))]
     res["attacks"].update(_masr(scan))
     if cmp.embed_attacks:
         emb = scan_model(
@@ -114,6 +147,58 @@ def _attack_layers(cfg, model, tokenizer, out: Path, prompts: list[str]) -> tupl
     return list(result["layers"]), f"callbacks.fragile_layers.method={result['method_used']} on the starting model"
 
 
+def training_seeds(cfg) -> list[int]:
+    """``compare.seeds``, or the run's ``seed`` alone."""
+    seeds = cfg.compare.seeds
+    return [int(cfg.seed)] if seeds is None else [int(sd) for sd in seeds]
+
+
+def _seeded(cfg, seed: int, own_battery_seeds: bool):
+    """``cfg`` with run seed ``seed``; with ``own_battery_seeds`` the battery's random parts keyed by it too (one ASA
+    random noise seed and one fine-tuning LoRA seed: ``compare.battery_seeds=training_seed``)."""
+    from omegaconf import OmegaConf
+
+    extra: dict[str, Any] = {"seed": int(seed)}
+    if own_battery_seeds:
+        extra["evaluation"] = {"seeds": [int(seed)], "durability": {"finetune_seeds": [int(seed)]}}
+    return OmegaConf.merge(cfg, extra)
+
+
+def _defence(cfg, name: str, seed: int, sub: Path, layers, timings: dict, kit: _Kit) -> dict:
+    """Train defence ``name`` with training seed ``seed`` into ``sub`` (or keep the one trained before), then
+    attack it with the battery."""
+    from lat_lightning.models.settings import ModelSettings
+    from lat_lightning.stages import fit as fit_stage
+    from lat_lightning.stages.defences import DEFENCES, defence_config
+    from lat_lightning.stages.rescan import trained_model_path
+
+    several = len(training_seeds(cfg)) > 1
+    scfg = _seeded(cfg, seed, several and str(cfg.compare.battery_seeds) == "training_seed")
+    tag = f"{name}_seed_{seed}" if several else name
+    marker = sub / "defence.json"
+    if not marker.is_file():
+        t0 = time.time()
+        sub.mkdir(parents=True, exist_ok=True)
+        info = fit_stage.run(defence_config(scfg, name, layers), sub)
+        interp = sub / "interpolation.json"
+        lam = json.loads(interp.read_text())["chosen_lambda"] if interp.is_file() else None
+        marker.write_text(json.dumps({"fit": info, "lambda": lam, "seconds": round(time.time() - t0, 1)}))
+        timings[f"train_{tag}"] = round(time.time() - t0, 1)
+    trained = json.loads(marker.read_text())
+    path = trained_model_path(sub)
+    t0 = time.time()
+    model = load_stage_model(scfg, ModelSettings(name_or_path=str(path), dtype=str(cfg.model.dtype)))
+    extra = {
+        "description": DEFENCES[name].description,
+        "lambda": trained["lambda"],
+        "model_path": str(path),
+        "seed": int(seed),
+    }
+    res = _battery(scfg, model, kit, sub, extra)
+    timings[f"battery_{tag}"] = round(time.time() - t0, 1)
+    return res
+
+
 def run(cfg, run_dir: Path) -> dict:
     """Train every defence, attack every model, write the table.
 
@@ -125,11 +210,8 @@ def run(cfg, run_dir: Path) -> dict:
     """
     from lat_lightning.eval.compare import REPORT_FILE, SUMMARY_FILE, build_table, write_outputs
     from lat_lightning.models.loading import load_tokenizer
-    from lat_lightning.models.settings import ModelSettings
-    from lat_lightning.stages import fit as fit_stage
-    from lat_lightning.stages.defences import DEFENCES, defence_config
+    from lat_lightning.stages.defences import defence_config
     from lat_lightning.stages.fit_setup import utility_score_settings
-    from lat_lightning.stages.rescan import trained_model_path
     from lat_lightning.stages.scan import load_finetune_pairs, load_scan_prompts
     from lat_lightning.stages.settings import model_settings
     from lat_lightning.training.interpolation import utility_score_fn
@@ -148,58 +230,34 @@ def run(cfg, run_dir: Path) -> dict:
     if cfg.data.harmful and cmp.finetune:  # the fine-tuning attack trains on the training split's harmful pairs
         pairs = load_finetune_pairs(cfg)
     timings: dict[str, float] = {}
-    results: dict[str, dict] = {}
+    results: dict[str, Any] = {}
+    kit = _Kit(tokenizer, prompts, targets, keys, score_fn, pairs)
     model = load_stage_model(cfg)
     if cmp.include_original:
         t0 = time.time()
         results[ORIGINAL] = _battery(
-            cfg,
-            model,
-            tokenizer,
-            out / ORIGINAL,
-            prompts,
-            targets,
-            keys,
-            score_fn,
-            pairs,
-            {"description": "the starting model, no defence", "lambda": None},
+            cfg, model, kit, out / ORIGINAL, {"description": "the starting model, no defence", "lambda": None}
         )
         timings[f"battery_{ORIGINAL}"] = round(time.time() - t0, 1)
     layers, layers_source = _attack_layers(cfg, model, tokenizer, out, prompts)
     del model
+    seeds = training_seeds(cfg)
     for name in [str(n) for n in cmp.defences]:
-        sub = out / name
-        marker = sub / "defence.json"
-        if not marker.is_file():
-            t0 = time.time()
-            sub.mkdir(parents=True, exist_ok=True)
-            info = fit_stage.run(defence_config(cfg, name, layers), sub)
-            interp = sub / "interpolation.json"
-            lam = json.loads(interp.read_text())["chosen_lambda"] if interp.is_file() else None
-            marker.write_text(json.dumps({"fit": info, "lambda": lam, "seconds": round(time.time() - t0, 1)}))
-            timings[f"train_{name}"] = round(time.time() - t0, 1)
-        trained = json.loads(marker.read_text())
-        path = trained_model_path(sub)
-        t0 = time.time()
-        model = load_stage_model(cfg, ModelSettings(name_or_path=str(path), dtype=str(cfg.model.dtype)))
-        results[name] = _battery(
-            cfg,
-            model,
-            tokenizer,
-            sub,
-            prompts,
-            targets,
-            keys,
-            score_fn,
-            pairs,
-            {"description": DEFENCES[name].description, "lambda": trained["lambda"], "model_path": str(path)},
-        )
-        timings[f"battery_{name}"] = round(time.time() - t0, 1)
-        del model
+        batteries = [
+            _defence(cfg, name, sd, out / name if len(seeds) == 1 else out / name / f"seed_{sd}", layers, timings, kit)
+            for sd in seeds
+        ]
+        results[name] = batteries[0] if len(seeds) == 1 else batteries  # one seed: the earlier layout
     attack_columns = [str(a) for a in cfg.evaluation.attacks] + [f"{a}@embed" for a in cmp.embed_attacks]
-    table = build_table(results, attack_columns, [int(k) for k in cmp.prefill_tokens], bool(cmp.finetune))
+    table = build_table(
+        results,
+        attack_columns,
+        [int(k) for k in cmp.prefill_tokens],
+        bool(cmp.finetune),
+        bootstrap_samples=int(cmp.bootstrap_samples),
+    )
     timings["total"] = round(time.time() - t_start, 1)
-    ft = next((r["finetune"] for r in results.values() if r.get("finetune")), None)
+    ft = next((b["finetune"] for r in results.values() for b in _as_list(r) if b.get("finetune")), None)
     summary = {
         "model": str(cfg.model.name_or_path),
         "n_prompts": len(prompts),
@@ -211,6 +269,8 @@ def run(cfg, run_dir: Path) -> dict:
         if cfg.callbacks.weight_interpolation.enabled
         else None,
         "finetune_break_rate": ft["break_rate"] if ft else None,
+        "seeds": seeds,
+        "battery_seeds": str(cmp.battery_seeds),
         "timings": timings,
     }
     figures = write_outputs(table, results, summary, out, tensorboard=bool(cfg.logging.tensorboard))
@@ -227,11 +287,11 @@ def run(cfg, run_dir: Path) -> dict:
 def saved(run_dir: Path) -> str | None:
     """What an interrupted comparison keeps for ``--resume``: its finished defences and batteries."""
     out = Path(run_dir) / "compare"
-    trained = sorted(p.parent.name for p in out.glob("*/defence.json"))
-    attacked = sorted(p.parent.name for p in out.glob("*/battery.json"))
+    trained = sorted(str(p.parent.relative_to(out)) for p in out.glob("**/defence.json"))
+    attacked = sorted(str(p.parent.relative_to(out)) for p in out.glob("**/battery.json"))
     if not trained and not attacked:
         return None
     return f"defences trained: {', '.join(trained) or 'none'}; batteries done: {', '.join(attacked) or 'none'} (kept)"
 
 
-__all__ = ["run", "saved"]
+__all__ = ["run", "saved", "training_seeds"]

@@ -42,6 +42,8 @@ FAST = [
     "evaluation.durability.finetune_steps=2",
     "evaluation.durability.benign_steps=2",
     "evaluation.durability.finetune_batch_size=2",
+    "evaluation.durability.trainability_seeds=[0]",
+    "evaluation.durability.trainability_pairs=4",
 ]
 
 
@@ -419,7 +421,9 @@ def test_finetunes_train_copies_and_write_only_into_the_run_dir(two_models, tmp_
             assert (adapter / "adapter_config.json").is_file()
     assert fa["train_eval_overlap"] is True
     rows = {r["id"]: r for r in out["rows"]}
-    assert {"finetune_steps_to_break", "finetune_harmful_loss_start", "trainability_benign_loss"} <= set(rows)
+    assert {"finetune_steps_to_break", "finetune_harmful_loss_start", "trainability_steps", "trainability_loss"} <= set(
+        rows
+    )
     for name in ("original", "hardened"):
         assert rows["finetune_steps_to_break"][name] == fa[name]["steps_to_break_median"]
         assert rows["finetune_harmful_loss_start"][name] == pytest.approx(fa[name]["harmful_loss_mean"][0])

@@ -23,6 +23,7 @@ SMOKE = [
     "perturbation.direction_refresh=1",
     "callbacks.weight_interpolation.lambdas=[0.0,0.5,1.0]",
     "logging.tensorboard=false",
+    "compare.seeds=[0]",  # one training run per defence (the seeded layout: test_seeds_give_intervals_and_marks)
 ]
 FINETUNE = [
     "evaluation.durability.finetune_steps=4",
@@ -36,6 +37,10 @@ def _run(root, extra=()):
     assert main(["--recipe", "compare_defences", f"logging.root_dir={root}", *SMOKE, *FINETUNE, *extra]) == 0
     run = root / "compare_defences" / "version_0"
     return run, json.loads((run / "compare" / "compare_summary.json").read_text())
+
+
+def _without_sft(row):
+    return {**row, "cells": {k: {f: v for f, v in c.items() if f != "vs_baseline"} for k, c in row["cells"].items()}}
 
 
 @pytest.fixture()
@@ -88,7 +93,10 @@ def test_compare_defences_fills_every_cell_and_reproduces(isolated_cache):
     _, second = _run(isolated_cache / "b", ["compare.defences=[lat,refat]"])
     rows = {r["model"]: r for r in table["rows"]}
     assert [r["model"] for r in second["table"]["rows"]] == ["original", "lat", "refat"]
-    assert second["table"]["rows"] == [rows["original"], rows["lat"], rows["refat"]]
+    # (the differences from sft exist only where sft is compared: left out of the comparison of the rows)
+    assert [_without_sft(r) for r in second["table"]["rows"]] == [
+        _without_sft(rows[m]) for m in ("original", "lat", "refat")
+    ]
     for name in ("original", "lat", "refat"):  # continuous numbers too: utility, the harmful-target loss curve
         assert (
             second["batteries"][name]["finetune"]["harmful_loss"]
@@ -99,3 +107,38 @@ def test_compare_defences_fills_every_cell_and_reproduces(isolated_cache):
     # fine-tuning differs between the starting model and every defence.
     start = {r["model"]: first["batteries"][r["model"]]["finetune"]["harmful_loss_mean"][0] for r in table["rows"]}
     assert all(start[m] != start["original"] for m in models[1:]), start
+
+
+def test_seeds_give_intervals_and_marks(isolated_cache):
+    """Two training seeds per defence: one model per seed in compare/<defence>/seed_<s>/, each attacked with its own
+    seed's noise and LoRA seed, and every cell a mean with an interval; the seeds train different models."""
+    run, summary = _run(
+        isolated_cache,
+        [
+            "compare.defences=[sft,lapt]",
+            "compare.seeds=[0,1]",
+            "evaluation.attacks=[asa_random,pgd]",  # two attacks are enough here: a quicker test
+            "compare.embed_attacks=[]",
+        ],
+    )
+    rows = {r["model"]: r for r in summary["table"]["rows"]}
+    assert list(rows) == ["original", "sft", "lapt"] and rows["sft"]["seeds"] == 2 and rows["original"]["seeds"] == 1
+    for name in ("sft", "lapt"):
+        batteries = summary["batteries"][name]
+        assert [b["seed"] for b in batteries] == [0, 1]
+        for b in batteries:
+            sub = run / "compare" / name / f"seed_{b['seed']}"
+            assert (sub / "defence.json").is_file() and (sub / "battery.json").is_file()
+            assert b["attacks"]["asa_random"]["seeds"] == 1  # the battery's noise seed = the training seed
+            assert set(b["finetune"]["success"]) == {str(b["seed"])}
+        starts = [b["finetune"]["harmful_loss_mean"][0] for b in batteries]
+        assert starts[0] != starts[1], starts  # a different training seed trained a different model
+    for col in ("asa_random", "pgd", "prefill_1", "finetune_rate"):
+        cell = rows["lapt"]["cells"][col]
+        assert cell["ci"][0] <= cell["value"] <= cell["ci"][1]
+        assert "vs_baseline" not in rows["sft"]["cells"][col]
+        # judged against sft where the prompts are resampled (not the fine-tuning success: seeds only)
+        assert ("vs_baseline" in cell) == (col != "finetune_rate")
+    assert set(rows["lapt"]["cells"]["finetune_steps"]["per_seed"]) == {"0:0", "1:1"}
+    report = (run / "compare" / "compare_report.md").read_text()
+    assert "Each defence trained over 2 seeds" in report and "Difference from `sft`" in report

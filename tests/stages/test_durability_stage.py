@@ -45,6 +45,8 @@ def test_recipe_writes_report_summary_plots_and_leaves_the_model_untouched(tiny_
             "evaluation.durability.max_k=2",
             "evaluation.durability.finetune_steps=2",
             "evaluation.durability.benign_steps=2",
+            "evaluation.durability.trainability_seeds=[0]",
+            "evaluation.durability.trainability_pairs=4",
             "evaluation.durability.rewrites=[leetspeak,char_spaced,rot13]",
         ]
     )
@@ -76,7 +78,7 @@ def test_recipe_writes_report_summary_plots_and_leaves_the_model_untouched(tiny_
         "durability/init/hardened",
         "durability/first_k_asa_random/hardened",
         "durability/prefill/original",
-        "durability/trainability_benign_loss/hardened",
+        "durability/trainability_task_loss/hardened",
         "durability/finetune_attack_success_mean/original",
         "durability/finetune_attack_harmful_loss_mean/hardened",
     } <= set(tags["scalars"])

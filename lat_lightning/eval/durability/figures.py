@@ -164,7 +164,7 @@ def _finetune_figure(summary: Mapping[str, Any]):
     attack_panels = [("success", "attack success"), ("harmful_loss", "harmful-target CE")] if fa else []
     curves = [
         (k, key)
-        for k, key in (("trainability", "benign_loss"), ("trainability", "utility"))
+        for k, key in (("trainability", "task_loss"), ("trainability", "utility"))
         if summary.get(k) and "original" in summary[k] and any(key in p for p in summary[k]["original"]["curve"])
     ]
     if not (attack_panels or curves):
@@ -231,10 +231,10 @@ def _finetune_attack_scalars(writer, fa: Mapping[str, Any] | None, name: str) ->
 
 
 def _trainability_scalars(writer, e: Mapping[str, Any] | None, name: str) -> None:
-    """Each trainability curve value (benign loss, utility), by step."""
+    """Each trainability curve value (held-out task loss, utility; mean over seeds), by step."""
     for p in (e or {}).get("curve", []):
         for key, v in p.items():
-            if key != "step":
+            if key != "step" and not key.endswith("_std"):
                 _add_scalars(writer, f"durability/trainability_{key}/{name}", [(p["step"], v)], steps=True)
 
 

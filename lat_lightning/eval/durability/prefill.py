@@ -36,8 +36,8 @@ def prefill_attack(
 
     Returns:
         ``{"ks", "rate" (primary judge, per k), "judges" ({name: [rate per k]}), "samples" ({str(k): first
-        answer}), "positions_check" ({"rows", "violations"}: rows that were perturbed, or whose generation
-        prompt is not prompt + pre-fill)}``.
+        answer}), "per_prompt" (the primary judge's 1 / 0 / None per prompt, per k), "positions_check" ({"rows",
+        "violations"}: rows that were perturbed, or whose generation prompt is not prompt + pre-fill)}``.
     """
     prompt_ids, target_ids = harmful.prompt_ids, harmful.target_ids
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -67,6 +67,7 @@ def prefill_attack(
         for jn, v in verdicts.items():
             out["judges"].setdefault(jn, []).append(nanmean(v))
         out["rate"].append(nanmean(verdicts[s.primary_judge]))
+        out.setdefault("per_prompt", []).append([None if v != v else float(v) for v in verdicts[s.primary_judge]])
         out["samples"][str(k)] = texts[0] if texts else ""
     out["positions_check"] = check
     return out

@@ -188,7 +188,7 @@ def _later_sections(run: _SuiteRun, summary: dict[str, Any], timings: dict[str, 
         )
     if "trainability" in sections:
         bpairs = benign_pairs(data.benign)
-        if bpairs:
+        if bpairs or s.dur.trainability_task == "novel":  # the novel task is generated: no data needed
             assert finetune is not None
             summary["trainability"] = _timed(
                 timings, "trainability", lambda: trainability_section(models, tok, bpairs, s, run.out, finetune, data)

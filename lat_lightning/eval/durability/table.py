@@ -84,6 +84,57 @@ def _curve_row(rid: str, label: str, sec: Mapping[str, Any], key: str, kind: str
     )
 
 
+def _trainability_rows(tr: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Steps to the held-out loss threshold (median over seeds, each in brackets), the held-out CE after the
+    budget (mean ± std over seeds, start → end), the utility after the budget when measured."""
+    b, n = tr["steps"], len(tr.get("seeds", [0]))
+    novel = str(tr.get("task", "")).startswith("novel")
+    task = "the held-out items of a new task" if novel else "the benign training pairs"
+    per_seed = {
+        m: "seeds: " + ", ".join(f"> {b}" if v is None else str(v) for v in tr[m]["steps_to_loss"].values())
+        for m in MODELS
+    }
+    final = {m: [v for v in tr[m]["final_loss"].values() if v is not None] for m in MODELS}
+    stats = {m: (sum(v) / len(v), _std(v)) if v else (None, None) for m, v in final.items()}
+    start = {m: tr[m]["curve"][0].get("task_loss") if tr[m]["curve"] else None for m in MODELS}
+    rows = [
+        _row(
+            "trainability_steps",
+            f"Trainability: LoRA steps until the CE of {task} is ≤ {tr['threshold']:g} (median of {n} "
+            f"seeds, budget {b}, lr {tr['lr']:g}; fewer = learns faster)",
+            tr["original"]["steps_to_loss_median"],
+            tr["hardened"]["steps_to_loss_median"],
+            kind="steps",
+            o_detail=per_seed["original"],
+            h_detail=per_seed["hardened"],
+            budget=b,
+        ),
+        _row(
+            "trainability_loss",
+            f"Trainability: CE of {task} after {b} steps (mean ± std over {n} seeds; lower = learns faster)",
+            stats["original"][0],
+            stats["hardened"][0],
+            kind="loss",
+            o_std=stats["original"][1],
+            h_std=stats["hardened"][1],
+            o_detail=None if start["original"] is None else f"from {start['original']:.2f}",
+            h_detail=None if start["hardened"] is None else f"from {start['hardened']:.2f}",
+        ),
+    ]
+    if any("utility" in p for p in tr["original"]["curve"]):
+        rows.append(
+            _curve_row("trainability_utility", f"Trainability: utility accuracy after {b} steps", tr, "utility", "rate")
+        )
+    return rows
+
+
+def _std(values: list[float]) -> float | None:
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
 def _seed_steps(curve: Mapping[str, Any]) -> str:
     b = curve["budget"]
     return "seeds: " + ", ".join(f"> {b}" if v is None else str(v) for v in curve["steps_to_break"].values())
@@ -295,25 +346,7 @@ def build_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
         rows += _finetune_attack_rows(fa)
     tr = summary.get("trainability")
     if tr and "original" in tr:
-        rows.append(
-            _curve_row(
-                "trainability_benign_loss",
-                f"Trainability: drop of the benign CE over {tr['steps']} steps (larger = learns faster)",
-                tr,
-                "benign_loss",
-                "loss",
-            )
-        )
-        if any("utility" in p for p in tr["original"]["curve"]):
-            rows.append(
-                _curve_row(
-                    "trainability_utility",
-                    f"Trainability: utility accuracy after {tr['steps']} steps",
-                    tr,
-                    "utility",
-                    "rate",
-                )
-            )
+        rows += _trainability_rows(tr)
     dp = summary.get("depth")
     if dp:
         rows += _depth_rows(dp, fl)
@@ -365,7 +398,9 @@ def render_report(summary: Mapping[str, Any]) -> str:
         "- *First k positions*: the perturbation acts on the last prompt token and the first k − 1 "
         "generated tokens only; *prefill*: the first k target tokens are appended after the generation "
         "prompt and the judge reads prefill + continuation.",
-        "- Trainability rows show the drop (or the final accuracy) with `(value at step 0 → after the last step)`.",
+        "- Trainability rows: LoRA fine-tunes of each model on a task new to both (one per seed); the steps until "
+        "its held-out CE reaches the threshold (each seed in brackets) and the held-out CE after the budget (where "
+        "it started in brackets).",
         "- *Fine-tuning attack*: steps to break = the first evaluated LoRA step at which the success without "
         "any perturbation reaches the break rate; the median over seeds (the per-seed values in brackets; "
         "`> budget` = not broken within the budget). A larger number means more resistance; the harmful-target "
