@@ -35,8 +35,8 @@ slot also runs the scan with the coherence check off (``equal_work_*``: the loop
 (``evaluation.coherence.from_attacked_layer: false``, the path before issue 22): ``full_pass_*`` rates,
 ``scan_vs_full_pass`` (median over the slots of the two scans' rate ratio), ``full_pass_verdict_agreement`` (same
 tokens, coherence records and every judge's verdict, ``+coherent`` included) and ``full_pass_max_nll_diff``
-(float rounding); ``--no-compare-full-pass`` skips it. ``--compare-unshared`` (default on) runs the scan once more with the prefix
-sharing turned off and reports the token agreement of the two (must be 1.0) and the unshared cell rate.
+(float rounding); ``--no-compare-full-pass`` skips it. ``--compare-unshared`` (default on) runs the scan once more
+with the prefix sharing turned off and reports the token agreement of the two (must be 1.0) and the unshared cell rate.
 
 Targets (issue 16, SmolLM2 with 30 layers, >= 8 prompts, 16 new tokens): scan cell rate >= 30x the loop's;
 whole scan stage >= 10x faster than the loop. Both are judged on the scan as the stage runs it (coherence on);
