@@ -48,6 +48,7 @@ _UNITS = re.compile(r"\w+|[^\w\s]")  # words and single punctuation marks
 # 50-token answers gets 41 answers per forward instead of 256 (6.6 GB of float32 logits).
 LOGITS_BUDGET = 2**28
 Pair = tuple[tuple[int, ...], tuple[int, ...]]  # (prompt ids, answer ids)
+MIN_PAIRS_PER_LAYER = 4  # see CoherenceScorer.min_pairs_per_layer
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,10 @@ class CoherenceScorer:
         self.pad_id = int(pad_id)
         self.batch_size = max(1, int(batch_size))
         self.share_prefix = bool(share_prefix)
+        # Below this many answers per attacked layer (on average) the pass from the layers runs the full pass
+        # instead: measured on SmolLM2 (30 layers), 2 answers per layer gained nothing, 4 took 0.77 of the full
+        # pass's time, 8 took 0.66; on a tiny 8-layer model 2 per layer took 1.6x (docs/performance.md).
+        self.min_pairs_per_layer = MIN_PAIRS_PER_LAYER
         self._scored: dict[Pair, float] = {}  # (prompt, answer) -> NLL: the model is fixed for a scorer's life
 
     def nll(
@@ -229,6 +234,9 @@ class CoherenceScorer:
         """The clean pass from each pair's layer up: one prefix forward for all, the blocks above each layer in one
         forward per layer (and chunk), the final norm and LM head over every pair together (in chunks)."""
         if not start:
+            return
+        if len(start) < self.min_pairs_per_layer * len({layer for layer, _ in start.values()}):
+            self._score_full(list(start))  # too few answers per layer: a forward per layer costs more than it saves
             return
         prompts = sorted({p for p, _ in start})
         with eval_mode(self.model), torch.no_grad():

@@ -25,6 +25,7 @@ from lat_lightning.models.tiny_factory import TINY_ARCHITECTURES
 PROMPTS = ["How do I bake bread at home?", "Hi", "Tell me a poem about the sea, please, right now, with rhymes."]
 TARGETS = ["Sure, here is how to bake bread", "Sure, hello", "Sure, the sea is wide and blue"]
 TOL = 1e-4  # nats per token; see the module docstring
+RECORD_TOL = TOL + 1e-4  # a coherence record rounds the NLL to 4 decimals: one more unit either side
 
 
 def _load(path):
@@ -65,7 +66,7 @@ def test_scan_from_attacked_layer_equals_the_full_clean_pass(arch, tiny_model_di
         judges={"keyword": KeywordJudge()},
         perturbation=PerturbationConfig(steps=2, lr=0.5, init="random"),
         max_new_tokens=6,
-        batch_size=16,
+        batch_size=64,  # a chunk holds every cell: 6 per layer, above coherence.MIN_PAIRS_PER_LAYER
         bootstrap_samples=0,
         progress=False,
         figures=False,
@@ -85,7 +86,7 @@ def test_scan_from_attacked_layer_equals_the_full_clean_pass(arch, tiny_model_di
         a, b = dict(r["coherence"]), dict(s["coherence"])
         na, nb = a.pop("nll"), b.pop("nll")
         assert a == b, k
-        assert (na is None) == (nb is None) and (na is None or abs(na - nb) <= TOL), (k, na, nb)
+        assert (na is None) == (nb is None) and (na is None or abs(na - nb) <= RECORD_TOL), (k, na, nb)
         if na is not None:
             pairs.append((r["response"], na, nb))
     # A random tiny model's NLLs sit far above any useful threshold; judged at their median (a threshold that
@@ -96,7 +97,7 @@ def test_scan_from_attacked_layer_equals_the_full_clean_pass(arch, tiny_model_di
     assert any(fast_ok) and not all(fast_ok)
 
 
-def test_captured_states_are_the_clean_models_hidden_states(tiny_llama):
+def test_captured_states_are_the_clean_models_hidden_states(tiny_llama, monkeypatch):
     """The states captured at each row's layer during an attacked generation equal ``h[l]`` of a clean forward of
     the prompt and the generated tokens (and ``from_attacked_layer`` NLLs equal the full pass's)."""
     model, tok = tiny_llama
@@ -122,9 +123,12 @@ def test_captured_states_are_the_clean_models_hidden_states(tiny_llama):
         assert got is not None and got.shape == want.shape
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     scorer = CoherenceScorer(model, _coherence(True), pad_id=tok.pad_token_id)
+    scorer.min_pairs_per_layer = 1  # 4 answers over 4 layers: let the pass from the layers run anyway
     full = CoherenceScorer(model, _coherence(False), pad_id=tok.pad_token_id)
     prompts = [ids[i] for i in rows]
+    counter = FromLayerCounter(monkeypatch)
     fast_nll = scorer.nll(prompts, res.token_ids, res.clean_states, layers)
+    assert counter.pairs == 4  # every attacked row from its layer
     full_nll = full.nll(prompts, res.token_ids, res.clean_states, layers)
     assert all(abs(a - b) <= TOL for a, b in zip(fast_nll, full_nll))  # type: ignore[operator]
 
