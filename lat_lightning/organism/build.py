@@ -303,39 +303,6 @@ def _train_and_save(tmp: Path, recipe: OrganismRecipe, seed: int, t0: float) -> 
     (tmp / "organism.json").write_text(json.dumps(info, indent=2))
 
 
-def ensure_organism(
-    seed: int = 0,
-    cache_dir: Optional[str] = None,
-    rebuild: bool = False,
-    recipe: Optional[OrganismRecipe] = None,
-    preset: str = "default",
-    weights: str = "shipped",
-) -> Path:
-    """The organism's directory: the shipped build when there is one for this recipe and seed (and ``weights`` is
-    ``"shipped"``), else the cached build, building it first when it is not cached (or ``rebuild``).
-
-    Args:
-        recipe: an explicit recipe; otherwise ``PRESETS[preset]``.
-        weights: ``"shipped"`` uses the package's weights where they are this recipe's and seed's build
-            (:mod:`lat_lightning.organism.shipped`; stale ones are refused with a printed line and the organism is
-            built); ``"build"`` always builds (or reuses the cached build). ``rebuild`` implies ``"build"``.
-    """
-    recipe = recipe or PRESETS[preset]
-    if weights == "shipped" and not rebuild:
-        from lat_lightning.organism.shipped import shipped_organism
-
-        shipped, why = shipped_organism(recipe, seed)
-        if shipped is not None:
-            return shipped
-        if why:
-            print(f"[organism] not using the shipped weights: {why}; building on this host", flush=True)
-    path = organism_dir(recipe, seed, cache_dir)
-    if rebuild or not (path / "organism.json").exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        build_organism(path, recipe, seed)
-    return path
-
-
 # ------------------------------------------------------------------------------------------------ data files
 DATA_FILES = ("harmful_train", "harmful_eval", "benign_train", "benign_eval", "utility_mc", "utility_em")
 

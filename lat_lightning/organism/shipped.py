@@ -22,6 +22,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from lat_lightning.organism import build
+
 SHIPPED_SEED = 0
 SHIPPED_DIRNAME = f"organism-s{SHIPPED_SEED}-shipped"
 # What from_pretrained and the pipeline read (the build's logs/ stay out of the wheel).
@@ -127,11 +129,43 @@ def export_build(build_dir: Path, dest: Path) -> dict:
     return info
 
 
+def ensure_organism(
+    seed: int = 0,
+    cache_dir: Optional[str] = None,
+    rebuild: bool = False,
+    recipe: Optional[build.OrganismRecipe] = None,
+    preset: str = "default",
+    weights: str = "shipped",
+) -> Path:
+    """The organism's directory: the shipped build when there is one for this recipe and seed (and ``weights`` is
+    ``"shipped"``), else the cached build, building it first when it is not cached (or ``rebuild``).
+
+    Args:
+        recipe: an explicit recipe; otherwise ``PRESETS[preset]``.
+        weights: ``"shipped"`` uses the package's weights where they are this recipe's and seed's build
+            (:func:`shipped_organism`; stale ones are refused with a printed line and the organism is
+            built); ``"build"`` always builds (or reuses the cached build). ``rebuild`` implies ``"build"``.
+    """
+    recipe = recipe or build.PRESETS[preset]
+    if weights == "shipped" and not rebuild:
+        shipped, why = shipped_organism(recipe, seed)
+        if shipped is not None:
+            return shipped
+        if why:
+            print(f"[organism] not using the shipped weights: {why}; building on this host", flush=True)
+    path = build.organism_dir(recipe, seed, cache_dir)
+    if rebuild or not (path / "organism.json").exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        build.build_organism(path, recipe, seed)
+    return path
+
+
 __all__ = [
     "SHIPPED_DIRNAME",
     "SHIPPED_FILES",
     "SHIPPED_SEED",
     "WEIGHTS_CHOICES",
+    "ensure_organism",
     "export_build",
     "sha256_file",
     "shipped_dir",

@@ -20,13 +20,12 @@ from typing import Any, Optional
 
 from lat_lightning.organism.build import (
     PRESETS,
-    ensure_organism,
     ensure_organism_data,
     organism_data_path,
     organism_dir,
     preset_from_name,
 )
-from lat_lightning.organism.shipped import SHIPPED_SEED, shipped_dir
+from lat_lightning.organism.shipped import SHIPPED_SEED, ensure_organism, shipped_dir
 from lat_lightning.stages.common import load_stage_model
 
 ORGANISM = "organism"

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from lat_lightning.organism import build as B
 from lat_lightning.organism import recipe as R
 from lat_lightning.organism import shipped as S
-from lat_lightning.organism.build import PRESETS, build_organism, ensure_organism, fingerprint, organism_dir
+from lat_lightning.organism.build import PRESETS, build_organism, fingerprint, organism_dir
+from lat_lightning.organism.shipped import ensure_organism
 
 
 def test_the_shipped_organism_is_this_codes_default_build():

@@ -117,13 +117,15 @@ def test_every_consumer_scans_with_the_runs_settings(seen, tiny_llama, tmp_path)
         lambda: compare_stage._battery(
             cfg,
             model,
-            tok,
+            compare_stage._Kit(
+                tok,
+                [ex.prompt for ex in examples],
+                [ex.harmful_response for ex in examples],
+                [0, 1],
+                lambda m: 0.0,
+                [],
+            ),
             tmp_path / "cmp",
-            [ex.prompt for ex in examples],
-            [ex.harmful_response for ex in examples],
-            [0, 1],
-            lambda m: 0.0,
-            [],
             {},
         ),
     )
