@@ -158,6 +158,8 @@ def run_once(root: Path, overrides: list[str]) -> dict[str, Any]:
     if status != 0:
         return {"error": f"pipeline exited {status}", "wall_s": round(wall, 1)}
     run = sorted((root / "runs" / RECIPE).glob("version_*"))[-1]
+    if not (run / "report.json").exists():  # e.g. stages=[organism,compare]: read its own outputs instead
+        return {"error": f"no report stage in {run}: its figures are in the run directory", "wall_s": round(wall, 1)}
     fig = collect(run)
     return {
         **fig,
