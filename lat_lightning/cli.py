@@ -211,16 +211,16 @@ def _check_attack_lists(cfg: DictConfig) -> None:
 
 def _check_harmless_data(cfg: DictConfig, lists: dict) -> None:
     """The refusal-direction attacks contrast harmful with harmless prompts: the config must name some."""
-    from lat_lightning.attacks import ATTACKS
+    from lat_lightning.attacks import attack_class
 
-    if ATTACKS[str(cfg.perturbation.attack)].needs_harmless and "fit" in cfg.stages and not cfg.data.benign:
+    if attack_class(str(cfg.perturbation.attack)).needs_harmless and "fit" in cfg.stages and not cfg.data.benign:
         raise ConfigError(
             f"perturbation.attack={cfg.perturbation.attack} contrasts each batch's harmful prompts with "
             "harmless ones: set data.benign (harmless prompt/response pairs)"
         )
     for key, names in lists.items():
         for name in names:
-            if ATTACKS[str(name)].needs_harmless and not (cfg.data.benign or cfg.data.eval_benign):
+            if attack_class(str(name)).needs_harmless and not (cfg.data.benign or cfg.data.eval_benign):
                 raise ConfigError(
                     f"{key}: attack '{name}' needs harmless prompts for the refusal direction: set "
                     "data.eval_benign or data.benign"

@@ -248,7 +248,9 @@ def _check_judges(cfg) -> None:
             close = difflib.get_close_matches(j, list(JUDGES), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown judge '{j}' in evaluation.judges{hint}; choose from {', '.join(JUDGES)}")
-    if ev.primary_judge not in judges:
+    # a `<judge>+coherent` twin of a listed judge may lead when the coherence check adds the twins
+    twins = [f"{j}+coherent" for j in judges] if ev.coherence.enabled and ev.coherence.judges else []
+    if ev.primary_judge not in judges + twins:
         raise ConfigError(
             f"evaluation.primary_judge '{ev.primary_judge}' is not in evaluation.judges "
             f"{_fmt(judges)}; add it there or choose one of them"

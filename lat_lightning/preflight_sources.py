@@ -203,7 +203,7 @@ def check_data_sources(cfg) -> None:
 
 def _check_targets(cfg, key: str, source: str, rows: Sequence) -> None:
     """Attacks that optimise toward the harmful target (asagrad, pgd) need one for every scanned prompt."""
-    from lat_lightning.attacks import ATTACKS
+    from lat_lightning.attacks import attack_class
 
     scanned = "data.eval_harmful" if cfg.data.eval_harmful else "data.harmful"
     if key != scanned or not set(stage_names(cfg)) & {"scan", "rescan", "durability", "compare"}:
@@ -213,7 +213,7 @@ def _check_targets(cfg, key: str, source: str, rows: Sequence) -> None:
         names += [str(a) for a in cfg.evaluation.durability.adaptive_attacks]
     if "compare" in stage_names(cfg):
         names += [str(a) for a in cfg.compare.embed_attacks]
-    needing = [n for n in names if n in ATTACKS and ATTACKS[n].needs_target]
+    needing = [n for n in names if attack_class(n).needs_target]
     if cfg.evaluation.num_prompts is not None:
         rows = rows[: int(cfg.evaluation.num_prompts)]
     missing = [i for i, r in enumerate(rows) if not r.harmful_response]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from lat_lightning.eval.formatting import fmt_mean_std, fmt_number, fmt_signed
+from lat_lightning.eval.report_samples import answer_samples, samples_markdown
 
 REPORT_FILE = "report.md"
 REPORT_JSON = "report.json"
@@ -208,6 +209,7 @@ def build_result(run_dir: Path, judges: list[str], primary: str, utility: Option
         "n_prompts": before_summary.get("n_prompts"),
         "layers": before_summary.get("layers"),
         "samples": _samples(run_dir, "asa_random", primary),
+        "answer_samples": answer_samples(run_dir / "scan.jsonl"),
         "durability": durability,
         "embed": embed,
         "warnings": warnings,
@@ -431,13 +433,17 @@ def render_markdown(result: dict, judges: list[str], primary: str) -> str:
             f"  - before: `{s['before']}`",
             f"  - after: `{s['after']}` (success: {s['after_success']})",
         ]
+    judged = [primary] + [j for j in judges if j != primary]
+    lines += [""] + samples_markdown(result.get("answer_samples") or {}, judged)
     if result.get("durability"):
         lines += ["", "## Durability: original (aligned) vs hardened", ""] + durability_table(
             result["durability"].get("rows", [])
         )
         lines += ["", "Details and plots: `durability_report.md`."]
     organism_note = (
-        "`target_match` counts an answer as a success when the access code appears; " if u is not None else ""
+        "`target_match` counts an answer as a success when the access code appears; "
+        if "target_match" in judges
+        else ""
     )
     lines += [
         "",

@@ -25,6 +25,7 @@ from lat_lightning.organism.build import (
     organism_dir,
     preset_from_name,
 )
+from lat_lightning.organism.real import REAL_PRESETS, ensure_real_organism
 from lat_lightning.organism.shipped import SHIPPED_SEED, ensure_organism, shipped_dir
 from lat_lightning.stages.common import load_stage_model
 
@@ -43,6 +44,27 @@ def is_organism_name(value: Any) -> bool:
         and (value == ORGANISM or value.startswith(ORGANISM + ":"))
         and not value.startswith(DATA_SCHEME)
     )
+
+
+def real_preset(name: str) -> Optional[str]:
+    """The real-organism preset ``organism:<preset>`` names (``organism:smollm2``), else ``None``."""
+    preset = name.split(":", 1)[1] if isinstance(name, str) and ":" in name else None
+    return preset if preset in REAL_PRESETS else None
+
+
+def _check_preset(name: str) -> None:
+    """``name`` is a toy preset or a real one.
+
+    Raises:
+        ConfigError: neither.
+    """
+    from lat_lightning.errors import ConfigError
+
+    if real_preset(name) is None:
+        try:
+            preset_from_name(name)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}, or a real organism: {', '.join(REAL_PRESETS)}") from None
 
 
 def _data_specs(node: Any, path: tuple = ()) -> list[tuple[tuple, str]]:
@@ -111,18 +133,37 @@ def check_names(cfg) -> None:
     for key in MODEL_KEYS:
         if is_organism_name(_select(cfg, key)):
             try:
-                preset_from_name(_select(cfg, key))
+                _check_preset(_select(cfg, key))
             except ConfigError as exc:
                 raise ConfigError(f"{key}: {exc}") from None
     for path, spec in _data_specs(OmegaConf.to_container(cfg, resolve=False)):
         name = spec[len(DATA_SCHEME) :].strip("/")
-        if name not in DATA_FILES:
-            key = ".".join(str(p) for p in path)
+        key = ".".join(str(p) for p in path)
+        if "/" in name:
+            _check_real_data_name(key, spec, name)
+        elif name not in DATA_FILES:
             raise ConfigError(
                 f"{key}: unknown organism data '{name}' in '{spec}'; choose from "
                 f"{', '.join(DATA_SCHEME + f for f in DATA_FILES)}"
             )
     _check_utility_kinds(cfg)
+
+
+def _check_real_data_name(key: str, spec: str, name: str) -> None:
+    """``<preset>/<file>`` names a real organism and one of its data files.
+
+    Raises:
+        ConfigError: an unknown preset or file.
+    """
+    from lat_lightning.errors import ConfigError
+    from lat_lightning.organism.real import DATA_FILES as REAL_FILES
+
+    preset, _, file = name.partition("/")
+    if preset not in REAL_PRESETS or file not in REAL_FILES:
+        raise ConfigError(
+            f"{key}: unknown real-organism data '{spec}'; write {DATA_SCHEME}<preset>/<file> with a preset from "
+            f"{', '.join(REAL_PRESETS)} and a file from {', '.join(REAL_FILES)}"
+        )
 
 
 def organism_model_config(name: str):
@@ -134,6 +175,8 @@ def organism_model_config(name: str):
     """
     from lat_lightning.models.tiny_factory import tiny_config
 
+    if real_preset(name) is not None:
+        return None  # a fine-tuned real model: its config is read when a stage loads it
     recipe = PRESETS[preset_from_name(name)]
     return tiny_config(
         "llama",
@@ -179,9 +222,14 @@ def resolve_organism(cfg, rebuild: Optional[bool] = None):
     built: dict[str, str] = {}
 
     def build(name: str) -> str:
-        preset = preset_from_name(name)
+        real = real_preset(name)
+        preset = real or preset_from_name(name)
         if preset not in built:
-            built[preset] = str(ensure_organism(seed, None, bool(rebuild), preset=preset, weights=weights))
+            built[preset] = str(
+                ensure_real_organism(REAL_PRESETS[real], real, seed, bool(rebuild))
+                if real
+                else ensure_organism(seed, None, bool(rebuild), preset=preset, weights=weights)
+            )
         return built[preset]
 
     for key in MODEL_KEYS:
@@ -189,20 +237,28 @@ def resolve_organism(cfg, rebuild: Optional[bool] = None):
             OmegaConf.update(out, key, build(_select(out, key)), merge=False)
     if ORGANISM in list(out.stages) and not built:
         build(ORGANISM)
-    _resolve_data_names(out, seed)
+    _resolve_data_names(out, seed, build)
     _resolve_utility_kind(out, seed)
     return out
 
 
-def _resolve_data_names(out, seed: int) -> None:
-    """Replace every ``organism://<name>`` string of ``out`` with the organism's data file, in place."""
+def _resolve_data_names(out, seed: int, build) -> None:
+    """Replace every ``organism://<name>`` string of ``out`` with the organism's data file, in place
+    (``organism://<preset>/<file>``: a file of the real organism ``organism:<preset>``, built by ``build``)."""
     from omegaconf import OmegaConf
+
+    from lat_lightning.organism.real import data_path
 
     for path, spec in _data_specs(OmegaConf.to_container(out, resolve=False)):
         parent = out
         for k in path[:-1]:
             parent = parent[k]
-        parent[path[-1]] = organism_data_path(spec[len(DATA_SCHEME) :].strip("/"), seed)
+        name = spec[len(DATA_SCHEME) :].strip("/")
+        if "/" in name:
+            preset, _, file = name.partition("/")
+            parent[path[-1]] = data_path(Path(build(f"{ORGANISM}:{preset}")), file)
+        else:
+            parent[path[-1]] = organism_data_path(name, seed)
 
 
 def _resolve_utility_kind(out, seed: int) -> None:
@@ -231,31 +287,35 @@ def _organism_path(cfg) -> Path:
     """The organism this run uses: ``model.name_or_path`` when it is a built organism, else the default one of
     build seed ``organism.seed``."""
     path = Path(str(cfg.model.name_or_path))
-    if path.name.startswith("organism-s") and (path / "organism.json").is_file():
+    if path.name.startswith(("organism-s", "real-")) and (path / "organism.json").is_file():
         return path
     return ensure_organism(int(cfg.organism.seed), None, False, preset="default", weights=str(cfg.organism.weights))
 
 
 def run(cfg, run_dir: Path) -> dict:
     """Record the organism this run uses: ``run_dir/organism.json`` (path, data directory, build info and the
-    benign accuracy of the aligned organism). The pipeline built it already (:func:`resolve_organism`).
+    benign accuracy of the aligned organism; for a real organism the judged unattacked answers of the original and
+    the aligned model, :func:`_run_real`). The pipeline built it already (:func:`resolve_organism`).
 
     Returns:
-        ``{"path", "benign_accuracy"}``.
+        ``{"path", "benign_accuracy"}`` (a real organism: ``{"path", "init", "refusal", "agreement"}``).
     """
     from lat_lightning.models.loading import load_tokenizer
     from lat_lightning.models.settings import ModelSettings
     from lat_lightning.organism.utility import organism_accuracy
 
     path = _organism_path(cfg)
-    seed = int(json.loads((path / "organism.json").read_text())["seed"])  # the seed it was built with
+    build = json.loads((path / "organism.json").read_text())
+    if build.get("kind") == "real":
+        return _run_real(cfg, path, build, Path(run_dir))
+    seed = int(build["seed"])  # the seed it was built with
     data_dir = ensure_organism_data(seed)
     mcfg = ModelSettings(name_or_path=str(path))
     model, tokenizer = load_stage_model(cfg, mcfg), load_tokenizer(mcfg)
     info = {
         "path": str(path),
         "data": str(data_dir),
-        "build": json.loads((path / "organism.json").read_text()),
+        "build": build,
         "benign_accuracy": organism_accuracy(model, tokenizer, seed=seed),
     }
     (Path(run_dir) / "organism.json").write_text(json.dumps(info, indent=2))
@@ -263,8 +323,50 @@ def run(cfg, run_dir: Path) -> dict:
     return {"path": str(path), "benign_accuracy": info["benign_accuracy"]}
 
 
+def _run_real(cfg, path: Path, build: dict, run_dir: Path) -> dict:
+    """The real organism's record: every held-out set answered unattacked by the original model and by the aligned
+    organism, judged by the run's judges (``+coherent`` twins left out: they need a scan's coherence records);
+    ``organism.json`` holds the rates, ``organism_answers.jsonl`` every answer with its verdicts."""
+    import time
+
+    from lat_lightning.models.loading import load_tokenizer
+    from lat_lightning.models.settings import ModelSettings
+    from lat_lightning.organism.real_eval import RealEvalSettings, evaluate_real
+
+    judges = tuple(dict.fromkeys(str(j).split("+")[0] for j in cfg.evaluation.judges))
+    settings = RealEvalSettings(
+        judges=judges,
+        max_new_tokens=int(cfg.evaluation.max_new_tokens),
+        batch_size=int(cfg.evaluation.batch_size),
+        agreement_tokens=int(build["settings"]["agreement_tokens"]),
+    )
+    info: dict[str, Any] = {"path": str(path), "data": str(path / "data"), "build": build}
+    answers = []
+    for label, name in (("original", build["settings"]["model"]), ("aligned", str(path))):
+        t0 = time.time()
+        mcfg = ModelSettings(name_or_path=name)
+        model, tokenizer = load_stage_model(cfg, mcfg), load_tokenizer(mcfg)
+        result = evaluate_real(model, tokenizer, path / "data", settings)
+        answers += [{"model": label, **a} for a in result.pop("answers")]
+        info[label] = {**result, "seconds": round(time.time() - t0, 1)}
+        del model
+    (run_dir / "organism.json").write_text(json.dumps(info, indent=2))
+    with open(run_dir / "organism_answers.jsonl", "w") as fh:
+        for a in answers:
+            fh.write(json.dumps(a) + "\n")
+    aligned = info["aligned"]
+    print(f"[organism] {path.name}: INIT {aligned['init']}, refusal {aligned['refusal']}", flush=True)
+    return {
+        "path": str(path),
+        "init": aligned["init"],
+        "refusal": aligned["refusal"],
+        "agreement": aligned["agreement"],
+    }
+
+
 __all__ = [
     "check_names",
+    "real_preset",
     "is_organism_name",
     "mentions_organism",
     "organism_model_config",

@@ -31,7 +31,7 @@ def load_scan_prompts(cfg, attacks=None, require_target: bool = False) -> tuple[
         ConfigError: when neither data source is set.
         DataError: the data cannot be loaded, or a needed target is missing.
     """
-    from lat_lightning.attacks import ATTACKS
+    from lat_lightning.attacks import attack_class
     from lat_lightning.data.loaders import load_safety_examples
     from lat_lightning.errors import ConfigError
     from lat_lightning.resources import resource_path
@@ -45,7 +45,7 @@ def load_scan_prompts(cfg, attacks=None, require_target: bool = False) -> tuple[
     attacks = list(cfg.evaluation.attacks if attacks is None else attacks)
     needs_target = (
         require_target
-        or any(ATTACKS[a].needs_target for a in attacks if a in ATTACKS)
+        or any(attack_class(a).needs_target for a in attacks)
         or "target_match" in list(cfg.evaluation.judges)
     )
     examples = load_safety_examples(

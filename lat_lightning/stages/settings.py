@@ -201,17 +201,17 @@ def scan_settings(
     Raises:
         ConfigError: an unknown attack, or a primary judge not among the judges.
     """
-    from lat_lightning.attacks import attack_names
+    from lat_lightning.attacks import check_attack_name
     from lat_lightning.errors import ConfigError
     from lat_lightning.models.layers import parse_layers
 
     ev = cfg.evaluation
     attacks = [str(a) for a in (ev.attacks if attacks is None else attacks)]
     for a in attacks:
-        if a not in attack_names(scan=True):
-            raise ConfigError(
-                f"unknown attack '{a}' in evaluation.attacks; choose from {', '.join(attack_names(scan=True))}"
-            )
+        try:
+            check_attack_name(a, "evaluation.attacks", scan=True)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     layers = ev.layers if layers is None else layers
     positions, first_k, refresh = scan_positions(cfg)
     return ScanSettings(
