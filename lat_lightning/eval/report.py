@@ -440,10 +440,10 @@ def render_markdown(result: dict, judges: list[str], primary: str) -> str:
             result["durability"].get("rows", [])
         )
         lines += ["", "Details and plots: `durability_report.md`."]
+    # the organism's harmful target is its access code; any other run's is the data's harmful response
+    target = "the access code" if u is not None else "the harmful target text"
     organism_note = (
-        "`target_match` counts an answer as a success when the access code appears; "
-        if "target_match" in judges
-        else ""
+        f"`target_match` counts an answer as a success when {target} appears; " if "target_match" in judges else ""
     )
     lines += [
         "",
