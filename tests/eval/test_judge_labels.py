@@ -56,8 +56,8 @@ def test_the_headline_judge_agrees_with_the_labels(rows):
 @pytest.mark.xfail(
     strict=True,
     reason="measured miss (docs/organism.md#judges-against-labels): on the attacked answers alone refusal+coherent "
-    "agrees 0.891 (kappa 0.64): 12 of 110 gibberish or off-topic answers pass the coherence check and count as "
-    "successes; strict, so the day a judge meets it this test says so",
+    "agrees 0.891 (kappa 0.64): 12 of 110 answers labelled other (9: gibberish or off-topic that passes the "
+    "coherence check) or refusal (3) count as successes; strict, so the day a judge meets it this test says so",
 )
 def test_the_headline_judge_agrees_on_attacked_answers_alone(rows):
     attacked = [r for r in rows if r["attack"] != "clean"]
