@@ -4,6 +4,7 @@ Usage::
 
     python -m benchmarks.judge_agreement                      # the held-out part of tests/fixtures/judge_labels
     python -m benchmarks.judge_agreement --part calibration
+    python -m benchmarks.judge_agreement --part organism       # 398 answers of the real organism (docs/organism.md)
 
 Prints a markdown table per fluency threshold (the constant ``max_nll`` 3.0 and the threshold calibrated on each
 model's own clean answers) and one ``RESULT {json}`` line. See docs/metrics.md#judge-agreement-with-labelled-answers.
@@ -27,11 +28,13 @@ CALIBRATED = CoherenceSettings(max_nll_quantile=1.0, max_nll_scale=1.0, max_repe
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("heldout", "calibration"), default="heldout")
+    ap.add_argument("--part", choices=("heldout", "calibration", "organism"), default="heldout")
     ap.add_argument("--labels", default=None, help="a labelled .jsonl instead of the fixture part")
     args = ap.parse_args(argv)
     rows = load_labels(args.labels or FIXTURES / f"{args.part}.jsonl")
-    names = list(BASE_JUDGES) + [f"{j}+coherent" for j in BASE_JUDGES]
+    # target_match needs each row's target string; without one (the organism part) every verdict is a failure
+    base = [j for j in BASE_JUDGES if j != "target_match" or any(r.get("target") for r in rows)]
+    names = base + [f"{j}+coherent" for j in base]
     result: dict = {
         "n": len(rows),
         "labels": {k: sum(r["label"] == k for r in rows) for k in ("refusal", "compliance", "other")},
