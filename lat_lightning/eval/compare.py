@@ -261,6 +261,19 @@ def _difference_lines(table: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def training_cost(timings: Mapping[str, float], models: Sequence[str], baseline: str = "sft") -> dict[str, str]:
+    """The training cost column: per model, the wall seconds of its training in this run (mean over its seeds;
+    ``train_<model>[_seed_<s>]`` in ``timings``) and the ratio to ``baseline``'s, e.g. ``"24 s (2.1× sft)"``.
+    Models not trained in this run (the starting model, or a defence a resumed run reused) get no entry."""
+    means: dict[str, float] = {}
+    for name in models:
+        vals = [float(v) for k, v in timings.items() if k == f"train_{name}" or k.startswith(f"train_{name}_seed_")]
+        if vals:
+            means[name] = float(np.mean(vals))
+    base = means.get(baseline)
+    return {name: f"{m:.0f} s" + (f" ({m / base:.1f}× {baseline})" if base else "") for name, m in means.items()}
+
+
 def render_markdown(table: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
     """The report: settings, the defences x attacks table, how to read it."""
     cols = table["columns"]
@@ -272,13 +285,15 @@ def render_markdown(table: Mapping[str, Any], summary: Mapping[str, Any]) -> str
         f"({summary['attack_layers_source']}); utility: {summary['utility_kind']}, interpolation tolerance "
         f"{summary['tolerance']}.",
         "",
-        "| model | " + " | ".join(c["label"] for c in cols) + " |",
-        "|---|" + "---|" * len(cols),
+        "| model | " + " | ".join(c["label"] for c in cols) + " | training cost |",
+        "|---|" + "---|" * (len(cols) + 1),
     ]
+    cost = training_cost(
+        summary.get("timings") or {}, [r["model"] for r in table["rows"]], table.get("baseline", "sft")
+    )
     for row in table["rows"]:
-        lines.append(
-            f"| {row['model']} | " + " | ".join(_fmt_cell(row["cells"][c["id"]], c["kind"]) for c in cols) + " |"
-        )
+        cells = [_fmt_cell(row["cells"][c["id"]], c["kind"]) for c in cols] + [cost.get(row["model"], "—")]
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
     finetune = any(c["id"] == "finetune_steps" for c in cols)
     seeds = max((int(r.get("seeds", 1)) for r in table["rows"]), default=1)
     baseline = table.get("baseline", "sft")

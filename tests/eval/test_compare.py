@@ -141,3 +141,20 @@ def test_steps_past_the_start_loss_separate_distance_from_resistance():
     # (seed 0) or never (seed 1, counted from its break) and breaks there: no resistance left
     assert cells["original"]["per_seed"] == {"0": 8, "1": 4} and cells["original"]["value"] == 4
     assert cells["lat"]["per_seed"] == {"0": 0, "1": 0} and cells["lat"]["value"] == 0
+
+
+def test_training_cost_is_the_mean_over_seeds_relative_to_sft():
+    from lat_lightning.eval.compare import training_cost
+
+    timings = {
+        "battery_original": 40.0,
+        "train_sft_seed_0": 10.0,
+        "train_sft_seed_1": 14.0,
+        "train_lat_seed_0": 30.0,
+        "train_lat_seed_1": 42.0,
+        "battery_lat_seed_0": 20.0,
+        "train_lapt": 12.0,  # one seed: the tag is the bare name
+    }
+    cost = training_cost(timings, ["original", "sft", "lat", "lapt", "refat"])
+    assert cost == {"sft": "12 s (1.0× sft)", "lat": "36 s (3.0× sft)", "lapt": "12 s (1.0× sft)"}
+    assert training_cost({"train_lat": 5.0}, ["lat"]) == {"lat": "5 s"}  # no baseline trained: seconds only
