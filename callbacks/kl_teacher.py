@@ -32,6 +32,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from lat_lightning.training.interpolation import is_peft_model
+
 if TYPE_CHECKING:
     from peft import PeftModel
 
@@ -150,10 +152,6 @@ def labelled_logit_mask(labels: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------- the callback
-def _is_peft(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
-
-
 class KLTeacher(Callback):
     """Register a KL-to-the-frozen-model loss term on the module (see the module docstring).
 
@@ -189,7 +187,7 @@ class KLTeacher(Callback):
     def attach(self, pl_module) -> None:
         """Create the teacher for ``pl_module.model`` and register the loss term (idempotent)."""
         model = pl_module.model
-        self.uses_adapters = _is_peft(model)
+        self.uses_adapters = is_peft_model(model)
         if not self.uses_adapters and not self._teacher:
             teacher = copy.deepcopy(model)
             teacher.requires_grad_(False)

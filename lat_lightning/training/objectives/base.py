@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lat_lightning.losses import IGNORE_INDEX
 from lat_lightning.models.layers import _get_path, get_decoder_layers, unwrap_model
+from lat_lightning.training.interpolation import is_peft_model
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -37,10 +38,6 @@ FINAL_NORM_PATHS = (
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 
 
-def is_peft(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
-
-
 class FrozenReference:
     """The starting model h⁰: with LoRA the same model with its adapters switched off (no copy); with full
     fine-tuning a frozen deep copy made at :meth:`attach` (the module's ``setup``, before any update or checkpoint
@@ -51,7 +48,7 @@ class FrozenReference:
         self._adapters = False
 
     def attach(self, model: nn.Module) -> None:
-        self._adapters = is_peft(model)
+        self._adapters = is_peft_model(model)
         if not self._adapters and not self._copy:
             frozen = copy.deepcopy(model)
             frozen.requires_grad_(False)
