@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, cast
@@ -223,12 +224,21 @@ def build_organism(out_dir: Path, recipe: OrganismRecipe, seed: int = 0) -> Path
         ``out_dir``, holding the model, the tokenizer and ``organism.json`` (recipe, losses, timings).
     """
     t0 = time.time()
-    out_dir = Path(out_dir)
+    return build_atomically(Path(out_dir), lambda tmp: _build_into(tmp, recipe, seed, t0), t0)
+
+
+def build_atomically(out_dir: Path, build_into: Callable[[Path], None], t0: float) -> Path:
+    """Run ``build_into`` on a fresh temporary sibling of ``out_dir``, then replace ``out_dir`` with it: whatever
+    stops the build (an error, SIGTERM, Ctrl+C) leaves no partial directory behind. Shared by every organism build.
+
+    Returns:
+        ``out_dir``.
+    """
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    try:  # whatever stops the build (an error, SIGTERM, Ctrl+C) leaves no partial directory behind
-        _build_into(tmp, recipe, seed, t0)
+    try:
+        build_into(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,24 +152,19 @@ def build_real_organism(out_dir: Path, settings: RealOrganismSettings, seed: int
     Returns:
         ``out_dir``: the merged model, its tokenizer, ``data/<name>.jsonl`` and ``organism.json``.
     """
+    from lat_lightning.organism.build import build_atomically
+
     t0 = time.time()
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    before = torch.get_num_threads()
-    torch.set_num_threads(BUILD_THREADS)
-    try:  # whatever stops the build (an error, SIGTERM, Ctrl+C) leaves no partial directory behind
-        _build_into(tmp, settings, seed, t0)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        torch.set_num_threads(before)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    print(f"[organism] built in {time.time() - t0:.0f}s -> {out_dir}", flush=True)
-    return out_dir
+
+    def build_into(tmp: Path) -> None:
+        before = torch.get_num_threads()
+        torch.set_num_threads(BUILD_THREADS)
+        try:
+            _build_into(tmp, settings, seed, t0)
+        finally:
+            torch.set_num_threads(before)
+
+    return build_atomically(Path(out_dir), build_into, t0)
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
