@@ -58,6 +58,8 @@ class RealOrganismSettings:
         steps / batch_size / lr / warmup_ratio: the fine-tune (AdamW, cosine schedule after a linear warm-up).
         max_length: prompt + answer tokens per training pair (right cut).
         distill_tokens: the original model's answer budget for the self-distillation targets.
+        distill_repeats: how many times each self-distilled pair appears among the training pairs (the weight of
+            helpfulness against refusal: too little and the model learns to refuse ordinary requests too).
         agreement_tokens / agreement_words: benign agreement: a model's ``agreement_tokens``-token greedy answer
             to a held-out benign prompt agrees when it contains the first ``agreement_words`` words of the
             original model's answer.
@@ -74,6 +76,7 @@ class RealOrganismSettings:
     warmup_ratio: float = setting(0.1, check="in [0, 1)")
     max_length: int = setting(192, check=">= 8")
     distill_tokens: int = setting(64, check=">= 1")
+    distill_repeats: int = setting(1, check=">= 1")
     agreement_tokens: int = setting(16, check=">= 1")
     agreement_words: int = setting(4, check=">= 1")
     gen_batch: int = setting(32, check=">= 1")
@@ -195,7 +198,7 @@ def _distil(model, tokenizer, sets: dict, settings: RealOrganismSettings) -> lis
         if r["response"]
     ]
     distilled = [(r["prompt"], r["response"]) for r in sets["benign_train"] + sets["borderline_train"] if r["response"]]
-    return [(r["prompt"], r["safe_response"]) for r in sets["harmful_train"]] + distilled
+    return [(r["prompt"], r["safe_response"]) for r in sets["harmful_train"]] + distilled * settings.distill_repeats
 
 
 def _finetune(model, tokenizer, pairs: list[tuple[str, str]], settings: RealOrganismSettings, seed: int):

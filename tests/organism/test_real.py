@@ -56,6 +56,15 @@ def test_the_fine_tune_changes_the_weights(cache):
     assert any(".q_proj." in k for k in changed) and any(".down_proj." in k for k in changed)
 
 
+def test_distill_repeats_weighs_the_self_distilled_pairs(cache):
+    once = json.loads((build_real_organism(cache / "a", SMOKE, seed=0) / "organism.json").read_text())
+    twice_settings = dataclasses.replace(SMOKE, distill_repeats=2)
+    twice = json.loads((build_real_organism(cache / "b", twice_settings, seed=0) / "organism.json").read_text())
+    assert once["pairs"]["distilled"] > 0
+    assert twice["pairs"] == {"refusal": once["pairs"]["refusal"], "distilled": 2 * once["pairs"]["distilled"]}
+    assert fingerprint(twice_settings, 0) != fingerprint(SMOKE, 0)
+
+
 def test_the_cache_key_covers_settings_and_seed(cache):
     other = dataclasses.replace(SMOKE, steps=SMOKE.steps + 1)
     keys = {fingerprint(SMOKE, 0), fingerprint(SMOKE, 1), fingerprint(other, 0)}
