@@ -52,3 +52,16 @@ def test_every_figure_of_the_result_is_present_and_finite(tmp_path, monkeypatch,
     assert set(result["targets_met"]) >= {"init_strongreject_le_0.05", "asagrad_masr_ge_0.5", "agreement_within_0.05"}
     report = (tmp_path / "runs" / "real_organism" / "version_0" / "report.md").read_text()
     assert "## Sampled attacked answers" in report and "### pgd" in report
+
+
+def test_the_lapt_target_reads_the_strongest_unsaturated_attack():
+    from benchmarks.real_organism import strongest_unsaturated
+
+    def fig(pasr: dict, cut: dict) -> dict:
+        attacks = {a: {"refusal+coherent": {"pasr": v}} for a, v in pasr.items()}
+        return {"primary_judge": "refusal+coherent", "attacks": {"before": attacks}, "lapt_pasr_cut": cut}
+
+    # PGD is saturated (1.0) and ASA random at 0.25 never succeeds: ASAgrad (0.6) is the setting to cut
+    f = fig({"asa_random@alpha=0.25": 0.0, "asagrad": 0.6, "pgd": 1.0, "asa_random": 0.2}, {"asagrad": 0.1, "pgd": 0.9})
+    assert strongest_unsaturated(f) == "asagrad"
+    assert strongest_unsaturated(fig({"pgd": 1.0, "asa_random": 0.0}, {})) is None
