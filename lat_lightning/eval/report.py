@@ -14,6 +14,7 @@ from typing import Optional
 
 from lat_lightning.eval.formatting import fmt_mean_std, fmt_number, fmt_signed
 from lat_lightning.eval.report_samples import answer_samples, samples_markdown
+from lat_lightning.eval.report_unattacked import unattacked_figures, unattacked_markdown
 
 REPORT_FILE = "report.md"
 REPORT_JSON = "report.json"
@@ -210,6 +211,7 @@ def build_result(run_dir: Path, judges: list[str], primary: str, utility: Option
         "layers": before_summary.get("layers"),
         "samples": _samples(run_dir, "asa_random", primary),
         "answer_samples": answer_samples(run_dir / "scan.jsonl"),
+        "unattacked": unattacked_figures(run_dir),
         "durability": durability,
         "embed": embed,
         "warnings": warnings,
@@ -421,6 +423,7 @@ def render_markdown(result: dict, judges: list[str], primary: str) -> str:
             f"{fmt_number(u['after_interpolation'])} |",
             "",
         ]
+    lines += unattacked_markdown(result.get("unattacked"), primary)
     if result.get("lambda_curve"):
         lines += ["## λ curve", "", "| λ | benign accuracy |", "|---|---|"]
         lines += [f"| {p['lambda']:g} | {fmt_number(p['score'])} |" for p in result["lambda_curve"]] + [""]

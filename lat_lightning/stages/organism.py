@@ -323,10 +323,13 @@ def run(cfg, run_dir: Path) -> dict:
     return {"path": str(path), "benign_accuracy": info["benign_accuracy"]}
 
 
-def _run_real(cfg, path: Path, build: dict, run_dir: Path) -> dict:
-    """The real organism's record: every held-out set answered unattacked by the original model and by the aligned
-    organism, judged by the run's judges (``+coherent`` twins left out: they need a scan's coherence records);
-    ``organism.json`` holds the rates, ``organism_answers.jsonl`` every answer with its verdicts."""
+def _judge_real(cfg, path: Path, build: dict, models: list[tuple[str, str]]) -> tuple[dict[str, Any], list[dict]]:
+    """Every held-out set of the real organism ``path`` answered unattacked by each ``(label, model)`` and judged by
+    the run's judges (``+coherent`` twins left out: they need a scan's coherence records).
+
+    Returns:
+        ``({label: {"init", "refusal", "agreement", "seconds"}}, [answer records with "model": label]``).
+    """
     import time
 
     from lat_lightning.models.loading import load_tokenizer
@@ -340,20 +343,33 @@ def _run_real(cfg, path: Path, build: dict, run_dir: Path) -> dict:
         batch_size=int(cfg.evaluation.batch_size),
         agreement_tokens=int(build["settings"]["agreement_tokens"]),
     )
-    info: dict[str, Any] = {"path": str(path), "data": str(path / "data"), "build": build}
-    answers = []
-    for label, name in (("original", build["settings"]["model"]), ("aligned", str(path))):
+    figures: dict[str, Any] = {}
+    answers: list[dict] = []
+    for label, name in models:
         t0 = time.time()
         mcfg = ModelSettings(name_or_path=name)
         model, tokenizer = load_stage_model(cfg, mcfg), load_tokenizer(mcfg)
         result = evaluate_real(model, tokenizer, path / "data", settings)
         answers += [{"model": label, **a} for a in result.pop("answers")]
-        info[label] = {**result, "seconds": round(time.time() - t0, 1)}
+        figures[label] = {**result, "seconds": round(time.time() - t0, 1)}
         del model
-    (run_dir / "organism.json").write_text(json.dumps(info, indent=2))
-    with open(run_dir / "organism_answers.jsonl", "w") as fh:
+    return figures, answers
+
+
+def _write_answers(path: Path, answers: list[dict]) -> None:
+    with open(path, "w") as fh:
         for a in answers:
             fh.write(json.dumps(a) + "\n")
+
+
+def _run_real(cfg, path: Path, build: dict, run_dir: Path) -> dict:
+    """The real organism's record: every held-out set answered unattacked by the original model and by the aligned
+    organism (:func:`_judge_real`); ``organism.json`` holds the rates, ``organism_answers.jsonl`` every answer with
+    its verdicts."""
+    figures, answers = _judge_real(cfg, path, build, [("original", build["settings"]["model"]), ("aligned", str(path))])
+    info: dict[str, Any] = {"path": str(path), "data": str(path / "data"), "build": build, **figures}
+    (run_dir / "organism.json").write_text(json.dumps(info, indent=2))
+    _write_answers(run_dir / "organism_answers.jsonl", answers)
     aligned = info["aligned"]
     print(f"[organism] {path.name}: INIT {aligned['init']}, refusal {aligned['refusal']}", flush=True)
     return {
@@ -364,6 +380,30 @@ def _run_real(cfg, path: Path, build: dict, run_dir: Path) -> dict:
     }
 
 
+def record_trained(cfg, run_dir: Path, model_path: Path, out_dir: Path) -> Optional[dict]:
+    """The organism stage's unattacked figures for a model this run trained (the ``rescan`` stage calls it), so the
+    hardened model's INIT, benign and borderline refusal and agreement sit beside the aligned organism's.
+
+    Only for a run of the real organism (``run_dir/organism.json`` of kind ``real``); writes
+    ``out_dir/organism.json`` (``{"path", "hardened": {...}}``) and ``out_dir/organism_answers.jsonl``.
+
+    Returns:
+        The hardened model's figures, or ``None`` when the run is not one of the real organism.
+    """
+    record = Path(run_dir) / "organism.json"
+    if not record.is_file():
+        return None
+    info = json.loads(record.read_text())
+    if info["build"].get("kind") != "real":
+        return None
+    figures, answers = _judge_real(cfg, Path(info["path"]), info["build"], [("hardened", str(model_path))])
+    (Path(out_dir) / "organism.json").write_text(json.dumps({"path": str(model_path), **figures}, indent=2))
+    _write_answers(Path(out_dir) / "organism_answers.jsonl", answers)
+    hardened = figures["hardened"]
+    print(f"[rescan] {Path(model_path).name}: INIT {hardened['init']}, refusal {hardened['refusal']}", flush=True)
+    return hardened
+
+
 __all__ = [
     "check_names",
     "real_preset",
@@ -371,6 +411,7 @@ __all__ = [
     "mentions_organism",
     "organism_model_config",
     "recipe_name",
+    "record_trained",
     "resolve_organism",
     "run",
 ]

@@ -1,14 +1,16 @@
 """Stage ``rescan``: the scan stage again, on the model this run trained, into ``run_dir/rescan``.
 
 Same prompts, layers, seeds, attacks and judges as the ``scan`` stage, so the two are comparable cell by cell
-(the noise is keyed by seed, prompt, layer and position).
+(the noise is keyed by seed, prompt, layer and position). On the real organism it also answers every held-out set
+unattacked, as the ``organism`` stage did for the aligned model (``rescan/organism.json``: INIT, benign and
+borderline refusal, agreement of the hardened model).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from lat_lightning.stages import scan
+from lat_lightning.stages import organism, scan
 
 
 def trained_model_path(run_dir: Path) -> Path:
@@ -40,6 +42,9 @@ def run(cfg, run_dir: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     info = scan.run(cfg2, out)
     info["model"] = str(path)
+    hardened = organism.record_trained(cfg, run_dir, path, out)
+    if hardened is not None:
+        info["organism"] = {k: hardened[k] for k in ("init", "refusal", "agreement")}
     return info
 
 

@@ -44,14 +44,18 @@ def test_every_figure_of_the_result_is_present_and_finite(tmp_path, monkeypatch,
     }
     assert set(result["attacks"]["after"]) == set(attacks)
     assert all(primary in per_judge for per_judge in attacks.values())
-    for model in ("original", "aligned"):
+    for model in ("original", "aligned", "hardened"):
         assert set(result["init"][model]) == {"harmful_eval", "harmbench_eval"}
         assert set(result["refusal"][model]) == {"benign_eval", "borderline_eval"}
     assert set(result["stage_s"]) == {"organism", "scan", "fit", "rescan", "report"}
     assert all(v >= 0 for v in result["stage_s"].values()) and result["wall_s"] > 0
     assert set(result["targets_met"]) >= {"init_strongreject_le_0.05", "asagrad_masr_ge_0.5", "agreement_within_0.05"}
+    assert "lapt_benign_refusal_rise_le_0.05" in result["targets_met"]
+    # the rescan stage judged the hardened model's unattacked answers like the organism stage the aligned one's
+    assert set(result["init"]) == set(result["refusal"]) == {"original", "aligned", "hardened"}
     report = (tmp_path / "runs" / "real_organism" / "version_0" / "report.md").read_text()
     assert "## Sampled attacked answers" in report and "### pgd" in report
+    assert "## Unattacked answers (keyword_long judge)" in report and "\n| hardened | " in report
 
 
 def test_the_lapt_target_reads_the_strongest_unsaturated_attack():
