@@ -10,7 +10,8 @@ scan, LAPT + interpolation, re-scan, report) and prints a final ``RESULT {json}`
 * ``refusal``: benign and borderline refusal rates of both models, per judge; ``agreement``: benign agreement
   (aligned, after LAPT, after interpolation);
 * ``attacks``: per scanned attack (ASA random per alpha, ASAgrad, PGD, refusal ablation) and judge, before and after
-  LAPT: INIT, MASR (mean over seeds, std, seed-0 bootstrap interval), PASR (mean, interval, peak layer);
+  LAPT: INIT, MASR (mean over seeds, std, and the 95 % interval of that mean: a bootstrap over seeds and prompts),
+  PASR (mean, its interval, peak layer);
 * ``lapt_pasr_cut``: the relative PASR cut per attack (primary judge); ``targets``: the issue's targets, met or not;
 * ``stage_s`` / ``wall_s``: the wall time of every stage and of the run.
 
@@ -48,14 +49,15 @@ def preset_overrides(preset: str) -> list[str]:
 
 
 def _stats(entry: dict) -> dict[str, Any]:
-    first = (entry.get("per_seed") or [{}])[0]
+    """One judge's figures of one attack: each interval is that of the mean over seeds beside it (the scan's
+    two-stage bootstrap over seeds and prompts, ``lat_lightning.eval.seed_bootstrap``), not one seed's."""
     return {
         "init": entry.get("init_mean"),
         "masr": entry.get("masr_mean"),
         "masr_std": entry.get("masr_std"),
-        "masr_ci": first.get("masr_ci"),
+        "masr_ci": entry.get("masr_mean_ci"),
         "pasr": entry.get("pasr_mean"),
-        "pasr_ci": first.get("pasr_ci"),
+        "pasr_ci": entry.get("pasr_mean_ci"),
     }
 
 
