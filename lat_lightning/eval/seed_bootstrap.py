@@ -12,8 +12,9 @@ each bootstrap draw resamples both:
 
 and the interval is the ``alpha / 2`` and ``1 - alpha / 2`` percentiles of ``r_b``. This is the scheme of the defence
 comparison's cells (:func:`lat_lightning.eval.compare_stats.cell_interval`), drawn in the same order: for MASR, a
-mean of per-prompt outcomes, the two give the same interval for the same bootstrap seed (a test holds them
-together). With one seed (ASAgrad, PGD) the seed stage is a no-op and this is the plain prompt bootstrap. With 3
+mean of per-prompt outcomes, the two give the same interval for the same bootstrap seed
+(``tests/eval/test_seed_bootstrap.py`` holds them together). With one seed (ASAgrad, PGD) the seed stage is a no-op
+and this is the plain prompt bootstrap (:func:`lat_lightning.eval.metrics.bootstrap_ci`, the same draws). With 3
 seeds the seed stage is coarse (a bootstrap of 3 values understates their spread by a factor sqrt(2/3)).
 """
 
