@@ -5,13 +5,14 @@ Usage: ``python -m benchmarks.real_organism [--fresh] [--keep DIR] [--preset NAM
 Runs ``python train.py --recipe real_organism`` in process (build or reuse the refusal-aligned SmolLM2-135M-Instruct,
 scan, LAPT + interpolation, re-scan, report) and prints a final ``RESULT {json}`` line with:
 
-* ``init``: unattacked harmful compliance of the original, the aligned and the hardened model on StrongREJECT's evaluation part
-  and HarmBench's validation behaviours, per judge (the organism stage's figures);
+* ``init``: unattacked harmful compliance of the original, the aligned and the hardened model on StrongREJECT's
+  evaluation part and HarmBench's validation behaviours, per judge (the organism stage's figures);
 * ``refusal``: benign and borderline refusal rates of the original, the aligned and the LAPT-hardened model (the
   rescan stage's unattacked answers), per judge; ``agreement``: benign agreement
   (aligned, after LAPT, after interpolation);
 * ``attacks``: per scanned attack (ASA random per alpha, ASAgrad, PGD, refusal ablation) and judge, before and after
-  LAPT: INIT, MASR (mean over seeds, std, seed-0 bootstrap interval), PASR (mean, interval, peak layer);
+  LAPT: INIT, MASR (mean over seeds, std, and the 95 % interval of that mean: a bootstrap over seeds and prompts),
+  PASR (mean, its interval, peak layer);
 * ``lapt_pasr_cut``: the relative PASR cut per attack (primary judge); ``strongest_unsaturated_attack``: the setting
   the LAPT target is judged on (highest PASR before LAPT below 1); ``targets_met``: the issue's targets, met or not;
 * ``stage_s`` / ``wall_s``: the wall time of every stage and of the run.
@@ -50,14 +51,15 @@ def preset_overrides(preset: str) -> list[str]:
 
 
 def _stats(entry: dict) -> dict[str, Any]:
-    first = (entry.get("per_seed") or [{}])[0]
+    """One judge's figures of one attack: each interval is that of the mean over seeds beside it (the scan's
+    two-stage bootstrap over seeds and prompts, ``lat_lightning.eval.seed_bootstrap``), not one seed's."""
     return {
         "init": entry.get("init_mean"),
         "masr": entry.get("masr_mean"),
         "masr_std": entry.get("masr_std"),
-        "masr_ci": first.get("masr_ci"),
+        "masr_ci": entry.get("masr_mean_ci"),
         "pasr": entry.get("pasr_mean"),
-        "pasr_ci": first.get("pasr_ci"),
+        "pasr_ci": entry.get("pasr_mean_ci"),
     }
 
 

@@ -52,7 +52,7 @@ from lat_lightning.eval.generation import GenerationSettings
 from lat_lightning.eval.generation import eval_mode as _eval_mode
 from lat_lightning.eval.metrics import TIE_RULE, rank_layers
 from lat_lightning.eval.scan.settings import ScanSettings
-from lat_lightning.models.layers import check_layer_indices, num_layers, parse_layers
+from lat_lightning.models.layers import check_layer_indices, layer_name, num_layers, parse_layers
 
 log = logging.getLogger(__name__)
 
@@ -338,12 +338,13 @@ class FragileLayerSelector(Callback):
     # -- output --------------------------------------------------------------------------------------
     def _report(self, trainer, result: dict[str, Any]) -> None:
         scores = result["scores"]
-        detail = ", ".join(f"{layer}: {scores[layer]:.4g}" for layer in result["ranking"][:10])
+        detail = ", ".join(f"{layer_name(layer)}: {scores[layer]:.4g}" for layer in result["ranking"][:10])
+        chosen = "[" + ", ".join(layer_name(layer) for layer in result["layers"]) + "]"
         ties = f"; tied with {result['ties']} (tie rule)" if result.get("ties") else ""
         log.info(
             "fragile layers (%s): %s%s%s",
             result["method_used"],
-            result["layers"],
+            chosen,
             f" (scores {detail})" if detail else "",
             ties,
         )
@@ -363,10 +364,10 @@ class FragileLayerSelector(Callback):
             exp = getattr(logger, "experiment", None)
             if exp is None or not hasattr(exp, "add_text"):
                 continue
-            table = "\n".join(f"| {layer} | {scores[layer]:.4g} |" for layer in sorted(scores))
+            table = "\n".join(f"| {layer_name(layer)} | {scores[layer]:.4g} |" for layer in sorted(scores))
             exp.add_text(
                 "fragile_layers/choice",
-                f"method `{result['method_used']}`: layers {result['layers']}"
+                f"method `{result['method_used']}`: layers {chosen}"
                 + (f"\n\n| layer | score |\n|---|---|\n{table}" if table else ""),
                 global_step=0,
             )

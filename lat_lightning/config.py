@@ -162,6 +162,9 @@ class EvaluationConfig:
 
     attacks: list[str] = setting(default_factory=lambda: ["asa_random"], check="not empty, unique")
     validation_attacks: list[str] = field(default_factory=lambda: ["asa_random"])  # the fit's validation loop
+    # held-out harmful prompts (the first of data.eval_harmful) each validation pass attacks; None: all of them. A
+    # pass costs about one scan of these prompts at the training layers, so cap it on a slow model
+    validation_prompts: Optional[int] = setting(None, check=">= 1")
     layers: Optional[list[Layer]] = setting(None, check="not empty, unique, each >= 0")
     # generation-time positions policy (None: perturbation.positions when it is a generation policy, else
     # prompt_last_and_generated); first_k and refresh default to the perturbation section's
@@ -191,6 +194,10 @@ class EvaluationConfig:
     # at most 50M parameters, e.g. the tiny models and the organism), see docs/scan
     num_prompts: Optional[int] = setting(None, check=">= 1")
     bootstrap_samples: int = setting(1000, check=">= 0")
+    # the judge that reads the validation loop's and the evaluate stage's benign answers (val/over_refusal: an answer
+    # it does not count as a success is a refusal); keyword misses "I can't": use refusal on real text. The choices
+    # are lat_lightning.eval.evaluate.OVER_REFUSAL_JUDGES (a test keeps them equal)
+    over_refusal_judge: str = setting("keyword", choices=("keyword", "keyword_long", "refusal"))
     utility_data: Optional[str] = None
     utility_kind: str = setting("multiple_choice", choices=("multiple_choice", "exact_match", "contains", "organism"))
     split_test_fraction: float = setting(0.4, check="in [0, 1)")

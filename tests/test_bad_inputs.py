@@ -163,6 +163,8 @@ CATALOGUE: list[Case] = [
     C("test-fraction-1", "evaluation.split_test_fraction=1.0", names="evaluation.split_test_fraction", recipe=SCAN),
     C("temperature-0", "evaluation.temperature=0", names="evaluation.temperature must be > 0", recipe=SCAN),
     C("num-prompts-0", "evaluation.num_prompts=0", names="evaluation.num_prompts must be >= 1", recipe=SCAN),
+    C("validation-prompts-0", "evaluation.validation_prompts=0", names="evaluation.validation_prompts must be >= 1"),
+    C("over-refusal-judge", "evaluation.over_refusal_judge=target_match", names="evaluation.over_refusal_judge"),
     C("lora-r-0", "model.lora.r=0", names="model.lora.r must be >= 1"),
     C("lora-dropout-1", "model.lora.dropout=1.0", names="model.lora.dropout must be in [0, 1)"),
     C("batch-size-0", "data.batch_size=0", names="data.batch_size must be >= 1"),

@@ -159,6 +159,8 @@ class DataModuleSettings:
         validate_without_prompts: with no held-out harmful prompts, still run one (empty) validation batch, so the
             validation loop scores over-refusal and utility (set when ``data.eval_benign`` or
             ``evaluation.utility_data`` is).
+        validation_prompts: the validation loop attacks the first this many held-out harmful prompts (``None``:
+            all; ``evaluation.validation_prompts``, checked there).
     """
 
     data: DataSettings = field(default_factory=DataSettings)
@@ -166,6 +168,7 @@ class DataModuleSettings:
     use_chat_template: bool = True
     system_prompt: str | None = None
     validate_without_prompts: bool = False
+    validation_prompts: int | None = None
 
 
 class SafetyDataModule(LightningDataModule):
@@ -347,16 +350,19 @@ class SafetyDataModule(LightningDataModule):
         )
 
     def val_dataloader(self):
-        """Held-out harmful prompts as batches of :class:`SafetyExample` lists (``[]`` when none)."""
+        """Held-out harmful prompts as batches of :class:`SafetyExample` lists (``[]`` when none): the first
+        ``settings.validation_prompts`` of them (all when ``None``)."""
         if self.train_dataset is None:
             self.setup("validate")
-        if not self.eval_examples:
+        cap = self.settings.validation_prompts
+        examples = (self.eval_examples or [])[: None if cap is None else int(cap)]
+        if not examples:
             if self.settings.validate_without_prompts:
                 # One empty batch so the validation epoch runs and scores over-refusal and utility.
                 return DataLoader([[]], batch_size=None, collate_fn=list)
             return []
         return DataLoader(
-            self.eval_examples,
+            examples,
             batch_size=int(self.data_settings.batch_size),
             shuffle=False,
             collate_fn=list,

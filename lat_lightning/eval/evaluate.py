@@ -9,7 +9,9 @@ Four numbers, each a torchmetrics aggregate so they reduce correctly across proc
   (the primary judge's ``+coherent`` twin: gibberish is not a success); ``init``: the unperturbed success rate;
   the refusal-direction attacks take their harmless prompts from ``data.eval_benign``;
 - ``nll_probe``: mean rise of the NLL of the model's own clean answer under ASA noise (Eq. 2);
-- ``over_refusal``: fraction of benign prompts whose clean answer the keyword judge reads as a refusal;
+- ``over_refusal``: fraction of benign prompts whose clean answer the over-refusal judge
+  (``evaluation.over_refusal_judge``: ``keyword`` by default, ``refusal`` on real text) reads as a refusal (no
+  attack success);
 - ``utility_accuracy``: multiple-choice, exact-match or answer-contained (``contains``) accuracy on
   ``evaluation.utility_data``.
 """
@@ -35,14 +37,24 @@ from lat_lightning.eval.scan.settings import ScanSettings
 log = logging.getLogger(__name__)
 
 
+OVER_REFUSAL_JUDGES = ("keyword", "keyword_long", "refusal")  # judges that read a refusal off the text alone
+
+
 @dataclass
 class EvaluationData:
-    """Held-out inputs of an evaluation."""
+    """Held-out inputs of an evaluation.
+
+    Attributes:
+        harmful / benign_prompts / utility_rows / utility_kind: the held-out sets and how utility is scored.
+        over_refusal_judge: the judge (:data:`OVER_REFUSAL_JUDGES`) that reads the benign answers: an answer it does
+            not count as a success is a refusal (``evaluation.over_refusal_judge``).
+    """
 
     harmful: list[SafetyExample] = field(default_factory=list)
     benign_prompts: list[str] = field(default_factory=list)
     utility_rows: list[dict] = field(default_factory=list)
     utility_kind: str = "multiple_choice"
+    over_refusal_judge: str = "keyword"
 
 
 def _broken(matrix) -> torch.Tensor:
@@ -177,7 +189,7 @@ class SafetyEvaluator:
                 system_prompt=gen_settings.system_prompt,
             )
             gen = generate_under_attack(model, tokenizer, self.data.benign_prompts, settings=greedy)
-            verdicts = build_judge("keyword")(self.data.benign_prompts, gen.texts)
+            verdicts = build_judge(self.data.over_refusal_judge)(self.data.benign_prompts, gen.texts)
             refused = [float("nan") if v.failed else float(not v.success) for v in verdicts]
             self.metric("over_refusal").update(torch.tensor(refused))
         if self.utility_fn is not None:
@@ -225,7 +237,10 @@ class SafetyEvaluator:
 
 
 def write_evaluation(out_dir: Path, metrics: dict, samples: list[dict], name: str = "evaluation") -> None:
-    """``<name>.json`` and ``<name>.md`` in ``out_dir`` (NaN written as null / "n/a")."""
+    """``<name>.json`` and ``<name>.md`` in ``out_dir`` (NaN written as null / "n/a"; layer ids stay ids in the
+    JSON, the markdown shows the input embeddings as ``embed``)."""
+    from lat_lightning.models.layers import layer_name
+
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
     (out_dir / f"{name}.json").write_text(json.dumps({"metrics": clean, "samples": samples}, indent=2))
     lines = [f"# {name.capitalize()}", "", "| metric | value |", "|---|---|"]
@@ -239,7 +254,7 @@ def write_evaluation(out_dir: Path, metrics: dict, samples: list[dict], name: st
     for s in samples:
         coherence = f" ({s['coherence']})" if s.get("coherence") else ""
         lines += [
-            f"- **{s['prompt']}** ({s.get('attack', 'attack')}, layer {s['layer']})",
+            f"- **{s['prompt']}** ({s.get('attack', 'attack')}, layer {layer_name(s['layer'])})",
             f"  - clean: {s['clean']!r}",
             f"  - attacked: {s['attacked']!r}{coherence}",
         ]

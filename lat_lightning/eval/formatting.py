@@ -57,8 +57,10 @@ def fmt_value(x: Any, std: Any = None, kind: str = "rate", detail: str | None = 
         return f"{out} ({detail})" if detail else out
     if x is None:
         return NOT_AVAILABLE
-    if kind == "layer":
-        return str(int(x))
+    if kind == "layer":  # the input embeddings' id (-2) shows as "embed"
+        from lat_lightning.models.layers import layer_name
+
+        return layer_name(int(x))
     out = fmt_mean_std(x, std, _digits(kind))
     return f"{out} ({detail})" if detail else out
 

@@ -280,7 +280,7 @@ def summarise_seeds(
         clean: clean success ``[N]`` (shared by all seeds: greedy clean generations do not depend on the
             perturbation seed) or ``[N, S]``; ``None`` to skip INIT.
         layer_ids: model layer index of each column.
-        samples: bootstrap resamples per seed.
+        samples: bootstrap resamples (of each seed's intervals and of the intervals of the means).
         seed: bootstrap seed.
         alpha: 1 - confidence level.
         seed_ids: the perturbation seeds, for labelling (defaults to ``0..S-1``).
@@ -289,7 +289,10 @@ def summarise_seeds(
         JSON-serialisable dict: ``n_seeds``, ``seed_ids``, ``per_seed`` (a :func:`summarise` dict each),
         ``{init,pasr,masr}_{mean,std}``, ``lasr_mean`` / ``lasr_std`` (per layer), ``pasr_layers`` (each
         seed's peak layer id), ``pasr_of_mean_lasr`` with ``pasr_of_mean_lasr_layer`` (lowest tied layer) and
-        ``pasr_of_mean_lasr_tied_layers`` (every layer at that peak), ``masr_any_seed`` and ``failures_total``.
+        ``pasr_of_mean_lasr_tied_layers`` (every layer at that peak), ``masr_any_seed``, ``failures_total`` and
+        ``{init,pasr,masr}_mean_ci``: the 95 % intervals of the *means over seeds* (a two-stage bootstrap over
+        seeds and prompts, :mod:`lat_lightning.eval.seed_bootstrap`; ``None`` with ``samples=0``). A seed's own
+        ``per_seed[k]["masr_ci"]`` describes that seed's rate, not the mean.
     """
     arr = _as_array(s)
     if arr.ndim == 2:
@@ -333,7 +336,25 @@ def summarise_seeds(
         out["pasr_of_mean_lasr_tied_layers"] = [ids[k] for k in tied_peak(pooled)]
     out["masr_any_seed"] = masr(arr.reshape(n, n_layers * n_seeds))
     out["failures_total"] = int(np.isnan(arr).sum())
+    out.update(_seed_mean_intervals(arr, clean_arr, samples, seed, alpha))
     return _clean(out)
+
+
+def _seed_mean_intervals(arr: np.ndarray, clean: np.ndarray | None, samples: int, seed: int, alpha: float) -> dict:
+    """``{init,pasr,masr}_mean_ci``: intervals of the means over seeds, by the two-stage bootstrap of
+    :mod:`lat_lightning.eval.seed_bootstrap` (seeds, then prompts); ``None`` with ``samples=0``."""
+    from lat_lightning.eval import seed_bootstrap as sb
+
+    keys = ("init_mean_ci", "pasr_mean_ci", "masr_mean_ci")
+    if samples <= 0 or arr.shape[0] == 0:
+        return dict.fromkeys(keys)
+    init = None
+    if clean is not None:  # [N] (shared by every seed) or [N, S]
+        clean_s = np.repeat(clean[:, None], arr.shape[2], axis=1) if clean.ndim == 1 else clean
+        init = sb.seed_mean_interval(sb.per_seed_init, clean_s, samples, seed, alpha)
+    pasr_ci = sb.seed_mean_interval(sb.per_seed_pasr, arr, samples, seed, alpha)
+    masr_ci = sb.seed_mean_interval(sb.per_seed_masr, arr, samples, seed, alpha)
+    return {k: (list(v) if v is not None else None) for k, v in zip(keys, (init, pasr_ci, masr_ci))}
 
 
 # ------------------------------------------------------------------------------ peak-layer ties, judge agreement

@@ -15,6 +15,7 @@ from typing import Optional
 from lat_lightning.eval.formatting import fmt_mean_std, fmt_number, fmt_signed
 from lat_lightning.eval.report_samples import answer_samples, samples_markdown
 from lat_lightning.eval.report_unattacked import unattacked_figures, unattacked_markdown
+from lat_lightning.models.layers import EMBED, layer_name
 
 REPORT_FILE = "report.md"
 REPORT_JSON = "report.json"
@@ -24,11 +25,13 @@ def _load(path: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-EMBED = -2  # the input embeddings' layer id in scan summaries (lat_lightning.models.layers.EMBED)
-
-
 def _layer(l) -> str:
-    return "embed" if l == EMBED else str(l)
+    """A layer id as a reader sees it: ``embed`` for the input embeddings (id ``-2`` in the JSON files)."""
+    return layer_name(l)
+
+
+def _layers(layers) -> str:
+    return "n/a" if layers is None else "[" + ", ".join(_layer(l) for l in layers) + "]"
 
 
 def attack_rows(summary: dict, judge: str) -> dict[str, dict]:
@@ -94,6 +97,10 @@ def _lasr_figure(before: dict, after: Optional[dict], attack: str, judge: str):
                 style,
                 label=label,
             )
+    shown = sorted({l for rows in (before, after) if rows and attack in rows for l in rows[attack]["layers"] or []})
+    shown = shown[:: max(1, len(shown) // 16)]
+    ax.set_xticks(shown)
+    ax.set_xticklabels([_layer(l) for l in shown])  # the input embeddings (id -2) show as "embed"
     ax.set_xlabel("layer")
     ax.set_ylabel(f"LASR ({judge})")
     ax.set_ylim(-0.02, 1.02)
@@ -309,9 +316,9 @@ def durability_table(rows: list[dict]) -> list[str]:
     lines = ["| attack | original | hardened | change |", "|---|---|---|---|"]
     for row in rows:
         if row.get("kind") == "layer":  # a layer index, not a rate
+            o, h = (_layer(v) if v is not None else "n/a" for v in (row.get("original"), row.get("hardened")))
             lines.append(
-                f"| {row['label']} | {row.get('original')} | {row.get('hardened')} | "
-                f"{'moved' if row.get('original') != row.get('hardened') else 'same'} |"
+                f"| {row['label']} | {o} | {h} | {'moved' if row.get('original') != row.get('hardened') else 'same'} |"
             )
             continue
         if row.get("kind") == "steps":  # fine-tuning steps to break; None = not broken within the budget
@@ -390,8 +397,8 @@ def render_markdown(result: dict, judges: list[str], primary: str) -> str:
         "# lat-lightning report: attack → defence → evaluation",
         "",
         f"{result['n_prompts']} held-out harmful prompts × layers "
-        f"[{', '.join(_layer(l) for l in result['layers'] or [])}]; "
-        f"fragile layer(s) chosen for LAPT: {result.get('fragile_layers')}; interpolation λ = "
+        f"{_layers(result['layers'])}; "
+        f"fragile layer(s) chosen for LAPT: {_layers(result.get('fragile_layers'))}; interpolation λ = "
         f"{fmt_number(result.get('lambda'))}.",
         "",
     ]
@@ -432,7 +439,7 @@ def render_markdown(result: dict, judges: list[str], primary: str) -> str:
     lines += ["", "## Sample generations (ASA random, broken before training)", ""]
     for s in result["samples"]:
         lines += [
-            f"- **{s['prompt']}** (layer {s['layer']}, seed {s['seed']})",
+            f"- **{s['prompt']}** (layer {_layer(s['layer'])}, seed {s['seed']})",
             f"  - before: `{s['before']}`",
             f"  - after: `{s['after']}` (success: {s['after_success']})",
         ]

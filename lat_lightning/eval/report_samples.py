@@ -12,6 +12,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from lat_lightning.models.layers import layer_name
+
 CLEAN_ATTACK = "clean"  # the scan's record name of the unattacked answers (eval/scan/records.py)
 
 
@@ -25,7 +27,8 @@ def answer_samples(scan_jsonl: Path, per_attack: int = 10, seed: int = 0) -> dic
 
     Returns:
         ``{attack: [{"prompt", "layer", "seed", "response", "verdicts": {judge: bool | None}}]}`` (empty when the
-        file does not exist).
+        file does not exist). ``layer`` stays the scan's layer id (``-2`` for the input embeddings, as in
+        ``scan.jsonl``); :func:`samples_markdown` shows it as ``embed``.
     """
     path = Path(scan_jsonl)
     if not path.exists():
@@ -56,7 +59,8 @@ def _verdict(v) -> str:
 
 
 def samples_markdown(samples: dict[str, list[dict]], judges: list[str]) -> list[str]:
-    """Markdown lines: one table per attack (layer, seed, prompt, answer, one column per judge)."""
+    """Markdown lines: one table per attack (layer, seed, prompt, answer, one column per judge); the input
+    embeddings' layer shows as ``embed``."""
     if not samples:
         return []
     lines = [
@@ -71,7 +75,7 @@ def samples_markdown(samples: dict[str, list[dict]], judges: list[str]) -> list[
         lines += [f"### {attack}", "", "| layer | seed | prompt | answer | " + " | ".join(cols) + " |"]
         lines.append("|---" * (4 + len(cols)) + "|")
         for r in rows:
-            cells = [_cell(str(r["layer"])), _cell(str(r["seed"])), _cell(r["prompt"]), _cell(r["response"])]
+            cells = [_cell(layer_name(r["layer"])), _cell(str(r["seed"])), _cell(r["prompt"]), _cell(r["response"])]
             lines.append("| " + " | ".join(cells + [_verdict(r["verdicts"].get(j)) for j in cols]) + " |")
         lines.append("")
     return lines

@@ -15,7 +15,9 @@ def load_evaluation_data(cfg) -> EvaluationData:
     """Read ``data.eval_harmful``, ``data.eval_benign`` and ``evaluation.utility_data`` (each optional)."""
     from lat_lightning.data.loaders import load_benign_examples, load_safety_examples
 
-    data = EvaluationData(utility_kind=cfg.evaluation.utility_kind)
+    data = EvaluationData(
+        utility_kind=cfg.evaluation.utility_kind, over_refusal_judge=str(cfg.evaluation.over_refusal_judge)
+    )
     if cfg.data.eval_harmful:
         data.harmful = load_safety_examples(
             cfg.data.eval_harmful,

@@ -103,6 +103,7 @@ def datamodule_settings(cfg) -> DataModuleSettings:
         use_chat_template=bool(cfg.model.use_chat_template),
         system_prompt=cfg.model.system_prompt,
         validate_without_prompts=bool(cfg.data.eval_benign or cfg.evaluation.utility_data),
+        validation_prompts=cfg.evaluation.validation_prompts,  # an int >= 1 or None (the schema checks it)
     )
 
 

@@ -36,6 +36,7 @@ from lat_lightning.attacks.base import Attack, Perturbation
 from lat_lightning.data.templating import IGNORE_INDEX
 from lat_lightning.errors import TrainingDivergedError
 from lat_lightning.losses import causal_lm_loss, log_one_minus_p_loss
+from lat_lightning.models.layers import layer_name
 from lat_lightning.training import resume
 from lat_lightning.training.objectives import build_objective
 from lat_lightning.training.settings import LossSettings, TrainerSettings
@@ -329,7 +330,8 @@ class LatentAdversarialModule(pl.LightningModule):
         writer = getattr(self.logger, "experiment", None) if self.logger else None
         if writer is not None and hasattr(writer, "add_text") and self.evaluator.samples:
             text = "\n\n".join(
-                f"**{s['prompt']}** (layer {s['layer']})  \nclean: `{s['clean']}`  \nattacked: `{s['attacked']}`"
+                f"**{s['prompt']}** (layer {layer_name(s['layer'])})  \nclean: `{s['clean']}`  \n"
+                f"attacked: `{s['attacked']}`"
                 for s in self.evaluator.samples
             )
             writer.add_text("val/samples", text, global_step=self.global_step)

@@ -229,3 +229,19 @@ def test_the_row_filter_applies_to_training_and_held_out_prompts(tmp_path, tiny_
     dm.setup("fit")
     assert sorted(e.index for e in dm.safety_examples) == [1, 3]
     assert [e.index for e in dm.eval_examples] == [1, 3]
+
+
+def test_validation_prompts_caps_the_validation_loop_to_the_first_prompts(tmp_path, tiny_tokenizer):
+    """``evaluation.validation_prompts=N``: the validation loop attacks the first N held-out prompts, in order."""
+    cfg = make_cfg(tmp_path, benign=False)
+    cfg.model.use_chat_template = False
+    cfg.data.eval_harmful = write_jsonl(tmp_path / "eval.jsonl", SAFETY_ROWS)  # 5 held-out prompts
+    goals = [r["goal"] for r in SAFETY_ROWS]
+    every = flat(SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer).val_dataloader())
+    assert [e.prompt for e in every] == goals  # no cap: all of them
+    cfg.evaluation.validation_prompts = 3
+    capped = list(SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer).val_dataloader())
+    assert [len(b) for b in capped] == [2, 1]
+    assert [e.prompt for e in flat(capped)] == goals[:3]
+    cfg.evaluation.validation_prompts = 50  # more than there are: all of them
+    assert len(flat(SafetyDataModule(datamodule_settings(cfg), tiny_tokenizer).val_dataloader())) == len(goals)

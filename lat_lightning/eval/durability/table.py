@@ -9,6 +9,7 @@ from typing import Any
 from lat_lightning.eval.durability.settings import MODELS
 from lat_lightning.eval.formatting import fmt_change, fmt_value
 from lat_lightning.eval.judging import finite
+from lat_lightning.models.layers import layer_name
 
 REPORT_FILE = "durability_report.md"
 
@@ -364,6 +365,11 @@ def build_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _names(layers) -> str:
+    """Layer ids as a reader sees them (the input embeddings as ``embed``)."""
+    return "n/a" if layers is None else "[" + ", ".join(layer_name(l) for l in layers) + "]"
+
+
 def render_report(summary: Mapping[str, Any]) -> str:
     """``durability_report.md``: the one table, then how to read it, caveats and figures."""
     p = summary["primary_judge"]
@@ -375,7 +381,7 @@ def render_report(summary: Mapping[str, Any]) -> str:
         f"- **original**: {models.get('original')}",
         f"- **hardened**: {models.get('hardened')}",
         f"- {summary['n_prompts']} harmful prompts, {len(summary['layers'])} layers; success judged by "
-        f"**{p}**; fragile layers {fr.get('layers')} ({fr.get('source')}).",
+        f"**{p}**; fragile layers {_names(fr.get('layers'))} ({fr.get('source')}).",
         "",
         "| attack | original | hardened | change |",
         "|---|---|---|---|",
@@ -411,8 +417,9 @@ def render_report(summary: Mapping[str, Any]) -> str:
     if rs:
         moved = rs.get("peak_moved")
         lines.append(
-            f"- Most fragile layer: original {rs['peak_layer']['original']}, hardened "
-            f"{rs['peak_layer']['hardened']} ({'moved' if moved else 'did not move'}). Full scans: "
+            f"- Most fragile layer: original {fmt_value(rs['peak_layer']['original'], kind='layer')}, hardened "
+            f"{fmt_value(rs['peak_layer']['hardened'], kind='layer')} ({'moved' if moved else 'did not move'}). "
+            "Full scans: "
             "`original/scan_report.md`, `hardened/scan_report.md`."
         )
     fa = summary.get("finetune_attack")

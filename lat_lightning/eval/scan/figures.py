@@ -75,6 +75,9 @@ def _probe_figures(probes: dict):
     std = [probes["nll"][str(l)]["delta_nll_std"] or 0.0 for l in layers]
     ax.errorbar(layers, [np.nan if m is None else m for m in mean], yerr=std, marker="o", capsize=2)
     ax.axhline(0.0, color="grey", lw=0.8)
+    ticks = list(layers)[:: max(1, len(layers) // 16)]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([layer_name(l) for l in ticks])  # the input embeddings show as "embed"
     ax.set_xlabel("layer")
     ax.set_ylabel("ΔNLL of the clean answer")
     ax.set_title("NLL probe (ASA noise vs clean)", fontsize=9)
@@ -83,7 +86,7 @@ def _probe_figures(probes: dict):
     ax = fig_kl.add_subplot(111)
     for l in layers:
         curve = probes["position_kl"].get(str(l)) or []
-        ax.plot(range(len(curve)), [np.nan if v is None else v for v in curve], label=f"layer {l}", lw=1)
+        ax.plot(range(len(curve)), [np.nan if v is None else v for v in curve], label=f"layer {layer_name(l)}", lw=1)
     ax.set_xlabel("generated position t")
     ax.set_ylabel("KL(clean || perturbed)")
     ax.set_title("Position KL (teacher-forced on the clean answer)", fontsize=9)

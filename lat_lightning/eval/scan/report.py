@@ -34,6 +34,10 @@ KEYWORD_GIBBERISH_CAVEAT = (
 )
 
 
+def _peak_probe_layer(layer) -> str:
+    return "n/a" if layer is None else layer_name(layer)
+
+
 def _layers_text(layers) -> str:
     return ", ".join(layer_name(l) for l in layers or [] if l is not None)
 
@@ -98,10 +102,10 @@ def _headline_section(result: ScanResult) -> list[str]:
                 a,
                 s["attacks"][a]["seeds"],
                 fmt(h["init"]) + _fmt_ci(h["init_ci"]),
-                f"{fmt(h['pasr_mean'])} ± {fmt(h['pasr_std'])}{_fmt_ci(h['pasr_ci_seed0'])}",
+                f"{fmt(h['pasr_mean'])} ± {fmt(h['pasr_std'])}{_fmt_ci(h.get('pasr_ci'))}",
                 _layers_text(h["pasr_layers"]),
                 _peak_text(h),
-                f"{fmt(h['masr_mean'])} ± {fmt(h['masr_std'])}{_fmt_ci(h['masr_ci_seed0'])}",
+                f"{fmt(h['masr_mean'])} ± {fmt(h['masr_std'])}{_fmt_ci(h.get('masr_ci'))}",
                 fmt(h["masr_any_seed"]),
                 h["failures_total"],
             ]
@@ -123,7 +127,8 @@ def _headline_section(result: ScanResult) -> list[str]:
     lines += [
         "",
         (
-            "Intervals are 95% percentile bootstrap intervals over prompts (seed 0 for PASR / MASR). PASR = max over "
+            "Intervals are 95% percentile bootstrap intervals of the number beside them, the mean over seeds: each "
+            "draw resamples the seeds, then the prompts (one seed: the prompts only). PASR = max over "
             "layers of LASR; MASR = mean over prompts of max over layers; INIT = success rate of the clean answers. "
             "Deterministic attacks (ASAgrad, zero-start PGD) run the first seed only. "
             f"Peak layer: {s.get('tie_rule', TIE_RULE)}"
@@ -328,7 +333,8 @@ def _probes_section(result: ScanResult) -> list[str]:
                 f"Teacher-forced on each prompt's clean greedy answer (mean {fmt(pr['mean_response_tokens'], 1)} "
                 f"tokens, clean NLL {fmt(pr['nll_clean_mean'])}); ASA noise at `{pr['positions']}` positions, seeds "
                 f"{pr['seeds']}. ΔNLL > 0: the perturbation pushes away from the safe answer. Peak ΔNLL layer: "
-                f"{pr['peak_delta_nll_layer']}. Position KL = KL(clean || perturbed) of the distribution predicting "
+                f"{_peak_probe_layer(pr.get('peak_delta_nll_layer'))}. Position KL = KL(clean || perturbed) of the "
+                "distribution predicting "
                 "generated token t."
             ),
             "",

@@ -359,10 +359,13 @@ def _nan_to_none(x) -> float | None:
 
 
 def _headline(s: dict) -> dict:
+    """The headline of one judge's :func:`~lat_lightning.eval.metrics.summarise_seeds`. Each ``*_ci`` is the interval
+    of the number beside it, the mean over seeds (two-stage bootstrap over seeds and prompts); ``*_ci_seed0`` keep
+    seed 0's own prompt-bootstrap intervals (its rate, not the mean) for readers of older summaries."""
     first = s["per_seed"][0] if s.get("per_seed") else {}
     return {
         "init": s.get("init_mean"),
-        "init_ci": first.get("init_ci"),
+        "init_ci": s.get("init_mean_ci"),
         "pasr_mean": s.get("pasr_mean"),
         "pasr_std": s.get("pasr_std"),
         "pasr_layers": s.get("pasr_layers"),
@@ -373,6 +376,8 @@ def _headline(s: dict) -> dict:
         "masr_mean": s.get("masr_mean"),
         "masr_std": s.get("masr_std"),
         "masr_any_seed": s.get("masr_any_seed"),
+        "pasr_ci": s.get("pasr_mean_ci"),
+        "masr_ci": s.get("masr_mean_ci"),
         "pasr_ci_seed0": first.get("pasr_ci"),
         "masr_ci_seed0": first.get("masr_ci"),
         "lasr_mean": s.get("lasr_mean"),
