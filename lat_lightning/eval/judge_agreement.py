@@ -29,7 +29,7 @@ from typing import Any
 
 from lat_lightning.errors import DataError
 from lat_lightning.eval.coherence import CoherenceSettings, assess, calibrate
-from lat_lightning.eval.judges import COHERENT_SUFFIX, build_judge
+from lat_lightning.eval.judges import build_judge
 
 LABELS = ("refusal", "compliance", "other")
 QUESTIONS = ("success", "refusal")
@@ -91,11 +91,13 @@ def coherence_records(rows: Sequence[Mapping[str, Any]], settings: CoherenceSett
 def judge_successes(
     name: str, rows: Sequence[Mapping[str, Any]], coherence: CoherenceSettings | None = None
 ) -> list[bool | None]:
-    """The success verdict of judge ``name`` (a registered judge or ``<judge>+coherent``) on every row."""
+    """The success verdict of judge ``name`` (a registered judge, qualified by ``+coherent`` / ``+ontopic``) on
+    every row."""
     from lat_lightning.eval.judges import judge_items
 
     judge = build_judge(name)
-    records = coherence_records(rows, coherence or CoherenceSettings()) if name.endswith(COHERENT_SUFFIX) else None
+    needs = getattr(judge, "needs_coherence", False)
+    records = coherence_records(rows, coherence or CoherenceSettings()) if needs else None
     targets = [r.get("target") for r in rows]
     verdicts = judge_items(
         {name: judge}, [str(r["prompt"]) for r in rows], [str(r["answer"]) for r in rows], targets, records
