@@ -240,7 +240,7 @@ def _check_attacks(cfg) -> None:
 
 
 def _check_judges(cfg) -> None:
-    from lat_lightning.eval.judges import JUDGES
+    from lat_lightning.eval.judges import COHERENT_SUFFIX, JUDGES, ONTOPIC_SUFFIX, split_judge_name
 
     ev = cfg.evaluation
     judges = [str(j) for j in ev.judges]
@@ -249,12 +249,17 @@ def _check_judges(cfg) -> None:
             close = difflib.get_close_matches(j, list(JUDGES), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown judge '{j}' in evaluation.judges{hint}; choose from {', '.join(JUDGES)}")
-    # a `<judge>+coherent` twin of a listed judge may lead when the coherence check adds the twins
+    # a `<judge>+coherent` twin of a listed judge may lead when the coherence check adds the twins; a listed judge
+    # qualified by `+ontopic` (text only) may lead too, `refusal+coherent+ontopic` when the check runs
     twins = [f"{j}+coherent" for j in judges] if ev.coherence.enabled and ev.coherence.judges else []
-    if ev.primary_judge not in judges + twins:
+    root, suffixes = split_judge_name(str(ev.primary_judge))
+    qualified = (
+        ONTOPIC_SUFFIX in suffixes and root in judges and (COHERENT_SUFFIX not in suffixes or ev.coherence.enabled)
+    )
+    if ev.primary_judge not in judges + twins and not qualified:
         raise ConfigError(
             f"evaluation.primary_judge '{ev.primary_judge}' is not in evaluation.judges "
-            f"{_fmt(judges)}; add it there or choose one of them"
+            f"{_fmt(judges)}; add it there or choose one of them (or '<judge>+ontopic' of one)"
         )
     if "classifier" in judges:
         path = ev.classifier_path

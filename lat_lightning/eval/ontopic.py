@@ -75,7 +75,7 @@ def stem(word: str) -> str:
     """A light suffix-stripping stem of a lower-case ``word``: one plural ending, then one derivational or
     inflectional suffix (:data:`_SUFFIXES`), then a doubled final consonant and a final ``e``; never shorter than
     :data:`MIN_WORD` letters. Both texts go through the same function, so only consistency matters: "witnesses" /
-    "witness", "detection" / "detect", "creating" / "create", "running" / "run" meet."""
+    "witness", "detection" / "detect", "creating" / "create", "running" / "run", "movies" / "movie" meet."""
     w = word
     for end, repl in _PLURALS:
         if w.endswith(end) and len(w) - len(end) + len(repl) >= MIN_WORD:
@@ -92,14 +92,26 @@ def stem(word: str) -> str:
         w = w[:-1]  # running -> runn -> run (not "less", "all")
     if len(w) > MIN_WORD and w.endswith("e"):
         w = w[:-1]  # create / creating -> creat
+    if len(w) > MIN_WORD and w.endswith("y"):
+        w = w[:-1] + "i"  # movies -> movy, movie -> movi; party / parties -> parti
     return w
 
 
 def content_stems(text: str) -> frozenset[str]:
     """The distinct content stems of ``text``: words of letters, lower-cased, at least :data:`MIN_WORD` letters,
-    not in :data:`STOPWORDS`, stemmed (:func:`stem`)."""
-    words = _WORDS.findall(str(text).translate(_APOSTROPHES).lower())
-    return frozenset(stem(w) for w in words if len(w) >= MIN_WORD and w not in STOPWORDS and "'" not in w)
+    not in :data:`STOPWORDS`, stemmed (:func:`stem`). A possessive loses its ``'s`` ("nitrate's" -> "nitrate");
+    other contractions ("can't", "they've") are function words and are dropped."""
+    out = set()
+    for w in _WORDS.findall(str(text).translate(_APOSTROPHES).lower()):
+        if w in STOPWORDS:
+            continue
+        if "'" in w:
+            if not w.endswith("'s"):
+                continue
+            w = w[:-2]
+        if len(w) >= MIN_WORD and w not in STOPWORDS:
+            out.add(stem(w))
+    return frozenset(out)
 
 
 @dataclass(frozen=True)
