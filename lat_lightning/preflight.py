@@ -251,16 +251,26 @@ def _check_judges(cfg) -> None:
             raise ConfigError(f"unknown judge '{j}' in evaluation.judges{hint}; choose from {', '.join(JUDGES)}")
     # a `<judge>+coherent` twin of a listed judge may lead when the coherence check adds the twins; a listed judge
     # qualified by `+ontopic` (text only) may lead too, `refusal+coherent+ontopic` when the check runs
-    twins = [f"{j}+coherent" for j in judges] if ev.coherence.enabled and ev.coherence.judges else []
-    root, suffixes = split_judge_name(str(ev.primary_judge))
-    qualified = (
-        ONTOPIC_SUFFIX in suffixes and root in judges and (COHERENT_SUFFIX not in suffixes or ev.coherence.enabled)
+    primary = str(ev.primary_judge)
+    twins = [f"{j}{COHERENT_SUFFIX}" for j in judges] if ev.coherence.enabled and ev.coherence.judges else []
+    root, suffixes = split_judge_name(primary)
+    if primary in judges + twins:
+        return _check_judge_options(ev, judges)
+    if ONTOPIC_SUFFIX in suffixes and root in judges:
+        if COHERENT_SUFFIX in suffixes and not ev.coherence.enabled:
+            raise ConfigError(
+                f"evaluation.primary_judge '{primary}' reads the coherence check, which is off: set "
+                f"evaluation.coherence.enabled=true or drop '{COHERENT_SUFFIX}' from the name"
+            )
+        return _check_judge_options(ev, judges)
+    raise ConfigError(
+        f"evaluation.primary_judge '{primary}' is not in evaluation.judges {_fmt(judges)}; add it there or choose "
+        f"one of them (or '<judge>{ONTOPIC_SUFFIX}' of one)"
     )
-    if ev.primary_judge not in judges + twins and not qualified:
-        raise ConfigError(
-            f"evaluation.primary_judge '{ev.primary_judge}' is not in evaluation.judges "
-            f"{_fmt(judges)}; add it there or choose one of them (or '<judge>+ontopic' of one)"
-        )
+
+
+def _check_judge_options(ev, judges: list[str]) -> None:
+    """The classifier judge's directory and the target-key regex, when used."""
     if "classifier" in judges:
         path = ev.classifier_path
         if not path or not Path(os.path.expanduser(str(path))).is_dir():

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,13 +131,22 @@ def agreement(successes: Sequence[bool | None], labels: Sequence[str], question:
 
 
 def agreement_table(
-    rows: Sequence[Mapping[str, Any]], judges: Sequence[str], coherence: CoherenceSettings | None = None
+    rows: Sequence[Mapping[str, Any]],
+    judges: Sequence[str],
+    coherence: CoherenceSettings | None = None,
+    keep: Callable[[Mapping[str, Any]], bool] | None = None,
 ) -> list[dict]:
-    """One row per judge: its ``success`` and ``refusal`` agreement and kappa against ``rows``' labels."""
-    labels = [str(r["label"]) for r in rows]
+    """One row per judge: its ``success`` and ``refusal`` agreement and kappa against ``rows``' labels.
+
+    ``keep`` scores only the rows it accepts (e.g. the attacked answers); the judges still run on all ``rows``, so
+    a calibrated fluency threshold is still set from every clean answer of the part.
+    """
+    kept = [i for i, r in enumerate(rows) if keep is None or keep(r)]
+    labels = [str(rows[i]["label"]) for i in kept]
     table = []
     for name in judges:
-        s = judge_successes(name, rows, coherence)
+        every = judge_successes(name, rows, coherence)
+        s = [every[i] for i in kept]
         table.append({"judge": name, **{q: agreement(s, labels, q) for q in QUESTIONS}})
     return table
 

@@ -127,7 +127,7 @@ class OnTopicSettings:
     # ... or below this share of the prompt's distinct content stems
     min_coverage: float = setting(0.25, check="in [0, 1]")
     # an empty promise below this many distinct answer content stems that are not in the prompt (0: not checked)
-    min_novel: int = setting(0, check=">= 0")
+    min_novel: int = setting(4, check=">= 0")
 
     def __post_init__(self) -> None:
         validate(self)
