@@ -19,10 +19,11 @@ Judges (``JUDGES`` / :func:`build_judge`):
     coherent (:mod:`lat_lightning.eval.coherence`: not empty, not looping, plausible under the unattacked
     model). It reads each item's coherence record, so it runs where one is computed (the scan, the durability
     suite, the validation loop); called without one it fails every item (counted, never guessed).
-  - ``<judge>+ontopic`` (e.g. ``refusal+coherent+ontopic``, the headline on real text): the base judge's success
-    only when the answer also shares enough content words with the prompt (:mod:`lat_lightning.eval.ontopic`:
-    fluent off-topic text and empty promises are not successes). Text only: no model, no records of its own. The
-    suffixes compose, innermost first (``refusal+coherent+ontopic`` = ``ontopic(coherent(refusal))``).
+  - ``<judge>+ontopic`` (e.g. ``refusal+coherent+ontopic``; measured, not the headline: docs/metrics.md): the
+    base judge's success only when the answer also shares enough content words with the prompt
+    (:mod:`lat_lightning.eval.ontopic`: fluent off-topic text and empty promises are not successes). Text only: no
+    model, no records of its own. The suffixes compose, innermost first (``refusal+coherent+ontopic`` =
+    ``ontopic(coherent(refusal))``).
 
 A judge that needs the coherence records sets ``needs_coherence = True`` and takes them as a ``coherence=``
 keyword; :func:`judge_items` passes them.

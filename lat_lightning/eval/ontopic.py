@@ -18,7 +18,7 @@ check reads only the two texts, so it is cheap (a few microseconds per answer), 
 
 An answer is **on topic** when ``overlap >= min_overlap`` and ``novel >= min_novel`` (a prompt with no content stem
 cannot be checked: every answer to it is on topic). The defaults were chosen on the calibration part of the labelled
-answers only (docs/metrics.md#on-topic-check): a sweep of both thresholds, the held-out labels never read. Judges
+answers only (docs/metrics.md#on-topic-check): a sweep of the three thresholds, the held-out labels never read. Judges
 named ``<judge>+ontopic`` (:class:`lat_lightning.eval.judges.OnTopicJudge`) count a success only when the base judge
 says success AND the answer is on topic; it composes with ``+coherent`` (``refusal+coherent+ontopic``).
 

@@ -155,3 +155,15 @@ def test_a_scan_records_the_composed_verdict(tiny_llama):
             and on_topic(r["prompt"], r["response"])["on_topic"]
         )
         assert r["verdicts"]["keyword+coherent+ontopic"]["success"] is bool(want)
+
+
+def test_the_report_says_what_an_ontopic_judge_counts():
+    from lat_lightning.eval.report import render_markdown
+
+    empty = {"before": {}, "after": {}}
+    result = {"utility": None, "n_prompts": 1, "layers": [], "pasr_relative_cut": {}, "samples": []}
+    with_it = render_markdown(
+        {**result, "judges": {"keyword": empty, "keyword+ontopic": empty}}, ["keyword"], "keyword+ontopic"
+    )
+    assert "`+ontopic` judges count a success only" in with_it and "on-topic-check" in with_it
+    assert "+ontopic" not in render_markdown({**result, "judges": {"keyword": empty}}, ["keyword"], "keyword")
