@@ -240,7 +240,7 @@ def _check_attacks(cfg) -> None:
 
 
 def _check_judges(cfg) -> None:
-    from lat_lightning.eval.judges import JUDGES
+    from lat_lightning.eval.judges import COHERENT_SUFFIX, JUDGES, ONTOPIC_SUFFIX, split_judge_name
 
     ev = cfg.evaluation
     judges = [str(j) for j in ev.judges]
@@ -249,13 +249,28 @@ def _check_judges(cfg) -> None:
             close = difflib.get_close_matches(j, list(JUDGES), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown judge '{j}' in evaluation.judges{hint}; choose from {', '.join(JUDGES)}")
-    # a `<judge>+coherent` twin of a listed judge may lead when the coherence check adds the twins
-    twins = [f"{j}+coherent" for j in judges] if ev.coherence.enabled and ev.coherence.judges else []
-    if ev.primary_judge not in judges + twins:
-        raise ConfigError(
-            f"evaluation.primary_judge '{ev.primary_judge}' is not in evaluation.judges "
-            f"{_fmt(judges)}; add it there or choose one of them"
-        )
+    # a `<judge>+coherent` twin of a listed judge may lead when the coherence check adds the twins; a listed judge
+    # qualified by `+ontopic` (text only) may lead too, `refusal+coherent+ontopic` when the check runs
+    primary = str(ev.primary_judge)
+    twins = [f"{j}{COHERENT_SUFFIX}" for j in judges] if ev.coherence.enabled and ev.coherence.judges else []
+    root, suffixes = split_judge_name(primary)
+    if primary in judges + twins:
+        return _check_judge_options(ev, judges)
+    if ONTOPIC_SUFFIX in suffixes and root in judges:
+        if COHERENT_SUFFIX in suffixes and not ev.coherence.enabled:
+            raise ConfigError(
+                f"evaluation.primary_judge '{primary}' reads the coherence check, which is off: set "
+                f"evaluation.coherence.enabled=true or drop '{COHERENT_SUFFIX}' from the name"
+            )
+        return _check_judge_options(ev, judges)
+    raise ConfigError(
+        f"evaluation.primary_judge '{primary}' is not in evaluation.judges {_fmt(judges)}; add it there or choose "
+        f"one of them (or '<judge>{ONTOPIC_SUFFIX}' of one)"
+    )
+
+
+def _check_judge_options(ev, judges: list[str]) -> None:
+    """The classifier judge's directory and the target-key regex, when used."""
     if "classifier" in judges:
         path = ev.classifier_path
         if not path or not Path(os.path.expanduser(str(path))).is_dir():

@@ -239,6 +239,20 @@ CATALOGUE: list[Case] = [
         names="evaluation.primary_judge",
         recipe=SCAN,
     ),
+    C(
+        "primary-judge-ontopic-of-unlisted",
+        "evaluation.judges=[keyword]",
+        "evaluation.primary_judge=refusal+ontopic",
+        names="evaluation.primary_judge 'refusal+ontopic' is not in evaluation.judges",
+        recipe=SCAN,
+    ),
+    C(
+        "primary-judge-coherent-ontopic-without-check",
+        "evaluation.primary_judge=keyword+coherent+ontopic",
+        "evaluation.coherence.enabled=false",
+        names="evaluation.coherence.enabled=true",
+        recipe=SCAN,
+    ),
     C("unknown-judge", "evaluation.judges=[keywrod]", names="evaluation.judges", recipe=SCAN),
     C(
         "classifier-without-path",

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from lat_lightning.errors import DataError
 from lat_lightning.eval.coherence import CoherenceSettings, assess, calibrate
-from lat_lightning.eval.judges import COHERENT_SUFFIX, build_judge
+from lat_lightning.eval.judges import build_judge
 
 LABELS = ("refusal", "compliance", "other")
 QUESTIONS = ("success", "refusal")
@@ -91,11 +91,13 @@ def coherence_records(rows: Sequence[Mapping[str, Any]], settings: CoherenceSett
 def judge_successes(
     name: str, rows: Sequence[Mapping[str, Any]], coherence: CoherenceSettings | None = None
 ) -> list[bool | None]:
-    """The success verdict of judge ``name`` (a registered judge or ``<judge>+coherent``) on every row."""
+    """The success verdict of judge ``name`` (a registered judge, qualified by ``+coherent`` / ``+ontopic``) on
+    every row."""
     from lat_lightning.eval.judges import judge_items
 
     judge = build_judge(name)
-    records = coherence_records(rows, coherence or CoherenceSettings()) if name.endswith(COHERENT_SUFFIX) else None
+    needs = getattr(judge, "needs_coherence", False)
+    records = coherence_records(rows, coherence or CoherenceSettings()) if needs else None
     targets = [r.get("target") for r in rows]
     verdicts = judge_items(
         {name: judge}, [str(r["prompt"]) for r in rows], [str(r["answer"]) for r in rows], targets, records
@@ -129,13 +131,22 @@ def agreement(successes: Sequence[bool | None], labels: Sequence[str], question:
 
 
 def agreement_table(
-    rows: Sequence[Mapping[str, Any]], judges: Sequence[str], coherence: CoherenceSettings | None = None
+    rows: Sequence[Mapping[str, Any]],
+    judges: Sequence[str],
+    coherence: CoherenceSettings | None = None,
+    keep: Callable[[Mapping[str, Any]], bool] | None = None,
 ) -> list[dict]:
-    """One row per judge: its ``success`` and ``refusal`` agreement and kappa against ``rows``' labels."""
-    labels = [str(r["label"]) for r in rows]
+    """One row per judge: its ``success`` and ``refusal`` agreement and kappa against ``rows``' labels.
+
+    ``keep`` scores only the rows it accepts (e.g. the attacked answers); the judges still run on all ``rows``, so
+    a calibrated fluency threshold is still set from every clean answer of the part.
+    """
+    kept = [i for i, r in enumerate(rows) if keep is None or keep(r)]
+    labels = [str(rows[i]["label"]) for i in kept]
     table = []
     for name in judges:
-        s = judge_successes(name, rows, coherence)
+        every = judge_successes(name, rows, coherence)
+        s = [every[i] for i in kept]
         table.append({"judge": name, **{q: agreement(s, labels, q) for q in QUESTIONS}})
     return table
 

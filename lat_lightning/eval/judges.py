@@ -19,6 +19,11 @@ Judges (``JUDGES`` / :func:`build_judge`):
     coherent (:mod:`lat_lightning.eval.coherence`: not empty, not looping, plausible under the unattacked
     model). It reads each item's coherence record, so it runs where one is computed (the scan, the durability
     suite, the validation loop); called without one it fails every item (counted, never guessed).
+  - ``<judge>+ontopic`` (e.g. ``refusal+coherent+ontopic``; measured, not the headline: docs/metrics.md): the
+    base judge's success only when the answer also shares enough content words with the prompt
+    (:mod:`lat_lightning.eval.ontopic`: fluent off-topic text and empty promises are not successes). Text only: no
+    model, no records of its own. The suffixes compose, innermost first (``refusal+coherent+ontopic`` =
+    ``ontopic(coherent(refusal))``).
 
 A judge that needs the coherence records sets ``needs_coherence = True`` and takes them as a ``coherence=``
 keyword; :func:`judge_items` passes them.
@@ -44,6 +49,7 @@ from lat_lightning.eval.classifier_judge import (
     parse_verdict,
 )
 from lat_lightning.eval.judge_base import Judge, Verdict, check_lengths
+from lat_lightning.eval.ontopic import ONTOPIC_SUFFIX, OnTopicJudge, OnTopicSettings
 from lat_lightning.eval.refusal_judge import RefusalJudge
 
 log = logging.getLogger(__name__)
@@ -277,20 +283,47 @@ JUDGES: dict[str, type[Judge]] = {
 }
 
 
+SUFFIXES = (COHERENT_SUFFIX, ONTOPIC_SUFFIX)
+
+
+def split_judge_name(name: str) -> tuple[str, tuple[str, ...]]:
+    """``(root, suffixes)`` of a judge name: ``refusal+coherent+ontopic`` -> ``("refusal", ("+coherent",
+    "+ontopic"))``; the suffixes in the order they are applied (innermost first). A name that is only suffixes keeps
+    them in its root (an unknown judge)."""
+    suffixes: list[str] = []
+    root = name
+    while True:
+        end = next((sfx for sfx in SUFFIXES if root.endswith(sfx) and root != sfx), None)
+        if end is None:
+            return root, tuple(reversed(suffixes))
+        suffixes.append(end)
+        root = root[: -len(end)]
+
+
+def wrap_judge(judge: Any, suffixes: Sequence[str]) -> Any:
+    """``judge`` qualified by each suffix in turn: ``+coherent`` (:class:`CoherentJudge`), ``+ontopic``
+    (:class:`~lat_lightning.eval.ontopic.OnTopicJudge`)."""
+    for sfx in suffixes:
+        judge = CoherentJudge(judge) if sfx == COHERENT_SUFFIX else OnTopicJudge(judge)
+    return judge
+
+
 def build_judge(name: str, **kwargs: Any) -> Judge:
     """Instantiate the judge registered as ``name`` with ``kwargs``.
 
     Raises:
         ConfigError: for an unknown name (the message names the closest valid one) or bad options.
     """
-    if name.endswith(COHERENT_SUFFIX) and name != COHERENT_SUFFIX:
-        return CoherentJudge(build_judge(name[: -len(COHERENT_SUFFIX)], **kwargs))
+    root, suffixes = split_judge_name(name)
+    if suffixes:
+        return wrap_judge(build_judge(root, **kwargs), suffixes)
     cls = JUDGES.get(name)
     if cls is None:
         close = difflib.get_close_matches(name, list(JUDGES), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(
-            f"unknown judge '{name}'{hint}; choose from {', '.join(JUDGES)} (or '<judge>{COHERENT_SUFFIX}')"
+            f"unknown judge '{name}'{hint}; choose from {', '.join(JUDGES)} (or '<judge>{COHERENT_SUFFIX}', "
+            f"'<judge>{ONTOPIC_SUFFIX}', '<judge>{COHERENT_SUFFIX}{ONTOPIC_SUFFIX}')"
         )
     try:
         # Bind first so that only a wrong option name becomes a ConfigError, not a TypeError raised inside.
@@ -321,6 +354,9 @@ __all__ = [
     "Judge",
     "KeywordJudge",
     "LongKeywordJudge",
+    "ONTOPIC_SUFFIX",
+    "OnTopicJudge",
+    "OnTopicSettings",
     "RefusalJudge",
     "TargetMatchJudge",
     "Verdict",
@@ -328,7 +364,9 @@ __all__ = [
     "judge_items",
     "normalise_whitespace",
     "parse_verdict",
+    "split_judge_name",
     "verdicts_to_floats",
+    "wrap_judge",
 ]
 
 
@@ -346,23 +384,24 @@ def build_judges(names, classifier_path: str | None = None, target_key_pattern: 
         if not isinstance(j, str):
             out[getattr(j, "name", type(j).__name__)] = j
             continue
-        base = j[: -len(COHERENT_SUFFIX)] if j.endswith(COHERENT_SUFFIX) else j
+        base, suffixes = split_judge_name(j)
         kwargs = {}
         if base == "classifier" and classifier_path:
             kwargs["path"] = classifier_path
         if base == "target_match" and target_key_pattern:
             kwargs["key_pattern"] = target_key_pattern
-        if j.endswith(COHERENT_SUFFIX) and base in out:  # share the base judge (a classifier loads once)
-            out[j] = CoherentJudge(out[base])
+        if suffixes and base in out:  # share the base judge (a classifier loads once)
+            out[j] = wrap_judge(out[base], suffixes)
         else:
             out[j] = build_judge(j, **kwargs)
     return out
 
 
 def with_coherent_judges(judges: dict[str, Any]) -> dict[str, Any]:
-    """``judges`` plus ``<name>+coherent`` for every judge that has none yet (sharing the base judge object)."""
+    """``judges`` plus ``<name>+coherent`` for every judge that has none yet (sharing the base judge object); a judge
+    that already reads coherence (``refusal+coherent+ontopic``) gets none."""
     out = dict(judges)
     for name, judge in judges.items():
-        if not name.endswith(COHERENT_SUFFIX) and f"{name}{COHERENT_SUFFIX}" not in out:
+        if COHERENT_SUFFIX not in split_judge_name(name)[1] and f"{name}{COHERENT_SUFFIX}" not in out:
             out[f"{name}{COHERENT_SUFFIX}"] = CoherentJudge(judge)
     return out

@@ -132,20 +132,21 @@ def generation_settings(cfg) -> GenerationSettings:
 
 
 def scan_judges(cfg) -> list[str]:
-    """``evaluation.judges``, plus the primary judge when it is the ``+coherent`` twin of a listed judge.
+    """``evaluation.judges``, plus the primary judge when it qualifies a listed judge (``+coherent``, ``+ontopic``:
+    ``refusal+coherent+ontopic`` with ``refusal`` listed).
 
     Raises:
-        ConfigError: a primary judge that is neither listed nor such a twin.
+        ConfigError: a primary judge that is neither listed nor such a qualified judge.
     """
     from lat_lightning.errors import ConfigError
-    from lat_lightning.eval.judges import COHERENT_SUFFIX
+    from lat_lightning.eval.judges import split_judge_name
 
     ev = cfg.evaluation
     judges = [str(j) for j in ev.judges]
     primary = str(ev.primary_judge)
     if primary not in judges:
-        base = primary[: -len(COHERENT_SUFFIX)] if primary.endswith(COHERENT_SUFFIX) else None
-        if base is None or base not in judges:
+        base, suffixes = split_judge_name(primary)
+        if not suffixes or base not in judges:
             raise ConfigError(f"evaluation.primary_judge '{primary}' is not in evaluation.judges {judges}")
         judges.append(primary)
     return judges
