@@ -16,8 +16,8 @@ SMOKE = [
     "evaluation.bootstrap_samples=10",
     "evaluation.coherence.enabled=false",
     "trainer.max_steps=2",
-    # no validation run in training (its val/* scalars are not compared; it costs ~4 s a defence): the seeded test
-    # and the repeated run below train with it
+    # no validation run in training (nothing here reads its val/* scalars; it costs ~4 s a defence): the repeated
+    # run below keeps one; tests/test_tiny_recipes_run.py checks every defence recipe's val/* scalars
     "trainer.val_check_interval=null",
     "data.batch_size=4",
     "perturbation.steps=2",
@@ -129,7 +129,6 @@ def test_seeds_give_intervals_and_marks(isolated_cache):
             "compare.seeds=[0,1]",
             "evaluation.attacks=[asa_random,pgd]",  # two attacks are enough here: a quicker test
             "compare.embed_attacks=[]",
-            "trainer.val_check_interval=2",  # each defence's validation run at the end of its training
         ],
     )
     rows = {r["model"]: r for r in summary["table"]["rows"]}
