@@ -99,15 +99,15 @@ def test_compare_defences_fills_every_cell_and_reproduces(isolated_cache):
     report = (run / "compare" / "compare_report.md").read_text()
     assert all(f"| {m} |" in report for m in models)
 
-    # Again into a fresh run directory (the organism is cached), with one of the defences: its row (and the starting
-    # model's) come out the same, whatever else is compared beside them.
-    # This run also validates at the end of training (outside the model's own weights and the battery's seeds).
-    _, second = _run(isolated_cache / "b", ["compare.defences=[lat]", "trainer.val_check_interval=2"])
+    # Again into a fresh run directory (the organism is cached), with one of the defences (refat: the one with the
+    # most state of its own, a refusal direction): its row (and the starting model's) come out the same, whatever
+    # else is compared beside them. This run also validates at the end of training: that changes no row either.
+    _, second = _run(isolated_cache / "b", ["compare.defences=[refat]", "trainer.val_check_interval=2"])
     rows = {r["model"]: r for r in table["rows"]}
-    assert [r["model"] for r in second["table"]["rows"]] == ["original", "lat"]
+    assert [r["model"] for r in second["table"]["rows"]] == ["original", "refat"]
     # (the differences from sft exist only where sft is compared: left out of the comparison of the rows)
-    assert [_without_sft(r) for r in second["table"]["rows"]] == [_without_sft(rows[m]) for m in ("original", "lat")]
-    for name in ("original", "lat"):  # continuous numbers too: utility, the harmful-target loss curve
+    assert [_without_sft(r) for r in second["table"]["rows"]] == [_without_sft(rows[m]) for m in ("original", "refat")]
+    for name in ("original", "refat"):  # continuous numbers too: utility, the harmful-target loss curve
         assert (
             second["batteries"][name]["finetune"]["harmful_loss"]
             == first["batteries"][name]["finetune"]["harmful_loss"]
