@@ -14,7 +14,8 @@ scan, LAPT + interpolation, re-scan, report) and prints a final ``RESULT {json}`
   LAPT: INIT, MASR (mean over seeds, std, and the 95 % interval of that mean: a bootstrap over seeds and prompts),
   PASR (mean, its interval, peak layer);
 * ``lapt_pasr_cut``: the relative PASR cut per attack (primary judge); ``strongest_unsaturated_attack``: the setting
-  the LAPT target is judged on (highest PASR before LAPT below 1); ``targets_met``: the issue's targets, met or not;
+  the LAPT target is judged on (highest PASR before LAPT among settings with MASR < 1); ``targets_met``: the issue's
+  targets, met or not;
 * ``stage_s`` / ``wall_s``: the wall time of every stage and of the run.
 
 ``--fresh`` builds into a new temporary ``LAT_LIGHTNING_CACHE`` (the registry downloads are linked in, not fetched
@@ -106,11 +107,16 @@ def collect(run: Path) -> dict[str, Any]:
 
 def strongest_unsaturated(fig: dict) -> Optional[str]:
     """The attack setting LAPT's PASR cut is judged on: the highest PASR before LAPT under the primary judge among
-    those not saturated (0 < PASR < 1: a saturated attack cannot show a cut of its own ceiling, a zero one has nothing
-    to cut); ties go to the first scanned. ``None`` when every setting is saturated or zero."""
+    the settings the scan does not call saturated (MASR < 1, the scan's own saturation warning: with every prompt
+    broken at some layer a setting cannot show a defence's effect) and that break something (PASR > 0); ties go to
+    the first scanned. ``None`` when every setting is saturated or zero."""
     primary = fig["primary_judge"]
-    pasr = {a: ((j.get(primary) or {}).get("pasr")) for a, j in fig["attacks"]["before"].items()}
-    open_ = [(v, -i, a) for i, (a, v) in enumerate(pasr.items()) if v is not None and 0.0 < v < 1.0]
+    rows = {a: (j.get(primary) or {}) for a, j in fig["attacks"]["before"].items()}
+    open_ = [
+        (r["pasr"], -i, a)
+        for i, (a, r) in enumerate(rows.items())
+        if r.get("pasr") is not None and r.get("masr") is not None and r["pasr"] > 0.0 and r["masr"] < 1.0
+    ]
     return max(open_)[2] if open_ else None
 
 

@@ -61,11 +61,13 @@ def test_every_figure_of_the_result_is_present_and_finite(tmp_path, monkeypatch,
 def test_the_lapt_target_reads_the_strongest_unsaturated_attack():
     from benchmarks.real_organism import strongest_unsaturated
 
-    def fig(pasr: dict, cut: dict) -> dict:
-        attacks = {a: {"refusal+coherent": {"pasr": v}} for a, v in pasr.items()}
-        return {"primary_judge": "refusal+coherent", "attacks": {"before": attacks}, "lapt_pasr_cut": cut}
+    def fig(rates: dict) -> dict:
+        attacks = {a: {"refusal+coherent": {"pasr": p, "masr": m}} for a, (p, m) in rates.items()}
+        return {"primary_judge": "refusal+coherent", "attacks": {"before": attacks}}
 
-    # PGD is saturated (1.0) and ASA random at 0.25 never succeeds: ASAgrad (0.6) is the setting to cut
-    f = fig({"asa_random@alpha=0.25": 0.0, "asagrad": 0.6, "pgd": 1.0, "asa_random": 0.2}, {"asagrad": 0.1, "pgd": 0.9})
-    assert strongest_unsaturated(f) == "asagrad"
-    assert strongest_unsaturated(fig({"pgd": 1.0, "asa_random": 0.0}, {})) is None
+    # PGD breaks every prompt somewhere (MASR 1: saturated, whatever its PASR) and ASA random at 0.25 nothing:
+    # ASAgrad (PASR 0.6) is the setting to cut, ahead of ASA random (0.2)
+    rates = {"asa_random@alpha=0.25": (0.0, 0.0), "asagrad": (0.6, 0.9), "pgd": (0.94, 1.0), "asa_random": (0.2, 0.3)}
+    assert strongest_unsaturated(fig(rates)) == "asagrad"
+    assert strongest_unsaturated(fig({"pgd": (0.94, 1.0), "asa_random": (0.0, 0.0)})) is None
+    assert strongest_unsaturated(fig({"a": (0.5, 0.6), "b": (0.5, 0.7)})) == "a"  # a tie: the first scanned
