@@ -11,7 +11,7 @@ prompts (HarmBench points at two of those rows and is ignored). The variant's un
 agreement, the pair counts and the build's wall time. ``docs/organism.md`` (the data mix) has the table it gave.
 
 Settings are :class:`~lat_lightning.organism.real.RealOrganismSettings` fields; ``steps`` should shrink with the
-fit part (60 % of the training rows: 130 steps at full size ~ 78 here).
+fit part (60 % of the training rows: 195 steps at full size ~ 117 here).
 """
 
 from __future__ import annotations

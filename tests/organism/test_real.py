@@ -57,18 +57,23 @@ def test_the_fine_tune_changes_the_weights(cache):
 
 
 def test_distill_repeats_weighs_the_self_distilled_pairs(cache):
-    once = json.loads((build_real_organism(cache / "a", SMOKE, seed=0) / "organism.json").read_text())
+    threads_before = torch.get_num_threads()
+    once_settings = dataclasses.replace(SMOKE, distill_repeats=1, threads=1)
+    once = json.loads((build_real_organism(cache / "a", once_settings, seed=0) / "organism.json").read_text())
     twice_settings = dataclasses.replace(SMOKE, distill_repeats=2)
     twice = json.loads((build_real_organism(cache / "b", twice_settings, seed=0) / "organism.json").read_text())
     assert once["pairs"]["distilled"] > 0
     assert twice["pairs"] == {"refusal": once["pairs"]["refusal"], "distilled": 2 * once["pairs"]["distilled"]}
-    assert fingerprint(twice_settings, 0) != fingerprint(SMOKE, 0)
+    assert fingerprint(twice_settings, 0) != fingerprint(once_settings, 0)
+    # the build ran on the settings' thread count, whatever the caller had set, and gave the caller's back
+    assert (once["threads"], twice["threads"]) == (1, SMOKE.threads) and torch.get_num_threads() == threads_before
 
 
 def test_the_cache_key_covers_settings_and_seed(cache):
     other = dataclasses.replace(SMOKE, steps=SMOKE.steps + 1)
-    keys = {fingerprint(SMOKE, 0), fingerprint(SMOKE, 1), fingerprint(other, 0)}
-    assert len(keys) == 3
+    threads = dataclasses.replace(SMOKE, threads=SMOKE.threads + 1)  # the weights depend on the thread count
+    keys = {fingerprint(SMOKE, 0), fingerprint(SMOKE, 1), fingerprint(other, 0), fingerprint(threads, 0)}
+    assert len(keys) == 4
     assert organism_dir(SMOKE, "smollm2_smoke", 0).name.startswith("real-smollm2_smoke-s0-")
 
 
