@@ -5,6 +5,8 @@ Usage::
     python -m benchmarks.judge_agreement                      # the held-out part of tests/fixtures/judge_labels
     python -m benchmarks.judge_agreement --part calibration
     python -m benchmarks.judge_agreement --part organism       # 398 answers of the real organism (docs/organism.md)
+    python -m benchmarks.judge_agreement --part organism_v2    # 420 answers of the second organism (its calibration
+                                                               # part: --part calibration_v2)
     python -m benchmarks.judge_agreement --part calibration --sweep-ontopic   # choose the on-topic thresholds
 
 Prints a markdown table per fluency threshold (the constant ``max_nll`` 3.0 and the threshold calibrated on each
@@ -82,7 +84,9 @@ def _print_sweep(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("heldout", "calibration", "organism"), default="heldout")
+    ap.add_argument(
+        "--part", choices=("heldout", "calibration", "organism", "calibration_v2", "organism_v2"), default="heldout"
+    )
     ap.add_argument("--labels", default=None, help="a labelled .jsonl instead of the fixture part")
     ap.add_argument("--sweep-ontopic", action="store_true", help="the on-topic threshold sweep (calibration only)")
     args = ap.parse_args(argv)
