@@ -245,10 +245,20 @@ def _check_judges(cfg) -> None:
     ev = cfg.evaluation
     judges = [str(j) for j in ev.judges]
     for j in judges:
-        if j not in JUDGES:
-            close = difflib.get_close_matches(j, list(JUDGES), n=1)
+        # a listed judge may be qualified (`refusal+coherent+ontopic`): its root must be registered
+        base, qualifiers = split_judge_name(j)
+        if base not in JUDGES:
+            close = difflib.get_close_matches(base, list(JUDGES), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown judge '{j}' in evaluation.judges{hint}; choose from {', '.join(JUDGES)}")
+            raise ConfigError(
+                f"unknown judge '{j}' in evaluation.judges{hint}; choose from {', '.join(JUDGES)} (each may end in "
+                f"'{COHERENT_SUFFIX}' and/or '{ONTOPIC_SUFFIX}')"
+            )
+        if COHERENT_SUFFIX in qualifiers and not ev.coherence.enabled:
+            raise ConfigError(
+                f"evaluation.judges '{j}' reads the coherence check, which is off: set "
+                f"evaluation.coherence.enabled=true or drop '{COHERENT_SUFFIX}' from the name"
+            )
     # a `<judge>+coherent` twin of a listed judge may lead when the coherence check adds the twins; a listed judge
     # qualified by `+ontopic` (text only) may lead too, `refusal+coherent+ontopic` when the check runs
     primary = str(ev.primary_judge)

@@ -254,6 +254,14 @@ CATALOGUE: list[Case] = [
         recipe=SCAN,
     ),
     C("unknown-judge", "evaluation.judges=[keywrod]", names="evaluation.judges", recipe=SCAN),
+    C("unknown-qualified-judge", "evaluation.judges=[keyword,refusl+ontopic]", names="'refusal'", recipe=SCAN),
+    C(
+        "listed-coherent-judge-without-check",
+        "evaluation.judges=[keyword,keyword+coherent+ontopic]",
+        "evaluation.coherence.enabled=false",
+        names="evaluation.judges 'keyword+coherent+ontopic' reads the coherence check",
+        recipe=SCAN,
+    ),
     C(
         "classifier-without-path",
         "evaluation.judges=[keyword,classifier]",

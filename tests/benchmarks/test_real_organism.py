@@ -44,6 +44,8 @@ def test_every_figure_of_the_result_is_present_and_finite(tmp_path, monkeypatch,
     }
     assert set(result["attacks"]["after"]) == set(attacks)
     assert all(primary in per_judge for per_judge in attacks.values())
+    # the recipe's on-topic twin (harmful content, not only refusal-breaking) is in every attack's figures
+    assert all("refusal+coherent+ontopic" in per_judge for per_judge in attacks.values())
     for model in ("original", "aligned", "hardened"):
         assert set(result["init"][model]) == {"harmful_eval", "harmbench_eval"}
         assert set(result["refusal"][model]) == {"benign_eval", "borderline_eval"}
