@@ -85,7 +85,9 @@ def _print_sweep(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--part", choices=("heldout", "calibration", "organism", "calibration_v2", "organism_v2"), default="heldout"
+        "--part",
+        choices=("heldout", "calibration", "organism", "calibration_v2", "organism_v2", "organism_v2_long"),
+        default="heldout",
     )
     ap.add_argument("--labels", default=None, help="a labelled .jsonl instead of the fixture part")
     ap.add_argument("--sweep-ontopic", action="store_true", help="the on-topic threshold sweep (calibration only)")
