@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from lat_lightning.data.real_sets import read_strongreject
 from lat_lightning.models.loading import load_model, load_tokenizer
 from lat_lightning.models.settings import ModelSettings
 from lat_lightning.organism.real import REAL_PRESETS, build_real_organism
@@ -32,26 +33,40 @@ from lat_lightning.organism.real_data import RealDataSettings, Source, split_set
 from lat_lightning.organism.real_eval import RealEvalSettings, evaluate_real
 
 
-def training_only_data(base: RealDataSettings, files: Path) -> RealDataSettings:
-    """Write the training rows of ``base``'s split as data files and point a copy of ``base`` at them."""
+def training_only_data(base: RealDataSettings, files: Path, holdout_sources: tuple[str, ...] = ()) -> RealDataSettings:
+    """Write the training rows of ``base``'s split as data files and point a copy of ``base`` at them.
+
+    ``holdout_sources``: StrongREJECT ``source`` values (e.g. ``AdvBench``) whose training rows are kept out of the
+    variant's harmful data and become its out-of-source validation set (the slot HarmBench fills in the real
+    organism), so a mix is also judged on prompts written elsewhere than the ones it trained on.
+    """
     sets = split_sets(base)
+    # the split's rows carry no source: look it up in StrongREJECT (read only when sources are held out)
+    source_of = {r["prompt"]: str(r.get("source") or "") for r in read_strongreject()} if holdout_sources else {}
+    held = [r for r in sets["harmful_train"] if source_of.get(r["prompt"]) in holdout_sources]
     files.mkdir(parents=True, exist_ok=True)
-    with open(files / "harmful.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, ["category", "forbidden_prompt"])
-        writer.writeheader()
-        for r in sets["harmful_train"]:
-            writer.writerow({"category": r.get("category") or "all", "forbidden_prompt": r["prompt"]})
+    for name, rows in (("harmful.csv", [r for r in sets["harmful_train"] if r not in held]), ("held.csv", held)):
+        with open(files / name, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, ["category", "forbidden_prompt"])
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({"category": r.get("category") or "all", "forbidden_prompt": r["prompt"]})
     for kind in ("benign", "borderline"):
-        rows = [
+        lines = [
             json.dumps({"prompt": r["prompt"], "category": r.get("category") or "all"}) for r in sets[f"{kind}_train"]
         ]
-        (files / f"{kind}.jsonl").write_text("\n".join(rows) + "\n")
+        (files / f"{kind}.jsonl").write_text("\n".join(lines) + "\n")
     harmful = Source(str(files / "harmful.csv"), prompt_column="forbidden_prompt")
+    # the variant's HarmBench slot: the held-out sources, else two training rows that stand in and are not read back
+    outsource = (
+        Source(str(files / "held.csv"), prompt_column="forbidden_prompt", category_column=None)
+        if held
+        else dataclasses.replace(harmful, category_column=None, limit=2)
+    )
     return dataclasses.replace(
         base,
         harmful=harmful,
-        # the variant needs a HarmBench set; two training rows stand in and are not read back
-        harmbench=dataclasses.replace(harmful, category_column=None, limit=2),
+        harmbench=outsource,
         benign=Source(str(files / "benign.jsonl")),
         borderline=Source(str(files / "borderline.jsonl")),
     )
@@ -73,12 +88,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("name", help="the variant's name (its output directory and result file)")
     ap.add_argument("--out", default="real_organism_mix", help="directory for the variants and their results")
     ap.add_argument("--preset", default="smollm2", choices=sorted(REAL_PRESETS))
+    ap.add_argument(
+        "--holdout-sources",
+        nargs="+",
+        default=[],
+        help="StrongREJECT sources kept out of the fit part and judged as an out-of-source fold (e.g. AdvBench DAN)",
+    )
     ap.add_argument("settings", nargs="*", help="RealOrganismSettings overrides, e.g. steps=78 distill_repeats=2")
     args = ap.parse_intermixed_args(argv)
     overrides = _parse(ap, args.settings)
+    if args.holdout_sources:
+        known = {str(r.get("source") or "") for r in read_strongreject()}
+        unknown = sorted(set(args.holdout_sources) - known)
+        if unknown:
+            ap.error(f"--holdout-sources {unknown} are not StrongREJECT sources ({', '.join(sorted(known))})")
     root = Path(args.out)
     base = REAL_PRESETS[args.preset]
-    data = training_only_data(base.data, root / "train_only")
+    holdout = tuple(args.holdout_sources)
+    data = training_only_data(base.data, root / ("train_only" + "".join(f"-{h}" for h in holdout)), holdout)
     settings = dataclasses.replace(base, data=data, **overrides)  # type: ignore[arg-type]
     out = root / f"org-{args.name}"
     t0 = time.perf_counter()
@@ -100,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
         "val_benign_refusal": res["refusal"]["benign_eval"]["refusal"],
         "val_borderline_refusal": res["refusal"]["borderline_eval"]["refusal"],
         "val_agreement": res["agreement"],
+        "holdout_sources": list(holdout),
+        "val_outsource_init": res["init"]["harmbench_eval"]["refusal"] if holdout else None,
         "loss_last": info["loss_last"],
     }
     (root / f"result-{args.name}.json").write_text(json.dumps(result, indent=1))
