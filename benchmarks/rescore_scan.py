@@ -26,18 +26,15 @@ import numpy as np
 
 from lat_lightning.eval.judges import build_judge, judge_items
 from lat_lightning.eval.metrics import summarise_seeds
+from lat_lightning.eval.scan.records import read_records
 
 CLEAN = "clean"
 
 
 def read_scan(path: Path) -> list[dict]:
-    """The records of one ``scan.jsonl`` (the last record of a cell wins, as the scan reads them)."""
-    by_cell: dict[tuple, dict] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            by_cell[(rec["attack"], rec["seed"], rec["prompt_idx"], rec["layer"])] = rec
-    return list(by_cell.values())
+    """The records of one ``scan.jsonl``, read as the scan reads them (:func:`read_records`: a cell's last record
+    wins, a torn last line is skipped)."""
+    return list(read_records(path).values())
 
 
 def successes(judge_name: str, records: list[dict]) -> list[float]:

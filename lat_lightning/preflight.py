@@ -244,44 +244,43 @@ def _check_judges(cfg) -> None:
 
     ev = cfg.evaluation
     judges = [str(j) for j in ev.judges]
-    for j in judges:
-        # a listed judge may be qualified (`refusal+coherent+ontopic`): its root must be registered
-        base, qualifiers = split_judge_name(j)
-        if base not in JUDGES:
-            close = difflib.get_close_matches(base, list(JUDGES), n=1)
+    roots = [split_judge_name(j)[0] for j in judges]  # a listed judge may be qualified (`refusal+coherent+ontopic`)
+
+    def needs_the_check(name: str, key: str) -> None:
+        if COHERENT_SUFFIX in split_judge_name(name)[1] and not ev.coherence.enabled:
+            raise ConfigError(
+                f"{key} '{name}' reads the coherence check, which is off: set "
+                f"evaluation.coherence.enabled=true or drop '{COHERENT_SUFFIX}' from the name"
+            )
+
+    for j, root in zip(judges, roots):
+        if root not in JUDGES:
+            close = difflib.get_close_matches(root, list(JUDGES), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(
                 f"unknown judge '{j}' in evaluation.judges{hint}; choose from {', '.join(JUDGES)} (each may end in "
                 f"'{COHERENT_SUFFIX}' and/or '{ONTOPIC_SUFFIX}')"
             )
-        if COHERENT_SUFFIX in qualifiers and not ev.coherence.enabled:
-            raise ConfigError(
-                f"evaluation.judges '{j}' reads the coherence check, which is off: set "
-                f"evaluation.coherence.enabled=true or drop '{COHERENT_SUFFIX}' from the name"
-            )
+        needs_the_check(j, "evaluation.judges")
     # a `<judge>+coherent` twin of a listed judge may lead when the coherence check adds the twins; a listed judge
     # qualified by `+ontopic` (text only) may lead too, `refusal+coherent+ontopic` when the check runs
     primary = str(ev.primary_judge)
     twins = [f"{j}{COHERENT_SUFFIX}" for j in judges] if ev.coherence.enabled and ev.coherence.judges else []
     root, suffixes = split_judge_name(primary)
     if primary in judges + twins:
-        return _check_judge_options(ev, judges)
+        return _check_judge_options(ev, roots)
     if ONTOPIC_SUFFIX in suffixes and root in judges:
-        if COHERENT_SUFFIX in suffixes and not ev.coherence.enabled:
-            raise ConfigError(
-                f"evaluation.primary_judge '{primary}' reads the coherence check, which is off: set "
-                f"evaluation.coherence.enabled=true or drop '{COHERENT_SUFFIX}' from the name"
-            )
-        return _check_judge_options(ev, judges)
+        needs_the_check(primary, "evaluation.primary_judge")
+        return _check_judge_options(ev, roots)
     raise ConfigError(
         f"evaluation.primary_judge '{primary}' is not in evaluation.judges {_fmt(judges)}; add it there or choose "
         f"one of them (or '<judge>{ONTOPIC_SUFFIX}' of one)"
     )
 
 
-def _check_judge_options(ev, judges: list[str]) -> None:
-    """The classifier judge's directory and the target-key regex, when used."""
-    if "classifier" in judges:
+def _check_judge_options(ev, roots: list[str]) -> None:
+    """The classifier judge's directory (``roots``: the listed judges' registered names) and the target-key regex."""
+    if "classifier" in roots:
         path = ev.classifier_path
         if not path or not Path(os.path.expanduser(str(path))).is_dir():
             raise ConfigError(

@@ -268,6 +268,12 @@ CATALOGUE: list[Case] = [
         names="evaluation.classifier_path",
         recipe=SCAN,
     ),
+    C(
+        "qualified-classifier-without-path",
+        "evaluation.judges=[keyword,classifier+ontopic]",
+        names="evaluation.classifier_path",
+        recipe=SCAN,
+    ),
     C("bad-key-regex", "evaluation.target_key_pattern=(", names="evaluation.target_key_pattern", recipe=SCAN),
     C("training-positions-in-scan", "evaluation.positions=response", names="evaluation.positions", recipe=SCAN),
     C("nothing-to-train", "loss.toward_safe=0", "loss.away_from_harmful=0", names="loss.toward_safe"),

@@ -34,6 +34,7 @@ def load_scan_prompts(cfg, attacks=None, require_target: bool = False) -> tuple[
     from lat_lightning.attacks import attack_class
     from lat_lightning.data.loaders import load_safety_examples
     from lat_lightning.errors import ConfigError
+    from lat_lightning.eval.judges import split_judge_name
     from lat_lightning.resources import resource_path
 
     source = cfg.data.eval_harmful or cfg.data.harmful
@@ -46,7 +47,7 @@ def load_scan_prompts(cfg, attacks=None, require_target: bool = False) -> tuple[
     needs_target = (
         require_target
         or any(attack_class(a).needs_target for a in attacks)
-        or "target_match" in list(cfg.evaluation.judges)
+        or "target_match" in {split_judge_name(str(j))[0] for j in cfg.evaluation.judges}
     )
     examples = load_safety_examples(
         resource_path(source),
