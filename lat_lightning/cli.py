@@ -234,6 +234,7 @@ LAYER_LIST_KEYS = (
     "callbacks.fragile_layers.layers",
     "callbacks.fragile_layers.candidate_layers",
     "evaluation.durability.fragile_layers",
+    "evaluation.durability.layers",
 )
 
 

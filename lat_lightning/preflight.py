@@ -449,7 +449,9 @@ def check_model(cfg: DictConfig) -> Optional[Any]:
             main_key,
         )
     if "durability" in stages and original is not None:
-        check_layers(original, cfg, ("evaluation.durability.fragile_layers",), original_key)
+        check_layers(
+            original, cfg, ("evaluation.durability.fragile_layers", "evaluation.durability.layers"), original_key
+        )
         if {"finetune", "trainability"} & set(cfg.evaluation.durability.sections):
             check_target_modules(
                 original,

@@ -432,6 +432,18 @@ CATALOGUE: list[Case] = [
         recipe=DUR,
     ),
     C(
+        "durability-layer-out-of-range",
+        "evaluation.durability.layers=[2,9]",
+        names="evaluation.durability.layers index 9",
+        recipe=DUR,
+    ),
+    C(
+        "durability-layer-not-a-layer",
+        "evaluation.durability.layers=[-3]",
+        names="evaluation.durability.layers",
+        recipe=DUR,
+    ),
+    C(
         "durability-lora-target-not-in-model",
         "evaluation.durability.finetune_target_modules=[c_attn]",
         names="evaluation.durability.finetune_target_modules",

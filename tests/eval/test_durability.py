@@ -594,3 +594,64 @@ def test_rescans_reuse_the_runs_scans_with_identical_numbers(two_models, tmp_pat
     assert scan_mod.reusable_records(tmp_path / "scan", good, PROMPTS, keys, [1, 2, 3], [0]) == {}
     took = scan_mod.reusable_records(tmp_path / "scan", good, PROMPTS, keys, keys, [0])
     assert took and all(k[0] == "clean" for k in took)  # attacks whose settings are unknown here: not taken
+
+
+# ----------------------------------------------------------------------------------------------- layers
+def _spy_layers(monkeypatch) -> list:
+    """Replaces run_scan with a spy that records each re-scan's layers and stops the suite."""
+    seen = []
+
+    def spy(model, tokenizer, prompts, settings, out_dir=None, options=None):
+        seen.append(settings.layers)
+        raise StopIteration
+
+    monkeypatch.setattr("lat_lightning.eval.scan.run_scan", spy)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("layers", "fragile", "expected"),
+    [
+        (None, [1], (0, 1, 2, 3)),  # the default: every block
+        ("[2,0]", [0], (0, 2)),  # sorted
+        ("[embed,3]", [3], (-2, 3)),  # the input embeddings first
+        ("[2]", [1], (1, 2)),  # a fragile layer outside the list is re-scanned too
+        ("[all]", ["embed"], (-2, 0, 1, 2, 3)),  # "all" expands; a fragile embed is added
+    ],
+)
+def test_durability_layers_choose_the_rescans_layers(two_models, monkeypatch, layers, fragile, expected):
+    original, hardened, tok = two_models
+    overrides = ["evaluation.durability.sections=[rescan]"]
+    if layers is not None:
+        overrides.append(f"evaluation.durability.layers={layers}")
+    s = _settings(*overrides)
+    seen = _spy_layers(monkeypatch)
+    with pytest.raises(StopIteration):
+        run_durability(original, hardened, tok, DurabilityData(PROMPTS, TARGETS, fragile_layers=fragile), s)
+    assert seen == [expected]
+
+
+def test_durability_layers_outside_the_model_are_a_config_error(two_models, monkeypatch):
+    original, hardened, tok = two_models
+    s = _settings("evaluation.durability.sections=[rescan]", "evaluation.durability.layers=[1,4]")
+    seen = _spy_layers(monkeypatch)
+    with pytest.raises(ConfigError, match=r"^evaluation.durability.layers index 4 out of range: this model has layers"):
+        run_durability(original, hardened, tok, DurabilityData(PROMPTS, TARGETS, fragile_layers=[1]), s)
+    assert seen == []  # refused before any re-scan
+
+
+def test_a_narrowed_rescan_reports_its_layers_and_finds_the_fragile_layer_among_them(two_models, tmp_path):
+    """A real (tiny) run with two of the four blocks: the summary, the re-scans and the fragile layer found by
+    them all name those two blocks only."""
+    original, hardened, tok = two_models
+    s = _settings(
+        "evaluation.durability.sections=[rescan]",
+        "evaluation.durability.layers=[1,3]",
+        "evaluation.durability.random_seeds=[0]",
+    )
+    summary = run_durability(original, hardened, tok, DurabilityData(PROMPTS, TARGETS), s, tmp_path / "run")
+    assert summary["layers"] == [1, 3]
+    assert summary["rescan"]["original"]["layers"] == summary["rescan"]["hardened"]["layers"] == [1, 3]
+    assert set(summary["fragile_layers"]["layers"]) <= {1, 3}
+    assert len(summary["rescan"]["original"]["attacks"]["asa_random"]["lasr"]) == 2
+    assert "2 layers" in (tmp_path / "run" / "durability_report.md").read_text()

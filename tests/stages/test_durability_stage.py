@@ -125,3 +125,16 @@ def test_reusable_scans_match_the_models_the_stages_scanned(tmp_path):
     assert dstage.reusable_scans(run, dict(specs, original="/models/other"), [3])["hardened"] == (run / "rescan", [3])
     (final / "adapter_config.json").write_text("{}")
     assert set(dstage.reusable_scans(run, specs, [3])) == {"original"}
+
+
+def test_the_real_organism_recipe_rescans_the_scans_layers():
+    """The recipe's durability re-scans follow evaluation.layers (an interpolation, so an override of the scan's
+    layers moves them too); null restores every block."""
+    from lat_lightning.cli import load_config
+    from lat_lightning.stages.durability_settings import durability_settings
+
+    cfg = load_config("real_organism", [])
+    assert list(cfg.evaluation.durability.layers) == list(cfg.evaluation.layers) != []
+    cfg = load_config("real_organism", ["evaluation.layers=[embed,10]"])
+    assert durability_settings(cfg).dur.layers == ("embed", 10)
+    assert durability_settings(load_config("real_organism", ["evaluation.durability.layers=null"])).dur.layers is None

@@ -1,6 +1,7 @@
-"""The ``rescan`` and ``adaptive`` sections: one :func:`~lat_lightning.eval.scan.run_scan` per model over every layer
-(ASA random over seeds, the adaptive attacks optimised on the model they attack, and with ``transfer`` the
-original's vectors applied to the hardened model), and their summary at the fragile layers and at any layer."""
+"""The ``rescan`` and ``adaptive`` sections: one :func:`~lat_lightning.eval.scan.run_scan` per model over the
+suite's layers (every block unless ``evaluation.durability.layers`` lists some): ASA random over seeds, the adaptive
+attacks optimised on the model they attack, and with ``transfer`` the original's vectors applied to the hardened
+model; and their summary at the fragile layers and at any re-scanned layer."""
 
 from __future__ import annotations
 

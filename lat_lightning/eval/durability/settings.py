@@ -52,6 +52,9 @@ class DurabilityChecks:
     random_seeds: tuple[int, ...] = setting((0, 1, 2, 3, 4), check="not empty, unique")
     # None: the peak layers of both models' ASA re-scans
     fragile_layers: Optional[tuple[Layer, ...]] = setting(None, check="not empty, unique, each >= 0")
+    # the layers of the two re-scans (block indices, embed, all); None: every block. A run's scan layers let the
+    # re-scans reuse the scan and rescan stages' cells; fragile layers outside the list are re-scanned too
+    layers: Optional[tuple[Layer, ...]] = setting(None, check="not empty, unique, each >= 0")
     # also attack the hardened model with the vectors found on the original
     transfer: bool = True
     max_k: int = setting(5, check=">= 1")  # first-k curves for k = 1..max_k
@@ -93,7 +96,7 @@ class DurabilityChecks:
         for name in ("random_seeds", "finetune_seeds", "prefill_ks"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, _ints(getattr(self, name)))
-        for name in ("fragile_layers", "finetune_target_modules"):
+        for name in ("fragile_layers", "layers", "finetune_target_modules"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         validate(self)

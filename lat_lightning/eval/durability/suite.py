@@ -33,7 +33,7 @@ from lat_lightning.eval.durability.rewrites import rewrites_section
 from lat_lightning.eval.durability.settings import MODELS, DurabilitySettings, resolve_judges
 from lat_lightning.eval.durability.table import build_rows
 from lat_lightning.eval.generation import encode_prompts
-from lat_lightning.models.layers import EMBED, check_layer_indices, num_layers
+from lat_lightning.models.layers import check_layer_indices, num_layers
 
 SUMMARY_FILE = "durability_summary.json"
 FRAGILE_FILE = "fragile_layers.json"  # a training run's fragile layers, found beside its saved model
@@ -111,6 +111,21 @@ def _configured_fragile(
     return layers, data.fragile_source or (
         "argument" if data.fragile_layers is not None else "evaluation.durability.fragile_layers"
     )
+
+
+def _rescan_layers(model: nn.Module, s: DurabilitySettings, n_layers: int) -> list:
+    """The re-scans' layers: ``s.dur.layers`` checked against the model and sorted (``EMBED`` first), else every
+    block.
+
+    Raises:
+        ConfigError: layers that are not layers of the model.
+    """
+    if s.dur.layers is None:
+        return list(range(n_layers))
+    try:
+        return sorted(set(check_layer_indices(model, list(s.dur.layers), what="evaluation.durability.layers")))
+    except IndexError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _found_fragile(scans: Mapping[str, Any], n_layers: int) -> tuple[list, str]:
@@ -248,7 +263,7 @@ def run_durability(
             f"the models have {n_layers} and {num_layers(hardened_model)} layers; the durability suite "
             "compares two versions of the same architecture"
         )
-    layers = list(range(n_layers))
+    layers = _rescan_layers(original_model, s, n_layers)
     tmp: tempfile.TemporaryDirectory[str] | None = None
     if out_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="durability-")
@@ -267,8 +282,9 @@ def run_durability(
     try:
         harmful = HarmfulPrompts.encode(tokenizer, prompts, targets, keys, s)
         explicit, fsource = _configured_fragile(original_model, data, s, n_layers)
-        if explicit is not None and EMBED in explicit and EMBED not in layers:  # fragile embeddings: re-scan them
-            layers = [EMBED] + layers
+        missing = [l for l in (explicit or []) if l not in layers]
+        if missing:  # the fragile layers' rows read the re-scans there: re-scan them too
+            layers = sorted(set(layers) | set(missing))  # EMBED (-1) first
             summary["layers"] = layers
         sections = set(s.dur.sections)
         scans = {}

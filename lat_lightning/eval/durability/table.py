@@ -397,7 +397,7 @@ def render_report(summary: Mapping[str, Any]) -> str:
         "original**, so a negative change means the hardened model resists better. `± x` is the sample "
         "standard deviation over the ASA random seeds.",
         "- *Fragile layers*: success at any of those layers (the mean over prompts of the max over the "
-        "fragile layers). *Any layer*: the same over every layer (MASR).",
+        "fragile layers). *Any layer*: the same over every re-scanned layer (MASR).",
         "- *Adaptive*: ASAgrad / PGD computed on the gradients of the model under attack. *Transfer*: the "
         "vectors computed on the original model, applied to the hardened one (the original column repeats "
         "its adaptive value).",
