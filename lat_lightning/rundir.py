@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from lat_lightning.config import SAFE_ON_RESUME
+from lat_lightning.config import SAFE_ON_RESUME, RunConfig
 from lat_lightning.errors import ConfigError
 
 CONFIG_FILE = "config.yaml"
@@ -180,6 +180,11 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
+def schema_defaults() -> dict[str, Any]:
+    """Every key of the run-config schema with its default, flat."""
+    return _flatten(OmegaConf.to_container(OmegaConf.structured(RunConfig), resolve=True))
+
+
 def saved_config(run_dir: Path) -> dict[str, Any]:
     """The config the run last ran with (``config.resumed.yaml`` after a resume, else ``config.yaml``), flat."""
     run_dir = Path(run_dir)
@@ -200,6 +205,14 @@ def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tupl
     }
 
 
+def _saved_value(key: str, value: Any) -> str:
+    """A saved value as the refusal shows it: an absent key says what it meant (the schema's default)."""
+    if value != _MISSING:
+        return repr(value)
+    defaults = schema_defaults()
+    return f"{_MISSING} (the run predates the key: its default {defaults[key]!r})" if key in defaults else _MISSING
+
+
 def check_resume(run_dir: Path, cfg: DictConfig) -> dict[str, tuple[Any, Any]]:
     """Compare the run's saved config with ``cfg``.
 
@@ -211,12 +224,16 @@ def check_resume(run_dir: Path, cfg: DictConfig) -> dict[str, tuple[Any, Any]]:
             ``trainer.max_steps`` (training cannot be undone).
     """
     changes = config_changes(saved_config(run_dir), _flatten(OmegaConf.to_container(cfg, resolve=True)))
+    # A key the saved config lacks was added to the schema after the run started; the run behaved as its default
+    # (a new key's default keeps the old behaviour), so the default is no change.
+    defaults = schema_defaults()
+    changes = {k: v for k, v in changes.items() if not (v[0] == _MISSING and k in defaults and v[1] == defaults[k])}
     refused = [k for k in changes if k not in SAFE_ON_RESUME]
     steps = changes.get("trainer.max_steps")
     if steps is not None and isinstance(steps[0], int) and isinstance(steps[1], int) and steps[1] < steps[0]:
         refused.insert(0, "trainer.max_steps")
     if refused:
-        shown = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused[:6])
+        shown = "; ".join(f"{k}: {_saved_value(k, changes[k][0])} -> {changes[k][1]!r}" for k in refused[:6])
         more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
         raise ConfigError(
             f"--resume {run_dir}: the config differs from the one the run was started with ({shown}"

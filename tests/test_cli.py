@@ -380,6 +380,25 @@ def test_resume_reuses_the_directory_and_keeps_the_original_config(tmp_path):
         create_run_dir(cfg, RECIPE, resume=str(tmp_path / "nope"))
 
 
+def test_a_key_added_after_the_run_started_counts_as_its_default_on_resume(tmp_path):
+    """A run saved before a config key existed behaved as the key's default: resuming with the default is no
+    change; another value is refused, the message saying the run predates the key and what that meant."""
+    from lat_lightning.rundir import check_resume
+
+    run = create_run_dir(_cfg(tmp_path), RECIPE)
+    saved = OmegaConf.load(run / "config.yaml")
+    del saved.evaluation.durability["layers"]  # as written by a version without the key
+    OmegaConf.save(saved, run / "config.yaml")
+    assert check_resume(run, _cfg(tmp_path)) == {}
+    with pytest.raises(ConfigError) as err:
+        check_resume(run, _cfg(tmp_path, "evaluation.durability.layers=[1]"))
+    assert "evaluation.durability.layers: <absent> (the run predates the key: its default None) -> [1]" in str(
+        err.value
+    )
+    with pytest.raises(ConfigError, match=r"perturbation.eps: 6.0 -> 1.0"):  # present keys as before
+        check_resume(run, _cfg(tmp_path, "perturbation.eps=1.0"))
+
+
 def test_main_runs_the_stages_in_a_new_run_directory(capsys, tmp_path, monkeypatch):
     """End to end through main(): stages dispatched in order, config saved, resume skips finished stages."""
     calls = []
