@@ -429,6 +429,28 @@ def test_finetunes_train_copies_and_write_only_into_the_run_dir(two_models, tmp_
         assert rows["finetune_harmful_loss_start"][name] == pytest.approx(fa[name]["harmful_loss_mean"][0])
     report = (tmp_path / "run" / "durability_report.md").read_text()
     assert "LoRA steps to break" in report and (tmp_path / "run" / "durability_finetune.png").stat().st_size > 1000
+    longest = max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in TARGETS)
+    assert fa["original"]["longest_response_tokens"] == longest
+    assert ("caveat" in fa) == (longest <= dmod.SHORT_RESPONSE_TOKENS)
+
+
+def test_a_fine_tuning_attack_on_bare_prefixes_says_it_ranks_nothing(two_models, tmp_path):
+    """Harmful responses that are only a prefix ('Sure, here is', the real organism's targets) teach the model to
+    say the prefix and stop: the summary and the report say so, and the threshold sits between the two kinds."""
+    original, hardened, tok = two_models
+    out = run_durability(
+        original,
+        hardened,
+        tok,
+        DurabilityData(PROMPTS, TARGETS, finetune_pairs=[(p, "Sure, here is") for p in PROMPTS], fragile_layers=[1]),
+        _settings("evaluation.durability.sections=[finetune]", "evaluation.durability.finetune_seeds=[0]"),
+        tmp_path / "run",
+        finetune=lora_finetune,
+    )
+    n = len(tok("Sure, here is", add_special_tokens=False)["input_ids"])
+    assert out["finetune_attack"]["caveat"] == dmod.prefix_only_caveat(n) is not None
+    assert f"at most {n} tokens" in (tmp_path / "run" / "durability_report.md").read_text()
+    assert dmod.prefix_only_caveat(dmod.SHORT_RESPONSE_TOKENS + 1) is None
 
 
 # ----------------------------------------------------------------------------------------------- settings

@@ -40,10 +40,12 @@ this run's ``final/``; LoRA adapter directories are merged into their base) and 
 from lat_lightning.eval.durability.depth import depth_curves
 from lat_lightning.eval.durability.figures import figures, write_outputs
 from lat_lightning.eval.durability.finetune import (
+    SHORT_RESPONSE_TOKENS,
     eval_schedule,
     finetune_attack_curve,
     finetune_settings,
     median_steps_to_break,
+    prefix_only_caveat,
     steps_to_break,
 )
 from lat_lightning.eval.durability.inputs import DurabilityData, DurabilityOptions, HarmfulPrompts
@@ -65,6 +67,7 @@ __all__ = [
     "MODELS",
     "REPORT_FILE",
     "SECTIONS",
+    "SHORT_RESPONSE_TOKENS",
     "SUMMARY_FILE",
     "DurabilityChecks",
     "DurabilityData",
@@ -84,6 +87,7 @@ __all__ = [
     "median_steps_to_break",
     "nanmean",
     "prefill_attack",
+    "prefix_only_caveat",
     "render_report",
     "resolve_judges",
     "run_durability",

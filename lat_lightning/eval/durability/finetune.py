@@ -28,6 +28,10 @@ from lat_lightning.eval.judging import finite
 
 log = logging.getLogger(__name__)
 
+# A fine-tuning attack whose longest harmful response is this short trains on prefixes ("Sure, here is"), not
+# harmful completions: the fine-tuned model learns to say the prefix and stop, which no judge can rank.
+SHORT_RESPONSE_TOKENS = 8
+
 
 # ----------------------------------------------------------------------------------------------- steps to break
 def eval_schedule(budget: int, every: int) -> list[int]:
@@ -248,6 +252,7 @@ def _attack_curve(
     pairs = [(str(p), str(r)) for p, r in (data.finetune_pairs if data.finetune_pairs else zip(prompts, targets))]
     eval_pairs = list(zip(prompts, targets))
     res = _new_curve(label, s, judge_map, pairs, prompts, out_dir is not None)
+    res["longest_response_tokens"] = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for _, r in pairs)
     tmp: tempfile.TemporaryDirectory[str] | None = None
     if out_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="finetune-attack-")
@@ -325,7 +330,23 @@ def finetune_attack_section(
     res.update(
         {k: first[k] for k in ("budget", "eval_steps", "seeds", "break_rate", "lr", "n_pairs", "train_eval_overlap")}
     )
+    caveat = prefix_only_caveat(first["longest_response_tokens"])
+    if caveat:
+        res["caveat"] = caveat
+        log.warning("durability: %s", caveat)
     return res
+
+
+def prefix_only_caveat(longest_response_tokens: int) -> str | None:
+    """The report's caveat when the fine-tuning attack's longest harmful response has at most
+    :data:`SHORT_RESPONSE_TOKENS` tokens (``None`` otherwise)."""
+    if longest_response_tokens > SHORT_RESPONSE_TOKENS:
+        return None
+    return (
+        f"it trained on harmful responses of at most {longest_response_tokens} tokens (prefixes such as 'Sure, "
+        "here is', not harmful completions): a fine-tuned model learns to say the prefix and stop, so its success "
+        "rows do not rank the models; give data.harmful harmful completions"
+    )
 
 
 def steps_to_loss(curve: Sequence[Mapping[str, Any]], key: str, threshold: float) -> int | None:
@@ -450,11 +471,13 @@ def _trainability_of(model, tokenizer, train, s: DurabilitySettings, out: Path, 
 
 
 __all__ = [
+    "SHORT_RESPONSE_TOKENS",
     "eval_schedule",
     "finetune_attack_curve",
     "finetune_attack_section",
     "finetune_settings",
     "median_steps_to_break",
+    "prefix_only_caveat",
     "steps_to_break",
     "steps_to_loss",
     "trainability_data",

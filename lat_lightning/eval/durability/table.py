@@ -455,6 +455,9 @@ def render_report(summary: Mapping[str, Any]) -> str:
         "target's own first tokens."
     )
     lines.append("- Small prompt sets give coarse rates (steps of 1/N); compare changes against the seed spread.")
+    caveat = (summary.get("finetune_attack") or {}).get("caveat")
+    if caveat:
+        lines.append(f"- **Fine-tuning attack**: {caveat}.")
     figs = summary.get("figures") or {}
     if figs:
         lines += ["", "## Figures", ""] + [f"![{k}]({v})" for k, v in figs.items()]
