@@ -284,7 +284,7 @@ def run_durability(
         explicit, fsource = _configured_fragile(original_model, data, s, n_layers)
         missing = [l for l in (explicit or []) if l not in layers]
         if missing:  # the fragile layers' rows read the re-scans there: re-scan them too
-            layers = sorted(set(layers) | set(missing))  # EMBED (-1) first
+            layers = sorted(set(layers) | set(missing))  # EMBED (-2) sorts first
             summary["layers"] = layers
         sections = set(s.dur.sections)
         scans = {}
