@@ -5,6 +5,7 @@ import json
 import pytest
 
 from lat_lightning.cli import main
+from lat_lightning.eval.durability import prefix_only_caveat
 
 pytestmark = pytest.mark.integration  # end-to-end: whole recipes
 
@@ -94,6 +95,8 @@ def test_compare_defences_fills_every_cell_and_reproduces(isolated_cache):
         curve = first["batteries"][row["model"]]["finetune"]
         assert curve["eval_steps"] == [0, 2, 4] and set(curve["success"]) == {"0", "1"}
         assert all(len(v) == 3 for v in curve["success"].values())
+        # bare-prefix training responses are flagged as in the durability suite (docs/durability.md)
+        assert curve.get("caveat") == prefix_only_caveat(curve["longest_response_tokens"])
     for rel in ("compare_report.md", "compare_heatmap.png", "compare_finetune.png"):
         assert (run / "compare" / rel).is_file()
     report = (run / "compare" / "compare_report.md").read_text()
