@@ -330,6 +330,8 @@ def render_markdown(table: Mapping[str, Any], summary: Mapping[str, Any]) -> str
         "|---|---|",
     ]
     lines += [f"| {row['model']} | {row['description']} |" for row in table["rows"]]
+    if finetune and summary.get("finetune_caveat"):
+        lines += ["", f"**Fine-tuning attack**: {summary['finetune_caveat']}."]
     lines += _difference_lines(table)
     lines += [
         "",

@@ -276,6 +276,8 @@ def run(cfg, run_dir: Path) -> dict:
         if cfg.callbacks.weight_interpolation.enabled
         else None,
         "finetune_break_rate": ft["break_rate"] if ft else None,
+        # the same training pairs for every model: one caveat holds for all of them (bare-prefix responses)
+        "finetune_caveat": ft.get("caveat") if ft else None,
         "seeds": seeds,
         "battery_seeds": str(cmp.battery_seeds),
         "timings": timings,

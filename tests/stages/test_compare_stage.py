@@ -101,6 +101,13 @@ def test_compare_defences_fills_every_cell_and_reproduces(isolated_cache):
         assert (run / "compare" / rel).is_file()
     report = (run / "compare" / "compare_report.md").read_text()
     assert all(f"| {m} |" in report for m in models)
+    caveat = first["batteries"][models[0]]["finetune"].get("caveat")
+    assert (caveat is not None) == ("**Fine-tuning attack**" in report) and first["finetune_caveat"] == caveat
+    from lat_lightning.eval.compare import render_markdown
+
+    # the organism's responses are long enough here; a bare-prefix run's caveat is printed under the table
+    flagged = render_markdown(first["table"], {**first, "finetune_caveat": prefix_only_caveat(4)})
+    assert f"**Fine-tuning attack**: {prefix_only_caveat(4)}." in flagged
 
     # Again into a fresh run directory (the organism is cached), with one of the defences (refat: the one with the
     # most state of its own, a refusal direction): its row (and the starting model's) come out the same, whatever
