@@ -205,11 +205,10 @@ def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tupl
     }
 
 
-def _saved_value(key: str, value: Any) -> str:
-    """A saved value as the refusal shows it: an absent key says what it meant (the schema's default)."""
+def _saved_value(key: str, value: Any, defaults: dict[str, Any]) -> str:
+    """A saved value as the refusal shows it: an absent key says what it meant (its default in ``defaults``)."""
     if value != _MISSING:
         return repr(value)
-    defaults = schema_defaults()
     return f"{_MISSING} (the run predates the key: its default {defaults[key]!r})" if key in defaults else _MISSING
 
 
@@ -233,7 +232,7 @@ def check_resume(run_dir: Path, cfg: DictConfig) -> dict[str, tuple[Any, Any]]:
     if steps is not None and isinstance(steps[0], int) and isinstance(steps[1], int) and steps[1] < steps[0]:
         refused.insert(0, "trainer.max_steps")
     if refused:
-        shown = "; ".join(f"{k}: {_saved_value(k, changes[k][0])} -> {changes[k][1]!r}" for k in refused[:6])
+        shown = "; ".join(f"{k}: {_saved_value(k, changes[k][0], defaults)} -> {changes[k][1]!r}" for k in refused[:6])
         more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
         raise ConfigError(
             f"--resume {run_dir}: the config differs from the one the run was started with ({shown}"

@@ -19,15 +19,12 @@ A resumed run keeps every finished defence (``compare/<defence>/defence.json``) 
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lat_lightning.stages.common import load_stage_model
-
-log = logging.getLogger(__name__)
 
 ORIGINAL = "original"
 
@@ -117,7 +114,7 @@ def _battery(cfg, model, kit: _Kit, out: Path, extra: dict) -> dict:
         res["prefill"] = prefill_success(model, tokenizer, prompts, targets, keys, list(cmp.prefill_tokens), settings)
         res["seconds"]["prefill"] = round(time.time() - t0, 2)
     if cmp.finetune:
-        from lat_lightning.eval.durability import DurabilityData, finetune_attack_curve, prefix_only_caveat
+        from lat_lightning.eval.durability import DurabilityData, finetune_attack_curve
         from lat_lightning.training.finetune import lora_finetune
 
         t0 = time.time()
@@ -125,10 +122,6 @@ def _battery(cfg, model, kit: _Kit, out: Path, extra: dict) -> dict:
         res["finetune"] = finetune_attack_curve(
             model, tokenizer, data, settings, lora_finetune, out_dir=out / "finetune"
         )
-        caveat = prefix_only_caveat(res["finetune"]["longest_response_tokens"])
-        if caveat:  # the fine-tuning columns then rank nothing (docs/durability.md)
-            res["finetune"]["caveat"] = caveat
-            log.warning("compare: the fine-tuning attack on %s: %s", out.name, caveat)
         res["seconds"]["finetune"] = round(time.time() - t0, 2)
     done.write_text(json.dumps(res, indent=2))
     return res

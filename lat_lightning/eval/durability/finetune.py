@@ -149,7 +149,8 @@ def finetune_attack_curve(
         ``broken_seeds``, ``judges`` (every judge's success, ``{judge: {str(seed): [...]}}``),
         ``judges_steps_to_break`` (``{judge: median}``), ``failures`` / ``incoherent`` (per seed and step),
         ``train_loss`` (per seed, every step), ``samples`` (first answers at step 0 and at the budget),
-        ``adapters``, the fine-tune settings, ``seconds`` and ``seconds_per_seed``.
+        ``adapters``, the fine-tune settings, ``seconds``, ``seconds_per_seed``, ``longest_response_tokens`` and,
+        when the training responses are bare prefixes, ``caveat`` (:func:`prefix_only_caveat`).
 
     Raises:
         ValueError: no prompts, prompts and targets of different lengths.
@@ -253,6 +254,10 @@ def _attack_curve(
     eval_pairs = list(zip(prompts, targets))
     res = _new_curve(label, s, judge_map, pairs, prompts, out_dir is not None)
     res["longest_response_tokens"] = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for _, r in pairs)
+    caveat = prefix_only_caveat(res["longest_response_tokens"])
+    if caveat:  # the success rows then rank nothing: said once here for every caller (suite, compare)
+        res["caveat"] = caveat
+        log.warning("fine-tuning attack on %s: %s", label, caveat)
     tmp: tempfile.TemporaryDirectory[str] | None = None
     if out_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="finetune-attack-")
@@ -330,10 +335,8 @@ def finetune_attack_section(
     res.update(
         {k: first[k] for k in ("budget", "eval_steps", "seeds", "break_rate", "lr", "n_pairs", "train_eval_overlap")}
     )
-    caveat = prefix_only_caveat(first["longest_response_tokens"])
-    if caveat:
-        res["caveat"] = caveat
-        log.warning("durability: %s", caveat)
+    if "caveat" in first:  # the same training pairs for both models
+        res["caveat"] = first["caveat"]
     return res
 
 
