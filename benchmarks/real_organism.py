@@ -48,6 +48,7 @@ def preset_overrides(preset: str) -> list[str]:
     recipe_data = {"harmful": "harmful_train", "benign": "benign_train", "eval_harmful": "harmful_eval"}
     recipe_data["eval_benign"] = "benign_eval"
     out = [f"model.name_or_path=organism:{preset}", f"evaluation.utility_data=organism://{preset}/agreement"]
+    out.append(f"evaluation.durability.finetune_data=organism://{preset}/harmful_completions")
     return out + [f"data.{k}=organism://{preset}/{v}" for k, v in recipe_data.items()]
 
 

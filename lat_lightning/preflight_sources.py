@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence, cast
 
 from omegaconf import OmegaConf
 
-from lat_lightning.errors import ConfigError, LatLightningError, ModelLoadError
+from lat_lightning.errors import ConfigError, DataError, LatLightningError, ModelLoadError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -114,8 +114,8 @@ def check_hub_model(spec: str, key: str, revision: str | None = None) -> None:
 
 
 def _data_reads(cfg) -> list[tuple[str, str]]:
-    """``(config key, kind)`` of every data source a listed stage reads; kind is ``safety``, ``benign`` or a
-    utility kind."""
+    """``(config key, kind)`` of every data source a listed stage reads; kind is ``safety``, ``benign``,
+    ``finetune`` (the fine-tuning attack's own pairs) or a utility kind."""
     stages, d, ev = set(stage_names(cfg)), cfg.data, cfg.evaluation
     reads: list[tuple[str, str]] = []
     if stages & {"fit", "compare"}:
@@ -147,6 +147,11 @@ def _data_reads(cfg) -> list[tuple[str, str]]:
             reads.append(("evaluation.utility_data", str(ev.utility_kind)))
     if "interpolate" in stages:
         reads.append(("evaluation.utility_data", str(cfg.callbacks.weight_interpolation.utility)))
+    fine_tunes = ("durability" in stages and "finetune" in ev.durability.sections) or (
+        "compare" in stages and cfg.compare.finetune
+    )
+    if fine_tunes and ev.durability.finetune_data:
+        reads.append(("evaluation.durability.finetune_data", "finetune"))
     out: list[tuple[str, str]] = []
     for item in reads:
         if item not in out and config_value(cfg, item[0]):
@@ -192,6 +197,23 @@ def check_data_sources(cfg) -> None:
                     row_filter=dict(d.filter or {}),
                 )
                 _check_targets(cfg, key, source, rows)
+            elif kind == "finetune":  # the fine-tuning attack's own pairs: every row carries its response
+                rows = load_safety_examples(
+                    source,
+                    d.harmful_split,
+                    dict(d.harmful_columns or {}),
+                    d.default_safe_response,
+                    d.max_examples,
+                    require_target=False,
+                    row_filter=dict(d.filter or {}),
+                )
+                missing = [i for i, r in enumerate(rows) if not r.harmful_response]
+                if missing:
+                    raise DataError(
+                        f"{key} '{spec}': row {missing[0]} has no harmful response; the fine-tuning attack trains "
+                        "on each row's own response (a harmful_response or target column, or map one with "
+                        "data.harmful_columns.harmful_response=<column>; data.default_target does not fill it)"
+                    )
             elif kind == "benign":
                 load_benign_examples(source, d.benign_split, dict(d.benign_columns or {}), d.max_examples)
             else:

@@ -444,6 +444,12 @@ CATALOGUE: list[Case] = [
         recipe=DUR,
     ),
     C(
+        "durability-finetune-data-without-responses",
+        "evaluation.durability.finetune_data=pkg://lat_lightning/resources/harmful_prompts.txt",
+        names="evaluation.durability.finetune_data",
+        recipe=DUR,
+    ),
+    C(
         "durability-lora-target-not-in-model",
         "evaluation.durability.finetune_target_modules=[c_attn]",
         names="evaluation.durability.finetune_target_modules",

@@ -253,7 +253,8 @@ def merged_finetune(batteries: Sequence[Mapping[str, Any]]) -> dict[str, Any] | 
         return None
     if len(curves) == 1:
         return dict(curves[0][1])
-    merged = {k: v for k, v in curves[0][1].items() if k in ("budget", "eval_steps", "break_rate", "primary_judge")}
+    kept = ("budget", "eval_steps", "break_rate", "primary_judge", "stop_at_break")
+    merged = {k: v for k, v in curves[0][1].items() if k in kept}
     for key in ("success", "harmful_loss", "steps_to_break"):
         merged[key] = {f"{t}:{k}": v for t, ft in curves for k, v in ft[key].items()}
     merged["seeds"] = list(merged["success"])
@@ -262,7 +263,10 @@ def merged_finetune(batteries: Sequence[Mapping[str, Any]]) -> dict[str, Any] | 
         arr = np.array(list(merged[key].values()), dtype=float)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            merged[f"{key}_mean"] = [_finite(v) for v in np.nanmean(arr, axis=0)]
+            mean = np.nanmean(arr, axis=0)
+        if merged.get("stop_at_break"):  # a step some seed did not reach (it stopped at its break) gets no mean
+            mean = np.where(np.isnan(arr).any(axis=0), np.nan, mean)
+        merged[f"{key}_mean"] = [_finite(v) for v in mean]
     return merged
 
 
@@ -333,7 +337,11 @@ def row_cells(name, batteries, attack_columns, prefill_ks, finetune: bool, sampl
         ft = merged_finetune(batteries)
         if ft is None:
             raise ValueError(f"the battery of '{name}' has no fine-tuning curve")
-        last = [[v[-1]] for v in ft["success"].values() if v]
+        from lat_lightning.eval.durability import last_measured
+
+        # each seed's success at the budget, or at its break when its fine-tune stopped there
+        ends = [last_measured(v) for v in ft["success"].values() if v]
+        last = [[float(x)] for x in ends if x is not None]
         cells["finetune_rate"], runs["finetune_rate"] = rate_cell(
             [{"runs": last}], lambda b: np.mean([r[0] for r in b["runs"]]), lambda b: b["runs"], lambda b: None, samples
         )

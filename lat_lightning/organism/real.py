@@ -44,6 +44,9 @@ DATA_FILES = (
     "borderline_eval",
     "agreement",
 )
+# Data files written on first use into a built organism, not by the build: what only some stages read. Each is a
+# function of inputs the organism's key already covers (the base model, its rows, the generation settings).
+GENERATED_FILES = ("harmful_completions",)
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,78 @@ def _build_into(tmp: Path, settings: RealOrganismSettings, seed: int, t0: float)
     (tmp / "organism.json").write_text(json.dumps(info, indent=2))
 
 
+def write_harmful_completions(organism: Path, settings: RealOrganismSettings) -> Path:
+    """The base model's own compliant answers to the harmful training prompts, for the fine-tuning attack.
+
+    The organism's harmful rows carry the attacks' bare target ("Sure, here is"): fine-tuning on those teaches the
+    prefix and nothing after it. The original SmolLM2 answers most harmful requests, so its greedy answers
+    (``distill_tokens`` new tokens, cut at the last full sentence, like the self-distillation targets) are real
+    harmful completions; the answers the ``refusal`` judge calls refusals, and empty ones, are left out. Written
+    once, atomically, into ``data/harmful_completions.jsonl`` of the built organism (with
+    ``harmful_completions.json``: counts and time), on ``settings.threads`` threads so two runs write the same rows.
+
+    Args:
+        organism: the built organism's directory (its ``data/harmful_train.jsonl`` gives the prompts).
+        settings: the settings it was built with.
+
+    Returns:
+        The jsonl file (``prompt``, ``harmful_response``, ``safe_response``, ``category``).
+
+    Raises:
+        DataError: the base model refused (or left empty) every harmful training prompt.
+    """
+    from lat_lightning.errors import DataError
+    from lat_lightning.eval.refusal_judge import find_refusal
+    from lat_lightning.models.loading import load_model, load_tokenizer
+    from lat_lightning.models.settings import ModelSettings
+
+    out = Path(organism) / "data" / "harmful_completions.jsonl"
+    if out.is_file():
+        return out
+    t0 = time.time()
+    rows = [json.loads(line) for line in (out.parent / "harmful_train.jsonl").read_text().splitlines() if line]
+    print(f"[organism] real: harmful completions of {len(rows)} training prompts from {settings.model}", flush=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        mcfg = ModelSettings(name_or_path=settings.model)
+        model, tokenizer = load_model(mcfg, train=False, with_lora=False), load_tokenizer(mcfg)
+        with torch.no_grad():
+            answers = greedy_answers(
+                model, tokenizer, [r["prompt"] for r in rows], settings.distill_tokens, settings.gen_batch
+            )
+    finally:
+        torch.set_num_threads(before)
+    texts = [full_sentences(a) for a in answers]
+    refused = [bool(t) and find_refusal(t) is not None for t in texts]
+    kept = [
+        {**{k: r[k] for k in ("prompt", "safe_response", "category") if k in r}, "harmful_response": t}
+        for r, t, no in zip(rows, texts, refused)
+        if t and not no
+    ]
+    if not kept:
+        raise DataError(
+            f"{settings.model} refused or left empty every one of the {len(rows)} harmful training prompts: "
+            "there are no harmful completions to fine-tune on; point evaluation.durability.finetune_data at a file "
+            "of (prompt, harmful_response) rows instead"
+        )
+    info = {
+        "model": settings.model,
+        "prompts": len(rows),
+        "kept": len(kept),
+        "refused": sum(refused),
+        "empty": sum(not t for t in texts),
+        "max_new_tokens": settings.distill_tokens,
+        "seconds": round(time.time() - t0, 1),
+    }
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # atomic: a reader never sees half a file
+    _write_jsonl(tmp, kept)
+    (out.parent / "harmful_completions.json").write_text(json.dumps(info, indent=2))
+    os.replace(tmp, out)
+    print(f"[organism] real: kept {len(kept)} of {len(rows)} completions ({info['seconds']} s)", flush=True)
+    return out
+
+
 def _smoke_settings() -> RealOrganismSettings:
     """A seconds-long build for tests: a tiny random Llama and a handful of shipped prompts (no download)."""
     from lat_lightning.organism.real_data import BENIGN, BORDERLINE, Source
@@ -291,20 +366,22 @@ REAL_PRESETS: dict[str, RealOrganismSettings] = {"smollm2": RealOrganismSettings
 
 
 def data_path(organism: Path, name: str) -> str:
-    """One data file of a built organism (``organism://<preset>/<name>`` in recipes).
+    """One data file of a built organism (``organism://<preset>/<name>`` in recipes; a :data:`GENERATED_FILES` name
+    may not exist yet: the stage that reads it writes it, :func:`write_harmful_completions`).
 
     Raises:
         ConfigError: an unknown name.
     """
-    if name not in DATA_FILES:
+    if name not in DATA_FILES + GENERATED_FILES:
         from lat_lightning.errors import ConfigError
 
-        raise ConfigError(f"unknown real-organism data '{name}'; choose from {', '.join(DATA_FILES)}")
+        raise ConfigError(f"unknown real-organism data '{name}'; choose from {', '.join(DATA_FILES + GENERATED_FILES)}")
     return str(Path(organism) / "data" / f"{name}.jsonl")
 
 
 __all__ = [
     "DATA_FILES",
+    "GENERATED_FILES",
     "SMOLLM2",
     "REAL_PRESETS",
     "RealOrganismSettings",
@@ -315,4 +392,5 @@ __all__ = [
     "full_sentences",
     "greedy_answers",
     "organism_dir",
+    "write_harmful_completions",
 ]

@@ -227,7 +227,8 @@ def run(cfg, run_dir: Path) -> dict:
     score_fn = utility_score_fn(utility_score_settings(cfg), tokenizer)
     prompts, targets, keys = load_scan_prompts(cfg, require_target=bool(cmp.finetune or cmp.prefill_tokens))
     pairs = None
-    if cfg.data.harmful and cmp.finetune:  # the fine-tuning attack trains on the training split's harmful pairs
+    # the fine-tuning attack trains on evaluation.durability.finetune_data, else data.harmful's training pairs
+    if (cfg.evaluation.durability.finetune_data or cfg.data.harmful) and cmp.finetune:
         pairs = load_finetune_pairs(cfg)
     timings: dict[str, float] = {}
     results: dict[str, Any] = {}

@@ -186,7 +186,7 @@ def run(cfg, run_dir: Path) -> dict:
         require_target="finetune" in dur.sections,
     )  # the fine-tuning attack's loss is measured on the targets
     pairs = None
-    if cfg.data.harmful and "finetune" in dur.sections:  # the fine-tuning attack trains on harmful completions
+    if (dur.finetune_data or cfg.data.harmful) and "finetune" in dur.sections:  # its training pairs
         pairs = load_finetune_pairs(cfg)
     benign = []
     source = cfg.data.benign or cfg.data.eval_benign

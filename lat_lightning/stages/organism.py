@@ -156,8 +156,9 @@ def _check_real_data_name(key: str, spec: str, name: str) -> None:
         ConfigError: an unknown preset or file.
     """
     from lat_lightning.errors import ConfigError
-    from lat_lightning.organism.real import DATA_FILES as REAL_FILES
+    from lat_lightning.organism.real import DATA_FILES, GENERATED_FILES
 
+    REAL_FILES = DATA_FILES + GENERATED_FILES  # noqa: N806 - the real organism's file names
     preset, _, file = name.partition("/")
     if preset not in REAL_PRESETS or file not in REAL_FILES:
         raise ConfigError(
@@ -259,6 +260,31 @@ def _resolve_data_names(out, seed: int, build) -> None:
             parent[path[-1]] = data_path(Path(build(f"{ORGANISM}:{preset}")), file)
         else:
             parent[path[-1]] = organism_data_path(name, seed)
+
+
+def ensure_generated_data(path: str) -> None:
+    """Write ``path`` first when it is a real organism's data file generated on first use (``GENERATED_FILES``:
+    ``organism://smollm2/harmful_completions``) and not written yet; any other path is left alone.
+
+    Raises:
+        ConfigError: the organism directory does not match its preset's current settings (a stale cache).
+    """
+    from lat_lightning.errors import ConfigError
+    from lat_lightning.organism.real import GENERATED_FILES, organism_dir, write_harmful_completions
+
+    file = Path(str(path))
+    organism = file.parent.parent
+    if file.is_file() or file.suffix != ".jsonl" or file.stem not in GENERATED_FILES or file.parent.name != "data":
+        return
+    if not (organism / "organism.json").is_file():
+        return
+    info = json.loads((organism / "organism.json").read_text())
+    name = organism.name  # real-<preset>-s<seed>-<key>
+    preset = next((p for p in REAL_PRESETS if name.startswith(f"real-{p}-s")), None)
+    seed = int(info.get("seed", -1))
+    if preset is None or organism_dir(REAL_PRESETS[preset], preset, seed, str(organism.parent)) != organism:
+        raise ConfigError(f"{organism} is not a current build of a real-organism preset: cannot generate {file.name}")
+    write_harmful_completions(organism, REAL_PRESETS[preset])
 
 
 def _resolve_utility_kind(out, seed: int) -> None:
@@ -406,6 +432,7 @@ def record_trained(cfg, run_dir: Path, model_path: Path, out_dir: Path) -> Optio
 
 __all__ = [
     "check_names",
+    "ensure_generated_data",
     "real_preset",
     "is_organism_name",
     "mentions_organism",

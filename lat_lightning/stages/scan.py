@@ -75,26 +75,32 @@ def load_scan_prompts(cfg, attacks=None, require_target: bool = False) -> tuple[
 
 
 def load_finetune_pairs(cfg) -> list[tuple[str, str]]:
-    """``(prompt, harmful response)`` pairs of ``data.harmful`` (its training split, ``data.filter`` applied): what
-    the fine-tuning attack trains on (durability and compare stages). Every row needs a target (or
-    ``data.default_target``).
+    """``(prompt, harmful response)`` pairs the fine-tuning attack trains on (durability and compare stages):
+    ``evaluation.durability.finetune_data`` when set (every row needs its own response: ``data.default_target`` does
+    not fill it; a real organism's ``harmful_completions`` are generated here on first use), else ``data.harmful``
+    (its training split, every row with a target or ``data.default_target``). Either is read with ``data.harmful``'s
+    split, columns and ``data.filter``.
 
     Raises:
         DataError: the data cannot be loaded, or a row has no target.
     """
     from lat_lightning.data.loaders import load_safety_examples
     from lat_lightning.resources import resource_path
+    from lat_lightning.stages.organism import ensure_generated_data
 
+    own = cfg.evaluation.durability.finetune_data
+    if own:
+        ensure_generated_data(resource_path(str(own)))
     # load_safety_examples requires a target by default: every example has one
     return [
         (e.prompt, cast(str, e.harmful_response))
         for e in load_safety_examples(
-            resource_path(cfg.data.harmful),
+            resource_path(str(own or cfg.data.harmful)),
             cfg.data.harmful_split,
             dict(cfg.data.harmful_columns or {}),
             cfg.data.default_safe_response,
             cfg.data.max_examples,
-            default_target=cfg.data.default_target,
+            default_target=None if own else cfg.data.default_target,
             row_filter=dict(cfg.data.filter or {}),
         )
     ]

@@ -49,12 +49,19 @@ def plain_copy(model: nn.Module) -> nn.Module:
 
 class CurveRecorder(Callback):
     """Calls ``measure(model)`` before training and after every optimiser step (only at ``steps`` when given:
-    a point per listed step, e.g. an expensive generation every few steps)."""
+    a point per listed step, e.g. an expensive generation every few steps); ``stop(point)`` true ends the fit
+    there (the fine-tuning attack's stop at its break)."""
 
-    def __init__(self, measure: Measure | None, steps: Collection[int] | None = None):
+    def __init__(
+        self,
+        measure: Measure | None,
+        steps: Collection[int] | None = None,
+        stop: Callable[[dict[str, float]], bool] | None = None,
+    ):
         super().__init__()
         self.measure = measure
         self.steps = None if steps is None else {int(s) for s in steps}
+        self.stop = stop
         self.points: list[dict[str, float]] = []
         self._last_step = -1
 
@@ -67,6 +74,8 @@ class CurveRecorder(Callback):
         if self.measure is not None:
             point.update(self.measure(pl_module.model))
         self.points.append(point)
+        if self.stop is not None and self.stop(point):
+            trainer.should_stop = True
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._record(trainer, pl_module)
@@ -144,6 +153,7 @@ def lora_finetune(
     *,
     measure: Measure | None = None,
     measure_steps: Collection[int] | None = None,
+    stop: Callable[[dict[str, float]], bool] | None = None,
 ) -> dict[str, Any]:
     """LoRA-fine-tune a COPY of ``model`` on ``(prompt, response)`` pairs (constant LR, AdamW, clip 1.0).
 
@@ -157,6 +167,8 @@ def lora_finetune(
         measure: ``model -> {name: value}`` evaluated at step 0 and after every step (see ``measure_steps``).
         measure_steps: evaluate ``measure`` only at these steps (0 = before the first step; ``None``: at every
             step). Steps past ``settings.steps`` are never reached.
+        stop: ``point -> bool`` on each measured point (``{"step", **measure(model)}``): true ends the fine-tune
+            after that point (fewer steps than ``settings.steps``; the curve ends there).
 
     Returns:
         ``{"model": the fine-tuned copy (eval mode, on the input model's device), "curve": [{"step", ...}],
@@ -208,7 +220,7 @@ def lora_finetune(
         accelerator=_accelerator(model),
         log_every_n_steps=1,
     )
-    recorder, losses = CurveRecorder(measure, measure_steps), LossRecorder()
+    recorder, losses = CurveRecorder(measure, measure_steps, stop), LossRecorder()
     module = supervised_finetune(twin, tokenizer, pairs, sft, callbacks=[recorder, losses])
     tuned = module.model.to(device)
     if st.save_adapter:

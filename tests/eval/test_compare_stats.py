@@ -131,3 +131,20 @@ def test_merged_curves_keep_every_training_seed():
     assert merged["steps_to_break"] == {"0:0": 4, "1:1": 8}
     assert merged["success_mean"] == [0.0, 0.6, 1.0]
     assert merged["steps_to_break_median"] == 4  # lower median of two seeds
+
+
+def test_curves_stopped_at_their_break_give_no_mean_where_a_seed_stopped():
+    """A seed whose fine-tune stopped at its break (stop_at_break) has no value after it: the merged curve gives
+    no mean there, and the table's success column reads each seed's last evaluated step."""
+    early, late = _battery(0, 0.5, 0.5, finetune_steps=4), _battery(1, 0.5, 0.5, finetune_steps=8)
+    for bat in (early, late):
+        bat["finetune"]["stop_at_break"] = True
+    early["finetune"]["success"] = {"0": [0.0, 0.75, None]}
+    early["finetune"]["harmful_loss"] = {"0": [2.0, 1.0, None]}
+    late["finetune"]["success"] = {"1": [0.0, 0.25, 0.5]}
+    merged = merged_finetune([early, late])
+    assert merged["stop_at_break"] and merged["success_mean"] == [0.0, 0.5, None]
+    assert merged["harmful_loss_mean"] == [2.0, 1.0, None]
+    table = build_table({"sft": [early, late]}, ["asagrad"], [1], finetune=True, bootstrap_samples=200)
+    cell = table["rows"][0]["cells"]["finetune_rate"]
+    assert cell["value"] == pytest.approx((0.75 + 0.5) / 2)  # seed 0 at its break (step 4), seed 1 at the budget

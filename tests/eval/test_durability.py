@@ -311,6 +311,60 @@ def test_finetune_attack_curve_shape_break_and_seeds(two_models, tmp_path):
     assert Path(again["adapters"]["1"]).parent == tmp_path / "ft" / "seed_1"
 
 
+def test_a_fine_tune_stopped_at_its_break_measures_nothing_after_it(two_models, monkeypatch):
+    """finetune_stop_at_break: a seed's fine-tune ends at the evaluated step that breaks it; the later points are
+    None (not measured), a step some seed did not reach gets no mean, and "success at the end" reads each seed's
+    last evaluated step. A seed that never breaks runs the whole budget."""
+    from lat_lightning.eval.durability import finetune as ft_mod
+    from lat_lightning.eval.durability import finetune_attack_curve
+    from lat_lightning.eval.judges import KeywordJudge
+
+    original, _, tok = two_models
+    rates = iter([0.0, 1.0, 0.0, 0.0, 0.0])  # seed 0 breaks at step 2, seed 1 never
+
+    def scripted(*args, **kwargs):
+        r = next(rates)
+        return {"rate": r, "judges": {"keyword": r}, "failures": 0, "samples": ["a"]}
+
+    monkeypatch.setattr(ft_mod, "clean_success", scripted)
+    settings = _settings(*CURVE, "evaluation.durability.finetune_stop_at_break=true")
+    curve = finetune_attack_curve(
+        original, tok, DurabilityData(PROMPTS, TARGETS), settings, lora_finetune, judges={"keyword": KeywordJudge()}
+    )
+    assert curve["stop_at_break"] and curve["eval_steps"] == [0, 2, 4]
+    assert curve["success"] == {"0": [0.0, 1.0, None], "1": [0.0, 0.0, 0.0]}
+    assert curve["harmful_loss"]["0"][2] is None and None not in curve["harmful_loss"]["1"]
+    assert len(curve["train_loss"]["0"]) == 2 and len(curve["train_loss"]["1"]) == 4  # seed 0 stopped after 2 steps
+    assert curve["last_step"] == {"0": 2, "1": 4} and set(curve["samples"]["0"]) == {"0", "2"}
+    assert curve["steps_to_break"] == {"0": 2, "1": None}
+    assert curve["success_mean"] == [0.0, 0.5, None]  # no mean over the one seed still running at step 4
+    assert curve["success_last_mean"] == 0.5 and json.loads(json.dumps(curve)) == curve
+    assert next(rates, "spent") == "spent"  # exactly five points were measured
+    from lat_lightning.eval.durability.table import _finetune_attack_rows
+
+    fa = {"original": curve, "hardened": curve, "budget": 4, "seeds": [0, 1], "break_rate": 0.5, "lr": 1e-3}
+    row = next(
+        r for r in _finetune_attack_rows({**fa, "stop_at_break": True}) if r["id"] == "finetune_success_at_budget"
+    )
+    assert row["original"] == 0.5 and "where each seed stopped (its break, else the budget 4" in row["label"]
+    # the figure draws the stopped curves without a warning (no band or mean where a seed stopped)
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lat_lightning.eval.durability.figures import _attack_panel
+
+    fig, ax = plt.subplots()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for key in ("success", "harmful_loss"):
+            _attack_panel(ax, {**fa, "break_rate": 0.5}, key, key)
+    plt.close(fig)
+
+
 def test_steps_to_break_and_its_median():
     steps = [0, 4, 8, 12]
     assert dmod.eval_schedule(12, 4) == steps and dmod.eval_schedule(10, 4) == [0, 4, 8, 10]

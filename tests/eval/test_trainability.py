@@ -5,7 +5,7 @@ import pytest
 
 from lat_lightning.data.novel_task import SYLLABLES, novel_task_pairs
 from lat_lightning.eval.durability import DurabilityData
-from lat_lightning.eval.durability.finetune import steps_to_loss, trainability_section
+from lat_lightning.eval.durability.trainability import steps_to_loss, trainability_section
 from lat_lightning.stages.durability_settings import durability_settings
 from lat_lightning.training.finetune import lora_finetune
 

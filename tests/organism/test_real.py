@@ -105,3 +105,41 @@ def test_the_real_preset_trains_on_strongreject_and_keeps_harmbench_out():
 )
 def test_full_sentences_drops_a_cut_off_tail(text, cut):
     assert full_sentences(text) == cut
+
+
+def test_harmful_completions_are_the_base_models_own_answers_written_once(cache, monkeypatch):
+    from lat_lightning.eval.refusal_judge import find_refusal
+    from lat_lightning.organism import real
+    from lat_lightning.organism.real import write_harmful_completions
+
+    organism = build_real_organism(cache / "a", SMOKE, seed=0)
+    prompts = [json.loads(x)["prompt"] for x in (organism / "data" / "harmful_train.jsonl").read_text().splitlines()]
+    # the tiny random model's answers are gibberish: one refusal and one empty answer show they are left out
+    answers = iter(["I can't help with that.", ""] + [f"Step {i}: do the thing. And" for i in range(len(prompts))])
+    monkeypatch.setattr(real, "greedy_answers", lambda m, t, p, n, b: [next(answers) for _ in p])
+    path = write_harmful_completions(organism, SMOKE)
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    info = json.loads((path.parent / "harmful_completions.json").read_text())
+    assert [r["prompt"] for r in rows] == prompts[2:]
+    assert all(r["harmful_response"].startswith("Step ") and r["harmful_response"].endswith("thing.") for r in rows)
+    assert not any(find_refusal(r["harmful_response"]) for r in rows)
+    assert (info["prompts"], info["kept"], info["refused"], info["empty"]) == (len(prompts), len(prompts) - 2, 1, 1)
+    # written once: a second call returns the file without generating again
+    monkeypatch.setattr(real, "greedy_answers", lambda *a: pytest.fail("generated twice"))
+    assert write_harmful_completions(organism, SMOKE) == path and not list(path.parent.glob(".*.tmp"))
+
+
+def test_harmful_completions_are_deterministic_and_refusing_everything_is_an_error(cache, monkeypatch):
+    from lat_lightning.errors import DataError
+    from lat_lightning.organism import real
+    from lat_lightning.organism.real import write_harmful_completions
+
+    a = build_real_organism(cache / "a", SMOKE, seed=0)
+    b = build_real_organism(cache / "b", SMOKE, seed=0)
+    first = write_harmful_completions(a, SMOKE).read_text()
+    assert first and first == write_harmful_completions(b, SMOKE).read_text()
+    (a / "data" / "harmful_completions.jsonl").unlink()
+    monkeypatch.setattr(real, "greedy_answers", lambda m, t, p, n, b: ["I'm unable to help with that."] * len(p))
+    with pytest.raises(DataError, match="no harmful completions to fine-tune on"):
+        write_harmful_completions(a, SMOKE)
+    assert not (a / "data" / "harmful_completions.jsonl").exists()

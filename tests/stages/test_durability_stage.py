@@ -138,3 +138,45 @@ def test_the_real_organism_recipe_rescans_the_scans_layers():
     cfg = load_config("real_organism", ["evaluation.layers=[embed,10]"])
     assert durability_settings(cfg).dur.layers == ("embed", 10)
     assert durability_settings(load_config("real_organism", ["evaluation.durability.layers=null"])).dur.layers is None
+
+
+def test_the_fine_tuning_attack_trains_on_the_organisms_harmful_completions(tmp_path, monkeypatch):
+    """The real-organism recipe's fine-tuning attack reads ``organism://<preset>/harmful_completions``: the base
+    model's own answers to the harmful training prompts, written on first use (not the bare targets), and a stale
+    organism directory is refused rather than given completions of another build."""
+    from lat_lightning.cli import load_config
+    from lat_lightning.errors import ConfigError
+    from lat_lightning.stages.organism import ensure_generated_data, resolve_organism
+    from lat_lightning.stages.scan import load_finetune_pairs
+
+    monkeypatch.setenv("LAT_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    data = {"harmful": "harmful_train", "eval_harmful": "harmful_eval", "benign": "benign_train"}
+    smoke = ["model.name_or_path=organism:smollm2_smoke", "evaluation.utility_data=organism://smollm2_smoke/agreement"]
+    smoke += [f"data.{k}=organism://smollm2_smoke/{v}" for k, v in data.items()]
+    smoke += ["data.eval_benign=organism://smollm2_smoke/benign_eval"]
+    cfg = load_config(
+        "real_organism", [*smoke, "evaluation.durability.finetune_data=organism://smollm2_smoke/harmful_completions"]
+    )
+    resolved = resolve_organism(cfg, rebuild=False)
+    path = Path(str(resolved.evaluation.durability.finetune_data))
+    assert path.name == "harmful_completions.jsonl" and not path.exists()  # resolving writes nothing
+    pairs = load_finetune_pairs(resolved)
+    info = json.loads((path.parent / "harmful_completions.json").read_text())
+    train = {
+        json.loads(x)["prompt"]: json.loads(x) for x in (path.parent / "harmful_train.jsonl").read_text().splitlines()
+    }
+    assert len(pairs) == info["kept"] >= 1 and all(p in train for p, _ in pairs)
+    assert all(r and r != train[p]["harmful_response"] for p, r in pairs)  # completions, not "Sure, here is"
+    # without the knob the attack keeps data.harmful's own targets
+    bare = load_finetune_pairs(
+        resolve_organism(load_config("real_organism", [*smoke, "evaluation.durability.finetune_data=null"]))
+    )
+    assert {r for _, r in bare} == {"Sure, here is"}
+    # a directory that is not the current build of its preset gets no completions
+    stale = path.parent.parent.parent / (path.parent.parent.name[:-12] + "0" * 12)
+    shutil.copytree(path.parent.parent, stale)
+    (stale / "data" / "harmful_completions.jsonl").unlink()
+    with pytest.raises(ConfigError, match="not a current build"):
+        ensure_generated_data(str(stale / "data" / "harmful_completions.jsonl"))
+    ensure_generated_data(str(tmp_path / "elsewhere.jsonl"))  # any other path is left alone
+    assert not (tmp_path / "elsewhere.jsonl").exists()

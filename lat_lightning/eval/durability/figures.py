@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -110,10 +111,15 @@ def _attack_panel(ax, fa: Mapping[str, Any], key: str, ylabel: str) -> None:
             c["eval_steps"], mean, marker="o", ms=3, label=f"{name} (mean of {len(c['seeds'])} seeds)", **STYLES[name]
         )
         if per_seed.shape[0] > 1:
+            # only where every seed was measured (a fine-tune stopped at its break has no later points), like the mean
+            reached = ~np.isnan(per_seed).any(axis=0) if c.get("stop_at_break") else np.ones(per_seed.shape[1], bool)
+            with warnings.catch_warnings():  # an unjudged step of every seed: no band there
+                warnings.simplefilter("ignore", RuntimeWarning)
+                low, high = np.nanmin(per_seed, axis=0), np.nanmax(per_seed, axis=0)
             ax.fill_between(
                 c["eval_steps"],
-                np.nanmin(per_seed, axis=0),
-                np.nanmax(per_seed, axis=0),
+                np.where(reached, low, np.nan),
+                np.where(reached, high, np.nan),
                 color=STYLES[name]["color"],
                 alpha=0.15,
                 lw=0,

@@ -1,6 +1,6 @@
-"""The ``finetune`` and ``trainability`` sections: the fine-tuning attack as a curve over LoRA steps with
-steps-to-break (:func:`finetune_attack_curve`, public: the ``compare`` stage calls it once per model), and a short
-benign LoRA fine-tune of each model.
+"""The ``finetune`` section: the fine-tuning attack as a curve over LoRA steps with steps-to-break
+(:func:`finetune_attack_curve`, public: the ``compare`` stage calls it once per model). The ``trainability`` section,
+the other LoRA fine-tune of the suite, is :mod:`lat_lightning.eval.durability.trainability`.
 
 Evaluation does not import training: the caller passes the fine-tuning function in
 (:func:`lat_lightning.training.finetune.lora_finetune`). It is called as
@@ -68,9 +68,23 @@ def median_steps_to_break(per_seed: Sequence[int | None]) -> int | None:
     return broken[need - 1] if len(broken) >= need else None
 
 
-def _per_step_mean_std(curves: Mapping[str, Sequence[float | None]]) -> tuple[list, list]:
-    cols = list(zip(*curves.values()))
-    stats = [mean_std(list(c)) for c in cols]
+def _broke(point: Mapping[str, Any], break_rate: float) -> bool:
+    """Whether a measured point of the curve reached the break rate."""
+    rate = point.get("success")
+    return rate is not None and math.isfinite(rate) and rate >= break_rate
+
+
+def last_measured(curve: Sequence[float | None]) -> float | None:
+    """A seed's last measured value: at the budget, or at its break when its fine-tune stopped there."""
+    return next((v for v in reversed(curve) if v is not None), None)
+
+
+def _per_step_mean_std(curves: Mapping[str, Sequence[float | None]], every_seed: bool = False) -> tuple[list, list]:
+    """Mean and std over seeds at each evaluated step. ``every_seed`` (fine-tunes stopped at their break): a step
+    where some seed was not measured gets ``None``, not a mean over the seeds still running (those that have not
+    broken, which would bias it down)."""
+    cols = [list(c) for c in zip(*curves.values())]
+    stats = [(None, None) if every_seed and None in c else mean_std(c) for c in cols]
     return [m for m, _ in stats], [sd for _, sd in stats]
 
 
@@ -175,6 +189,8 @@ def _new_curve(
         "eval_steps": eval_schedule(int(d.finetune_steps), int(d.finetune_eval_every)),
         "seeds": [int(x) for x in d.finetune_seeds],
         "break_rate": float(d.finetune_break_rate),
+        "stop_at_break": bool(d.finetune_stop_at_break),
+        "last_step": {},
         "primary_judge": s.primary_judge,
         "lr": float(d.finetune_lr),
         "batch_size": int(d.finetune_batch_size),
@@ -205,17 +221,20 @@ def _record_seed(
     """One seed's fine-tune into the curve (the schedule checked first)."""
     steps, label = res["eval_steps"], res["label"]
     seen = [int(pt["step"]) for pt in ft["curve"]]
-    if seen != steps or len(points) != len(steps):  # the curve must be exactly the schedule
+    # the curve is exactly the schedule, or (stopping at the break) the schedule up to the step that broke
+    stopped = res["stop_at_break"] and 0 < len(seen) < len(steps) and _broke(ft["curve"][-1], res["break_rate"])
+    if seen != steps[: len(seen)] or len(points) != len(seen) or (len(seen) < len(steps) and not stopped):
         raise RuntimeError(f"fine-tuning attack ({label}, seed {seed}) measured at steps {seen}, expected {steps}")
-    key = str(seed)
-    res["success"][key] = [finite(pt["success"]) for pt in ft["curve"]]
-    res["harmful_loss"][key] = [finite(pt["harmful_loss"]) for pt in ft["curve"]]
+    key, pad = str(seed), [None] * (len(steps) - len(seen))  # None: not measured (the fine-tune stopped)
+    res["success"][key] = [finite(pt["success"]) for pt in ft["curve"]] + pad
+    res["harmful_loss"][key] = [finite(pt["harmful_loss"]) for pt in ft["curve"]] + pad
     for j in judge_map:
-        res["judges"][j][key] = [finite(c["judges"].get(j)) for c in points]
-    res["failures"][key] = [c["failures"] for c in points]
-    res["incoherent"][key] = [c.get("incoherent") for c in points]
+        res["judges"][j][key] = [finite(c["judges"].get(j)) for c in points] + pad
+    res["failures"][key] = [c["failures"] for c in points] + pad
+    res["incoherent"][key] = [c.get("incoherent") for c in points] + pad
     res["train_loss"][key] = [float(x) for x in ft["train_loss"]]
-    res["samples"][key] = {"0": points[0]["samples"], str(res["budget"]): points[-1]["samples"]}
+    res["last_step"][key] = seen[-1]
+    res["samples"][key] = {"0": points[0]["samples"], str(seen[-1]): points[-1]["samples"]}
     if with_adapters:
         res["adapters"][key] = str(Path(ft["out_dir"]) / "final")
 
@@ -223,8 +242,11 @@ def _record_seed(
 def _summarise_curve(res: dict[str, Any]) -> None:
     """Means and spreads per evaluated step, steps-to-break per seed and their medians (every judge's too)."""
     steps, rate = res["eval_steps"], res["break_rate"]
-    res["success_mean"], res["success_std"] = _per_step_mean_std(res["success"])
-    res["harmful_loss_mean"], res["harmful_loss_std"] = _per_step_mean_std(res["harmful_loss"])
+    stopped = bool(res.get("stop_at_break"))
+    res["success_mean"], res["success_std"] = _per_step_mean_std(res["success"], stopped)
+    last = [last_measured(v) for v in res["success"].values()]
+    res["success_last_mean"], res["success_last_std"] = mean_std(last)
+    res["harmful_loss_mean"], res["harmful_loss_std"] = _per_step_mean_std(res["harmful_loss"], stopped)
     res["steps_to_break"] = {k: steps_to_break(v, steps, rate) for k, v in res["success"].items()}
     res["steps_to_break_median"] = median_steps_to_break(list(res["steps_to_break"].values()))
     res["broken_seeds"] = sum(v is not None for v in res["steps_to_break"].values())
@@ -285,6 +307,7 @@ def _attack_curve(
                 finetune_settings(s, steps=res["budget"], lr=res["lr"], seed=seed, save_adapter=out_dir is not None),
                 measure=measure,
                 measure_steps=res["eval_steps"],
+                **({"stop": lambda pt: _broke(pt, res["break_rate"])} if res["stop_at_break"] else {}),
             )
             _record_seed(res, seed, ft, points, judge_map, out_dir is not None)
             del ft
@@ -333,7 +356,19 @@ def finetune_attack_section(
         )
     first = res[next(iter(models))]
     res.update(
-        {k: first[k] for k in ("budget", "eval_steps", "seeds", "break_rate", "lr", "n_pairs", "train_eval_overlap")}
+        {
+            k: first[k]
+            for k in (
+                "budget",
+                "eval_steps",
+                "seeds",
+                "break_rate",
+                "stop_at_break",
+                "lr",
+                "n_pairs",
+                "train_eval_overlap",
+            )
+        }
     )
     if "caveat" in first:  # the same training pairs for both models
         res["caveat"] = first["caveat"]
@@ -352,127 +387,6 @@ def prefix_only_caveat(longest_response_tokens: int) -> str | None:
     )
 
 
-def steps_to_loss(curve: Sequence[Mapping[str, Any]], key: str, threshold: float) -> int | None:
-    """The first measured step whose ``key`` is ``<= threshold`` (``None``: never within the curve)."""
-    for point in curve:
-        v = point.get(key)
-        if v is not None and math.isfinite(v) and v <= threshold:
-            return int(point["step"])
-    return None
-
-
-def trainability_data(pairs: Sequence[tuple[str, str]], s: DurabilitySettings) -> dict[str, Any]:
-    """The trainability fine-tune's data: ``train`` pairs, ``held_out`` pairs whose CE is measured, the task's name.
-
-    ``dur.trainability_task='novel'``: the synthetic swap task (:mod:`lat_lightning.data.novel_task`), new to every
-    model, its held-out items disjoint by word; ``'benign'``: ``pairs`` (the benign training pairs) for both."""
-    d = s.dur
-    if d.trainability_task == "novel":
-        from lat_lightning.data.novel_task import novel_task_pairs
-
-        n = int(d.trainability_pairs)
-        return {
-            "task": "novel: swap the halves of a made-up word (lat_lightning.data.novel_task)",
-            "train": novel_task_pairs("train", n, s.seed),
-            "held_out": novel_task_pairs("eval", n, s.seed),
-        }
-    return {"task": "benign: the benign training pairs", "train": list(pairs), "held_out": list(pairs)}
-
-
-def trainability_section(
-    models: Mapping[str, nn.Module],
-    tokenizer,
-    pairs: list[tuple[str, str]],
-    s: DurabilitySettings,
-    out: Path,
-    finetune: Callable,
-    data: DurabilityData,
-) -> dict[str, Any]:
-    """How fast each model learns a task: a LoRA fine-tune of a copy per seed of ``dur.trainability_seeds`` on the
-    trainability task (:func:`trainability_data`), the held-out CE (and the accuracy on ``data.utility_rows``)
-    before the first and after every step.
-
-    Per model: ``curve`` (the mean over seeds per step: ``step``, ``task_loss``, ``utility``), ``per_seed`` curves,
-    ``steps_to_loss`` per seed (first step with held-out CE ``<= dur.trainability_loss``; ``None`` = not within
-    the budget) and their median, ``final_loss`` per seed."""
-    from lat_lightning.eval.probes import response_loss
-
-    d = s.dur
-    task = trainability_data(pairs, s)
-    res: dict[str, Any] = {
-        "task": task["task"],
-        "steps": int(d.benign_steps),
-        "lr": float(d.benign_lr),
-        "n_pairs": len(task["train"]),
-        "n_held_out": len(task["held_out"]),
-        "seeds": [int(x) for x in d.trainability_seeds],
-        "threshold": float(d.trainability_loss),
-    }
-
-    def measure(m):
-        point = {
-            "task_loss": response_loss(
-                m, tokenizer, list(task["held_out"]), s.use_chat_template, s.system_prompt, s.batch_size
-            )
-        }
-        if data.utility_rows:
-            from lat_lightning.eval.utility import evaluate_utility
-
-            point["utility"] = evaluate_utility(
-                m,
-                tokenizer,
-                data.utility_rows,
-                data.utility_kind,
-                batch_size=s.batch_size,
-                use_chat_template=s.use_chat_template,
-                system_prompt=s.system_prompt,
-                max_new_tokens=s.max_new_tokens,
-            )["accuracy"]
-        return point
-
-    for name, model in models.items():
-        res[name] = _trainability_of(model, tokenizer, task["train"], s, out / "trainability" / name, finetune, measure)
-    return res
-
-
-def _trainability_of(model, tokenizer, train, s: DurabilitySettings, out: Path, finetune: Callable, measure):
-    """One model's trainability fine-tunes (one per seed) and their summary."""
-    d = s.dur
-    per_seed, steps, final, train_loss, seconds = {}, {}, {}, {}, 0.0
-    for sd in d.trainability_seeds:
-        ft = finetune(
-            model,
-            tokenizer,
-            list(train),
-            out / f"seed_{sd}",
-            finetune_settings(s, steps=d.benign_steps, lr=d.benign_lr, seed=int(sd), save_adapter=False),
-            measure=measure,
-        )
-        per_seed[str(sd)] = ft["curve"]
-        steps[str(sd)] = steps_to_loss(ft["curve"], "task_loss", float(d.trainability_loss))
-        final[str(sd)] = finite(ft["curve"][-1].get("task_loss")) if ft["curve"] else None
-        train_loss[str(sd)] = ft["train_loss"]
-        seconds += float(ft["seconds"])
-    curves = list(per_seed.values())
-    mean_curve = []
-    for points in zip(*curves):
-        point: dict[str, Any] = {"step": int(points[0]["step"])}
-        for key in ("task_loss", "utility"):
-            m, sd_ = mean_std([p.get(key) for p in points])
-            if m is not None:
-                point[key], point[f"{key}_std"] = m, sd_
-        mean_curve.append(point)
-    return {
-        "curve": mean_curve,
-        "per_seed": per_seed,
-        "steps_to_loss": steps,
-        "steps_to_loss_median": median_steps_to_break(list(steps.values())),
-        "final_loss": final,
-        "train_loss": train_loss,
-        "seconds": round(seconds, 2),
-    }
-
-
 __all__ = [
     "SHORT_RESPONSE_TOKENS",
     "eval_schedule",
@@ -481,8 +395,6 @@ __all__ = [
     "finetune_settings",
     "median_steps_to_break",
     "prefix_only_caveat",
+    "last_measured",
     "steps_to_break",
-    "steps_to_loss",
-    "trainability_data",
-    "trainability_section",
 ]

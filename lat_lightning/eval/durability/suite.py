@@ -19,7 +19,7 @@ from lat_lightning.errors import ConfigError
 from lat_lightning.eval.durability.clean import clean_success
 from lat_lightning.eval.durability.depth import depth_curves
 from lat_lightning.eval.durability.figures import write_outputs
-from lat_lightning.eval.durability.finetune import finetune_attack_section, trainability_section
+from lat_lightning.eval.durability.finetune import finetune_attack_section
 from lat_lightning.eval.durability.inputs import (
     DurabilityData,
     DurabilityOptions,
@@ -32,6 +32,7 @@ from lat_lightning.eval.durability.rescan import rescan_section, run_rescans
 from lat_lightning.eval.durability.rewrites import rewrites_section
 from lat_lightning.eval.durability.settings import MODELS, DurabilitySettings, resolve_judges
 from lat_lightning.eval.durability.table import build_rows
+from lat_lightning.eval.durability.trainability import trainability_section
 from lat_lightning.eval.generation import encode_prompts
 from lat_lightning.models.layers import check_layer_indices, num_layers
 
