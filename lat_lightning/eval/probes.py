@@ -307,6 +307,7 @@ def nll_probe_layers(
 
 
 @torch.no_grad()
+@torch.no_grad()  # a measurement, also taken inside fine-tunes (whose adapters require grad): no graph
 def response_loss(
     model: nn.Module,
     tokenizer,
