@@ -346,7 +346,10 @@ def test_a_fine_tune_stopped_at_its_break_measures_nothing_after_it(two_models, 
     row = next(
         r for r in _finetune_attack_rows({**fa, "stop_at_break": True}) if r["id"] == "finetune_success_at_budget"
     )
+    rows = {r["id"]: r for r in _finetune_attack_rows({**fa, "stop_at_break": True})}
+    row = rows["finetune_success_at_budget"]
     assert row["original"] == 0.5 and "where each seed stopped (its break, else the budget 4" in row["label"]
+    assert "stop at each seed's break" in rows["finetune_harmful_loss_start"]["label"]
     # the figure draws the stopped curves without a warning (no band or mean where a seed stopped)
     import warnings
 

@@ -191,7 +191,8 @@ def _finetune_attack_rows(fa: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows.append(
         _row(
             "finetune_harmful_loss_start",
-            f"Fine-tuning attack: harmful-target CE before the attack (step 0; → mean after {b} steps)",
+            "Fine-tuning attack: harmful-target CE before the attack (step 0; "
+            + ("the curves stop at each seed's break)" if fa.get("stop_at_break") else f"→ mean after {b} steps)"),
             o["harmful_loss_mean"][0],
             h["harmful_loss_mean"][0],
             kind="loss",
