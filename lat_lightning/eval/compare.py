@@ -182,8 +182,14 @@ def _columns(attack_columns, prefill_ks, finetune: bool, reference: str, by_mode
     columns += [{"id": c, "label": c, "kind": "rate"} for c in attack_columns]
     columns += [{"id": f"prefill_{k}", "label": f"prefill {k}", "kind": "rate"} for k in prefill_ks]
     if finetune:
+        # fine-tunes stopped at their break (evaluation.durability.finetune_stop_at_break) end there, not at the budget
+        stopped = any((b.get("finetune") or {}).get("stop_at_break") for bs in by_model.values() for b in bs)
         columns += [
-            {"id": "finetune_rate", "label": "fine-tune success at budget", "kind": "rate"},
+            {
+                "id": "finetune_rate",
+                "label": "fine-tune success at its break (else budget)" if stopped else "fine-tune success at budget",
+                "kind": "rate",
+            },
             {"id": "finetune_steps", "label": "fine-tune steps to break", "kind": "steps"},
         ]
         if reference in by_model and any(b.get("finetune") for b in by_model[reference]):

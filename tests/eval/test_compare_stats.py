@@ -146,5 +146,7 @@ def test_curves_stopped_at_their_break_give_no_mean_where_a_seed_stopped():
     assert merged["stop_at_break"] and merged["success_mean"] == [0.0, 0.5, None]
     assert merged["harmful_loss_mean"] == [2.0, 1.0, None]
     table = build_table({"sft": [early, late]}, ["asagrad"], [1], finetune=True, bootstrap_samples=200)
+    column = next(c for c in table["columns"] if c["id"] == "finetune_rate")
+    assert column["label"] == "fine-tune success at its break (else budget)"
     cell = table["rows"][0]["cells"]["finetune_rate"]
     assert cell["value"] == pytest.approx((0.75 + 0.5) / 2)  # seed 0 at its break (step 4), seed 1 at the budget
