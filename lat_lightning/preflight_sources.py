@@ -184,31 +184,22 @@ def check_data_sources(cfg) -> None:
         source = spec  # the error below names the spec when resolving it fails (a pip:// file not in its wheel)
         try:
             source = resource_path(spec)
-            if kind == "safety":
-                # Prompt-only rows load here; which stage needs a target is decided by _check_targets.
+            if kind in ("safety", "finetune"):
+                # Prompt-only rows load here; which stage needs a target is decided below. The fine-tuning attack's
+                # own pairs must carry their responses: data.default_target does not fill them.
                 rows = load_safety_examples(
                     source,
                     d.harmful_split,
                     dict(d.harmful_columns or {}),
                     d.default_safe_response,
                     d.max_examples,
-                    default_target=d.default_target,
+                    default_target=d.default_target if kind == "safety" else None,
                     require_target=False,
                     row_filter=dict(d.filter or {}),
                 )
-                _check_targets(cfg, key, source, rows)
-            elif kind == "finetune":  # the fine-tuning attack's own pairs: every row carries its response
-                rows = load_safety_examples(
-                    source,
-                    d.harmful_split,
-                    dict(d.harmful_columns or {}),
-                    d.default_safe_response,
-                    d.max_examples,
-                    require_target=False,
-                    row_filter=dict(d.filter or {}),
-                )
-                missing = [i for i, r in enumerate(rows) if not r.harmful_response]
-                if missing:
+                if kind == "safety":
+                    _check_targets(cfg, key, source, rows)
+                elif missing := [i for i, r in enumerate(rows) if not r.harmful_response]:
                     raise DataError(
                         f"{key} '{spec}': row {missing[0]} has no harmful response; the fine-tuning attack trains "
                         "on each row's own response (a harmful_response or target column, or map one with "

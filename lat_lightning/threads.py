@@ -25,6 +25,8 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 ENV_OVERRIDE = "LAT_LIGHTNING_THREADS"
 SMALL_MODEL_WIDTH = 256  # hidden size at or below which one thread is faster than two (measured, module docstring)
@@ -137,7 +139,22 @@ def apply_thread_policy(verbose: bool = True, model_width: int | None = None) ->
     return n
 
 
+@contextmanager
+def fixed_torch_threads(n: int) -> Iterator[None]:
+    """Run the block on ``n`` torch intra-op threads, then give the caller's count back (a build whose result
+    depends on the thread count, e.g. the organisms' weights, pins it whatever the machine has)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 __all__ = [
+    "fixed_torch_threads",
     "ENV_OVERRIDE",
     "SMALL_MODEL_WIDTH",
     "apply_thread_policy",

@@ -252,13 +252,10 @@ def _build_into(tmp: Path, recipe: OrganismRecipe, seed: int, t0: float) -> None
     """The build itself, on :data:`~lat_lightning.organism.recipe.BUILD_THREADS` torch threads: tokenizer, both SFT
     stages, saved into ``tmp``."""
     from lat_lightning.organism import recipe as R
+    from lat_lightning.threads import fixed_torch_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(R.BUILD_THREADS)  # the weights depend on the thread count (organism/recipe.py)
-    try:
+    with fixed_torch_threads(R.BUILD_THREADS):  # the weights depend on the thread count (organism/recipe.py)
         _train_and_save(tmp, recipe, seed, t0)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _train_and_save(tmp: Path, recipe: OrganismRecipe, seed: int, t0: float) -> None:

