@@ -461,9 +461,10 @@ def write_outputs(
                     if v is not None:
                         writer.add_scalar(f"compare/{c['id']}/{row['model']}", float(v), 0)
             for name, ft in _curves(results).items():
-                for step, v in zip(ft["eval_steps"], ft["success_mean"]):
-                    if v is not None:  # None: a step some stopped seed did not reach, or nothing judged
-                        writer.add_scalar(f"compare_finetune/success/{name}", float(v), int(step))
+                arr = np.array(list(ft["success"].values()), dtype=float)
+                for step, column in zip(ft["eval_steps"], arr.T):
+                    if not np.isnan(column).any():  # a step every seed reached (a stopped seed has no value)
+                        writer.add_scalar(f"compare_finetune/success/{name}", float(column.mean()), int(step))
             for name, fig in figs.items():
                 writer.add_figure(name, fig, 0)
             writer.add_text("compare/report", report, 0)
